@@ -1,0 +1,29 @@
+//! The Container Storage Interface, spec v1.12.0, as tonic/prost code.
+//!
+//! `csi::v1` holds the messages, the server traits (`identity_server`,
+//! `controller_server`, `node_server`, `group_controller_server`,
+//! `snapshot_metadata_server`) and the matching clients. The proto file is
+//! vendored in `proto/csi.proto`; its header records where each part's field
+//! numbers come from.
+
+/// The CSI protocol, package `csi.v1`.
+pub mod csi {
+    /// Package `csi.v1`.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic,
+        rustdoc::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
+/// The spec version this crate's proto matches.
+pub const CSI_SPEC_VERSION: &str = "1.12.0";
+
+/// The encoded `FileDescriptorSet` of `proto/csi.proto` (for gRPC reflection
+/// and for the wire-compatibility test).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor.bin"));
