@@ -26,4 +26,5 @@ pub const CSI_SPEC_VERSION: &str = "1.12.0";
 
 /// The encoded `FileDescriptorSet` of `proto/csi.proto` (for gRPC reflection
 /// and for the wire-compatibility test).
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor.bin"));

@@ -9,7 +9,12 @@ use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
 
 fn walk_enum(prefix: &str, e: &EnumDescriptorProto, out: &mut Vec<String>) {
     for v in &e.value {
-        out.push(format!("enum {prefix}{}.{} = {}", e.name(), v.name(), v.number()));
+        out.push(format!(
+            "enum {prefix}{}.{} = {}",
+            e.name(),
+            v.name(),
+            v.number()
+        ));
     }
 }
 
@@ -28,7 +33,11 @@ fn walk_message(prefix: &str, m: &DescriptorProto, out: &mut Vec<String>) {
             "" => format!("{:?}", f.r#type()).to_lowercase(),
             t => t.trim_start_matches(".csi.v1.").to_string(),
         };
-        out.push(format!("field {name}.{} = {} {label}{ty}", f.name(), f.number()));
+        out.push(format!(
+            "field {name}.{} = {} {label}{ty}",
+            f.name(),
+            f.number()
+        ));
     }
     for nested in &m.nested_type {
         walk_message(&format!("{name}."), nested, out);
@@ -39,7 +48,8 @@ fn walk_message(prefix: &str, m: &DescriptorProto, out: &mut Vec<String>) {
 }
 
 fn current_table() -> Vec<String> {
-    let set = FileDescriptorSet::decode(csi_proto::FILE_DESCRIPTOR_SET).expect("descriptor decodes");
+    let set =
+        FileDescriptorSet::decode(csi_proto::FILE_DESCRIPTOR_SET).expect("descriptor decodes");
     let file = set
         .file
         .iter()
@@ -92,10 +102,16 @@ fn create_volume_request_encodes_with_spec_tags() {
     use csi_proto::csi::v1::{CapacityRange, CreateVolumeRequest};
     let req = CreateVolumeRequest {
         name: "a".into(),
-        capacity_range: Some(CapacityRange { required_bytes: 4096, limit_bytes: 0 }),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 4096,
+            limit_bytes: 0,
+        }),
         ..Default::default()
     };
     // field 1 (name, length-delimited) = 0x0a; field 2 (capacity_range) = 0x12;
     // inside it field 1 varint = 0x08, 4096 = 0x80 0x20.
-    assert_eq!(req.encode_to_vec(), vec![0x0a, 0x01, b'a', 0x12, 0x03, 0x08, 0x80, 0x20]);
+    assert_eq!(
+        req.encode_to_vec(),
+        vec![0x0a, 0x01, b'a', 0x12, 0x03, 0x08, 0x80, 0x20]
+    );
 }

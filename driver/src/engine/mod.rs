@@ -1,1 +1,43 @@
+//! The storage engine: pools, layers, volumes, snapshots and clones.
+//! It knows nothing of gRPC, NBD or Kubernetes.
+//!
+//! ```text
+//!            Pool (pool.rs) ─ catalog/ (redb: volumes, layers, snapshots, presence)
+//!             │
+//!   Volume (volume.rs) ── live View ──▶ Index (index/) ──▶ layer slots ──▶ Layer files (layer.rs)
+//!             │               ▲ base View (as of the topmost frozen layer, shared)
+//!             └─ journal.rs (presence changes; the flush path)
+//!   SnapshotReader (snapshot.rs) ── View as of a frozen layer
+//!
+//!   chain:  [base layer] ◀─parent─ [frozen] ◀─parent─ [frozen] ◀─parent─ [top, writable]
+//!                                      ▲                  ▲
+//!                                  snapshot S1        snapshot S2 ◀─parent─ [clone's top]
+//! ```
+//!
+//! The on-disk format and the commit protocol are in `FORMAT.md`.
 
+pub(crate) mod catalog;
+pub mod check;
+pub mod error;
+pub mod geometry;
+pub mod ids;
+pub(crate) mod index;
+pub(crate) mod journal;
+pub(crate) mod layer;
+pub mod pool;
+pub(crate) mod presence;
+pub(crate) mod rangelock;
+pub mod snapshot;
+pub(crate) mod sys;
+pub mod view;
+pub mod volume;
+
+pub use catalog::FORMAT_VERSION;
+pub use error::{Error, ErrorKind, Result};
+pub use geometry::BLOCK_SIZE;
+pub use ids::{FamilyId, LayerId, SnapshotId, VolumeId};
+pub use index::MAX_LAYERS_PER_FAMILY;
+pub use pool::{Pool, PoolOptions, SnapshotInfo, VolumeInfo};
+pub use snapshot::SnapshotReader;
+pub use view::Extent;
+pub use volume::{Volume, ZeroFlags};

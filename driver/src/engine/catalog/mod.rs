@@ -1,0 +1,552 @@
+//! The catalog: the pool's metadata store (redb, one file
+//! `catalog.redb`). It holds every volume, layer, snapshot and family
+//! record, the presence maps of layers (checkpointed from the journals),
+//! and reserved tables for background jobs. Each change to the shape of a
+//! chain (create, snapshot, clone, delete, resize) is one ACID transaction.
+//!
+//! This module knows records and their invariants (reference counts, slot
+//! allocation, cascading deletes); it does no data I/O. See `FORMAT.md`.
+
+mod codec;
+pub(crate) mod records;
+
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+
+pub(crate) use self::records::{
+    FamilyRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
+};
+use super::error::{Error, Result, catalog_error};
+use super::geometry::CHUNK_BLOCKS;
+use super::ids::{FamilyId, LayerId, SnapshotId, VolumeId};
+use super::index::{FIRST_SLOT, MAX_LAYERS_PER_FAMILY};
+use super::journal::Record;
+use super::presence::{self, BlockState, Run};
+
+/// The on-disk format this build writes and reads. A pool with a larger
+/// number is refused (never misread); see `FORMAT.md` for the history.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// File name of the catalog inside a pool directory.
+pub(crate) const CATALOG_FILE: &str = "catalog.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOLUMES: TableDefinition<u128, &[u8]> = TableDefinition::new("volumes");
+const LAYERS: TableDefinition<u128, &[u8]> = TableDefinition::new("layers");
+const SNAPSHOTS: TableDefinition<u128, &[u8]> = TableDefinition::new("snapshots");
+const FAMILIES: TableDefinition<u128, &[u8]> = TableDefinition::new("families");
+/// Presence maps: (layer, chunk) → runs.
+const PRESENCE: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("presence");
+/// Background jobs (merges, moves): reserved now so that adding them needs
+/// no format migration. Empty in format 1.
+const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+
+/// The metadata store of one pool.
+pub(crate) struct Catalog {
+    db: Database,
+    durable: bool,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("durable", &self.durable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Catalog {
+    /// Opens the catalog of the pool in `dir`, creating it if `create` and
+    /// it does not exist. `durable: false` skips fsync on commit (for
+    /// benchmarks and test setup only).
+    pub(crate) fn open(dir: &Path, create: bool, durable: bool) -> Result<Self> {
+        let path = dir.join(CATALOG_FILE);
+        let exists = path.exists();
+        if !exists && !create {
+            return Err(Error::NotAPool {
+                path: dir.into(),
+                why: format!("no {CATALOG_FILE}"),
+            });
+        }
+        let db = if exists {
+            Database::open(&path)
+        } else {
+            Database::create(&path)
+        }
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::PoolLocked(dir.into()),
+            e => catalog_error("open catalog", e),
+        })?;
+        let catalog = Catalog { db, durable };
+        if exists {
+            catalog.check_format(dir)?;
+        } else {
+            catalog.initialise()?;
+        }
+        Ok(catalog)
+    }
+
+    fn initialise(&self) -> Result<()> {
+        let mut txn = self.write()?;
+        {
+            let t = &mut txn.0;
+            let mut meta = t
+                .open_table(META)
+                .map_err(|e| catalog_error("create tables", e))?;
+            meta.insert("format_version", FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| catalog_error("create tables", e))?;
+            let pool_id = uuid::Uuid::new_v4().as_u128().to_le_bytes();
+            meta.insert("pool_id", pool_id.as_slice())
+                .map_err(|e| catalog_error("create tables", e))?;
+        }
+        for def in [VOLUMES, LAYERS, SNAPSHOTS, FAMILIES, JOBS] {
+            txn.0
+                .open_table(def)
+                .map_err(|e| catalog_error("create tables", e))?;
+        }
+        txn.0
+            .open_table(PRESENCE)
+            .map_err(|e| catalog_error("create tables", e))?;
+        txn.commit()
+    }
+
+    fn check_format(&self, dir: &Path) -> Result<()> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| catalog_error("read catalog", e))?;
+        let not_a_pool = |why: &str| Error::NotAPool {
+            path: PathBuf::from(dir),
+            why: why.into(),
+        };
+        let meta = txn
+            .open_table(META)
+            .map_err(|_| not_a_pool("catalog has no meta table"))?;
+        let v = meta
+            .get("format_version")
+            .map_err(|e| catalog_error("read format version", e))?
+            .ok_or_else(|| not_a_pool("catalog has no format version"))?;
+        let bytes: [u8; 4] = v
+            .value()
+            .try_into()
+            .map_err(|_| not_a_pool("bad format version"))?;
+        let found = u32::from_le_bytes(bytes);
+        if found > FORMAT_VERSION {
+            return Err(Error::FormatTooNew {
+                path: dir.into(),
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if found < 1 {
+            return Err(not_a_pool("format version 0"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read(&self) -> Result<ReadTxn> {
+        self.db
+            .begin_read()
+            .map(ReadTxn)
+            .map_err(|e| catalog_error("begin read", e))
+    }
+
+    pub(crate) fn write(&self) -> Result<WriteTxn> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| catalog_error("begin write", e))?;
+        if !self.durable {
+            txn.set_durability(Durability::None)
+                .map_err(|e| catalog_error("begin write", e))?;
+        }
+        Ok(WriteTxn(txn))
+    }
+}
+
+fn get_rec<T, R>(
+    table: &T,
+    id: u128,
+    decode: fn(&[u8]) -> Result<R>,
+    op: &'static str,
+) -> Result<Option<R>>
+where
+    T: ReadableTable<u128, &'static [u8]>,
+{
+    match table.get(id).map_err(|e| catalog_error(op, e))? {
+        Some(v) => Ok(Some(decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn all_recs<T, R>(table: &T, decode: fn(&[u8]) -> Result<R>, op: &'static str) -> Result<Vec<R>>
+where
+    T: ReadableTable<u128, &'static [u8]>,
+{
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(|e| catalog_error(op, e))? {
+        let (_, v) = entry.map_err(|e| catalog_error(op, e))?;
+        out.push(decode(v.value())?);
+    }
+    Ok(out)
+}
+
+fn presence_of<T>(table: &T, layer: LayerId) -> Result<Vec<(u32, Vec<Run>)>>
+where
+    T: ReadableTable<(u128, u32), &'static [u8]>,
+{
+    let op = "read presence";
+    let mut out = Vec::new();
+    for entry in table
+        .range((layer.0, 0)..=(layer.0, u32::MAX))
+        .map_err(|e| catalog_error(op, e))?
+    {
+        let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
+        out.push((k.value().1, presence::decode(v.value())?));
+    }
+    Ok(out)
+}
+
+/// A consistent read-only view of the catalog.
+pub(crate) struct ReadTxn(ReadTransaction);
+
+macro_rules! read_table {
+    ($txn:expr, $def:expr, $op:expr) => {
+        $txn.open_table($def).map_err(|e| catalog_error($op, e))?
+    };
+}
+
+impl ReadTxn {
+    pub(crate) fn volume(&self, id: VolumeId) -> Result<Option<VolumeRecord>> {
+        let t = read_table!(self.0, VOLUMES, "read volume");
+        get_rec(&t, id.0, VolumeRecord::decode, "read volume")
+    }
+    pub(crate) fn layer(&self, id: LayerId) -> Result<Option<LayerRecord>> {
+        let t = read_table!(self.0, LAYERS, "read layer");
+        get_rec(&t, id.0, LayerRecord::decode, "read layer")
+    }
+    pub(crate) fn snapshot(&self, id: SnapshotId) -> Result<Option<SnapshotRecord>> {
+        let t = read_table!(self.0, SNAPSHOTS, "read snapshot");
+        get_rec(&t, id.0, SnapshotRecord::decode, "read snapshot")
+    }
+    pub(crate) fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        all_recs(
+            &read_table!(self.0, VOLUMES, "list volumes"),
+            VolumeRecord::decode,
+            "list volumes",
+        )
+    }
+    pub(crate) fn layers(&self) -> Result<Vec<LayerRecord>> {
+        all_recs(
+            &read_table!(self.0, LAYERS, "list layers"),
+            LayerRecord::decode,
+            "list layers",
+        )
+    }
+    pub(crate) fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let t = read_table!(self.0, SNAPSHOTS, "list snapshots");
+        all_recs(&t, SnapshotRecord::decode, "list snapshots")
+    }
+    pub(crate) fn families(&self) -> Result<Vec<(FamilyId, FamilyRecord)>> {
+        let op = "list families";
+        let t = read_table!(self.0, FAMILIES, op);
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| catalog_error(op, e))? {
+            let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
+            out.push((FamilyId(k.value()), FamilyRecord::decode(v.value())?));
+        }
+        Ok(out)
+    }
+    /// The layers (with any presence) that have presence records, for checks.
+    pub(crate) fn presence_layers(&self) -> Result<Vec<(LayerId, u32)>> {
+        let op = "list presence";
+        let t = read_table!(self.0, PRESENCE, op);
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| catalog_error(op, e))? {
+            let (k, _) = entry.map_err(|e| catalog_error(op, e))?;
+            let (l, c) = k.value();
+            out.push((LayerId(l), c));
+        }
+        Ok(out)
+    }
+    pub(crate) fn presence(&self, layer: LayerId) -> Result<Vec<(u32, Vec<Run>)>> {
+        presence_of(&read_table!(self.0, PRESENCE, "read presence"), layer)
+    }
+
+    /// The chain under (and including) `top`, base first.
+    pub(crate) fn chain(&self, top: LayerId) -> Result<Vec<LayerRecord>> {
+        let t = read_table!(self.0, LAYERS, "read chain");
+        let mut chain = Vec::new();
+        let mut next = Some(top);
+        while let Some(id) = next {
+            let rec = get_rec(&t, id.0, LayerRecord::decode, "read chain")?
+                .ok_or_else(|| Error::Corrupt(format!("layer {id} of a chain is missing")))?;
+            if chain.len() > MAX_LAYERS_PER_FAMILY as usize {
+                return Err(Error::Corrupt(format!(
+                    "chain under layer {top} has a cycle"
+                )));
+            }
+            next = rec.parent;
+            chain.push(rec);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+}
+
+/// A write transaction; nothing is visible to others (or durable) until
+/// [`WriteTxn::commit`].
+pub(crate) struct WriteTxn(WriteTransaction);
+
+macro_rules! rw_table {
+    ($self:expr, $def:expr, $op:expr) => {
+        $self
+            .0
+            .open_table($def)
+            .map_err(|e| catalog_error($op, e))?
+    };
+}
+
+impl WriteTxn {
+    pub(crate) fn commit(self) -> Result<()> {
+        self.0.commit().map_err(|e| catalog_error("commit", e))
+    }
+
+    pub(crate) fn volume(&self, id: VolumeId) -> Result<Option<VolumeRecord>> {
+        get_rec(
+            &rw_table!(self, VOLUMES, "read volume"),
+            id.0,
+            VolumeRecord::decode,
+            "read volume",
+        )
+    }
+    pub(crate) fn layer(&self, id: LayerId) -> Result<Option<LayerRecord>> {
+        get_rec(
+            &rw_table!(self, LAYERS, "read layer"),
+            id.0,
+            LayerRecord::decode,
+            "read layer",
+        )
+    }
+    pub(crate) fn snapshot(&self, id: SnapshotId) -> Result<Option<SnapshotRecord>> {
+        let t = rw_table!(self, SNAPSHOTS, "read snapshot");
+        get_rec(&t, id.0, SnapshotRecord::decode, "read snapshot")
+    }
+    /// The layer, which must exist.
+    pub(crate) fn layer_required(&self, id: LayerId) -> Result<LayerRecord> {
+        self.layer(id)?
+            .ok_or_else(|| Error::Corrupt(format!("layer {id} is missing")))
+    }
+
+    pub(crate) fn put_volume(&mut self, rec: &VolumeRecord) -> Result<()> {
+        let mut t = rw_table!(self, VOLUMES, "write volume");
+        t.insert(rec.id.0, rec.encode().as_slice())
+            .map_err(|e| catalog_error("write volume", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_volume(&mut self, id: VolumeId) -> Result<()> {
+        let mut t = rw_table!(self, VOLUMES, "remove volume");
+        t.remove(id.0)
+            .map_err(|e| catalog_error("remove volume", e))?;
+        Ok(())
+    }
+    pub(crate) fn put_layer(&mut self, rec: &LayerRecord) -> Result<()> {
+        let mut t = rw_table!(self, LAYERS, "write layer");
+        t.insert(rec.id.0, rec.encode().as_slice())
+            .map_err(|e| catalog_error("write layer", e))?;
+        Ok(())
+    }
+    pub(crate) fn put_snapshot(&mut self, rec: &SnapshotRecord) -> Result<()> {
+        let mut t = rw_table!(self, SNAPSHOTS, "write snapshot");
+        t.insert(rec.id.0, rec.encode().as_slice())
+            .map_err(|e| catalog_error("write snapshot", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_snapshot(&mut self, id: SnapshotId) -> Result<()> {
+        let mut t = rw_table!(self, SNAPSHOTS, "remove snapshot");
+        t.remove(id.0)
+            .map_err(|e| catalog_error("remove snapshot", e))?;
+        Ok(())
+    }
+
+    /// The stored presence of one chunk of a layer.
+    pub(crate) fn presence_chunk(&self, layer: LayerId, chunk: u32) -> Result<Option<Vec<Run>>> {
+        let t = rw_table!(self, PRESENCE, "read presence");
+        match t
+            .get((layer.0, chunk))
+            .map_err(|e| catalog_error("read presence", e))?
+        {
+            Some(v) => Ok(Some(presence::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+    /// Stores (or with `None`, removes) the presence of one chunk.
+    pub(crate) fn put_presence_chunk(
+        &mut self,
+        layer: LayerId,
+        chunk: u32,
+        encoded: Option<&[u8]>,
+    ) -> Result<()> {
+        let op = "write presence";
+        let mut t = rw_table!(self, PRESENCE, op);
+        match encoded {
+            Some(bytes) => t.insert((layer.0, chunk), bytes).map(drop),
+            None => t.remove((layer.0, chunk)).map(drop),
+        }
+        .map_err(|e| catalog_error(op, e))
+    }
+    /// Removes every presence record of `layer`.
+    pub(crate) fn remove_presence(&mut self, layer: LayerId) -> Result<()> {
+        let op = "remove presence";
+        let mut t = rw_table!(self, PRESENCE, op);
+        t.retain_in((layer.0, 0)..=(layer.0, u32::MAX), |_, _| false)
+            .map_err(|e| catalog_error(op, e))
+    }
+
+    /// Folds journal records into the stored presence maps, in order.
+    /// Records of layers that no longer exist are skipped. Works one chunk
+    /// at a time, so memory stays small however many chunks the records
+    /// touch.
+    pub(crate) fn apply_presence(&mut self, records: &[Record]) -> Result<()> {
+        // Split records at chunk boundaries; a stable sort by (layer, chunk)
+        // keeps the order of changes to any one block.
+        let mut pieces: Vec<(LayerId, u32, u16, u16, BlockState)> = Vec::new();
+        for r in records {
+            let mut b = r.start;
+            let end = r.start + u64::from(r.blocks);
+            while b < end {
+                let chunk = b / CHUNK_BLOCKS;
+                let hi = end.min((chunk + 1) * CHUNK_BLOCKS);
+                let lo_in = (b % CHUNK_BLOCKS) as u16;
+                pieces.push((r.layer, chunk as u32, lo_in, (hi - b) as u16, r.state));
+                b = hi;
+            }
+        }
+        pieces.sort_by_key(|p| (p.0, p.1));
+        let mut i = 0;
+        while i < pieces.len() {
+            let (layer, chunk) = (pieces[i].0, pieces[i].1);
+            let mut j = i;
+            while j < pieces.len() && (pieces[j].0, pieces[j].1) == (layer, chunk) {
+                j += 1;
+            }
+            if self.layer(layer)?.is_some() {
+                let runs = self.presence_chunk(layer, chunk)?.unwrap_or_default();
+                let mut states = presence::expand(&runs);
+                for &(_, _, lo, len, state) in &pieces[i..j] {
+                    states[lo as usize..(lo + len) as usize].fill(state);
+                }
+                self.put_presence_chunk(layer, chunk, presence::encode(&states).as_deref())?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// A new family with no layers yet.
+    pub(crate) fn new_family(&mut self) -> Result<FamilyId> {
+        let id = FamilyId::new_random();
+        self.put_family(
+            id,
+            &FamilyRecord {
+                next_slot: u32::from(FIRST_SLOT),
+                free: Vec::new(),
+            },
+        )?;
+        Ok(id)
+    }
+    fn family(&self, id: FamilyId) -> Result<FamilyRecord> {
+        let t = rw_table!(self, FAMILIES, "read family");
+        match t.get(id.0).map_err(|e| catalog_error("read family", e))? {
+            Some(v) => FamilyRecord::decode(v.value()),
+            None => Err(Error::Corrupt(format!("family {id} is missing"))),
+        }
+    }
+    fn put_family(&mut self, id: FamilyId, rec: &FamilyRecord) -> Result<()> {
+        let mut t = rw_table!(self, FAMILIES, "write family");
+        t.insert(id.0, rec.encode().as_slice())
+            .map_err(|e| catalog_error("write family", e))?;
+        Ok(())
+    }
+    /// Hands out a slot of `family` for a new layer.
+    pub(crate) fn alloc_slot(&mut self, family: FamilyId) -> Result<u16> {
+        let mut rec = self.family(family)?;
+        let slot = match rec.free.pop() {
+            Some(s) => s,
+            None if rec.next_slot <= u32::from(u16::MAX) => {
+                rec.next_slot += 1;
+                (rec.next_slot - 1) as u16
+            }
+            None => {
+                return Err(Error::LayerLimit {
+                    limit: MAX_LAYERS_PER_FAMILY,
+                });
+            }
+        };
+        self.put_family(family, &rec)?;
+        Ok(slot)
+    }
+    fn free_slot(&mut self, family: FamilyId, slot: u16) -> Result<()> {
+        let mut rec = self.family(family)?;
+        rec.free.push(slot);
+        if rec.live() == 0 {
+            let mut t = rw_table!(self, FAMILIES, "remove family");
+            t.remove(family.0)
+                .map_err(|e| catalog_error("remove family", e))?;
+            return Ok(());
+        }
+        self.put_family(family, &rec)
+    }
+
+    /// Adds a reference to `layer`.
+    pub(crate) fn retain_layer(&mut self, layer: LayerId) -> Result<LayerRecord> {
+        let mut rec = self.layer_required(layer)?;
+        rec.refs += 1;
+        self.put_layer(&rec)?;
+        Ok(rec)
+    }
+
+    /// Drops one reference to `layer`. A layer left without references is
+    /// deleted with its presence, its slot and any deleted-snapshot record,
+    /// and its parent loses a reference in turn. Returns the deleted layers
+    /// (whose files the caller removes after commit).
+    pub(crate) fn release_layer(&mut self, layer: LayerId) -> Result<Vec<LayerId>> {
+        let mut freed = Vec::new();
+        let mut next = Some(layer);
+        while let Some(id) = next {
+            let mut rec = self.layer_required(id)?;
+            if rec.refs == 0 {
+                return Err(Error::Corrupt(format!(
+                    "layer {id} has no references to release"
+                )));
+            }
+            rec.refs -= 1;
+            if rec.refs > 0 {
+                self.put_layer(&rec)?;
+                break;
+            }
+            {
+                let mut t = rw_table!(self, LAYERS, "remove layer");
+                t.remove(id.0)
+                    .map_err(|e| catalog_error("remove layer", e))?;
+            }
+            self.remove_presence(id)?;
+            self.free_slot(rec.family, rec.slot)?;
+            if let Some(snap) = rec.snapshot {
+                if self
+                    .snapshot(snap)?
+                    .is_some_and(|s| s.state == SnapshotState::Deleted)
+                {
+                    self.remove_snapshot(snap)?;
+                }
+            }
+            freed.push(id);
+            next = rec.parent;
+        }
+        Ok(freed)
+    }
+}

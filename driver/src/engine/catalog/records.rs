@@ -1,0 +1,254 @@
+//! The catalog's records and their encodings (layouts in `FORMAT.md`).
+
+use super::codec::{Reader, Writer};
+use crate::engine::error::{Error, Result};
+use crate::engine::ids::{FamilyId, LayerId, SnapshotId, VolumeId};
+
+const VOLUME_V: u8 = 1;
+const LAYER_V: u8 = 1;
+const SNAPSHOT_V: u8 = 1;
+const FAMILY_V: u8 = 1;
+
+/// A volume: the top of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeRecord {
+    pub id: VolumeId,
+    /// Logical size in bytes (whole blocks).
+    pub size: u64,
+    /// The writable layer on top of the chain.
+    pub top: LayerId,
+    /// Fencing epoch of the owner; bumped when ownership moves between
+    /// nodes (reserved for volume moves; 1 for a volume that never moved).
+    pub owner_epoch: u64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// Last journal batch folded into the catalog (see `journal.rs`).
+    pub journal_seq: u64,
+}
+
+impl VolumeRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VOLUME_V)
+            .u128(self.id.0)
+            .u64(self.size)
+            .u128(self.top.0)
+            .u64(self.owner_epoch)
+            .u64(self.created_ns)
+            .u64(self.journal_seq);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "volume");
+        r.version(VOLUME_V)?;
+        Ok(VolumeRecord {
+            id: VolumeId(r.u128()?),
+            size: r.u64()?,
+            top: LayerId(r.u128()?),
+            owner_epoch: r.u64()?,
+            created_ns: r.u64()?,
+            journal_seq: r.u64()?,
+        })
+    }
+}
+
+/// A layer: a data file plus the presence map stored under its ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LayerRecord {
+    pub id: LayerId,
+    pub family: FamilyId,
+    /// The entry value naming this layer in the index (unique in the family).
+    pub slot: u16,
+    /// The layer below; `None` for a base layer.
+    pub parent: Option<LayerId>,
+    /// Frozen layers never change again.
+    pub frozen: bool,
+    /// The volume size this layer was written at.
+    pub size: u64,
+    /// References: volumes whose top it is, ready snapshots on it, and
+    /// child layers. Zero references means the layer is deleted.
+    pub refs: u32,
+    /// The snapshot that froze this layer, if any (ready or deleted).
+    pub snapshot: Option<SnapshotId>,
+    pub created_ns: u64,
+}
+
+impl LayerRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(LAYER_V)
+            .u128(self.id.0)
+            .u128(self.family.0)
+            .u16(self.slot)
+            .opt_u128(self.parent.map(|p| p.0))
+            .u8(u8::from(self.frozen))
+            .u64(self.size)
+            .u32(self.refs)
+            .opt_u128(self.snapshot.map(|s| s.0))
+            .u64(self.created_ns);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "layer");
+        r.version(LAYER_V)?;
+        Ok(LayerRecord {
+            id: LayerId(r.u128()?),
+            family: FamilyId(r.u128()?),
+            slot: r.u16()?,
+            parent: r.opt_u128()?.map(LayerId),
+            frozen: r.u8()? != 0,
+            size: r.u64()?,
+            refs: r.u32()?,
+            snapshot: r.opt_u128()?.map(SnapshotId),
+            created_ns: r.u64()?,
+        })
+    }
+}
+
+/// Whether a snapshot is visible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotState {
+    /// Visible, readable, clonable; holds a reference on its layer.
+    Ready,
+    /// Deleted by the user while other layers still build on its layer.
+    /// Invisible and holds no reference; it records that the layer is now
+    /// only an intermediate (a merge candidate) and goes when the layer goes.
+    Deleted,
+}
+
+/// A snapshot: a name for a frozen layer and the size at snapshot time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotRecord {
+    pub id: SnapshotId,
+    /// The volume it was taken from (which may since have been deleted).
+    pub volume: VolumeId,
+    pub layer: LayerId,
+    pub size: u64,
+    pub created_ns: u64,
+    pub state: SnapshotState,
+}
+
+impl SnapshotRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(SNAPSHOT_V)
+            .u128(self.id.0)
+            .u128(self.volume.0)
+            .u128(self.layer.0)
+            .u64(self.size)
+            .u64(self.created_ns)
+            .u8(match self.state {
+                SnapshotState::Ready => 1,
+                SnapshotState::Deleted => 2,
+            });
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "snapshot");
+        r.version(SNAPSHOT_V)?;
+        Ok(SnapshotRecord {
+            id: SnapshotId(r.u128()?),
+            volume: VolumeId(r.u128()?),
+            layer: LayerId(r.u128()?),
+            size: r.u64()?,
+            created_ns: r.u64()?,
+            state: match r.u8()? {
+                1 => SnapshotState::Ready,
+                2 => SnapshotState::Deleted,
+                s => return Err(Error::Corrupt(format!("snapshot state {s}"))),
+            },
+        })
+    }
+}
+
+/// Slot allocation within a family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FamilyRecord {
+    /// The lowest slot never handed out (65536 once all have been).
+    pub next_slot: u32,
+    /// Slots handed out and released since.
+    pub free: Vec<u16>,
+}
+
+impl FamilyRecord {
+    pub(crate) fn live(&self) -> u32 {
+        self.next_slot - u32::from(crate::engine::index::FIRST_SLOT) - self.free.len() as u32
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(FAMILY_V)
+            .u32(self.next_slot)
+            .u32(self.free.len() as u32);
+        for s in &self.free {
+            w.u16(*s);
+        }
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "family");
+        r.version(FAMILY_V)?;
+        let next_slot = r.u32()?;
+        let n = r.u32()?;
+        let free = (0..n).map(|_| r.u16()).collect::<Result<Vec<_>>>()?;
+        Ok(FamilyRecord { next_slot, free })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let l = LayerRecord {
+            id: LayerId(1),
+            family: FamilyId(2),
+            slot: 3,
+            parent: Some(LayerId(4)),
+            frozen: true,
+            size: 8192,
+            refs: 2,
+            snapshot: None,
+            created_ns: 5,
+        };
+        assert_eq!(LayerRecord::decode(&l.encode()).unwrap(), l);
+        let s = SnapshotRecord {
+            id: SnapshotId(1),
+            volume: VolumeId(2),
+            layer: LayerId(3),
+            size: 4096,
+            created_ns: 9,
+            state: SnapshotState::Deleted,
+        };
+        assert_eq!(SnapshotRecord::decode(&s.encode()).unwrap(), s);
+        let f = FamilyRecord {
+            next_slot: 9,
+            free: vec![3, 4],
+        };
+        assert_eq!(FamilyRecord::decode(&f.encode()).unwrap(), f);
+        assert_eq!(f.live(), 5);
+    }
+
+    #[test]
+    fn record_of_unknown_version_is_refused() {
+        let mut bytes = VolumeRecord {
+            id: VolumeId(1),
+            size: 4096,
+            top: LayerId(2),
+            owner_epoch: 1,
+            created_ns: 0,
+            journal_seq: 0,
+        }
+        .encode();
+        bytes[0] = 9;
+        assert!(matches!(
+            VolumeRecord::decode(&bytes),
+            Err(Error::Corrupt(_))
+        ));
+    }
+}

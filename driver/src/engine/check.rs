@@ -1,0 +1,1 @@
+//! Offline pool verification.

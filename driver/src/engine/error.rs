@@ -1,0 +1,210 @@
+//! The engine's one error type. Variants name what went wrong in words a
+//! user can act on; [`Error::kind`] sorts them into the few classes that the
+//! edges (gRPC, NBD, CLI) map to their own codes.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::ids::{SnapshotId, VolumeId};
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the engine reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No volume with this ID (never existed, or deleted).
+    #[error("volume {0} not found")]
+    VolumeNotFound(VolumeId),
+    /// No snapshot with this ID (never existed, or deleted).
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(SnapshotId),
+    /// A byte range that does not lie inside the volume.
+    #[error("range {offset}+{len} is outside the volume ({size} bytes)")]
+    OutOfRange {
+        /// Start of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the volume.
+        size: u64,
+    },
+    /// A volume size that is zero, not whole 4 KiB blocks, or too large.
+    #[error(
+        "invalid volume size {size}: sizes are whole 4096-byte blocks, from 4096 bytes to 1 PiB"
+    )]
+    InvalidSize {
+        /// The size asked for.
+        size: u64,
+    },
+    /// Volumes only grow.
+    #[error("cannot shrink a volume from {from} to {to} bytes: volumes only grow")]
+    ShrinkRefused {
+        /// Current size.
+        from: u64,
+        /// Requested size.
+        to: u64,
+    },
+    /// The 16-bit index entry names at most this many layers per family.
+    #[error(
+        "the layer family is full: it already has {limit} live layers, the most a 16-bit index \
+         entry can name; delete snapshots or clones of this volume (or flatten them) first"
+    )]
+    LayerLimit {
+        /// The limit.
+        limit: u32,
+    },
+    /// A write to something read-only (a snapshot).
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+    /// The pool's filesystem is full.
+    #[error("no space left in the pool while trying to {op}")]
+    NoSpace {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error (ENOSPC or EDQUOT).
+        #[source]
+        source: io::Error,
+    },
+    /// The pool was written by a newer Strata.
+    #[error(
+        "the pool at {path} has format version {found}, newer than this build understands \
+         ({supported}); upgrade Strata, do not downgrade a pool"
+    )]
+    FormatTooNew {
+        /// Pool directory.
+        path: PathBuf,
+        /// Version found on disk.
+        found: u32,
+        /// Newest version this build reads.
+        supported: u32,
+    },
+    /// The directory holds something that is not a Strata pool.
+    #[error("{path} is not a Strata pool: {why}")]
+    NotAPool {
+        /// Pool directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Another process has the pool open.
+    #[error("the pool at {0} is in use by another process")]
+    PoolLocked(PathBuf),
+    /// Metadata that contradicts itself. Run `strata pool check`.
+    #[error("pool metadata is inconsistent: {0} (run `strata pool check` on the pool)")]
+    Corrupt(String),
+    /// A filesystem call failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The metadata store failed.
+    #[error("metadata store: {op}")]
+    Catalog {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<redb::Error>,
+    },
+}
+
+/// The classes of [`Error`] that the edges map to their own codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The named object does not exist.
+    NotFound,
+    /// The request itself is wrong (size, range, shrink).
+    InvalidArgument,
+    /// The request is outside the device (NBD: EINVAL; CSI: OUT_OF_RANGE).
+    OutOfRange,
+    /// A limit of the pool or format was reached.
+    LimitReached,
+    /// Writing to something read-only.
+    ReadOnly,
+    /// The pool is full.
+    NoSpace,
+    /// The pool is busy (locked by another process).
+    Busy,
+    /// The pool cannot be used by this build or is damaged.
+    Corrupt,
+    /// An I/O or store failure.
+    Io,
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorKind::NotFound,
+            Error::InvalidSize { .. } | Error::ShrinkRefused { .. } => ErrorKind::InvalidArgument,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::LayerLimit { .. } => ErrorKind::LimitReached,
+            Error::ReadOnly(_) => ErrorKind::ReadOnly,
+            Error::NoSpace { .. } => ErrorKind::NoSpace,
+            Error::PoolLocked(_) => ErrorKind::Busy,
+            Error::FormatTooNew { .. } | Error::NotAPool { .. } | Error::Corrupt(_) => {
+                ErrorKind::Corrupt
+            }
+            Error::Io { .. } | Error::Catalog { .. } => ErrorKind::Io,
+        }
+    }
+
+    /// A short, stable label for metrics (`error="no_space"`).
+    pub fn metric_label(&self) -> &'static str {
+        match self.kind() {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::OutOfRange => "out_of_range",
+            ErrorKind::LimitReached => "limit_reached",
+            ErrorKind::ReadOnly => "read_only",
+            ErrorKind::NoSpace => "no_space",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Io => "io",
+        }
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Wraps an `io::Error` from a filesystem call on `path`, turning ENOSPC
+/// and EDQUOT into [`Error::NoSpace`].
+pub(crate) fn io_error(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+    if is_no_space(&source) {
+        Error::NoSpace { op, source }
+    } else {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Wraps an error of the metadata store, turning a full disk into
+/// [`Error::NoSpace`].
+pub(crate) fn catalog_error(op: &'static str, source: impl Into<redb::Error>) -> Error {
+    let source: redb::Error = source.into();
+    if let redb::Error::Io(io) = &source {
+        if is_no_space(io) {
+            let io = io::Error::new(io.kind(), io.to_string());
+            return Error::NoSpace { op, source: io };
+        }
+    }
+    Error::Catalog {
+        op,
+        source: Box::new(source),
+    }
+}

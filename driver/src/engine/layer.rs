@@ -1,0 +1,311 @@
+//! Layer data files and the bounded cache of their open file descriptors.
+//!
+//! A [`Layer`] is the in-memory handle of one layer file
+//! (`layers/<layer-id>.data`, a sparse file whose offsets are the volume's
+//! offsets). The pool keeps at most one handle per layer; indexes hold
+//! handles for every layer they name, which is what pins a layer's file
+//! while an open snapshot export still reads it after the snapshot (and even
+//! the layer) was deleted from the catalog: the file is unlinked when the
+//! last handle drops.
+//!
+//! File descriptors are opened lazily and bounded by [`FdCache`], a clock
+//! (second-chance) cache, so a node with thousands of layers never runs out
+//! of descriptors. In-flight I/O holds an `Arc<File>`, so evicting a
+//! descriptor never breaks a request that is using it.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::error::{Result, io_error};
+use super::ids::LayerId;
+use super::sys;
+
+/// Directory of layer files inside a pool.
+pub(crate) const LAYERS_DIR: &str = "layers";
+
+/// Path of a layer's data file.
+pub(crate) fn layer_path(pool: &Path, id: LayerId) -> PathBuf {
+    pool.join(LAYERS_DIR).join(format!("{id}.data"))
+}
+
+/// Creates an empty sparse layer file of `size` bytes and makes its
+/// existence durable (file and directory fsync) unless `sync` is false.
+pub(crate) fn create_layer_file(pool: &Path, id: LayerId, size: u64, sync: bool) -> Result<()> {
+    let path = layer_path(pool, id);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io_error("create layer file", &path, e))?;
+    file.set_len(size)
+        .map_err(|e| io_error("size layer file", &path, e))?;
+    if sync {
+        file.sync_all()
+            .map_err(|e| io_error("sync layer file", &path, e))?;
+        sync_dir(&pool.join(LAYERS_DIR))?;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that entries created or removed in it persist.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("sync directory", dir, e))
+}
+
+/// Bounds the number of open layer descriptors.
+#[derive(Debug)]
+pub(crate) struct FdCache {
+    capacity: usize,
+    open: AtomicUsize,
+    clock: Mutex<VecDeque<Weak<Layer>>>,
+}
+
+impl FdCache {
+    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(FdCache {
+            capacity: capacity.max(16),
+            open: AtomicUsize::new(0),
+            clock: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Descriptors currently open.
+    pub(crate) fn open_count(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn opened(&self, layer: &Arc<Layer>) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let mut clock = self.clock.lock().expect("fd cache lock");
+        clock.push_back(Arc::downgrade(layer));
+        let mut budget = 2 * clock.len();
+        while self.open.load(Ordering::Relaxed) > self.capacity && budget > 0 {
+            budget -= 1;
+            let Some(weak) = clock.pop_front() else { break };
+            let Some(victim) = weak.upgrade() else {
+                continue;
+            };
+            if victim.used.swap(false, Ordering::Relaxed) {
+                clock.push_back(weak);
+            } else if victim.close_fd() {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if clock.len() > 2 * self.capacity + 1024 {
+            clock.retain(|w| w.upgrade().is_some_and(|l| l.has_fd()));
+        }
+    }
+}
+
+/// The handle of one layer file. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    pub(crate) id: LayerId,
+    pub(crate) slot: u16,
+    path: PathBuf,
+    file: Mutex<Option<Arc<File>>>,
+    used: AtomicBool,
+    removed: AtomicBool,
+    fds: Arc<FdCache>,
+}
+
+impl Layer {
+    pub(crate) fn new(pool: &Path, id: LayerId, slot: u16, fds: Arc<FdCache>) -> Self {
+        Layer {
+            id,
+            slot,
+            path: layer_path(pool, id),
+            file: Mutex::new(None),
+            used: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            fds,
+        }
+    }
+
+    /// The open file, opening it if needed.
+    pub(crate) fn file(self: &Arc<Self>) -> Result<Arc<File>> {
+        self.used.store(true, Ordering::Relaxed);
+        let mut slot = self.file.lock().expect("layer fd lock");
+        if let Some(f) = &*slot {
+            return Ok(Arc::clone(f));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| io_error("open layer file", &self.path, e))?;
+        let f = Arc::new(f);
+        *slot = Some(Arc::clone(&f));
+        drop(slot);
+        self.fds.opened(self);
+        Ok(f)
+    }
+
+    fn has_fd(&self) -> bool {
+        self.file.lock().expect("layer fd lock").is_some()
+    }
+
+    fn close_fd(&self) -> bool {
+        self.file.lock().expect("layer fd lock").take().is_some()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file
+    /// read as zeros.
+    pub(crate) fn read_at(self: &Arc<Self>, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
+        let f = self.file()?;
+        while !buf.is_empty() {
+            match f.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    break;
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error("read layer", &self.path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_at(self: &Arc<Self>, buf: &[u8], offset: u64) -> Result<()> {
+        self.file()?
+            .write_all_at(buf, offset)
+            .map_err(|e| io_error("write layer", &self.path, e))
+    }
+
+    /// Makes written data durable (fdatasync).
+    pub(crate) fn sync_data(self: &Arc<Self>) -> Result<()> {
+        self.file()?
+            .sync_data()
+            .map_err(|e| io_error("sync layer", &self.path, e))
+    }
+
+    /// Frees the file blocks of a byte range (best effort: a filesystem
+    /// without hole punching keeps the blocks; the presence map already
+    /// says the range is not read from this file).
+    pub(crate) fn punch(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        sys::punch_hole(&*self.file()?, offset, len)
+            .map(drop)
+            .map_err(|e| io_error("punch hole in layer", &self.path, e))
+    }
+
+    /// Makes a byte range read as zeros with its blocks allocated.
+    pub(crate) fn zero_allocated(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        let f = self.file()?;
+        match sys::zero_range(&f, offset, len) {
+            Ok(sys::Fallocated::Done) => Ok(()),
+            Ok(sys::Fallocated::Unsupported) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64) as usize;
+                    f.write_all_at(&zeros[..n], offset + done)
+                        .map_err(|e| io_error("zero layer", &self.path, e))?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(io_error("zero layer", &self.path, e)),
+        }
+    }
+
+    /// Extends (or sets) the file length.
+    pub(crate) fn set_len(self: &Arc<Self>, len: u64) -> Result<()> {
+        self.file()?
+            .set_len(len)
+            .map_err(|e| io_error("resize layer file", &self.path, e))
+    }
+
+    /// The catalog no longer knows this layer: delete the file once the
+    /// last handle is gone.
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        if self
+            .file
+            .get_mut()
+            .map(|f| f.take().is_some())
+            .unwrap_or(false)
+        {
+            self.fds.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.removed.load(Ordering::Acquire) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path.display(), error = %e, "could not remove deleted layer file");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_cache_keeps_descriptors_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        let fds = FdCache::new(16);
+        let layers: Vec<Arc<Layer>> = (0..100)
+            .map(|i| {
+                let id = LayerId(i);
+                create_layer_file(dir.path(), id, 8192, false).unwrap();
+                Arc::new(Layer::new(dir.path(), id, 2, Arc::clone(&fds)))
+            })
+            .collect();
+        for (i, l) in layers.iter().enumerate() {
+            l.write_at(&[i as u8; 16], 0).unwrap();
+        }
+        assert!(fds.open_count() <= 17, "{} open", fds.open_count());
+        for (i, l) in layers.iter().enumerate() {
+            let mut buf = [0u8; 16];
+            l.read_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, [i as u8; 16]);
+        }
+        drop(layers);
+        assert_eq!(fds.open_count(), 0);
+    }
+
+    #[test]
+    fn removed_layer_file_is_deleted_when_last_handle_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        let id = LayerId(7);
+        create_layer_file(dir.path(), id, 4096, false).unwrap();
+        let layer = Arc::new(Layer::new(dir.path(), id, 2, FdCache::new(16)));
+        let pin = Arc::clone(&layer);
+        layer.mark_removed();
+        drop(layer);
+        assert!(layer_path(dir.path(), id).exists());
+        drop(pin);
+        assert!(!layer_path(dir.path(), id).exists());
+    }
+
+    #[test]
+    fn read_past_end_of_file_is_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
+        create_layer_file(dir.path(), LayerId(1), 10, false).unwrap();
+        let layer = Arc::new(Layer::new(dir.path(), LayerId(1), 2, FdCache::new(16)));
+        let mut buf = [1u8; 64];
+        layer.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0u8; 64]);
+    }
+}

@@ -1,0 +1,829 @@
+//! A pool: one directory holding layer files, per-volume journals and the
+//! catalog. The pool owns the operations that change the shape of chains:
+//! create, snapshot, clone, resize and delete. Each is one catalog
+//! transaction; the files it needs are created (and synced) before the
+//! transaction and removed after it, so a crash at any point leaves either
+//! the old state or the new one plus orphan files that the next open
+//! removes. `FORMAT.md` lists every step and why a crash there is safe.
+//!
+//! ```text
+//! <pool>/catalog.redb          metadata (catalog/)
+//! <pool>/layers/<id>.data      one sparse file per layer (layer.rs)
+//! <pool>/journal/<id>.wal      one presence journal per volume (journal.rs)
+//! <pool>/strata.lock           held (flock) while a process has the pool open
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
+use super::error::{Error, Result, io_error};
+use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
+use super::ids::{LayerId, SnapshotId, VolumeId};
+use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
+use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path};
+use super::snapshot::SnapshotReader;
+use super::sys;
+use super::view::View;
+use super::volume::{VolState, Volume};
+
+const LOCK_FILE: &str = "strata.lock";
+
+/// How to open a pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Create the pool if the directory holds none.
+    pub create: bool,
+    /// fsync data, journals and catalog commits. Turning this off voids
+    /// every durability promise; it exists for benchmark and test setup.
+    pub sync: bool,
+    /// Most layer files kept open at once (0: derive from RLIMIT_NOFILE).
+    pub max_open_files: usize,
+    /// A volume's journal is folded into the catalog once it grows past
+    /// this many bytes.
+    pub journal_checkpoint_bytes: u64,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            create: true,
+            sync: true,
+            max_open_files: 0,
+            journal_checkpoint_bytes: 4 << 20,
+        }
+    }
+}
+
+/// What a volume looks like from the outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub size_bytes: u64,
+    /// Layers in its chain, top included.
+    pub chain_depth: usize,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_unix_ns: u64,
+}
+
+/// What a snapshot looks like from the outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    /// The volume it was taken from (which may since have been deleted).
+    pub volume: VolumeId,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    pub created_unix_ns: u64,
+}
+
+impl From<&SnapshotRecord> for SnapshotInfo {
+    fn from(r: &SnapshotRecord) -> Self {
+        SnapshotInfo {
+            id: r.id,
+            volume: r.volume,
+            size_bytes: r.size,
+            created_unix_ns: r.created_ns,
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What volumes and snapshot readers share with the pool.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) catalog: Catalog,
+    pub(crate) opts: PoolOptions,
+    fds: Arc<FdCache>,
+    layers: Mutex<HashMap<LayerId, Weak<Layer>>>,
+    views: Mutex<HashMap<LayerId, Weak<View>>>,
+    _lock: File,
+}
+
+impl Shared {
+    /// The one handle of a layer.
+    pub(crate) fn layer(&self, id: LayerId, slot: u16) -> Arc<Layer> {
+        let mut map = self.layers.lock().expect("layer registry");
+        if let Some(l) = map.get(&id).and_then(Weak::upgrade) {
+            return l;
+        }
+        if map.len() > 1024 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let l = Arc::new(Layer::new(&self.dir, id, slot, Arc::clone(&self.fds)));
+        map.insert(id, Arc::downgrade(&l));
+        l
+    }
+
+    /// Remembers `view` as the view "as of" frozen layer `layer`.
+    pub(crate) fn remember_view(&self, layer: LayerId, view: &Arc<View>) {
+        let mut map = self.views.lock().expect("view cache");
+        if map.len() > 1024 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        map.insert(layer, Arc::downgrade(view));
+    }
+
+    fn cached_view(&self, layer: LayerId) -> Option<Arc<View>> {
+        self.views
+            .lock()
+            .expect("view cache")
+            .get(&layer)
+            .and_then(Weak::upgrade)
+    }
+
+    /// The view of the chain up to and including frozen layer `layer`:
+    /// from the cache if some volume, clone or reader still holds it,
+    /// otherwise built from the nearest cached ancestor (or from nothing)
+    /// by applying the presence maps of the layers above it.
+    pub(crate) fn view_of(&self, layer: LayerId) -> Result<Arc<View>> {
+        if let Some(v) = self.cached_view(layer) {
+            return Ok(v);
+        }
+        let txn = self.catalog.read()?;
+        let chain = txn.chain(layer)?;
+        let mut from = 0;
+        let mut view = View::empty(0);
+        for i in (0..chain.len().saturating_sub(1)).rev() {
+            if let Some(v) = self.cached_view(chain[i].id) {
+                view = (*v).clone();
+                from = i + 1;
+                break;
+            }
+        }
+        for rec in &chain[from..] {
+            self.apply_layer(&txn, &mut view, rec)?;
+        }
+        let view = Arc::new(view);
+        self.remember_view(layer, &view);
+        Ok(view)
+    }
+
+    /// Stacks one layer (handle and presence) on top of `view`.
+    fn apply_layer(
+        &self,
+        txn: &super::catalog::ReadTxn,
+        view: &mut View,
+        rec: &LayerRecord,
+    ) -> Result<()> {
+        view.index.grow(blocks_for(rec.size));
+        view.add_layer(self.layer(rec.id, rec.slot));
+        for (chunk, runs) in txn.presence(rec.id)? {
+            view.apply(rec.slot, chunk, &runs);
+        }
+        Ok(())
+    }
+
+    /// Deletes the files of layers the catalog no longer has; a layer still
+    /// read through an open handle goes when its last handle does.
+    fn discard_layers(&self, freed: &[LayerId]) {
+        let map = self.layers.lock().expect("layer registry");
+        for id in freed {
+            match map.get(id).and_then(Weak::upgrade) {
+                Some(layer) => layer.mark_removed(),
+                None => remove_quietly(&layer_path(&self.dir, *id)),
+            }
+        }
+    }
+
+    /// Opens a volume's journal, folds any batches the catalog lacks into
+    /// it, and returns the journal ready for appends.
+    fn recover_journal(&self, rec: &VolumeRecord) -> Result<JournalFile> {
+        let sync = self.opts.sync;
+        if !journal_path(&self.dir, rec.id).exists() {
+            return JournalFile::create(&self.dir, rec.id, rec.journal_seq, sync);
+        }
+        let (file, replay) = JournalFile::open(&self.dir, rec.id, sync)?;
+        if replay.truncated_bytes > 0 {
+            tracing::info!(volume = %rec.id, bytes = replay.truncated_bytes, "cut a torn journal tail (writes that were never flushed)");
+        }
+        let records: Vec<Record> = replay
+            .batches
+            .into_iter()
+            .filter(|(seq, _)| *seq > rec.journal_seq)
+            .flat_map(|(_, r)| r)
+            .collect();
+        if records.is_empty() {
+            return Ok(file);
+        }
+        let mut txn = self.catalog.write()?;
+        txn.apply_presence(&records)?;
+        let mut updated = txn.volume(rec.id)?.ok_or(Error::VolumeNotFound(rec.id))?;
+        updated.journal_seq = file.last_seq();
+        txn.put_volume(&updated)?;
+        txn.commit()?;
+        JournalFile::create(&self.dir, rec.id, updated.journal_seq, sync)
+    }
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove file");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    shared: Arc<Shared>,
+    volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
+    /// Serialises the slow path of opening a volume.
+    opening: Mutex<()>,
+}
+
+/// A storage pool. Cheap to clone; all clones are the same pool. When the
+/// last clone goes, every volume is flushed and its journal folded.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// Opens (or with `opts.create`, creates) the pool in `dir`: takes the
+    /// pool lock, checks the format, folds every journal into the catalog,
+    /// and removes files a crash left behind. Volumes are loaded lazily, on
+    /// first use.
+    pub fn open(dir: &Path, opts: PoolOptions) -> Result<Pool> {
+        if opts.create {
+            for sub in [LAYERS_DIR, JOURNAL_DIR] {
+                std::fs::create_dir_all(dir.join(sub))
+                    .map_err(|e| io_error("create pool", dir, e))?;
+            }
+        } else if !dir.join(LAYERS_DIR).is_dir() || !dir.join(JOURNAL_DIR).is_dir() {
+            return Err(Error::NotAPool {
+                path: dir.into(),
+                why: "missing layers/ or journal/".into(),
+            });
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_error("open pool lock", &lock_path, e))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => Error::PoolLocked(dir.into()),
+            std::fs::TryLockError::Error(e) => io_error("lock pool", &lock_path, e),
+        })?;
+        let catalog = Catalog::open(dir, opts.create, opts.sync)?;
+        let nofile = sys::raise_nofile_limit().unwrap_or(1024);
+        let max_open = match opts.max_open_files {
+            0 => (nofile / 2).clamp(64, 65_536) as usize,
+            n => n,
+        };
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            catalog,
+            fds: FdCache::new(max_open),
+            layers: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
+            opts,
+            _lock: lock,
+        });
+        for rec in shared.catalog.read()?.volumes()? {
+            shared.recover_journal(&rec)?;
+        }
+        sweep_orphans(&shared)?;
+        Ok(Pool {
+            inner: Arc::new(PoolInner {
+                shared,
+                volumes: Mutex::new(HashMap::new()),
+                opening: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The pool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks).
+    pub fn create_volume(&self, size_bytes: u64) -> Result<VolumeInfo> {
+        check_volume_size(size_bytes)?;
+        let sh = self.shared();
+        let (vid, lid, created) = (VolumeId::new_random(), LayerId::new_random(), now_ns());
+        create_layer_file(&sh.dir, lid, size_bytes, sh.opts.sync)?;
+        let journal = match JournalFile::create(&sh.dir, vid, 0, sh.opts.sync) {
+            Ok(j) => j,
+            Err(e) => {
+                remove_quietly(&layer_path(&sh.dir, lid));
+                return Err(e);
+            }
+        };
+        let committed = (|| {
+            let mut txn = sh.catalog.write()?;
+            let family = txn.new_family()?;
+            let slot = txn.alloc_slot(family)?;
+            let layer = LayerRecord {
+                id: lid,
+                family,
+                slot,
+                parent: None,
+                frozen: false,
+                size: size_bytes,
+                refs: 1,
+                snapshot: None,
+                created_ns: created,
+            };
+            txn.put_layer(&layer)?;
+            txn.put_volume(&VolumeRecord {
+                id: vid,
+                size: size_bytes,
+                top: lid,
+                owner_epoch: 1,
+                created_ns: created,
+                journal_seq: 0,
+            })?;
+            txn.commit()?;
+            Ok(slot)
+        })();
+        let slot = match committed {
+            Ok(slot) => slot,
+            Err(e) => {
+                remove_quietly(&layer_path(&sh.dir, lid));
+                remove_quietly(&journal_path(&sh.dir, vid));
+                return Err(e);
+            }
+        };
+        let top = sh.layer(lid, slot);
+        let mut view = View::empty(blocks_for(size_bytes));
+        view.add_layer(Arc::clone(&top));
+        let state = VolState {
+            view,
+            base: Arc::new(View::empty(0)),
+            top,
+            size: size_bytes,
+        };
+        let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
+        self.inner
+            .volumes
+            .lock()
+            .expect("volume map")
+            .insert(vid, vol);
+        Ok(VolumeInfo {
+            id: vid,
+            size_bytes,
+            chain_depth: 1,
+            created_unix_ns: created,
+        })
+    }
+
+    /// The volume `id`, loading it on first use.
+    pub fn volume(&self, id: VolumeId) -> Result<Arc<Volume>> {
+        if let Some(v) = self.inner.volumes.lock().expect("volume map").get(&id) {
+            return Ok(Arc::clone(v));
+        }
+        let _opening = self.inner.opening.lock().expect("volume open lock");
+        if let Some(v) = self.inner.volumes.lock().expect("volume map").get(&id) {
+            return Ok(Arc::clone(v));
+        }
+        let vol = Arc::new(self.load_volume(id)?);
+        self.inner
+            .volumes
+            .lock()
+            .expect("volume map")
+            .insert(id, Arc::clone(&vol));
+        Ok(vol)
+    }
+
+    fn load_volume(&self, id: VolumeId) -> Result<Volume> {
+        let sh = self.shared();
+        let rec = sh
+            .catalog
+            .read()?
+            .volume(id)?
+            .ok_or(Error::VolumeNotFound(id))?;
+        let journal = sh.recover_journal(&rec)?;
+        let txn = sh.catalog.read()?;
+        let top = txn.layer(rec.top)?.ok_or_else(|| {
+            Error::Corrupt(format!("top layer {} of volume {id} is missing", rec.top))
+        })?;
+        let base = match top.parent {
+            Some(parent) => sh.view_of(parent)?,
+            None => Arc::new(View::empty(0)),
+        };
+        if !layer_path(&sh.dir, top.id).exists() {
+            return Err(Error::Corrupt(format!(
+                "data file of layer {} (volume {id}) is missing",
+                top.id
+            )));
+        }
+        let mut view = (*base).clone();
+        sh.apply_layer(&txn, &mut view, &top)?;
+        view.index.grow(blocks_for(rec.size));
+        let top = sh.layer(top.id, top.slot);
+        let state = VolState {
+            view,
+            base,
+            top,
+            size: rec.size,
+        };
+        Ok(Volume::new(id, Arc::clone(sh), state, journal))
+    }
+
+    /// Deletes a volume. Its snapshots and clones stay readable: layers
+    /// they share live on until nothing references them.
+    pub fn delete_volume(&self, id: VolumeId) -> Result<()> {
+        let vol = self.volume(id)?;
+        vol.mark_deleted();
+        let _gate = vol.gate.write().expect("volume gate");
+        {
+            // Frozen layers' presence may still be only in this journal.
+            let mut journal = vol.journal.lock().expect("journal");
+            vol.checkpoint_locked(&mut journal)?;
+        }
+        let sh = self.shared();
+        let mut txn = sh.catalog.write()?;
+        let rec = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
+        txn.remove_volume(id)?;
+        let freed = txn.release_layer(rec.top)?;
+        txn.commit()?;
+        self.inner.volumes.lock().expect("volume map").remove(&id);
+        remove_quietly(&journal_path(&sh.dir, id));
+        sh.discard_layers(&freed);
+        Ok(())
+    }
+
+    /// Grows a volume. Shrinking is refused.
+    pub fn resize_volume(&self, id: VolumeId, size_bytes: u64) -> Result<VolumeInfo> {
+        check_volume_size(size_bytes)?;
+        let vol = self.volume(id)?;
+        let _gate = vol.gate.write().expect("volume gate");
+        vol.check_live()?;
+        let (current, top) = {
+            let st = vol.state.read().expect("volume state");
+            (st.size, Arc::clone(&st.top))
+        };
+        if size_bytes < current {
+            return Err(Error::ShrinkRefused {
+                from: current,
+                to: size_bytes,
+            });
+        }
+        if size_bytes > current {
+            top.set_len(size_bytes)?;
+            let mut txn = self.shared().catalog.write()?;
+            let mut rec = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
+            let mut layer = txn.layer_required(rec.top)?;
+            rec.size = size_bytes;
+            layer.size = size_bytes;
+            txn.put_volume(&rec)?;
+            txn.put_layer(&layer)?;
+            txn.commit()?;
+            let mut st = vol.state.write().expect("volume state");
+            st.view.index.grow(blocks_for(size_bytes));
+            st.size = size_bytes;
+        }
+        self.volume_info(id)
+    }
+
+    /// Takes a snapshot: everything acknowledged before the call, frozen.
+    /// Costs one flush of what changed since the last flush, one new
+    /// (empty) layer file and one catalog commit; it does not depend on the
+    /// volume's size or on how much was written.
+    pub fn create_snapshot(&self, volume: VolumeId) -> Result<SnapshotInfo> {
+        let sh = self.shared();
+        let vol = self.volume(volume)?;
+        // Flush outside the hold, so the hold only covers the tail.
+        vol.flush()?;
+        let new_top = LayerId::new_random();
+        let size = vol.size();
+        create_layer_file(&sh.dir, new_top, size, sh.opts.sync)?;
+        let result = self.freeze_top(&vol, new_top);
+        if result.is_err() {
+            remove_quietly(&layer_path(&sh.dir, new_top));
+        }
+        result
+    }
+
+    fn freeze_top(&self, vol: &Volume, new_top: LayerId) -> Result<SnapshotInfo> {
+        let sh = self.shared();
+        let _gate = vol.gate.write().expect("volume gate");
+        vol.check_live()?;
+        vol.flush()?;
+        let snap = SnapshotId::new_random();
+        let created = now_ns();
+        let mut txn = sh.catalog.write()?;
+        let mut rec = txn
+            .volume(vol.id())?
+            .ok_or(Error::VolumeNotFound(vol.id()))?;
+        let mut old = txn.layer_required(rec.top)?;
+        let slot = txn.alloc_slot(old.family)?;
+        // The old top loses the volume's reference and gains the new top's
+        // (as parent) and the snapshot's.
+        old.frozen = true;
+        old.snapshot = Some(snap);
+        old.refs += 1;
+        txn.put_layer(&old)?;
+        txn.put_layer(&LayerRecord {
+            id: new_top,
+            family: old.family,
+            slot,
+            parent: Some(old.id),
+            frozen: false,
+            size: rec.size,
+            refs: 1,
+            snapshot: None,
+            created_ns: created,
+        })?;
+        let srec = SnapshotRecord {
+            id: snap,
+            volume: vol.id(),
+            layer: old.id,
+            size: rec.size,
+            created_ns: created,
+            state: SnapshotState::Ready,
+        };
+        txn.put_snapshot(&srec)?;
+        rec.top = new_top;
+        txn.put_volume(&rec)?;
+        txn.commit()?;
+        let top = sh.layer(new_top, slot);
+        let mut st = vol.state.write().expect("volume state");
+        let frozen = Arc::new(st.view.clone());
+        sh.remember_view(old.id, &frozen);
+        st.base = frozen;
+        st.view.add_layer(Arc::clone(&top));
+        st.top = top;
+        Ok(SnapshotInfo::from(&srec))
+    }
+
+    /// Deletes a snapshot. Succeeds even if clones were made from it; the
+    /// layer lives on while they (or an open reader) need it.
+    pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        let sh = self.shared();
+        let mut txn = sh.catalog.write()?;
+        let mut rec = match txn.snapshot(id)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(id)),
+        };
+        rec.state = SnapshotState::Deleted;
+        txn.put_snapshot(&rec)?;
+        // Frees the layer (and removes this record) if nothing else holds it.
+        let freed = txn.release_layer(rec.layer)?;
+        txn.commit()?;
+        sh.discard_layers(&freed);
+        Ok(())
+    }
+
+    /// A new volume whose contents are the snapshot's; `size_bytes` may be
+    /// larger than the snapshot (the rest reads as zeros).
+    pub fn clone_snapshot(&self, id: SnapshotId, size_bytes: Option<u64>) -> Result<VolumeInfo> {
+        let sh = self.shared();
+        let snap = match sh.catalog.read()?.snapshot(id)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(id)),
+        };
+        let size = size_bytes.unwrap_or(snap.size);
+        check_volume_size(size)?;
+        if size < snap.size {
+            return Err(Error::ShrinkRefused {
+                from: snap.size,
+                to: size,
+            });
+        }
+        let base = sh.view_of(snap.layer)?;
+        let (vid, lid, created) = (VolumeId::new_random(), LayerId::new_random(), now_ns());
+        create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
+        let journal = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync);
+        let committed = journal.and_then(|journal| {
+            let mut txn = sh.catalog.write()?;
+            // Re-check inside the transaction: the snapshot may have gone.
+            if !txn
+                .snapshot(id)?
+                .is_some_and(|r| r.state == SnapshotState::Ready)
+            {
+                return Err(Error::SnapshotNotFound(id));
+            }
+            let parent = txn.retain_layer(snap.layer)?;
+            let slot = txn.alloc_slot(parent.family)?;
+            txn.put_layer(&LayerRecord {
+                id: lid,
+                family: parent.family,
+                slot,
+                parent: Some(parent.id),
+                frozen: false,
+                size,
+                refs: 1,
+                snapshot: None,
+                created_ns: created,
+            })?;
+            txn.put_volume(&VolumeRecord {
+                id: vid,
+                size,
+                top: lid,
+                owner_epoch: 1,
+                created_ns: created,
+                journal_seq: 0,
+            })?;
+            txn.commit()?;
+            Ok((slot, journal))
+        });
+        let (slot, journal) = match committed {
+            Ok(x) => x,
+            Err(e) => {
+                remove_quietly(&layer_path(&sh.dir, lid));
+                remove_quietly(&journal_path(&sh.dir, vid));
+                return Err(e);
+            }
+        };
+        let top = sh.layer(lid, slot);
+        let mut view = (*base).clone();
+        view.index.grow(blocks_for(size));
+        view.add_layer(Arc::clone(&top));
+        let depth = view.depth();
+        let state = VolState {
+            view,
+            base,
+            top,
+            size,
+        };
+        let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
+        self.inner
+            .volumes
+            .lock()
+            .expect("volume map")
+            .insert(vid, vol);
+        Ok(VolumeInfo {
+            id: vid,
+            size_bytes: size,
+            chain_depth: depth,
+            created_unix_ns: created,
+        })
+    }
+
+    /// A new volume with the contents `volume` has now: an implicit
+    /// snapshot, a clone of it, and the implicit snapshot's deletion (its
+    /// layer stays, shared by both volumes).
+    pub fn clone_volume(&self, volume: VolumeId, size_bytes: Option<u64>) -> Result<VolumeInfo> {
+        let snap = self.create_snapshot(volume)?;
+        let clone = self.clone_snapshot(snap.id, size_bytes);
+        let deleted = self.delete_snapshot(snap.id);
+        let clone = clone?;
+        deleted?;
+        Ok(clone)
+    }
+
+    /// Opens a snapshot for reading. The reader pins the layers it reads:
+    /// deleting the snapshot meanwhile succeeds and the reader keeps
+    /// returning the snapshot's data until it is dropped.
+    pub fn open_snapshot(&self, id: SnapshotId) -> Result<SnapshotReader> {
+        let sh = self.shared();
+        let snap = match sh.catalog.read()?.snapshot(id)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(id)),
+        };
+        Ok(SnapshotReader::new(id, snap.size, sh.view_of(snap.layer)?))
+    }
+
+    /// Every volume, in ID order.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let txn = self.shared().catalog.read()?;
+        txn.volumes()?
+            .into_iter()
+            .map(|r| {
+                Ok(VolumeInfo {
+                    id: r.id,
+                    size_bytes: r.size,
+                    chain_depth: txn.chain(r.top)?.len(),
+                    created_unix_ns: r.created_ns,
+                })
+            })
+            .collect()
+    }
+
+    /// One volume's info.
+    pub fn volume_info(&self, id: VolumeId) -> Result<VolumeInfo> {
+        let txn = self.shared().catalog.read()?;
+        let r = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
+        Ok(VolumeInfo {
+            id: r.id,
+            size_bytes: r.size,
+            chain_depth: txn.chain(r.top)?.len(),
+            created_unix_ns: r.created_ns,
+        })
+    }
+
+    /// Every (visible) snapshot, in ID order.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self
+            .shared()
+            .catalog
+            .read()?
+            .snapshots()?
+            .iter()
+            .filter(|s| s.state == SnapshotState::Ready)
+            .map(SnapshotInfo::from)
+            .collect())
+    }
+
+    /// One snapshot's info.
+    pub fn snapshot_info(&self, id: SnapshotId) -> Result<SnapshotInfo> {
+        match self.shared().catalog.read()?.snapshot(id)? {
+            Some(r) if r.state == SnapshotState::Ready => Ok(SnapshotInfo::from(&r)),
+            _ => Err(Error::SnapshotNotFound(id)),
+        }
+    }
+
+    /// Bytes of memory held by the block indexes of every loaded volume and
+    /// cached view, each shared chunk counted once.
+    pub fn index_memory_bytes(&self) -> usize {
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for vol in self.inner.volumes.lock().expect("volume map").values() {
+            let st = vol.state.read().expect("volume state");
+            total += st.view.index.memory(&mut seen) + st.base.index.memory(&mut seen);
+        }
+        let cached: Vec<Arc<View>> = self
+            .shared()
+            .views
+            .lock()
+            .expect("view cache")
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for v in cached {
+            total += v.index.memory(&mut seen);
+        }
+        total
+    }
+
+    /// Flushes every loaded volume and folds its journal into the catalog.
+    pub fn close(self) -> Result<()> {
+        self.inner.flush_all()
+    }
+}
+
+impl PoolInner {
+    fn flush_all(&self) -> Result<()> {
+        let volumes: Vec<Arc<Volume>> = self
+            .volumes
+            .lock()
+            .expect("volume map")
+            .values()
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for v in volumes {
+            if let Err(e) = v.flush_and_checkpoint() {
+                tracing::error!(volume = %v.id(), error = %e, "flush at pool close failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        let _ = self.flush_all();
+    }
+}
+
+/// Removes files no catalog record refers to: layer files and journals of
+/// operations a crash interrupted, and temporary journals.
+fn sweep_orphans(shared: &Shared) -> Result<()> {
+    let txn = shared.catalog.read()?;
+    let layers: HashSet<LayerId> = txn.layers()?.iter().map(|l| l.id).collect();
+    let volumes: HashSet<VolumeId> = txn.volumes()?.iter().map(|v| v.id).collect();
+    for (sub, ext) in [(LAYERS_DIR, "data"), (JOURNAL_DIR, "wal")] {
+        let dir = shared.dir.join(sub);
+        let entries = std::fs::read_dir(&dir).map_err(|e| io_error("list pool", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list pool", &dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let orphan = match name.strip_suffix(&format!(".{ext}")) {
+                Some(id) if sub == LAYERS_DIR => id.parse().is_ok_and(|id| !layers.contains(&id)),
+                Some(id) => id.parse().is_ok_and(|id| !volumes.contains(&id)),
+                None => name.ends_with(".wal.tmp"),
+            };
+            if orphan {
+                tracing::info!(file = %entry.path().display(), "removing a file left by an interrupted operation");
+                remove_quietly(&entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Size of a snapshot or volume in blocks, for callers outside the engine.
+pub fn size_in_blocks(bytes: u64) -> u64 {
+    bytes / BLOCK_SIZE
+}

@@ -1,0 +1,49 @@
+//! Read-only access to a snapshot (what an NBD snapshot export serves).
+
+use std::sync::Arc;
+
+use super::error::Result;
+use super::geometry::{check_range, touched_blocks};
+use super::ids::SnapshotId;
+use super::view::{self, Extent, View, read_segments};
+
+/// Reads a snapshot as of its layer. Holds (pins) the layers it reads, so
+/// it keeps working after the snapshot is deleted.
+#[derive(Debug, Clone)]
+pub struct SnapshotReader {
+    id: SnapshotId,
+    size: u64,
+    view: Arc<View>,
+}
+
+impl SnapshotReader {
+    pub(crate) fn new(id: SnapshotId, size: u64, view: Arc<View>) -> Self {
+        SnapshotReader { id, size, view }
+    }
+
+    /// The snapshot's ID.
+    pub fn id(&self) -> SnapshotId {
+        self.id
+    }
+
+    /// Size in bytes (the volume's size when the snapshot was taken).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, end) = touched_blocks(offset, buf.len() as u64);
+        read_segments(&self.view.segments(first, end)?, offset, buf)
+    }
+
+    /// Allocation state of `offset..offset+len`.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        Ok(view::block_status(&self.view, offset, len))
+    }
+}

@@ -1,0 +1,189 @@
+//! A view: an index plus the layer handles its entries name. A view is
+//! what a reader resolves blocks through; a volume has a live view that it
+//! changes, and every frozen layer has (when needed) an immutable view "as
+//! of" that layer, shared by its snapshot, its clones and the volume above.
+
+use std::sync::Arc;
+
+use super::error::{Error, Result};
+use super::geometry::{BLOCK_SHIFT, BLOCK_SIZE, CHUNK_BLOCKS};
+use super::index::{ABSENT, FIRST_SLOT, Index, ZERO};
+use super::layer::Layer;
+use super::presence::{BlockState, Run};
+
+/// Layer handles by slot.
+pub(crate) type LayerTable = Vec<Option<Arc<Layer>>>;
+
+/// See the module docs.
+#[derive(Clone, Debug)]
+pub(crate) struct View {
+    pub(crate) index: Index,
+    pub(crate) layers: Arc<LayerTable>,
+}
+
+/// Where a run of blocks comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// Reads as zeros (nothing defines it, or a zero record).
+    Zero,
+    /// The data is in this layer's file at the same offset.
+    Layer(Arc<Layer>),
+}
+
+/// A run of blocks with one source.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    pub start: u64,
+    pub blocks: u64,
+    pub source: Source,
+}
+
+/// Allocation state of a byte range, for block status queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// The range reads as zeros.
+    pub zero: bool,
+    /// No storage is allocated for the range (a hole).
+    pub hole: bool,
+}
+
+impl View {
+    /// A view of `blocks` blocks in which nothing is defined.
+    pub(crate) fn empty(blocks: u64) -> Self {
+        View {
+            index: Index::new(blocks),
+            layers: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Adds a layer handle to the table (copy on write).
+    pub(crate) fn add_layer(&mut self, layer: Arc<Layer>) {
+        let slot = layer.slot as usize;
+        let table = Arc::make_mut(&mut self.layers);
+        if table.len() <= slot {
+            table.resize(slot + 1, None);
+        }
+        table[slot] = Some(layer);
+    }
+
+    /// Number of layers the view names (its chain depth).
+    pub(crate) fn depth(&self) -> usize {
+        self.layers.iter().filter(|l| l.is_some()).count()
+    }
+
+    /// Applies one chunk of a layer's presence map on top of the view.
+    pub(crate) fn apply(&mut self, slot: u16, chunk: u32, runs: &[Run]) {
+        let base = u64::from(chunk) * CHUNK_BLOCKS;
+        for r in runs {
+            let v = match r.state {
+                BlockState::Data => slot,
+                BlockState::Zero => ZERO,
+                BlockState::Absent => continue,
+            };
+            let start = base + u64::from(r.start);
+            self.index.set_range(start, start + u64::from(r.len), v);
+        }
+    }
+
+    /// The sources of blocks `start..end`, as maximal runs.
+    pub(crate) fn segments(&self, start: u64, end: u64) -> Result<Vec<Segment>> {
+        let mut out: Vec<Segment> = Vec::new();
+        let mut missing = None;
+        self.index.runs(start, end, |s, l, v| {
+            let source = if v < FIRST_SLOT {
+                Source::Zero
+            } else {
+                match self.layers.get(v as usize).and_then(Option::as_ref) {
+                    Some(layer) => Source::Layer(Arc::clone(layer)),
+                    None => {
+                        missing = Some(v);
+                        Source::Zero
+                    }
+                }
+            };
+            out.push(Segment {
+                start: s,
+                blocks: l,
+                source,
+            });
+        });
+        if let Some(slot) = missing {
+            return Err(Error::Corrupt(format!(
+                "index names slot {slot}, which has no layer"
+            )));
+        }
+        // Blocks past the index (a grown volume's new space) read as zeros.
+        let covered = out.last().map_or(start, |s| s.start + s.blocks);
+        if covered < end {
+            out.push(Segment {
+                start: covered,
+                blocks: end - covered,
+                source: Source::Zero,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Allocation state of blocks `start..end` (see [`Extent`]), in blocks.
+    pub(crate) fn status_runs(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) {
+        let mut last = start;
+        let mut pending: Option<(u64, u64, bool)> = None;
+        self.index.runs(start, end, |s, l, v| {
+            let zero = v == ABSENT || v == ZERO;
+            match &mut pending {
+                Some((_, pl, pz)) if *pz == zero => *pl += l,
+                _ => {
+                    if let Some((ps, pl, pz)) = pending.replace((s, l, zero)) {
+                        f(ps, pl, pz);
+                    }
+                }
+            }
+            last = s + l;
+        });
+        if let Some((ps, pl, pz)) = pending {
+            f(ps, pl, pz);
+        }
+        if last < end {
+            f(last, end - last, true);
+        }
+    }
+}
+
+/// Reads the bytes `offset..offset + buf.len()` through `segments`.
+pub(crate) fn read_segments(segments: &[Segment], offset: u64, buf: &mut [u8]) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    for seg in segments {
+        let s = (seg.start << BLOCK_SHIFT).max(offset);
+        let e = ((seg.start + seg.blocks) << BLOCK_SHIFT).min(end);
+        if s >= e {
+            continue;
+        }
+        let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+        match &seg.source {
+            Source::Zero => dst.fill(0),
+            Source::Layer(layer) => layer.read_at(dst, s)?,
+        }
+    }
+    Ok(())
+}
+
+/// Block status of the bytes `offset..offset+len` of `view`.
+pub(crate) fn block_status(view: &View, offset: u64, len: u64) -> Vec<Extent> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let (first, last) = (offset >> BLOCK_SHIFT, end.div_ceil(BLOCK_SIZE));
+    view.status_runs(first, last, |s, l, zero| {
+        let bs = (s << BLOCK_SHIFT).max(offset);
+        let be = ((s + l) << BLOCK_SHIFT).min(end);
+        if be > bs {
+            out.push(Extent {
+                len: be - bs,
+                zero,
+                hole: zero,
+            });
+        }
+    });
+    out
+}

@@ -1,0 +1,408 @@
+//! A volume's I/O: read, write (with FUA), flush, discard, write-zeroes and
+//! block status, safe to call from many threads at once.
+//!
+//! Locking, outermost first:
+//! - `gate` (read-write lock): every mutation holds it shared for its whole
+//!   duration; operations that change which layer is on top (snapshot,
+//!   resize, delete) take it exclusively, which drains in-flight writes and
+//!   holds new ones for the (short) switch. Reads never take it.
+//! - `ranges`: mutations lock the blocks they touch (see `rangelock.rs`).
+//! - `state` (read-write lock): the live view; held only to resolve or
+//!   update entries, never across file I/O.
+//! - `journal` (mutex): held by a flush from taking the pending records to
+//!   the end of the journal append, so flushes of one volume are ordered.
+//! - `pending` (mutex): presence changes acknowledged but not yet durable.
+//!
+//! Sub-block requests: reads of any byte range are served directly; writes
+//! that do not cover whole blocks read-modify-write the partial edge blocks
+//! under the range lock; discards affect only the whole blocks inside the
+//! range (a discard is advisory); write-zeroes zeroes partial edges by
+//! writing zeros. A zero-length request succeeds and does nothing; a
+//! request that ends past the end of the volume fails with `OutOfRange`.
+//!
+//! Discarding blocks that a snapshot still holds frees nothing until that
+//! snapshot goes: the discard records zeros in the top layer (so the old
+//! data never shows through) and the frozen layer keeps its data.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use super::error::{Error, Result};
+use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
+use super::ids::VolumeId;
+use super::index::{ABSENT, ZERO};
+use super::journal::{JournalFile, Record, push_coalesced};
+use super::layer::Layer;
+use super::pool::Shared;
+use super::presence::BlockState;
+use super::rangelock::RangeLock;
+use super::view::{self, Extent, View, read_segments};
+
+/// Pending records beyond which a write triggers a flush, bounding the
+/// memory of a workload that never flushes (2 MiB of records).
+const PENDING_FLUSH_RECORDS: usize = 65_536;
+
+/// The live state of a volume.
+#[derive(Debug)]
+pub(crate) struct VolState {
+    /// The live view: what reads see.
+    pub(crate) view: View,
+    /// The view as of the topmost frozen layer (everything below the top).
+    pub(crate) base: Arc<View>,
+    /// The writable top layer.
+    pub(crate) top: Arc<Layer>,
+    /// Size in bytes.
+    pub(crate) size: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    records: Vec<Record>,
+    layers: Vec<Arc<Layer>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct JournalState {
+    pub(crate) file: JournalFile,
+    /// Records durable in the journal but not yet folded into the catalog.
+    pub(crate) unfolded: Vec<Record>,
+}
+
+/// Options of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Keep the blocks allocated (NBD `NO_HOLE`): zeros are written as data.
+    pub no_hole: bool,
+}
+
+/// A volume: see the module docs. Obtained from [`super::Pool::volume`].
+#[derive(Debug)]
+pub struct Volume {
+    id: VolumeId,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) gate: RwLock<()>,
+    pub(crate) state: RwLock<VolState>,
+    ranges: RangeLock,
+    pending: Mutex<Pending>,
+    pub(crate) journal: Mutex<JournalState>,
+    deleted: AtomicBool,
+}
+
+impl Volume {
+    pub(crate) fn new(
+        id: VolumeId,
+        shared: Arc<Shared>,
+        state: VolState,
+        journal: JournalFile,
+    ) -> Self {
+        Volume {
+            id,
+            shared,
+            gate: RwLock::new(()),
+            state: RwLock::new(state),
+            ranges: RangeLock::default(),
+            pending: Mutex::new(Pending::default()),
+            journal: Mutex::new(JournalState {
+                file: journal,
+                unfolded: Vec::new(),
+            }),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// The volume's ID.
+    pub fn id(&self) -> VolumeId {
+        self.id
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.state.read().expect("volume state").size
+    }
+
+    /// Layers in the chain, top included.
+    pub fn depth(&self) -> usize {
+        self.state.read().expect("volume state").view.depth()
+    }
+
+    pub(crate) fn check_live(&self) -> Result<()> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(Error::VolumeNotFound(self.id));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+    }
+
+    /// Checks liveness and range; `Ok(false)` for a zero-length request.
+    fn admit(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_live()?;
+        check_range(offset, len, self.size())?;
+        Ok(len > 0)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if !self.admit(offset, buf.len() as u64)? {
+            return Ok(());
+        }
+        let (first, end) = touched_blocks(offset, buf.len() as u64);
+        let segments = self
+            .state
+            .read()
+            .expect("volume state")
+            .view
+            .segments(first, end)?;
+        read_segments(&segments, offset, buf)
+    }
+
+    /// Writes `data` at `offset`; with `fua`, the data (and everything
+    /// acknowledged before) is durable when this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        if !self.admit(offset, len)? {
+            return Ok(());
+        }
+        {
+            let _gate = self.gate.read().expect("volume gate");
+            self.check_live()?;
+            let (first, end) = touched_blocks(offset, len);
+            let _range = self.ranges.lock(first, end);
+            let top = Arc::clone(&self.state.read().expect("volume state").top);
+            let start = first * BLOCK_SIZE;
+            if offset == start && len % BLOCK_SIZE == 0 {
+                top.write_at(data, offset)?;
+            } else {
+                let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
+                let head = (offset - start) as usize;
+                let tail = head + data.len();
+                if head != 0 {
+                    self.read_locked(first, &mut buf[..BLOCK_SIZE as usize])?;
+                }
+                // The last block needs its old bytes too, unless it is the
+                // first block and was just read.
+                if tail % BLOCK_SIZE as usize != 0 && !(head != 0 && end - first == 1) {
+                    let at = buf.len() - BLOCK_SIZE as usize;
+                    self.read_locked(end - 1, &mut buf[at..])?;
+                }
+                buf[head..tail].copy_from_slice(data);
+                top.write_at(&buf, start)?;
+            }
+            self.commit(&top, first, end, BlockState::Data, top.slot);
+        }
+        if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// Reads one whole block while its range is locked by the caller.
+    fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {
+        let segments = self
+            .state
+            .read()
+            .expect("volume state")
+            .view
+            .segments(block, block + 1)?;
+        read_segments(&segments, block * BLOCK_SIZE, buf)
+    }
+
+    /// Publishes a change of blocks `first..end` of `top` in the index and
+    /// queues its presence record for the next flush.
+    fn commit(&self, top: &Arc<Layer>, first: u64, end: u64, state: BlockState, entry: u16) {
+        self.state
+            .write()
+            .expect("volume state")
+            .view
+            .index
+            .set_range(first, end, entry);
+        let flush_now = {
+            let mut p = self.pending.lock().expect("pending");
+            let blocks = u32::try_from(end - first).expect("requests are far below 2^32 blocks");
+            push_coalesced(
+                &mut p.records,
+                Record {
+                    layer: top.id,
+                    start: first,
+                    blocks,
+                    state,
+                },
+            );
+            if !p.layers.last().is_some_and(|l| Arc::ptr_eq(l, top)) {
+                p.layers.push(Arc::clone(top));
+            }
+            p.records.len() > PENDING_FLUSH_RECORDS
+        };
+        if flush_now {
+            if let Err(e) = self.flush() {
+                tracing::warn!(volume = %self.id, error = %e, "background flush of a large pending set failed");
+            }
+        }
+    }
+
+    /// Discards the whole blocks inside `offset..offset+len`: they read as
+    /// zeros afterwards and their space in the top layer is freed.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.admit(offset, len)? {
+            return Ok(());
+        }
+        let (first, end) = covered_blocks(offset, len);
+        if first < end {
+            self.unmap_blocks(first, end)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` read as zeros. Without `no_hole` the
+    /// whole blocks are deallocated as by [`Volume::trim`].
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if !self.admit(offset, len)? {
+            return Ok(());
+        }
+        let end_byte = offset + len;
+        let (first, end) = covered_blocks(offset, len);
+        if first >= end {
+            return self.write(offset, &vec![0u8; len as usize], false);
+        }
+        let head = first * BLOCK_SIZE - offset;
+        if head > 0 {
+            self.write(offset, &vec![0u8; head as usize], false)?;
+        }
+        if flags.no_hole {
+            let _gate = self.gate.read().expect("volume gate");
+            self.check_live()?;
+            let _range = self.ranges.lock(first, end);
+            let top = Arc::clone(&self.state.read().expect("volume state").top);
+            top.zero_allocated(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE)?;
+            self.commit(&top, first, end, BlockState::Data, top.slot);
+        } else {
+            self.unmap_blocks(first, end)?;
+        }
+        let tail = end_byte - end * BLOCK_SIZE;
+        if tail > 0 {
+            self.write(end * BLOCK_SIZE, &vec![0u8; tail as usize], false)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks `first..end` become absent where no lower layer defines them
+    /// and zero where one does; the top's file blocks are freed.
+    fn unmap_blocks(&self, first: u64, end: u64) -> Result<()> {
+        let _gate = self.gate.read().expect("volume gate");
+        self.check_live()?;
+        let _range = self.ranges.lock(first, end);
+        let (top, runs) = {
+            let st = self.state.read().expect("volume state");
+            let mut runs = Vec::new();
+            st.base
+                .index
+                .runs(first, end, |s, l, v| runs.push((s, s + l, v == ABSENT)));
+            let covered = runs.last().map_or(first, |r| r.1);
+            if covered < end {
+                runs.push((covered, end, true));
+            }
+            (Arc::clone(&st.top), runs)
+        };
+        for (s, e, absent) in runs {
+            let (state, entry) = if absent {
+                (BlockState::Absent, ABSENT)
+            } else {
+                (BlockState::Zero, ZERO)
+            };
+            self.commit(&top, s, e, state, entry);
+        }
+        top.punch(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE)
+    }
+
+    /// Allocation state of `offset..offset+len`, as extents in order.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if !self.admit(offset, len)? {
+            return Ok(Vec::new());
+        }
+        Ok(view::block_status(
+            &self.state.read().expect("volume state").view,
+            offset,
+            len,
+        ))
+    }
+
+    /// Makes every write acknowledged before this call durable: data first
+    /// (fdatasync of the layers written), then the presence batch that makes
+    /// it visible (journal append + fdatasync).
+    pub fn flush(&self) -> Result<()> {
+        self.check_live()?;
+        let mut journal = self.journal.lock().expect("journal");
+        self.flush_locked(&mut journal)
+    }
+
+    pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {
+        let Pending { records, layers } =
+            std::mem::take(&mut *self.pending.lock().expect("pending"));
+        if records.is_empty() && layers.is_empty() {
+            return Ok(());
+        }
+        let sync = self.shared.opts.sync;
+        let result = layers
+            .iter()
+            .try_for_each(|l| if sync { l.sync_data() } else { Ok(()) })
+            .and_then(|()| {
+                if records.is_empty() {
+                    Ok(0)
+                } else {
+                    journal.file.append(&records)
+                }
+            });
+        if let Err(e) = result {
+            // Nothing became durable: put the changes back in front of
+            // whatever arrived meanwhile, so the next flush retries them.
+            let mut p = self.pending.lock().expect("pending");
+            let newer = std::mem::replace(&mut p.records, records);
+            p.records.extend(newer);
+            let newer_layers = std::mem::replace(&mut p.layers, layers);
+            for l in newer_layers {
+                if !p.layers.iter().any(|x| Arc::ptr_eq(x, &l)) {
+                    p.layers.push(l);
+                }
+            }
+            return Err(e);
+        }
+        journal.unfolded.extend(records);
+        if journal.file.len() > self.shared.opts.journal_checkpoint_bytes {
+            self.checkpoint_locked(journal)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the journal into the catalog and starts an empty journal.
+    pub(crate) fn checkpoint_locked(
+        &self,
+        journal: &mut MutexGuard<'_, JournalState>,
+    ) -> Result<()> {
+        if journal.unfolded.is_empty() {
+            return Ok(());
+        }
+        let seq = journal.file.last_seq();
+        let mut txn = self.shared.catalog.write()?;
+        txn.apply_presence(&journal.unfolded)?;
+        let mut rec = txn.volume(self.id)?.ok_or(Error::VolumeNotFound(self.id))?;
+        rec.journal_seq = seq;
+        txn.put_volume(&rec)?;
+        txn.commit()?;
+        journal.unfolded.clear();
+        // The catalog now covers every batch; if the reset fails, replay
+        // skips the old batches by sequence number and appends continue.
+        match JournalFile::create(&self.shared.dir, self.id, seq, self.shared.opts.sync) {
+            Ok(file) => journal.file = file,
+            Err(e) => {
+                tracing::warn!(volume = %self.id, error = %e, "journal reset failed; keeping the old journal")
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes and folds the journal into the catalog.
+    pub(crate) fn flush_and_checkpoint(&self) -> Result<()> {
+        let mut journal = self.journal.lock().expect("journal");
+        self.flush_locked(&mut journal)?;
+        self.checkpoint_locked(&mut journal)
+    }
+}

@@ -1,0 +1,269 @@
+//! Focused behaviour of the engine's public API: one behaviour per test.
+
+use strata::engine::{Error, ErrorKind, Pool, PoolOptions, ZeroFlags};
+
+const MIB: u64 = 1 << 20;
+
+fn pool(dir: &std::path::Path) -> Pool {
+    Pool::open(dir, PoolOptions::default()).expect("open pool")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+#[test]
+fn new_volume_reads_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    let mut buf = vec![1u8; 8192];
+    v.read(MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_then_read_returns_the_data_at_unaligned_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    let data = pattern(7, 10_000);
+    v.write(4093, &data, false).unwrap();
+    let mut buf = vec![0u8; 10_000];
+    v.read(4093, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    let mut around = vec![9u8; 20];
+    v.read(4080, &mut around).unwrap();
+    assert_eq!(&around[..13], &[0u8; 13]);
+    assert_eq!(&around[13..], &data[..7]);
+}
+
+#[test]
+fn snapshot_keeps_old_data_while_volume_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(4 * MIB).unwrap().id;
+    let v = p.volume(id).unwrap();
+    v.write(0, &pattern(1, 8192), false).unwrap();
+    let snap = p.create_snapshot(id).unwrap();
+    v.write(0, &pattern(2, 4096), false).unwrap();
+    let reader = p.open_snapshot(snap.id).unwrap();
+    let mut buf = vec![0u8; 8192];
+    reader.read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(1, 8192));
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..4096], &pattern(2, 4096)[..]);
+    assert_eq!(&buf[4096..], &pattern(1, 8192)[4096..]);
+}
+
+#[test]
+fn clone_of_snapshot_sees_snapshot_data_and_diverges() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(4 * MIB).unwrap().id;
+    let v = p.volume(id).unwrap();
+    v.write(MIB, &pattern(3, 4096), false).unwrap();
+    let snap = p.create_snapshot(id).unwrap();
+    let c = p.clone_snapshot(snap.id, Some(8 * MIB)).unwrap();
+    assert_eq!(c.size_bytes, 8 * MIB);
+    let cv = p.volume(c.id).unwrap();
+    cv.write(MIB, &pattern(4, 4096), false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    v.read(MIB, &mut buf).unwrap();
+    assert_eq!(buf, pattern(3, 4096));
+    cv.read(MIB, &mut buf).unwrap();
+    assert_eq!(buf, pattern(4, 4096));
+    cv.read(7 * MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn deleting_source_volume_and_snapshot_keeps_clone_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(4 * MIB).unwrap().id;
+    p.volume(id)
+        .unwrap()
+        .write(0, &pattern(5, 4096), false)
+        .unwrap();
+    let snap = p.create_snapshot(id).unwrap();
+    let clone = p.clone_snapshot(snap.id, None).unwrap();
+    p.delete_volume(id).unwrap();
+    p.delete_snapshot(snap.id).unwrap();
+    drop(p);
+    let p = pool(dir.path());
+    let mut buf = vec![0u8; 4096];
+    p.volume(clone.id).unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(5, 4096));
+    p.delete_volume(clone.id).unwrap();
+    drop(p);
+    let layers = std::fs::read_dir(dir.path().join("layers"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        layers, 0,
+        "every layer file is gone once nothing references it"
+    );
+}
+
+#[test]
+fn open_snapshot_reader_survives_snapshot_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(MIB).unwrap().id;
+    p.volume(id)
+        .unwrap()
+        .write(0, &pattern(6, 4096), false)
+        .unwrap();
+    let snap = p.create_snapshot(id).unwrap();
+    let reader = p.open_snapshot(snap.id).unwrap();
+    p.delete_snapshot(snap.id).unwrap();
+    p.volume(id)
+        .unwrap()
+        .write(0, &pattern(7, 4096), false)
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    reader.read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(6, 4096));
+    assert!(matches!(
+        p.open_snapshot(snap.id),
+        Err(Error::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn trim_over_snapshot_data_reads_zeros_and_snapshot_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(MIB).unwrap().id;
+    let v = p.volume(id).unwrap();
+    v.write(0, &pattern(8, 16384), false).unwrap();
+    let snap = p.create_snapshot(id).unwrap();
+    v.trim(4096, 8192).unwrap();
+    let mut buf = vec![1u8; 16384];
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..4096], &pattern(8, 16384)[..4096]);
+    assert!(buf[4096..12288].iter().all(|&b| b == 0));
+    let status = v.block_status(0, 16384).unwrap();
+    assert_eq!(
+        status.iter().map(|e| (e.len, e.zero)).collect::<Vec<_>>(),
+        vec![(4096, false), (8192, true), (4096, false)]
+    );
+    p.open_snapshot(snap.id).unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(8, 16384));
+}
+
+#[test]
+fn write_zeroes_with_no_hole_keeps_blocks_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(MIB).unwrap().id).unwrap();
+    v.write(0, &pattern(9, 8192), false).unwrap();
+    v.write_zeroes(100, 8000, ZeroFlags { no_hole: true })
+        .unwrap();
+    let mut buf = vec![1u8; 8192];
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..100], &pattern(9, 8192)[..100]);
+    assert!(buf[100..8100].iter().all(|&b| b == 0));
+    assert_eq!(&buf[8100..], &pattern(9, 8192)[8100..]);
+}
+
+#[test]
+fn flushed_data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    {
+        let p = pool(dir.path());
+        id = p.create_volume(MIB).unwrap().id;
+        let v = p.volume(id).unwrap();
+        v.write(8192, &pattern(10, 4096), true).unwrap();
+    }
+    let p = pool(dir.path());
+    let mut buf = vec![0u8; 4096];
+    p.volume(id).unwrap().read(8192, &mut buf).unwrap();
+    assert_eq!(buf, pattern(10, 4096));
+}
+
+#[test]
+fn out_of_range_io_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(MIB).unwrap().id).unwrap();
+    let err = v.write(MIB - 10, &[0u8; 20], false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfRange);
+    let err = v.read(u64::MAX - 1, &mut [0u8; 4]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfRange);
+    v.write(MIB, &[], false)
+        .expect("zero length at the end is a no-op");
+}
+
+#[test]
+fn resize_grows_and_refuses_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(MIB).unwrap().id;
+    assert_eq!(p.resize_volume(id, 2 * MIB).unwrap().size_bytes, 2 * MIB);
+    let v = p.volume(id).unwrap();
+    v.write(2 * MIB - 4096, &pattern(11, 4096), false).unwrap();
+    assert!(matches!(
+        p.resize_volume(id, MIB),
+        Err(Error::ShrinkRefused { .. })
+    ));
+    assert_eq!(
+        p.resize_volume(id, 3 * MIB + 1).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn operations_on_deleted_volume_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(MIB).unwrap().id;
+    let v = p.volume(id).unwrap();
+    p.delete_volume(id).unwrap();
+    assert!(matches!(
+        v.write(0, &[1u8; 4096], false),
+        Err(Error::VolumeNotFound(_))
+    ));
+    assert!(matches!(
+        v.read(0, &mut [0u8; 4096]),
+        Err(Error::VolumeNotFound(_))
+    ));
+    assert!(matches!(
+        p.create_snapshot(id),
+        Err(Error::VolumeNotFound(_))
+    ));
+    assert!(matches!(p.delete_volume(id), Err(Error::VolumeNotFound(_))));
+}
+
+#[test]
+fn second_process_cannot_open_a_pool_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _p = pool(dir.path());
+    assert!(matches!(
+        Pool::open(dir.path(), PoolOptions::default()),
+        Err(Error::PoolLocked(_))
+    ));
+}
+
+#[test]
+fn clone_volume_copies_current_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let id = p.create_volume(MIB).unwrap().id;
+    p.volume(id)
+        .unwrap()
+        .write(0, &pattern(12, 4096), false)
+        .unwrap();
+    let c = p.clone_volume(id, None).unwrap();
+    assert!(
+        p.list_snapshots().unwrap().is_empty(),
+        "the implicit snapshot is not visible"
+    );
+    let mut buf = vec![0u8; 4096];
+    p.volume(c.id).unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(12, 4096));
+}
