@@ -555,12 +555,16 @@ impl Pool {
         txn.put_volume(&rec)?;
         txn.commit()?;
         let top = sh.layer(new_top, slot);
-        let mut st = vol.state.write().expect("volume state");
-        let frozen = Arc::new(st.view.clone());
+        let frozen = {
+            let mut st = vol.state.write().expect("volume state");
+            let frozen = Arc::new(st.view.clone());
+            st.base = Arc::clone(&frozen);
+            st.view.add_layer(Arc::clone(&top));
+            st.top = top;
+            frozen
+        };
         sh.remember_view(old.id, &frozen);
-        st.base = frozen;
-        st.view.add_layer(Arc::clone(&top));
-        st.top = top;
+        vol.journal.lock().expect("journal").frozen_views.push(frozen);
         Ok(SnapshotInfo::from(&srec))
     }
 

@@ -42,6 +42,10 @@ use super::view::{self, Extent, View, read_segments};
 /// memory of a workload that never flushes (2 MiB of records).
 const PENDING_FLUSH_RECORDS: usize = 65_536;
 
+/// Snapshots taken since the last checkpoint beyond which a flush folds the
+/// journal, bounding the memory of pinned `frozen_views`.
+const MAX_UNFOLDED_SNAPSHOTS: usize = 16;
+
 /// The live state of a volume.
 #[derive(Debug)]
 pub(crate) struct VolState {
@@ -66,6 +70,11 @@ pub(crate) struct JournalState {
     pub(crate) file: JournalFile,
     /// Records durable in the journal but not yet folded into the catalog.
     pub(crate) unfolded: Vec<Record>,
+    /// Views as of layers frozen since the last checkpoint. Their presence
+    /// is partly only in this journal, so a view rebuilt from the catalog
+    /// would miss it: they stay pinned (and findable in the pool's view
+    /// cache) until the checkpoint folds the journal.
+    pub(crate) frozen_views: Vec<Arc<View>>,
 }
 
 /// Options of a write-zeroes request.
@@ -105,6 +114,7 @@ impl Volume {
             journal: Mutex::new(JournalState {
                 file: journal,
                 unfolded: Vec::new(),
+                frozen_views: Vec::new(),
             }),
             deleted: AtomicBool::new(false),
         }
@@ -366,7 +376,9 @@ impl Volume {
             return Err(e);
         }
         journal.unfolded.extend(records);
-        if journal.file.len() > self.shared.opts.journal_checkpoint_bytes {
+        if journal.file.len() > self.shared.opts.journal_checkpoint_bytes
+            || journal.frozen_views.len() > MAX_UNFOLDED_SNAPSHOTS
+        {
             self.checkpoint_locked(journal)?;
         }
         Ok(())
@@ -388,6 +400,7 @@ impl Volume {
         txn.put_volume(&rec)?;
         txn.commit()?;
         journal.unfolded.clear();
+        journal.frozen_views.clear();
         // The catalog now covers every batch; if the reset fails, replay
         // skips the old batches by sequence number and appends continue.
         match JournalFile::create(&self.shared.dir, self.id, seq, self.shared.opts.sync) {
