@@ -41,7 +41,11 @@ fn tag(v: VolumeId) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Val {
     Zero,
-    Data { tag: u64, block: u64, generation: u64 },
+    Data {
+        tag: u64,
+        block: u64,
+        generation: u64,
+    },
 }
 
 fn block_bytes(tag: u64, block: u64, generation: u64) -> Vec<u8> {
@@ -66,7 +70,11 @@ fn parse_block(b: &[u8]) -> Result<Val, String> {
         return Err("garbage (bad magic or checksum)".into());
     }
     let f = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap());
-    Ok(Val::Data { tag: f(8..16), block: f(16..24), generation: f(24..32) })
+    Ok(Val::Data {
+        tag: f(8..16),
+        block: f(16..24),
+        generation: f(24..32),
+    })
 }
 
 // ---------------------------------------------------------------- child
@@ -81,7 +89,12 @@ fn workload(dir: &Path, seed: u64, gen0: u64, ops: Option<u64>, out: &mut dyn Wr
     let pool = Pool::open(dir, PoolOptions::default()).unwrap();
     let mut rng = Rng::new(seed);
     let mut vols: Vec<VolumeId> = pool.list_volumes().unwrap().iter().map(|v| v.id).collect();
-    let mut snaps: Vec<SnapshotId> = pool.list_snapshots().unwrap().iter().map(|s| s.id).collect();
+    let mut snaps: Vec<SnapshotId> = pool
+        .list_snapshots()
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
     let mut generation = gen0;
     let mut n = 0;
     while ops.is_none_or(|o| n < o) {
@@ -118,7 +131,9 @@ fn workload(dir: &Path, seed: u64, gen0: u64, ops: Option<u64>, out: &mut dyn Wr
                 let (off, len) = (start * BLOCK_SIZE, blocks * BLOCK_SIZE);
                 match rng.below(3) {
                     0 => vol.trim(off, len).unwrap(),
-                    k => vol.write_zeroes(off, len, ZeroFlags { no_hole: k == 1 }).unwrap(),
+                    k => vol
+                        .write_zeroes(off, len, ZeroFlags { no_hole: k == 1 })
+                        .unwrap(),
                 }
             }
             63..=79 => {
@@ -176,14 +191,22 @@ impl Model {
         let num = |s: &str| s.parse::<u64>().unwrap();
         match w[0] {
             "V" => {
-                self.volumes.insert(vid(w[1]), vec![vec![Val::Zero]; VOLUME_BLOCKS as usize]);
+                self.volumes
+                    .insert(vid(w[1]), vec![vec![Val::Zero]; VOLUME_BLOCKS as usize]);
             }
             "W" => {
                 let v = vid(w[1]);
                 let (start, blocks, generation) = (num(w[2]), num(w[3]), num(w[4]));
-                let vol = self.volumes.get_mut(&v).unwrap_or_else(|| panic!("write to unknown volume: {line}"));
+                let vol = self
+                    .volumes
+                    .get_mut(&v)
+                    .unwrap_or_else(|| panic!("write to unknown volume: {line}"));
                 for b in start..start + blocks {
-                    vol[b as usize].push(Val::Data { tag: tag(v), block: b, generation });
+                    vol[b as usize].push(Val::Data {
+                        tag: tag(v),
+                        block: b,
+                        generation,
+                    });
                 }
             }
             "T" => {
@@ -254,10 +277,14 @@ impl Model {
             }
         }
         for (v, blocks) in self.volumes.iter_mut() {
-            pool.volume(*v).unwrap_or_else(|e| panic!("{ctx}: volume {v}: {e}")).read(0, &mut buf).unwrap();
+            pool.volume(*v)
+                .unwrap_or_else(|e| panic!("{ctx}: volume {v}: {e}"))
+                .read(0, &mut buf)
+                .unwrap();
             for (b, allowed) in blocks.iter_mut().enumerate() {
                 let raw = &buf[b * BLOCK_SIZE as usize..(b + 1) * BLOCK_SIZE as usize];
-                let got = parse_block(raw).unwrap_or_else(|e| panic!("{ctx}: volume {v} block {b}: {e}"));
+                let got =
+                    parse_block(raw).unwrap_or_else(|e| panic!("{ctx}: volume {v} block {b}: {e}"));
                 assert!(
                     allowed.contains(&got),
                     "{ctx}: volume {v} block {b} holds {got:?}; allowed {allowed:?} (first is the flushed value)"
@@ -269,7 +296,8 @@ impl Model {
             pool.open_snapshot(*s).unwrap().read(0, &mut buf).unwrap();
             for (b, want) in want.iter().enumerate() {
                 let raw = &buf[b * BLOCK_SIZE as usize..(b + 1) * BLOCK_SIZE as usize];
-                let got = parse_block(raw).unwrap_or_else(|e| panic!("{ctx}: snapshot {s} block {b}: {e}"));
+                let got = parse_block(raw)
+                    .unwrap_or_else(|e| panic!("{ctx}: snapshot {s} block {b}: {e}"));
                 assert_eq!(got, *want, "{ctx}: snapshot {s} block {b}");
             }
         }
@@ -277,7 +305,10 @@ impl Model {
 }
 
 fn reports(output: &[u8]) -> impl Iterator<Item = &str> {
-    std::str::from_utf8(output).unwrap().lines().filter_map(|l| l.split_once("@@ ").map(|(_, r)| r))
+    std::str::from_utf8(output)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once("@@ ").map(|(_, r)| r))
 }
 
 fn kill_loop(dir: &Path, rng: &mut Rng, kills: u64, ctx: &str) {
@@ -285,7 +316,11 @@ fn kill_loop(dir: &Path, rng: &mut Rng, kills: u64, ctx: &str) {
     let exe = std::env::current_exe().unwrap();
     for i in 0..kills {
         let mut child = Command::new(&exe)
-            .args(["--exact", "workload_without_kills_matches_its_own_reports", "--nocapture"])
+            .args([
+                "--exact",
+                "workload_without_kills_matches_its_own_reports",
+                "--nocapture",
+            ])
             .args(["--test-threads", "1"])
             .env("STRATA_CRASH_CHILD", dir)
             .env("STRATA_CRASH_SEED", rng.next().to_string())
@@ -308,13 +343,19 @@ fn kill_loop(dir: &Path, rng: &mut Rng, kills: u64, ctx: &str) {
         let lines = reader.join().unwrap();
         let mut n = 0;
         if std::env::var_os("STRATA_CRASH_TRACE").is_some() {
-            eprintln!("--- kill {i}: known volumes {:?}", model.volumes.keys().collect::<Vec<_>>());
+            eprintln!(
+                "--- kill {i}: known volumes {:?}",
+                model.volumes.keys().collect::<Vec<_>>()
+            );
             for l in &lines {
                 eprintln!("{l}");
             }
         }
         // libtest may print its own text on the same line before ours.
-        for line in lines.iter().filter_map(|l| l.split_once("@@ ").map(|(_, r)| r)) {
+        for line in lines
+            .iter()
+            .filter_map(|l| l.split_once("@@ ").map(|(_, r)| r))
+        {
             model.apply(line);
             n += 1;
         }
@@ -329,12 +370,24 @@ fn workload_without_kills_matches_its_own_reports() {
     if let Ok(dir) = std::env::var("STRATA_CRASH_CHILD") {
         let seed = std::env::var("STRATA_CRASH_SEED").unwrap().parse().unwrap();
         let generation = std::env::var("STRATA_CRASH_GEN").unwrap().parse().unwrap();
-        workload(Path::new(&dir), seed, generation, None, &mut std::io::stdout());
+        workload(
+            Path::new(&dir),
+            seed,
+            generation,
+            None,
+            &mut std::io::stdout(),
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let mut out = Vec::new();
-    workload(dir.path(), Rng::from_env("crash workload").next(), 1 << 32, Some(3000), &mut out);
+    workload(
+        dir.path(),
+        Rng::from_env("crash workload").next(),
+        1 << 32,
+        Some(3000),
+        &mut out,
+    );
     let mut model = Model::default();
     for line in reports(&out) {
         model.apply(line);

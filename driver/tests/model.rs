@@ -63,7 +63,11 @@ impl<K: Copy + PartialEq + std::fmt::Debug> std::ops::Index<&K> for Ordered<K> {
 
 fn pick<K: Copy>(rng: &mut Rng, keys: impl Iterator<Item = K>) -> Option<K> {
     let keys: Vec<K> = keys.collect();
-    if keys.is_empty() { None } else { Some(keys[rng.below(keys.len() as u64) as usize]) }
+    if keys.is_empty() {
+        None
+    } else {
+        Some(keys[rng.below(keys.len() as u64) as usize])
+    }
 }
 
 /// A random byte range inside `size`: often block-aligned, sometimes not.
@@ -85,9 +89,22 @@ fn check_all(pool: &Pool, model: &Model, ctx: &str) {
         let mut got = vec![0u8; want.len()];
         pool.volume(*id).unwrap().read(0, &mut got).unwrap();
         if got != *want {
-            let first = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap();
-            let last = got.len() - got.iter().rev().zip(want.iter().rev()).position(|(a, b)| a != b).unwrap();
-            panic!("{ctx}: volume {id} differs from the model in bytes {first}..{last} of {}", got.len());
+            let first = got
+                .iter()
+                .zip(want.iter())
+                .position(|(a, b)| a != b)
+                .unwrap();
+            let last = got.len()
+                - got
+                    .iter()
+                    .rev()
+                    .zip(want.iter().rev())
+                    .position(|(a, b)| a != b)
+                    .unwrap();
+            panic!(
+                "{ctx}: volume {id} differs from the model in bytes {first}..{last} of {}",
+                got.len()
+            );
         }
     }
     for (id, want) in model.snapshots.iter() {
@@ -98,7 +115,11 @@ fn check_all(pool: &Pool, model: &Model, ctx: &str) {
     for (reader, want) in &model.pinned {
         let mut got = vec![0u8; want.len()];
         reader.read(0, &mut got).unwrap();
-        assert!(got == *want, "{ctx}: pinned reader of {} differs", reader.id());
+        assert!(
+            got == *want,
+            "{ctx}: pinned reader of {} differs",
+            reader.id()
+        );
     }
 }
 
@@ -106,7 +127,10 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
     // A tiny checkpoint threshold folds journals all the time; the default
     // one keeps frozen layers' presence in the journal for long stretches.
     let journal_checkpoint_bytes = if rng.chance(50) { 8192 } else { 4 << 20 };
-    let opts = PoolOptions { journal_checkpoint_bytes, ..Default::default() };
+    let opts = PoolOptions {
+        journal_checkpoint_bytes,
+        ..Default::default()
+    };
     let mut pool = Pool::open(dir, opts.clone()).unwrap();
     let mut m = Model::default();
     let trace = std::env::var_os("STRATA_MODEL_TRACE").is_some();
@@ -141,7 +165,10 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
                 let (off, len) = range(rng, data.len() as u64);
                 let mut buf = vec![0u8; len as usize];
                 pool.volume(v).unwrap().read(off, &mut buf).unwrap();
-                assert!(buf == data[off as usize..(off + len) as usize], "{ctx}: read of {v}");
+                assert!(
+                    buf == data[off as usize..(off + len) as usize],
+                    "{ctx}: read of {v}"
+                );
             }
             (50..=54, Some(v)) => {
                 let data = m.volumes.get_mut(&v).unwrap();
@@ -159,11 +186,16 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
             (55..=58, Some(v)) => {
                 let data = m.volumes.get_mut(&v).unwrap();
                 let (off, len) = range(rng, data.len() as u64);
-                let flags = ZeroFlags { no_hole: rng.chance(50) };
+                let flags = ZeroFlags {
+                    no_hole: rng.chance(50),
+                };
                 if trace {
                     eprintln!("  zero {off}+{len} {flags:?}");
                 }
-                pool.volume(v).unwrap().write_zeroes(off, len, flags).unwrap();
+                pool.volume(v)
+                    .unwrap()
+                    .write_zeroes(off, len, flags)
+                    .unwrap();
                 data[off as usize..(off + len) as usize].fill(0);
             }
             (59..=60, Some(v)) => {
@@ -173,7 +205,10 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
                 for e in pool.volume(v).unwrap().block_status(off, len).unwrap() {
                     if e.zero {
                         let bytes = &data[pos as usize..(pos + e.len) as usize];
-                        assert!(bytes.iter().all(|&b| b == 0), "{ctx}: zero extent with data");
+                        assert!(
+                            bytes.iter().all(|&b| b == 0),
+                            "{ctx}: zero extent with data"
+                        );
                     }
                     pos += e.len;
                 }

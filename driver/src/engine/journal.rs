@@ -178,51 +178,32 @@ impl JournalFile {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| io_error("read journal", &path, e))?;
-        let bad = |why: &str| Error::Corrupt(format!("journal {}: {why}", path.display()));
-        if bytes.len() < HEADER_LEN as usize || &bytes[..8] != HEADER_MAGIC {
-            return Err(bad("missing or damaged header"));
-        }
-        let crc = u32::from_le_bytes(bytes[40..44].try_into().expect("4 bytes"));
-        if crc32fast::hash(&bytes[..40]) != crc {
-            return Err(bad("header checksum mismatch"));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != HEADER_VERSION {
-            return Err(bad(&format!("unknown journal version {version}")));
-        }
-        let owner = u128::from_le_bytes(bytes[16..32].try_into().expect("16 bytes"));
-        if owner != volume.0 {
-            return Err(bad("journal belongs to another volume"));
-        }
-        let base_seq = u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes"));
-        let mut replay = Replay::default();
-        let mut pos = HEADER_LEN as usize;
-        let mut expect = base_seq + 1;
-        while let Some((seq, records, len)) = parse_batch(&bytes[pos..]) {
-            if seq != expect {
-                break;
-            }
-            replay.batches.push((seq, records));
-            pos += len;
-            expect += 1;
-        }
-        replay.truncated_bytes = (bytes.len() - pos) as u64;
+        let (replay, valid, last_seq) = parse(&bytes, volume, &path)?;
         if replay.truncated_bytes > 0 {
-            file.set_len(pos as u64)
+            file.set_len(valid)
                 .map_err(|e| io_error("truncate journal", &path, e))?;
             if sync {
                 file.sync_data()
                     .map_err(|e| io_error("sync journal", &path, e))?;
             }
         }
-        let journal = JournalFile {
-            path,
-            file,
-            len: pos as u64,
-            last_seq: expect - 1,
-            sync,
-        };
-        Ok((journal, replay))
+        Ok((
+            JournalFile {
+                path,
+                file,
+                len: valid,
+                last_seq,
+                sync,
+            },
+            replay,
+        ))
+    }
+
+    /// Reads the journal of `volume` without changing it (for checks).
+    pub(crate) fn inspect(pool: &Path, volume: VolumeId) -> Result<Replay> {
+        let path = journal_path(pool, volume);
+        let bytes = std::fs::read(&path).map_err(|e| io_error("read journal", &path, e))?;
+        parse(&bytes, volume, &path).map(|(replay, _, _)| replay)
     }
 
     /// Sequence number of the last batch written.
@@ -274,6 +255,41 @@ impl JournalFile {
         self.last_seq = seq;
         Ok(seq)
     }
+}
+
+/// Parses a whole journal: the valid batches, the length of the valid
+/// prefix, and the last valid sequence number.
+fn parse(bytes: &[u8], volume: VolumeId, path: &Path) -> Result<(Replay, u64, u64)> {
+    let bad = |why: &str| Error::Corrupt(format!("journal {}: {why}", path.display()));
+    if bytes.len() < HEADER_LEN as usize || &bytes[..8] != HEADER_MAGIC {
+        return Err(bad("missing or damaged header"));
+    }
+    let field = |r: std::ops::Range<usize>| -> &[u8] { &bytes[r] };
+    let crc = u32::from_le_bytes(field(40..44).try_into().expect("4 bytes"));
+    if crc32fast::hash(&bytes[..40]) != crc {
+        return Err(bad("header checksum mismatch"));
+    }
+    let version = u32::from_le_bytes(field(8..12).try_into().expect("4 bytes"));
+    if version != HEADER_VERSION {
+        return Err(bad(&format!("unknown journal version {version}")));
+    }
+    if u128::from_le_bytes(field(16..32).try_into().expect("16 bytes")) != volume.0 {
+        return Err(bad("journal belongs to another volume"));
+    }
+    let base_seq = u64::from_le_bytes(field(32..40).try_into().expect("8 bytes"));
+    let mut replay = Replay::default();
+    let mut pos = HEADER_LEN as usize;
+    let mut expect = base_seq + 1;
+    while let Some((seq, records, len)) = parse_batch(&bytes[pos..]) {
+        if seq != expect {
+            break;
+        }
+        replay.batches.push((seq, records));
+        pos += len;
+        expect += 1;
+    }
+    replay.truncated_bytes = (bytes.len() - pos) as u64;
+    Ok((replay, pos as u64, expect - 1))
 }
 
 fn parse_batch(b: &[u8]) -> Option<(u64, Vec<Record>, usize)> {

@@ -78,6 +78,7 @@ impl FdCache {
     }
 
     /// Descriptors currently open.
+    #[cfg(test)]
     pub(crate) fn open_count(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }

@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
 use super::error::{Error, Result, io_error};
-use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
+use super::geometry::{blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path};
@@ -265,17 +265,7 @@ impl Pool {
                 why: "missing layers/ or journal/".into(),
             });
         }
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io_error("open pool lock", &lock_path, e))?;
-        lock.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::WouldBlock => Error::PoolLocked(dir.into()),
-            std::fs::TryLockError::Error(e) => io_error("lock pool", &lock_path, e),
-        })?;
+        let lock = lock_pool(dir)?;
         let catalog = Catalog::open(dir, opts.create, opts.sync)?;
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
         let max_open = match opts.max_open_files {
@@ -564,7 +554,11 @@ impl Pool {
             frozen
         };
         sh.remember_view(old.id, &frozen);
-        vol.journal.lock().expect("journal").frozen_views.push(frozen);
+        vol.journal
+            .lock()
+            .expect("journal")
+            .frozen_views
+            .push(frozen);
         Ok(SnapshotInfo::from(&srec))
     }
 
@@ -800,6 +794,22 @@ impl Drop for PoolInner {
     }
 }
 
+/// Takes the pool's lock file; held until the returned file is dropped.
+pub(crate) fn lock_pool(dir: &Path) -> Result<File> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io_error("open pool lock", &lock_path, e))?;
+    lock.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => Error::PoolLocked(dir.into()),
+        std::fs::TryLockError::Error(e) => io_error("lock pool", &lock_path, e),
+    })?;
+    Ok(lock)
+}
+
 /// Removes files no catalog record refers to: layer files and journals of
 /// operations a crash interrupted, and temporary journals.
 fn sweep_orphans(shared: &Shared) -> Result<()> {
@@ -825,9 +835,4 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Size of a snapshot or volume in blocks, for callers outside the engine.
-pub fn size_in_blocks(bytes: u64) -> u64 {
-    bytes / BLOCK_SIZE
 }

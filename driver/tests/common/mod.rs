@@ -81,16 +81,25 @@ pub fn require(ok: bool, reason: &str) -> Result<(), String> {
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// A filesystem image mounted on a loop device, unmounted on drop.
@@ -177,5 +186,8 @@ pub fn filesystems() -> Vec<(&'static str, Scratch)> {
 /// Steps for a randomised suite: `default` unless `STRATA_SOAK_STEPS` asks
 /// for more.
 pub fn steps(default: u64) -> u64 {
-    std::env::var("STRATA_SOAK_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("STRATA_SOAK_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }

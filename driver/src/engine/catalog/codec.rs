@@ -96,6 +96,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }

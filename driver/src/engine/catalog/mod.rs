@@ -550,3 +550,74 @@ impl WriteTxn {
         Ok(freed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_of_a_newer_format_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path(), true, true).unwrap();
+        let mut txn = catalog.write().unwrap();
+        {
+            let mut meta = txn.0.open_table(META).unwrap();
+            meta.insert(
+                "format_version",
+                (FORMAT_VERSION + 1).to_le_bytes().as_slice(),
+            )
+            .unwrap();
+        }
+        txn.commit().unwrap();
+        drop(catalog);
+        let err = Catalog::open(dir.path(), false, true).unwrap_err();
+        assert!(matches!(err, Error::FormatTooNew { found, .. } if found == FORMAT_VERSION + 1));
+    }
+
+    #[test]
+    fn family_beyond_the_slot_width_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path(), true, false).unwrap();
+        let mut txn = catalog.write().unwrap();
+        let family = txn.new_family().unwrap();
+        // Pretend all but the last slot were handed out.
+        txn.put_family(
+            family,
+            &FamilyRecord {
+                next_slot: u32::from(u16::MAX),
+                free: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(txn.alloc_slot(family).unwrap(), u16::MAX);
+        let err = txn.alloc_slot(family).unwrap_err();
+        assert!(matches!(err, Error::LayerLimit { limit } if limit == MAX_LAYERS_PER_FAMILY));
+        assert_eq!(MAX_LAYERS_PER_FAMILY, 65_534);
+    }
+
+    #[test]
+    fn releasing_the_last_reference_cascades_down_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path(), true, false).unwrap();
+        let mut txn = catalog.write().unwrap();
+        let family = txn.new_family().unwrap();
+        let mk = |id: u128, parent: Option<u128>, refs: u32, slot: u16| LayerRecord {
+            id: LayerId(id),
+            family,
+            slot,
+            parent: parent.map(LayerId),
+            frozen: parent.is_none(),
+            size: 4096,
+            refs,
+            snapshot: None,
+            created_ns: 0,
+        };
+        for (id, parent, refs) in [(1, None, 1), (2, Some(1), 1)] {
+            let slot = txn.alloc_slot(family).unwrap();
+            txn.put_layer(&mk(id, parent, refs, slot)).unwrap();
+        }
+        let freed = txn.release_layer(LayerId(2)).unwrap();
+        assert_eq!(freed, vec![LayerId(2), LayerId(1)]);
+        assert!(txn.layer(LayerId(1)).unwrap().is_none());
+    }
+}

@@ -70,11 +70,8 @@ impl Index {
         }
     }
 
-    pub(crate) fn blocks(&self) -> u64 {
-        self.blocks
-    }
-
     /// The entry of `block` (blocks past the end are [`ABSENT`]).
+    #[cfg(test)]
     pub(crate) fn get(&self, block: u64) -> u16 {
         if block >= self.blocks {
             return ABSENT;
