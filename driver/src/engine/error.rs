@@ -197,11 +197,11 @@ pub(crate) fn io_error(op: &'static str, path: impl Into<PathBuf>, source: io::E
 /// [`Error::NoSpace`].
 pub(crate) fn catalog_error(op: &'static str, source: impl Into<redb::Error>) -> Error {
     let source: redb::Error = source.into();
-    if let redb::Error::Io(io) = &source {
-        if is_no_space(io) {
-            let io = io::Error::new(io.kind(), io.to_string());
-            return Error::NoSpace { op, source: io };
-        }
+    if let redb::Error::Io(io) = &source
+        && is_no_space(io)
+    {
+        let io = io::Error::new(io.kind(), io.to_string());
+        return Error::NoSpace { op, source: io };
     }
     Error::Catalog {
         op,

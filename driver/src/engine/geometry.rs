@@ -27,7 +27,7 @@ pub fn blocks_for(bytes: u64) -> u64 {
 /// Checks that `size` is a valid volume size: non-zero, whole blocks, at most
 /// [`MAX_VOLUME_BYTES`].
 pub fn check_volume_size(size: u64) -> Result<()> {
-    if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_BYTES {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) || size > MAX_VOLUME_BYTES {
         return Err(Error::InvalidSize { size });
     }
     Ok(())

@@ -88,15 +88,14 @@ impl Record {
 /// Appends `rec` to `records`, merging it into the last record when it
 /// continues it (sequential writes become one record).
 pub(crate) fn push_coalesced(records: &mut Vec<Record>, rec: Record) {
-    if let Some(last) = records.last_mut() {
-        if last.layer == rec.layer
-            && last.state == rec.state
-            && last.start + u64::from(last.blocks) == rec.start
-            && last.blocks.checked_add(rec.blocks).is_some()
-        {
-            last.blocks += rec.blocks;
-            return;
-        }
+    if let Some(last) = records.last_mut()
+        && last.layer == rec.layer
+        && last.state == rec.state
+        && last.start + u64::from(last.blocks) == rec.start
+        && last.blocks.checked_add(rec.blocks).is_some()
+    {
+        last.blocks += rec.blocks;
+        return;
     }
     records.push(rec);
 }

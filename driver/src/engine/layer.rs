@@ -53,6 +53,16 @@ pub(crate) fn create_layer_file(pool: &Path, id: LayerId, size: u64, sync: bool)
     Ok(())
 }
 
+/// Removes a file that may already be gone; other failures are logged (a
+/// leftover file is an orphan that the next open removes).
+pub(crate) fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove file");
+    }
+}
+
 /// fsyncs a directory so that entries created or removed in it persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -246,11 +256,7 @@ impl Drop for Layer {
             self.fds.open.fetch_sub(1, Ordering::Relaxed);
         }
         if self.removed.load(Ordering::Acquire) {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %self.path.display(), error = %e, "could not remove deleted layer file");
-                }
-            }
+            remove_quietly(&self.path);
         }
     }
 }

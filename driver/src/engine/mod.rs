@@ -28,6 +28,7 @@ pub mod pool;
 pub(crate) mod presence;
 pub(crate) mod rangelock;
 pub mod snapshot;
+pub(crate) mod space;
 pub(crate) mod sys;
 pub mod view;
 pub mod volume;

@@ -24,8 +24,9 @@ use super::error::{Error, Result, io_error};
 use super::geometry::{blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
-use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path};
+use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
 use super::snapshot::SnapshotReader;
+use super::space::SpaceGuard;
 use super::sys;
 use super::view::View;
 use super::volume::{VolState, Volume};
@@ -45,6 +46,9 @@ pub struct PoolOptions {
     /// A volume's journal is folded into the catalog once it grows past
     /// this many bytes.
     pub journal_checkpoint_bytes: u64,
+    /// Free space kept for metadata: data writes fail with `NoSpace` below
+    /// it. `None`: 1% of the filesystem, between 16 MiB and 256 MiB.
+    pub reserve_bytes: Option<u64>,
 }
 
 impl Default for PoolOptions {
@@ -54,6 +58,7 @@ impl Default for PoolOptions {
             sync: true,
             max_open_files: 0,
             journal_checkpoint_bytes: 4 << 20,
+            reserve_bytes: None,
         }
     }
 }
@@ -103,6 +108,7 @@ pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     pub(crate) catalog: Catalog,
     pub(crate) opts: PoolOptions,
+    pub(crate) space: SpaceGuard,
     fds: Arc<FdCache>,
     layers: Mutex<HashMap<LayerId, Weak<Layer>>>,
     views: Mutex<HashMap<LayerId, Weak<View>>>,
@@ -225,14 +231,6 @@ impl Shared {
     }
 }
 
-fn remove_quietly(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove file");
-        }
-    }
-}
-
 #[derive(Debug)]
 struct PoolInner {
     shared: Arc<Shared>,
@@ -274,6 +272,7 @@ impl Pool {
         };
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            space: SpaceGuard::new(dir, opts.reserve_bytes)?,
             catalog,
             fds: FdCache::new(max_open),
             layers: Mutex::new(HashMap::new()),

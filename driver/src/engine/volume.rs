@@ -182,7 +182,8 @@ impl Volume {
             let _range = self.ranges.lock(first, end);
             let top = Arc::clone(&self.state.read().expect("volume state").top);
             let start = first * BLOCK_SIZE;
-            if offset == start && len % BLOCK_SIZE == 0 {
+            self.shared.space.admit((end - first) * BLOCK_SIZE)?;
+            if offset == start && len.is_multiple_of(BLOCK_SIZE) {
                 top.write_at(data, offset)?;
             } else {
                 let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
@@ -193,7 +194,8 @@ impl Volume {
                 }
                 // The last block needs its old bytes too, unless it is the
                 // first block and was just read.
-                if tail % BLOCK_SIZE as usize != 0 && !(head != 0 && end - first == 1) {
+                let last_read = head != 0 && end - first == 1;
+                if !tail.is_multiple_of(BLOCK_SIZE as usize) && !last_read {
                     let at = buf.len() - BLOCK_SIZE as usize;
                     self.read_locked(end - 1, &mut buf[at..])?;
                 }
@@ -242,10 +244,8 @@ impl Volume {
             }
             p.records.len() > PENDING_FLUSH_RECORDS
         };
-        if flush_now {
-            if let Err(e) = self.flush() {
-                tracing::warn!(volume = %self.id, error = %e, "background flush of a large pending set failed");
-            }
+        if flush_now && let Err(e) = self.flush() {
+            tracing::warn!(volume = %self.id, error = %e, "background flush of a large pending set failed");
         }
     }
 
@@ -282,6 +282,7 @@ impl Volume {
             self.check_live()?;
             let _range = self.ranges.lock(first, end);
             let top = Arc::clone(&self.state.read().expect("volume state").top);
+            self.shared.space.admit((end - first) * BLOCK_SIZE)?;
             top.zero_allocated(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE)?;
             self.commit(&top, first, end, BlockState::Data, top.slot);
         } else {

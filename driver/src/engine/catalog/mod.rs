@@ -536,13 +536,12 @@ impl WriteTxn {
             }
             self.remove_presence(id)?;
             self.free_slot(rec.family, rec.slot)?;
-            if let Some(snap) = rec.snapshot {
-                if self
+            if let Some(snap) = rec.snapshot
+                && self
                     .snapshot(snap)?
                     .is_some_and(|s| s.state == SnapshotState::Deleted)
-                {
-                    self.remove_snapshot(snap)?;
-                }
+            {
+                self.remove_snapshot(snap)?;
             }
             freed.push(id);
             next = rec.parent;

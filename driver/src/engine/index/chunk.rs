@@ -78,7 +78,7 @@ impl Packed {
         self.counts[p] += (hi - lo) as u16;
         let per = self.per_word();
         let mut i = lo;
-        while i < hi && i % per != 0 {
+        while i < hi && !i.is_multiple_of(per) {
             self.set_index(i, p);
             i += 1;
         }

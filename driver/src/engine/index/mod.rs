@@ -107,7 +107,9 @@ impl Index {
                     continue;
                 }
                 let n = dir_chunks(self.blocks, d);
-                dirs[d] = Dir::Chunks(Arc::new(vec![Arc::new(Chunk::Uniform(u)); n]));
+                // All chunks share one uniform chunk until written.
+                let shared = Arc::new(Chunk::Uniform(u));
+                dirs[d] = Dir::Chunks(Arc::new(vec![shared; n]));
             }
             let Dir::Chunks(chunks) = &mut dirs[d] else {
                 unreachable!("expanded above")
@@ -189,8 +191,12 @@ impl Index {
                     // A uniform ABSENT dir stays correct as it grows.
                     Dir::Uniform(ABSENT) => {}
                     Dir::Uniform(u) => {
-                        let mut v = vec![Arc::new(Chunk::Uniform(*u)); have];
-                        v.resize(want, Arc::new(Chunk::Uniform(ABSENT)));
+                        let (old, new) = (
+                            Arc::new(Chunk::Uniform(*u)),
+                            Arc::new(Chunk::Uniform(ABSENT)),
+                        );
+                        let mut v = vec![old; have];
+                        v.resize(want, new);
                         *last = Dir::Chunks(Arc::new(v));
                     }
                     Dir::Chunks(chunks) => {
