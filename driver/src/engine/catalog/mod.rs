@@ -558,7 +558,7 @@ mod tests {
     fn pool_of_a_newer_format_is_refused_not_misread() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Catalog::open(dir.path(), true, true).unwrap();
-        let mut txn = catalog.write().unwrap();
+        let txn = catalog.write().unwrap();
         {
             let mut meta = txn.0.open_table(META).unwrap();
             meta.insert(
