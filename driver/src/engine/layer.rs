@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::error::{Result, io_error};
 use super::ids::LayerId;
@@ -122,7 +122,7 @@ pub(crate) struct Layer {
     pub(crate) id: LayerId,
     pub(crate) slot: u16,
     path: PathBuf,
-    file: Mutex<Option<Arc<File>>>,
+    file: RwLock<Option<Arc<File>>>,
     used: AtomicBool,
     removed: AtomicBool,
     fds: Arc<FdCache>,
@@ -134,7 +134,7 @@ impl Layer {
             id,
             slot,
             path: layer_path(pool, id),
-            file: Mutex::new(None),
+            file: RwLock::new(None),
             used: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             fds,
@@ -144,7 +144,10 @@ impl Layer {
     /// The open file, opening it if needed.
     pub(crate) fn file(self: &Arc<Self>) -> Result<Arc<File>> {
         self.used.store(true, Ordering::Relaxed);
-        let mut slot = self.file.lock().expect("layer fd lock");
+        if let Some(f) = &*self.file.read().expect("layer fd lock") {
+            return Ok(Arc::clone(f));
+        }
+        let mut slot = self.file.write().expect("layer fd lock");
         if let Some(f) = &*slot {
             return Ok(Arc::clone(f));
         }
@@ -161,11 +164,11 @@ impl Layer {
     }
 
     fn has_fd(&self) -> bool {
-        self.file.lock().expect("layer fd lock").is_some()
+        self.file.read().expect("layer fd lock").is_some()
     }
 
     fn close_fd(&self) -> bool {
-        self.file.lock().expect("layer fd lock").take().is_some()
+        self.file.write().expect("layer fd lock").take().is_some()
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file

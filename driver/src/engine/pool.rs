@@ -353,12 +353,7 @@ impl Pool {
         let top = sh.layer(lid, slot);
         let mut view = View::empty(blocks_for(size_bytes));
         view.add_layer(Arc::clone(&top));
-        let state = VolState {
-            view,
-            base: Arc::new(View::empty(0)),
-            top,
-            size: size_bytes,
-        };
+        let state = VolState::new(view, Arc::new(View::empty(0)), top, size_bytes);
         let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
         self.inner
             .volumes
@@ -417,12 +412,8 @@ impl Pool {
         sh.apply_layer(&txn, &mut view, &top)?;
         view.index.grow(blocks_for(rec.size));
         let top = sh.layer(top.id, top.slot);
-        let state = VolState {
-            view,
-            base,
-            top,
-            size: rec.size,
-        };
+        let mut state = VolState::new(view, base, top, rec.size);
+        state.release_costly_base();
         Ok(Volume::new(id, Arc::clone(sh), state, journal))
     }
 
@@ -475,9 +466,7 @@ impl Pool {
             txn.put_volume(&rec)?;
             txn.put_layer(&layer)?;
             txn.commit()?;
-            let mut st = vol.state.write().expect("volume state");
-            st.view.index.grow(blocks_for(size_bytes));
-            st.size = size_bytes;
+            vol.grow(size_bytes);
         }
         self.volume_info(id)
     }
@@ -547,7 +536,8 @@ impl Pool {
         let frozen = {
             let mut st = vol.state.write().expect("volume state");
             let frozen = Arc::new(st.view.clone());
-            st.base = Arc::clone(&frozen);
+            st.base_weak = Arc::downgrade(&frozen);
+            st.base = Some(Arc::clone(&frozen));
             st.view.add_layer(Arc::clone(&top));
             st.top = top;
             frozen
@@ -645,12 +635,7 @@ impl Pool {
         view.index.grow(blocks_for(size));
         view.add_layer(Arc::clone(&top));
         let depth = view.depth();
-        let state = VolState {
-            view,
-            base,
-            top,
-            size,
-        };
+        let state = VolState::new(view, base, top, size);
         let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
         self.inner
             .volumes
@@ -745,7 +730,10 @@ impl Pool {
         let mut total = 0;
         for vol in self.inner.volumes.lock().expect("volume map").values() {
             let st = vol.state.read().expect("volume state");
-            total += st.view.index.memory(&mut seen) + st.base.index.memory(&mut seen);
+            total += st.view.index.memory(&mut seen);
+            if let Some(base) = &st.base {
+                total += base.index.memory(&mut seen);
+            }
         }
         let cached: Vec<Arc<View>> = self
             .shared()
@@ -762,6 +750,8 @@ impl Pool {
     }
 
     /// Flushes every loaded volume and folds its journal into the catalog.
+    /// The pool stays locked while any [`Volume`] or snapshot reader handle
+    /// obtained from it is alive: drop those before reopening.
     pub fn close(self) -> Result<()> {
         self.inner.flush_all()
     }

@@ -75,16 +75,25 @@ impl View {
 
     /// Applies one chunk of a layer's presence map on top of the view.
     pub(crate) fn apply(&mut self, slot: u16, chunk: u32, runs: &[Run]) {
-        let base = u64::from(chunk) * CHUNK_BLOCKS;
-        for r in runs {
-            let v = match r.state {
-                BlockState::Data => slot,
-                BlockState::Zero => ZERO,
-                BlockState::Absent => continue,
-            };
-            let start = base + u64::from(r.start);
-            self.index.set_range(start, start + u64::from(r.len), v);
+        let entry = |r: &Run| match r.state {
+            BlockState::Data => Some(slot),
+            BlockState::Zero => Some(ZERO),
+            BlockState::Absent => None,
+        };
+        if let [r] = runs {
+            let start = u64::from(chunk) * CHUNK_BLOCKS + u64::from(r.start);
+            if let Some(v) = entry(r) {
+                self.index.set_range(start, start + u64::from(r.len), v);
+            }
+            return;
         }
+        self.index.rewrite_chunk(u64::from(chunk), |entries| {
+            for r in runs {
+                if let Some(v) = entry(r) {
+                    entries[r.start as usize..(r.start + r.len) as usize].fill(v);
+                }
+            }
+        });
     }
 
     /// The sources of blocks `start..end`, as maximal runs.

@@ -24,8 +24,9 @@
 //! snapshot goes: the discard records zeros in the top layer (so the old
 //! data never shows through) and the frozen layer keeps its data.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
@@ -51,12 +52,50 @@ const MAX_UNFOLDED_SNAPSHOTS: usize = 16;
 pub(crate) struct VolState {
     /// The live view: what reads see.
     pub(crate) view: View,
-    /// The view as of the topmost frozen layer (everything below the top).
-    pub(crate) base: Arc<View>,
+    /// The view as of the topmost frozen layer (everything below the top),
+    /// held while it is cheap: see [`VolState::release_costly_base`].
+    pub(crate) base: Option<Arc<View>>,
+    /// The same view, found again (if something else still holds it) after
+    /// it was released.
+    pub(crate) base_weak: Weak<View>,
     /// The writable top layer.
     pub(crate) top: Arc<Layer>,
     /// Size in bytes.
     pub(crate) size: u64,
+}
+
+impl VolState {
+    pub(crate) fn new(view: View, base: Arc<View>, top: Arc<Layer>, size: u64) -> Self {
+        let base_weak = Arc::downgrade(&base);
+        VolState {
+            view,
+            base: Some(base),
+            base_weak,
+            top,
+            size,
+        }
+    }
+
+    /// The base view, if still in memory.
+    pub(crate) fn base(&self) -> Option<Arc<View>> {
+        self.base.clone().or_else(|| self.base_weak.upgrade())
+    }
+
+    /// Keeps the base view only while it shares most of its chunks with the
+    /// live view. Holding it lets clones and snapshot readers of the top
+    /// frozen layer share chunks with this volume (also after a restart);
+    /// once the volume has rewritten most chunks since its last snapshot,
+    /// holding it would double the index memory for little benefit.
+    pub(crate) fn release_costly_base(&mut self) {
+        if let Some(base) = &self.base {
+            let mut seen = HashSet::new();
+            let live = self.view.index.memory(&mut seen);
+            let extra = base.index.memory(&mut seen);
+            if extra * 4 > live {
+                self.base = None;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +134,8 @@ pub struct Volume {
     pending: Mutex<Pending>,
     pub(crate) journal: Mutex<JournalState>,
     deleted: AtomicBool,
+    /// The size, readable without the state lock (changed under the gate).
+    size: AtomicU64,
 }
 
 impl Volume {
@@ -108,6 +149,7 @@ impl Volume {
             id,
             shared,
             gate: RwLock::new(()),
+            size: AtomicU64::new(state.size),
             state: RwLock::new(state),
             ranges: RangeLock::default(),
             pending: Mutex::new(Pending::default()),
@@ -127,7 +169,16 @@ impl Volume {
 
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
-        self.state.read().expect("volume state").size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the volume in memory (the caller holds the gate exclusively
+    /// and has committed the new size).
+    pub(crate) fn grow(&self, size: u64) {
+        let mut st = self.state.write().expect("volume state");
+        st.view.index.grow(super::geometry::blocks_for(size));
+        st.size = size;
+        self.size.store(size, Ordering::Release);
     }
 
     /// Layers in the chain, top included.
@@ -296,7 +347,10 @@ impl Volume {
     }
 
     /// Blocks `first..end` become absent where no lower layer defines them
-    /// and zero where one does; the top's file blocks are freed.
+    /// and zero where one does; the top's file blocks are freed. Without
+    /// the base view at hand, only blocks that nothing defines become
+    /// absent and the rest record zero (equally correct, a little less
+    /// sparse).
     fn unmap_blocks(&self, first: u64, end: u64) -> Result<()> {
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
@@ -304,7 +358,9 @@ impl Volume {
         let (top, runs) = {
             let st = self.state.read().expect("volume state");
             let mut runs = Vec::new();
-            st.base
+            let base = st.base();
+            let lower = base.as_ref().map_or(&st.view, |b| &**b);
+            lower
                 .index
                 .runs(first, end, |s, l, v| runs.push((s, s + l, v == ABSENT)));
             let covered = runs.last().map_or(first, |r| r.1);
@@ -402,6 +458,10 @@ impl Volume {
         txn.commit()?;
         journal.unfolded.clear();
         journal.frozen_views.clear();
+        self.state
+            .write()
+            .expect("volume state")
+            .release_costly_base();
         // The catalog now covers every batch; if the reset fails, replay
         // skips the old batches by sequence number and appends continue.
         match JournalFile::create(&self.shared.dir, self.id, seq, self.shared.opts.sync) {

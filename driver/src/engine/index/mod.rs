@@ -132,6 +132,30 @@ impl Index {
         }
     }
 
+    /// Rewrites the entries of chunk `chunk` with `f` and stores the result
+    /// in its smallest encoding. Cheaper than many `set_range` calls when a
+    /// chunk is rebuilt from a presence record with many runs, and it never
+    /// leaves a wider encoding than the final entries need.
+    pub(crate) fn rewrite_chunk(&mut self, chunk: u64, f: impl FnOnce(&mut [u16])) {
+        let start = chunk * CHUNK_BLOCKS;
+        if start >= self.blocks {
+            return;
+        }
+        let d = (start / DIR_BLOCKS) as usize;
+        let dirs = Arc::make_mut(&mut self.dirs);
+        if let Dir::Uniform(u) = dirs[d] {
+            let shared = Arc::new(Chunk::Uniform(u));
+            dirs[d] = Dir::Chunks(Arc::new(vec![shared; dir_chunks(self.blocks, d)]));
+        }
+        let Dir::Chunks(chunks) = &mut dirs[d] else {
+            unreachable!("expanded above")
+        };
+        let slot = &mut Arc::make_mut(chunks)[((start % DIR_BLOCKS) / CHUNK_BLOCKS) as usize];
+        let mut entries = slot.entries();
+        f(&mut entries);
+        *slot = Arc::new(Chunk::from_entries(&entries));
+    }
+
     /// Calls `f(first_block, len, entry)` for maximal runs of equal entries
     /// in `start..end`.
     pub(crate) fn runs(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, u16)) {
@@ -340,6 +364,22 @@ mod tests {
         index.grow(4 * CHUNK_BLOCKS);
         assert_eq!(index.get(blocks - 1), 5);
         assert_eq!(index.get(blocks), ABSENT);
+    }
+
+    #[test]
+    fn rewritten_chunk_gets_the_narrowest_encoding() {
+        let mut index = Index::new(2 * CHUNK_BLOCKS);
+        index.rewrite_chunk(1, |e| {
+            for (i, x) in e.iter_mut().enumerate() {
+                *x = 2 + (i % 2) as u16;
+            }
+        });
+        assert_eq!(index.get(CHUNK_BLOCKS), 2);
+        assert_eq!(index.get(CHUNK_BLOCKS + 1), 3);
+        assert_eq!(index.get(0), ABSENT);
+        // One bit per block plus headers; two bits would be CHUNK / 4.
+        let bytes = index.memory(&mut HashSet::new());
+        assert!(bytes < CHUNK / 4, "{bytes} bytes");
     }
 
     #[test]
