@@ -301,7 +301,8 @@ fn bench_memory() {
     println!("counted once. 1 GiB = 262 144 blocks; 2 bytes/block = 512 KiB per GiB.\n");
     println!("| 1 GiB volume written as | index bytes per GiB | bytes per block |");
     println!("|-------------------------|--------------------:|----------------:|");
-    let cases: Vec<(&str, Box<dyn Fn(&Pool) -> VolumeId>)> = vec![
+    type Build = Box<dyn Fn(&Pool) -> VolumeId>;
+    let cases: Vec<(&str, Build)> = vec![
         (
             "one layer, fully written",
             Box::new(|p: &Pool| spread_volume(p, GIB, 1, 1)),
@@ -452,7 +453,7 @@ fn bench_open() {
     let pool = Pool::open(&dir, fast()).unwrap();
     let mut ids = Vec::new();
     for v in 0..200u64 {
-        let id = pool.create_volume(1 * GIB).unwrap().id;
+        let id = pool.create_volume(GIB).unwrap().id;
         let vol = pool.volume(id).unwrap();
         for l in 0..256u64 {
             vol.write(
