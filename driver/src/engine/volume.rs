@@ -270,26 +270,34 @@ impl Volume {
     }
 
     /// Publishes a change of blocks `first..end` of `top` in the index and
-    /// queues its presence record for the next flush.
+    /// queues its presence record for the next flush. An overwrite of
+    /// blocks the top already holds changes no presence: it only marks the
+    /// layer for the next flush's fdatasync, so the flush of an
+    /// overwrite-only workload costs one fsync, not two.
     fn commit(&self, top: &Arc<Layer>, first: u64, end: u64, state: BlockState, entry: u16) {
-        self.state
-            .write()
-            .expect("volume state")
-            .view
-            .index
-            .set_range(first, end, entry);
+        let changed = {
+            let mut st = self.state.write().expect("volume state");
+            let mut same = state == BlockState::Data;
+            if same {
+                st.view.index.runs(first, end, |_, _, v| same &= v == entry);
+            }
+            if !same {
+                st.view.index.set_range(first, end, entry);
+            }
+            !same
+        };
         let flush_now = {
             let mut p = self.pending.lock().expect("pending");
             let blocks = u32::try_from(end - first).expect("requests are far below 2^32 blocks");
-            push_coalesced(
-                &mut p.records,
-                Record {
+            if changed {
+                let record = Record {
                     layer: top.id,
                     start: first,
                     blocks,
                     state,
-                },
-            );
+                };
+                push_coalesced(&mut p.records, record);
+            }
             if !p.layers.last().is_some_and(|l| Arc::ptr_eq(l, top)) {
                 p.layers.push(Arc::clone(top));
             }
