@@ -20,6 +20,9 @@ pub enum Error {
     /// No snapshot with this ID (never existed, or deleted).
     #[error("snapshot {0} not found")]
     SnapshotNotFound(SnapshotId),
+    /// An object with the requested ID already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
     /// A byte range that does not lie inside the volume.
     #[error("range {offset}+{len} is outside the volume ({size} bytes)")]
     OutOfRange {
@@ -122,6 +125,8 @@ pub enum Error {
 pub enum ErrorKind {
     /// The named object does not exist.
     NotFound,
+    /// An object with this ID already exists.
+    AlreadyExists,
     /// The request itself is wrong (size, range, shrink).
     InvalidArgument,
     /// The request is outside the device (NBD: EINVAL; CSI: OUT_OF_RANGE).
@@ -145,6 +150,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::InvalidSize { .. } | Error::ShrinkRefused { .. } => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } => ErrorKind::LimitReached,
@@ -162,6 +168,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self.kind() {
             ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::OutOfRange => "out_of_range",
             ErrorKind::LimitReached => "limit_reached",

@@ -29,7 +29,7 @@ use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
 use super::view::View;
-use super::volume::{VolState, Volume};
+use super::volume::{VolState, Volume, VolumeStats};
 
 const LOCK_FILE: &str = "strata.lock";
 
@@ -72,6 +72,15 @@ pub struct VolumeInfo {
     pub chain_depth: usize,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_unix_ns: u64,
+}
+
+/// Space of the filesystem that holds the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSpace {
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Kept free for metadata; data writes stop when free space reaches it.
+    pub reserved_bytes: u64,
 }
 
 /// What a snapshot looks like from the outside.
@@ -302,11 +311,22 @@ impl Pool {
         &self.inner.shared
     }
 
-    /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks).
+    /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks) with a
+    /// new random ID.
     pub fn create_volume(&self, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_as(VolumeId::new_random(), size_bytes)
+    }
+
+    /// Creates an empty volume with the given ID (`AlreadyExists` if the
+    /// ID is taken), so a caller can record the ID before creating and
+    /// finish an interrupted create idempotently.
+    pub fn create_volume_as(&self, vid: VolumeId, size_bytes: u64) -> Result<VolumeInfo> {
         check_volume_size(size_bytes)?;
         let sh = self.shared();
-        let (vid, lid, created) = (VolumeId::new_random(), LayerId::new_random(), now_ns());
+        if sh.catalog.read()?.volume(vid)?.is_some() {
+            return Err(Error::AlreadyExists(format!("volume {vid}")));
+        }
+        let (lid, created) = (LayerId::new_random(), now_ns());
         create_layer_file(&sh.dir, lid, size_bytes, sh.opts.sync)?;
         let journal = match JournalFile::create(&sh.dir, vid, 0, sh.opts.sync) {
             Ok(j) => j,
@@ -317,6 +337,9 @@ impl Pool {
         };
         let committed = (|| {
             let mut txn = sh.catalog.write()?;
+            if txn.volume(vid)?.is_some() {
+                return Err(Error::AlreadyExists(format!("volume {vid}")));
+            }
             let family = txn.new_family()?;
             let slot = txn.alloc_slot(family)?;
             let layer = LayerRecord {
@@ -476,28 +499,39 @@ impl Pool {
     /// (empty) layer file and one catalog commit; it does not depend on the
     /// volume's size or on how much was written.
     pub fn create_snapshot(&self, volume: VolumeId) -> Result<SnapshotInfo> {
+        self.create_snapshot_as(volume, SnapshotId::new_random())
+    }
+
+    /// [`Pool::create_snapshot`] with the given snapshot ID
+    /// (`AlreadyExists` if taken).
+    pub fn create_snapshot_as(&self, volume: VolumeId, snap: SnapshotId) -> Result<SnapshotInfo> {
         let sh = self.shared();
+        if sh.catalog.read()?.snapshot(snap)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {snap}")));
+        }
         let vol = self.volume(volume)?;
         // Flush outside the hold, so the hold only covers the tail.
         vol.flush()?;
         let new_top = LayerId::new_random();
         let size = vol.size();
         create_layer_file(&sh.dir, new_top, size, sh.opts.sync)?;
-        let result = self.freeze_top(&vol, new_top);
+        let result = self.freeze_top(&vol, new_top, snap);
         if result.is_err() {
             remove_quietly(&layer_path(&sh.dir, new_top));
         }
         result
     }
 
-    fn freeze_top(&self, vol: &Volume, new_top: LayerId) -> Result<SnapshotInfo> {
+    fn freeze_top(&self, vol: &Volume, new_top: LayerId, snap: SnapshotId) -> Result<SnapshotInfo> {
         let sh = self.shared();
         let _gate = vol.gate.write().expect("volume gate");
         vol.check_live()?;
         vol.flush()?;
-        let snap = SnapshotId::new_random();
         let created = now_ns();
         let mut txn = sh.catalog.write()?;
+        if txn.snapshot(snap)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {snap}")));
+        }
         let mut rec = txn
             .volume(vol.id())?
             .ok_or(Error::VolumeNotFound(vol.id()))?;
@@ -572,7 +606,21 @@ impl Pool {
     /// A new volume whose contents are the snapshot's; `size_bytes` may be
     /// larger than the snapshot (the rest reads as zeros).
     pub fn clone_snapshot(&self, id: SnapshotId, size_bytes: Option<u64>) -> Result<VolumeInfo> {
+        self.clone_snapshot_as(id, VolumeId::new_random(), size_bytes)
+    }
+
+    /// [`Pool::clone_snapshot`] with the given ID for the new volume
+    /// (`AlreadyExists` if taken).
+    pub fn clone_snapshot_as(
+        &self,
+        id: SnapshotId,
+        vid: VolumeId,
+        size_bytes: Option<u64>,
+    ) -> Result<VolumeInfo> {
         let sh = self.shared();
+        if sh.catalog.read()?.volume(vid)?.is_some() {
+            return Err(Error::AlreadyExists(format!("volume {vid}")));
+        }
         let snap = match sh.catalog.read()?.snapshot(id)? {
             Some(r) if r.state == SnapshotState::Ready => r,
             _ => return Err(Error::SnapshotNotFound(id)),
@@ -586,11 +634,14 @@ impl Pool {
             });
         }
         let base = sh.view_of(snap.layer)?;
-        let (vid, lid, created) = (VolumeId::new_random(), LayerId::new_random(), now_ns());
+        let (lid, created) = (LayerId::new_random(), now_ns());
         create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
         let journal = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync);
         let committed = journal.and_then(|journal| {
             let mut txn = sh.catalog.write()?;
+            if txn.volume(vid)?.is_some() {
+                return Err(Error::AlreadyExists(format!("volume {vid}")));
+            }
             // Re-check inside the transaction: the snapshot may have gone.
             if !txn
                 .snapshot(id)?
@@ -654,8 +705,21 @@ impl Pool {
     /// snapshot, a clone of it, and the implicit snapshot's deletion (its
     /// layer stays, shared by both volumes).
     pub fn clone_volume(&self, volume: VolumeId, size_bytes: Option<u64>) -> Result<VolumeInfo> {
+        self.clone_volume_as(volume, VolumeId::new_random(), size_bytes)
+    }
+
+    /// [`Pool::clone_volume`] with the given ID for the new volume.
+    pub fn clone_volume_as(
+        &self,
+        volume: VolumeId,
+        vid: VolumeId,
+        size_bytes: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        if self.shared().catalog.read()?.volume(vid)?.is_some() {
+            return Err(Error::AlreadyExists(format!("volume {vid}")));
+        }
         let snap = self.create_snapshot(volume)?;
-        let clone = self.clone_snapshot(snap.id, size_bytes);
+        let clone = self.clone_snapshot_as(snap.id, vid, size_bytes);
         let deleted = self.delete_snapshot(snap.id);
         let clone = clone?;
         deleted?;
@@ -721,6 +785,39 @@ impl Pool {
             Some(r) if r.state == SnapshotState::Ready => Ok(SnapshotInfo::from(&r)),
             _ => Err(Error::SnapshotNotFound(id)),
         }
+    }
+
+    /// Capacity and free space of the pool's filesystem.
+    pub fn space(&self) -> Result<PoolSpace> {
+        let sh = self.shared();
+        let (capacity_bytes, free_bytes) =
+            sys::fs_space(&sh.dir).map_err(|e| io_error("read free space", &sh.dir, e))?;
+        Ok(PoolSpace {
+            capacity_bytes,
+            free_bytes,
+            reserved_bytes: sh.space.reserve(),
+        })
+    }
+
+    /// Stats of every volume (loading those not yet loaded).
+    pub fn volume_stats(&self) -> Result<Vec<VolumeStats>> {
+        let ids: Vec<VolumeId> = self
+            .shared()
+            .catalog
+            .read()?
+            .volumes()?
+            .iter()
+            .map(|v| v.id)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.volume(id) {
+                Ok(v) => out.push(v.stats()),
+                Err(Error::VolumeNotFound(_)) => {} // deleted meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Bytes of memory held by the block indexes of every loaded volume and

@@ -52,6 +52,11 @@ impl SpaceGuard {
         })
     }
 
+    /// Bytes kept free for metadata.
+    pub(crate) fn reserve(&self) -> u64 {
+        self.reserve
+    }
+
     /// Admits a data write of `bytes`, or refuses it with `NoSpace` if it
     /// would eat into the reserve.
     pub(crate) fn admit(&self, bytes: u64) -> Result<()> {

@@ -116,6 +116,19 @@ pub(crate) struct JournalState {
     pub(crate) frozen_views: Vec<Arc<View>>,
 }
 
+/// What [`Volume::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub id: VolumeId,
+    /// Logical size.
+    pub size_bytes: u64,
+    /// Layers in the chain, top included.
+    pub chain_depth: usize,
+    /// Bytes of the volume backed by data in some layer (not holes, not
+    /// zero records).
+    pub allocated_bytes: u64,
+}
+
 /// Options of a write-zeroes request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -184,6 +197,17 @@ impl Volume {
     /// Layers in the chain, top included.
     pub fn depth(&self) -> usize {
         self.state.read().expect("volume state").view.depth()
+    }
+
+    /// Size, chain depth and allocated bytes, for metrics and listings.
+    pub fn stats(&self) -> VolumeStats {
+        let st = self.state.read().expect("volume state");
+        VolumeStats {
+            id: self.id,
+            size_bytes: st.size,
+            chain_depth: st.view.depth(),
+            allocated_bytes: st.view.index.count_data() * BLOCK_SIZE,
+        }
     }
 
     pub(crate) fn check_live(&self) -> Result<()> {

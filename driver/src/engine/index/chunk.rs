@@ -212,6 +212,28 @@ impl Chunk {
         f(start, hi - start, cur);
     }
 
+    /// Entries for which `pred` holds, counted from the palette counts
+    /// (no per-entry decoding except for dense chunks).
+    pub(crate) fn count(&self, pred: impl Fn(u16) -> bool) -> usize {
+        match self {
+            Chunk::Uniform(v) => {
+                if pred(*v) {
+                    CHUNK
+                } else {
+                    0
+                }
+            }
+            Chunk::Packed(p) => p
+                .palette
+                .iter()
+                .zip(&p.counts)
+                .filter(|(v, _)| pred(**v))
+                .map(|(_, c)| *c as usize)
+                .sum(),
+            Chunk::Dense(d) => d.iter().filter(|v| pred(**v)).count(),
+        }
+    }
+
     /// Heap bytes owned by this chunk (not counting its own header).
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {

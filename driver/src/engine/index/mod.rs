@@ -197,6 +197,23 @@ impl Index {
         }
     }
 
+    /// Blocks whose entry names a layer (blocks backed by data).
+    pub(crate) fn count_data(&self) -> u64 {
+        let data = |v: u16| v >= FIRST_SLOT;
+        let mut n = 0u64;
+        for (d, dir) in self.dirs.iter().enumerate() {
+            n += match dir {
+                Dir::Uniform(v) if data(*v) => {
+                    let start = d as u64 * DIR_BLOCKS;
+                    self.blocks.min(start + DIR_BLOCKS) - start
+                }
+                Dir::Uniform(_) => 0,
+                Dir::Chunks(chunks) => chunks.iter().map(|c| c.count(data) as u64).sum(),
+            };
+        }
+        n
+    }
+
     /// Grows the index to `blocks`; new blocks are [`ABSENT`].
     pub(crate) fn grow(&mut self, blocks: u64) {
         if blocks <= self.blocks {
@@ -313,6 +330,15 @@ mod tests {
             assert_eq!(index.get(b), model[b as usize], "block {b}");
         }
         assert_eq!(collect(&index, 0, blocks), model);
+    }
+
+    #[test]
+    fn count_data_counts_blocks_naming_a_layer() {
+        let mut index = Index::new(DIR_BLOCKS + 100);
+        index.set_range(0, DIR_BLOCKS, 2);
+        index.set_range(DIR_BLOCKS, DIR_BLOCKS + 10, 3);
+        index.set_range(5, 9, ZERO);
+        assert_eq!(index.count_data(), DIR_BLOCKS + 10 - 4);
     }
 
     #[test]
