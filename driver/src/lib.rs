@@ -2,7 +2,18 @@
 //!
 //! - [`engine`]: pools, layers, volumes, snapshots and clones, the on-disk
 //!   format and its crash safety. No gRPC, no Kubernetes.
+//! - [`frontend`]: serves volumes and snapshots to clients and kernels
+//!   (NBD).
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`csi`]: the CSI services; [`cluster`]: records of what was created.
+//! - [`standalone`]: everything in one process.
 //! - [`cli`]: the `strata` command line.
 
 pub mod cli;
+pub mod cluster;
+pub mod csi;
+pub mod endpoint;
 pub mod engine;
+pub mod frontend;
+pub mod metrics;
+pub mod standalone;

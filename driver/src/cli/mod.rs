@@ -2,12 +2,20 @@
 //! of each subcommand. Subcommands call the library; nothing here is needed
 //! by the servers.
 
+mod client;
+mod output;
 mod pool;
+pub mod size;
+mod volume;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::endpoint::Endpoint;
+use output::Format;
 
 /// Strata: layered block volumes for Kubernetes.
 #[derive(Debug, Parser)]
@@ -19,9 +27,126 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run engine, NBD, CSI (Identity, Controller) and metrics in one process.
+    Standalone(StandaloneArgs),
+    /// Create, list, grow and delete volumes (through a running Strata's CSI endpoint).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Create, list and delete snapshots (through a running Strata's CSI endpoint).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Inspect and maintain a pool directory (offline).
     #[command(subcommand)]
     Pool(PoolCommand),
+}
+
+#[derive(Debug, Args)]
+struct StandaloneArgs {
+    /// Pool directory (created if missing).
+    #[arg(long, default_value = "/var/lib/strata")]
+    pool: PathBuf,
+    /// CSI endpoint (unix socket).
+    #[arg(long, default_value = "unix:///run/strata/csi.sock")]
+    csi_endpoint: Endpoint,
+    /// NBD listen address; repeat for several. TCP only when asked (use a
+    /// loopback address: NBD has no authentication).
+    #[arg(long, default_value = "unix:///run/strata/nbd.sock")]
+    nbd_listen: Vec<Endpoint>,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:9808")]
+    metrics_listen: SocketAddr,
+    /// Node ID reported to CSI (default: the host name).
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// CSI endpoint of the running Strata.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_CSI_ENDPOINT",
+        default_value = "unix:///run/strata/csi.sock"
+    )]
+    endpoint: Endpoint,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (empty, or from a snapshot or a volume).
+    Create {
+        /// Name (for idempotency: creating the same name twice returns the same volume).
+        name: String,
+        /// Size, e.g. 10GiB (default: 1GiB, or the source's size).
+        #[arg(long, value_parser = size::parse)]
+        size: Option<u64>,
+        /// Clone this snapshot.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume (as it is now).
+        #[arg(long)]
+        from_volume: Option<String>,
+        /// Filesystem the volume is meant for (ext4 or xfs).
+        #[arg(long)]
+        fs_type: Option<String>,
+        /// A raw block volume.
+        #[arg(long, conflicts_with = "fs_type")]
+        block: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a volume (its snapshots and clones stay).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Grow a volume.
+    Expand {
+        id: String,
+        /// New size, e.g. 20GiB.
+        #[arg(long, value_parser = size::parse)]
+        size: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a volume.
+    Create {
+        /// Name (for idempotency).
+        name: String,
+        /// The volume to snapshot.
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List snapshots.
+    List {
+        /// Only snapshots of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a snapshot (clones made from it stay).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,11 +177,83 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 impl Cli {
     /// Runs the command and returns the process exit code.
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Pool(PoolCommand::Check { dir, repair }) => pool::check(&dir, repair),
+            Command::Standalone(a) => {
+                let config = crate::standalone::Config {
+                    pool: a.pool,
+                    csi_endpoint: a.csi_endpoint,
+                    nbd_listen: a.nbd_listen,
+                    metrics_listen: a.metrics_listen,
+                    node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
+                };
+                match runtime().block_on(crate::standalone::run(config)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("strata standalone: {}", error_chain(&e));
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Volume(cmd) => runtime().block_on(async move {
+                match cmd {
+                    VolumeCommand::Create {
+                        name,
+                        size,
+                        from_snapshot,
+                        from_volume,
+                        fs_type,
+                        block,
+                        client,
+                    } => {
+                        let args = volume::CreateVolume {
+                            name,
+                            size,
+                            from_snapshot,
+                            from_volume,
+                            fs_type,
+                            block,
+                        };
+                        volume::create(&client.endpoint, client.output, args).await
+                    }
+                    VolumeCommand::List { client } => {
+                        volume::list(&client.endpoint, client.output).await
+                    }
+                    VolumeCommand::Delete { id, client } => {
+                        volume::delete(&client.endpoint, id).await
+                    }
+                    VolumeCommand::Expand { id, size, client } => {
+                        volume::expand(&client.endpoint, client.output, id, size).await
+                    }
+                }
+            }),
+            Command::Snapshot(cmd) => runtime().block_on(async move {
+                match cmd {
+                    SnapshotCommand::Create {
+                        name,
+                        volume,
+                        client,
+                    } => {
+                        volume::snapshot_create(&client.endpoint, client.output, name, volume).await
+                    }
+                    SnapshotCommand::List { volume, client } => {
+                        volume::snapshot_list(&client.endpoint, client.output, volume).await
+                    }
+                    SnapshotCommand::Delete { id, client } => {
+                        volume::snapshot_delete(&client.endpoint, id).await
+                    }
+                }
+            }),
         }
     }
 }

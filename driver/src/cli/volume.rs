@@ -1,0 +1,359 @@
+//! `strata volume …` and `strata snapshot …`: the control plane through
+//! CSI, for people.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use csi_proto::csi::v1::volume_capability::{
+    AccessMode, AccessType, MountVolume, access_mode::Mode,
+};
+use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
+use csi_proto::csi::v1::*;
+use serde::Serialize;
+
+use super::client::{controller, status_message};
+use super::output::{self, Format};
+use super::size;
+use crate::endpoint::Endpoint;
+
+#[derive(Debug, Serialize)]
+struct VolumeOut {
+    id: String,
+    size_bytes: i64,
+    size: String,
+    source: String,
+    node: String,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotOut {
+    id: String,
+    volume: String,
+    size_bytes: i64,
+    size: String,
+    created: String,
+}
+
+fn volume_out(v: &Volume) -> VolumeOut {
+    let source = match v.content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+        Some(Type::Snapshot(s)) => format!("snapshot {}", s.snapshot_id),
+        Some(Type::Volume(v)) => format!("volume {}", v.volume_id),
+        None => "-".into(),
+    };
+    let node = v
+        .accessible_topology
+        .first()
+        .and_then(|t| t.segments.values().next().cloned())
+        .unwrap_or_else(|| "-".into());
+    VolumeOut {
+        id: v.volume_id.clone(),
+        size_bytes: v.capacity_bytes,
+        size: size::format(v.capacity_bytes as u64),
+        source,
+        node,
+    }
+}
+
+fn snapshot_out(s: &Snapshot) -> SnapshotOut {
+    let created = s
+        .creation_time
+        .as_ref()
+        .map(|t| humantime_utc(t.seconds))
+        .unwrap_or_else(|| "-".into());
+    SnapshotOut {
+        id: s.snapshot_id.clone(),
+        volume: s.source_volume_id.clone(),
+        size_bytes: s.size_bytes,
+        size: size::format(s.size_bytes as u64),
+        created,
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC from Unix seconds (no date library needed).
+fn humantime_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("strata: {msg}");
+    ExitCode::FAILURE
+}
+
+fn print_volumes(format: Format, vols: Vec<VolumeOut>) {
+    match format {
+        Format::Json => output::json(&vols),
+        Format::Table => output::table(
+            &["ID", "SIZE", "SOURCE", "NODE"],
+            &vols
+                .into_iter()
+                .map(|v| vec![v.id, v.size, v.source, v.node])
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+fn print_snapshots(format: Format, snaps: Vec<SnapshotOut>) {
+    match format {
+        Format::Json => output::json(&snaps),
+        Format::Table => output::table(
+            &["ID", "VOLUME", "SIZE", "CREATED (UTC)"],
+            &snaps
+                .into_iter()
+                .map(|s| vec![s.id, s.volume, s.size, s.created])
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// Options of `strata volume create`.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: Option<u64>,
+    pub from_snapshot: Option<String>,
+    pub from_volume: Option<String>,
+    pub fs_type: Option<String>,
+    pub block: bool,
+}
+
+pub async fn create(endpoint: &Endpoint, format: Format, args: CreateVolume) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let access_type = if args.block {
+        AccessType::Block(Default::default())
+    } else {
+        AccessType::Mount(MountVolume {
+            fs_type: args.fs_type.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    };
+    let source = match (args.from_snapshot, args.from_volume) {
+        (Some(s), None) => Some(VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: s })),
+        }),
+        (None, Some(v)) => Some(VolumeContentSource {
+            r#type: Some(Type::Volume(VolumeSource { volume_id: v })),
+        }),
+        (None, None) => None,
+        (Some(_), Some(_)) => return fail("give --from-snapshot or --from-volume, not both"),
+    };
+    let mut parameters = HashMap::new();
+    if let Some(fs) = args.fs_type {
+        parameters.insert("fsType".to_string(), fs);
+    }
+    let req = CreateVolumeRequest {
+        name: args.name,
+        capacity_range: args.size.map(|s| CapacityRange {
+            required_bytes: s as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![VolumeCapability {
+            access_type: Some(access_type),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        parameters,
+        volume_content_source: source,
+        ..Default::default()
+    };
+    match client.create_volume(req).await {
+        Ok(r) => {
+            let v = r.into_inner().volume.unwrap_or_default();
+            print_volumes(format, vec![volume_out(&v)]);
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+pub async fn list(endpoint: &Endpoint, format: Format) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let req = ListVolumesRequest {
+            max_entries: 500,
+            starting_token: token,
+        };
+        match client.list_volumes(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                out.extend(
+                    r.entries
+                        .iter()
+                        .filter_map(|e| e.volume.as_ref())
+                        .map(volume_out),
+                );
+                if r.next_token.is_empty() {
+                    break;
+                }
+                token = r.next_token;
+            }
+            Err(s) => return fail(status_message(&s)),
+        }
+    }
+    print_volumes(format, out);
+    ExitCode::SUCCESS
+}
+
+pub async fn delete(endpoint: &Endpoint, id: String) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match client
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => {
+            println!("deleted volume {id}");
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+pub async fn expand(endpoint: &Endpoint, format: Format, id: String, size: u64) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size as i64,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    match client.controller_expand_volume(req).await {
+        Ok(r) => {
+            let bytes = r.into_inner().capacity_bytes;
+            match format {
+                Format::Json => output::json(&serde_json::json!({ "id": id, "size_bytes": bytes })),
+                Format::Table => println!("volume {id} is now {}", size::format(bytes as u64)),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+pub async fn snapshot_create(
+    endpoint: &Endpoint,
+    format: Format,
+    name: String,
+    volume: String,
+) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = CreateSnapshotRequest {
+        source_volume_id: volume,
+        name,
+        ..Default::default()
+    };
+    match client.create_snapshot(req).await {
+        Ok(r) => {
+            let s = r.into_inner().snapshot.unwrap_or_default();
+            print_snapshots(format, vec![snapshot_out(&s)]);
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+pub async fn snapshot_list(
+    endpoint: &Endpoint,
+    format: Format,
+    volume: Option<String>,
+) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let req = ListSnapshotsRequest {
+            max_entries: 500,
+            starting_token: token,
+            source_volume_id: volume.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        match client.list_snapshots(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                out.extend(
+                    r.entries
+                        .iter()
+                        .filter_map(|e| e.snapshot.as_ref())
+                        .map(snapshot_out),
+                );
+                if r.next_token.is_empty() {
+                    break;
+                }
+                token = r.next_token;
+            }
+            Err(s) => return fail(status_message(&s)),
+        }
+    }
+    print_snapshots(format, out);
+    ExitCode::SUCCESS
+}
+
+pub async fn snapshot_delete(endpoint: &Endpoint, id: String) -> ExitCode {
+    let mut client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match client
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => {
+            println!("deleted snapshot {id}");
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_formatted_in_utc() {
+        assert_eq!(super::humantime_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::humantime_utc(1_795_305_600), "2026-11-22 00:00:00");
+    }
+}

@@ -1,0 +1,7 @@
+//! How the control plane remembers what it created: cluster records (CSI
+//! names → IDs, where a volume lives, what it was created from). One
+//! interface, [`records::Records`], with backends: the embedded store used
+//! by standalone mode now, Kubernetes custom resources later. The engine
+//! never sees either.
+
+pub mod records;

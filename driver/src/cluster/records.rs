@@ -1,0 +1,274 @@
+//! Cluster records and their embedded backend.
+//!
+//! CSI identifies what it asks for by *name* (for idempotency) and then by
+//! the *ID* the plugin returned. The records map one to the other and keep
+//! what a repeated request must be compared against (size, parameters,
+//! source). A record is written in state `Creating` with the ID chosen
+//! *before* the engine creates anything, so a create interrupted by a crash
+//! is finished by the next identical request instead of leaking a volume.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// What can go wrong with the records store.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordsError {
+    #[error("records store: {0}")]
+    Store(String),
+    #[error("records store holds a record it cannot read: {0}")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, RecordsError>;
+
+/// Whether the object behind a record exists yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RecordState {
+    /// The ID is chosen; the engine object may not exist yet.
+    Creating,
+    /// The engine object exists.
+    Ready,
+}
+
+/// Where a volume's initial contents came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// A volume as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecord {
+    pub name: String,
+    pub volume_id: String,
+    pub capacity_bytes: u64,
+    pub parameters: BTreeMap<String, String>,
+    pub source: Option<ContentSource>,
+    /// The node that owns the volume.
+    pub node: String,
+    pub state: RecordState,
+    pub created_unix_ns: u64,
+}
+
+/// A snapshot as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub snapshot_id: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    pub node: String,
+    pub state: RecordState,
+    pub created_unix_ns: u64,
+}
+
+/// The records interface. Implementations must make each `put_*` and
+/// `delete_*` atomic (name and ID maps change together).
+pub trait Records: Send + Sync + std::fmt::Debug {
+    fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>>;
+    fn volume(&self, id: &str) -> Result<Option<VolumeRecord>>;
+    fn put_volume(&self, rec: &VolumeRecord) -> Result<()>;
+    fn delete_volume(&self, id: &str) -> Result<()>;
+    fn snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>>;
+    fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>>;
+    fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()>;
+    fn delete_snapshot(&self, id: &str) -> Result<()>;
+}
+
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const VOLUME_NAMES: TableDefinition<&str, &str> = TableDefinition::new("volume_names");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const SNAPSHOT_NAMES: TableDefinition<&str, &str> = TableDefinition::new("snapshot_names");
+
+/// Records in a local redb file (standalone mode).
+#[derive(Debug)]
+pub struct EmbeddedRecords {
+    db: Database,
+}
+
+fn store<E: std::fmt::Display>(e: E) -> RecordsError {
+    RecordsError::Store(e.to_string())
+}
+
+impl EmbeddedRecords {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path).map_err(store)?;
+        let txn = db.begin_write().map_err(store)?;
+        for t in [VOLUMES, SNAPSHOTS] {
+            txn.open_table(t).map_err(store)?;
+        }
+        for t in [VOLUME_NAMES, SNAPSHOT_NAMES] {
+            txn.open_table(t).map_err(store)?;
+        }
+        txn.commit().map_err(store)?;
+        Ok(EmbeddedRecords { db })
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
+    ) -> Result<Option<T>> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let t = txn.open_table(table).map_err(store)?;
+        match t.get(id).map_err(store)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| RecordsError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn id_by_name(&self, table: TableDefinition<&str, &str>, name: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let t = txn.open_table(table).map_err(store)?;
+        Ok(t.get(name).map_err(store)?.map(|v| v.value().to_string()))
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        names: TableDefinition<&str, &str>,
+        id: &str,
+        name: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store)?;
+        txn.open_table(table)
+            .map_err(store)?
+            .insert(id, value)
+            .map_err(store)?;
+        txn.open_table(names)
+            .map_err(store)?
+            .insert(name, id)
+            .map_err(store)?;
+        txn.commit().map_err(store)
+    }
+
+    fn delete(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        names: TableDefinition<&str, &str>,
+        id: &str,
+        name_of: impl Fn(&[u8]) -> Option<String>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store)?;
+        let name = {
+            let mut t = txn.open_table(table).map_err(store)?;
+            let removed = t.remove(id).map_err(store)?;
+            removed.and_then(|v| name_of(v.value()))
+        };
+        if let Some(name) = name {
+            txn.open_table(names)
+                .map_err(store)?
+                .remove(name.as_str())
+                .map_err(store)?;
+        }
+        txn.commit().map_err(store)
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl Records for EmbeddedRecords {
+    fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        match self.id_by_name(VOLUME_NAMES, name)? {
+            Some(id) => self.volume(&id),
+            None => Ok(None),
+        }
+    }
+    fn volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        self.get(VOLUMES, id)
+    }
+    fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, &json(rec))
+    }
+    fn delete_volume(&self, id: &str) -> Result<()> {
+        self.delete(VOLUMES, VOLUME_NAMES, id, |v| {
+            serde_json::from_slice::<VolumeRecord>(v)
+                .ok()
+                .map(|r| r.name)
+        })
+    }
+    fn snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>> {
+        match self.id_by_name(SNAPSHOT_NAMES, name)? {
+            Some(id) => self.snapshot(&id),
+            None => Ok(None),
+        }
+    }
+    fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        self.get(SNAPSHOTS, id)
+    }
+    fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        self.put(
+            SNAPSHOTS,
+            SNAPSHOT_NAMES,
+            &rec.snapshot_id,
+            &rec.name,
+            &json(rec),
+        )
+    }
+    fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.delete(SNAPSHOTS, SNAPSHOT_NAMES, id, |v| {
+            serde_json::from_slice::<SnapshotRecord>(v)
+                .ok()
+                .map(|r| r.name)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(name: &str, id: &str) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            volume_id: id.into(),
+            capacity_bytes: 4096,
+            parameters: BTreeMap::new(),
+            source: Some(ContentSource::Snapshot("s".into())),
+            node: "n".into(),
+            state: RecordState::Creating,
+            created_unix_ns: 1,
+        }
+    }
+
+    #[test]
+    fn names_and_ids_map_both_ways_and_delete_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = EmbeddedRecords::open(&dir.path().join("records.redb")).unwrap();
+        r.put_volume(&volume("pvc-1", "id-1")).unwrap();
+        assert_eq!(
+            r.volume_by_name("pvc-1").unwrap().unwrap().volume_id,
+            "id-1"
+        );
+        assert_eq!(r.volume("id-1").unwrap().unwrap().name, "pvc-1");
+        r.delete_volume("id-1").unwrap();
+        assert!(r.volume_by_name("pvc-1").unwrap().is_none());
+        r.delete_volume("id-1").expect("deleting twice is fine");
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.redb");
+        EmbeddedRecords::open(&path)
+            .unwrap()
+            .put_volume(&volume("a", "1"))
+            .unwrap();
+        let r = EmbeddedRecords::open(&path).unwrap();
+        assert_eq!(r.volume("1").unwrap(), Some(volume("a", "1")));
+    }
+}

@@ -1,0 +1,80 @@
+//! CSI Identity: who we are, what we offer, whether we are ready.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use csi_proto::csi::v1::identity_server::Identity;
+use csi_proto::csi::v1::plugin_capability::{self, service, volume_expansion};
+use csi_proto::csi::v1::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+};
+use tonic::{Request, Response, Status};
+
+/// The driver name Kubernetes knows Strata by.
+pub const DRIVER_NAME: &str = "csi.strata.dev";
+
+/// The Identity service. `ready` turns true once the engine is open.
+#[derive(Debug, Clone)]
+pub struct IdentityService {
+    ready: Arc<AtomicBool>,
+    controller: bool,
+}
+
+impl IdentityService {
+    pub fn new(ready: Arc<AtomicBool>, controller: bool) -> Self {
+        IdentityService { ready, controller }
+    }
+}
+
+fn service_cap(t: service::Type) -> PluginCapability {
+    PluginCapability {
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service { r#type: t as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: HashMap::from([(
+                "csi-spec".to_string(),
+                csi_proto::CSI_SPEC_VERSION.to_string(),
+            )]),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let mut capabilities = vec![service_cap(service::Type::VolumeAccessibilityConstraints)];
+        if self.controller {
+            capabilities.insert(0, service_cap(service::Type::ControllerService));
+        }
+        capabilities.push(PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(
+                plugin_capability::VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                },
+            )),
+        });
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse {
+            ready: Some(self.ready.load(Ordering::Acquire)),
+        }))
+    }
+}

@@ -1,0 +1,145 @@
+//! StorageClass and VolumeSnapshotClass parameters, and sizes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tonic::Status;
+
+use crate::engine::BLOCK_SIZE;
+
+/// Filesystems Strata can put on a volume.
+pub(crate) const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+
+/// Prefix of the keys the CSI sidecars add (e.g. with
+/// `--extra-create-metadata`); they are accepted and ignored here.
+const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Validated StorageClass parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeParams {
+    pub fs_type: Option<String>,
+}
+
+/// Parses CreateVolume parameters; unknown keys are INVALID_ARGUMENT.
+pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumeParams, Status> {
+    let mut out = VolumeParams { fs_type: None };
+    for (k, v) in params {
+        match k.as_str() {
+            "fsType" | "csi.storage.k8s.io/fstype" => {
+                if !FS_TYPES.contains(&v.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter fsType={v:?} is not supported; use one of {FS_TYPES:?}"
+                    )));
+                }
+                out.fs_type = Some(v.clone());
+            }
+            "frontend" => {
+                if v != "nbd" {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter frontend={v:?} is not supported; this build serves volumes over \"nbd\""
+                    )));
+                }
+            }
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown parameter {k:?}; Strata accepts fsType and frontend"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The parameters that define a volume (for comparing repeated creates):
+/// everything but the sidecars' per-request metadata.
+pub(crate) fn defining(params: &HashMap<String, String>) -> BTreeMap<String, String> {
+    params
+        .iter()
+        .filter(|(k, _)| !k.starts_with(SIDECAR_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Parses CreateSnapshot parameters (none are defined yet).
+pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<(), Status> {
+    match params.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
+        Some(k) => Err(Status::invalid_argument(format!(
+            "unknown snapshot parameter {k:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The size to create for a capacity range: `required` rounded up to whole
+/// 4 KiB blocks, within `limit`; `default` when neither is set. Sizes that
+/// are already whole blocks are honoured exactly.
+pub(crate) fn size_for(required: i64, limit: i64, default: u64) -> Result<u64, Status> {
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument(
+            "capacity_range values must not be negative",
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit != 0 && required > limit {
+        return Err(Status::invalid_argument(format!(
+            "capacity_range: required_bytes {required} is larger than limit_bytes {limit}"
+        )));
+    }
+    let want = if required == 0 {
+        default.max(if limit != 0 { 0 } else { BLOCK_SIZE })
+    } else {
+        required
+    };
+    let size = want.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+    if limit != 0 && size > limit {
+        // A limit below the default (or not a whole block above required).
+        let down = limit / BLOCK_SIZE * BLOCK_SIZE;
+        if down >= required.max(BLOCK_SIZE) {
+            return Ok(down);
+        }
+        return Err(Status::out_of_range(format!(
+            "no whole number of 4096-byte blocks fits between required_bytes {required} and limit_bytes {limit}"
+        )));
+    }
+    Ok(size.max(BLOCK_SIZE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_blocks_within_the_limit() {
+        assert_eq!(size_for(4096, 0, 1 << 30).unwrap(), 4096);
+        assert_eq!(size_for(1, 0, 1 << 30).unwrap(), 4096);
+        assert_eq!(size_for(5000, 8192, 1 << 30).unwrap(), 8192);
+        assert_eq!(size_for(0, 0, 1 << 30).unwrap(), 1 << 30);
+        assert_eq!(size_for(0, 1 << 20, 1 << 30).unwrap(), 1 << 20);
+        assert_eq!(
+            size_for(5000, 6000, 1 << 30).unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+        assert_eq!(
+            size_for(10, 5, 1 << 30).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            size_for(-1, 0, 1 << 30).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused_and_sidecar_keys_ignored() {
+        let mut p = HashMap::new();
+        p.insert("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string());
+        p.insert("fsType".to_string(), "xfs".to_string());
+        assert_eq!(volume_params(&p).unwrap().fs_type.as_deref(), Some("xfs"));
+        p.insert("replicas".to_string(), "3".to_string());
+        assert_eq!(
+            volume_params(&p).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(defining(&p).len(), 2);
+    }
+}

@@ -1,0 +1,36 @@
+//! The one place errors become gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::cluster::records::RecordsError;
+use crate::engine::{Error, ErrorKind};
+
+/// The gRPC code for an engine error. Exhaustive: a new error kind must be
+/// given its code here.
+pub(crate) fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::LimitReached | ErrorKind::NoSpace => Code::ResourceExhausted,
+        ErrorKind::ReadOnly => Code::FailedPrecondition,
+        ErrorKind::Busy => Code::Unavailable,
+        ErrorKind::Corrupt | ErrorKind::Io => Code::Internal,
+    }
+}
+
+/// An engine error as a gRPC status (message: the error and its causes).
+pub(crate) fn engine(e: Error) -> Status {
+    Status::new(code(e.kind()), crate::cli::error_chain(&e))
+}
+
+/// A records-store error as a gRPC status.
+pub(crate) fn records(e: RecordsError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// A blocking task that panicked or was cancelled.
+pub(crate) fn join(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("internal error: {e}"))
+}

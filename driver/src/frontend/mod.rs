@@ -1,0 +1,120 @@
+//! Frontends: how volumes and snapshots reach clients and kernels. Every
+//! frontend serves [`Export`]s, a uniform face over a writable volume and a
+//! read-only snapshot; `nbd` is the NBD server (an iSCSI target would be a
+//! sibling module).
+
+pub mod nbd;
+
+use std::sync::Arc;
+
+use crate::engine::{
+    Error, Extent, Pool, Result, SnapshotId, SnapshotReader, Volume, VolumeId, ZeroFlags,
+};
+
+/// Something a frontend serves: a volume (read-write) or a snapshot
+/// (read-only; it pins the layers it reads while open).
+#[derive(Debug, Clone)]
+pub enum Export {
+    Volume(Arc<Volume>),
+    Snapshot(SnapshotReader),
+}
+
+impl Export {
+    /// Opens the export named `name`: a volume ID or a snapshot ID.
+    pub fn open(pool: &Pool, name: &str) -> Result<Option<Export>> {
+        if let Ok(id) = name.parse::<VolumeId>() {
+            match pool.volume(id) {
+                Ok(v) => return Ok(Some(Export::Volume(v))),
+                Err(Error::VolumeNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Ok(id) = name.parse::<SnapshotId>() {
+            match pool.open_snapshot(id) {
+                Ok(s) => return Ok(Some(Export::Snapshot(s))),
+                Err(Error::SnapshotNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every export of the pool: `(name, description)`.
+    pub fn list(pool: &Pool) -> Result<Vec<(String, String)>> {
+        let mut out: Vec<(String, String)> = pool
+            .list_volumes()?
+            .into_iter()
+            .map(|v| (v.id.to_string(), format!("volume, {} bytes", v.size_bytes)))
+            .collect();
+        out.extend(pool.list_snapshots()?.into_iter().map(|s| {
+            (
+                s.id.to_string(),
+                format!(
+                    "snapshot of volume {}, {} bytes, read-only",
+                    s.volume, s.size_bytes
+                ),
+            )
+        }));
+        Ok(out)
+    }
+
+    /// The export's name (its ID).
+    pub fn name(&self) -> String {
+        match self {
+            Export::Volume(v) => v.id().to_string(),
+            Export::Snapshot(s) => s.id().to_string(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Export::Volume(v) => v.size(),
+            Export::Snapshot(s) => s.size(),
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        matches!(self, Export::Snapshot(_))
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Export::Volume(v) => v.read(offset, buf),
+            Export::Snapshot(s) => s.read(offset, buf),
+        }
+    }
+
+    fn volume(&self) -> Result<&Volume> {
+        match self {
+            Export::Volume(v) => Ok(v),
+            Export::Snapshot(s) => Err(Error::ReadOnly(format!("snapshot {}", s.id()))),
+        }
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.volume()?.write(offset, data, fua)
+    }
+
+    /// Flush; a no-op on a snapshot (nothing to make durable).
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Export::Volume(v) => v.flush(),
+            Export::Snapshot(_) => Ok(()),
+        }
+    }
+
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.volume()?.trim(offset, len)
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.volume()?.write_zeroes(offset, len, flags)
+    }
+
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        match self {
+            Export::Volume(v) => v.block_status(offset, len),
+            Export::Snapshot(s) => s.block_status(offset, len),
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Fixed newstyle negotiation: from the greeting to `NBD_OPT_GO` (or
+//! `NBD_OPT_EXPORT_NAME`). Every malformed option gets the error reply the
+//! protocol defines and the negotiation goes on; only a wrong magic, unknown
+//! client flags or an oversized option end the connection.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::protocol::*;
+use crate::engine::{BLOCK_SIZE, Pool};
+use crate::frontend::Export;
+use crate::metrics::Metrics;
+
+/// What a successful negotiation agreed on.
+#[derive(Debug)]
+pub(super) struct Session {
+    pub export: Export,
+    pub structured: bool,
+    pub allocation: bool,
+}
+
+/// Option payloads up to this size are read and refused when too large;
+/// larger ones end the connection (they cannot be skipped cheaply).
+const MAX_SKIPPED_OPTION: u32 = 1 << 20;
+
+fn transmission_flags(export: &Export, structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if export.read_only() {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= TFLAG_SEND_DF;
+    }
+    f
+}
+
+async fn open_export(pool: &Pool, name: &str) -> Option<Export> {
+    let pool = pool.clone();
+    let name = name.to_string();
+    match tokio::task::spawn_blocking(move || Export::open(&pool, &name)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "opening an NBD export failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Runs the negotiation. `Ok(None)`: the client aborted or must be
+/// disconnected; `Ok(Some)`: transmission starts.
+pub(super) async fn negotiate<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    pool: &Pool,
+    metrics: &Metrics,
+) -> std::io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&NBD_MAGIC.to_be_bytes()).await?;
+    wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
+    wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    wr.flush().await?;
+    let client = rd.read_u32().await?;
+    if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0
+        || client & FLAG_C_FIXED_NEWSTYLE == 0
+    {
+        metrics.nbd_protocol_error("client_flags");
+        return Ok(None);
+    }
+    let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut allocation = false;
+    loop {
+        let mut header = [0u8; 16];
+        rd.read_exact(&mut header).await?;
+        let Ok(opt) = parse_option_header(&header) else {
+            metrics.nbd_protocol_error("bad_option_magic");
+            return Ok(None);
+        };
+        if opt.length > MAX_OPTION_LEN {
+            metrics.nbd_protocol_error("option_too_large");
+            if opt.length > MAX_SKIPPED_OPTION {
+                return Ok(None);
+            }
+            tokio::io::copy(
+                &mut (&mut *rd).take(u64::from(opt.length)),
+                &mut tokio::io::sink(),
+            )
+            .await?;
+            wr.write_all(&option_error(
+                opt.option,
+                REP_ERR_TOO_BIG,
+                "option payload too large",
+            ))
+            .await?;
+            wr.flush().await?;
+            continue;
+        }
+        let mut data = vec![0u8; opt.length as usize];
+        rd.read_exact(&mut data).await?;
+        let reply = |r: u32, d: &[u8]| option_reply(opt.option, r, d);
+        match opt.option {
+            OPT_EXPORT_NAME => {
+                let Some(export) = open_export(pool, &String::from_utf8_lossy(&data)).await else {
+                    // The protocol has no error reply here: disconnect.
+                    metrics.nbd_protocol_error("unknown_export");
+                    return Ok(None);
+                };
+                wr.write_all(&export.size().to_be_bytes()).await?;
+                wr.write_all(&transmission_flags(&export, structured).to_be_bytes())
+                    .await?;
+                if !no_zeroes {
+                    wr.write_all(&[0u8; 124]).await?;
+                }
+                wr.flush().await?;
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    allocation,
+                }));
+            }
+            OPT_ABORT => {
+                wr.write_all(&reply(REP_ACK, &[])).await?;
+                wr.flush().await?;
+                return Ok(None);
+            }
+            OPT_LIST if !data.is_empty() => {
+                metrics.nbd_protocol_error("invalid_option");
+                wr.write_all(&option_error(
+                    opt.option,
+                    REP_ERR_INVALID,
+                    "LIST takes no data",
+                ))
+                .await?;
+            }
+            OPT_LIST => {
+                let p = pool.clone();
+                let exports = tokio::task::spawn_blocking(move || Export::list(&p)).await;
+                match exports {
+                    Ok(Ok(exports)) => {
+                        for (name, description) in exports {
+                            wr.write_all(&reply(REP_SERVER, &rep_server(&name, &description)))
+                                .await?;
+                        }
+                        wr.write_all(&reply(REP_ACK, &[])).await?;
+                    }
+                    _ => {
+                        wr.write_all(&option_error(
+                            opt.option,
+                            REP_ERR_SHUTDOWN,
+                            "cannot list exports",
+                        ))
+                        .await?;
+                    }
+                }
+            }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                metrics.nbd_protocol_error("invalid_option");
+                wr.write_all(&option_error(
+                    opt.option,
+                    REP_ERR_INVALID,
+                    "STRUCTURED_REPLY takes no data",
+                ))
+                .await?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                structured = true;
+                wr.write_all(&reply(REP_ACK, &[])).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let (name, infos) = match parse_info_request(&data) {
+                    Ok(x) => x,
+                    Err(InvalidOption(why)) => {
+                        metrics.nbd_protocol_error("invalid_option");
+                        wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
+                            .await?;
+                        wr.flush().await?;
+                        continue;
+                    }
+                };
+                let Some(export) = open_export(pool, &name).await else {
+                    metrics.nbd_protocol_error("unknown_export");
+                    let msg = format!("no volume or snapshot named {name:?}");
+                    wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
+                        .await?;
+                    wr.flush().await?;
+                    continue;
+                };
+                let flags = transmission_flags(&export, structured);
+                wr.write_all(&reply(REP_INFO, &info_export(export.size(), flags)))
+                    .await?;
+                wr.write_all(&reply(
+                    REP_INFO,
+                    &info_block_size(1, BLOCK_SIZE as u32, MAX_REQUEST),
+                ))
+                .await?;
+                if infos.contains(&INFO_NAME) {
+                    wr.write_all(&reply(REP_INFO, &info_string(INFO_NAME, &name)))
+                        .await?;
+                }
+                if infos.contains(&INFO_DESCRIPTION) {
+                    let what = if export.read_only() {
+                        "Strata snapshot (read-only)"
+                    } else {
+                        "Strata volume"
+                    };
+                    wr.write_all(&reply(REP_INFO, &info_string(INFO_DESCRIPTION, what)))
+                        .await?;
+                }
+                wr.write_all(&reply(REP_ACK, &[])).await?;
+                if opt.option == OPT_GO {
+                    wr.flush().await?;
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        allocation,
+                    }));
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let setting = opt.option == OPT_SET_META_CONTEXT;
+                if setting && !structured {
+                    metrics.nbd_protocol_error("invalid_option");
+                    let msg = "negotiate NBD_OPT_STRUCTURED_REPLY first";
+                    wr.write_all(&option_error(opt.option, REP_ERR_INVALID, msg))
+                        .await?;
+                    wr.flush().await?;
+                    continue;
+                }
+                let (name, queries) = match parse_meta_context_request(&data) {
+                    Ok(x) => x,
+                    Err(InvalidOption(why)) => {
+                        metrics.nbd_protocol_error("invalid_option");
+                        wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
+                            .await?;
+                        wr.flush().await?;
+                        continue;
+                    }
+                };
+                if open_export(pool, &name).await.is_none() {
+                    metrics.nbd_protocol_error("unknown_export");
+                    let msg = format!("no volume or snapshot named {name:?}");
+                    wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
+                        .await?;
+                    wr.flush().await?;
+                    continue;
+                }
+                let selected = if queries.is_empty() {
+                    !setting
+                } else {
+                    queries
+                        .iter()
+                        .any(|q| query_selects_allocation(q, !setting))
+                };
+                if setting {
+                    allocation = selected;
+                }
+                if selected {
+                    let ctx = rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION);
+                    wr.write_all(&reply(REP_META_CONTEXT, &ctx)).await?;
+                }
+                wr.write_all(&reply(REP_ACK, &[])).await?;
+            }
+            OPT_STARTTLS => {
+                let msg =
+                    "TLS is not offered: NBD is served on a local unix socket or loopback only";
+                wr.write_all(&option_error(opt.option, REP_ERR_POLICY, msg))
+                    .await?;
+            }
+            other => {
+                metrics.nbd_protocol_error("unknown_option");
+                wr.write_all(&option_error(other, REP_ERR_UNSUP, "option not supported"))
+                    .await?;
+            }
+        }
+        wr.flush().await?;
+    }
+}

@@ -1,0 +1,202 @@
+//! The NBD server: fixed newstyle negotiation, simple and structured
+//! replies, `base:allocation` block status, TRIM, WRITE_ZEROES, FLUSH, FUA
+//! and multiple connections per export.
+//!
+//! ```text
+//! accept ─▶ handshake.rs (options: GO/INFO/LIST/STRUCTURED_REPLY/META_CONTEXT/ABORT)
+//!        ─▶ transmission.rs: reader ─▶ validate (protocol.rs) ─▶ blocking pool: engine I/O
+//!                                                                   │
+//!                            writer ◀──────── replies (any order) ◀─┘
+//! ```
+//!
+//! Exports are volumes (read-write, by volume ID) and snapshots (read-only,
+//! by snapshot ID). `CAN_MULTI_CONN` is advertised because a flush on any
+//! connection makes every write acknowledged on any connection to the same
+//! volume durable (flushes are per volume, not per connection).
+//!
+//! It listens on a unix socket (mode 0600) and, only when configured, on
+//! TCP. Requests of one connection run concurrently (up to 64 MiB of
+//! payload in flight) and are answered as they complete.
+
+mod handshake;
+pub mod protocol;
+mod transmission;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+
+use crate::engine::Pool;
+use crate::metrics::Metrics;
+
+/// Limits of the server.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// Negotiation must finish within this time.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Payload bytes a connection may have in flight.
+    pub max_inflight_bytes: u32,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_inflight_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The NBD server of one pool.
+#[derive(Debug)]
+pub struct NbdServer {
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    config: NbdConfig,
+    connections: Arc<Semaphore>,
+}
+
+impl NbdServer {
+    pub fn new(pool: Pool, metrics: Arc<Metrics>, config: NbdConfig) -> Arc<Self> {
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        Arc::new(NbdServer {
+            pool,
+            metrics,
+            config,
+            connections,
+        })
+    }
+
+    /// Accepts connections on a unix socket until `shutdown` resolves.
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (rd, wr) = stream.into_split();
+                        self.spawn_connection(rd, wr);
+                    }
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    /// Accepts connections on TCP until `shutdown` resolves.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tracing::debug!(%peer, "NBD connection");
+                        let (rd, wr) = stream.into_split();
+                        self.spawn_connection(rd, wr);
+                    }
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    fn spawn_connection<R, W>(self: &Arc<Self>, rd: R, wr: W)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+            tracing::warn!(
+                limit = self.config.max_connections,
+                "NBD connection refused: too many connections"
+            );
+            self.metrics.nbd_protocol_error("too_many_connections");
+            return;
+        };
+        let server = Arc::clone(self);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _counted = server.metrics.nbd_connection();
+            if let Err(e) = server.connection(rd, wr).await {
+                tracing::debug!(error = %e, "NBD connection ended with an error");
+            }
+        });
+    }
+
+    async fn connection<R, W>(&self, rd: R, wr: W) -> std::io::Result<()>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+        let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+        let negotiated = tokio::time::timeout(
+            self.config.handshake_timeout,
+            handshake::negotiate(&mut rd, &mut wr, &self.pool, &self.metrics),
+        )
+        .await;
+        let session = match negotiated {
+            Ok(Ok(Some(session))) => session,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                self.metrics.nbd_protocol_error("handshake_timeout");
+                return Ok(());
+            }
+        };
+        transmission::serve(
+            rd,
+            wr,
+            session,
+            Arc::clone(&self.metrics),
+            self.config.max_inflight_bytes,
+        )
+        .await
+    }
+}
+
+async fn accept_error(e: std::io::Error) {
+    // EMFILE and friends: back off instead of spinning.
+    tracing::warn!(error = %e, "accepting an NBD connection failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Binds a unix socket for NBD with mode 0600, replacing a stale socket
+/// file left by an earlier run.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

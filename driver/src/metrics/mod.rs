@@ -1,0 +1,369 @@
+//! Prometheus metrics: the registry, the metric families the frontends
+//! update on the I/O path, a collector that reads pool and volume gauges at
+//! scrape time, and the `/metrics` HTTP endpoint.
+//!
+//! Names follow Prometheus conventions: `strata_` prefix, base units
+//! (seconds, bytes), `_total` for counters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::engine::{Pool, VolumeId};
+
+/// The operations counted per volume.
+pub const OPS: [&str; 6] = [
+    "read",
+    "write",
+    "flush",
+    "trim",
+    "write_zeroes",
+    "block_status",
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeOp {
+    volume: String,
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeOpError {
+    volume: String,
+    op: &'static str,
+    error: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
+type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~20 s.
+    Histogram::new(exponential_buckets(10e-6, 4.0, 12))
+}
+
+/// Every metric Strata exports, shared by the servers of one process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    ops: Family<VolumeOp, Counter>,
+    bytes: Family<VolumeOp, Counter>,
+    latency: HistogramFamily<VolumeOp>,
+    errors: Family<VolumeOpError, Counter>,
+    nbd_connections: Gauge,
+    nbd_connections_total: Counter,
+    nbd_protocol_errors: Family<Kind, Counter>,
+}
+
+/// Per-operation handles for one volume, resolved once per connection so
+/// the I/O path never builds label sets.
+#[derive(Debug, Clone)]
+pub struct OpMetrics {
+    ops: Counter,
+    bytes: Counter,
+    latency: Histogram,
+}
+
+impl OpMetrics {
+    /// Records one completed operation of `bytes` bytes.
+    pub fn observe(&self, bytes: u64, elapsed: Duration) {
+        self.ops.inc();
+        self.bytes.inc_by(bytes);
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// A registry with every Strata metric; `pool`, if given, is read at
+    /// each scrape for pool and volume gauges.
+    pub fn new(pool: Option<Pool>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("strata");
+        let ops = Family::<VolumeOp, Counter>::default();
+        let bytes = Family::<VolumeOp, Counter>::default();
+        let latency = HistogramFamily::<VolumeOp>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let errors = Family::<VolumeOpError, Counter>::default();
+        let nbd_connections = Gauge::default();
+        let nbd_connections_total = Counter::default();
+        let nbd_protocol_errors = Family::<Kind, Counter>::default();
+        registry.register(
+            "volume_ops",
+            "Completed volume operations, by volume and operation",
+            ops.clone(),
+        );
+        registry.register_with_unit(
+            "volume",
+            "Bytes moved by volume operations, by volume and operation",
+            prometheus_client::registry::Unit::Bytes,
+            bytes.clone(),
+        );
+        registry.register_with_unit(
+            "volume_op_duration",
+            "Latency of volume operations, by volume and operation",
+            prometheus_client::registry::Unit::Seconds,
+            latency.clone(),
+        );
+        registry.register(
+            "volume_errors",
+            "Failed volume operations, by volume, operation and error",
+            errors.clone(),
+        );
+        registry.register(
+            "nbd_connections",
+            "Open NBD connections",
+            nbd_connections.clone(),
+        );
+        registry.register(
+            "nbd_connections_accepted",
+            "NBD connections accepted",
+            nbd_connections_total.clone(),
+        );
+        registry.register(
+            "nbd_protocol_errors",
+            "NBD requests or negotiations refused as invalid, by kind",
+            nbd_protocol_errors.clone(),
+        );
+        if let Some(pool) = pool {
+            registry.register_collector(Box::new(PoolCollector { pool }));
+        }
+        Arc::new(Metrics {
+            registry,
+            ops,
+            bytes,
+            latency,
+            errors,
+            nbd_connections,
+            nbd_connections_total,
+            nbd_protocol_errors,
+        })
+    }
+
+    /// Handles for one operation on one volume.
+    pub fn op(&self, volume: &str, op: &'static str) -> OpMetrics {
+        let labels = VolumeOp {
+            volume: volume.to_string(),
+            op,
+        };
+        OpMetrics {
+            ops: self.ops.get_or_create(&labels).clone(),
+            bytes: self.bytes.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Counts a failed volume operation.
+    pub fn error(&self, volume: &str, op: &'static str, error: &'static str) {
+        self.errors
+            .get_or_create(&VolumeOpError {
+                volume: volume.to_string(),
+                op,
+                error,
+            })
+            .inc();
+    }
+
+    /// Drops every series of a deleted volume.
+    pub fn forget_volume(&self, volume: VolumeId) {
+        let volume = volume.to_string();
+        for op in OPS {
+            let labels = VolumeOp {
+                volume: volume.clone(),
+                op,
+            };
+            self.ops.remove(&labels);
+            self.bytes.remove(&labels);
+            self.latency.remove(&labels);
+        }
+    }
+
+    /// A connection opened; the returned guard counts it until dropped.
+    pub fn nbd_connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.nbd_connections.inc();
+        self.nbd_connections_total.inc();
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    /// Counts an NBD request or negotiation step refused as invalid.
+    pub fn nbd_protocol_error(&self, kind: &'static str) {
+        self.nbd_protocol_errors.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Counts one open NBD connection.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.nbd_connections.dec();
+    }
+}
+
+/// Reads the pool's gauges at scrape time.
+#[derive(Debug)]
+struct PoolCollector {
+    pool: Pool,
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&prometheus_client::registry::Unit>,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, unit, g.metric_type())?;
+    g.encode(metric)
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabel {
+    volume: String,
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::registry::Unit;
+        let bytes = Some(&Unit::Bytes);
+        match self.pool.space() {
+            Ok(space) => {
+                let used = space.capacity_bytes.saturating_sub(space.free_bytes);
+                gauge(
+                    &mut encoder,
+                    "pool_capacity",
+                    "Size of the pool's filesystem",
+                    bytes,
+                    space.capacity_bytes as i64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "pool_free",
+                    "Free space of the pool's filesystem",
+                    bytes,
+                    space.free_bytes as i64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "pool_used",
+                    "Used space of the pool's filesystem",
+                    bytes,
+                    used as i64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "pool_reserved",
+                    "Free space kept for metadata; data writes fail below it",
+                    bytes,
+                    space.reserved_bytes as i64,
+                )?;
+            }
+            Err(e) => tracing::warn!(error = %e, "pool space unavailable for metrics"),
+        }
+        let stats = match self.pool.volume_stats() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "volume stats unavailable for metrics");
+                return Ok(());
+            }
+        };
+        gauge(
+            &mut encoder,
+            "pool_volumes",
+            "Volumes in the pool",
+            None,
+            stats.len() as i64,
+        )?;
+        type Family<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a Unit>,
+            fn(&crate::engine::VolumeStats) -> i64,
+        );
+        let families: [Family; 3] = [
+            ("volume_logical", "Logical size of the volume", bytes, |s| {
+                s.size_bytes as i64
+            }),
+            (
+                "volume_allocated",
+                "Bytes of the volume backed by data in some layer",
+                bytes,
+                |s| s.allocated_bytes as i64,
+            ),
+            (
+                "volume_chain_depth",
+                "Layers in the volume's chain, top included",
+                None,
+                |s| s.chain_depth as i64,
+            ),
+        ];
+        for (name, help, unit, value) in families {
+            let mut metric =
+                encoder.encode_descriptor(name, help, unit, ConstGauge::new(0i64).metric_type())?;
+            for s in &stats {
+                let labels = VolumeLabel {
+                    volume: s.id.to_string(),
+                };
+                ConstGauge::new(value(s)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                let body = tokio::task::spawn_blocking(move || metrics.encode())
+                    .await
+                    .unwrap_or_default();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

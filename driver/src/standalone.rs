@@ -1,0 +1,200 @@
+//! Standalone mode: engine, NBD, the CSI Identity and Controller services
+//! and metrics in one process, with the embedded records store. What runs
+//! on a fresh machine and what the local end-to-end tests use.
+//!
+//! SIGTERM (or SIGINT): stop accepting connections, flush every volume and
+//! fold its journal, exit 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use csi_proto::csi::v1::controller_server::ControllerServer;
+use csi_proto::csi::v1::identity_server::IdentityServer;
+use tokio::sync::watch;
+
+use crate::cluster::records::EmbeddedRecords;
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::endpoint::Endpoint;
+use crate::engine::{Pool, PoolOptions};
+use crate::frontend::nbd::{self, NbdConfig, NbdServer};
+use crate::metrics::{self, Metrics};
+
+/// Where standalone mode keeps its records, inside the pool directory.
+pub const RECORDS_FILE: &str = "cluster.redb";
+
+/// What `strata standalone` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool: PathBuf,
+    pub csi_endpoint: Endpoint,
+    pub nbd_listen: Vec<Endpoint>,
+    pub metrics_listen: SocketAddr,
+    pub node_id: String,
+}
+
+/// Why standalone mode could not start (or stop cleanly).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening the pool at {path}")]
+    Pool {
+        path: PathBuf,
+        #[source]
+        source: crate::engine::Error,
+    },
+    #[error("opening the records store")]
+    Records(#[source] crate::cluster::records::RecordsError),
+    #[error("listening on {endpoint}")]
+    Listen {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the CSI endpoint must be a unix socket (unix:///PATH), not {0}")]
+    CsiNotUnix(String),
+    #[error("flushing volumes at shutdown")]
+    Flush(#[source] crate::engine::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn listen_err(endpoint: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
+    let endpoint = endpoint.to_string();
+    move |source| StartError::Listen { endpoint, source }
+}
+
+/// Runs standalone mode until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let path = config.pool.clone();
+    let pool = tokio::task::spawn_blocking(move || Pool::open(&path, PoolOptions::default()))
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?
+        .map_err(|source| StartError::Pool {
+            path: config.pool.clone(),
+            source,
+        })?;
+    let records = Arc::new(
+        EmbeddedRecords::open(&config.pool.join(RECORDS_FILE)).map_err(StartError::Records)?,
+    );
+    let metrics = Metrics::new(Some(pool.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // NBD
+    let nbd = NbdServer::new(pool.clone(), Arc::clone(&metrics), NbdConfig::default());
+    let mut sockets = Vec::new();
+    for ep in &config.nbd_listen {
+        match ep {
+            Endpoint::Unix(p) => {
+                let l = nbd::bind_unix(p).map_err(listen_err(ep))?;
+                sockets.push(p.clone());
+                tokio::spawn(Arc::clone(&nbd).serve_unix(l, stopped()));
+            }
+            Endpoint::Tcp(a) => {
+                if !a.ip().is_loopback() {
+                    tracing::warn!(address = %a, "NBD on a non-loopback address: anyone who can reach it can read and write every volume");
+                }
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(listen_err(ep))?;
+                tokio::spawn(Arc::clone(&nbd).serve_tcp(l, stopped()));
+            }
+        }
+    }
+
+    // Metrics
+    let listener = metrics::bind(config.metrics_listen)
+        .await
+        .map_err(listen_err(config.metrics_listen))?;
+    tokio::spawn(metrics::serve(Arc::clone(&metrics), listener, stopped()));
+
+    // CSI
+    let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
+        return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
+    };
+    let csi_listener = crate::csi::bind(csi_path).map_err(listen_err(&config.csi_endpoint))?;
+    sockets.push(csi_path.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let identity = IdentityService::new(Arc::clone(&ready), true);
+    let controller = ControllerService::new(
+        pool.clone(),
+        records,
+        Arc::clone(&metrics),
+        config.node_id.clone(),
+    );
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(controller))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
+            stopped(),
+        );
+    let csi = tokio::spawn(csi);
+    ready.store(true, Ordering::Release);
+
+    // Load every volume in the background, so I/O after a restart does not
+    // wait for index builds.
+    let warm = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = warm.volume_stats() {
+            tracing::warn!(error = %e, "loading volumes at start failed");
+        }
+    });
+
+    tracing::info!(
+        pool = %config.pool.display(),
+        csi = %config.csi_endpoint,
+        nbd = ?config.nbd_listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        metrics = %config.metrics_listen,
+        node = %config.node_id,
+        "strata standalone is ready"
+    );
+    eprintln!(
+        "strata standalone: ready (CSI {}, metrics http://{}/metrics)",
+        config.csi_endpoint, config.metrics_listen
+    );
+
+    wait_for_signal().await;
+    eprintln!("strata standalone: stopping: flushing every volume");
+    let _ = stop_tx.send(true);
+    let _ = csi.await;
+    let closing = pool.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?
+        .map_err(StartError::Flush)?;
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    eprintln!("strata standalone: stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// This machine's host name (the default node ID).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
