@@ -191,3 +191,37 @@ pub fn steps(default: u64) -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+pub mod standalone;
+
+/// Whether `tool` is on PATH.
+pub fn have_tool(tool: &str) -> bool {
+    have(tool)
+}
+
+/// Requires every tool (skips loudly outside CI, fails under CI).
+pub fn require_tools(tools: &[&str]) -> Result<(), String> {
+    for t in tools {
+        require(
+            have(t),
+            &format!("{t} is not installed (scripts/install-deps installs it)"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs a command, returning stdout; panics with its stderr on failure.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,193 @@
+//! A `strata standalone` process for end-to-end tests: started in a
+//! temporary directory, stopped (or killed) on demand, its CLI and NBD
+//! URIs at hand.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Standalone {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub metrics_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Standalone {
+    pub fn start() -> Standalone {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Standalone {
+            dir,
+            child: None,
+            metrics_port: free_port(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn pool(&self) -> PathBuf {
+        self.dir.path().join("pool")
+    }
+
+    pub fn csi_socket(&self) -> PathBuf {
+        self.dir.path().join("csi.sock")
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
+
+    /// (Re)starts the server and waits until it answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("strata.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("standalone")
+            .arg("--pool")
+            .arg(self.pool())
+            .arg("--csi-endpoint")
+            .arg(format!("unix://{}", self.csi_socket().display()))
+            .arg("--nbd-listen")
+            .arg(format!("unix://{}", self.nbd_socket().display()))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .arg("--node-id")
+            .arg("test-node")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.csi_socket().exists() && self.cli(&["volume", "list"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "strata standalone exited at start ({status}):\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("strata standalone did not become ready:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("strata.log")).unwrap_or_default()
+    }
+
+    /// Runs the `strata` CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .env(
+                "STRATA_CSI_ENDPOINT",
+                format!("unix://{}", self.csi_socket().display()),
+            )
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI with `-o json` and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "strata {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Creates a volume and returns its ID.
+    pub fn create_volume(&self, name: &str, size: &str) -> String {
+        let v = self.cli_json(&["volume", "create", name, "--size", size]);
+        v[0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Snapshots a volume and returns the snapshot ID.
+    pub fn snapshot(&self, name: &str, volume: &str) -> String {
+        let v = self.cli_json(&["snapshot", "create", name, "--volume", volume]);
+        v[0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// The NBD URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().display()
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a Python script with libnbd's bindings (Debian's python, which
+/// has them), with `uri(...)`-style values substituted by the caller.
+pub fn nbdsh(script: &str) -> Output {
+    Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap()
+}
+
+pub fn assert_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn write_random(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    super::Rng::new(seed).fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
