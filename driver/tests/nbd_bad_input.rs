@@ -1,0 +1,193 @@
+//! Bad NBD input, byte by byte: every refusal is the protocol's answer, the
+//! connection survives wherever the protocol allows, the server never goes
+//! down, and data flushed before stays intact.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::standalone::Standalone;
+use strata::frontend::nbd::protocol::*;
+
+struct Raw(UnixStream);
+
+impl Raw {
+    /// Connects and does the greeting with `client_flags`.
+    fn connect(s: &Standalone, client_flags: u32) -> Raw {
+        let sock = UnixStream::connect(s.nbd_socket()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut raw = Raw(sock);
+        let mut greeting = [0u8; 18];
+        raw.0.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..8], &NBD_MAGIC.to_be_bytes());
+        assert_eq!(&greeting[8..16], &IHAVEOPT.to_be_bytes());
+        raw.0.write_all(&client_flags.to_be_bytes()).unwrap();
+        raw
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.0.write_all(&b).unwrap();
+    }
+
+    /// Reads one option reply: (reply type, data).
+    fn reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..8], &OPT_REPLY_MAGIC.to_be_bytes());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        self.0.read_exact(&mut data).unwrap();
+        (kind, data)
+    }
+
+    /// Reads replies until the final ACK or error; returns the last type.
+    fn final_reply(&mut self) -> u32 {
+        loop {
+            let (kind, _) = self.reply();
+            if kind == REP_ACK || kind & (1 << 31) != 0 {
+                return kind;
+            }
+        }
+    }
+
+    fn go(&mut self, export: &str) -> u32 {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(OPT_GO, &d);
+        self.final_reply()
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.0.write_all(&b).unwrap();
+    }
+
+    /// Reads a simple reply: (cookie, error, data of `data_len` if no error).
+    fn simple(&mut self, data_len: usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut data = vec![0u8; if error == 0 { data_len } else { 0 }];
+        self.0.read_exact(&mut data).unwrap();
+        (cookie, error, data)
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+const FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+#[test]
+fn negotiation_errors_get_protocol_replies_and_the_connection_goes_on() {
+    let s = Standalone::start();
+    let vol = s.create_volume("neg", "4MiB");
+    let mut c = Raw::connect(&s, FLAGS);
+    c.option(99, b"whatever");
+    assert_eq!(c.final_reply(), REP_ERR_UNSUP);
+    c.option(OPT_GO, &[0, 0, 0, 200, b'x']); // name longer than the payload
+    assert_eq!(c.final_reply(), REP_ERR_INVALID);
+    assert_eq!(c.go("no-such-export"), REP_ERR_UNKNOWN);
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.final_reply(), REP_ERR_POLICY);
+    let mut meta = (vol.len() as u32).to_be_bytes().to_vec();
+    meta.extend_from_slice(vol.as_bytes());
+    meta.extend_from_slice(&0u32.to_be_bytes());
+    c.option(OPT_SET_META_CONTEXT, &meta);
+    assert_eq!(c.final_reply(), REP_ERR_INVALID, "SET_META_CONTEXT before structured replies");
+    c.option(OPT_LIST, b"junk");
+    assert_eq!(c.final_reply(), REP_ERR_INVALID);
+    c.option(OPT_LIST, &[]);
+    assert_eq!(c.final_reply(), REP_ACK);
+    c.option(OPT_INFO, &[0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.final_reply(), REP_ERR_UNKNOWN, "INFO of the empty (default) export");
+    // A large option is refused but can be skipped...
+    c.option(OPT_LIST, &vec![0u8; 200 << 10]);
+    assert_eq!(c.final_reply(), REP_ERR_TOO_BIG);
+    // ...and after all that, GO still works.
+    assert_eq!(c.go(&vol), REP_ACK);
+}
+
+#[test]
+fn connections_that_cannot_be_kept_in_sync_are_closed_and_the_server_lives_on() {
+    let s = Standalone::start();
+    let vol = s.create_volume("close", "4MiB");
+    // Unknown client flags.
+    let mut c = Raw::connect(&s, 0xffff);
+    assert!(c.closed());
+    // Bad option magic.
+    let mut c = Raw::connect(&s, FLAGS);
+    c.0.write_all(&[0u8; 16]).unwrap();
+    assert!(c.closed());
+    // An option too large to skip.
+    let mut c = Raw::connect(&s, FLAGS);
+    let mut h = IHAVEOPT.to_be_bytes().to_vec();
+    h.extend_from_slice(&OPT_LIST.to_be_bytes());
+    h.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.0.write_all(&h).unwrap();
+    assert!(c.closed());
+    // Bad request magic during transmission.
+    let mut c = Raw::connect(&s, FLAGS);
+    assert_eq!(c.go(&vol), REP_ACK);
+    c.0.write_all(&[0xAAu8; 28]).unwrap();
+    assert!(c.closed());
+    // The server still serves.
+    let mut c = Raw::connect(&s, FLAGS);
+    assert_eq!(c.go(&vol), REP_ACK);
+    c.request(CMD_READ, 0, 1, 0, 4096, &[]);
+    assert_eq!(c.simple(4096).1, 0);
+}
+
+#[test]
+fn bad_requests_get_errors_and_flushed_data_survives_them() {
+    let s = Standalone::start();
+    let vol = s.create_volume("req", "4MiB");
+    let size = 4u64 << 20;
+    let mut c = Raw::connect(&s, FLAGS);
+    assert_eq!(c.go(&vol), REP_ACK);
+    c.request(CMD_WRITE, CMD_FLAG_FUA, 1, 8192, 4096, &[0x5a; 4096]);
+    assert_eq!(c.simple(0), (1, 0, vec![]));
+    let cases: Vec<(u16, u16, u64, u32, usize, u32)> = vec![
+        // kind, flags, offset, length, payload, expected error
+        (99, 0, 0, 0, 0, EINVAL),                            // unknown command
+        (CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096, 4096, EINVAL), // flag not valid for WRITE
+        (CMD_READ, CMD_FLAG_DF, 0, 4096, 0, EINVAL),         // DF without structured replies
+        (CMD_READ, 0, size, 1, 0, EINVAL),                   // past the end
+        (CMD_WRITE, 0, size - 1, 2, 2, ENOSPC),              // write past the end
+        (CMD_TRIM, 0, u64::MAX - 10, 4096, 0, ENOSPC),       // offset overflow
+        (CMD_FLUSH, 0, 4096, 0, 0, EINVAL),                  // flush with a range
+        (CMD_BLOCK_STATUS, 0, 0, 4096, 0, EINVAL),           // no meta context
+        (CMD_WRITE, 0, 0, MAX_REQUEST + 1, (MAX_REQUEST + 1) as usize, EOVERFLOW), // oversized
+    ];
+    for (i, (kind, flags, offset, len, payload, want)) in cases.into_iter().enumerate() {
+        let cookie = 100 + i as u64;
+        c.request(kind, flags, cookie, offset, len, &vec![0xEE; payload]);
+        let (got_cookie, error, _) = c.simple(0);
+        assert_eq!((got_cookie, error), (cookie, want), "case {i}");
+    }
+    // Same connection, still in sync, and the flushed block is intact.
+    c.request(CMD_READ, 0, 7, 8192, 4096, &[]);
+    let (_, error, data) = c.simple(4096);
+    assert_eq!(error, 0);
+    assert!(data.iter().all(|&b| b == 0x5a));
+    let metrics = s.metrics();
+    assert!(metrics.contains("strata_nbd_protocol_errors_total{kind=\"unknown_command\"} 1"), "{metrics}");
+}
