@@ -17,7 +17,8 @@ impl Raw {
     /// Connects and does the greeting with `client_flags`.
     fn connect(s: &Standalone, client_flags: u32) -> Raw {
         let sock = UnixStream::connect(s.nbd_socket()).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut raw = Raw(sock);
         let mut greeting = [0u8; 18];
         raw.0.read_exact(&mut greeting).unwrap();
@@ -65,7 +66,15 @@ impl Raw {
         self.final_reply()
     }
 
-    fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&kind.to_be_bytes());
@@ -112,13 +121,21 @@ fn negotiation_errors_get_protocol_replies_and_the_connection_goes_on() {
     meta.extend_from_slice(vol.as_bytes());
     meta.extend_from_slice(&0u32.to_be_bytes());
     c.option(OPT_SET_META_CONTEXT, &meta);
-    assert_eq!(c.final_reply(), REP_ERR_INVALID, "SET_META_CONTEXT before structured replies");
+    assert_eq!(
+        c.final_reply(),
+        REP_ERR_INVALID,
+        "SET_META_CONTEXT before structured replies"
+    );
     c.option(OPT_LIST, b"junk");
     assert_eq!(c.final_reply(), REP_ERR_INVALID);
     c.option(OPT_LIST, &[]);
     assert_eq!(c.final_reply(), REP_ACK);
     c.option(OPT_INFO, &[0, 0, 0, 0, 0, 0]);
-    assert_eq!(c.final_reply(), REP_ERR_UNKNOWN, "INFO of the empty (default) export");
+    assert_eq!(
+        c.final_reply(),
+        REP_ERR_UNKNOWN,
+        "INFO of the empty (default) export"
+    );
     // A large option is refused but can be skipped...
     c.option(OPT_LIST, &vec![0u8; 200 << 10]);
     assert_eq!(c.final_reply(), REP_ERR_TOO_BIG);
@@ -167,15 +184,22 @@ fn bad_requests_get_errors_and_flushed_data_survives_them() {
     assert_eq!(c.simple(0), (1, 0, vec![]));
     let cases: Vec<(u16, u16, u64, u32, usize, u32)> = vec![
         // kind, flags, offset, length, payload, expected error
-        (99, 0, 0, 0, 0, EINVAL),                            // unknown command
+        (99, 0, 0, 0, 0, EINVAL), // unknown command
         (CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096, 4096, EINVAL), // flag not valid for WRITE
-        (CMD_READ, CMD_FLAG_DF, 0, 4096, 0, EINVAL),         // DF without structured replies
-        (CMD_READ, 0, size, 1, 0, EINVAL),                   // past the end
-        (CMD_WRITE, 0, size - 1, 2, 2, ENOSPC),              // write past the end
-        (CMD_TRIM, 0, u64::MAX - 10, 4096, 0, ENOSPC),       // offset overflow
-        (CMD_FLUSH, 0, 4096, 0, 0, EINVAL),                  // flush with a range
-        (CMD_BLOCK_STATUS, 0, 0, 4096, 0, EINVAL),           // no meta context
-        (CMD_WRITE, 0, 0, MAX_REQUEST + 1, (MAX_REQUEST + 1) as usize, EOVERFLOW), // oversized
+        (CMD_READ, CMD_FLAG_DF, 0, 4096, 0, EINVAL), // DF without structured replies
+        (CMD_READ, 0, size, 1, 0, EINVAL), // past the end
+        (CMD_WRITE, 0, size - 1, 2, 2, ENOSPC), // write past the end
+        (CMD_TRIM, 0, u64::MAX - 10, 4096, 0, ENOSPC), // offset overflow
+        (CMD_FLUSH, 0, 4096, 0, 0, EINVAL), // flush with a range
+        (CMD_BLOCK_STATUS, 0, 0, 4096, 0, EINVAL), // no meta context
+        (
+            CMD_WRITE,
+            0,
+            0,
+            MAX_REQUEST + 1,
+            (MAX_REQUEST + 1) as usize,
+            EOVERFLOW,
+        ), // oversized
     ];
     for (i, (kind, flags, offset, len, payload, want)) in cases.into_iter().enumerate() {
         let cookie = 100 + i as u64;
@@ -189,5 +213,8 @@ fn bad_requests_get_errors_and_flushed_data_survives_them() {
     assert_eq!(error, 0);
     assert!(data.iter().all(|&b| b == 0x5a));
     let metrics = s.metrics();
-    assert!(metrics.contains("strata_nbd_protocol_errors_total{kind=\"unknown_command\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("strata_nbd_protocol_errors_total{kind=\"unknown_command\"} 1"),
+        "{metrics}"
+    );
 }

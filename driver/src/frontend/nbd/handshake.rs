@@ -3,7 +3,7 @@
 //! protocol defines and the negotiation goes on; only a wrong magic, unknown
 //! client flags or an oversized option end the connection.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::protocol::*;
 use crate::engine::{BLOCK_SIZE, Pool};
@@ -50,21 +50,53 @@ async fn open_export(pool: &Pool, name: &str) -> Option<Export> {
 
 /// Runs the negotiation. `Ok(None)`: the client aborted or must be
 /// disconnected; `Ok(Some)`: transmission starts.
-pub(super) async fn negotiate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
+pub(super) async fn negotiate<S>(
+    rd: &mut BufReader<S>,
     pool: &Pool,
     metrics: &Metrics,
 ) -> std::io::Result<Option<Session>>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Replies(Vec::new());
+    let result = negotiate_inner(rd, &mut out, pool, metrics).await;
+    out.send(rd.get_mut()).await?;
+    result
+}
+
+/// Replies are gathered and written in one go per negotiation step.
+struct Replies(Vec<u8>);
+
+impl Replies {
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+
+    async fn send<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        if !self.0.is_empty() {
+            w.write_all(&self.0).await?;
+            w.flush().await?;
+            self.0.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn negotiate_inner<S>(
+    rd: &mut BufReader<S>,
+    wr: &mut Replies,
+    pool: &Pool,
+    metrics: &Metrics,
+) -> std::io::Result<Option<Session>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     wr.write_all(&NBD_MAGIC.to_be_bytes()).await?;
     wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
     wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
         .await?;
-    wr.flush().await?;
+    wr.send(rd.get_mut()).await?;
     let client = rd.read_u32().await?;
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0
         || client & FLAG_C_FIXED_NEWSTYLE == 0
@@ -98,7 +130,7 @@ where
                 "option payload too large",
             ))
             .await?;
-            wr.flush().await?;
+            wr.send(rd.get_mut()).await?;
             continue;
         }
         let mut data = vec![0u8; opt.length as usize];
@@ -117,7 +149,7 @@ where
                 if !no_zeroes {
                     wr.write_all(&[0u8; 124]).await?;
                 }
-                wr.flush().await?;
+                wr.send(rd.get_mut()).await?;
                 return Ok(Some(Session {
                     export,
                     structured,
@@ -126,7 +158,7 @@ where
             }
             OPT_ABORT => {
                 wr.write_all(&reply(REP_ACK, &[])).await?;
-                wr.flush().await?;
+                wr.send(rd.get_mut()).await?;
                 return Ok(None);
             }
             OPT_LIST if !data.is_empty() => {
@@ -179,7 +211,7 @@ where
                         metrics.nbd_protocol_error("invalid_option");
                         wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
                             .await?;
-                        wr.flush().await?;
+                        wr.send(rd.get_mut()).await?;
                         continue;
                     }
                 };
@@ -188,7 +220,7 @@ where
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
                         .await?;
-                    wr.flush().await?;
+                    wr.send(rd.get_mut()).await?;
                     continue;
                 };
                 let flags = transmission_flags(&export, structured);
@@ -214,7 +246,7 @@ where
                 }
                 wr.write_all(&reply(REP_ACK, &[])).await?;
                 if opt.option == OPT_GO {
-                    wr.flush().await?;
+                    wr.send(rd.get_mut()).await?;
                     return Ok(Some(Session {
                         export,
                         structured,
@@ -229,7 +261,7 @@ where
                     let msg = "negotiate NBD_OPT_STRUCTURED_REPLY first";
                     wr.write_all(&option_error(opt.option, REP_ERR_INVALID, msg))
                         .await?;
-                    wr.flush().await?;
+                    wr.send(rd.get_mut()).await?;
                     continue;
                 }
                 let (name, queries) = match parse_meta_context_request(&data) {
@@ -238,7 +270,7 @@ where
                         metrics.nbd_protocol_error("invalid_option");
                         wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
                             .await?;
-                        wr.flush().await?;
+                        wr.send(rd.get_mut()).await?;
                         continue;
                     }
                 };
@@ -247,7 +279,7 @@ where
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
                         .await?;
-                    wr.flush().await?;
+                    wr.send(rd.get_mut()).await?;
                     continue;
                 }
                 let selected = if queries.is_empty() {
@@ -278,6 +310,6 @@ where
                     .await?;
             }
         }
-        wr.flush().await?;
+        wr.send(rd.get_mut()).await?;
     }
 }

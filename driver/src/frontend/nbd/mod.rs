@@ -3,10 +3,9 @@
 //! and multiple connections per export.
 //!
 //! ```text
-//! accept ─▶ handshake.rs (options: GO/INFO/LIST/STRUCTURED_REPLY/META_CONTEXT/ABORT)
-//!        ─▶ transmission.rs: reader ─▶ validate (protocol.rs) ─▶ blocking pool: engine I/O
-//!                                                                   │
-//!                            writer ◀──────── replies (any order) ◀─┘
+//! accept ─▶ handshake.rs (async; options GO/INFO/LIST/STRUCTURED_REPLY/META_CONTEXT/ABORT)
+//!        ─▶ transmission.rs: N worker threads, each:
+//!              lock reader: request ─▶ validate (protocol.rs) ─▶ engine I/O ─▶ lock writer: reply
 //! ```
 //!
 //! Exports are volumes (read-write, by volume ID) and snapshots (read-only,
@@ -15,8 +14,10 @@
 //! volume durable (flushes are per volume, not per connection).
 //!
 //! It listens on a unix socket (mode 0600) and, only when configured, on
-//! TCP. Requests of one connection run concurrently (up to 64 MiB of
-//! payload in flight) and are answered as they complete.
+//! TCP. Negotiation runs on the async runtime; once an export is chosen,
+//! the socket goes to a few blocking worker threads (`transmission.rs`)
+//! that run requests concurrently (up to 64 MiB of payload in flight) and
+//! answer each as it completes.
 
 mod handshake;
 pub mod protocol;
@@ -40,6 +41,9 @@ pub struct NbdConfig {
     pub handshake_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Worker threads per connection: requests of one connection that run
+    /// at once.
+    pub workers_per_connection: usize,
     /// Payload bytes a connection may have in flight.
     pub max_inflight_bytes: u32,
 }
@@ -48,7 +52,8 @@ impl Default for NbdConfig {
     fn default() -> Self {
         NbdConfig {
             handshake_timeout: Duration::from_secs(30),
-            max_connections: 1024,
+            max_connections: 256,
+            workers_per_connection: 8,
             max_inflight_bytes: 64 << 20,
         }
     }
@@ -61,6 +66,27 @@ pub struct NbdServer {
     metrics: Arc<Metrics>,
     config: NbdConfig,
     connections: Arc<Semaphore>,
+}
+
+/// An accepted socket that can be handed to blocking worker threads.
+trait Accepted: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_blocking(self) -> std::io::Result<Box<dyn transmission::Socket>>;
+}
+
+impl Accepted for tokio::net::UnixStream {
+    fn into_blocking(self) -> std::io::Result<Box<dyn transmission::Socket>> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Box::new(s))
+    }
+}
+
+impl Accepted for tokio::net::TcpStream {
+    fn into_blocking(self) -> std::io::Result<Box<dyn transmission::Socket>> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Box::new(s))
+    }
 }
 
 impl NbdServer {
@@ -85,10 +111,7 @@ impl NbdServer {
             tokio::select! {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let (rd, wr) = stream.into_split();
-                        self.spawn_connection(rd, wr);
-                    }
+                    Ok((stream, _)) => self.spawn_connection(stream),
                     Err(e) => accept_error(e).await,
                 },
             }
@@ -109,8 +132,7 @@ impl NbdServer {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         tracing::debug!(%peer, "NBD connection");
-                        let (rd, wr) = stream.into_split();
-                        self.spawn_connection(rd, wr);
+                        self.spawn_connection(stream);
                     }
                     Err(e) => accept_error(e).await,
                 },
@@ -118,11 +140,7 @@ impl NbdServer {
         }
     }
 
-    fn spawn_connection<R, W>(self: &Arc<Self>, rd: R, wr: W)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    fn spawn_connection<S: Accepted>(self: &Arc<Self>, stream: S) {
         let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
             tracing::warn!(
                 limit = self.config.max_connections,
@@ -133,43 +151,52 @@ impl NbdServer {
         };
         let server = Arc::clone(self);
         tokio::spawn(async move {
-            let _permit = permit;
-            let _counted = server.metrics.nbd_connection();
-            if let Err(e) = server.connection(rd, wr).await {
+            let counted = server.metrics.nbd_connection();
+            let mut rd = tokio::io::BufReader::with_capacity(64 << 10, stream);
+            let negotiated = tokio::time::timeout(
+                server.config.handshake_timeout,
+                handshake::negotiate(&mut rd, &server.pool, &server.metrics),
+            )
+            .await;
+            let session = match negotiated {
+                Ok(Ok(Some(session))) => session,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "NBD negotiation ended with an error");
+                    return;
+                }
+                Err(_) => {
+                    server.metrics.nbd_protocol_error("handshake_timeout");
+                    return;
+                }
+            };
+            // Requests the client already sent are in the reader's buffer.
+            let already_read = rd.buffer().to_vec();
+            let socket = match rd.into_inner().into_blocking() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD connection could not be handed to workers");
+                    return;
+                }
+            };
+            let (metrics, config) = (Arc::clone(&server.metrics), server.config.clone());
+            let served = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let _counted = counted;
+                transmission::serve(
+                    socket,
+                    already_read,
+                    session,
+                    metrics,
+                    config.workers_per_connection,
+                    config.max_inflight_bytes,
+                )
+            })
+            .await;
+            if let Ok(Err(e)) = served {
                 tracing::debug!(error = %e, "NBD connection ended with an error");
             }
         });
-    }
-
-    async fn connection<R, W>(&self, rd: R, wr: W) -> std::io::Result<()>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-        let mut wr = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-        let negotiated = tokio::time::timeout(
-            self.config.handshake_timeout,
-            handshake::negotiate(&mut rd, &mut wr, &self.pool, &self.metrics),
-        )
-        .await;
-        let session = match negotiated {
-            Ok(Ok(Some(session))) => session,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                self.metrics.nbd_protocol_error("handshake_timeout");
-                return Ok(());
-            }
-        };
-        transmission::serve(
-            rd,
-            wr,
-            session,
-            Arc::clone(&self.metrics),
-            self.config.max_inflight_bytes,
-        )
-        .await
     }
 }
 

@@ -1,19 +1,22 @@
-//! The transmission phase: a reader that parses and validates requests and
-//! runs each on the blocking pool, and a writer that sends replies in
-//! completion order (NBD matches replies to requests by cookie).
+//! The transmission phase: a few worker threads per connection, each of
+//! which takes the next request off the socket (under the reader lock),
+//! runs it against the engine, and writes its own reply (under the writer
+//! lock). A request costs no thread handoff, replies go out in completion
+//! order (NBD matches them by cookie), and as many requests run at once as
+//! there are workers.
 //!
 //! A request that fails validation is answered with the protocol's error
 //! and the connection goes on (a write's payload is read and dropped first,
 //! so the stream stays in sync); only a bad request magic, a write payload
 //! too large to skip, or a closed socket end the connection. On
-//! `NBD_CMD_DISC` (or EOF) the reader stops and the connection closes once
-//! every request in flight has been answered.
+//! `NBD_CMD_DISC` (or EOF) no further request is read, and the connection
+//! closes once every request in flight has been answered.
 
-use std::sync::Arc;
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
 
 use super::handshake::Session;
 use super::protocol::*;
@@ -21,7 +24,31 @@ use crate::engine::{Error, ErrorKind, ZeroFlags};
 use crate::frontend::Export;
 use crate::metrics::{Metrics, OpMetrics};
 
-/// One reply, ready to send: a header and (for reads) the data after it.
+/// A blocking socket (unix or TCP) the workers share.
+pub(super) trait Socket: Read + Write + Send + Sync + 'static {
+    fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>>;
+    fn shutdown_both(&self);
+}
+
+impl Socket for std::os::unix::net::UnixStream {
+    fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Socket for std::net::TcpStream {
+    fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+/// One reply: a header and (for reads) the data after it.
 #[derive(Debug)]
 struct Reply {
     head: Vec<u8>,
@@ -39,13 +66,42 @@ struct Ops {
     status: OpMetrics,
 }
 
+/// Payload bytes the workers of one connection may hold at once.
 #[derive(Debug)]
+struct Budget {
+    free: Mutex<u32>,
+    released: Condvar,
+    total: u32,
+}
+
+impl Budget {
+    fn take(&self, bytes: u32) -> u32 {
+        let bytes = bytes.min(self.total);
+        let mut free = self.free.lock().expect("budget");
+        while *free < bytes {
+            free = self.released.wait(free).expect("budget");
+        }
+        *free -= bytes;
+        bytes
+    }
+
+    fn give(&self, bytes: u32) {
+        *self.free.lock().expect("budget") += bytes;
+        self.released.notify_all();
+    }
+}
+
 struct Conn {
     export: Export,
     name: String,
     structured: bool,
+    allocation: bool,
     metrics: Arc<Metrics>,
     ops: Ops,
+    reader: Mutex<BufReader<Box<dyn Socket>>>,
+    writer: Mutex<Box<dyn Socket>>,
+    closed: AtomicBool,
+    budget: Budget,
 }
 
 /// The NBD error for an engine error.
@@ -57,6 +113,13 @@ fn errno(e: &Error) -> u32 {
         // The volume was deleted under the connection, or the disk failed.
         _ => EIO,
     }
+}
+
+/// What the reader hands a worker.
+enum Next {
+    Run(Request, Command, Vec<u8>, u32),
+    Refuse(Request, Rejected),
+    Stop,
 }
 
 impl Conn {
@@ -84,8 +147,63 @@ impl Conn {
         }
     }
 
-    /// Runs one validated command (on the blocking pool).
-    fn execute(&self, cookie: u64, cmd: Command, payload: Vec<u8>) -> Reply {
+    fn limits(&self) -> ExportLimits {
+        ExportLimits {
+            // A volume can grow while connected; serve its current size.
+            size: self.export.size(),
+            read_only: self.export.read_only(),
+            structured: self.structured,
+            allocation_context: self.allocation,
+        }
+    }
+
+    /// Takes the next request off the socket (holding the reader lock).
+    fn next(&self) -> std::io::Result<Next> {
+        let mut rd = self.reader.lock().expect("reader");
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(Next::Stop);
+        }
+        let mut header = [0u8; REQUEST_LEN];
+        match rd.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Next::Stop),
+            Err(e) => return Err(e),
+        }
+        let Ok(req) = parse_request(&header) else {
+            self.metrics.nbd_protocol_error("bad_request_magic");
+            return Ok(Next::Stop);
+        };
+        match validate(&req, &self.limits()) {
+            Ok(Command::Disconnect) => Ok(Next::Stop),
+            Ok(cmd @ Command::Write { length, .. }) => {
+                let held = self.budget.take(length.max(4096));
+                let mut payload = vec![0u8; length as usize];
+                if let Err(e) = rd.read_exact(&mut payload) {
+                    self.budget.give(held);
+                    return Err(e);
+                }
+                Ok(Next::Run(req, cmd, payload, held))
+            }
+            Ok(cmd @ Command::Read { length, .. }) => {
+                let held = self.budget.take(length.max(4096));
+                Ok(Next::Run(req, cmd, Vec::new(), held))
+            }
+            Ok(cmd) => Ok(Next::Run(req, cmd, Vec::new(), 0)),
+            Err(rejected) => {
+                self.metrics.nbd_protocol_error(rejected.why);
+                if req.kind == CMD_WRITE {
+                    if req.length > MAX_DISCARDED_PAYLOAD {
+                        return Ok(Next::Stop);
+                    }
+                    skip(&mut *rd, u64::from(req.length))?;
+                }
+                Ok(Next::Refuse(req, rejected))
+            }
+        }
+    }
+
+    /// Runs one validated command.
+    fn execute(&self, cookie: u64, cmd: Command, payload: &[u8]) -> Reply {
         let start = Instant::now();
         let (op, name, bytes, result) = match cmd {
             Command::Read { offset, length } => {
@@ -106,7 +224,7 @@ impl Conn {
                 &self.ops.write,
                 "write",
                 length,
-                self.export.write(offset, &payload, fua),
+                self.export.write(offset, payload, fua),
             ),
             Command::Flush => (&self.ops.flush, "flush", 0, self.export.flush()),
             Command::Trim {
@@ -119,7 +237,7 @@ impl Conn {
                     &self.ops.trim,
                     "trim",
                     length,
-                    r.and_then(|()| if fua { self.export.flush() } else { Ok(()) }),
+                    r.and_then(|()| self.flush_if(fua)),
                 )
             }
             Command::WriteZeroes {
@@ -135,7 +253,7 @@ impl Conn {
                     &self.ops.zero,
                     "write_zeroes",
                     length,
-                    r.and_then(|()| if fua { self.export.flush() } else { Ok(()) }),
+                    r.and_then(|()| self.flush_if(fua)),
                 )
             }
             Command::BlockStatus {
@@ -164,7 +282,7 @@ impl Conn {
                 }
                 Err(e) => (&self.ops.status, "block_status", 0, Err(e)),
             },
-            Command::Disconnect => unreachable!("handled by the reader"),
+            Command::Disconnect => return self.ok(cookie),
         };
         match result {
             Ok(()) => {
@@ -177,6 +295,10 @@ impl Conn {
                 self.error(cookie, errno(&e), &e.to_string())
             }
         }
+    }
+
+    fn flush_if(&self, fua: bool) -> crate::engine::Result<()> {
+        if fua { self.export.flush() } else { Ok(()) }
     }
 
     fn read_reply(&self, cookie: u64, offset: u64, data: Vec<u8>) -> Reply {
@@ -199,20 +321,80 @@ impl Conn {
         head.extend_from_slice(&offset.to_be_bytes());
         Reply { head, data }
     }
+
+    fn send(&self, reply: &Reply) -> std::io::Result<()> {
+        let mut w = self.writer.lock().expect("writer");
+        let mut bufs = [IoSlice::new(&reply.head), IoSlice::new(&reply.data)];
+        let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// One worker: read, run, reply, until the connection ends.
+    fn work(&self) {
+        loop {
+            let next = match self.next() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(export = %self.name, error = %e, "NBD connection read failed");
+                    Next::Stop
+                }
+            };
+            let reply = match next {
+                Next::Stop => {
+                    self.closed.store(true, Ordering::Release);
+                    return;
+                }
+                Next::Refuse(req, rejected) => self.error(req.cookie, rejected.error, rejected.why),
+                Next::Run(req, cmd, payload, held) => {
+                    let reply = self.execute(req.cookie, cmd, &payload);
+                    drop(payload);
+                    if held > 0 {
+                        self.budget.give(held);
+                    }
+                    reply
+                }
+            };
+            if let Err(e) = self.send(&reply) {
+                tracing::debug!(export = %self.name, error = %e, "NBD reply failed; closing");
+                self.closed.store(true, Ordering::Release);
+                self.writer.lock().expect("writer").shutdown_both();
+                return;
+            }
+        }
+    }
 }
 
-/// Serves requests until the client disconnects.
-pub(super) async fn serve<R, W>(
-    mut rd: R,
-    wr: W,
+fn skip<R: BufRead>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
+    while n > 0 {
+        let available = rd.fill_buf()?;
+        if available.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let take = (available.len() as u64).min(n) as usize;
+        rd.consume(take);
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// Serves a connection with `workers` threads; returns when the client
+/// has disconnected and every request in flight has been answered.
+pub(super) fn serve(
+    socket: Box<dyn Socket>,
+    already_read: Vec<u8>,
     session: Session,
     metrics: Arc<Metrics>,
+    workers: usize,
     max_inflight: u32,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) -> std::io::Result<()> {
     let name = session.export.name();
     let ops = Ops {
         read: metrics.op(&name, "read"),
@@ -222,113 +404,70 @@ where
         zero: metrics.op(&name, "write_zeroes"),
         status: metrics.op(&name, "block_status"),
     };
-    let limits = ExportLimits {
-        size: session.export.size(),
-        read_only: session.export.read_only(),
-        structured: session.structured,
-        allocation_context: session.allocation,
-    };
+    let writer = socket.try_clone_socket()?;
+    // Requests the client sent right after the handshake, already buffered
+    // by it, come first.
+    let reader: Box<dyn Socket> = Box::new(Prefixed {
+        prefix: std::io::Cursor::new(already_read),
+        inner: socket,
+    });
     let conn = Arc::new(Conn {
         export: session.export,
         name,
         structured: session.structured,
-        metrics: Arc::clone(&metrics),
+        allocation: session.allocation,
+        metrics,
         ops,
+        reader: Mutex::new(BufReader::with_capacity(256 << 10, reader)),
+        writer: Mutex::new(writer),
+        closed: AtomicBool::new(false),
+        budget: Budget {
+            free: Mutex::new(max_inflight),
+            released: Condvar::new(),
+            total: max_inflight,
+        },
     });
-    let (tx, rx) = mpsc::channel::<Reply>(1024);
-    let writer = tokio::spawn(write_replies(wr, rx));
-    let budget = Arc::new(Semaphore::new(max_inflight as usize));
-    let result = read_requests(&mut rd, &conn, &tx, &budget, max_inflight, limits).await;
-    drop(tx);
-    // The writer ends once every in-flight request has sent its reply.
-    let written = writer.await.unwrap_or(Ok(()));
-    result.and(written)
+    std::thread::scope(|scope| {
+        for i in 0..workers.max(1) {
+            let conn = Arc::clone(&conn);
+            std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, move || conn.work())
+                .map(drop)?;
+        }
+        Ok(())
+    })
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    conn: &Arc<Conn>,
-    tx: &mpsc::Sender<Reply>,
-    budget: &Arc<Semaphore>,
-    max_inflight: u32,
-    mut limits: ExportLimits,
-) -> std::io::Result<()> {
-    loop {
-        let mut header = [0u8; REQUEST_LEN];
-        match rd.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+/// A socket whose first bytes come from a buffer.
+struct Prefixed {
+    prefix: std::io::Cursor<Vec<u8>>,
+    inner: Box<dyn Socket>,
+}
+
+impl Read for Prefixed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.prefix.position() as usize) < self.prefix.get_ref().len() {
+            return self.prefix.read(buf);
         }
-        let Ok(req) = parse_request(&header) else {
-            conn.metrics.nbd_protocol_error("bad_request_magic");
-            return Ok(());
-        };
-        // A volume can grow while connected; serve its current size.
-        limits.size = conn.export.size();
-        let cmd = match validate(&req, &limits) {
-            Ok(Command::Disconnect) => return Ok(()),
-            Ok(cmd) => cmd,
-            Err(rejected) => {
-                conn.metrics.nbd_protocol_error(rejected.why);
-                if req.kind == CMD_WRITE {
-                    if req.length > MAX_DISCARDED_PAYLOAD {
-                        return Ok(());
-                    }
-                    let mut skip = (&mut *rd).take(u64::from(req.length));
-                    tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
-                }
-                let _ = tx
-                    .send(conn.error(req.cookie, rejected.error, rejected.why))
-                    .await;
-                continue;
-            }
-        };
-        // Payload bytes this request holds while in flight; a request never
-        // asks for more than the whole budget, so it cannot wait forever.
-        let cost = match cmd {
-            Command::Read { length, .. } | Command::Write { length, .. } => length.max(4096),
-            _ => 4096,
-        }
-        .min(max_inflight);
-        let permit = Arc::clone(budget)
-            .acquire_many_owned(cost)
-            .await
-            .map_err(|_| std::io::Error::other("in-flight budget closed"))?;
-        let payload = match cmd {
-            Command::Write { length, .. } => {
-                let mut data = vec![0u8; length as usize];
-                rd.read_exact(&mut data).await?;
-                data
-            }
-            _ => Vec::new(),
-        };
-        let (conn, tx) = (Arc::clone(conn), tx.clone());
-        tokio::spawn(async move {
-            let cookie = req.cookie;
-            let job = Arc::clone(&conn);
-            let reply = tokio::task::spawn_blocking(move || job.execute(cookie, cmd, payload))
-                .await
-                .unwrap_or_else(|_| conn.error(cookie, EIO, "internal error"));
-            drop(permit);
-            let _ = tx.send(reply).await;
-        });
+        self.inner.read(buf)
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Reply>,
-) -> std::io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        wr.write_all(&reply.head).await?;
-        wr.write_all(&reply.data).await?;
-        // Batch replies that are already waiting; flush when none is.
-        while let Ok(reply) = rx.try_recv() {
-            wr.write_all(&reply.head).await?;
-            wr.write_all(&reply.data).await?;
-        }
-        wr.flush().await?;
+impl Write for Prefixed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
     }
-    wr.flush().await
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Socket for Prefixed {
+    fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
+        self.inner.try_clone_socket()
+    }
+    fn shutdown_both(&self) {
+        self.inner.shutdown_both();
+    }
 }
