@@ -72,6 +72,24 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
         map.lines().next().unwrap().contains("8388608    0"),
         "{map}"
     );
+
+    // Metrics saw all of it.
+    let m = s.metrics();
+    for want in [
+        format!("strata_volume_ops_total{{volume=\"{vol}\",op=\"write\"}}"),
+        format!("strata_volume_bytes_total{{volume=\"{vol}\",op=\"write\"}} 8388608"),
+        format!(
+            "strata_volume_op_duration_seconds_bucket{{le=\"0.00001\",volume=\"{vol}\",op=\"trim\"}}"
+        ),
+        format!("strata_volume_chain_depth{{volume=\"{vol}\"}} 2"),
+        format!("strata_volume_logical_bytes{{volume=\"{vol}\"}} 33554432"),
+        format!("strata_volume_allocated_bytes{{volume=\"{vol}\"}} 7340032"),
+        "strata_pool_capacity_bytes ".to_string(),
+        "strata_pool_free_bytes ".to_string(),
+        "strata_nbd_connections ".to_string(),
+    ] {
+        assert!(m.contains(&want), "metrics lack {want}:\n{m}");
+    }
 }
 
 #[test]

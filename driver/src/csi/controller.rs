@@ -336,7 +336,7 @@ impl Controller for ControllerService {
                 .map_err(status::records)
         })
         .await?;
-        self.metrics.forget_volume(vid);
+        self.metrics.forget_export(&vid.to_string());
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
@@ -576,6 +576,7 @@ impl Controller for ControllerService {
                 .map_err(status::records)
         })
         .await?;
+        self.metrics.forget_export(&sid.to_string());
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 

@@ -102,6 +102,9 @@ impl VolState {
 struct Pending {
     records: Vec<Record>,
     layers: Vec<Arc<Layer>>,
+    /// Counts the changes ever queued; the changes up to generation `g`
+    /// are durable once a flush that took them (`durable_gen >= g`) ends.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -114,6 +117,8 @@ pub(crate) struct JournalState {
     /// would miss it: they stay pinned (and findable in the pool's view
     /// cache) until the checkpoint folds the journal.
     pub(crate) frozen_views: Vec<Arc<View>>,
+    /// Every change up to this pending generation is durable.
+    durable_gen: u64,
 }
 
 /// What [`Volume::stats`] reports.
@@ -170,6 +175,7 @@ impl Volume {
                 file: journal,
                 unfolded: Vec::new(),
                 frozen_views: Vec::new(),
+                durable_gen: 0,
             }),
             deleted: AtomicBool::new(false),
         }
@@ -322,6 +328,7 @@ impl Volume {
                 };
                 push_coalesced(&mut p.records, record);
             }
+            p.generation += 1;
             if !p.layers.last().is_some_and(|l| Arc::ptr_eq(l, top)) {
                 p.layers.push(Arc::clone(top));
             }
@@ -427,16 +434,31 @@ impl Volume {
     /// Makes every write acknowledged before this call durable: data first
     /// (fdatasync of the layers written), then the presence batch that makes
     /// it visible (journal append + fdatasync).
+    ///
+    /// Flushes of one volume are group-committed: a flush that finds its
+    /// changes already made durable by a flush that ran while it waited
+    /// returns at once, so many concurrent flushes share one fsync.
     pub fn flush(&self) -> Result<()> {
         self.check_live()?;
+        let target = self.pending.lock().expect("pending").generation;
         let mut journal = self.journal.lock().expect("journal");
+        if journal.durable_gen >= target {
+            return Ok(());
+        }
         self.flush_locked(&mut journal)
     }
 
     pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {
-        let Pending { records, layers } =
-            std::mem::take(&mut *self.pending.lock().expect("pending"));
+        let (records, layers, generation) = {
+            let mut p = self.pending.lock().expect("pending");
+            (
+                std::mem::take(&mut p.records),
+                std::mem::take(&mut p.layers),
+                p.generation,
+            )
+        };
         if records.is_empty() && layers.is_empty() {
+            journal.durable_gen = generation;
             return Ok(());
         }
         let sync = self.shared.opts.sync;
@@ -465,6 +487,7 @@ impl Volume {
             return Err(e);
         }
         journal.unfolded.extend(records);
+        journal.durable_gen = generation;
         if journal.file.len() > self.shared.opts.journal_checkpoint_bytes
             || journal.frozen_views.len() > MAX_UNFOLDED_SNAPSHOTS
         {

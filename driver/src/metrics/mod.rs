@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::engine::{Pool, VolumeId};
+use crate::engine::Pool;
 
 /// The operations counted per volume.
 pub const OPS: [&str; 6] = [
@@ -175,8 +175,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Drops every series of a deleted volume.
-    pub fn forget_volume(&self, volume: VolumeId) {
+    /// Drops every I/O series of a deleted volume or snapshot export
+    /// (labelled `volume` with the export's ID).
+    pub fn forget_export(&self, volume: &str) {
         let volume = volume.to_string();
         for op in OPS {
             let labels = VolumeOp {

@@ -1,0 +1,347 @@
+//! The CSI Identity and Controller services over the standalone's unix
+//! socket, with a real gRPC client: required fields, idempotency by name,
+//! error codes, clones, expansion and pagination.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::standalone::Standalone;
+use csi_proto::csi::v1::controller_client::ControllerClient;
+use csi_proto::csi::v1::identity_client::IdentityClient;
+use csi_proto::csi::v1::volume_capability::{
+    AccessMode, AccessType, MountVolume, access_mode::Mode,
+};
+use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
+use csi_proto::csi::v1::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn channel(s: &Standalone) -> Channel {
+    let path = s.csi_socket();
+    tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+fn mount_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn create(name: &str, bytes: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_reports_name_capabilities_and_readiness() {
+    let s = Standalone::start();
+    let mut id = IdentityClient::new(channel(&s).await);
+    let info = id
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.strata.dev");
+    assert!(!info.vendor_version.is_empty());
+    let probe = id.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let caps = id
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.capabilities.len(), 3, "{caps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_is_idempotent_by_name_and_checks_its_arguments() {
+    let s = Standalone::start();
+    let mut c = ControllerClient::new(channel(&s).await);
+    let a = c
+        .create_volume(create("pvc-a", 10 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        a.capacity_bytes,
+        10 << 20,
+        "whole blocks are honoured exactly"
+    );
+    assert_eq!(
+        a.accessible_topology[0].segments["topology.strata.dev/node"],
+        "test-node"
+    );
+    let again = c
+        .create_volume(create("pvc-a", 10 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, a.volume_id);
+    let other = c
+        .create_volume(create("pvc-a", 20 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    let odd = c
+        .create_volume(create("pvc-odd", 10_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        odd.capacity_bytes, 12_288,
+        "rounded up to whole 4 KiB blocks"
+    );
+
+    let mut no_name = create("", 4096);
+    no_name.name.clear();
+    assert_eq!(
+        c.create_volume(no_name).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut no_caps = create("pvc-b", 4096);
+    no_caps.volume_capabilities.clear();
+    assert_eq!(
+        c.create_volume(no_caps).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut bad_param = create("pvc-c", 4096);
+    bad_param.parameters = HashMap::from([("replicas".to_string(), "3".to_string())]);
+    assert_eq!(
+        c.create_volume(bad_param).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut bad_range = create("pvc-d", 8192);
+    bad_range.capacity_range = Some(CapacityRange {
+        required_bytes: 8192,
+        limit_bytes: 4096,
+    });
+    assert_eq!(
+        c.create_volume(bad_range).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut multi = create("pvc-e", 4096);
+    multi.volume_capabilities[0].access_mode = Some(AccessMode {
+        mode: Mode::MultiNodeMultiWriter as i32,
+    });
+    assert_eq!(
+        c.create_volume(multi).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_clones_expansion_and_deletes_follow_the_spec() {
+    let s = Standalone::start();
+    let mut c = ControllerClient::new(channel(&s).await);
+    let vol = c
+        .create_volume(create("src", 8 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let snap_req = |name: &str, src: &str| CreateSnapshotRequest {
+        source_volume_id: src.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let snap = c
+        .create_snapshot(snap_req("snap-1", &vol.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use && snap.size_bytes == 8 << 20);
+    let again = c
+        .create_snapshot(snap_req("snap-1", &vol.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    let other = c
+        .create_volume(create("other", 4 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let clash = c
+        .create_snapshot(snap_req("snap-1", &other.volume_id))
+        .await
+        .unwrap_err();
+    assert_eq!(clash.code(), Code::AlreadyExists);
+    let missing = c
+        .create_snapshot(snap_req("snap-2", "00000000-0000-4000-8000-000000000000"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Restore, bigger than the snapshot; and a clone of the volume.
+    let mut restore = create("restore", 16 << 20);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = c
+        .create_volume(restore)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 16 << 20);
+    assert!(restored.content_source.is_some());
+    let mut clone = create("clone", 0);
+    clone.capacity_range = None;
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: vol.volume_id.clone(),
+        })),
+    });
+    let cloned = c
+        .create_volume(clone)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        cloned.capacity_bytes,
+        8 << 20,
+        "a clone defaults to its source's size"
+    );
+    let mut unknown = create("ghost", 0);
+    unknown.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: "not-a-snapshot".into(),
+        })),
+    });
+    assert_eq!(
+        c.create_volume(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // Expansion.
+    let grown = c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 12 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 12 << 20);
+    assert!(grown.node_expansion_required);
+
+    // Deleting the source first works; deleting twice works.
+    for _ in 0..2 {
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+        })
+        .await;
+    assert!(got.is_ok(), "the restore outlives its source");
+    assert_eq!(
+        c.delete_volume(DeleteVolumeRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_volumes_paginates_and_refuses_foreign_tokens() {
+    let s = Standalone::start();
+    let mut c = ControllerClient::new(channel(&s).await);
+    for i in 0..5 {
+        c.create_volume(create(&format!("v{i}"), 4096))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen.len(), 5);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5, "no entry twice");
+    let bad = c
+        .list_volumes(ListVolumesRequest {
+            max_entries: 2,
+            starting_token: "garbage".into(),
+        })
+        .await;
+    assert_eq!(bad.unwrap_err().code(), Code::Aborted);
+}
