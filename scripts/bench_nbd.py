@@ -15,7 +15,7 @@ efficiency of each server's data path, not the disk. After setup the page
 cache is dropped and every image is read once, sequentially, through its
 own server, so all start from the same cache state.
 
-Usage: scripts/bench-nbd [--rounds 5] [--seconds 5] [--quick]
+Usage: scripts/bench-nbd [--rounds 5] [--seconds 5] [--quick] [--only WORKLOAD]
 """
 
 import argparse
@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s (a smoke run)")
+    ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.seconds = 1, 2
@@ -206,18 +207,23 @@ def main():
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds} ...", flush=True)
             for wname, args, unit, writes in WORKLOADS:
+                if a.only not in wname:
+                    continue
                 for t in targets:
                     if writes and not t.writable:
                         continue
                     iops, mbps, cpu = fio(t, args, a.seconds, os.path.join(work, "fio.json"))
                     results.setdefault((wname, t.name), []).append((iops, mbps, cpu))
         print(f"\n## NBD servers, fio nbd engine, {a.rounds} alternated rounds of {a.seconds} s, medians")
-        print(f"command: scripts/bench-nbd --rounds {a.rounds} --seconds {a.seconds}")
+        only = f" --only '{a.only}'" if a.only else ""
+        print(f"command: scripts/bench-nbd --rounds {a.rounds} --seconds {a.seconds}{only}")
         print("Images are 1 GiB and fit in the page cache: reads measure CPU efficiency.")
         print("Reference: nbdkit file for reads, qemu-nbd raw for writes.\n")
         print("| workload | target | result | server CPU µs/op | vs reference |")
         print("|----------|--------|-------:|-----------------:|-------------:|")
         for wname, args, unit, writes in WORKLOADS:
+            if a.only not in wname:
+                continue
             ref_name = "qemu-nbd raw" if writes else "nbdkit file"
             med = {}
             for t in targets:

@@ -71,8 +71,10 @@ pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<(), St
 }
 
 /// The size to create for a capacity range: `required` rounded up to whole
-/// 4 KiB blocks, within `limit`; `default` when neither is set. Sizes that
-/// are already whole blocks are honoured exactly.
+/// 4 KiB blocks (or `default` when nothing is required), and, if that
+/// exceeds `limit`, the largest whole-block size within the limit that still
+/// meets `required`. Sizes that are already whole blocks are honoured
+/// exactly.
 pub(crate) fn size_for(required: i64, limit: i64, default: u64) -> Result<u64, Status> {
     if required < 0 || limit < 0 {
         return Err(Status::invalid_argument(
@@ -85,23 +87,18 @@ pub(crate) fn size_for(required: i64, limit: i64, default: u64) -> Result<u64, S
             "capacity_range: required_bytes {required} is larger than limit_bytes {limit}"
         )));
     }
-    let want = if required == 0 {
-        default.max(if limit != 0 { 0 } else { BLOCK_SIZE })
-    } else {
-        required
-    };
-    let size = want.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-    if limit != 0 && size > limit {
-        // A limit below the default (or not a whole block above required).
-        let down = limit / BLOCK_SIZE * BLOCK_SIZE;
-        if down >= required.max(BLOCK_SIZE) {
-            return Ok(down);
-        }
-        return Err(Status::out_of_range(format!(
-            "no whole number of 4096-byte blocks fits between required_bytes {required} and limit_bytes {limit}"
-        )));
+    let round_up = |b: u64| b.max(1).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+    let size = round_up(if required > 0 { required } else { default });
+    if limit == 0 || size <= limit {
+        return Ok(size);
     }
-    Ok(size.max(BLOCK_SIZE))
+    let within = limit / BLOCK_SIZE * BLOCK_SIZE;
+    if within >= required.max(BLOCK_SIZE) {
+        return Ok(within);
+    }
+    Err(Status::out_of_range(format!(
+        "no whole number of 4096-byte blocks fits between required_bytes {required} and limit_bytes {limit}"
+    )))
 }
 
 #[cfg(test)]

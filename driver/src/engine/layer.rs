@@ -126,6 +126,12 @@ pub(crate) struct Layer {
     used: AtomicBool,
     removed: AtomicBool,
     fds: Arc<FdCache>,
+    /// Serialises changes to the file. ext4 and XFS serialise buffered
+    /// writes to one file on the inode lock anyway; waiting here (asleep)
+    /// instead of in the kernel (spinning on the lock) keeps many
+    /// concurrent writers from burning CPU for nothing (measured: with 32
+    /// writers, half the CPU went to spinning on the inode rwsem).
+    writing: Mutex<()>,
 }
 
 impl Layer {
@@ -138,6 +144,7 @@ impl Layer {
             used: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             fds,
+            writing: Mutex::new(()),
         }
     }
 
@@ -193,8 +200,9 @@ impl Layer {
     }
 
     pub(crate) fn write_at(self: &Arc<Self>, buf: &[u8], offset: u64) -> Result<()> {
-        self.file()?
-            .write_all_at(buf, offset)
+        let file = self.file()?;
+        let _writing = self.writing.lock().expect("layer write lock");
+        file.write_all_at(buf, offset)
             .map_err(|e| io_error("write layer", &self.path, e))
     }
 
@@ -209,7 +217,9 @@ impl Layer {
     /// without hole punching keeps the blocks; the presence map already
     /// says the range is not read from this file).
     pub(crate) fn punch(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
-        sys::punch_hole(&*self.file()?, offset, len)
+        let file = self.file()?;
+        let _writing = self.writing.lock().expect("layer write lock");
+        sys::punch_hole(&file, offset, len)
             .map(drop)
             .map_err(|e| io_error("punch hole in layer", &self.path, e))
     }
@@ -217,6 +227,7 @@ impl Layer {
     /// Makes a byte range read as zeros with its blocks allocated.
     pub(crate) fn zero_allocated(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let f = self.file()?;
+        let _writing = self.writing.lock().expect("layer write lock");
         match sys::zero_range(&f, offset, len) {
             Ok(sys::Fallocated::Done) => Ok(()),
             Ok(sys::Fallocated::Unsupported) => {

@@ -322,51 +322,69 @@ impl Pool {
     /// finish an interrupted create idempotently.
     pub fn create_volume_as(&self, vid: VolumeId, size_bytes: u64) -> Result<VolumeInfo> {
         check_volume_size(size_bytes)?;
-        let sh = self.shared();
-        if sh.catalog.read()?.volume(vid)?.is_some() {
+        if self.shared().catalog.read()?.volume(vid)?.is_some() {
             return Err(Error::AlreadyExists(format!("volume {vid}")));
         }
+        self.new_volume(vid, size_bytes, None)
+    }
+
+    /// Creates volume `vid` of `size` bytes: a new writable top layer, in a
+    /// new family (an empty volume) or over the frozen layer of snapshot
+    /// `source` whose view is given (a clone). Files first, then one
+    /// catalog transaction; the files are removed if it fails.
+    fn new_volume(
+        &self,
+        vid: VolumeId,
+        size: u64,
+        source: Option<(SnapshotId, LayerId, Arc<View>)>,
+    ) -> Result<VolumeInfo> {
+        let sh = self.shared();
         let (lid, created) = (LayerId::new_random(), now_ns());
-        create_layer_file(&sh.dir, lid, size_bytes, sh.opts.sync)?;
-        let journal = match JournalFile::create(&sh.dir, vid, 0, sh.opts.sync) {
-            Ok(j) => j,
-            Err(e) => {
-                remove_quietly(&layer_path(&sh.dir, lid));
-                return Err(e);
-            }
-        };
-        let committed = (|| {
+        create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
+        let committed = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
             let mut txn = sh.catalog.write()?;
             if txn.volume(vid)?.is_some() {
                 return Err(Error::AlreadyExists(format!("volume {vid}")));
             }
-            let family = txn.new_family()?;
+            let (family, parent) = match &source {
+                None => (txn.new_family()?, None),
+                Some((snap, layer, _)) => {
+                    // Re-check inside the transaction: the snapshot may have gone.
+                    if !txn
+                        .snapshot(*snap)?
+                        .is_some_and(|r| r.state == SnapshotState::Ready)
+                    {
+                        return Err(Error::SnapshotNotFound(*snap));
+                    }
+                    let parent = txn.retain_layer(*layer)?;
+                    (parent.family, Some(parent.id))
+                }
+            };
             let slot = txn.alloc_slot(family)?;
-            let layer = LayerRecord {
+            txn.put_layer(&LayerRecord {
                 id: lid,
                 family,
                 slot,
-                parent: None,
+                parent,
                 frozen: false,
-                size: size_bytes,
+                size,
                 refs: 1,
                 snapshot: None,
                 created_ns: created,
-            };
-            txn.put_layer(&layer)?;
+            })?;
             txn.put_volume(&VolumeRecord {
                 id: vid,
-                size: size_bytes,
+                size,
                 top: lid,
                 owner_epoch: 1,
                 created_ns: created,
                 journal_seq: 0,
             })?;
             txn.commit()?;
-            Ok(slot)
-        })();
-        let slot = match committed {
-            Ok(slot) => slot,
+            Ok((slot, journal))
+        });
+        let (slot, journal) = match committed {
+            Ok(x) => x,
             Err(e) => {
                 remove_quietly(&layer_path(&sh.dir, lid));
                 remove_quietly(&journal_path(&sh.dir, vid));
@@ -374,21 +392,29 @@ impl Pool {
             }
         };
         let top = sh.layer(lid, slot);
-        let mut view = View::empty(blocks_for(size_bytes));
+        let base = source.map_or_else(|| Arc::new(View::empty(0)), |(_, _, view)| view);
+        let mut view = (*base).clone();
+        view.index.grow(blocks_for(size));
         view.add_layer(Arc::clone(&top));
-        let state = VolState::new(view, Arc::new(View::empty(0)), top, size_bytes);
-        let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
+        let info = VolumeInfo {
+            id: vid,
+            size_bytes: size,
+            chain_depth: view.depth(),
+            created_unix_ns: created,
+        };
+        let vol = Volume::new(
+            vid,
+            Arc::clone(sh),
+            VolState::new(view, base, top),
+            size,
+            journal,
+        );
         self.inner
             .volumes
             .lock()
             .expect("volume map")
-            .insert(vid, vol);
-        Ok(VolumeInfo {
-            id: vid,
-            size_bytes,
-            chain_depth: 1,
-            created_unix_ns: created,
-        })
+            .insert(vid, Arc::new(vol));
+        Ok(info)
     }
 
     /// The volume `id`, loading it on first use.
@@ -435,9 +461,9 @@ impl Pool {
         sh.apply_layer(&txn, &mut view, &top)?;
         view.index.grow(blocks_for(rec.size));
         let top = sh.layer(top.id, top.slot);
-        let mut state = VolState::new(view, base, top, rec.size);
+        let mut state = VolState::new(view, base, top);
         state.release_costly_base();
-        Ok(Volume::new(id, Arc::clone(sh), state, journal))
+        Ok(Volume::new(id, Arc::clone(sh), state, rec.size, journal))
     }
 
     /// Deletes a volume. Its snapshots and clones stay readable: layers
@@ -471,7 +497,7 @@ impl Pool {
         vol.check_live()?;
         let (current, top) = {
             let st = vol.state.read().expect("volume state");
-            (st.size, Arc::clone(&st.top))
+            (vol.size(), Arc::clone(&st.top))
         };
         if size_bytes < current {
             return Err(Error::ShrinkRefused {
@@ -634,71 +660,7 @@ impl Pool {
             });
         }
         let base = sh.view_of(snap.layer)?;
-        let (lid, created) = (LayerId::new_random(), now_ns());
-        create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
-        let journal = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync);
-        let committed = journal.and_then(|journal| {
-            let mut txn = sh.catalog.write()?;
-            if txn.volume(vid)?.is_some() {
-                return Err(Error::AlreadyExists(format!("volume {vid}")));
-            }
-            // Re-check inside the transaction: the snapshot may have gone.
-            if !txn
-                .snapshot(id)?
-                .is_some_and(|r| r.state == SnapshotState::Ready)
-            {
-                return Err(Error::SnapshotNotFound(id));
-            }
-            let parent = txn.retain_layer(snap.layer)?;
-            let slot = txn.alloc_slot(parent.family)?;
-            txn.put_layer(&LayerRecord {
-                id: lid,
-                family: parent.family,
-                slot,
-                parent: Some(parent.id),
-                frozen: false,
-                size,
-                refs: 1,
-                snapshot: None,
-                created_ns: created,
-            })?;
-            txn.put_volume(&VolumeRecord {
-                id: vid,
-                size,
-                top: lid,
-                owner_epoch: 1,
-                created_ns: created,
-                journal_seq: 0,
-            })?;
-            txn.commit()?;
-            Ok((slot, journal))
-        });
-        let (slot, journal) = match committed {
-            Ok(x) => x,
-            Err(e) => {
-                remove_quietly(&layer_path(&sh.dir, lid));
-                remove_quietly(&journal_path(&sh.dir, vid));
-                return Err(e);
-            }
-        };
-        let top = sh.layer(lid, slot);
-        let mut view = (*base).clone();
-        view.index.grow(blocks_for(size));
-        view.add_layer(Arc::clone(&top));
-        let depth = view.depth();
-        let state = VolState::new(view, base, top, size);
-        let vol = Arc::new(Volume::new(vid, Arc::clone(sh), state, journal));
-        self.inner
-            .volumes
-            .lock()
-            .expect("volume map")
-            .insert(vid, vol);
-        Ok(VolumeInfo {
-            id: vid,
-            size_bytes: size,
-            chain_depth: depth,
-            created_unix_ns: created,
-        })
+        self.new_volume(vid, size, Some((id, snap.layer, base)))
     }
 
     /// A new volume with the contents `volume` has now: an implicit
@@ -742,28 +704,16 @@ impl Pool {
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         let txn = self.shared().catalog.read()?;
         txn.volumes()?
-            .into_iter()
-            .map(|r| {
-                Ok(VolumeInfo {
-                    id: r.id,
-                    size_bytes: r.size,
-                    chain_depth: txn.chain(r.top)?.len(),
-                    created_unix_ns: r.created_ns,
-                })
-            })
+            .iter()
+            .map(|r| volume_info(&txn, r))
             .collect()
     }
 
     /// One volume's info.
     pub fn volume_info(&self, id: VolumeId) -> Result<VolumeInfo> {
         let txn = self.shared().catalog.read()?;
-        let r = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
-        Ok(VolumeInfo {
-            id: r.id,
-            size_bytes: r.size,
-            chain_depth: txn.chain(r.top)?.len(),
-            created_unix_ns: r.created_ns,
-        })
+        let rec = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
+        volume_info(&txn, &rec)
     }
 
     /// Every (visible) snapshot, in ID order.
@@ -878,6 +828,15 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         let _ = self.flush_all();
     }
+}
+
+fn volume_info(txn: &super::catalog::ReadTxn, r: &VolumeRecord) -> Result<VolumeInfo> {
+    Ok(VolumeInfo {
+        id: r.id,
+        size_bytes: r.size,
+        chain_depth: txn.chain(r.top)?.len(),
+        created_unix_ns: r.created_ns,
+    })
 }
 
 /// Takes the pool's lock file; held until the returned file is dropped.

@@ -13,8 +13,16 @@ use std::sync::{Condvar, Mutex};
 /// A set of locked block ranges.
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Held>,
     released: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    ranges: Vec<(u64, u64)>,
+    /// Threads waiting for a range: releases wake them only if there are
+    /// any (an uncontended lock costs no futex call).
+    waiters: usize,
 }
 
 /// Holds `start..end` until dropped.
@@ -28,10 +36,12 @@ impl RangeLock {
     /// Waits until no held range overlaps `start..end`, then holds it.
     pub(crate) fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = self.held.lock().expect("range lock");
-        while held.iter().any(|&(s, e)| s < end && start < e) {
+        while held.ranges.iter().any(|&(s, e)| s < end && start < e) {
+            held.waiters += 1;
             held = self.released.wait(held).expect("range lock");
+            held.waiters -= 1;
         }
-        held.push((start, end));
+        held.ranges.push((start, end));
         RangeGuard {
             lock: self,
             range: (start, end),
@@ -42,11 +52,14 @@ impl RangeLock {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.lock.held.lock().expect("range lock");
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(i);
+        if let Some(i) = held.ranges.iter().position(|r| *r == self.range) {
+            held.ranges.swap_remove(i);
         }
+        let wake = held.waiters > 0;
         drop(held);
-        self.lock.released.notify_all();
+        if wake {
+            self.lock.released.notify_all();
+        }
     }
 }
 

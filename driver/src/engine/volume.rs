@@ -60,19 +60,16 @@ pub(crate) struct VolState {
     pub(crate) base_weak: Weak<View>,
     /// The writable top layer.
     pub(crate) top: Arc<Layer>,
-    /// Size in bytes.
-    pub(crate) size: u64,
 }
 
 impl VolState {
-    pub(crate) fn new(view: View, base: Arc<View>, top: Arc<Layer>, size: u64) -> Self {
+    pub(crate) fn new(view: View, base: Arc<View>, top: Arc<Layer>) -> Self {
         let base_weak = Arc::downgrade(&base);
         VolState {
             view,
             base: Some(base),
             base_weak,
             top,
-            size,
         }
     }
 
@@ -161,13 +158,14 @@ impl Volume {
         id: VolumeId,
         shared: Arc<Shared>,
         state: VolState,
+        size: u64,
         journal: JournalFile,
     ) -> Self {
         Volume {
             id,
             shared,
             gate: RwLock::new(()),
-            size: AtomicU64::new(state.size),
+            size: AtomicU64::new(size),
             state: RwLock::new(state),
             ranges: RangeLock::default(),
             pending: Mutex::new(Pending::default()),
@@ -196,7 +194,6 @@ impl Volume {
     pub(crate) fn grow(&self, size: u64) {
         let mut st = self.state.write().expect("volume state");
         st.view.index.grow(super::geometry::blocks_for(size));
-        st.size = size;
         self.size.store(size, Ordering::Release);
     }
 
@@ -210,7 +207,7 @@ impl Volume {
         let st = self.state.read().expect("volume state");
         VolumeStats {
             id: self.id,
-            size_bytes: st.size,
+            size_bytes: self.size(),
             chain_depth: st.view.depth(),
             allocated_bytes: st.view.index.count_data() * BLOCK_SIZE,
         }
@@ -305,16 +302,24 @@ impl Volume {
     /// layer for the next flush's fdatasync, so the flush of an
     /// overwrite-only workload costs one fsync, not two.
     fn commit(&self, top: &Arc<Layer>, first: u64, end: u64, state: BlockState, entry: u16) {
-        let changed = {
-            let mut st = self.state.write().expect("volume state");
+        let unchanged = |st: &VolState| {
             let mut same = state == BlockState::Data;
             if same {
                 st.view.index.runs(first, end, |_, _, v| same &= v == entry);
             }
-            if !same {
+            same
+        };
+        // Overwrites (the common case) only need the read lock to see that
+        // nothing changes.
+        // (The read guard is a temporary of this statement: released here.)
+        let same = unchanged(&self.state.read().expect("volume state"));
+        let changed = !same && {
+            let mut st = self.state.write().expect("volume state");
+            let changed = !unchanged(&st);
+            if changed {
                 st.view.index.set_range(first, end, entry);
             }
-            !same
+            changed
         };
         let flush_now = {
             let mut p = self.pending.lock().expect("pending");

@@ -48,11 +48,38 @@ impl Socket for std::net::TcpStream {
     }
 }
 
-/// One reply: a header and (for reads) the data after it.
+/// One reply: a header, followed (for reads) by the first `data_len` bytes
+/// of the worker's data buffer.
 #[derive(Debug)]
 struct Reply {
     head: Vec<u8>,
+    data_len: usize,
+}
+
+/// A worker's reusable buffers: a 4 KiB or 1 MiB request costs no
+/// allocation and no zeroing once the worker has served one like it.
+#[derive(Debug, Default)]
+struct Scratch {
+    payload: Vec<u8>,
     data: Vec<u8>,
+}
+
+/// Buffers larger than this are dropped after use rather than kept.
+const RETAINED: usize = 1 << 20;
+
+/// The first `len` bytes of `v`, growing it if needed (only new bytes are
+/// zeroed; every byte handed out is overwritten before it is read).
+fn sized(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    &mut v[..len]
+}
+
+fn trim_retained(v: &mut Vec<u8>) {
+    if v.len() > RETAINED {
+        *v = Vec::new();
+    }
 }
 
 /// Per-operation metric handles of the export.
@@ -117,7 +144,9 @@ fn errno(e: &Error) -> u32 {
 
 /// What the reader hands a worker.
 enum Next {
-    Run(Request, Command, Vec<u8>, u32),
+    /// A request to run (a write's payload is in the worker's scratch) and
+    /// the budget it holds.
+    Run(Request, Command, u32),
     Refuse(Request, Rejected),
     Stop,
 }
@@ -129,10 +158,7 @@ impl Conn {
         } else {
             simple_reply(cookie, 0).to_vec()
         };
-        Reply {
-            head,
-            data: Vec::new(),
-        }
+        Reply { head, data_len: 0 }
     }
 
     fn error(&self, cookie: u64, error: u32, message: &str) -> Reply {
@@ -141,10 +167,7 @@ impl Conn {
         } else {
             simple_reply(cookie, error).to_vec()
         };
-        Reply {
-            head,
-            data: Vec::new(),
-        }
+        Reply { head, data_len: 0 }
     }
 
     fn limits(&self) -> ExportLimits {
@@ -158,7 +181,7 @@ impl Conn {
     }
 
     /// Takes the next request off the socket (holding the reader lock).
-    fn next(&self) -> std::io::Result<Next> {
+    fn next(&self, scratch: &mut Scratch) -> std::io::Result<Next> {
         let mut rd = self.reader.lock().expect("reader");
         if self.closed.load(Ordering::Acquire) {
             return Ok(Next::Stop);
@@ -177,18 +200,17 @@ impl Conn {
             Ok(Command::Disconnect) => Ok(Next::Stop),
             Ok(cmd @ Command::Write { length, .. }) => {
                 let held = self.budget.take(length.max(4096));
-                let mut payload = vec![0u8; length as usize];
-                if let Err(e) = rd.read_exact(&mut payload) {
+                if let Err(e) = rd.read_exact(sized(&mut scratch.payload, length as usize)) {
                     self.budget.give(held);
                     return Err(e);
                 }
-                Ok(Next::Run(req, cmd, payload, held))
+                Ok(Next::Run(req, cmd, held))
             }
             Ok(cmd @ Command::Read { length, .. }) => {
                 let held = self.budget.take(length.max(4096));
-                Ok(Next::Run(req, cmd, Vec::new(), held))
+                Ok(Next::Run(req, cmd, held))
             }
-            Ok(cmd) => Ok(Next::Run(req, cmd, Vec::new(), 0)),
+            Ok(cmd) => Ok(Next::Run(req, cmd, 0)),
             Err(rejected) => {
                 self.metrics.nbd_protocol_error(rejected.why);
                 if req.kind == CMD_WRITE {
@@ -203,15 +225,17 @@ impl Conn {
     }
 
     /// Runs one validated command.
-    fn execute(&self, cookie: u64, cmd: Command, payload: &[u8]) -> Reply {
+    fn execute(&self, cookie: u64, cmd: Command, scratch: &mut Scratch) -> Reply {
         let start = Instant::now();
         let (op, name, bytes, result) = match cmd {
             Command::Read { offset, length } => {
-                let mut data = vec![0u8; length as usize];
-                match self.export.read(offset, &mut data) {
+                match self
+                    .export
+                    .read(offset, sized(&mut scratch.data, length as usize))
+                {
                     Ok(()) => {
                         self.ops.read.observe(u64::from(length), start.elapsed());
-                        return self.read_reply(cookie, offset, data);
+                        return self.read_reply(cookie, offset, length as usize);
                     }
                     Err(e) => (&self.ops.read, "read", 0, Err(e)),
                 }
@@ -224,7 +248,8 @@ impl Conn {
                 &self.ops.write,
                 "write",
                 length,
-                self.export.write(offset, payload, fua),
+                self.export
+                    .write(offset, &scratch.payload[..length as usize], fua),
             ),
             Command::Flush => (&self.ops.flush, "flush", 0, self.export.flush()),
             Command::Trim {
@@ -277,7 +302,7 @@ impl Conn {
                     }
                     return Reply {
                         head: structured_block_status(cookie, &descriptors),
-                        data: Vec::new(),
+                        data_len: 0,
                     };
                 }
                 Err(e) => (&self.ops.status, "block_status", 0, Err(e)),
@@ -301,30 +326,36 @@ impl Conn {
         if fua { self.export.flush() } else { Ok(()) }
     }
 
-    fn read_reply(&self, cookie: u64, offset: u64, data: Vec<u8>) -> Reply {
+    fn read_reply(&self, cookie: u64, offset: u64, len: usize) -> Reply {
         if !self.structured {
             return Reply {
                 head: simple_reply(cookie, 0).to_vec(),
-                data,
+                data_len: len,
             };
         }
-        if data.is_empty() {
+        if len == 0 {
             return self.ok(cookie);
         }
         let mut head = structured_header(
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             cookie,
-            8 + data.len() as u32,
+            8 + len as u32,
         )
         .to_vec();
         head.extend_from_slice(&offset.to_be_bytes());
-        Reply { head, data }
+        Reply {
+            head,
+            data_len: len,
+        }
     }
 
-    fn send(&self, reply: &Reply) -> std::io::Result<()> {
+    fn send(&self, reply: &Reply, data: &[u8]) -> std::io::Result<()> {
         let mut w = self.writer.lock().expect("writer");
-        let mut bufs = [IoSlice::new(&reply.head), IoSlice::new(&reply.data)];
+        let mut bufs = [
+            IoSlice::new(&reply.head),
+            IoSlice::new(&data[..reply.data_len]),
+        ];
         let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
         while !bufs.is_empty() {
             match w.write_vectored(bufs) {
@@ -339,8 +370,9 @@ impl Conn {
 
     /// One worker: read, run, reply, until the connection ends.
     fn work(&self) {
+        let mut scratch = Scratch::default();
         loop {
-            let next = match self.next() {
+            let next = match self.next(&mut scratch) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(export = %self.name, error = %e, "NBD connection read failed");
@@ -353,16 +385,18 @@ impl Conn {
                     return;
                 }
                 Next::Refuse(req, rejected) => self.error(req.cookie, rejected.error, rejected.why),
-                Next::Run(req, cmd, payload, held) => {
-                    let reply = self.execute(req.cookie, cmd, &payload);
-                    drop(payload);
+                Next::Run(req, cmd, held) => {
+                    let reply = self.execute(req.cookie, cmd, &mut scratch);
                     if held > 0 {
                         self.budget.give(held);
                     }
                     reply
                 }
             };
-            if let Err(e) = self.send(&reply) {
+            let sent = self.send(&reply, &scratch.data);
+            trim_retained(&mut scratch.payload);
+            trim_retained(&mut scratch.data);
+            if let Err(e) = sent {
                 tracing::debug!(export = %self.name, error = %e, "NBD reply failed; closing");
                 self.closed.store(true, Ordering::Release);
                 self.writer.lock().expect("writer").shutdown_both();
