@@ -93,6 +93,26 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
 }
 
 #[test]
+fn nbd_over_loopback_tcp_when_asked() {
+    if require_tools(&["nbdinfo", "nbdcopy"]).is_err() {
+        return;
+    }
+    let s = Standalone::start_with_tcp(true);
+    let port = s.nbd_tcp_port.unwrap();
+    let vol = s.create_volume("tcp", "8MiB");
+    let src = s.dir.path().join("src");
+    let back = s.dir.path().join("back");
+    let data = write_random(&src, 8 * MIB, 7);
+    let uri = format!("nbd://127.0.0.1:{port}/{vol}");
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &uri]);
+    // Written over TCP, read back over the unix socket.
+    run_ok("nbdcopy", &[&s.uri(&vol), back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == data);
+    let info = run_ok("nbdinfo", &[&uri]);
+    assert!(info.contains("export-size: 8388608"), "{info}");
+}
+
+#[test]
 fn nbdcopy_round_trips_random_data_over_several_connections() {
     if require_tools(&["nbdcopy"]).is_err() {
         return;

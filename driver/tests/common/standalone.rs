@@ -10,6 +10,8 @@ pub struct Standalone {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pub metrics_port: u16,
+    /// Also serve NBD on this loopback TCP port.
+    pub nbd_tcp_port: Option<u16>,
 }
 
 fn free_port() -> u16 {
@@ -22,11 +24,18 @@ fn free_port() -> u16 {
 
 impl Standalone {
     pub fn start() -> Standalone {
+        Self::start_with_tcp(false)
+    }
+
+    /// Starts a server that, with `tcp`, also serves NBD on loopback TCP.
+    pub fn start_with_tcp(tcp: bool) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
+        let nbd_tcp_port = tcp.then(free_port);
         let mut s = Standalone {
             dir,
             child: None,
             metrics_port: free_port(),
+            nbd_tcp_port,
         };
         s.spawn();
         s
@@ -51,6 +60,10 @@ impl Standalone {
             .append(true)
             .open(self.dir.path().join("strata.log"))
             .unwrap();
+        let tcp: Vec<String> = self
+            .nbd_tcp_port
+            .map(|port| vec!["--nbd-listen".into(), format!("tcp://127.0.0.1:{port}")])
+            .unwrap_or_default();
         let child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("standalone")
             .arg("--pool")
@@ -63,6 +76,7 @@ impl Standalone {
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .arg("--node-id")
             .arg("test-node")
+            .args(&tcp)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
