@@ -95,7 +95,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             Endpoint::Unix(p) => {
                 let l = nbd::bind_unix(p).map_err(listen_err(ep))?;
                 sockets.push(p.clone());
-                tokio::spawn(Arc::clone(&nbd).serve_unix(l, stopped()));
+                tokio::spawn(Arc::clone(&nbd).serve(nbd::Listener::Unix(l), stopped()));
             }
             Endpoint::Tcp(a) => {
                 if !a.ip().is_loopback() {
@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 let l = tokio::net::TcpListener::bind(a)
                     .await
                     .map_err(listen_err(ep))?;
-                tokio::spawn(Arc::clone(&nbd).serve_tcp(l, stopped()));
+                tokio::spawn(Arc::clone(&nbd).serve(nbd::Listener::Tcp(l), stopped()));
             }
         }
     }

@@ -186,37 +186,57 @@ pub async fn create(endpoint: &Endpoint, format: Format, args: CreateVolume) -> 
     }
 }
 
-pub async fn list(endpoint: &Endpoint, format: Format) -> ExitCode {
-    let mut client = match controller(endpoint).await {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
+/// Collects every page of a paginated list: `page(token)` returns a
+/// page's items and the next token (empty at the end).
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
-        let req = ListVolumesRequest {
-            max_entries: 500,
-            starting_token: token,
-        };
-        match client.list_volumes(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                out.extend(
-                    r.entries
-                        .iter()
-                        .filter_map(|e| e.volume.as_ref())
-                        .map(volume_out),
-                );
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
-            }
-            Err(s) => return fail(status_message(&s)),
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
         }
+        token = next;
     }
-    print_volumes(format, out);
-    ExitCode::SUCCESS
+}
+
+pub async fn list(endpoint: &Endpoint, format: Format) -> ExitCode {
+    let client = match controller(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let vols = all_pages(|starting_token| {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .list_volumes(ListVolumesRequest {
+                    max_entries: 500,
+                    starting_token,
+                })
+                .await?;
+            let r = r.into_inner();
+            let items = r
+                .entries
+                .iter()
+                .filter_map(|e| e.volume.as_ref())
+                .map(volume_out)
+                .collect();
+            Ok((items, r.next_token))
+        }
+    })
+    .await;
+    match vols {
+        Ok(vols) => {
+            print_volumes(format, vols);
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
 }
 
 pub async fn delete(endpoint: &Endpoint, id: String) -> ExitCode {
@@ -295,38 +315,38 @@ pub async fn snapshot_list(
     format: Format,
     volume: Option<String>,
 ) -> ExitCode {
-    let mut client = match controller(endpoint).await {
+    let client = match controller(endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
+    let source_volume_id = volume.unwrap_or_default();
+    let snaps = all_pages(|starting_token| {
+        let mut client = client.clone();
         let req = ListSnapshotsRequest {
             max_entries: 500,
-            starting_token: token,
-            source_volume_id: volume.clone().unwrap_or_default(),
+            starting_token,
+            source_volume_id: source_volume_id.clone(),
             ..Default::default()
         };
-        match client.list_snapshots(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                out.extend(
-                    r.entries
-                        .iter()
-                        .filter_map(|e| e.snapshot.as_ref())
-                        .map(snapshot_out),
-                );
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
-            }
-            Err(s) => return fail(status_message(&s)),
+        async move {
+            let r = client.list_snapshots(req).await?.into_inner();
+            let items = r
+                .entries
+                .iter()
+                .filter_map(|e| e.snapshot.as_ref())
+                .map(snapshot_out)
+                .collect();
+            Ok((items, r.next_token))
         }
+    })
+    .await;
+    match snaps {
+        Ok(snaps) => {
+            print_snapshots(format, snaps);
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
     }
-    print_snapshots(format, out);
-    ExitCode::SUCCESS
 }
 
 pub async fn snapshot_delete(endpoint: &Endpoint, id: String) -> ExitCode {

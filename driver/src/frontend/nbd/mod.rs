@@ -101,42 +101,19 @@ impl NbdServer {
         })
     }
 
-    /// Accepts connections on a unix socket until `shutdown` resolves.
-    pub async fn serve_unix(
-        self: Arc<Self>,
-        listener: UnixListener,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// Accepts connections until `shutdown` resolves.
+    pub async fn serve(self: Arc<Self>, listener: Listener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => self.spawn_connection(stream),
-                    Err(e) => accept_error(e).await,
-                },
-            }
-        }
-    }
-
-    /// Accepts connections on TCP until `shutdown` resolves.
-    pub async fn serve_tcp(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        tracing::debug!(%peer, "NBD connection");
-                        self.spawn_connection(stream);
+                accepted = listener.accept(&self) => {
+                    if let Err(e) = accepted {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting an NBD connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    Err(e) => accept_error(e).await,
-                },
+                }
             }
         }
     }
@@ -201,10 +178,27 @@ impl NbdServer {
     }
 }
 
-async fn accept_error(e: std::io::Error) {
-    // EMFILE and friends: back off instead of spinning.
-    tracing::warn!(error = %e, "accepting an NBD connection failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// Where the server accepts connections.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Accepts one connection and starts serving it.
+    async fn accept(&self, server: &Arc<NbdServer>) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l) => server.spawn_connection(l.accept().await?.0),
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                tracing::debug!(%peer, "NBD connection");
+                server.spawn_connection(stream);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Binds a unix socket for NBD with mode 0600, replacing a stale socket
