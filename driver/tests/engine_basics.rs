@@ -1,5 +1,7 @@
 //! Focused behaviour of the engine's public API: one behaviour per test.
 
+mod common;
+
 use strata::engine::{Error, ErrorKind, Pool, PoolOptions, ZeroFlags};
 
 const MIB: u64 = 1 << 20;
@@ -266,4 +268,48 @@ fn clone_volume_copies_current_contents() {
     let mut buf = vec![0u8; 4096];
     p.volume(c.id).unwrap().read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(12, 4096));
+}
+
+#[test]
+fn volumes_beyond_the_filesystem_file_limit_get_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap(); // ext4 here: 16 TiB per file
+    let p = pool(dir.path());
+    match p.create_volume(20 << 40) {
+        Err(e @ Error::TooLargeForFilesystem { .. }) => assert_eq!(e.kind(), ErrorKind::OutOfRange),
+        Ok(_) => eprintln!("this filesystem holds 20 TiB files; nothing to check"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("layers"))
+            .unwrap()
+            .count(),
+        0,
+        "no file left behind"
+    );
+}
+
+#[test]
+fn discarding_more_than_16_tib_at_once_is_recorded_in_pieces() {
+    // Needs a filesystem with files beyond 16 TiB: XFS on a loop image.
+    let Ok(fs) = common::LoopFs::xfs_reflink(512) else {
+        return;
+    };
+    let dir = fs.path().join("pool");
+    let p = pool(&dir);
+    let size = 20u64 << 40; // 20 TiB, thin
+    let id = p.create_volume(size).unwrap().id;
+    let v = p.volume(id).unwrap();
+    v.write(size - 4096, &pattern(13, 4096), false).unwrap();
+    p.create_snapshot(id).unwrap();
+    v.trim(0, size).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    drop(p);
+    let p = pool(&dir);
+    let mut buf = vec![1u8; 4096];
+    p.volume(id).unwrap().read(size - 4096, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the discard reached the last block"
+    );
 }

@@ -41,6 +41,17 @@ pub enum Error {
         /// The size asked for.
         size: u64,
     },
+    /// The pool's filesystem cannot hold a layer file of the volume's size.
+    #[error(
+        "the pool's filesystem cannot hold a {size}-byte volume ({path}): ext4 stops at 16 TiB per file; \
+         use XFS for larger volumes"
+    )]
+    TooLargeForFilesystem {
+        /// The size asked for.
+        size: u64,
+        /// The layer file.
+        path: PathBuf,
+    },
     /// Volumes only grow.
     #[error("cannot shrink a volume from {from} to {to} bytes: volumes only grow")]
     ShrinkRefused {
@@ -152,7 +163,7 @@ impl Error {
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorKind::NotFound,
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::InvalidSize { .. } | Error::ShrinkRefused { .. } => ErrorKind::InvalidArgument,
-            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::NoSpace { .. } => ErrorKind::NoSpace,

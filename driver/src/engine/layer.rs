@@ -43,14 +43,29 @@ pub(crate) fn create_layer_file(pool: &Path, id: LayerId, size: u64, sync: bool)
         .create_new(true)
         .open(&path)
         .map_err(|e| io_error("create layer file", &path, e))?;
-    file.set_len(size)
-        .map_err(|e| io_error("size layer file", &path, e))?;
+    if let Err(e) = file.set_len(size) {
+        drop(file);
+        remove_quietly(&path);
+        return Err(too_large_or(e, size, &path, "size layer file"));
+    }
     if sync {
         file.sync_all()
             .map_err(|e| io_error("sync layer file", &path, e))?;
         sync_dir(&pool.join(LAYERS_DIR))?;
     }
     Ok(())
+}
+
+/// EFBIG (the filesystem's file size limit) as its own error; others as
+/// usual.
+fn too_large_or(e: io::Error, size: u64, path: &Path, op: &'static str) -> super::error::Error {
+    if e.raw_os_error() == Some(libc::EFBIG) {
+        return super::error::Error::TooLargeForFilesystem {
+            size,
+            path: path.to_path_buf(),
+        };
+    }
+    io_error(op, path, e)
 }
 
 /// Removes a file that may already be gone; other failures are logged (a
@@ -249,7 +264,7 @@ impl Layer {
     pub(crate) fn set_len(self: &Arc<Self>, len: u64) -> Result<()> {
         self.file()?
             .set_len(len)
-            .map_err(|e| io_error("resize layer file", &self.path, e))
+            .map_err(|e| too_large_or(e, len, &self.path, "resize layer file"))
     }
 
     /// The catalog no longer knows this layer: delete the file once the

@@ -323,15 +323,20 @@ impl Volume {
         };
         let flush_now = {
             let mut p = self.pending.lock().expect("pending");
-            let blocks = u32::try_from(end - first).expect("requests are far below 2^32 blocks");
             if changed {
-                let record = Record {
-                    layer: top.id,
-                    start: first,
-                    blocks,
-                    state,
-                };
-                push_coalesced(&mut p.records, record);
+                // A record covers at most 2^32 - 1 blocks (16 TiB).
+                let mut start = first;
+                while start < end {
+                    let blocks = (end - start).min(u64::from(u32::MAX)) as u32;
+                    let record = Record {
+                        layer: top.id,
+                        start,
+                        blocks,
+                        state,
+                    };
+                    push_coalesced(&mut p.records, record);
+                    start += u64::from(blocks);
+                }
             }
             p.generation += 1;
             if !p.layers.last().is_some_and(|l| Arc::ptr_eq(l, top)) {

@@ -10,6 +10,7 @@
 mod codec;
 pub(crate) mod records;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -384,6 +385,21 @@ impl WriteTxn {
             None => Ok(None),
         }
     }
+    /// Chunks of `layer` in `first..=last` that have a presence row.
+    fn presence_chunks(&self, layer: LayerId, first: u32, last: u32) -> Result<Vec<u32>> {
+        let op = "read presence";
+        let t = rw_table!(self, PRESENCE, op);
+        let mut out = Vec::new();
+        for entry in t
+            .range((layer.0, first)..=(layer.0, last))
+            .map_err(|e| catalog_error(op, e))?
+        {
+            let (k, _) = entry.map_err(|e| catalog_error(op, e))?;
+            out.push(k.value().1);
+        }
+        Ok(out)
+    }
+
     /// Stores (or with `None`, removes) the presence of one chunk.
     pub(crate) fn put_presence_chunk(
         &mut self,
@@ -413,17 +429,40 @@ impl WriteTxn {
     /// touch.
     pub(crate) fn apply_presence(&mut self, records: &[Record]) -> Result<()> {
         // Split records at chunk boundaries; a stable sort by (layer, chunk)
-        // keeps the order of changes to any one block.
+        // keeps the order of changes to any one block. Making blocks absent
+        // only changes chunks that define something: those with a row, or
+        // written earlier in this batch; a huge discard over empty space
+        // touches nothing else.
         let mut pieces: Vec<(LayerId, u32, u16, u16, BlockState)> = Vec::new();
+        let mut written: BTreeSet<(LayerId, u32)> = BTreeSet::new();
         for r in records {
-            let mut b = r.start;
             let end = r.start + u64::from(r.blocks);
-            while b < end {
-                let chunk = b / CHUNK_BLOCKS;
-                let hi = end.min((chunk + 1) * CHUNK_BLOCKS);
-                let lo_in = (b % CHUNK_BLOCKS) as u16;
-                pieces.push((r.layer, chunk as u32, lo_in, (hi - b) as u16, r.state));
-                b = hi;
+            let (first, last) = (
+                (r.start / CHUNK_BLOCKS) as u32,
+                ((end - 1) / CHUNK_BLOCKS) as u32,
+            );
+            let chunks: Vec<u32> = if r.state == BlockState::Absent && last - first > 64 {
+                let mut c: BTreeSet<u32> = self
+                    .presence_chunks(r.layer, first, last)?
+                    .into_iter()
+                    .collect();
+                c.extend(
+                    written
+                        .range((r.layer, first)..=(r.layer, last))
+                        .map(|(_, c)| *c),
+                );
+                c.into_iter().collect()
+            } else {
+                (first..=last).collect()
+            };
+            for chunk in chunks {
+                let lo = r.start.max(u64::from(chunk) * CHUNK_BLOCKS);
+                let hi = end.min((u64::from(chunk) + 1) * CHUNK_BLOCKS);
+                let lo_in = (lo % CHUNK_BLOCKS) as u16;
+                pieces.push((r.layer, chunk, lo_in, (hi - lo) as u16, r.state));
+                if r.state != BlockState::Absent {
+                    written.insert((r.layer, chunk));
+                }
             }
         }
         pieces.sort_by_key(|p| (p.0, p.1));
