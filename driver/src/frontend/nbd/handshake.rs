@@ -68,9 +68,8 @@ where
 struct Replies(Vec<u8>);
 
 impl Replies {
-    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+    fn push(&mut self, b: &[u8]) {
         self.0.extend_from_slice(b);
-        Ok(())
     }
 
     async fn send<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -92,10 +91,9 @@ async fn negotiate_inner<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    wr.write_all(&NBD_MAGIC.to_be_bytes()).await?;
-    wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
-    wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-        .await?;
+    wr.push(&NBD_MAGIC.to_be_bytes());
+    wr.push(&IHAVEOPT.to_be_bytes());
+    wr.push(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     wr.send(rd.get_mut()).await?;
     let client = rd.read_u32().await?;
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0
@@ -124,12 +122,11 @@ where
                 &mut tokio::io::sink(),
             )
             .await?;
-            wr.write_all(&option_error(
+            wr.push(&option_error(
                 opt.option,
                 REP_ERR_TOO_BIG,
                 "option payload too large",
-            ))
-            .await?;
+            ));
             wr.send(rd.get_mut()).await?;
             continue;
         }
@@ -143,11 +140,10 @@ where
                     metrics.nbd_protocol_error("unknown_export");
                     return Ok(None);
                 };
-                wr.write_all(&export.size().to_be_bytes()).await?;
-                wr.write_all(&transmission_flags(&export, structured).to_be_bytes())
-                    .await?;
+                wr.push(&export.size().to_be_bytes());
+                wr.push(&transmission_flags(&export, structured).to_be_bytes());
                 if !no_zeroes {
-                    wr.write_all(&[0u8; 124]).await?;
+                    wr.push(&[0u8; 124]);
                 }
                 wr.send(rd.get_mut()).await?;
                 return Ok(Some(Session {
@@ -157,18 +153,17 @@ where
                 }));
             }
             OPT_ABORT => {
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                wr.push(&reply(REP_ACK, &[]));
                 wr.send(rd.get_mut()).await?;
                 return Ok(None);
             }
             OPT_LIST if !data.is_empty() => {
                 metrics.nbd_protocol_error("invalid_option");
-                wr.write_all(&option_error(
+                wr.push(&option_error(
                     opt.option,
                     REP_ERR_INVALID,
                     "LIST takes no data",
-                ))
-                .await?;
+                ));
             }
             OPT_LIST => {
                 let p = pool.clone();
@@ -176,41 +171,37 @@ where
                 match exports {
                     Ok(Ok(exports)) => {
                         for (name, description) in exports {
-                            wr.write_all(&reply(REP_SERVER, &rep_server(&name, &description)))
-                                .await?;
+                            wr.push(&reply(REP_SERVER, &rep_server(&name, &description)));
                         }
-                        wr.write_all(&reply(REP_ACK, &[])).await?;
+                        wr.push(&reply(REP_ACK, &[]));
                     }
                     _ => {
-                        wr.write_all(&option_error(
+                        wr.push(&option_error(
                             opt.option,
                             REP_ERR_SHUTDOWN,
                             "cannot list exports",
-                        ))
-                        .await?;
+                        ));
                     }
                 }
             }
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
                 metrics.nbd_protocol_error("invalid_option");
-                wr.write_all(&option_error(
+                wr.push(&option_error(
                     opt.option,
                     REP_ERR_INVALID,
                     "STRUCTURED_REPLY takes no data",
-                ))
-                .await?;
+                ));
             }
             OPT_STRUCTURED_REPLY => {
                 structured = true;
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                wr.push(&reply(REP_ACK, &[]));
             }
             OPT_INFO | OPT_GO => {
                 let (name, infos) = match parse_info_request(&data) {
                     Ok(x) => x,
                     Err(InvalidOption(why)) => {
                         metrics.nbd_protocol_error("invalid_option");
-                        wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
-                            .await?;
+                        wr.push(&option_error(opt.option, REP_ERR_INVALID, why));
                         wr.send(rd.get_mut()).await?;
                         continue;
                     }
@@ -218,22 +209,18 @@ where
                 let Some(export) = open_export(pool, &name).await else {
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
-                    wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
-                        .await?;
+                    wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
                     wr.send(rd.get_mut()).await?;
                     continue;
                 };
                 let flags = transmission_flags(&export, structured);
-                wr.write_all(&reply(REP_INFO, &info_export(export.size(), flags)))
-                    .await?;
-                wr.write_all(&reply(
+                wr.push(&reply(REP_INFO, &info_export(export.size(), flags)));
+                wr.push(&reply(
                     REP_INFO,
                     &info_block_size(1, BLOCK_SIZE as u32, MAX_REQUEST),
-                ))
-                .await?;
+                ));
                 if infos.contains(&INFO_NAME) {
-                    wr.write_all(&reply(REP_INFO, &info_string(INFO_NAME, &name)))
-                        .await?;
+                    wr.push(&reply(REP_INFO, &info_string(INFO_NAME, &name)));
                 }
                 if infos.contains(&INFO_DESCRIPTION) {
                     let what = if export.read_only() {
@@ -241,10 +228,9 @@ where
                     } else {
                         "Strata volume"
                     };
-                    wr.write_all(&reply(REP_INFO, &info_string(INFO_DESCRIPTION, what)))
-                        .await?;
+                    wr.push(&reply(REP_INFO, &info_string(INFO_DESCRIPTION, what)));
                 }
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                wr.push(&reply(REP_ACK, &[]));
                 if opt.option == OPT_GO {
                     wr.send(rd.get_mut()).await?;
                     return Ok(Some(Session {
@@ -259,8 +245,7 @@ where
                 if setting && !structured {
                     metrics.nbd_protocol_error("invalid_option");
                     let msg = "negotiate NBD_OPT_STRUCTURED_REPLY first";
-                    wr.write_all(&option_error(opt.option, REP_ERR_INVALID, msg))
-                        .await?;
+                    wr.push(&option_error(opt.option, REP_ERR_INVALID, msg));
                     wr.send(rd.get_mut()).await?;
                     continue;
                 }
@@ -268,8 +253,7 @@ where
                     Ok(x) => x,
                     Err(InvalidOption(why)) => {
                         metrics.nbd_protocol_error("invalid_option");
-                        wr.write_all(&option_error(opt.option, REP_ERR_INVALID, why))
-                            .await?;
+                        wr.push(&option_error(opt.option, REP_ERR_INVALID, why));
                         wr.send(rd.get_mut()).await?;
                         continue;
                     }
@@ -277,8 +261,7 @@ where
                 if open_export(pool, &name).await.is_none() {
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
-                    wr.write_all(&option_error(opt.option, REP_ERR_UNKNOWN, &msg))
-                        .await?;
+                    wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
                     wr.send(rd.get_mut()).await?;
                     continue;
                 }
@@ -294,20 +277,18 @@ where
                 }
                 if selected {
                     let ctx = rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION);
-                    wr.write_all(&reply(REP_META_CONTEXT, &ctx)).await?;
+                    wr.push(&reply(REP_META_CONTEXT, &ctx));
                 }
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                wr.push(&reply(REP_ACK, &[]));
             }
             OPT_STARTTLS => {
                 let msg =
                     "TLS is not offered: NBD is served on a local unix socket or loopback only";
-                wr.write_all(&option_error(opt.option, REP_ERR_POLICY, msg))
-                    .await?;
+                wr.push(&option_error(opt.option, REP_ERR_POLICY, msg));
             }
             other => {
                 metrics.nbd_protocol_error("unknown_option");
-                wr.write_all(&option_error(other, REP_ERR_UNSUP, "option not supported"))
-                    .await?;
+                wr.push(&option_error(other, REP_ERR_UNSUP, "option not supported"));
             }
         }
         wr.send(rd.get_mut()).await?;
