@@ -302,11 +302,6 @@ impl Pool {
         })
     }
 
-    /// The pool directory.
-    pub fn dir(&self) -> &Path {
-        &self.inner.shared.dir
-    }
-
     fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
     }

@@ -43,10 +43,9 @@ pub(crate) struct Segment {
 pub struct Extent {
     /// Length in bytes.
     pub len: u64,
-    /// The range reads as zeros.
+    /// The range reads as zeros, and no storage of this volume holds it
+    /// (Strata never keeps allocated zeros apart from data).
     pub zero: bool,
-    /// No storage is allocated for the range (a hole).
-    pub hole: bool,
 }
 
 impl View {
@@ -187,11 +186,7 @@ pub(crate) fn block_status(view: &View, offset: u64, len: u64) -> Vec<Extent> {
         let bs = (s << BLOCK_SHIFT).max(offset);
         let be = ((s + l) << BLOCK_SHIFT).min(end);
         if be > bs {
-            out.push(Extent {
-                len: be - bs,
-                zero,
-                hole: zero,
-            });
+            out.push(Extent { len: be - bs, zero });
         }
     });
     out

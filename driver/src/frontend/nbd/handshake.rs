@@ -106,6 +106,8 @@ where
     let mut structured = false;
     let mut allocation = false;
     loop {
+        // Replies to the previous option go out before the next is read.
+        wr.send(rd.get_mut()).await?;
         let mut header = [0u8; 16];
         rd.read_exact(&mut header).await?;
         let Ok(opt) = parse_option_header(&header) else {
@@ -127,7 +129,6 @@ where
                 REP_ERR_TOO_BIG,
                 "option payload too large",
             ));
-            wr.send(rd.get_mut()).await?;
             continue;
         }
         let mut data = vec![0u8; opt.length as usize];
@@ -145,7 +146,6 @@ where
                 if !no_zeroes {
                     wr.push(&[0u8; 124]);
                 }
-                wr.send(rd.get_mut()).await?;
                 return Ok(Some(Session {
                     export,
                     structured,
@@ -154,7 +154,6 @@ where
             }
             OPT_ABORT => {
                 wr.push(&reply(REP_ACK, &[]));
-                wr.send(rd.get_mut()).await?;
                 return Ok(None);
             }
             OPT_LIST if !data.is_empty() => {
@@ -202,7 +201,6 @@ where
                     Err(InvalidOption(why)) => {
                         metrics.nbd_protocol_error("invalid_option");
                         wr.push(&option_error(opt.option, REP_ERR_INVALID, why));
-                        wr.send(rd.get_mut()).await?;
                         continue;
                     }
                 };
@@ -210,7 +208,6 @@ where
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
-                    wr.send(rd.get_mut()).await?;
                     continue;
                 };
                 let flags = transmission_flags(&export, structured);
@@ -232,7 +229,6 @@ where
                 }
                 wr.push(&reply(REP_ACK, &[]));
                 if opt.option == OPT_GO {
-                    wr.send(rd.get_mut()).await?;
                     return Ok(Some(Session {
                         export,
                         structured,
@@ -246,7 +242,6 @@ where
                     metrics.nbd_protocol_error("invalid_option");
                     let msg = "negotiate NBD_OPT_STRUCTURED_REPLY first";
                     wr.push(&option_error(opt.option, REP_ERR_INVALID, msg));
-                    wr.send(rd.get_mut()).await?;
                     continue;
                 }
                 let (name, queries) = match parse_meta_context_request(&data) {
@@ -254,7 +249,6 @@ where
                     Err(InvalidOption(why)) => {
                         metrics.nbd_protocol_error("invalid_option");
                         wr.push(&option_error(opt.option, REP_ERR_INVALID, why));
-                        wr.send(rd.get_mut()).await?;
                         continue;
                     }
                 };
@@ -262,7 +256,6 @@ where
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
-                    wr.send(rd.get_mut()).await?;
                     continue;
                 }
                 let selected = if queries.is_empty() {
@@ -291,6 +284,5 @@ where
                 wr.push(&option_error(other, REP_ERR_UNSUP, "option not supported"));
             }
         }
-        wr.send(rd.get_mut()).await?;
     }
 }
