@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Where a server listens (or a client connects).
@@ -44,6 +44,35 @@ impl fmt::Display for Endpoint {
             Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
         }
     }
+}
+
+/// Binds a unix socket with mode 0600 (only root may connect), replacing
+/// a stale socket file left by an earlier run and creating its directory.
+pub fn bind_unix_std(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// [`bind_unix_std`] for the async runtime.
+pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let l = bind_unix_std(path)?;
+    l.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(l)
 }
 
 #[cfg(test)]

@@ -3,9 +3,12 @@
 //! - [`engine`]: pools, layers, volumes, snapshots and clones, the on-disk
 //!   format and its crash safety. No gRPC, no Kubernetes.
 //! - [`frontend`]: serves volumes and snapshots to clients and kernels
-//!   (NBD).
+//!   (NBD, and FUSE for loop devices).
+//! - [`node`]: volumes attached to this node's kernel, filesystems made
+//!   and mounted, restart safety.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`csi`]: the CSI services; [`cluster`]: records of what was created.
+//! - [`csi`]: the CSI services (Identity, Controller, Node); [`cluster`]:
+//!   records of what was created.
 //! - [`standalone`]: everything in one process.
 //! - [`cli`]: the `strata` command line.
 
@@ -16,4 +19,5 @@ pub mod endpoint;
 pub mod engine;
 pub mod frontend;
 pub mod metrics;
+pub mod node;
 pub mod standalone;

@@ -1,26 +1,31 @@
-//! Standalone mode: engine, NBD, the CSI Identity and Controller services
-//! and metrics in one process, with the embedded records store. What runs
-//! on a fresh machine and what the local end-to-end tests use.
+//! Standalone mode: engine, NBD, the CSI Identity, Controller and Node
+//! services, the node side (attaching volumes to this kernel) and metrics
+//! in one process, with the embedded records store. What runs on a fresh
+//! machine and what the local end-to-end tests use.
 //!
 //! SIGTERM (or SIGINT): stop accepting connections, flush every volume and
-//! fold its journal, exit 0.
+//! fold its journal, exit 0. Staged volumes stay attached and are served
+//! again by the next start.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
+use csi_proto::csi::v1::node_server::NodeServer;
 use tokio::sync::watch;
 
 use crate::cluster::records::EmbeddedRecords;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::{Core, InFlight, Started};
 use crate::endpoint::Endpoint;
 use crate::engine::{Pool, PoolOptions};
 use crate::frontend::nbd::{self, NbdConfig, NbdServer};
 use crate::metrics::{self, Metrics};
+use crate::node::{Node, NodeConfig};
 
 /// Where standalone mode keeps its records, inside the pool directory.
 pub const RECORDS_FILE: &str = "cluster.redb";
@@ -32,7 +37,8 @@ pub struct Config {
     pub csi_endpoint: Endpoint,
     pub nbd_listen: Vec<Endpoint>,
     pub metrics_listen: SocketAddr,
-    pub node_id: String,
+    /// The node side: ID, state directory, attach backend.
+    pub node: NodeConfig,
 }
 
 /// Why standalone mode could not start (or stop cleanly).
@@ -46,6 +52,8 @@ pub enum StartError {
     },
     #[error("opening the records store")]
     Records(#[source] crate::cluster::records::RecordsError),
+    #[error("starting the node side")]
+    Node(#[source] crate::node::Error),
     #[error("listening on {endpoint}")]
     Listen {
         endpoint: String,
@@ -65,20 +73,22 @@ fn listen_err(endpoint: impl ToString) -> impl FnOnce(std::io::Error) -> StartEr
     move |source| StartError::Listen { endpoint, source }
 }
 
-/// Runs standalone mode until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let path = config.pool.clone();
-    let pool = tokio::task::spawn_blocking(move || Pool::open(&path, PoolOptions::default()))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StartError> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?
-        .map_err(|source| StartError::Pool {
-            path: config.pool.clone(),
-            source,
-        })?;
-    let records = Arc::new(
-        EmbeddedRecords::open(&config.pool.join(RECORDS_FILE)).map_err(StartError::Records)?,
-    );
-    let metrics = Metrics::new(Some(pool.clone()));
+}
+
+/// Runs standalone mode until SIGTERM or SIGINT.
+///
+/// Start-up order: the CSI socket first (Probe answers "not ready"), then
+/// the pool, NBD, metrics, and the node side, which serves every volume
+/// staged before the restart again; only then is Probe ready. So kubelet
+/// finds the socket at once and never sees a staged volume unserved while
+/// Strata says it is ready.
+pub async fn run(config: Config) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -86,14 +96,62 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    let mut sockets = Vec::new();
+
+    // CSI, not ready yet.
+    let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
+        return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
+    };
+    let csi_listener =
+        crate::endpoint::bind_unix(csi_path).map_err(listen_err(&config.csi_endpoint))?;
+    sockets.push(csi_path.clone());
+    let started = Started::default();
+    let inflight = InFlight::default();
+    let node_id = config.node.node_id.clone();
+    let metrics = Metrics::new();
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(
+            started.clone(),
+            true,
+        )))
+        .add_service(ControllerServer::new(ControllerService::new(
+            started.clone(),
+            Arc::clone(&metrics),
+            node_id.clone(),
+            inflight.clone(),
+        )))
+        .add_service(NodeServer::new(NodeService::new(
+            started.clone(),
+            node_id.clone(),
+            config.node.max_volumes,
+            inflight,
+        )))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
+            stopped(),
+        );
+    let csi = tokio::spawn(csi);
+
+    let pool_path = config.pool.clone();
+    let pool = blocking(move || {
+        Pool::open(&pool_path, PoolOptions::default()).map_err(|source| StartError::Pool {
+            path: pool_path.clone(),
+            source,
+        })
+    })
+    .await?;
+    metrics.watch_pool(pool.clone());
+
+    let records = Arc::new(
+        EmbeddedRecords::open(&config.pool.join(RECORDS_FILE)).map_err(StartError::Records)?,
+    );
 
     // NBD
     let nbd = NbdServer::new(pool.clone(), Arc::clone(&metrics), NbdConfig::default());
-    let mut sockets = Vec::new();
     for ep in &config.nbd_listen {
         match ep {
             Endpoint::Unix(p) => {
-                let l = nbd::bind_unix(p).map_err(listen_err(ep))?;
+                let l = crate::endpoint::bind_unix(p).map_err(listen_err(ep))?;
                 sockets.push(p.clone());
                 tokio::spawn(Arc::clone(&nbd).serve(nbd::Listener::Unix(l), stopped()));
             }
@@ -115,29 +173,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(listen_err(config.metrics_listen))?;
     tokio::spawn(metrics::serve(Arc::clone(&metrics), listener, stopped()));
 
-    // CSI
-    let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
-        return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
-    };
-    let csi_listener = crate::csi::bind(csi_path).map_err(listen_err(&config.csi_endpoint))?;
-    sockets.push(csi_path.clone());
-    let ready = Arc::new(AtomicBool::new(false));
-    let identity = IdentityService::new(Arc::clone(&ready), true);
-    let controller = ControllerService::new(
-        pool.clone(),
+    // The node side: serve staged volumes again before saying ready.
+    let (node_pool, node_metrics, node_config) =
+        (pool.clone(), Arc::clone(&metrics), config.node.clone());
+    let node = blocking(move || {
+        Node::start(node_pool, node_metrics, nbd, node_config).map_err(StartError::Node)
+    })
+    .await?;
+    let backend = node.backend();
+    started.set(Core {
+        pool: pool.clone(),
         records,
-        Arc::clone(&metrics),
-        config.node_id.clone(),
-    );
-    let csi = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
-            stopped(),
-        );
-    let csi = tokio::spawn(csi);
-    ready.store(true, Ordering::Release);
+        node: Some(Arc::new(node)),
+    });
 
     // Load every volume in the background, so I/O after a restart does not
     // wait for index builds.
@@ -153,23 +201,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         csi = %config.csi_endpoint,
         nbd = ?config.nbd_listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
         metrics = %config.metrics_listen,
-        node = %config.node_id,
+        node = %node_id,
+        attach = %backend,
         "strata standalone is ready"
     );
     eprintln!(
-        "strata standalone: ready (CSI {}, metrics http://{}/metrics)",
+        "strata standalone: ready (CSI {}, metrics http://{}/metrics, volumes attach via {backend})",
         config.csi_endpoint, config.metrics_listen
     );
 
     wait_for_signal().await;
+    // Attachments stay: the fd holder (FUSE) or the kernel (nbd) keeps
+    // them, and the next start serves them again.
     eprintln!("strata standalone: stopping: flushing every volume");
     let _ = stop_tx.send(true);
     let _ = csi.await;
     let closing = pool.clone();
-    tokio::task::spawn_blocking(move || closing.close())
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))?
-        .map_err(StartError::Flush)?;
+    blocking(move || closing.close().map_err(StartError::Flush)).await?;
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }

@@ -9,51 +9,20 @@ use std::collections::HashMap;
 use common::standalone::Standalone;
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::identity_client::IdentityClient;
-use csi_proto::csi::v1::volume_capability::{
-    AccessMode, AccessType, MountVolume, access_mode::Mode,
-};
+use csi_proto::csi::v1::volume_capability::{AccessMode, access_mode::Mode};
 use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use csi_proto::csi::v1::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
 async fn channel(s: &Standalone) -> Channel {
-    let path = s.csi_socket();
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    common::csi::channel(s.csi_socket()).await
 }
 
-fn mount_cap() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
-
+/// Most of these volumes are tiny: raw block, so no filesystem minimum
+/// applies.
 fn create(name: &str, bytes: i64) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap()],
-        ..Default::default()
-    }
+    common::csi::create(name, bytes, common::csi::block_cap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run engine, NBD, CSI (Identity, Controller) and metrics in one process.
+    /// Run engine, NBD, CSI (Identity, Controller, Node) and metrics in one process.
     Standalone(StandaloneArgs),
     /// Create, list, grow and delete volumes (through a running Strata's CSI endpoint).
     #[command(subcommand)]
@@ -38,6 +38,16 @@ enum Command {
     /// Inspect and maintain a pool directory (offline).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Keep FUSE connections alive across restarts of the node (started
+    /// by Strata itself; not for people).
+    #[command(hide = true)]
+    FuseHolder {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Exit after holding nothing for this many seconds.
+        #[arg(long, default_value_t = 30)]
+        idle_seconds: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +68,17 @@ struct StandaloneArgs {
     /// Node ID reported to CSI (default: the host name).
     #[arg(long)]
     node_id: Option<String>,
+    /// Where the node keeps what it has staged, its FUSE mountpoints and
+    /// the fd holder's socket. Should not survive a reboot.
+    #[arg(long, default_value = "/run/strata")]
+    state_dir: PathBuf,
+    /// How volumes reach this kernel: the nbd driver, FUSE + a loop
+    /// device, or auto (nbd when the kernel has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: crate::node::attach::Choice,
+    /// Most volumes staged on this node at once.
+    #[arg(long, default_value_t = 256)]
+    max_volumes: u32,
 }
 
 #[derive(Debug, Args)]
@@ -189,13 +210,39 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Pool(PoolCommand::Check { dir, repair }) => pool::check(&dir, repair),
+            Command::FuseHolder {
+                socket,
+                idle_seconds,
+            } => match crate::node::holder::run(
+                &socket,
+                std::time::Duration::from_secs(idle_seconds),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("strata fuse-holder: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            },
             Command::Standalone(a) => {
+                let exe = match std::env::current_exe() {
+                    Ok(exe) => exe,
+                    Err(e) => {
+                        eprintln!("strata standalone: cannot find its own binary: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
                 let config = crate::standalone::Config {
                     pool: a.pool,
                     csi_endpoint: a.csi_endpoint,
                     nbd_listen: a.nbd_listen,
                     metrics_listen: a.metrics_listen,
-                    node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
+                    node: crate::node::NodeConfig {
+                        node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
+                        state_dir: a.state_dir,
+                        attach: a.attach,
+                        max_volumes: a.max_volumes,
+                        exe,
+                    },
                 };
                 match runtime().block_on(crate::standalone::run(config)) {
                     Ok(()) => ExitCode::SUCCESS,

@@ -17,12 +17,12 @@ use csi_proto::csi::v1::volume_content_source::{self, SnapshotSource, VolumeSour
 use csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
-use super::guard::InFlight;
-use super::params::{self, VolumeParams};
-use super::status;
+use super::params;
+use super::{InFlight, Started, status};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
 use crate::engine::{Error, Pool, SnapshotId, VolumeId};
 use crate::metrics::Metrics;
+use crate::node::Node;
 
 /// Topology key naming the node that owns a volume.
 pub const TOPOLOGY_KEY: &str = "topology.strata.dev/node";
@@ -33,26 +33,26 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 /// (standalone mode).
 #[derive(Debug, Clone)]
 pub struct ControllerService {
-    pool: Pool,
-    records: Arc<dyn Records>,
+    started: Started,
     metrics: Arc<Metrics>,
     node_id: String,
     inflight: InFlight,
 }
 
 impl ControllerService {
+    /// `inflight` is shared with the Node service of the same process, so
+    /// that, say, a delete and a stage of one volume never overlap.
     pub fn new(
-        pool: Pool,
-        records: Arc<dyn Records>,
+        started: Started,
         metrics: Arc<Metrics>,
         node_id: String,
+        inflight: InFlight,
     ) -> Self {
         ControllerService {
-            pool,
-            records,
+            started,
             metrics,
             node_id,
-            inflight: InFlight::default(),
+            inflight,
         }
     }
 
@@ -61,10 +61,16 @@ impl ControllerService {
         &self,
         f: impl FnOnce(&Pool, &dyn Records) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let (pool, records) = (self.pool.clone(), Arc::clone(&self.records));
+        let core = self.started.get()?;
+        let (pool, records) = (core.pool.clone(), Arc::clone(&core.records));
         tokio::task::spawn_blocking(move || f(&pool, records.as_ref()))
             .await
             .map_err(status::join)?
+    }
+
+    /// The node side of this process, if it has one.
+    fn node(&self) -> Option<Arc<Node>> {
+        self.started.get().ok().and_then(|c| c.node.clone())
     }
 
     fn topology(&self) -> Vec<Topology> {
@@ -220,7 +226,8 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("name is required"));
         }
         check_capabilities(&req.volume_capabilities)?;
-        let VolumeParams { .. } = params::volume_params(&req.parameters)?;
+        let vparams = params::volume_params(&req.parameters)?;
+        let fs_type = params::fs_type(&vparams, &req.volume_capabilities);
         let defining = params::defining(&req.parameters);
         let source = match req.volume_content_source.and_then(|s| s.r#type) {
             Some(volume_content_source::Type::Snapshot(s)) => {
@@ -253,6 +260,16 @@ impl Controller for ControllerService {
                 if let Some(min) = source_size.filter(|m| size < *m) {
                     return Err(Status::out_of_range(format!(
                         "the source is {min} bytes; a volume made from it cannot be smaller ({size} bytes asked)"
+                    )));
+                }
+                if let Some((fs, min)) = fs_type
+                    .as_deref()
+                    .and_then(|fs| Some((fs, crate::node::mount::min_size(fs)?)))
+                    .filter(|(_, min)| size < *min)
+                {
+                    return Err(Status::out_of_range(format!(
+                        "{fs} needs a volume of at least {min} bytes ({} MiB); {size} bytes asked",
+                        min >> 20
                     )));
                 }
                 let existing = records.volume_by_name(&name).map_err(status::records)?;
@@ -326,6 +343,12 @@ impl Controller for ControllerService {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
         };
+        if self.node().is_some_and(|n| n.is_staged(vid)) {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is staged on node {}; unstage it (delete the pods using it) first",
+                self.node_id
+            )));
+        }
         self.blocking(move |pool, records| {
             match pool.delete_volume(vid) {
                 Ok(()) | Err(Error::VolumeNotFound(_)) => {}
@@ -472,6 +495,7 @@ impl Controller for ControllerService {
             rpc::Type::ListSnapshots,
             rpc::Type::GetCapacity,
             rpc::Type::GetVolume,
+            rpc::Type::VolumeCondition,
             rpc::Type::GetSnapshot,
             rpc::Type::SingleNodeMultiWriter,
         ]
@@ -496,11 +520,12 @@ impl Controller for ControllerService {
         if req.source_volume_id.is_empty() {
             return Err(Status::invalid_argument("source_volume_id is required"));
         }
-        params::snapshot_params(&req.parameters)?;
+        let sparams = params::snapshot_params(&req.parameters)?;
         let _guard = self
             .inflight
             .claim(&format!("snapshot name {}", req.name))?;
         let node = self.node_id.clone();
+        let node_side = self.node().filter(|_| sparams.freeze);
         let rec = self
             .blocking(move |pool, records| {
                 let vid = parse_volume_id(&req.source_volume_id)?;
@@ -532,6 +557,11 @@ impl Controller for ControllerService {
                 };
                 if rec.state == RecordState::Creating {
                     let sid = parse_snapshot_id(&rec.snapshot_id)?;
+                    // Thawed when dropped: after the snapshot, or on any error.
+                    let _frozen = match &node_side {
+                        Some(n) => n.freeze(vid).map_err(status::node)?,
+                        None => None,
+                    };
                     match pool.create_snapshot_as(vid, sid) {
                         Ok(info) => {
                             rec.size_bytes = info.size_bytes;
@@ -692,9 +722,15 @@ impl Controller for ControllerService {
             volume: Some(volume),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: Vec::new(),
-                volume_condition: Some(VolumeCondition {
-                    abnormal: false,
-                    message: "healthy".into(),
+                volume_condition: Some(match self.node().and_then(|n| n.condition(vid)) {
+                    Some(c) => VolumeCondition {
+                        abnormal: c.abnormal,
+                        message: c.message,
+                    },
+                    None => VolumeCondition {
+                        abnormal: false,
+                        message: "healthy (not staged on any node)".into(),
+                    },
                 }),
             }),
         }))

@@ -9,18 +9,18 @@ use tonic::Status;
 
 /// The set of keys with an operation in flight.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct InFlight(Arc<Mutex<HashSet<String>>>);
+pub struct InFlight(Arc<Mutex<HashSet<String>>>);
 
 /// Releases its key when dropped.
 #[derive(Debug)]
-pub(crate) struct Guard {
+pub struct Guard {
     set: InFlight,
     key: String,
 }
 
 impl InFlight {
     /// Claims `key`, or fails with ABORTED if an operation holds it.
-    pub(crate) fn claim(&self, key: &str) -> Result<Guard, Status> {
+    pub fn claim(&self, key: &str) -> Result<Guard, Status> {
         let mut set = self.0.lock().expect("in-flight set");
         if !set.insert(key.to_string()) {
             return Err(Status::aborted(format!(

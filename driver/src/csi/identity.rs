@@ -1,8 +1,6 @@
 //! CSI Identity: who we are, what we offer, whether we are ready.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use csi_proto::csi::v1::identity_server::Identity;
 use csi_proto::csi::v1::plugin_capability::{self, service, volume_expansion};
@@ -12,19 +10,24 @@ use csi_proto::csi::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::Started;
+
 /// The driver name Kubernetes knows Strata by.
 pub const DRIVER_NAME: &str = "csi.strata.dev";
 
-/// The Identity service. `ready` turns true once the engine is open.
+/// The Identity service: ready once the services have [`Started`].
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    ready: Arc<AtomicBool>,
+    started: Started,
     controller: bool,
 }
 
 impl IdentityService {
-    pub fn new(ready: Arc<AtomicBool>, controller: bool) -> Self {
-        IdentityService { ready, controller }
+    pub fn new(started: Started, controller: bool) -> Self {
+        IdentityService {
+            started,
+            controller,
+        }
     }
 }
 
@@ -74,7 +77,7 @@ impl Identity for IdentityService {
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         Ok(Response::new(ProbeResponse {
-            ready: Some(self.ready.load(Ordering::Acquire)),
+            ready: Some(self.started.is_ready()),
         }))
     }
 }

@@ -2,12 +2,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use csi_proto::csi::v1::VolumeCapability;
+use csi_proto::csi::v1::volume_capability::AccessType;
 use tonic::Status;
 
 use crate::engine::BLOCK_SIZE;
 
 /// Filesystems Strata can put on a volume.
 pub(crate) const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+
+/// The filesystem of a mount volume that names none.
+pub(crate) const DEFAULT_FS_TYPE: &str = "ext4";
 
 /// Prefix of the keys the CSI sidecars add (e.g. with
 /// `--extra-create-metadata`); they are accepted and ignored here.
@@ -60,13 +65,59 @@ pub(crate) fn defining(params: &HashMap<String, String>) -> BTreeMap<String, Str
         .collect()
 }
 
-/// Parses CreateSnapshot parameters (none are defined yet).
-pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<(), Status> {
-    match params.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
-        Some(k) => Err(Status::invalid_argument(format!(
-            "unknown snapshot parameter {k:?}"
-        ))),
-        None => Ok(()),
+/// Validated VolumeSnapshotClass parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct SnapshotParams {
+    /// Freeze the mounted filesystem around the snapshot.
+    pub freeze: bool,
+}
+
+/// Parses CreateSnapshot parameters; unknown keys are INVALID_ARGUMENT.
+pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<SnapshotParams, Status> {
+    let mut out = SnapshotParams::default();
+    for (k, v) in params {
+        match k.as_str() {
+            "freezeFilesystem" => {
+                out.freeze = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "parameter freezeFilesystem={v:?}: use \"true\" or \"false\""
+                        )));
+                    }
+                }
+            }
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown snapshot parameter {k:?}; Strata accepts freezeFilesystem"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The filesystem a volume will carry: the StorageClass's `fsType`, else
+/// the first mount capability's fs_type, else ext4 if it is to be mounted
+/// at all; `None` for a volume used only as a raw block device.
+pub(crate) fn fs_type(params: &VolumeParams, caps: &[VolumeCapability]) -> Option<String> {
+    if let Some(fs) = &params.fs_type {
+        return Some(fs.clone());
+    }
+    let mounts: Vec<&str> = caps
+        .iter()
+        .filter_map(|c| match &c.access_type {
+            Some(AccessType::Mount(m)) => Some(m.fs_type.as_str()),
+            _ => None,
+        })
+        .collect();
+    let named = mounts.iter().find(|f| !f.is_empty());
+    match (named, mounts.is_empty()) {
+        (Some(f), _) => Some(f.to_string()),
+        (None, false) => Some(DEFAULT_FS_TYPE.to_string()),
+        (None, true) => None,
     }
 }
 
@@ -138,5 +189,27 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         assert_eq!(defining(&p).len(), 2);
+    }
+
+    #[test]
+    fn snapshot_parameters_know_freeze_filesystem_only() {
+        let p = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        assert!(
+            snapshot_params(&p("freezeFilesystem", "true"))
+                .unwrap()
+                .freeze
+        );
+        assert!(
+            !snapshot_params(&p("freezeFilesystem", "false"))
+                .unwrap()
+                .freeze
+        );
+        assert!(!snapshot_params(&HashMap::new()).unwrap().freeze);
+        for bad in [p("freezeFilesystem", "yes"), p("consistency", "crash")] {
+            assert_eq!(
+                snapshot_params(&bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::cluster::records::RecordsError;
 use crate::engine::{Error, ErrorKind};
+use crate::node::Error as NodeError;
 
 /// The gRPC code for an engine error. Exhaustive: a new error kind must be
 /// given its code here.
@@ -23,6 +24,21 @@ pub(crate) fn code(kind: ErrorKind) -> Code {
 /// An engine error as a gRPC status (message: the error and its causes).
 pub(crate) fn engine(e: Error) -> Status {
     Status::new(code(e.kind()), crate::cli::error_chain(&e))
+}
+
+/// A node error as a gRPC status. Exhaustive, like [`code`].
+pub(crate) fn node(e: NodeError) -> Status {
+    let code = match &e {
+        NodeError::InvalidArgument(_) => Code::InvalidArgument,
+        NodeError::NotFound(_) => Code::NotFound,
+        NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+        NodeError::AlreadyExists(_) => Code::AlreadyExists,
+        NodeError::OutOfRange(_) => Code::OutOfRange,
+        NodeError::Unavailable(_) => Code::Unavailable,
+        NodeError::Engine(inner) => code(inner.kind()),
+        NodeError::Io { .. } | NodeError::Tool { .. } | NodeError::State { .. } => Code::Internal,
+    };
+    Status::new(code, crate::cli::error_chain(&e))
 }
 
 /// A records-store error as a gRPC status.

@@ -1,15 +1,67 @@
 //! Frontends: how volumes and snapshots reach clients and kernels. Every
 //! frontend serves [`Export`]s, a uniform face over a writable volume and a
-//! read-only snapshot; `nbd` is the NBD server (an iSCSI target would be a
-//! sibling module).
+//! read-only snapshot:
+//! - `nbd`: the NBD server (for tools, and the kernel's nbd client);
+//! - `fuse`: a volume as one file in a FUSE filesystem (for a loop device,
+//!   where the kernel has no nbd driver).
+//!
+//! An iSCSI target would be a sibling module.
 
+pub mod fuse;
 pub mod nbd;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::engine::{
     Error, Extent, Pool, Result, SnapshotId, SnapshotReader, Volume, VolumeId, ZeroFlags,
 };
+use crate::metrics::{Metrics, OpMetrics};
+
+/// Per-operation metric handles of one export, resolved once per
+/// connection so the I/O path never builds label sets.
+#[derive(Debug)]
+pub(crate) struct IoMetrics {
+    pub read: OpMetrics,
+    pub write: OpMetrics,
+    pub flush: OpMetrics,
+    pub trim: OpMetrics,
+    pub zero: OpMetrics,
+    pub status: OpMetrics,
+}
+
+impl IoMetrics {
+    pub(crate) fn new(metrics: &Metrics, export: &str) -> Self {
+        IoMetrics {
+            read: metrics.op(export, "read"),
+            write: metrics.op(export, "write"),
+            flush: metrics.op(export, "flush"),
+            trim: metrics.op(export, "trim"),
+            zero: metrics.op(export, "write_zeroes"),
+            status: metrics.op(export, "block_status"),
+        }
+    }
+}
+
+/// `PR_SET_IO_FLUSHER` (Linux 5.6): not in the libc crate.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Marks the calling thread as one that completes I/O the kernel may be
+/// waiting on to reclaim memory (a server of a mounted volume): its own
+/// allocations then never recurse into filesystem writeback, which would
+/// deadlock on itself. Needs CAP_SYS_RESOURCE; without it, warns once.
+pub(crate) fn mark_io_flusher() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    // SAFETY: prctl with an integer option and integer arguments.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc != 0 && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot mark I/O threads PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE); \
+             under memory pressure a mounted volume may stall"
+        );
+    }
+}
 
 /// Something a frontend serves: a volume (read-write) or a snapshot
 /// (read-only; it pins the layers it reads while open).

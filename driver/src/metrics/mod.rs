@@ -6,7 +6,7 @@
 //! (seconds, bytes), `_total` for counters.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -58,6 +58,7 @@ fn latency_histogram() -> Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    pool: Arc<OnceLock<Pool>>,
     ops: Family<VolumeOp, Counter>,
     bytes: Family<VolumeOp, Counter>,
     latency: HistogramFamily<VolumeOp>,
@@ -86,9 +87,9 @@ impl OpMetrics {
 }
 
 impl Metrics {
-    /// A registry with every Strata metric; `pool`, if given, is read at
-    /// each scrape for pool and volume gauges.
-    pub fn new(pool: Option<Pool>) -> Arc<Self> {
+    /// A registry with every Strata metric. Pool and volume gauges appear
+    /// once [`Metrics::watch_pool`] names the pool to read at each scrape.
+    pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("strata");
         let ops = Family::<VolumeOp, Counter>::default();
         let bytes = Family::<VolumeOp, Counter>::default();
@@ -136,10 +137,12 @@ impl Metrics {
             "NBD requests or negotiations refused as invalid, by kind",
             nbd_protocol_errors.clone(),
         );
-        if let Some(pool) = pool {
-            registry.register_collector(Box::new(PoolCollector { pool }));
-        }
+        let pool = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(PoolCollector {
+            pool: Arc::clone(&pool),
+        }));
         Arc::new(Metrics {
+            pool,
             registry,
             ops,
             bytes,
@@ -149,6 +152,11 @@ impl Metrics {
             nbd_connections_total,
             nbd_protocol_errors,
         })
+    }
+
+    /// Reads `pool`'s gauges at every scrape from now on.
+    pub fn watch_pool(&self, pool: Pool) {
+        let _ = self.pool.set(pool);
     }
 
     /// Handles for one operation on one volume.
@@ -225,7 +233,7 @@ impl Drop for ConnectionGuard {
 /// Reads the pool's gauges at scrape time.
 #[derive(Debug)]
 struct PoolCollector {
-    pool: Pool,
+    pool: Arc<OnceLock<Pool>>,
 }
 
 fn gauge(
@@ -248,8 +256,11 @@ struct VolumeLabel {
 impl Collector for PoolCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::registry::Unit;
+        let Some(pool) = self.pool.get() else {
+            return Ok(());
+        };
         let bytes = Some(&Unit::Bytes);
-        match self.pool.space() {
+        match pool.space() {
             Ok(space) => {
                 let used = space.capacity_bytes.saturating_sub(space.free_bytes);
                 gauge(
@@ -283,7 +294,7 @@ impl Collector for PoolCollector {
             }
             Err(e) => tracing::warn!(error = %e, "pool space unavailable for metrics"),
         }
-        let stats = match self.pool.volume_stats() {
+        let stats = match pool.volume_stats() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "volume stats unavailable for metrics");

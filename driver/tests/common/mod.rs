@@ -192,6 +192,7 @@ pub fn steps(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+pub mod csi;
 pub mod standalone;
 
 /// Whether `tool` is on PATH.

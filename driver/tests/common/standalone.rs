@@ -53,6 +53,16 @@ impl Standalone {
         self.dir.path().join("nbd.sock")
     }
 
+    /// The node's state directory (records, FUSE mountpoints, fd holder).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Where tests put staging and target paths, as kubelet would.
+    pub fn kubelet_dir(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+
     /// (Re)starts the server and waits until it answers.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
@@ -76,6 +86,8 @@ impl Standalone {
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .arg("--node-id")
             .arg("test-node")
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .args(&tcp)
             .stdout(Stdio::null())
             .stderr(log)
@@ -175,7 +187,75 @@ impl Standalone {
 impl Drop for Standalone {
     fn drop(&mut self) {
         self.kill9();
+        release_mounts(self.dir.path());
     }
+}
+
+/// Removes every mount and loop device under `dir` that a test left
+/// behind (a failed assertion skips the unstage), and stops the fd holder,
+/// so nothing outlives the test.
+pub fn release_mounts(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    // Deepest and latest first: filesystems on loop devices before the
+    // FUSE mounts under them.
+    points.reverse();
+    let fuse_dir = dir.join("state/fuse");
+    let (fuse, others): (Vec<_>, Vec<_>) =
+        points.into_iter().partition(|p| p.starts_with(&fuse_dir));
+    for p in &others {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+            if backing.is_ok_and(|b| Path::new(b.trim()).starts_with(dir)) {
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{name}"))
+                    .status();
+            }
+        }
+    }
+    for p in &fuse {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+    holder_kill(&dir.join("state/fuse-holder.sock"));
+}
+
+/// Kills the fd holder listening on `socket`, if one runs.
+pub fn holder_kill(socket: &Path) {
+    if let Some(pid) = holder_pid(socket) {
+        // SAFETY: kill(2) with a pid and a valid signal.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while holder_pid(socket).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The pid of the fd holder on `socket` (it answers PING).
+pub fn holder_pid(socket: &Path) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"PING").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .strip_prefix("PONG ")?
+        .parse()
+        .ok()
 }
 
 /// Runs a Python script with libnbd's bindings (Debian's python, which

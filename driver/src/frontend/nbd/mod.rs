@@ -19,11 +19,11 @@
 //! that run requests concurrently (up to 64 MiB of payload in flight) and
 //! answer each as it completes.
 
+pub mod client;
 mod handshake;
 pub mod protocol;
 mod transmission;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +118,17 @@ impl NbdServer {
         }
     }
 
+    /// A connection to this server that needs no listener: one end of a
+    /// socket pair is served as if accepted, the other is returned (still
+    /// to be negotiated), e.g. for the kernel's nbd driver. Call from
+    /// within the runtime.
+    pub fn connect_local(self: &Arc<Self>) -> std::io::Result<std::os::unix::net::UnixStream> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        self.spawn_connection(tokio::net::UnixStream::from_std(ours)?);
+        Ok(theirs)
+    }
+
     fn spawn_connection<S: Accepted>(self: &Arc<Self>, stream: S) {
         let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
             tracing::warn!(
@@ -199,26 +210,4 @@ impl Listener {
         }
         Ok(())
     }
-}
-
-/// Binds a unix socket for NBD with mode 0600, replacing a stale socket
-/// file left by an earlier run.
-pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
 }

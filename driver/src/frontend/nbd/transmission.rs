@@ -21,8 +21,8 @@ use std::time::Instant;
 use super::handshake::Session;
 use super::protocol::*;
 use crate::engine::{Error, ErrorKind, ZeroFlags};
-use crate::frontend::Export;
-use crate::metrics::{Metrics, OpMetrics};
+use crate::frontend::{Export, IoMetrics};
+use crate::metrics::Metrics;
 
 /// A blocking socket (unix or TCP) the workers share.
 pub(super) trait Socket: Read + Write + Send + Sync + 'static {
@@ -82,17 +82,6 @@ fn trim_retained(v: &mut Vec<u8>) {
     }
 }
 
-/// Per-operation metric handles of the export.
-#[derive(Debug)]
-struct Ops {
-    read: OpMetrics,
-    write: OpMetrics,
-    flush: OpMetrics,
-    trim: OpMetrics,
-    zero: OpMetrics,
-    status: OpMetrics,
-}
-
 /// Payload bytes the workers of one connection may hold at once.
 #[derive(Debug)]
 struct Budget {
@@ -124,7 +113,7 @@ struct Conn {
     structured: bool,
     allocation: bool,
     metrics: Arc<Metrics>,
-    ops: Ops,
+    ops: IoMetrics,
     reader: Mutex<BufReader<Box<dyn Socket>>>,
     writer: Mutex<Box<dyn Socket>>,
     closed: AtomicBool,
@@ -370,6 +359,8 @@ impl Conn {
 
     /// One worker: read, run, reply, until the connection ends.
     fn work(&self) {
+        // The kernel's nbd client may be among the clients.
+        crate::frontend::mark_io_flusher();
         let mut scratch = Scratch::default();
         loop {
             let next = match self.next(&mut scratch) {
@@ -430,14 +421,7 @@ pub(super) fn serve(
     max_inflight: u32,
 ) -> std::io::Result<()> {
     let name = session.export.name();
-    let ops = Ops {
-        read: metrics.op(&name, "read"),
-        write: metrics.op(&name, "write"),
-        flush: metrics.op(&name, "flush"),
-        trim: metrics.op(&name, "trim"),
-        zero: metrics.op(&name, "write_zeroes"),
-        status: metrics.op(&name, "block_status"),
-    };
+    let ops = IoMetrics::new(&metrics, &name);
     let writer = socket.try_clone_socket()?;
     // Requests the client sent right after the handshake, already buffered
     // by it, come first.

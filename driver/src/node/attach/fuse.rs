@@ -1,0 +1,203 @@
+//! The FUSE + loop backend.
+//!
+//! ```text
+//! attach:  mkdir <state>/fuse/<vol> ─▶ mount fuse.strata there (fd F) ─▶ serve F (INIT)
+//!          ─▶ fd holder keeps a dup of F ─▶ loop device over <dir>/disk (4096 B sectors, direct I/O)
+//! restart: fd holder hands F back ─▶ serve F again ─▶ FUSE_NOTIFY_RESEND (unanswered requests)
+//! detach:  loop detach ─▶ unmount <dir> (the workers see ENODEV) ─▶ holder drops F ─▶ rmdir
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
+use crate::engine::{Volume, VolumeId};
+use crate::frontend::Export;
+use crate::frontend::fuse::{self, FILE_NAME, FuseConfig};
+use crate::metrics::Metrics;
+use crate::node::error::{Error, Result, io};
+use crate::node::holder::Holder;
+use crate::node::state::StagedRecord;
+use crate::node::{loopdev, mount};
+
+/// Attaches volumes as FUSE files with loop devices over them.
+#[derive(Debug)]
+pub struct FuseAttach {
+    /// `<state>/fuse`: one mountpoint per attached volume.
+    dir: PathBuf,
+    holder: Holder,
+    /// The `strata` binary, to start the fd holder.
+    exe: PathBuf,
+    holder_log: PathBuf,
+    metrics: Arc<Metrics>,
+    config: FuseConfig,
+}
+
+impl FuseAttach {
+    pub fn new(state_dir: &Path, exe: PathBuf, metrics: Arc<Metrics>) -> Result<Self> {
+        let dir = state_dir.join("fuse");
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(FuseAttach {
+            dir,
+            holder: Holder::new(state_dir.join("fuse-holder.sock")),
+            exe,
+            holder_log: state_dir.join("fuse-holder.log"),
+            metrics,
+            config: FuseConfig::default(),
+        })
+    }
+
+    fn mountpoint(&self, volume: VolumeId) -> PathBuf {
+        self.dir.join(volume.to_string())
+    }
+
+    fn attach_mounted(&self, volume: &Arc<Volume>, dir: &Path) -> Result<Attached> {
+        let vid = volume.id().to_string();
+        let fd = fuse::mount(dir, &self.config).map_err(io("mount FUSE at", dir))?;
+        let session = fuse::serve(
+            fd,
+            Export::Volume(Arc::clone(volume)),
+            Arc::clone(&self.metrics),
+            self.config,
+            None,
+        )
+        .map_err(io("serve FUSE at", dir))?;
+        let negotiated = session
+            .wait_initialized(Duration::from_secs(10))
+            .map_err(io("initialise FUSE at", dir))?;
+        let dup = session
+            .dup_fd()
+            .map_err(io("duplicate the FUSE fd of", dir))?;
+        self.holder.put(&vid, dup.as_raw_fd())?;
+        let file = dir.join(FILE_NAME);
+        let lo = loopdev::attach(&file, SECTOR_SIZE, false)?;
+        if !lo.direct_io {
+            tracing::warn!(volume = %vid, "loop device without direct I/O: its data is cached twice");
+        }
+        Ok(Attached {
+            device: loopdev::device_path(lo.index),
+            handle: Handle::Fuse {
+                session,
+                loop_index: lo.index,
+                negotiated,
+            },
+        })
+    }
+}
+
+impl Attach for FuseAttach {
+    fn kind(&self) -> Kind {
+        Kind::Fuse
+    }
+
+    fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
+        self.holder.ensure_running(&self.exe, &self.holder_log)?;
+        let dir = self.mountpoint(volume.id());
+        if mount::mount_at(&dir)?.is_some() {
+            // A leftover of an attach that never got recorded.
+            self.detach(volume.id())?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        self.attach_mounted(&volume, &dir).inspect_err(|_| {
+            if let Err(e) = self.detach(volume.id()) {
+                tracing::warn!(volume = %volume.id(), error = %e, "cleaning up a failed attach");
+            }
+        })
+    }
+
+    fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached> {
+        let vid = volume.id();
+        let dir = self.mountpoint(vid);
+        let lost = |why: &str| {
+            Error::Unavailable(format!(
+                "the FUSE connection of volume {vid} is lost ({why}); its device returns I/O \
+                 errors. Unpublish and unstage it (restart the pod) to attach it again"
+            ))
+        };
+        let negotiated = rec
+            .fuse
+            .ok_or_else(|| lost("no FUSE parameters recorded"))?;
+        let fd = match self.holder.get(&vid.to_string()) {
+            Ok(Some(fd)) => fd,
+            Ok(None) => return Err(lost("the fd holder no longer has it")),
+            Err(_) => return Err(lost("the fd holder is not running")),
+        };
+        let session = fuse::serve(
+            fd,
+            Export::Volume(volume),
+            Arc::clone(&self.metrics),
+            self.config,
+            Some(negotiated),
+        )
+        .map_err(io("serve FUSE at", &dir))?;
+        let file = dir.join(FILE_NAME);
+        let loop_index = rec
+            .device
+            .as_ref()
+            .and_then(|d| d.to_str()?.strip_prefix("/dev/loop")?.parse().ok())
+            .filter(|i| loopdev::backing_file(*i).as_deref() == Some(file.as_path()))
+            .ok_or_else(|| lost("its loop device is gone"))?;
+        Ok(Attached {
+            device: loopdev::device_path(loop_index),
+            handle: Handle::Fuse {
+                session,
+                loop_index,
+                negotiated,
+            },
+        })
+    }
+
+    fn resize(&self, attached: &Attached, _size: u64) -> Result<()> {
+        let Handle::Fuse {
+            session,
+            loop_index,
+            ..
+        } = &attached.handle
+        else {
+            return Err(Error::InvalidArgument("not a FUSE attachment".into()));
+        };
+        let file = loopdev::backing_file(*loop_index).ok_or_else(|| {
+            Error::Unavailable(format!("loop device {loop_index} is not attached"))
+        })?;
+        session
+            .size_changed()
+            .map_err(io("invalidate the size of", &file))?;
+        // A stat refreshes the kernel's idea of the file's size, which is
+        // what the loop device reads.
+        std::fs::metadata(&file).map_err(io("stat", &file))?;
+        loopdev::set_capacity(*loop_index)
+    }
+
+    /// Strata FUSE mounts under our directory that no record names.
+    fn strays(&self, known: &[VolumeId]) -> Vec<VolumeId> {
+        let Ok(mounts) = mount::mounts() else {
+            return Vec::new();
+        };
+        mounts
+            .iter()
+            .filter(|m| m.fs_type == "fuse.strata" && m.mount_point.parent() == Some(&self.dir))
+            .filter_map(|m| m.mount_point.file_name()?.to_str()?.parse().ok())
+            .filter(|v| !known.contains(v))
+            .collect()
+    }
+
+    fn detach(&self, volume: VolumeId) -> Result<()> {
+        let dir = self.mountpoint(volume);
+        for index in loopdev::find(&dir.join(FILE_NAME)) {
+            loopdev::detach(index)?;
+        }
+        if mount::mount_at(&dir)?.is_some() {
+            mount::unmount_patiently(&dir)?;
+        }
+        if self.holder.ping().is_some() {
+            self.holder.drop_fd(&volume.to_string())?;
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &dir)(e)),
+        }
+    }
+}

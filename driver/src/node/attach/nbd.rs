@@ -1,0 +1,276 @@
+//! The kernel nbd backend, configured over generic netlink.
+//!
+//! ```text
+//! attach:  N socket pairs to our NBD server, each negotiated (NBD_OPT_GO, simple replies)
+//!          ─▶ NBD_CMD_CONNECT {size, 4096-byte blocks, server flags, dead-connection
+//!             timeout, backend = volume ID, sockets} ─▶ the kernel answers /dev/nbdN
+//! restart: the kernel keeps /dev/nbdN waiting (dead-connection timeout) ─▶ new sockets
+//!          ─▶ NBD_CMD_RECONFIGURE {index, sockets}
+//! resize:  NBD_CMD_RECONFIGURE {index, size}
+//! detach:  NBD_CMD_DISCONNECT {index}
+//! ```
+//!
+//! The machines Strata is developed on have no nbd module, so this path is
+//! covered by tests of the messages it sends and of the client handshake
+//! against the real server, not by a kernel attach.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
+use crate::engine::{Volume, VolumeId};
+use crate::frontend::nbd::{NbdServer, client};
+use crate::node::error::{Error, Result, io};
+use crate::node::netlink::{Attrs, Genl, parse_attrs};
+use crate::node::state::StagedRecord;
+
+const NBD_GENL_VERSION: u8 = 1;
+const NBD_CMD_CONNECT: u8 = 1;
+const NBD_CMD_DISCONNECT: u8 = 2;
+const NBD_CMD_RECONFIGURE: u8 = 3;
+const NBD_ATTR_INDEX: u16 = 1;
+const NBD_ATTR_SIZE_BYTES: u16 = 2;
+const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
+const NBD_ATTR_TIMEOUT: u16 = 4;
+const NBD_ATTR_SERVER_FLAGS: u16 = 5;
+const NBD_ATTR_SOCKETS: u16 = 7;
+const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
+const NBD_SOCK_ITEM: u16 = 1;
+const NBD_SOCK_FD: u16 = 1;
+
+/// How long the kernel keeps a device whose server went away waiting for
+/// new sockets before failing its I/O: long enough for a node plugin to
+/// be restarted (or its pod rescheduled onto the same node).
+pub const DEAD_CONN_TIMEOUT_SECS: u64 = 600;
+/// Connections per device: the kernel spreads requests over them.
+const CONNECTIONS: usize = 4;
+
+fn sockets(attrs: &mut Attrs, fds: &[RawFd]) {
+    attrs.nested(NBD_ATTR_SOCKETS, |s| {
+        for fd in fds {
+            s.nested(NBD_SOCK_ITEM, |item| {
+                item.u32(NBD_SOCK_FD, *fd as u32);
+            });
+        }
+    });
+}
+
+/// Attributes of `NBD_CMD_CONNECT`: a new device of `size` bytes over
+/// `fds`, with no per-request timeout (a live server is never given up on)
+/// and the dead-connection timeout that lets it survive a restart.
+pub fn connect_attrs(size: u64, server_flags: u16, fds: &[RawFd], backend: &str) -> Attrs {
+    let mut a = Attrs::default();
+    a.u64(NBD_ATTR_SIZE_BYTES, size)
+        .u64(NBD_ATTR_BLOCK_SIZE_BYTES, u64::from(SECTOR_SIZE))
+        .u64(NBD_ATTR_SERVER_FLAGS, u64::from(server_flags))
+        .u64(NBD_ATTR_TIMEOUT, 0)
+        .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, DEAD_CONN_TIMEOUT_SECS)
+        .string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    sockets(&mut a, fds);
+    a
+}
+
+/// Attributes of `NBD_CMD_RECONFIGURE` for device `index`: new sockets
+/// (after a restart) and/or a new size (after an expansion).
+pub fn reconfigure_attrs(index: u32, fds: &[RawFd], size: Option<u64>) -> Attrs {
+    let mut a = Attrs::default();
+    a.u32(NBD_ATTR_INDEX, index);
+    if let Some(size) = size {
+        a.u64(NBD_ATTR_SIZE_BYTES, size);
+    }
+    if !fds.is_empty() {
+        sockets(&mut a, fds);
+    }
+    a
+}
+
+/// Attributes of `NBD_CMD_DISCONNECT` for device `index`.
+pub fn disconnect_attrs(index: u32) -> Attrs {
+    let mut a = Attrs::default();
+    a.u32(NBD_ATTR_INDEX, index);
+    a
+}
+
+/// The nbd device whose backend identifier (set at connect) is `backend`.
+fn find_device(backend: &str) -> Option<u32> {
+    std::fs::read_dir("/sys/block").ok()?.find_map(|e| {
+        let name = e.ok()?.file_name();
+        let index: u32 = name.to_str()?.strip_prefix("nbd")?.parse().ok()?;
+        let id = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).ok()?;
+        (id.trim() == backend).then_some(index)
+    })
+}
+
+/// Attaches volumes through the kernel's nbd driver.
+#[derive(Debug)]
+pub struct NbdAttach {
+    server: Arc<NbdServer>,
+    family: u16,
+    genl: Mutex<Option<Genl>>,
+}
+
+impl NbdAttach {
+    pub fn new(server: Arc<NbdServer>, family: u16) -> Self {
+        NbdAttach {
+            server,
+            family,
+            genl: Mutex::new(None),
+        }
+    }
+
+    fn call(&self, cmd: u8, attrs: &Attrs) -> Result<Vec<Vec<u8>>> {
+        let mut g = self.genl.lock().expect("netlink socket");
+        if g.is_none() {
+            *g = Some(Genl::open().map_err(io("open netlink", "nbd"))?);
+        }
+        let genl = g.as_mut().expect("opened above");
+        genl.call(self.family, cmd, NBD_GENL_VERSION, attrs)
+            .map_err(io("configure the kernel nbd driver", "nbd"))
+    }
+
+    /// Negotiated sockets for `volume`, served by our NBD server.
+    fn connect(&self, volume: VolumeId) -> Result<(Vec<UnixStream>, client::ExportInfo)> {
+        let mut out = Vec::new();
+        let mut info = None;
+        for _ in 0..CONNECTIONS {
+            let mut s = self
+                .server
+                .connect_local()
+                .map_err(io("connect to the NBD server for", volume.to_string()))?;
+            info = Some(
+                client::negotiate(&mut s, &volume.to_string())
+                    .map_err(io("negotiate NBD for", volume.to_string()))?,
+            );
+            out.push(s);
+        }
+        Ok((out, info.expect("at least one connection")))
+    }
+}
+
+impl Attach for NbdAttach {
+    fn kind(&self) -> Kind {
+        Kind::Nbd
+    }
+
+    fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
+        let vid = volume.id();
+        let (socks, info) = self.connect(vid)?;
+        let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        let replies = self.call(
+            NBD_CMD_CONNECT,
+            &connect_attrs(info.size, info.flags, &fds, &vid.to_string()),
+        )?;
+        // The kernel took its own references to the sockets.
+        drop(socks);
+        let index = replies
+            .iter()
+            .flat_map(|r| parse_attrs(r))
+            .find(|(t, p)| *t == NBD_ATTR_INDEX && p.len() == 4)
+            .map(|(_, p)| u32::from_ne_bytes(p.try_into().expect("4 bytes")))
+            .ok_or_else(|| {
+                Error::Unavailable("the kernel did not say which nbd device it made".into())
+            })?;
+        Ok(Attached {
+            device: PathBuf::from(format!("/dev/nbd{index}")),
+            handle: Handle::Nbd { index },
+        })
+    }
+
+    fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached> {
+        let vid = volume.id();
+        let index = find_device(&vid.to_string()).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "no nbd device serves volume {vid} any more (its dead-connection timeout of \
+                 {DEAD_CONN_TIMEOUT_SECS} s may have passed); unpublish and unstage it to attach it again"
+            ))
+        })?;
+        let (socks, _) = self.connect(vid)?;
+        let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        self.call(NBD_CMD_RECONFIGURE, &reconfigure_attrs(index, &fds, None))?;
+        Ok(Attached {
+            device: rec
+                .device
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/dev/nbd{index}"))),
+            handle: Handle::Nbd { index },
+        })
+    }
+
+    fn resize(&self, attached: &Attached, size: u64) -> Result<()> {
+        let Handle::Nbd { index } = attached.handle else {
+            return Err(Error::InvalidArgument("not an nbd attachment".into()));
+        };
+        self.call(
+            NBD_CMD_RECONFIGURE,
+            &reconfigure_attrs(index, &[], Some(size)),
+        )
+        .map(drop)
+    }
+
+    fn detach(&self, volume: VolumeId) -> Result<()> {
+        match find_device(&volume.to_string()) {
+            Some(index) => self
+                .call(NBD_CMD_DISCONNECT, &disconnect_attrs(index))
+                .map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u64_of(p: &[u8]) -> u64 {
+        u64::from_ne_bytes(p.try_into().unwrap())
+    }
+
+    #[test]
+    fn connect_carries_size_block_size_flags_timeouts_backend_and_every_socket() {
+        let a = connect_attrs(10 << 30, 0x15d, &[7, 9], "vol-1");
+        let attrs = parse_attrs(a.bytes());
+        let get = |t: u16| attrs.iter().find(|(ty, _)| *ty == t).map(|(_, p)| *p);
+        assert_eq!(u64_of(get(NBD_ATTR_SIZE_BYTES).unwrap()), 10 << 30);
+        assert_eq!(u64_of(get(NBD_ATTR_BLOCK_SIZE_BYTES).unwrap()), 4096);
+        assert_eq!(u64_of(get(NBD_ATTR_SERVER_FLAGS).unwrap()), 0x15d);
+        assert_eq!(u64_of(get(NBD_ATTR_TIMEOUT).unwrap()), 0);
+        assert_eq!(
+            u64_of(get(NBD_ATTR_DEAD_CONN_TIMEOUT).unwrap()),
+            DEAD_CONN_TIMEOUT_SECS
+        );
+        assert_eq!(get(NBD_ATTR_BACKEND_IDENTIFIER).unwrap(), b"vol-1\0");
+        assert!(get(NBD_ATTR_INDEX).is_none(), "the kernel picks the device");
+        let items = parse_attrs(get(NBD_ATTR_SOCKETS).unwrap());
+        let fds: Vec<u32> = items
+            .iter()
+            .map(|(t, item)| {
+                assert_eq!(*t, NBD_SOCK_ITEM);
+                let inner = parse_attrs(item);
+                assert_eq!(inner[0].0, NBD_SOCK_FD);
+                u32::from_ne_bytes(inner[0].1.try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(fds, vec![7, 9]);
+    }
+
+    #[test]
+    fn reconfigure_and_disconnect_name_the_device() {
+        let r = reconfigure_attrs(3, &[11], None);
+        let attrs = parse_attrs(r.bytes());
+        assert_eq!(attrs[0], (NBD_ATTR_INDEX, &3u32.to_ne_bytes()[..]));
+        assert_eq!(attrs[1].0, NBD_ATTR_SOCKETS);
+        assert_eq!(attrs.len(), 2, "no size: the device keeps its size");
+        let grow = reconfigure_attrs(3, &[], Some(1 << 40));
+        let attrs = parse_attrs(grow.bytes());
+        assert_eq!(attrs.len(), 2, "index and size, no sockets");
+        assert_eq!(u64_of(attrs[1].1), 1 << 40);
+        let d = disconnect_attrs(5);
+        assert_eq!(
+            parse_attrs(d.bytes()),
+            vec![(NBD_ATTR_INDEX, &5u32.to_ne_bytes()[..])]
+        );
+    }
+}

@@ -1,0 +1,709 @@
+//! The node side: volumes of this node's pool made into block devices of
+//! its kernel, filesystems made and mounted on them, and bind mounts into
+//! pods. No gRPC here; `csi/node.rs` is the thin CSI face of [`Node`].
+//!
+//! ```text
+//! stage:    record(Attaching) ─▶ attach/ (nbd | fuse+loop) ─▶ /dev/X
+//!           ─▶ [mount mode] blkid ─▶ mkfs if blank ─▶ mount at staging path ─▶ record(Staged)
+//! publish:  bind mount staging path (or the device node) at the target path [ro]
+//! expand:   kernel device size (attach/) ─▶ resize2fs | xfs_growfs
+//! restart:  for each record: fd holder / nbd reconfigure ─▶ serve again; broken ones are
+//!           reported abnormal and rebuilt at the next stage
+//! ```
+//!
+//! - `attach/`: the two kernel attach backends and how one is chosen.
+//! - `holder.rs`: the process that keeps FUSE connections across restarts.
+//! - `state.rs`: the on-disk records of what is staged.
+//! - `mount.rs`, `loopdev.rs`, `netlink.rs`: the Linux interfaces used.
+
+pub mod attach;
+pub mod error;
+pub mod holder;
+pub mod loopdev;
+pub mod mount;
+pub mod netlink;
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use error::{Error, Result};
+
+use attach::{Attach, Attached, FuseAttach, Handle, Kind, NbdAttach};
+use error::io;
+use state::{Access, Phase, StagedRecord, StateDir};
+
+use crate::engine::{Pool, VolumeId};
+use crate::frontend::nbd::NbdServer;
+use crate::metrics::Metrics;
+
+/// How this node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: String,
+    /// Records, FUSE mountpoints and the fd holder's socket. Should not
+    /// survive a reboot (like the attachments it describes).
+    pub state_dir: PathBuf,
+    pub attach: attach::Choice,
+    /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node).
+    pub max_volumes: u32,
+    /// The `strata` binary (to start the fd holder).
+    pub exe: PathBuf,
+}
+
+/// Whether a staged volume is healthy, for NodeGetVolumeStats and
+/// ControllerGetVolume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Condition {
+    fn healthy() -> Self {
+        Condition {
+            abnormal: false,
+            message: "healthy".into(),
+        }
+    }
+    fn abnormal(message: impl Into<String>) -> Self {
+        Condition {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+/// A NodeStageVolume, validated.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub volume: VolumeId,
+    pub staging_path: PathBuf,
+    pub access: Access,
+    pub read_only: bool,
+}
+
+/// A NodePublishVolume, validated.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub volume: VolumeId,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub block: bool,
+    pub read_only: bool,
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    /// A mounted filesystem's usage, or `None` for a raw block volume.
+    pub filesystem: Option<mount::FsUsage>,
+    /// The device's size.
+    pub device_bytes: u64,
+    pub condition: Condition,
+}
+
+/// A staged volume: its record and, unless broken, its live attachment.
+#[derive(Debug)]
+struct Entry {
+    rec: StagedRecord,
+    live: std::result::Result<Attached, String>,
+}
+
+/// The node: what is staged here, and how to stage more.
+#[derive(Debug)]
+pub struct Node {
+    pool: Pool,
+    config: NodeConfig,
+    backend: Box<dyn Attach>,
+    state: StateDir,
+    staged: Mutex<HashMap<VolumeId, Entry>>,
+}
+
+/// Mount options Kubernetes may pass that are not ours to honour.
+const REFUSED_OPTIONS: [&str; 5] = ["bind", "rbind", "remount", "move", "loop"];
+
+/// Splits mount options into mount(2) flags and filesystem data.
+fn mount_options(
+    options: &[String],
+    read_only: bool,
+    fs_type: &str,
+) -> Result<(libc::c_ulong, String)> {
+    let mut flags = 0;
+    let mut data: Vec<&str> = Vec::new();
+    for opt in options.iter().flat_map(|o| o.split(',')).map(str::trim) {
+        flags |= match opt {
+            "" | "defaults" | "rw" => 0,
+            "ro" => libc::MS_RDONLY,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            "lazytime" => libc::MS_LAZYTIME,
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "sync" => libc::MS_SYNCHRONOUS,
+            "dirsync" => libc::MS_DIRSYNC,
+            o if REFUSED_OPTIONS.contains(&o) => {
+                return Err(Error::InvalidArgument(format!(
+                    "mount option {o:?} is not allowed"
+                )));
+            }
+            o => {
+                data.push(o);
+                0
+            }
+        };
+    }
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // Restores and clones carry their source's XFS UUID; XFS refuses a
+    // second mount of one UUID unless told otherwise.
+    if fs_type == "xfs" && !data.contains(&"nouuid") {
+        data.push("nouuid");
+    }
+    Ok((flags, data.join(",")))
+}
+
+impl Node {
+    /// Opens the node's state and serves again every volume staged before
+    /// this process started. `nbd` is the NBD server the kernel nbd
+    /// backend connects to.
+    pub fn start(
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        nbd: Arc<NbdServer>,
+        config: NodeConfig,
+    ) -> Result<Node> {
+        std::fs::create_dir_all(&config.state_dir).map_err(io("create", &config.state_dir))?;
+        let (kind, why) = attach::choose(config.attach, &attach::Probe::kernel())?;
+        tracing::info!(backend = %kind, why, "attaching volumes");
+        let backend: Box<dyn Attach> = match kind {
+            Kind::Fuse => Box::new(FuseAttach::new(
+                &config.state_dir,
+                config.exe.clone(),
+                metrics,
+            )?),
+            Kind::Nbd => Box::new(NbdAttach::new(
+                nbd,
+                attach::Probe::kernel()
+                    .nbd_family
+                    .ok_or_else(|| Error::Unavailable("the nbd driver went away".into()))?,
+            )),
+        };
+        let node = Node {
+            state: StateDir::open(&config.state_dir)?,
+            pool,
+            config,
+            backend,
+            staged: Mutex::new(HashMap::new()),
+        };
+        node.recover()?;
+        Ok(node)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Which backend attaches volumes here.
+    pub fn backend(&self) -> Kind {
+        self.backend.kind()
+    }
+
+    fn recover(&self) -> Result<()> {
+        let records = self.state.load_all()?;
+        let mut known = Vec::new();
+        for rec in records {
+            let Ok(vid) = rec.volume_id.parse::<VolumeId>() else {
+                tracing::warn!(record = ?rec, "ignoring a record of an unknown volume ID");
+                continue;
+            };
+            known.push(vid);
+            if rec.phase == Phase::Attaching || rec.backend != self.backend.kind() {
+                // Interrupted before it was staged (or made by another
+                // backend): roll back; kubelet will stage it again.
+                tracing::info!(volume = %vid, "rolling back a stage that did not finish");
+                self.teardown(vid, &rec)?;
+                continue;
+            }
+            let live = self.resume(vid, &rec);
+            if let Err(why) = &live {
+                tracing::error!(volume = %vid, %why, "a staged volume could not be served again");
+            } else {
+                tracing::info!(volume = %vid, staging = %rec.staging_path.display(), "serving a staged volume again");
+            }
+            self.staged
+                .lock()
+                .expect("staged")
+                .insert(vid, Entry { rec, live });
+        }
+        for stray in self.backend.strays(&known) {
+            tracing::info!(volume = %stray, "removing an attachment nobody recorded");
+            self.backend.detach(stray)?;
+        }
+        Ok(())
+    }
+
+    /// Serves a recorded attachment again and makes sure its filesystem is
+    /// mounted where the record says.
+    fn resume(&self, vid: VolumeId, rec: &StagedRecord) -> std::result::Result<Attached, String> {
+        let volume = self
+            .pool
+            .volume(vid)
+            .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?;
+        let attached = self
+            .backend
+            .resume(volume, rec)
+            .map_err(|e| crate::cli::error_chain(&e))?;
+        if let Access::Mount {
+            fs_type,
+            mount_flags,
+        } = &rec.access
+            && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
+        {
+            self.mount_staging(
+                &attached.device,
+                &rec.staging_path,
+                fs_type,
+                mount_flags,
+                rec.read_only,
+            )
+            .map_err(|e| {
+                format!(
+                    "remounting at {}: {}",
+                    rec.staging_path.display(),
+                    crate::cli::error_chain(&e)
+                )
+            })?;
+        }
+        Ok(attached)
+    }
+
+    fn mount_staging(
+        &self,
+        device: &Path,
+        staging: &Path,
+        fs_type: &str,
+        mount_flags: &[String],
+        read_only: bool,
+    ) -> Result<()> {
+        let (flags, data) = mount_options(mount_flags, read_only, fs_type)?;
+        std::fs::create_dir_all(staging).map_err(io("create", staging))?;
+        let dev = device
+            .to_str()
+            .ok_or_else(|| Error::InvalidArgument("device path".into()))?;
+        mount::mount(dev, staging, fs_type, flags, &data).map_err(io("mount", staging))
+    }
+
+    /// Unmounts the staging path (if ours is mounted there), detaches and
+    /// forgets the record.
+    fn teardown(&self, vid: VolumeId, rec: &StagedRecord) -> Result<()> {
+        if let Some(m) = mount::mount_at(&rec.staging_path)?
+            && rec
+                .device
+                .as_ref()
+                .is_some_and(|d| Path::new(&m.source) == d)
+        {
+            mount::unmount_patiently(&rec.staging_path)?;
+        }
+        self.backend.detach(vid)?;
+        self.state.remove(&rec.volume_id)
+    }
+
+    /// Stages a volume; staging it again the same way is a success.
+    pub fn stage(&self, req: &Stage) -> Result<()> {
+        let vid = req.volume;
+        let volume = self.pool.volume(vid)?;
+        let mut staged = self.staged.lock().expect("staged");
+        if let Some(entry) = staged.get(&vid) {
+            if entry.rec.staging_path != req.staging_path {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {vid} is staged at {} already",
+                    entry.rec.staging_path.display()
+                )));
+            }
+            if entry.rec.access != req.access || entry.rec.read_only != req.read_only {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {vid} is staged at {} as {:?}{}, not as asked",
+                    req.staging_path.display(),
+                    entry.rec.access,
+                    if entry.rec.read_only {
+                        " (read-only)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if entry.live.is_ok() {
+                return Ok(());
+            }
+            // Broken: rebuild it from scratch.
+            let entry = staged.remove(&vid).expect("present");
+            self.teardown(vid, &entry.rec)?;
+        }
+        if staged.len() >= self.config.max_volumes as usize {
+            return Err(Error::Unavailable(format!(
+                "node {} has {} volumes staged, its maximum",
+                self.config.node_id,
+                staged.len()
+            )));
+        }
+        let mut rec = StagedRecord {
+            volume_id: vid.to_string(),
+            phase: Phase::Attaching,
+            backend: self.backend.kind(),
+            device: None,
+            staging_path: req.staging_path.clone(),
+            access: req.access.clone(),
+            read_only: req.read_only,
+            fuse: None,
+        };
+        self.state.save(&rec)?;
+        let attached = match self.stage_attached(&volume, &mut rec) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(cleanup) = self.teardown(vid, &rec) {
+                    tracing::warn!(volume = %vid, error = %cleanup, "cleaning up a failed stage");
+                }
+                return Err(e);
+            }
+        };
+        staged.insert(
+            vid,
+            Entry {
+                rec,
+                live: Ok(attached),
+            },
+        );
+        Ok(())
+    }
+
+    fn stage_attached(
+        &self,
+        volume: &Arc<crate::engine::Volume>,
+        rec: &mut StagedRecord,
+    ) -> Result<Attached> {
+        let attached = self.backend.attach(Arc::clone(volume))?;
+        rec.device = Some(attached.device.clone());
+        if let Handle::Fuse { negotiated, .. } = &attached.handle {
+            rec.fuse = Some(*negotiated);
+        }
+        self.state.save(rec)?;
+        if let Access::Mount {
+            fs_type,
+            mount_flags,
+        } = &rec.access
+        {
+            match mount::probe(&attached.device)? {
+                mount::Content::Blank => {
+                    let min = mount::min_size(fs_type).ok_or_else(|| {
+                        Error::InvalidArgument(format!("Strata cannot make a {fs_type} filesystem"))
+                    })?;
+                    if volume.size() < min {
+                        return Err(Error::OutOfRange(format!(
+                            "{fs_type} needs a volume of at least {min} bytes; this one is {}",
+                            volume.size()
+                        )));
+                    }
+                    if rec.read_only {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {} is blank and staged read-only: there is no {fs_type} filesystem to mount",
+                            rec.volume_id
+                        )));
+                    }
+                    mount::mkfs(fs_type, &attached.device)?;
+                }
+                mount::Content::Filesystem(found) if found == *fs_type => {}
+                mount::Content::Filesystem(found) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} holds a {found} filesystem, not {fs_type}",
+                        rec.volume_id
+                    )));
+                }
+                mount::Content::Other(what) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} holds {what}, not a filesystem; refusing to format it",
+                        rec.volume_id
+                    )));
+                }
+            }
+            self.mount_staging(
+                &attached.device,
+                &rec.staging_path,
+                fs_type,
+                mount_flags,
+                rec.read_only,
+            )?;
+        }
+        rec.phase = Phase::Staged;
+        self.state.save(rec)?;
+        Ok(attached)
+    }
+
+    /// Unstages a volume; a volume not staged (at that path) is a success.
+    pub fn unstage(&self, vid: VolumeId, staging_path: &Path) -> Result<()> {
+        let mut staged = self.staged.lock().expect("staged");
+        let Some(entry) = staged.get(&vid) else {
+            return Ok(());
+        };
+        if entry.rec.staging_path != staging_path {
+            tracing::warn!(volume = %vid, asked = %staging_path.display(), staged = %entry.rec.staging_path.display(), "unstage of a path the volume is not staged at: nothing to do");
+            return Ok(());
+        }
+        let busy = self.publishes(&entry.rec)?;
+        if !busy.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vid} is still published at {busy:?}; unpublish it first"
+            )));
+        }
+        let entry = staged.remove(&vid).expect("present");
+        self.teardown(vid, &entry.rec).inspect_err(|_| {
+            // Keep knowing about it, so a retry finds it.
+            staged.insert(
+                vid,
+                Entry {
+                    rec: entry.rec.clone(),
+                    live: Err("unstage failed half way".into()),
+                },
+            );
+        })
+    }
+
+    /// Mount points (other than the staging path) that show this volume:
+    /// bind mounts of its filesystem, or of its device node.
+    fn publishes(&self, rec: &StagedRecord) -> Result<Vec<PathBuf>> {
+        let mounts = mount::mounts()?;
+        let shows_volume: Box<dyn Fn(&mount::MountEntry) -> bool> = match &rec.access {
+            Access::Mount { .. } => {
+                let Some(fs) = mounts
+                    .iter()
+                    .rev()
+                    .find(|m| m.mount_point == rec.staging_path)
+                else {
+                    return Ok(Vec::new());
+                };
+                let dev = fs.dev;
+                Box::new(move |m| m.dev == dev)
+            }
+            Access::Block => {
+                let Some(device) = rec.device.as_deref().and_then(device_numbers) else {
+                    return Ok(Vec::new());
+                };
+                // Only device filesystems hold device nodes; never stat
+                // anything else here (a hung FUSE mount would block).
+                Box::new(move |m| {
+                    matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")
+                        && device_numbers(&m.mount_point) == Some(device)
+                })
+            }
+        };
+        Ok(mounts
+            .iter()
+            .filter(|m| m.mount_point != rec.staging_path && shows_volume(m))
+            .map(|m| m.mount_point.clone())
+            .collect())
+    }
+
+    /// Publishes a staged volume at `target_path`.
+    pub fn publish(&self, req: &Publish) -> Result<()> {
+        let staged = self.staged.lock().expect("staged");
+        let entry = staged.get(&req.volume).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {} is not staged on this node; NodeStageVolume first",
+                req.volume
+            ))
+        })?;
+        if entry.rec.staging_path != req.staging_path {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is staged at {}, not {}",
+                req.volume,
+                entry.rec.staging_path.display(),
+                req.staging_path.display()
+            )));
+        }
+        let attached = entry
+            .live
+            .as_ref()
+            .map_err(|why| Error::FailedPrecondition(why.clone()))?;
+        let staged_block = entry.rec.access == Access::Block;
+        if staged_block != req.block {
+            return Err(Error::InvalidArgument(format!(
+                "volume {} was staged as a {} volume",
+                req.volume,
+                if staged_block { "block" } else { "filesystem" }
+            )));
+        }
+        let (source, existing) = if req.block {
+            if let Some(parent) = req.target_path.parent() {
+                std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+            }
+            if !req.target_path.exists() {
+                std::fs::File::create(&req.target_path).map_err(io("create", &req.target_path))?;
+            }
+            (attached.device.clone(), mount::mount_at(&req.target_path)?)
+        } else {
+            std::fs::create_dir_all(&req.target_path).map_err(io("create", &req.target_path))?;
+            (req.staging_path.clone(), mount::mount_at(&req.target_path)?)
+        };
+        if let Some(m) = existing {
+            let same = if req.block {
+                device_numbers(&attached.device)
+                    .is_some_and(|d| device_numbers(&req.target_path) == Some(d))
+            } else {
+                mount::mount_at(&req.staging_path)?.is_some_and(|s| s.dev == m.dev)
+            };
+            if same && m.read_only() == req.read_only {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} is already a mount of something else (or with other options)",
+                req.target_path.display()
+            )));
+        }
+        mount::bind(&source, &req.target_path, req.read_only)
+            .map_err(io("bind mount", &req.target_path))
+    }
+
+    /// Unpublishes `target_path`: unmounts it and removes it. A path that is
+    /// not mounted (or does not exist) is a success.
+    pub fn unpublish(&self, target_path: &Path) -> Result<()> {
+        while mount::mount_at(target_path)?.is_some() {
+            mount::unmount_patiently(target_path)?;
+        }
+        match std::fs::symlink_metadata(target_path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(target_path),
+            Ok(_) => std::fs::remove_file(target_path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(io("remove", target_path))
+    }
+
+    /// Usage and condition of a volume at `path` (its staging or a target
+    /// path).
+    pub fn usage(&self, vid: VolumeId, path: &Path) -> Result<Usage> {
+        let size = self.pool.volume_info(vid)?.size_bytes;
+        if !path.exists() {
+            return Err(Error::NotFound(format!(
+                "{} does not exist",
+                path.display()
+            )));
+        }
+        let condition = self.condition(vid).unwrap_or_else(|| {
+            Condition::abnormal(format!("volume {vid} is not staged on this node"))
+        });
+        let mounted = mount::mount_at(path)?;
+        let condition = match (&mounted, condition.abnormal) {
+            (None, false) => {
+                Condition::abnormal(format!("nothing is mounted at {}", path.display()))
+            }
+            _ => condition,
+        };
+        let filesystem = if path.is_dir() && mounted.is_some() {
+            Some(mount::statvfs(path)?)
+        } else {
+            None
+        };
+        let device_bytes = if mount::is_block_device(path) {
+            mount::device_size(path).unwrap_or(size)
+        } else {
+            size
+        };
+        Ok(Usage {
+            filesystem,
+            device_bytes,
+            condition,
+        })
+    }
+
+    /// The condition of a volume staged here, `None` if it is not staged.
+    pub fn condition(&self, vid: VolumeId) -> Option<Condition> {
+        let staged = self.staged.lock().expect("staged");
+        let entry = staged.get(&vid)?;
+        Some(match &entry.live {
+            Ok(_) => Condition::healthy(),
+            Err(why) => Condition::abnormal(why.clone()),
+        })
+    }
+
+    /// Whether a volume is staged here (so it must not be deleted).
+    pub fn is_staged(&self, vid: VolumeId) -> bool {
+        self.staged.lock().expect("staged").contains_key(&vid)
+    }
+
+    /// Makes the kernel device (and the filesystem on it) as large as the
+    /// volume now is; returns that size.
+    pub fn expand(&self, vid: VolumeId, required: u64) -> Result<u64> {
+        let size = self.pool.volume_info(vid)?.size_bytes;
+        if required > size {
+            return Err(Error::OutOfRange(format!(
+                "volume {vid} is {size} bytes; expand it (ControllerExpandVolume) to {required} first"
+            )));
+        }
+        let staged = self.staged.lock().expect("staged");
+        let entry = staged.get(&vid).ok_or_else(|| {
+            Error::FailedPrecondition(format!("volume {vid} is not staged on this node"))
+        })?;
+        let attached = entry
+            .live
+            .as_ref()
+            .map_err(|why| Error::FailedPrecondition(why.clone()))?;
+        self.backend.resize(attached, size)?;
+        if let Access::Mount { fs_type, .. } = &entry.rec.access {
+            mount::grow(fs_type, &attached.device, &entry.rec.staging_path)?;
+        }
+        Ok(size)
+    }
+
+    /// Freezes the filesystem of a volume staged here (for a consistent
+    /// snapshot); `None` if there is nothing to freeze (not staged, or a
+    /// raw block volume).
+    pub fn freeze(&self, vid: VolumeId) -> Result<Option<mount::Frozen>> {
+        let staged = self.staged.lock().expect("staged");
+        let Some(entry) = staged.get(&vid) else {
+            return Ok(None);
+        };
+        if entry.rec.access == Access::Block {
+            return Ok(None);
+        }
+        if let Err(why) = &entry.live {
+            return Err(Error::FailedPrecondition(why.clone()));
+        }
+        mount::freeze(&entry.rec.staging_path).map(Some)
+    }
+
+    /// Volumes staged here.
+    pub fn staged_count(&self) -> usize {
+        self.staged.lock().expect("staged").len()
+    }
+}
+
+/// major:minor of a device node.
+fn device_numbers(device: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(device).ok()?;
+    m.file_type()
+        .is_block_device()
+        .then(|| (libc::major(m.rdev()), libc::minor(m.rdev())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_options_become_flags_and_data() {
+        let (flags, data) =
+            mount_options(&["noatime,discard".into(), "ro".into()], false, "ext4").unwrap();
+        assert_eq!(flags, libc::MS_NOATIME | libc::MS_RDONLY);
+        assert_eq!(data, "discard");
+        let (flags, data) = mount_options(&[], true, "xfs").unwrap();
+        assert_eq!(flags, libc::MS_RDONLY);
+        assert_eq!(data, "nouuid", "XFS clones share their source's UUID");
+        assert!(mount_options(&["remount".into()], false, "ext4").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! What this node has staged, on disk: one small JSON record per volume in
+//! `<state-dir>/staged/<volume>.json`, replaced atomically (write, fsync,
+//! rename, fsync the directory). The records are what a restarted node
+//! reattaches from. They belong in a directory that does not survive a
+//! reboot (the default is under `/run`), exactly like the kernel state
+//! (loop devices, mounts) they describe.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::attach::Kind;
+use super::error::{Error, Result, io};
+use crate::frontend::fuse::abi::Negotiated;
+
+/// How far a stage got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    /// Recorded before attaching; a restart finds this and rolls back.
+    Attaching,
+    /// Attached (and, for filesystems, mounted at the staging path).
+    Staged,
+}
+
+/// How the volume is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum Access {
+    /// Raw block: the device node is what gets published.
+    Block,
+    /// A filesystem mounted at the staging path.
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+    },
+}
+
+/// One staged volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedRecord {
+    pub volume_id: String,
+    pub phase: Phase,
+    pub backend: Kind,
+    /// The block device (`/dev/loopN`, `/dev/nbdN`), once attached.
+    pub device: Option<PathBuf>,
+    pub staging_path: PathBuf,
+    pub access: Access,
+    /// Mounted read-only (a reader-only access mode).
+    pub read_only: bool,
+    /// What the FUSE connection negotiated (FUSE backend only).
+    pub fuse: Option<Negotiated>,
+}
+
+/// The records directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(state_dir: &Path) -> Result<StateDir> {
+        let dir = state_dir.join("staged");
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(StateDir { dir })
+    }
+
+    fn path(&self, volume: &str) -> PathBuf {
+        self.dir.join(format!("{volume}.json"))
+    }
+
+    /// Every record, in name order; unreadable ones are errors, because
+    /// skipping them would forget a staged volume.
+    pub fn load_all(&self) -> Result<Vec<StagedRecord>> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map_err(io("list", &self.dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read(&p).map_err(io("read", &p))?;
+                serde_json::from_slice(&text).map_err(|e| Error::State {
+                    path: p.clone(),
+                    why: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn save(&self, rec: &StagedRecord) -> Result<()> {
+        let path = self.path(&rec.volume_id);
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(rec).map_err(|e| Error::State {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&body).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+        self.sync_dir()
+    }
+
+    pub fn remove(&self, volume: &str) -> Result<()> {
+        let path = self.path(volume);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &path)(e)),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_removal_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let rec = StagedRecord {
+            volume_id: "v1".into(),
+            phase: Phase::Staged,
+            backend: Kind::Fuse,
+            device: Some("/dev/loop3".into()),
+            staging_path: "/var/lib/kubelet/x/globalmount".into(),
+            access: Access::Mount {
+                fs_type: "xfs".into(),
+                mount_flags: vec!["noatime".into()],
+            },
+            read_only: false,
+            fuse: Some(Negotiated {
+                minor: 40,
+                max_write: 256 << 10,
+                resend: true,
+            }),
+        };
+        state.save(&rec).unwrap();
+        let mut other = rec.clone();
+        other.volume_id = "v0".into();
+        other.access = Access::Block;
+        state.save(&other).unwrap();
+        assert_eq!(state.load_all().unwrap(), vec![other, rec]);
+        state.remove("v1").unwrap();
+        state.remove("v1").unwrap();
+        assert_eq!(state.load_all().unwrap().len(), 1);
+        std::fs::write(dir.path().join("staged/bad.json"), b"{").unwrap();
+        assert!(state.load_all().is_err(), "a corrupt record is not skipped");
+    }
+}
