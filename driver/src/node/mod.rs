@@ -417,7 +417,16 @@ impl Node {
                     }
                     mount::mkfs(fs_type, &attached.device)?;
                 }
-                mount::Content::Filesystem(found) if found == *fs_type => {}
+                mount::Content::Filesystem(found) if found == *fs_type => {
+                    // Grown since it was last mounted, without the means to
+                    // grow it online: grow it now, before mounting.
+                    if fs_type == "ext4"
+                        && !rec.read_only
+                        && !mount::has_capability(mount::CAP_SYS_RESOURCE)
+                    {
+                        mount::grow_ext4_offline(&attached.device, volume.size())?;
+                    }
+                }
                 mount::Content::Filesystem(found) => {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {} holds a {found} filesystem, not {fs_type}",
@@ -438,6 +447,15 @@ impl Node {
                 mount_flags,
                 rec.read_only,
             )?;
+            // A volume grown while unstaged: fill the device (a no-op when
+            // it already does). Not fatal: the filesystem is usable as is.
+            let online = fs_type == "xfs" || mount::has_capability(mount::CAP_SYS_RESOURCE);
+            if online
+                && !rec.read_only
+                && let Err(e) = mount::grow(fs_type, &attached.device, &rec.staging_path)
+            {
+                tracing::warn!(volume = %rec.volume_id, error = %e, "growing the filesystem at stage failed");
+            }
         }
         rec.phase = Phase::Staged;
         self.state.save(rec)?;
@@ -490,14 +508,14 @@ impl Node {
                 Box::new(move |m| m.dev == dev)
             }
             Access::Block => {
-                let Some(device) = rec.device.as_deref().and_then(device_numbers) else {
+                let Some(device) = rec.device.clone() else {
                     return Ok(Vec::new());
                 };
                 // Only device filesystems hold device nodes; never stat
                 // anything else here (a hung FUSE mount would block).
                 Box::new(move |m| {
                     matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")
-                        && device_numbers(&m.mount_point) == Some(device)
+                        && shows_device(&m.mount_point, &device)
                 })
             }
         };
@@ -537,22 +555,19 @@ impl Node {
                 if staged_block { "block" } else { "filesystem" }
             )));
         }
-        let (source, existing) = if req.block {
+        if req.block {
             if let Some(parent) = req.target_path.parent() {
                 std::fs::create_dir_all(parent).map_err(io("create", parent))?;
             }
             if !req.target_path.exists() {
                 std::fs::File::create(&req.target_path).map_err(io("create", &req.target_path))?;
             }
-            (attached.device.clone(), mount::mount_at(&req.target_path)?)
         } else {
             std::fs::create_dir_all(&req.target_path).map_err(io("create", &req.target_path))?;
-            (req.staging_path.clone(), mount::mount_at(&req.target_path)?)
-        };
-        if let Some(m) = existing {
+        }
+        if let Some(m) = mount::mount_at(&req.target_path)? {
             let same = if req.block {
-                device_numbers(&attached.device)
-                    .is_some_and(|d| device_numbers(&req.target_path) == Some(d))
+                shows_device(&req.target_path, &attached.device)
             } else {
                 mount::mount_at(&req.staging_path)?.is_some_and(|s| s.dev == m.dev)
             };
@@ -564,15 +579,35 @@ impl Node {
                 req.target_path.display()
             )));
         }
-        mount::bind(&source, &req.target_path, req.read_only)
-            .map_err(io("bind mount", &req.target_path))
+        if !req.block {
+            return mount::bind(&req.staging_path, &req.target_path, req.read_only)
+                .map_err(io("bind mount", &req.target_path));
+        }
+        if !req.read_only {
+            return mount::bind(&attached.device, &req.target_path, false)
+                .map_err(io("bind mount", &req.target_path));
+        }
+        // A read-only mount does not stop writes to a device node, so a
+        // read-only raw block publish gets a read-only device of its own: a
+        // loop device over the staged one.
+        let lo = loopdev::attach(&attached.device, attach::SECTOR_SIZE, true)?;
+        let ro = loopdev::device_path(lo.index);
+        mount::bind(&ro, &req.target_path, true).map_err(|e| {
+            let _ = loopdev::detach(lo.index);
+            io("bind mount", &req.target_path)(e)
+        })
     }
 
     /// Unpublishes `target_path`: unmounts it and removes it. A path that is
     /// not mounted (or does not exist) is a success.
     pub fn unpublish(&self, target_path: &Path) -> Result<()> {
+        // A read-only block publish has a loop device of its own.
+        let ro_loop = mount::mount_at(target_path)?.and(read_only_loop(target_path));
         while mount::mount_at(target_path)?.is_some() {
             mount::unmount_patiently(target_path)?;
+        }
+        if let Some(index) = ro_loop {
+            loopdev::detach(index)?;
         }
         match std::fs::symlink_metadata(target_path) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(target_path),
@@ -680,6 +715,39 @@ impl Node {
     pub fn staged_count(&self) -> usize {
         self.staged.lock().expect("staged").len()
     }
+}
+
+/// Whether the device node at `node` is `device`, or a (read-only
+/// publish) loop device over it.
+fn shows_device(node: &Path, device: &Path) -> bool {
+    let Some(n) = device_numbers(node) else {
+        return false;
+    };
+    device_numbers(device) == Some(n)
+        || n.0 == LOOP_MAJOR && loop_backing(n).as_deref() == Some(device)
+}
+
+/// The loop device index of the node at `target` if it is a read-only
+/// publish loop (a loop over another device, not over a file).
+fn read_only_loop(target: &Path) -> Option<u32> {
+    let n = device_numbers(target)?;
+    if n.0 != LOOP_MAJOR || !loop_backing(n)?.starts_with("/dev/") {
+        return None;
+    }
+    let link = std::fs::read_link(format!("/sys/dev/block/{}:{}", n.0, n.1)).ok()?;
+    link.file_name()?
+        .to_str()?
+        .strip_prefix("loop")?
+        .parse()
+        .ok()
+}
+
+const LOOP_MAJOR: u32 = 7;
+
+fn loop_backing(n: (u32, u32)) -> Option<PathBuf> {
+    std::fs::read_to_string(format!("/sys/dev/block/{}:{}/loop/backing_file", n.0, n.1))
+        .ok()
+        .map(|s| PathBuf::from(s.trim_end()))
 }
 
 /// major:minor of a device node.

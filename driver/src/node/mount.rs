@@ -283,9 +283,36 @@ pub fn mkfs(fs_type: &str, device: &Path) -> Result<()> {
     .map(drop)
 }
 
+/// `CAP_SYS_RESOURCE`: ext4's online resize (and `PR_SET_IO_FLUSHER`)
+/// need it.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process has capability `cap` in its effective set.
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}
+
 /// Grows a mounted filesystem to fill its (grown) device.
 pub fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
     match fs_type {
+        "ext4" | "ext3" | "ext2" if !has_capability(CAP_SYS_RESOURCE) => {
+            Err(Error::FailedPrecondition(format!(
+                "growing the mounted {fs_type} filesystem on {} needs CAP_SYS_RESOURCE, which \
+                 this process lacks; give the node plugin that capability. The volume itself \
+                 has grown: its filesystem grows at its next stage (offline)",
+                device.display()
+            )))
+        }
         "ext4" | "ext3" | "ext2" => run("resize2fs", &[device.as_os_str()]),
         "xfs" => run("xfs_growfs", &[OsStr::new("-d"), mount_point.as_os_str()]),
         other => Err(Error::FailedPrecondition(format!(
@@ -293,6 +320,47 @@ pub fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
         ))),
     }
     .map(drop)
+}
+
+/// Grows an unmounted ext4 filesystem to fill its device, if it does not:
+/// the path for a volume grown while this process could not grow it
+/// online (no CAP_SYS_RESOURCE). Checks it first, as resize2fs demands.
+pub fn grow_ext4_offline(device: &Path, device_bytes: u64) -> Result<()> {
+    let dev = device.as_os_str();
+    let header = run("dumpe2fs", &[OsStr::new("-h"), dev])?;
+    let field = |name: &str| {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(count), Some(block)) = (field("Block count:"), field("Block size:")) else {
+        return Err(Error::Tool {
+            command: format!("dumpe2fs -h {}", device.display()),
+            status: "unreadable output".into(),
+            stderr: "no block count or block size".into(),
+        });
+    };
+    if (count + 1) * block > device_bytes {
+        return Ok(());
+    }
+    let fsck = Command::new("e2fsck")
+        .args([OsStr::new("-f"), OsStr::new("-p"), dev])
+        .output()
+        .map_err(|e| Error::Tool {
+            command: "e2fsck".into(),
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    // 0: clean; 1: errors fixed. Anything else needs a person.
+    if !matches!(fsck.status.code(), Some(0 | 1)) {
+        return Err(Error::Tool {
+            command: format!("e2fsck -f -p {}", device.display()),
+            status: fsck.status.to_string(),
+            stderr: String::from_utf8_lossy(&fsck.stdout).trim().to_string(),
+        });
+    }
+    run("resize2fs", &[dev]).map(drop)
 }
 
 const FIFREEZE: libc::c_ulong = 0xC004_5877;

@@ -195,6 +195,10 @@ impl Drop for Standalone {
 /// behind (a failed assertion skips the unstage), and stops the fd holder,
 /// so nothing outlives the test.
 pub fn release_mounts(dir: &Path) {
+    // First end the FUSE connections (the server is gone already): I/O
+    // to them then fails at once instead of waiting for a server forever,
+    // so the unmounts below cannot hang.
+    holder_kill(&dir.join("state/fuse-holder.sock"));
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -228,7 +232,6 @@ pub fn release_mounts(dir: &Path) {
     for p in &fuse {
         let _ = Command::new("umount").arg("-l").arg(p).status();
     }
-    holder_kill(&dir.join("state/fuse-holder.sock"));
 }
 
 /// Kills the fd holder listening on `socket`, if one runs.
