@@ -104,6 +104,14 @@ fn write_file_bytes(path: &Path, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// The code of a call that must fail.
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(ok) => panic!("expected an error, got {ok:?}"),
+        Err(e) => e.code(),
+    }
+}
+
 fn stats_total(resp: &NodeGetVolumeStatsResponse, unit: Unit) -> i64 {
     resp.usage
         .iter()
@@ -457,4 +465,520 @@ async fn online_expansion_shows_in_stats_and_df_for_ext4_xfs_and_block() {
         }
         unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
+    if !runnable() {
+        return;
+    }
+    let (s, mut csi) = start().await;
+    let ext4 = c::mount_cap("ext4");
+    let vol = new_volume(&mut csi, "pvc-codes", 32 << 20, ext4.clone()).await;
+    let (staging, target) = paths(&s, "codes");
+    let missing = "00000000-0000-4000-8000-000000000000";
+
+    // Missing or malformed fields: INVALID_ARGUMENT, everywhere.
+    let mut no_id = c::stage(&vol, &staging, ext4.clone());
+    no_id.volume_id.clear();
+    assert_eq!(
+        code(csi.node.node_stage_volume(no_id).await),
+        Code::InvalidArgument
+    );
+    let mut no_path = c::stage(&vol, &staging, ext4.clone());
+    no_path.staging_target_path.clear();
+    assert_eq!(
+        code(csi.node.node_stage_volume(no_path).await),
+        Code::InvalidArgument
+    );
+    let mut relative = c::stage(&vol, &staging, ext4.clone());
+    relative.staging_target_path = "relative/path".into();
+    assert_eq!(
+        code(csi.node.node_stage_volume(relative).await),
+        Code::InvalidArgument
+    );
+    let mut no_cap = c::stage(&vol, &staging, ext4.clone());
+    no_cap.volume_capability = None;
+    assert_eq!(
+        code(csi.node.node_stage_volume(no_cap).await),
+        Code::InvalidArgument
+    );
+    let mut multi = ext4.clone();
+    multi.access_mode = Some(volume_capability::AccessMode {
+        mode: volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
+    });
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &staging, multi))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &staging, c::mount_cap("btrfs")))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut no_target = c::publish(&vol, &staging, &target, ext4.clone(), false);
+    no_target.target_path.clear();
+    assert_eq!(
+        code(csi.node.node_publish_volume(no_target).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_unpublish_volume(c::unpublish("", &target))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_unstage_volume(c::unstage(&vol, Path::new("")))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_get_volume_stats(c::stats(&vol, Path::new("")))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // Unknown volumes: NOT_FOUND; publish before stage: FAILED_PRECONDITION.
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(missing, &staging, ext4.clone()))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage("not-a-uuid", &staging, ext4.clone()))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_publish_volume(c::publish(&vol, &staging, &target, ext4.clone(), false))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_get_volume_stats(c::stats(missing, &staging))
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // Staged: another path is FAILED_PRECONDITION, another capability at
+    // the same path ALREADY_EXISTS, deleting it FAILED_PRECONDITION.
+    stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
+    let elsewhere = s.kubelet_dir().join("elsewhere");
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &elsewhere, ext4.clone()))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &staging, c::block_cap()))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &staging, c::mount_cap("xfs")))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            csi.controller
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: vol.clone(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_unstage_volume(c::unstage(&vol, &staging))
+                .await
+        ),
+        Code::FailedPrecondition,
+        "unstage while published"
+    );
+    assert_eq!(
+        code(
+            csi.node
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: vol.clone(),
+                    volume_path: target.to_string_lossy().into_owned(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 1 << 30,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::OutOfRange,
+        "the controller has not grown it"
+    );
+    let got = csi
+        .controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
+    let not_mounted = s.kubelet_dir().join("not-mounted");
+    std::fs::create_dir_all(&not_mounted).unwrap();
+    let st = csi
+        .node
+        .node_get_volume_stats(c::stats(&vol, &not_mounted))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        st.volume_condition.unwrap().abnormal,
+        "nothing is mounted there"
+    );
+    unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+
+    // The volume holds ext4 now: staging it as xfs would format over it.
+    assert_eq!(
+        code(
+            csi.node
+                .node_stage_volume(c::stage(&vol, &staging, c::mount_cap("xfs")))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert!(
+        !is_mounted(&staging),
+        "a failed stage leaves nothing behind"
+    );
+    assert_eq!(
+        std::fs::read_dir(s.state_dir().join("staged"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // Unpublish and unstage of what is not there: OK.
+    csi.node
+        .node_unpublish_volume(c::unpublish(&vol, &target))
+        .await
+        .unwrap();
+    csi.node
+        .node_unstage_volume(c::unstage(missing, &staging))
+        .await
+        .unwrap();
+
+    // Controller: too small for the filesystem, bad snapshot parameters.
+    assert_eq!(
+        code(
+            csi.controller
+                .create_volume(c::create("tiny-xfs", 100 << 20, c::mount_cap("xfs")))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    let mut bad_snap = c::snapshot("s", &vol, false);
+    bad_snap
+        .parameters
+        .insert("freezeFilesystem".into(), "maybe".into());
+    assert_eq!(
+        code(csi.controller.create_snapshot(bad_snap).await),
+        Code::InvalidArgument
+    );
+
+    // Capabilities and node info.
+    let caps = csi
+        .node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use node_service_capability::rpc::Type as N;
+    let got: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            None => None,
+        })
+        .collect();
+    for want in [
+        N::StageUnstageVolume,
+        N::GetVolumeStats,
+        N::ExpandVolume,
+        N::VolumeCondition,
+        N::SingleNodeMultiWriter,
+    ] {
+        assert!(
+            got.contains(&(want as i32)),
+            "{want:?} missing from {got:?}"
+        );
+    }
+    let info = csi
+        .node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "test-node");
+    assert!(info.max_volumes_per_node > 0);
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["topology.strata.dev/node"],
+        "test-node"
+    );
+    let ctl = csi
+        .controller
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use controller_service_capability::rpc::Type as C;
+    let got: Vec<i32> = ctl
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            None => None,
+        })
+        .collect();
+    for want in [
+        C::CreateDeleteVolume,
+        C::CreateDeleteSnapshot,
+        C::CloneVolume,
+        C::ExpandVolume,
+        C::ListVolumes,
+        C::ListSnapshots,
+        C::GetCapacity,
+        C::GetVolume,
+        C::VolumeCondition,
+        C::SingleNodeMultiWriter,
+    ] {
+        assert!(
+            got.contains(&(want as i32)),
+            "{want:?} missing from {got:?}"
+        );
+    }
+    assert!(!got.contains(&(C::PublishUnpublishVolume as i32)));
+}
+
+/// Writes `chunks` chunks of 256 KiB to `path`, syncing every 4; returns
+/// what it wrote, or the first error.
+fn steady_writer(
+    path: PathBuf,
+    chunks: usize,
+    seed: u64,
+) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut f = std::fs::File::create(&path)?;
+        let mut rng = common::Rng::new(seed);
+        for i in 0..chunks {
+            let mut chunk = vec![0u8; 256 << 10];
+            rng.fill(&mut chunk);
+            f.write_all(&chunk)?;
+            all.extend_from_slice(&chunk);
+            if i % 4 == 3 {
+                f.sync_all()?;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        f.sync_all()?;
+        Ok(all)
+    })
+}
+
+/// Writes the whole block device at `path` in 256 KiB O_DIRECT writes (each
+/// one reaches the server before it returns, so some are always in flight).
+fn direct_writer(
+    path: PathBuf,
+    bytes: usize,
+    seed: u64,
+) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)?;
+        let mut all = vec![0u8; bytes];
+        common::Rng::new(seed).fill(&mut all);
+        let mut raw = vec![0u8; (256 << 10) + 4096];
+        let skip = raw.as_ptr().align_offset(4096);
+        for chunk in all.chunks(256 << 10) {
+            raw[skip..skip + chunk.len()].copy_from_slice(chunk);
+            f.write_all(&raw[skip..skip + chunk.len()])?;
+        }
+        f.sync_all()?;
+        Ok(all)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_reported() {
+    if !runnable() {
+        return;
+    }
+    let (mut s, mut csi) = start().await;
+    let ext4 = c::mount_cap("ext4");
+    let vol = new_volume(&mut csi, "pvc-restart", 96 << 20, ext4.clone()).await;
+    let (staging, target) = paths(&s, "restart");
+    stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
+    let blk = new_volume(&mut csi, "pvc-restart-blk", 16 << 20, c::block_cap()).await;
+    let (bstaging, _) = paths(&s, "restart-blk");
+    let btarget = s.kubelet_dir().join("pods/restart-blk/dev");
+    stage_and_publish(&mut csi, &blk, &bstaging, &btarget, &c::block_cap()).await;
+    let mut bdata = vec![0u8; 1 << 20];
+    common::Rng::new(9).fill(&mut bdata);
+    write_at(&btarget, 0, &bdata).unwrap();
+
+    // kill -9 in the middle of a stream of writes and syncs, and of
+    // O_DIRECT writes to the block volume (some of which the dying server
+    // has read but not answered): the writers wait while nothing serves
+    // the volumes and carry on, without an error, once the restarted
+    // plugin has taken the connections back.
+    for round in 0..2u64 {
+        let writer = steady_writer(target.join(format!("stream-{round}")), 48, round);
+        let direct = direct_writer(btarget.clone(), 16 << 20, 100 + round);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        s.kill9();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        s.spawn();
+        csi = Csi::connect(&s.csi_socket()).await;
+        let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap()
+            .expect("the writer saw an I/O error across the restart");
+        let got = std::fs::read(target.join(format!("stream-{round}"))).unwrap();
+        assert!(
+            got == written,
+            "round {round}: the stream differs after the restart"
+        );
+        bdata = tokio::task::spawn_blocking(move || direct.join().unwrap())
+            .await
+            .unwrap()
+            .expect("the direct writer saw an I/O error across the restart");
+        assert!(
+            read_at(&btarget, 0, 16 << 20) == bdata,
+            "round {round}: the block volume differs after the restart"
+        );
+        for (v, p) in [(&vol, &target), (&blk, &btarget)] {
+            let st = csi
+                .node
+                .node_get_volume_stats(c::stats(v, p))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                !st.volume_condition.as_ref().unwrap().abnormal,
+                "round {round}: {st:?}"
+            );
+        }
+    }
+
+    // SIGTERM: flushes and exits; the next start serves the volumes again.
+    assert!(s.terminate().success());
+    s.spawn();
+    csi = Csi::connect(&s.csi_socket()).await;
+    let st = csi
+        .node
+        .node_get_volume_stats(c::stats(&vol, &target))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !st.volume_condition.unwrap().abnormal,
+        "after SIGTERM and restart"
+    );
+    let after_term = write_file(&target.join("after-sigterm"), 1 << 20, 11);
+    assert!(std::fs::read(target.join("after-sigterm")).unwrap() == after_term);
+
+    // Both the plugin and the fd holder die: the FUSE connections are
+    // gone for good. The restarted plugin reports it instead of hiding it,
+    // and unstaging and staging again rebuilds the attachment, with every
+    // flushed byte still there.
+    s.kill9();
+    common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
+    s.spawn();
+    csi = Csi::connect(&s.csi_socket()).await;
+    let st = csi
+        .node
+        .node_get_volume_stats(c::stats(&vol, &target))
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = st.volume_condition.unwrap();
+    assert!(
+        cond.abnormal,
+        "a lost FUSE connection must be reported: {cond:?}"
+    );
+    assert!(cond.message.contains("lost"), "{}", cond.message);
+    let got = csi
+        .controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+    assert_eq!(
+        code(
+            csi.node
+                .node_publish_volume(c::publish(
+                    &vol,
+                    &staging,
+                    &target.with_file_name("other"),
+                    ext4.clone(),
+                    false
+                ))
+                .await
+        ),
+        Code::FailedPrecondition,
+        "no new publishes of a broken attachment"
+    );
+    unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+    unpublish_and_unstage(&mut csi, &blk, &bstaging, &btarget).await;
+    stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
+    assert!(std::fs::read(target.join("after-sigterm")).unwrap() == after_term);
+    assert!(std::fs::read(target.join("stream-1")).unwrap().len() == 48 * (256 << 10));
+    stage_and_publish(&mut csi, &blk, &bstaging, &btarget, &c::block_cap()).await;
+    assert!(read_at(&btarget, 0, 16 << 20) == bdata);
+    unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+    unpublish_and_unstage(&mut csi, &blk, &bstaging, &btarget).await;
 }

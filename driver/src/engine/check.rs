@@ -288,7 +288,13 @@ pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let known = match name.strip_suffix(ext) {
+            // A volume's unflushed log sits next to its journal.
+            let volume_file = name.strip_suffix(ext).or_else(|| {
+                (sub == JOURNAL_DIR)
+                    .then(|| name.strip_suffix(".unflushed"))
+                    .flatten()
+            });
+            let known = match volume_file {
                 Some(id) if sub == LAYERS_DIR => {
                     id.parse().is_ok_and(|id: LayerId| layers.contains_key(&id))
                 }

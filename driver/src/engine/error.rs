@@ -52,6 +52,13 @@ pub enum Error {
         /// The layer file.
         path: PathBuf,
     },
+    /// Writes acknowledged before the serving process died could not all
+    /// be recovered (reported once, by the next flush).
+    #[error(
+        "volume {0}: writes acknowledged before the previous Strata process stopped were lost; \
+         the data since the last completed flush is not intact"
+    )]
+    UnflushedLost(VolumeId),
     /// Volumes only grow.
     #[error("cannot shrink a volume from {from} to {to} bytes: volumes only grow")]
     ShrinkRefused {
@@ -171,7 +178,7 @@ impl Error {
             Error::FormatTooNew { .. } | Error::NotAPool { .. } | Error::Corrupt(_) => {
                 ErrorKind::Corrupt
             }
-            Error::Io { .. } | Error::Catalog { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Catalog { .. } | Error::UnflushedLost(_) => ErrorKind::Io,
         }
     }
 

@@ -49,7 +49,7 @@ const HEADER_LEN: u64 = 64;
 const HEADER_VERSION: u32 = 1;
 const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"SJB1");
 const BATCH_HEADER_LEN: usize = 24;
-const RECORD_LEN: usize = 32;
+pub(crate) const RECORD_LEN: usize = 32;
 
 /// Path of a volume's journal.
 pub(crate) fn journal_path(pool: &Path, volume: VolumeId) -> PathBuf {
@@ -67,7 +67,7 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.layer.0.to_le_bytes());
         out.extend_from_slice(&self.start.to_le_bytes());
         out.extend_from_slice(&self.blocks.to_le_bytes());
@@ -75,7 +75,7 @@ impl Record {
         out.extend_from_slice(&[0; 3]);
     }
 
-    fn decode(b: &[u8]) -> Option<Record> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Record> {
         Some(Record {
             layer: LayerId(u128::from_le_bytes(b[0..16].try_into().ok()?)),
             start: u64::from_le_bytes(b[16..24].try_into().ok()?),

@@ -30,6 +30,7 @@ pub(crate) mod rangelock;
 pub mod snapshot;
 pub(crate) mod space;
 pub(crate) mod sys;
+pub(crate) mod unflushed;
 pub mod view;
 pub mod volume;
 

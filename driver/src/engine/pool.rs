@@ -28,6 +28,7 @@ use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, re
 use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
+use super::unflushed::{UnflushedLog, unflushed_path};
 use super::view::View;
 use super::volume::{VolState, Volume, VolumeStats};
 
@@ -121,6 +122,9 @@ pub(crate) struct Shared {
     fds: Arc<FdCache>,
     layers: Mutex<HashMap<LayerId, Weak<Layer>>>,
     views: Mutex<HashMap<LayerId, Weak<View>>>,
+    /// Volumes whose previous process's acknowledged changes could not all
+    /// be saved, until the volume is loaded (its next flush reports it).
+    lost_unflushed: Mutex<HashSet<VolumeId>>,
     _lock: File,
 }
 
@@ -210,25 +214,62 @@ impl Shared {
         }
     }
 
-    /// Opens a volume's journal, folds any batches the catalog lacks into
-    /// it, and returns the journal ready for appends.
-    fn recover_journal(&self, rec: &VolumeRecord) -> Result<JournalFile> {
+    /// Opens a volume's journal and unflushed log, folds into the catalog
+    /// the journal batches it lacks and the changes a previous process of
+    /// this boot acknowledged but never flushed (their data is in the page
+    /// cache of the layer files: synced first), and returns both ready for
+    /// use, with whether some acknowledged changes were beyond saving.
+    fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog, bool)> {
         let sync = self.opts.sync;
-        if !journal_path(&self.dir, rec.id).exists() {
-            return JournalFile::create(&self.dir, rec.id, rec.journal_seq, sync);
+        let (log, leftover) = UnflushedLog::open(&self.dir, rec.id)?;
+        let mut lost =
+            leftover.incomplete || self.lost_unflushed.lock().expect("lost").remove(&rec.id);
+        let (file, mut records) = if journal_path(&self.dir, rec.id).exists() {
+            let (file, replay) = JournalFile::open(&self.dir, rec.id, sync)?;
+            if replay.truncated_bytes > 0 {
+                tracing::info!(volume = %rec.id, bytes = replay.truncated_bytes, "cut a torn journal tail (writes that were never flushed)");
+            }
+            let records: Vec<Record> = replay
+                .batches
+                .into_iter()
+                .filter(|(seq, _)| *seq > rec.journal_seq)
+                .flat_map(|(_, r)| r)
+                .collect();
+            (file, records)
+        } else {
+            (
+                JournalFile::create(&self.dir, rec.id, rec.journal_seq, sync)?,
+                Vec::new(),
+            )
+        };
+        let (mut saved, mut dropped) = (Vec::new(), 0usize);
+        for r in leftover.records {
+            // Only the top can have had unflushed changes.
+            if r.layer == rec.top {
+                saved.push(r);
+            } else {
+                dropped += 1;
+            }
         }
-        let (file, replay) = JournalFile::open(&self.dir, rec.id, sync)?;
-        if replay.truncated_bytes > 0 {
-            tracing::info!(volume = %rec.id, bytes = replay.truncated_bytes, "cut a torn journal tail (writes that were never flushed)");
+        if dropped > 0 {
+            tracing::warn!(volume = %rec.id, dropped, "unflushed changes of a layer that is not the top were dropped");
+            lost = true;
         }
-        let records: Vec<Record> = replay
-            .batches
-            .into_iter()
-            .filter(|(seq, _)| *seq > rec.journal_seq)
-            .flat_map(|(_, r)| r)
-            .collect();
+        if !saved.is_empty() {
+            tracing::info!(volume = %rec.id, changes = saved.len(), "making writes acknowledged by the previous process durable");
+            if sync {
+                let path = layer_path(&self.dir, rec.top);
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| io_error("sync", &path, e))?;
+            }
+            records.extend(saved);
+        }
+        if lost {
+            self.lost_unflushed.lock().expect("lost").insert(rec.id);
+        }
         if records.is_empty() {
-            return Ok(file);
+            return Ok((file, log, lost));
         }
         let mut txn = self.catalog.write()?;
         txn.apply_presence(&records)?;
@@ -236,7 +277,8 @@ impl Shared {
         updated.journal_seq = file.last_seq();
         txn.put_volume(&updated)?;
         txn.commit()?;
-        JournalFile::create(&self.dir, rec.id, updated.journal_seq, sync)
+        let file = JournalFile::create(&self.dir, rec.id, updated.journal_seq, sync)?;
+        Ok((file, log, lost))
     }
 }
 
@@ -286,6 +328,7 @@ impl Pool {
             fds: FdCache::new(max_open),
             layers: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
+            lost_unflushed: Mutex::new(HashSet::new()),
             opts,
             _lock: lock,
         });
@@ -337,6 +380,7 @@ impl Pool {
         let (lid, created) = (LayerId::new_random(), now_ns());
         create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
         let committed = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
+            let (log, _) = UnflushedLog::open(&sh.dir, vid)?;
             let mut txn = sh.catalog.write()?;
             if txn.volume(vid)?.is_some() {
                 return Err(Error::AlreadyExists(format!("volume {vid}")));
@@ -376,13 +420,14 @@ impl Pool {
                 journal_seq: 0,
             })?;
             txn.commit()?;
-            Ok((slot, journal))
+            Ok((slot, journal, log))
         });
-        let (slot, journal) = match committed {
+        let (slot, journal, log) = match committed {
             Ok(x) => x,
             Err(e) => {
                 remove_quietly(&layer_path(&sh.dir, lid));
                 remove_quietly(&journal_path(&sh.dir, vid));
+                remove_quietly(&unflushed_path(&sh.dir, vid));
                 return Err(e);
             }
         };
@@ -402,7 +447,7 @@ impl Pool {
             Arc::clone(sh),
             VolState::new(view, base, top),
             size,
-            journal,
+            (journal, log, false),
         );
         self.inner
             .volumes
@@ -438,6 +483,11 @@ impl Pool {
             .volume(id)?
             .ok_or(Error::VolumeNotFound(id))?;
         let journal = sh.recover_journal(&rec)?;
+        let rec = sh
+            .catalog
+            .read()?
+            .volume(id)?
+            .ok_or(Error::VolumeNotFound(id))?;
         let txn = sh.catalog.read()?;
         let top = txn.layer(rec.top)?.ok_or_else(|| {
             Error::Corrupt(format!("top layer {} of volume {id} is missing", rec.top))
@@ -480,6 +530,7 @@ impl Pool {
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);
         remove_quietly(&journal_path(&sh.dir, id));
+        remove_quietly(&unflushed_path(&sh.dir, id));
         sh.discard_layers(&freed);
         Ok(())
     }
@@ -866,7 +917,12 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
             let orphan = match name.strip_suffix(&format!(".{ext}")) {
                 Some(id) if sub == LAYERS_DIR => id.parse().is_ok_and(|id| !layers.contains(&id)),
                 Some(id) => id.parse().is_ok_and(|id| !volumes.contains(&id)),
-                None => name.ends_with(".wal.tmp"),
+                None => match name.strip_suffix(".unflushed") {
+                    Some(id) if sub == JOURNAL_DIR => {
+                        id.parse().is_ok_and(|id| !volumes.contains(&id))
+                    }
+                    _ => name.ends_with(".wal.tmp"),
+                },
             };
             if orphan {
                 tracing::info!(file = %entry.path().display(), "removing a file left by an interrupted operation");

@@ -11,7 +11,9 @@
 //!   update entries, never across file I/O.
 //! - `journal` (mutex): held by a flush from taking the pending records to
 //!   the end of the journal append, so flushes of one volume are ordered.
-//! - `pending` (mutex): presence changes acknowledged but not yet durable.
+//! - `pending` (mutex): presence changes acknowledged but not yet durable,
+//!   mirrored in the volume's unflushed log (`unflushed.rs`) so that a
+//!   restarted process can still make them durable.
 //!
 //! Sub-block requests: reads of any byte range are served directly; writes
 //! that do not cover whole blocks read-modify-write the partial edge blocks
@@ -37,6 +39,7 @@ use super::layer::Layer;
 use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
+use super::unflushed::UnflushedLog;
 use super::view::{self, Extent, View, read_segments};
 
 /// Pending records beyond which a write triggers a flush, bounding the
@@ -95,13 +98,60 @@ impl VolState {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
     records: Vec<Record>,
     layers: Vec<Arc<Layer>>,
     /// Counts the changes ever queued; the changes up to generation `g`
     /// are durable once a flush that took them (`durable_gen >= g`) ends.
     generation: u64,
+    /// `records`, mirrored where a restarted process finds them.
+    log: UnflushedLog,
+    /// The mirror's ring position of `records[0]`.
+    base: u64,
+}
+
+impl Pending {
+    /// Queues a presence change (merged into the last one when it
+    /// continues it) and mirrors it.
+    fn push(&mut self, rec: Record) {
+        push_coalesced(&mut self.records, rec);
+        let pos = self.base + self.records.len() as u64 - 1;
+        let last = *self.records.last().expect("just pushed");
+        if self.log.has_room_for(pos) {
+            self.log.store(pos, &last);
+        } else {
+            // The ring is full of changes a running flush has not made
+            // durable yet; a crash now would lose this one.
+            self.log.mark_overflowed();
+        }
+    }
+
+    /// Takes the queued changes for a flush; returns them and the ring
+    /// position after them.
+    fn take(&mut self) -> (Vec<Record>, u64) {
+        let records = std::mem::take(&mut self.records);
+        self.base += records.len() as u64;
+        (records, self.base)
+    }
+
+    /// A flush failed: its changes go back in front of the newer ones
+    /// (which follow them in the ring too).
+    fn put_back(&mut self, taken: Vec<Record>) {
+        self.base -= taken.len() as u64;
+        let newer = std::mem::replace(&mut self.records, taken);
+        self.records.extend(newer);
+    }
+
+    /// The changes before ring position `end` are durable.
+    fn made_durable(&mut self, end: u64) {
+        self.log.durable_up_to(end);
+        if self.records.is_empty() {
+            self.log.rewind();
+            self.log.clear_overflowed();
+            self.base = 0;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -149,6 +199,9 @@ pub struct Volume {
     pending: Mutex<Pending>,
     pub(crate) journal: Mutex<JournalState>,
     deleted: AtomicBool,
+    /// Acknowledged writes of a previous process were lost: the next flush
+    /// says so.
+    lost_unflushed: AtomicBool,
     /// The size, readable without the state lock (changed under the gate).
     size: AtomicU64,
 }
@@ -159,7 +212,7 @@ impl Volume {
         shared: Arc<Shared>,
         state: VolState,
         size: u64,
-        journal: JournalFile,
+        (journal, log, lost_unflushed): (JournalFile, UnflushedLog, bool),
     ) -> Self {
         Volume {
             id,
@@ -168,7 +221,14 @@ impl Volume {
             size: AtomicU64::new(size),
             state: RwLock::new(state),
             ranges: RangeLock::default(),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                records: Vec::new(),
+                layers: Vec::new(),
+                generation: 0,
+                log,
+                base: 0,
+            }),
+            lost_unflushed: AtomicBool::new(lost_unflushed),
             journal: Mutex::new(JournalState {
                 file: journal,
                 unfolded: Vec::new(),
@@ -328,13 +388,12 @@ impl Volume {
                 let mut start = first;
                 while start < end {
                     let blocks = (end - start).min(u64::from(u32::MAX)) as u32;
-                    let record = Record {
+                    p.push(Record {
                         layer: top.id,
                         start,
                         blocks,
                         state,
-                    };
-                    push_coalesced(&mut p.records, record);
+                    });
                     start += u64::from(blocks);
                 }
             }
@@ -450,6 +509,9 @@ impl Volume {
     /// returns at once, so many concurrent flushes share one fsync.
     pub fn flush(&self) -> Result<()> {
         self.check_live()?;
+        if self.lost_unflushed.swap(false, Ordering::AcqRel) {
+            return Err(Error::UnflushedLost(self.id));
+        }
         let target = self.pending.lock().expect("pending").generation;
         let mut journal = self.journal.lock().expect("journal");
         if journal.durable_gen >= target {
@@ -459,13 +521,10 @@ impl Volume {
     }
 
     pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {
-        let (records, layers, generation) = {
+        let (records, layers, generation, end) = {
             let mut p = self.pending.lock().expect("pending");
-            (
-                std::mem::take(&mut p.records),
-                std::mem::take(&mut p.layers),
-                p.generation,
-            )
+            let (records, end) = p.take();
+            (records, std::mem::take(&mut p.layers), p.generation, end)
         };
         if records.is_empty() && layers.is_empty() {
             journal.durable_gen = generation;
@@ -486,8 +545,7 @@ impl Volume {
             // Nothing became durable: put the changes back in front of
             // whatever arrived meanwhile, so the next flush retries them.
             let mut p = self.pending.lock().expect("pending");
-            let newer = std::mem::replace(&mut p.records, records);
-            p.records.extend(newer);
+            p.put_back(records);
             let newer_layers = std::mem::replace(&mut p.layers, layers);
             for l in newer_layers {
                 if !p.layers.iter().any(|x| Arc::ptr_eq(x, &l)) {
@@ -498,6 +556,7 @@ impl Volume {
         }
         journal.unfolded.extend(records);
         journal.durable_gen = generation;
+        self.pending.lock().expect("pending").made_durable(end);
         if journal.file.len() > self.shared.opts.journal_checkpoint_bytes
             || journal.frozen_views.len() > MAX_UNFOLDED_SNAPSHOTS
         {

@@ -89,6 +89,10 @@ impl Standalone {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(&tcp)
+            .env(
+                "STRATA_LOG",
+                std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

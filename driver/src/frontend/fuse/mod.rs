@@ -272,6 +272,9 @@ impl Conn {
                 tracing::warn!(export = %self.name, len = n, "short FUSE request ignored");
                 continue;
             };
+            if h.unique & abi::UNIQUE_RESEND != 0 {
+                tracing::info!(export = %self.name, opcode = h.opcode, "serving a request the previous server read but never answered");
+            }
             let body = &msg[abi::IN_HEADER_LEN.min(msg.len())..];
             let reply = match self.handle(&h, body, &mut data) {
                 Ok(r) => r,
