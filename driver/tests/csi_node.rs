@@ -734,9 +734,10 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
     let got: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
@@ -773,9 +774,10 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
     let got: Vec<i32> = ctl
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use csi_proto::csi::v1::controller_client::ControllerClient;
+use csi_proto::csi::v1::node_client::NodeClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
 
@@ -11,6 +12,11 @@ use crate::endpoint::Endpoint;
 /// Connects to the CSI endpoint of a running Strata.
 pub async fn controller(endpoint: &Endpoint) -> Result<ControllerClient<Channel>, String> {
     Ok(ControllerClient::new(channel(endpoint).await?))
+}
+
+/// The Node service of a running Strata.
+pub async fn node(endpoint: &Endpoint) -> Result<NodeClient<Channel>, String> {
+    Ok(NodeClient::new(channel(endpoint).await?))
 }
 
 async fn channel(endpoint: &Endpoint) -> Result<Channel, String> {
@@ -53,6 +59,7 @@ pub fn status_message(s: &tonic::Status) -> String {
         tonic::Code::Aborted => "busy",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Unimplemented => "not supported",
+        tonic::Code::FailedPrecondition => "not now",
         _ => "error",
     };
     format!("{what}: {}", s.message())

@@ -3,6 +3,7 @@
 //! by the servers.
 
 mod client;
+mod mount;
 mod output;
 mod pool;
 pub mod size;
@@ -131,12 +132,46 @@ enum VolumeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Grow a volume.
+    /// Grow a volume; with --path, also the filesystem mounted there.
     Expand {
         id: String,
         /// New size, e.g. 20GiB.
         #[arg(long, value_parser = size::parse)]
         size: u64,
+        /// Where the volume is mounted (by `strata volume mount`): grow its
+        /// device and filesystem online too.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Attach a volume to this machine and mount it (as kubelet would:
+    /// NodeStageVolume, then NodePublishVolume). Makes the filesystem on a
+    /// blank volume.
+    Mount {
+        id: String,
+        /// Directory to mount it at (a file, with --block).
+        target: PathBuf,
+        /// Filesystem (ext4 or xfs).
+        #[arg(long, default_value = "ext4", conflicts_with = "block")]
+        fs_type: String,
+        /// Publish the raw block device node at TARGET instead.
+        #[arg(long)]
+        block: bool,
+        #[arg(long)]
+        read_only: bool,
+        /// Where staging directories go (one per volume).
+        #[arg(long, default_value = "/run/strata/staging")]
+        staging_dir: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Unmount a volume mounted by `strata volume mount` and detach it.
+    Unmount {
+        id: String,
+        target: PathBuf,
+        #[arg(long, default_value = "/run/strata/staging")]
+        staging_dir: PathBuf,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -151,6 +186,10 @@ enum SnapshotCommand {
         /// The volume to snapshot.
         #[arg(long)]
         volume: String,
+        /// Freeze the volume's mounted filesystem around the snapshot, so
+        /// it is consistent without the application's help.
+        #[arg(long)]
+        freeze_filesystem: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -279,9 +318,36 @@ impl Cli {
                     VolumeCommand::Delete { id, client } => {
                         volume::delete(&client.endpoint, id).await
                     }
-                    VolumeCommand::Expand { id, size, client } => {
-                        volume::expand(&client.endpoint, client.output, id, size).await
+                    VolumeCommand::Expand {
+                        id,
+                        size,
+                        path,
+                        client,
+                    } => volume::expand(&client.endpoint, client.output, id, size, path).await,
+                    VolumeCommand::Mount {
+                        id,
+                        target,
+                        fs_type,
+                        block,
+                        read_only,
+                        staging_dir,
+                        client,
+                    } => {
+                        let m = mount::Mount {
+                            id,
+                            target,
+                            fs_type: (!block).then_some(fs_type),
+                            read_only,
+                            staging_dir,
+                        };
+                        mount::mount(&client.endpoint, m).await
                     }
+                    VolumeCommand::Unmount {
+                        id,
+                        target,
+                        staging_dir,
+                        client,
+                    } => mount::unmount(&client.endpoint, id, target, staging_dir).await,
                 }
             }),
             Command::Snapshot(cmd) => runtime().block_on(async move {
@@ -289,9 +355,17 @@ impl Cli {
                     SnapshotCommand::Create {
                         name,
                         volume,
+                        freeze_filesystem,
                         client,
                     } => {
-                        volume::snapshot_create(&client.endpoint, client.output, name, volume).await
+                        volume::snapshot_create(
+                            &client.endpoint,
+                            client.output,
+                            name,
+                            volume,
+                            freeze_filesystem,
+                        )
+                        .await
                     }
                     SnapshotCommand::List { volume, client } => {
                         volume::snapshot_list(&client.endpoint, client.output, volume).await

@@ -259,7 +259,13 @@ pub async fn delete(endpoint: &Endpoint, id: String) -> ExitCode {
     }
 }
 
-pub async fn expand(endpoint: &Endpoint, format: Format, id: String, size: u64) -> ExitCode {
+pub async fn expand(
+    endpoint: &Endpoint,
+    format: Format,
+    id: String,
+    size: u64,
+    path: Option<std::path::PathBuf>,
+) -> ExitCode {
     let mut client = match controller(endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -272,17 +278,21 @@ pub async fn expand(endpoint: &Endpoint, format: Format, id: String, size: u64) 
         }),
         ..Default::default()
     };
-    match client.controller_expand_volume(req).await {
-        Ok(r) => {
-            let bytes = r.into_inner().capacity_bytes;
-            match format {
-                Format::Json => output::json(&serde_json::json!({ "id": id, "size_bytes": bytes })),
-                Format::Table => println!("volume {id} is now {}", size::format(bytes as u64)),
-            }
-            ExitCode::SUCCESS
+    let mut bytes = match client.controller_expand_volume(req).await {
+        Ok(r) => r.into_inner().capacity_bytes,
+        Err(s) => return fail(status_message(&s)),
+    };
+    if let Some(path) = &path {
+        match super::mount::expand_on_node(endpoint, &id, path, bytes as u64).await {
+            Ok(b) => bytes = b,
+            Err(e) => return fail(e),
         }
-        Err(s) => fail(status_message(&s)),
     }
+    match format {
+        Format::Json => output::json(&serde_json::json!({ "id": id, "size_bytes": bytes })),
+        Format::Table => println!("volume {id} is now {}", size::format(bytes as u64)),
+    }
+    ExitCode::SUCCESS
 }
 
 pub async fn snapshot_create(
@@ -290,14 +300,20 @@ pub async fn snapshot_create(
     format: Format,
     name: String,
     volume: String,
+    freeze_filesystem: bool,
 ) -> ExitCode {
     let mut client = match controller(endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let mut parameters = HashMap::new();
+    if freeze_filesystem {
+        parameters.insert("freezeFilesystem".to_string(), "true".to_string());
+    }
     let req = CreateSnapshotRequest {
         source_volume_id: volume,
         name,
+        parameters,
         ..Default::default()
     };
     match client.create_snapshot(req).await {

@@ -179,6 +179,7 @@ impl Node {
         config: NodeConfig,
     ) -> Result<Node> {
         std::fs::create_dir_all(&config.state_dir).map_err(io("create", &config.state_dir))?;
+        protect_from_oom_killer();
         let (kind, why) = attach::choose(config.attach, &attach::Probe::kernel())?;
         tracing::info!(backend = %kind, why, "attaching volumes");
         let backend: Box<dyn Attach> = match kind {
@@ -714,6 +715,20 @@ impl Node {
     /// Volumes staged here.
     pub fn staged_count(&self) -> usize {
         self.staged.lock().expect("staged").len()
+    }
+}
+
+/// The OOM score this process asks for: killing the process that serves
+/// mounted volumes would turn a memory shortage into stuck I/O on every
+/// one of them (just above -1000, which would exempt it entirely).
+const OOM_SCORE_ADJ: i32 = -998;
+
+/// Lowers this process's OOM score. Needs CAP_SYS_RESOURCE; without it the
+/// score stays and a warning says so.
+fn protect_from_oom_killer() {
+    let path = "/proc/self/oom_score_adj";
+    if let Err(e) = std::fs::write(path, OOM_SCORE_ADJ.to_string()) {
+        tracing::warn!(error = %e, "cannot lower the OOM score to {OOM_SCORE_ADJ} (needs CAP_SYS_RESOURCE): under memory pressure the kernel may kill the process serving mounted volumes");
     }
 }
 
