@@ -91,11 +91,15 @@ def setup(work):
     env = dict(os.environ, STRATA_CSI_ENDPOINT=f"unix://{work}/csi.sock")
     p = subprocess.Popen(
         [STRATA, "standalone", "--pool", f"{work}/pool", "--csi-endpoint", f"unix://{work}/csi.sock",
-         "--nbd-listen", f"unix://{work}/strata.sock", "--metrics-listen", "127.0.0.1:0"],
+         "--nbd-listen", f"unix://{work}/strata.sock", "--metrics-listen", "127.0.0.1:0",
+         "--state-dir", f"{work}/state"],
         stderr=open(f"{work}/strata.log", "w"))
     procs.append(p)
     wait_for(f"{work}/csi.sock", "strata")
-    time.sleep(0.5)
+    for _ in range(200):  # the socket is up before the pool is open
+        if subprocess.run([STRATA, "volume", "list"], env=env, capture_output=True).returncode == 0:
+            break
+        time.sleep(0.05)
     suri = lambda e: f"nbd+unix:///{e}?socket={work}/strata.sock"
     d1 = strata_cli(env, "volume", "create", "d1", "--size", "1GiB")[0]["id"]
     sh("nbdcopy", raw, suri(d1))

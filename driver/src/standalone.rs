@@ -133,8 +133,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let csi = tokio::spawn(csi);
 
     let pool_path = config.pool.clone();
+    let opts = PoolOptions {
+        // In the node's state directory: a tmpfs under /run by default,
+        // and gone at reboot, like the page cache the logs stand in for.
+        unflushed_dir: Some(config.node.state_dir.join("unflushed")),
+        ..PoolOptions::default()
+    };
     let pool = blocking(move || {
-        Pool::open(&pool_path, PoolOptions::default()).map_err(|source| StartError::Pool {
+        Pool::open(&pool_path, opts).map_err(|source| StartError::Pool {
             path: pool_path.clone(),
             source,
         })

@@ -28,7 +28,7 @@ use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, re
 use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
-use super::unflushed::{UnflushedLog, unflushed_path};
+use super::unflushed::{self, UnflushedLog, unflushed_path};
 use super::view::View;
 use super::volume::{VolState, Volume, VolumeStats};
 
@@ -50,6 +50,9 @@ pub struct PoolOptions {
     /// Free space kept for metadata: data writes fail with `NoSpace` below
     /// it. `None`: 1% of the filesystem, between 16 MiB and 256 MiB.
     pub reserve_bytes: Option<u64>,
+    /// Where the per-volume logs of unflushed changes live (see
+    /// `unflushed.rs`); best a tmpfs. `None`: the pool's `journal/`.
+    pub unflushed_dir: Option<PathBuf>,
 }
 
 impl Default for PoolOptions {
@@ -60,6 +63,7 @@ impl Default for PoolOptions {
             max_open_files: 0,
             journal_checkpoint_bytes: 4 << 20,
             reserve_bytes: None,
+            unflushed_dir: None,
         }
     }
 }
@@ -116,6 +120,8 @@ fn now_ns() -> u64 {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
+    /// Where unflushed logs live.
+    unflushed_dir: PathBuf,
     pub(crate) catalog: Catalog,
     pub(crate) opts: PoolOptions,
     pub(crate) space: SpaceGuard,
@@ -221,7 +227,7 @@ impl Shared {
     /// use, with whether some acknowledged changes were beyond saving.
     fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog, bool)> {
         let sync = self.opts.sync;
-        let (log, leftover) = UnflushedLog::open(&self.dir, rec.id)?;
+        let (log, leftover) = UnflushedLog::open(&self.unflushed_dir, rec.id)?;
         let mut lost =
             leftover.incomplete || self.lost_unflushed.lock().expect("lost").remove(&rec.id);
         let (file, mut records) = if journal_path(&self.dir, rec.id).exists() {
@@ -321,8 +327,15 @@ impl Pool {
             0 => (nofile / 2).clamp(64, 65_536) as usize,
             n => n,
         };
+        let unflushed_dir = opts
+            .unflushed_dir
+            .clone()
+            .unwrap_or_else(|| unflushed::default_dir(dir));
+        std::fs::create_dir_all(&unflushed_dir)
+            .map_err(|e| io_error("create", &unflushed_dir, e))?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            unflushed_dir,
             space: SpaceGuard::new(dir, opts.reserve_bytes)?,
             catalog,
             fds: FdCache::new(max_open),
@@ -380,7 +393,7 @@ impl Pool {
         let (lid, created) = (LayerId::new_random(), now_ns());
         create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
         let committed = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
-            let (log, _) = UnflushedLog::open(&sh.dir, vid)?;
+            let (log, _) = UnflushedLog::open(&sh.unflushed_dir, vid)?;
             let mut txn = sh.catalog.write()?;
             if txn.volume(vid)?.is_some() {
                 return Err(Error::AlreadyExists(format!("volume {vid}")));
@@ -427,7 +440,7 @@ impl Pool {
             Err(e) => {
                 remove_quietly(&layer_path(&sh.dir, lid));
                 remove_quietly(&journal_path(&sh.dir, vid));
-                remove_quietly(&unflushed_path(&sh.dir, vid));
+                remove_quietly(&unflushed_path(&sh.unflushed_dir, vid));
                 return Err(e);
             }
         };
@@ -530,7 +543,7 @@ impl Pool {
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);
         remove_quietly(&journal_path(&sh.dir, id));
-        remove_quietly(&unflushed_path(&sh.dir, id));
+        remove_quietly(&unflushed_path(&sh.unflushed_dir, id));
         sh.discard_layers(&freed);
         Ok(())
     }
@@ -917,17 +930,25 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
             let orphan = match name.strip_suffix(&format!(".{ext}")) {
                 Some(id) if sub == LAYERS_DIR => id.parse().is_ok_and(|id| !layers.contains(&id)),
                 Some(id) => id.parse().is_ok_and(|id| !volumes.contains(&id)),
-                None => match name.strip_suffix(".unflushed") {
-                    Some(id) if sub == JOURNAL_DIR => {
-                        id.parse().is_ok_and(|id| !volumes.contains(&id))
-                    }
-                    _ => name.ends_with(".wal.tmp"),
-                },
+                None => name.ends_with(".wal.tmp"),
             };
             if orphan {
                 tracing::info!(file = %entry.path().display(), "removing a file left by an interrupted operation");
                 remove_quietly(&entry.path());
             }
+        }
+    }
+    // Unflushed logs of volumes that are gone.
+    let dir = &shared.unflushed_dir;
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("list pool", dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let orphan = name
+            .to_string_lossy()
+            .strip_suffix(".unflushed")
+            .is_some_and(|id| id.parse().is_ok_and(|id| !volumes.contains(&id)));
+        if orphan {
+            remove_quietly(&entry.path());
         }
     }
     Ok(())

@@ -12,6 +12,11 @@
 //! the write would be gone. With it, opening the pool makes those writes
 //! durable before anything is served.
 //!
+//! The logs live in the pool's `journal/` directory unless the pool is
+//! opened with `unflushed_dir`: a tmpfs (the node's state directory under
+//! `/run`) is best, because stores to a mapping of a file on ext4 or XFS
+//! can wait for the filesystem's journal when they dirty a page.
+//!
 //! A machine crash loses the page cache, so the mirror must not outlive
 //! the boot it was written in: its header carries the boot ID, and a
 //! mirror of another boot is ignored (block semantics allow losing
@@ -44,8 +49,14 @@ const OVERFLOWED_AT: usize = 56;
 pub(crate) const CAPACITY: u64 = 1 << 17;
 const FILE_LEN: usize = HEADER_LEN + CAPACITY as usize * RECORD_LEN;
 
-pub(crate) fn unflushed_path(pool: &Path, volume: VolumeId) -> PathBuf {
-    pool.join(JOURNAL_DIR).join(format!("{volume}.unflushed"))
+/// Where the pool keeps unflushed logs unless told otherwise.
+pub(crate) fn default_dir(pool: &Path) -> PathBuf {
+    pool.join(JOURNAL_DIR)
+}
+
+/// The log of `volume` in the directory `dir`.
+pub(crate) fn unflushed_path(dir: &Path, volume: VolumeId) -> PathBuf {
+    dir.join(format!("{volume}.unflushed"))
 }
 
 /// This boot's ID (`/proc/sys/kernel/random/boot_id`), or zeros if it
@@ -80,10 +91,11 @@ unsafe impl Send for UnflushedLog {}
 unsafe impl Sync for UnflushedLog {}
 
 impl UnflushedLog {
-    /// Opens (creating it if needed) the mirror of `volume`, returns what a
-    /// previous process of this boot left in it, and resets it to empty.
-    pub(crate) fn open(pool: &Path, volume: VolumeId) -> Result<(UnflushedLog, Leftover)> {
-        let path = unflushed_path(pool, volume);
+    /// Opens (creating it if needed) the mirror of `volume` in `dir`,
+    /// returns what a previous process of this boot left in it, and resets
+    /// it to empty.
+    pub(crate) fn open(dir: &Path, volume: VolumeId) -> Result<(UnflushedLog, Leftover)> {
+        let path = unflushed_path(dir, volume);
         let file = File::options()
             .read(true)
             .write(true)
@@ -257,7 +269,6 @@ mod tests {
     #[test]
     fn records_left_by_a_dead_process_come_back_once() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join(JOURNAL_DIR)).unwrap();
         let vol = VolumeId(42);
         {
             let (mut log, left) = UnflushedLog::open(dir.path(), vol).unwrap();
@@ -305,7 +316,6 @@ mod tests {
     #[test]
     fn the_ring_refuses_to_overwrite_what_is_not_durable() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join(JOURNAL_DIR)).unwrap();
         let (mut log, _) = UnflushedLog::open(dir.path(), VolumeId(1)).unwrap();
         assert!(log.has_room_for(CAPACITY - 1));
         assert!(!log.has_room_for(CAPACITY));
