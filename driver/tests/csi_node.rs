@@ -171,10 +171,47 @@ async fn mount_lifecycle_many_times_keeps_data_and_is_idempotent() {
         })
         .await
         .unwrap();
+    // The whole lifecycle from create to delete, in both modes, again and
+    // again.
+    for round in 0..6u64 {
+        let block = round % 2 == 1;
+        let cap = if block {
+            c::block_cap()
+        } else {
+            c::mount_cap("xfs")
+        };
+        let size = if block { 8i64 << 20 } else { 300 << 20 };
+        let vol = new_volume(&mut csi, &format!("pvc-cycle-{round}"), size, cap.clone()).await;
+        let (staging, mut target) = paths(&s, &format!("cycle-{round}"));
+        if block {
+            target = target.with_file_name("dev");
+        }
+        stage_and_publish(&mut csi, &vol, &staging, &target, &cap).await;
+        let data = vec![round as u8 + 1; 1 << 20];
+        if block {
+            write_at(&target, 1 << 20, &data).unwrap();
+            assert!(read_at(&target, 1 << 20, 1 << 20) == data);
+        } else {
+            write_file_bytes(&target.join("f"), &data);
+            assert!(std::fs::read(target.join("f")).unwrap() == data);
+        }
+        unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+        csi.controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: vol,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     let leftovers = std::fs::read_dir(s.state_dir().join("staged"))
         .unwrap()
         .count();
     assert_eq!(leftovers, 0, "no staged records remain");
+    let fuse_dirs = std::fs::read_dir(s.state_dir().join("fuse"))
+        .unwrap()
+        .count();
+    assert_eq!(fuse_dirs, 0, "no FUSE mountpoints remain");
 }
 
 /// The logical sector size of the block device node at `path`.
@@ -588,9 +625,25 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
         Code::NotFound
     );
 
+    // Two stages of one volume at once: one works (making the
+    // filesystem takes a while), the other is ABORTED for the CO to retry.
+    let (mut n1, mut n2) = (csi.node.clone(), csi.node.clone());
+    let (a, b) = tokio::join!(
+        n1.node_stage_volume(c::stage(&vol, &staging, ext4.clone())),
+        n2.node_stage_volume(c::stage(&vol, &staging, ext4.clone()))
+    );
+    let codes = [a.err().map(|e| e.code()), b.err().map(|e| e.code())];
+    assert!(
+        codes.contains(&None) && codes.contains(&Some(Code::Aborted)),
+        "{codes:?}"
+    );
+    csi.node
+        .node_publish_volume(c::publish(&vol, &staging, &target, ext4.clone(), false))
+        .await
+        .unwrap();
+
     // Staged: another path is FAILED_PRECONDITION, another capability at
     // the same path ALREADY_EXISTS, deleting it FAILED_PRECONDITION.
-    stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
     let elsewhere = s.kubelet_dir().join("elsewhere");
     assert_eq!(
         code(
