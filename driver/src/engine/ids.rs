@@ -70,6 +70,11 @@ uuid_id!(
     FamilyId
 );
 
+uuid_id!(
+    /// A background job (merge, flatten).
+    JobId
+);
+
 /// A string that is not a UUID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a valid ID (expected a UUID such as 4f9c0a7e-1b2d-4c3e-9f00-0123456789ab)")]

@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
 use super::error::{Error, Result, io_error};
-use super::geometry::{blocks_for, check_volume_size};
+use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
@@ -30,6 +30,8 @@ use super::space::SpaceGuard;
 use super::sys;
 use super::unflushed::{self, UnflushedLog, unflushed_path};
 use super::view::View;
+use super::catalog::{JobKind, JobReason, JobState, VolumePolicy};
+use super::jobs::{self, JobConfig, Jobs};
 use super::volume::{VolState, Volume, VolumeStats};
 
 const LOCK_FILE: &str = "strata.lock";
@@ -53,6 +55,8 @@ pub struct PoolOptions {
     /// Where the per-volume logs of unflushed changes live (see
     /// `unflushed.rs`); best a tmpfs. `None`: the pool's `journal/`.
     pub unflushed_dir: Option<PathBuf>,
+    /// Background merges and flattens.
+    pub jobs: JobConfig,
 }
 
 impl Default for PoolOptions {
@@ -64,6 +68,7 @@ impl Default for PoolOptions {
             journal_checkpoint_bytes: 4 << 20,
             reserve_bytes: None,
             unflushed_dir: None,
+            jobs: JobConfig::default(),
         }
     }
 }
@@ -131,6 +136,10 @@ pub(crate) struct Shared {
     /// Volumes whose previous process's acknowledged changes could not all
     /// be saved, until the volume is loaded (its next flush reports it).
     lost_unflushed: Mutex<HashSet<VolumeId>>,
+    /// Held by everything that changes which layers chains use and which
+    /// views can be extended (snapshot, clone, delete, the switch of a
+    /// merge), so that a merge never frees a slot some view still names.
+    pub(crate) shape: Mutex<()>,
     _lock: File,
 }
 
@@ -208,9 +217,18 @@ impl Shared {
         Ok(())
     }
 
+    /// Forgets every cached view that names `layer` (a merge removed it
+    /// from the chains): views built from now on come from the catalog.
+    pub(crate) fn purge_views_holding(&self, layer: &Arc<Layer>) {
+        self.views
+            .lock()
+            .expect("view cache")
+            .retain(|_, w| w.upgrade().is_some_and(|v| !v.holds(layer)));
+    }
+
     /// Deletes the files of layers the catalog no longer has; a layer still
     /// read through an open handle goes when its last handle does.
-    fn discard_layers(&self, freed: &[LayerId]) {
+    pub(crate) fn discard_layers(&self, freed: &[LayerId]) {
         let map = self.layers.lock().expect("layer registry");
         for id in freed {
             match map.get(id).and_then(Weak::upgrade) {
@@ -289,18 +307,34 @@ impl Shared {
 }
 
 #[derive(Debug)]
-struct PoolInner {
+pub(crate) struct PoolInner {
     shared: Arc<Shared>,
     volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
     /// Serialises the slow path of opening a volume.
     opening: Mutex<()>,
+    pub(crate) jobs: Jobs,
 }
 
 /// A storage pool. Cheap to clone; all clones are the same pool. When the
-/// last clone goes, every volume is flushed and its journal folded.
+/// last clone goes, jobs stop (at their next piece), every volume is
+/// flushed and its journal folded.
 #[derive(Debug, Clone)]
 pub struct Pool {
     inner: Arc<PoolInner>,
+    /// Shared by the clones users hold (not by the job threads' handles):
+    /// when the last goes, the jobs are stopped and joined.
+    _user: Option<Arc<UserHandles>>,
+}
+
+#[derive(Debug)]
+struct UserHandles(Weak<PoolInner>);
+
+impl Drop for UserHandles {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.jobs.shutdown();
+        }
+    }
 }
 
 impl Pool {
@@ -342,6 +376,7 @@ impl Pool {
             layers: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
             lost_unflushed: Mutex::new(HashSet::new()),
+            shape: Mutex::new(()),
             opts,
             _lock: lock,
         });
@@ -349,17 +384,107 @@ impl Pool {
             shared.recover_journal(&rec)?;
         }
         sweep_orphans(&shared)?;
-        Ok(Pool {
-            inner: Arc::new(PoolInner {
-                shared,
-                volumes: Mutex::new(HashMap::new()),
-                opening: Mutex::new(()),
-            }),
+        let jobs = Jobs::new(shared.opts.jobs.clone());
+        let inner = Arc::new(PoolInner {
+            shared,
+            volumes: Mutex::new(HashMap::new()),
+            opening: Mutex::new(()),
+            jobs,
+        });
+        let pool = Pool {
+            _user: Some(Arc::new(UserHandles(Arc::downgrade(&inner)))),
+            inner,
+        };
+        pool.requeue_jobs()?;
+        Jobs::start(&pool.inner);
+        Ok(pool)
+    }
+
+    /// A handle for the job threads (it does not keep jobs running).
+    pub(crate) fn internal(inner: Arc<PoolInner>) -> Pool {
+        Pool { inner, _user: None }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<PoolInner> {
+        &self.inner
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Every volume loaded in memory.
+    pub(crate) fn loaded_volumes(&self) -> Vec<Arc<Volume>> {
+        self.inner
+            .volumes
+            .lock()
+            .expect("volume map")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Folds the journal of every loaded volume into the catalog: the
+    /// presence of layers frozen since a volume's last checkpoint may be
+    /// only in its journal, and jobs plan from the catalog.
+    pub(crate) fn checkpoint_loaded(&self) -> Result<()> {
+        for v in self.loaded_volumes() {
+            match v.flush_and_checkpoint() {
+                Ok(()) | Err(Error::VolumeNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// At open: jobs a crash interrupted are queued again, and every layer
+    /// nothing needs on its own (a deleted snapshot's, whose fold never
+    /// got queued or finished) gets a fold.
+    fn requeue_jobs(&self) -> Result<()> {
+        let sh = self.shared();
+        let (jobs, foldable) = {
+            let txn = sh.catalog.read()?;
+            let mut foldable = Vec::new();
+            for l in txn.layers()? {
+                if l.snapshot.is_some() && jobs::plan_foldable(&txn, &l)? {
+                    foldable.push(l.id);
+                }
+            }
+            (txn.jobs()?, foldable)
+        };
+        let interrupted: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Running).collect();
+        if !interrupted.is_empty() {
+            let mut txn = sh.catalog.write()?;
+            for j in interrupted {
+                let mut j = j.clone();
+                j.state = JobState::Queued;
+                txn.put_job(&j)?;
+            }
+            txn.commit()?;
+        }
+        for l in foldable {
+            self.enqueue(JobKind::Fold, l.0, 0, JobReason::SnapshotDeleted)?;
+        }
+        Ok(())
+    }
+
+    /// The chain depth past which a merge of `volume` is queued.
+    pub fn max_chain_depth(&self, volume: VolumeId) -> Result<u32> {
+        let p = self.shared().catalog.read()?.policy(volume)?;
+        Ok(match p.max_chain_depth {
+            0 => self.shared().opts.jobs.default_max_chain_depth,
+            d => d,
         })
     }
 
-    fn shared(&self) -> &Arc<Shared> {
-        &self.inner.shared
+    /// Sets `volume`'s merge policy.
+    pub fn set_policy(&self, volume: VolumeId, policy: VolumePolicy) -> Result<()> {
+        let mut txn = self.shared().catalog.write()?;
+        if txn.volume(volume)?.is_none() {
+            return Err(Error::VolumeNotFound(volume));
+        }
+        txn.put_policy(volume, &policy)?;
+        txn.commit()
     }
 
     /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks) with a
@@ -528,6 +653,7 @@ impl Pool {
     /// they share live on until nothing references them.
     pub fn delete_volume(&self, id: VolumeId) -> Result<()> {
         let vol = self.volume(id)?;
+        let _shape = self.shared().shape.lock().expect("shape lock");
         vol.mark_deleted();
         let _gate = vol.gate.write().expect("volume gate");
         {
@@ -539,6 +665,7 @@ impl Pool {
         let mut txn = sh.catalog.write()?;
         let rec = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
         txn.remove_volume(id)?;
+        txn.remove_policy(id)?;
         let freed = txn.release_layer(rec.top)?;
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);
@@ -600,11 +727,19 @@ impl Pool {
         let new_top = LayerId::new_random();
         let size = vol.size();
         create_layer_file(&sh.dir, new_top, size, sh.opts.sync)?;
-        let result = self.freeze_top(&vol, new_top, snap);
+        let result = {
+            let _shape = sh.shape.lock().expect("shape lock");
+            self.freeze_top(&vol, new_top, snap)
+        };
         if result.is_err() {
             remove_quietly(&layer_path(&sh.dir, new_top));
         }
-        result
+        let info = result?;
+        // Past the depth limit: shorten the chain in the background.
+        if vol.depth() as u32 > self.max_chain_depth(volume)? {
+            self.enqueue(JobKind::Merge, volume.0, 0, JobReason::DepthPolicy)?;
+        }
+        Ok(info)
     }
 
     fn freeze_top(&self, vol: &Volume, new_top: LayerId, snap: SnapshotId) -> Result<SnapshotInfo> {
@@ -674,6 +809,7 @@ impl Pool {
     /// layer lives on while they (or an open reader) need it.
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
         let sh = self.shared();
+        let _shape = sh.shape.lock().expect("shape lock");
         let mut txn = sh.catalog.write()?;
         let mut rec = match txn.snapshot(id)? {
             Some(r) if r.state == SnapshotState::Ready => r,
@@ -685,7 +821,52 @@ impl Pool {
         let freed = txn.release_layer(rec.layer)?;
         txn.commit()?;
         sh.discard_layers(&freed);
+        // Still there: if only its child needs it now, fold it away.
+        if !freed.contains(&rec.layer) {
+            let txn = sh.catalog.read()?;
+            if let Some(l) = txn.layer(rec.layer)?
+                && jobs::plan_foldable(&txn, &l)?
+            {
+                drop(txn);
+                self.enqueue(JobKind::Fold, rec.layer.0, 0, JobReason::SnapshotDeleted)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Bytes that deleting snapshot `id` would free, as far as the catalog
+    /// knows now: the blocks of its layer that the layer above overrides
+    /// (its other blocks move up when the layer is folded away), or all of
+    /// it, and of layers under it, when nothing else needs them. 0 when
+    /// other clones or snapshots are built on its layer.
+    pub fn snapshot_frees(&self, id: SnapshotId) -> Result<u64> {
+        self.checkpoint_loaded()?;
+        let txn = self.shared().catalog.read()?;
+        let snap = match txn.snapshot(id)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(id)),
+        };
+        let mut freed = 0u64;
+        let mut layer = Some(snap.layer);
+        while let Some(l) = layer {
+            let rec = txn.layer_required(l)?;
+            // The snapshot's reference, then each freed child's, goes.
+            let left = rec.refs.saturating_sub(1);
+            if left == 0 {
+                freed += count_blocks(&txn.presence(l)?, None);
+                layer = rec.parent;
+                continue;
+            }
+            let children = txn.children(l)?;
+            if let [child] = children.as_slice()
+                && left == 1
+            {
+                // Folded into its one child: what the child overrides goes.
+                freed += count_blocks(&txn.presence(l)?, Some(&txn.presence(child.id)?));
+            }
+            break;
+        }
+        Ok(freed * BLOCK_SIZE)
     }
 
     /// A new volume whose contents are the snapshot's; `size_bytes` may be
@@ -718,6 +899,7 @@ impl Pool {
                 to: size,
             });
         }
+        let _shape = sh.shape.lock().expect("shape lock");
         let base = sh.view_of(snap.layer)?;
         self.new_volume(vid, size, Some((id, snap.layer, base)))
     }
@@ -952,4 +1134,30 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
         }
     }
     Ok(())
+}
+
+type BlockStateRun = super::presence::Run;
+
+/// Data blocks in `layer`'s presence; with `over`, only those `over` also
+/// defines (data or zero).
+fn count_blocks(layer: &[(u32, Vec<BlockStateRun>)], over: Option<&[(u32, Vec<BlockStateRun>)]>) -> u64 {
+    use super::presence::{BlockState, expand};
+    let mut n = 0;
+    for (chunk, runs) in layer {
+        let mine = expand(runs);
+        let theirs = over.map(|o| {
+            o.iter()
+                .find(|(c, _)| c == chunk)
+                .map_or_else(Vec::new, |(_, r)| expand(r))
+        });
+        for (i, s) in mine.iter().enumerate() {
+            let counted = *s == BlockState::Data
+                && match &theirs {
+                    None => true,
+                    Some(t) => t.get(i).is_some_and(|x| *x != BlockState::Absent),
+                };
+            n += u64::from(counted);
+        }
+    }
+    n
 }

@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::error::{Error, Result, io_error};
@@ -29,6 +30,9 @@ pub(crate) struct SpaceGuard {
     dir: PathBuf,
     reserve: u64,
     state: Mutex<Estimate>,
+    /// Space jobs have set aside for what they will write; foreground
+    /// writes cannot have it.
+    for_jobs: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -49,6 +53,7 @@ impl SpaceGuard {
                 free,
                 at: Instant::now(),
             }),
+            for_jobs: AtomicU64::new(0),
         })
     }
 
@@ -61,8 +66,9 @@ impl SpaceGuard {
     /// would eat into the reserve.
     pub(crate) fn admit(&self, bytes: u64) -> Result<()> {
         let mut est = self.state.lock().expect("space estimate");
-        let stale = est.at.elapsed() > REFRESH;
-        if stale || est.free < self.reserve + bytes {
+        // What jobs set aside is not for foreground writes.
+        let needed = self.reserve + self.for_jobs.load(Ordering::Acquire) + bytes;
+        if est.at.elapsed() > REFRESH || est.free < needed {
             let (_, free) =
                 sys::fs_space(&self.dir).map_err(|e| io_error("read free space", &self.dir, e))?;
             *est = Estimate {
@@ -70,7 +76,7 @@ impl SpaceGuard {
                 at: Instant::now(),
             };
         }
-        if est.free < self.reserve + bytes {
+        if est.free < needed {
             return Err(Error::NoSpace {
                 op: "write data",
                 source: std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -78,5 +84,25 @@ impl SpaceGuard {
         }
         est.free -= bytes;
         Ok(())
+    }
+
+    /// Sets `bytes` aside for a job, if the filesystem has them above the
+    /// reserve and what other jobs hold; otherwise says how much there is.
+    pub(crate) fn reserve_for_job(&self, bytes: u64) -> Result<Result<(), u64>> {
+        let _est = self.state.lock().expect("space estimate");
+        let (_, free) =
+            sys::fs_space(&self.dir).map_err(|e| io_error("read free space", &self.dir, e))?;
+        let held = self.for_jobs.load(Ordering::Acquire);
+        let available = free.saturating_sub(self.reserve + held);
+        if available < bytes {
+            return Ok(Err(available));
+        }
+        self.for_jobs.fetch_add(bytes, Ordering::AcqRel);
+        Ok(Ok(()))
+    }
+
+    /// Gives back what [`SpaceGuard::reserve_for_job`] set aside.
+    pub(crate) fn release_job(&self, bytes: u64) {
+        self.for_jobs.fetch_sub(bytes, Ordering::AcqRel);
     }
 }

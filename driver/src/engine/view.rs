@@ -67,6 +67,44 @@ impl View {
         table[slot] = Some(layer);
     }
 
+    /// Whether the view's table holds exactly this layer handle.
+    pub(crate) fn holds(&self, layer: &Arc<Layer>) -> bool {
+        self.layers
+            .get(layer.slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| Arc::ptr_eq(l, layer))
+    }
+
+    /// Blocks whose entry is `slot`.
+    pub(crate) fn count_slot(&self, slot: u16) -> u64 {
+        let mut n = 0;
+        self.index
+            .runs(0, u64::MAX, |_, len, v| n += if v == slot { len } else { 0 });
+        n
+    }
+
+    /// Entries naming `from` name slot `to` instead, and `from` leaves the
+    /// table (a fold moved its blocks into the layer at `to`).
+    pub(crate) fn rename_slot(&mut self, from: &Arc<Layer>, to: u16) {
+        let mut runs = Vec::new();
+        self.index.runs(0, u64::MAX, |s, l, v| {
+            if v == from.slot {
+                runs.push((s, s + l));
+            }
+        });
+        for (s, e) in runs {
+            self.index.set_range(s, e, to);
+        }
+        self.remove_layer(from);
+    }
+
+    /// `layer` leaves the table (no entry names it any more).
+    pub(crate) fn remove_layer(&mut self, layer: &Arc<Layer>) {
+        if self.holds(layer) {
+            Arc::make_mut(&mut self.layers)[layer.slot as usize] = None;
+        }
+    }
+
     /// Number of layers the view names (its chain depth).
     pub(crate) fn depth(&self) -> usize {
         self.layers.iter().filter(|l| l.is_some()).count()

@@ -32,13 +32,14 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
-use super::ids::VolumeId;
+use super::ids::{LayerId, VolumeId};
 use super::index::{ABSENT, ZERO};
 use super::journal::{JournalFile, Record, push_coalesced};
 use super::layer::Layer;
 use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
+use super::jobs::throttle::Allowance;
 use super::unflushed::UnflushedLog;
 use super::view::{self, Extent, View, read_segments};
 
@@ -202,6 +203,10 @@ pub struct Volume {
     /// Acknowledged writes of a previous process were lost: the next flush
     /// says so.
     lost_unflushed: AtomicBool,
+    /// Counts foreground operations, so jobs can tell a busy volume.
+    pub(crate) activity: AtomicU64,
+    /// What foreground writes may do while a job works on the volume.
+    pub(crate) allowance: Allowance,
     /// The size, readable without the state lock (changed under the gate).
     size: AtomicU64,
 }
@@ -229,6 +234,8 @@ impl Volume {
                 base: 0,
             }),
             lost_unflushed: AtomicBool::new(lost_unflushed),
+            activity: AtomicU64::new(0),
+            allowance: Allowance::default(),
             journal: Mutex::new(JournalState {
                 file: journal,
                 unfolded: Vec::new(),
@@ -287,6 +294,7 @@ impl Volume {
     /// Checks liveness and range; `Ok(false)` for a zero-length request.
     fn admit(&self, offset: u64, len: u64) -> Result<bool> {
         self.check_live()?;
+        self.activity.fetch_add(1, Ordering::Relaxed);
         check_range(offset, len, self.size())?;
         Ok(len > 0)
     }
@@ -313,6 +321,7 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(());
         }
+        self.allowance.consume(len);
         {
             let _gate = self.gate.read().expect("volume gate");
             self.check_live()?;
@@ -595,6 +604,68 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// One step of folding `parent`, the layer right under the top, into
+    /// the top (`top`), for blocks `start..end`, which `parent` defines as
+    /// `state`. Under the range lock (no foreground change of these blocks
+    /// runs meanwhile; reads go on), every block the top does not define
+    /// itself becomes the top's: data is moved by `move_data` (parent's
+    /// file, top's file, byte offset, length), zeros are recorded. Blocks a
+    /// foreground write or discard took over are left alone, so a step
+    /// never overwrites newer data. `None`: the top changed (a snapshot
+    /// froze it); the caller plans again. Otherwise the blocks moved and
+    /// how long the range was held.
+    pub(crate) fn absorb(
+        &self,
+        top: LayerId,
+        parent: &Arc<Layer>,
+        (start, end): (u64, u64),
+        state: BlockState,
+        move_data: &mut dyn FnMut(&std::fs::File, &std::fs::File, u64, u64) -> Result<()>,
+    ) -> Result<Option<(u64, std::time::Duration)>> {
+        let _gate = self.gate.read().expect("volume gate");
+        self.check_live()?;
+        let top_layer = Arc::clone(&self.state.read().expect("volume state").top);
+        if top_layer.id != top {
+            return Ok(None);
+        }
+        let held = std::time::Instant::now();
+        let _range = self.ranges.lock(start, end);
+        let mut todo = Vec::new();
+        {
+            let st = self.state.read().expect("volume state");
+            let want = if state == BlockState::Data { parent.slot } else { ZERO };
+            st.view.index.runs(start, end, |s, l, v| {
+                if v == want {
+                    todo.push((s, s + l));
+                }
+            });
+        }
+        let mut moved = 0;
+        for (s, e) in todo {
+            if state == BlockState::Data {
+                let src = parent.file()?;
+                top_layer.with_write_lock(|dst| {
+                    move_data(&src, dst, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)
+                })??;
+                self.commit(&top_layer, s, e, BlockState::Data, top_layer.slot);
+            } else {
+                self.commit(&top_layer, s, e, BlockState::Zero, ZERO);
+            }
+            moved += e - s;
+        }
+        Ok(Some((moved, held.elapsed())))
+    }
+
+    /// Holds the volume (new I/O waits, in-flight I/O drains) while `f`
+    /// changes its live state; returns what `f` returned and how long the
+    /// volume was held.
+    pub(crate) fn hold<T>(&self, f: impl FnOnce(&mut VolState) -> T) -> (T, std::time::Duration) {
+        let _gate = self.gate.write().expect("volume gate");
+        let held = std::time::Instant::now();
+        let out = f(&mut self.state.write().expect("volume state"));
+        (out, held.elapsed())
     }
 
     /// Flushes and folds the journal into the catalog.

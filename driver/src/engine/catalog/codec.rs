@@ -29,6 +29,16 @@ impl Writer {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// A string: its length (`u16`, cut to 65 535 bytes) and UTF-8 bytes.
+    pub(crate) fn str(&mut self, v: &str) -> &mut Self {
+        let mut end = v.len().min(u16::MAX as usize);
+        while !v.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.u16(end as u16);
+        self.0.extend_from_slice(&v.as_bytes()[..end]);
+        self
+    }
     /// An optional `u128`: a presence byte, then the value if present.
     pub(crate) fn opt_u128(&mut self, v: Option<u128>) -> &mut Self {
         match v {
@@ -85,6 +95,17 @@ impl<'a> Reader<'a> {
         }
     }
 
+    pub(crate) fn str(&mut self) -> Result<String> {
+        let len = self.u16()? as usize;
+        if self.buf.len() < len {
+            return Err(Error::Corrupt(format!("{} record is truncated", self.what)));
+        }
+        let (head, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        String::from_utf8(head.to_vec())
+            .map_err(|_| Error::Corrupt(format!("{} record has a string that is not UTF-8", self.what)))
+    }
+
     /// Checks the record version byte.
     pub(crate) fn version(&mut self, supported: u8) -> Result<()> {
         match self.u8()? {
@@ -115,7 +136,8 @@ mod tests {
             .u64(4)
             .u128(5)
             .opt_u128(None)
-            .opt_u128(Some(6));
+            .opt_u128(Some(6))
+            .str("héllo");
         let mut r = Reader::new(&w.0, "test");
         assert_eq!(r.u8().unwrap(), 1);
         assert_eq!(r.u16().unwrap(), 2);
@@ -124,6 +146,7 @@ mod tests {
         assert_eq!(r.u128().unwrap(), 5);
         assert_eq!(r.opt_u128().unwrap(), None);
         assert_eq!(r.opt_u128().unwrap(), Some(6));
+        assert_eq!(r.str().unwrap(), "héllo");
         assert!(r.is_empty());
     }
 

@@ -18,12 +18,13 @@ use redb::{
     WriteTransaction,
 };
 
+pub use self::records::{JobKind, JobReason, JobState, VolumePolicy};
 pub(crate) use self::records::{
-    FamilyRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
+    FamilyRecord, JobRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
 };
 use super::error::{Error, Result, catalog_error};
 use super::geometry::CHUNK_BLOCKS;
-use super::ids::{FamilyId, LayerId, SnapshotId, VolumeId};
+use super::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
 use super::index::{FIRST_SLOT, MAX_LAYERS_PER_FAMILY};
 use super::journal::Record;
 use super::presence::{self, BlockState, Run};
@@ -42,9 +43,11 @@ const SNAPSHOTS: TableDefinition<u128, &[u8]> = TableDefinition::new("snapshots"
 const FAMILIES: TableDefinition<u128, &[u8]> = TableDefinition::new("families");
 /// Presence maps: (layer, chunk) → runs.
 const PRESENCE: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("presence");
-/// Background jobs (merges, moves): reserved now so that adding them needs
-/// no format migration. Empty in format 1.
+/// Background jobs (merges, flattens; later moves).
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+/// Per-volume merge policy (absent: the pool's defaults). Created on first
+/// use, so pools made before it existed open unchanged.
+const POLICIES: TableDefinition<u128, &[u8]> = TableDefinition::new("policies");
 
 /// The metadata store of one pool.
 pub(crate) struct Catalog {
@@ -88,6 +91,12 @@ impl Catalog {
         } else {
             catalog.initialise()?;
         }
+        // Tables newer than the pool.
+        let txn = catalog.write()?;
+        txn.0
+            .open_table(POLICIES)
+            .map_err(|e| catalog_error("create tables", e))?;
+        txn.commit()?;
         Ok(catalog)
     }
 
@@ -277,6 +286,29 @@ impl ReadTxn {
     pub(crate) fn presence(&self, layer: LayerId) -> Result<Vec<(u32, Vec<Run>)>> {
         presence_of(&read_table!(self.0, PRESENCE, "read presence"), layer)
     }
+    pub(crate) fn layer_required(&self, id: LayerId) -> Result<LayerRecord> {
+        self.layer(id)?
+            .ok_or_else(|| Error::Corrupt(format!("layer {id} is missing")))
+    }
+    pub(crate) fn jobs(&self) -> Result<Vec<JobRecord>> {
+        all_recs(
+            &read_table!(self.0, JOBS, "list jobs"),
+            JobRecord::decode,
+            "list jobs",
+        )
+    }
+    pub(crate) fn policy(&self, volume: VolumeId) -> Result<VolumePolicy> {
+        let t = read_table!(self.0, POLICIES, "read policy");
+        Ok(get_rec(&t, volume.0, VolumePolicy::decode, "read policy")?.unwrap_or_default())
+    }
+    /// The layers whose parent is `layer`.
+    pub(crate) fn children(&self, layer: LayerId) -> Result<Vec<LayerRecord>> {
+        Ok(self
+            .layers()?
+            .into_iter()
+            .filter(|l| l.parent == Some(layer))
+            .collect())
+    }
 
     /// The chain under (and including) `top`, base first.
     pub(crate) fn chain(&self, top: LayerId) -> Result<Vec<LayerRecord>> {
@@ -315,6 +347,44 @@ macro_rules! rw_table {
 impl WriteTxn {
     pub(crate) fn commit(self) -> Result<()> {
         self.0.commit().map_err(|e| catalog_error("commit", e))
+    }
+    pub(crate) fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
+        let t = rw_table!(self, JOBS, "read job");
+        get_rec(&t, id.0, JobRecord::decode, "read job")
+    }
+    pub(crate) fn put_job(&mut self, rec: &JobRecord) -> Result<()> {
+        let mut t = rw_table!(self, JOBS, "write job");
+        t.insert(rec.id.0, rec.encode().as_slice())
+            .map_err(|e| catalog_error("write job", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_job(&mut self, id: JobId) -> Result<()> {
+        let mut t = rw_table!(self, JOBS, "remove job");
+        t.remove(id.0).map_err(|e| catalog_error("remove job", e))?;
+        Ok(())
+    }
+    pub(crate) fn put_policy(&mut self, volume: VolumeId, p: &VolumePolicy) -> Result<()> {
+        let mut t = rw_table!(self, POLICIES, "write policy");
+        t.insert(volume.0, p.encode().as_slice())
+            .map_err(|e| catalog_error("write policy", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_policy(&mut self, volume: VolumeId) -> Result<()> {
+        let mut t = rw_table!(self, POLICIES, "remove policy");
+        t.remove(volume.0)
+            .map_err(|e| catalog_error("remove policy", e))?;
+        Ok(())
+    }
+    /// Removes `layer`'s record and presence (no reference counting: the
+    /// caller has moved what depended on it), freeing its slot.
+    pub(crate) fn remove_layer(&mut self, rec: &LayerRecord) -> Result<()> {
+        {
+            let mut t = rw_table!(self, LAYERS, "remove layer");
+            t.remove(rec.id.0)
+                .map_err(|e| catalog_error("remove layer", e))?;
+        }
+        self.remove_presence(rec.id)?;
+        self.free_slot(rec.family, rec.slot)
     }
 
     pub(crate) fn volume(&self, id: VolumeId) -> Result<Option<VolumeRecord>> {

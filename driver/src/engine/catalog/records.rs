@@ -2,9 +2,11 @@
 
 use super::codec::{Reader, Writer};
 use crate::engine::error::{Error, Result};
-use crate::engine::ids::{FamilyId, LayerId, SnapshotId, VolumeId};
+use crate::engine::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
 
 const VOLUME_V: u8 = 1;
+const JOB_V: u8 = 1;
+const POLICY_V: u8 = 1;
 const LAYER_V: u8 = 1;
 const SNAPSHOT_V: u8 = 1;
 const FAMILY_V: u8 = 1;
@@ -250,5 +252,171 @@ mod tests {
             VolumeRecord::decode(&bytes),
             Err(Error::Corrupt(_))
         ));
+    }
+}
+
+macro_rules! byte_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $v:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant = $v),+
+        }
+
+        impl $name {
+            fn from_u8(v: u8) -> Result<Self> {
+                match v {
+                    $($v => Ok($name::$variant),)+
+                    _ => Err(Error::Corrupt(format!("{} {v}", stringify!($name)))),
+                }
+            }
+        }
+    };
+}
+
+byte_enum!(
+    /// What a job does.
+    JobKind {
+        /// Shorten a volume's chain: fold layers nothing else needs, then
+        /// (past the depth limit) absorb parents into the top.
+        Merge = 1,
+        /// Make a volume independent of every layer under its top.
+        Flatten = 2,
+        /// Fold one layer that nothing needs on its own any more (its
+        /// snapshot was deleted) into its only child.
+        Fold = 3,
+    }
+);
+
+byte_enum!(
+    /// Why a job exists.
+    JobReason {
+        Request = 1,
+        SnapshotDeleted = 2,
+        DepthPolicy = 3,
+        ClonePolicy = 4,
+    }
+);
+
+byte_enum!(
+    /// Where a job is.
+    JobState {
+        Queued = 1,
+        Running = 2,
+        Done = 3,
+        Failed = 4,
+    }
+);
+
+impl JobKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            JobKind::Merge => "merge",
+            JobKind::Flatten => "flatten",
+            JobKind::Fold => "fold",
+        }
+    }
+}
+
+impl JobReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            JobReason::Request => "requested",
+            JobReason::SnapshotDeleted => "snapshot deleted",
+            JobReason::DepthPolicy => "chain too deep",
+            JobReason::ClonePolicy => "clone flattened by policy",
+        }
+    }
+}
+
+impl JobState {
+    pub fn label(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// A job, as the catalog keeps it (progress within a step is in memory:
+/// after a crash the job is planned again from the chain, and every step
+/// is idempotent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobRecord {
+    pub id: JobId,
+    pub kind: JobKind,
+    /// A volume (merge, flatten) or a layer (fold).
+    pub target: u128,
+    /// Merge: the depth to shorten to (0: the volume's policy).
+    pub max_depth: u32,
+    pub reason: JobReason,
+    pub state: JobState,
+    pub created_ns: u64,
+    pub finished_ns: u64,
+    pub reflink_bytes: u64,
+    pub copy_bytes: u64,
+    /// Why it failed, or what it found (e.g. a layer it could not fold).
+    pub message: String,
+}
+
+impl JobRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(JOB_V)
+            .u128(self.id.0)
+            .u8(self.kind as u8)
+            .u128(self.target)
+            .u32(self.max_depth)
+            .u8(self.reason as u8)
+            .u8(self.state as u8)
+            .u64(self.created_ns)
+            .u64(self.finished_ns)
+            .u64(self.reflink_bytes)
+            .u64(self.copy_bytes)
+            .str(&self.message);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "job");
+        r.version(JOB_V)?;
+        Ok(JobRecord {
+            id: JobId(r.u128()?),
+            kind: JobKind::from_u8(r.u8()?)?,
+            target: r.u128()?,
+            max_depth: r.u32()?,
+            reason: JobReason::from_u8(r.u8()?)?,
+            state: JobState::from_u8(r.u8()?)?,
+            created_ns: r.u64()?,
+            finished_ns: r.u64()?,
+            reflink_bytes: r.u64()?,
+            copy_bytes: r.u64()?,
+            message: r.str()?,
+        })
+    }
+}
+
+/// A volume's merge policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumePolicy {
+    /// Longest chain before a merge is queued (0: the pool's default).
+    pub max_chain_depth: u32,
+}
+
+impl VolumePolicy {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(POLICY_V).u32(self.max_chain_depth);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "policy");
+        r.version(POLICY_V)?;
+        Ok(VolumePolicy {
+            max_chain_depth: r.u32()?,
+        })
     }
 }
