@@ -312,7 +312,7 @@ pub(crate) struct PoolInner {
     volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
     /// Serialises the slow path of opening a volume.
     opening: Mutex<()>,
-    pub(crate) jobs: Jobs,
+    pub(crate) jobs: Arc<Jobs>,
 }
 
 /// A storage pool. Cheap to clone; all clones are the same pool. When the
@@ -320,10 +320,11 @@ pub(crate) struct PoolInner {
 /// flushed and its journal folded.
 #[derive(Debug, Clone)]
 pub struct Pool {
-    inner: Arc<PoolInner>,
     /// Shared by the clones users hold (not by the job threads' handles):
-    /// when the last goes, the jobs are stopped and joined.
+    /// when the last goes, the jobs are stopped and joined. (Declared
+    /// first: dropped before `inner`.)
     _user: Option<Arc<UserHandles>>,
+    inner: Arc<PoolInner>,
 }
 
 #[derive(Debug)]
@@ -384,7 +385,7 @@ impl Pool {
             shared.recover_journal(&rec)?;
         }
         sweep_orphans(&shared)?;
-        let jobs = Jobs::new(shared.opts.jobs.clone());
+        let jobs = Arc::new(Jobs::new(shared.opts.jobs.clone()));
         let inner = Arc::new(PoolInner {
             shared,
             volumes: Mutex::new(HashMap::new()),
@@ -615,6 +616,9 @@ impl Pool {
 
     fn load_volume(&self, id: VolumeId) -> Result<Volume> {
         let sh = self.shared();
+        // A merge's switch must see every view that names the layers it
+        // removes: none may be built from the catalog meanwhile.
+        let _shape = sh.shape.lock().expect("shape lock");
         let rec = sh
             .catalog
             .read()?
@@ -934,6 +938,7 @@ impl Pool {
     /// returning the snapshot's data until it is dropped.
     pub fn open_snapshot(&self, id: SnapshotId) -> Result<SnapshotReader> {
         let sh = self.shared();
+        let _shape = sh.shape.lock().expect("shape lock");
         let snap = match sh.catalog.read()?.snapshot(id)? {
             Some(r) if r.state == SnapshotState::Ready => r,
             _ => return Err(Error::SnapshotNotFound(id)),
@@ -1112,7 +1117,8 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
             let orphan = match name.strip_suffix(&format!(".{ext}")) {
                 Some(id) if sub == LAYERS_DIR => id.parse().is_ok_and(|id| !layers.contains(&id)),
                 Some(id) => id.parse().is_ok_and(|id| !volumes.contains(&id)),
-                None => name.ends_with(".wal.tmp"),
+                // A new layer file a merge was building when it stopped.
+                None => name.ends_with(".wal.tmp") || name.ends_with(".data.merge"),
             };
             if orphan {
                 tracing::info!(file = %entry.path().display(), "removing a file left by an interrupted operation");

@@ -223,38 +223,49 @@ impl Jobs {
 
     /// Starts the dispatcher of `pool`.
     pub(crate) fn start(inner: &Arc<PoolInner>) {
-        let weak = Arc::downgrade(inner);
+        let (weak, jobs) = (Arc::downgrade(inner), Arc::clone(&inner.jobs));
         let handle = std::thread::Builder::new()
             .name("strata-jobs".into())
-            .spawn(move || dispatch(weak))
+            .spawn(move || dispatch(weak, jobs))
             .expect("spawn the job dispatcher");
         inner.jobs.threads.lock().expect("job threads").push(handle);
     }
 
-    /// Stops every job at its next piece and waits for the threads.
+    /// Stops every job at its next piece and waits for the threads (also
+    /// for one the dispatcher started while this was stopping it).
     pub(crate) fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         self.notify();
-        let threads = std::mem::take(&mut *self.threads.lock().expect("job threads"));
-        for t in threads {
-            let _ = t.join();
+        loop {
+            let threads = std::mem::take(&mut *self.threads.lock().expect("job threads"));
+            if threads.is_empty() {
+                return;
+            }
+            for t in threads {
+                let _ = t.join();
+            }
         }
     }
 }
 
-/// The dispatcher: starts queued jobs while there is room.
-fn dispatch(weak: Weak<PoolInner>) {
+/// The dispatcher: starts queued jobs while there is room. It holds the
+/// pool only while it looks at the queue, never while it waits.
+fn dispatch(weak: Weak<PoolInner>, jobs: Arc<Jobs>) {
     loop {
-        let Some(inner) = weak.upgrade() else { return };
-        if inner.jobs.stopping() {
+        if jobs.stopping() {
             return;
         }
-        let pool = Pool::internal(Arc::clone(&inner));
-        if let Err(e) = start_ready(&pool) {
-            tracing::warn!(error = %e, "starting jobs failed");
+        {
+            let Some(inner) = weak.upgrade() else { return };
+            let pool = Pool::internal(inner);
+            if let Err(e) = start_ready(&pool) {
+                tracing::warn!(error = %e, "starting jobs failed");
+            }
         }
-        let jobs = &inner.jobs;
         let s = jobs.state.lock().expect("job state");
+        if jobs.stopping() {
+            return;
+        }
         let _ = jobs.wake.wait_timeout(s, Duration::from_secs(1));
     }
 }
@@ -306,6 +317,13 @@ fn start_ready(pool: &Pool) -> Result<()> {
             txn.commit()?;
         }
         let weak = Arc::downgrade(pool.inner());
+        let mut threads = jobs.threads.lock().expect("job threads");
+        if jobs.stopping() {
+            // Queued again at the next open.
+            drop(threads);
+            release(pool, rec.id, family);
+            return Ok(());
+        }
         let handle = std::thread::Builder::new()
             .name(format!("strata-job-{}", rec.kind.label()))
             .spawn(move || run(weak, rec, family, progress))
@@ -314,7 +332,6 @@ fn start_ready(pool: &Pool) -> Result<()> {
                 path: Default::default(),
                 source: e,
             })?;
-        let mut threads = jobs.threads.lock().expect("job threads");
         threads.retain(|t| !t.is_finished());
         threads.push(handle);
     }
