@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Rng;
-use strata::engine::{BLOCK_SIZE, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags};
+use strata::engine::{BLOCK_SIZE, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags};
 
 const VOLUME_BLOCKS: u64 = 1024;
 const MAGIC: u64 = 0x5354_5241_5441_4b31;
@@ -84,9 +84,21 @@ fn say(out: &mut dyn Write, line: std::fmt::Arguments<'_>) {
     out.flush().unwrap();
 }
 
+/// Pool options of the workload and of the parent: short chains, so merges
+/// run (and get killed) all the time.
+fn options() -> PoolOptions {
+    PoolOptions {
+        jobs: JobConfig {
+            default_max_chain_depth: 3,
+            ..JobConfig::default()
+        },
+        ..PoolOptions::default()
+    }
+}
+
 /// Runs the workload: `ops` operations, or forever (until killed).
 fn workload(dir: &Path, seed: u64, gen0: u64, ops: Option<u64>, out: &mut dyn Write) {
-    let pool = Pool::open(dir, PoolOptions::default()).unwrap();
+    let pool = Pool::open(dir, options()).unwrap();
     let mut rng = Rng::new(seed);
     let mut vols: Vec<VolumeId> = pool.list_volumes().unwrap().iter().map(|v| v.id).collect();
     let mut snaps: Vec<SnapshotId> = pool
@@ -157,6 +169,13 @@ fn workload(dir: &Path, seed: u64, gen0: u64, ops: Option<u64>, out: &mut dyn Wr
                 say(out, format_args!("DS {s}"));
                 pool.delete_snapshot(s).unwrap();
                 say(out, format_args!("DSOK {s}"));
+            }
+            // Merges and flattens change no contents: no report needed.
+            97 => {
+                pool.merge(v, 1 + rng.below(3) as u32).unwrap();
+            }
+            98 => {
+                pool.flatten(v).unwrap();
             }
             95..=96 if vols.len() > 2 => {
                 vols.retain(|x| *x != v);
@@ -359,7 +378,7 @@ fn kill_loop(dir: &Path, rng: &mut Rng, kills: u64, ctx: &str) {
             model.apply(line);
             n += 1;
         }
-        let pool = Pool::open(dir, PoolOptions::default()).unwrap();
+        let pool = Pool::open(dir, options()).unwrap();
         model.verify_and_settle(&pool, &format!("{ctx}: kill {i} after {n} reports"));
         pool.close().unwrap();
     }
@@ -392,8 +411,10 @@ fn workload_without_kills_matches_its_own_reports() {
     for line in reports(&out) {
         model.apply(line);
     }
-    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let pool = Pool::open(dir.path(), options()).unwrap();
     model.verify_and_settle(&pool, "clean run");
+    assert!(pool.wait_for_jobs(Duration::from_secs(60)).unwrap());
+    model.verify_and_settle(&pool, "clean run, after jobs");
 }
 
 #[test]

@@ -62,7 +62,13 @@ fn settle(pool: &Pool) {
 fn layer_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("layers"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".data"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".data")
+        })
         .count()
 }
 
@@ -94,11 +100,18 @@ fn deleting_snapshots_folds_their_layers_away_into_the_top_and_into_frozen_child
         pool.delete_snapshot(snaps[0].0).unwrap();
         pool.delete_snapshot(snaps[3].0).unwrap();
         settle(&pool);
-        assert_eq!(pool.volume(v).unwrap().depth(), 3, "{fs}: two layers folded away");
+        assert_eq!(
+            pool.volume(v).unwrap().depth(),
+            3,
+            "{fs}: two layers folded away"
+        );
         assert_eq!(layer_files(dir), files - 2, "{fs}: their files are gone");
         assert!(read_all(&pool, v) == model, "{fs}: the volume is unchanged");
         for (s, want) in &snaps[1..3] {
-            assert!(read_snapshot(&pool, *s) == *want, "{fs}: snapshot {s} is unchanged");
+            assert!(
+                read_snapshot(&pool, *s) == *want,
+                "{fs}: snapshot {s} is unchanged"
+            );
         }
         let jobs = pool.jobs().unwrap();
         assert!(jobs.iter().filter(|j| j.kind == JobKind::Fold).count() >= 2);
@@ -126,7 +139,8 @@ fn the_depth_policy_shortens_chains_and_keeps_every_snapshot() {
         let pool = open(dir);
         let mut rng = Rng::new(2);
         let v = pool.create_volume(BLOCKS * BLOCK_SIZE).unwrap().id;
-        pool.set_policy(v, VolumePolicy { max_chain_depth: 3 }).unwrap();
+        pool.set_policy(v, VolumePolicy { max_chain_depth: 3 })
+            .unwrap();
         let mut model = vec![0u8; (BLOCKS * BLOCK_SIZE) as usize];
         let mut snaps = Vec::new();
         for _ in 0..6 {
@@ -164,7 +178,10 @@ fn flattening_a_clone_frees_it_from_its_source() {
         pool.delete_snapshot(s).unwrap();
         pool.delete_volume(src).unwrap();
         settle(&pool);
-        assert!(read_all(&pool, c) == cmodel, "{fs}: the clone after its source went");
+        assert!(
+            read_all(&pool, c) == cmodel,
+            "{fs}: the clone after its source went"
+        );
         assert_eq!(layer_files(dir), 1, "{fs}: only the clone's layer is left");
     });
 }
@@ -174,7 +191,10 @@ fn a_layer_with_several_children_is_not_folded_and_the_job_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let pool = open(dir.path());
     let v = pool.create_volume(BLOCKS * BLOCK_SIZE).unwrap().id;
-    pool.volume(v).unwrap().write(0, &[5u8; 4096], false).unwrap();
+    pool.volume(v)
+        .unwrap()
+        .write(0, &[5u8; 4096], false)
+        .unwrap();
     let s = pool.create_snapshot(v).unwrap().id;
     let c = pool.clone_snapshot(s, None).unwrap().id;
     pool.delete_snapshot(s).unwrap();
@@ -197,7 +217,10 @@ fn foreground_writes_during_merges_are_never_lost_or_overwritten() {
         let pool = open(dir);
         let mut rng = Rng::new(4);
         let v = pool.create_volume(BLOCKS * BLOCK_SIZE).unwrap().id;
-        let model = Arc::new(std::sync::Mutex::new(vec![0u8; (BLOCKS * BLOCK_SIZE) as usize]));
+        let model = Arc::new(std::sync::Mutex::new(vec![
+            0u8;
+            (BLOCKS * BLOCK_SIZE) as usize
+        ]));
         for round in 0..6 {
             scribble(&pool, v, &mut model.lock().unwrap(), &mut rng, 200);
             let s = pool.create_snapshot(v).unwrap().id;

@@ -6,10 +6,12 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::Rng;
 use strata::engine::{
-    BLOCK_SIZE, Error, Pool, PoolOptions, SnapshotId, SnapshotReader, VolumeId, ZeroFlags,
+    BLOCK_SIZE, Error, JobConfig, JobState, Pool, PoolOptions, SnapshotId, SnapshotReader,
+    VolumeId, ZeroFlags,
 };
 
 const MAX_VOLUMES: usize = 6;
@@ -127,8 +129,13 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
     // A tiny checkpoint threshold folds journals all the time; the default
     // one keeps frozen layers' presence in the journal for long stretches.
     let journal_checkpoint_bytes = if rng.chance(50) { 8192 } else { 4 << 20 };
+    // Short chains, so the depth policy's merges run all the time too.
     let opts = PoolOptions {
         journal_checkpoint_bytes,
+        jobs: JobConfig {
+            default_max_chain_depth: 1 + rng.below(4) as u32,
+            ..JobConfig::default()
+        },
         ..Default::default()
     };
     let mut pool = Pool::open(dir, opts.clone()).unwrap();
@@ -262,7 +269,22 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
                 pool = Pool::open(dir, opts.clone()).unwrap();
                 check_all(&pool, &m, &format!("{ctx} after reopen"));
             }
-            (96..=97, _) => m.pinned.clear(),
+            // Merges and flattens run in the background while the steps
+            // go on; contents never change, so every check must hold.
+            (96, Some(v)) => {
+                pool.merge(v, rng.below(4) as u32).unwrap();
+            }
+            (97, Some(v)) => {
+                pool.flatten(v).unwrap();
+            }
+            (98, _) if rng.chance(30) => {
+                assert!(
+                    pool.wait_for_jobs(Duration::from_secs(60)).unwrap(),
+                    "{ctx}: jobs stuck"
+                );
+                check_all(&pool, &m, &format!("{ctx} after jobs"));
+            }
+            (98, _) => m.pinned.clear(),
             _ => check_all(&pool, &m, &ctx),
         }
         if trace {
@@ -270,6 +292,14 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
         }
     }
     check_all(&pool, &m, "end");
+    assert!(
+        pool.wait_for_jobs(Duration::from_secs(120)).unwrap(),
+        "jobs stuck at the end"
+    );
+    check_all(&pool, &m, "end, after jobs");
+    for j in pool.jobs().unwrap() {
+        assert_ne!(j.state, JobState::Failed, "{j:?}");
+    }
     // Everything deleted: no file may be left behind.
     for v in m.volumes.keys() {
         pool.delete_volume(*v).unwrap();
@@ -278,6 +308,7 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
         pool.delete_snapshot(*s).unwrap();
     }
     m.pinned.clear();
+    assert!(pool.wait_for_jobs(Duration::from_secs(60)).unwrap());
     drop(pool);
     let left = std::fs::read_dir(dir.join("layers")).unwrap().count();
     assert_eq!(left, 0, "layer files left after deleting everything");

@@ -36,12 +36,12 @@ pub mod view;
 pub mod volume;
 
 pub use catalog::FORMAT_VERSION;
+pub use catalog::{JobKind, JobReason, JobState, VolumePolicy};
 pub use error::{Error, ErrorKind, Result};
 pub use geometry::BLOCK_SIZE;
-pub use catalog::{JobKind, JobReason, JobState, VolumePolicy};
 pub use ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
-pub use jobs::{JobConfig, JobInfo, JobObserver, Method};
 pub use index::MAX_LAYERS_PER_FAMILY;
+pub use jobs::{JobConfig, JobInfo, JobObserver, Method};
 pub use pool::{Pool, PoolOptions, PoolSpace, SnapshotInfo, VolumeInfo};
 pub use snapshot::SnapshotReader;
 pub use view::Extent;

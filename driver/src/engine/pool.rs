@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
+use super::catalog::{JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, io_error};
 use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
+use super::jobs::{self, JobConfig, Jobs};
 use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
 use super::snapshot::SnapshotReader;
@@ -30,8 +32,6 @@ use super::space::SpaceGuard;
 use super::sys;
 use super::unflushed::{self, UnflushedLog, unflushed_path};
 use super::view::View;
-use super::catalog::{JobKind, JobReason, JobState, VolumePolicy};
-use super::jobs::{self, JobConfig, Jobs};
 use super::volume::{VolState, Volume, VolumeStats};
 
 const LOCK_FILE: &str = "strata.lock";
@@ -453,7 +453,10 @@ impl Pool {
             }
             (txn.jobs()?, foldable)
         };
-        let interrupted: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Running).collect();
+        let interrupted: Vec<_> = jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .collect();
         if !interrupted.is_empty() {
             let mut txn = sh.catalog.write()?;
             for j in interrupted {
@@ -1146,7 +1149,10 @@ type BlockStateRun = super::presence::Run;
 
 /// Data blocks in `layer`'s presence; with `over`, only those `over` also
 /// defines (data or zero).
-fn count_blocks(layer: &[(u32, Vec<BlockStateRun>)], over: Option<&[(u32, Vec<BlockStateRun>)]>) -> u64 {
+fn count_blocks(
+    layer: &[(u32, Vec<BlockStateRun>)],
+    over: Option<&[(u32, Vec<BlockStateRun>)]>,
+) -> u64 {
     use super::presence::{BlockState, expand};
     let mut n = 0;
     for (chunk, runs) in layer {

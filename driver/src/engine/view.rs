@@ -78,8 +78,9 @@ impl View {
     /// Blocks whose entry is `slot`.
     pub(crate) fn count_slot(&self, slot: u16) -> u64 {
         let mut n = 0;
-        self.index
-            .runs(0, u64::MAX, |_, len, v| n += if v == slot { len } else { 0 });
+        self.index.runs(0, u64::MAX, |_, len, v| {
+            n += if v == slot { len } else { 0 }
+        });
         n
     }
 

@@ -34,12 +34,12 @@ use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
 use super::ids::{LayerId, VolumeId};
 use super::index::{ABSENT, ZERO};
+use super::jobs::throttle::Allowance;
 use super::journal::{JournalFile, Record, push_coalesced};
 use super::layer::Layer;
 use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
-use super::jobs::throttle::Allowance;
 use super::unflushed::UnflushedLog;
 use super::view::{self, Extent, View, read_segments};
 
@@ -635,7 +635,11 @@ impl Volume {
         let mut todo = Vec::new();
         {
             let st = self.state.read().expect("volume state");
-            let want = if state == BlockState::Data { parent.slot } else { ZERO };
+            let want = if state == BlockState::Data {
+                parent.slot
+            } else {
+                ZERO
+            };
             st.view.index.runs(start, end, |s, l, v| {
                 if v == want {
                     todo.push((s, s + l));

@@ -102,8 +102,12 @@ impl<'a> Reader<'a> {
         }
         let (head, rest) = self.buf.split_at(len);
         self.buf = rest;
-        String::from_utf8(head.to_vec())
-            .map_err(|_| Error::Corrupt(format!("{} record has a string that is not UTF-8", self.what)))
+        String::from_utf8(head.to_vec()).map_err(|_| {
+            Error::Corrupt(format!(
+                "{} record has a string that is not UTF-8",
+                self.what
+            ))
+        })
     }
 
     /// Checks the record version byte.

@@ -18,10 +18,10 @@ use redb::{
     WriteTransaction,
 };
 
-pub use self::records::{JobKind, JobReason, JobState, VolumePolicy};
 pub(crate) use self::records::{
     FamilyRecord, JobRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
 };
+pub use self::records::{JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, catalog_error};
 use super::geometry::CHUNK_BLOCKS;
 use super::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};

@@ -97,7 +97,8 @@ impl Ctx<'_> {
         };
         let waited = self.bucket.take(cost) + self.jobs.node_bucket.take(cost);
         if !waited.is_zero() {
-            self.jobs.observe(|o| o.throttled(self.kind, waited.as_secs_f64()));
+            self.jobs
+                .observe(|o| o.throttled(self.kind, waited.as_secs_f64()));
         }
     }
 
@@ -111,7 +112,14 @@ impl Ctx<'_> {
     }
 
     /// Copies a range, counting it by method.
-    fn move_data(&self, src: &std::fs::File, dst: &std::fs::File, off: u64, len: u64, what: &std::path::Path) -> Result<()> {
+    fn move_data(
+        &self,
+        src: &std::fs::File,
+        dst: &std::fs::File,
+        off: u64,
+        len: u64,
+        what: &std::path::Path,
+    ) -> Result<()> {
         let m = copy::copy_range(src, dst, off, len, self.no_reflink)
             .map_err(|e| io_error("copy between layers", what, e))?;
         self.moved(m, len);
@@ -165,7 +173,12 @@ fn piece_blocks(jobs: &Jobs) -> u64 {
 }
 
 /// See the module docs.
-pub(crate) fn into_top(ctx: &Ctx<'_>, volume: VolumeId, top: LayerId, parent: LayerId) -> Result<Outcome> {
+pub(crate) fn into_top(
+    ctx: &Ctx<'_>,
+    volume: VolumeId,
+    top: LayerId,
+    parent: LayerId,
+) -> Result<Outcome> {
     let pool = ctx.pool;
     let sh = pool.shared();
     let vol = match pool.volume(volume) {
@@ -182,7 +195,9 @@ pub(crate) fn into_top(ctx: &Ctx<'_>, volume: VolumeId, top: LayerId, parent: La
         if t.parent != Some(parent) || t.frozen {
             return Ok(Outcome::Replan);
         }
-        let prec = txn.layer_required(parent)?;
+        let Some(prec) = txn.layer(parent)? else {
+            return Ok(Outcome::Replan);
+        };
         (prec, txn.presence(parent)?)
     };
     let total: u64 = chunks
@@ -259,11 +274,12 @@ pub(crate) fn into_top(ctx: &Ctx<'_>, volume: VolumeId, top: LayerId, parent: La
             return Ok(None);
         }
         let mut txn = sh.catalog.write()?;
-        let mut t = txn.layer_required(top)?;
+        let (Some(mut t), Some(p)) = (txn.layer(top)?, txn.layer(parent)?) else {
+            return Ok(None);
+        };
         if t.parent != Some(parent) {
             return Ok(None);
         }
-        let p = txn.layer_required(parent)?;
         t.parent = p.parent;
         txn.put_layer(&t)?;
         if let Some(pp) = p.parent {
@@ -315,9 +331,10 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
         chunks.sort_unstable();
         chunks.dedup();
         let states = |p: &[(u32, Vec<presence::Run>)], k: u32| {
-            p.iter()
-                .find(|(c, _)| *c == k)
-                .map_or_else(|| vec![BlockState::Absent; CHUNK_BLOCKS as usize], |(_, r)| presence::expand(r))
+            p.iter().find(|(c, _)| *c == k).map_or_else(
+                || vec![BlockState::Absent; CHUNK_BLOCKS as usize],
+                |(_, r)| presence::expand(r),
+            )
         };
         let mut merged = Vec::new();
         let mut copies: Vec<(u64, u64, From)> = Vec::new();

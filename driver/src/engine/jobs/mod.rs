@@ -36,8 +36,8 @@ mod plan;
 pub(crate) mod throttle;
 
 pub use copy::Method;
-pub(crate) use plan::foldable as plan_foldable;
 pub use failpoint::NAMES as FAILPOINTS;
+pub(crate) use plan::foldable as plan_foldable;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -294,7 +294,13 @@ fn start_ready(pool: &Pool) -> Result<()> {
         }
         let Some(family) = family else {
             drop(st);
-            finish(pool, job.id, JobState::Done, "nothing to do: its target is gone".into(), None)?;
+            finish(
+                pool,
+                job.id,
+                JobState::Done,
+                "nothing to do: its target is gone".into(),
+                None,
+            )?;
             continue;
         };
         if st.families.contains(&family) {
@@ -387,6 +393,15 @@ fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Pr
             } => fold::into_top(&ctx, volume, top, parent),
             Step::IntoFrozen { layer, child } => fold::into_frozen(&ctx, layer, child),
         };
+        // A step that failed because what it worked on was deleted meanwhile
+        // (a volume, a snapshot's layers) did not fail: plan again.
+        let r = match r {
+            Err(e) if !still_planned(&pool, &job, step) => {
+                tracing::debug!(job = %job.id, error = %e, "step ended by a change of the chain");
+                Ok(Outcome::Replan)
+            }
+            r => r,
+        };
         match r {
             Ok(Outcome::Done) => replans = 0,
             Ok(Outcome::Replan) => {
@@ -425,6 +440,19 @@ fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Pr
     failpoint::hit("engine::merge::job::after_done");
 }
 
+/// Whether `job` would still take `step` next.
+fn still_planned(pool: &Pool, job: &JobRecord, step: Step) -> bool {
+    (|| {
+        let txn = pool.shared().catalog.read()?;
+        let depth = match job.max_depth {
+            0 => pool.max_chain_depth(VolumeId(job.target))?,
+            d => d,
+        };
+        plan::next(&txn, job, depth)
+    })()
+    .is_ok_and(|p| p.step == Some(step))
+}
+
 fn release(pool: &Pool, id: JobId, family: FamilyId) {
     let jobs = &pool.inner().jobs;
     let mut st = jobs.state.lock().expect("job state");
@@ -434,7 +462,13 @@ fn release(pool: &Pool, id: JobId, family: FamilyId) {
 }
 
 /// Records the end of a job and prunes old finished ones.
-fn finish(pool: &Pool, id: JobId, state: JobState, message: String, progress: Option<&Progress>) -> Result<()> {
+fn finish(
+    pool: &Pool,
+    id: JobId,
+    state: JobState,
+    message: String,
+    progress: Option<&Progress>,
+) -> Result<()> {
     let sh = pool.shared();
     let keep = pool.inner().jobs.config.keep_finished;
     let mut txn = sh.catalog.write()?;
@@ -471,7 +505,13 @@ fn finish(pool: &Pool, id: JobId, state: JobState, message: String, progress: Op
 impl Pool {
     /// Queues a job (or returns the one already queued or running for the
     /// same kind and target).
-    pub(crate) fn enqueue(&self, kind: JobKind, target: u128, max_depth: u32, reason: JobReason) -> Result<JobId> {
+    pub(crate) fn enqueue(
+        &self,
+        kind: JobKind,
+        target: u128,
+        max_depth: u32,
+        reason: JobReason,
+    ) -> Result<JobId> {
         let sh = self.shared();
         let mut txn = sh.catalog.write()?;
         let existing = {
@@ -530,12 +570,16 @@ impl Pool {
             .into_iter()
             .map(|r| {
                 let live = st.running.get(&r.id);
-                let (mut done, mut total, mut reflink, mut copy, mut rate) = (0, 0, r.reflink_bytes, r.copy_bytes, 0.0);
+                let (mut done, mut total, mut reflink, mut copy, mut rate) =
+                    (0, 0, r.reflink_bytes, r.copy_bytes, 0.0);
                 let mut waiting = st.waiting.get(&r.id).cloned();
                 if let Some(p) = live {
                     done = p.done.load(Ordering::Relaxed);
                     total = p.total.load(Ordering::Relaxed);
-                    let (rl, cp) = (p.reflink.load(Ordering::Relaxed), p.copy.load(Ordering::Relaxed));
+                    let (rl, cp) = (
+                        p.reflink.load(Ordering::Relaxed),
+                        p.copy.load(Ordering::Relaxed),
+                    );
                     reflink += rl;
                     copy += cp;
                     rate = (rl + cp) as f64 / p.started.elapsed().as_secs_f64().max(1e-3);

@@ -72,7 +72,11 @@ fn why_kept(txn: &ReadTxn, l: &LayerRecord) -> Result<Option<String>> {
 
 /// The volume whose writable top is `layer`.
 fn volume_on_top(txn: &ReadTxn, layer: LayerId) -> Result<Option<VolumeId>> {
-    Ok(txn.volumes()?.into_iter().find(|v| v.top == layer).map(|v| v.id))
+    Ok(txn
+        .volumes()?
+        .into_iter()
+        .find(|v| v.top == layer)
+        .map(|v| v.id))
 }
 
 /// The family a job works on (jobs of one family run one at a time), or

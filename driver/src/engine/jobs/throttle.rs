@@ -147,7 +147,10 @@ mod tests {
         b.take(10 << 20);
         b.take(5 << 20);
         let e = t.elapsed();
-        assert!(e >= Duration::from_millis(400) && e < Duration::from_secs(2), "{e:?}");
+        assert!(
+            e >= Duration::from_millis(400) && e < Duration::from_secs(2),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -162,7 +165,10 @@ mod tests {
         let t = Instant::now();
         a.consume(4096);
         let waited = t.elapsed();
-        assert!(waited >= Allowance::MAX_WAIT, "spent: the write waits ({waited:?})");
+        assert!(
+            waited >= Allowance::MAX_WAIT,
+            "spent: the write waits ({waited:?})"
+        );
         a.replenish(1 << 20);
         assert!(a.has_credit());
         a.stop();
