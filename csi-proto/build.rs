@@ -1,5 +1,6 @@
-//! Compiles `proto/csi.proto` with protox (a pure-Rust protobuf compiler), so
-//! building Strata never needs a system `protoc` or network access.
+//! Compiles `proto/csi.proto` and `proto/strata/admin.proto` with protox (a
+//! pure-Rust protobuf compiler), so building Strata never needs a system
+//! `protoc` or network access.
 
 use std::path::PathBuf;
 
@@ -15,5 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
+    let admin = "proto/strata/admin.proto";
+    println!("cargo:rerun-if-changed={admin}");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(protox::compile([admin], ["proto"])?)?;
     Ok(())
 }

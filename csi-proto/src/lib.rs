@@ -1,4 +1,5 @@
-//! The Container Storage Interface, spec v1.12.0, as tonic/prost code.
+//! The Container Storage Interface, spec v1.12.0, and Strata's own admin
+//! API, as tonic/prost code.
 //!
 //! `csi::v1` holds the messages, the server traits (`identity_server`,
 //! `controller_server`, `node_server`, `group_controller_server`,
@@ -18,6 +19,21 @@ pub mod csi {
     )]
     pub mod v1 {
         tonic::include_proto!("csi.v1");
+    }
+}
+
+/// Strata's own API (jobs, snapshot space), package `strata.admin.v1`.
+pub mod admin {
+    /// Package `strata.admin.v1`.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic,
+        rustdoc::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("strata.admin.v1");
     }
 }
 

@@ -7,11 +7,13 @@
 //! - [`node`]: volumes attached to this node's kernel, filesystems made
 //!   and mounted, restart safety.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`csi`]: the CSI services (Identity, Controller, Node); [`cluster`]:
-//!   records of what was created.
+//! - [`csi`]: the CSI services (Identity, Controller, Node); [`admin`]:
+//!   Strata's own API beside them (jobs); [`cluster`]: records of what was
+//!   created.
 //! - [`standalone`]: everything in one process.
 //! - [`cli`]: the `strata` command line.
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod csi;

@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use csi_proto::admin::v1::admin_server::AdminServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use csi_proto::csi::v1::node_server::NodeServer;
 use tokio::sync::watch;
 
+use crate::admin::AdminService;
 use crate::cluster::records::EmbeddedRecords;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
@@ -120,6 +122,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             node_id.clone(),
             inflight.clone(),
         )))
+        .add_service(AdminServer::new(AdminService::new(started.clone())))
         .add_service(NodeServer::new(NodeService::new(
             started.clone(),
             node_id.clone(),
@@ -147,6 +150,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     })
     .await?;
     metrics.watch_pool(pool.clone());
+    pool.set_job_observer(Arc::clone(&metrics) as Arc<dyn crate::engine::JobObserver>);
 
     let records = Arc::new(
         EmbeddedRecords::open(&config.pool.join(RECORDS_FILE)).map_err(StartError::Records)?,

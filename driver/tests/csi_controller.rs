@@ -314,3 +314,67 @@ async fn list_volumes_paginates_and_refuses_foreign_tokens() {
         .await;
     assert_eq!(bad.unwrap_err().code(), Code::Aborted);
 }
+
+/// Merges through the CLI and the admin API: what deleting a snapshot
+/// frees, the fold it starts, a requested merge, `strata jobs`, and the
+/// metrics that show them; the data stays the same throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_through_the_cli_admin_api_and_metrics() {
+    use std::os::unix::net::UnixStream;
+    use strata::frontend::nbd::client::Client;
+    let s = Standalone::start();
+    let v = s.create_volume("merged", "8MiB");
+    let nbd = || Client::connect(UnixStream::connect(s.nbd_socket()).unwrap(), &v).unwrap();
+    let mut c = nbd();
+    let mut want = vec![0u8; 8 << 20];
+    for (round, fill) in [(0u64, 1u8), (1, 2), (2, 3)] {
+        // Round 1 and 2 overwrite part of what round 0 wrote.
+        let off = round * (1 << 20);
+        let data = vec![fill; 4 << 20];
+        c.write(off, &data).unwrap();
+        want[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        c.flush().unwrap();
+        if round < 2 {
+            s.snapshot(&format!("snap-{round}"), &v);
+        }
+    }
+    let snaps = s.cli_json(&["snapshot", "list"]);
+    let oldest = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .min_by_key(|x| x["created"].as_str().unwrap().to_string())
+        .unwrap()
+        .clone();
+    assert!(oldest["frees_bytes"].as_u64().unwrap() > 0, "{snaps}");
+    let out = s.cli(&["snapshot", "delete", oldest["id"].as_str().unwrap()]);
+    assert!(out.status.success());
+    // The fold it starts, then a merge down to one layer, waited for.
+    let merged = s.cli_json(&["volume", "merge", &v, "--max-depth", "1", "--wait"]);
+    assert_eq!(merged[0]["state"], "done", "{merged}");
+    let jobs = s.cli_json(&["jobs"]);
+    let kinds: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"fold") && kinds.contains(&"merge"),
+        "{jobs}"
+    );
+    let metrics = s.metrics();
+    assert!(
+        metrics.contains(&format!("strata_volume_chain_depth{{volume=\"{v}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("strata_jobs{kind=\"merge\",state=\"done\"} 1"));
+    assert!(metrics.contains("strata_job_bytes_total{kind="));
+    assert!(metrics.contains("strata_job_hold_seconds_bucket"));
+    let mut got = vec![0u8; 8 << 20];
+    nbd().read(0, &mut got).unwrap();
+    assert!(got == want, "the data survived the merges");
+    let missing = s.cli(&["volume", "merge", "00000000-0000-4000-8000-000000000000"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+}

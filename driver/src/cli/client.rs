@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use csi_proto::admin::v1::admin_client::AdminClient;
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::node_client::NodeClient;
 use hyper_util::rt::TokioIo;
@@ -12,6 +13,11 @@ use crate::endpoint::Endpoint;
 /// Connects to the CSI endpoint of a running Strata.
 pub async fn controller(endpoint: &Endpoint) -> Result<ControllerClient<Channel>, String> {
     Ok(ControllerClient::new(channel(endpoint).await?))
+}
+
+/// Strata's own admin service.
+pub async fn admin(endpoint: &Endpoint) -> Result<AdminClient<Channel>, String> {
+    Ok(AdminClient::new(channel(endpoint).await?))
 }
 
 /// The Node service of a running Strata.

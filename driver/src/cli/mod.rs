@@ -3,6 +3,7 @@
 //! by the servers.
 
 mod client;
+mod jobs;
 mod mount;
 mod output;
 mod pool;
@@ -36,6 +37,12 @@ enum Command {
     /// Create, list and delete snapshots (through a running Strata's CSI endpoint).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Background jobs (merges, flattens): running, queued, and recently
+    /// finished, with progress, rate and why a job waits.
+    Jobs {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Inspect and maintain a pool directory (offline).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -163,6 +170,30 @@ enum VolumeCommand {
         /// Where staging directories go (one per volume).
         #[arg(long, default_value = "/run/strata/staging")]
         staging_dir: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Shorten a volume's chain in the background: fold the layers nothing
+    /// needs on their own (deleted snapshots'), then, while the chain is
+    /// deeper than --max-depth, move layers into the top.
+    Merge {
+        id: String,
+        /// Depth to shorten to (0: the volume's policy, StorageClass
+        /// maxChainDepth).
+        #[arg(long, default_value_t = 0)]
+        max_depth: u32,
+        /// Wait for the job to finish.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a volume independent of every layer under its top (a clone of
+    /// its source, a volume of its snapshots), in the background.
+    Flatten {
+        id: String,
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -342,6 +373,19 @@ impl Cli {
                         };
                         mount::mount(&client.endpoint, m).await
                     }
+                    VolumeCommand::Merge {
+                        id,
+                        max_depth,
+                        wait,
+                        client,
+                    } => {
+                        let what = jobs::Start::Merge { max_depth };
+                        jobs::start(&client.endpoint, client.output, id, what, wait).await
+                    }
+                    VolumeCommand::Flatten { id, wait, client } => {
+                        let what = jobs::Start::Flatten;
+                        jobs::start(&client.endpoint, client.output, id, what, wait).await
+                    }
                     VolumeCommand::Unmount {
                         id,
                         target,
@@ -350,6 +394,9 @@ impl Cli {
                     } => mount::unmount(&client.endpoint, id, target, staging_dir).await,
                 }
             }),
+            Command::Jobs { client } => {
+                runtime().block_on(jobs::list(&client.endpoint, client.output))
+            }
             Command::Snapshot(cmd) => runtime().block_on(async move {
                 match cmd {
                     SnapshotCommand::Create {

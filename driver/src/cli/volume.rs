@@ -32,6 +32,9 @@ struct SnapshotOut {
     size_bytes: i64,
     size: String,
     created: String,
+    /// Bytes deleting it would free (its layer's blocks the layer above
+    /// overrides, or all of it when nothing else needs it).
+    frees_bytes: Option<u64>,
 }
 
 fn volume_out(v: &Volume) -> VolumeOut {
@@ -66,6 +69,7 @@ fn snapshot_out(s: &Snapshot) -> SnapshotOut {
         size_bytes: s.size_bytes,
         size: size::format(s.size_bytes as u64),
         created,
+        frees_bytes: None,
     }
 }
 
@@ -113,10 +117,13 @@ fn print_snapshots(format: Format, snaps: Vec<SnapshotOut>) {
     match format {
         Format::Json => output::json(&snaps),
         Format::Table => output::table(
-            &["ID", "VOLUME", "SIZE", "CREATED (UTC)"],
+            &["ID", "VOLUME", "SIZE", "CREATED (UTC)", "DELETING FREES"],
             &snaps
                 .into_iter()
-                .map(|s| vec![s.id, s.volume, s.size, s.created])
+                .map(|s| {
+                    let frees = s.frees_bytes.map_or_else(|| "-".into(), size::format);
+                    vec![s.id, s.volume, s.size, s.created, frees]
+                })
                 .collect::<Vec<_>>(),
         ),
     }
@@ -356,13 +363,20 @@ pub async fn snapshot_list(
         }
     })
     .await;
-    match snaps {
-        Ok(snaps) => {
-            print_snapshots(format, snaps);
-            ExitCode::SUCCESS
+    let mut snaps = match snaps {
+        Ok(snaps) => snaps,
+        Err(s) => return fail(status_message(&s)),
+    };
+    match super::jobs::snapshot_frees(endpoint).await {
+        Ok(frees) => {
+            for s in &mut snaps {
+                s.frees_bytes = frees.get(&s.id).copied();
+            }
         }
-        Err(s) => fail(status_message(&s)),
+        Err(e) => eprintln!("strata: (what deleting each snapshot frees is unknown: {e})"),
     }
+    print_snapshots(format, snaps);
+    ExitCode::SUCCESS
 }
 
 pub async fn snapshot_delete(endpoint: &Endpoint, id: String) -> ExitCode {

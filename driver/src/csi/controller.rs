@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use super::params;
 use super::{InFlight, Started, status};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
-use crate::engine::{Error, Pool, SnapshotId, VolumeId};
+use crate::engine::{Error, JobKind, JobReason, Pool, SnapshotId, VolumeId, VolumePolicy};
 use crate::metrics::Metrics;
 use crate::node::Node;
 
@@ -318,6 +318,15 @@ impl Controller for ControllerService {
                             let _ = records.delete_volume(&rec.volume_id);
                             return Err(status::engine(e));
                         }
+                    }
+                    let vid = parse_volume_id(&rec.volume_id)?;
+                    if let Some(d) = vparams.max_chain_depth {
+                        pool.set_policy(vid, VolumePolicy { max_chain_depth: d })
+                            .map_err(status::engine)?;
+                    }
+                    if vparams.flatten_clones && rec.source.is_some() {
+                        pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
+                            .map_err(status::engine)?;
                     }
                     rec.state = RecordState::Ready;
                     records.put_volume(&rec).map_err(status::records)?;

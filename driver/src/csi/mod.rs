@@ -9,7 +9,7 @@ mod guard;
 pub mod identity;
 pub mod node;
 mod params;
-mod status;
+pub(crate) mod status;
 
 use std::sync::{Arc, OnceLock};
 

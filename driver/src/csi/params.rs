@@ -19,14 +19,29 @@ pub(crate) const DEFAULT_FS_TYPE: &str = "ext4";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Validated StorageClass parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct VolumeParams {
     pub fs_type: Option<String>,
+    /// Chain depth past which the volume is merged (`maxChainDepth`).
+    pub max_chain_depth: Option<u32>,
+    /// Flatten a volume made from a snapshot or a volume in the background
+    /// (`flattenClones`), so it never pins its source's layers.
+    pub flatten_clones: bool,
+}
+
+fn boolean(key: &str, v: &str) -> Result<bool, Status> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(Status::invalid_argument(format!(
+            "parameter {key}={v:?}: use \"true\" or \"false\""
+        ))),
+    }
 }
 
 /// Parses CreateVolume parameters; unknown keys are INVALID_ARGUMENT.
 pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumeParams, Status> {
-    let mut out = VolumeParams { fs_type: None };
+    let mut out = VolumeParams::default();
     for (k, v) in params {
         match k.as_str() {
             "fsType" | "csi.storage.k8s.io/fstype" => {
@@ -37,6 +52,15 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
                 }
                 out.fs_type = Some(v.clone());
             }
+            "maxChainDepth" => match v.parse::<u32>() {
+                Ok(d) if (2..=4096).contains(&d) => out.max_chain_depth = Some(d),
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter maxChainDepth={v:?}: a whole number from 2 to 4096"
+                    )));
+                }
+            },
+            "flattenClones" => out.flatten_clones = boolean(k, v)?,
             "frontend" => {
                 if v != "nbd" {
                     return Err(Status::invalid_argument(format!(
@@ -47,7 +71,7 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown parameter {k:?}; Strata accepts fsType and frontend"
+                    "unknown parameter {k:?}; Strata accepts fsType, frontend, maxChainDepth and flattenClones"
                 )));
             }
         }
@@ -77,17 +101,7 @@ pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<Snapsh
     let mut out = SnapshotParams::default();
     for (k, v) in params {
         match k.as_str() {
-            "freezeFilesystem" => {
-                out.freeze = match v.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(Status::invalid_argument(format!(
-                            "parameter freezeFilesystem={v:?}: use \"true\" or \"false\""
-                        )));
-                    }
-                }
-            }
+            "freezeFilesystem" => out.freeze = boolean(k, v)?,
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k => {
                 return Err(Status::invalid_argument(format!(
@@ -189,6 +203,28 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         assert_eq!(defining(&p).len(), 2);
+        let q = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(
+            volume_params(&q("maxChainDepth", "8"))
+                .unwrap()
+                .max_chain_depth,
+            Some(8)
+        );
+        assert!(
+            volume_params(&q("flattenClones", "true"))
+                .unwrap()
+                .flatten_clones
+        );
+        for bad in [
+            q("maxChainDepth", "1"),
+            q("maxChainDepth", "x"),
+            q("flattenClones", "yes"),
+        ] {
+            assert_eq!(
+                volume_params(&bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
     }
 
     #[test]

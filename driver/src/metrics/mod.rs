@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::engine::Pool;
+use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
 pub const OPS: [&str; 6] = [
@@ -47,6 +47,12 @@ struct Kind {
     kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindMethod {
+    kind: &'static str,
+    method: &'static str,
+}
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -66,6 +72,9 @@ pub struct Metrics {
     nbd_connections: Gauge,
     nbd_connections_total: Counter,
     nbd_protocol_errors: Family<Kind, Counter>,
+    job_bytes: Family<KindMethod, Counter>,
+    job_hold: HistogramFamily<Kind>,
+    job_throttle: Family<Kind, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Per-operation handles for one volume, resolved once per connection so
@@ -137,6 +146,28 @@ impl Metrics {
             "NBD requests or negotiations refused as invalid, by kind",
             nbd_protocol_errors.clone(),
         );
+        let job_bytes = Family::<KindMethod, Counter>::default();
+        let job_hold =
+            HistogramFamily::<Kind>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let job_throttle = Family::<Kind, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "job",
+            "Bytes background jobs moved, by kind and method (reflink: shared extents, copy: bytes copied)",
+            prometheus_client::registry::Unit::Bytes,
+            job_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "job_hold",
+            "How long a job step held a range of a volume, or a switch held a volume",
+            prometheus_client::registry::Unit::Seconds,
+            job_hold.clone(),
+        );
+        registry.register_with_unit(
+            "job_throttle_wait",
+            "Time jobs waited for their byte budget, by kind",
+            prometheus_client::registry::Unit::Seconds,
+            job_throttle.clone(),
+        );
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector {
             pool: Arc::clone(&pool),
@@ -151,6 +182,9 @@ impl Metrics {
             nbd_connections,
             nbd_connections_total,
             nbd_protocol_errors,
+            job_bytes,
+            job_hold,
+            job_throttle,
         })
     }
 
@@ -217,6 +251,29 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+impl crate::engine::JobObserver for Metrics {
+    fn bytes(&self, kind: JobKind, method: Method, bytes: u64) {
+        self.job_bytes
+            .get_or_create(&KindMethod {
+                kind: kind.label(),
+                method: method.label(),
+            })
+            .inc_by(bytes);
+    }
+
+    fn hold(&self, kind: JobKind, seconds: f64) {
+        self.job_hold
+            .get_or_create(&Kind { kind: kind.label() })
+            .observe(seconds);
+    }
+
+    fn throttled(&self, kind: JobKind, seconds: f64) {
+        self.job_throttle
+            .get_or_create(&Kind { kind: kind.label() })
+            .inc_by(seconds);
     }
 }
 
@@ -294,6 +351,10 @@ impl Collector for PoolCollector {
             }
             Err(e) => tracing::warn!(error = %e, "pool space unavailable for metrics"),
         }
+        match pool.jobs() {
+            Ok(jobs) => encode_jobs(&mut encoder, &jobs)?,
+            Err(e) => tracing::warn!(error = %e, "jobs unavailable for metrics"),
+        }
         let stats = match pool.volume_stats() {
             Ok(s) => s,
             Err(e) => {
@@ -343,6 +404,75 @@ impl Collector for PoolCollector {
         }
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindState {
+    kind: &'static str,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job: String,
+    kind: &'static str,
+    target: String,
+}
+
+/// `strata_jobs{kind,state}` and, for running jobs, their progress.
+fn encode_jobs(
+    encoder: &mut DescriptorEncoder,
+    jobs: &[crate::engine::JobInfo],
+) -> Result<(), std::fmt::Error> {
+    let kinds = [JobKind::Merge, JobKind::Flatten, JobKind::Fold];
+    let states = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Done,
+        JobState::Failed,
+    ];
+    let mut m = encoder.encode_descriptor(
+        "jobs",
+        "Background jobs the pool keeps, by kind and state",
+        None,
+        ConstGauge::new(0i64).metric_type(),
+    )?;
+    for kind in kinds {
+        for state in states {
+            let n = jobs
+                .iter()
+                .filter(|j| j.kind == kind && j.state == state)
+                .count();
+            ConstGauge::new(n as i64).encode(m.encode_family(&KindState {
+                kind: kind.label(),
+                state: state.label(),
+            })?)?;
+        }
+    }
+    let mut m = encoder.encode_descriptor(
+        "job_progress_ratio",
+        "Share of a running job's current work that is done (0 to 1)",
+        None,
+        ConstGauge::new(0f64).metric_type(),
+    )?;
+    for j in jobs.iter().filter(|j| j.state == JobState::Running) {
+        let ratio = if j.total_bytes == 0 {
+            0.0
+        } else {
+            j.done_bytes as f64 / j.total_bytes as f64
+        };
+        let target = j
+            .volume
+            .map(|v| v.to_string())
+            .or_else(|| j.layer.map(|l| l.to_string()))
+            .unwrap_or_default();
+        ConstGauge::new(ratio).encode(m.encode_family(&JobLabels {
+            job: j.id.to_string(),
+            kind: j.kind.label(),
+            target,
+        })?)?;
+    }
+    Ok(())
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown` resolves.
