@@ -36,6 +36,8 @@ pub const RECORDS_FILE: &str = "cluster.redb";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pool: PathBuf,
+    /// Limits of background merges and flattens.
+    pub jobs: crate::engine::JobConfig,
     pub csi_endpoint: Endpoint,
     pub nbd_listen: Vec<Endpoint>,
     pub metrics_listen: SocketAddr,
@@ -140,6 +142,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         // In the node's state directory: a tmpfs under /run by default,
         // and gone at reboot, like the page cache the logs stand in for.
         unflushed_dir: Some(config.node.state_dir.join("unflushed")),
+        jobs: config.jobs.clone(),
         ..PoolOptions::default()
     };
     let pool = blocking(move || {

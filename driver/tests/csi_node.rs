@@ -104,6 +104,16 @@ fn write_file_bytes(path: &Path, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// Every capability in `want` is in `got`.
+fn assert_has(got: impl Iterator<Item = i32>, want: &[i32]) {
+    let got: Vec<i32> = got.collect();
+    let missing: Vec<&i32> = want.iter().filter(|w| !got.contains(w)).collect();
+    assert!(
+        missing.is_empty(),
+        "capabilities {missing:?} missing from {got:?}"
+    );
+}
+
 /// The code of a call that must fail.
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
     match r {
@@ -784,27 +794,21 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
         .unwrap()
         .into_inner();
     use node_service_capability::rpc::Type as N;
-    let got: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| {
-            c.r#type
-                .as_ref()
-                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
-        })
-        .collect();
-    for want in [
-        N::StageUnstageVolume,
-        N::GetVolumeStats,
-        N::ExpandVolume,
-        N::VolumeCondition,
-        N::SingleNodeMultiWriter,
-    ] {
-        assert!(
-            got.contains(&(want as i32)),
-            "{want:?} missing from {got:?}"
-        );
-    }
+    let got = caps.capabilities.iter().filter_map(|c| {
+        c.r#type
+            .as_ref()
+            .map(|node_service_capability::Type::Rpc(r)| r.r#type)
+    });
+    assert_has(
+        got,
+        &[
+            N::StageUnstageVolume as i32,
+            N::GetVolumeStats as i32,
+            N::ExpandVolume as i32,
+            N::VolumeCondition as i32,
+            N::SingleNodeMultiWriter as i32,
+        ],
+    );
     let info = csi
         .node
         .node_get_info(NodeGetInfoRequest {})
@@ -833,23 +837,21 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
                 .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
-    for want in [
-        C::CreateDeleteVolume,
-        C::CreateDeleteSnapshot,
-        C::CloneVolume,
-        C::ExpandVolume,
-        C::ListVolumes,
-        C::ListSnapshots,
-        C::GetCapacity,
-        C::GetVolume,
-        C::VolumeCondition,
-        C::SingleNodeMultiWriter,
-    ] {
-        assert!(
-            got.contains(&(want as i32)),
-            "{want:?} missing from {got:?}"
-        );
-    }
+    assert_has(
+        got.iter().copied(),
+        &[
+            C::CreateDeleteVolume as i32,
+            C::CreateDeleteSnapshot as i32,
+            C::CloneVolume as i32,
+            C::ExpandVolume as i32,
+            C::ListVolumes as i32,
+            C::ListSnapshots as i32,
+            C::GetCapacity as i32,
+            C::GetVolume as i32,
+            C::VolumeCondition as i32,
+            C::SingleNodeMultiWriter as i32,
+        ],
+    );
     assert!(!got.contains(&(C::PublishUnpublishVolume as i32)));
 }
 

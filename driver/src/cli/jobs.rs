@@ -25,6 +25,8 @@ struct JobOut {
     copy_bytes: u64,
     /// Why it waits, what it left alone, or why it failed.
     note: String,
+    created_unix_ns: u64,
+    finished_unix_ns: u64,
 }
 
 fn job_out(j: &Job) -> JobOut {
@@ -63,6 +65,8 @@ fn job_out(j: &Job) -> JobOut {
         reflink_bytes: j.reflink_bytes,
         copy_bytes: j.copy_bytes,
         note,
+        created_unix_ns: j.created_unix_ns,
+        finished_unix_ns: j.finished_unix_ns,
     }
 }
 

@@ -87,6 +87,20 @@ struct StandaloneArgs {
     /// Most volumes staged on this node at once.
     #[arg(long, default_value_t = 256)]
     max_volumes: u32,
+    /// Background jobs (merges, flattens) running at once; more wait.
+    #[arg(long, default_value_t = 2)]
+    jobs_max_running: usize,
+    /// Bytes per second one job may copy (e.g. 128MiB; a reflinked byte
+    /// counts 1/32).
+    #[arg(long, value_parser = size::parse, default_value = "128MiB")]
+    job_rate: u64,
+    /// Bytes per second all jobs together may copy.
+    #[arg(long, value_parser = size::parse, default_value = "256MiB")]
+    node_job_rate: u64,
+    /// Chain depth past which a volume is merged, unless its StorageClass
+    /// says otherwise (maxChainDepth).
+    #[arg(long, default_value_t = 32)]
+    max_chain_depth: u32,
 }
 
 #[derive(Debug, Args)]
@@ -301,7 +315,15 @@ impl Cli {
                         return ExitCode::FAILURE;
                     }
                 };
+                let jobs = crate::engine::JobConfig {
+                    max_running: a.jobs_max_running.max(1),
+                    job_bytes_per_sec: a.job_rate,
+                    node_bytes_per_sec: a.node_job_rate,
+                    default_max_chain_depth: a.max_chain_depth.max(1),
+                    ..Default::default()
+                };
                 let config = crate::standalone::Config {
+                    jobs,
                     pool: a.pool,
                     csi_endpoint: a.csi_endpoint,
                     nbd_listen: a.nbd_listen,

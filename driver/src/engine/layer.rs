@@ -221,14 +221,6 @@ impl Layer {
             .map_err(|e| io_error("write layer", &self.path, e))
     }
 
-    /// Runs `f` on the file while no other change to it runs (a pointer
-    /// copy into a writable top shares the writers' lock).
-    pub(crate) fn with_write_lock<T>(self: &Arc<Self>, f: impl FnOnce(&File) -> T) -> Result<T> {
-        let file = self.file()?;
-        let _writing = self.writing.lock().expect("layer write lock");
-        Ok(f(&file))
-    }
-
     /// Forgets the open descriptor: the next access opens the path again
     /// (after a new file was renamed over it).
     pub(crate) fn reopen(&self) {

@@ -906,9 +906,16 @@ impl Pool {
                 to: size,
             });
         }
-        let _shape = sh.shape.lock().expect("shape lock");
-        let base = sh.view_of(snap.layer)?;
-        self.new_volume(vid, size, Some((id, snap.layer, base)))
+        let info = {
+            let _shape = sh.shape.lock().expect("shape lock");
+            let base = sh.view_of(snap.layer)?;
+            self.new_volume(vid, size, Some((id, snap.layer, base)))?
+        };
+        // A clone of a deep chain is as deep, plus its own top.
+        if info.chain_depth as u32 > self.max_chain_depth(vid)? {
+            self.enqueue(JobKind::Merge, vid.0, 0, JobReason::DepthPolicy)?;
+        }
+        Ok(info)
     }
 
     /// A new volume with the contents `volume` has now: an implicit

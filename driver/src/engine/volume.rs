@@ -649,10 +649,11 @@ impl Volume {
         let mut moved = 0;
         for (s, e) in todo {
             if state == BlockState::Data {
-                let src = parent.file()?;
-                top_layer.with_write_lock(|dst| {
-                    move_data(&src, dst, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)
-                })??;
+                // Not under the layer's writer lock: foreground writes to
+                // other ranges of the top go on (the range lock keeps them
+                // off these blocks; the kernel orders the file changes).
+                let (src, dst) = (parent.file()?, top_layer.file()?);
+                move_data(&src, &dst, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
                 self.commit(&top_layer, s, e, BlockState::Data, top_layer.slot);
             } else {
                 self.commit(&top_layer, s, e, BlockState::Zero, ZERO);

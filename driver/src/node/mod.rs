@@ -260,20 +260,10 @@ impl Node {
             .backend
             .resume(volume, rec)
             .map_err(|e| crate::cli::error_chain(&e))?;
-        if let Access::Mount {
-            fs_type,
-            mount_flags,
-        } = &rec.access
+        if matches!(rec.access, Access::Mount { .. })
             && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
         {
-            self.mount_staging(
-                &attached.device,
-                &rec.staging_path,
-                fs_type,
-                mount_flags,
-                rec.read_only,
-            )
-            .map_err(|e| {
+            self.mount_staging(&attached.device, rec).map_err(|e| {
                 format!(
                     "remounting at {}: {}",
                     rec.staging_path.display(),
@@ -284,15 +274,18 @@ impl Node {
         Ok(attached)
     }
 
-    fn mount_staging(
-        &self,
-        device: &Path,
-        staging: &Path,
-        fs_type: &str,
-        mount_flags: &[String],
-        read_only: bool,
-    ) -> Result<()> {
-        let (flags, data) = mount_options(mount_flags, read_only, fs_type)?;
+    /// Mounts the filesystem on `device` at the record's staging path, as
+    /// the record says (type, options, read-only).
+    fn mount_staging(&self, device: &Path, rec: &StagedRecord) -> Result<()> {
+        let Access::Mount {
+            fs_type,
+            mount_flags,
+        } = &rec.access
+        else {
+            return Ok(());
+        };
+        let staging = &rec.staging_path;
+        let (flags, data) = mount_options(mount_flags, rec.read_only, fs_type)?;
         std::fs::create_dir_all(staging).map_err(io("create", staging))?;
         let dev = device
             .to_str()
@@ -394,11 +387,7 @@ impl Node {
             rec.fuse = Some(*negotiated);
         }
         self.state.save(rec)?;
-        if let Access::Mount {
-            fs_type,
-            mount_flags,
-        } = &rec.access
-        {
+        if let Access::Mount { fs_type, .. } = &rec.access {
             match mount::probe(&attached.device)? {
                 mount::Content::Blank => {
                     let min = mount::min_size(fs_type).ok_or_else(|| {
@@ -441,13 +430,7 @@ impl Node {
                     )));
                 }
             }
-            self.mount_staging(
-                &attached.device,
-                &rec.staging_path,
-                fs_type,
-                mount_flags,
-                rec.read_only,
-            )?;
+            self.mount_staging(&attached.device, rec)?;
             // A volume grown while unstaged: fill the device (a no-op when
             // it already does). Not fatal: the filesystem is usable as is.
             let online = fs_type == "xfs" || mount::has_capability(mount::CAP_SYS_RESOURCE);

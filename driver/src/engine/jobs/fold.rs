@@ -168,8 +168,15 @@ impl Drop for Reserved<'_> {
 }
 
 /// Blocks per piece: a step holds at most this much of a volume at once.
-fn piece_blocks(jobs: &Jobs) -> u64 {
-    (jobs.config.step_bytes / BLOCK_SIZE).max(1)
+/// A byte copy holds its range for as long as copying takes, so its pieces
+/// are an eighth of a pointer copy's.
+fn piece_blocks(ctx: &Ctx<'_>) -> u64 {
+    let bytes = if ctx.no_reflink.load(Ordering::Relaxed) {
+        ctx.jobs.config.step_bytes / 8
+    } else {
+        ctx.jobs.config.step_bytes
+    };
+    (bytes / BLOCK_SIZE).max(1)
 }
 
 /// See the module docs.
@@ -211,7 +218,6 @@ pub(crate) fn into_top(
         return Ok(Outcome::Interrupted);
     };
     let parent_h = sh.layer(prec.id, prec.slot);
-    let piece = piece_blocks(ctx.jobs);
     vol.allowance.start();
     let copied = (|| {
         let mut activity = vol.activity.load(Ordering::Relaxed);
@@ -224,13 +230,13 @@ pub(crate) fn into_top(
                     if ctx.stopping() {
                         return Ok(Outcome::Interrupted);
                     }
-                    let e = (s + piece).min(run_end);
+                    let e = (s + piece_blocks(ctx)).min(run_end);
                     let bytes = (e - s) * BLOCK_SIZE;
                     if run.state == BlockState::Data {
                         ctx.throttle(bytes);
                     }
                     // Yield to a busy volume while writes have credit.
-                    for _ in 0..5 {
+                    for _ in 0..ctx.jobs.config.max_yields {
                         let now = vol.activity.load(Ordering::Relaxed);
                         if now == activity || !vol.allowance.has_credit() {
                             break;
@@ -377,7 +383,6 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
             .open(&tmp)
             .map_err(|e| io_error("create", &tmp, e))?;
         out.set_len(c.size).map_err(|e| io_error("size", &tmp, e))?;
-        let piece = piece_blocks(ctx.jobs);
         for &(start, n, from) in &copies {
             let src = match from {
                 From::Child => c_h.file()?,
@@ -388,7 +393,7 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
                 if ctx.stopping() {
                     return Ok(Outcome::Interrupted);
                 }
-                let e = (s + piece).min(start + n);
+                let e = (s + piece_blocks(ctx)).min(start + n);
                 let bytes = (e - s) * BLOCK_SIZE;
                 ctx.throttle(bytes);
                 ctx.move_data(&src, &out, s * BLOCK_SIZE, bytes, &tmp)?;

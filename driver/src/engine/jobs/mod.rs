@@ -68,8 +68,10 @@ pub struct JobConfig {
     pub default_max_chain_depth: u32,
     /// Largest piece of a volume a step holds at once.
     pub step_bytes: u64,
-    /// How long a step waits when the volume was busy (at most five times).
+    /// How long a step waits when the volume was busy, and how many times
+    /// in a row at most (while writes have allowance left).
     pub yield_time: Duration,
+    pub max_yields: u32,
     /// Finished jobs kept for `strata jobs`.
     pub keep_finished: usize,
 }
@@ -81,8 +83,9 @@ impl Default for JobConfig {
             job_bytes_per_sec: 128 << 20,
             node_bytes_per_sec: 256 << 20,
             default_max_chain_depth: 32,
-            step_bytes: 4 << 20,
+            step_bytes: 1 << 20,
             yield_time: Duration::from_millis(2),
+            max_yields: 25,
             keep_finished: 64,
         }
     }
@@ -344,8 +347,35 @@ fn start_ready(pool: &Pool) -> Result<()> {
     Ok(())
 }
 
+/// Makes the calling thread yield to foreground work: the lowest
+/// best-effort I/O priority (not the idle class, which a busy disk could
+/// starve) and the idle CPU scheduling class (it runs when a core has
+/// nothing else to do; under a flood that saturates the cores, the write
+/// allowance makes writers wait, which frees a core for the job). Neither
+/// needs privileges.
+fn lower_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: gettid, ioprio_set and sched_setscheduler take plain integers
+    // and a parameter struct that lives for the call; they act on this
+    // thread only.
+    unsafe {
+        let tid = libc::gettid();
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            libc::c_long::from(tid),
+            (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7,
+        );
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+}
+
 /// Runs one job to its end (or until the pool closes).
 fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Progress>) {
+    lower_priority();
     let bucket = Bucket::new(
         weak.upgrade()
             .map_or(1 << 20, |i| i.jobs.config.job_bytes_per_sec),
