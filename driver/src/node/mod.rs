@@ -206,10 +206,6 @@ impl Node {
         Ok(node)
     }
 
-    pub fn config(&self) -> &NodeConfig {
-        &self.config
-    }
-
     /// Which backend attaches volumes here.
     pub fn backend(&self) -> Kind {
         self.backend.kind()
@@ -693,11 +689,6 @@ impl Node {
             return Err(Error::FailedPrecondition(why.clone()));
         }
         mount::freeze(&entry.rec.staging_path).map(Some)
-    }
-
-    /// Volumes staged here.
-    pub fn staged_count(&self) -> usize {
-        self.staged.lock().expect("staged").len()
     }
 }
 
