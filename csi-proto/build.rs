@@ -1,4 +1,4 @@
-//! Compiles `proto/csi.proto` and `proto/strata/admin.proto` with protox (a
+//! Compiles `proto/csi.proto` and Strata's own `proto/strata/*.proto` with protox (a
 //! pure-Rust protobuf compiler), so building Strata never needs a system
 //! `protoc` or network access.
 
@@ -16,11 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
-    let admin = "proto/strata/admin.proto";
-    println!("cargo:rerun-if-changed={admin}");
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(protox::compile([admin], ["proto"])?)?;
+    for own in ["proto/strata/admin.proto", "proto/strata/agent.proto"] {
+        println!("cargo:rerun-if-changed={own}");
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .compile_fds(protox::compile([own], ["proto"])?)?;
+    }
     Ok(())
 }

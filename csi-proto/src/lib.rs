@@ -1,5 +1,5 @@
 //! The Container Storage Interface, spec v1.12.0, and Strata's own admin
-//! API, as tonic/prost code.
+//! and agent APIs, as tonic/prost code.
 //!
 //! `csi::v1` holds the messages, the server traits (`identity_server`,
 //! `controller_server`, `node_server`, `group_controller_server`,
@@ -34,6 +34,21 @@ pub mod admin {
     )]
     pub mod v1 {
         tonic::include_proto!("strata.admin.v1");
+    }
+}
+
+/// The node agent the controller drives, package `strata.agent.v1`.
+pub mod agent {
+    /// Package `strata.agent.v1`.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic,
+        rustdoc::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("strata.agent.v1");
     }
 }
 

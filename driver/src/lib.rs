@@ -14,8 +14,10 @@
 //! - [`cli`]: the `strata` command line.
 
 pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod cluster;
+pub mod controller;
 pub mod csi;
 pub mod endpoint;
 pub mod engine;

@@ -1,25 +1,35 @@
-//! Standalone mode: engine, NBD, the CSI Identity, Controller and Node
-//! services, the node side (attaching volumes to this kernel) and metrics
-//! in one process, with the embedded records store. What runs on a fresh
-//! machine and what the local end-to-end tests use.
+//! The processes that hold a pool: `strata standalone` and `strata node`.
+//!
+//! Both run the engine, NBD, the CSI Identity and Node services, the node
+//! side (attaching volumes to this kernel), the admin API and metrics.
+//! - Standalone adds the CSI Controller, with the embedded records store
+//!   and this process as its only node: what runs on a fresh machine and
+//!   what the local end-to-end tests use.
+//! - Node adds the agent on a TCP port with mutual TLS instead: the
+//!   controller (`crate::controller`) changes its volumes through it.
 //!
 //! SIGTERM (or SIGINT): stop accepting connections, flush every volume and
-//! fold its journal, exit 0. Staged volumes stay attached and are served
-//! again by the next start.
+//! fold its journal, exit 0. Staged volumes stay attached (kernel mounts
+//! outlive the plugin) and are served again by the next start.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use csi_proto::admin::v1::admin_server::AdminServer;
+use csi_proto::agent::v1::agent_server::AgentServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use csi_proto::csi::v1::node_server::NodeServer;
 use tokio::sync::watch;
 
 use crate::admin::AdminService;
+use crate::agent::AgentService;
+use crate::agent::tls::TlsFiles;
+use crate::cluster::Cluster;
+use crate::cluster::nodes::Nodes;
 use crate::cluster::records::EmbeddedRecords;
-use crate::csi::controller::ControllerService;
+use crate::csi::controller::{ClusterReady, ControllerService};
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::csi::{Core, InFlight, Started};
@@ -32,9 +42,22 @@ use crate::node::{Node, NodeConfig};
 /// Where standalone mode keeps its records, inside the pool directory.
 pub const RECORDS_FILE: &str = "cluster.redb";
 
-/// What `strata standalone` was asked to do.
+/// Which of the two processes this is.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Everything in one process, CSI Controller included.
+    Standalone,
+    /// A cluster node: the agent listens on `agent_listen` with mutual TLS.
+    Node {
+        agent_listen: SocketAddr,
+        tls: TlsFiles,
+    },
+}
+
+/// What `strata standalone` or `strata node` was asked to do.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub role: Role,
     pub pool: PathBuf,
     /// Limits of background merges and flattens.
     pub jobs: crate::engine::JobConfig,
@@ -113,17 +136,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let inflight = InFlight::default();
     let node_id = config.node.node_id.clone();
     let metrics = Metrics::new();
+    let standalone = matches!(config.role, Role::Standalone);
+    let agent = AgentService::new(
+        started.clone(),
+        Arc::clone(&metrics),
+        node_id.clone(),
+        config.node.max_volumes,
+    );
+    let cluster = ClusterReady::default();
+    let controller = standalone
+        .then(|| ControllerServer::new(ControllerService::new(cluster.clone(), inflight.clone())));
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
             started.clone(),
-            true,
+            standalone,
         )))
-        .add_service(ControllerServer::new(ControllerService::new(
-            started.clone(),
-            Arc::clone(&metrics),
-            node_id.clone(),
-            inflight.clone(),
-        )))
+        .add_optional_service(controller)
         .add_service(AdminServer::new(AdminService::new(started.clone())))
         .add_service(NodeServer::new(NodeService::new(
             started.clone(),
@@ -154,10 +182,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     .await?;
     metrics.watch_pool(pool.clone());
     pool.set_job_observer(Arc::clone(&metrics) as Arc<dyn crate::engine::JobObserver>);
-
-    let records = Arc::new(
-        EmbeddedRecords::open(&config.pool.join(RECORDS_FILE)).map_err(StartError::Records)?,
-    );
 
     // NBD
     let nbd = NbdServer::new(pool.clone(), Arc::clone(&metrics), NbdConfig::default());
@@ -196,9 +220,45 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let backend = node.backend();
     started.set(Core {
         pool: pool.clone(),
-        records,
         node: Some(Arc::new(node)),
     });
+
+    match &config.role {
+        Role::Standalone => {
+            // The controller's records, and this process as its one node.
+            let records: Arc<dyn crate::cluster::records::Records> = Arc::new(
+                EmbeddedRecords::open(&config.pool.join(RECORDS_FILE))
+                    .map_err(StartError::Records)?,
+            );
+            let nodes = Arc::new(Nodes::local(
+                Arc::clone(&records),
+                node_id.clone(),
+                Arc::new(agent),
+            ));
+            nodes.beat().await;
+            tokio::spawn(Arc::clone(&nodes).run());
+            cluster.set(Arc::new(Cluster { records, nodes }));
+        }
+        Role::Node { agent_listen, tls } => {
+            let listener = tokio::net::TcpListener::bind(agent_listen)
+                .await
+                .map_err(listen_err(agent_listen))?;
+            let server = tonic::transport::Server::builder()
+                .tls_config(tls.server())
+                .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?
+                .add_service(AgentServer::new(agent))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stopped(),
+                );
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "agent server failed");
+                }
+            });
+            eprintln!("strata node: agent on {agent_listen} (mutual TLS)");
+        }
+    }
 
     // Load every volume in the background, so I/O after a restart does not
     // wait for index builds.
@@ -216,17 +276,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics = %config.metrics_listen,
         node = %node_id,
         attach = %backend,
-        "strata standalone is ready"
+        role = if standalone { "standalone" } else { "node" },
+        "strata is ready"
     );
+    let who = if standalone { "standalone" } else { "node" };
     eprintln!(
-        "strata standalone: ready (CSI {}, metrics http://{}/metrics, volumes attach via {backend})",
+        "strata {who}: ready (CSI {}, metrics http://{}/metrics, volumes attach via {backend})",
         config.csi_endpoint, config.metrics_listen
     );
 
     wait_for_signal().await;
     // Attachments stay: the fd holder (FUSE) or the kernel (nbd) keeps
     // them, and the next start serves them again.
-    eprintln!("strata standalone: stopping: flushing every volume");
+    eprintln!("strata {who}: stopping: flushing every volume");
     let _ = stop_tx.send(true);
     let _ = csi.await;
     let closing = pool.clone();
@@ -234,11 +296,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
-    eprintln!("strata standalone: stopped cleanly");
+    eprintln!("strata {who}: stopped cleanly");
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");

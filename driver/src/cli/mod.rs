@@ -19,6 +19,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::endpoint::Endpoint;
 use output::Format;
 
+use crate::agent::tls::TlsFiles;
+use crate::cluster::nodes::Heartbeat;
+use crate::standalone::Role;
+
 /// Strata: layered block volumes for Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about, long_about = None)]
@@ -31,6 +35,12 @@ pub struct Cli {
 enum Command {
     /// Run engine, NBD, CSI (Identity, Controller, Node) and metrics in one process.
     Standalone(StandaloneArgs),
+    /// Run a cluster node: engine, NBD, CSI Identity and Node, metrics, and
+    /// the agent the controller drives (TCP, mutual TLS).
+    Node(NodeArgs),
+    /// Run the cluster's CSI Controller: records, placement, and the
+    /// nodes' agents (mutual TLS).
+    Controller(ControllerArgs),
     /// Create, list, grow and delete volumes (through a running Strata's CSI endpoint).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -101,6 +111,50 @@ struct StandaloneArgs {
     /// says otherwise (maxChainDepth).
     #[arg(long, default_value_t = 32)]
     max_chain_depth: u32,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    node: StandaloneArgs,
+    /// Address the agent listens on (the controller connects here).
+    #[arg(long, default_value = "0.0.0.0:9809")]
+    agent_listen: SocketAddr,
+    /// Directory with ca.crt, tls.crt and tls.key for the agent's mutual
+    /// TLS (a Kubernetes TLS Secret with its CA, mounted).
+    #[arg(long, default_value = "/etc/strata/tls")]
+    agent_tls: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    /// CSI endpoint (unix socket) for the CSI sidecars.
+    #[arg(long, default_value = "unix:///run/strata/controller.sock")]
+    csi_endpoint: Endpoint,
+    /// The embedded records store (a redb file).
+    #[arg(long, default_value = "/var/lib/strata-controller/records.redb")]
+    records: PathBuf,
+    /// A node's agent address (host:port) to register; repeat for each
+    /// node. Nodes stay registered in the records once they have answered.
+    #[arg(long)]
+    node_agent: Vec<String>,
+    /// Directory with ca.crt, tls.crt and tls.key (client certificate) for
+    /// the agents' mutual TLS.
+    #[arg(long, default_value = "/etc/strata/tls")]
+    agent_tls: PathBuf,
+    /// Thin provisioning: a node takes volumes until their sizes add up to
+    /// its capacity times this ratio.
+    #[arg(long, default_value_t = 1.0)]
+    overcommit: f64,
+    /// Seconds between heartbeats to each node.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+    /// Seconds without an answer after which a node is stale.
+    #[arg(long, default_value_t = 30)]
+    stale_seconds: u64,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:9810")]
+    metrics_listen: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +325,47 @@ enum PoolCommand {
 }
 
 /// An error and its causes on one line: "open pool lock /x: No such file".
+/// The configuration of a process that holds a pool.
+fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Config, ExitCode> {
+    let exe = std::env::current_exe().map_err(|e| {
+        eprintln!("strata: cannot find its own binary: {e}");
+        ExitCode::FAILURE
+    })?;
+    let jobs = crate::engine::JobConfig {
+        max_running: a.jobs_max_running.max(1),
+        job_bytes_per_sec: a.job_rate,
+        node_bytes_per_sec: a.node_job_rate,
+        default_max_chain_depth: a.max_chain_depth.max(1),
+        ..Default::default()
+    };
+    Ok(crate::standalone::Config {
+        role,
+        jobs,
+        pool: a.pool,
+        csi_endpoint: a.csi_endpoint,
+        nbd_listen: a.nbd_listen,
+        metrics_listen: a.metrics_listen,
+        node: crate::node::NodeConfig {
+            node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
+            state_dir: a.state_dir,
+            attach: a.attach,
+            max_volumes: a.max_volumes,
+            exe,
+        },
+    })
+}
+
+/// The exit code of a server process, its error printed.
+fn finish(who: &str, result: Result<(), crate::standalone::StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata {who}: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -308,41 +403,61 @@ impl Cli {
                 }
             },
             Command::Standalone(a) => {
-                let exe = match std::env::current_exe() {
-                    Ok(exe) => exe,
+                let config = match plugin_config(a, Role::Standalone) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                finish(
+                    "standalone",
+                    runtime().block_on(crate::standalone::run(config)),
+                )
+            }
+            Command::Node(a) => {
+                let tls = match TlsFiles::load(&a.agent_tls) {
+                    Ok(t) => t,
                     Err(e) => {
-                        eprintln!("strata standalone: cannot find its own binary: {e}");
+                        eprintln!("strata node: agent TLS: {}", error_chain(&e));
                         return ExitCode::FAILURE;
                     }
                 };
-                let jobs = crate::engine::JobConfig {
-                    max_running: a.jobs_max_running.max(1),
-                    job_bytes_per_sec: a.job_rate,
-                    node_bytes_per_sec: a.node_job_rate,
-                    default_max_chain_depth: a.max_chain_depth.max(1),
-                    ..Default::default()
+                let role = Role::Node {
+                    agent_listen: a.agent_listen,
+                    tls,
                 };
-                let config = crate::standalone::Config {
-                    jobs,
-                    pool: a.pool,
-                    csi_endpoint: a.csi_endpoint,
-                    nbd_listen: a.nbd_listen,
-                    metrics_listen: a.metrics_listen,
-                    node: crate::node::NodeConfig {
-                        node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
-                        state_dir: a.state_dir,
-                        attach: a.attach,
-                        max_volumes: a.max_volumes,
-                        exe,
-                    },
+                let config = match plugin_config(a.node, role) {
+                    Ok(c) => c,
+                    Err(code) => return code,
                 };
-                match runtime().block_on(crate::standalone::run(config)) {
-                    Ok(()) => ExitCode::SUCCESS,
+                finish("node", runtime().block_on(crate::standalone::run(config)))
+            }
+            Command::Controller(a) => {
+                let tls = match TlsFiles::load(&a.agent_tls) {
+                    Ok(t) => t,
                     Err(e) => {
-                        eprintln!("strata standalone: {}", error_chain(&e));
-                        ExitCode::FAILURE
+                        eprintln!("strata controller: agent TLS: {}", error_chain(&e));
+                        return ExitCode::FAILURE;
                     }
+                };
+                if !(a.overcommit.is_finite() && a.overcommit > 0.0) {
+                    eprintln!("strata controller: --overcommit must be a positive number");
+                    return ExitCode::from(2);
                 }
+                let config = crate::controller::Config {
+                    csi_endpoint: a.csi_endpoint,
+                    records: a.records,
+                    node_agents: a.node_agent,
+                    tls,
+                    overcommit: a.overcommit,
+                    heartbeat: Heartbeat {
+                        interval: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
+                        stale_after: std::time::Duration::from_secs(a.stale_seconds.max(1)),
+                    },
+                    metrics_listen: a.metrics_listen,
+                };
+                finish(
+                    "controller",
+                    runtime().block_on(crate::controller::run(config)),
+                )
             }
             Command::Volume(cmd) => runtime().block_on(async move {
                 match cmd {

@@ -4,4 +4,14 @@
 //! by standalone mode now, Kubernetes custom resources later. The engine
 //! never sees either.
 
+pub mod nodes;
 pub mod records;
+
+use std::sync::Arc;
+
+/// What the controller works on: the records and the nodes.
+#[derive(Debug)]
+pub struct Cluster {
+    pub records: Arc<dyn records::Records>,
+    pub nodes: Arc<nodes::Nodes>,
+}

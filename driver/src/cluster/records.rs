@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// What can go wrong with the records store.
@@ -70,6 +70,38 @@ pub struct SnapshotRecord {
     pub created_unix_ns: u64,
 }
 
+/// Whether the controller hears from a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeState {
+    /// It answered its last heartbeat.
+    Ready,
+    /// It has not answered for longer than the stale timeout: no new
+    /// volume is placed on it, and calls for its volumes are UNAVAILABLE.
+    Stale,
+}
+
+/// A node as the control plane knows it: how to reach its agent and what
+/// room it reported last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub node_id: String,
+    /// `host:port` of its agent; empty for the controller's own node
+    /// (standalone mode).
+    pub agent_address: String,
+    pub version: String,
+    pub capacity_bytes: u64,
+    pub available_bytes: u64,
+    pub provisioned_bytes: u64,
+    pub max_volumes: u32,
+    pub volumes: u32,
+    pub state: NodeState,
+    /// Why it is stale (the last error), or empty.
+    pub message: String,
+    pub last_seen_unix_ns: u64,
+}
+
 /// The records interface. Implementations must make each `put_*` and
 /// `delete_*` atomic (name and ID maps change together).
 pub trait Records: Send + Sync + std::fmt::Debug {
@@ -81,12 +113,21 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>>;
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()>;
     fn delete_snapshot(&self, id: &str) -> Result<()>;
+    /// Every volume, sorted by ID.
+    fn volumes(&self) -> Result<Vec<VolumeRecord>>;
+    /// Every snapshot, sorted by ID.
+    fn snapshots(&self) -> Result<Vec<SnapshotRecord>>;
+    fn node(&self, id: &str) -> Result<Option<NodeRecord>>;
+    /// Every node, sorted by ID.
+    fn nodes(&self) -> Result<Vec<NodeRecord>>;
+    fn put_node(&self, rec: &NodeRecord) -> Result<()>;
 }
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const VOLUME_NAMES: TableDefinition<&str, &str> = TableDefinition::new("volume_names");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const SNAPSHOT_NAMES: TableDefinition<&str, &str> = TableDefinition::new("snapshot_names");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
 /// Records in a local redb file (standalone mode).
 #[derive(Debug)]
@@ -103,7 +144,7 @@ impl EmbeddedRecords {
     pub fn open(path: &Path) -> Result<Self> {
         let db = Database::create(path).map_err(store)?;
         let txn = db.begin_write().map_err(store)?;
-        for t in [VOLUMES, SNAPSHOTS] {
+        for t in [VOLUMES, SNAPSHOTS, NODES] {
             txn.open_table(t).map_err(store)?;
         }
         for t in [VOLUME_NAMES, SNAPSHOT_NAMES] {
@@ -126,6 +167,23 @@ impl EmbeddedRecords {
                 .map_err(|e| RecordsError::Corrupt(e.to_string())),
             None => Ok(None),
         }
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let t = txn.open_table(table).map_err(store)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(store)? {
+            let (_, v) = entry.map_err(store)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| RecordsError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(out)
     }
 
     fn id_by_name(&self, table: TableDefinition<&str, &str>, name: &str) -> Result<Option<String>> {
@@ -225,6 +283,26 @@ impl Records for EmbeddedRecords {
                 .ok()
                 .map(|r| r.name)
         })
+    }
+    fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.all(VOLUMES)
+    }
+    fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.all(SNAPSHOTS)
+    }
+    fn node(&self, id: &str) -> Result<Option<NodeRecord>> {
+        self.get(NODES, id)
+    }
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.all(NODES)
+    }
+    fn put_node(&self, rec: &NodeRecord) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store)?;
+        txn.open_table(NODES)
+            .map_err(store)?
+            .insert(rec.node_id.as_str(), json(rec).as_slice())
+            .map_err(store)?;
+        txn.commit().map_err(store)
     }
 }
 

@@ -1,15 +1,23 @@
 //! CSI Controller: volumes and snapshots, following the spec's rules for
-//! required fields, idempotency by name, error codes and pagination.
+//! required fields, idempotency by name, error codes and pagination. The
+//! same code serves standalone mode (one node, in process) and
+//! `strata controller` (many nodes, each reached through its agent over
+//! mutual TLS): it decides *where* (placement, from the accessibility
+//! requirements and the nodes' room) and keeps the cluster records; the
+//! node's agent does the engine work.
 //!
-//! Creates are idempotent across crashes: the record (name → chosen ID,
-//! state `Creating`) is written first, then the engine object is created
-//! with that ID, then the record becomes `Ready`. A repeated request finds
-//! the record and finishes (or just returns) the same object.
+//! Creates are idempotent across crashes: the record (name → chosen ID and
+//! node, state `Creating`) is written first, then the agent creates the
+//! object with that ID, then the record becomes `Ready`. A repeated request
+//! finds the record and finishes (or just returns) the same object on the
+//! same node.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
+use csi_proto::agent::v1 as agent;
+use csi_proto::agent::v1::agent_server::Agent;
 use csi_proto::csi::v1::controller_server::Controller;
 use csi_proto::csi::v1::controller_service_capability::{self as ccap, rpc};
 use csi_proto::csi::v1::volume_capability::{AccessType, access_mode::Mode};
@@ -18,93 +26,153 @@ use csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::params;
-use super::{InFlight, Started, status};
+use super::{InFlight, status};
+use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
+use crate::cluster::Cluster;
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
-use crate::engine::{Error, JobKind, JobReason, Pool, SnapshotId, VolumeId, VolumePolicy};
-use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::engine::{SnapshotId, VolumeId};
 
 /// Topology key naming the node that owns a volume.
 pub const TOPOLOGY_KEY: &str = "topology.strata.dev/node";
 /// Size of a volume created without a capacity range: 1 GiB.
 const DEFAULT_SIZE: u64 = 1 << 30;
 
-/// The Controller service of a node that also holds the volumes
-/// (standalone mode).
+/// The [`Cluster`] the controller works on, set once it is open.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterReady(Arc<OnceLock<Arc<Cluster>>>);
+
+impl ClusterReady {
+    /// Makes the controller ready. Only the first call has an effect.
+    pub fn set(&self, cluster: Arc<Cluster>) {
+        let _ = self.0.set(cluster);
+    }
+
+    fn get(&self) -> Result<Arc<Cluster>, Status> {
+        self.0
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("Strata's controller is starting; retry"))
+    }
+}
+
+/// The Controller service.
 #[derive(Debug, Clone)]
 pub struct ControllerService {
-    started: Started,
-    metrics: Arc<Metrics>,
-    node_id: String,
+    cluster: ClusterReady,
     inflight: InFlight,
 }
 
 impl ControllerService {
-    /// `inflight` is shared with the Node service of the same process, so
-    /// that, say, a delete and a stage of one volume never overlap.
-    pub fn new(
-        started: Started,
-        metrics: Arc<Metrics>,
-        node_id: String,
-        inflight: InFlight,
-    ) -> Self {
-        ControllerService {
-            started,
-            metrics,
-            node_id,
-            inflight,
-        }
+    /// `inflight` is shared with the Node service of the same process
+    /// (standalone), so that, say, a delete and a stage of one volume
+    /// never overlap.
+    pub fn new(cluster: ClusterReady, inflight: InFlight) -> Self {
+        ControllerService { cluster, inflight }
     }
 
-    /// Runs engine work on the blocking pool.
-    async fn blocking<T: Send + 'static>(
+    /// Runs a records call on the blocking pool (the store may do I/O).
+    async fn records<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Pool, &dyn Records) -> Result<T, Status> + Send + 'static,
+        f: impl FnOnce(&dyn Records) -> Result<T, crate::cluster::records::RecordsError>
+        + Send
+        + 'static,
     ) -> Result<T, Status> {
-        let core = self.started.get()?;
-        let (pool, records) = (core.pool.clone(), Arc::clone(&core.records));
-        tokio::task::spawn_blocking(move || f(&pool, records.as_ref()))
+        let cluster = self.cluster.get()?;
+        tokio::task::spawn_blocking(move || f(cluster.records.as_ref()).map_err(status::records))
             .await
             .map_err(status::join)?
     }
 
-    /// The node side of this process, if it has one.
-    fn node(&self) -> Option<Arc<Node>> {
-        self.started.get().ok().and_then(|c| c.node.clone())
+    fn agent(&self, node: &str) -> Result<Arc<dyn Agent>, Status> {
+        self.cluster.get()?.nodes.agent(node)
     }
 
-    fn topology(&self) -> Vec<Topology> {
-        vec![Topology {
-            segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]),
-        }]
+    /// The node that holds a volume: its record's, or (standalone) this
+    /// process's node for a volume without a record. `None`: unknown.
+    async fn volume_node(&self, id: &str) -> Result<Option<String>, Status> {
+        let key = id.to_string();
+        let rec = self.records(move |r| r.volume(&key)).await?;
+        Ok(rec
+            .map(|r| r.node)
+            .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
     }
 
-    fn volume_message(&self, rec: &VolumeRecord) -> Volume {
-        let mut context = HashMap::new();
-        if let Some(fs) = rec.parameters.get("fsType") {
-            context.insert("fsType".to_string(), fs.clone());
-        }
-        Volume {
-            capacity_bytes: rec.capacity_bytes as i64,
-            volume_id: rec.volume_id.clone(),
-            volume_context: context,
-            content_source: rec.source.as_ref().map(|s| VolumeContentSource {
-                r#type: Some(match s {
-                    ContentSource::Snapshot(id) => {
-                        volume_content_source::Type::Snapshot(SnapshotSource {
-                            snapshot_id: id.clone(),
-                        })
-                    }
-                    ContentSource::Volume(id) => {
-                        volume_content_source::Type::Volume(VolumeSource {
-                            volume_id: id.clone(),
-                        })
-                    }
+    async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
+        let key = id.to_string();
+        let rec = self.records(move |r| r.snapshot(&key)).await?;
+        Ok(rec
+            .map(|r| r.node)
+            .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
+    }
+}
+
+fn topology(node: &str) -> Vec<Topology> {
+    vec![Topology {
+        segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.to_string())]),
+    }]
+}
+
+fn volume_message(rec: &VolumeRecord) -> Volume {
+    let mut context = HashMap::new();
+    if let Some(fs) = rec.parameters.get("fsType") {
+        context.insert("fsType".to_string(), fs.clone());
+    }
+    Volume {
+        capacity_bytes: rec.capacity_bytes as i64,
+        volume_id: rec.volume_id.clone(),
+        volume_context: context,
+        content_source: rec.source.as_ref().map(|s| VolumeContentSource {
+            r#type: Some(match s {
+                ContentSource::Snapshot(id) => {
+                    volume_content_source::Type::Snapshot(SnapshotSource {
+                        snapshot_id: id.clone(),
+                    })
+                }
+                ContentSource::Volume(id) => volume_content_source::Type::Volume(VolumeSource {
+                    volume_id: id.clone(),
                 }),
             }),
-            accessible_topology: self.topology(),
-        }
+        }),
+        accessible_topology: topology(&rec.node),
     }
+}
+
+fn snapshot_message(rec: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        size_bytes: rec.size_bytes as i64,
+        snapshot_id: rec.snapshot_id.clone(),
+        source_volume_id: rec.source_volume_id.clone(),
+        creation_time: Some(timestamp(rec.created_unix_ns)),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// The Strata node a CSI topology names, if it names one.
+fn topology_node(t: &Topology) -> Option<&str> {
+    t.segments.get(TOPOLOGY_KEY).map(String::as_str)
+}
+
+/// Which nodes the accessibility requirements allow, and which they
+/// prefer (in order).
+fn requirements(req: Option<&TopologyRequirement>) -> (Option<Vec<String>>, Vec<String>) {
+    let Some(req) = req else {
+        return (None, Vec::new());
+    };
+    let requisite: Vec<String> = req
+        .requisite
+        .iter()
+        .filter_map(topology_node)
+        .map(str::to_string)
+        .collect();
+    let preferred = req
+        .preferred
+        .iter()
+        .filter_map(topology_node)
+        .map(str::to_string)
+        .collect();
+    let allowed = (!req.requisite.is_empty()).then_some(requisite);
+    (allowed, preferred)
 }
 
 fn timestamp(ns: u64) -> prost_types::Timestamp {
@@ -170,16 +238,6 @@ pub(crate) fn check_capabilities(caps: &[VolumeCapability]) -> Result<(), Status
     Ok(())
 }
 
-fn parse_volume_id(id: &str) -> Result<VolumeId, Status> {
-    id.parse()
-        .map_err(|_| Status::not_found(format!("volume {id:?} does not exist")))
-}
-
-fn parse_snapshot_id(id: &str) -> Result<SnapshotId, Status> {
-    id.parse()
-        .map_err(|_| Status::not_found(format!("snapshot {id:?} does not exist")))
-}
-
 /// Pagination over a list sorted by ID: a token is the last ID of the
 /// previous page (stable while entries come and go). A token that is not
 /// an ID is ABORTED, as the spec asks.
@@ -239,103 +297,153 @@ impl Controller for ControllerService {
             None => None,
         };
         let range = req.capacity_range.unwrap_or_default();
+        let (allowed, preferred) = requirements(req.accessibility_requirements.as_ref());
         let _guard = self.inflight.claim(&format!("volume name {}", req.name))?;
-        let node = self.node_id.clone();
+
+        // A source lives on one node; its size is the default (and the
+        // minimum) of the new volume.
+        let source_at =
+            match &source {
+                Some(ContentSource::Snapshot(id)) => {
+                    parse_snapshot_id(id)?;
+                    let node = self.snapshot_node(id).await?.ok_or_else(|| {
+                        Status::not_found(format!("snapshot {id:?} does not exist"))
+                    })?;
+                    let reply = self
+                        .agent(&node)?
+                        .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                            snapshot_id: id.clone(),
+                        }))
+                        .await?;
+                    Some((node, reply.into_inner().size_bytes))
+                }
+                Some(ContentSource::Volume(id)) => {
+                    parse_volume_id(id)?;
+                    let node = self.volume_node(id).await?.ok_or_else(|| {
+                        Status::not_found(format!("volume {id:?} does not exist"))
+                    })?;
+                    let reply = self
+                        .agent(&node)?
+                        .get_volume(Request::new(agent::GetVolumeRequest {
+                            volume_id: id.clone(),
+                        }))
+                        .await?;
+                    Some((node, reply.into_inner().size_bytes))
+                }
+                None => None,
+            };
+        let source_size = source_at.as_ref().map(|(_, s)| *s);
+        let size = params::size_for(
+            range.required_bytes,
+            range.limit_bytes,
+            source_size.unwrap_or(DEFAULT_SIZE),
+        )?;
+        if let Some(min) = source_size.filter(|m| size < *m) {
+            return Err(Status::out_of_range(format!(
+                "the source is {min} bytes; a volume made from it cannot be smaller ({size} bytes asked)"
+            )));
+        }
+        if let Some((fs, min)) = fs_type
+            .as_deref()
+            .and_then(|fs| Some((fs, crate::node::mount::min_size(fs)?)))
+            .filter(|(_, min)| size < *min)
+        {
+            return Err(Status::out_of_range(format!(
+                "{fs} needs a volume of at least {min} bytes ({} MiB); {size} bytes asked",
+                min >> 20
+            )));
+        }
+
         let name = req.name.clone();
-        let rec = self
-            .blocking(move |pool, records| {
-                // The source's size is the default (and the minimum).
-                let source_size = match &source {
-                    Some(ContentSource::Snapshot(id)) => {
-                        let sid = parse_snapshot_id(id)?;
-                        Some(pool.snapshot_info(sid).map_err(status::engine)?.size_bytes)
-                    }
-                    Some(ContentSource::Volume(id)) => {
-                        let vid = parse_volume_id(id)?;
-                        Some(pool.volume_info(vid).map_err(status::engine)?.size_bytes)
-                    }
-                    None => None,
-                };
-                let size = params::size_for(range.required_bytes, range.limit_bytes, source_size.unwrap_or(DEFAULT_SIZE))?;
-                if let Some(min) = source_size.filter(|m| size < *m) {
-                    return Err(Status::out_of_range(format!(
-                        "the source is {min} bytes; a volume made from it cannot be smaller ({size} bytes asked)"
-                    )));
-                }
-                if let Some((fs, min)) = fs_type
-                    .as_deref()
-                    .and_then(|fs| Some((fs, crate::node::mount::min_size(fs)?)))
-                    .filter(|(_, min)| size < *min)
+        let existing = self.records(move |r| r.volume_by_name(&name)).await?;
+        let mut rec = match existing {
+            Some(rec) => {
+                if rec.capacity_bytes != size || rec.parameters != defining || rec.source != source
                 {
-                    return Err(Status::out_of_range(format!(
-                        "{fs} needs a volume of at least {min} bytes ({} MiB); {size} bytes asked",
-                        min >> 20
+                    return Err(Status::already_exists(format!(
+                        "volume {:?} exists with another size, parameters or source \
+                         ({} bytes, {:?}, {:?})",
+                        req.name, rec.capacity_bytes, rec.parameters, rec.source
                     )));
                 }
-                let existing = records.volume_by_name(&name).map_err(status::records)?;
-                let mut rec = match existing {
-                    Some(rec) => {
-                        if rec.capacity_bytes != size || rec.parameters != defining || rec.source != source {
-                            return Err(Status::already_exists(format!(
-                                "volume {name:?} exists with another size, parameters or source \
-                                 ({} bytes, {:?}, {:?})",
-                                rec.capacity_bytes, rec.parameters, rec.source
+                rec
+            }
+            None => {
+                let node = match &source_at {
+                    // Until volumes move between nodes, a restore or clone
+                    // is made where its source's layers are.
+                    Some((node, _)) => {
+                        if allowed.as_ref().is_some_and(|a| !a.contains(node)) {
+                            return Err(Status::resource_exhausted(format!(
+                                "the source of this volume is on node {node}, which the accessibility \
+                                 requirements exclude ({:?}); Strata makes restores and clones on the \
+                                 source's node: allow that node (for example a StorageClass with \
+                                 volumeBindingMode: WaitForFirstConsumer and a pod that can run there)",
+                                allowed.unwrap_or_default()
                             )));
                         }
-                        rec
+                        node.clone()
                     }
-                    None => {
-                        let rec = VolumeRecord {
-                            name: name.clone(),
-                            volume_id: VolumeId::new_random().to_string(),
-                            capacity_bytes: size,
-                            parameters: defining,
-                            source: source.clone(),
-                            node,
-                            state: RecordState::Creating,
-                            created_unix_ns: now_ns(),
-                        };
-                        records.put_volume(&rec).map_err(status::records)?;
-                        rec
-                    }
+                    None => self.cluster.get()?.nodes.place(
+                        size,
+                        |n| allowed.as_ref().is_none_or(|a| a.iter().any(|x| x == n)),
+                        &preferred,
+                    )?,
                 };
-                if rec.state == RecordState::Creating {
-                    let vid = parse_volume_id(&rec.volume_id)?;
-                    let created = match &rec.source {
-                        None => pool.create_volume_as(vid, size).map(drop),
-                        Some(ContentSource::Snapshot(id)) => {
-                            pool.clone_snapshot_as(parse_snapshot_id(id)?, vid, Some(size)).map(drop)
-                        }
-                        Some(ContentSource::Volume(id)) => {
-                            pool.clone_volume_as(parse_volume_id(id)?, vid, Some(size)).map(drop)
-                        }
-                    };
-                    match created {
-                        Ok(()) | Err(Error::AlreadyExists(_)) => {}
-                        Err(e) => {
-                            // Nothing was created: forget the name so a
-                            // retry with other arguments is not refused.
-                            let _ = records.delete_volume(&rec.volume_id);
-                            return Err(status::engine(e));
-                        }
+                let rec = VolumeRecord {
+                    name: req.name.clone(),
+                    volume_id: VolumeId::new_random().to_string(),
+                    capacity_bytes: size,
+                    parameters: defining,
+                    source: source.clone(),
+                    node,
+                    state: RecordState::Creating,
+                    created_unix_ns: now_ns(),
+                };
+                let put = rec.clone();
+                self.records(move |r| r.put_volume(&put)).await?;
+                rec
+            }
+        };
+        if rec.state == RecordState::Creating {
+            let create = agent::CreateVolumeRequest {
+                volume_id: rec.volume_id.clone(),
+                size_bytes: size,
+                source: rec.source.as_ref().map(|s| match s {
+                    ContentSource::Snapshot(id) => {
+                        agent::create_volume_request::Source::SnapshotId(id.clone())
                     }
-                    let vid = parse_volume_id(&rec.volume_id)?;
-                    if let Some(d) = vparams.max_chain_depth {
-                        pool.set_policy(vid, VolumePolicy { max_chain_depth: d })
-                            .map_err(status::engine)?;
+                    ContentSource::Volume(id) => {
+                        agent::create_volume_request::Source::SourceVolumeId(id.clone())
                     }
-                    if vparams.flatten_clones && rec.source.is_some() {
-                        pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
-                            .map_err(status::engine)?;
-                    }
-                    rec.state = RecordState::Ready;
-                    records.put_volume(&rec).map_err(status::records)?;
+                }),
+                max_chain_depth: vparams.max_chain_depth.unwrap_or(0),
+                flatten: vparams.flatten_clones,
+            };
+            let created = match self.agent(&rec.node) {
+                Ok(a) => a.create_volume(Request::new(create)).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = created {
+                // Nothing was created on a refusal: forget the name so a
+                // retry with other arguments is not refused. A node that
+                // did not answer may have created it: keep the record, so
+                // the retry finishes it there.
+                if !matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) {
+                    let id = rec.volume_id.clone();
+                    let _ = self.records(move |r| r.delete_volume(&id)).await;
                 }
-                Ok(rec)
-            })
-            .await?;
+                return Err(e);
+            }
+            rec.state = RecordState::Ready;
+            let put = rec.clone();
+            self.records(move |r| r.put_volume(&put)).await?;
+        }
         Ok(Response::new(CreateVolumeResponse {
-            volume: Some(self.volume_message(&rec)),
+            volume: Some(volume_message(&rec)),
         }))
     }
 
@@ -348,27 +456,18 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         let _guard = self.inflight.claim(&format!("volume {id}"))?;
-        let Ok(vid) = id.parse::<VolumeId>() else {
+        if id.parse::<VolumeId>().is_err() {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
-        };
-        if self.node().is_some_and(|n| n.is_staged(vid)) {
-            return Err(Status::failed_precondition(format!(
-                "volume {vid} is staged on node {}; unstage it (delete the pods using it) first",
-                self.node_id
-            )));
         }
-        self.blocking(move |pool, records| {
-            match pool.delete_volume(vid) {
-                Ok(()) | Err(Error::VolumeNotFound(_)) => {}
-                Err(e) => return Err(status::engine(e)),
-            }
-            records
-                .delete_volume(&vid.to_string())
-                .map_err(status::records)
-        })
-        .await?;
-        self.metrics.forget_export(&vid.to_string());
+        if let Some(node) = self.volume_node(&id).await? {
+            self.agent(&node)?
+                .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                }))
+                .await?;
+        }
+        self.records(move |r| r.delete_volume(&id)).await?;
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
@@ -401,8 +500,14 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
-        let vid = parse_volume_id(&req.volume_id)?;
-        self.blocking(move |pool, _| pool.volume_info(vid).map_err(status::engine))
+        parse_volume_id(&req.volume_id)?;
+        let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        self.agent(&node)?
+            .get_volume(Request::new(agent::GetVolumeRequest {
+                volume_id: req.volume_id.clone(),
+            }))
             .await?;
         if let Err(unsupported) = check_capabilities(&req.volume_capabilities) {
             return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
@@ -432,42 +537,22 @@ impl Controller for ControllerService {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        let (vols, records) = self
-            .blocking(|pool, records| {
-                let vols = pool.list_volumes().map_err(status::engine)?;
-                let recs = vols
-                    .iter()
-                    .map(|v| records.volume(&v.id.to_string()).map_err(status::records))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((vols, recs))
-            })
-            .await?;
-        let items: Vec<_> = vols.into_iter().zip(records).collect();
-        let (items, next_token) = page(
-            items,
-            |(v, _)| v.id.to_string(),
+        let recs = self.records(|r| r.volumes()).await?;
+        let recs: Vec<_> = recs
+            .into_iter()
+            .filter(|r| r.state == RecordState::Ready)
+            .collect();
+        let (recs, next_token) = page(
+            recs,
+            |r| r.volume_id.clone(),
             req.max_entries,
             &req.starting_token,
         )?;
-        let entries = items
-            .into_iter()
-            .map(|(v, rec)| {
-                let rec = rec.unwrap_or_else(|| VolumeRecord {
-                    name: String::new(),
-                    volume_id: v.id.to_string(),
-                    capacity_bytes: v.size_bytes,
-                    parameters: Default::default(),
-                    source: None,
-                    node: self.node_id.clone(),
-                    state: RecordState::Ready,
-                    created_unix_ns: v.created_unix_ns,
-                });
-                let mut volume = self.volume_message(&rec);
-                volume.capacity_bytes = v.size_bytes as i64;
-                list_volumes_response::Entry {
-                    volume: Some(volume),
-                    status: None,
-                }
+        let entries = recs
+            .iter()
+            .map(|rec| list_volumes_response::Entry {
+                volume: Some(volume_message(rec)),
+                status: None,
             })
             .collect();
         Ok(Response::new(ListVolumesResponse {
@@ -478,15 +563,23 @@ impl Controller for ControllerService {
 
     async fn get_capacity(
         &self,
-        _: Request<GetCapacityRequest>,
+        req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        let space = self
-            .blocking(|pool, _| pool.space().map_err(status::engine))
-            .await?;
-        let available = space.free_bytes.saturating_sub(space.reserved_bytes);
+        let req = req.into_inner();
+        let cluster = self.cluster.get()?;
+        let nodes = cluster.nodes.list()?;
+        let wanted = req.accessible_topology.as_ref().and_then(topology_node);
+        let available = nodes
+            .iter()
+            .filter(|n| n.state == crate::cluster::records::NodeState::Ready)
+            .filter(|n| wanted.is_none_or(|w| w == n.node_id))
+            .map(|n| cluster.nodes.room(n))
+            .max()
+            .unwrap_or(0);
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available as i64,
-            maximum_volume_size: None,
+            // One volume lives on one node: no volume can be larger.
+            maximum_volume_size: Some(available as i64),
             minimum_volume_size: Some(4096),
         }))
     }
@@ -533,61 +626,70 @@ impl Controller for ControllerService {
         let _guard = self
             .inflight
             .claim(&format!("snapshot name {}", req.name))?;
-        let node = self.node_id.clone();
-        let node_side = self.node().filter(|_| sparams.freeze);
-        let rec = self
-            .blocking(move |pool, records| {
-                let vid = parse_volume_id(&req.source_volume_id)?;
-                let mut rec = match records
-                    .snapshot_by_name(&req.name)
-                    .map_err(status::records)?
-                {
-                    Some(rec) if rec.source_volume_id != req.source_volume_id => {
-                        return Err(Status::already_exists(format!(
-                            "snapshot {:?} exists for another volume ({})",
-                            req.name, rec.source_volume_id
-                        )));
-                    }
-                    Some(rec) => rec,
-                    None => {
-                        let size = pool.volume_info(vid).map_err(status::engine)?.size_bytes;
-                        let rec = SnapshotRecord {
-                            name: req.name.clone(),
-                            snapshot_id: SnapshotId::new_random().to_string(),
-                            source_volume_id: req.source_volume_id.clone(),
-                            size_bytes: size,
-                            node,
-                            state: RecordState::Creating,
-                            created_unix_ns: now_ns(),
-                        };
-                        records.put_snapshot(&rec).map_err(status::records)?;
-                        rec
-                    }
+        parse_volume_id(&req.source_volume_id)?;
+        let name = req.name.clone();
+        let existing = self.records(move |r| r.snapshot_by_name(&name)).await?;
+        let mut rec = match existing {
+            Some(rec) if rec.source_volume_id != req.source_volume_id => {
+                return Err(Status::already_exists(format!(
+                    "snapshot {:?} exists for another volume ({})",
+                    req.name, rec.source_volume_id
+                )));
+            }
+            Some(rec) => rec,
+            None => {
+                let node = self
+                    .volume_node(&req.source_volume_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "volume {:?} does not exist",
+                            req.source_volume_id
+                        ))
+                    })?;
+                let rec = SnapshotRecord {
+                    name: req.name.clone(),
+                    snapshot_id: SnapshotId::new_random().to_string(),
+                    source_volume_id: req.source_volume_id.clone(),
+                    size_bytes: 0,
+                    node,
+                    state: RecordState::Creating,
+                    created_unix_ns: now_ns(),
                 };
-                if rec.state == RecordState::Creating {
-                    let sid = parse_snapshot_id(&rec.snapshot_id)?;
-                    // Thawed when dropped: after the snapshot, or on any error.
-                    let _frozen = match &node_side {
-                        Some(n) => n.freeze(vid).map_err(status::node)?,
-                        None => None,
-                    };
-                    match pool.create_snapshot_as(vid, sid) {
-                        Ok(info) => {
-                            rec.size_bytes = info.size_bytes;
-                            rec.created_unix_ns = info.created_unix_ns;
-                        }
-                        Err(Error::AlreadyExists(_)) => {}
-                        Err(e) => {
-                            let _ = records.delete_snapshot(&rec.snapshot_id);
-                            return Err(status::engine(e));
-                        }
+                let put = rec.clone();
+                self.records(move |r| r.put_snapshot(&put)).await?;
+                rec
+            }
+        };
+        if rec.state == RecordState::Creating {
+            let create = agent::CreateSnapshotRequest {
+                volume_id: rec.source_volume_id.clone(),
+                snapshot_id: rec.snapshot_id.clone(),
+                freeze_filesystem: sparams.freeze,
+            };
+            let created = match self.agent(&rec.node) {
+                Ok(a) => a.create_snapshot(Request::new(create)).await,
+                Err(e) => Err(e),
+            };
+            let info = match created {
+                Ok(info) => info.into_inner(),
+                Err(e) => {
+                    if !matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) {
+                        let id = rec.snapshot_id.clone();
+                        let _ = self.records(move |r| r.delete_snapshot(&id)).await;
                     }
-                    rec.state = RecordState::Ready;
-                    records.put_snapshot(&rec).map_err(status::records)?;
+                    return Err(e);
                 }
-                Ok(rec)
-            })
-            .await?;
+            };
+            rec.size_bytes = info.size_bytes;
+            rec.created_unix_ns = info.created_unix_ns;
+            rec.state = RecordState::Ready;
+            let put = rec.clone();
+            self.records(move |r| r.put_snapshot(&put)).await?;
+        }
         Ok(Response::new(CreateSnapshotResponse {
             snapshot: Some(snapshot_message(&rec)),
         }))
@@ -602,20 +704,17 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
         let _guard = self.inflight.claim(&format!("snapshot {id}"))?;
-        let Ok(sid) = id.parse::<SnapshotId>() else {
+        if id.parse::<SnapshotId>().is_err() {
             return Ok(Response::new(DeleteSnapshotResponse {}));
-        };
-        self.blocking(move |pool, records| {
-            match pool.delete_snapshot(sid) {
-                Ok(()) | Err(Error::SnapshotNotFound(_)) => {}
-                Err(e) => return Err(status::engine(e)),
-            }
-            records
-                .delete_snapshot(&sid.to_string())
-                .map_err(status::records)
-        })
-        .await?;
-        self.metrics.forget_export(&sid.to_string());
+        }
+        if let Some(node) = self.snapshot_node(&id).await? {
+            self.agent(&node)?
+                .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                }))
+                .await?;
+        }
+        self.records(move |r| r.delete_snapshot(&id)).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
@@ -624,33 +723,25 @@ impl Controller for ControllerService {
         req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let req = req.into_inner();
-        let snaps = self
-            .blocking(|pool, _| pool.list_snapshots().map_err(status::engine))
-            .await?;
+        let snaps = self.records(|r| r.snapshots()).await?;
         let snaps: Vec<_> = snaps
             .into_iter()
-            .filter(|s| req.snapshot_id.is_empty() || s.id.to_string() == req.snapshot_id)
+            .filter(|s| s.state == RecordState::Ready)
+            .filter(|s| req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
             .filter(|s| {
-                req.source_volume_id.is_empty() || s.volume.to_string() == req.source_volume_id
+                req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
             })
             .collect();
         let (snaps, next_token) = page(
             snaps,
-            |s| s.id.to_string(),
+            |s| s.snapshot_id.clone(),
             req.max_entries,
             &req.starting_token,
         )?;
         let entries = snaps
-            .into_iter()
+            .iter()
             .map(|s| list_snapshots_response::Entry {
-                snapshot: Some(Snapshot {
-                    size_bytes: s.size_bytes as i64,
-                    snapshot_id: s.id.to_string(),
-                    source_volume_id: s.volume.to_string(),
-                    creation_time: Some(timestamp(s.created_unix_ns)),
-                    ready_to_use: true,
-                    group_snapshot_id: String::new(),
-                }),
+                snapshot: Some(snapshot_message(s)),
             })
             .collect();
         Ok(Response::new(ListSnapshotsResponse {
@@ -671,26 +762,42 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("capacity_range is required"));
         };
         let _guard = self.inflight.claim(&format!("volume {}", req.volume_id))?;
-        let vid = parse_volume_id(&req.volume_id)?;
+        parse_volume_id(&req.volume_id)?;
         let block = matches!(
             req.volume_capability.and_then(|c| c.access_type),
             Some(AccessType::Block(_))
         );
-        let size = self
-            .blocking(move |pool, records| {
-                let current = pool.volume_info(vid).map_err(status::engine)?.size_bytes;
-                let want = params::size_for(range.required_bytes, range.limit_bytes, current)?;
-                if want <= current {
-                    return Ok(current);
-                }
-                let info = pool.resize_volume(vid, want).map_err(status::engine)?;
-                if let Some(mut rec) = records.volume(&vid.to_string()).map_err(status::records)? {
-                    rec.capacity_bytes = info.size_bytes;
-                    records.put_volume(&rec).map_err(status::records)?;
-                }
-                Ok(info.size_bytes)
-            })
-            .await?;
+        let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        let agent = self.agent(&node)?;
+        let current = agent
+            .get_volume(Request::new(agent::GetVolumeRequest {
+                volume_id: req.volume_id.clone(),
+            }))
+            .await?
+            .into_inner()
+            .size_bytes;
+        let want = params::size_for(range.required_bytes, range.limit_bytes, current)?;
+        let size = agent
+            .expand_volume(Request::new(agent::ExpandVolumeRequest {
+                volume_id: req.volume_id.clone(),
+                size_bytes: want,
+            }))
+            .await?
+            .into_inner()
+            .size_bytes;
+        let id = req.volume_id.clone();
+        self.records(move |r| {
+            if let Some(mut rec) = r.volume(&id)?
+                && rec.capacity_bytes != size
+            {
+                rec.capacity_bytes = size;
+                r.put_volume(&rec)?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: size as i64,
             node_expansion_required: !block,
@@ -705,41 +812,39 @@ impl Controller for ControllerService {
         if id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
-        let vid = parse_volume_id(&id)?;
-        let (info, rec) = self
-            .blocking(move |pool, records| {
-                let info = pool.volume_info(vid).map_err(status::engine)?;
-                Ok((
-                    info,
-                    records.volume(&vid.to_string()).map_err(status::records)?,
-                ))
-            })
-            .await?;
+        parse_volume_id(&id)?;
+        let key = id.clone();
+        let rec = self.records(move |r| r.volume(&key)).await?;
+        let node = self
+            .volume_node(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))?;
+        let info = self
+            .agent(&node)?
+            .get_volume(Request::new(agent::GetVolumeRequest {
+                volume_id: id.clone(),
+            }))
+            .await?
+            .into_inner();
         let rec = rec.unwrap_or_else(|| VolumeRecord {
             name: String::new(),
             volume_id: id.clone(),
             capacity_bytes: info.size_bytes,
             parameters: Default::default(),
             source: None,
-            node: self.node_id.clone(),
+            node,
             state: RecordState::Ready,
             created_unix_ns: info.created_unix_ns,
         });
-        let mut volume = self.volume_message(&rec);
+        let mut volume = volume_message(&rec);
         volume.capacity_bytes = info.size_bytes as i64;
         Ok(Response::new(ControllerGetVolumeResponse {
             volume: Some(volume),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: Vec::new(),
-                volume_condition: Some(match self.node().and_then(|n| n.condition(vid)) {
-                    Some(c) => VolumeCondition {
-                        abnormal: c.abnormal,
-                        message: c.message,
-                    },
-                    None => VolumeCondition {
-                        abnormal: false,
-                        message: "healthy (not staged on any node)".into(),
-                    },
+                volume_condition: Some(VolumeCondition {
+                    abnormal: info.abnormal,
+                    message: info.condition,
                 }),
             }),
         }))
@@ -762,30 +867,27 @@ impl Controller for ControllerService {
         if id.is_empty() {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
-        let sid = parse_snapshot_id(&id)?;
+        parse_snapshot_id(&id)?;
+        let node = self
+            .snapshot_node(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("snapshot {id:?} does not exist")))?;
         let info = self
-            .blocking(move |pool, _| pool.snapshot_info(sid).map_err(status::engine))
-            .await?;
+            .agent(&node)?
+            .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                snapshot_id: id.clone(),
+            }))
+            .await?
+            .into_inner();
         Ok(Response::new(GetSnapshotResponse {
             snapshot: Some(Snapshot {
                 size_bytes: info.size_bytes as i64,
-                snapshot_id: info.id.to_string(),
-                source_volume_id: info.volume.to_string(),
+                snapshot_id: info.snapshot_id,
+                source_volume_id: info.volume_id,
                 creation_time: Some(timestamp(info.created_unix_ns)),
                 ready_to_use: true,
                 group_snapshot_id: String::new(),
             }),
         }))
-    }
-}
-
-fn snapshot_message(rec: &SnapshotRecord) -> Snapshot {
-    Snapshot {
-        size_bytes: rec.size_bytes as i64,
-        snapshot_id: rec.snapshot_id.clone(),
-        source_volume_id: rec.source_volume_id.clone(),
-        creation_time: Some(timestamp(rec.created_unix_ns)),
-        ready_to_use: true,
-        group_snapshot_id: String::new(),
     }
 }

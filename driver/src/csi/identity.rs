@@ -20,6 +20,8 @@ pub const DRIVER_NAME: &str = "csi.strata.dev";
 pub struct IdentityService {
     started: Started,
     controller: bool,
+    /// Ready regardless of `started` (a controller, which has no engine).
+    always_ready: bool,
 }
 
 impl IdentityService {
@@ -27,7 +29,14 @@ impl IdentityService {
         IdentityService {
             started,
             controller,
+            always_ready: false,
         }
+    }
+
+    /// Probe says ready at once: for a process without an engine to open.
+    pub fn always_ready(mut self) -> Self {
+        self.always_ready = true;
+        self
     }
 }
 
@@ -77,7 +86,7 @@ impl Identity for IdentityService {
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         Ok(Response::new(ProbeResponse {
-            ready: Some(self.started.is_ready()),
+            ready: Some(self.always_ready || self.started.is_ready()),
         }))
     }
 }

@@ -16,14 +16,12 @@ use std::sync::{Arc, OnceLock};
 pub use guard::InFlight;
 use tonic::Status;
 
-use crate::cluster::records::Records;
 use crate::engine::Pool;
 
 /// What the services work on once the node has started.
 #[derive(Debug)]
 pub struct Core {
     pub pool: Pool,
-    pub records: Arc<dyn Records>,
     /// The node side, where this process also serves CSI Node.
     pub node: Option<Arc<crate::node::Node>>,
 }

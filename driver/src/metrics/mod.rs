@@ -17,6 +17,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::cluster::nodes::Nodes;
+use crate::cluster::records::NodeState;
 use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
@@ -65,6 +67,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pool: Arc<OnceLock<Pool>>,
+    nodes: Arc<OnceLock<Arc<Nodes>>>,
     ops: Family<VolumeOp, Counter>,
     bytes: Family<VolumeOp, Counter>,
     latency: HistogramFamily<VolumeOp>,
@@ -172,8 +175,13 @@ impl Metrics {
         registry.register_collector(Box::new(PoolCollector {
             pool: Arc::clone(&pool),
         }));
+        let nodes = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(NodesCollector {
+            nodes: Arc::clone(&nodes),
+        }));
         Arc::new(Metrics {
             pool,
+            nodes,
             registry,
             ops,
             bytes,
@@ -191,6 +199,12 @@ impl Metrics {
     /// Reads `pool`'s gauges at every scrape from now on.
     pub fn watch_pool(&self, pool: Pool) {
         let _ = self.pool.set(pool);
+    }
+
+    /// Reports the nodes the controller knows (`strata_nodes{state}`,
+    /// `strata_node_room_bytes{node}`) at each scrape.
+    pub fn watch_nodes(&self, nodes: Arc<Nodes>) {
+        let _ = self.nodes.set(nodes);
     }
 
     /// Handles for one operation on one volume.
@@ -303,6 +317,56 @@ fn gauge(
     let g = ConstGauge::new(value);
     let metric = encoder.encode_descriptor(name, help, unit, g.metric_type())?;
     g.encode(metric)
+}
+
+#[derive(Debug)]
+struct NodesCollector {
+    nodes: Arc<OnceLock<Arc<Nodes>>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+impl Collector for NodesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(nodes) = self.nodes.get() else {
+            return Ok(());
+        };
+        let Ok(list) = nodes.list() else {
+            return Ok(());
+        };
+        let kind = ConstGauge::new(0i64).metric_type();
+        let mut metric = encoder.encode_descriptor(
+            "nodes",
+            "Nodes the controller knows, by state (stale: not answering its heartbeat)",
+            None,
+            kind,
+        )?;
+        for (state, label) in [(NodeState::Ready, "ready"), (NodeState::Stale, "stale")] {
+            let n = list.iter().filter(|n| n.state == state).count() as i64;
+            ConstGauge::new(n).encode(metric.encode_family(&StateLabel { state: label })?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "node_room",
+            "Bytes of new volumes a node can still take (thin: capacity times the overcommit ratio, less what is provisioned)",
+            Some(&prometheus_client::registry::Unit::Bytes),
+            kind,
+        )?;
+        for n in &list {
+            let labels = NodeLabel {
+                node: n.node_id.clone(),
+            };
+            ConstGauge::new(nodes.room(n) as i64).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,0 +1,67 @@
+//! [`RemoteAgent`]: the [`Agent`] trait over the network, for the
+//! controller. Connections are made lazily and re-made after a failure by
+//! tonic; a node that cannot be reached gives UNAVAILABLE, which the CSI
+//! sidecars retry.
+
+use std::time::Duration;
+
+use csi_proto::agent::v1::agent_client::AgentClient;
+use csi_proto::agent::v1::agent_server::Agent;
+use csi_proto::agent::v1::*;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::tls::TlsFiles;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call may take (a snapshot waits for a flush, a create
+/// from a snapshot for an index copy; both are far below this).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A node's agent, reached at `https://ADDRESS:PORT` with mutual TLS.
+#[derive(Debug, Clone)]
+pub struct RemoteAgent {
+    client: AgentClient<Channel>,
+}
+
+impl RemoteAgent {
+    /// A client for the agent at `address` (`host:port`). No connection is
+    /// made until the first call.
+    pub fn new(address: &str, tls: &TlsFiles) -> Result<Self, Status> {
+        let endpoint = Endpoint::from_shared(format!("https://{address}"))
+            .map_err(|e| Status::internal(format!("agent address {address:?}: {e}")))?
+            .tls_config(tls.client())
+            .map_err(|e| Status::internal(format!("agent TLS configuration: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        Ok(RemoteAgent {
+            client: AgentClient::new(endpoint.connect_lazy()),
+        })
+    }
+}
+
+/// Forwards each call of the [`Agent`] trait to the remote agent.
+macro_rules! forward {
+    ($($name:ident($req:ty) -> $reply:ty;)*) => {
+        #[tonic::async_trait]
+        impl Agent for RemoteAgent {
+            $(
+                async fn $name(&self, req: Request<$req>) -> Result<Response<$reply>, Status> {
+                    self.client.clone().$name(req.into_inner()).await
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    node_info(NodeInfoRequest) -> NodeInfoReply;
+    create_volume(CreateVolumeRequest) -> VolumeReply;
+    delete_volume(DeleteVolumeRequest) -> DeleteReply;
+    get_volume(GetVolumeRequest) -> VolumeReply;
+    expand_volume(ExpandVolumeRequest) -> VolumeReply;
+    create_snapshot(CreateSnapshotRequest) -> SnapshotReply;
+    delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;
+    get_snapshot(GetSnapshotRequest) -> SnapshotReply;
+}

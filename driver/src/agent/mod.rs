@@ -1,0 +1,285 @@
+//! The node agent (`strata.agent.v1.Agent`): the only way the controller
+//! changes a node's volumes. [`AgentService`] does the engine work of the
+//! CSI Controller calls on the node that holds the volume: create (empty,
+//! from a snapshot, from a volume), delete, expand, snapshot (with the
+//! filesystem frozen if asked), and reports the node's room and volume
+//! health.
+//!
+//! The generated [`Agent`] trait is the controller's view of a node. It
+//! has two implementations: [`AgentService`] itself, called in process by
+//! standalone mode, and [`client::RemoteAgent`], which forwards each call
+//! over mutual TLS ([`tls`]) to the `strata node` that serves it. So
+//! standalone and cluster mode run the same controller code.
+//!
+//! Every call is idempotent on its IDs. Engine and node errors become gRPC
+//! codes in `csi/status.rs`; the controller passes them on unchanged.
+
+pub mod client;
+pub mod tls;
+
+use csi_proto::agent::v1::agent_server::Agent;
+use csi_proto::agent::v1::create_volume_request::Source;
+use csi_proto::agent::v1::*;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::csi::{Core, Started, status};
+use crate::engine::{
+    Error, JobKind, JobReason, SnapshotId, SnapshotInfo, VolumeId, VolumeInfo, VolumePolicy,
+};
+use crate::metrics::Metrics;
+
+/// The agent of this node's engine.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    started: Started,
+    metrics: Arc<Metrics>,
+    node_id: String,
+    max_volumes: u32,
+}
+
+impl AgentService {
+    pub fn new(started: Started, metrics: Arc<Metrics>, node_id: String, max_volumes: u32) -> Self {
+        AgentService {
+            started,
+            metrics,
+            node_id,
+            max_volumes,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Core) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let started = self.started.clone();
+        tokio::task::spawn_blocking(move || f(started.get()?))
+            .await
+            .map_err(status::join)?
+    }
+}
+
+pub(crate) fn volume_id(id: &str) -> Result<VolumeId, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("volume_id is required"));
+    }
+    id.parse()
+        .map_err(|_| Status::not_found(format!("volume {id:?} does not exist")))
+}
+
+pub(crate) fn snapshot_id(id: &str) -> Result<SnapshotId, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("snapshot_id is required"));
+    }
+    id.parse()
+        .map_err(|_| Status::not_found(format!("snapshot {id:?} does not exist")))
+}
+
+fn volume_reply(v: &VolumeInfo) -> VolumeReply {
+    VolumeReply {
+        volume_id: v.id.to_string(),
+        size_bytes: v.size_bytes,
+        created_unix_ns: v.created_unix_ns,
+        abnormal: false,
+        condition: String::new(),
+    }
+}
+
+fn snapshot_reply(s: &SnapshotInfo) -> SnapshotReply {
+    SnapshotReply {
+        snapshot_id: s.id.to_string(),
+        volume_id: s.volume.to_string(),
+        size_bytes: s.size_bytes,
+        created_unix_ns: s.created_unix_ns,
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn node_info(
+        &self,
+        _: Request<NodeInfoRequest>,
+    ) -> Result<Response<NodeInfoReply>, Status> {
+        let (node_id, max_volumes) = (self.node_id.clone(), self.max_volumes);
+        let reply = self
+            .blocking(move |core| {
+                let space = core.pool.space().map_err(status::engine)?;
+                let volumes = core.pool.list_volumes().map_err(status::engine)?;
+                Ok(NodeInfoReply {
+                    node_id,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    capacity_bytes: space.capacity_bytes,
+                    available_bytes: space.free_bytes.saturating_sub(space.reserved_bytes),
+                    provisioned_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
+                    max_volumes,
+                    volumes: volumes.len() as u32,
+                })
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        let info = self
+            .blocking(move |core| {
+                let pool = &core.pool;
+                let size = Some(req.size_bytes);
+                let created = match &req.source {
+                    None => pool.create_volume_as(vid, req.size_bytes),
+                    Some(Source::SnapshotId(s)) => {
+                        pool.clone_snapshot_as(snapshot_id(s)?, vid, size)
+                    }
+                    Some(Source::SourceVolumeId(v)) => {
+                        pool.clone_volume_as(volume_id(v)?, vid, size)
+                    }
+                };
+                match created {
+                    Ok(_) | Err(Error::AlreadyExists(_)) => {}
+                    Err(e) => return Err(status::engine(e)),
+                }
+                if req.max_chain_depth != 0 {
+                    let policy = VolumePolicy {
+                        max_chain_depth: req.max_chain_depth,
+                    };
+                    pool.set_policy(vid, policy).map_err(status::engine)?;
+                }
+                if req.flatten && req.source.is_some() {
+                    pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
+                        .map_err(status::engine)?;
+                }
+                pool.volume_info(vid).map_err(status::engine)
+            })
+            .await?;
+        Ok(Response::new(volume_reply(&info)))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteReply>, Status> {
+        let id = req.into_inner().volume_id;
+        let Ok(vid) = volume_id(&id) else {
+            if id.is_empty() {
+                return Err(Status::invalid_argument("volume_id is required"));
+            }
+            return Ok(Response::new(DeleteReply {}));
+        };
+        let node_id = self.node_id.clone();
+        self.blocking(move |core| {
+            if core.node.as_ref().is_some_and(|n| n.is_staged(vid)) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} is staged on node {node_id}; unstage it (delete the pods using it) first"
+                )));
+            }
+            match core.pool.delete_volume(vid) {
+                Ok(()) | Err(Error::VolumeNotFound(_)) => Ok(()),
+                Err(e) => Err(status::engine(e)),
+            }
+        })
+        .await?;
+        self.metrics.forget_export(&vid.to_string());
+        Ok(Response::new(DeleteReply {}))
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<GetVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let vid = volume_id(&req.into_inner().volume_id)?;
+        let reply = self
+            .blocking(move |core| {
+                let info = core.pool.volume_info(vid).map_err(status::engine)?;
+                let mut reply = volume_reply(&info);
+                match core.node.as_ref().and_then(|n| n.condition(vid)) {
+                    Some(c) => (reply.abnormal, reply.condition) = (c.abnormal, c.message),
+                    None => reply.condition = "healthy (not staged on any node)".into(),
+                }
+                Ok(reply)
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn expand_volume(
+        &self,
+        req: Request<ExpandVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        let info = self
+            .blocking(move |core| {
+                let info = core.pool.volume_info(vid).map_err(status::engine)?;
+                if req.size_bytes <= info.size_bytes {
+                    return Ok(info);
+                }
+                core.pool
+                    .resize_volume(vid, req.size_bytes)
+                    .map_err(status::engine)
+            })
+            .await?;
+        Ok(Response::new(volume_reply(&info)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        let sid = snapshot_id(&req.snapshot_id)?;
+        let info = self
+            .blocking(move |core| {
+                // Thawed when dropped: after the snapshot, or on any error.
+                let _frozen = match core.node.as_ref().filter(|_| req.freeze_filesystem) {
+                    Some(n) => n.freeze(vid).map_err(status::node)?,
+                    None => None,
+                };
+                match core.pool.create_snapshot_as(vid, sid) {
+                    Ok(info) => Ok(info),
+                    Err(Error::AlreadyExists(_)) => {
+                        core.pool.snapshot_info(sid).map_err(status::engine)
+                    }
+                    Err(e) => Err(status::engine(e)),
+                }
+            })
+            .await?;
+        Ok(Response::new(snapshot_reply(&info)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteReply>, Status> {
+        let id = req.into_inner().snapshot_id;
+        let Ok(sid) = snapshot_id(&id) else {
+            if id.is_empty() {
+                return Err(Status::invalid_argument("snapshot_id is required"));
+            }
+            return Ok(Response::new(DeleteReply {}));
+        };
+        self.blocking(move |core| match core.pool.delete_snapshot(sid) {
+            Ok(()) | Err(Error::SnapshotNotFound(_)) => Ok(()),
+            Err(e) => Err(status::engine(e)),
+        })
+        .await?;
+        self.metrics.forget_export(&sid.to_string());
+        Ok(Response::new(DeleteReply {}))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<GetSnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let sid = snapshot_id(&req.into_inner().snapshot_id)?;
+        let info = self
+            .blocking(move |core| core.pool.snapshot_info(sid).map_err(status::engine))
+            .await?;
+        Ok(Response::new(snapshot_reply(&info)))
+    }
+}

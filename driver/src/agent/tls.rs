@@ -1,0 +1,80 @@
+//! Mutual TLS for the agent port. Both sides load three PEM files from one
+//! directory, named as in a Kubernetes TLS Secret with a CA: `ca.crt` (the
+//! CA that signed every Strata certificate), `tls.crt` and `tls.key` (this
+//! process's certificate and key). The server requires a client
+//! certificate signed by that CA; the client checks the server's
+//! certificate against the same CA and the name [`SERVER_NAME`], so a node
+//! certificate need not name the node's changing pod IP.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The DNS name every agent's server certificate carries.
+pub const SERVER_NAME: &str = "strata-agent";
+
+/// Why the TLS files could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM {what}")]
+    NotPem { path: PathBuf, what: &'static str },
+}
+
+/// The CA, certificate and key of one process.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+fn read(dir: &Path, name: &str, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    let path = dir.join(name);
+    let data = std::fs::read(&path).map_err(|source| TlsError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    // rustls reports a file without PEM blocks only at the first
+    // handshake; say it at start-up instead.
+    if !String::from_utf8_lossy(&data).contains("-----BEGIN ") {
+        return Err(TlsError::NotPem { path, what });
+    }
+    Ok(data)
+}
+
+impl TlsFiles {
+    /// Loads `ca.crt`, `tls.crt` and `tls.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        Ok(TlsFiles {
+            ca: read(dir, "ca.crt", "certificate")?,
+            cert: read(dir, "tls.crt", "certificate")?,
+            key: read(dir, "tls.key", "private key")?,
+        })
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::from_pem(&self.cert, &self.key)
+    }
+
+    /// The agent server's side: clients must present a certificate from
+    /// the CA.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity())
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    /// The controller's side.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(self.identity())
+            .domain_name(SERVER_NAME)
+    }
+}

@@ -1,0 +1,280 @@
+//! The nodes the controller places volumes on: how to reach each one's
+//! agent, which are alive, and which one a new volume goes to.
+//!
+//! A node is known by its [`NodeRecord`]. The heartbeat ([`Nodes::run`])
+//! asks every known agent for `NodeInfo` at a fixed interval and writes
+//! what it answered (room, version) into the record; a node that has not
+//! answered for `stale_after` is marked stale, gets no new volumes, and
+//! calls for its volumes fail with UNAVAILABLE until it answers again.
+//! Agents are known from `--node-agent` addresses (the embedded store) or
+//! from the records the nodes write themselves; standalone mode has one
+//! node, in process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use csi_proto::agent::v1::NodeInfoRequest;
+use csi_proto::agent::v1::agent_server::Agent;
+use tonic::{Request, Status};
+
+use super::records::{NodeRecord, NodeState, Records};
+use crate::agent::client::RemoteAgent;
+use crate::agent::tls::TlsFiles;
+
+/// How often and how patiently the controller checks on nodes.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub stale_after: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(10),
+            stale_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The registry of nodes and their agents.
+pub struct Nodes {
+    records: Arc<dyn Records>,
+    /// The node of this very process (standalone), called without network.
+    local: Option<(String, Arc<dyn Agent>)>,
+    tls: Option<TlsFiles>,
+    /// Addresses to ask even before any record names them.
+    seeds: Vec<String>,
+    remotes: Mutex<HashMap<String, Arc<dyn Agent>>>,
+    /// Thin provisioning: a node takes volumes until their sizes add up
+    /// to its capacity times this ratio.
+    overcommit: f64,
+    heartbeat: Heartbeat,
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nodes")
+            .field("local", &self.local_id())
+            .field("seeds", &self.seeds)
+            .field("overcommit", &self.overcommit)
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn records_err(e: super::records::RecordsError) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl Nodes {
+    /// Standalone: the one node is this process.
+    pub fn local(records: Arc<dyn Records>, node_id: String, agent: Arc<dyn Agent>) -> Self {
+        Nodes {
+            records,
+            local: Some((node_id, agent)),
+            tls: None,
+            seeds: Vec::new(),
+            remotes: Mutex::default(),
+            overcommit: 1.0,
+            heartbeat: Heartbeat::default(),
+        }
+    }
+
+    /// Cluster mode: nodes are reached over mutual TLS.
+    pub fn remote(
+        records: Arc<dyn Records>,
+        tls: TlsFiles,
+        seeds: Vec<String>,
+        overcommit: f64,
+        heartbeat: Heartbeat,
+    ) -> Self {
+        Nodes {
+            records,
+            local: None,
+            tls: Some(tls),
+            seeds,
+            remotes: Mutex::default(),
+            overcommit,
+            heartbeat,
+        }
+    }
+
+    fn agent_at(&self, address: &str) -> Result<Arc<dyn Agent>, Status> {
+        let Some(tls) = &self.tls else {
+            return Err(Status::internal(format!(
+                "no TLS configuration to reach the agent at {address}"
+            )));
+        };
+        let mut remotes = self.remotes.lock().expect("remotes");
+        if let Some(a) = remotes.get(address) {
+            return Ok(Arc::clone(a));
+        }
+        let agent: Arc<dyn Agent> = Arc::new(RemoteAgent::new(address, tls)?);
+        remotes.insert(address.to_string(), Arc::clone(&agent));
+        Ok(agent)
+    }
+
+    /// The agent of `node_id`, if the node is known and not stale.
+    pub fn agent(&self, node_id: &str) -> Result<Arc<dyn Agent>, Status> {
+        if let Some((id, agent)) = &self.local
+            && id == node_id
+        {
+            return Ok(Arc::clone(agent));
+        }
+        let rec = self.records.node(node_id).map_err(records_err)?;
+        match rec {
+            None => Err(Status::unavailable(format!(
+                "node {node_id} is not registered; is its strata node plugin running?"
+            ))),
+            Some(r) if r.state == NodeState::Stale => Err(Status::unavailable(format!(
+                "node {node_id} has not answered since {}: {}; its volumes are unreachable until it is back",
+                r.last_seen_unix_ns, r.message
+            ))),
+            Some(r) => self.agent_at(&r.agent_address),
+        }
+    }
+
+    /// The node of this process, in standalone mode.
+    pub fn local_id(&self) -> Option<String> {
+        self.local.as_ref().map(|(id, _)| id.clone())
+    }
+
+    /// Every node record (refreshed by the heartbeat).
+    pub fn list(&self) -> Result<Vec<NodeRecord>, Status> {
+        self.records.nodes().map_err(records_err)
+    }
+
+    /// The room a node has for new volumes, in bytes.
+    pub fn room(&self, n: &NodeRecord) -> u64 {
+        let thin = (n.capacity_bytes as f64 * self.overcommit) as u64;
+        thin.saturating_sub(n.provisioned_bytes)
+            .min((n.available_bytes as f64 * self.overcommit) as u64)
+    }
+
+    /// Picks the node for a new empty volume of `size` bytes: among the
+    /// ready nodes `allowed` accepts, the first of `preferred` with room,
+    /// else the one with the most room.
+    pub fn place(
+        &self,
+        size: u64,
+        allowed: impl Fn(&str) -> bool,
+        preferred: &[String],
+    ) -> Result<String, Status> {
+        let nodes = self.list()?;
+        let fits: Vec<&NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Ready && allowed(&n.node_id))
+            .filter(|n| n.max_volumes == 0 || n.volumes < n.max_volumes)
+            .filter(|n| self.room(n) >= size)
+            .collect();
+        if let Some(p) = preferred
+            .iter()
+            .find(|p| fits.iter().any(|n| &n.node_id == *p))
+        {
+            return Ok(p.clone());
+        }
+        if let Some(best) = fits.iter().max_by_key(|n| self.room(n)) {
+            return Ok(best.node_id.clone());
+        }
+        let seen: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let state = match n.state {
+                    NodeState::Ready if !allowed(&n.node_id) => "excluded by topology",
+                    NodeState::Ready => "too little room",
+                    NodeState::Stale => "stale",
+                };
+                format!("{} ({state}, {} bytes free)", n.node_id, self.room(n))
+            })
+            .collect();
+        Err(Status::resource_exhausted(format!(
+            "no node can take a volume of {size} bytes within the accessibility requirements; nodes: [{}]",
+            seen.join(", ")
+        )))
+    }
+
+    /// One heartbeat round: ask every known agent, update the records.
+    pub async fn beat(&self) {
+        if let Some((id, agent)) = &self.local {
+            self.refresh(id.clone(), String::new(), Arc::clone(agent))
+                .await;
+            return;
+        }
+        let mut targets: HashMap<String, String> = HashMap::new(); // address → node
+        for a in &self.seeds {
+            targets.insert(a.clone(), String::new());
+        }
+        for n in self.list().unwrap_or_default() {
+            targets.insert(n.agent_address.clone(), n.node_id.clone());
+        }
+        for (address, node) in targets {
+            match self.agent_at(&address) {
+                Ok(agent) => self.refresh(node, address, agent).await,
+                Err(e) => tracing::warn!(%address, error = %e.message(), "agent address unusable"),
+            }
+        }
+    }
+
+    async fn refresh(&self, known_as: String, address: String, agent: Arc<dyn Agent>) {
+        let now = now_ns();
+        let records = Arc::clone(&self.records);
+        match agent.node_info(Request::new(NodeInfoRequest {})).await {
+            Ok(reply) => {
+                let info = reply.into_inner();
+                let rec = NodeRecord {
+                    node_id: info.node_id.clone(),
+                    agent_address: address,
+                    version: info.version,
+                    capacity_bytes: info.capacity_bytes,
+                    available_bytes: info.available_bytes,
+                    provisioned_bytes: info.provisioned_bytes,
+                    max_volumes: info.max_volumes,
+                    volumes: info.volumes,
+                    state: NodeState::Ready,
+                    message: String::new(),
+                    last_seen_unix_ns: now,
+                };
+                let was = records.node(&rec.node_id).ok().flatten();
+                if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
+                    tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
+                }
+                if let Err(e) = records.put_node(&rec) {
+                    tracing::warn!(error = %e, "recording a node");
+                }
+            }
+            Err(e) if !known_as.is_empty() => {
+                let Ok(Some(mut rec)) = records.node(&known_as) else {
+                    return;
+                };
+                let silent = Duration::from_nanos(now.saturating_sub(rec.last_seen_unix_ns));
+                if rec.state == NodeState::Ready && silent >= self.heartbeat.stale_after {
+                    tracing::warn!(node = %known_as, error = %e.message(), "node is stale");
+                    rec.state = NodeState::Stale;
+                }
+                rec.message = e.message().to_string();
+                let _ = records.put_node(&rec);
+            }
+            Err(e) => {
+                tracing::debug!(%address, error = %e.message(), "agent not reachable yet");
+            }
+        }
+    }
+
+    /// Runs the heartbeat until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.heartbeat.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.beat().await;
+        }
+    }
+}
