@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use common::csi::{self as c, Csi};
 use common::standalone::Standalone;
+use common::{read_at, write_at};
 use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use csi_proto::csi::v1::volume_usage::Unit;
 use csi_proto::csi::v1::*;
@@ -236,27 +237,6 @@ fn sector_size(path: &Path) -> u64 {
     .trim()
     .parse()
     .unwrap()
-}
-
-fn write_at(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    f.write_all(data)?;
-    f.sync_all()
-}
-
-fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    // O_DIRECT wants an aligned buffer: over-allocate and align by hand.
-    let mut raw = vec![0u8; len + 4096];
-    let skip = raw.as_ptr().align_offset(4096);
-    f.read_exact(&mut raw[skip..skip + len]).unwrap();
-    raw[skip..skip + len].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,7 @@ pub fn steps(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+pub mod cluster;
 pub mod csi;
 pub mod standalone;
 
@@ -225,4 +226,30 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `data` at `offset` of a file or device and syncs it.
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.seek(std::io::SeekFrom::Start(offset))?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Reads `len` bytes at `offset` with O_DIRECT (past any page cache).
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    f.seek(std::io::SeekFrom::Start(offset)).unwrap();
+    // O_DIRECT wants an aligned buffer: over-allocate and align by hand.
+    let mut raw = vec![0u8; len + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    f.read_exact(&mut raw[skip..skip + len]).unwrap();
+    raw[skip..skip + len].to_vec()
 }

@@ -1,0 +1,437 @@
+//! A cluster on loopback: two `strata node` processes and a
+//! `strata controller` with the embedded store. CSI calls go to the
+//! controller and reach the right node through its agent (mutual TLS):
+//! placement by accessibility requirements and preference, snapshots,
+//! restores and clones on the source's node, a restore its requirements
+//! keep away from the source refused with RESOURCE_EXHAUSTED, a killed
+//! node marked stale and back after a restart, and an agent that refuses
+//! clients without the right certificate.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cluster::{ControllerProc, NodeProc, gen_certs};
+use common::csi::{self as c, Csi};
+use common::{read_at, write_at};
+use csi_proto::agent::v1::NodeInfoRequest;
+use csi_proto::agent::v1::agent_client::AgentClient;
+use csi_proto::csi::v1::controller_client::ControllerClient;
+use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
+use csi_proto::csi::v1::*;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const KEY: &str = "topology.strata.dev/node";
+
+fn runnable() -> bool {
+    common::require(common::is_root(), "needs root for loop devices and FUSE").is_ok()
+        && common::require_tools(&["openssl", "losetup"]).is_ok()
+}
+
+fn topo(node: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(KEY.to_string(), node.to_string())]),
+    }
+}
+
+fn node_of(v: &Volume) -> String {
+    v.accessible_topology[0].segments[KEY].clone()
+}
+
+fn with_requirements(
+    mut req: CreateVolumeRequest,
+    requisite: &[&str],
+    preferred: &[&str],
+) -> CreateVolumeRequest {
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: requisite.iter().map(|n| topo(n)).collect(),
+        preferred: preferred.iter().map(|n| topo(n)).collect(),
+    });
+    req
+}
+
+async fn capacity(c: &mut ControllerClient<tonic::transport::Channel>, node: &str) -> i64 {
+    c.get_capacity(GetCapacityRequest {
+        accessible_topology: Some(topo(node)),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .available_capacity
+}
+
+/// Waits until `f` holds, or panics after `secs` seconds.
+async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stages and publishes a raw block volume on a node; returns the device.
+async fn attach(node: &NodeProc, csi: &mut Csi, vol: &str) -> std::path::PathBuf {
+    let staging = node.kubelet_dir().join(format!("staging/{vol}"));
+    let target = node.kubelet_dir().join(format!("pods/{vol}/dev"));
+    csi.node
+        .node_stage_volume(c::stage(vol, &staging, c::block_cap()))
+        .await
+        .unwrap();
+    csi.node
+        .node_publish_volume(c::publish(vol, &staging, &target, c::block_cap(), false))
+        .await
+        .unwrap();
+    target
+}
+
+async fn detach(node: &NodeProc, csi: &mut Csi, vol: &str) {
+    let staging = node.kubelet_dir().join(format!("staging/{vol}"));
+    let target = node.kubelet_dir().join(format!("pods/{vol}/dev"));
+    csi.node
+        .node_unpublish_volume(c::unpublish(vol, &target))
+        .await
+        .unwrap();
+    csi.node
+        .node_unstage_volume(c::unstage(vol, &staging))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_places_volumes_and_reaches_them_through_the_agents() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+
+    // Both nodes registered, with room.
+    for n in ["n1", "n2"] {
+        eventually(20, "nodes registered", async || {
+            capacity(&mut cc, n).await > 0
+        })
+        .await;
+    }
+    assert_eq!(capacity(&mut cc, "nowhere").await, 0);
+
+    // Placement: requisite decides, then preference.
+    let size = 16 << 20;
+    let on2 = cc
+        .create_volume(with_requirements(
+            c::create("pvc-a", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(node_of(&on2), "n2");
+    let pref1 = cc
+        .create_volume(with_requirements(
+            c::create("pvc-b", size, c::block_cap()),
+            &["n1", "n2"],
+            &["n1"],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(node_of(&pref1), "n1");
+    // The same request again: the same volume (idempotent through the records).
+    let again = cc
+        .create_volume(with_requirements(
+            c::create("pvc-a", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, on2.volume_id);
+    let e = cc
+        .create_volume(with_requirements(
+            c::create("pvc-x", size, c::block_cap()),
+            &["n9"],
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = cc
+        .create_volume(c::create("pvc-huge", 1 << 60, c::block_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // The volume lives on n2 only: n1 cannot stage it.
+    let e = csi1
+        .node
+        .node_stage_volume(c::stage(
+            &on2.volume_id,
+            &n1.kubelet_dir().join("staging/x"),
+            c::block_cap(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Data written on n2, snapshotted through the controller.
+    let dev = attach(&n2, &mut csi2, &on2.volume_id).await;
+    let mut data = vec![0u8; 256 << 10];
+    common::Rng::new(11).fill(&mut data);
+    write_at(&dev, 1 << 20, &data).unwrap();
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-a", &on2.volume_id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    // A staged volume cannot be deleted: the agent's FAILED_PRECONDITION
+    // reaches the CO unchanged.
+    let e = cc
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Restore and clone go to the source's node and carry the data.
+    let from_snap = Type::Snapshot(SnapshotSource {
+        snapshot_id: snap.snapshot_id.clone(),
+    });
+    let restored = cc
+        .create_volume(c::create_from(
+            "pvc-r",
+            size,
+            c::block_cap(),
+            from_snap.clone(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(node_of(&restored), "n2");
+    let clone = cc
+        .create_volume(c::create_from(
+            "pvc-c",
+            size,
+            c::block_cap(),
+            Type::Volume(VolumeSource {
+                volume_id: on2.volume_id.clone(),
+            }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(node_of(&clone), "n2");
+    for v in [&restored.volume_id, &clone.volume_id] {
+        let d = attach(&n2, &mut csi2, v).await;
+        assert!(read_at(&d, 1 << 20, data.len()) == data, "data of {v}");
+        detach(&n2, &mut csi2, v).await;
+    }
+    // A restore whose requirements exclude the source's node: refused,
+    // saying where the source is.
+    let e = cc
+        .create_volume(with_requirements(
+            c::create_from("pvc-r1", size, c::block_cap(), from_snap.clone()),
+            &["n1"],
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("n2"), "{}", e.message());
+
+    // Listing comes from the records: every volume, each with its node.
+    let list = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut nodes: Vec<String> = list
+        .entries
+        .iter()
+        .map(|e| node_of(e.volume.as_ref().unwrap()))
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n2", "n2"]);
+    let m = ctl.metrics();
+    assert!(m.contains("strata_nodes{state=\"ready\"} 2"), "{m}");
+
+    // n2 dies: it goes stale, gets no new volumes, and its volumes are
+    // UNAVAILABLE (retryable) instead of lost.
+    n2.proc.kill9();
+    eventually(20, "n2 stale", async || capacity(&mut cc, "n2").await == 0).await;
+    let e = cc
+        .create_volume(with_requirements(
+            c::create("pvc-d", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("stale"), "{}", e.message());
+    let e = cc
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(ctl.metrics().contains("strata_nodes{state=\"stale\"} 1"));
+    // Volumes on n1 are not affected.
+    cc.controller_get_volume(ControllerGetVolumeRequest {
+        volume_id: pref1.volume_id.clone(),
+    })
+    .await
+    .unwrap();
+
+    // n2 restarts: it serves its staged volume again and is ready.
+    n2.proc.spawn();
+    eventually(20, "n2 ready again", async || {
+        capacity(&mut cc, "n2").await > 0
+    })
+    .await;
+    let got = cc
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let condition = got.status.unwrap().volume_condition.unwrap();
+    assert!(!condition.abnormal, "{condition:?}");
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    eventually(20, "n2 CSI ready", async || {
+        csi2.identity
+            .probe(ProbeRequest {})
+            .await
+            .is_ok_and(|p| p.into_inner().ready == Some(true))
+    })
+    .await;
+    assert!(read_at(&dev, 1 << 20, data.len()) == data);
+    detach(&n2, &mut csi2, &on2.volume_id).await;
+
+    // Everything deletes through the controller, on the right node.
+    cc.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for v in [&on2, &pref1, &restored, &clone] {
+        cc.delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let left = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.entries.is_empty(), "{left:?}");
+}
+
+fn read(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name)).unwrap()
+}
+
+/// Calls NodeInfo on `address` with `tls` (or in plain text).
+async fn node_info(address: &str, tls: Option<ClientTlsConfig>) -> Result<String, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls).map_err(|e| e.to_string())?;
+    }
+    let channel = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    AgentClient::new(channel)
+        .node_info(NodeInfoRequest {})
+        .await
+        .map(|r| r.into_inner().node_id)
+        .map_err(|e| format!("call: {e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_clients_without_a_certificate_from_its_ca() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (good, rogue) = (root.path().join("tls"), root.path().join("rogue"));
+    gen_certs(&good);
+    gen_certs(&rogue);
+    let node = NodeProc::start(root.path(), "n1", &good);
+    let ca = || Certificate::from_pem(read(&good, "ca.crt"));
+    let base = || {
+        ClientTlsConfig::new()
+            .ca_certificate(ca())
+            .domain_name("strata-agent")
+    };
+
+    let ok = node_info(
+        &node.agent,
+        Some(base().identity(Identity::from_pem(
+            read(&good, "tls.crt"),
+            read(&good, "tls.key"),
+        ))),
+    )
+    .await;
+    assert_eq!(ok.as_deref(), Ok("n1"));
+    // No client certificate.
+    let e = node_info(&node.agent, Some(base())).await;
+    assert!(e.is_err(), "a client without a certificate was served");
+    // A certificate from another CA.
+    let e = node_info(
+        &node.agent,
+        Some(base().identity(Identity::from_pem(
+            read(&rogue, "tls.crt"),
+            read(&rogue, "tls.key"),
+        ))),
+    )
+    .await;
+    assert!(e.is_err(), "a client with a foreign certificate was served");
+    // Plain text.
+    let e = node_info(&node.agent, None).await;
+    assert!(e.is_err(), "a plain-text client was served");
+
+    // A controller holding the rogue CA never registers the node.
+    let ctl = ControllerProc::start(root.path(), &[&node.agent], &rogue);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(capacity(&mut cc, "n1").await, 0);
+    let e = cc
+        .create_volume(c::create("pvc", 1 << 20, c::block_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}

@@ -1,0 +1,199 @@
+//! A cluster on loopback for end-to-end tests: `strata node` processes,
+//! each with its own pool, CSI socket and agent port, and a
+//! `strata controller` that reaches them with mutual TLS. Certificates come
+//! from `scripts/gen-agent-certs`, as a user would make them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::standalone::{free_port, release_mounts};
+
+/// Makes a CA and a certificate in `dir` with the project's script.
+pub fn gen_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");
+    let out = Command::new(script).arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "gen-agent-certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One server process, restartable with the same arguments.
+pub struct Proc {
+    pub dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    /// A path that exists once the process has bound its CSI socket.
+    socket: PathBuf,
+}
+
+impl Proc {
+    fn new(dir: PathBuf, args: Vec<String>, socket: PathBuf) -> Proc {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = Proc {
+            dir,
+            args,
+            child: None,
+            socket,
+        };
+        p.spawn();
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("strata.log")).unwrap_or_default()
+    }
+
+    /// (Re)starts the process and waits for its CSI socket.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("strata.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(&self.args)
+            .env("STRATA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "strata {} exited at start ({status}):\n{}",
+                    self.args[0],
+                    self.log()
+                );
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        release_mounts(&self.dir);
+    }
+}
+
+/// A `strata node`.
+pub struct NodeProc {
+    pub id: String,
+    pub agent: String,
+    pub proc: Proc,
+}
+
+impl NodeProc {
+    pub fn start(root: &Path, id: &str, tls: &Path) -> NodeProc {
+        let dir = root.join(id);
+        let agent = format!("127.0.0.1:{}", free_port());
+        let csi = dir.join("csi.sock");
+        let args = vec![
+            "node".to_string(),
+            "--pool".into(),
+            dir.join("pool").display().to_string(),
+            "--csi-endpoint".into(),
+            format!("unix://{}", csi.display()),
+            "--nbd-listen".into(),
+            format!("unix://{}", dir.join("nbd.sock").display()),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--node-id".into(),
+            id.into(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--agent-listen".into(),
+            agent.clone(),
+            "--agent-tls".into(),
+            tls.display().to_string(),
+        ];
+        let node = NodeProc {
+            id: id.into(),
+            agent,
+            proc: Proc::new(dir, args, csi),
+        };
+        node.wait_for_agent();
+        node
+    }
+
+    /// Waits until the agent port accepts connections (it opens once the
+    /// node has served its staged volumes again).
+    pub fn wait_for_agent(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.agent).is_err() {
+            assert!(Instant::now() < deadline, "no agent:\n{}", self.proc.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn csi_socket(&self) -> PathBuf {
+        self.proc.dir.join("csi.sock")
+    }
+
+    pub fn kubelet_dir(&self) -> PathBuf {
+        self.proc.dir.join("kubelet")
+    }
+}
+
+/// A `strata controller` with a 1 s heartbeat and a 3 s stale timeout.
+pub struct ControllerProc {
+    pub proc: Proc,
+    pub metrics_port: u16,
+}
+
+impl ControllerProc {
+    pub fn start(root: &Path, agents: &[&str], tls: &Path) -> ControllerProc {
+        let dir = root.join("controller");
+        let csi = dir.join("csi.sock");
+        let metrics_port = free_port();
+        let mut args = vec![
+            "controller".to_string(),
+            "--csi-endpoint".into(),
+            format!("unix://{}", csi.display()),
+            "--records".into(),
+            dir.join("records.redb").display().to_string(),
+            "--agent-tls".into(),
+            tls.display().to_string(),
+            "--heartbeat-seconds".into(),
+            "1".into(),
+            "--stale-seconds".into(),
+            "3".into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ];
+        for a in agents {
+            args.extend(["--node-agent".to_string(), a.to_string()]);
+        }
+        ControllerProc {
+            proc: Proc::new(dir, args, csi),
+            metrics_port,
+        }
+    }
+
+    pub fn csi_socket(&self) -> PathBuf {
+        self.proc.dir.join("csi.sock")
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
