@@ -3,9 +3,13 @@
 //! a node's volumes only through that node's agent (mutual TLS). A
 //! heartbeat keeps the node records fresh and marks silent nodes stale.
 //!
-//! Only one controller may act at a time. With the embedded store that is
-//! enforced by the store's file lock (a second controller on the same
-//! records fails to start).
+//! Records live in the embedded store (a redb file; outside Kubernetes)
+//! or as custom resources (`--store kubernetes`). Only one controller may
+//! act at a time: with the embedded store the file lock enforces it (a
+//! second controller on the same file fails to start); in Kubernetes a
+//! Lease does, and the CSI socket is bound only once this process holds
+//! it, so the sidecars of the other replicas wait. A leader that cannot
+//! renew its Lease in time exits before another can take over.
 //!
 //! SIGTERM (or SIGINT): stop accepting CSI calls and exit 0; there is
 //! nothing to flush.
@@ -13,6 +17,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
@@ -20,6 +25,8 @@ use tokio::sync::watch;
 
 use crate::agent::tls::TlsFiles;
 use crate::cluster::Cluster;
+use crate::cluster::kube::KubeRecords;
+use crate::cluster::kube::lease::LeaderLease;
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
 use crate::csi::controller::{ClusterReady, ControllerService};
@@ -29,12 +36,28 @@ use crate::endpoint::Endpoint;
 use crate::metrics::{self, Metrics};
 use crate::standalone::StartError;
 
+/// Where the controller keeps its records.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A redb file.
+    Embedded(PathBuf),
+    /// Strata's custom resources, with leader election by the Lease
+    /// `lease_name` in `lease_namespace`.
+    Kubernetes {
+        lease_namespace: String,
+        lease_name: String,
+        identity: String,
+    },
+}
+
+/// How long a leader may go without renewing its Lease.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+
 /// What `strata controller` was asked to do.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub csi_endpoint: Endpoint,
-    /// The embedded records store.
-    pub records: PathBuf,
+    pub store: Store,
     /// Agent addresses (`host:port`) to ask before any node record names
     /// them.
     pub node_agents: Vec<String>,
@@ -50,14 +73,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
         return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
     };
-    if let Some(dir) = config.records.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| StartError::Listen {
-            endpoint: dir.display().to_string(),
-            source,
-        })?;
-    }
-    let records: Arc<dyn Records> =
-        Arc::new(EmbeddedRecords::open(&config.records).map_err(StartError::Records)?);
+    let records = open_store(&config.store).await?;
     let nodes = Arc::new(Nodes::remote(
         Arc::clone(&records),
         config.tls.clone(),
@@ -121,4 +137,78 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = std::fs::remove_file(csi_path);
     eprintln!("strata controller: stopped");
     Ok(())
+}
+
+/// Opens the records; in Kubernetes, first waits to be the leader.
+async fn open_store(store: &Store) -> Result<Arc<dyn Records>, StartError> {
+    match store {
+        Store::Embedded(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| StartError::Listen {
+                    endpoint: dir.display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(Arc::new(
+                EmbeddedRecords::open(path).map_err(StartError::Records)?,
+            ))
+        }
+        Store::Kubernetes {
+            lease_namespace,
+            lease_name,
+            identity,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
+            let lease = LeaderLease::new(
+                client.clone(),
+                lease_namespace,
+                lease_name,
+                identity,
+                LEASE_DURATION,
+            );
+            eprintln!("strata controller: waiting for the Lease {lease_namespace}/{lease_name}");
+            loop {
+                match lease.try_acquire().await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %crate::cli::error_chain(&e), "leader election")
+                    }
+                }
+                tokio::time::sleep(LEASE_DURATION / 5).await;
+            }
+            eprintln!("strata controller: leader as {identity}");
+            tokio::spawn(keep_leading(lease));
+            Ok(Arc::new(KubeRecords::new(
+                client,
+                tokio::runtime::Handle::current(),
+            )))
+        }
+    }
+}
+
+/// Renews the Lease at a third of its duration; exits the process if it
+/// was lost or could not be renewed for a whole duration, so that two
+/// controllers never act at once.
+async fn keep_leading(lease: LeaderLease) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(lease.duration() / 3).await;
+        match lease.try_acquire().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                eprintln!("strata controller: another controller holds the Lease now; exiting");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::cli::error_chain(&e), "renewing the Lease");
+                if renewed.elapsed() >= lease.duration() {
+                    eprintln!("strata controller: could not renew the Lease in time; exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
 }

@@ -48,9 +48,12 @@ pub enum Role {
     /// Everything in one process, CSI Controller included.
     Standalone,
     /// A cluster node: the agent listens on `agent_listen` with mutual TLS.
+    /// With `register`, the node keeps its StrataNode custom resource
+    /// (agent at that address) up to date itself.
     Node {
         agent_listen: SocketAddr,
         tls: TlsFiles,
+        register: Option<String>,
     },
 }
 
@@ -239,7 +242,26 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             tokio::spawn(Arc::clone(&nodes).run());
             cluster.set(Arc::new(Cluster { records, nodes }));
         }
-        Role::Node { agent_listen, tls } => {
+        Role::Node {
+            agent_listen,
+            tls,
+            register,
+        } => {
+            if let Some(address) = register {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
+                let records: Arc<dyn crate::cluster::records::Records> =
+                    Arc::new(crate::cluster::kube::KubeRecords::new(
+                        client,
+                        tokio::runtime::Handle::current(),
+                    ));
+                tokio::spawn(crate::cluster::nodes::register(
+                    records,
+                    Arc::new(agent.clone()),
+                    address.clone(),
+                ));
+            }
             let listener = tokio::net::TcpListener::bind(agent_listen)
                 .await
                 .map_err(listen_err(agent_listen))?;

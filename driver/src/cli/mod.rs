@@ -21,6 +21,7 @@ use output::Format;
 
 use crate::agent::tls::TlsFiles;
 use crate::cluster::nodes::Heartbeat;
+use crate::controller::Store;
 use crate::standalone::Role;
 
 /// Strata: layered block volumes for Kubernetes.
@@ -53,6 +54,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print the CustomResourceDefinitions of Strata's records (YAML).
+    Crdgen,
     /// Inspect and maintain a pool directory (offline).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -124,6 +127,11 @@ struct NodeArgs {
     /// TLS (a Kubernetes TLS Secret with its CA, mounted).
     #[arg(long, default_value = "/etc/strata/tls")]
     agent_tls: PathBuf,
+    /// Register this node as a StrataNode custom resource, with the agent
+    /// at this address (host:port, e.g. the pod IP), and report to it
+    /// every 10 s. Without it the controller must be told the address.
+    #[arg(long)]
+    register_kubernetes: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -131,9 +139,19 @@ struct ControllerArgs {
     /// CSI endpoint (unix socket) for the CSI sidecars.
     #[arg(long, default_value = "unix:///run/strata/controller.sock")]
     csi_endpoint: Endpoint,
+    /// Where records live: a redb file (embedded) or Strata's custom
+    /// resources (kubernetes, with leader election by a Lease).
+    #[arg(long, value_enum, default_value = "embedded")]
+    store: StoreKind,
     /// The embedded records store (a redb file).
     #[arg(long, default_value = "/var/lib/strata-controller/records.redb")]
     records: PathBuf,
+    /// Namespace of the leader-election Lease (kubernetes store).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "strata-controller")]
+    lease_name: String,
     /// A node's agent address (host:port) to register; repeat for each
     /// node. Nodes stay registered in the records once they have answered.
     #[arg(long)]
@@ -155,6 +173,12 @@ struct ControllerArgs {
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long, default_value = "127.0.0.1:9810")]
     metrics_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Kubernetes,
 }
 
 #[derive(Debug, Args)]
@@ -389,6 +413,10 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Pool(PoolCommand::Check { dir, repair }) => pool::check(&dir, repair),
+            Command::Crdgen => {
+                print!("{}", crate::cluster::kube::crd::crds_yaml());
+                ExitCode::SUCCESS
+            }
             Command::FuseHolder {
                 socket,
                 idle_seconds,
@@ -423,6 +451,7 @@ impl Cli {
                 let role = Role::Node {
                     agent_listen: a.agent_listen,
                     tls,
+                    register: a.register_kubernetes,
                 };
                 let config = match plugin_config(a.node, role) {
                     Ok(c) => c,
@@ -444,7 +473,14 @@ impl Cli {
                 }
                 let config = crate::controller::Config {
                     csi_endpoint: a.csi_endpoint,
-                    records: a.records,
+                    store: match a.store {
+                        StoreKind::Embedded => Store::Embedded(a.records),
+                        StoreKind::Kubernetes => Store::Kubernetes {
+                            lease_namespace: a.lease_namespace,
+                            lease_name: a.lease_name,
+                            identity: crate::standalone::hostname(),
+                        },
+                    },
                     node_agents: a.node_agent,
                     tls,
                     overcommit: a.overcommit,

@@ -1,9 +1,12 @@
 //! How the control plane remembers what it created: cluster records (CSI
 //! names → IDs, where a volume lives, what it was created from). One
 //! interface, [`records::Records`], with backends: the embedded store used
-//! by standalone mode now, Kubernetes custom resources later. The engine
-//! never sees either.
+//! by standalone mode and by a controller outside Kubernetes, and
+//! Kubernetes custom resources ([`kube`]). The engine never sees either.
+//! [`nodes`] is the controller's view of the nodes: routing, placement,
+//! heartbeat.
 
+pub mod kube;
 pub mod nodes;
 pub mod records;
 

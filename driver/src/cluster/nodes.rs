@@ -47,6 +47,9 @@ pub struct Nodes {
     /// Addresses to ask even before any record names them.
     seeds: Vec<String>,
     remotes: Mutex<HashMap<String, Arc<dyn Agent>>>,
+    /// The node records as of the last heartbeat (or load): placement and
+    /// routing read these, never the store, so they never block.
+    cache: Mutex<HashMap<String, NodeRecord>>,
     /// Thin provisioning: a node takes volumes until their sizes add up
     /// to its capacity times this ratio.
     overcommit: f64,
@@ -83,6 +86,7 @@ impl Nodes {
             tls: None,
             seeds: Vec::new(),
             remotes: Mutex::default(),
+            cache: Mutex::default(),
             overcommit: 1.0,
             heartbeat: Heartbeat::default(),
         }
@@ -102,6 +106,7 @@ impl Nodes {
             tls: Some(tls),
             seeds,
             remotes: Mutex::default(),
+            cache: Mutex::default(),
             overcommit,
             heartbeat,
         }
@@ -129,7 +134,7 @@ impl Nodes {
         {
             return Ok(Arc::clone(agent));
         }
-        let rec = self.records.node(node_id).map_err(records_err)?;
+        let rec = self.cache.lock().expect("nodes").get(node_id).cloned();
         match rec {
             None => Err(Status::unavailable(format!(
                 "node {node_id} is not registered; is its strata node plugin running?"
@@ -149,7 +154,50 @@ impl Nodes {
 
     /// Every node record (refreshed by the heartbeat).
     pub fn list(&self) -> Result<Vec<NodeRecord>, Status> {
-        self.records.nodes().map_err(records_err)
+        let mut all: Vec<NodeRecord> = self
+            .cache
+            .lock()
+            .expect("nodes")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(all)
+    }
+
+    /// Runs a records call off the async threads (the store may block).
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Records) -> Result<T, super::records::RecordsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let records = Arc::clone(&self.records);
+        tokio::task::spawn_blocking(move || f(records.as_ref()).map_err(records_err))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Reads the node records from the store (at start, and each round,
+    /// for nodes that registered themselves).
+    async fn load(&self) {
+        match self.store(|r| r.nodes()).await {
+            Ok(nodes) => {
+                let mut cache = self.cache.lock().expect("nodes");
+                for n in nodes {
+                    cache.insert(n.node_id.clone(), n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e.message(), "reading node records"),
+        }
+    }
+
+    async fn save(&self, rec: NodeRecord) {
+        self.cache
+            .lock()
+            .expect("nodes")
+            .insert(rec.node_id.clone(), rec.clone());
+        if let Err(e) = self.store(move |r| r.put_node(&rec)).await {
+            tracing::warn!(error = %e.message(), "recording a node");
+        }
     }
 
     /// The room a node has for new volumes, in bytes.
@@ -203,6 +251,7 @@ impl Nodes {
 
     /// One heartbeat round: ask every known agent, update the records.
     pub async fn beat(&self) {
+        self.load().await;
         if let Some((id, agent)) = &self.local {
             self.refresh(id.clone(), String::new(), Arc::clone(agent))
                 .await;
@@ -225,7 +274,6 @@ impl Nodes {
 
     async fn refresh(&self, known_as: String, address: String, agent: Arc<dyn Agent>) {
         let now = now_ns();
-        let records = Arc::clone(&self.records);
         match agent.node_info(Request::new(NodeInfoRequest {})).await {
             Ok(reply) => {
                 let info = reply.into_inner();
@@ -242,16 +290,15 @@ impl Nodes {
                     message: String::new(),
                     last_seen_unix_ns: now,
                 };
-                let was = records.node(&rec.node_id).ok().flatten();
+                let was = self.cache.lock().expect("nodes").get(&rec.node_id).cloned();
                 if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
                     tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
                 }
-                if let Err(e) = records.put_node(&rec) {
-                    tracing::warn!(error = %e, "recording a node");
-                }
+                self.save(rec).await;
             }
             Err(e) if !known_as.is_empty() => {
-                let Ok(Some(mut rec)) = records.node(&known_as) else {
+                let Some(mut rec) = self.cache.lock().expect("nodes").get(&known_as).cloned()
+                else {
                     return;
                 };
                 let silent = Duration::from_nanos(now.saturating_sub(rec.last_seen_unix_ns));
@@ -260,7 +307,7 @@ impl Nodes {
                     rec.state = NodeState::Stale;
                 }
                 rec.message = e.message().to_string();
-                let _ = records.put_node(&rec);
+                self.save(rec).await;
             }
             Err(e) => {
                 tracing::debug!(%address, error = %e.message(), "agent not reachable yet");
@@ -275,6 +322,45 @@ impl Nodes {
         loop {
             tick.tick().await;
             self.beat().await;
+        }
+    }
+}
+
+/// How often a node reports itself when it keeps its own record.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A node's own registration: every [`REPORT_INTERVAL`], write this
+/// node's record (agent address, room, version, ready now) to `records`.
+/// The controller's heartbeat decides whether it is stale.
+pub async fn register(records: Arc<dyn Records>, agent: Arc<dyn Agent>, address: String) {
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        tick.tick().await;
+        let info = match agent.node_info(Request::new(NodeInfoRequest {})).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "node report");
+                continue;
+            }
+        };
+        let rec = NodeRecord {
+            node_id: info.node_id,
+            agent_address: address.clone(),
+            version: info.version,
+            capacity_bytes: info.capacity_bytes,
+            available_bytes: info.available_bytes,
+            provisioned_bytes: info.provisioned_bytes,
+            max_volumes: info.max_volumes,
+            volumes: info.volumes,
+            state: NodeState::Ready,
+            message: String::new(),
+            last_seen_unix_ns: now_ns(),
+        };
+        let records = Arc::clone(&records);
+        match tokio::task::spawn_blocking(move || records.put_node(&rec)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "registering the node"),
+            Err(e) => tracing::warn!(error = %e, "registering the node"),
         }
     }
 }
