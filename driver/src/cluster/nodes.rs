@@ -183,18 +183,36 @@ impl Nodes {
             Ok(nodes) => {
                 let mut cache = self.cache.lock().expect("nodes");
                 for n in nodes {
-                    cache.insert(n.node_id.clone(), n);
+                    // The store may be older than what this process saw
+                    // (it skips writes that change only the time), or
+                    // newer (a node that reports itself).
+                    let newer = cache
+                        .get(&n.node_id)
+                        .is_none_or(|c| n.last_seen_unix_ns > c.last_seen_unix_ns);
+                    if newer {
+                        cache.insert(n.node_id.clone(), n);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e.message(), "reading node records"),
         }
     }
 
+    /// Updates the cache, and the store when more than the time of the
+    /// last answer changed (so a steady cluster does not write each round).
     async fn save(&self, rec: NodeRecord) {
-        self.cache
+        let before = self
+            .cache
             .lock()
             .expect("nodes")
             .insert(rec.node_id.clone(), rec.clone());
+        let same = before.is_some_and(|mut b| {
+            b.last_seen_unix_ns = rec.last_seen_unix_ns;
+            b == rec
+        });
+        if same {
+            return;
+        }
         if let Err(e) = self.store(move |r| r.put_node(&rec)).await {
             tracing::warn!(error = %e.message(), "recording a node");
         }
