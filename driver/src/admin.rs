@@ -7,8 +7,9 @@ use csi_proto::admin::v1::admin_server::Admin;
 use csi_proto::admin::v1::*;
 use tonic::{Request, Response, Status};
 
+use crate::agent::volume_id;
 use crate::csi::{Started, status};
-use crate::engine::{JobInfo, Pool, VolumeId};
+use crate::engine::{JobInfo, Pool};
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -30,14 +31,6 @@ impl AdminService {
             .await
             .map_err(status::join)?
     }
-}
-
-fn volume_id(id: &str) -> Result<VolumeId, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument("volume_id is required"));
-    }
-    id.parse()
-        .map_err(|_| Status::not_found(format!("volume {id:?} does not exist")))
 }
 
 fn job_message(j: &JobInfo) -> Job {

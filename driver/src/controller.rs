@@ -17,18 +17,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use tokio::sync::watch;
 
 use crate::agent::tls::TlsFiles;
-use crate::cluster::Cluster;
-use crate::cluster::kube::KubeRecords;
-use crate::cluster::kube::lease::LeaderLease;
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
+use crate::cluster::{Cluster, Events};
 use crate::csi::controller::{ClusterReady, ControllerService};
 use crate::csi::identity::IdentityService;
 use crate::csi::{InFlight, Started};
@@ -51,7 +48,8 @@ pub enum Store {
 }
 
 /// How long a leader may go without renewing its Lease.
-const LEASE_DURATION: Duration = Duration::from_secs(15);
+#[cfg(feature = "kubernetes")]
+const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// What `strata controller` was asked to do.
 #[derive(Debug, Clone)]
@@ -73,7 +71,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
         return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
     };
-    let records = open_store(&config.store).await?;
+    let (records, events) = open_store(&config.store).await?;
     let nodes = Arc::new(Nodes::remote(
         Arc::clone(&records),
         config.tls.clone(),
@@ -85,6 +83,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     cluster.set(Arc::new(Cluster {
         records,
         nodes: Arc::clone(&nodes),
+        events,
     }));
     // Identity's Probe and capabilities: the controller has no engine, so
     // it is ready as soon as its records are open.
@@ -139,8 +138,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Opens the records; in Kubernetes, first waits to be the leader.
-async fn open_store(store: &Store) -> Result<Arc<dyn Records>, StartError> {
+/// Opens the records (and, in Kubernetes, the Events sink); in
+/// Kubernetes, first waits to be the leader.
+async fn open_store(
+    store: &Store,
+) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
     match store {
         Store::Embedded(path) => {
             if let Some(dir) = path.parent() {
@@ -149,50 +151,71 @@ async fn open_store(store: &Store) -> Result<Arc<dyn Records>, StartError> {
                     source,
                 })?;
             }
-            Ok(Arc::new(
-                EmbeddedRecords::open(path).map_err(StartError::Records)?,
-            ))
+            let records = EmbeddedRecords::open(path).map_err(StartError::Records)?;
+            Ok((Arc::new(records), None))
         }
         Store::Kubernetes {
             lease_namespace,
             lease_name,
             identity,
-        } => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
-            let lease = LeaderLease::new(
-                client.clone(),
-                lease_namespace,
-                lease_name,
-                identity,
-                LEASE_DURATION,
-            );
-            eprintln!("strata controller: waiting for the Lease {lease_namespace}/{lease_name}");
-            loop {
-                match lease.try_acquire().await {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %crate::cli::error_chain(&e), "leader election")
-                    }
-                }
-                tokio::time::sleep(LEASE_DURATION / 5).await;
-            }
-            eprintln!("strata controller: leader as {identity}");
-            tokio::spawn(keep_leading(lease));
-            Ok(Arc::new(KubeRecords::new(
-                client,
-                tokio::runtime::Handle::current(),
-            )))
-        }
+        } => open_kubernetes(lease_namespace, lease_name, identity).await,
     }
 }
 
+/// Waits to lead (the Lease), then opens the custom-resource records and
+/// the Events sink.
+#[cfg(feature = "kubernetes")]
+async fn open_kubernetes(
+    lease_namespace: &str,
+    lease_name: &str,
+    identity: &str,
+) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
+    use crate::cluster::kube::KubeRecords;
+    use crate::cluster::kube::events::KubeEvents;
+    use crate::cluster::kube::lease::LeaderLease;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
+    let lease = LeaderLease::new(
+        client.clone(),
+        lease_namespace,
+        lease_name,
+        identity,
+        LEASE_DURATION,
+    );
+    eprintln!("strata controller: waiting for the Lease {lease_namespace}/{lease_name}");
+    loop {
+        match lease.try_acquire().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::cli::error_chain(&e), "leader election")
+            }
+        }
+        tokio::time::sleep(LEASE_DURATION / 5).await;
+    }
+    eprintln!("strata controller: leader as {identity}");
+    tokio::spawn(keep_leading(lease));
+    let events = KubeEvents::new(client.clone(), identity.to_string());
+    let records = KubeRecords::new(client, tokio::runtime::Handle::current());
+    Ok((Arc::new(records), Some(Arc::new(events))))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn open_kubernetes(
+    _: &str,
+    _: &str,
+    _: &str,
+) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
+    Err(StartError::Internal(crate::cluster::NO_KUBERNETES.into()))
+}
+
+#[cfg(feature = "kubernetes")]
 /// Renews the Lease at a third of its duration; exits the process if it
 /// was lost or could not be renewed for a whole duration, so that two
 /// controllers never act at once.
-async fn keep_leading(lease: LeaderLease) {
+async fn keep_leading(lease: crate::cluster::kube::lease::LeaderLease) {
+    use std::time::Instant;
     let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(lease.duration() / 3).await;

@@ -240,7 +240,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             ));
             nodes.beat().await;
             tokio::spawn(Arc::clone(&nodes).run());
-            cluster.set(Arc::new(Cluster { records, nodes }));
+            cluster.set(Arc::new(Cluster {
+                records,
+                nodes,
+                events: None,
+            }));
         }
         Role::Node {
             agent_listen,
@@ -248,19 +252,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             register,
         } => {
             if let Some(address) = register {
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
-                let records: Arc<dyn crate::cluster::records::Records> =
-                    Arc::new(crate::cluster::kube::KubeRecords::new(
-                        client,
-                        tokio::runtime::Handle::current(),
-                    ));
-                tokio::spawn(crate::cluster::nodes::register(
-                    records,
-                    Arc::new(agent.clone()),
-                    address.clone(),
-                ));
+                register_in_kubernetes(address.clone(), agent.clone()).await?;
             }
             let listener = tokio::net::TcpListener::bind(agent_listen)
                 .await
@@ -320,6 +312,28 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     eprintln!("strata {who}: stopped cleanly");
     Ok(())
+}
+
+/// Keeps this node's StrataNode custom resource up to date.
+#[cfg(feature = "kubernetes")]
+async fn register_in_kubernetes(address: String, agent: AgentService) -> Result<(), StartError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
+    let records: Arc<dyn crate::cluster::records::Records> = Arc::new(
+        crate::cluster::kube::KubeRecords::new(client, tokio::runtime::Handle::current()),
+    );
+    tokio::spawn(crate::cluster::nodes::register(
+        records,
+        Arc::new(agent),
+        address,
+    ));
+    Ok(())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn register_in_kubernetes(_: String, _: AgentService) -> Result<(), StartError> {
+    Err(StartError::Internal(crate::cluster::NO_KUBERNETES.into()))
 }
 
 pub(crate) async fn wait_for_signal() {

@@ -379,6 +379,18 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
     })
 }
 
+#[cfg(feature = "kubernetes")]
+fn crdgen() -> ExitCode {
+    print!("{}", crate::cluster::kube::crd::crds_yaml());
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn crdgen() -> ExitCode {
+    eprintln!("strata crdgen: {}", crate::cluster::NO_KUBERNETES);
+    ExitCode::FAILURE
+}
+
 /// The exit code of a server process, its error printed.
 fn finish(who: &str, result: Result<(), crate::standalone::StartError>) -> ExitCode {
     match result {
@@ -413,10 +425,7 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Pool(PoolCommand::Check { dir, repair }) => pool::check(&dir, repair),
-            Command::Crdgen => {
-                print!("{}", crate::cluster::kube::crd::crds_yaml());
-                ExitCode::SUCCESS
-            }
+            Command::Crdgen => crdgen(),
             Command::FuseHolder {
                 socket,
                 idle_seconds,

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use csi_proto::agent::v1::NodeInfoRequest;
 use csi_proto::agent::v1::agent_server::Agent;
+use csi_proto::agent::v1::{NodeInfoReply, NodeInfoRequest};
 use tonic::{Request, Status};
 
 use super::records::{NodeRecord, NodeState, Records};
@@ -294,20 +294,7 @@ impl Nodes {
         let now = now_ns();
         match agent.node_info(Request::new(NodeInfoRequest {})).await {
             Ok(reply) => {
-                let info = reply.into_inner();
-                let rec = NodeRecord {
-                    node_id: info.node_id.clone(),
-                    agent_address: address,
-                    version: info.version,
-                    capacity_bytes: info.capacity_bytes,
-                    available_bytes: info.available_bytes,
-                    provisioned_bytes: info.provisioned_bytes,
-                    max_volumes: info.max_volumes,
-                    volumes: info.volumes,
-                    state: NodeState::Ready,
-                    message: String::new(),
-                    last_seen_unix_ns: now,
-                };
+                let rec = ready_record(reply.into_inner(), address, now);
                 let was = self.cache.lock().expect("nodes").get(&rec.node_id).cloned();
                 if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
                     tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
@@ -344,6 +331,23 @@ impl Nodes {
     }
 }
 
+/// The record of a node that just answered NodeInfo.
+fn ready_record(info: NodeInfoReply, agent_address: String, now: u64) -> NodeRecord {
+    NodeRecord {
+        node_id: info.node_id,
+        agent_address,
+        version: info.version,
+        capacity_bytes: info.capacity_bytes,
+        available_bytes: info.available_bytes,
+        provisioned_bytes: info.provisioned_bytes,
+        max_volumes: info.max_volumes,
+        volumes: info.volumes,
+        state: NodeState::Ready,
+        message: String::new(),
+        last_seen_unix_ns: now,
+    }
+}
+
 /// How often a node reports itself when it keeps its own record.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -361,19 +365,7 @@ pub async fn register(records: Arc<dyn Records>, agent: Arc<dyn Agent>, address:
                 continue;
             }
         };
-        let rec = NodeRecord {
-            node_id: info.node_id,
-            agent_address: address.clone(),
-            version: info.version,
-            capacity_bytes: info.capacity_bytes,
-            available_bytes: info.available_bytes,
-            provisioned_bytes: info.provisioned_bytes,
-            max_volumes: info.max_volumes,
-            volumes: info.volumes,
-            state: NodeState::Ready,
-            message: String::new(),
-            last_seen_unix_ns: now_ns(),
-        };
+        let rec = ready_record(info, address.clone(), now_ns());
         let records = Arc::clone(&records);
         match tokio::task::spawn_blocking(move || records.put_node(&rec)).await {
             Ok(Ok(())) => {}

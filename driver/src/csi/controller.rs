@@ -28,8 +28,8 @@ use tonic::{Request, Response, Status};
 use super::params;
 use super::{InFlight, status};
 use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
-use crate::cluster::Cluster;
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
+use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
 
 /// Topology key naming the node that owns a volume.
@@ -103,6 +103,37 @@ impl ControllerService {
         Ok(rec
             .map(|r| r.node)
             .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
+    }
+}
+
+impl ControllerService {
+    /// Events on the claim of a volume just created: where it went, and
+    /// the background flatten it will get.
+    fn tell(&self, claim: Option<&ClaimRef>, rec: &VolumeRecord, flatten: bool) {
+        let (Some(claim), Ok(cluster)) = (claim, self.cluster.get()) else {
+            return;
+        };
+        let Some(events) = &cluster.events else {
+            return;
+        };
+        let why = if rec.source.is_some() {
+            "where its source's layers are"
+        } else {
+            "chosen from the accessibility requirements and the nodes' room"
+        };
+        let message = format!(
+            "volume {} ({} bytes) is on node {}, {why}",
+            rec.volume_id, rec.capacity_bytes, rec.node
+        );
+        events.emit(claim, EventKind::Normal, "Placed", &message);
+        if flatten && rec.source.is_some() {
+            let message = format!(
+                "volume {} is being flattened in the background so it stops sharing layers \
+                 with its source; `strata jobs` on node {} shows progress",
+                rec.volume_id, rec.node
+            );
+            events.emit(claim, EventKind::Normal, "FlattenQueued", &message);
+        }
     }
 }
 
@@ -298,6 +329,7 @@ impl Controller for ControllerService {
         };
         let range = req.capacity_range.unwrap_or_default();
         let (allowed, preferred) = requirements(req.accessibility_requirements.as_ref());
+        let claim = ClaimRef::from_parameters(&req.parameters);
         let _guard = self.inflight.claim(&format!("volume name {}", req.name))?;
 
         // A source lives on one node; its size is the default (and the
@@ -441,6 +473,7 @@ impl Controller for ControllerService {
             rec.state = RecordState::Ready;
             let put = rec.clone();
             self.records(move |r| r.put_volume(&put)).await?;
+            self.tell(claim.as_ref(), &rec, vparams.flatten_clones);
         }
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume_message(&rec)),

@@ -1,6 +1,7 @@
 //! The Kubernetes backend of the cluster records: [`KubeRecords`] keeps
 //! volumes, snapshots and nodes as Strata's custom resources ([`crd`]),
-//! and [`lease`] elects the one controller that may act.
+//! [`lease`] elects the one controller that may act, and [`events`] tells
+//! users on their PVCs.
 //!
 //! Writes use optimistic concurrency: a put reads the object, replaces it
 //! with the resourceVersion it read, then replaces the status subresource
@@ -13,6 +14,7 @@
 //! the runtime handle it was made with.
 
 pub mod crd;
+pub mod events;
 pub mod lease;
 
 use std::fmt::Debug;

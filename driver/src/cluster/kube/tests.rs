@@ -441,3 +441,57 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
     expect(&mut api, "GET", LEASE, 500, status(500, "InternalError")).await;
     assert!(round.await.unwrap().is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_posted_on_the_claim() {
+    use crate::cluster::{ClaimRef, EventKind, Events};
+    let (client, mut api) = mock_client();
+    let events = super::events::KubeEvents::new(client, "ctl-a".into());
+    let claim = ClaimRef {
+        namespace: "apps".into(),
+        name: "data".into(),
+    };
+    events.emit(
+        &claim,
+        EventKind::Normal,
+        "Placed",
+        "volume v1 is on node n1",
+    );
+    let posted = expect(
+        &mut api,
+        "POST",
+        "/api/v1/namespaces/apps/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(posted["involvedObject"]["kind"], "PersistentVolumeClaim");
+    assert_eq!(posted["involvedObject"]["name"], "data");
+    assert_eq!(posted["reason"], "Placed");
+    assert_eq!(posted["type"], "Normal");
+    assert_eq!(posted["reportingInstance"], "ctl-a");
+    assert_eq!(posted["metadata"]["generateName"], "data.");
+}
+
+#[test]
+fn the_claim_comes_from_the_provisioners_extra_metadata() {
+    use crate::cluster::ClaimRef;
+    let p = std::collections::HashMap::from([
+        (
+            "csi.storage.k8s.io/pvc/name".to_string(),
+            "data".to_string(),
+        ),
+        (
+            "csi.storage.k8s.io/pvc/namespace".to_string(),
+            "apps".to_string(),
+        ),
+    ]);
+    assert_eq!(
+        ClaimRef::from_parameters(&p),
+        Some(ClaimRef {
+            namespace: "apps".into(),
+            name: "data".into()
+        })
+    );
+    assert_eq!(ClaimRef::from_parameters(&Default::default()), None);
+}
