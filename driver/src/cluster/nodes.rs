@@ -140,8 +140,9 @@ impl Nodes {
                 "node {node_id} is not registered; is its strata node plugin running?"
             ))),
             Some(r) if r.state == NodeState::Stale => Err(Status::unavailable(format!(
-                "node {node_id} has not answered since {}: {}; its volumes are unreachable until it is back",
-                r.last_seen_unix_ns, r.message
+                "node {node_id} has not answered for {} s ({}); its volumes are unreachable until it is back",
+                now_ns().saturating_sub(r.last_seen_unix_ns) / 1_000_000_000,
+                r.message
             ))),
             Some(r) => self.agent_at(&r.agent_address),
         }
