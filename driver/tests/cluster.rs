@@ -4,7 +4,8 @@
 //! placement by accessibility requirements and preference, snapshots,
 //! restores and clones on the source's node, a restore its requirements
 //! keep away from the source refused with RESOURCE_EXHAUSTED, a killed
-//! node marked stale and back after a restart, and an agent that refuses
+//! node marked stale and back after a restart, a restarted controller
+//! that still knows everything, and an agent that refuses
 //! clients without the right certificate.
 
 mod common;
@@ -111,7 +112,7 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     gen_certs(&tls);
     let n1 = NodeProc::start(root.path(), "n1", &tls);
     let mut n2 = NodeProc::start(root.path(), "n2", &tls);
-    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;
@@ -335,6 +336,36 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     .await;
     assert!(read_at(&dev, 1 << 20, data.len()) == data);
     detach(&n2, &mut csi2, &on2.volume_id).await;
+
+    // The controller is killed and restarted: its records are intact, a
+    // repeated create returns the same volume, and it reaches both nodes.
+    ctl.proc.kill9();
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    for n in ["n1", "n2"] {
+        eventually(20, "nodes after restart", async || {
+            capacity(&mut cc, n).await > 0
+        })
+        .await;
+    }
+    let again = cc
+        .create_volume(with_requirements(
+            c::create("pvc-a", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, on2.volume_id);
+    let listed = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 4);
 
     // Everything deletes through the controller, on the right node.
     cc.delete_snapshot(DeleteSnapshotRequest {

@@ -46,8 +46,11 @@ impl Proc {
         std::fs::read_to_string(self.dir.join("strata.log")).unwrap_or_default()
     }
 
-    /// (Re)starts the process and waits for its CSI socket.
+    /// (Re)starts the process and waits for its CSI socket (a socket left
+    /// by a killed process is removed first, so it is not mistaken for
+    /// the new one).
     pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
