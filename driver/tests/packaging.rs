@@ -1,14 +1,19 @@
 //! The deployment files: the checked-in CRDs are what `strata crdgen`
 //! prints; every YAML file parses; the chart's templates use only values
-//! that values.yaml defines and close every block they open; the plain
-//! manifests render with `kubectl kustomize` and pin the same images as
-//! the chart.
+//! that values.yaml defines and close every block they open; the chart
+//! passes `helm lint --strict` and renders with other values; the plain
+//! manifests are the chart rendered (`scripts/render-manifests`) and build
+//! with `kubectl kustomize`; and everything, examples included, passes
+//! `kubectl create --dry-run=client --validate=false`.
 //!
-//! Not checked here: `kubectl create --dry-run=client` needs an API server
-//! for discovery even with --validate=false, and none runs on these
-//! machines; `helm template` needs Helm, which cannot be installed here.
+//! kubectl needs API discovery even for a client-side dry run, and no API
+//! server runs on these machines: `common/discovery.rs` serves discovery
+//! built from k8s-openapi's resource constants and the CRDs themselves.
 
 mod common;
+#[cfg(feature = "kubernetes")]
+#[path = "common/discovery.rs"]
+mod discovery;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -178,68 +183,179 @@ fn chart_templates_use_only_defined_values_and_close_their_blocks() {
     assert!(used > 40, "only {used} value references found");
 }
 
-#[test]
-fn manifests_render_with_kustomize_and_pin_the_charts_images() {
-    let values = std::fs::read_to_string(root().join("charts/strata/values.yaml")).unwrap();
-    let mut rendered_images = String::new();
-    for f in ["manifests/base/controller.yaml", "manifests/base/node.yaml"] {
-        rendered_images.push_str(&std::fs::read_to_string(root().join(f)).unwrap());
-    }
-    for line in values
-        .lines()
-        .filter(|l| l.trim_start().starts_with("image: "))
-    {
-        let image = line.trim_start().trim_start_matches("image: ");
-        assert!(
-            rendered_images.contains(image),
-            "manifests/ do not use the chart's {image}"
-        );
-    }
-
-    if !common::have_tool("kubectl") {
-        // kubectl is not in Debian's archive; nothing to install it from
-        // here. The parse test above still covers every file.
-        eprintln!("\n*** SKIPPED: kubectl kustomize (no kubectl on this machine) ***\n");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("manifests");
-    let out = Command::new("cp")
-        .arg("-r")
-        .arg(root().join("manifests"))
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(out.success());
-    common::cluster::gen_certs(&copy.join("base/tls"));
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&copy)
-        .output()
-        .unwrap();
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "kubectl kustomize: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let docs = yaml_docs(&String::from_utf8(out.stdout).unwrap(), &copy);
-    let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    kinds.sort();
-    kinds.dedup();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template` of the chart with `--set` pairs.
+fn helm_template(set: &[&str]) -> String {
+    let mut cmd = Command::new("helm");
+    cmd.args(["template", "strata"])
+        .arg(root().join("charts/strata"))
+        .args(["--namespace", "strata-system", "--kube-version", "1.34.0"]);
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    run_tool(&mut cmd)
+}
+
+/// `kubectl kustomize manifests/`, on a copy with fresh agent certificates.
+fn kustomize() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("manifests");
+    run_tool(
+        Command::new("cp")
+            .arg("-r")
+            .arg(root().join("manifests"))
+            .arg(&copy),
+    );
+    let _ = std::fs::remove_dir_all(copy.join("base/tls"));
+    common::cluster::gen_certs(&copy.join("base/tls"));
+    run_tool(Command::new("kubectl").arg("kustomize").arg(&copy))
+}
+
+fn kinds_and_names(docs: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn container_args<'a>(docs: &'a [Value], kind: &str, container: &str) -> Vec<&'a str> {
+    let d = docs.iter().find(|d| d["kind"] == kind).unwrap();
+    let c = d["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == container)
+        .unwrap();
+    c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn manifests_are_the_chart_rendered() {
+    if common::require_tools(&["helm"]).is_err() {
+        return;
+    }
+    let generated = run_tool(Command::new(root().join("scripts/render-manifests")).arg("--stdout"));
+    let checked_in = std::fs::read_to_string(root().join("manifests/base/strata.yaml")).unwrap();
+    assert!(
+        checked_in == generated,
+        "manifests/base/strata.yaml differs from the chart; run scripts/render-manifests"
+    );
+}
+
+#[test]
+fn chart_lints_and_renders_with_other_values() {
+    if common::require_tools(&["helm"]).is_err() {
+        return;
+    }
+    run_tool(
+        Command::new("helm")
+            .args(["lint", "--strict", "--kube-version", "1.34.0"])
+            .arg(root().join("charts/strata")),
+    );
+
+    let defaults = yaml_docs(&helm_template(&[]), Path::new("helm template"));
+    let names = kinds_and_names(&defaults);
     for want in [
-        "CSIDriver",
-        "ClusterRole",
-        "CustomResourceDefinition",
-        "DaemonSet",
-        "Deployment",
-        "Secret",
-        "StorageClass",
-        "VolumeSnapshotClass",
+        "CSIDriver/csi.strata.dev",
+        "DaemonSet/strata-node",
+        "Deployment/strata-controller",
+        "Secret/strata-agent-tls",
+        "StorageClass/strata",
+        "VolumeSnapshotClass/strata",
+        "Service/strata-metrics",
     ] {
-        assert!(kinds.contains(&want), "no {want} in {kinds:?}");
+        assert!(names.iter().any(|n| n == want), "no {want} in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("ServiceMonitor/")));
+    let provisioner = container_args(&defaults, "Deployment", "csi-provisioner");
+    assert!(
+        provisioner.contains(&"--enable-capacity"),
+        "{provisioner:?}"
+    );
+    assert!(
+        provisioner.contains(&"--extra-create-metadata"),
+        "{provisioner:?}"
+    );
+
+    let other = yaml_docs(
+        &helm_template(&[
+            "agentTls.existingSecret=my-certs",
+            "storageClass.create=false",
+            "volumeSnapshotClass.create=false",
+            "metrics.serviceMonitor.enabled=true",
+            "controller.enableCapacity=false",
+            "controller.overcommit=2.5",
+            "kubeletDir=/var/lib/k0s/kubelet",
+        ]),
+        Path::new("helm template --set ..."),
+    );
+    let names = kinds_and_names(&other);
+    for gone in ["Secret/", "StorageClass/", "VolumeSnapshotClass/"] {
+        assert!(
+            !names.iter().any(|n| n.starts_with(gone)),
+            "{gone} still in {names:?}"
+        );
+    }
+    assert!(
+        names.iter().any(|n| n == "ServiceMonitor/strata"),
+        "{names:?}"
+    );
+    let provisioner = container_args(&other, "Deployment", "csi-provisioner");
+    assert!(
+        !provisioner.contains(&"--enable-capacity"),
+        "{provisioner:?}"
+    );
+    let controller = container_args(&other, "Deployment", "strata");
+    assert!(controller.contains(&"--overcommit=2.5"), "{controller:?}");
+    let rendered = serde_json::to_string(&other).unwrap();
+    assert!(rendered.contains("my-certs"));
+    assert!(rendered.contains("/var/lib/k0s/kubelet/plugins"));
+    assert!(!rendered.contains("/var/lib/kubelet"));
+}
+
+#[test]
+fn manifests_render_with_kustomize() {
+    if common::require_tools(&["kubectl"]).is_err() {
+        return;
+    }
+    let docs = yaml_docs(&kustomize(), Path::new("kubectl kustomize"));
+    let names = kinds_and_names(&docs);
+    for want in [
+        "CSIDriver/csi.strata.dev",
+        "CustomResourceDefinition/stratavolumes.strata.dev",
+        "DaemonSet/strata-node",
+        "Deployment/strata-controller",
+        "Namespace/strata-system",
+        "Secret/strata-agent-tls",
+        "StorageClass/strata",
+        "VolumeSnapshotClass/strata",
+    ] {
+        assert!(names.iter().any(|n| n == want), "no {want} in {names:?}");
     }
     for d in &docs {
-        let namespaced = !matches!(
+        let cluster_scoped = matches!(
             d["kind"].as_str().unwrap(),
             "CSIDriver"
                 | "ClusterRole"
@@ -249,7 +365,9 @@ fn manifests_render_with_kustomize_and_pin_the_charts_images() {
                 | "StorageClass"
                 | "VolumeSnapshotClass"
         );
-        if namespaced {
+        if cluster_scoped {
+            assert!(d["metadata"]["namespace"].is_null(), "{d}");
+        } else {
             assert_eq!(d["metadata"]["namespace"], "strata-system", "{d}");
         }
     }
@@ -257,4 +375,144 @@ fn manifests_render_with_kustomize_and_pin_the_charts_images() {
     for key in ["ca.crt", "tls.crt", "tls.key"] {
         assert!(secret["data"][key].is_string(), "secret lacks {key}");
     }
+}
+
+/// Objects that kubectl accepts in a client-side dry run, as "kind/name".
+#[cfg(feature = "kubernetes")]
+fn dry_run(server: &str, yaml: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = run_tool(
+        Command::new("kubectl")
+            .env("KUBECONFIG", dir.path().join("none"))
+            .env("HOME", dir.path())
+            .args([
+                "--server",
+                server,
+                "create",
+                "--dry-run=client",
+                "--validate=false",
+                "-o",
+                "name",
+                "-f",
+            ])
+            .arg(&file),
+    );
+    let mut names: Vec<String> = out.lines().map(str::to_string).collect();
+    names.sort();
+    names
+}
+
+#[cfg(feature = "kubernetes")]
+#[test]
+fn everything_passes_kubectl_create_dry_run() {
+    if common::require_tools(&["kubectl", "helm"]).is_err() {
+        return;
+    }
+    let crds = std::fs::read_to_string(root().join("charts/strata/crds/strata.dev.yaml")).unwrap();
+    let mut kinds = discovery::builtins();
+    kinds.extend(discovery::from_crds(&yaml_docs(&crds, Path::new("crds"))));
+    // From external-snapshotter's and prometheus-operator's CRDs, which the
+    // cluster brings; they are not in k8s-openapi.
+    for (group, kind, plural, namespaced) in [
+        (
+            "snapshot.storage.k8s.io",
+            "VolumeSnapshotClass",
+            "volumesnapshotclasses",
+            false,
+        ),
+        (
+            "snapshot.storage.k8s.io",
+            "VolumeSnapshot",
+            "volumesnapshots",
+            true,
+        ),
+        (
+            "monitoring.coreos.com",
+            "ServiceMonitor",
+            "servicemonitors",
+            true,
+        ),
+    ] {
+        kinds.push(discovery::Kind {
+            group: group.into(),
+            version: "v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced,
+        });
+    }
+    let server = discovery::serve(kinds);
+
+    let kustomized = kustomize();
+    let accepted = dry_run(&server, &kustomized);
+    let docs = yaml_docs(&kustomized, Path::new("kubectl kustomize"));
+    assert_eq!(accepted.len(), docs.len(), "{accepted:?}");
+    assert!(
+        accepted
+            .iter()
+            .any(|n| n == "volumesnapshotclass.snapshot.storage.k8s.io/strata")
+    );
+    assert!(
+        accepted
+            .iter()
+            .any(|n| n == "stratavolumes.strata.dev" || n.ends_with("/stratavolumes.strata.dev"))
+    );
+
+    let chart = helm_template(&["metrics.serviceMonitor.enabled=true"]);
+    let accepted = dry_run(&server, &format!("{crds}\n---\n{chart}"));
+    assert!(
+        accepted
+            .iter()
+            .any(|n| n == "servicemonitor.monitoring.coreos.com/strata"),
+        "{accepted:?}"
+    );
+
+    let mut examples = Vec::new();
+    files(&root().join("manifests/examples"), &["yaml"], &mut examples);
+    examples.sort();
+    let text: Vec<String> = examples
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let accepted = dry_run(&server, &text.join("\n---\n"));
+    for want in [
+        "persistentvolumeclaim/",
+        "pod/",
+        "volumesnapshot.snapshot.storage.k8s.io/",
+    ] {
+        assert!(
+            accepted.iter().any(|n| n.starts_with(want)),
+            "no {want} in {accepted:?}"
+        );
+    }
+
+    // And a mistake is caught: an apiVersion the server does not serve.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: storage.k8s.io/v1beta1\nkind: CSIDriver\nmetadata:\n  name: x\n",
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", dir.path().join("none"))
+        .args([
+            "--server",
+            &server,
+            "create",
+            "--dry-run=client",
+            "--validate=false",
+            "-f",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no matches for kind"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
