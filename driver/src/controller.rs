@@ -4,12 +4,15 @@
 //! heartbeat keeps the node records fresh and marks silent nodes stale.
 //!
 //! Records live in the embedded store (a redb file; outside Kubernetes)
-//! or as custom resources (`--store kubernetes`). Only one controller may
-//! act at a time: with the embedded store the file lock enforces it (a
-//! second controller on the same file fails to start); in Kubernetes a
-//! Lease does, and the CSI socket is bound only once this process holds
-//! it, so the sidecars of the other replicas wait. A leader that cannot
-//! renew its Lease in time exits before another can take over.
+//! or as custom resources (`--store kubernetes`). Several replicas may
+//! run; one acts. The election is a lock file beside the embedded store,
+//! or a Lease in Kubernetes (`cluster/election.rs`). Every replica binds
+//! its CSI socket at once and answers Identity and capabilities, so its
+//! sidecars and livenessprobe start; until it leads, it forwards the
+//! other Controller calls to the leader's peer port (`csi/replica.rs`),
+//! because the sidecars elect their own leaders and may sit in any
+//! replica. The leader opens the records only once it leads. A Lease
+//! holder that cannot renew in time exits before another can take over.
 //!
 //! SIGTERM (or SIGINT): stop accepting CSI calls and exit 0; there is
 //! nothing to flush.
@@ -17,17 +20,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use tokio::sync::watch;
 
 use crate::agent::tls::TlsFiles;
+use crate::cluster::election::{Election, FileLock, Round};
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
 use crate::cluster::{Cluster, Events};
 use crate::csi::controller::{ClusterReady, ControllerService};
 use crate::csi::identity::IdentityService;
+use crate::csi::replica::Replica;
 use crate::csi::{InFlight, Started};
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Metrics};
@@ -63,15 +69,122 @@ pub struct Config {
     pub overcommit: f64,
     pub heartbeat: Heartbeat,
     pub metrics_listen: SocketAddr,
+    /// Where the leader takes the calls other replicas forward (mutual
+    /// TLS with `tls`).
+    pub peer_listen: SocketAddr,
+    /// The address other replicas reach `peer_listen` at (`host:port`).
+    pub advertise: Option<String>,
 }
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let Endpoint::Unix(csi_path) = &config.csi_endpoint else {
         return Err(StartError::CsiNotUnix(config.csi_endpoint.to_string()));
     };
-    let (records, events) = open_store(&config.store).await?;
+    let advertise = config.advertise.as_deref().map(bracket_ipv6).or_else(|| {
+        (!config.peer_listen.ip().is_unspecified()).then(|| config.peer_listen.to_string())
+    });
+    if advertise.is_none() {
+        tracing::warn!(
+            "no --advertise-address: other replicas cannot forward calls to this one when it leads"
+        );
+    }
+    let (backend, election) = connect(&config.store, advertise.clone()).await?;
+    let election = Arc::new(election);
+
+    let cluster = ClusterReady::default();
+    let replica = Replica::new(
+        ControllerService::new(cluster.clone(), InFlight::default()),
+        config.tls.clone(),
+    );
+    // Identity's Probe: a controller has no engine to open, so it is
+    // ready (alive) from the start, leader or not.
+    let csi_listener =
+        crate::endpoint::bind_unix(csi_path).map_err(|source| StartError::Listen {
+            endpoint: config.csi_endpoint.to_string(),
+            source,
+        })?;
+    let csi = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(
+                IdentityService::new(Started::default(), true).always_ready(),
+            ))
+            .add_service(ControllerServer::new(replica.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
+                stopped(),
+            ),
+    );
+    // The peer port serves the same routing service: only a leader
+    // answers forwarded calls.
+    let peer_listener = tokio::net::TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            endpoint: config.peer_listen.to_string(),
+            source,
+        })?;
+    let peer = tonic::transport::Server::builder()
+        .tls_config(config.tls.server())
+        .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
+        .add_service(ControllerServer::new(replica.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
+            stopped(),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = peer.await {
+            tracing::error!(error = %e, "controller peer server failed");
+        }
+    });
+
+    let metrics = Metrics::new();
+    metrics.watch_replica(replica.clone());
+    let listener = metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            endpoint: config.metrics_listen.to_string(),
+            source,
+        })?;
+    tokio::spawn(metrics::serve(metrics.clone(), listener, stopped()));
+
+    let signal = crate::standalone::wait_for_signal();
+    tokio::pin!(signal);
+    eprintln!(
+        "strata controller: serving CSI on {}, peers on {} (advertised as {}); electing",
+        config.csi_endpoint,
+        config.peer_listen,
+        advertise.as_deref().unwrap_or("nothing")
+    );
+    let mut following = None;
+    loop {
+        match election.round().await {
+            Ok(Round::Leading) => break,
+            Ok(Round::Following(leader)) => {
+                if following.as_ref() != Some(&leader) {
+                    eprintln!(
+                        "strata controller: following {}",
+                        leader.as_deref().unwrap_or("a leader without an address")
+                    );
+                    following = Some(leader.clone());
+                }
+                replica.follow(leader.as_deref());
+            }
+            Err(e) => tracing::warn!(error = %crate::cli::error_chain(&e), "leader election"),
+        }
+        tokio::select! {
+            _ = &mut signal => return shut_down(stop_tx, csi, csi_path, None).await,
+            _ = tokio::time::sleep(election.retry()) => {}
+        }
+    }
+
+    let (records, events) = open_records(backend).await?;
     let nodes = Arc::new(Nodes::remote(
         Arc::clone(&records),
         config.tls.clone(),
@@ -79,70 +192,73 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         config.overcommit,
         config.heartbeat.clone(),
     ));
-    let cluster = ClusterReady::default();
     cluster.set(Arc::new(Cluster {
         records,
         nodes: Arc::clone(&nodes),
         events,
     }));
-    // Identity's Probe and capabilities: the controller has no engine, so
-    // it is ready as soon as its records are open.
-    let csi_listener =
-        crate::endpoint::bind_unix(csi_path).map_err(|source| StartError::Listen {
-            endpoint: config.csi_endpoint.to_string(),
-            source,
-        })?;
-    let mut rx = stop_rx.clone();
-    let csi = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(
-            IdentityService::new(Started::default(), true).always_ready(),
-        ))
-        .add_service(ControllerServer::new(ControllerService::new(
-            cluster,
-            InFlight::default(),
-        )))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        );
-    let csi = tokio::spawn(csi);
-
-    let metrics = Metrics::new();
     metrics.watch_nodes(Arc::clone(&nodes));
-    let listener = metrics::bind(config.metrics_listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            endpoint: config.metrics_listen.to_string(),
-            source,
-        })?;
-    let mut rx = stop_rx.clone();
-    tokio::spawn(metrics::serve(metrics, listener, async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }));
-
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
+    replica.lead();
+    if let Some(every) = election.renew_every() {
+        tokio::spawn(keep_leading(Arc::clone(&election), every));
+    }
     eprintln!(
-        "strata controller: ready (CSI {}, {} node agent(s) known, metrics http://{}/metrics)",
-        config.csi_endpoint,
+        "strata controller: leading; ready ({} node agent(s) known, metrics http://{}/metrics)",
         nodes.list().map(|n| n.len()).unwrap_or(0),
         config.metrics_listen
     );
-    crate::standalone::wait_for_signal().await;
-    let _ = stop_tx.send(true);
+    signal.await;
+    shut_down(stop_tx, csi, csi_path, Some(&election)).await
+}
+
+/// Stops serving (calls in progress finish), then gives up the lead.
+async fn shut_down(
+    stop: watch::Sender<bool>,
+    csi: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    csi_path: &std::path::Path,
+    leading: Option<&Election>,
+) -> Result<(), StartError> {
+    let _ = stop.send(true);
     let _ = csi.await;
     let _ = std::fs::remove_file(csi_path);
+    if let Some(election) = leading {
+        match election.release().await {
+            Ok(()) => eprintln!("strata controller: gave up the lead"),
+            Err(e) => tracing::warn!(error = %crate::cli::error_chain(&e), "giving up the lead"),
+        }
+    }
     eprintln!("strata controller: stopped");
     Ok(())
 }
 
-/// Opens the records (and, in Kubernetes, the Events sink); in
-/// Kubernetes, first waits to be the leader.
-async fn open_store(
+/// `host:port` with an IPv6 host in brackets, as a URL needs it (a pod IP
+/// from the downward API comes without them).
+fn bracket_ipv6(address: &str) -> String {
+    match address.rsplit_once(':') {
+        Some((host, port)) if host.parse::<std::net::Ipv6Addr>().is_ok() => {
+            format!("[{host}]:{port}")
+        }
+        _ => address.to_string(),
+    }
+}
+
+/// A store whose election has not been won yet.
+enum Backend {
+    Embedded(PathBuf),
+    #[cfg(feature = "kubernetes")]
+    Kubernetes {
+        client: kube::Client,
+        identity: String,
+    },
+}
+
+/// Connects to the store and sets up its election.
+async fn connect(
     store: &Store,
-) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
+    advertise: Option<String>,
+) -> Result<(Backend, Election), StartError> {
     match store {
         Store::Embedded(path) => {
             if let Some(dir) = path.parent() {
@@ -151,87 +267,95 @@ async fn open_store(
                     source,
                 })?;
             }
-            let records = EmbeddedRecords::open(path).map_err(StartError::Records)?;
-            Ok((Arc::new(records), None))
+            let election = Election::File(FileLock::beside(path, advertise));
+            Ok((Backend::Embedded(path.clone()), election))
         }
+        #[cfg(feature = "kubernetes")]
         Store::Kubernetes {
             lease_namespace,
             lease_name,
             identity,
-        } => open_kubernetes(lease_namespace, lease_name, identity).await,
-    }
-}
-
-/// Waits to lead (the Lease), then opens the custom-resource records and
-/// the Events sink.
-#[cfg(feature = "kubernetes")]
-async fn open_kubernetes(
-    lease_namespace: &str,
-    lease_name: &str,
-    identity: &str,
-) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
-    use crate::cluster::kube::KubeRecords;
-    use crate::cluster::kube::events::KubeEvents;
-    use crate::cluster::kube::lease::LeaderLease;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
-    let lease = LeaderLease::new(
-        client.clone(),
-        lease_namespace,
-        lease_name,
-        identity,
-        LEASE_DURATION,
-    );
-    eprintln!("strata controller: waiting for the Lease {lease_namespace}/{lease_name}");
-    loop {
-        match lease.try_acquire().await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %crate::cli::error_chain(&e), "leader election")
-            }
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| StartError::Internal(format!("connecting to Kubernetes: {e}")))?;
+            let lease = crate::cluster::kube::lease::LeaderLease::new(
+                client.clone(),
+                lease_namespace,
+                lease_name,
+                identity,
+                advertise,
+                LEASE_DURATION,
+            );
+            let backend = Backend::Kubernetes {
+                client,
+                identity: identity.clone(),
+            };
+            Ok((backend, Election::Lease(Box::new(lease))))
         }
-        tokio::time::sleep(LEASE_DURATION / 5).await;
+        #[cfg(not(feature = "kubernetes"))]
+        Store::Kubernetes { .. } => Err(StartError::Internal(crate::cluster::NO_KUBERNETES.into())),
     }
-    eprintln!("strata controller: leader as {identity}");
-    tokio::spawn(keep_leading(lease));
-    let events = KubeEvents::new(client.clone(), identity.to_string());
-    let records = KubeRecords::new(client, tokio::runtime::Handle::current());
-    Ok((Arc::new(records), Some(Arc::new(events))))
 }
 
-#[cfg(not(feature = "kubernetes"))]
-async fn open_kubernetes(
-    _: &str,
-    _: &str,
-    _: &str,
+/// Opens the records (and, in Kubernetes, the Events sink) once this
+/// process leads.
+async fn open_records(
+    backend: Backend,
 ) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
-    Err(StartError::Internal(crate::cluster::NO_KUBERNETES.into()))
+    match backend {
+        Backend::Embedded(path) => {
+            let records = tokio::task::spawn_blocking(move || EmbeddedRecords::open(&path))
+                .await
+                .map_err(|e| StartError::Internal(e.to_string()))?
+                .map_err(StartError::Records)?;
+            Ok((Arc::new(records), None))
+        }
+        #[cfg(feature = "kubernetes")]
+        Backend::Kubernetes { client, identity } => {
+            use crate::cluster::kube::KubeRecords;
+            use crate::cluster::kube::events::KubeEvents;
+            let events = KubeEvents::new(client.clone(), identity);
+            let records = KubeRecords::new(client, tokio::runtime::Handle::current());
+            Ok((Arc::new(records), Some(Arc::new(events))))
+        }
+    }
 }
 
-#[cfg(feature = "kubernetes")]
-/// Renews the Lease at a third of its duration; exits the process if it
-/// was lost or could not be renewed for a whole duration, so that two
-/// controllers never act at once.
-async fn keep_leading(lease: crate::cluster::kube::lease::LeaderLease) {
+/// Renews the lead every `every`; exits the process if another replica
+/// took it or it could not be renewed for three periods (a Lease's
+/// duration), so that two controllers never act at once.
+async fn keep_leading(election: Arc<Election>, every: Duration) {
     use std::time::Instant;
     let mut renewed = Instant::now();
     loop {
-        tokio::time::sleep(lease.duration() / 3).await;
-        match lease.try_acquire().await {
-            Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                eprintln!("strata controller: another controller holds the Lease now; exiting");
+        tokio::time::sleep(every).await;
+        match election.round().await {
+            Ok(Round::Leading) => renewed = Instant::now(),
+            Ok(Round::Following(_)) => {
+                eprintln!("strata controller: another controller leads now; exiting");
                 std::process::exit(1);
             }
             Err(e) => {
-                tracing::warn!(error = %crate::cli::error_chain(&e), "renewing the Lease");
-                if renewed.elapsed() >= lease.duration() {
-                    eprintln!("strata controller: could not renew the Lease in time; exiting");
+                tracing::warn!(error = %crate::cli::error_chain(&e), "renewing the lead");
+                if renewed.elapsed() >= every * 3 {
+                    eprintln!("strata controller: could not renew the lead in time; exiting");
                     std::process::exit(1);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bracket_ipv6;
+
+    #[test]
+    fn ipv6_advertise_addresses_get_brackets() {
+        assert_eq!(bracket_ipv6("10.1.2.3:9812"), "10.1.2.3:9812");
+        assert_eq!(bracket_ipv6("fd00::1:9812"), "[fd00::1]:9812");
+        assert_eq!(bracket_ipv6("[fd00::1]:9812"), "[fd00::1]:9812");
+        assert_eq!(bracket_ipv6("ctl.example:9812"), "ctl.example:9812");
     }
 }

@@ -6,7 +6,10 @@
 //! keep away from the source refused with RESOURCE_EXHAUSTED, a killed
 //! node marked stale and back after a restart, a restarted controller
 //! that still knows everything, and an agent that refuses
-//! clients without the right certificate.
+//! clients without the right certificate. Two controller replicas on one
+//! records file: the follower forwards every call to the leader, takes
+//! over when the leader is killed, and a leader stopped with SIGTERM
+//! hands over at once.
 
 mod common;
 
@@ -54,15 +57,20 @@ fn with_requirements(
     req
 }
 
+/// A node's capacity as the controller reports it; -1 while the
+/// controller answers UNAVAILABLE (starting, or no leader yet).
 async fn capacity(c: &mut ControllerClient<tonic::transport::Channel>, node: &str) -> i64 {
-    c.get_capacity(GetCapacityRequest {
-        accessible_topology: Some(topo(node)),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .available_capacity
+    match c
+        .get_capacity(GetCapacityRequest {
+            accessible_topology: Some(topo(node)),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().available_capacity,
+        Err(e) if e.code() == Code::Unavailable => -1,
+        Err(e) => panic!("GetCapacity: {e:?}"),
+    }
 }
 
 /// Waits until `f` holds, or panics after `secs` seconds.
@@ -465,4 +473,130 @@ async fn the_agent_refuses_clients_without_a_certificate_from_its_ca() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+fn volume_in(req: CreateVolumeRequest) -> CreateVolumeRequest {
+    with_requirements(req, &["n1"], &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let records = root.path().join("records/records.redb");
+    let mut a = ControllerProc::replica(root.path(), "ctl-a", &records, &[&n1.agent], &tls);
+    eventually(20, "a leads", async || a.leading()).await;
+    let mut b = ControllerProc::replica(root.path(), "ctl-b", &records, &[&n1.agent], &tls);
+    let mut cb = ControllerClient::new(c::channel(b.csi_socket()).await);
+
+    // b follows: capabilities are its own, everything else is a's.
+    let caps = cb
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!caps.capabilities.is_empty());
+    eventually(20, "n1 seen through b", async || {
+        capacity(&mut cb, "n1").await > 0
+    })
+    .await;
+    assert!(!b.leading(), "{}\n{}", b.proc.log(), b.metrics());
+    let x = cb
+        .create_volume(volume_in(c::create("pvc-x", 16 << 20, c::block_cap())))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut ca = ControllerClient::new(c::channel(a.csi_socket()).await);
+    let listed = ca
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    assert_eq!(
+        listed.entries[0].volume.as_ref().unwrap().volume_id,
+        x.volume_id
+    );
+    // Errors come back from the leader unchanged.
+    let e = cb
+        .create_volume(volume_in(c::create("", 16 << 20, c::block_cap())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        b.proc.log().contains("following 127.0.0.1:"),
+        "{}",
+        b.proc.log()
+    );
+
+    // The leader dies: b takes over with the same records.
+    a.proc.kill9();
+    eventually(20, "b leads", async || b.leading()).await;
+    eventually(20, "n1 seen by b as leader", async || {
+        capacity(&mut cb, "n1").await > 0
+    })
+    .await;
+    let again = cb
+        .create_volume(volume_in(c::create("pvc-x", 16 << 20, c::block_cap())))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, x.volume_id);
+
+    // a comes back and follows b.
+    a.proc.spawn();
+    let mut ca = ControllerClient::new(c::channel(a.csi_socket()).await);
+    eventually(20, "a forwards to b", async || {
+        capacity(&mut ca, "n1").await > 0
+    })
+    .await;
+    assert!(!a.leading());
+    let y = ca
+        .create_volume(volume_in(c::create("pvc-y", 16 << 20, c::block_cap())))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let listed = cb
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 2);
+    for v in [&x, &y] {
+        ca.delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        cb.list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .is_empty()
+    );
+
+    // A leader stopped with SIGTERM (a rolling update) hands over.
+    assert!(b.proc.term(), "{}", b.proc.log());
+    assert!(
+        b.proc.log().contains("gave up the lead"),
+        "{}",
+        b.proc.log()
+    );
+    eventually(20, "a leads after b stopped", async || a.leading()).await;
+    assert!(capacity(&mut ca, "n1").await > 0);
 }

@@ -8,16 +8,16 @@ use std::time::Duration;
 use csi_proto::agent::v1::agent_client::AgentClient;
 use csi_proto::agent::v1::agent_server::Agent;
 use csi_proto::agent::v1::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::tls::TlsFiles;
 
 /// How long a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one call may take (a snapshot waits for a flush, a create
 /// from a snapshot for an index copy; both are far below this).
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A node's agent, reached at `https://ADDRESS:PORT` with mutual TLS.
 #[derive(Debug, Clone)]
@@ -29,14 +29,9 @@ impl RemoteAgent {
     /// A client for the agent at `address` (`host:port`). No connection is
     /// made until the first call.
     pub fn new(address: &str, tls: &TlsFiles) -> Result<Self, Status> {
-        let endpoint = Endpoint::from_shared(format!("https://{address}"))
-            .map_err(|e| Status::internal(format!("agent address {address:?}: {e}")))?
-            .tls_config(tls.client())
-            .map_err(|e| Status::internal(format!("agent TLS configuration: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
+        let channel = tls.channel("agent", address, CONNECT_TIMEOUT, CALL_TIMEOUT)?;
         Ok(RemoteAgent {
-            client: AgentClient::new(endpoint.connect_lazy()),
+            client: AgentClient::new(channel),
         })
     }
 }

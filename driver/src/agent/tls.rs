@@ -7,8 +7,12 @@
 //! certificate need not name the node's changing pod IP.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::Status;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";
@@ -76,5 +80,24 @@ impl TlsFiles {
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(self.identity())
             .domain_name(SERVER_NAME)
+    }
+
+    /// A channel to `address` (`host:port`) with these certificates. No
+    /// connection is made until the first call; tonic re-makes it after a
+    /// failure. `what` names the peer in errors.
+    pub fn channel(
+        &self,
+        what: &str,
+        address: &str,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+    ) -> Result<Channel, Status> {
+        let endpoint = Endpoint::from_shared(format!("https://{address}"))
+            .map_err(|e| Status::internal(format!("{what} address {address:?}: {e}")))?
+            .tls_config(self.client())
+            .map_err(|e| Status::internal(format!("{what} TLS configuration: {e}")))?
+            .connect_timeout(connect_timeout)
+            .timeout(call_timeout);
+        Ok(endpoint.connect_lazy())
     }
 }

@@ -173,6 +173,14 @@ struct ControllerArgs {
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long, default_value = "127.0.0.1:9810")]
     metrics_listen: SocketAddr,
+    /// Where the leading replica takes the CSI calls that the other
+    /// replicas forward (mutual TLS with --agent-tls).
+    #[arg(long, default_value = "127.0.0.1:9812")]
+    peer_listen: SocketAddr,
+    /// host:port at which other replicas reach --peer-listen (default: the
+    /// --peer-listen address, unless it is 0.0.0.0).
+    #[arg(long)]
+    advertise_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -498,6 +506,8 @@ impl Cli {
                         stale_after: std::time::Duration::from_secs(a.stale_seconds.max(1)),
                     },
                     metrics_listen: a.metrics_listen,
+                    peer_listen: a.peer_listen,
+                    advertise: a.advertise_address,
                 };
                 finish(
                     "controller",

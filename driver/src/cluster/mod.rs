@@ -4,8 +4,9 @@
 //! by standalone mode and by a controller outside Kubernetes, and
 //! Kubernetes custom resources ([`kube`]). The engine never sees either.
 //! [`nodes`] is the controller's view of the nodes: routing, placement,
-//! heartbeat.
+//! heartbeat. [`election`] decides which controller replica acts.
 
+pub mod election;
 #[cfg(feature = "kubernetes")]
 pub mod kube;
 pub mod nodes;

@@ -9,6 +9,7 @@ mod guard;
 pub mod identity;
 pub mod node;
 mod params;
+pub mod replica;
 pub(crate) mod status;
 
 use std::sync::{Arc, OnceLock};

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cluster::nodes::Nodes;
 use crate::cluster::records::NodeState;
+use crate::csi::replica::Replica;
 use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
@@ -68,6 +69,7 @@ pub struct Metrics {
     registry: Registry,
     pool: Arc<OnceLock<Pool>>,
     nodes: Arc<OnceLock<Arc<Nodes>>>,
+    replica: Arc<OnceLock<Replica>>,
     ops: Family<VolumeOp, Counter>,
     bytes: Family<VolumeOp, Counter>,
     latency: HistogramFamily<VolumeOp>,
@@ -176,12 +178,15 @@ impl Metrics {
             pool: Arc::clone(&pool),
         }));
         let nodes = Arc::new(OnceLock::new());
-        registry.register_collector(Box::new(NodesCollector {
+        let replica = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(ControllerCollector {
             nodes: Arc::clone(&nodes),
+            replica: Arc::clone(&replica),
         }));
         Arc::new(Metrics {
             pool,
             nodes,
+            replica,
             registry,
             ops,
             bytes,
@@ -205,6 +210,12 @@ impl Metrics {
     /// `strata_node_room_bytes{node}`) at each scrape.
     pub fn watch_nodes(&self, nodes: Arc<Nodes>) {
         let _ = self.nodes.set(nodes);
+    }
+
+    /// Reports whether this controller replica leads
+    /// (`strata_controller_leading`, 1 or 0) at each scrape.
+    pub fn watch_replica(&self, replica: Replica) {
+        let _ = self.replica.set(replica);
     }
 
     /// Handles for one operation on one volume.
@@ -320,8 +331,9 @@ fn gauge(
 }
 
 #[derive(Debug)]
-struct NodesCollector {
+struct ControllerCollector {
     nodes: Arc<OnceLock<Arc<Nodes>>>,
+    replica: Arc<OnceLock<Replica>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -334,8 +346,18 @@ struct StateLabel {
     state: &'static str,
 }
 
-impl Collector for NodesCollector {
+impl Collector for ControllerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(replica) = self.replica.get() {
+            let g = ConstGauge::new(i64::from(replica.is_leading()));
+            let metric = encoder.encode_descriptor(
+                "controller_leading",
+                "Whether this controller replica leads and acts (1) or forwards calls to the leader (0)",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(metric)?;
+        }
         let Some(nodes) = self.nodes.get() else {
             return Ok(());
         };

@@ -78,6 +78,16 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, and waits for the exit; returns whether it exited 0.
+    pub fn term(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: signalling a child this test started and has not reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap().success()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -160,7 +170,20 @@ pub struct ControllerProc {
 
 impl ControllerProc {
     pub fn start(root: &Path, agents: &[&str], tls: &Path) -> ControllerProc {
-        let dir = root.join("controller");
+        let records = root.join("controller/records.redb");
+        ControllerProc::replica(root, "controller", &records, agents, tls)
+    }
+
+    /// One of several replicas sharing the records file `records`, each
+    /// in its own directory `root/name` with its own peer port.
+    pub fn replica(
+        root: &Path,
+        name: &str,
+        records: &Path,
+        agents: &[&str],
+        tls: &Path,
+    ) -> ControllerProc {
+        let dir = root.join(name);
         let csi = dir.join("csi.sock");
         let metrics_port = free_port();
         let mut args = vec![
@@ -168,7 +191,7 @@ impl ControllerProc {
             "--csi-endpoint".into(),
             format!("unix://{}", csi.display()),
             "--records".into(),
-            dir.join("records.redb").display().to_string(),
+            records.display().to_string(),
             "--agent-tls".into(),
             tls.display().to_string(),
             "--heartbeat-seconds".into(),
@@ -177,6 +200,8 @@ impl ControllerProc {
             "3".into(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{metrics_port}"),
+            "--peer-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
         ];
         for a in agents {
             args.extend(["--node-agent".to_string(), a.to_string()]);
@@ -185,6 +210,12 @@ impl ControllerProc {
             proc: Proc::new(dir, args, csi),
             metrics_port,
         }
+    }
+
+    /// Whether this replica says it leads (`strata_controller_leading`).
+    pub fn leading(&self) -> bool {
+        super::standalone::try_scrape(self.metrics_port)
+            .is_ok_and(|m| m.lines().any(|l| l == "strata_controller_leading 1"))
     }
 
     pub fn csi_socket(&self) -> PathBuf {

@@ -185,12 +185,17 @@ impl Standalone {
 
 /// GET /metrics from a server on a loopback port.
 pub fn scrape(port: u16) -> String {
+    try_scrape(port).unwrap()
+}
+
+/// [`scrape`], or the error of a process not (yet) listening.
+pub fn try_scrape(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 impl Drop for Standalone {

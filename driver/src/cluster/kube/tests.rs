@@ -13,6 +13,7 @@ use tower_test::mock::{self, Handle};
 
 use super::lease::LeaderLease;
 use super::*;
+use crate::cluster::election::Round;
 
 type Api = Handle<Request<Body>, Response<Body>>;
 
@@ -338,6 +339,7 @@ fn lease(client: Client, me: &str) -> LeaderLease {
         "strata",
         "strata-controller",
         me,
+        Some(format!("{me}.pods:9812")),
         Duration::from_secs(15),
     )
 }
@@ -345,7 +347,8 @@ fn lease(client: Client, me: &str) -> LeaderLease {
 fn held(holder: &str, renewed: k8s_openapi::jiff::Timestamp, rv: &str) -> Value {
     let t = renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-           "metadata": {"name": "strata-controller", "namespace": "strata", "resourceVersion": rv},
+           "metadata": {"name": "strata-controller", "namespace": "strata", "resourceVersion": rv,
+                        "annotations": {"strata.dev/controller-address": format!("{holder}.pods:9812")}},
            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
                     "acquireTime": t, "renewTime": t, "leaseTransitions": 2}})
 }
@@ -371,7 +374,11 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
     .await;
     assert_eq!(created["spec"]["holderIdentity"], "ctl-a");
     assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
-    assert!(round.await.unwrap().unwrap());
+    assert_eq!(
+        created["metadata"]["annotations"]["strata.dev/controller-address"],
+        "ctl-a.pods:9812"
+    );
+    assert_eq!(round.await.unwrap().unwrap(), Round::Leading);
 
     // Ours: a renewal keeps the acquire time and transitions.
     let acquired = Timestamp::now() - SignedDuration::from_secs(5);
@@ -393,9 +400,10 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
         held("ctl-a", acquired, "2")["spec"]["acquireTime"]
     );
     assert_ne!(renewed["spec"]["renewTime"], renewed["spec"]["acquireTime"]);
-    assert!(round.await.unwrap().unwrap());
+    assert_eq!(round.await.unwrap().unwrap(), Round::Leading);
 
-    // Someone else renewed it recently: not ours, and nothing written.
+    // Someone else renewed it recently: not ours, nothing written, and
+    // its address is where calls go.
     let l = me.clone();
     let round = tokio::spawn(async move { l.try_acquire().await });
     expect(
@@ -406,7 +414,10 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
         held("ctl-b", Timestamp::now(), "4"),
     )
     .await;
-    assert!(!round.await.unwrap().unwrap());
+    assert_eq!(
+        round.await.unwrap().unwrap(),
+        Round::Following(Some("ctl-b.pods:9812".into()))
+    );
     expect_quiet(&mut api).await;
 
     // Its holder stopped renewing: taken over, one more transition.
@@ -425,7 +436,11 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
     assert_eq!(taken["spec"]["holderIdentity"], "ctl-a");
     assert_eq!(taken["spec"]["leaseTransitions"], 3);
     assert_eq!(taken["metadata"]["resourceVersion"], "5");
-    assert!(round.await.unwrap().unwrap());
+    assert_eq!(
+        taken["metadata"]["annotations"]["strata.dev/controller-address"],
+        "ctl-a.pods:9812"
+    );
+    assert_eq!(round.await.unwrap().unwrap(), Round::Leading);
 
     // Two candidates race for an expired lease: the one whose write is
     // refused with a conflict is not the leader.
@@ -433,13 +448,69 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
     let round = tokio::spawn(async move { l.try_acquire().await });
     expect(&mut api, "GET", LEASE, 200, held("ctl-b", old, "7")).await;
     expect(&mut api, "PUT", LEASE, 409, status(409, "Conflict")).await;
-    assert!(!round.await.unwrap().unwrap());
+    assert_eq!(round.await.unwrap().unwrap(), Round::Following(None));
 
     // The API server fails: an error, not a verdict.
     let l = me.clone();
     let round = tokio::spawn(async move { l.try_acquire().await });
     expect(&mut api, "GET", LEASE, 500, status(500, "InternalError")).await;
     assert!(round.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stops_gives_the_lease_up_and_nobody_elses() {
+    use k8s_openapi::jiff::Timestamp;
+    let (client, mut api) = mock_client();
+    let me = lease(client, "ctl-a");
+
+    // Ours: written back without a holder or an address, so the next
+    // candidate takes it at once.
+    let l = me.clone();
+    let released = tokio::spawn(async move { l.release().await });
+    expect(
+        &mut api,
+        "GET",
+        LEASE,
+        200,
+        held("ctl-a", Timestamp::now(), "8"),
+    )
+    .await;
+    let written = expect(&mut api, "PUT", LEASE, 200, json!({})).await;
+    assert!(written["spec"]["holderIdentity"].is_null(), "{written}");
+    assert!(
+        written["metadata"]["annotations"]["strata.dev/controller-address"].is_null(),
+        "{written}"
+    );
+    assert_eq!(written["metadata"]["resourceVersion"], "8");
+    assert!(released.await.unwrap().unwrap());
+
+    // Another's: left alone.
+    let l = me.clone();
+    let released = tokio::spawn(async move { l.release().await });
+    expect(
+        &mut api,
+        "GET",
+        LEASE,
+        200,
+        held("ctl-b", Timestamp::now(), "9"),
+    )
+    .await;
+    assert!(!released.await.unwrap().unwrap());
+    expect_quiet(&mut api).await;
+
+    // Ours, but rewritten meanwhile (a conflict): not ours to release.
+    let l = me.clone();
+    let released = tokio::spawn(async move { l.release().await });
+    expect(
+        &mut api,
+        "GET",
+        LEASE,
+        200,
+        held("ctl-a", Timestamp::now(), "10"),
+    )
+    .await;
+    expect(&mut api, "PUT", LEASE, 409, status(409, "Conflict")).await;
+    assert!(!released.await.unwrap().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
