@@ -228,34 +228,51 @@ impl Nodes {
 
     /// Picks the node for a new empty volume of `size` bytes: among the
     /// ready nodes `allowed` accepts, the first of `preferred` with room,
-    /// else the one with the most room.
+    /// else the one with the most room. The choice is counted against the
+    /// node at once (its cached provisioned bytes and volume count) until
+    /// the next heartbeat brings the node's own figures, so a burst of
+    /// creates inside one heartbeat cannot overcommit it.
     pub fn place(
         &self,
         size: u64,
         allowed: impl Fn(&str) -> bool,
         preferred: &[String],
     ) -> Result<String, Status> {
-        let nodes = self.list()?;
-        let fits: Vec<&NodeRecord> = nodes
-            .iter()
+        let mut cache = self.cache.lock().expect("nodes");
+        let mut fits: Vec<&NodeRecord> = cache
+            .values()
             .filter(|n| n.state == NodeState::Ready && allowed(&n.node_id))
             .filter(|n| n.max_volumes == 0 || n.volumes < n.max_volumes)
             .filter(|n| self.room(n) >= size)
             .collect();
-        if let Some(p) = preferred
+        fits.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let chosen = preferred
             .iter()
             .find(|p| fits.iter().any(|n| &n.node_id == *p))
-        {
-            return Ok(p.clone());
+            .cloned()
+            .or_else(|| {
+                fits.iter()
+                    .rev()
+                    .max_by_key(|n| self.room(n))
+                    .map(|n| n.node_id.clone())
+            });
+        if let Some(id) = chosen {
+            if let Some(n) = cache.get_mut(&id) {
+                n.provisioned_bytes = n.provisioned_bytes.saturating_add(size);
+                n.volumes = n.volumes.saturating_add(1);
+            }
+            return Ok(id);
         }
-        if let Some(best) = fits.iter().max_by_key(|n| self.room(n)) {
-            return Ok(best.node_id.clone());
-        }
+        let mut nodes: Vec<&NodeRecord> = cache.values().collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         let seen: Vec<String> = nodes
             .iter()
             .map(|n| {
                 let state = match n.state {
                     NodeState::Ready if !allowed(&n.node_id) => "excluded by topology",
+                    NodeState::Ready if n.max_volumes != 0 && n.volumes >= n.max_volumes => {
+                        "at its volume limit"
+                    }
                     NodeState::Ready => "too little room",
                     NodeState::Stale => "stale",
                 };
@@ -373,5 +390,68 @@ pub async fn register(records: Arc<dyn Records>, agent: Arc<dyn Agent>, address:
             Ok(Err(e)) => tracing::warn!(error = %e, "registering the node"),
             Err(e) => tracing::warn!(error = %e, "registering the node"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::records::EmbeddedRecords;
+
+    const MIB: u64 = 1 << 20;
+
+    fn nodes(dir: &std::path::Path, rooms: &[(&str, u64)]) -> Nodes {
+        let records = Arc::new(EmbeddedRecords::open(&dir.join("records.redb")).unwrap());
+        let nodes = Nodes {
+            records,
+            local: None,
+            tls: None,
+            seeds: Vec::new(),
+            remotes: Mutex::default(),
+            cache: Mutex::default(),
+            overcommit: 1.0,
+            heartbeat: Heartbeat::default(),
+        };
+        for (id, room) in rooms {
+            let info = NodeInfoReply {
+                node_id: id.to_string(),
+                capacity_bytes: *room,
+                available_bytes: *room,
+                max_volumes: 3,
+                ..Default::default()
+            };
+            let rec = ready_record(info, format!("{id}:9809"), now_ns());
+            nodes.cache.lock().unwrap().insert(id.to_string(), rec);
+        }
+        nodes
+    }
+
+    #[test]
+    fn a_burst_of_creates_is_counted_before_the_next_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = nodes(dir.path(), &[("n1", 100 * MIB), ("n2", 60 * MIB)]);
+        let any = |_: &str| true;
+        // Most room first, and each choice counts at once.
+        assert_eq!(n.place(50 * MIB, any, &[]).unwrap(), "n1");
+        assert_eq!(n.place(50 * MIB, any, &[]).unwrap(), "n2");
+        assert_eq!(n.place(50 * MIB, any, &[]).unwrap(), "n1");
+        let e = n.place(50 * MIB, any, &[]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("n1 (too little room, 0 bytes free)"),
+            "{e:?}"
+        );
+        assert!(
+            e.message()
+                .contains("n2 (too little room, 10485760 bytes free)"),
+            "{e:?}"
+        );
+        // A preference is honoured while the node has room.
+        assert_eq!(n.place(5 * MIB, any, &["n2".into()]).unwrap(), "n2");
+        // The volume limit counts too (n2 now holds 2 of its 3).
+        assert_eq!(n.place(MIB, any, &["n2".into()]).unwrap(), "n2");
+        let e = n.place(MIB, |id| id == "n2", &[]).unwrap_err();
+        assert!(e.message().contains("n2 (at its volume limit"), "{e:?}");
+        assert!(e.message().contains("n1 (excluded by topology"), "{e:?}");
     }
 }
