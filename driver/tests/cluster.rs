@@ -591,7 +591,7 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     );
 
     // A leader stopped with SIGTERM (a rolling update) hands over.
-    assert!(b.proc.term(), "{}", b.proc.log());
+    assert!(b.proc.terminate().success(), "{}", b.proc.log());
     assert!(
         b.proc.log().contains("gave up the lead"),
         "{}",

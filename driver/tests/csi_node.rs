@@ -920,7 +920,12 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
         let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
             .await
             .unwrap()
-            .expect("the writer saw an I/O error across the restart");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: the writer saw an I/O error across the restart: {e}\n{}",
+                    s.log()
+                )
+            });
         let got = std::fs::read(target.join(format!("stream-{round}"))).unwrap();
         assert!(
             got == written,
@@ -929,7 +934,12 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
         bdata = tokio::task::spawn_blocking(move || direct.join().unwrap())
             .await
             .unwrap()
-            .expect("the direct writer saw an I/O error across the restart");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: the direct writer saw an I/O error across the restart: {e}\n{}",
+                    s.log()
+                )
+            });
         assert!(
             read_at(&btarget, 0, 16 << 20) == bdata,
             "round {round}: the block volume differs after the restart"

@@ -307,6 +307,7 @@ fn chart_lints_and_renders_with_other_values() {
             "metrics.serviceMonitor.enabled=true",
             "controller.enableCapacity=false",
             "controller.overcommit=2.5",
+            "controller.replicas=2",
             "kubeletDir=/var/lib/k0s/kubelet",
         ]),
         Path::new("helm template --set ..."),
@@ -329,6 +330,12 @@ fn chart_lints_and_renders_with_other_values() {
     );
     let controller = container_args(&other, "Deployment", "strata");
     assert!(controller.contains(&"--overcommit=2.5"), "{controller:?}");
+    let deployment = other.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let spread = &deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+    assert!(spread.is_object(), "{deployment}");
+    let one = defaults.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert!(one["spec"]["template"]["spec"]["affinity"].is_null());
     let rendered = serde_json::to_string(&other).unwrap();
     assert!(rendered.contains("my-certs"));
     assert!(rendered.contains("/var/lib/k0s/kubelet/plugins"));

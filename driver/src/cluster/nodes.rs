@@ -80,16 +80,9 @@ fn records_err(e: super::records::RecordsError) -> Status {
 impl Nodes {
     /// Standalone: the one node is this process.
     pub fn local(records: Arc<dyn Records>, node_id: String, agent: Arc<dyn Agent>) -> Self {
-        Nodes {
-            records,
-            local: Some((node_id, agent)),
-            tls: None,
-            seeds: Vec::new(),
-            remotes: Mutex::default(),
-            cache: Mutex::default(),
-            overcommit: 1.0,
-            heartbeat: Heartbeat::default(),
-        }
+        let mut nodes = Nodes::new(records, None, Vec::new(), 1.0, Heartbeat::default());
+        nodes.local = Some((node_id, agent));
+        nodes
     }
 
     /// Cluster mode: nodes are reached over mutual TLS.
@@ -100,10 +93,20 @@ impl Nodes {
         overcommit: f64,
         heartbeat: Heartbeat,
     ) -> Self {
+        Nodes::new(records, Some(tls), seeds, overcommit, heartbeat)
+    }
+
+    fn new(
+        records: Arc<dyn Records>,
+        tls: Option<TlsFiles>,
+        seeds: Vec<String>,
+        overcommit: f64,
+        heartbeat: Heartbeat,
+    ) -> Self {
         Nodes {
             records,
             local: None,
-            tls: Some(tls),
+            tls,
             seeds,
             remotes: Mutex::default(),
             cache: Mutex::default(),
@@ -402,16 +405,7 @@ mod tests {
 
     fn nodes(dir: &std::path::Path, rooms: &[(&str, u64)]) -> Nodes {
         let records = Arc::new(EmbeddedRecords::open(&dir.join("records.redb")).unwrap());
-        let nodes = Nodes {
-            records,
-            local: None,
-            tls: None,
-            seeds: Vec::new(),
-            remotes: Mutex::default(),
-            cache: Mutex::default(),
-            overcommit: 1.0,
-            heartbeat: Heartbeat::default(),
-        };
+        let nodes = Nodes::new(records, None, Vec::new(), 1.0, Heartbeat::default());
         for (id, room) in rooms {
             let info = NodeInfoReply {
                 node_id: id.to_string(),

@@ -4,7 +4,7 @@
 //! from `scripts/gen-agent-certs`, as a user would make them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::standalone::{free_port, release_mounts};
@@ -20,7 +20,8 @@ pub fn gen_certs(dir: &Path) {
     );
 }
 
-/// One server process, restartable with the same arguments.
+/// One `strata` server process, restartable with the same arguments; on
+/// drop it is killed and what it left mounted under `dir` is released.
 pub struct Proc {
     pub dir: PathBuf,
     args: Vec<String>,
@@ -30,7 +31,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(dir: PathBuf, args: Vec<String>, socket: PathBuf) -> Proc {
+    /// Starts `strata ARGS` with its log in `dir/strata.log`, and waits
+    /// for `socket`.
+    pub fn new(dir: PathBuf, args: Vec<String>, socket: PathBuf) -> Proc {
         std::fs::create_dir_all(&dir).unwrap();
         let mut p = Proc {
             dir,
@@ -58,7 +61,10 @@ impl Proc {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(&self.args)
-            .env("STRATA_LOG", "info")
+            .env(
+                "STRATA_LOG",
+                std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -78,14 +84,12 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, and waits for the exit; returns whether it exited 0.
-    pub fn term(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
+    /// SIGTERM, and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
         // SAFETY: signalling a child this test started and has not reaped.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap().success()
+        c.wait().unwrap()
     }
 
     pub fn kill9(&mut self) {

@@ -3,23 +3,43 @@
 //! URIs at hand.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
+use super::cluster::Proc;
+
 pub struct Standalone {
+    /// Declared before `dir`, so the process is gone before its directory.
+    proc: Proc,
     pub dir: tempfile::TempDir,
-    child: Option<Child>,
     pub metrics_port: u16,
     /// Also serve NBD on this loopback TCP port.
     pub nbd_tcp_port: Option<u16>,
 }
 
+/// A loopback TCP port nothing listens on, for a server the test starts.
+///
+/// Chosen below Linux's ephemeral range (32768 and up), where the kernel
+/// never puts the local end of an outgoing connection: a port from
+/// `bind(:0)` can be taken by some client's connection before the server
+/// binds it. Test processes run in parallel, so the search starts at a
+/// point drawn from the process ID, the time and a counter.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(7919) ^ nanos;
+    for _ in 0..SPAN {
+        let port = LOW + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed) * 613)) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 impl Standalone {
@@ -31,13 +51,34 @@ impl Standalone {
     pub fn start_with_tcp(tcp: bool) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let nbd_tcp_port = tcp.then(free_port);
-        let mut s = Standalone {
+        let metrics_port = free_port();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let mut args: Vec<String> = vec![
+            "standalone".into(),
+            "--pool".into(),
+            path("pool"),
+            "--csi-endpoint".into(),
+            format!("unix://{}", path("csi.sock")),
+            "--nbd-listen".into(),
+            format!("unix://{}", path("nbd.sock")),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            "--node-id".into(),
+            "test-node".into(),
+            "--state-dir".into(),
+            path("state"),
+        ];
+        if let Some(port) = nbd_tcp_port {
+            args.extend(["--nbd-listen".into(), format!("tcp://127.0.0.1:{port}")]);
+        }
+        let proc = Proc::new(dir.path().to_path_buf(), args, dir.path().join("csi.sock"));
+        let s = Standalone {
+            proc,
             dir,
-            child: None,
-            metrics_port: free_port(),
+            metrics_port,
             nbd_tcp_port,
         };
-        s.spawn();
+        s.wait_ready();
         s
     }
 
@@ -65,49 +106,16 @@ impl Standalone {
 
     /// (Re)starts the server and waits until it answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("strata.log"))
-            .unwrap();
-        let tcp: Vec<String> = self
-            .nbd_tcp_port
-            .map(|port| vec!["--nbd-listen".into(), format!("tcp://127.0.0.1:{port}")])
-            .unwrap_or_default();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("standalone")
-            .arg("--pool")
-            .arg(self.pool())
-            .arg("--csi-endpoint")
-            .arg(format!("unix://{}", self.csi_socket().display()))
-            .arg("--nbd-listen")
-            .arg(format!("unix://{}", self.nbd_socket().display()))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .arg("--node-id")
-            .arg("test-node")
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(&tcp)
-            .env(
-                "STRATA_LOG",
-                std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.proc.spawn();
+        self.wait_ready();
+    }
+
+    /// Waits until the CLI gets an answer (the pool is open).
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.csi_socket().exists() && self.cli(&["volume", "list"]).status.success() {
+            if self.cli(&["volume", "list"]).status.success() {
                 return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "strata standalone exited at start ({status}):\n{}",
-                    self.log()
-                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -115,7 +123,7 @@ impl Standalone {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("strata.log")).unwrap_or_default()
+        self.proc.log()
     }
 
     /// Runs the `strata` CLI against this server.
@@ -164,18 +172,12 @@ impl Standalone {
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        self.proc.kill9();
     }
 
     /// SIGTERM; returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        // SAFETY: kill(2) with a pid we own and a valid signal number.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        self.proc.terminate()
     }
 
     pub fn metrics(&self) -> String {
@@ -196,13 +198,6 @@ pub fn try_scrape(port: u16) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        self.kill9();
-        release_mounts(self.dir.path());
-    }
 }
 
 /// Removes every mount and loop device under `dir` that a test left
