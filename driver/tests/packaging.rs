@@ -4,7 +4,8 @@
 //! passes `helm lint --strict` and renders with other values; the plain
 //! manifests are the chart rendered (`scripts/render-manifests`) and build
 //! with `kubectl kustomize`; and everything, examples included, passes
-//! `kubectl create --dry-run=client --validate=false`.
+//! `kubectl create --dry-run=client --validate=false`; and every shell
+//! script passes shellcheck (the kind e2e scripts cannot run here).
 //!
 //! kubectl needs API discovery even for a client-side dry run, and no API
 //! server runs on these machines: `common/discovery.rs` serves discovery
@@ -521,5 +522,31 @@ fn everything_passes_kubectl_create_dry_run() {
         String::from_utf8_lossy(&out.stderr).contains("no matches for kind"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn shell_scripts_pass_shellcheck() {
+    if common::require_tools(&["shellcheck"]).is_err() {
+        return;
+    }
+    let mut scripts = vec![root().join(".ci/run")];
+    for dir in ["scripts", "e2e/kind"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            let text = std::fs::read(&p).unwrap_or_default();
+            if text.starts_with(b"#!/bin/bash")
+                || text.starts_with(b"#!/usr/bin/env bash")
+                || text.starts_with(b"#!/bin/sh")
+            {
+                scripts.push(p);
+            }
+        }
+    }
+    assert!(scripts.len() >= 10, "{scripts:?}");
+    run_tool(
+        Command::new("shellcheck")
+            .args(["--severity=warning", "--external-sources"])
+            .args(&scripts),
     );
 }
