@@ -184,6 +184,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     }
 
+    // Renewals start at once: opening the records and the first heartbeat
+    // (which may wait for unreachable agents) must not let the Lease lapse.
+    if let Some(every) = election.renew_every() {
+        tokio::spawn(keep_leading(Arc::clone(&election), every));
+    }
     let (records, events) = open_records(backend).await?;
     let nodes = Arc::new(Nodes::remote(
         Arc::clone(&records),
@@ -201,9 +206,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
     replica.lead();
-    if let Some(every) = election.renew_every() {
-        tokio::spawn(keep_leading(Arc::clone(&election), every));
-    }
     eprintln!(
         "strata controller: leading; ready ({} node agent(s) known, metrics http://{}/metrics)",
         nodes.list().map(|n| n.len()).unwrap_or(0),

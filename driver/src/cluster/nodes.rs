@@ -288,8 +288,9 @@ impl Nodes {
         )))
     }
 
-    /// One heartbeat round: ask every known agent, update the records.
-    pub async fn beat(&self) {
+    /// One heartbeat round: ask every known agent at once (an unreachable
+    /// one costs its connect timeout, not everyone's), update the records.
+    pub async fn beat(self: &Arc<Self>) {
         self.load().await;
         if let Some((id, agent)) = &self.local {
             self.refresh(id.clone(), String::new(), Arc::clone(agent))
@@ -303,12 +304,17 @@ impl Nodes {
         for n in self.list().unwrap_or_default() {
             targets.insert(n.agent_address.clone(), n.node_id.clone());
         }
+        let mut round = tokio::task::JoinSet::new();
         for (address, node) in targets {
             match self.agent_at(&address) {
-                Ok(agent) => self.refresh(node, address, agent).await,
+                Ok(agent) => {
+                    let nodes = Arc::clone(self);
+                    round.spawn(async move { nodes.refresh(node, address, agent).await });
+                }
                 Err(e) => tracing::warn!(%address, error = %e.message(), "agent address unusable"),
             }
         }
+        while round.join_next().await.is_some() {}
     }
 
     async fn refresh(&self, known_as: String, address: String, agent: Arc<dyn Agent>) {

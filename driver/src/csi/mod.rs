@@ -2,7 +2,8 @@
 //! served from the moment the socket is bound; until the engine is open
 //! (and staged volumes are served again) Probe says not ready and every
 //! other call is UNAVAILABLE. Errors become gRPC codes only in
-//! `status.rs`.
+//! `status.rs`. `replica.rs` routes a controller replica's Controller
+//! calls: served here when it leads, forwarded to the leader otherwise.
 
 pub mod controller;
 mod guard;
