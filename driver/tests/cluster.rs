@@ -120,7 +120,11 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     gen_certs(&tls);
     let n1 = NodeProc::start(root.path(), "n1", &tls);
     let mut n2 = NodeProc::start(root.path(), "n2", &tls);
-    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    // A third "agent" that takes connections and never answers (a hung
+    // node): the heartbeat must not wait for it before asking the others.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_at = hung.local_addr().unwrap().to_string();
+    let mut ctl = ControllerProc::start(root.path(), &[&hung_at, &n1.agent, &n2.agent], &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;

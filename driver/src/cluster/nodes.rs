@@ -47,6 +47,8 @@ pub struct Nodes {
     /// Addresses to ask even before any record names them.
     seeds: Vec<String>,
     remotes: Mutex<HashMap<String, Arc<dyn Agent>>>,
+    /// Agent addresses a heartbeat question is still out for.
+    asking: Mutex<std::collections::HashSet<String>>,
     /// The node records as of the last heartbeat (or load): placement and
     /// routing read these, never the store, so they never block.
     cache: Mutex<HashMap<String, NodeRecord>>,
@@ -109,6 +111,7 @@ impl Nodes {
             tls,
             seeds,
             remotes: Mutex::default(),
+            asking: Mutex::default(),
             cache: Mutex::default(),
             overcommit,
             heartbeat,
@@ -288,8 +291,11 @@ impl Nodes {
         )))
     }
 
-    /// One heartbeat round: ask every known agent at once (an unreachable
-    /// one costs its connect timeout, not everyone's), update the records.
+    /// One heartbeat round: ask every known agent at once and update the
+    /// records. The round waits for answers for at most one interval; a
+    /// question to a hung agent goes on in the background (until
+    /// `stale_after`), and that agent is not asked again meanwhile, so
+    /// one hung node neither slows the others' heartbeat nor piles up.
     pub async fn beat(self: &Arc<Self>) {
         self.load().await;
         if let Some((id, agent)) = &self.local {
@@ -306,20 +312,44 @@ impl Nodes {
         }
         let mut round = tokio::task::JoinSet::new();
         for (address, node) in targets {
-            match self.agent_at(&address) {
-                Ok(agent) => {
-                    let nodes = Arc::clone(self);
-                    round.spawn(async move { nodes.refresh(node, address, agent).await });
+            let agent = match self.agent_at(&address) {
+                Ok(agent) => agent,
+                Err(e) => {
+                    tracing::warn!(%address, error = %e.message(), "agent address unusable");
+                    continue;
                 }
-                Err(e) => tracing::warn!(%address, error = %e.message(), "agent address unusable"),
+            };
+            if !self.asking.lock().expect("asking").insert(address.clone()) {
+                continue;
             }
+            let nodes = Arc::clone(self);
+            round.spawn(async move {
+                let asked = Asking {
+                    nodes: &nodes,
+                    address: address.clone(),
+                };
+                asked.nodes.refresh(node, address, agent).await;
+            });
         }
-        while round.join_next().await.is_some() {}
+        let all = async { while round.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(self.heartbeat.interval, all).await;
+        round.detach_all();
     }
 
     async fn refresh(&self, known_as: String, address: String, agent: Arc<dyn Agent>) {
         let now = now_ns();
-        match agent.node_info(Request::new(NodeInfoRequest {})).await {
+        // A node that accepts the connection but never answers (hung) is
+        // as stale as one that refuses it, and no later than that.
+        let limit = self.heartbeat.stale_after;
+        let answer = tokio::time::timeout(limit, agent.node_info(Request::new(NodeInfoRequest {})))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "no answer to the heartbeat within {} s",
+                    limit.as_secs()
+                )))
+            });
+        match answer {
             Ok(reply) => {
                 let rec = ready_record(reply.into_inner(), address, now);
                 let was = self.cache.lock().expect("nodes").get(&rec.node_id).cloned();
@@ -355,6 +385,23 @@ impl Nodes {
             tick.tick().await;
             self.beat().await;
         }
+    }
+}
+
+/// An agent being asked; the mark goes when the question ends, however it
+/// ends.
+struct Asking<'a> {
+    nodes: &'a Nodes,
+    address: String,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.nodes
+            .asking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.address);
     }
 }
 
