@@ -25,6 +25,7 @@ use csi_proto::agent::v1::agent_client::AgentClient;
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use csi_proto::csi::v1::*;
+use strata::cluster::records::{EmbeddedRecords, Records};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -603,4 +604,48 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     );
     eventually(20, "a leads after b stopped", async || a.leading()).await;
     assert!(capacity(&mut ca, "n1").await > 0);
+    let z = ca
+        .create_volume(volume_in(c::create("pvc-z", 16 << 20, c::block_cap())))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+
+    // The records copy out (as on a move into Kubernetes), but only once
+    // no controller holds them.
+    let copy = root.path().join("copy.redb");
+    let records_copy = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["records", "copy", "--from"])
+            .arg(&records)
+            .arg("--to")
+            .arg(format!("embedded:{}", copy.display()))
+            .output()
+            .unwrap()
+    };
+    let busy = records_copy();
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("stop the controller"), "{err}");
+    assert!(a.proc.terminate().success());
+    let out = records_copy();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("copied 1 volume and 0 snapshot record(s)"),
+        "{said}"
+    );
+    let again = records_copy();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        said.contains("copied 0 volume and 0 snapshot record(s); 1 already there"),
+        "{said}"
+    );
+    let copied = EmbeddedRecords::open(&copy).unwrap();
+    assert_eq!(copied.volumes().unwrap()[0].volume_id, z.volume_id);
 }

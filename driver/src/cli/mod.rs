@@ -7,6 +7,7 @@ mod jobs;
 mod mount;
 mod output;
 mod pool;
+mod records;
 pub mod size;
 mod volume;
 
@@ -59,6 +60,9 @@ enum Command {
     /// Inspect and maintain a pool directory (offline).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// The controller's records, offline (the controller stopped).
+    #[command(subcommand)]
+    Records(RecordsCommand),
     /// Keep FUSE connections alive across restarts of the node (started
     /// by Strata itself; not for people).
     #[command(hide = true)]
@@ -356,7 +360,24 @@ enum PoolCommand {
     },
 }
 
-/// An error and its causes on one line: "open pool lock /x: No such file".
+#[derive(Debug, Subcommand)]
+enum RecordsCommand {
+    /// Copy volume and snapshot records from an embedded store (a redb
+    /// file) into Strata's custom resources (`--to kubernetes`, with the
+    /// kubeconfig or in-cluster credentials) or into another redb file.
+    /// Runs again safely; a name that means another ID at the destination
+    /// stops it before anything is written. Nodes register again by
+    /// themselves.
+    Copy {
+        /// The embedded store to read.
+        #[arg(long)]
+        from: PathBuf,
+        /// `kubernetes` or `embedded:PATH`.
+        #[arg(long)]
+        to: records::Destination,
+    },
+}
+
 /// The configuration of a process that holds a pool.
 fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Config, ExitCode> {
     let exe = std::env::current_exe().map_err(|e| {
@@ -410,6 +431,7 @@ fn finish(who: &str, result: Result<(), crate::standalone::StartError>) -> ExitC
     }
 }
 
+/// An error and its causes on one line: "open pool lock /x: No such file".
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -433,6 +455,7 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Pool(PoolCommand::Check { dir, repair }) => pool::check(&dir, repair),
+            Command::Records(RecordsCommand::Copy { from, to }) => records::copy(&from, to),
             Command::Crdgen => crdgen(),
             Command::FuseHolder {
                 socket,

@@ -306,6 +306,81 @@ impl Records for EmbeddedRecords {
     }
 }
 
+/// Why records could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Records(#[from] RecordsError),
+    #[error(
+        "{kind} {name:?} is {from_id} in the source but {to_id} in the destination; nothing was copied"
+    )]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        from_id: String,
+        to_id: String,
+    },
+}
+
+/// What [`copy_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub volumes: usize,
+    pub snapshots: usize,
+    /// Records the destination already held, equal.
+    pub unchanged: usize,
+}
+
+/// Copies every volume and snapshot record from `from` into `to` (from
+/// the embedded store into custom resources, when a controller moves into
+/// Kubernetes). Node records are not copied: nodes register again. Runs
+/// again safely: equal records are left alone. A name that means another
+/// ID in `to` stops the copy before anything is written.
+pub fn copy_all(from: &dyn Records, to: &dyn Records) -> std::result::Result<Copied, CopyError> {
+    let volumes = from.volumes()?;
+    let snapshots = from.snapshots()?;
+    let mut copied = Copied::default();
+    let mut volume_puts = Vec::new();
+    for v in &volumes {
+        match to.volume_by_name(&v.name)? {
+            Some(t) if t.volume_id != v.volume_id => {
+                return Err(CopyError::Conflict {
+                    kind: "volume",
+                    name: v.name.clone(),
+                    from_id: v.volume_id.clone(),
+                    to_id: t.volume_id,
+                });
+            }
+            Some(t) if &t == v => copied.unchanged += 1,
+            _ => volume_puts.push(v),
+        }
+    }
+    let mut snapshot_puts = Vec::new();
+    for sn in &snapshots {
+        match to.snapshot_by_name(&sn.name)? {
+            Some(t) if t.snapshot_id != sn.snapshot_id => {
+                return Err(CopyError::Conflict {
+                    kind: "snapshot",
+                    name: sn.name.clone(),
+                    from_id: sn.snapshot_id.clone(),
+                    to_id: t.snapshot_id,
+                });
+            }
+            Some(t) if &t == sn => copied.unchanged += 1,
+            _ => snapshot_puts.push(sn),
+        }
+    }
+    for v in volume_puts {
+        to.put_volume(v)?;
+        copied.volumes += 1;
+    }
+    for sn in snapshot_puts {
+        to.put_snapshot(sn)?;
+        copied.snapshots += 1;
+    }
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +411,56 @@ mod tests {
         r.delete_volume("id-1").unwrap();
         assert!(r.volume_by_name("pvc-1").unwrap().is_none());
         r.delete_volume("id-1").expect("deleting twice is fine");
+    }
+
+    fn snapshot(name: &str, id: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            name: name.into(),
+            snapshot_id: id.into(),
+            source_volume_id: "id-1".into(),
+            size_bytes: 4096,
+            node: "n".into(),
+            state: RecordState::Ready,
+            created_unix_ns: 2,
+        }
+    }
+
+    #[test]
+    fn copies_run_again_safely_and_refuse_a_name_that_means_another_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = EmbeddedRecords::open(&dir.path().join("from.redb")).unwrap();
+        let to = EmbeddedRecords::open(&dir.path().join("to.redb")).unwrap();
+        from.put_volume(&volume("pvc-1", "id-1")).unwrap();
+        from.put_volume(&volume("pvc-2", "id-2")).unwrap();
+        from.put_snapshot(&snapshot("snap-1", "s-1")).unwrap();
+        let done = copy_all(&from, &to).unwrap();
+        assert_eq!((done.volumes, done.snapshots, done.unchanged), (2, 1, 0));
+        assert_eq!(to.volumes().unwrap(), from.volumes().unwrap());
+        assert_eq!(to.snapshots().unwrap(), from.snapshots().unwrap());
+        // Again: nothing to do. A changed record is copied over.
+        assert_eq!(copy_all(&from, &to).unwrap().unchanged, 3);
+        let mut grown = volume("pvc-2", "id-2");
+        grown.capacity_bytes = 8192;
+        from.put_volume(&grown).unwrap();
+        let done = copy_all(&from, &to).unwrap();
+        assert_eq!((done.volumes, done.unchanged), (1, 2));
+        assert_eq!(to.volume("id-2").unwrap().unwrap().capacity_bytes, 8192);
+        // The destination knows pvc-3 as another volume: refused, and
+        // nothing else is written either.
+        to.put_volume(&volume("pvc-3", "other")).unwrap();
+        from.put_volume(&volume("pvc-3", "id-3")).unwrap();
+        from.put_snapshot(&snapshot("snap-2", "s-2")).unwrap();
+        let e = copy_all(&from, &to).unwrap_err();
+        assert!(
+            matches!(e, CopyError::Conflict { kind: "volume", .. }),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("\"pvc-3\" is id-3 in the source but other"),
+            "{e}"
+        );
+        assert!(to.snapshot("s-2").unwrap().is_none());
     }
 
     #[test]
