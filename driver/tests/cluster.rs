@@ -74,6 +74,19 @@ async fn capacity(c: &mut ControllerClient<tonic::transport::Channel>, node: &st
     }
 }
 
+/// CreateVolume that must succeed; the volume.
+async fn created(
+    c: &mut ControllerClient<tonic::transport::Channel>,
+    req: CreateVolumeRequest,
+) -> Volume {
+    c.create_volume(req)
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume: {e:?}"))
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
 /// Waits until `f` holds, or panics after `secs` seconds.
 async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, what: &str, mut f: F) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -141,42 +154,28 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
 
     // Placement: requisite decides, then preference.
     let size = 16 << 20;
-    let on2 = cc
-        .create_volume(with_requirements(
-            c::create("pvc-a", size, c::block_cap()),
-            &["n2"],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let on2 = created(
+        &mut cc,
+        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+    )
+    .await;
     assert_eq!(node_of(&on2), "n2");
-    let pref1 = cc
-        .create_volume(with_requirements(
+    let pref1 = created(
+        &mut cc,
+        with_requirements(
             c::create("pvc-b", size, c::block_cap()),
             &["n1", "n2"],
             &["n1"],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(node_of(&pref1), "n1");
     // The same request again: the same volume (idempotent through the records).
-    let again = cc
-        .create_volume(with_requirements(
-            c::create("pvc-a", size, c::block_cap()),
-            &["n2"],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let again = created(
+        &mut cc,
+        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+    )
+    .await;
     assert_eq!(again.volume_id, on2.volume_id);
     let e = cc
         .create_volume(with_requirements(
@@ -233,33 +232,24 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     let from_snap = Type::Snapshot(SnapshotSource {
         snapshot_id: snap.snapshot_id.clone(),
     });
-    let restored = cc
-        .create_volume(c::create_from(
-            "pvc-r",
-            size,
-            c::block_cap(),
-            from_snap.clone(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let restored = created(
+        &mut cc,
+        c::create_from("pvc-r", size, c::block_cap(), from_snap.clone()),
+    )
+    .await;
     assert_eq!(node_of(&restored), "n2");
-    let clone = cc
-        .create_volume(c::create_from(
+    let clone = created(
+        &mut cc,
+        c::create_from(
             "pvc-c",
             size,
             c::block_cap(),
             Type::Volume(VolumeSource {
                 volume_id: on2.volume_id.clone(),
             }),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(node_of(&clone), "n2");
     for v in [&restored.volume_id, &clone.volume_id] {
         let d = attach(&n2, &mut csi2, v).await;
@@ -361,17 +351,11 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         })
         .await;
     }
-    let again = cc
-        .create_volume(with_requirements(
-            c::create("pvc-a", size, c::block_cap()),
-            &["n2"],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let again = created(
+        &mut cc,
+        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+    )
+    .await;
     assert_eq!(again.volume_id, on2.volume_id);
     let listed = cc
         .list_volumes(ListVolumesRequest::default())
@@ -511,13 +495,11 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     })
     .await;
     assert!(!b.leading(), "{}\n{}", b.proc.log(), b.metrics());
-    let x = cb
-        .create_volume(volume_in(c::create("pvc-x", 16 << 20, c::block_cap())))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let x = created(
+        &mut cb,
+        volume_in(c::create("pvc-x", 16 << 20, c::block_cap())),
+    )
+    .await;
     let mut ca = ControllerClient::new(c::channel(a.csi_socket()).await);
     let listed = ca
         .list_volumes(ListVolumesRequest::default())
@@ -548,13 +530,11 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
         capacity(&mut cb, "n1").await > 0
     })
     .await;
-    let again = cb
-        .create_volume(volume_in(c::create("pvc-x", 16 << 20, c::block_cap())))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let again = created(
+        &mut cb,
+        volume_in(c::create("pvc-x", 16 << 20, c::block_cap())),
+    )
+    .await;
     assert_eq!(again.volume_id, x.volume_id);
 
     // a comes back and follows b.
@@ -565,13 +545,11 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     })
     .await;
     assert!(!a.leading());
-    let y = ca
-        .create_volume(volume_in(c::create("pvc-y", 16 << 20, c::block_cap())))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let y = created(
+        &mut ca,
+        volume_in(c::create("pvc-y", 16 << 20, c::block_cap())),
+    )
+    .await;
     let listed = cb
         .list_volumes(ListVolumesRequest::default())
         .await
@@ -604,13 +582,11 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     );
     eventually(20, "a leads after b stopped", async || a.leading()).await;
     assert!(capacity(&mut ca, "n1").await > 0);
-    let z = ca
-        .create_volume(volume_in(c::create("pvc-z", 16 << 20, c::block_cap())))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let z = created(
+        &mut ca,
+        volume_in(c::create("pvc-z", 16 << 20, c::block_cap())),
+    )
+    .await;
 
     // The records copy out (as on a move into Kubernetes), but only once
     // no controller holds them.
