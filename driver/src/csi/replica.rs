@@ -118,8 +118,8 @@ impl Replica {
     }
 }
 
-/// Sends `req` on to the leader, marked as forwarded, with what is left of
-/// the caller's deadline.
+/// Sends `req` on to the leader, marked as forwarded, with the caller's
+/// timeout (`grpc-timeout`, counted again from here).
 fn onward<T>(req: Request<T>) -> Request<T> {
     let timeout = req
         .metadata()
