@@ -322,6 +322,35 @@ pub enum CopyError {
     },
 }
 
+/// The records of `recs` that the destination lacks or holds otherwise;
+/// counts the equal ones in `unchanged`. A name that the destination
+/// gives another ID is a conflict.
+fn to_write<'a, R: PartialEq>(
+    kind: &'static str,
+    recs: &'a [R],
+    name_and_id: impl Fn(&R) -> (&String, &String),
+    existing: impl Fn(&str) -> Result<Option<R>>,
+    unchanged: &mut usize,
+) -> std::result::Result<Vec<&'a R>, CopyError> {
+    let mut out = Vec::new();
+    for r in recs {
+        let (name, id) = name_and_id(r);
+        match existing(name)? {
+            Some(t) if name_and_id(&t).1 != id => {
+                return Err(CopyError::Conflict {
+                    kind,
+                    name: name.clone(),
+                    from_id: id.clone(),
+                    to_id: name_and_id(&t).1.clone(),
+                });
+            }
+            Some(t) if &t == r => *unchanged += 1,
+            _ => out.push(r),
+        }
+    }
+    Ok(out)
+}
+
 /// What [`copy_all`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Copied {
@@ -340,36 +369,20 @@ pub fn copy_all(from: &dyn Records, to: &dyn Records) -> std::result::Result<Cop
     let volumes = from.volumes()?;
     let snapshots = from.snapshots()?;
     let mut copied = Copied::default();
-    let mut volume_puts = Vec::new();
-    for v in &volumes {
-        match to.volume_by_name(&v.name)? {
-            Some(t) if t.volume_id != v.volume_id => {
-                return Err(CopyError::Conflict {
-                    kind: "volume",
-                    name: v.name.clone(),
-                    from_id: v.volume_id.clone(),
-                    to_id: t.volume_id,
-                });
-            }
-            Some(t) if &t == v => copied.unchanged += 1,
-            _ => volume_puts.push(v),
-        }
-    }
-    let mut snapshot_puts = Vec::new();
-    for sn in &snapshots {
-        match to.snapshot_by_name(&sn.name)? {
-            Some(t) if t.snapshot_id != sn.snapshot_id => {
-                return Err(CopyError::Conflict {
-                    kind: "snapshot",
-                    name: sn.name.clone(),
-                    from_id: sn.snapshot_id.clone(),
-                    to_id: t.snapshot_id,
-                });
-            }
-            Some(t) if &t == sn => copied.unchanged += 1,
-            _ => snapshot_puts.push(sn),
-        }
-    }
+    let volume_puts = to_write(
+        "volume",
+        &volumes,
+        |v| (&v.name, &v.volume_id),
+        |name| to.volume_by_name(name),
+        &mut copied.unchanged,
+    )?;
+    let snapshot_puts = to_write(
+        "snapshot",
+        &snapshots,
+        |s| (&s.name, &s.snapshot_id),
+        |name| to.snapshot_by_name(name),
+        &mut copied.unchanged,
+    )?;
     for v in volume_puts {
         to.put_volume(v)?;
         copied.volumes += 1;

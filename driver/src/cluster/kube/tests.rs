@@ -344,6 +344,17 @@ fn lease(client: Client, me: &str) -> LeaderLease {
     )
 }
 
+/// One election round, run while the test answers its requests.
+fn acquire(l: &LeaderLease) -> tokio::task::JoinHandle<Result<Round, super::lease::LeaseError>> {
+    let l = l.clone();
+    tokio::spawn(async move { l.try_acquire().await })
+}
+
+fn release(l: &LeaderLease) -> tokio::task::JoinHandle<Result<bool, super::lease::LeaseError>> {
+    let l = l.clone();
+    tokio::spawn(async move { l.release().await })
+}
+
 fn held(holder: &str, renewed: k8s_openapi::jiff::Timestamp, rv: &str) -> Value {
     let t = renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -361,8 +372,7 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
     let collection = LEASE.rsplit_once('/').unwrap().0;
 
     // Nobody holds it: created with us as holder.
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(&mut api, "GET", LEASE, 404, status(404, "NotFound")).await;
     let created = expect(
         &mut api,
@@ -382,8 +392,7 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
 
     // Ours: a renewal keeps the acquire time and transitions.
     let acquired = Timestamp::now() - SignedDuration::from_secs(5);
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(&mut api, "GET", LEASE, 200, held("ctl-a", acquired, "2")).await;
     let renewed = expect(
         &mut api,
@@ -404,8 +413,7 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
 
     // Someone else renewed it recently: not ours, nothing written, and
     // its address is where calls go.
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(
         &mut api,
         "GET",
@@ -422,8 +430,7 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
 
     // Its holder stopped renewing: taken over, one more transition.
     let old = Timestamp::now() - SignedDuration::from_secs(60);
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(&mut api, "GET", LEASE, 200, held("ctl-b", old, "5")).await;
     let taken = expect(
         &mut api,
@@ -444,15 +451,13 @@ async fn the_lease_is_taken_when_free_renewed_by_its_holder_and_kept_from_others
 
     // Two candidates race for an expired lease: the one whose write is
     // refused with a conflict is not the leader.
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(&mut api, "GET", LEASE, 200, held("ctl-b", old, "7")).await;
     expect(&mut api, "PUT", LEASE, 409, status(409, "Conflict")).await;
     assert_eq!(round.await.unwrap().unwrap(), Round::Following(None));
 
     // The API server fails: an error, not a verdict.
-    let l = me.clone();
-    let round = tokio::spawn(async move { l.try_acquire().await });
+    let round = acquire(&me);
     expect(&mut api, "GET", LEASE, 500, status(500, "InternalError")).await;
     assert!(round.await.unwrap().is_err());
 }
@@ -465,8 +470,7 @@ async fn a_leader_that_stops_gives_the_lease_up_and_nobody_elses() {
 
     // Ours: written back without a holder or an address, so the next
     // candidate takes it at once.
-    let l = me.clone();
-    let released = tokio::spawn(async move { l.release().await });
+    let released = release(&me);
     expect(
         &mut api,
         "GET",
@@ -485,8 +489,7 @@ async fn a_leader_that_stops_gives_the_lease_up_and_nobody_elses() {
     assert!(released.await.unwrap().unwrap());
 
     // Another's: left alone.
-    let l = me.clone();
-    let released = tokio::spawn(async move { l.release().await });
+    let released = release(&me);
     expect(
         &mut api,
         "GET",
@@ -499,8 +502,7 @@ async fn a_leader_that_stops_gives_the_lease_up_and_nobody_elses() {
     expect_quiet(&mut api).await;
 
     // Ours, but rewritten meanwhile (a conflict): not ours to release.
-    let l = me.clone();
-    let released = tokio::spawn(async move { l.release().await });
+    let released = release(&me);
     expect(
         &mut api,
         "GET",
