@@ -8,8 +8,8 @@ use csi_proto::admin::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::agent::volume_id;
-use crate::csi::{Started, status};
 use crate::engine::{JobInfo, Pool};
+use crate::rpc::{Started, status};
 
 /// The Admin service.
 #[derive(Debug, Clone)]

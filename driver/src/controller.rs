@@ -117,10 +117,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 IdentityService::new(Started::default(), true).always_ready(),
             ))
             .add_service(ControllerServer::new(replica.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
-                stopped(),
-            ),
+            .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped()),
     );
     // The peer port serves the same routing service: only a leader
     // answers forwarded calls.
@@ -145,7 +142,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
 
     let metrics = Metrics::new();
-    metrics.watch_replica(replica.clone());
+    let leader = replica.clone();
+    metrics.watch_leading(move || leader.is_leading());
     let listener = metrics::bind(config.metrics_listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -176,7 +174,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 }
                 replica.follow(leader.as_deref());
             }
-            Err(e) => tracing::warn!(error = %crate::cli::error_chain(&e), "leader election"),
+            Err(e) => tracing::warn!(error = %crate::engine::error::chain(&e), "leader election"),
         }
         tokio::select! {
             _ = &mut signal => return shut_down(stop_tx, csi, csi_path, None).await,
@@ -228,7 +226,9 @@ async fn shut_down(
     if let Some(election) = leading {
         match election.release().await {
             Ok(()) => eprintln!("strata controller: gave up the lead"),
-            Err(e) => tracing::warn!(error = %crate::cli::error_chain(&e), "giving up the lead"),
+            Err(e) => {
+                tracing::warn!(error = %crate::engine::error::chain(&e), "giving up the lead")
+            }
         }
     }
     eprintln!("strata controller: stopped");
@@ -339,7 +339,7 @@ async fn keep_leading(election: Arc<Election>, every: Duration) {
                 std::process::exit(1);
             }
             Err(e) => {
-                tracing::warn!(error = %crate::cli::error_chain(&e), "renewing the lead");
+                tracing::warn!(error = %crate::engine::error::chain(&e), "renewing the lead");
                 if renewed.elapsed() >= every * 3 {
                     eprintln!("strata controller: could not renew the lead in time; exiting");
                     std::process::exit(1);

@@ -7,11 +7,17 @@
 //! - [`node`]: volumes attached to this node's kernel, filesystems made
 //!   and mounted, restart safety.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`rpc`]: what the gRPC services share (the started core, errors as
+//!   status codes).
 //! - [`csi`]: the CSI services (Identity, Controller, Node); [`admin`]:
 //!   Strata's own API beside them (jobs); [`cluster`]: records of what was
 //!   created.
 //! - [`standalone`]: everything in one process.
 //! - [`cli`]: the `strata` command line.
+
+/// The driver name Kubernetes knows Strata by (CSIDriver, StorageClass
+/// provisioner, events' reporting component).
+pub const DRIVER_NAME: &str = "csi.strata.dev";
 
 pub mod admin;
 pub mod agent;
@@ -24,4 +30,5 @@ pub mod engine;
 pub mod frontend;
 pub mod metrics;
 pub mod node;
+pub mod rpc;
 pub mod standalone;

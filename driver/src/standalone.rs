@@ -162,10 +162,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             config.node.max_volumes,
             inflight,
         )))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(csi_listener),
-            stopped(),
-        );
+        .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped());
     let csi = tokio::spawn(csi);
 
     let pool_path = config.pool.clone();

@@ -25,6 +25,56 @@ fn create(name: &str, bytes: i64) -> CreateVolumeRequest {
     common::csi::create(name, bytes, common::csi::block_cap())
 }
 
+/// Where `scripts/install-deps` unpacks grpcio from PyPI (a grpc C-core
+/// client; Debian's python3-grpcio predates the authority it sends).
+const GRPCIO: &str = "/usr/local/lib/strata-test/python";
+
+/// A Python client on grpc C-core sends the percent-encoded socket path as
+/// `:authority` (`tmp%2F...%2Fcsi.sock`), which h2 alone resets with
+/// PROTOCOL_ERROR. Three calls on one channel: the later ones name the
+/// client's HPACK table entries from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_core_clients_are_served_on_the_unix_socket() {
+    let have = std::path::Path::new(GRPCIO).join("grpc").exists();
+    if common::require(
+        have,
+        &format!("grpcio is not unpacked at {GRPCIO} (scripts/install-deps)"),
+    )
+    .is_err()
+    {
+        return;
+    }
+    let s = Standalone::start();
+    let script = r#"
+import grpc, sys
+for target in ("unix://" + sys.argv[1], "unix:" + sys.argv[1]):
+    channel = grpc.insecure_channel(target)
+    for method in ("/csi.v1.Identity/GetPluginInfo", "/csi.v1.Identity/Probe",
+                   "/csi.v1.Controller/ControllerGetCapabilities"):
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        reply = call(b"", timeout=10)
+        print(method, reply.hex())
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .env("PYTHONPATH", GRPCIO)
+        .args(["-c", script])
+        .arg(s.csi_socket())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 6, "{stdout}");
+    let name: String = b"csi.strata.dev"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(stdout.lines().next().unwrap().contains(&name), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_reports_name_capabilities_and_readiness() {
     let s = Standalone::start();
@@ -291,6 +341,13 @@ async fn list_volumes_paginates_and_refuses_foreign_tokens() {
             .unwrap()
             .into_inner();
         assert!(page.entries.len() <= 2);
+        // VOLUME_CONDITION is advertised, so every entry carries one.
+        for e in &page.entries {
+            let condition = e.status.as_ref().and_then(|s| s.volume_condition.as_ref());
+            let condition = condition.unwrap_or_else(|| panic!("no volume_condition: {e:?}"));
+            assert!(!condition.abnormal, "{e:?}");
+            assert!(!condition.message.is_empty(), "{e:?}");
+        }
         seen.extend(
             page.entries
                 .into_iter()

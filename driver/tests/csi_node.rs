@@ -428,7 +428,27 @@ async fn online_expansion_shows_in_stats_and_df_for_ext4_xfs_and_block() {
             .unwrap()
             .into_inner();
         assert_eq!(grown.capacity_bytes, to);
-        assert_eq!(grown.node_expansion_required, fs.is_some());
+        // What external-resizer does with the answer: only when node
+        // expansion is required does the claim wait for kubelet's
+        // NodeExpandVolume; otherwise the resize is finished here. For
+        // every kind of volume, the kernel's device grows only there.
+        assert!(
+            grown.node_expansion_required,
+            "{name}: kubelet would never call NodeExpandVolume"
+        );
+        if fs.is_none() {
+            let unchanged = csi
+                .node
+                .node_get_volume_stats(c::stats(&vol, &target))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                total(&unchanged),
+                from,
+                "the device grows only in NodeExpandVolume"
+            );
+        }
         let expand = NodeExpandVolumeRequest {
             volume_id: vol.clone(),
             volume_path: target.to_string_lossy().into_owned(),
@@ -448,7 +468,7 @@ async fn online_expansion_shows_in_stats_and_df_for_ext4_xfs_and_block() {
         if online {
             let node_grown = csi
                 .node
-                .node_expand_volume(expand)
+                .node_expand_volume(expand.clone())
                 .await
                 .unwrap()
                 .into_inner();
@@ -457,7 +477,11 @@ async fn online_expansion_shows_in_stats_and_df_for_ext4_xfs_and_block() {
             eprintln!(
                 "\n*** no CAP_SYS_RESOURCE here: ext4 is grown offline at the next stage, not online ***\n"
             );
-            let refused = csi.node.node_expand_volume(expand).await.unwrap_err();
+            let refused = csi
+                .node
+                .node_expand_volume(expand.clone())
+                .await
+                .unwrap_err();
             assert_eq!(refused.code(), Code::FailedPrecondition);
             assert!(
                 refused.message().contains("CAP_SYS_RESOURCE"),
@@ -466,6 +490,15 @@ async fn online_expansion_shows_in_stats_and_df_for_ext4_xfs_and_block() {
             unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
             stage_and_publish(&mut csi, &vol, &staging, &target, &cap).await;
         }
+        // Asked again (kubelet retries, or the filesystem was grown at
+        // stage): nothing is left to grow, and that is success.
+        let again = csi
+            .node
+            .node_expand_volume(expand)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.capacity_bytes, to);
         let after = csi
             .node
             .node_get_volume_stats(c::stats(&vol, &target))
@@ -614,6 +647,32 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
         ),
         Code::NotFound
     );
+    // NodeGetVolumeStats checks its fields before the volume: no path is
+    // INVALID_ARGUMENT even for an unknown volume; a relative path or one
+    // that does not exist is NOT_FOUND.
+    assert_eq!(
+        code(
+            csi.node
+                .node_get_volume_stats(c::stats(missing, Path::new("")))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    for nowhere in [
+        Path::new("relative/path"),
+        &s.kubelet_dir().join("does-not-exist"),
+    ] {
+        assert_eq!(
+            code(
+                csi.node
+                    .node_get_volume_stats(c::stats(&vol, nowhere))
+                    .await
+            ),
+            Code::NotFound,
+            "{}",
+            nowhere.display()
+        );
+    }
 
     // Two stages of one volume at once: one works (making the
     // filesystem takes a while), the other is ABORTED for the CO to retry.
@@ -718,6 +777,58 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
         "nothing is mounted there"
     );
     unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+
+    // SINGLE_NODE_SINGLE_WRITER: one writable publish at a time, on
+    // filesystem and block volumes; the same target again is idempotent
+    // and a read-only publish elsewhere is allowed.
+    let single = |mut cap: VolumeCapability| {
+        cap.access_mode = Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32,
+        });
+        cap
+    };
+    let raw = new_volume(&mut csi, "pvc-single-block", 8 << 20, c::block_cap()).await;
+    for (id, cap, name) in [
+        (&vol, single(ext4.clone()), "single-fs"),
+        (&raw, single(c::block_cap()), "single-block"),
+    ] {
+        let (staging, first) = paths(&s, name);
+        let first = if name == "single-block" {
+            first.with_file_name("dev")
+        } else {
+            first
+        };
+        let second = first.with_file_name("second");
+        let reader = first.with_file_name("reader");
+        stage_and_publish(&mut csi, id, &staging, &first, &cap).await;
+        csi.node
+            .node_publish_volume(c::publish(id, &staging, &first, cap.clone(), false))
+            .await
+            .unwrap();
+        let refused = csi
+            .node
+            .node_publish_volume(c::publish(id, &staging, &second, cap.clone(), false))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{name}: {refused:?}"
+        );
+        assert!(
+            refused.message().contains(first.to_str().unwrap()),
+            "{refused:?}"
+        );
+        csi.node
+            .node_publish_volume(c::publish(id, &staging, &reader, cap.clone(), true))
+            .await
+            .unwrap();
+        csi.node
+            .node_unpublish_volume(c::unpublish(id, &reader))
+            .await
+            .unwrap();
+        unpublish_and_unstage(&mut csi, id, &staging, &first).await;
+    }
 
     // The volume holds ext4 now: staging it as xfs would format over it.
     assert_eq!(
@@ -1028,4 +1139,78 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
     assert!(read_at(&btarget, 0, 16 << 20) == bdata);
     unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
     unpublish_and_unstage(&mut csi, &blk, &bstaging, &btarget).await;
+}
+
+/// What a rollout of the node DaemonSet does: every process of the node
+/// plugin's pod is replaced, while the fd holder runs in a pod of its own
+/// (`--fuse-holder external`, the chart's fuse-holder DaemonSet with
+/// updateStrategy OnDelete). A writer to the mounted volume keeps going
+/// and loses nothing; the holder is the same process throughout and the
+/// plugin never starts one of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_of_the_node_plugin_keeps_fuse_mounts_with_an_external_holder() {
+    if !runnable() {
+        return;
+    }
+    let mut s = Standalone::start_with(false, &["--fuse-holder", "external", "--attach", "fuse"]);
+    let socket = s.state_dir().join("fuse-holder.sock");
+    assert!(common::standalone::holder_pid(&socket).is_none());
+    let mut csi = Csi::connect(&s.csi_socket()).await;
+    let ext4 = c::mount_cap("ext4");
+    let vol = new_volume(&mut csi, "pvc-rollout", 64 << 20, ext4.clone()).await;
+    let (staging, target) = paths(&s, "rollout");
+
+    // The holder's pod may start after the plugin's: a stage waits for it.
+    let stage = {
+        let mut node = csi.node.clone();
+        let req = c::stage(&vol, &staging, ext4.clone());
+        tokio::spawn(async move { node.node_stage_volume(req).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    stage.await.unwrap().unwrap();
+    csi.node
+        .node_publish_volume(c::publish(&vol, &staging, &target, ext4.clone(), false))
+        .await
+        .unwrap();
+    let pid = common::standalone::holder_pid(&socket).unwrap();
+    assert_eq!(
+        pid,
+        holder.id(),
+        "the external holder serves, not one the plugin started"
+    );
+
+    for round in 0..2u64 {
+        let writer = steady_writer(target.join(format!("rollout-{round}")), 48, 20 + round);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Pod deletion: SIGTERM to the plugin, which exits; a new pod
+        // starts the same binary with the same arguments.
+        assert!(s.terminate().success(), "{}", s.log());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        s.spawn();
+        csi = Csi::connect(&s.csi_socket()).await;
+        let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: the writer saw {e}\n{}", s.log()));
+        assert!(
+            std::fs::read(target.join(format!("rollout-{round}"))).unwrap() == written,
+            "round {round}: the file differs"
+        );
+        let st = csi
+            .node
+            .node_get_volume_stats(c::stats(&vol, &target))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!st.volume_condition.unwrap().abnormal, "round {round}");
+        assert_eq!(common::standalone::holder_pid(&socket), Some(pid));
+    }
+    unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+    let _ = holder.kill();
+    let _ = holder.wait();
 }

@@ -55,6 +55,7 @@ forward! {
     create_volume(CreateVolumeRequest) -> VolumeReply;
     delete_volume(DeleteVolumeRequest) -> DeleteReply;
     get_volume(GetVolumeRequest) -> VolumeReply;
+    list_volumes(ListVolumesRequest) -> ListVolumesReply;
     expand_volume(ExpandVolumeRequest) -> VolumeReply;
     create_snapshot(CreateSnapshotRequest) -> SnapshotReply;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;

@@ -24,11 +24,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::csi::{Core, Started, status};
 use crate::engine::{
     Error, JobKind, JobReason, SnapshotId, SnapshotInfo, VolumeId, VolumeInfo, VolumePolicy,
 };
 use crate::metrics::Metrics;
+use crate::rpc::{Core, Started, status};
 
 /// The agent of this node's engine.
 #[derive(Debug, Clone)]
@@ -84,6 +84,16 @@ fn volume_reply(v: &VolumeInfo) -> VolumeReply {
         abnormal: false,
         condition: String::new(),
     }
+}
+
+/// A volume with its health as this node sees it.
+fn volume_health(core: &Core, v: &VolumeInfo) -> VolumeReply {
+    let mut reply = volume_reply(v);
+    match core.node.as_ref().and_then(|n| n.condition(v.id)) {
+        Some(c) => (reply.abnormal, reply.condition) = (c.abnormal, c.message),
+        None => reply.condition = "healthy (not staged on any node)".into(),
+    }
+    reply
 }
 
 fn snapshot_reply(s: &SnapshotInfo) -> SnapshotReply {
@@ -195,15 +205,23 @@ impl Agent for AgentService {
         let reply = self
             .blocking(move |core| {
                 let info = core.pool.volume_info(vid).map_err(status::engine)?;
-                let mut reply = volume_reply(&info);
-                match core.node.as_ref().and_then(|n| n.condition(vid)) {
-                    Some(c) => (reply.abnormal, reply.condition) = (c.abnormal, c.message),
-                    None => reply.condition = "healthy (not staged on any node)".into(),
-                }
-                Ok(reply)
+                Ok(volume_health(core, &info))
             })
             .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesReply>, Status> {
+        let volumes = self
+            .blocking(move |core| {
+                let volumes = core.pool.list_volumes().map_err(status::engine)?;
+                Ok(volumes.iter().map(|v| volume_health(core, v)).collect())
+            })
+            .await?;
+        Ok(Response::new(ListVolumesReply { volumes }))
     }
 
     async fn expand_volume(

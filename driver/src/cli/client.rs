@@ -44,13 +44,13 @@ async fn channel(endpoint: &Endpoint) -> Result<Channel, String> {
                     }
                 }))
                 .await
-                .map_err(|e| unreachable(&super::error_chain(&e)))
+                .map_err(|e| unreachable(&crate::engine::error::chain(&e)))
         }
         Endpoint::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unreachable(&e))?
             .connect()
             .await
-            .map_err(|e| unreachable(&super::error_chain(&e))),
+            .map_err(|e| unreachable(&crate::engine::error::chain(&e))),
     }
 }
 

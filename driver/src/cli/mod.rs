@@ -63,13 +63,13 @@ enum Command {
     /// The controller's records, offline (the controller stopped).
     #[command(subcommand)]
     Records(RecordsCommand),
-    /// Keep FUSE connections alive across restarts of the node (started
-    /// by Strata itself; not for people).
-    #[command(hide = true)]
+    /// Keep FUSE connections alive across restarts of the node: started
+    /// by Strata itself, or beside it (`--fuse-holder external`; the
+    /// chart's fuse-holder DaemonSet).
     FuseHolder {
         #[arg(long)]
         socket: PathBuf,
-        /// Exit after holding nothing for this many seconds.
+        /// Exit after holding nothing for this many seconds (0: never).
         #[arg(long, default_value_t = 30)]
         idle_seconds: u64,
     },
@@ -104,6 +104,12 @@ struct StandaloneArgs {
     /// Most volumes staged on this node at once.
     #[arg(long, default_value_t = 256)]
     max_volumes: u32,
+    /// Where the FUSE fd holder (which keeps FUSE attachments alive
+    /// across restarts) comes from: spawn one when none answers, or wait
+    /// for an external one (in Kubernetes, its own DaemonSet, so that a
+    /// rollout of the node plugin keeps the mounts).
+    #[arg(long, value_enum, default_value = "spawn")]
+    fuse_holder: HolderArg,
     /// Background jobs (merges, flattens) running at once; more wait.
     #[arg(long, default_value_t = 2)]
     jobs_max_running: usize,
@@ -118,6 +124,13 @@ struct StandaloneArgs {
     /// says otherwise (maxChainDepth).
     #[arg(long, default_value_t = 32)]
     max_chain_depth: u32,
+}
+
+/// `--fuse-holder`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HolderArg {
+    Spawn,
+    External,
 }
 
 #[derive(Debug, Args)]
@@ -380,10 +393,15 @@ enum RecordsCommand {
 
 /// The configuration of a process that holds a pool.
 fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Config, ExitCode> {
-    let exe = std::env::current_exe().map_err(|e| {
-        eprintln!("strata: cannot find its own binary: {e}");
-        ExitCode::FAILURE
-    })?;
+    let holder = match a.fuse_holder {
+        HolderArg::External => crate::node::HolderStart::External,
+        HolderArg::Spawn => {
+            crate::node::HolderStart::Spawn(std::env::current_exe().map_err(|e| {
+                eprintln!("strata: cannot find its own binary: {e}");
+                ExitCode::FAILURE
+            })?)
+        }
+    };
     let jobs = crate::engine::JobConfig {
         max_running: a.jobs_max_running.max(1),
         job_bytes_per_sec: a.job_rate,
@@ -403,7 +421,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
             state_dir: a.state_dir,
             attach: a.attach,
             max_volumes: a.max_volumes,
-            exe,
+            holder,
         },
     })
 }
@@ -425,22 +443,10 @@ fn finish(who: &str, result: Result<(), crate::standalone::StartError>) -> ExitC
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strata {who}: {}", error_chain(&e));
+            eprintln!("strata {who}: {}", crate::engine::error::chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line: "open pool lock /x: No such file".
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -462,11 +468,11 @@ impl Cli {
                 idle_seconds,
             } => match crate::node::holder::run(
                 &socket,
-                std::time::Duration::from_secs(idle_seconds),
+                (idle_seconds > 0).then(|| std::time::Duration::from_secs(idle_seconds)),
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("strata fuse-holder: {}", error_chain(&e));
+                    eprintln!("strata fuse-holder: {}", crate::engine::error::chain(&e));
                     ExitCode::FAILURE
                 }
             },
@@ -484,7 +490,10 @@ impl Cli {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("strata node: agent TLS: {}", error_chain(&e));
+                        eprintln!(
+                            "strata node: agent TLS: {}",
+                            crate::engine::error::chain(&e)
+                        );
                         return ExitCode::FAILURE;
                     }
                 };
@@ -503,7 +512,10 @@ impl Cli {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("strata controller: agent TLS: {}", error_chain(&e));
+                        eprintln!(
+                            "strata controller: agent TLS: {}",
+                            crate::engine::error::chain(&e)
+                        );
                         return ExitCode::FAILURE;
                     }
                 };

@@ -13,7 +13,7 @@ pub(super) fn check(dir: &Path, repair: bool) -> ExitCode {
             eprintln!(
                 "strata: cannot check {}: {}",
                 dir.display(),
-                super::error_chain(&e)
+                crate::engine::error::chain(&e)
             );
             return ExitCode::from(2);
         }

@@ -44,15 +44,19 @@ pub(super) fn copy(from: &Path, to: Destination) -> ExitCode {
             eprintln!(
                 "strata records copy: cannot open {} (stop the controller that uses it first): {}",
                 from.display(),
-                super::error_chain(&e)
+                crate::engine::error::chain(&e)
             );
             return ExitCode::FAILURE;
         }
     };
     let done = match to {
         Destination::Embedded(path) => match EmbeddedRecords::open(&path) {
-            Ok(dest) => copy_all(&source, &dest).map_err(|e| super::error_chain(&e)),
-            Err(e) => Err(format!("{}: {}", path.display(), super::error_chain(&e))),
+            Ok(dest) => copy_all(&source, &dest).map_err(|e| crate::engine::error::chain(&e)),
+            Err(e) => Err(format!(
+                "{}: {}",
+                path.display(),
+                crate::engine::error::chain(&e)
+            )),
         },
         Destination::Kubernetes => into_kubernetes(source),
     };
@@ -84,7 +88,7 @@ fn into_kubernetes(source: EmbeddedRecords) -> Result<Copied, String> {
         // The custom-resource store blocks on the runtime: run it off it.
         tokio::task::spawn_blocking(move || {
             let dest = crate::cluster::kube::KubeRecords::new(client, handle);
-            copy_all(&source, &dest).map_err(|e| super::error_chain(&e))
+            copy_all(&source, &dest).map_err(|e| crate::engine::error::chain(&e))
         })
         .await
         .map_err(|e| e.to_string())?

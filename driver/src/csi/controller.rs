@@ -107,6 +107,49 @@ impl ControllerService {
 }
 
 impl ControllerService {
+    /// The condition of each volume in `recs`, as its node reports it: one
+    /// agent call per node, all at once. A node that cannot answer makes
+    /// its volumes abnormal, with its error.
+    async fn conditions(&self, recs: &[VolumeRecord]) -> HashMap<String, VolumeCondition> {
+        let mut nodes: Vec<&str> = recs.iter().map(|r| r.node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut asks = tokio::task::JoinSet::new();
+        for node in nodes {
+            let (node, agent) = (node.to_string(), self.agent(node));
+            asks.spawn(async move {
+                let reply = match agent {
+                    Ok(agent) => agent
+                        .list_volumes(Request::new(agent::ListVolumesRequest {}))
+                        .await
+                        .map(|r| r.into_inner().volumes),
+                    Err(e) => Err(e),
+                };
+                (node, reply)
+            });
+        }
+        let mut out = HashMap::new();
+        while let Some(Ok((node, reply))) = asks.join_next().await {
+            match reply {
+                Ok(volumes) => out.extend(volumes.into_iter().map(|v| {
+                    let condition = VolumeCondition {
+                        abnormal: v.abnormal,
+                        message: v.condition,
+                    };
+                    (v.volume_id, condition)
+                })),
+                Err(e) => out.extend(recs.iter().filter(|r| r.node == node).map(|r| {
+                    let condition = VolumeCondition {
+                        abnormal: true,
+                        message: format!("node {node} did not answer: {}", e.message()),
+                    };
+                    (r.volume_id.clone(), condition)
+                })),
+            }
+        }
+        out
+    }
+
     /// Events on the claim of a volume just created: where it went, and
     /// the background flatten it will get.
     fn tell(&self, claim: Option<&ClaimRef>, rec: &VolumeRecord, flatten: bool) {
@@ -581,11 +624,20 @@ impl Controller for ControllerService {
             req.max_entries,
             &req.starting_token,
         )?;
+        let conditions = self.conditions(&recs).await;
         let entries = recs
             .iter()
             .map(|rec| list_volumes_response::Entry {
                 volume: Some(volume_message(rec)),
-                status: None,
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(conditions.get(&rec.volume_id).cloned().unwrap_or_else(
+                        || VolumeCondition {
+                            abnormal: true,
+                            message: format!("node {} does not report the volume", rec.node),
+                        },
+                    )),
+                }),
             })
             .collect();
         Ok(Response::new(ListVolumesResponse {
@@ -796,10 +848,6 @@ impl Controller for ControllerService {
         };
         let _guard = self.inflight.claim(&format!("volume {}", req.volume_id))?;
         parse_volume_id(&req.volume_id)?;
-        let block = matches!(
-            req.volume_capability.and_then(|c| c.access_type),
-            Some(AccessType::Block(_))
-        );
         let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
@@ -833,7 +881,10 @@ impl Controller for ControllerService {
         .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: size as i64,
-            node_expansion_required: !block,
+            // Raw block too: NodeExpandVolume is what grows the kernel's
+            // device (loop or nbd), and the resizer asks kubelet for it only
+            // when this says so.
+            node_expansion_required: true,
         }))
     }
 

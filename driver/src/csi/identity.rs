@@ -11,9 +11,7 @@ use csi_proto::csi::v1::{
 use tonic::{Request, Response, Status};
 
 use super::Started;
-
-/// The driver name Kubernetes knows Strata by.
-pub const DRIVER_NAME: &str = "csi.strata.dev";
+use crate::DRIVER_NAME;
 
 /// The Identity service: ready once the services have [`Started`].
 #[derive(Debug, Clone)]

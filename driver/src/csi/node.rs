@@ -78,14 +78,14 @@ fn path(p: &str, field: &str) -> Result<PathBuf, Status> {
     Ok(p)
 }
 
-/// The capability as the node stores it, and whether it is read-only.
+/// The capability as the node stores it, and its access mode.
 fn access(
     cap: Option<VolumeCapability>,
     context: &HashMap<String, String>,
-) -> Result<(Access, bool), Status> {
+) -> Result<(Access, Option<Mode>), Status> {
     let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
     check_capabilities(std::slice::from_ref(&cap))?;
-    let read_only = cap.access_mode.as_ref().map(|m| m.mode()) == Some(Mode::SingleNodeReaderOnly);
+    let mode = cap.access_mode.as_ref().map(|m| m.mode());
     let access = match cap.access_type {
         Some(AccessType::Block(_)) => Access::Block,
         Some(AccessType::Mount(m)) => Access::Mount {
@@ -105,7 +105,7 @@ fn access(
             ));
         }
     };
-    Ok((access, read_only))
+    Ok((access, mode))
 }
 
 #[tonic::async_trait]
@@ -117,7 +117,8 @@ impl NodeRpc for NodeService {
         let req = req.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let staging_path = path(&req.staging_target_path, "staging_target_path")?;
-        let (access, read_only) = access(req.volume_capability, &req.volume_context)?;
+        let (access, mode) = access(req.volume_capability, &req.volume_context)?;
+        let read_only = mode == Some(Mode::SingleNodeReaderOnly);
         let volume = volume_id(id)?;
         let _guard = self.inflight.claim(&format!("volume {volume}"))?;
         let stage = node::Stage {
@@ -155,7 +156,7 @@ impl NodeRpc for NodeService {
         let id = required(&req.volume_id, "volume_id")?;
         let target_path = path(&req.target_path, "target_path")?;
         let staging_path = path(&req.staging_target_path, "staging_target_path")?;
-        let (access, cap_read_only) = access(req.volume_capability, &req.volume_context)?;
+        let (access, mode) = access(req.volume_capability, &req.volume_context)?;
         let volume = volume_id(id)?;
         let _guard = self.inflight.claim(&format!("volume {volume}"))?;
         let publish = node::Publish {
@@ -163,7 +164,8 @@ impl NodeRpc for NodeService {
             staging_path,
             target_path,
             block: access == Access::Block,
-            read_only: req.readonly || cap_read_only,
+            read_only: req.readonly || mode == Some(Mode::SingleNodeReaderOnly),
+            single_writer: mode == Some(Mode::SingleNodeSingleWriter),
         };
         self.blocking(move |n| n.publish(&publish)).await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
@@ -186,8 +188,17 @@ impl NodeRpc for NodeService {
         req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = req.into_inner();
-        let volume = volume_id(required(&req.volume_id, "volume_id")?)?;
-        let volume_path = path(&req.volume_path, "volume_path")?;
+        // Both fields are checked before the volume is looked up; a path
+        // that is not absolute cannot be one we published: NOT_FOUND.
+        let id = required(&req.volume_id, "volume_id")?;
+        let volume_path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let volume = volume_id(id)?;
+        if !volume_path.is_absolute() {
+            return Err(Status::not_found(format!(
+                "volume_path {} is not absolute, so nothing is published there",
+                volume_path.display()
+            )));
+        }
         let usage = self
             .blocking(move |n| n.usage(volume, &volume_path))
             .await?;

@@ -1,52 +1,12 @@
-//! The one place errors become gRPC status codes.
+//! gRPC status codes at the CSI edge: the node's mapping
+//! (`rpc/status.rs`) and the controller's records errors.
 
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::cluster::records::RecordsError;
-use crate::engine::{Error, ErrorKind};
-use crate::node::Error as NodeError;
-
-/// The gRPC code for an engine error. Exhaustive: a new error kind must be
-/// given its code here.
-pub(crate) fn code(kind: ErrorKind) -> Code {
-    match kind {
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::InvalidArgument => Code::InvalidArgument,
-        ErrorKind::OutOfRange => Code::OutOfRange,
-        ErrorKind::LimitReached | ErrorKind::NoSpace => Code::ResourceExhausted,
-        ErrorKind::ReadOnly => Code::FailedPrecondition,
-        ErrorKind::Busy => Code::Unavailable,
-        ErrorKind::Corrupt | ErrorKind::Io => Code::Internal,
-    }
-}
-
-/// An engine error as a gRPC status (message: the error and its causes).
-pub(crate) fn engine(e: Error) -> Status {
-    Status::new(code(e.kind()), crate::cli::error_chain(&e))
-}
-
-/// A node error as a gRPC status. Exhaustive, like [`code`].
-pub(crate) fn node(e: NodeError) -> Status {
-    let code = match &e {
-        NodeError::InvalidArgument(_) => Code::InvalidArgument,
-        NodeError::NotFound(_) => Code::NotFound,
-        NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
-        NodeError::AlreadyExists(_) => Code::AlreadyExists,
-        NodeError::OutOfRange(_) => Code::OutOfRange,
-        NodeError::Unavailable(_) => Code::Unavailable,
-        NodeError::Engine(inner) => code(inner.kind()),
-        NodeError::Io { .. } | NodeError::Tool { .. } | NodeError::State { .. } => Code::Internal,
-    };
-    Status::new(code, crate::cli::error_chain(&e))
-}
+pub(crate) use crate::rpc::status::*;
 
 /// A records-store error as a gRPC status.
 pub(crate) fn records(e: RecordsError) -> Status {
     Status::internal(e.to_string())
-}
-
-/// A blocking task that panicked or was cancelled.
-pub(crate) fn join(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("internal error: {e}"))
 }

@@ -7,6 +7,19 @@ use std::path::PathBuf;
 
 use super::ids::{SnapshotId, VolumeId};
 
+/// An error and its causes on one line: "open pool lock /x: No such file".
+/// Every layer that prints an error (logs, gRPC messages, the CLI) uses it.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 /// Result with the engine's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -19,7 +19,6 @@ use prometheus_client::registry::Registry;
 
 use crate::cluster::nodes::Nodes;
 use crate::cluster::records::NodeState;
-use crate::csi::replica::Replica;
 use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
@@ -69,7 +68,7 @@ pub struct Metrics {
     registry: Registry,
     pool: Arc<OnceLock<Pool>>,
     nodes: Arc<OnceLock<Arc<Nodes>>>,
-    replica: Arc<OnceLock<Replica>>,
+    leading: Arc<OnceLock<Leading>>,
     ops: Family<VolumeOp, Counter>,
     bytes: Family<VolumeOp, Counter>,
     latency: HistogramFamily<VolumeOp>,
@@ -178,15 +177,15 @@ impl Metrics {
             pool: Arc::clone(&pool),
         }));
         let nodes = Arc::new(OnceLock::new());
-        let replica = Arc::new(OnceLock::new());
+        let leading = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ControllerCollector {
             nodes: Arc::clone(&nodes),
-            replica: Arc::clone(&replica),
+            leading: Arc::clone(&leading),
         }));
         Arc::new(Metrics {
             pool,
             nodes,
-            replica,
+            leading,
             registry,
             ops,
             bytes,
@@ -213,9 +212,10 @@ impl Metrics {
     }
 
     /// Reports whether this controller replica leads
-    /// (`strata_controller_leading`, 1 or 0) at each scrape.
-    pub fn watch_replica(&self, replica: Replica) {
-        let _ = self.replica.set(replica);
+    /// (`strata_controller_leading`, 1 or 0) at each scrape, as `leading`
+    /// answers then.
+    pub fn watch_leading(&self, leading: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.leading.set(Leading(Box::new(leading)));
     }
 
     /// Handles for one operation on one volume.
@@ -333,7 +333,16 @@ fn gauge(
 #[derive(Debug)]
 struct ControllerCollector {
     nodes: Arc<OnceLock<Arc<Nodes>>>,
-    replica: Arc<OnceLock<Replica>>,
+    leading: Arc<OnceLock<Leading>>,
+}
+
+/// Answers whether this controller replica leads.
+struct Leading(Box<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Leading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Leading")
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -348,8 +357,8 @@ struct StateLabel {
 
 impl Collector for ControllerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(replica) = self.replica.get() {
-            let g = ConstGauge::new(i64::from(replica.is_leading()));
+        if let Some(leading) = self.leading.get() {
+            let g = ConstGauge::new(i64::from((leading.0)()));
             let metric = encoder.encode_descriptor(
                 "controller_leading",
                 "Whether this controller replica leads and acts (1) or forwards calls to the leader (0)",

@@ -106,8 +106,9 @@ fn recv(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
     Ok((buf, fd))
 }
 
-/// Runs the holder on `socket` until it has held nothing for `idle`.
-pub fn run(socket: &Path, idle: Duration) -> Result<()> {
+/// Runs the holder on `socket` until it has held nothing for `idle`
+/// (`None`: until it is killed).
+pub fn run(socket: &Path, idle: Option<Duration>) -> Result<()> {
     let listener = crate::endpoint::bind_unix_std(socket).map_err(io("listen on", socket))?;
     listener
         .set_nonblocking(true)
@@ -125,7 +126,9 @@ pub fn run(socket: &Path, idle: Duration) -> Result<()> {
                 empty_since = held.is_empty().then(Instant::now);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if empty_since.is_some_and(|t| t.elapsed() >= idle) {
+                if let (Some(since), Some(idle)) = (empty_since, idle)
+                    && since.elapsed() >= idle
+                {
                     let _ = std::fs::remove_file(socket);
                     return Ok(());
                 }
@@ -193,6 +196,25 @@ impl Holder {
     pub fn ping(&self) -> Option<u32> {
         let (reply, _) = self.request("PING", None).ok()?;
         reply.strip_prefix("PONG ")?.parse().ok()
+    }
+
+    /// Waits up to `patience` for a holder that another process runs to
+    /// answer.
+    pub fn wait(&self, patience: Duration) -> Result<u32> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(pid) = self.ping() {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no FUSE fd holder answers at {} (it runs beside the node: the chart's \
+                     fuse-holder DaemonSet, or `strata fuse-holder --socket ...`)",
+                    self.socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Makes sure a holder answers, starting `exe fuse-holder` (in its own
@@ -272,7 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("holder.sock");
         let s = sock.clone();
-        let server = std::thread::spawn(move || run(&s, Duration::from_millis(300)));
+        let server = std::thread::spawn(move || run(&s, Some(Duration::from_millis(300))));
         let holder = Holder::new(sock.clone());
         let deadline = Instant::now() + Duration::from_secs(5);
         while holder.ping().is_none() {

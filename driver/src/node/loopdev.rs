@@ -89,6 +89,7 @@ pub fn attach(backing: &Path, block_size: u32, read_only: bool) -> Result<Attach
             .map_err(io("find a free loop device", "/dev/loop-control"))?
             as u32;
         let path = device_path(index);
+        ensure_node(&path, index)?;
         let dev = File::options()
             .read(true)
             .write(true)
@@ -131,6 +132,43 @@ pub fn attach(backing: &Path, block_size: u32, read_only: bool) -> Result<Attach
     Err(Error::Unavailable(
         "no free loop device after 32 attempts".into(),
     ))
+}
+
+/// Makes the device node `path` for loop device `index` if it is missing.
+/// LOOP_CTL_GET_FREE may create a device the kernel names but `path`'s
+/// `/dev` lacks: a container's `/dev` (a kind node's, say) is a copy made
+/// at its start, and nothing adds nodes to it later. The numbers come from
+/// sysfs (`/sys/block/loopN/dev`), which knows the minor even with
+/// partitions per loop device.
+pub fn ensure_node(path: &Path, index: u32) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let numbers = std::fs::read_to_string(format!("/sys/block/loop{index}/dev"))
+        .ok()
+        .and_then(|s| {
+            let (major, minor) = s.trim().split_once(':')?;
+            Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
+        })
+        .unwrap_or((7, index));
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("{} has a NUL byte", path.display())))?;
+    // SAFETY: a valid NUL-terminated path; mknod reads nothing else.
+    let rc = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFBLK | 0o660,
+            libc::makedev(numbers.0, numbers.1),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // Made meanwhile by udev or another attach: fine.
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(io("create the device node", path)(e));
+        }
+    }
+    Ok(())
 }
 
 fn sysfs(index: u32, attr: &str) -> Option<String> {

@@ -48,8 +48,21 @@ pub struct NodeConfig {
     pub attach: attach::Choice,
     /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node).
     pub max_volumes: u32,
-    /// The `strata` binary (to start the fd holder).
-    pub exe: PathBuf,
+    /// Where the FUSE fd holder comes from.
+    pub holder: HolderStart,
+}
+
+/// Where the FUSE fd holder comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HolderStart {
+    /// Start `<exe> fuse-holder` (the `strata` binary) in its own process
+    /// group when none answers: a holder that outlives this process, but
+    /// not its container.
+    Spawn(PathBuf),
+    /// Another process runs it and keeps it running (the chart's
+    /// fuse-holder DaemonSet, so that replacing the node plugin's pod does
+    /// not end the connections): wait for it to answer, never start one.
+    External,
 }
 
 /// Whether a staged volume is healthy, for NodeGetVolumeStats and
@@ -92,6 +105,8 @@ pub struct Publish {
     pub target_path: PathBuf,
     pub block: bool,
     pub read_only: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: no other writable publish may exist.
+    pub single_writer: bool,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -185,7 +200,7 @@ impl Node {
         let backend: Box<dyn Attach> = match kind {
             Kind::Fuse => Box::new(FuseAttach::new(
                 &config.state_dir,
-                config.exe.clone(),
+                config.holder.clone(),
                 metrics,
             )?),
             Kind::Nbd => Box::new(NbdAttach::new(
@@ -255,7 +270,7 @@ impl Node {
         let attached = self
             .backend
             .resume(volume, rec)
-            .map_err(|e| crate::cli::error_chain(&e))?;
+            .map_err(|e| crate::engine::error::chain(&e))?;
         if matches!(rec.access, Access::Mount { .. })
             && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
         {
@@ -263,7 +278,7 @@ impl Node {
                 format!(
                     "remounting at {}: {}",
                     rec.staging_path.display(),
-                    crate::cli::error_chain(&e)
+                    crate::engine::error::chain(&e)
                 )
             })?;
         }
@@ -452,7 +467,9 @@ impl Node {
             tracing::warn!(volume = %vid, asked = %staging_path.display(), staged = %entry.rec.staging_path.display(), "unstage of a path the volume is not staged at: nothing to do");
             return Ok(());
         }
-        let busy = self.publishes(&entry.rec)?;
+        let busy: Vec<PathBuf> = (self.publishes(&entry.rec)?.into_iter())
+            .map(|m| m.mount_point)
+            .collect();
         if !busy.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {vid} is still published at {busy:?}; unpublish it first"
@@ -473,7 +490,7 @@ impl Node {
 
     /// Mount points (other than the staging path) that show this volume:
     /// bind mounts of its filesystem, or of its device node.
-    fn publishes(&self, rec: &StagedRecord) -> Result<Vec<PathBuf>> {
+    fn publishes(&self, rec: &StagedRecord) -> Result<Vec<mount::MountEntry>> {
         let mounts = mount::mounts()?;
         let shows_volume: Box<dyn Fn(&mount::MountEntry) -> bool> = match &rec.access {
             Access::Mount { .. } => {
@@ -500,9 +517,8 @@ impl Node {
             }
         };
         Ok(mounts
-            .iter()
+            .into_iter()
             .filter(|m| m.mount_point != rec.staging_path && shows_volume(m))
-            .map(|m| m.mount_point.clone())
             .collect())
     }
 
@@ -534,6 +550,19 @@ impl Node {
                 req.volume,
                 if staged_block { "block" } else { "filesystem" }
             )));
+        }
+        if req.single_writer && !req.read_only {
+            let other = self
+                .publishes(&entry.rec)?
+                .into_iter()
+                .find(|m| !m.read_only() && m.mount_point != req.target_path);
+            if let Some(other) = other {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is SINGLE_NODE_SINGLE_WRITER and already published writable at {}",
+                    req.volume,
+                    other.mount_point.display()
+                )));
+            }
         }
         if req.block {
             if let Some(parent) = req.target_path.parent() {

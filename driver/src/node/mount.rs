@@ -302,8 +302,34 @@ pub fn has_capability(cap: u32) -> bool {
         .is_some_and(|caps| caps & (1 << cap) != 0)
 }
 
-/// Grows a mounted filesystem to fill its (grown) device.
+/// Whether the ext2/3/4 filesystem on `device` already fills its
+/// `device_bytes` (no whole filesystem block is left past its end). Reads
+/// the superblock (`dumpe2fs -h`), which works mounted or not.
+fn ext4_fills(device: &Path, device_bytes: u64) -> Result<bool> {
+    let header = run("dumpe2fs", &[OsStr::new("-h"), device.as_os_str()])?;
+    let field = |name: &str| {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(count), Some(block)) = (field("Block count:"), field("Block size:")) else {
+        return Err(Error::Tool {
+            command: format!("dumpe2fs -h {}", device.display()),
+            status: "unreadable output".into(),
+            stderr: "no block count or block size".into(),
+        });
+    };
+    Ok((count + 1) * block > device_bytes)
+}
+
+/// Grows a mounted filesystem to fill its (grown) device; nothing to do
+/// (success) where it already does.
 pub fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
+    let ext = matches!(fs_type, "ext4" | "ext3" | "ext2");
+    if ext && ext4_fills(device, device_size(device)?)? {
+        return Ok(());
+    }
     match fs_type {
         "ext4" | "ext3" | "ext2" if !has_capability(CAP_SYS_RESOURCE) => {
             Err(Error::FailedPrecondition(format!(
@@ -327,21 +353,7 @@ pub fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
 /// online (no CAP_SYS_RESOURCE). Checks it first, as resize2fs demands.
 pub fn grow_ext4_offline(device: &Path, device_bytes: u64) -> Result<()> {
     let dev = device.as_os_str();
-    let header = run("dumpe2fs", &[OsStr::new("-h"), dev])?;
-    let field = |name: &str| {
-        header
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    let (Some(count), Some(block)) = (field("Block count:"), field("Block size:")) else {
-        return Err(Error::Tool {
-            command: format!("dumpe2fs -h {}", device.display()),
-            status: "unreadable output".into(),
-            stderr: "no block count or block size".into(),
-        });
-    };
-    if (count + 1) * block > device_bytes {
+    if ext4_fills(device, device_bytes)? {
         return Ok(());
     }
     let fsck = Command::new("e2fsck")

@@ -49,6 +49,11 @@ impl Standalone {
 
     /// Starts a server that, with `tcp`, also serves NBD on loopback TCP.
     pub fn start_with_tcp(tcp: bool) -> Standalone {
+        Self::start_with(tcp, &[])
+    }
+
+    /// Starts a server with `extra` arguments.
+    pub fn start_with(tcp: bool, extra: &[&str]) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let nbd_tcp_port = tcp.then(free_port);
         let metrics_port = free_port();
@@ -71,6 +76,7 @@ impl Standalone {
         if let Some(port) = nbd_tcp_port {
             args.extend(["--nbd-listen".into(), format!("tcp://127.0.0.1:{port}")]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let proc = Proc::new(dir.path().to_path_buf(), args, dir.path().join("csi.sock"));
         let s = Standalone {
             proc,

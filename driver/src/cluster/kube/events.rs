@@ -62,7 +62,7 @@ impl KubeEvents {
                 component: Some("strata-controller".into()),
                 host: None,
             }),
-            reporting_component: Some(crate::csi::identity::DRIVER_NAME.into()),
+            reporting_component: Some(crate::DRIVER_NAME.into()),
             reporting_instance: Some(self.instance.clone()),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),

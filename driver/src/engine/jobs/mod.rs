@@ -460,7 +460,7 @@ fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Pr
         Ok(_) => (JobState::Done, notes.join("; ")),
         Err(e) => {
             tracing::warn!(job = %job.id, kind = job.kind.label(), error = %e, "job failed");
-            (JobState::Failed, crate::cli::error_chain(&e))
+            (JobState::Failed, crate::engine::error::chain(&e))
         }
     };
     if let Err(e) = finish(&pool, job.id, state, message, Some(&progress)) {

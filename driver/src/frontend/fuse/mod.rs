@@ -3,7 +3,7 @@
 //! device on nodes without the kernel nbd driver.
 //!
 //! ```text
-//! mount(): open /dev/fuse, mount -t fuse.strata <dir>   (fd=N, default_permissions)
+//! (node)   open /dev/fuse, mount -t fuse.strata <dir>   (fd=N, default_permissions)
 //! serve(): N worker threads on that fd, each:
 //!            read one request ─▶ engine I/O (Export) ─▶ write its reply
 //! ```
@@ -23,8 +23,7 @@
 pub mod abi;
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -57,31 +56,6 @@ impl Default for FuseConfig {
             max_write: 256 << 10,
         }
     }
-}
-
-/// Mounts an empty Strata FUSE filesystem at `mountpoint` and returns the
-/// `/dev/fuse` descriptor that serves it. Needs CAP_SYS_ADMIN.
-pub fn mount(mountpoint: &Path, config: &FuseConfig) -> std::io::Result<OwnedFd> {
-    let dev = c"/dev/fuse";
-    // SAFETY: a valid NUL-terminated path and flags; the result is checked.
-    let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a descriptor we just opened and own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let options = format!(
-        "fd={raw},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
-        config.max_write
-    );
-    crate::node::mount::mount(
-        "strata",
-        mountpoint,
-        "fuse.strata",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        &options,
-    )?;
-    Ok(fd)
 }
 
 /// The engine error as an errno for the kernel.

@@ -7,7 +7,7 @@
 //! detach:  loop detach ─▶ unmount <dir> (the workers see ENODEV) ─▶ holder drops F ─▶ rmdir
 //! ```
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::node::error::{Error, Result, io};
 use crate::node::holder::Holder;
 use crate::node::state::StagedRecord;
-use crate::node::{loopdev, mount};
+use crate::node::{HolderStart, loopdev, mount};
 
 /// Attaches volumes as FUSE files with loop devices over them.
 #[derive(Debug)]
@@ -28,21 +28,20 @@ pub struct FuseAttach {
     /// `<state>/fuse`: one mountpoint per attached volume.
     dir: PathBuf,
     holder: Holder,
-    /// The `strata` binary, to start the fd holder.
-    exe: PathBuf,
+    start: HolderStart,
     holder_log: PathBuf,
     metrics: Arc<Metrics>,
     config: FuseConfig,
 }
 
 impl FuseAttach {
-    pub fn new(state_dir: &Path, exe: PathBuf, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(state_dir: &Path, start: HolderStart, metrics: Arc<Metrics>) -> Result<Self> {
         let dir = state_dir.join("fuse");
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         Ok(FuseAttach {
             dir,
             holder: Holder::new(state_dir.join("fuse-holder.sock")),
-            exe,
+            start,
             holder_log: state_dir.join("fuse-holder.log"),
             metrics,
             config: FuseConfig::default(),
@@ -55,7 +54,7 @@ impl FuseAttach {
 
     fn attach_mounted(&self, volume: &Arc<Volume>, dir: &Path) -> Result<Attached> {
         let vid = volume.id().to_string();
-        let fd = fuse::mount(dir, &self.config).map_err(io("mount FUSE at", dir))?;
+        let fd = mount_fuse(dir, &self.config).map_err(io("mount FUSE at", dir))?;
         let session = fuse::serve(
             fd,
             Export::Volume(Arc::clone(volume)),
@@ -87,13 +86,26 @@ impl FuseAttach {
     }
 }
 
+impl FuseAttach {
+    /// Makes sure a holder answers: started here, or waited for.
+    fn ensure_holder(&self) -> Result<u32> {
+        match &self.start {
+            HolderStart::Spawn(exe) => self.holder.ensure_running(exe, &self.holder_log),
+            HolderStart::External => self.holder.wait(EXTERNAL_HOLDER_WAIT),
+        }
+    }
+}
+
+/// How long a node waits for an external fd holder to answer.
+const EXTERNAL_HOLDER_WAIT: Duration = Duration::from_secs(30);
+
 impl Attach for FuseAttach {
     fn kind(&self) -> Kind {
         Kind::Fuse
     }
 
     fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
-        self.holder.ensure_running(&self.exe, &self.holder_log)?;
+        self.ensure_holder()?;
         let dir = self.mountpoint(volume.id());
         if mount::mount_at(&dir)?.is_some() {
             // A leftover of an attach that never got recorded.
@@ -119,6 +131,11 @@ impl Attach for FuseAttach {
         let negotiated = rec
             .fuse
             .ok_or_else(|| lost("no FUSE parameters recorded"))?;
+        // An external holder may still be starting (its pod and ours
+        // scheduled together); a missing one is only known after a while.
+        if self.start == HolderStart::External {
+            let _ = self.ensure_holder();
+        }
         let fd = match self.holder.get(&vid.to_string()) {
             Ok(Some(fd)) => fd,
             Ok(None) => return Err(lost("the fd holder no longer has it")),
@@ -200,4 +217,29 @@ impl Attach for FuseAttach {
             Err(e) => Err(io("remove", &dir)(e)),
         }
     }
+}
+
+/// Mounts an empty Strata FUSE filesystem at `mountpoint` and returns the
+/// `/dev/fuse` descriptor that serves it. Needs CAP_SYS_ADMIN.
+fn mount_fuse(mountpoint: &Path, config: &FuseConfig) -> std::io::Result<OwnedFd> {
+    let dev = c"/dev/fuse";
+    // SAFETY: a valid NUL-terminated path and flags; the result is checked.
+    let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let options = format!(
+        "fd={raw},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
+        config.max_write
+    );
+    mount::mount(
+        "strata",
+        mountpoint,
+        "fuse.strata",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        &options,
+    )?;
+    Ok(fd)
 }
