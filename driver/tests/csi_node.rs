@@ -1214,3 +1214,29 @@ async fn a_rollout_of_the_node_plugin_keeps_fuse_mounts_with_an_external_holder(
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// A kind node's `/dev` is a copy made when its container started: a loop
+/// device the kernel creates later has no node there. Strata makes the
+/// node, with the numbers sysfs gives, where it is missing.
+#[test]
+fn a_missing_loop_device_node_is_made_with_the_kernels_numbers() {
+    if !runnable() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let control = std::fs::File::open("/dev/loop-control").unwrap();
+    // LOOP_CTL_GET_FREE: the kernel makes a free device if it has none.
+    // SAFETY: an ioctl on a descriptor we own, with no argument.
+    let index = unsafe { libc::ioctl(control.as_raw_fd(), 0x4C82, 0) };
+    assert!(index >= 0, "{}", std::io::Error::last_os_error());
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join(format!("loop{index}"));
+    strata::node::loopdev::ensure_node(&node, index as u32).unwrap();
+    let made = std::fs::metadata(&node).unwrap();
+    assert!(made.file_type().is_block_device());
+    let real = std::fs::metadata(strata::node::loopdev::device_path(index as u32)).unwrap();
+    assert_eq!(made.rdev(), real.rdev());
+    // Present already: left as it is.
+    strata::node::loopdev::ensure_node(&node, index as u32).unwrap();
+}

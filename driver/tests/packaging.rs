@@ -199,7 +199,7 @@ fn helm_template(set: &[&str]) -> String {
     let mut cmd = Command::new("helm");
     cmd.args(["template", "strata"])
         .arg(root().join("charts/strata"))
-        .args(["--namespace", "strata-system", "--kube-version", "1.34.0"]);
+        .args(["--namespace", "strata-system"]);
     for s in set {
         cmd.args(["--set", s]);
     }
@@ -272,7 +272,7 @@ fn chart_lints_and_renders_with_other_values() {
     }
     run_tool(
         Command::new("helm")
-            .args(["lint", "--strict", "--kube-version", "1.34.0"])
+            .args(["lint", "--strict"])
             .arg(root().join("charts/strata")),
     );
 
@@ -285,7 +285,9 @@ fn chart_lints_and_renders_with_other_values() {
         "Secret/strata-agent-tls",
         "StorageClass/strata",
         "VolumeSnapshotClass/strata",
-        "Service/strata-metrics",
+        "Service/strata-node-metrics",
+        "Service/strata-controller-metrics",
+        "DaemonSet/strata-fuse-holder",
     ] {
         assert!(names.iter().any(|n| n == want), "no {want} in {names:?}");
     }
@@ -321,7 +323,10 @@ fn chart_lints_and_renders_with_other_values() {
         );
     }
     assert!(
-        names.iter().any(|n| n == "ServiceMonitor/strata"),
+        names.iter().any(|n| n == "ServiceMonitor/strata-node")
+            && names
+                .iter()
+                .any(|n| n == "ServiceMonitor/strata-controller"),
         "{names:?}"
     );
     let provisioner = container_args(&other, "Deployment", "csi-provisioner");
@@ -473,7 +478,7 @@ fn everything_passes_kubectl_create_dry_run() {
     assert!(
         accepted
             .iter()
-            .any(|n| n == "servicemonitor.monitoring.coreos.com/strata"),
+            .any(|n| n == "servicemonitor.monitoring.coreos.com/strata-node"),
         "{accepted:?}"
     );
 
@@ -549,4 +554,469 @@ fn shell_scripts_pass_shellcheck() {
             .args(["--severity=warning", "--external-sources"])
             .args(&scripts),
     );
+}
+
+/// The workload (Deployment or DaemonSet) objects of a render.
+fn workloads(docs: &[Value]) -> impl Iterator<Item = &Value> {
+    docs.iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet")
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    containers(workload)
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in {}", workload["metadata"]["name"]))
+}
+
+fn containers(workload: &Value) -> &Vec<Value> {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// (namespaced, apiGroup, resource, verb) granted to ServiceAccount
+/// `account`: ClusterRoles bound cluster-wide grant everywhere (namespaced
+/// `false` and `true`); Roles bound in `namespace` grant there only.
+fn grants(docs: &[Value], account: &str, namespace: &str) -> Vec<(bool, String, String, String)> {
+    let bound = |binding: &Value| {
+        binding["subjects"].as_array().is_some_and(|s| {
+            s.iter().any(|s| {
+                s["kind"] == "ServiceAccount" && s["name"] == account && s["namespace"] == namespace
+            })
+        })
+    };
+    let mut out = Vec::new();
+    for b in docs
+        .iter()
+        .filter(|d| (d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding") && bound(d))
+    {
+        let role_kind = b["roleRef"]["kind"].as_str().unwrap();
+        let role_name = &b["roleRef"]["name"];
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == role_kind && &d["metadata"]["name"] == role_name)
+            .unwrap_or_else(|| panic!("{role_kind} {role_name} is bound but not rendered"));
+        let cluster_wide = b["kind"] == "ClusterRoleBinding";
+        if !cluster_wide && b["metadata"]["namespace"] != namespace {
+            continue;
+        }
+        for rule in role["rules"].as_array().unwrap() {
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    for v in strings(&rule["verbs"]) {
+                        let scopes: &[bool] = if cluster_wide {
+                            &[false, true]
+                        } else {
+                            &[true]
+                        };
+                        for &namespaced in scopes {
+                            out.push((namespaced, g.to_string(), r.to_string(), v.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What `sidecar` (an entry of tests/data/sidecars.yaml) lacks in the
+/// rendered `docs`, in words; empty when the chart gives it everything.
+fn lacks(docs: &[Value], sidecar: &Value) -> Vec<String> {
+    let name = sidecar["container"].as_str().unwrap();
+    let mut out = Vec::new();
+    let mut found = 0;
+    for w in workloads(docs) {
+        let namespace = w["metadata"]["namespace"].as_str().unwrap();
+        let account = w["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default");
+        for c in containers(w).iter().filter(|c| c["name"] == name) {
+            found += 1;
+            let at = format!("{} {}", w["metadata"]["name"], name);
+            if c["image"] != sidecar["image"] {
+                out.push(format!(
+                    "{at}: image {} but tests/data/sidecars.yaml describes {}",
+                    c["image"], sidecar["image"]
+                ));
+            }
+            let args = strings(&c["args"]);
+            let on = |when: &Value| {
+                when.as_str().is_none_or(|f| {
+                    args.iter()
+                        .any(|a| *a == f || a.starts_with(&format!("{f}=")))
+                })
+            };
+            let env: Vec<&str> = c["env"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|v| v["name"].as_str()).collect())
+                .unwrap_or_default();
+            for e in sidecar["env"].as_array().unwrap() {
+                let var = e["name"].as_str().unwrap();
+                if on(&e["when"]) && !env.contains(&var) {
+                    out.push(format!("{at}: no env {var}"));
+                }
+            }
+            // Every $(VAR) an argument names is defined.
+            for a in &args {
+                let mut rest = *a;
+                while let Some(i) = rest.find("$(") {
+                    let end = rest[i..].find(')').unwrap() + i;
+                    let var = &rest[i + 2..end];
+                    if !env.contains(&var) {
+                        out.push(format!("{at}: argument {a} names undefined {var}"));
+                    }
+                    rest = &rest[end..];
+                }
+            }
+            let granted = grants(docs, account, namespace);
+            for (key, namespaced) in [("clusterRules", false), ("namespacedRules", true)] {
+                for rule in sidecar[key].as_array().unwrap() {
+                    if !on(&rule["when"]) {
+                        continue;
+                    }
+                    let (g, r) = (
+                        rule["apiGroup"].as_str().unwrap(),
+                        rule["resource"].as_str().unwrap(),
+                    );
+                    for v in strings(&rule["verbs"]) {
+                        let have = granted.iter().any(|(n, gg, rr, vv)| {
+                            *n == namespaced
+                                && gg == g
+                                && (rr == r || rr == "*")
+                                && (vv == v || vv == "*")
+                        });
+                        if !have {
+                            let scope = if namespaced {
+                                "in its namespace"
+                            } else {
+                                "cluster-wide"
+                            };
+                            out.push(format!(
+                                "{at}: ServiceAccount {account} may not {v} {g}/{r} {scope}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if found == 0 {
+        out.push(format!("no container {name} in any workload"));
+    }
+    out
+}
+
+fn sidecar_facts() -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sidecars.yaml");
+    yaml_docs(&std::fs::read_to_string(&path).unwrap(), &path)
+        .remove(0)
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The chart as the real sidecars would run it cannot fail at start for a
+/// missing env var or RBAC rule: every fact of tests/data/sidecars.yaml
+/// holds, with and without capacity. And the check can fail: a render
+/// without the resizer's cluster-wide pod watch, or without the
+/// provisioner's NAMESPACE, is caught.
+#[test]
+fn sidecars_get_the_env_and_rbac_their_upstream_files_name() {
+    if common::require_tools(&["helm"]).is_err() {
+        return;
+    }
+    let facts = sidecar_facts();
+    assert_eq!(facts.len(), 5);
+    for set in [
+        &[][..],
+        &["controller.enableCapacity=false", "controller.replicas=3"],
+    ] {
+        let docs = yaml_docs(&helm_template(set), Path::new("helm template"));
+        for sidecar in &facts {
+            let missing = lacks(&docs, sidecar);
+            assert!(missing.is_empty(), "{set:?}:\n{}", missing.join("\n"));
+        }
+    }
+
+    let docs = yaml_docs(&helm_template(&[]), Path::new("helm template"));
+    // The provisioner's capacity objects are owned two levels up from its
+    // pod: that is a Deployment's pod (pod -> ReplicaSet -> Deployment).
+    let controller = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let args = strings(&container(controller, "csi-provisioner")["args"]);
+    assert!(args.contains(&"--capacity-ownerref-level=2"), "{args:?}");
+
+    let mut broken = docs.clone();
+    for d in broken.iter_mut().filter(|d| d["kind"] == "ClusterRole") {
+        let rules = d["rules"].as_array_mut().unwrap();
+        rules.retain(|r| !strings(&r["resources"]).contains(&"pods"));
+    }
+    let resizer = facts
+        .iter()
+        .find(|f| f["container"] == "csi-resizer")
+        .unwrap();
+    let missing = lacks(&broken, resizer);
+    assert!(
+        missing
+            .iter()
+            .any(|m| m.contains("may not watch /pods cluster-wide")),
+        "{missing:?}"
+    );
+    let mut broken = docs.clone();
+    for d in broken.iter_mut().filter(|d| d["kind"] == "Deployment") {
+        for c in d["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if let Some(env) = c["env"].as_array_mut() {
+                env.retain(|e| e["name"] != "NAMESPACE");
+            }
+        }
+    }
+    let provisioner = facts
+        .iter()
+        .find(|f| f["container"] == "csi-provisioner")
+        .unwrap();
+    assert!(
+        lacks(&broken, provisioner)
+            .iter()
+            .any(|m| m.contains("no env NAMESPACE"))
+    );
+}
+
+/// What a production chart needs beyond starting: probes that fit the
+/// sidecars' timeouts and a slow start, priorities, requests, a budget
+/// for several controllers, network policies, metrics Services that match
+/// their pods, the fd holder outliving node plugin rollouts, the
+/// provisioner's fstype key, and `helm template` with no --kube-version.
+#[test]
+fn chart_is_ready_for_production() {
+    if common::require_tools(&["helm"]).is_err() {
+        return;
+    }
+    // helm_template passes no --kube-version: Helm's default must pass
+    // the chart's kubeVersion.
+    let docs = yaml_docs(&helm_template(&[]), Path::new("helm template"));
+    let find = |kind: &str, component: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == kind
+                    && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+            })
+            .unwrap_or_else(|| panic!("no {kind} {component}"))
+    };
+    let node = find("DaemonSet", "node");
+    let controller = find("Deployment", "controller");
+    let holder = find("DaemonSet", "fuse-holder");
+
+    // Probes: kubelet's timeout above the sidecar's --probe-timeout, and a
+    // startup allowance of minutes for serving staged volumes again.
+    for (w, main) in [(node, "strata"), (controller, "strata")] {
+        let probe_timeout: u64 = strings(&container(w, "liveness-probe")["args"])
+            .iter()
+            .find_map(|a| a.strip_prefix("--probe-timeout="))
+            .and_then(|t| t.strip_suffix('s'))
+            .expect("--probe-timeout=Ns")
+            .parse()
+            .unwrap();
+        let live = &container(w, main)["livenessProbe"];
+        let timeout = live["timeoutSeconds"].as_u64().unwrap();
+        assert!(timeout >= 3 && timeout > probe_timeout, "{live}");
+    }
+    let startup = &container(node, "strata")["startupProbe"];
+    let allowance =
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(allowance >= 300, "{startup}");
+    let registrar = container(node, "node-driver-registrar");
+    let endpoint = strings(&registrar["args"])
+        .iter()
+        .find_map(|a| a.strip_prefix("--http-endpoint=:"))
+        .expect("the registrar serves /healthz")
+        .to_string();
+    assert_eq!(registrar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(registrar["ports"][0]["containerPort"].to_string(), endpoint);
+
+    // Ports are unique within each pod.
+    for w in workloads(&docs) {
+        let mut ports: Vec<u64> = containers(w)
+            .iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["containerPort"].as_u64().unwrap())
+            .collect();
+        let n = ports.len();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "{}", w["metadata"]["name"]);
+    }
+
+    // Priorities and requests.
+    for (w, class) in [
+        (node, "system-node-critical"),
+        (holder, "system-node-critical"),
+        (controller, "system-cluster-critical"),
+    ] {
+        assert_eq!(w["spec"]["template"]["spec"]["priorityClassName"], class);
+        for c in containers(w) {
+            let requests = &c["resources"]["requests"];
+            assert!(
+                requests["cpu"].is_string() && requests["memory"].is_string(),
+                "{} {} has no requests",
+                w["metadata"]["name"],
+                c["name"]
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_null(),
+                "no memory limits on the data path"
+            );
+        }
+    }
+
+    // The fd holder: its own DaemonSet, never rolled by an upgrade, on the
+    // socket the node plugin looks for, which waits for it.
+    assert_eq!(holder["spec"]["updateStrategy"]["type"], "OnDelete");
+    assert_eq!(node["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert!(containers(node).iter().all(|c| c["name"] != "fuse-holder"));
+    let node_args = strings(&container(node, "strata")["args"]);
+    assert!(
+        node_args.contains(&"--fuse-holder=external"),
+        "{node_args:?}"
+    );
+    let state = node_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir="))
+        .unwrap();
+    let holder_args = strings(&container(holder, "fuse-holder")["args"]);
+    assert!(
+        holder_args.contains(&format!("--socket={state}/fuse-holder.sock").as_str()),
+        "{holder_args:?}"
+    );
+    assert!(holder_args.contains(&"--idle-seconds=0"));
+
+    // No budget for one controller; one that keeps one for several.
+    assert!(!docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
+    let three = yaml_docs(
+        &helm_template(&["controller.replicas=3"]),
+        Path::new("helm template"),
+    );
+    let pdb = three
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .unwrap();
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "controller"
+    );
+
+    // NetworkPolicies: the agent and peer ports only from Strata's pods.
+    for (w, port) in [(node, 9809), (controller, 9812)] {
+        let component = &w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"];
+        let policy = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "NetworkPolicy"
+                    && d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                        == *component
+            })
+            .unwrap_or_else(|| panic!("no NetworkPolicy for {component}"));
+        let rule = policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"][0]["port"] == port)
+            .unwrap();
+        let from = serde_json::to_string(&rule["from"]).unwrap();
+        assert!(
+            from.contains("\"strata\"") && from.contains("controller"),
+            "{from}"
+        );
+    }
+    assert!(
+        yaml_docs(
+            &helm_template(&["networkPolicy.enabled=false"]),
+            Path::new("helm template")
+        )
+        .iter()
+        .all(|d| d["kind"] != "NetworkPolicy")
+    );
+
+    // Each metrics Service selects exactly the pods that serve its port.
+    let services: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+    assert_eq!(services.len(), 2);
+    for svc in services {
+        let selector = svc["spec"]["selector"].as_object().unwrap();
+        let port = svc["spec"]["ports"][0]["targetPort"].as_u64().unwrap();
+        let selected: Vec<&Value> = workloads(&docs)
+            .filter(|w| {
+                let labels = &w["spec"]["template"]["metadata"]["labels"];
+                selector.iter().all(|(k, v)| &labels[k] == v)
+            })
+            .collect();
+        assert_eq!(selected.len(), 1, "{}", svc["metadata"]["name"]);
+        let serves = containers(selected[0]).iter().any(|c| {
+            c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["containerPort"] == port)
+        });
+        assert!(
+            serves,
+            "{} selects pods without port {port}",
+            svc["metadata"]["name"]
+        );
+    }
+
+    // The StorageClass names the filesystem the way the provisioner reads
+    // it, and only that way.
+    let class = docs.iter().find(|d| d["kind"] == "StorageClass").unwrap();
+    let params = class["parameters"].as_object().unwrap();
+    assert_eq!(params["csi.storage.k8s.io/fstype"], "ext4");
+    assert!(
+        !params.keys().any(|k| k.eq_ignore_ascii_case("fstype")),
+        "{params:?}"
+    );
+}
+
+/// testdriver.yaml claims only what the code backs: its smallest size
+/// holds XFS, its largest fits a layer file on ext4 (a real ext4 image,
+/// so root), the StorageClass comes from the driver name (as for
+/// csi-driver-host-path), and the runner passes -kubeconfig.
+#[test]
+fn testdriver_claims_what_the_code_backs() {
+    let text = std::fs::read_to_string(root().join("e2e/kind/testdriver.yaml")).unwrap();
+    let d = yaml_docs(&text, Path::new("testdriver.yaml")).remove(0);
+    assert_eq!(d["StorageClass"]["FromName"], true);
+    assert_eq!(d["SnapshotClass"]["FromName"], true);
+    let size = |v: &Value| strata::cli::size::parse(v.as_str().unwrap()).unwrap();
+    let range = &d["DriverInfo"]["SupportedSizeRange"];
+    let (min, max) = (size(&range["Min"]), size(&range["Max"]));
+    for (fs, _) in strata::node::mount::FILESYSTEMS {
+        let need = strata::node::mount::min_size(fs).unwrap();
+        assert!(min >= need, "Min {min} is below what {fs} needs ({need})");
+        assert!(d["DriverInfo"]["SupportedFsType"][fs].is_object());
+    }
+    let run = std::fs::read_to_string(root().join("e2e/kind/run")).unwrap();
+    assert!(
+        run.contains("-kubeconfig"),
+        "e2e/kind/run passes no -kubeconfig to e2e.test"
+    );
+
+    if common::require(common::is_root(), "needs root for an ext4 loop image").is_err() {
+        return;
+    }
+    // 4 KiB blocks, as on any real pool (a small image would get 1 KiB).
+    let fs = common::LoopFs::new(&["mkfs.ext4", "-q", "-F", "-b", "4096"], 64).unwrap();
+    let pool = strata::engine::Pool::open(&fs.path().join("pool"), Default::default()).unwrap();
+    let v = pool
+        .create_volume(max)
+        .unwrap_or_else(|e| panic!("Max {max} on ext4: {e}"));
+    pool.delete_volume(v.id).unwrap();
 }

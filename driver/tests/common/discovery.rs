@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
-use k8s_openapi::api::{apps, core, rbac, storage};
+use k8s_openapi::api::{apps, core, networking, policy, rbac, storage};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::{NamespaceResourceScope, Resource};
 use serde_json::{Value, json};
@@ -57,6 +57,8 @@ pub fn builtins() -> Vec<Kind> {
         builtin::<rbac::v1::RoleBinding>(),
         builtin::<storage::v1::CSIDriver>(),
         builtin::<storage::v1::StorageClass>(),
+        builtin::<policy::v1::PodDisruptionBudget>(),
+        builtin::<networking::v1::NetworkPolicy>(),
         builtin::<CustomResourceDefinition>(),
     ]
 }
