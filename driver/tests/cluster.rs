@@ -307,6 +307,36 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(ctl.metrics().contains("strata_nodes{state=\"stale\"} 1"));
+    // ListVolumes still lists n2's volumes, marked abnormal with the
+    // reason; n1's are healthy.
+    let listed = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for e in &listed.entries {
+        let v = e.volume.as_ref().unwrap();
+        let condition = e
+            .status
+            .as_ref()
+            .unwrap()
+            .volume_condition
+            .as_ref()
+            .unwrap();
+        match node_of(v).as_str() {
+            "n2" => assert!(
+                condition.abnormal && condition.message.contains("n2"),
+                "{condition:?}"
+            ),
+            _ => assert!(!condition.abnormal, "{condition:?}"),
+        }
+    }
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| node_of(e.volume.as_ref().unwrap()) == "n2")
+    );
     // Volumes on n1 are not affected.
     cc.controller_get_volume(ControllerGetVolumeRequest {
         volume_id: pref1.volume_id.clone(),
