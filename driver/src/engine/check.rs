@@ -9,11 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::catalog::{CATALOG_FILE, Catalog, LayerRecord, SnapshotState};
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, CHUNK_BLOCKS};
 use super::ids::{FamilyId, LayerId, VolumeId};
+use super::io::{Entry, Fs, RealFs};
 use super::journal::{JOURNAL_DIR, JournalFile, journal_path};
 use super::layer::{LAYERS_DIR, layer_path};
 use super::pool::lock_pool;
@@ -65,16 +67,38 @@ impl CheckReport {
 
 /// Checks the pool in `dir`; with `repair`, removes orphans afterwards.
 pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
-    if !dir.join(CATALOG_FILE).is_file() {
+    check_pool_on(&RealFs::shared(), dir, repair)
+}
+
+/// [`check_pool`] on the filesystem `fs`.
+pub fn check_pool_on(fs: &Arc<dyn Fs>, dir: &Path, repair: bool) -> Result<CheckReport> {
+    let exists = |p: &Path| -> Result<Option<Entry>> {
+        fs.entry(p)
+            .map_err(|e| super::error::io_error("look at", p, e))
+    };
+    if exists(&dir.join(CATALOG_FILE))? != Some(Entry::File) {
         return Err(Error::NotAPool {
             path: dir.into(),
             why: format!("no {CATALOG_FILE}"),
         });
     }
-    let _lock = lock_pool(dir)?;
-    let catalog = Catalog::open(dir, false, true)?;
+    let _lock = lock_pool(&**fs, dir)?;
+    let catalog = Catalog::open(fs, dir, false, true)?;
     let mut report = CheckReport::default();
     let txn = catalog.read()?;
+    // What failures lost, as the engine recorded it.
+    for (v, f) in txn.faults()? {
+        let what = match f.kind {
+            super::catalog::FaultKind::DataLost => format!(
+                "volume {v} lost data: {}; it refuses writes until `strata volume acknowledge-loss {v}`",
+                f.message
+            ),
+            super::catalog::FaultKind::UnflushedLost => {
+                format!("volume {v}: {}; its next flush reports it", f.message)
+            }
+        };
+        report.damage(what);
+    }
     let volumes = txn.volumes()?;
     let layers: HashMap<LayerId, LayerRecord> =
         txn.layers()?.into_iter().map(|l| (l.id, l)).collect();
@@ -189,7 +213,7 @@ pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
                 }
             }
         }
-        if !layer_path(dir, l.id).exists() {
+        if exists(&layer_path(dir, l.id))?.is_none() {
             report.damage(format!(
                 "layer {}: its data file {} is missing",
                 l.id,
@@ -247,14 +271,14 @@ pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
     // Journals.
     let volume_ids: HashSet<VolumeId> = volumes.iter().map(|v| v.id).collect();
     for v in &volumes {
-        if !journal_path(dir, v.id).exists() {
+        if exists(&journal_path(dir, v.id))?.is_none() {
             report.notes.push(format!(
                 "volume {} has no journal; the next open creates one",
                 v.id
             ));
             continue;
         }
-        match JournalFile::inspect(dir, v.id) {
+        match JournalFile::inspect(&**fs, dir, v.id) {
             Ok(replay) => {
                 let pending = replay
                     .batches
@@ -282,12 +306,12 @@ pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
     // Files nothing refers to.
     let mut orphan_files = Vec::new();
     for (sub, ext) in [(LAYERS_DIR, ".data"), (JOURNAL_DIR, ".wal")] {
-        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+        let Ok(entries) = fs.read_dir(&dir.join(sub)) else {
             report.damage(format!("the pool has no {sub}/ directory"));
             continue;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for entry in entries {
+            let name = entry.to_string_lossy().into_owned();
             // A volume's unflushed log sits next to its journal.
             let volume_file = name.strip_suffix(ext).or_else(|| {
                 (sub == JOURNAL_DIR)
@@ -305,14 +329,14 @@ pub fn check_pool(dir: &Path, repair: bool) -> Result<CheckReport> {
             };
             if !known {
                 report.orphan(format!("{sub}/{name} belongs to no volume or layer"));
-                orphan_files.push(entry.path());
+                orphan_files.push(dir.join(sub).join(&name));
             }
         }
     }
 
     if repair {
         for path in orphan_files {
-            match std::fs::remove_file(&path) {
+            match fs.remove_file(&path) {
                 Ok(()) => report.repaired.push(format!("removed {}", path.display())),
                 Err(e) => report.damage(format!("could not remove {}: {e}", path.display())),
             }

@@ -72,6 +72,43 @@ pub enum Error {
          the data since the last completed flush is not intact"
     )]
     UnflushedLost(VolumeId),
+    /// A write-back of the volume's data failed. Linux then marks the data
+    /// clean in the page cache, so no retry can make it durable: the
+    /// volume refuses writes and flushes until an operator acknowledges
+    /// the loss.
+    #[error(
+        "volume {volume} lost data: {why}. Linux drops data whose write-back failed, so what was \
+         acknowledged since the last good flush may be gone; the volume refuses writes and \
+         flushes until `strata volume acknowledge-loss {volume}` (check the data first, e.g. \
+         fsck a filesystem on it)"
+    )]
+    DataLost {
+        /// The volume.
+        volume: VolumeId,
+        /// What failed, and when.
+        why: String,
+    },
+    /// The state directory (a tmpfs) cannot hold a volume's log of
+    /// unflushed writes.
+    #[error(
+        "volume {volume}: the state directory {dir} has no room for its {bytes}-byte log of \
+         unflushed writes; free space there (or give it more) and try again"
+    )]
+    StateDirFull {
+        /// The volume.
+        volume: VolumeId,
+        /// Where the logs live.
+        dir: PathBuf,
+        /// What one log needs.
+        bytes: u64,
+    },
+    /// A pool whose catalog is gone.
+    #[error(
+        "the pool at {0} has layer files or journals but no catalog.redb: its catalog is lost. \
+         Strata will not make a new one (every layer would then be an orphan to delete); restore \
+         catalog.redb from a backup, or move the directory away to start an empty pool"
+    )]
+    CatalogMissing(PathBuf),
     /// Volumes only grow.
     #[error("cannot shrink a volume from {from} to {to} bytes: volumes only grow")]
     ShrinkRefused {
@@ -186,12 +223,16 @@ impl Error {
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
-            Error::NoSpace { .. } => ErrorKind::NoSpace,
+            Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,
             Error::PoolLocked(_) => ErrorKind::Busy,
-            Error::FormatTooNew { .. } | Error::NotAPool { .. } | Error::Corrupt(_) => {
-                ErrorKind::Corrupt
-            }
-            Error::Io { .. } | Error::Catalog { .. } | Error::UnflushedLost(_) => ErrorKind::Io,
+            Error::FormatTooNew { .. }
+            | Error::NotAPool { .. }
+            | Error::Corrupt(_)
+            | Error::CatalogMissing(_) => ErrorKind::Corrupt,
+            Error::Io { .. }
+            | Error::Catalog { .. }
+            | Error::UnflushedLost(_)
+            | Error::DataLost { .. } => ErrorKind::Io,
         }
     }
 
@@ -212,7 +253,7 @@ impl Error {
     }
 }
 
-fn is_no_space(e: &io::Error) -> bool {
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
         || e.kind() == io::ErrorKind::StorageFull
 }

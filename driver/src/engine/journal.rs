@@ -31,13 +31,12 @@
 //! seq and the records. Replay stops at the first batch that is short, has
 //! a bad magic or CRC, or breaks the sequence, and truncates the file there.
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::error::{Error, Result, io_error};
 use super::ids::{LayerId, VolumeId};
+use super::io::{File, Fs, Open, read_all};
 use super::layer::sync_dir;
 use super::presence::BlockState;
 
@@ -112,11 +111,16 @@ pub(crate) struct Replay {
 /// An open journal file, positioned for appending.
 #[derive(Debug)]
 pub(crate) struct JournalFile {
+    fs: Arc<dyn Fs>,
     path: PathBuf,
     file: File,
     len: u64,
     last_seq: u64,
     sync: bool,
+    /// The file was renamed into place but the directory fsync that makes
+    /// its name durable failed: the next append does it first (a batch in
+    /// a file whose name a power cut can take back is not durable).
+    name_pending: bool,
 }
 
 fn header(volume: VolumeId, base_seq: u64) -> Vec<u8> {
@@ -135,16 +139,20 @@ fn header(volume: VolumeId, base_seq: u64) -> Vec<u8> {
 impl JournalFile {
     /// Writes a new, empty journal for `volume` whose first batch will be
     /// `base_seq + 1`, replacing any existing one atomically (write a
-    /// temporary file, fsync, rename, fsync the directory).
-    pub(crate) fn create(pool: &Path, volume: VolumeId, base_seq: u64, sync: bool) -> Result<Self> {
+    /// temporary file, fsync, rename, fsync the directory). If only the
+    /// directory fsync fails, the new journal is in place and returned: its
+    /// first append makes its name durable before anything else.
+    pub(crate) fn create(
+        fs: &Arc<dyn Fs>,
+        pool: &Path,
+        volume: VolumeId,
+        base_seq: u64,
+        sync: bool,
+    ) -> Result<Self> {
         let path = journal_path(pool, volume);
         let tmp = path.with_extension("wal.tmp");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
+        let file = fs
+            .open(&tmp, Open::Truncate)
             .map_err(|e| io_error("create journal", &tmp, e))?;
         file.write_all_at(&header(volume, base_seq), 0)
             .map_err(|e| io_error("write journal header", &tmp, e))?;
@@ -152,31 +160,45 @@ impl JournalFile {
             file.sync_all()
                 .map_err(|e| io_error("sync journal", &tmp, e))?;
         }
-        std::fs::rename(&tmp, &path).map_err(|e| io_error("install journal", &path, e))?;
-        if sync {
-            sync_dir(&pool.join(JOURNAL_DIR))?;
-        }
-        Ok(JournalFile {
+        fs.rename(&tmp, &path)
+            .map_err(|e| io_error("install journal", &path, e))?;
+        let mut journal = JournalFile {
+            fs: Arc::clone(fs),
             path,
             file,
             len: HEADER_LEN,
             last_seq: base_seq,
             sync,
-        })
+            name_pending: sync,
+        };
+        if let Err(e) = journal.make_name_durable() {
+            tracing::warn!(error = %e, "journal installed; its directory entry is made durable at the first append");
+        }
+        Ok(journal)
+    }
+
+    fn make_name_durable(&mut self) -> Result<()> {
+        if self.name_pending {
+            let dir = self.path.parent().expect("a journal is in a directory");
+            sync_dir(&*self.fs, dir)?;
+            self.name_pending = false;
+        }
+        Ok(())
     }
 
     /// Opens the journal of `volume`, returns the valid batches in it and
     /// cuts off any torn tail.
-    pub(crate) fn open(pool: &Path, volume: VolumeId, sync: bool) -> Result<(Self, Replay)> {
+    pub(crate) fn open(
+        fs: &Arc<dyn Fs>,
+        pool: &Path,
+        volume: VolumeId,
+        sync: bool,
+    ) -> Result<(Self, Replay)> {
         let path = journal_path(pool, volume);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = fs
+            .open(&path, Open::ReadWrite)
             .map_err(|e| io_error("open journal", &path, e))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| io_error("read journal", &path, e))?;
+        let bytes = read_all(&*file).map_err(|e| io_error("read journal", &path, e))?;
         let (replay, valid, last_seq) = parse(&bytes, volume, &path)?;
         if replay.truncated_bytes > 0 {
             file.set_len(valid)
@@ -188,20 +210,25 @@ impl JournalFile {
         }
         Ok((
             JournalFile {
+                fs: Arc::clone(fs),
                 path,
                 file,
                 len: valid,
                 last_seq,
                 sync,
+                name_pending: false,
             },
             replay,
         ))
     }
 
     /// Reads the journal of `volume` without changing it (for checks).
-    pub(crate) fn inspect(pool: &Path, volume: VolumeId) -> Result<Replay> {
+    pub(crate) fn inspect(fs: &dyn Fs, pool: &Path, volume: VolumeId) -> Result<Replay> {
         let path = journal_path(pool, volume);
-        let bytes = std::fs::read(&path).map_err(|e| io_error("read journal", &path, e))?;
+        let bytes = fs
+            .open(&path, Open::Read)
+            .and_then(|f| read_all(&*f))
+            .map_err(|e| io_error("read journal", &path, e))?;
         parse(&bytes, volume, &path).map(|(replay, _, _)| replay)
     }
 
@@ -219,6 +246,7 @@ impl JournalFile {
     /// back to its previous length, so a failed append never leaves
     /// garbage that would hide later batches.
     pub(crate) fn append(&mut self, records: &[Record]) -> Result<u64> {
+        self.make_name_durable()?;
         let seq = self.last_seq + 1;
         let mut body = Vec::with_capacity(records.len() * RECORD_LEN);
         for r in records {
@@ -320,6 +348,12 @@ fn parse_batch(b: &[u8]) -> Option<(u64, Vec<Record>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::io::RealFs;
+    use std::os::unix::fs::FileExt;
+
+    fn fs() -> Arc<dyn Fs> {
+        RealFs::shared()
+    }
 
     fn rec(start: u64) -> Record {
         Record {
@@ -340,10 +374,10 @@ mod tests {
     fn batches_replay_in_order() {
         let dir = pool();
         let v = VolumeId(1);
-        let mut j = JournalFile::create(dir.path(), v, 10, true).unwrap();
+        let mut j = JournalFile::create(&fs(), dir.path(), v, 10, true).unwrap();
         assert_eq!(j.append(&[rec(1), rec(5)]).unwrap(), 11);
         assert_eq!(j.append(&[rec(7)]).unwrap(), 12);
-        let (j2, replay) = JournalFile::open(dir.path(), v, true).unwrap();
+        let (j2, replay) = JournalFile::open(&fs(), dir.path(), v, true).unwrap();
         assert_eq!(
             replay.batches,
             vec![(11, vec![rec(1), rec(5)]), (12, vec![rec(7)])]
@@ -355,7 +389,7 @@ mod tests {
     fn torn_tail_is_cut_and_appends_continue_after_it() {
         let dir = pool();
         let v = VolumeId(1);
-        let mut j = JournalFile::create(dir.path(), v, 0, true).unwrap();
+        let mut j = JournalFile::create(&fs(), dir.path(), v, 0, true).unwrap();
         j.append(&[rec(1)]).unwrap();
         let good = j.len();
         j.append(&[rec(2), rec(3)]).unwrap();
@@ -367,11 +401,11 @@ mod tests {
             .unwrap()
             .set_len(good + 30)
             .unwrap();
-        let (mut j, replay) = JournalFile::open(dir.path(), v, true).unwrap();
+        let (mut j, replay) = JournalFile::open(&fs(), dir.path(), v, true).unwrap();
         assert_eq!(replay.batches, vec![(1, vec![rec(1)])]);
         assert_eq!(replay.truncated_bytes, 30);
         j.append(&[rec(4)]).unwrap();
-        let (_, replay) = JournalFile::open(dir.path(), v, true).unwrap();
+        let (_, replay) = JournalFile::open(&fs(), dir.path(), v, true).unwrap();
         assert_eq!(replay.batches, vec![(1, vec![rec(1)]), (2, vec![rec(4)])]);
     }
 
@@ -379,26 +413,26 @@ mod tests {
     fn corrupted_batch_stops_replay() {
         let dir = pool();
         let v = VolumeId(1);
-        let mut j = JournalFile::create(dir.path(), v, 0, true).unwrap();
+        let mut j = JournalFile::create(&fs(), dir.path(), v, 0, true).unwrap();
         j.append(&[rec(1)]).unwrap();
         j.append(&[rec(2)]).unwrap();
         let path = journal_path(dir.path(), v);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], HEADER_LEN + 24 + 32 + 30).unwrap();
-        let (_, replay) = JournalFile::open(dir.path(), v, true).unwrap();
+        let (_, replay) = JournalFile::open(&fs(), dir.path(), v, true).unwrap();
         assert_eq!(replay.batches.len(), 1);
     }
 
     #[test]
     fn journal_of_another_volume_is_refused() {
         let dir = pool();
-        JournalFile::create(dir.path(), VolumeId(1), 0, true).unwrap();
+        JournalFile::create(&fs(), dir.path(), VolumeId(1), 0, true).unwrap();
         std::fs::rename(
             journal_path(dir.path(), VolumeId(1)),
             journal_path(dir.path(), VolumeId(2)),
         )
         .unwrap();
-        assert!(JournalFile::open(dir.path(), VolumeId(2), true).is_err());
+        assert!(JournalFile::open(&fs(), dir.path(), VolumeId(2), true).is_err());
     }
 
     #[test]

@@ -14,16 +14,14 @@
 //! descriptor never breaks a request that is using it.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::error::{Result, io_error};
 use super::ids::LayerId;
-use super::sys;
+use super::io::{Fallocated, File, Fs, Open, read_full};
 
 /// Directory of layer files inside a pool.
 pub(crate) const LAYERS_DIR: &str = "layers";
@@ -35,25 +33,33 @@ pub(crate) fn layer_path(pool: &Path, id: LayerId) -> PathBuf {
 
 /// Creates an empty sparse layer file of `size` bytes and makes its
 /// existence durable (file and directory fsync) unless `sync` is false.
-pub(crate) fn create_layer_file(pool: &Path, id: LayerId, size: u64, sync: bool) -> Result<()> {
+pub(crate) fn create_layer_file(
+    fs: &dyn Fs,
+    pool: &Path,
+    id: LayerId,
+    size: u64,
+    sync: bool,
+) -> Result<()> {
     let path = layer_path(pool, id);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
+    let file = fs
+        .open(&path, Open::CreateNew)
         .map_err(|e| io_error("create layer file", &path, e))?;
-    if let Err(e) = file.set_len(size) {
+    let made = file
+        .set_len(size)
+        .map_err(|e| too_large_or(e, size, &path, "size layer file"))
+        .and_then(|()| {
+            if sync {
+                file.sync_all()
+                    .map_err(|e| io_error("sync layer file", &path, e))?;
+                sync_dir(fs, &pool.join(LAYERS_DIR))?;
+            }
+            Ok(())
+        });
+    if made.is_err() {
         drop(file);
-        remove_quietly(&path);
-        return Err(too_large_or(e, size, &path, "size layer file"));
+        remove_quietly(fs, &path);
     }
-    if sync {
-        file.sync_all()
-            .map_err(|e| io_error("sync layer file", &path, e))?;
-        sync_dir(&pool.join(LAYERS_DIR))?;
-    }
-    Ok(())
+    made
 }
 
 /// EFBIG (the filesystem's file size limit) as its own error; others as
@@ -70,8 +76,8 @@ fn too_large_or(e: io::Error, size: u64, path: &Path, op: &'static str) -> super
 
 /// Removes a file that may already be gone; other failures are logged (a
 /// leftover file is an orphan that the next open removes).
-pub(crate) fn remove_quietly(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
+pub(crate) fn remove_quietly(fs: &dyn Fs, path: &Path) {
+    if let Err(e) = fs.remove_file(path)
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(path = %path.display(), error = %e, "could not remove file");
@@ -79,9 +85,8 @@ pub(crate) fn remove_quietly(path: &Path) {
 }
 
 /// fsyncs a directory so that entries created or removed in it persist.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub(crate) fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
         .map_err(|e| io_error("sync directory", dir, e))
 }
 
@@ -137,7 +142,8 @@ pub(crate) struct Layer {
     pub(crate) id: LayerId,
     pub(crate) slot: u16,
     path: PathBuf,
-    file: RwLock<Option<Arc<File>>>,
+    fs: Arc<dyn Fs>,
+    file: RwLock<Option<File>>,
     used: AtomicBool,
     removed: AtomicBool,
     fds: Arc<FdCache>,
@@ -150,11 +156,18 @@ pub(crate) struct Layer {
 }
 
 impl Layer {
-    pub(crate) fn new(pool: &Path, id: LayerId, slot: u16, fds: Arc<FdCache>) -> Self {
+    pub(crate) fn new(
+        fs: Arc<dyn Fs>,
+        pool: &Path,
+        id: LayerId,
+        slot: u16,
+        fds: Arc<FdCache>,
+    ) -> Self {
         Layer {
             id,
             slot,
             path: layer_path(pool, id),
+            fs,
             file: RwLock::new(None),
             used: AtomicBool::new(false),
             removed: AtomicBool::new(false),
@@ -164,7 +177,7 @@ impl Layer {
     }
 
     /// The open file, opening it if needed.
-    pub(crate) fn file(self: &Arc<Self>) -> Result<Arc<File>> {
+    pub(crate) fn file(self: &Arc<Self>) -> Result<File> {
         self.used.store(true, Ordering::Relaxed);
         if let Some(f) = &*self.file.read().expect("layer fd lock") {
             return Ok(Arc::clone(f));
@@ -173,12 +186,10 @@ impl Layer {
         if let Some(f) = &*slot {
             return Ok(Arc::clone(f));
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
+        let f = self
+            .fs
+            .open(&self.path, Open::ReadWrite)
             .map_err(|e| io_error("open layer file", &self.path, e))?;
-        let f = Arc::new(f);
         *slot = Some(Arc::clone(&f));
         drop(slot);
         self.fds.opened(self);
@@ -195,23 +206,8 @@ impl Layer {
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file
     /// read as zeros.
-    pub(crate) fn read_at(self: &Arc<Self>, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
-        let f = self.file()?;
-        while !buf.is_empty() {
-            match f.read_at(buf, offset) {
-                Ok(0) => {
-                    buf.fill(0);
-                    break;
-                }
-                Ok(n) => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("read layer", &self.path, e)),
-            }
-        }
-        Ok(())
+    pub(crate) fn read_at(self: &Arc<Self>, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_full(&*self.file()?, buf, offset).map_err(|e| io_error("read layer", &self.path, e))
     }
 
     pub(crate) fn write_at(self: &Arc<Self>, buf: &[u8], offset: u64) -> Result<()> {
@@ -247,7 +243,7 @@ impl Layer {
     pub(crate) fn punch(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let file = self.file()?;
         let _writing = self.writing.lock().expect("layer write lock");
-        sys::punch_hole(&file, offset, len)
+        file.punch_hole(offset, len)
             .map(drop)
             .map_err(|e| io_error("punch hole in layer", &self.path, e))
     }
@@ -256,9 +252,9 @@ impl Layer {
     pub(crate) fn zero_allocated(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let f = self.file()?;
         let _writing = self.writing.lock().expect("layer write lock");
-        match sys::zero_range(&f, offset, len) {
-            Ok(sys::Fallocated::Done) => Ok(()),
-            Ok(sys::Fallocated::Unsupported) => {
+        match f.zero_range(offset, len) {
+            Ok(Fallocated::Done) => Ok(()),
+            Ok(Fallocated::Unsupported) => {
                 let zeros = vec![0u8; len.min(1 << 20) as usize];
                 let mut done = 0;
                 while done < len {
@@ -298,7 +294,7 @@ impl Drop for Layer {
             self.fds.open.fetch_sub(1, Ordering::Relaxed);
         }
         if self.removed.load(Ordering::Acquire) {
-            remove_quietly(&self.path);
+            remove_quietly(&*self.fs, &self.path);
         }
     }
 }
@@ -306,6 +302,7 @@ impl Drop for Layer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::io::RealFs;
 
     #[test]
     fn fd_cache_keeps_descriptors_bounded() {
@@ -315,8 +312,14 @@ mod tests {
         let layers: Vec<Arc<Layer>> = (0..100)
             .map(|i| {
                 let id = LayerId(i);
-                create_layer_file(dir.path(), id, 8192, false).unwrap();
-                Arc::new(Layer::new(dir.path(), id, 2, Arc::clone(&fds)))
+                create_layer_file(&RealFs, dir.path(), id, 8192, false).unwrap();
+                Arc::new(Layer::new(
+                    RealFs::shared(),
+                    dir.path(),
+                    id,
+                    2,
+                    Arc::clone(&fds),
+                ))
             })
             .collect();
         for (i, l) in layers.iter().enumerate() {
@@ -337,8 +340,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
         let id = LayerId(7);
-        create_layer_file(dir.path(), id, 4096, false).unwrap();
-        let layer = Arc::new(Layer::new(dir.path(), id, 2, FdCache::new(16)));
+        create_layer_file(&RealFs, dir.path(), id, 4096, false).unwrap();
+        let layer = Arc::new(Layer::new(
+            RealFs::shared(),
+            dir.path(),
+            id,
+            2,
+            FdCache::new(16),
+        ));
         let pin = Arc::clone(&layer);
         layer.mark_removed();
         drop(layer);
@@ -351,8 +360,14 @@ mod tests {
     fn read_past_end_of_file_is_zeros() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(LAYERS_DIR)).unwrap();
-        create_layer_file(dir.path(), LayerId(1), 10, false).unwrap();
-        let layer = Arc::new(Layer::new(dir.path(), LayerId(1), 2, FdCache::new(16)));
+        create_layer_file(&RealFs, dir.path(), LayerId(1), 10, false).unwrap();
+        let layer = Arc::new(Layer::new(
+            RealFs::shared(),
+            dir.path(),
+            LayerId(1),
+            2,
+            FdCache::new(16),
+        ));
         let mut buf = [1u8; 64];
         layer.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [0u8; 64]);

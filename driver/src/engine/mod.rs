@@ -22,6 +22,7 @@ pub mod error;
 pub mod geometry;
 pub mod ids;
 pub(crate) mod index;
+pub mod io;
 pub mod jobs;
 pub(crate) mod journal;
 pub(crate) mod layer;

@@ -13,19 +13,21 @@
 //! <pool>/strata.lock           held (flock) while a process has the pool open
 //! ```
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
-use super::catalog::{JobKind, JobReason, JobState, VolumePolicy};
+use super::catalog::{FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, io_error};
 use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
+use super::io::{Entry, Fs, Open, RealFs};
 use super::jobs::{self, JobConfig, Jobs};
 use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
+use super::layer::sync_dir;
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
 use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
@@ -57,6 +59,8 @@ pub struct PoolOptions {
     pub unflushed_dir: Option<PathBuf>,
     /// Background merges and flattens.
     pub jobs: JobConfig,
+    /// The filesystem: the real one, or a test's (`io::fault`).
+    pub fs: Arc<dyn Fs>,
 }
 
 impl Default for PoolOptions {
@@ -69,6 +73,7 @@ impl Default for PoolOptions {
             reserve_bytes: None,
             unflushed_dir: None,
             jobs: JobConfig::default(),
+            fs: RealFs::shared(),
         }
     }
 }
@@ -115,7 +120,7 @@ impl From<&SnapshotRecord> for SnapshotInfo {
     }
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -125,6 +130,7 @@ fn now_ns() -> u64 {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
+    pub(crate) fs: Arc<dyn Fs>,
     /// Where unflushed logs live.
     unflushed_dir: PathBuf,
     pub(crate) catalog: Catalog,
@@ -133,14 +139,11 @@ pub(crate) struct Shared {
     fds: Arc<FdCache>,
     layers: Mutex<HashMap<LayerId, Weak<Layer>>>,
     views: Mutex<HashMap<LayerId, Weak<View>>>,
-    /// Volumes whose previous process's acknowledged changes could not all
-    /// be saved, until the volume is loaded (its next flush reports it).
-    lost_unflushed: Mutex<HashSet<VolumeId>>,
     /// Held by everything that changes which layers chains use and which
     /// views can be extended (snapshot, clone, delete, the switch of a
     /// merge), so that a merge never frees a slot some view still names.
     pub(crate) shape: Mutex<()>,
-    _lock: File,
+    _lock: Box<dyn Any + Send + Sync>,
 }
 
 impl Shared {
@@ -153,7 +156,13 @@ impl Shared {
         if map.len() > 1024 && map.len().is_power_of_two() {
             map.retain(|_, w| w.strong_count() > 0);
         }
-        let l = Arc::new(Layer::new(&self.dir, id, slot, Arc::clone(&self.fds)));
+        let l = Arc::new(Layer::new(
+            Arc::clone(&self.fs),
+            &self.dir,
+            id,
+            slot,
+            Arc::clone(&self.fds),
+        ));
         map.insert(id, Arc::downgrade(&l));
         l
     }
@@ -233,7 +242,7 @@ impl Shared {
         for id in freed {
             match map.get(id).and_then(Weak::upgrade) {
                 Some(layer) => layer.mark_removed(),
-                None => remove_quietly(&layer_path(&self.dir, *id)),
+                None => remove_quietly(&*self.fs, &layer_path(&self.dir, *id)),
             }
         }
     }
@@ -242,14 +251,21 @@ impl Shared {
     /// the journal batches it lacks and the changes a previous process of
     /// this boot acknowledged but never flushed (their data is in the page
     /// cache of the layer files: synced first), and returns both ready for
-    /// use, with whether some acknowledged changes were beyond saving.
-    fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog, bool)> {
+    /// use. The unflushed log is emptied only once its records are durable
+    /// in the catalog: a failure before that leaves them for the next try.
+    /// Changes beyond saving are recorded in the catalog (a fault the next
+    /// flush reports), so no restart can forget them.
+    fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog)> {
         let sync = self.opts.sync;
-        let (log, leftover) = UnflushedLog::open(&self.unflushed_dir, rec.id)?;
-        let mut lost =
-            leftover.incomplete || self.lost_unflushed.lock().expect("lost").remove(&rec.id);
-        let (file, mut records) = if journal_path(&self.dir, rec.id).exists() {
-            let (file, replay) = JournalFile::open(&self.dir, rec.id, sync)?;
+        let (mut log, leftover) = UnflushedLog::open(&self.fs, &self.unflushed_dir, rec.id)?;
+        let mut lost = leftover.incomplete;
+        let journal_exists = self
+            .fs
+            .entry(&journal_path(&self.dir, rec.id))
+            .map_err(|e| io_error("look for the journal of", &self.dir, e))?
+            .is_some();
+        let (file, mut records) = if journal_exists {
+            let (file, replay) = JournalFile::open(&self.fs, &self.dir, rec.id, sync)?;
             if replay.truncated_bytes > 0 {
                 tracing::info!(volume = %rec.id, bytes = replay.truncated_bytes, "cut a torn journal tail (writes that were never flushed)");
             }
@@ -262,7 +278,7 @@ impl Shared {
             (file, records)
         } else {
             (
-                JournalFile::create(&self.dir, rec.id, rec.journal_seq, sync)?,
+                JournalFile::create(&self.fs, &self.dir, rec.id, rec.journal_seq, sync)?,
                 Vec::new(),
             )
         };
@@ -283,17 +299,30 @@ impl Shared {
             tracing::info!(volume = %rec.id, changes = saved.len(), "making writes acknowledged by the previous process durable");
             if sync {
                 let path = layer_path(&self.dir, rec.top);
-                File::open(&path)
+                if let Err(e) = self
+                    .fs
+                    .open(&path, Open::ReadWrite)
                     .and_then(|f| f.sync_data())
-                    .map_err(|e| io_error("sync", &path, e))?;
+                {
+                    // Their pages may now be marked clean without having
+                    // been written: nothing can make them durable.
+                    let why = format!("recovery could not write back its writes: {e}");
+                    self.record_fault(rec.id, FaultKind::DataLost, &why)?;
+                    saved.clear();
+                }
             }
             records.extend(saved);
         }
         if lost {
-            self.lost_unflushed.lock().expect("lost").insert(rec.id);
+            self.record_fault(
+                rec.id,
+                FaultKind::UnflushedLost,
+                "writes acknowledged by the previous process were beyond saving",
+            )?;
         }
         if records.is_empty() {
-            return Ok((file, log, lost));
+            log.start(rec.id);
+            return Ok((file, log));
         }
         let mut txn = self.catalog.write()?;
         txn.apply_presence(&records)?;
@@ -301,8 +330,40 @@ impl Shared {
         updated.journal_seq = file.last_seq();
         txn.put_volume(&updated)?;
         txn.commit()?;
-        let file = JournalFile::create(&self.dir, rec.id, updated.journal_seq, sync)?;
-        Ok((file, log, lost))
+        log.start(rec.id);
+        let file = JournalFile::create(&self.fs, &self.dir, rec.id, updated.journal_seq, sync)?;
+        Ok((file, log))
+    }
+
+    /// Writes (or with `None`, removes) the fault record of `volume`.
+    pub(crate) fn put_fault(&self, volume: VolumeId, fault: Option<&FaultRecord>) -> Result<()> {
+        let mut txn = self.catalog.write()?;
+        match fault {
+            Some(f) => txn.put_fault(volume, f)?,
+            None => txn.remove_fault(volume)?,
+        }
+        txn.commit()
+    }
+
+    /// Records a fault of `volume` in the catalog (replacing a milder one).
+    pub(crate) fn record_fault(&self, volume: VolumeId, kind: FaultKind, why: &str) -> Result<()> {
+        let mut txn = self.catalog.write()?;
+        if txn
+            .fault(volume)?
+            .is_some_and(|f| f.kind == FaultKind::DataLost)
+        {
+            return Ok(());
+        }
+        txn.put_fault(
+            volume,
+            &FaultRecord {
+                kind,
+                since_ns: now_ns(),
+                reported: false,
+                message: why.to_string(),
+            },
+        )?;
+        txn.commit()
     }
 }
 
@@ -344,19 +405,22 @@ impl Pool {
     /// and removes files a crash left behind. Volumes are loaded lazily, on
     /// first use.
     pub fn open(dir: &Path, opts: PoolOptions) -> Result<Pool> {
-        if opts.create {
-            for sub in [LAYERS_DIR, JOURNAL_DIR] {
-                std::fs::create_dir_all(dir.join(sub))
-                    .map_err(|e| io_error("create pool", dir, e))?;
-            }
-        } else if !dir.join(LAYERS_DIR).is_dir() || !dir.join(JOURNAL_DIR).is_dir() {
+        let fs = Arc::clone(&opts.fs);
+        let is_dir = |p: &Path| -> Result<bool> {
+            Ok(fs.entry(p).map_err(|e| io_error("open pool", p, e))? == Some(Entry::Dir))
+        };
+        let complete = is_dir(&dir.join(LAYERS_DIR))? && is_dir(&dir.join(JOURNAL_DIR))?;
+        if !complete && !opts.create {
             return Err(Error::NotAPool {
                 path: dir.into(),
                 why: "missing layers/ or journal/".into(),
             });
         }
-        let lock = lock_pool(dir)?;
-        let catalog = Catalog::open(dir, opts.create, opts.sync)?;
+        if !complete {
+            create_dirs(&*fs, dir, opts.sync)?;
+        }
+        let lock = lock_pool(&*fs, dir)?;
+        let catalog = Catalog::open(&fs, dir, opts.create, opts.sync)?;
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
         let max_open = match opts.max_open_files {
             0 => (nofile / 2).clamp(64, 65_536) as usize,
@@ -366,17 +430,17 @@ impl Pool {
             .unflushed_dir
             .clone()
             .unwrap_or_else(|| unflushed::default_dir(dir));
-        std::fs::create_dir_all(&unflushed_dir)
+        fs.create_dir_all(&unflushed_dir)
             .map_err(|e| io_error("create", &unflushed_dir, e))?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            space: SpaceGuard::new(Arc::clone(&fs), dir, opts.reserve_bytes)?,
+            fs,
             unflushed_dir,
-            space: SpaceGuard::new(dir, opts.reserve_bytes)?,
             catalog,
             fds: FdCache::new(max_open),
             layers: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
-            lost_unflushed: Mutex::new(HashSet::new()),
             shape: Mutex::new(()),
             opts,
             _lock: lock,
@@ -520,56 +584,58 @@ impl Pool {
     ) -> Result<VolumeInfo> {
         let sh = self.shared();
         let (lid, created) = (LayerId::new_random(), now_ns());
-        create_layer_file(&sh.dir, lid, size, sh.opts.sync)?;
-        let committed = JournalFile::create(&sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
-            let (log, _) = UnflushedLog::open(&sh.unflushed_dir, vid)?;
-            let mut txn = sh.catalog.write()?;
-            if txn.volume(vid)?.is_some() {
-                return Err(Error::AlreadyExists(format!("volume {vid}")));
-            }
-            let (family, parent) = match &source {
-                None => (txn.new_family()?, None),
-                Some((snap, layer, _)) => {
-                    // Re-check inside the transaction: the snapshot may have gone.
-                    if !txn
-                        .snapshot(*snap)?
-                        .is_some_and(|r| r.state == SnapshotState::Ready)
-                    {
-                        return Err(Error::SnapshotNotFound(*snap));
-                    }
-                    let parent = txn.retain_layer(*layer)?;
-                    (parent.family, Some(parent.id))
+        create_layer_file(&*sh.fs, &sh.dir, lid, size, sh.opts.sync)?;
+        let committed =
+            JournalFile::create(&sh.fs, &sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
+                let (mut log, _) = UnflushedLog::open(&sh.fs, &sh.unflushed_dir, vid)?;
+                log.start(vid);
+                let mut txn = sh.catalog.write()?;
+                if txn.volume(vid)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("volume {vid}")));
                 }
-            };
-            let slot = txn.alloc_slot(family)?;
-            txn.put_layer(&LayerRecord {
-                id: lid,
-                family,
-                slot,
-                parent,
-                frozen: false,
-                size,
-                refs: 1,
-                snapshot: None,
-                created_ns: created,
-            })?;
-            txn.put_volume(&VolumeRecord {
-                id: vid,
-                size,
-                top: lid,
-                owner_epoch: 1,
-                created_ns: created,
-                journal_seq: 0,
-            })?;
-            txn.commit()?;
-            Ok((slot, journal, log))
-        });
+                let (family, parent) = match &source {
+                    None => (txn.new_family()?, None),
+                    Some((snap, layer, _)) => {
+                        // Re-check inside the transaction: the snapshot may have gone.
+                        if !txn
+                            .snapshot(*snap)?
+                            .is_some_and(|r| r.state == SnapshotState::Ready)
+                        {
+                            return Err(Error::SnapshotNotFound(*snap));
+                        }
+                        let parent = txn.retain_layer(*layer)?;
+                        (parent.family, Some(parent.id))
+                    }
+                };
+                let slot = txn.alloc_slot(family)?;
+                txn.put_layer(&LayerRecord {
+                    id: lid,
+                    family,
+                    slot,
+                    parent,
+                    frozen: false,
+                    size,
+                    refs: 1,
+                    snapshot: None,
+                    created_ns: created,
+                })?;
+                txn.put_volume(&VolumeRecord {
+                    id: vid,
+                    size,
+                    top: lid,
+                    owner_epoch: 1,
+                    created_ns: created,
+                    journal_seq: 0,
+                })?;
+                txn.commit()?;
+                Ok((slot, journal, log))
+            });
         let (slot, journal, log) = match committed {
             Ok(x) => x,
             Err(e) => {
-                remove_quietly(&layer_path(&sh.dir, lid));
-                remove_quietly(&journal_path(&sh.dir, vid));
-                remove_quietly(&unflushed_path(&sh.unflushed_dir, vid));
+                remove_quietly(&*sh.fs, &layer_path(&sh.dir, lid));
+                remove_quietly(&*sh.fs, &journal_path(&sh.dir, vid));
+                remove_quietly(&*sh.fs, &unflushed_path(&sh.unflushed_dir, vid));
                 return Err(e);
             }
         };
@@ -589,7 +655,8 @@ impl Pool {
             Arc::clone(sh),
             VolState::new(view, base, top),
             size,
-            (journal, log, false),
+            (journal, log),
+            None,
         );
         self.inner
             .volumes
@@ -641,7 +708,13 @@ impl Pool {
             Some(parent) => sh.view_of(parent)?,
             None => Arc::new(View::empty(0)),
         };
-        if !layer_path(&sh.dir, top.id).exists() {
+        let path = layer_path(&sh.dir, top.id);
+        if sh
+            .fs
+            .entry(&path)
+            .map_err(|e| io_error("look for", &path, e))?
+            != Some(Entry::File)
+        {
             return Err(Error::Corrupt(format!(
                 "data file of layer {} (volume {id}) is missing",
                 top.id
@@ -653,7 +726,15 @@ impl Pool {
         let top = sh.layer(top.id, top.slot);
         let mut state = VolState::new(view, base, top);
         state.release_costly_base();
-        Ok(Volume::new(id, Arc::clone(sh), state, rec.size, journal))
+        let fault = txn.fault(id)?;
+        Ok(Volume::new(
+            id,
+            Arc::clone(sh),
+            state,
+            rec.size,
+            journal,
+            fault,
+        ))
     }
 
     /// Deletes a volume. Its snapshots and clones stay readable: layers
@@ -673,12 +754,44 @@ impl Pool {
         let rec = txn.volume(id)?.ok_or(Error::VolumeNotFound(id))?;
         txn.remove_volume(id)?;
         txn.remove_policy(id)?;
+        txn.remove_fault(id)?;
         let freed = txn.release_layer(rec.top)?;
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);
-        remove_quietly(&journal_path(&sh.dir, id));
-        remove_quietly(&unflushed_path(&sh.unflushed_dir, id));
+        remove_quietly(&*sh.fs, &journal_path(&sh.dir, id));
+        remove_quietly(&*sh.fs, &unflushed_path(&sh.unflushed_dir, id));
         sh.discard_layers(&freed);
+        Ok(())
+    }
+
+    /// What the catalog records as lost of volume `id`'s data, if
+    /// anything (for its condition).
+    pub fn volume_fault(&self, id: VolumeId) -> Result<Option<String>> {
+        Ok(self.shared().catalog.read()?.fault(id)?.map(|f| f.message))
+    }
+
+    /// Volumes whose data a failure lost and no operator has acknowledged
+    /// yet, with what happened.
+    pub fn faults(&self) -> Result<Vec<(VolumeId, String)>> {
+        Ok(self
+            .shared()
+            .catalog
+            .read()?
+            .faults()?
+            .into_iter()
+            .filter(|(_, f)| f.kind == FaultKind::DataLost)
+            .map(|(v, f)| (v, f.message))
+            .collect())
+    }
+
+    /// An operator has looked at volume `id` after a data loss
+    /// ([`Error::DataLost`]): writes and flushes work again. What the
+    /// failed write-back lost stays lost.
+    pub fn acknowledge_loss(&self, id: VolumeId) -> Result<()> {
+        let vol = self.volume(id)?;
+        self.shared().put_fault(id, None)?;
+        vol.clear_fault();
+        tracing::warn!(volume = %id, "data loss acknowledged; the volume takes writes again");
         Ok(())
     }
 
@@ -733,13 +846,13 @@ impl Pool {
         vol.flush()?;
         let new_top = LayerId::new_random();
         let size = vol.size();
-        create_layer_file(&sh.dir, new_top, size, sh.opts.sync)?;
+        create_layer_file(&*sh.fs, &sh.dir, new_top, size, sh.opts.sync)?;
         let result = {
             let _shape = sh.shape.lock().expect("shape lock");
             self.freeze_top(&vol, new_top, snap)
         };
         if result.is_err() {
-            remove_quietly(&layer_path(&sh.dir, new_top));
+            remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
         }
         let info = result?;
         // Past the depth limit: shorten the chain in the background.
@@ -996,8 +1109,10 @@ impl Pool {
     /// Capacity and free space of the pool's filesystem.
     pub fn space(&self) -> Result<PoolSpace> {
         let sh = self.shared();
-        let (capacity_bytes, free_bytes) =
-            sys::fs_space(&sh.dir).map_err(|e| io_error("read free space", &sh.dir, e))?;
+        let (capacity_bytes, free_bytes) = sh
+            .fs
+            .space(&sh.dir)
+            .map_err(|e| io_error("read free space", &sh.dir, e))?;
         Ok(PoolSpace {
             capacity_bytes,
             free_bytes,
@@ -1095,34 +1210,44 @@ fn volume_info(txn: &super::catalog::ReadTxn, r: &VolumeRecord) -> Result<Volume
     })
 }
 
-/// Takes the pool's lock file; held until the returned file is dropped.
-pub(crate) fn lock_pool(dir: &Path) -> Result<File> {
+/// Takes the pool's lock file; held until the returned value is dropped.
+pub(crate) fn lock_pool(fs: &dyn Fs, dir: &Path) -> Result<Box<dyn Any + Send + Sync>> {
     let lock_path = dir.join(LOCK_FILE);
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| io_error("open pool lock", &lock_path, e))?;
-    lock.try_lock().map_err(|e| match e {
-        std::fs::TryLockError::WouldBlock => Error::PoolLocked(dir.into()),
-        std::fs::TryLockError::Error(e) => io_error("lock pool", &lock_path, e),
-    })?;
-    Ok(lock)
+    fs.lock(&lock_path)
+        .map_err(|e| io_error("lock pool", &lock_path, e))?
+        .ok_or_else(|| Error::PoolLocked(dir.into()))
+}
+
+/// Makes a new pool's directories, durably: each one's entry in its parent
+/// is synced, so a power cut cannot take back a directory whose files a
+/// later fsync made durable.
+fn create_dirs(fs: &dyn Fs, dir: &Path, sync: bool) -> Result<()> {
+    for sub in [LAYERS_DIR, JOURNAL_DIR] {
+        fs.create_dir_all(&dir.join(sub))
+            .map_err(|e| io_error("create pool", dir, e))?;
+    }
+    if sync {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(fs, parent)?;
+        }
+        sync_dir(fs, dir)?;
+    }
+    Ok(())
 }
 
 /// Removes files no catalog record refers to: layer files and journals of
 /// operations a crash interrupted, and temporary journals.
 fn sweep_orphans(shared: &Shared) -> Result<()> {
+    let fs = &*shared.fs;
     let txn = shared.catalog.read()?;
     let layers: HashSet<LayerId> = txn.layers()?.iter().map(|l| l.id).collect();
     let volumes: HashSet<VolumeId> = txn.volumes()?.iter().map(|v| v.id).collect();
     for (sub, ext) in [(LAYERS_DIR, "data"), (JOURNAL_DIR, "wal")] {
         let dir = shared.dir.join(sub);
-        let entries = std::fs::read_dir(&dir).map_err(|e| io_error("list pool", &dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("list pool", &dir, e))?;
-            let name = entry.file_name();
+        let names = fs
+            .read_dir(&dir)
+            .map_err(|e| io_error("list pool", &dir, e))?;
+        for name in names {
             let name = name.to_string_lossy();
             let orphan = match name.strip_suffix(&format!(".{ext}")) {
                 Some(id) if sub == LAYERS_DIR => id.parse().is_ok_and(|id| !layers.contains(&id)),
@@ -1131,22 +1256,24 @@ fn sweep_orphans(shared: &Shared) -> Result<()> {
                 None => name.ends_with(".wal.tmp") || name.ends_with(".data.merge"),
             };
             if orphan {
-                tracing::info!(file = %entry.path().display(), "removing a file left by an interrupted operation");
-                remove_quietly(&entry.path());
+                let path = dir.join(&*name);
+                tracing::info!(file = %path.display(), "removing a file left by an interrupted operation");
+                remove_quietly(fs, &path);
             }
         }
     }
     // Unflushed logs of volumes that are gone.
     let dir = &shared.unflushed_dir;
-    let entries = std::fs::read_dir(dir).map_err(|e| io_error("list pool", dir, e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    let names = fs
+        .read_dir(dir)
+        .map_err(|e| io_error("list pool", dir, e))?;
+    for name in names {
         let orphan = name
             .to_string_lossy()
             .strip_suffix(".unflushed")
             .is_some_and(|id| id.parse().is_ok_and(|id| !volumes.contains(&id)));
         if orphan {
-            remove_quietly(&entry.path());
+            remove_quietly(fs, &dir.join(name));
         }
     }
     Ok(())

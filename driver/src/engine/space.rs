@@ -13,12 +13,12 @@
 //! writers cannot overshoot the reserve between two readings.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::{Error, Result, io_error};
-use super::sys;
+use super::io::Fs;
 
 const REFRESH: Duration = Duration::from_millis(100);
 const MIN_RESERVE: u64 = 16 << 20;
@@ -27,6 +27,7 @@ const MAX_RESERVE: u64 = 256 << 20;
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct SpaceGuard {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     reserve: u64,
     state: Mutex<Estimate>,
@@ -43,10 +44,13 @@ struct Estimate {
 
 impl SpaceGuard {
     /// A guard for the filesystem of `dir`; `reserve` overrides the default.
-    pub(crate) fn new(dir: &Path, reserve: Option<u64>) -> Result<Self> {
-        let (total, free) = sys::fs_space(dir).map_err(|e| io_error("read free space", dir, e))?;
+    pub(crate) fn new(fs: Arc<dyn Fs>, dir: &Path, reserve: Option<u64>) -> Result<Self> {
+        let (total, free) = fs
+            .space(dir)
+            .map_err(|e| io_error("read free space", dir, e))?;
         let reserve = reserve.unwrap_or((total / 100).clamp(MIN_RESERVE, MAX_RESERVE));
         Ok(SpaceGuard {
+            fs,
             dir: dir.to_path_buf(),
             reserve,
             state: Mutex::new(Estimate {
@@ -55,6 +59,12 @@ impl SpaceGuard {
             }),
             for_jobs: AtomicU64::new(0),
         })
+    }
+
+    fn free(&self) -> Result<(u64, u64)> {
+        self.fs
+            .space(&self.dir)
+            .map_err(|e| io_error("read free space", &self.dir, e))
     }
 
     /// Bytes kept free for metadata.
@@ -69,8 +79,7 @@ impl SpaceGuard {
         // What jobs set aside is not for foreground writes.
         let needed = self.reserve + self.for_jobs.load(Ordering::Acquire) + bytes;
         if est.at.elapsed() > REFRESH || est.free < needed {
-            let (_, free) =
-                sys::fs_space(&self.dir).map_err(|e| io_error("read free space", &self.dir, e))?;
+            let (_, free) = self.free()?;
             *est = Estimate {
                 free,
                 at: Instant::now(),
@@ -90,8 +99,7 @@ impl SpaceGuard {
     /// reserve and what other jobs hold; otherwise says how much there is.
     pub(crate) fn reserve_for_job(&self, bytes: u64) -> Result<Result<(), u64>> {
         let _est = self.state.lock().expect("space estimate");
-        let (_, free) =
-            sys::fs_space(&self.dir).map_err(|e| io_error("read free space", &self.dir, e))?;
+        let (_, free) = self.free()?;
         let held = self.for_jobs.load(Ordering::Acquire);
         let available = free.saturating_sub(self.reserve + held);
         if available < bytes {

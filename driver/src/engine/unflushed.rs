@@ -32,11 +32,12 @@
 //! loses none it has made. A record is stored before `head` covers it,
 //! and `tail` moves only after the journal batch holding it is durable.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::error::{Result, io_error};
+use super::error::{Error, Result, io_error};
 use super::ids::VolumeId;
+use super::io::{File, Fs, Mapping, Open};
 use super::journal::{JOURNAL_DIR, RECORD_LEN, Record};
 
 const MAGIC: &[u8; 8] = b"STRUNF01";
@@ -48,6 +49,11 @@ const OVERFLOWED_AT: usize = 56;
 /// pending records); the rest absorbs writes that arrive during a flush.
 pub(crate) const CAPACITY: u64 = 1 << 17;
 const FILE_LEN: usize = HEADER_LEN + CAPACITY as usize * RECORD_LEN;
+/// The log's space is allocated this much at a time, before the ring
+/// first reaches it: a quiet volume's log takes 64 KiB of the tmpfs, not
+/// all 4 MiB, and a store never lands on an unallocated page (which, on a
+/// full tmpfs, kills the process with SIGBUS).
+const ALLOC_STEP: u64 = 64 << 10;
 
 /// Where the pool keeps unflushed logs unless told otherwise.
 pub(crate) fn default_dir(pool: &Path) -> PathBuf {
@@ -57,13 +63,6 @@ pub(crate) fn default_dir(pool: &Path) -> PathBuf {
 /// The log of `volume` in the directory `dir`.
 pub(crate) fn unflushed_path(dir: &Path, volume: VolumeId) -> PathBuf {
     dir.join(format!("{volume}.unflushed"))
-}
-
-/// This boot's ID (`/proc/sys/kernel/random/boot_id`), or zeros if it
-/// cannot be read (then no mirror is ever trusted across processes).
-pub(crate) fn boot_id() -> [u8; 16] {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    uuid::Uuid::parse_str(text.trim()).map_or([0; 16], |u| *u.as_bytes())
 }
 
 /// What a previous process of this boot left unflushed.
@@ -78,71 +77,67 @@ pub(crate) struct Leftover {
 /// The mapped mirror of one volume.
 #[derive(Debug)]
 pub(crate) struct UnflushedLog {
-    ptr: *mut u8,
+    map: Mapping,
     path: PathBuf,
-    _file: File,
+    /// This boot's ID (zeros if unknown: then no mirror is ever trusted
+    /// across processes).
+    boot: [u8; 16],
+    file: File,
+    /// Bytes from the start known to be allocated.
+    allocated: u64,
 }
 
-// SAFETY: the mapping is owned by this value and only accessed through
-// `&mut self` (callers hold the volume's pending lock), so moving it to or
-// sharing it with another thread is as safe as for a `Vec<u8>`.
-unsafe impl Send for UnflushedLog {}
-// SAFETY: as above: every access takes `&mut self` or reads the header.
-unsafe impl Sync for UnflushedLog {}
-
 impl UnflushedLog {
-    /// Opens (creating it if needed) the mirror of `volume` in `dir`,
-    /// returns what a previous process of this boot left in it, and resets
-    /// it to empty.
-    pub(crate) fn open(dir: &Path, volume: VolumeId) -> Result<(UnflushedLog, Leftover)> {
+    /// Opens (creating it if needed) the mirror of `volume` in `dir`, with
+    /// its first [`ALLOC_STEP`] allocated (more is allocated before the
+    /// ring reaches it), and returns what a previous process of this boot
+    /// left in it. The log is not emptied:
+    /// call [`UnflushedLog::start`] once what was left is durable, so that
+    /// a failure meanwhile leaves it for the next attempt.
+    pub(crate) fn open(
+        fs: &Arc<dyn Fs>,
+        dir: &Path,
+        volume: VolumeId,
+    ) -> Result<(UnflushedLog, Leftover)> {
         let path = unflushed_path(dir, volume);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let file = fs
+            .open(&path, Open::Create)
             .map_err(|e| io_error("open the unflushed log", &path, e))?;
-        file.set_len(FILE_LEN as u64)
-            .map_err(|e| io_error("size the unflushed log", &path, e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: a shared read-write mapping of a file we hold open and
-        // just sized to FILE_LEN; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                FILE_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
+        let full = |source: std::io::Error| {
+            if super::error::is_no_space(&source) {
+                Error::StateDirFull {
+                    volume,
+                    dir: dir.to_path_buf(),
+                    bytes: FILE_LEN as u64,
+                }
+            } else {
+                io_error("size the unflushed log", &path, source)
+            }
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(io_error(
-                "map the unflushed log",
-                &path,
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let mut log = UnflushedLog {
-            ptr: ptr.cast(),
+        file.set_len(FILE_LEN as u64).map_err(full)?;
+        file.allocate(0, ALLOC_STEP).map_err(full)?;
+        let map = file
+            .map(FILE_LEN)
+            .map_err(|e| io_error("map the unflushed log", &path, e))?;
+        let log = UnflushedLog {
+            map,
             path,
-            _file: file,
+            boot: fs.boot_id(),
+            file,
+            allocated: ALLOC_STEP,
         };
         let leftover = log.leftover(volume);
-        log.reset(volume);
         Ok((log, leftover))
     }
 
     fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is FILE_LEN bytes and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr, FILE_LEN) }
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), FILE_LEN) }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and `&mut self` makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, FILE_LEN) }
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), FILE_LEN) }
     }
 
     fn u64_at(&self, at: usize) -> u64 {
@@ -156,9 +151,9 @@ impl UnflushedLog {
     fn leftover(&self, volume: VolumeId) -> Leftover {
         let b = self.bytes();
         if &b[0..8] != MAGIC
-            || b[8..24] != boot_id()
+            || b[8..24] != self.boot
             || b[24..40] != volume.0.to_le_bytes()
-            || boot_id() == [0; 16]
+            || self.boot == [0; 16]
         {
             return Leftover::default();
         }
@@ -186,9 +181,10 @@ impl UnflushedLog {
         out
     }
 
-    /// Empties the mirror and stamps it with this boot and volume.
-    fn reset(&mut self, volume: VolumeId) {
-        let boot = boot_id();
+    /// Empties the mirror and stamps it with this boot and volume: from
+    /// now on it mirrors this process's changes.
+    pub(crate) fn start(&mut self, volume: VolumeId) {
+        let boot = self.boot;
         let b = self.bytes_mut();
         b[..HEADER_LEN].fill(0);
         b[0..8].copy_from_slice(MAGIC);
@@ -210,15 +206,26 @@ impl UnflushedLog {
         pos < self.tail() + CAPACITY
     }
 
-    /// Stores `rec` at ring position `pos` and makes `head` cover it.
-    pub(crate) fn store(&mut self, pos: u64, rec: &Record) {
+    /// Stores `rec` at ring position `pos` and makes `head` cover it;
+    /// `false` if its space could not be allocated (nothing was stored).
+    pub(crate) fn store(&mut self, pos: u64, rec: &Record) -> bool {
         let at = HEADER_LEN + (pos % CAPACITY) as usize * RECORD_LEN;
+        let end = (at + RECORD_LEN) as u64;
+        if end > self.allocated {
+            let grown = end.div_ceil(ALLOC_STEP) * ALLOC_STEP;
+            if let Err(e) = self.file.allocate(self.allocated, grown - self.allocated) {
+                tracing::warn!(log = %self.path.display(), error = %e, "cannot grow the unflushed log");
+                return false;
+            }
+            self.allocated = grown;
+        }
         let mut enc = Vec::with_capacity(RECORD_LEN);
         rec.encode(&mut enc);
         self.bytes_mut()[at..at + RECORD_LEN].copy_from_slice(&enc);
         if pos >= self.head() {
             self.set_u64(HEAD_AT, pos + 1);
         }
+        true
     }
 
     /// Records before `pos` are durable in the journal.
@@ -244,17 +251,17 @@ impl UnflushedLog {
     }
 }
 
-impl Drop for UnflushedLog {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `open`, exactly once.
-        unsafe { libc::munmap(self.ptr.cast(), FILE_LEN) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::ids::LayerId;
+    use crate::engine::io::RealFs;
+
+    fn open(dir: &Path, volume: VolumeId) -> (UnflushedLog, Leftover) {
+        let (mut log, left) = UnflushedLog::open(&RealFs::shared(), dir, volume).unwrap();
+        log.start(volume);
+        (log, left)
+    }
     use crate::engine::presence::BlockState;
 
     fn rec(start: u64) -> Record {
@@ -271,63 +278,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vol = VolumeId(42);
         {
-            let (mut log, left) = UnflushedLog::open(dir.path(), vol).unwrap();
+            let (mut log, left) = open(dir.path(), vol);
             assert!(left.records.is_empty() && !left.incomplete);
             for i in 0..5 {
-                log.store(i, &rec(i * 10));
+                assert!(log.store(i, &rec(i * 10)));
             }
             log.durable_up_to(2);
             // Dropped without a flush: the process "dies" here.
         }
-        let (_, left) = UnflushedLog::open(dir.path(), vol).unwrap();
+        let (_, left) = open(dir.path(), vol);
         assert_eq!(left.records, vec![rec(20), rec(30), rec(40)]);
-        let (mut log, again) = UnflushedLog::open(dir.path(), vol).unwrap();
+        let (mut log, again) = open(dir.path(), vol);
         assert!(again.records.is_empty(), "reset after being read");
         // Rewound: empty even though positions went back.
-        log.store(0, &rec(1));
+        assert!(log.store(0, &rec(1)));
         log.durable_up_to(1);
         log.rewind();
         drop(log);
-        assert!(
-            UnflushedLog::open(dir.path(), vol)
-                .unwrap()
-                .1
-                .records
-                .is_empty()
-        );
+        assert!(open(dir.path(), vol).1.records.is_empty());
         // Another volume's mirror (a renamed file) is not trusted.
-        let (mut log, _) = UnflushedLog::open(dir.path(), vol).unwrap();
-        log.store(0, &rec(5));
+        let (mut log, _) = open(dir.path(), vol);
+        assert!(log.store(0, &rec(5)));
         drop(log);
         std::fs::rename(
             unflushed_path(dir.path(), vol),
             unflushed_path(dir.path(), VolumeId(43)),
         )
         .unwrap();
-        assert!(
-            UnflushedLog::open(dir.path(), VolumeId(43))
-                .unwrap()
-                .1
-                .records
-                .is_empty()
-        );
+        assert!(open(dir.path(), VolumeId(43)).1.records.is_empty());
     }
 
     #[test]
     fn the_ring_refuses_to_overwrite_what_is_not_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = UnflushedLog::open(dir.path(), VolumeId(1)).unwrap();
+        let (mut log, _) = open(dir.path(), VolumeId(1));
         assert!(log.has_room_for(CAPACITY - 1));
         assert!(!log.has_room_for(CAPACITY));
         log.durable_up_to(10);
         assert!(log.has_room_for(CAPACITY + 9));
         log.mark_overflowed();
         drop(log);
-        assert!(
-            UnflushedLog::open(dir.path(), VolumeId(1))
-                .unwrap()
-                .1
-                .incomplete
-        );
+        assert!(open(dir.path(), VolumeId(1)).1.incomplete);
     }
 }

@@ -30,10 +30,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
+use super::catalog::{FaultKind, FaultRecord};
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
 use super::ids::{LayerId, VolumeId};
 use super::index::{ABSENT, ZERO};
+use super::io::{File, FileIo};
 use super::jobs::throttle::Allowance;
 use super::journal::{JournalFile, Record, push_coalesced};
 use super::layer::Layer;
@@ -42,6 +44,10 @@ use super::presence::BlockState;
 use super::rangelock::RangeLock;
 use super::unflushed::UnflushedLog;
 use super::view::{self, Extent, View, read_segments};
+
+/// Moves `len` bytes at an offset from one layer file to another (a
+/// job's copy, by pointer where it can).
+pub(crate) type MoveData<'a> = dyn FnMut(&dyn FileIo, &dyn FileIo, u64, u64) -> Result<()> + 'a;
 
 /// Pending records beyond which a write triggers a flush, bounding the
 /// memory of a workload that never flushes (2 MiB of records).
@@ -119,11 +125,10 @@ impl Pending {
         push_coalesced(&mut self.records, rec);
         let pos = self.base + self.records.len() as u64 - 1;
         let last = *self.records.last().expect("just pushed");
-        if self.log.has_room_for(pos) {
-            self.log.store(pos, &last);
-        } else {
+        if !self.log.has_room_for(pos) || !self.log.store(pos, &last) {
             // The ring is full of changes a running flush has not made
-            // durable yet; a crash now would lose this one.
+            // durable yet (or its tmpfs is): a crash now would lose this
+            // one, which the next process then reports.
             self.log.mark_overflowed();
         }
     }
@@ -200,9 +205,9 @@ pub struct Volume {
     pending: Mutex<Pending>,
     pub(crate) journal: Mutex<JournalState>,
     deleted: AtomicBool,
-    /// Acknowledged writes of a previous process were lost: the next flush
-    /// says so.
-    lost_unflushed: AtomicBool,
+    /// What the catalog records as lost of this volume's data, if
+    /// anything (see `FORMAT.md`, "Faults").
+    fault: Mutex<Option<FaultRecord>>,
     /// Counts foreground operations, so jobs can tell a busy volume.
     pub(crate) activity: AtomicU64,
     /// What foreground writes may do while a job works on the volume.
@@ -217,7 +222,8 @@ impl Volume {
         shared: Arc<Shared>,
         state: VolState,
         size: u64,
-        (journal, log, lost_unflushed): (JournalFile, UnflushedLog, bool),
+        (journal, log): (JournalFile, UnflushedLog),
+        fault: Option<FaultRecord>,
     ) -> Self {
         Volume {
             id,
@@ -233,7 +239,7 @@ impl Volume {
                 log,
                 base: 0,
             }),
-            lost_unflushed: AtomicBool::new(lost_unflushed),
+            fault: Mutex::new(fault),
             activity: AtomicU64::new(0),
             allowance: Allowance::default(),
             journal: Mutex::new(JournalState {
@@ -322,6 +328,7 @@ impl Volume {
             return Ok(());
         }
         self.allowance.consume(len);
+        self.check_fault(false)?;
         {
             let _gate = self.gate.read().expect("volume gate");
             self.check_live()?;
@@ -518,15 +525,83 @@ impl Volume {
     /// returns at once, so many concurrent flushes share one fsync.
     pub fn flush(&self) -> Result<()> {
         self.check_live()?;
-        if self.lost_unflushed.swap(false, Ordering::AcqRel) {
-            return Err(Error::UnflushedLost(self.id));
-        }
+        self.check_fault(true)?;
         let target = self.pending.lock().expect("pending").generation;
         let mut journal = self.journal.lock().expect("journal");
         if journal.durable_gen >= target {
             return Ok(());
         }
         self.flush_locked(&mut journal)
+    }
+
+    /// Fails with the volume's fault, if it has one that stops this
+    /// operation: a data loss stops writes and flushes until acknowledged;
+    /// lost unflushed writes fail one flush (the next one clears them).
+    fn check_fault(&self, flush: bool) -> Result<()> {
+        let mut fault = self.fault.lock().expect("fault");
+        let Some(f) = &mut *fault else {
+            return Ok(());
+        };
+        match f.kind {
+            FaultKind::DataLost => Err(Error::DataLost {
+                volume: self.id,
+                why: f.message.clone(),
+            }),
+            FaultKind::UnflushedLost if !flush => Ok(()),
+            FaultKind::UnflushedLost if !f.reported => {
+                // Reported until a flush after this one: a process that
+                // dies before then reports it again.
+                f.reported = true;
+                let recorded = f.clone();
+                if let Err(e) = self.shared.put_fault(self.id, Some(&recorded)) {
+                    tracing::warn!(volume = %self.id, error = %e, "recording that lost writes were reported");
+                }
+                Err(Error::UnflushedLost(self.id))
+            }
+            FaultKind::UnflushedLost => {
+                self.shared.put_fault(self.id, None)?;
+                *fault = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// The data written since the last good flush may be gone (a failed
+    /// write-back): recorded in the catalog and in memory; from now on
+    /// writes and flushes fail until an operator acknowledges the loss.
+    fn data_lost(&self, why: String) -> Error {
+        tracing::error!(volume = %self.id, why, "data of the volume was lost");
+        let rec = FaultRecord {
+            kind: FaultKind::DataLost,
+            since_ns: super::pool::now_ns(),
+            reported: true,
+            message: why.clone(),
+        };
+        if let Err(e) = self.shared.put_fault(self.id, Some(&rec)) {
+            // Kept in memory: this process refuses; a restart would not
+            // know, but it also finds the unsynced records gone.
+            tracing::error!(volume = %self.id, error = %e, "recording the data loss failed");
+        }
+        *self.fault.lock().expect("fault") = Some(rec);
+        Error::DataLost {
+            volume: self.id,
+            why,
+        }
+    }
+
+    /// The fault an operator acknowledged is gone: writes and flushes work
+    /// again.
+    pub(crate) fn clear_fault(&self) {
+        *self.fault.lock().expect("fault") = None;
+    }
+
+    /// The volume's fault, for its condition.
+    pub fn fault(&self) -> Option<String> {
+        self.fault
+            .lock()
+            .expect("fault")
+            .as_ref()
+            .map(|f| f.message.clone())
     }
 
     pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {
@@ -540,19 +615,24 @@ impl Volume {
             return Ok(());
         }
         let sync = self.shared.opts.sync;
-        let result = layers
+        let synced = layers
             .iter()
-            .try_for_each(|l| if sync { l.sync_data() } else { Ok(()) })
-            .and_then(|()| {
-                if records.is_empty() {
-                    Ok(0)
-                } else {
-                    journal.file.append(&records)
-                }
-            });
+            .try_for_each(|l| if sync { l.sync_data() } else { Ok(()) });
+        // A failed write-back loses the data for good (Linux marks the
+        // pages clean): no retry may report success over it. The records
+        // stay pending, never journaled, so what is on disk stays hidden.
+        let result = match synced {
+            Err(e) => Err(self.data_lost(format!(
+                "a write-back of its data failed ({})",
+                super::error::chain(&e)
+            ))),
+            Ok(()) if records.is_empty() => Ok(0),
+            Ok(()) => journal.file.append(&records),
+        };
         if let Err(e) = result {
-            // Nothing became durable: put the changes back in front of
-            // whatever arrived meanwhile, so the next flush retries them.
+            // Nothing became visible: put the changes back in front of
+            // whatever arrived meanwhile, so the next flush retries them
+            // (a failed journal append is cut back and written again).
             let mut p = self.pending.lock().expect("pending");
             p.put_back(records);
             let newer_layers = std::mem::replace(&mut p.layers, layers);
@@ -569,7 +649,11 @@ impl Volume {
         if journal.file.len() > self.shared.opts.journal_checkpoint_bytes
             || journal.frozen_views.len() > MAX_UNFOLDED_SNAPSHOTS
         {
-            self.checkpoint_locked(journal)?;
+            // The flush itself is done and durable; a checkpoint that
+            // fails is tried again at the next one.
+            if let Err(e) = self.checkpoint_locked(journal) {
+                tracing::warn!(volume = %self.id, error = %e, "checkpoint after a flush failed; the journal keeps the changes");
+            }
         }
         Ok(())
     }
@@ -597,7 +681,13 @@ impl Volume {
             .release_costly_base();
         // The catalog now covers every batch; if the reset fails, replay
         // skips the old batches by sequence number and appends continue.
-        match JournalFile::create(&self.shared.dir, self.id, seq, self.shared.opts.sync) {
+        match JournalFile::create(
+            &self.shared.fs,
+            &self.shared.dir,
+            self.id,
+            seq,
+            self.shared.opts.sync,
+        ) {
             Ok(file) => journal.file = file,
             Err(e) => {
                 tracing::warn!(volume = %self.id, error = %e, "journal reset failed; keeping the old journal")
@@ -622,7 +712,7 @@ impl Volume {
         parent: &Arc<Layer>,
         (start, end): (u64, u64),
         state: BlockState,
-        move_data: &mut dyn FnMut(&std::fs::File, &std::fs::File, u64, u64) -> Result<()>,
+        move_data: &mut MoveData<'_>,
     ) -> Result<Option<(u64, std::time::Duration)>> {
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
@@ -652,8 +742,8 @@ impl Volume {
                 // Not under the layer's writer lock: foreground writes to
                 // other ranges of the top go on (the range lock keeps them
                 // off these blocks; the kernel orders the file changes).
-                let (src, dst) = (parent.file()?, top_layer.file()?);
-                move_data(&src, &dst, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
+                let (src, dst): (File, File) = (parent.file()?, top_layer.file()?);
+                move_data(&*src, &*dst, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
                 self.commit(&top_layer, s, e, BlockState::Data, top_layer.slot);
             } else {
                 self.commit(&top_layer, s, e, BlockState::Zero, ZERO);

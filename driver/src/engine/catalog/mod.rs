@@ -12,6 +12,7 @@ pub(crate) mod records;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -21,11 +22,12 @@ use redb::{
 pub(crate) use self::records::{
     FamilyRecord, JobRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
 };
-pub use self::records::{JobKind, JobReason, JobState, VolumePolicy};
+pub use self::records::{FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, catalog_error};
 use super::geometry::CHUNK_BLOCKS;
 use super::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
 use super::index::{FIRST_SLOT, MAX_LAYERS_PER_FAMILY};
+use super::io::{CatalogFile, Entry, Fs, Open};
 use super::journal::Record;
 use super::presence::{self, BlockState, Run};
 
@@ -48,6 +50,9 @@ const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// Per-volume merge policy (absent: the pool's defaults). Created on first
 /// use, so pools made before it existed open unchanged.
 const POLICIES: TableDefinition<u128, &[u8]> = TableDefinition::new("policies");
+/// Volumes whose data a failure lost (see `FORMAT.md`, "Faults"). Created
+/// on first use, like `policies`.
+const FAULTS: TableDefinition<u128, &[u8]> = TableDefinition::new("faults");
 
 /// The metadata store of one pool.
 pub(crate) struct Catalog {
@@ -65,39 +70,65 @@ impl std::fmt::Debug for Catalog {
 
 impl Catalog {
     /// Opens the catalog of the pool in `dir`, creating it if `create` and
-    /// it does not exist. `durable: false` skips fsync on commit (for
+    /// the pool is new. `durable: false` skips fsync on commit (for
     /// benchmarks and test setup only).
-    pub(crate) fn open(dir: &Path, create: bool, durable: bool) -> Result<Self> {
+    ///
+    /// A catalog is made whole or not at all: initialised as
+    /// `catalog.redb.new`, synced, renamed into place and the directory
+    /// synced, so an interrupted creation leaves no catalog (and is simply
+    /// done again). A pool that has layer files or journals but no catalog
+    /// is refused: making a new one would turn every layer into an orphan.
+    pub(crate) fn open(fs: &Arc<dyn Fs>, dir: &Path, create: bool, durable: bool) -> Result<Self> {
         let path = dir.join(CATALOG_FILE);
-        let exists = path.exists();
-        if !exists && !create {
-            return Err(Error::NotAPool {
-                path: dir.into(),
-                why: format!("no {CATALOG_FILE}"),
-            });
+        let io = |op| move |e| super::error::io_error(op, dir, e);
+        if fs.entry(&path).map_err(io("look for the catalog in"))? != Some(Entry::File) {
+            if has_pool_files(&**fs, dir)? {
+                return Err(Error::CatalogMissing(dir.into()));
+            }
+            if !create {
+                return Err(Error::NotAPool {
+                    path: dir.into(),
+                    why: format!("no {CATALOG_FILE}"),
+                });
+            }
+            Self::create(fs, dir, durable)?;
         }
-        let db = if exists {
-            Database::open(&path)
-        } else {
-            Database::create(&path)
-        }
-        .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::PoolLocked(dir.into()),
-            e => catalog_error("open catalog", e),
-        })?;
+        let file = fs
+            .open(&path, Open::ReadWrite)
+            .map_err(|e| super::error::io_error("open catalog", &path, e))?;
+        let db = Database::builder()
+            .create_with_backend(CatalogFile(file))
+            .map_err(|e| catalog_error("open catalog", e))?;
         let catalog = Catalog { db, durable };
-        if exists {
-            catalog.check_format(dir)?;
-        } else {
-            catalog.initialise()?;
-        }
+        catalog.check_format(dir)?;
         // Tables newer than the pool.
         let txn = catalog.write()?;
-        txn.0
-            .open_table(POLICIES)
-            .map_err(|e| catalog_error("create tables", e))?;
+        for def in [POLICIES, FAULTS] {
+            txn.0
+                .open_table(def)
+                .map_err(|e| catalog_error("create tables", e))?;
+        }
         txn.commit()?;
         Ok(catalog)
+    }
+
+    /// Makes a new, initialised catalog in `dir` atomically.
+    fn create(fs: &Arc<dyn Fs>, dir: &Path, durable: bool) -> Result<()> {
+        let path = dir.join(CATALOG_FILE);
+        let new = dir.join(format!("{CATALOG_FILE}.new"));
+        let file = fs
+            .open(&new, Open::Truncate)
+            .map_err(|e| super::error::io_error("create catalog", &new, e))?;
+        let db = Database::builder()
+            .create_with_backend(CatalogFile(file))
+            .map_err(|e| catalog_error("create catalog", e))?;
+        Catalog { db, durable }.initialise()?;
+        fs.rename(&new, &path)
+            .map_err(|e| super::error::io_error("install catalog", &path, e))?;
+        if durable {
+            super::layer::sync_dir(&**fs, dir)?;
+        }
+        Ok(())
     }
 
     fn initialise(&self) -> Result<()> {
@@ -176,6 +207,27 @@ impl Catalog {
         }
         Ok(WriteTxn(txn))
     }
+}
+
+/// Whether `dir` has layer files or journals (a pool, with or without its
+/// catalog).
+fn has_pool_files(fs: &dyn Fs, dir: &Path) -> Result<bool> {
+    for (sub, ext) in [
+        (super::layer::LAYERS_DIR, ".data"),
+        (super::journal::JOURNAL_DIR, ".wal"),
+    ] {
+        let d = dir.join(sub);
+        match fs.read_dir(&d) {
+            Ok(names) => {
+                if names.iter().any(|n| n.to_string_lossy().ends_with(ext)) {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(super::error::io_error("list", &d, e)),
+        }
+    }
+    Ok(false)
 }
 
 fn get_rec<T, R>(
@@ -301,6 +353,20 @@ impl ReadTxn {
         let t = read_table!(self.0, POLICIES, "read policy");
         Ok(get_rec(&t, volume.0, VolumePolicy::decode, "read policy")?.unwrap_or_default())
     }
+    pub(crate) fn fault(&self, volume: VolumeId) -> Result<Option<FaultRecord>> {
+        let t = read_table!(self.0, FAULTS, "read fault");
+        get_rec(&t, volume.0, FaultRecord::decode, "read fault")
+    }
+    pub(crate) fn faults(&self) -> Result<Vec<(VolumeId, FaultRecord)>> {
+        let op = "list faults";
+        let t = read_table!(self.0, FAULTS, op);
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| catalog_error(op, e))? {
+            let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
+            out.push((VolumeId(k.value()), FaultRecord::decode(v.value())?));
+        }
+        Ok(out)
+    }
     /// The layers whose parent is `layer`.
     pub(crate) fn children(&self, layer: LayerId) -> Result<Vec<LayerRecord>> {
         Ok(self
@@ -367,6 +433,22 @@ impl WriteTxn {
         let mut t = rw_table!(self, POLICIES, "write policy");
         t.insert(volume.0, p.encode().as_slice())
             .map_err(|e| catalog_error("write policy", e))?;
+        Ok(())
+    }
+    pub(crate) fn fault(&self, volume: VolumeId) -> Result<Option<FaultRecord>> {
+        let t = rw_table!(self, FAULTS, "read fault");
+        get_rec(&t, volume.0, FaultRecord::decode, "read fault")
+    }
+    pub(crate) fn put_fault(&mut self, volume: VolumeId, f: &FaultRecord) -> Result<()> {
+        let mut t = rw_table!(self, FAULTS, "write fault");
+        t.insert(volume.0, f.encode().as_slice())
+            .map_err(|e| catalog_error("write fault", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_fault(&mut self, volume: VolumeId) -> Result<()> {
+        let mut t = rw_table!(self, FAULTS, "remove fault");
+        t.remove(volume.0)
+            .map_err(|e| catalog_error("remove fault", e))?;
         Ok(())
     }
     pub(crate) fn remove_policy(&mut self, volume: VolumeId) -> Result<()> {
@@ -666,7 +748,8 @@ mod tests {
     #[test]
     fn pool_of_a_newer_format_is_refused_not_misread() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(dir.path(), true, true).unwrap();
+        let catalog =
+            Catalog::open(&crate::engine::io::RealFs::shared(), dir.path(), true, true).unwrap();
         let txn = catalog.write().unwrap();
         {
             let mut meta = txn.0.open_table(META).unwrap();
@@ -678,14 +761,26 @@ mod tests {
         }
         txn.commit().unwrap();
         drop(catalog);
-        let err = Catalog::open(dir.path(), false, true).unwrap_err();
+        let err = Catalog::open(
+            &crate::engine::io::RealFs::shared(),
+            dir.path(),
+            false,
+            true,
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::FormatTooNew { found, .. } if found == FORMAT_VERSION + 1));
     }
 
     #[test]
     fn family_beyond_the_slot_width_is_a_typed_error() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(dir.path(), true, false).unwrap();
+        let catalog = Catalog::open(
+            &crate::engine::io::RealFs::shared(),
+            dir.path(),
+            true,
+            false,
+        )
+        .unwrap();
         let mut txn = catalog.write().unwrap();
         let family = txn.new_family().unwrap();
         // Pretend all but the last slot were handed out.
@@ -706,7 +801,13 @@ mod tests {
     #[test]
     fn releasing_the_last_reference_cascades_down_the_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(dir.path(), true, false).unwrap();
+        let catalog = Catalog::open(
+            &crate::engine::io::RealFs::shared(),
+            dir.path(),
+            true,
+            false,
+        )
+        .unwrap();
         let mut txn = catalog.write().unwrap();
         let family = txn.new_family().unwrap();
         let mk = |id: u128, parent: Option<u128>, refs: u32, slot: u16| LayerRecord {

@@ -7,6 +7,7 @@ use crate::engine::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
 const VOLUME_V: u8 = 1;
 const JOB_V: u8 = 1;
 const POLICY_V: u8 = 1;
+const FAULT_V: u8 = 1;
 const LAYER_V: u8 = 1;
 const SNAPSHOT_V: u8 = 1;
 const FAMILY_V: u8 = 1;
@@ -417,6 +418,58 @@ impl VolumePolicy {
         r.version(POLICY_V)?;
         Ok(VolumePolicy {
             max_chain_depth: r.u32()?,
+        })
+    }
+}
+
+/// What went wrong with a volume's data (see `FORMAT.md`, "Faults").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Writes a previous process acknowledged could not all be saved: the
+    /// next flush fails once with `UnflushedLost`; the flush after that
+    /// clears it.
+    UnflushedLost = 1,
+    /// A write-back of the volume's data failed: writes and flushes fail
+    /// with `DataLost` until an operator acknowledges the loss.
+    DataLost = 2,
+}
+
+/// A volume's fault: `v=1 | kind u8 | since_ns u64 | reported u8 |
+/// message (u16 length, UTF-8)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub since_ns: u64,
+    /// A flush has reported it (an `UnflushedLost` fault is cleared by the
+    /// next flush after that).
+    pub reported: bool,
+    pub message: String,
+}
+
+impl FaultRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(FAULT_V)
+            .u8(self.kind as u8)
+            .u64(self.since_ns)
+            .u8(u8::from(self.reported))
+            .str(&self.message);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "fault");
+        r.version(FAULT_V)?;
+        let kind = match r.u8()? {
+            1 => FaultKind::UnflushedLost,
+            2 => FaultKind::DataLost,
+            k => return Err(Error::Corrupt(format!("unknown fault kind {k}"))),
+        };
+        Ok(FaultRecord {
+            kind,
+            since_ns: r.u64()?,
+            reported: r.u8()? != 0,
+            message: r.str()?,
         })
     }
 }

@@ -4,9 +4,9 @@
 //! result is the same either way. Callers keep each call to a few MiB:
 //! FICLONERANGE locks both files while it runs.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::super::io::{Fallocated, FileIo};
 
 /// How a range was moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,23 +24,12 @@ impl Method {
     }
 }
 
-/// `FICLONERANGE` = `_IOW(0x94, 13, struct file_clone_range)`.
-const FICLONERANGE: libc::c_ulong = 0x4020_940d;
-
-#[repr(C)]
-struct FileCloneRange {
-    src_fd: i64,
-    src_offset: u64,
-    src_length: u64,
-    dest_offset: u64,
-}
-
 /// Copies `len` bytes at `offset` from `src` to the same offset of `dst`.
 /// Tries a pointer copy unless `no_reflink` says the filesystem refused one
 /// before (then sets it when it refuses now).
 pub(crate) fn copy_range(
-    src: &File,
-    dst: &File,
+    src: &dyn FileIo,
+    dst: &dyn FileIo,
     offset: u64,
     len: u64,
     no_reflink: &AtomicBool,
@@ -49,41 +38,17 @@ pub(crate) fn copy_range(
         return Ok(Method::Copy);
     }
     if !no_reflink.load(Ordering::Relaxed) {
-        let arg = FileCloneRange {
-            src_fd: i64::from(src.as_raw_fd()),
-            src_offset: offset,
-            src_length: len,
-            dest_offset: offset,
-        };
-        // SAFETY: FICLONERANGE reads one `struct file_clone_range` (repr(C),
-        // same layout) that lives for the call.
-        let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONERANGE, &arg) };
-        if rc == 0 {
-            warm_if_cached(src, dst, offset, len);
-            return Ok(Method::Reflink);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
+        match dst.clone_range(src, offset, len)? {
+            Fallocated::Done => return Ok(Method::Reflink),
             // Not a filesystem that shares extents (or not between these
             // files): copy from now on.
-            Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS) => {
-                no_reflink.store(true, Ordering::Relaxed);
-            }
-            _ => return Err(e),
+            Fallocated::Unsupported => no_reflink.store(true, Ordering::Relaxed),
         }
     }
     byte_copy(src, dst, offset, len)?;
     // Start writing the copy back now: a job must not pile up dirty pages
     // that would later make foreground writers wait for writeback.
-    // SAFETY: sync_file_range on an open descriptor with plain integers.
-    unsafe {
-        libc::sync_file_range(
-            dst.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
+    dst.start_writeback(offset, len);
     Ok(Method::Copy)
 }
 
@@ -91,92 +56,34 @@ pub(crate) fn copy_range(
 /// a foreground write to the same file waits for.
 const COPY_CALL: u64 = 32 << 10;
 
-/// Extents shared by a pointer copy do not share the page cache: reads of
-/// the destination would go to the disk even where the source was cached.
-/// If the range's first page is cached in the source (a read that may not
-/// wait succeeds), ask for the destination's range to be read ahead, so a
-/// merge does not turn a hot range cold.
-fn warm_if_cached(src: &File, dst: &File, offset: u64, len: u64) {
-    let mut page = [0u8; 4096];
-    let iov = libc::iovec {
-        iov_base: page.as_mut_ptr().cast(),
-        iov_len: page.len(),
-    };
-    // SAFETY: one iovec over a local buffer; RWF_NOWAIT fails instead of
-    // waiting for I/O. posix_fadvise takes plain integers.
-    unsafe {
-        if libc::preadv2(src.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) > 0 {
-            libc::posix_fadvise(
-                dst.as_raw_fd(),
-                offset as i64,
-                len as i64,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
-    }
-}
-
-fn byte_copy(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+fn byte_copy(src: &dyn FileIo, dst: &dyn FileIo, offset: u64, len: u64) -> std::io::Result<()> {
     let mut done = 0u64;
     while done < len {
-        let mut off_in = (offset + done) as i64;
-        let mut off_out = off_in;
-        // SAFETY: both descriptors are open; the offsets are locals the
-        // call updates.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                (len - done).min(COPY_CALL) as usize,
-                0,
-            )
-        };
-        if n > 0 {
-            done += n as u64;
-            continue;
-        }
-        if n == 0 {
-            // Past the end of the source: the rest reads as zeros.
-            return write_zeros(dst, offset + done, len - done);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                return read_write(src, dst, offset + done, len - done);
+        match dst.copy_range(src, offset + done, (len - done).min(COPY_CALL))? {
+            Some(0) => {
+                // Past the end of the source: the rest reads as zeros.
+                return write_zeros(dst, offset + done, len - done);
             }
-            _ => return Err(e),
+            Some(n) => done += n,
+            None => return read_write(src, dst, offset + done, len - done),
         }
     }
     Ok(())
 }
 
-fn read_write(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+fn read_write(src: &dyn FileIo, dst: &dyn FileIo, offset: u64, len: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(buf.len() as u64) as usize;
-        let mut got = 0;
-        while got < n {
-            match src.read_at(&mut buf[got..n], offset + done + got as u64)? {
-                0 => {
-                    buf[got..n].fill(0);
-                    got = n;
-                }
-                k => got += k,
-            }
-        }
+        super::super::io::read_full(src, &mut buf[..n], offset + done)?;
         dst.write_all_at(&buf[..n], offset + done)?;
         done += n as u64;
     }
     Ok(())
 }
 
-fn write_zeros(dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+fn write_zeros(dst: &dyn FileIo, offset: u64, len: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0u64;
     while done < len {
@@ -190,41 +97,29 @@ fn write_zeros(dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
+    use crate::engine::io::{Fs, Open, RealFs, read_full};
 
     #[test]
     fn copies_the_same_bytes_either_way() {
         let dir = tempfile::tempdir().unwrap();
-        let src = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("a"))
-            .unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("b"))
-            .unwrap();
+        let src = RealFs.open(&dir.path().join("a"), Open::Truncate).unwrap();
+        let dst = RealFs.open(&dir.path().join("b"), Open::Truncate).unwrap();
         let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
         src.write_all_at(&data, 4096).unwrap();
         dst.set_len(8 * 4096).unwrap();
         for no_reflink in [false, true] {
             let flag = AtomicBool::new(no_reflink);
-            copy_range(&src, &dst, 4096, 3 * 4096, &flag).unwrap();
+            copy_range(&*src, &*dst, 4096, 3 * 4096, &flag).unwrap();
             let mut got = vec![0u8; data.len()];
-            dst.read_exact_at(&mut got, 4096).unwrap();
+            read_full(&*dst, &mut got, 4096).unwrap();
             assert_eq!(got, data);
         }
         // Past the source's end: zeros.
         let flag = AtomicBool::new(true);
         dst.write_all_at(&[9u8; 4096], 6 * 4096).unwrap();
-        copy_range(&src, &dst, 6 * 4096, 4096, &flag).unwrap();
+        copy_range(&*src, &*dst, 6 * 4096, 4096, &flag).unwrap();
         let mut got = vec![1u8; 4096];
-        dst.read_exact_at(&mut got, 6 * 4096).unwrap();
+        read_full(&*dst, &mut got, 6 * 4096).unwrap();
         assert!(got.iter().all(|&b| b == 0));
     }
 }

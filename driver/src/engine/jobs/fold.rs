@@ -28,13 +28,16 @@
 //! place):
 //! 1. build `layers/<C>.data.merge`: `C`'s data blocks, then `L`'s blocks
 //!    that `C` does not define; sync it;
-//! 2. rename it over `C`'s file and sync the directory. The new file holds
-//!    `C`'s blocks unchanged, plus blocks `C`'s presence does not name yet
+//! 2. under the pool's shape lock (no snapshot, clone or delete can free
+//!    `L` or `C` meanwhile), check both are still there, rename the new
+//!    file over `C`'s and sync the directory. The new file holds `C`'s
+//!    blocks unchanged, plus blocks `C`'s presence does not name yet
 //!    (never read): a crash here leaves the old state;
-//! 3. switch, holding each volume whose live view names `L`: their entries
-//!    for `L` name `C`; one catalog transaction gives `C` the union of both
-//!    presence maps and `L`'s parent, and removes `L`. `L`'s file goes when
-//!    the last reader of it (an open snapshot export) is done.
+//! 3. switch: one catalog transaction gives `C` the union of both presence
+//!    maps and `L`'s parent, and removes `L`; then, holding each volume
+//!    whose live view names `L`, their entries for `L` name `C`. `L`'s
+//!    file goes when the last reader of it (an open snapshot export) is
+//!    done. A failed commit changes no view.
 //!
 //! Both reserve the space they may write before they start (nothing when
 //! the filesystem shares extents) and wait, visibly, until they can.
@@ -46,6 +49,7 @@ use super::super::catalog::JobKind;
 use super::super::error::{Error, Result, io_error};
 use super::super::geometry::{BLOCK_SIZE, CHUNK_BLOCKS};
 use super::super::ids::{LayerId, VolumeId};
+use super::super::io::{FileIo, Open};
 use super::super::layer::{LAYERS_DIR, layer_path, remove_quietly, sync_dir};
 use super::super::pool::Pool;
 use super::super::presence::{self, BlockState};
@@ -114,8 +118,8 @@ impl Ctx<'_> {
     /// Copies a range, counting it by method.
     fn move_data(
         &self,
-        src: &std::fs::File,
-        dst: &std::fs::File,
+        src: &dyn FileIo,
+        dst: &dyn FileIo,
         off: u64,
         len: u64,
         what: &std::path::Path,
@@ -244,7 +248,7 @@ pub(crate) fn into_top(
                         activity = now;
                         std::thread::sleep(ctx.jobs.config.yield_time);
                     }
-                    let mut mv = |src: &std::fs::File, dst: &std::fs::File, off: u64, len: u64| {
+                    let mut mv = |src: &dyn FileIo, dst: &dyn FileIo, off: u64, len: u64| {
                         ctx.move_data(src, dst, off, len, parent_h.path())
                     };
                     match vol.absorb(top, &parent_h, (s, e), run.state, &mut mv)? {
@@ -375,12 +379,9 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
     let (l_h, c_h) = (sh.layer(l.id, l.slot), sh.layer(c.id, c.slot));
     let tmp = sh.dir.join(LAYERS_DIR).join(format!("{}.data.merge", c.id));
     let built = (|| -> Result<Outcome> {
-        let out = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
+        let out = sh
+            .fs
+            .open(&tmp, Open::Truncate)
             .map_err(|e| io_error("create", &tmp, e))?;
         out.set_len(c.size).map_err(|e| io_error("size", &tmp, e))?;
         for &(start, n, from) in &copies {
@@ -396,7 +397,7 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
                 let e = (s + piece_blocks(ctx)).min(start + n);
                 let bytes = (e - s) * BLOCK_SIZE;
                 ctx.throttle(bytes);
-                ctx.move_data(&src, &out, s * BLOCK_SIZE, bytes, &tmp)?;
+                ctx.move_data(&*src, &*out, s * BLOCK_SIZE, bytes, &tmp)?;
                 ctx.progress.done(bytes);
                 s = e;
             }
@@ -409,21 +410,48 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
     match built {
         Ok(Outcome::Done) => {}
         other => {
-            remove_quietly(&tmp);
+            remove_quietly(&*sh.fs, &tmp);
             return other;
         }
     }
     ctx.failpoint("fold_frozen::after_build");
+
+    // From here on no snapshot, clone or delete runs (they take the shape
+    // lock): `L` and `C` cannot be freed between the check below and the
+    // commit, so the new file never ends up as the file of a layer the
+    // catalog no longer has.
+    let _shape = sh.shape.lock().expect("shape lock");
+    let still = {
+        let txn = sh.catalog.read()?;
+        txn.layer(child)?.is_some_and(|c| c.parent == Some(layer)) && txn.layer(layer)?.is_some()
+    };
+    if !still {
+        remove_quietly(&*sh.fs, &tmp);
+        return Ok(Outcome::Replan);
+    }
     let dest = layer_path(&sh.dir, c.id);
-    std::fs::rename(&tmp, &dest).map_err(|e| io_error("rename", &dest, e))?;
-    if sh.opts.sync {
-        sync_dir(&sh.dir.join(LAYERS_DIR))?;
+    let installed = sh
+        .fs
+        .rename(&tmp, &dest)
+        .map_err(|e| io_error("rename", &dest, e))
+        .and_then(|()| {
+            if sh.opts.sync {
+                sync_dir(&*sh.fs, &sh.dir.join(LAYERS_DIR))?;
+            }
+            Ok(())
+        });
+    c_h.reopen();
+    if let Err(e) = installed {
+        remove_quietly(&*sh.fs, &tmp);
+        return Err(e);
     }
     ctx.failpoint("fold_frozen::after_rename");
 
-    // The switch.
-    let _shape = sh.shape.lock().expect("shape lock");
-    c_h.reopen();
+    // The switch: the catalog first (`C` gets both presence maps), then
+    // the live views that name `L` name `C` instead. Until the views
+    // change they read `L`'s blocks from `L`'s file, which stays until
+    // its last handle goes; if the commit fails they are left as they are
+    // and still right (the new file holds `C`'s blocks unchanged).
     let affected: Vec<_> = pool
         .loaded_volumes()
         .into_iter()
@@ -431,12 +459,6 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
         .collect();
     for v in &affected {
         v.flush_and_checkpoint()?;
-        let ((), held) = v.hold(|st| {
-            st.view.rename_slot(&l_h, c.slot);
-            st.base = None;
-            st.base_weak = std::sync::Weak::new();
-        });
-        ctx.held(held);
     }
     let committed = (|| -> Result<bool> {
         let mut txn = sh.catalog.write()?;
@@ -461,6 +483,14 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
     })()?;
     if !committed {
         return Ok(Outcome::Replan);
+    }
+    for v in &affected {
+        let ((), held) = v.hold(|st| {
+            st.view.rename_slot(&l_h, c.slot);
+            st.base = None;
+            st.base_weak = std::sync::Weak::new();
+        });
+        ctx.held(held);
     }
     sh.purge_views_holding(&l_h);
     drop(l_h);
