@@ -102,6 +102,13 @@ pub enum Error {
         /// What one log needs.
         bytes: u64,
     },
+    /// A catalog commit failed: whether it took effect is unknown until the
+    /// pool is opened again, so the pool takes no more changes.
+    #[error(
+        "the pool at {0} is suspended: a metadata commit failed and its outcome is unknown; it \
+         takes no writes until Strata is restarted (which opens the pool again)"
+    )]
+    PoolSuspended(PathBuf),
     /// A pool whose catalog is gone.
     #[error(
         "the pool at {0} has layer files or journals but no catalog.redb: its catalog is lost. \
@@ -232,7 +239,8 @@ impl Error {
             Error::Io { .. }
             | Error::Catalog { .. }
             | Error::UnflushedLost(_)
-            | Error::DataLost { .. } => ErrorKind::Io,
+            | Error::DataLost { .. }
+            | Error::PoolSuspended(_) => ErrorKind::Io,
         }
     }
 

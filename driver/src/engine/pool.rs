@@ -78,6 +78,14 @@ impl Default for PoolOptions {
     }
 }
 
+/// The frozen layer a new volume is cloned from.
+struct CloneSource {
+    /// The snapshot that must still be there (none for an implicit one).
+    snapshot: Option<SnapshotId>,
+    layer: LayerId,
+    view: Arc<View>,
+}
+
 /// What a volume looks like from the outside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -373,6 +381,10 @@ pub(crate) struct PoolInner {
     volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
     /// Serialises the slow path of opening a volume.
     opening: Mutex<()>,
+    /// Volume IDs a create is working on: a second create of the same ID
+    /// (a retried CreateVolume) waits for the first, then finds it.
+    creating: Mutex<HashSet<VolumeId>>,
+    created: std::sync::Condvar,
     pub(crate) jobs: Arc<Jobs>,
 }
 
@@ -390,6 +402,23 @@ pub struct Pool {
 
 #[derive(Debug)]
 struct UserHandles(Weak<PoolInner>);
+
+/// The right to create volume `id`; see [`PoolInner::creating`].
+struct Claim<'a> {
+    inner: &'a PoolInner,
+    id: VolumeId,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .creating
+            .lock()
+            .expect("creating")
+            .remove(&self.id);
+        self.inner.created.notify_all();
+    }
+}
 
 impl Drop for UserHandles {
     fn drop(&mut self) {
@@ -454,6 +483,8 @@ impl Pool {
             shared,
             volumes: Mutex::new(HashMap::new()),
             opening: Mutex::new(()),
+            creating: Mutex::new(HashSet::new()),
+            created: std::sync::Condvar::new(),
             jobs,
         });
         let pool = Pool {
@@ -461,7 +492,9 @@ impl Pool {
             inner,
         };
         pool.requeue_jobs()?;
-        Jobs::start(&pool.inner);
+        if pool.shared().opts.jobs.background {
+            Jobs::start(&pool.inner);
+        }
         Ok(pool)
     }
 
@@ -566,21 +599,40 @@ impl Pool {
     /// finish an interrupted create idempotently.
     pub fn create_volume_as(&self, vid: VolumeId, size_bytes: u64) -> Result<VolumeInfo> {
         check_volume_size(size_bytes)?;
-        if self.shared().catalog.read()?.volume(vid)?.is_some() {
-            return Err(Error::AlreadyExists(format!("volume {vid}")));
-        }
+        let _claim = self.claim(vid)?;
         self.new_volume(vid, size_bytes, None)
     }
 
+    /// Claims the creation of `vid` (waiting while another create of it
+    /// runs); `AlreadyExists` if it exists. Files named after `vid` (its
+    /// journal, its unflushed log) are touched only under a claim, so two
+    /// creates of one ID never clobber each other's files or the live
+    /// volume's.
+    fn claim(&self, vid: VolumeId) -> Result<Claim<'_>> {
+        let inner = &*self.inner;
+        let mut creating = inner.creating.lock().expect("creating");
+        while creating.contains(&vid) {
+            creating = inner.created.wait(creating).expect("creating");
+        }
+        creating.insert(vid);
+        drop(creating);
+        let claim = Claim { inner, id: vid };
+        if self.shared().catalog.read()?.volume(vid)?.is_some() {
+            return Err(Error::AlreadyExists(format!("volume {vid}")));
+        }
+        Ok(claim)
+    }
+
     /// Creates volume `vid` of `size` bytes: a new writable top layer, in a
-    /// new family (an empty volume) or over the frozen layer of snapshot
-    /// `source` whose view is given (a clone). Files first, then one
-    /// catalog transaction; the files are removed if it fails.
+    /// new family (an empty volume) or over the frozen layer of a snapshot
+    /// whose view is given (a clone). Files first, then one catalog
+    /// transaction; the files are removed if it fails. The caller holds
+    /// the claim of `vid`.
     fn new_volume(
         &self,
         vid: VolumeId,
         size: u64,
-        source: Option<(SnapshotId, LayerId, Arc<View>)>,
+        source: Option<CloneSource>,
     ) -> Result<VolumeInfo> {
         let sh = self.shared();
         let (lid, created) = (LayerId::new_random(), now_ns());
@@ -595,15 +647,16 @@ impl Pool {
                 }
                 let (family, parent) = match &source {
                     None => (txn.new_family()?, None),
-                    Some((snap, layer, _)) => {
+                    Some(src) => {
                         // Re-check inside the transaction: the snapshot may have gone.
-                        if !txn
-                            .snapshot(*snap)?
-                            .is_some_and(|r| r.state == SnapshotState::Ready)
+                        if let Some(snap) = src.snapshot
+                            && !txn
+                                .snapshot(snap)?
+                                .is_some_and(|r| r.state == SnapshotState::Ready)
                         {
-                            return Err(Error::SnapshotNotFound(*snap));
+                            return Err(Error::SnapshotNotFound(snap));
                         }
-                        let parent = txn.retain_layer(*layer)?;
+                        let parent = txn.retain_layer(src.layer)?;
                         (parent.family, Some(parent.id))
                     }
                 };
@@ -633,14 +686,18 @@ impl Pool {
         let (slot, journal, log) = match committed {
             Ok(x) => x,
             Err(e) => {
-                remove_quietly(&*sh.fs, &layer_path(&sh.dir, lid));
-                remove_quietly(&*sh.fs, &journal_path(&sh.dir, vid));
-                remove_quietly(&*sh.fs, &unflushed_path(&sh.unflushed_dir, vid));
+                // After a failed commit the volume may exist after all:
+                // its files stay, for the next open to use or sweep.
+                if !sh.catalog.failed() {
+                    remove_quietly(&*sh.fs, &layer_path(&sh.dir, lid));
+                    remove_quietly(&*sh.fs, &journal_path(&sh.dir, vid));
+                    remove_quietly(&*sh.fs, &unflushed_path(&sh.unflushed_dir, vid));
+                }
                 return Err(e);
             }
         };
         let top = sh.layer(lid, slot);
-        let base = source.map_or_else(|| Arc::new(View::empty(0)), |(_, _, view)| view);
+        let base = source.map_or_else(|| Arc::new(View::empty(0)), |src| src.view);
         let mut view = (*base).clone();
         view.index.grow(blocks_for(size));
         view.add_layer(Arc::clone(&top));
@@ -849,9 +906,10 @@ impl Pool {
         create_layer_file(&*sh.fs, &sh.dir, new_top, size, sh.opts.sync)?;
         let result = {
             let _shape = sh.shape.lock().expect("shape lock");
-            self.freeze_top(&vol, new_top, snap)
+            self.freeze_top(&vol, new_top, snap, false)
+                .map(|(info, _)| info)
         };
-        if result.is_err() {
+        if result.is_err() && !sh.catalog.failed() {
             remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
         }
         let info = result?;
@@ -862,7 +920,20 @@ impl Pool {
         Ok(info)
     }
 
-    fn freeze_top(&self, vol: &Volume, new_top: LayerId, snap: SnapshotId) -> Result<SnapshotInfo> {
+    /// Freezes `vol`'s top under snapshot `snap` and puts `new_top` (an
+    /// empty file already made) on it. An `implicit` snapshot is recorded
+    /// as deleted from the start and holds no reference: it exists only so
+    /// that a clone can be made of the frozen layer in the same hold of
+    /// the shape lock (a crash in between leaves a layer that nothing
+    /// holds but the new top, which the next open folds away). Returns the
+    /// snapshot and the frozen layer's view.
+    fn freeze_top(
+        &self,
+        vol: &Volume,
+        new_top: LayerId,
+        snap: SnapshotId,
+        implicit: bool,
+    ) -> Result<(SnapshotInfo, Arc<View>)> {
         let sh = self.shared();
         let _gate = vol.gate.write().expect("volume gate");
         vol.check_live()?;
@@ -881,7 +952,9 @@ impl Pool {
         // (as parent) and the snapshot's.
         old.frozen = true;
         old.snapshot = Some(snap);
-        old.refs += 1;
+        if !implicit {
+            old.refs += 1;
+        }
         txn.put_layer(&old)?;
         txn.put_layer(&LayerRecord {
             id: new_top,
@@ -900,7 +973,11 @@ impl Pool {
             layer: old.id,
             size: rec.size,
             created_ns: created,
-            state: SnapshotState::Ready,
+            state: if implicit {
+                SnapshotState::Deleted
+            } else {
+                SnapshotState::Ready
+            },
         };
         txn.put_snapshot(&srec)?;
         rec.top = new_top;
@@ -921,8 +998,8 @@ impl Pool {
             .lock()
             .expect("journal")
             .frozen_views
-            .push(frozen);
-        Ok(SnapshotInfo::from(&srec))
+            .push(Arc::clone(&frozen));
+        Ok((SnapshotInfo::from(&srec), frozen))
     }
 
     /// Deletes a snapshot. Succeeds even if clones were made from it; the
@@ -1004,9 +1081,7 @@ impl Pool {
         size_bytes: Option<u64>,
     ) -> Result<VolumeInfo> {
         let sh = self.shared();
-        if sh.catalog.read()?.volume(vid)?.is_some() {
-            return Err(Error::AlreadyExists(format!("volume {vid}")));
-        }
+        let _claim = self.claim(vid)?;
         let snap = match sh.catalog.read()?.snapshot(id)? {
             Some(r) if r.state == SnapshotState::Ready => r,
             _ => return Err(Error::SnapshotNotFound(id)),
@@ -1022,7 +1097,12 @@ impl Pool {
         let info = {
             let _shape = sh.shape.lock().expect("shape lock");
             let base = sh.view_of(snap.layer)?;
-            self.new_volume(vid, size, Some((id, snap.layer, base)))?
+            let source = CloneSource {
+                snapshot: Some(id),
+                layer: snap.layer,
+                view: base,
+            };
+            self.new_volume(vid, size, Some(source))?
         };
         // A clone of a deep chain is as deep, plus its own top.
         if info.chain_depth as u32 > self.max_chain_depth(vid)? {
@@ -1031,9 +1111,10 @@ impl Pool {
         Ok(info)
     }
 
-    /// A new volume with the contents `volume` has now: an implicit
-    /// snapshot, a clone of it, and the implicit snapshot's deletion (its
-    /// layer stays, shared by both volumes).
+    /// A new volume with the contents `volume` has now: its top is frozen
+    /// (an implicit snapshot, never listed) and the clone is made on it,
+    /// in one hold of the shape lock. The frozen layer is shared by both
+    /// volumes.
     pub fn clone_volume(&self, volume: VolumeId, size_bytes: Option<u64>) -> Result<VolumeInfo> {
         self.clone_volume_as(volume, VolumeId::new_random(), size_bytes)
     }
@@ -1045,15 +1126,63 @@ impl Pool {
         vid: VolumeId,
         size_bytes: Option<u64>,
     ) -> Result<VolumeInfo> {
-        if self.shared().catalog.read()?.volume(vid)?.is_some() {
-            return Err(Error::AlreadyExists(format!("volume {vid}")));
+        let sh = self.shared();
+        let _claim = self.claim(vid)?;
+        let vol = self.volume(volume)?;
+        let from = vol.size();
+        let size = size_bytes.unwrap_or(from);
+        check_volume_size(size)?;
+        if size < from {
+            return Err(Error::ShrinkRefused { from, to: size });
         }
-        let snap = self.create_snapshot(volume)?;
-        let clone = self.clone_snapshot_as(snap.id, vid, size_bytes);
-        let deleted = self.delete_snapshot(snap.id);
-        let clone = clone?;
-        deleted?;
-        Ok(clone)
+        // Flush outside the hold, so the hold only covers the tail.
+        vol.flush()?;
+        let new_top = LayerId::new_random();
+        create_layer_file(&*sh.fs, &sh.dir, new_top, from, sh.opts.sync)?;
+        let (frozen, made) = {
+            let _shape = sh.shape.lock().expect("shape lock");
+            let (info, view) = match self.freeze_top(&vol, new_top, SnapshotId::new_random(), true)
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    if !sh.catalog.failed() {
+                        remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
+                    }
+                    return Err(e);
+                }
+            };
+            let layer = sh
+                .catalog
+                .read()?
+                .snapshot(info.id)?
+                .ok_or(Error::SnapshotNotFound(info.id))?
+                .layer;
+            let source = CloneSource {
+                snapshot: None,
+                layer,
+                view,
+            };
+            (layer, self.new_volume(vid, size, Some(source)))
+        };
+        // Failed: the frozen layer is held only by the volume's new top;
+        // fold it away.
+        let info = made.inspect_err(|_| {
+            let foldable = sh.catalog.read().and_then(|txn| match txn.layer(frozen)? {
+                Some(l) => jobs::plan_foldable(&txn, &l),
+                None => Ok(false),
+            });
+            if foldable.unwrap_or(false)
+                && let Err(e) = self.enqueue(JobKind::Fold, frozen.0, 0, JobReason::SnapshotDeleted)
+            {
+                tracing::warn!(layer = %frozen, error = %e, "queueing the fold of a failed clone's layer");
+            }
+        })?;
+        for v in [volume, vid] {
+            if self.volume(v)?.depth() as u32 > self.max_chain_depth(v)? {
+                self.enqueue(JobKind::Merge, v.0, 0, JobReason::DepthPolicy)?;
+            }
+        }
+        Ok(info)
     }
 
     /// Opens a snapshot for reading. The reader pins the layers it reads:

@@ -453,6 +453,7 @@ impl Volume {
             self.write(offset, &vec![0u8; head as usize], false)?;
         }
         if flags.no_hole {
+            self.check_fault(false)?;
             let _gate = self.gate.read().expect("volume gate");
             self.check_live()?;
             let _range = self.ranges.lock(first, end);
@@ -476,6 +477,7 @@ impl Volume {
     /// absent and the rest record zero (equally correct, a little less
     /// sparse).
     fn unmap_blocks(&self, first: u64, end: u64) -> Result<()> {
+        self.check_fault(false)?;
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
         let _range = self.ranges.lock(first, end);
@@ -538,6 +540,9 @@ impl Volume {
     /// operation: a data loss stops writes and flushes until acknowledged;
     /// lost unflushed writes fail one flush (the next one clears them).
     fn check_fault(&self, flush: bool) -> Result<()> {
+        if self.shared.catalog.failed() {
+            return Err(Error::PoolSuspended(self.shared.dir.clone()));
+        }
         let mut fault = self.fault.lock().expect("fault");
         let Some(f) = &mut *fault else {
             return Ok(());

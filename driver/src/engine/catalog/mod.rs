@@ -58,6 +58,10 @@ const FAULTS: TableDefinition<u128, &[u8]> = TableDefinition::new("faults");
 pub(crate) struct Catalog {
     db: Database,
     durable: bool,
+    /// A commit failed: whether it took effect is unknown until the pool is
+    /// opened again (redb itself refuses every later call), so the pool
+    /// takes no more changes.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -99,7 +103,11 @@ impl Catalog {
         let db = Database::builder()
             .create_with_backend(CatalogFile(file))
             .map_err(|e| catalog_error("open catalog", e))?;
-        let catalog = Catalog { db, durable };
+        let catalog = Catalog {
+            db,
+            durable,
+            failed: Default::default(),
+        };
         catalog.check_format(dir)?;
         // Tables newer than the pool.
         let txn = catalog.write()?;
@@ -122,7 +130,12 @@ impl Catalog {
         let db = Database::builder()
             .create_with_backend(CatalogFile(file))
             .map_err(|e| catalog_error("create catalog", e))?;
-        Catalog { db, durable }.initialise()?;
+        Catalog {
+            db,
+            durable,
+            failed: Default::default(),
+        }
+        .initialise()?;
         fs.rename(&new, &path)
             .map_err(|e| super::error::io_error("install catalog", &path, e))?;
         if durable {
@@ -189,6 +202,11 @@ impl Catalog {
         Ok(())
     }
 
+    /// Whether a commit failed (see `failed`).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub(crate) fn read(&self) -> Result<ReadTxn> {
         self.db
             .begin_read()
@@ -205,7 +223,7 @@ impl Catalog {
             txn.set_durability(Durability::None)
                 .map_err(|e| catalog_error("begin write", e))?;
         }
-        Ok(WriteTxn(txn))
+        Ok(WriteTxn(txn, Arc::clone(&self.failed)))
     }
 }
 
@@ -399,7 +417,7 @@ impl ReadTxn {
 
 /// A write transaction; nothing is visible to others (or durable) until
 /// [`WriteTxn::commit`].
-pub(crate) struct WriteTxn(WriteTransaction);
+pub(crate) struct WriteTxn(WriteTransaction, Arc<std::sync::atomic::AtomicBool>);
 
 macro_rules! rw_table {
     ($self:expr, $def:expr, $op:expr) => {
@@ -412,7 +430,10 @@ macro_rules! rw_table {
 
 impl WriteTxn {
     pub(crate) fn commit(self) -> Result<()> {
-        self.0.commit().map_err(|e| catalog_error("commit", e))
+        self.0.commit().map_err(|e| {
+            self.1.store(true, std::sync::atomic::Ordering::Release);
+            catalog_error("commit", e)
+        })
     }
     pub(crate) fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
         let t = rw_table!(self, JOBS, "read job");

@@ -74,6 +74,10 @@ pub struct JobConfig {
     pub max_yields: u32,
     /// Finished jobs kept for `strata jobs`.
     pub keep_finished: usize,
+    /// Jobs run on threads of their own. Off (for tests that count every
+    /// call a workload makes), nothing runs until
+    /// [`Pool::run_jobs_here`](crate::engine::Pool::run_jobs_here).
+    pub background: bool,
 }
 
 impl Default for JobConfig {
@@ -87,6 +91,7 @@ impl Default for JobConfig {
             yield_time: Duration::from_millis(2),
             max_yields: 25,
             keep_finished: 64,
+            background: true,
         }
     }
 }
@@ -261,7 +266,7 @@ fn dispatch(weak: Weak<PoolInner>, jobs: Arc<Jobs>) {
         {
             let Some(inner) = weak.upgrade() else { return };
             let pool = Pool::internal(inner);
-            if let Err(e) = start_ready(&pool) {
+            if let Err(e) = start_ready(&pool, true) {
                 tracing::warn!(error = %e, "starting jobs failed");
             }
         }
@@ -273,7 +278,9 @@ fn dispatch(weak: Weak<PoolInner>, jobs: Arc<Jobs>) {
     }
 }
 
-fn start_ready(pool: &Pool) -> Result<()> {
+/// Starts the queued jobs there is room for: each on a thread of its own,
+/// or, without `spawn`, one after another on this thread.
+fn start_ready(pool: &Pool, spawn: bool) -> Result<()> {
     let sh = pool.shared();
     let jobs = &pool.inner().jobs;
     let mut queued: Vec<JobRecord> = sh
@@ -326,6 +333,10 @@ fn start_ready(pool: &Pool) -> Result<()> {
             txn.commit()?;
         }
         let weak = Arc::downgrade(pool.inner());
+        if !spawn {
+            run(weak, rec, family, progress);
+            continue;
+        }
         let mut threads = jobs.threads.lock().expect("job threads");
         if jobs.stopping() {
             // Queued again at the next open.
@@ -335,7 +346,10 @@ fn start_ready(pool: &Pool) -> Result<()> {
         }
         let handle = std::thread::Builder::new()
             .name(format!("strata-job-{}", rec.kind.label()))
-            .spawn(move || run(weak, rec, family, progress))
+            .spawn(move || {
+                lower_priority();
+                run(weak, rec, family, progress)
+            })
             .map_err(|e| Error::Io {
                 op: "start a job thread",
                 path: Default::default(),
@@ -375,7 +389,6 @@ fn lower_priority() {
 
 /// Runs one job to its end (or until the pool closes).
 fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Progress>) {
-    lower_priority();
     let bucket = Bucket::new(
         weak.upgrade()
             .map_or(1 << 20, |i| i.jobs.config.job_bytes_per_sec),
@@ -665,6 +678,26 @@ impl Pool {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs every queued job to its end on this thread, as long as some
+    /// are queued (a job may queue another): for a pool opened with
+    /// `jobs.background` off, where nothing else runs them.
+    pub fn run_jobs_here(&self) -> Result<()> {
+        for _ in 0..64 {
+            let queued = self
+                .shared()
+                .catalog
+                .read()?
+                .jobs()?
+                .iter()
+                .any(|j| j.state == JobState::Queued);
+            if !queued {
+                return Ok(());
+            }
+            start_ready(self, false)?;
+        }
+        Ok(())
     }
 
     /// Reports what jobs do (bytes by method, holds, throttling) to `o`.

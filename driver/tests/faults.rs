@@ -1,0 +1,682 @@
+//! The engine's error paths, call by call. The pool runs on `FaultFs` (a
+//! filesystem in memory, `engine/io/fault.rs`); one workload (writes, FUA,
+//! flushes, trims, snapshots, clones of snapshots and of volumes, deletes,
+//! a fold, a merge, an expansion) is run once to count the filesystem
+//! calls it makes, then once per call N:
+//!
+//! - **error**: call N fails (EIO; ENOSPC where the call allocates), the
+//!   workload goes on as a client would, then the power goes;
+//! - **power cut**: the power goes at call N (every write no fsync made
+//!   durable, every name no directory fsync made durable, is gone);
+//!
+//! and the pool is opened again from what is left. Then: it opens; every
+//! volume and snapshot whose creation was acknowledged (and not its
+//! deletion) is there, and nothing whose deletion was; every block reads
+//! what the last write acknowledged by a flush wrote, or a later write
+//! (acknowledged or failed), never anything else (each write has its own
+//! pattern, so data of another block, volume or time is caught); `pool
+//! check` is clean except for what it says was lost; and the pool takes
+//! writes again.
+//!
+//! `STRATA_FAULT_STRIDE=k` tries every k-th call only (for a quick look);
+//! `STRATA_SOAK_STEPS` multiplies the workload (longer, more calls).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use strata::engine::io::fault::{Fail, FaultFs, Op};
+use strata::engine::{
+    ErrorKind, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags, check::check_pool_on,
+};
+
+const POOL: &str = "/data/pool";
+const RUN: &str = "/run/strata";
+const BLOCK: u64 = 4096;
+
+/// A write's contents: its tag in every 4-byte word (tag 0: zeros).
+fn pattern(tag: u32) -> Vec<u8> {
+    tag.to_le_bytes().repeat((BLOCK / 4) as usize)
+}
+
+fn tag_of(block: &[u8]) -> Option<u32> {
+    let tag = u32::from_le_bytes(block[..4].try_into().unwrap());
+    (block == pattern(tag)).then_some(tag)
+}
+
+/// What a block may read: the tags flushed writes left (`durable`: more
+/// than one when a write failed around the flush) and those of every write
+/// since (acknowledged or not).
+#[derive(Debug, Clone)]
+struct Block {
+    durable: BTreeSet<u32>,
+    since: Vec<(u32, bool)>,
+}
+
+impl Block {
+    fn zero() -> Self {
+        Block {
+            durable: BTreeSet::from([0]),
+            since: Vec::new(),
+        }
+    }
+
+    fn allows(&self, tag: u32) -> bool {
+        self.durable.contains(&tag) || self.since.iter().any(|(t, _)| *t == tag)
+    }
+
+    /// A flush that returned success: every acknowledged write is durable.
+    fn flushed(&mut self) {
+        match self.since.iter().rposition(|(_, acked)| *acked) {
+            Some(last) => {
+                self.durable = self.since[last..].iter().map(|(t, _)| *t).collect();
+            }
+            None => self.durable.extend(self.since.iter().map(|(t, _)| *t)),
+        }
+        self.since.clear();
+    }
+
+    /// Exactly what a reader of the live volume may see now: the last
+    /// acknowledged write, or failed ones after it.
+    fn now(&self) -> Block {
+        let mut b = self.clone();
+        b.flushed();
+        b
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VolModel {
+    /// Its creation was acknowledged (else it may or may not exist).
+    sure: bool,
+    /// Its size in blocks: at least the first, at most the second (an
+    /// expansion that failed may or may not have happened).
+    blocks: (u64, u64),
+    data: Vec<Block>,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    volumes: BTreeMap<u128, VolModel>,
+    /// Volumes whose deletion was acknowledged.
+    gone: BTreeSet<u128>,
+    snapshots: BTreeMap<u128, VolModel>,
+    gone_snapshots: BTreeSet<u128>,
+    next_tag: u32,
+    /// Errors the workload saw (for the summary).
+    errors: usize,
+    /// Errors of a kind no filesystem failure may turn into.
+    wrong: Vec<String>,
+}
+
+impl Model {
+    fn tag(&mut self) -> u32 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+}
+
+fn opts(disk: &FaultFs) -> PoolOptions {
+    PoolOptions {
+        fs: disk.process(),
+        unflushed_dir: Some(Path::new(RUN).join("unflushed")),
+        reserve_bytes: Some(0),
+        journal_checkpoint_bytes: 2048,
+        jobs: JobConfig {
+            background: false,
+            job_bytes_per_sec: 1 << 40,
+            node_bytes_per_sec: 1 << 40,
+            step_bytes: 16 << 10,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A disk with `/data` (where the pool goes) and `/run` (a tmpfs) made
+/// durably, as a booted system has them.
+fn new_disk() -> FaultFs {
+    let disk = FaultFs::new();
+    let fs = disk.process();
+    for d in ["/data", RUN] {
+        fs.create_dir_all(Path::new(d)).unwrap();
+    }
+    for d in ["/", "/run"] {
+        fs.sync_dir(Path::new(d)).unwrap();
+    }
+    disk.volatile(Path::new(RUN));
+    disk
+}
+
+/// Counts an error, and notes one of a kind no filesystem failure may
+/// turn into.
+fn failed(m: &mut Model, what: &str, e: strata::engine::Error) {
+    m.errors += 1;
+    if !matches!(
+        e.kind(),
+        ErrorKind::Io | ErrorKind::NoSpace | ErrorKind::Corrupt | ErrorKind::NotFound
+    ) {
+        m.wrong.push(format!("{what}: an I/O failure came back as {:?}: {e}", e.kind()));
+    }
+}
+
+fn vid(n: u128) -> VolumeId {
+    VolumeId::from_u128(n)
+}
+
+/// Writes `tag` to blocks `first..first+n` of volume `v`.
+fn write(pool: &Pool, m: &mut Model, v: u128, first: u64, n: u64, fua: bool) {
+    let tag = m.tag();
+    let data: Vec<u8> = (0..n).flat_map(|_| pattern(tag)).collect();
+    let r = pool
+        .volume(vid(v))
+        .and_then(|vol| vol.write(first * BLOCK, &data, fua));
+    let acked = r.is_ok();
+    let vm = m.volumes.get_mut(&v).expect("modelled");
+    for b in first..first + n {
+        vm.data[b as usize].since.push((tag, acked));
+        if acked && fua {
+            vm.data[b as usize].flushed();
+        }
+    }
+    if fua && acked {
+        // FUA flushes everything acknowledged before.
+        for b in &mut vm.data {
+            b.flushed();
+        }
+    }
+    if let Err(e) = r {
+        failed(m, "write", e);
+    }
+}
+
+fn zero(pool: &Pool, m: &mut Model, v: u128, first: u64, n: u64, trim: bool) {
+    let r = pool.volume(vid(v)).and_then(|vol| {
+        if trim {
+            vol.trim(first * BLOCK, n * BLOCK)
+        } else {
+            vol.write_zeroes(first * BLOCK, n * BLOCK, ZeroFlags::default())
+        }
+    });
+    let acked = r.is_ok();
+    let vm = m.volumes.get_mut(&v).expect("modelled");
+    for b in first..first + n {
+        vm.data[b as usize].since.push((0, acked));
+    }
+    if let Err(e) = r {
+        failed(m, "zero", e);
+    }
+}
+
+fn flush(pool: &Pool, m: &mut Model, v: u128) {
+    match pool.volume(vid(v)).and_then(|vol| vol.flush()) {
+        Ok(()) => {
+            for b in &mut m.volumes.get_mut(&v).expect("modelled").data {
+                b.flushed();
+            }
+        }
+        Err(e) => failed(m, "flush", e),
+    }
+}
+
+fn create(pool: &Pool, m: &mut Model, v: u128, blocks: u64) {
+    let r = pool.create_volume_as(vid(v), blocks * BLOCK);
+    m.volumes.insert(
+        v,
+        VolModel {
+            sure: r.is_ok(),
+            blocks: (blocks, blocks),
+            data: vec![Block::zero(); blocks as usize],
+        },
+    );
+    if let Err(e) = r {
+        failed(m, "create", e);
+    }
+}
+
+/// What a snapshot or a clone of volume `v` holds: its live contents (a
+/// snapshot flushes first).
+fn frozen(vm: &VolModel, sure: bool) -> VolModel {
+    VolModel {
+        sure,
+        blocks: vm.blocks,
+        data: vm.data.iter().map(Block::now).collect(),
+    }
+}
+
+fn snapshot(pool: &Pool, m: &mut Model, v: u128, s: u128) {
+    let r = pool.create_snapshot_as(vid(v), SnapshotId::from_u128(s));
+    let vm = m.volumes.get_mut(&v).expect("modelled");
+    let snap = frozen(vm, r.is_ok());
+    if r.is_ok() {
+        for b in &mut vm.data {
+            b.flushed();
+        }
+    }
+    m.snapshots.insert(s, snap);
+    if let Err(e) = r {
+        failed(m, "snapshot", e);
+    }
+}
+
+fn clone_snapshot(pool: &Pool, m: &mut Model, s: u128, v: u128) {
+    let r = pool.clone_snapshot_as(SnapshotId::from_u128(s), vid(v), None);
+    let mut clone = m.snapshots[&s].clone();
+    clone.sure = r.is_ok() && clone.sure;
+    m.volumes.insert(v, clone);
+    if let Err(e) = r {
+        failed(m, "clone snapshot", e);
+    }
+}
+
+fn clone_volume(pool: &Pool, m: &mut Model, from: u128, v: u128) {
+    let r = pool.clone_volume_as(vid(from), vid(v), None);
+    let vm = m.volumes.get_mut(&from).expect("modelled");
+    let clone = frozen(vm, r.is_ok());
+    if r.is_ok() {
+        for b in &mut vm.data {
+            b.flushed();
+        }
+    }
+    m.volumes.insert(v, clone);
+    if let Err(e) = r {
+        failed(m, "clone volume", e);
+    }
+}
+
+fn delete_volume(pool: &Pool, m: &mut Model, v: u128) {
+    match pool.delete_volume(vid(v)) {
+        Ok(()) => {
+            m.volumes.remove(&v);
+            m.gone.insert(v);
+        }
+        Err(e) => {
+            m.volumes.get_mut(&v).expect("modelled").sure = false;
+            failed(m, "delete volume", e);
+        }
+    }
+}
+
+fn delete_snapshot(pool: &Pool, m: &mut Model, s: u128) {
+    match pool.delete_snapshot(SnapshotId::from_u128(s)) {
+        Ok(()) => {
+            m.snapshots.remove(&s);
+            m.gone_snapshots.insert(s);
+        }
+        Err(e) => {
+            m.snapshots.get_mut(&s).expect("modelled").sure = false;
+            failed(m, "delete snapshot", e);
+        }
+    }
+}
+
+fn grow(pool: &Pool, m: &mut Model, v: u128, blocks: u64) {
+    let r = pool.resize_volume(vid(v), blocks * BLOCK);
+    let vm = m.volumes.get_mut(&v).expect("modelled");
+    vm.blocks.1 = blocks;
+    if r.is_ok() {
+        vm.blocks.0 = blocks;
+    }
+    vm.data.resize(blocks as usize, Block::zero());
+    if let Err(e) = r {
+        failed(m, "grow", e);
+    }
+}
+
+fn run_jobs(pool: &Pool, m: &mut Model) {
+    if let Err(e) = pool.run_jobs_here() {
+        failed(m, "jobs", e);
+    }
+}
+
+/// The workload: deterministic, so call N is the same call in every run.
+fn workload(pool: &Pool, m: &mut Model, rounds: u64) {
+    let mut rng = common::Rng::new(7);
+    const A: u128 = 0xa;
+    create(pool, m, A, 24);
+    for round in 0..rounds {
+        let (c, d, e) = (0xc0 + round as u128, 0xd0 + round as u128, 0xe0 + round as u128);
+        let (s1, s2) = (0x51 + 2 * round as u128, 0x52 + 2 * round as u128);
+        for i in 0..6 {
+            let b = rng.below(20);
+            write(pool, m, A, b, 1 + rng.below(3), i == 3);
+        }
+        flush(pool, m, A);
+        snapshot(pool, m, A, s1);
+        write(pool, m, A, rng.below(24), 1, false);
+        zero(pool, m, A, rng.below(20), 2, true);
+        zero(pool, m, A, rng.below(20), 1, false);
+        flush(pool, m, A);
+        clone_snapshot(pool, m, s1, c);
+        if m.volumes[&c].sure {
+            write(pool, m, c, rng.below(20), 2, true);
+        }
+        snapshot(pool, m, A, s2);
+        clone_volume(pool, m, A, d);
+        if m.volumes[&d].sure {
+            write(pool, m, d, 1, 1, false);
+            flush(pool, m, d);
+        }
+        write(pool, m, A, rng.below(24), 1, false);
+        // s1 has a child (s2's layer) and a clone: nothing folds yet.
+        delete_snapshot(pool, m, s1);
+        if m.volumes[&c].sure {
+            delete_volume(pool, m, c);
+        }
+        // s1's layer now has one child: a fold into the frozen s2 layer.
+        run_jobs(pool, m);
+        flush(pool, m, A);
+        delete_snapshot(pool, m, s2);
+        // A merge folds what is left into A's top.
+        match pool.merge(vid(A), 1) {
+            Ok(_) => run_jobs(pool, m),
+            Err(err) => failed(m, "merge", err),
+        }
+        let blocks = m.volumes[&A].blocks.1;
+        grow(pool, m, A, blocks + 8);
+        if m.volumes[&A].blocks.0 == blocks + 8 {
+            write(pool, m, A, blocks + 4, 2, true);
+        }
+        create(pool, m, e, 8);
+        if m.volumes[&e].sure {
+            write(pool, m, e, 3, 1, false);
+        }
+        if m.volumes[&d].sure {
+            delete_volume(pool, m, d);
+        }
+        flush(pool, m, A);
+    }
+}
+
+fn read_block(read: &dyn Fn(u64, &mut [u8]) -> strata::engine::Result<()>, b: u64) -> Result<u32, String> {
+    let mut buf = vec![0u8; BLOCK as usize];
+    read(b * BLOCK, &mut buf).map_err(|e| format!("block {b}: read failed: {e}"))?;
+    tag_of(&buf).ok_or_else(|| format!("block {b} holds bytes no write wrote"))
+}
+
+/// Every check after the pool opened again; `Err` says what is wrong.
+fn check(pool: &Pool, m: &Model) -> Result<(), String> {
+    let volumes: BTreeSet<u128> = pool
+        .list_volumes()
+        .map_err(|e| format!("list volumes: {e}"))?
+        .iter()
+        .map(|v| v.id.as_u128())
+        .collect();
+    let snapshots: BTreeSet<u128> = pool
+        .list_snapshots()
+        .map_err(|e| format!("list snapshots: {e}"))?
+        .iter()
+        .map(|s| s.id.as_u128())
+        .collect();
+    for v in &m.gone {
+        if volumes.contains(v) {
+            return Err(format!("volume {v:x} is back after its deletion was acknowledged"));
+        }
+    }
+    for s in &m.gone_snapshots {
+        if snapshots.contains(s) {
+            return Err(format!("snapshot {s:x} is back after its deletion was acknowledged"));
+        }
+    }
+    let known: BTreeSet<u128> = m.volumes.keys().chain(m.gone.iter()).copied().collect();
+    if let Some(v) = volumes.iter().find(|v| !known.contains(v)) {
+        return Err(format!("volume {v:x} was never created"));
+    }
+    for (id, vm) in &m.volumes {
+        if !volumes.contains(id) {
+            if vm.sure {
+                return Err(format!("volume {id:x}, acknowledged, is gone"));
+            }
+            continue;
+        }
+        let vol = pool.volume(vid(*id)).map_err(|e| format!("volume {id:x}: {e}"))?;
+        let blocks = vol.size() / BLOCK;
+        if blocks < vm.blocks.0 || blocks > vm.blocks.1 {
+            return Err(format!("volume {id:x} has {blocks} blocks, not {:?}", vm.blocks));
+        }
+        let read = |o: u64, buf: &mut [u8]| vol.read(o, buf);
+        for b in 0..blocks {
+            let tag = read_block(&read, b).map_err(|e| format!("volume {id:x} {e}"))?;
+            if !vm.data[b as usize].allows(tag) {
+                return Err(format!(
+                    "volume {id:x} block {b} reads write {tag}; allowed: {:?}",
+                    vm.data[b as usize]
+                ));
+            }
+        }
+    }
+    for (id, sm) in &m.snapshots {
+        if !snapshots.contains(id) {
+            if sm.sure {
+                return Err(format!("snapshot {id:x}, acknowledged, is gone"));
+            }
+            continue;
+        }
+        let snap = pool
+            .open_snapshot(SnapshotId::from_u128(*id))
+            .map_err(|e| format!("snapshot {id:x}: {e}"))?;
+        let read = |o: u64, buf: &mut [u8]| snap.read(o, buf);
+        for b in 0..snap.size() / BLOCK {
+            let tag = read_block(&read, b).map_err(|e| format!("snapshot {id:x} {e}"))?;
+            if !sm.data[b as usize].allows(tag) {
+                return Err(format!(
+                    "snapshot {id:x} block {b} reads write {tag}; allowed: {:?}",
+                    sm.data[b as usize]
+                ));
+            }
+        }
+    }
+    // The pool takes writes again (after an operator acknowledges a loss).
+    for id in &volumes {
+        let vol = pool.volume(vid(*id)).map_err(|e| format!("volume {id:x}: {e}"))?;
+        if vol.fault().is_some() {
+            pool.acknowledge_loss(vid(*id))
+                .map_err(|e| format!("acknowledge {id:x}: {e}"))?;
+        }
+        vol.write(0, &pattern(u32::MAX), true)
+            .map_err(|e| format!("volume {id:x} takes no write after reopening: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `pool check`: clean but for what it says was lost.
+fn checked(disk: &FaultFs) -> Result<(), String> {
+    let report = check_pool_on(&disk.process(), Path::new(POOL), false)
+        .map_err(|e| format!("pool check: {e}"))?;
+    let bad: Vec<&str> = report
+        .findings
+        .iter()
+        .map(|f| f.message.as_str())
+        .filter(|m| !m.contains("lost data") && !m.contains("beyond saving"))
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!("pool check: {bad:?}"));
+    }
+    Ok(())
+}
+
+fn rounds() -> u64 {
+    std::env::var("STRATA_SOAK_STEPS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(1, |n| (n / 1000).clamp(1, 20))
+}
+
+/// How a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The power goes: only what was made durable is left.
+    PowerCut,
+    /// The process is killed: what it wrote stays (the page cache), and
+    /// so must every acknowledged write (the unflushed log).
+    Kill,
+}
+
+/// One run: the workload with `arm` set up after the pool opened, then
+/// `end`, a reopen and the checks. `Err` names what broke.
+fn run(arm: &dyn Fn(&FaultFs), end: End) -> Result<Model, String> {
+    let disk = new_disk();
+    let mut m = Model::default();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).map_err(|e| format!("first open: {e}"))?;
+        arm(&disk);
+        workload(&pool, &mut m, rounds());
+        match end {
+            End::PowerCut => disk.power_cut(),
+            End::Kill => disk.kill_process(),
+        }
+        drop(pool);
+    }
+
+    if !m.wrong.is_empty() {
+        return Err(m.wrong.join("; "));
+    }
+    disk.fail(None);
+    disk.power_cut_at(None);
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).map_err(|e| format!("reopen: {e}"))?;
+    let faulted: BTreeSet<u128> = pool
+        .faults()
+        .map_err(|e| format!("faults: {e}"))?
+        .iter()
+        .map(|(v, _)| v.as_u128())
+        .collect();
+    if end == End::Kill {
+        // What a killed process acknowledged is all there after a restart,
+        // unless a write-back failed (the volume then says its data was
+        // lost, and only what earlier flushes made durable is sure).
+        for (id, vm) in &mut m.volumes {
+            if !faulted.contains(id) {
+                for b in &mut vm.data {
+                    *b = b.now();
+                }
+            }
+        }
+    }
+    check(&pool, &m)?;
+    drop(pool);
+    checked(&disk)?;
+    Ok(m)
+}
+
+/// Calls the workload makes after the pool is open.
+fn count_calls() -> u64 {
+    let disk = new_disk();
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    let before = disk.calls();
+    let mut m = Model::default();
+    workload(&pool, &mut m, rounds());
+    assert_eq!(m.errors, 0, "the workload fails without faults");
+    disk.calls() - before
+}
+
+fn stride() -> u64 {
+    std::env::var("STRATA_FAULT_STRIDE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Runs `arm_at(n)` for every call n (by the stride); fails with every
+/// broken run's story.
+fn every_call(what: &str, end: End, arm_at: &dyn Fn(u64) -> Box<dyn Fn(&FaultFs)>) {
+    let calls = count_calls();
+    assert!(calls > 200, "the workload makes only {calls} calls");
+    let started = std::time::Instant::now();
+    let mut broken = Vec::new();
+    let mut errors = 0;
+    let mut n = 1;
+    while n <= calls {
+        match run(&*arm_at(n), end) {
+            Ok(m) => errors += m.errors,
+            Err(e) => broken.push(format!("{what} at call {n}: {e}")),
+        }
+        n += stride();
+    }
+    eprintln!(
+        "{what}: {} fault points of {calls} calls in {:.1} s; the workload saw {errors} errors",
+        calls.div_ceil(stride()),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(broken.is_empty(), "{} runs broke:\n{}", broken.len(), broken.join("\n"));
+}
+
+#[test]
+fn the_workload_is_deterministic_and_passes_its_own_checks() {
+    let a = count_calls();
+    let b = count_calls();
+    assert_eq!(a, b, "the same workload made {a} and then {b} calls");
+    run(&|_| {}, End::PowerCut).unwrap();
+    run(&|_| {}, End::Kill).unwrap();
+}
+
+#[test]
+fn an_eio_at_any_call_then_a_power_cut_loses_nothing_flushed() {
+    every_call("EIO, power cut", End::PowerCut, &eio_at);
+}
+
+#[test]
+fn an_eio_at_any_call_then_a_kill_loses_nothing_acknowledged() {
+    every_call("EIO, kill -9", End::Kill, &eio_at);
+}
+
+fn eio_at(n: u64) -> Box<dyn Fn(&FaultFs)> {
+    {
+        Box::new(move |disk: &FaultFs| {
+            disk.fail(Some(Fail {
+                at: n,
+                op: None,
+                errno: libc::EIO,
+                sticky: false,
+            }))
+        })
+    }
+}
+
+#[test]
+fn a_power_cut_at_any_call_loses_nothing_flushed() {
+    every_call("power cut", End::PowerCut, &|n| {
+        Box::new(move |disk: &FaultFs| disk.power_cut_at(Some(n)))
+    });
+}
+
+/// A disk that fills up at the Nth write and stays full, for every N
+/// (every other write, by default, to keep CI short).
+#[test]
+fn a_disk_that_fills_up_at_any_write_loses_nothing_acknowledged() {
+    // How many writes the workload makes: a fault that never fires counts
+    // the calls it matches.
+    let writes = {
+        let disk = new_disk();
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        disk.fail(Some(Fail {
+            at: u64::MAX,
+            op: Some(Op::Write),
+            errno: libc::ENOSPC,
+            sticky: false,
+        }));
+        let mut m = Model::default();
+        workload(&pool, &mut m, rounds());
+        disk.matched()
+    };
+    assert!(writes > 50, "{writes} writes");
+    let mut broken = Vec::new();
+    let step = 2 * stride();
+    let mut n = 1;
+    while n <= writes {
+        let arm = move |disk: &FaultFs| {
+            disk.fail(Some(Fail {
+                at: n,
+                op: Some(Op::Write),
+                errno: libc::ENOSPC,
+                sticky: true,
+            }))
+        };
+        if let Err(e) = run(&arm, End::PowerCut) {
+            broken.push(format!("full at write {n}: {e}"));
+        }
+        n += step;
+    }
+    assert!(broken.is_empty(), "{} runs broke:\n{}", broken.len(), broken.join("\n"));
+}
