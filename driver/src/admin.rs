@@ -91,6 +91,21 @@ impl Admin for AdminService {
         Ok(Response::new(r))
     }
 
+    async fn acknowledge_loss(
+        &self,
+        req: Request<AcknowledgeLossRequest>,
+    ) -> Result<Response<AcknowledgeLossReply>, Status> {
+        let v = volume_id(&req.into_inner().volume_id)?;
+        let lost = self
+            .blocking(move |pool| {
+                let lost = pool.volume_fault(v)?.unwrap_or_default();
+                pool.acknowledge_loss(v)?;
+                Ok(lost)
+            })
+            .await?;
+        Ok(Response::new(AcknowledgeLossReply { lost }))
+    }
+
     async fn list_jobs(
         &self,
         _: Request<ListJobsRequest>,

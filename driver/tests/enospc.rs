@@ -78,3 +78,62 @@ fn full_pool_fails_writes_with_no_space_and_keeps_flushed_data() {
     let report = strata::engine::check::check_pool(&dir, false).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings);
 }
+
+/// The logs of unflushed writes live on the node's state tmpfs. When it is
+/// full: a volume that cannot get its log is refused with a clear error
+/// (before, the process died of SIGBUS at its first store into a sparse
+/// mapping), and a volume whose log cannot grow keeps taking writes (their
+/// loss at a crash is then reported, `tests/faults.rs`).
+#[test]
+fn a_full_state_tmpfs_is_an_error_not_a_crash() {
+    if common::require(common::is_root(), "needs root to mount a tmpfs").is_err() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    // Room for the first 64 KiB of two logs and a little more.
+    common::run_ok(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=160k",
+            "tmpfs",
+            run.to_str().unwrap(),
+        ],
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(run.clone());
+    let opts = PoolOptions {
+        unflushed_dir: Some(run.join("unflushed")),
+        ..Default::default()
+    };
+    let pool = Pool::open(&dir.path().join("pool"), opts).unwrap();
+    let mut made = Vec::new();
+    let refused = loop {
+        match pool.create_volume(64 << 20) {
+            Ok(v) => made.push(v.id),
+            Err(e) => break e,
+        }
+        assert!(made.len() < 10, "the tmpfs never filled");
+    };
+    assert_eq!(refused.kind(), ErrorKind::NoSpace, "{refused}");
+    assert!(refused.to_string().contains("state directory"), "{refused}");
+    // A volume whose log must grow past its first 64 KiB on the full
+    // tmpfs: every write still succeeds.
+    let vol = pool.volume(made[0]).unwrap();
+    for i in 0..3000u64 {
+        vol.write(2 * i * 4096, &[7u8; 4096], false).unwrap();
+    }
+    vol.flush().unwrap();
+    let mut buf = [0u8; 4096];
+    vol.read(2 * 2999 * 4096, &mut buf).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+}

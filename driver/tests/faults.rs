@@ -25,6 +25,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use strata::engine::io::fault::{Fail, FaultFs, Op};
 use strata::engine::{
@@ -157,7 +158,10 @@ fn failed(m: &mut Model, what: &str, e: strata::engine::Error) {
         e.kind(),
         ErrorKind::Io | ErrorKind::NoSpace | ErrorKind::Corrupt | ErrorKind::NotFound
     ) {
-        m.wrong.push(format!("{what}: an I/O failure came back as {:?}: {e}", e.kind()));
+        m.wrong.push(format!(
+            "{what}: an I/O failure came back as {:?}: {e}",
+            e.kind()
+        ));
     }
 }
 
@@ -336,7 +340,11 @@ fn workload(pool: &Pool, m: &mut Model, rounds: u64) {
     const A: u128 = 0xa;
     create(pool, m, A, 24);
     for round in 0..rounds {
-        let (c, d, e) = (0xc0 + round as u128, 0xd0 + round as u128, 0xe0 + round as u128);
+        let (c, d, e) = (
+            0xc0 + round as u128,
+            0xd0 + round as u128,
+            0xe0 + round as u128,
+        );
         let (s1, s2) = (0x51 + 2 * round as u128, 0x52 + 2 * round as u128);
         for i in 0..6 {
             let b = rng.below(20);
@@ -389,7 +397,10 @@ fn workload(pool: &Pool, m: &mut Model, rounds: u64) {
     }
 }
 
-fn read_block(read: &dyn Fn(u64, &mut [u8]) -> strata::engine::Result<()>, b: u64) -> Result<u32, String> {
+fn read_block(
+    read: &dyn Fn(u64, &mut [u8]) -> strata::engine::Result<()>,
+    b: u64,
+) -> Result<u32, String> {
     let mut buf = vec![0u8; BLOCK as usize];
     read(b * BLOCK, &mut buf).map_err(|e| format!("block {b}: read failed: {e}"))?;
     tag_of(&buf).ok_or_else(|| format!("block {b} holds bytes no write wrote"))
@@ -411,12 +422,16 @@ fn check(pool: &Pool, m: &Model) -> Result<(), String> {
         .collect();
     for v in &m.gone {
         if volumes.contains(v) {
-            return Err(format!("volume {v:x} is back after its deletion was acknowledged"));
+            return Err(format!(
+                "volume {v:x} is back after its deletion was acknowledged"
+            ));
         }
     }
     for s in &m.gone_snapshots {
         if snapshots.contains(s) {
-            return Err(format!("snapshot {s:x} is back after its deletion was acknowledged"));
+            return Err(format!(
+                "snapshot {s:x} is back after its deletion was acknowledged"
+            ));
         }
     }
     let known: BTreeSet<u128> = m.volumes.keys().chain(m.gone.iter()).copied().collect();
@@ -430,10 +445,15 @@ fn check(pool: &Pool, m: &Model) -> Result<(), String> {
             }
             continue;
         }
-        let vol = pool.volume(vid(*id)).map_err(|e| format!("volume {id:x}: {e}"))?;
+        let vol = pool
+            .volume(vid(*id))
+            .map_err(|e| format!("volume {id:x}: {e}"))?;
         let blocks = vol.size() / BLOCK;
         if blocks < vm.blocks.0 || blocks > vm.blocks.1 {
-            return Err(format!("volume {id:x} has {blocks} blocks, not {:?}", vm.blocks));
+            return Err(format!(
+                "volume {id:x} has {blocks} blocks, not {:?}",
+                vm.blocks
+            ));
         }
         let read = |o: u64, buf: &mut [u8]| vol.read(o, buf);
         for b in 0..blocks {
@@ -469,7 +489,9 @@ fn check(pool: &Pool, m: &Model) -> Result<(), String> {
     }
     // The pool takes writes again (after an operator acknowledges a loss).
     for id in &volumes {
-        let vol = pool.volume(vid(*id)).map_err(|e| format!("volume {id:x}: {e}"))?;
+        let vol = pool
+            .volume(vid(*id))
+            .map_err(|e| format!("volume {id:x}: {e}"))?;
         if vol.fault().is_some() {
             pool.acknowledge_loss(vid(*id))
                 .map_err(|e| format!("acknowledge {id:x}: {e}"))?;
@@ -519,7 +541,8 @@ fn run(arm: &dyn Fn(&FaultFs), end: End) -> Result<Model, String> {
     let disk = new_disk();
     let mut m = Model::default();
     {
-        let pool = Pool::open(Path::new(POOL), opts(&disk)).map_err(|e| format!("first open: {e}"))?;
+        let pool =
+            Pool::open(Path::new(POOL), opts(&disk)).map_err(|e| format!("first open: {e}"))?;
         arm(&disk);
         workload(&pool, &mut m, rounds());
         match end {
@@ -578,9 +601,9 @@ fn stride() -> u64 {
         .max(1)
 }
 
-/// Runs `arm_at(n)` for every call n (by the stride); fails with every
-/// broken run's story.
-fn every_call(what: &str, end: End, arm_at: &dyn Fn(u64) -> Box<dyn Fn(&FaultFs)>) {
+/// Runs with `arm_at(disk, n)` for every call n (by the stride); fails
+/// with every broken run's story.
+fn every_call(what: &str, end: End, arm_at: fn(&FaultFs, u64)) {
     let calls = count_calls();
     assert!(calls > 200, "the workload makes only {calls} calls");
     let started = std::time::Instant::now();
@@ -588,7 +611,7 @@ fn every_call(what: &str, end: End, arm_at: &dyn Fn(u64) -> Box<dyn Fn(&FaultFs)
     let mut errors = 0;
     let mut n = 1;
     while n <= calls {
-        match run(&*arm_at(n), end) {
+        match run(&|disk| arm_at(disk, n), end) {
             Ok(m) => errors += m.errors,
             Err(e) => broken.push(format!("{what} at call {n}: {e}")),
         }
@@ -599,7 +622,12 @@ fn every_call(what: &str, end: End, arm_at: &dyn Fn(u64) -> Box<dyn Fn(&FaultFs)
         calls.div_ceil(stride()),
         started.elapsed().as_secs_f64()
     );
-    assert!(broken.is_empty(), "{} runs broke:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} runs broke:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
 }
 
 #[test]
@@ -613,31 +641,27 @@ fn the_workload_is_deterministic_and_passes_its_own_checks() {
 
 #[test]
 fn an_eio_at_any_call_then_a_power_cut_loses_nothing_flushed() {
-    every_call("EIO, power cut", End::PowerCut, &eio_at);
+    every_call("EIO, power cut", End::PowerCut, eio_at);
 }
 
 #[test]
 fn an_eio_at_any_call_then_a_kill_loses_nothing_acknowledged() {
-    every_call("EIO, kill -9", End::Kill, &eio_at);
+    every_call("EIO, kill -9", End::Kill, eio_at);
 }
 
-fn eio_at(n: u64) -> Box<dyn Fn(&FaultFs)> {
-    {
-        Box::new(move |disk: &FaultFs| {
-            disk.fail(Some(Fail {
-                at: n,
-                op: None,
-                errno: libc::EIO,
-                sticky: false,
-            }))
-        })
-    }
+fn eio_at(disk: &FaultFs, n: u64) {
+    disk.fail(Some(Fail {
+        at: n,
+        op: None,
+        errno: libc::EIO,
+        sticky: false,
+    }))
 }
 
 #[test]
 fn a_power_cut_at_any_call_loses_nothing_flushed() {
-    every_call("power cut", End::PowerCut, &|n| {
-        Box::new(move |disk: &FaultFs| disk.power_cut_at(Some(n)))
+    every_call("power cut", End::PowerCut, |disk, n| {
+        disk.power_cut_at(Some(n))
     });
 }
 
@@ -678,5 +702,280 @@ fn a_disk_that_fills_up_at_any_write_loses_nothing_acknowledged() {
         }
         n += step;
     }
-    assert!(broken.is_empty(), "{} runs broke:\n{}", broken.len(), broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} runs broke:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
+}
+
+/// A pool on a new disk with volume A (24 blocks) and `n` acknowledged,
+/// unflushed one-block writes to it; then the process is killed. Returns
+/// the disk and what each block must read.
+fn unflushed_writes(n: u64) -> (FaultFs, Vec<u32>) {
+    let disk = new_disk();
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    pool.create_volume_as(vid(0xa), 24 * BLOCK).unwrap();
+    let vol = pool.volume(vid(0xa)).unwrap();
+    let mut want = vec![0u32; 24];
+    for i in 0..n {
+        let (b, tag) = ((i * 5) % 24, 100 + i as u32);
+        vol.write(b * BLOCK, &pattern(tag), false).unwrap();
+        want[b as usize] = tag;
+    }
+    disk.kill_process();
+    drop(vol);
+    drop(pool);
+    (disk, want)
+}
+
+fn reads(pool: &Pool, v: u128, want: &[u32]) -> Result<(), String> {
+    let vol = pool.volume(vid(v)).map_err(|e| e.to_string())?;
+    let read = |o: u64, buf: &mut [u8]| vol.read(o, buf);
+    for (b, tag) in want.iter().enumerate() {
+        let got = read_block(&read, b as u64)?;
+        if got != *tag {
+            return Err(format!("block {b} reads {got}, not {tag}"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a killed process acknowledged are made durable by the next
+/// open; an EIO at any call of that open (which then fails, or not) loses
+/// none of them: the log of unflushed writes is emptied only once they are
+/// in the catalog.
+#[test]
+fn an_eio_while_recovering_unflushed_writes_loses_none_of_them() {
+    let (disk, want) = unflushed_writes(12);
+    let calls = {
+        let d = disk.fork();
+        let pool = Pool::open(Path::new(POOL), opts(&d)).unwrap();
+        reads(&pool, 0xa, &want).unwrap();
+        d.calls()
+    };
+    assert!(calls > 10, "{calls}");
+    let mut broken = Vec::new();
+    for n in 1..=calls {
+        let d = disk.fork();
+        d.fail(Some(Fail {
+            at: n,
+            op: None,
+            errno: libc::EIO,
+            sticky: false,
+        }));
+        if let Ok(pool) = Pool::open(Path::new(POOL), opts(&d)) {
+            // Loading the volume is part of recovering it.
+            let _ = pool.volume(vid(0xa));
+            d.kill_process();
+            drop(pool);
+        }
+        d.fail(None);
+        // A failed write-back loses them (Linux drops the pages): then the
+        // volume must say so.
+        let again = Pool::open(Path::new(POOL), opts(&d)).map_err(|e| e.to_string());
+        let checked = again.and_then(|pool| {
+            let lost = pool.faults().map_err(|e| e.to_string())?;
+            if lost.iter().any(|(v, _)| *v == vid(0xa)) {
+                Ok(())
+            } else {
+                reads(&pool, 0xa, &want)
+            }
+        });
+        if let Err(e) = checked {
+            broken.push(format!("EIO at call {n} of the recovery: {e}"));
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
+/// Writes beyond saving (the tmpfs cannot grow the log) are reported by a
+/// flush after every restart until one reports it and the next succeeds.
+#[test]
+fn lost_unflushed_writes_are_reported_after_any_number_of_restarts() {
+    let disk = new_disk();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_volume_as(vid(0xa), 8192 * BLOCK).unwrap();
+        let vol = pool.volume(vid(0xa)).unwrap();
+        // The log's first 64 KiB hold 2046 records; it cannot grow.
+        disk.fail(Some(Fail {
+            at: 1,
+            op: Some(Op::Fallocate),
+            errno: libc::ENOSPC,
+            sticky: true,
+        }));
+        for i in 0..2100u64 {
+            vol.write(2 * i * BLOCK, &pattern(1 + i as u32), false)
+                .unwrap();
+        }
+        disk.kill_process();
+    }
+    disk.fail(None);
+    for restart in 0..3 {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        let vol = pool.volume(vid(0xa)).unwrap();
+        let e = vol.flush().unwrap_err();
+        assert!(
+            matches!(e, strata::engine::Error::UnflushedLost(_)),
+            "restart {restart}: {e}"
+        );
+        disk.kill_process();
+    }
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    let vol = pool.volume(vid(0xa)).unwrap();
+    assert!(
+        vol.flush().is_err(),
+        "reported once more after the last kill"
+    );
+    vol.flush().unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    drop(pool);
+    checked(&disk).unwrap();
+}
+
+/// The first open makes the pool: a power cut or a kill at any of its
+/// calls leaves a directory the next open finishes making.
+#[test]
+fn a_crash_while_making_a_pool_leaves_one_the_next_open_makes() {
+    let calls = {
+        let disk = new_disk();
+        let before = disk.calls();
+        Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        disk.calls() - before
+    };
+    for n in 1..=calls {
+        for kill in [false, true] {
+            let disk = new_disk();
+            if kill {
+                disk.fail(Some(Fail {
+                    at: n,
+                    op: None,
+                    errno: libc::EIO,
+                    sticky: true,
+                }));
+            } else {
+                disk.power_cut_at(Some(n));
+            }
+            let _ = Pool::open(Path::new(POOL), opts(&disk));
+            if kill {
+                disk.kill_process();
+            }
+            disk.fail(None);
+            let pool = Pool::open(Path::new(POOL), opts(&disk))
+                .unwrap_or_else(|e| panic!("crash at call {n} (kill: {kill}): {e}"));
+            pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+        }
+    }
+}
+
+/// A pool whose catalog.redb is gone is refused, not made again (which
+/// would delete every layer as an orphan), and its files stay.
+#[test]
+fn a_pool_without_its_catalog_is_refused_and_keeps_its_files() {
+    let disk = new_disk();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+        pool.volume(vid(1))
+            .unwrap()
+            .write(0, &pattern(5), true)
+            .unwrap();
+    }
+    let fs = disk.process();
+    let pool = Path::new(POOL);
+    fs.remove_file(&pool.join("catalog.redb")).unwrap();
+    let layers = fs.read_dir(&pool.join("layers")).unwrap();
+    assert_eq!(layers.len(), 1);
+    let e = Pool::open(pool, opts(&disk)).unwrap_err();
+    assert!(matches!(e, strata::engine::Error::CatalogMissing(_)), "{e}");
+    assert!(e.to_string().contains("restore catalog.redb"), "{e}");
+    assert_eq!(fs.read_dir(&pool.join("layers")).unwrap(), layers);
+}
+
+/// Creates of one volume ID at once (a retried CreateVolume): one makes
+/// it, the others find it; none touches its files, so what it flushed is
+/// still there after a power cut.
+#[test]
+fn overlapping_creates_of_one_id_never_clobber_the_live_volume() {
+    for round in 0..20u32 {
+        let disk = new_disk();
+        let pool = Arc::new(Pool::open(Path::new(POOL), opts(&disk)).unwrap());
+        let made: Vec<_> = (0..4)
+            .map(|t| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    let r = pool.create_volume_as(vid(7), 16 * BLOCK);
+                    if r.is_ok() {
+                        let vol = pool.volume(vid(7)).unwrap();
+                        vol.write(0, &pattern(1000 + t), true).unwrap();
+                    }
+                    r.map_err(|e| e.kind())
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        let winners = made.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "round {round}: {made:?}");
+        assert!(
+            made.iter()
+                .all(|r| r.is_ok() || *r == Err(ErrorKind::AlreadyExists))
+        );
+        let tag = 1000 + made.iter().position(|r| r.is_ok()).unwrap() as u32;
+        disk.power_cut();
+        drop(pool);
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        reads(&pool, 7, &[tag]).unwrap();
+    }
+}
+
+/// fsyncgate: a failed fdatasync of a layer loses the pages it did not
+/// write (Linux marks them clean), so no later flush may succeed over
+/// them: the volume refuses writes and flushes, says why, and survives a
+/// restart that way, until an operator acknowledges the loss. What earlier
+/// flushes made durable stays.
+#[test]
+fn a_failed_write_back_stops_the_volume_until_acknowledged() {
+    let disk = new_disk();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+        let vol = pool.volume(vid(1)).unwrap();
+        vol.write(0, &pattern(1), true).unwrap();
+        vol.write(BLOCK, &pattern(2), false).unwrap();
+        disk.fail(Some(Fail {
+            at: 1,
+            op: Some(Op::Sync),
+            errno: libc::EIO,
+            sticky: false,
+        }));
+        let e = vol.flush().unwrap_err();
+        assert!(matches!(e, strata::engine::Error::DataLost { .. }), "{e}");
+        // The disk works again, but the data is gone: no success now.
+        for _ in 0..2 {
+            assert!(matches!(
+                vol.flush().unwrap_err(),
+                strata::engine::Error::DataLost { .. }
+            ));
+            assert!(vol.write(2 * BLOCK, &pattern(3), false).is_err());
+        }
+        assert!(vol.fault().unwrap().contains("write-back"));
+        disk.power_cut();
+    }
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    assert_eq!(pool.faults().unwrap().len(), 1);
+    let vol = pool.volume(vid(1)).unwrap();
+    assert!(vol.flush().is_err(), "still refused after a restart");
+    let report = check_pool_on(&disk.process(), Path::new(POOL), false);
+    assert!(report.is_err(), "the pool is open: check refuses it");
+    reads(&pool, 1, &[1]).unwrap();
+    pool.acknowledge_loss(vid(1)).unwrap();
+    vol.write(BLOCK, &pattern(4), true).unwrap();
+    reads(&pool, 1, &[1, 4]).unwrap();
+    assert!(pool.faults().unwrap().is_empty());
+    drop(vol);
+    drop(pool);
+    checked(&disk).unwrap();
 }

@@ -93,6 +93,9 @@ fn volume_health(core: &Core, v: &VolumeInfo) -> VolumeReply {
         Some(c) => (reply.abnormal, reply.condition) = (c.abnormal, c.message),
         None => reply.condition = "healthy (not staged on any node)".into(),
     }
+    if let Ok(Some(lost)) = core.pool.volume_fault(v.id) {
+        (reply.abnormal, reply.condition) = (true, lost);
+    }
     reply
 }
 

@@ -305,6 +305,14 @@ enum VolumeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// After a failed write-back lost data of a volume (it then refuses
+    /// writes and flushes): say you have looked at it, and it takes writes
+    /// again. What the failure lost stays lost.
+    AcknowledgeLoss {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Make a volume independent of every layer under its top (a clone of
     /// its source, a volume of its snapshots), in the background.
     Flatten {
@@ -608,6 +616,9 @@ impl Cli {
                     } => {
                         let what = jobs::Start::Merge { max_depth };
                         jobs::start(&client.endpoint, client.output, id, what, wait).await
+                    }
+                    VolumeCommand::AcknowledgeLoss { id, client } => {
+                        volume::acknowledge_loss(&client.endpoint, id).await
                     }
                     VolumeCommand::Flatten { id, wait, client } => {
                         let what = jobs::Start::Flatten;

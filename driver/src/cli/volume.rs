@@ -11,7 +11,7 @@ use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSour
 use csi_proto::csi::v1::*;
 use serde::Serialize;
 
-use super::client::{controller, status_message};
+use super::client::{admin, controller, status_message};
 use super::output::{self, Format};
 use super::size;
 use crate::endpoint::Endpoint;
@@ -260,6 +260,28 @@ pub async fn delete(endpoint: &Endpoint, id: String) -> ExitCode {
     {
         Ok(_) => {
             println!("deleted volume {id}");
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+pub async fn acknowledge_loss(endpoint: &Endpoint, id: String) -> ExitCode {
+    let mut client = match admin(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = csi_proto::admin::v1::AcknowledgeLossRequest {
+        volume_id: id.clone(),
+    };
+    match client.acknowledge_loss(req).await {
+        Ok(r) => {
+            let lost = r.into_inner().lost;
+            if lost.is_empty() {
+                println!("volume {id} had no recorded loss");
+            } else {
+                println!("volume {id} takes writes again; it had lost: {lost}");
+            }
             ExitCode::SUCCESS
         }
         Err(s) => fail(status_message(&s)),

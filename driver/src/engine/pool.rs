@@ -307,11 +307,11 @@ impl Shared {
             tracing::info!(volume = %rec.id, changes = saved.len(), "making writes acknowledged by the previous process durable");
             if sync {
                 let path = layer_path(&self.dir, rec.top);
-                if let Err(e) = self
+                let file = self
                     .fs
                     .open(&path, Open::ReadWrite)
-                    .and_then(|f| f.sync_data())
-                {
+                    .map_err(|e| io_error("open", &path, e))?;
+                if let Err(e) = file.sync_data() {
                     // Their pages may now be marked clean without having
                     // been written: nothing can make them durable.
                     let why = format!("recovery could not write back its writes: {e}");
@@ -367,7 +367,6 @@ impl Shared {
             &FaultRecord {
                 kind,
                 since_ns: now_ns(),
-                reported: false,
                 message: why.to_string(),
             },
         )?;

@@ -206,8 +206,9 @@ pub struct Volume {
     pub(crate) journal: Mutex<JournalState>,
     deleted: AtomicBool,
     /// What the catalog records as lost of this volume's data, if
-    /// anything (see `FORMAT.md`, "Faults").
-    fault: Mutex<Option<FaultRecord>>,
+    /// anything (see `FORMAT.md`, "Faults"), and whether this process has
+    /// reported it to a flush.
+    fault: Mutex<Option<(FaultRecord, bool)>>,
     /// Counts foreground operations, so jobs can tell a busy volume.
     pub(crate) activity: AtomicU64,
     /// What foreground writes may do while a job works on the volume.
@@ -239,7 +240,7 @@ impl Volume {
                 log,
                 base: 0,
             }),
-            fault: Mutex::new(fault),
+            fault: Mutex::new(fault.map(|f| (f, false))),
             activity: AtomicU64::new(0),
             allowance: Allowance::default(),
             journal: Mutex::new(JournalState {
@@ -544,7 +545,7 @@ impl Volume {
             return Err(Error::PoolSuspended(self.shared.dir.clone()));
         }
         let mut fault = self.fault.lock().expect("fault");
-        let Some(f) = &mut *fault else {
+        let Some((f, reported)) = &mut *fault else {
             return Ok(());
         };
         match f.kind {
@@ -553,14 +554,11 @@ impl Volume {
                 why: f.message.clone(),
             }),
             FaultKind::UnflushedLost if !flush => Ok(()),
-            FaultKind::UnflushedLost if !f.reported => {
-                // Reported until a flush after this one: a process that
-                // dies before then reports it again.
-                f.reported = true;
-                let recorded = f.clone();
-                if let Err(e) = self.shared.put_fault(self.id, Some(&recorded)) {
-                    tracing::warn!(volume = %self.id, error = %e, "recording that lost writes were reported");
-                }
+            FaultKind::UnflushedLost if !*reported => {
+                // Every process reports it until one flushes again after
+                // reporting: a process that dies first leaves it to the
+                // next.
+                *reported = true;
                 Err(Error::UnflushedLost(self.id))
             }
             FaultKind::UnflushedLost => {
@@ -579,7 +577,6 @@ impl Volume {
         let rec = FaultRecord {
             kind: FaultKind::DataLost,
             since_ns: super::pool::now_ns(),
-            reported: true,
             message: why.clone(),
         };
         if let Err(e) = self.shared.put_fault(self.id, Some(&rec)) {
@@ -587,7 +584,7 @@ impl Volume {
             // know, but it also finds the unsynced records gone.
             tracing::error!(volume = %self.id, error = %e, "recording the data loss failed");
         }
-        *self.fault.lock().expect("fault") = Some(rec);
+        *self.fault.lock().expect("fault") = Some((rec, true));
         Error::DataLost {
             volume: self.id,
             why,
@@ -606,7 +603,7 @@ impl Volume {
             .lock()
             .expect("fault")
             .as_ref()
-            .map(|f| f.message.clone())
+            .map(|(f, _)| f.message.clone())
     }
 
     pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {

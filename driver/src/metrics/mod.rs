@@ -450,6 +450,17 @@ impl Collector for PoolCollector {
             Ok(jobs) => encode_jobs(&mut encoder, &jobs)?,
             Err(e) => tracing::warn!(error = %e, "jobs unavailable for metrics"),
         }
+        match pool.faults() {
+            Ok(lost) => gauge(
+                &mut encoder,
+                "volumes_lost_data",
+                "Volumes whose data a failed write-back lost; they refuse writes until \
+                 `strata volume acknowledge-loss`",
+                None,
+                lost.len() as i64,
+            )?,
+            Err(e) => tracing::warn!(error = %e, "volume faults unavailable for metrics"),
+        }
         let stats = match pool.volume_stats() {
             Ok(s) => s,
             Err(e) => {

@@ -668,6 +668,9 @@ impl Node {
     pub fn condition(&self, vid: VolumeId) -> Option<Condition> {
         let staged = self.staged.lock().expect("staged");
         let entry = staged.get(&vid)?;
+        if let Ok(Some(lost)) = self.pool.volume_fault(vid) {
+            return Some(Condition::abnormal(lost));
+        }
         Some(match &entry.live {
             Ok(_) => Condition::healthy(),
             Err(why) => Condition::abnormal(why.clone()),

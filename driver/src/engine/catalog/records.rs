@@ -426,23 +426,20 @@ impl VolumePolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
     /// Writes a previous process acknowledged could not all be saved: the
-    /// next flush fails once with `UnflushedLost`; the flush after that
-    /// clears it.
+    /// first flush of every process that opens the volume fails with
+    /// `UnflushedLost`, until a process flushes again after reporting it.
     UnflushedLost = 1,
     /// A write-back of the volume's data failed: writes and flushes fail
     /// with `DataLost` until an operator acknowledges the loss.
     DataLost = 2,
 }
 
-/// A volume's fault: `v=1 | kind u8 | since_ns u64 | reported u8 |
-/// message (u16 length, UTF-8)`.
+/// A volume's fault: `v=1 | kind u8 | since_ns u64 | message (u16
+/// length, UTF-8)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultRecord {
     pub kind: FaultKind,
     pub since_ns: u64,
-    /// A flush has reported it (an `UnflushedLost` fault is cleared by the
-    /// next flush after that).
-    pub reported: bool,
     pub message: String,
 }
 
@@ -452,7 +449,6 @@ impl FaultRecord {
         w.u8(FAULT_V)
             .u8(self.kind as u8)
             .u64(self.since_ns)
-            .u8(u8::from(self.reported))
             .str(&self.message);
         w.0
     }
@@ -468,7 +464,6 @@ impl FaultRecord {
         Ok(FaultRecord {
             kind,
             since_ns: r.u64()?,
-            reported: r.u8()? != 0,
             message: r.str()?,
         })
     }

@@ -367,7 +367,46 @@ impl Default for FaultFs {
     }
 }
 
+impl Clone for Inode {
+    fn clone(&self) -> Self {
+        let mut cur = self.cur.clone();
+        if let Some(m) = &self.map {
+            cur.write(&m.snapshot(), 0);
+        }
+        Inode {
+            cur,
+            disk: self.disk.clone(),
+            lost: self.lost.clone(),
+            map: None,
+        }
+    }
+}
+
 impl FaultFs {
+    /// A copy of this disk as it is now (page cache included): to try
+    /// several futures from one moment. Its handles are not carried over.
+    pub fn fork(&self) -> FaultFs {
+        let st = self.state();
+        FaultFs {
+            st: Arc::new(Mutex::new(State {
+                era: st.era + 1,
+                boot: st.boot,
+                ns: st.ns.clone(),
+                durable: st.durable.clone(),
+                inodes: st.inodes.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                next_ino: st.next_ino,
+                volatile: st.volatile.clone(),
+                calls: 0,
+                matched: 0,
+                fail: None,
+                power_cut_at: None,
+                capacity: st.capacity,
+                locks: HashSet::new(),
+                trace: VecDeque::new(),
+            })),
+        }
+    }
+
     /// An empty disk with only `/`.
     pub fn new() -> Self {
         let root = BTreeMap::from([(PathBuf::from("/"), Node::Dir)]);
