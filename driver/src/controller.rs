@@ -200,7 +200,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         nodes: Arc::clone(&nodes),
         events,
     }));
-    metrics.watch_nodes(Arc::clone(&nodes));
+    let known = Arc::clone(&nodes);
+    metrics.watch_nodes(move || {
+        let list = known.list().unwrap_or_default();
+        list.iter()
+            .map(|n| crate::metrics::NodeGauge {
+                node: n.node_id.clone(),
+                ready: n.state == crate::cluster::records::NodeState::Ready,
+                room: known.room(n),
+            })
+            .collect()
+    });
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
     replica.lead();

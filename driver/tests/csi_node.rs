@@ -801,6 +801,16 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
         let second = first.with_file_name("second");
         let reader = first.with_file_name("reader");
         stage_and_publish(&mut csi, id, &staging, &first, &cap).await;
+        // kubelet bind-mounts a block publish once more (its device map);
+        // that is no second writer, and a retried publish is idempotent.
+        let map = first.with_file_name("kubelet-map");
+        if name == "single-block" {
+            std::fs::File::create(&map).unwrap();
+            common::run_ok(
+                "mount",
+                &["--bind", first.to_str().unwrap(), map.to_str().unwrap()],
+            );
+        }
         csi.node
             .node_publish_volume(c::publish(id, &staging, &first, cap.clone(), false))
             .await
@@ -827,7 +837,13 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
             .node_unpublish_volume(c::unpublish(id, &reader))
             .await
             .unwrap();
+        if name == "single-block" {
+            common::run_ok("umount", &[map.to_str().unwrap()]);
+        }
         unpublish_and_unstage(&mut csi, id, &staging, &first).await;
+        // Once unpublished, another writer may publish.
+        stage_and_publish(&mut csi, id, &staging, &second, &cap).await;
+        unpublish_and_unstage(&mut csi, id, &staging, &second).await;
     }
 
     // The volume holds ext4 now: staging it as xfs would format over it.
@@ -1210,6 +1226,86 @@ async fn a_rollout_of_the_node_plugin_keeps_fuse_mounts_with_an_external_holder(
         assert!(!st.volume_condition.unwrap().abnormal, "round {round}");
         assert_eq!(common::standalone::holder_pid(&socket), Some(pid));
     }
+
+    // The holder's pod is replaced while the plugin runs: the plugin hands
+    // the new holder every connection, and a rollout after that keeps the
+    // mount too.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let writer = steady_writer(target.join("after-new-holder"), 96, 30);
+    // The plugin looks every 5 s.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert!(s.terminate().success(), "{}", s.log());
+    s.spawn();
+    csi = Csi::connect(&s.csi_socket()).await;
+    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("after a new holder, the writer saw {e}\n{}", s.log()));
+    assert!(std::fs::read(target.join("after-new-holder")).unwrap() == written);
+    assert!(
+        s.log().contains("a new FUSE fd holder"),
+        "the plugin never handed the new holder its connections"
+    );
+    unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// An upgrade from a chart whose fd holder ran inside the node plugin's
+/// pod: the holder DaemonSet starts beside it and takes its connections,
+/// then the old pod (plugin and its holder) goes and the new plugin
+/// (`--fuse-holder external`) serves the mounts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_the_holder_daemonset_keeps_fuse_mounts() {
+    if !runnable() {
+        return;
+    }
+    let mut s = Standalone::start_with(false, &["--attach", "fuse"]);
+    let socket = s.state_dir().join("fuse-holder.sock");
+    let mut csi = Csi::connect(&s.csi_socket()).await;
+    let ext4 = c::mount_cap("ext4");
+    let vol = new_volume(&mut csi, "pvc-upgrade", 64 << 20, ext4.clone()).await;
+    let (staging, target) = paths(&s, "upgrade");
+    stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
+    let data = write_file(&target.join("before"), 1 << 20, 5);
+    let old_holder = common::standalone::holder_pid(&socket).expect("the plugin started one");
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::standalone::holder_pid(&socket) != Some(holder.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new holder did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The old pod goes: the plugin, and the holder that ran in it.
+    s.kill9();
+    // SAFETY: kill(2) of the holder the old plugin started.
+    unsafe { libc::kill(old_holder as i32, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    s.set_args_extra(&["--fuse-holder", "external"]);
+    s.spawn();
+    csi = Csi::connect(&s.csi_socket()).await;
+    let st = csi
+        .node
+        .node_get_volume_stats(c::stats(&vol, &target))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.volume_condition.unwrap().abnormal, "{}", s.log());
+    assert!(std::fs::read(target.join("before")).unwrap() == data);
+    let after = write_file(&target.join("after"), 1 << 20, 6);
+    assert!(std::fs::read(target.join("after")).unwrap() == after);
     unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
     let _ = holder.kill();
     let _ = holder.wait();

@@ -979,3 +979,45 @@ fn a_failed_write_back_stops_the_volume_until_acknowledged() {
     drop(pool);
     checked(&disk).unwrap();
 }
+
+/// A fold of a deleted snapshot's layer L into its only child C (a frozen
+/// layer of an empty snapshot) whose volume and snapshot are deleted while
+/// the job builds C's new file: the new file is never installed as the
+/// file of a layer the catalog no longer has. (A reader of the first
+/// snapshot keeps L's file open throughout.)
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_fold_whose_layers_go_meanwhile_leaves_no_file_behind() {
+    let disk = new_disk();
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+    let vol = pool.volume(vid(1)).unwrap();
+    for b in 0..4 {
+        vol.write(b * BLOCK, &pattern(10 + b as u32), false)
+            .unwrap();
+    }
+    drop(vol);
+    let (s1, s2) = (SnapshotId::from_u128(0x51), SnapshotId::from_u128(0x52));
+    pool.create_snapshot_as(vid(1), s1).unwrap();
+    pool.create_snapshot_as(vid(1), s2).unwrap();
+    let reader = pool.open_snapshot(s1).unwrap();
+    pool.delete_snapshot(s1).unwrap();
+    let meanwhile = pool.clone();
+    strata::engine::jobs::on_failpoint("engine::merge::fold_frozen::planned", move || {
+        meanwhile.delete_volume(vid(1)).unwrap();
+        meanwhile.delete_snapshot(s2).unwrap();
+    });
+    pool.run_jobs_here().unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    reader.read(0, &mut buf).unwrap();
+    assert_eq!(tag_of(&buf), Some(10));
+    drop(reader);
+    assert!(pool.list_volumes().unwrap().is_empty());
+    drop(pool);
+    checked(&disk).unwrap();
+    let left = disk
+        .process()
+        .read_dir(&Path::new(POOL).join("layers"))
+        .unwrap();
+    assert!(left.is_empty(), "layer files left: {left:?}");
+}

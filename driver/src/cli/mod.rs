@@ -457,6 +457,19 @@ fn finish(who: &str, result: Result<(), crate::standalone::StartError>) -> ExitC
     }
 }
 
+/// Ends the process at SIGTERM or SIGINT: the fd holder runs as PID 1 of
+/// its container, where the default action of both is to do nothing.
+fn exit_on_sigterm() {
+    extern "C" fn exit_now(_: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(0) };
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installing a handler that only calls _exit.
+        unsafe { libc::signal(sig, exit_now as *const () as libc::sighandler_t) };
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -474,16 +487,17 @@ impl Cli {
             Command::FuseHolder {
                 socket,
                 idle_seconds,
-            } => match crate::node::holder::run(
-                &socket,
-                (idle_seconds > 0).then(|| std::time::Duration::from_secs(idle_seconds)),
-            ) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("strata fuse-holder: {}", crate::engine::error::chain(&e));
-                    ExitCode::FAILURE
+            } => {
+                exit_on_sigterm();
+                let idle = (idle_seconds > 0).then(|| std::time::Duration::from_secs(idle_seconds));
+                match crate::node::holder::run(&socket, idle) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("strata fuse-holder: {}", crate::engine::error::chain(&e));
+                        ExitCode::FAILURE
+                    }
                 }
-            },
+            }
             Command::Standalone(a) => {
                 let config = match plugin_config(a, Role::Standalone) {
                     Ok(c) => c,

@@ -106,10 +106,13 @@ impl ControllerService {
     }
 }
 
+/// How long ListVolumes waits for a node's volume conditions.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl ControllerService {
     /// The condition of each volume in `recs`, as its node reports it: one
-    /// agent call per node, all at once. A node that cannot answer makes
-    /// its volumes abnormal, with its error.
+    /// agent call per node, all at once, each given [`LIST_TIMEOUT`]. A
+    /// node that cannot answer makes its volumes abnormal, with its error.
     async fn conditions(&self, recs: &[VolumeRecord]) -> HashMap<String, VolumeCondition> {
         let mut nodes: Vec<&str> = recs.iter().map(|r| r.node.as_str()).collect();
         nodes.sort_unstable();
@@ -119,17 +122,25 @@ impl ControllerService {
             let (node, agent) = (node.to_string(), self.agent(node));
             asks.spawn(async move {
                 let reply = match agent {
-                    Ok(agent) => agent
-                        .list_volumes(Request::new(agent::ListVolumesRequest {}))
-                        .await
-                        .map(|r| r.into_inner().volumes),
+                    Ok(agent) => {
+                        let ask = agent.list_volumes(Request::new(agent::ListVolumesRequest {}));
+                        match tokio::time::timeout(LIST_TIMEOUT, ask).await {
+                            Ok(r) => r.map(|r| r.into_inner().volumes),
+                            Err(_) => Err(Status::deadline_exceeded(format!(
+                                "no answer in {LIST_TIMEOUT:?}"
+                            ))),
+                        }
+                    }
                     Err(e) => Err(e),
                 };
                 (node, reply)
             });
         }
         let mut out = HashMap::new();
-        while let Some(Ok((node, reply))) = asks.join_next().await {
+        while let Some(joined) = asks.join_next().await {
+            let Ok((node, reply)) = joined else {
+                continue;
+            };
             match reply {
                 Ok(volumes) => out.extend(volumes.into_iter().map(|v| {
                     let condition = VolumeCondition {

@@ -179,7 +179,9 @@ impl NodeRpc for NodeService {
         let id = required(&req.volume_id, "volume_id")?.to_string();
         let target_path = path(&req.target_path, "target_path")?;
         let _guard = self.inflight.claim(&format!("volume {id}"))?;
-        self.blocking(move |n| n.unpublish(&target_path)).await?;
+        let volume = id.parse::<VolumeId>().ok();
+        self.blocking(move |n| n.unpublish(volume, &target_path))
+            .await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 

@@ -17,8 +17,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::cluster::nodes::Nodes;
-use crate::cluster::records::NodeState;
 use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
@@ -67,7 +65,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pool: Arc<OnceLock<Pool>>,
-    nodes: Arc<OnceLock<Arc<Nodes>>>,
+    nodes: Arc<OnceLock<NodesFn>>,
     leading: Arc<OnceLock<Leading>>,
     ops: Family<VolumeOp, Counter>,
     bytes: Family<VolumeOp, Counter>,
@@ -206,9 +204,10 @@ impl Metrics {
     }
 
     /// Reports the nodes the controller knows (`strata_nodes{state}`,
-    /// `strata_node_room_bytes{node}`) at each scrape.
-    pub fn watch_nodes(&self, nodes: Arc<Nodes>) {
-        let _ = self.nodes.set(nodes);
+    /// `strata_node_room_bytes{node}`) at each scrape, as `nodes` lists
+    /// them then.
+    pub fn watch_nodes(&self, nodes: impl Fn() -> Vec<NodeGauge> + Send + Sync + 'static) {
+        let _ = self.nodes.set(NodesFn(Box::new(nodes)));
     }
 
     /// Reports whether this controller replica leads
@@ -330,9 +329,28 @@ fn gauge(
     g.encode(metric)
 }
 
+/// One node, as the controller's metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeGauge {
+    pub node: String,
+    /// Answering its heartbeat (else stale).
+    pub ready: bool,
+    /// Bytes of new volumes it can still take.
+    pub room: u64,
+}
+
+/// Lists the nodes at a scrape.
+struct NodesFn(Box<dyn Fn() -> Vec<NodeGauge> + Send + Sync>);
+
+impl std::fmt::Debug for NodesFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodesFn")
+    }
+}
+
 #[derive(Debug)]
 struct ControllerCollector {
-    nodes: Arc<OnceLock<Arc<Nodes>>>,
+    nodes: Arc<OnceLock<NodesFn>>,
     leading: Arc<OnceLock<Leading>>,
 }
 
@@ -370,9 +388,7 @@ impl Collector for ControllerCollector {
         let Some(nodes) = self.nodes.get() else {
             return Ok(());
         };
-        let Ok(list) = nodes.list() else {
-            return Ok(());
-        };
+        let list = (nodes.0)();
         let kind = ConstGauge::new(0i64).metric_type();
         let mut metric = encoder.encode_descriptor(
             "nodes",
@@ -380,8 +396,8 @@ impl Collector for ControllerCollector {
             None,
             kind,
         )?;
-        for (state, label) in [(NodeState::Ready, "ready"), (NodeState::Stale, "stale")] {
-            let n = list.iter().filter(|n| n.state == state).count() as i64;
+        for (ready, label) in [(true, "ready"), (false, "stale")] {
+            let n = list.iter().filter(|n| n.ready == ready).count() as i64;
             ConstGauge::new(n).encode(metric.encode_family(&StateLabel { state: label })?)?;
         }
         let mut metric = encoder.encode_descriptor(
@@ -392,9 +408,9 @@ impl Collector for ControllerCollector {
         )?;
         for n in &list {
             let labels = NodeLabel {
-                node: n.node_id.clone(),
+                node: n.node.clone(),
             };
-            ConstGauge::new(nodes.room(n) as i64).encode(metric.encode_family(&labels)?)?;
+            ConstGauge::new(n.room as i64).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }

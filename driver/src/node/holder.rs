@@ -11,7 +11,7 @@
 //! PUT <key>   + fd   → OK            keep (a duplicate of) fd under key
 //! GET <key>          → OK + fd | NONE
 //! DROP <key>         → OK            close it (the volume was detached)
-//! PING               → PONG <pid>
+//! PING               → PONG <pid> <instance>   (instance: random, per holder)
 //! ```
 //!
 //! It keeps nothing on disk: if the holder dies, its descriptors close and
@@ -107,20 +107,26 @@ fn recv(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
 }
 
 /// Runs the holder on `socket` until it has held nothing for `idle`
-/// (`None`: until it is killed).
+/// (`None`: until it is killed). A holder that already answers there (an
+/// older one, about to go with its pod) is first asked for every
+/// connection the node's staging records name, so none is lost when it
+/// goes.
 pub fn run(socket: &Path, idle: Option<Duration>) -> Result<()> {
+    let mut held = adopt(socket);
+    // Told apart from the holder before even where both are PID 1 of
+    // their containers.
+    let instance = uuid::Uuid::new_v4().as_u64_pair().0;
     let listener = crate::endpoint::bind_unix_std(socket).map_err(io("listen on", socket))?;
     listener
         .set_nonblocking(true)
         .map_err(io("listen on", socket))?;
-    let mut held: HashMap<String, OwnedFd> = HashMap::new();
-    let mut empty_since = Some(Instant::now());
+    let mut empty_since = held.is_empty().then(Instant::now);
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
                 let _ = conn.set_nonblocking(false);
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                serve_client(&conn, &mut held);
+                serve_client(&conn, &mut held, instance);
                 // Any request restarts the idle clock, so a client that
                 // just found the holder alive has time to hand it an fd.
                 empty_since = held.is_empty().then(Instant::now);
@@ -139,7 +145,37 @@ pub fn run(socket: &Path, idle: Option<Duration>) -> Result<()> {
     }
 }
 
-fn serve_client(conn: &UnixStream, held: &mut HashMap<String, OwnedFd>) {
+/// The descriptors an older holder on `socket` keeps for the volumes the
+/// staging records (`<socket's dir>/staged/<volume>.json`) name.
+fn adopt(socket: &Path) -> HashMap<String, OwnedFd> {
+    let mut held = HashMap::new();
+    let older = Holder::new(socket.to_path_buf());
+    let Some(pid) = older.ping() else {
+        return held;
+    };
+    let staged = socket.with_file_name("staged");
+    let names = std::fs::read_dir(&staged).into_iter().flatten().flatten();
+    for name in names {
+        let path = name.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Some(key) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if let Ok(Some(fd)) = older.get(key) {
+            held.insert(key.to_string(), fd);
+        }
+    }
+    tracing::info!(
+        pid,
+        connections = held.len(),
+        "took the connections of the holder that ran before"
+    );
+    held
+}
+
+fn serve_client(conn: &UnixStream, held: &mut HashMap<String, OwnedFd>, instance: u64) {
     while let Ok((msg, fd)) = recv(conn) {
         let text = String::from_utf8_lossy(&msg).into_owned();
         let (verb, key) = text
@@ -161,7 +197,7 @@ fn serve_client(conn: &UnixStream, held: &mut HashMap<String, OwnedFd>) {
             }
             ("PING", _) => send(
                 conn,
-                format!("PONG {}", std::process::id()).as_bytes(),
+                format!("PONG {} {instance}", std::process::id()).as_bytes(),
                 None,
             ),
             _ => send(conn, b"ERR unknown request", None),
@@ -192,10 +228,16 @@ impl Holder {
         Ok((String::from_utf8_lossy(&reply).into_owned(), fd))
     }
 
+    /// Which holder answers (random per holder), if one does.
+    pub fn instance(&self) -> Option<u64> {
+        let (reply, _) = self.request("PING", None).ok()?;
+        reply.strip_prefix("PONG ")?.split(' ').nth(1)?.parse().ok()
+    }
+
     /// The holder's pid, if one answers.
     pub fn ping(&self) -> Option<u32> {
         let (reply, _) = self.request("PING", None).ok()?;
-        reply.strip_prefix("PONG ")?.parse().ok()
+        reply.strip_prefix("PONG ")?.split(' ').next()?.parse().ok()
     }
 
     /// Waits up to `patience` for a holder that another process runs to
@@ -323,5 +365,60 @@ mod tests {
         // Nothing held: the holder exits after its idle time.
         server.join().unwrap().unwrap();
         assert!(holder.ping().is_none());
+    }
+
+    /// A holder that starts where another answers (the chart's holder
+    /// DaemonSet beside the holder an older node plugin started) takes the
+    /// connections the staging records name, so the older one can go.
+    #[test]
+    fn a_new_holder_takes_the_connections_of_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fuse-holder.sock");
+        std::fs::create_dir(dir.path().join("staged")).unwrap();
+        std::fs::write(dir.path().join("staged/vol-1.json"), "{}").unwrap();
+        let start = |sock: &Path| {
+            let s = sock.to_path_buf();
+            std::thread::spawn(move || run(&s, Some(Duration::from_millis(300))));
+        };
+        start(&sock);
+        let holder = Holder::new(sock.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while holder.ping().is_none() {
+            assert!(Instant::now() < deadline, "holder did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are fresh descriptors we own.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        holder.put("vol-1", wr.as_raw_fd()).unwrap();
+        holder.put("not-staged", wr.as_raw_fd()).unwrap();
+        drop(wr);
+        // The second holder binds the same path: the first is unreachable
+        // from now on, as when its pod goes.
+        let old_socket = dir.path().join("old.sock");
+        std::fs::hard_link(&sock, &old_socket).unwrap();
+        start(&sock);
+        use std::os::unix::fs::MetadataExt;
+        let old_inode = std::fs::metadata(&old_socket).unwrap().ino();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&sock).map_or(true, |m| m.ino() == old_inode)
+            || holder.ping().is_none()
+        {
+            assert!(Instant::now() < deadline, "the new holder did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let fd = holder
+            .get("vol-1")
+            .unwrap()
+            .expect("taken from the old holder");
+        let mut w = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut w, b"y").unwrap();
+        assert!(holder.get("not-staged").unwrap().is_none());
+        let mut r = std::fs::File::from(rd);
+        let mut b = [0u8; 1];
+        std::io::Read::read_exact(&mut r, &mut b).unwrap();
+        assert_eq!(&b, b"y");
     }
 }

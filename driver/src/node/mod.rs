@@ -323,6 +323,7 @@ impl Node {
     pub fn stage(&self, req: &Stage) -> Result<()> {
         let vid = req.volume;
         let volume = self.pool.volume(vid)?;
+        self.backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
         if let Some(entry) = staged.get(&vid) {
             if entry.rec.staging_path != req.staging_path {
@@ -366,6 +367,7 @@ impl Node {
             access: req.access.clone(),
             read_only: req.read_only,
             fuse: None,
+            writers: Vec::new(),
         };
         self.state.save(&rec)?;
         let attached = match self.stage_attached(&volume, &mut rec) {
@@ -524,13 +526,28 @@ impl Node {
 
     /// Publishes a staged volume at `target_path`.
     pub fn publish(&self, req: &Publish) -> Result<()> {
-        let staged = self.staged.lock().expect("staged");
+        let mut staged = self.staged.lock().expect("staged");
         let entry = staged.get(&req.volume).ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "volume {} is not staged on this node; NodeStageVolume first",
                 req.volume
             ))
         })?;
+        self.mount_publish(entry, req)?;
+        // Kept, for SINGLE_NODE_SINGLE_WRITER: the writable publishes that
+        // NodePublishVolume made (kubelet's own bind mounts are not).
+        let entry = staged.get_mut(&req.volume).expect("just found");
+        if !req.read_only && !entry.rec.writers.contains(&req.target_path) {
+            let mut rec = entry.rec.clone();
+            rec.writers.push(req.target_path.clone());
+            self.state.save(&rec)?;
+            entry.rec = rec;
+        }
+        Ok(())
+    }
+
+    /// The checks and mounts of [`Node::publish`].
+    fn mount_publish(&self, entry: &Entry, req: &Publish) -> Result<()> {
         if entry.rec.staging_path != req.staging_path {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is staged at {}, not {}",
@@ -552,15 +569,13 @@ impl Node {
             )));
         }
         if req.single_writer && !req.read_only {
-            let other = self
-                .publishes(&entry.rec)?
-                .into_iter()
-                .find(|m| !m.read_only() && m.mount_point != req.target_path);
-            if let Some(other) = other {
+            let mut others = entry.rec.writers.iter().filter(|w| **w != req.target_path);
+            let still = others.find(|w| matches!(mount::mount_at(w), Ok(Some(_))));
+            if let Some(other) = still {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is SINGLE_NODE_SINGLE_WRITER and already published writable at {}",
                     req.volume,
-                    other.mount_point.display()
+                    other.display()
                 )));
             }
         }
@@ -607,9 +622,23 @@ impl Node {
         })
     }
 
-    /// Unpublishes `target_path`: unmounts it and removes it. A path that is
-    /// not mounted (or does not exist) is a success.
-    pub fn unpublish(&self, target_path: &Path) -> Result<()> {
+    /// Unpublishes `target_path` of `volume`: unmounts it and removes it. A
+    /// path that is not mounted (or does not exist) is a success.
+    pub fn unpublish(&self, volume: Option<VolumeId>, target_path: &Path) -> Result<()> {
+        self.unmount_publish(target_path)?;
+        let mut staged = self.staged.lock().expect("staged");
+        if let Some(entry) = volume.and_then(|v| staged.get_mut(&v))
+            && entry.rec.writers.iter().any(|w| w == target_path)
+        {
+            let mut rec = entry.rec.clone();
+            rec.writers.retain(|w| w != target_path);
+            self.state.save(&rec)?;
+            entry.rec = rec;
+        }
+        Ok(())
+    }
+
+    fn unmount_publish(&self, target_path: &Path) -> Result<()> {
         // A read-only block publish has a loop device of its own.
         let ro_loop = mount::mount_at(target_path)?.and(read_only_loop(target_path));
         while mount::mount_at(target_path)?.is_some() {

@@ -52,6 +52,11 @@ pub struct StagedRecord {
     pub read_only: bool,
     /// What the FUSE connection negotiated (FUSE backend only).
     pub fuse: Option<Negotiated>,
+    /// Where NodePublishVolume published it (writable ones, for
+    /// SINGLE_NODE_SINGLE_WRITER: mounts kubelet makes of a publish, like
+    /// its block-device map, are not publishes).
+    #[serde(default)]
+    pub writers: Vec<PathBuf>,
 }
 
 /// The records directory.
@@ -146,6 +151,7 @@ mod tests {
                 max_write: 256 << 10,
                 resend: true,
             }),
+            writers: vec!["/var/lib/kubelet/pods/p/volumes/x".into()],
         };
         state.save(&rec).unwrap();
         let mut other = rec.clone();

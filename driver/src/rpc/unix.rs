@@ -16,9 +16,12 @@
 //!
 //! What is written by hand is the frame layer (nine-byte headers, padding,
 //! priority, CONTINUATION), which no crate offers apart from a whole
-//! HTTP/2 implementation; it is small and fixed by RFC 9113. Memory per connection is bounded: one
-//! header block of at most [`MAX_HEADER_BLOCK`] bytes; other frames stream
-//! through without being held.
+//! HTTP/2 implementation; it is small and fixed by RFC 9113. Memory per
+//! connection is bounded: one header block of at most [`MAX_HEADER_BLOCK`]
+//! bytes in at most 32 frames, decoded to at most as many bytes (HPACK
+//! lets one byte stand for a whole table entry); other frames stream
+//! through without being held. Header frames larger than the 16 KiB h2
+//! advertises are refused, as h2 would.
 
 use std::io;
 use std::pin::Pin;
@@ -40,8 +43,14 @@ const PRIORITY: u8 = 0x20;
 /// Largest frame payload written: the smallest SETTINGS_MAX_FRAME_SIZE a
 /// peer may have, so any server accepts it.
 const MAX_FRAME: usize = 16_384;
-/// Largest header block (all its frames) a connection may send.
-pub const MAX_HEADER_BLOCK: usize = 256 << 10;
+/// Largest header block (all its frames) a connection may send, and the
+/// most its decoded fields may come to: HPACK can make one byte stand for
+/// a whole table entry, so the decoded size is bounded on its own. h2
+/// advertises 16 KiB of header list; this leaves room above it.
+pub const MAX_HEADER_BLOCK: usize = 64 << 10;
+/// Most frames one header block may span (a flood of CONTINUATION frames
+/// is refused).
+const MAX_BLOCK_FRAMES: usize = 32;
 /// HPACK dynamic table size the server side allows (HTTP/2's default;
 /// tonic does not advertise another).
 const TABLE_SIZE: usize = 4096;
@@ -121,8 +130,12 @@ impl AsyncRead for AuthorityFix {
             if read.filled().is_empty() {
                 // End of the stream: a frame cut short is passed on as it
                 // is, for h2 to see the truncation itself.
-                buf.put_slice(&std::mem::take(&mut this.input));
-                return Poll::Ready(Ok(()));
+                if this.input.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.output = std::mem::take(&mut this.input);
+                this.output_at = 0;
+                continue;
             }
             this.input.extend_from_slice(read.filled());
             let used = this.rewriter.feed(&this.input, &mut this.output)?;
@@ -176,6 +189,7 @@ enum State {
 struct Block {
     stream: u32,
     end_stream: bool,
+    frames: usize,
     /// The five priority bytes of the HEADERS frame, if it had them.
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
@@ -255,10 +269,11 @@ impl Rewriter {
                         }
                         continue;
                     }
+                    if len > MAX_FRAME {
+                        // Over the SETTINGS_MAX_FRAME_SIZE h2 advertises.
+                        return Err(invalid(format!("a {len}-byte header frame")));
+                    }
                     if rest.len() < FRAME_HEADER + len {
-                        if len > MAX_HEADER_BLOCK {
-                            return Err(invalid(format!("a {len}-byte header frame")));
-                        }
                         return Ok(at);
                     }
                     let payload = &rest[FRAME_HEADER..FRAME_HEADER + len];
@@ -305,14 +320,18 @@ impl Rewriter {
                 self.block = Some(Block {
                     stream,
                     end_stream: flags & END_STREAM != 0,
+                    frames: 1,
                     priority,
                     fragment: p[..end].to_vec(),
                 });
             }
             (CONTINUATION, Some(block)) if block.stream == stream => {
-                if block.fragment.len() + payload.len() > MAX_HEADER_BLOCK {
+                block.frames += 1;
+                if block.fragment.len() + payload.len() > MAX_HEADER_BLOCK
+                    || block.frames > MAX_BLOCK_FRAMES
+                {
                     return Err(invalid(format!(
-                        "a header block over {MAX_HEADER_BLOCK} bytes"
+                        "a header block over {MAX_HEADER_BLOCK} bytes or {MAX_BLOCK_FRAMES} frames"
                     )));
                 }
                 block.fragment.extend_from_slice(payload);
@@ -329,17 +348,31 @@ impl Rewriter {
         let block = self.block.take().expect("a block is being gathered");
         let mut encoded = Vec::with_capacity(block.fragment.len() * 2);
         let mut bad = None;
-        self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
-                let value: &[u8] = if &*name == b":authority" && !valid_authority(&value) {
-                    bad.get_or_insert_with(|| String::from_utf8_lossy(&value).into_owned());
-                    LOCALHOST
-                } else {
-                    &value
-                };
-                literal(&name, value, &mut encoded);
-            })
-            .map_err(|e| invalid(format!("undecodable header block: {e:?}")))?;
+        let mut too_big = false;
+        let decoded = self.decoder.decode_with_cb(&block.fragment, |name, value| {
+            if too_big || encoded.len() + name.len() + value.len() > MAX_HEADER_BLOCK {
+                too_big = true;
+                return;
+            }
+            let value: &[u8] = if &*name == b":authority" && !valid_authority(&value) {
+                bad.get_or_insert_with(|| String::from_utf8_lossy(&value).into_owned());
+                LOCALHOST
+            } else {
+                &value
+            };
+            literal(&name, value, &mut encoded);
+        });
+        match decoded {
+            // A block of only a table size update is valid HTTP/2; the
+            // decoder took the update and there is nothing to write.
+            Ok(()) | Err(loona_hpack::decoder::DecoderError::SizeUpdateAtEnd) => {}
+            Err(e) => return Err(invalid(format!("undecodable header block: {e:?}"))),
+        }
+        if too_big {
+            return Err(invalid(format!(
+                "a header block that decodes to over {MAX_HEADER_BLOCK} bytes"
+            )));
+        }
         if let Some(bad) = bad {
             tracing::debug!(authority = %bad, "client sent an invalid :authority; served as localhost");
         }
@@ -528,7 +561,8 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, 0, 1, &block[..10_000]));
         input.extend(frame(CONTINUATION, 0, 1, &block[10_000..20_000]));
-        input.extend(frame(CONTINUATION, END_HEADERS, 1, &block[20_000..]));
+        input.extend(frame(CONTINUATION, 0, 1, &block[20_000..30_000]));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, &block[30_000..]));
         let out = rewrite(&input, 1000);
         let (blocks, frames) = decode_all(&out);
         assert_eq!(blocks[0][1].1, big);
@@ -542,6 +576,35 @@ mod tests {
             r.feed(&huge, &mut out).is_err(),
             "a header frame over the bound"
         );
+
+        // One byte per field naming a 4000-byte table entry: would decode
+        // to about 4000 times its size.
+        let mut encoder = loona_hpack::Encoder::new();
+        let entry = vec![b'x'; 4000];
+        let first = client_block(&mut encoder, &[(b"x-big", &entry)]);
+        let mut bomb = PREFACE.to_vec();
+        bomb.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        bomb.extend(frame(HEADERS, END_HEADERS, 3, &[0xbe; 16_000]));
+        let mut out = Vec::new();
+        assert!(
+            Rewriter::new().feed(&bomb, &mut out).is_err(),
+            "a decompression bomb"
+        );
+        assert!(out.len() < 2 * MAX_HEADER_BLOCK, "{} bytes out", out.len());
+
+        // A flood of empty CONTINUATION frames.
+        let mut flood = PREFACE.to_vec();
+        flood.extend(frame(HEADERS, 0, 1, &block[..10]));
+        for _ in 0..100 {
+            flood.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        assert!(Rewriter::new().feed(&flood, &mut Vec::new()).is_err());
+
+        // A block with only a table size update (to 4096: 0x3f 0xe1 0x1f).
+        let mut update = PREFACE.to_vec();
+        update.extend(frame(HEADERS, END_HEADERS, 1, &[0x3f, 0xe1, 0x1f]));
+        let out = rewrite(&update, 3);
+        assert_eq!(out[PREFACE.len() + 3], HEADERS);
 
         let mut r = Rewriter::new();
         let mut wrong = PREFACE.to_vec();
@@ -559,5 +622,29 @@ mod tests {
             r.feed(&garbage, &mut Vec::new()).is_err(),
             "undecodable block"
         );
+    }
+
+    /// A client that hangs up in the middle of a header frame: what it
+    /// sent reaches h2 (which sees the truncation), in reads of any size.
+    #[tokio::test]
+    async fn a_frame_cut_short_by_the_end_of_the_stream_is_passed_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let mut sent = PREFACE.to_vec();
+        sent.extend_from_slice(&[0, 0x3e, 0x80, HEADERS, END_HEADERS, 0, 0, 0, 1]);
+        sent.extend_from_slice(&[0x82; 15_000]);
+        client.write_all(&sent).await.unwrap();
+        drop(client);
+        let mut server = AuthorityFix::new(server);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 100];
+        loop {
+            let n = server.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, sent);
     }
 }

@@ -49,6 +49,11 @@ impl Proc {
         std::fs::read_to_string(self.dir.join("strata.log")).unwrap_or_default()
     }
 
+    /// Adds arguments for the next start.
+    pub fn add_args(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+    }
+
     /// (Re)starts the process and waits for its CSI socket (a socket left
     /// by a killed process is removed first, so it is not mistaken for
     /// the new one).

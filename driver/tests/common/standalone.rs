@@ -132,6 +132,11 @@ impl Standalone {
         self.proc.log()
     }
 
+    /// Adds arguments for the next start (a new version's flags).
+    pub fn set_args_extra(&mut self, extra: &[&str]) {
+        self.proc.add_args(extra);
+    }
+
     /// Runs the `strata` CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -272,6 +277,8 @@ pub fn holder_pid(socket: &Path) -> Option<u32> {
     std::str::from_utf8(&buf[..n])
         .ok()?
         .strip_prefix("PONG ")?
+        .split(' ')
+        .next()?
         .parse()
         .ok()
 }

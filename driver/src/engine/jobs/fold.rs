@@ -371,6 +371,7 @@ pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Resu
         copies.retain(|(_, _, f)| *f != From::Nothing);
         (l, c, merged, copies)
     };
+    ctx.failpoint("fold_frozen::planned");
     let total: u64 = copies.iter().map(|(_, n, _)| n * BLOCK_SIZE).sum();
     ctx.progress.add_total(total);
     let Some(_space) = ctx.reserve(total)? else {

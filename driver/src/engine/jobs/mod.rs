@@ -37,6 +37,8 @@ pub(crate) mod throttle;
 
 pub use copy::Method;
 pub use failpoint::NAMES as FAILPOINTS;
+#[cfg(feature = "failpoints")]
+pub use failpoint::on as on_failpoint;
 pub(crate) use plan::foldable as plan_foldable;
 
 use std::collections::{HashMap, HashSet};

@@ -7,9 +7,11 @@
 //! detach:  loop detach ─▶ unmount <dir> (the workers see ENODEV) ─▶ holder drops F ─▶ rmdir
 //! ```
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
@@ -29,6 +31,13 @@ pub struct FuseAttach {
     dir: PathBuf,
     holder: Holder,
     start: HolderStart,
+    /// A holder answered once: from then on an attach does not wait for
+    /// one (a missing holder is an error at once, not a 30 s stall).
+    holder_seen: AtomicBool,
+    /// A duplicate of every connection this process serves, by volume, to
+    /// hand to a holder that starts anew (a holder pod replaced, or one
+    /// that came up beside an older one).
+    served: Arc<Mutex<HashMap<String, OwnedFd>>>,
     holder_log: PathBuf,
     metrics: Arc<Metrics>,
     config: FuseConfig,
@@ -38,10 +47,15 @@ impl FuseAttach {
     pub fn new(state_dir: &Path, start: HolderStart, metrics: Arc<Metrics>) -> Result<Self> {
         let dir = state_dir.join("fuse");
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let holder = Holder::new(state_dir.join("fuse-holder.sock"));
+        let served = Arc::new(Mutex::new(HashMap::new()));
+        watch_holder(holder.clone(), Arc::downgrade(&served));
         Ok(FuseAttach {
             dir,
-            holder: Holder::new(state_dir.join("fuse-holder.sock")),
+            holder,
             start,
+            holder_seen: AtomicBool::new(false),
+            served,
             holder_log: state_dir.join("fuse-holder.log"),
             metrics,
             config: FuseConfig::default(),
@@ -70,6 +84,7 @@ impl FuseAttach {
             .dup_fd()
             .map_err(io("duplicate the FUSE fd of", dir))?;
         self.holder.put(&vid, dup.as_raw_fd())?;
+        self.served.lock().expect("served").insert(vid.clone(), dup);
         let file = dir.join(FILE_NAME);
         let lo = loopdev::attach(&file, SECTOR_SIZE, false)?;
         if !lo.direct_io {
@@ -87,14 +102,61 @@ impl FuseAttach {
 }
 
 impl FuseAttach {
-    /// Makes sure a holder answers: started here, or waited for.
-    fn ensure_holder(&self) -> Result<u32> {
-        match &self.start {
+    /// Makes sure a holder answers: started here, or (the first time, and
+    /// when `wait`) waited for.
+    fn ensure_holder(&self, wait: bool) -> Result<u32> {
+        let pid = match &self.start {
             HolderStart::Spawn(exe) => self.holder.ensure_running(exe, &self.holder_log),
-            HolderStart::External => self.holder.wait(EXTERNAL_HOLDER_WAIT),
-        }
+            HolderStart::External if wait && !self.holder_seen.load(Ordering::Acquire) => {
+                self.holder.wait(EXTERNAL_HOLDER_WAIT)
+            }
+            HolderStart::External => self.holder.wait(Duration::ZERO),
+        }?;
+        self.holder_seen.store(true, Ordering::Release);
+        Ok(pid)
     }
 }
+
+/// Every few seconds, a thread asks which holder answers; when it changes
+/// (a new holder), it gets a duplicate of every connection served here, so
+/// a holder that restarted no longer holds nothing. Ends with the backend.
+fn watch_holder(holder: Holder, served: Weak<Mutex<HashMap<String, OwnedFd>>>) {
+    let spawned = std::thread::Builder::new()
+        .name("strata-fd-holder-watch".into())
+        .spawn(move || {
+            let mut known = holder.instance();
+            loop {
+                std::thread::sleep(HOLDER_WATCH);
+                let Some(served) = served.upgrade() else {
+                    return;
+                };
+                let now = holder.instance();
+                if now.is_some() && now != known {
+                    let served = served.lock().expect("served");
+                    tracing::info!(instance = ?now, volumes = served.len(), "a new FUSE fd holder: handing it every connection");
+                    let all = served
+                        .iter()
+                        .all(|(vid, fd)| match holder.put(vid, fd.as_raw_fd()) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(volume = vid, error = %e, "handing a connection to the fd holder");
+                                false
+                            }
+                        });
+                    if !all {
+                        continue;
+                    }
+                }
+                known = now;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the fd holder watch");
+    }
+}
+
+/// How often the holder's pid is checked.
+const HOLDER_WATCH: Duration = Duration::from_secs(5);
 
 /// How long a node waits for an external fd holder to answer.
 const EXTERNAL_HOLDER_WAIT: Duration = Duration::from_secs(30);
@@ -104,8 +166,12 @@ impl Attach for FuseAttach {
         Kind::Fuse
     }
 
+    fn prepare(&self) -> Result<()> {
+        self.ensure_holder(true).map(drop)
+    }
+
     fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
-        self.ensure_holder()?;
+        self.ensure_holder(false)?;
         let dir = self.mountpoint(volume.id());
         if mount::mount_at(&dir)?.is_some() {
             // A leftover of an attach that never got recorded.
@@ -132,15 +198,18 @@ impl Attach for FuseAttach {
             .fuse
             .ok_or_else(|| lost("no FUSE parameters recorded"))?;
         // An external holder may still be starting (its pod and ours
-        // scheduled together); a missing one is only known after a while.
+        // scheduled together): the first resume waits for it, once.
         if self.start == HolderStart::External {
-            let _ = self.ensure_holder();
+            let _ = self.ensure_holder(true);
         }
         let fd = match self.holder.get(&vid.to_string()) {
             Ok(Some(fd)) => fd,
             Ok(None) => return Err(lost("the fd holder no longer has it")),
             Err(_) => return Err(lost("the fd holder is not running")),
         };
+        let dup = fd
+            .try_clone()
+            .map_err(io("duplicate the FUSE fd of", &dir))?;
         let session = fuse::serve(
             fd,
             Export::Volume(volume),
@@ -149,6 +218,10 @@ impl Attach for FuseAttach {
             Some(negotiated),
         )
         .map_err(io("serve FUSE at", &dir))?;
+        self.served
+            .lock()
+            .expect("served")
+            .insert(vid.to_string(), dup);
         let file = dir.join(FILE_NAME);
         let loop_index = rec
             .device
@@ -208,6 +281,10 @@ impl Attach for FuseAttach {
         if mount::mount_at(&dir)?.is_some() {
             mount::unmount_patiently(&dir)?;
         }
+        self.served
+            .lock()
+            .expect("served")
+            .remove(&volume.to_string());
         if self.holder.ping().is_some() {
             self.holder.drop_fd(&volume.to_string())?;
         }

@@ -155,6 +155,12 @@ pub enum Handle {
 pub trait Attach: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> Kind;
 
+    /// What an attach needs that may take a while (waiting for a helper
+    /// process): called before the node takes its locks.
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Makes `volume` a block device. On error nothing is left attached.
     fn attach(&self, volume: Arc<Volume>) -> Result<Attached>;
 
