@@ -607,6 +607,10 @@ impl Volume {
     }
 
     pub(crate) fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalState>) -> Result<()> {
+        // Every path to the journal (flushes, a job's flush, a snapshot's,
+        // the pool's close) goes through here: none may journal records
+        // whose data a failed write-back lost.
+        self.check_fault(false)?;
         let (records, layers, generation, end) = {
             let mut p = self.pending.lock().expect("pending");
             let (records, end) = p.take();

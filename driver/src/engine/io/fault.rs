@@ -522,6 +522,9 @@ impl FaultFs {
         {
             st.matched += 1;
             if st.matched == f.at || (f.sticky && st.matched > f.at) {
+                if let Some(last) = st.trace.back_mut() {
+                    last.push_str(&format!("  <- failed (errno {})", f.errno));
+                }
                 return Err(io::Error::from_raw_os_error(f.errno));
             }
         }
