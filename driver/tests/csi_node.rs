@@ -1157,6 +1157,26 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
     unpublish_and_unstage(&mut csi, &blk, &bstaging, &btarget).await;
 }
 
+/// Starts `strata fuse-holder` on `socket` as the chart's holder
+/// DaemonSet runs it; with `answering`, waits until it is the one that
+/// answers there.
+fn external_holder(socket: &Path, answering: bool) -> std::process::Child {
+    let holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
+        .arg(socket)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while answering && common::standalone::holder_pid(socket) != Some(holder.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new holder did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    holder
+}
+
 /// What a rollout of the node DaemonSet does: every process of the node
 /// plugin's pod is replaced, while the fd holder runs in a pod of its own
 /// (`--fuse-holder external`, the chart's fuse-holder DaemonSet with
@@ -1183,11 +1203,7 @@ async fn a_rollout_of_the_node_plugin_keeps_fuse_mounts_with_an_external_holder(
         tokio::spawn(async move { node.node_stage_volume(req).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
-        .arg(&socket)
-        .spawn()
-        .unwrap();
+    let mut holder = external_holder(&socket, false);
     stage.await.unwrap().unwrap();
     csi.node
         .node_publish_volume(c::publish(&vol, &staging, &target, ext4.clone(), false))
@@ -1232,11 +1248,7 @@ async fn a_rollout_of_the_node_plugin_keeps_fuse_mounts_with_an_external_holder(
     // mount too.
     let _ = holder.kill();
     let _ = holder.wait();
-    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
-        .arg(&socket)
-        .spawn()
-        .unwrap();
+    let mut holder = external_holder(&socket, false);
     let writer = steady_writer(target.join("after-new-holder"), 96, 30);
     // The plugin looks every 5 s.
     std::thread::sleep(std::time::Duration::from_secs(7));
@@ -1275,19 +1287,7 @@ async fn an_upgrade_to_the_holder_daemonset_keeps_fuse_mounts() {
     stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;
     let data = write_file(&target.join("before"), 1 << 20, 5);
     let old_holder = common::standalone::holder_pid(&socket).expect("the plugin started one");
-    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["fuse-holder", "--idle-seconds", "0", "--socket"])
-        .arg(&socket)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while common::standalone::holder_pid(&socket) != Some(holder.id()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new holder did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut holder = external_holder(&socket, true);
     // The old pod goes: the plugin, and the holder that ran in it.
     s.kill9();
     // SAFETY: kill(2) of the holder the old plugin started.

@@ -275,6 +275,24 @@ where
     Ok(out)
 }
 
+/// Every record of a table, with its key as an ID.
+fn keyed_recs<T, K, R>(
+    table: &T,
+    id: fn(u128) -> K,
+    decode: fn(&[u8]) -> Result<R>,
+    op: &'static str,
+) -> Result<Vec<(K, R)>>
+where
+    T: ReadableTable<u128, &'static [u8]>,
+{
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(|e| catalog_error(op, e))? {
+        let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
+        out.push((id(k.value()), decode(v.value())?));
+    }
+    Ok(out)
+}
+
 fn presence_of<T>(table: &T, layer: LayerId) -> Result<Vec<(u32, Vec<Run>)>>
 where
     T: ReadableTable<(u128, u32), &'static [u8]>,
@@ -333,13 +351,12 @@ impl ReadTxn {
     }
     pub(crate) fn families(&self) -> Result<Vec<(FamilyId, FamilyRecord)>> {
         let op = "list families";
-        let t = read_table!(self.0, FAMILIES, op);
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| catalog_error(op, e))? {
-            let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
-            out.push((FamilyId(k.value()), FamilyRecord::decode(v.value())?));
-        }
-        Ok(out)
+        keyed_recs(
+            &read_table!(self.0, FAMILIES, op),
+            FamilyId,
+            FamilyRecord::decode,
+            op,
+        )
     }
     /// The layers (with any presence) that have presence records, for checks.
     pub(crate) fn presence_layers(&self) -> Result<Vec<(LayerId, u32)>> {
@@ -377,13 +394,12 @@ impl ReadTxn {
     }
     pub(crate) fn faults(&self) -> Result<Vec<(VolumeId, FaultRecord)>> {
         let op = "list faults";
-        let t = read_table!(self.0, FAULTS, op);
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| catalog_error(op, e))? {
-            let (k, v) = entry.map_err(|e| catalog_error(op, e))?;
-            out.push((VolumeId(k.value()), FaultRecord::decode(v.value())?));
-        }
-        Ok(out)
+        keyed_recs(
+            &read_table!(self.0, FAULTS, op),
+            VolumeId,
+            FaultRecord::decode,
+            op,
+        )
     }
     /// The layers whose parent is `layer`.
     pub(crate) fn children(&self, layer: LayerId) -> Result<Vec<LayerRecord>> {
