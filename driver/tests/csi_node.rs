@@ -219,9 +219,8 @@ async fn mount_lifecycle_many_times_keeps_data_and_is_idempotent() {
         .unwrap()
         .count();
     assert_eq!(leftovers, 0, "no staged records remain");
-    let fuse_dirs = std::fs::read_dir(s.state_dir().join("fuse"))
-        .unwrap()
-        .count();
+    // (Only the FUSE backend makes mountpoints there.)
+    let fuse_dirs = std::fs::read_dir(s.state_dir().join("fuse")).map_or(0, |d| d.count());
     assert_eq!(fuse_dirs, 0, "no FUSE mountpoints remain");
 }
 

@@ -110,6 +110,10 @@ struct StandaloneArgs {
     /// rollout of the node plugin keeps the mounts).
     #[arg(long, value_enum, default_value = "spawn")]
     fuse_holder: HolderArg,
+    /// Seconds the kernel keeps an nbd device whose server went away
+    /// (waiting for a restarted Strata) before it fails the device's I/O.
+    #[arg(long, default_value_t = crate::node::attach::DEAD_CONN_TIMEOUT_SECS)]
+    nbd_dead_timeout: u64,
     /// Background jobs (merges, flattens) running at once; more wait.
     #[arg(long, default_value_t = 2)]
     jobs_max_running: usize,
@@ -430,6 +434,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
             attach: a.attach,
             max_volumes: a.max_volumes,
             holder,
+            nbd_dead_timeout: std::time::Duration::from_secs(a.nbd_dead_timeout),
         },
     })
 }

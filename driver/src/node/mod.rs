@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub max_volumes: u32,
     /// Where the FUSE fd holder comes from.
     pub holder: HolderStart,
+    /// How long the kernel keeps an nbd device whose server went away.
+    pub nbd_dead_timeout: std::time::Duration,
 }
 
 /// Where the FUSE fd holder comes from.
@@ -208,6 +210,7 @@ impl Node {
                 attach::Probe::kernel()
                     .nbd_family
                     .ok_or_else(|| Error::Unavailable("the nbd driver went away".into()))?,
+                config.nbd_dead_timeout.as_secs().max(1),
             )),
         };
         let node = Node {

@@ -16,7 +16,7 @@ mod fuse;
 mod nbd;
 
 pub use fuse::FuseAttach;
-pub use nbd::NbdAttach;
+pub use nbd::{DEAD_CONN_TIMEOUT_SECS, NbdAttach};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -148,6 +148,9 @@ pub enum Handle {
     },
     Nbd {
         index: u32,
+        /// The backend identifier given at connect (the volume ID), which
+        /// the kernel wants again in every reconfigure of the device.
+        backend: String,
     },
 }
 

@@ -5,8 +5,8 @@
 //!          ─▶ NBD_CMD_CONNECT {size, 4096-byte blocks, server flags, dead-connection
 //!             timeout, backend = volume ID, sockets} ─▶ the kernel answers /dev/nbdN
 //! restart: the kernel keeps /dev/nbdN waiting (dead-connection timeout) ─▶ new sockets
-//!          ─▶ NBD_CMD_RECONFIGURE {index, sockets}
-//! resize:  NBD_CMD_RECONFIGURE {index, size}
+//!          ─▶ NBD_CMD_RECONFIGURE {index, backend, sockets}
+//! resize:  NBD_CMD_RECONFIGURE {index, backend, size}
 //! detach:  NBD_CMD_DISCONNECT {index}
 //! ```
 //!
@@ -42,8 +42,9 @@ const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 
 /// How long the kernel keeps a device whose server went away waiting for
-/// new sockets before failing its I/O: long enough for a node plugin to
-/// be restarted (or its pod rescheduled onto the same node).
+/// new sockets before failing its I/O, unless the node says otherwise
+/// (`--nbd-dead-timeout`): long enough for a node plugin to be restarted
+/// (or its pod rescheduled onto the same node).
 pub const DEAD_CONN_TIMEOUT_SECS: u64 = 600;
 /// Connections per device: the kernel spreads requests over them.
 const CONNECTIONS: usize = 4;
@@ -61,23 +62,32 @@ fn sockets(attrs: &mut Attrs, fds: &[RawFd]) {
 /// Attributes of `NBD_CMD_CONNECT`: a new device of `size` bytes over
 /// `fds`, with no per-request timeout (a live server is never given up on)
 /// and the dead-connection timeout that lets it survive a restart.
-pub fn connect_attrs(size: u64, server_flags: u16, fds: &[RawFd], backend: &str) -> Attrs {
+pub fn connect_attrs(
+    size: u64,
+    server_flags: u16,
+    fds: &[RawFd],
+    backend: &str,
+    dead_secs: u64,
+) -> Attrs {
     let mut a = Attrs::default();
     a.u64(NBD_ATTR_SIZE_BYTES, size)
         .u64(NBD_ATTR_BLOCK_SIZE_BYTES, u64::from(SECTOR_SIZE))
         .u64(NBD_ATTR_SERVER_FLAGS, u64::from(server_flags))
         .u64(NBD_ATTR_TIMEOUT, 0)
-        .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, DEAD_CONN_TIMEOUT_SECS)
+        .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, dead_secs)
         .string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
     sockets(&mut a, fds);
     a
 }
 
 /// Attributes of `NBD_CMD_RECONFIGURE` for device `index`: new sockets
-/// (after a restart) and/or a new size (after an expansion).
-pub fn reconfigure_attrs(index: u32, fds: &[RawFd], size: Option<u64>) -> Attrs {
+/// (after a restart) and/or a new size (after an expansion). The kernel
+/// refuses a reconfigure of a device connected with a backend identifier
+/// unless it names the same one ("must specify backend").
+pub fn reconfigure_attrs(index: u32, backend: &str, fds: &[RawFd], size: Option<u64>) -> Attrs {
     let mut a = Attrs::default();
-    a.u32(NBD_ATTR_INDEX, index);
+    a.u32(NBD_ATTR_INDEX, index)
+        .string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
     if let Some(size) = size {
         a.u64(NBD_ATTR_SIZE_BYTES, size);
     }
@@ -109,14 +119,17 @@ fn find_device(backend: &str) -> Option<u32> {
 pub struct NbdAttach {
     server: Arc<NbdServer>,
     family: u16,
+    /// The dead-connection timeout given to the kernel, in seconds.
+    dead_secs: u64,
     genl: Mutex<Option<Genl>>,
 }
 
 impl NbdAttach {
-    pub fn new(server: Arc<NbdServer>, family: u16) -> Self {
+    pub fn new(server: Arc<NbdServer>, family: u16, dead_secs: u64) -> Self {
         NbdAttach {
             server,
             family,
+            dead_secs,
             genl: Mutex::new(None),
         }
     }
@@ -161,7 +174,7 @@ impl Attach for NbdAttach {
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
         let replies = self.call(
             NBD_CMD_CONNECT,
-            &connect_attrs(info.size, info.flags, &fds, &vid.to_string()),
+            &connect_attrs(info.size, info.flags, &fds, &vid.to_string(), self.dead_secs),
         )?;
         // The kernel took its own references to the sockets.
         drop(socks);
@@ -175,7 +188,10 @@ impl Attach for NbdAttach {
             })?;
         Ok(Attached {
             device: PathBuf::from(format!("/dev/nbd{index}")),
-            handle: Handle::Nbd { index },
+            handle: Handle::Nbd {
+                index,
+                backend: vid.to_string(),
+            },
         })
     }
 
@@ -184,28 +200,33 @@ impl Attach for NbdAttach {
         let index = find_device(&vid.to_string()).ok_or_else(|| {
             Error::Unavailable(format!(
                 "no nbd device serves volume {vid} any more (its dead-connection timeout of \
-                 {DEAD_CONN_TIMEOUT_SECS} s may have passed); unpublish and unstage it to attach it again"
+                 {} s may have passed); unpublish and unstage it to attach it again",
+                self.dead_secs
             ))
         })?;
         let (socks, _) = self.connect(vid)?;
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
-        self.call(NBD_CMD_RECONFIGURE, &reconfigure_attrs(index, &fds, None))?;
+        let backend = vid.to_string();
+        self.call(
+            NBD_CMD_RECONFIGURE,
+            &reconfigure_attrs(index, &backend, &fds, None),
+        )?;
         Ok(Attached {
             device: rec
                 .device
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("/dev/nbd{index}"))),
-            handle: Handle::Nbd { index },
+            handle: Handle::Nbd { index, backend },
         })
     }
 
     fn resize(&self, attached: &Attached, size: u64) -> Result<()> {
-        let Handle::Nbd { index } = attached.handle else {
+        let Handle::Nbd { index, backend } = &attached.handle else {
             return Err(Error::InvalidArgument("not an nbd attachment".into()));
         };
         self.call(
             NBD_CMD_RECONFIGURE,
-            &reconfigure_attrs(index, &[], Some(size)),
+            &reconfigure_attrs(*index, backend, &[], Some(size)),
         )
         .map(drop)
     }
@@ -230,7 +251,7 @@ mod tests {
 
     #[test]
     fn connect_carries_size_block_size_flags_timeouts_backend_and_every_socket() {
-        let a = connect_attrs(10 << 30, 0x15d, &[7, 9], "vol-1");
+        let a = connect_attrs(10 << 30, 0x15d, &[7, 9], "vol-1", DEAD_CONN_TIMEOUT_SECS);
         let attrs = parse_attrs(a.bytes());
         let get = |t: u16| attrs.iter().find(|(ty, _)| *ty == t).map(|(_, p)| *p);
         assert_eq!(u64_of(get(NBD_ATTR_SIZE_BYTES).unwrap()), 10 << 30);
@@ -258,15 +279,18 @@ mod tests {
 
     #[test]
     fn reconfigure_and_disconnect_name_the_device() {
-        let r = reconfigure_attrs(3, &[11], None);
+        let r = reconfigure_attrs(3, "vol-a", &[11], None);
         let attrs = parse_attrs(r.bytes());
         assert_eq!(attrs[0], (NBD_ATTR_INDEX, &3u32.to_ne_bytes()[..]));
-        assert_eq!(attrs[1].0, NBD_ATTR_SOCKETS);
-        assert_eq!(attrs.len(), 2, "no size: the device keeps its size");
-        let grow = reconfigure_attrs(3, &[], Some(1 << 40));
+        // The kernel refuses a reconfigure without the connect's backend.
+        assert_eq!(attrs[1], (NBD_ATTR_BACKEND_IDENTIFIER, &b"vol-a\0"[..]));
+        assert_eq!(attrs[2].0, NBD_ATTR_SOCKETS);
+        assert_eq!(attrs.len(), 3, "no size: the device keeps its size");
+        let grow = reconfigure_attrs(3, "vol-a", &[], Some(1 << 40));
         let attrs = parse_attrs(grow.bytes());
-        assert_eq!(attrs.len(), 2, "index and size, no sockets");
-        assert_eq!(u64_of(attrs[1].1), 1 << 40);
+        assert_eq!(attrs.len(), 3, "index, backend and size, no sockets");
+        assert_eq!(attrs[1].0, NBD_ATTR_BACKEND_IDENTIFIER);
+        assert_eq!(u64_of(attrs[2].1), 1 << 40);
         let d = disconnect_attrs(5);
         assert_eq!(
             parse_attrs(d.bytes()),
