@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use csi_proto::admin::v1::admin_server::AdminServer;
 use csi_proto::agent::v1::agent_server::AgentServer;
@@ -211,10 +212,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tokio::spawn(metrics::serve(Arc::clone(&metrics), listener, stopped()));
 
     // The node side: serve staged volumes again before saying ready.
-    let (node_pool, node_metrics, node_config) =
-        (pool.clone(), Arc::clone(&metrics), config.node.clone());
+    let (node_pool, node_metrics, node_nbd, node_config) = (
+        pool.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&nbd),
+        config.node.clone(),
+    );
     let node = blocking(move || {
-        Node::start(node_pool, node_metrics, nbd, node_config).map_err(StartError::Node)
+        Node::start(node_pool, node_metrics, node_nbd, node_config).map_err(StartError::Node)
     })
     .await?;
     let backend = node.backend();
@@ -302,6 +307,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     eprintln!("strata {who}: stopping: flushing every volume");
     let _ = stop_tx.send(true);
     let _ = csi.await;
+    // The kernel's nbd connections never end on their own: end them, so
+    // no write arrives after the last flush (the kernel resends what was
+    // not answered to the next start).
+    nbd.close(Duration::from_secs(30)).await;
     let closing = pool.clone();
     blocking(move || closing.close().map_err(StartError::Flush)).await?;
     for s in sockets {

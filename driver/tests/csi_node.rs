@@ -1013,7 +1013,7 @@ fn direct_writer(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_reported() {
+async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_are_reported() {
     if !runnable() {
         return;
     }
@@ -1084,7 +1084,13 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
         }
     }
 
-    // SIGTERM: flushes and exits; the next start serves the volumes again.
+    // SIGTERM: flushes and exits; the next start serves the volumes again
+    // (with the kernel's nbd driver: and gives it a short dead-connection
+    // timeout, for the last part).
+    let nbd = s.attach_backend() == "nbd";
+    if nbd {
+        s.set_args_extra(&["--nbd-dead-timeout", "2"]);
+    }
     assert!(s.terminate().success());
     s.spawn();
     csi = Csi::connect(&s.csi_socket()).await;
@@ -1101,12 +1107,31 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
     let after_term = write_file(&target.join("after-sigterm"), 1 << 20, 11);
     assert!(std::fs::read(target.join("after-sigterm")).unwrap() == after_term);
 
-    // Both the plugin and the fd holder die: the FUSE connections are
-    // gone for good. The restarted plugin reports it instead of hiding it,
-    // and unstaging and staging again rebuilds the attachment, with every
-    // flushed byte still there.
+    // The attachment breaks: with FUSE, the plugin and the fd holder both
+    // die and the connections are gone for good; with nbd, the plugin
+    // stays away longer than the kernel waits, which then fails I/O. The
+    // restarted plugin reports it instead of hiding it, and unstaging and
+    // staging again rebuilds the attachment, with every flushed byte still
+    // there.
     s.kill9();
-    common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
+    let broken = if nbd {
+        let started = std::time::Instant::now();
+        let rewrite = btarget.clone();
+        let first = bdata[..4096].to_vec();
+        let failed = tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
+            .await
+            .unwrap();
+        assert!(
+            failed.is_err(),
+            "the kernel must fail I/O once its dead-connection timeout has passed"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(1500));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        "dead-connection timeout"
+    } else {
+        common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
+        "lost"
+    };
     s.spawn();
     csi = Csi::connect(&s.csi_socket()).await;
     let st = csi
@@ -1118,9 +1143,9 @@ async fn restarts_with_volumes_staged_serve_them_again_and_lost_holders_are_repo
     let cond = st.volume_condition.unwrap();
     assert!(
         cond.abnormal,
-        "a lost FUSE connection must be reported: {cond:?}"
+        "a broken attachment must be reported: {cond:?}"
     );
-    assert!(cond.message.contains("lost"), "{}", cond.message);
+    assert!(cond.message.contains(broken), "{}", cond.message);
     let got = csi
         .controller
         .controller_get_volume(ControllerGetVolumeRequest {

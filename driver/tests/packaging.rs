@@ -536,13 +536,14 @@ fn shell_scripts_pass_shellcheck() {
         return;
     }
     let mut scripts = vec![root().join(".ci/run")];
-    for dir in ["scripts", "e2e/kind"] {
+    for dir in ["scripts", "e2e/kind", "e2e/vm"] {
         for e in std::fs::read_dir(root().join(dir)).unwrap() {
             let p = e.unwrap().path();
             let text = std::fs::read(&p).unwrap_or_default();
             if text.starts_with(b"#!/bin/bash")
                 || text.starts_with(b"#!/usr/bin/env bash")
                 || text.starts_with(b"#!/bin/sh")
+                || text.starts_with(b"#!/bin/busybox sh")
             {
                 scripts.push(p);
             }

@@ -211,7 +211,8 @@ impl Node {
                     .nbd_family
                     .ok_or_else(|| Error::Unavailable("the nbd driver went away".into()))?,
                 config.nbd_dead_timeout.as_secs().max(1),
-            )),
+                &config.state_dir,
+            )?),
         };
         let node = Node {
             state: StateDir::open(&config.state_dir)?,

@@ -49,6 +49,11 @@ impl Proc {
         std::fs::read_to_string(self.dir.join("strata.log")).unwrap_or_default()
     }
 
+    /// The arguments of the next start.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// Adds arguments for the next start.
     pub fn add_args(&mut self, extra: &[&str]) {
         self.args.extend(extra.iter().map(|a| a.to_string()));

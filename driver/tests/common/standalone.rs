@@ -77,6 +77,12 @@ impl Standalone {
             args.extend(["--nbd-listen".into(), format!("tcp://127.0.0.1:{port}")]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
+        // The VM stage runs some tests again over another backend.
+        if let Ok(attach) = std::env::var("STRATA_TEST_ATTACH")
+            && !extra.contains(&"--attach")
+        {
+            args.extend(["--attach".into(), attach]);
+        }
         let proc = Proc::new(dir.path().to_path_buf(), args, dir.path().join("csi.sock"));
         let s = Standalone {
             proc,
@@ -85,7 +91,30 @@ impl Standalone {
             nbd_tcp_port,
         };
         s.wait_ready();
+        // In the kernel VM every test must use the kernel's nbd driver: a
+        // silent fall back to FUSE would test the wrong path.
+        if let Ok(want) = std::env::var("STRATA_EXPECT_ATTACH")
+            && !s.proc.args().iter().any(|a| a == "--attach")
+        {
+            assert_eq!(s.attach_backend(), want, "STRATA_EXPECT_ATTACH");
+        }
         s
+    }
+
+    /// The attach backend the running process chose (`fuse` or `nbd`),
+    /// from the ready line it prints.
+    pub fn attach_backend(&self) -> String {
+        const READY: &str = "volumes attach via ";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(at) = log.rfind(READY) {
+                let rest = &log[at + READY.len()..];
+                return rest[..rest.find(')').unwrap_or(rest.len())].to_string();
+            }
+            assert!(Instant::now() < deadline, "no ready line:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pool(&self) -> PathBuf {

@@ -16,7 +16,12 @@
 //! predecessor read but never answered are delivered again.
 //!
 //! Every worker reads into a buffer of `max_write` plus headers, allocated
-//! once: the I/O path allocates nothing that grows with load. Workers are
+//! once: the I/O path allocates nothing that grows with load. The buffer's
+//! pages are made present and writable before the first read: the kernel
+//! fails a request with EIO when copying it into the reader's buffer fails,
+//! and a page fault there fails when the reader is being killed (a kill -9
+//! of a fresh server under a writer did exactly that to a loop device on
+//! Linux 6.12). Workers are
 //! marked `PR_SET_IO_FLUSHER`, because the kernel may be waiting on them to
 //! complete writeback while it reclaims memory.
 
@@ -216,6 +221,16 @@ fn write_all_v(fd: RawFd, head: &[u8], body: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes every page of `buf` present and writable (a store to each page,
+/// which the compiler may not leave out as it may a store of the zero a
+/// fresh allocation already holds).
+fn prefault(buf: &mut [u8]) {
+    for i in (0..buf.len()).step_by(4096) {
+        // SAFETY: `i` is in bounds of `buf`, which is exclusively borrowed.
+        unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 0) };
+    }
+}
+
 impl Conn {
     fn work(&self) {
         super::mark_io_flusher();
@@ -223,6 +238,7 @@ impl Conn {
         // The kernel refuses reads into buffers smaller than a full WRITE
         // request (payload plus headers), and never less than 8 KiB.
         let mut req = vec![0u8; max_write + 8192];
+        prefault(&mut req);
         let mut data = vec![0u8; max_write];
         let fd = self.fd.as_raw_fd();
         loop {

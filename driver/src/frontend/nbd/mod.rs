@@ -24,8 +24,10 @@ mod handshake;
 pub mod protocol;
 mod transmission;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -67,6 +69,25 @@ pub struct NbdServer {
     metrics: Arc<Metrics>,
     config: NbdConfig,
     connections: Arc<Semaphore>,
+    live: Mutex<Live>,
+    next: AtomicU64,
+}
+
+/// Connections in transmission, by number, with a handle to shut each
+/// down at close.
+#[derive(Default)]
+struct Live {
+    closed: bool,
+    sockets: HashMap<u64, Box<dyn transmission::Socket>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("closed", &self.closed)
+            .field("connections", &self.sockets.len())
+            .finish()
+    }
 }
 
 /// An accepted socket that can be handed to blocking worker threads.
@@ -98,7 +119,33 @@ impl NbdServer {
             metrics,
             config,
             connections,
+            live: Mutex::new(Live::default()),
+            next: AtomicU64::new(0),
         })
+    }
+
+    /// Ends every connection in transmission and waits (up to `limit`)
+    /// until their workers have answered or dropped what they were doing;
+    /// no connection starts after this. The kernel's nbd driver takes an
+    /// ended connection as a dead one: it holds its requests until the next
+    /// start reconnects, and resends what was never answered. Call before
+    /// closing the pool, so no write arrives after the last flush.
+    pub async fn close(&self, limit: Duration) {
+        {
+            let mut live = self.live.lock().expect("live");
+            live.closed = true;
+            for socket in live.sockets.values() {
+                socket.shutdown_both();
+            }
+        }
+        let deadline = Instant::now() + limit;
+        while !self.live.lock().expect("live").sockets.is_empty() {
+            if Instant::now() >= deadline {
+                tracing::warn!("NBD connections still busy at close");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -168,18 +215,35 @@ impl NbdServer {
                     return;
                 }
             };
+            let id = server.next.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut live = server.live.lock().expect("live");
+                if live.closed {
+                    return;
+                }
+                match socket.try_clone_socket() {
+                    Ok(handle) => live.sockets.insert(id, handle),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD connection could not be handed to workers");
+                        return;
+                    }
+                };
+            }
             let (metrics, config) = (Arc::clone(&server.metrics), server.config.clone());
+            let ending = Arc::clone(&server);
             let served = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let _counted = counted;
-                transmission::serve(
+                let served = transmission::serve(
                     socket,
                     already_read,
                     session,
                     metrics,
                     config.workers_per_connection,
                     config.max_inflight_bytes,
-                )
+                );
+                ending.live.lock().expect("live").sockets.remove(&id);
+                served
             })
             .await;
             if let Ok(Err(e)) = served {

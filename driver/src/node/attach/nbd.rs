@@ -5,19 +5,24 @@
 //!          ─▶ NBD_CMD_CONNECT {size, 4096-byte blocks, server flags, dead-connection
 //!             timeout, backend = volume ID, sockets} ─▶ the kernel answers /dev/nbdN
 //! restart: the kernel keeps /dev/nbdN waiting (dead-connection timeout) ─▶ new sockets
-//!          ─▶ NBD_CMD_RECONFIGURE {index, backend, sockets}
+//!          ─▶ NBD_CMD_RECONFIGURE {index, backend, dead-connection timeout, sockets}
 //! resize:  NBD_CMD_RECONFIGURE {index, backend, size}
 //! detach:  NBD_CMD_DISCONNECT {index}
 //! ```
 //!
-//! The machines Strata is developed on have no nbd module, so this path is
-//! covered by tests of the messages it sends and of the client handshake
-//! against the real server, not by a kernel attach.
+//! A running node touches `nbd-heartbeat` in its state directory every
+//! second. When the restart comes later than the dead-connection timeout,
+//! the kernel may have failed I/O in between: the device is served again
+//! but reported broken, as a lost FUSE connection is.
+//!
+//! The development machines have no nbd module: `e2e/vm/suite` runs
+//! the node tests against this backend in a VM with Debian's kernel.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
 use crate::engine::{Volume, VolumeId};
@@ -80,19 +85,30 @@ pub fn connect_attrs(
     a
 }
 
-/// Attributes of `NBD_CMD_RECONFIGURE` for device `index`: new sockets
-/// (after a restart) and/or a new size (after an expansion). The kernel
+/// What a reconfigure changes.
+pub enum Change<'a> {
+    /// New sockets after a restart, and this process's dead-connection
+    /// timeout.
+    Sockets { fds: &'a [RawFd], dead_secs: u64 },
+    /// A new size after an expansion.
+    Size(u64),
+}
+
+/// Attributes of `NBD_CMD_RECONFIGURE` for device `index`. The kernel
 /// refuses a reconfigure of a device connected with a backend identifier
 /// unless it names the same one ("must specify backend").
-pub fn reconfigure_attrs(index: u32, backend: &str, fds: &[RawFd], size: Option<u64>) -> Attrs {
+pub fn reconfigure_attrs(index: u32, backend: &str, change: Change<'_>) -> Attrs {
     let mut a = Attrs::default();
     a.u32(NBD_ATTR_INDEX, index)
         .string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
-    if let Some(size) = size {
-        a.u64(NBD_ATTR_SIZE_BYTES, size);
-    }
-    if !fds.is_empty() {
-        sockets(&mut a, fds);
+    match change {
+        Change::Sockets { fds, dead_secs } => {
+            a.u64(NBD_ATTR_DEAD_CONN_TIMEOUT, dead_secs);
+            sockets(&mut a, fds);
+        }
+        Change::Size(size) => {
+            a.u64(NBD_ATTR_SIZE_BYTES, size);
+        }
     }
     a
 }
@@ -121,17 +137,57 @@ pub struct NbdAttach {
     family: u16,
     /// The dead-connection timeout given to the kernel, in seconds.
     dead_secs: u64,
+    /// When the process before this one was last seen alive (its
+    /// heartbeat file's time), if one ran.
+    predecessor_alive: Option<SystemTime>,
     genl: Mutex<Option<Genl>>,
 }
 
+/// How often a running node touches its heartbeat file.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 impl NbdAttach {
-    pub fn new(server: Arc<NbdServer>, family: u16, dead_secs: u64) -> Self {
-        NbdAttach {
+    /// `state_dir` keeps the heartbeat by which the next start learns how
+    /// long nothing served the devices.
+    pub fn new(
+        server: Arc<NbdServer>,
+        family: u16,
+        dead_secs: u64,
+        state_dir: &Path,
+    ) -> Result<Self> {
+        let path = state_dir.join("nbd-heartbeat");
+        let predecessor_alive = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let beat = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("create", &path))?;
+        std::thread::Builder::new()
+            .name("nbd-heartbeat".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = beat.set_modified(SystemTime::now()) {
+                        tracing::warn!(error = %e, "touching the nbd heartbeat failed");
+                    }
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+            .map_err(io("start the heartbeat for", &path))?;
+        Ok(NbdAttach {
             server,
             family,
             dead_secs,
+            predecessor_alive,
             genl: Mutex::new(None),
-        }
+        })
+    }
+
+    /// How long nothing served the devices, if that was longer than the
+    /// kernel's dead-connection timeout (so it may have failed I/O).
+    fn gap_past_timeout(&self) -> Option<Duration> {
+        let gap = self.predecessor_alive?.elapsed().ok()?;
+        (gap > Duration::from_secs(self.dead_secs) + HEARTBEAT).then_some(gap)
     }
 
     fn call(&self, cmd: u8, attrs: &Attrs) -> Result<Vec<Vec<u8>>> {
@@ -174,7 +230,13 @@ impl Attach for NbdAttach {
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
         let replies = self.call(
             NBD_CMD_CONNECT,
-            &connect_attrs(info.size, info.flags, &fds, &vid.to_string(), self.dead_secs),
+            &connect_attrs(
+                info.size,
+                info.flags,
+                &fds,
+                &vid.to_string(),
+                self.dead_secs,
+            ),
         )?;
         // The kernel took its own references to the sockets.
         drop(socks);
@@ -209,8 +271,27 @@ impl Attach for NbdAttach {
         let backend = vid.to_string();
         self.call(
             NBD_CMD_RECONFIGURE,
-            &reconfigure_attrs(index, &backend, &fds, None),
+            &reconfigure_attrs(
+                index,
+                &backend,
+                Change::Sockets {
+                    fds: &fds,
+                    dead_secs: self.dead_secs,
+                },
+            ),
         )?;
+        // The device is served again either way (what is written now is
+        // kept), but a filesystem or application that saw its I/O fail
+        // must be looked at: the attachment is reported broken.
+        if let Some(gap) = self.gap_past_timeout() {
+            return Err(Error::Unavailable(format!(
+                "nothing served /dev/nbd{index} for {} s, longer than the kernel's \
+                 dead-connection timeout ({} s): I/O to volume {vid} in that time may have \
+                 failed; unpublish and unstage it to attach it again",
+                gap.as_secs(),
+                self.dead_secs
+            )));
+        }
         Ok(Attached {
             device: rec
                 .device
@@ -226,7 +307,7 @@ impl Attach for NbdAttach {
         };
         self.call(
             NBD_CMD_RECONFIGURE,
-            &reconfigure_attrs(*index, backend, &[], Some(size)),
+            &reconfigure_attrs(*index, backend, Change::Size(size)),
         )
         .map(drop)
     }
@@ -279,14 +360,24 @@ mod tests {
 
     #[test]
     fn reconfigure_and_disconnect_name_the_device() {
-        let r = reconfigure_attrs(3, "vol-a", &[11], None);
+        let r = reconfigure_attrs(
+            3,
+            "vol-a",
+            Change::Sockets {
+                fds: &[11],
+                dead_secs: 7,
+            },
+        );
         let attrs = parse_attrs(r.bytes());
         assert_eq!(attrs[0], (NBD_ATTR_INDEX, &3u32.to_ne_bytes()[..]));
         // The kernel refuses a reconfigure without the connect's backend.
         assert_eq!(attrs[1], (NBD_ATTR_BACKEND_IDENTIFIER, &b"vol-a\0"[..]));
-        assert_eq!(attrs[2].0, NBD_ATTR_SOCKETS);
-        assert_eq!(attrs.len(), 3, "no size: the device keeps its size");
-        let grow = reconfigure_attrs(3, "vol-a", &[], Some(1 << 40));
+        // This process's timeout applies from now on.
+        assert_eq!(attrs[2].0, NBD_ATTR_DEAD_CONN_TIMEOUT);
+        assert_eq!(u64_of(attrs[2].1), 7);
+        assert_eq!(attrs[3].0, NBD_ATTR_SOCKETS);
+        assert_eq!(attrs.len(), 4, "no size: the device keeps its size");
+        let grow = reconfigure_attrs(3, "vol-a", Change::Size(1 << 40));
         let attrs = parse_attrs(grow.bytes());
         assert_eq!(attrs.len(), 3, "index, backend and size, no sockets");
         assert_eq!(attrs[1].0, NBD_ATTR_BACKEND_IDENTIFIER);
