@@ -1127,7 +1127,7 @@ async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_ar
         );
         assert!(started.elapsed() >= std::time::Duration::from_millis(1500));
         std::thread::sleep(std::time::Duration::from_secs(2));
-        "dead-connection timeout"
+        "nothing served"
     } else {
         common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
         "lost"
@@ -1146,6 +1146,27 @@ async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_ar
         "a broken attachment must be reported: {cond:?}"
     );
     assert!(cond.message.contains(broken), "{}", cond.message);
+    if nbd {
+        // Served again (what is written now is kept), and still reported
+        // after one more restart: only unstaging clears it.
+        let rewrite = btarget.clone();
+        let first = bdata[..4096].to_vec();
+        tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
+            .await
+            .unwrap()
+            .expect("the device is served again after the late restart");
+        assert!(s.terminate().success());
+        s.spawn();
+        csi = Csi::connect(&s.csi_socket()).await;
+        let st = csi
+            .node
+            .node_get_volume_stats(c::stats(&vol, &target))
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = st.volume_condition.unwrap();
+        assert!(cond.abnormal && cond.message.contains(broken), "{cond:?}");
+    }
     let got = csi
         .controller
         .controller_get_volume(ControllerGetVolumeRequest {

@@ -110,9 +110,11 @@ struct StandaloneArgs {
     /// rollout of the node plugin keeps the mounts).
     #[arg(long, value_enum, default_value = "spawn")]
     fuse_holder: HolderArg,
-    /// Seconds the kernel keeps an nbd device whose server went away
-    /// (waiting for a restarted Strata) before it fails the device's I/O.
-    #[arg(long, default_value_t = crate::node::attach::DEAD_CONN_TIMEOUT_SECS)]
+    /// Seconds the kernel holds the I/O of an nbd device whose server went
+    /// away (waiting for a restarted Strata) before it fails that I/O with
+    /// EIO (1 to 604800, a week).
+    #[arg(long, default_value_t = crate::node::attach::DEAD_CONN_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
     nbd_dead_timeout: u64,
     /// Background jobs (merges, flattens) running at once; more wait.
     #[arg(long, default_value_t = 2)]

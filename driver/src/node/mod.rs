@@ -222,6 +222,7 @@ impl Node {
             staged: Mutex::new(HashMap::new()),
         };
         node.recover()?;
+        node.backend.serving()?;
         Ok(node)
     }
 
@@ -233,7 +234,7 @@ impl Node {
     fn recover(&self) -> Result<()> {
         let records = self.state.load_all()?;
         let mut known = Vec::new();
-        for rec in records {
+        for mut rec in records {
             let Ok(vid) = rec.volume_id.parse::<VolumeId>() else {
                 tracing::warn!(record = ?rec, "ignoring a record of an unknown volume ID");
                 continue;
@@ -246,7 +247,17 @@ impl Node {
                 self.teardown(vid, &rec)?;
                 continue;
             }
-            let live = self.resume(vid, &rec);
+            let mut live = self.resume(vid, &rec);
+            if live.is_ok() && rec.broken.is_none() {
+                rec.broken = self.backend.missed();
+                if rec.broken.is_some() {
+                    self.state.save(&rec)?;
+                }
+            }
+            // Served again, but what was lost stays reported.
+            if let (Ok(_), Some(why)) = (&live, &rec.broken) {
+                live = Err(why.clone());
+            }
             if let Err(why) = &live {
                 tracing::error!(volume = %vid, %why, "a staged volume could not be served again");
             } else {
@@ -372,6 +383,7 @@ impl Node {
             read_only: req.read_only,
             fuse: None,
             writers: Vec::new(),
+            broken: None,
         };
         self.state.save(&rec)?;
         let attached = match self.stage_attached(&volume, &mut rec) {

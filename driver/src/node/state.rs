@@ -57,6 +57,10 @@ pub struct StagedRecord {
     /// its block-device map, are not publishes).
     #[serde(default)]
     pub writers: Vec<PathBuf>,
+    /// Why the attachment may have lost I/O (served again, but reported
+    /// abnormal until it is unstaged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 /// The records directory.
@@ -152,6 +156,7 @@ mod tests {
                 resend: true,
             }),
             writers: vec!["/var/lib/kubelet/pods/p/volumes/x".into()],
+            broken: Some("nothing served it".into()),
         };
         state.save(&rec).unwrap();
         let mut other = rec.clone();

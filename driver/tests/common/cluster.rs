@@ -50,6 +50,22 @@ impl Proc {
     }
 
     /// The arguments of the next start.
+    /// The attach backend the running process chose (`fuse` or `nbd`),
+    /// from the ready line it prints.
+    pub fn attach_backend(&self) -> String {
+        const READY: &str = "volumes attach via ";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(at) = log.rfind(READY) {
+                let rest = &log[at + READY.len()..];
+                return rest[..rest.find(')').unwrap_or(rest.len())].to_string();
+            }
+            assert!(Instant::now() < deadline, "no ready line:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn args(&self) -> &[String] {
         &self.args
     }
@@ -154,6 +170,10 @@ impl NodeProc {
             proc: Proc::new(dir, args, csi),
         };
         node.wait_for_agent();
+        // In the kernel VM every node must use the kernel's nbd driver.
+        if let Ok(want) = std::env::var("STRATA_EXPECT_ATTACH") {
+            assert_eq!(node.proc.attach_backend(), want, "STRATA_EXPECT_ATTACH");
+        }
         node
     }
 

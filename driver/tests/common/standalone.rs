@@ -104,17 +104,7 @@ impl Standalone {
     /// The attach backend the running process chose (`fuse` or `nbd`),
     /// from the ready line it prints.
     pub fn attach_backend(&self) -> String {
-        const READY: &str = "volumes attach via ";
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = self.log();
-            if let Some(at) = log.rfind(READY) {
-                let rest = &log[at + READY.len()..];
-                return rest[..rest.find(')').unwrap_or(rest.len())].to_string();
-            }
-            assert!(Instant::now() < deadline, "no ready line:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.proc.attach_backend()
     }
 
     pub fn pool(&self) -> PathBuf {

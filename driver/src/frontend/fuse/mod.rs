@@ -225,7 +225,10 @@ fn write_all_v(fd: RawFd, head: &[u8], body: &[u8]) -> std::io::Result<()> {
 /// which the compiler may not leave out as it may a store of the zero a
 /// fresh allocation already holds).
 fn prefault(buf: &mut [u8]) {
-    for i in (0..buf.len()).step_by(4096) {
+    // Every page the buffer touches: one store per 4 KiB step, and the
+    // last byte (the buffer need not start on a page boundary).
+    let last = buf.len().checked_sub(1);
+    for i in (0..buf.len()).step_by(4096).chain(last) {
         // SAFETY: `i` is in bounds of `buf`, which is exclusively borrowed.
         unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 0) };
     }

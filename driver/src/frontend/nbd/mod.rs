@@ -124,24 +124,33 @@ impl NbdServer {
         })
     }
 
-    /// Ends every connection in transmission and waits (up to `limit`)
-    /// until their workers have answered or dropped what they were doing;
-    /// no connection starts after this. The kernel's nbd driver takes an
-    /// ended connection as a dead one: it holds its requests until the next
-    /// start reconnects, and resends what was never answered. Call before
-    /// closing the pool, so no write arrives after the last flush.
+    /// Ends every connection in transmission: no request is read any more,
+    /// the requests already read are answered, and then the connection
+    /// closes; no connection starts after this. Waits up to `limit` for
+    /// that, then cuts what is left (those requests go unanswered). The
+    /// kernel's nbd driver takes an ended connection as a dead one: it
+    /// holds its requests until the next start reconnects, and resends
+    /// what was never answered. Call before closing the pool, so no write
+    /// arrives after the last flush.
     pub async fn close(&self, limit: Duration) {
         {
             let mut live = self.live.lock().expect("live");
             live.closed = true;
             for socket in live.sockets.values() {
-                socket.shutdown_both();
+                socket.shutdown_how(std::net::Shutdown::Read);
             }
         }
         let deadline = Instant::now() + limit;
         while !self.live.lock().expect("live").sockets.is_empty() {
             if Instant::now() >= deadline {
-                tracing::warn!("NBD connections still busy at close");
+                let live = self.live.lock().expect("live");
+                tracing::warn!(
+                    connections = live.sockets.len(),
+                    "NBD requests still running at close; their replies are dropped"
+                );
+                for socket in live.sockets.values() {
+                    socket.shutdown_both();
+                }
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -27,15 +27,18 @@ use crate::metrics::Metrics;
 /// A blocking socket (unix or TCP) the workers share.
 pub(super) trait Socket: Read + Write + Send + Sync + 'static {
     fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>>;
-    fn shutdown_both(&self);
+    fn shutdown_how(&self, how: Shutdown);
+    fn shutdown_both(&self) {
+        self.shutdown_how(Shutdown::Both);
+    }
 }
 
 impl Socket for std::os::unix::net::UnixStream {
     fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
         Ok(Box::new(self.try_clone()?))
     }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+    fn shutdown_how(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
     }
 }
 
@@ -43,8 +46,8 @@ impl Socket for std::net::TcpStream {
     fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
         Ok(Box::new(self.try_clone()?))
     }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+    fn shutdown_how(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
     }
 }
 
@@ -485,7 +488,7 @@ impl Socket for Prefixed {
     fn try_clone_socket(&self) -> std::io::Result<Box<dyn Socket>> {
         self.inner.try_clone_socket()
     }
-    fn shutdown_both(&self) {
-        self.inner.shutdown_both();
+    fn shutdown_how(&self, how: Shutdown) {
+        self.inner.shutdown_how(how);
     }
 }

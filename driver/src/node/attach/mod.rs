@@ -178,6 +178,18 @@ pub trait Attach: Send + Sync + std::fmt::Debug {
     /// or broken one). Idempotent.
     fn detach(&self, volume: VolumeId) -> Result<()>;
 
+    /// Why the attachments served again at this start may have failed I/O
+    /// while nothing served them (the process before this one stopped too
+    /// long ago), if they may have.
+    fn missed(&self) -> Option<String> {
+        None
+    }
+
+    /// Called once every recorded attachment is served again.
+    fn serving(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Attachments this backend finds on the node for volumes not in
     /// `known`: leftovers of a crash between attaching and recording.
     fn strays(&self, _known: &[VolumeId]) -> Vec<VolumeId> {

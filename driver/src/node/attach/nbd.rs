@@ -1,7 +1,7 @@
 //! The kernel nbd backend, configured over generic netlink.
 //!
 //! ```text
-//! attach:  N socket pairs to our NBD server, each negotiated (NBD_OPT_GO, simple replies)
+//! attach:  a socket pair to our NBD server, negotiated (NBD_OPT_GO, simple replies)
 //!          ─▶ NBD_CMD_CONNECT {size, 4096-byte blocks, server flags, dead-connection
 //!             timeout, backend = volume ID, sockets} ─▶ the kernel answers /dev/nbdN
 //! restart: the kernel keeps /dev/nbdN waiting (dead-connection timeout) ─▶ new sockets
@@ -10,10 +10,13 @@
 //! detach:  NBD_CMD_DISCONNECT {index}
 //! ```
 //!
-//! A running node touches `nbd-heartbeat` in its state directory every
-//! second. When the restart comes later than the dead-connection timeout,
-//! the kernel may have failed I/O in between: the device is served again
-//! but reported broken, as a lost FUSE connection is.
+//! Once it serves every device again, a running node writes
+//! `nbd-heartbeat` in its state directory every second: the boot, the
+//! time on the boot clock and the dead-connection timeout in force. When
+//! the next start comes later than that timeout, the kernel may have
+//! failed I/O in between: the devices are served again but reported broken
+//! (as a lost FUSE connection is), and stay reported so across later
+//! restarts until unstaged.
 //!
 //! The development machines have no nbd module: `e2e/vm/suite` runs
 //! the node tests against this backend in a VM with Debian's kernel.
@@ -22,7 +25,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
 use crate::engine::{Volume, VolumeId};
@@ -51,8 +54,13 @@ const NBD_SOCK_FD: u16 = 1;
 /// (`--nbd-dead-timeout`): long enough for a node plugin to be restarted
 /// (or its pod rescheduled onto the same node).
 pub const DEAD_CONN_TIMEOUT_SECS: u64 = 600;
-/// Connections per device: the kernel spreads requests over them.
-const CONNECTIONS: usize = 4;
+/// Connections per device. One: with no per-request timeout and one
+/// connection the kernel never gives up on a live server (a slow flush
+/// only logs "possible stuck request"). With several, it takes a request
+/// that waits longer than 30 s as a dead connection, resends it on another
+/// one while the first may still run, and never reconnects the first until
+/// a restart. Our server runs several requests of one connection at once.
+const CONNECTIONS: usize = 1;
 
 fn sockets(attrs: &mut Attrs, fds: &[RawFd]) {
     attrs.nested(NBD_ATTR_SOCKETS, |s| {
@@ -65,8 +73,9 @@ fn sockets(attrs: &mut Attrs, fds: &[RawFd]) {
 }
 
 /// Attributes of `NBD_CMD_CONNECT`: a new device of `size` bytes over
-/// `fds`, with no per-request timeout (a live server is never given up on)
-/// and the dead-connection timeout that lets it survive a restart.
+/// `fds`, with no per-request timeout (with one connection, a live server
+/// is never given up on) and the dead-connection timeout that lets it
+/// survive a restart.
 pub fn connect_attrs(
     size: u64,
     server_flags: u16,
@@ -120,14 +129,105 @@ pub fn disconnect_attrs(index: u32) -> Attrs {
     a
 }
 
-/// The nbd device whose backend identifier (set at connect) is `backend`.
-fn find_device(backend: &str) -> Option<u32> {
-    std::fs::read_dir("/sys/block").ok()?.find_map(|e| {
-        let name = e.ok()?.file_name();
-        let index: u32 = name.to_str()?.strip_prefix("nbd")?.parse().ok()?;
-        let id = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).ok()?;
-        (id.trim() == backend).then_some(index)
-    })
+/// The backend identifier device `index` was connected with, if any. The
+/// kernel keeps it until the device's last user lets go, so a device
+/// disconnected while something held it open can still show it.
+fn backend_of(index: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/backend"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Every nbd device whose backend identifier is `backend`, lowest first.
+fn devices_of(backend: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = dir
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let index: u32 = name.to_str()?.strip_prefix("nbd")?.parse().ok()?;
+            (backend_of(index)? == backend).then_some(index)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The nbd device index of a `/dev/nbdN` path.
+fn index_of(device: &Path) -> Option<u32> {
+    device.to_str()?.strip_prefix("/dev/nbd")?.parse().ok()
+}
+
+/// What a running node writes to its heartbeat file every second: when
+/// (`CLOCK_BOOTTIME`, which counts as the kernel's timers do, also across
+/// a suspend, and never steps), in which boot, and with which
+/// dead-connection timeout the devices were configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Beat {
+    boot_id: String,
+    boottime: Duration,
+    dead_secs: u64,
+}
+
+impl Beat {
+    fn now(dead_secs: u64) -> Beat {
+        Beat {
+            boot_id: boot_id(),
+            boottime: boottime(),
+            dead_secs,
+        }
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "{} {} {}\n",
+            self.boot_id,
+            self.boottime.as_millis(),
+            self.dead_secs
+        )
+    }
+
+    fn decode(s: &str) -> Option<Beat> {
+        let mut f = s.split_whitespace();
+        let boot_id = f.next()?.to_string();
+        let ms: u64 = f.next()?.parse().ok()?;
+        let dead_secs = f.next()?.parse().ok()?;
+        Some(Beat {
+            boot_id,
+            boottime: Duration::from_millis(ms),
+            dead_secs,
+        })
+    }
+
+    /// How long nothing served the devices before `now`, if that was
+    /// longer than the timeout the kernel had then (so it may have failed
+    /// I/O): `None` when the gap was shorter, or the beat is of another
+    /// boot (whose devices are gone).
+    fn missed(&self, now: &Beat) -> Option<Duration> {
+        if self.boot_id != now.boot_id {
+            return None;
+        }
+        let gap = now.boottime.saturating_sub(self.boottime);
+        (gap > Duration::from_secs(self.dead_secs)).then_some(gap)
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn boottime() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Attaches volumes through the kernel's nbd driver.
@@ -137,9 +237,10 @@ pub struct NbdAttach {
     family: u16,
     /// The dead-connection timeout given to the kernel, in seconds.
     dead_secs: u64,
-    /// When the process before this one was last seen alive (its
-    /// heartbeat file's time), if one ran.
-    predecessor_alive: Option<SystemTime>,
+    /// The heartbeat file.
+    heartbeat: PathBuf,
+    /// The last beat of the process before this one, if one ran.
+    predecessor: Option<Beat>,
     genl: Mutex<Option<Genl>>,
 }
 
@@ -155,39 +256,24 @@ impl NbdAttach {
         dead_secs: u64,
         state_dir: &Path,
     ) -> Result<Self> {
-        let path = state_dir.join("nbd-heartbeat");
-        let predecessor_alive = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let beat = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io("create", &path))?;
-        std::thread::Builder::new()
-            .name("nbd-heartbeat".into())
-            .spawn(move || {
-                loop {
-                    if let Err(e) = beat.set_modified(SystemTime::now()) {
-                        tracing::warn!(error = %e, "touching the nbd heartbeat failed");
-                    }
-                    std::thread::sleep(HEARTBEAT);
-                }
-            })
-            .map_err(io("start the heartbeat for", &path))?;
+        let heartbeat = state_dir.join("nbd-heartbeat");
+        let predecessor = std::fs::read_to_string(&heartbeat)
+            .ok()
+            .and_then(|s| Beat::decode(&s));
         Ok(NbdAttach {
             server,
             family,
             dead_secs,
-            predecessor_alive,
+            heartbeat,
+            predecessor,
             genl: Mutex::new(None),
         })
     }
 
-    /// How long nothing served the devices, if that was longer than the
-    /// kernel's dead-connection timeout (so it may have failed I/O).
-    fn gap_past_timeout(&self) -> Option<Duration> {
-        let gap = self.predecessor_alive?.elapsed().ok()?;
-        (gap > Duration::from_secs(self.dead_secs) + HEARTBEAT).then_some(gap)
+    fn beat(path: &Path, dead_secs: u64) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, Beat::now(dead_secs).encode())?;
+        std::fs::rename(&tmp, path)
     }
 
     fn call(&self, cmd: u8, attrs: &Attrs) -> Result<Vec<Vec<u8>>> {
@@ -226,6 +312,9 @@ impl Attach for NbdAttach {
 
     fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
         let vid = volume.id();
+        // A device left with this backend (disconnected while something
+        // held it open): disconnect it again, so only one ever names it.
+        self.detach(vid)?;
         let (socks, info) = self.connect(vid)?;
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
         let replies = self.call(
@@ -259,16 +348,24 @@ impl Attach for NbdAttach {
 
     fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached> {
         let vid = volume.id();
-        let index = find_device(&vid.to_string()).ok_or_else(|| {
-            Error::Unavailable(format!(
-                "no nbd device serves volume {vid} any more (its dead-connection timeout of \
-                 {} s may have passed); unpublish and unstage it to attach it again",
-                self.dead_secs
-            ))
-        })?;
+        let backend = vid.to_string();
+        // The device the record names, if it still carries this volume.
+        let index = rec
+            .device
+            .as_deref()
+            .and_then(index_of)
+            .filter(|i| backend_of(*i).as_deref() == Some(backend.as_str()))
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "{} no longer carries volume {vid} (disconnected, or the node rebooted); \
+                     unpublish and unstage it to attach it again",
+                    rec.device
+                        .as_deref()
+                        .map_or("no nbd device".into(), |d| d.display().to_string())
+                ))
+            })?;
         let (socks, _) = self.connect(vid)?;
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
-        let backend = vid.to_string();
         self.call(
             NBD_CMD_RECONFIGURE,
             &reconfigure_attrs(
@@ -280,25 +377,39 @@ impl Attach for NbdAttach {
                 },
             ),
         )?;
-        // The device is served again either way (what is written now is
-        // kept), but a filesystem or application that saw its I/O fail
-        // must be looked at: the attachment is reported broken.
-        if let Some(gap) = self.gap_past_timeout() {
-            return Err(Error::Unavailable(format!(
-                "nothing served /dev/nbd{index} for {} s, longer than the kernel's \
-                 dead-connection timeout ({} s): I/O to volume {vid} in that time may have \
-                 failed; unpublish and unstage it to attach it again",
-                gap.as_secs(),
-                self.dead_secs
-            )));
-        }
         Ok(Attached {
-            device: rec
-                .device
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("/dev/nbd{index}"))),
+            device: PathBuf::from(format!("/dev/nbd{index}")),
             handle: Handle::Nbd { index, backend },
         })
+    }
+
+    fn missed(&self) -> Option<String> {
+        let before = self.predecessor.as_ref()?;
+        let gap = before.missed(&Beat::now(self.dead_secs))?;
+        Some(format!(
+            "nothing served its nbd device for {} s, longer than the kernel's dead-connection \
+             timeout then ({} s): I/O in that time may have failed; unpublish and unstage it \
+             to attach it again",
+            gap.as_secs(),
+            before.dead_secs
+        ))
+    }
+
+    fn serving(&self) -> Result<()> {
+        let (path, dead_secs) = (self.heartbeat.clone(), self.dead_secs);
+        Self::beat(&path, dead_secs).map_err(io("write", &path))?;
+        std::thread::Builder::new()
+            .name("nbd-heartbeat".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(HEARTBEAT);
+                    if let Err(e) = Self::beat(&path, dead_secs) {
+                        tracing::warn!(error = %e, "writing the nbd heartbeat failed");
+                    }
+                }
+            })
+            .map_err(io("start the heartbeat for", &self.heartbeat))?;
+        Ok(())
     }
 
     fn resize(&self, attached: &Attached, size: u64) -> Result<()> {
@@ -313,12 +424,10 @@ impl Attach for NbdAttach {
     }
 
     fn detach(&self, volume: VolumeId) -> Result<()> {
-        match find_device(&volume.to_string()) {
-            Some(index) => self
-                .call(NBD_CMD_DISCONNECT, &disconnect_attrs(index))
-                .map(drop),
-            None => Ok(()),
+        for index in devices_of(&volume.to_string()) {
+            self.call(NBD_CMD_DISCONNECT, &disconnect_attrs(index))?;
         }
+        Ok(())
     }
 }
 
@@ -356,6 +465,41 @@ mod tests {
             })
             .collect();
         assert_eq!(fds, vec![7, 9]);
+    }
+
+    #[test]
+    fn a_gap_counts_against_the_timeout_in_force_then_and_only_in_the_same_boot() {
+        let then = Beat {
+            boot_id: "b1".into(),
+            boottime: Duration::from_secs(100),
+            dead_secs: 600,
+        };
+        assert_eq!(Beat::decode(&then.encode()), Some(then.clone()));
+        assert_eq!(Beat::decode("garbage"), None);
+        let at = |secs, dead_secs| Beat {
+            boot_id: "b1".into(),
+            boottime: Duration::from_secs(secs),
+            dead_secs,
+        };
+        // The process now has a 2 s timeout, but the kernel had 600 then.
+        assert_eq!(then.missed(&at(110, 2)), None);
+        assert_eq!(then.missed(&at(700, 2)), None, "exactly the timeout");
+        assert_eq!(then.missed(&at(701, 2)), Some(Duration::from_secs(601)));
+        let short = Beat {
+            dead_secs: 2,
+            ..then.clone()
+        };
+        assert_eq!(short.missed(&at(103, 600)), Some(Duration::from_secs(3)));
+        // Another boot: its devices are gone, nothing to report here.
+        let rebooted = Beat {
+            boot_id: "b2".into(),
+            ..at(5000, 600)
+        };
+        assert_eq!(then.missed(&rebooted), None);
+        // A boot clock before the beat (never, but not a panic).
+        assert_eq!(then.missed(&at(50, 600)), None);
+        assert_eq!(index_of(Path::new("/dev/nbd12")), Some(12));
+        assert_eq!(index_of(Path::new("/dev/loop1")), None);
     }
 
     #[test]
