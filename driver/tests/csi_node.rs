@@ -172,6 +172,7 @@ async fn mount_lifecycle_many_times_keeps_data_and_is_idempotent() {
         unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
         assert!(!is_mounted(&staging) && !is_mounted(&target));
         assert!(!target.exists(), "the target path is removed");
+        assert_no_device_names(&vol);
         // Idempotent: both again are successes.
         unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
     }
@@ -222,6 +223,34 @@ async fn mount_lifecycle_many_times_keeps_data_and_is_idempotent() {
     // (Only the FUSE backend makes mountpoints there.)
     let fuse_dirs = std::fs::read_dir(s.state_dir().join("fuse")).map_or(0, |d| d.count());
     assert_eq!(fuse_dirs, 0, "no FUSE mountpoints remain");
+}
+
+/// After an unstage, no kernel device is left on the volume: no nbd
+/// device carries it as its backend (DISCONNECT happened), no loop device
+/// has its FUSE file as backing file. The kernel may take a moment to let
+/// go of an nbd device.
+fn assert_no_device_names(vol: &str) {
+    let named = || -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let dev = e.path();
+            for attr in ["backend", "loop/backing_file"] {
+                if std::fs::read_to_string(dev.join(attr)).is_ok_and(|s| s.contains(vol)) {
+                    out.push(dev.display().to_string());
+                }
+            }
+        }
+        out
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !named().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "devices still on volume {vol} after unstage: {:?}",
+            named()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The logical sector size of the block device node at `path`.

@@ -481,8 +481,10 @@ fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Pr
     if let Err(e) = finish(&pool, job.id, state, message, Some(&progress)) {
         tracing::warn!(job = %job.id, error = %e, "recording the end of a job failed");
     }
-    release(&pool, job.id, family);
+    // Before the release: a waiter on the jobs (the crash test's child)
+    // must not see the job over before this point has run.
     failpoint::hit("engine::merge::job::after_done");
+    release(&pool, job.id, family);
 }
 
 /// Whether `job` would still take `step` next.
@@ -671,7 +673,9 @@ impl Pool {
                 .read()?
                 .jobs()?
                 .iter()
-                .any(|j| matches!(j.state, JobState::Queued | JobState::Running));
+                .any(|j| matches!(j.state, JobState::Queued | JobState::Running))
+                // A job recorded done may still be finishing its thread.
+                || !self.inner().jobs.state.lock().expect("job state").running.is_empty();
             if !busy {
                 return Ok(true);
             }
