@@ -990,6 +990,25 @@ async fn node_and_controller_refuse_bad_requests_with_the_spec_codes() {
     assert!(!got.contains(&(C::PublishUnpublishVolume as i32)));
 }
 
+/// SIGTERM, a new start, and the volume's condition as NodeGetVolumeStats
+/// at `target` then reports it.
+async fn restart_gracefully(
+    s: &mut Standalone,
+    vol: &str,
+    target: &Path,
+) -> (Csi, VolumeCondition) {
+    assert!(s.terminate().success());
+    s.spawn();
+    let mut csi = Csi::connect(&s.csi_socket()).await;
+    let st = csi
+        .node
+        .node_get_volume_stats(c::stats(vol, target))
+        .await
+        .unwrap()
+        .into_inner();
+    (csi, st.volume_condition.unwrap())
+}
+
 /// Writes `chunks` chunks of 256 KiB to `path`, syncing every 4; returns
 /// what it wrote, or the first error.
 fn steady_writer(
@@ -1120,19 +1139,8 @@ async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_ar
     if nbd {
         s.set_args_extra(&["--nbd-dead-timeout", "2"]);
     }
-    assert!(s.terminate().success());
-    s.spawn();
-    csi = Csi::connect(&s.csi_socket()).await;
-    let st = csi
-        .node
-        .node_get_volume_stats(c::stats(&vol, &target))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        !st.volume_condition.unwrap().abnormal,
-        "after SIGTERM and restart"
-    );
+    let (_, cond) = restart_gracefully(&mut s, &vol, &target).await;
+    assert!(!cond.abnormal, "after SIGTERM and restart: {cond:?}");
     let after_term = write_file(&target.join("after-sigterm"), 1 << 20, 11);
     assert!(std::fs::read(target.join("after-sigterm")).unwrap() == after_term);
 
@@ -1184,16 +1192,8 @@ async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_ar
             .await
             .unwrap()
             .expect("the device is served again after the late restart");
-        assert!(s.terminate().success());
-        s.spawn();
-        csi = Csi::connect(&s.csi_socket()).await;
-        let st = csi
-            .node
-            .node_get_volume_stats(c::stats(&vol, &target))
-            .await
-            .unwrap()
-            .into_inner();
-        let cond = st.volume_condition.unwrap();
+        let cond;
+        (csi, cond) = restart_gracefully(&mut s, &vol, &target).await;
         assert!(cond.abnormal && cond.message.contains(broken), "{cond:?}");
     }
     let got = csi
