@@ -313,3 +313,24 @@ fn discarding_more_than_16_tib_at_once_is_recorded_in_pieces() {
         "the discard reached the last block"
     );
 }
+
+#[test]
+fn a_layer_freed_while_still_held_has_no_file_left_after_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.create_volume(1 << 20).unwrap().id;
+    let vol = p.volume(v).unwrap();
+    vol.write(0, &pattern(3, 4096), false).unwrap();
+    // A holder that outlives the pool (a serving thread at exit).
+    let held = p.volume(v).unwrap();
+    p.delete_volume(v).unwrap();
+    drop(vol);
+    p.close().unwrap();
+    let layers: Vec<_> = std::fs::read_dir(dir.path().join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(layers.is_empty(), "left behind: {layers:?}");
+    drop(held);
+}

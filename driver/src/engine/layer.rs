@@ -281,6 +281,14 @@ impl Layer {
     pub(crate) fn mark_removed(&self) {
         self.removed.store(true, Ordering::Release);
     }
+
+    /// Removes the file now if the layer was freed (at pool close, when
+    /// no new reader comes; one that has it open reads on).
+    pub(crate) fn remove_if_freed(&self) {
+        if self.removed.load(Ordering::Acquire) {
+            remove_quietly(&*self.fs, &self.path);
+        }
+    }
 }
 
 impl Drop for Layer {

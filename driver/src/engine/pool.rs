@@ -1299,7 +1299,16 @@ impl Pool {
     /// The pool stays locked while any [`Volume`] or snapshot reader handle
     /// obtained from it is alive: drop those before reopening.
     pub fn close(self) -> Result<()> {
-        self.inner.flush_all()
+        let flushed = self.inner.flush_all();
+        // A freed layer's file goes when the last holder of the layer lets
+        // go; a holder that outlives the pool (a serving thread the
+        // process exits under) would leave it behind. Nothing new reads
+        // it after close, so it goes now.
+        let layers = self.shared().layers.lock().expect("layer registry");
+        for layer in layers.values().filter_map(Weak::upgrade) {
+            layer.remove_if_freed();
+        }
+        flushed
     }
 }
 
