@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
-    for own in ["proto/strata/admin.proto", "proto/strata/agent.proto"] {
+    for own in [
+        "proto/strata/admin.proto",
+        "proto/strata/agent.proto",
+        "proto/strata/peer.proto",
+    ] {
         println!("cargo:rerun-if-changed={own}");
         tonic_prost_build::configure()
             .build_client(true)

@@ -1,5 +1,5 @@
-//! The Container Storage Interface, spec v1.12.0, and Strata's own admin
-//! and agent APIs, as tonic/prost code.
+//! The Container Storage Interface, spec v1.12.0, and Strata's own admin,
+//! agent and peer APIs, as tonic/prost code.
 //!
 //! `csi::v1` holds the messages, the server traits (`identity_server`,
 //! `controller_server`, `node_server`, `group_controller_server`,
@@ -49,6 +49,21 @@ pub mod agent {
     )]
     pub mod v1 {
         tonic::include_proto!("strata.agent.v1");
+    }
+}
+
+/// The data path between nodes, package `strata.peer.v1`.
+pub mod peer {
+    /// Package `strata.peer.v1`.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic,
+        rustdoc::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("strata.peer.v1");
     }
 }
 

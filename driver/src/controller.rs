@@ -26,7 +26,6 @@ use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use tokio::sync::watch;
 
-use crate::agent::tls::TlsFiles;
 use crate::cluster::election::{Election, FileLock, Round};
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
@@ -38,6 +37,7 @@ use crate::csi::{InFlight, Started};
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Metrics};
 use crate::standalone::StartError;
+use crate::tls::TlsFiles;
 
 /// Where the controller keeps its records.
 #[derive(Debug, Clone)]

@@ -4,8 +4,11 @@
 //!   format and its crash safety. No gRPC, no Kubernetes.
 //! - [`frontend`]: serves volumes and snapshots to clients and kernels
 //!   (NBD, and FUSE for loop devices).
+//! - [`peer`]: the data path between nodes (a volume attached on a node
+//!   that does not hold it), and the grants that authorise it.
 //! - [`node`]: volumes attached to this node's kernel, filesystems made
 //!   and mounted, restart safety.
+//! - [`tls`]: the cluster's mutual TLS files.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`rpc`]: what the gRPC services share (the started core, errors as
 //!   status codes).
@@ -30,5 +33,7 @@ pub mod engine;
 pub mod frontend;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod rpc;
 pub mod standalone;
+pub mod tls;

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::admin::AdminService;
 use crate::agent::AgentService;
-use crate::agent::tls::TlsFiles;
+use crate::agent::peer::PeerService;
 use crate::cluster::Cluster;
 use crate::cluster::nodes::Nodes;
 use crate::cluster::records::EmbeddedRecords;
@@ -39,6 +39,9 @@ use crate::engine::{Pool, PoolOptions};
 use crate::frontend::nbd::{self, NbdConfig, NbdServer};
 use crate::metrics::{self, Metrics};
 use crate::node::{Node, NodeConfig};
+use crate::peer::{GrantKey, Peers};
+use crate::tls::TlsFiles;
+use csi_proto::peer::v1::peer_server::PeerServer;
 
 /// Where standalone mode keeps its records, inside the pool directory.
 pub const RECORDS_FILE: &str = "cluster.redb";
@@ -218,8 +221,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Arc::clone(&nbd),
         config.node.clone(),
     );
+    // Volumes of other nodes are reached with the cluster's TLS files.
+    let peers = match &config.role {
+        Role::Node { tls, .. } => Some(Peers::new(tls.clone(), tokio::runtime::Handle::current())),
+        Role::Standalone => None,
+    };
     let node = blocking(move || {
-        Node::start(node_pool, node_metrics, node_nbd, node_config).map_err(StartError::Node)
+        Node::start(node_pool, node_metrics, node_nbd, peers, node_config).map_err(StartError::Node)
     })
     .await?;
     let backend = node.backend();
@@ -263,6 +271,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .tls_config(tls.server())
                 .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?
                 .add_service(AgentServer::new(agent))
+                .add_service(
+                    PeerServer::new(PeerService::new(started.clone(), GrantKey::from_tls(tls)))
+                        .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
+                        .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),
+                )
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     stopped(),

@@ -655,3 +655,190 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     let copied = EmbeddedRecords::open(&copy).unwrap();
     assert_eq!(copied.volumes().unwrap()[0].volume_id, z.volume_id);
 }
+
+/// A client of a node's peer data path, with the cluster's certificate.
+async fn peer_client(
+    address: &str,
+    tls: &Path,
+) -> csi_proto::peer::v1::peer_client::PeerClient<tonic::transport::Channel> {
+    let files = strata::tls::TlsFiles::load(tls).unwrap();
+    let channel = files
+        .channel(
+            "peer",
+            address,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    csi_proto::peer::v1::peer_client::PeerClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_attaches_a_volume_another_node_holds() {
+    use csi_proto::peer::v1 as pb;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    for n in ["n1", "n2"] {
+        eventually(20, "nodes registered", async || {
+            capacity(&mut cc, n).await > 0
+        })
+        .await;
+    }
+    let size = 16 << 20;
+    let vol = created(
+        &mut cc,
+        with_requirements(c::create("pvc-far", size, c::block_cap()), &["n2"], &[]),
+    )
+    .await;
+    assert_eq!(node_of(&vol), "n2");
+    let id = vol.volume_id.clone();
+    let publish = |node: &str| ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(c::block_cap()),
+        ..Default::default()
+    };
+
+    // Published to its own node: the context says so, nothing more.
+    let own = cc.controller_publish_volume(publish("n2")).await.unwrap();
+    assert_eq!(
+        own.into_inner().publish_context,
+        HashMap::from([("strata.dev/owner".to_string(), "n2".to_string())])
+    );
+    assert_eq!(
+        cc.controller_publish_volume(publish("n9"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Published to n1: n1 stages it from n2 over the data path.
+    let ctx = cc
+        .controller_publish_volume(publish("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["strata.dev/owner"], "n2");
+    assert_eq!(ctx["strata.dev/address"], n2.agent);
+    let staging = n1.kubelet_dir().join("staging/far");
+    let target = n1.kubelet_dir().join("pods/far/dev");
+    let mut stage = c::stage(&id, &staging, c::block_cap());
+    stage.publish_context = ctx.clone();
+    csi1.node.node_stage_volume(stage.clone()).await.unwrap();
+    csi1.node
+        .node_publish_volume(c::publish(&id, &staging, &target, c::block_cap(), false))
+        .await
+        .unwrap();
+    let mut data = vec![0u8; 4 << 20];
+    common::Rng::new(7).fill(&mut data);
+    write_at(&target, 1 << 20, &data).unwrap();
+    assert!(read_at(&target, 1 << 20, 4 << 20) == data);
+
+    // The owner is killed and comes back while n1 writes: the write waits
+    // and completes, and what was flushed before is there.
+    n2.proc.kill9();
+    let writer = {
+        let (target, data) = (target.clone(), data.clone());
+        std::thread::spawn(move || write_at(&target, 8 << 20, &data[..1 << 20]))
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap()
+        .expect("a write across the owner's restart completes");
+    assert!(read_at(&target, 1 << 20, 4 << 20) == data);
+    assert!(read_at(&target, 8 << 20, 1 << 20) == data[..1 << 20]);
+
+    // The data path checks every request.
+    let mut peer = peer_client(&n2.agent, &tls).await;
+    let grant = strata::peer::grant::decode(&id, &ctx["strata.dev/grant"]).unwrap();
+    let read = |grant: Option<pb::Grant>, offset: u64, length: u32| pb::ReadRequest {
+        grant,
+        offset,
+        length,
+    };
+    let got = peer
+        .read(read(Some(grant.clone()), 1 << 20, 4096))
+        .await
+        .unwrap()
+        .into_inner()
+        .data;
+    assert!(got == data[..4096], "the owner has n1's writes");
+    for (req, want) in [
+        (read(None, 0, 4096), Code::Unauthenticated),
+        (
+            read(
+                Some(pb::Grant {
+                    mac: vec![0; 32],
+                    ..grant.clone()
+                }),
+                0,
+                4096,
+            ),
+            Code::PermissionDenied,
+        ),
+        (
+            read(
+                Some(pb::Grant {
+                    epoch: grant.epoch + 1,
+                    ..grant.clone()
+                }),
+                0,
+                4096,
+            ),
+            Code::PermissionDenied,
+        ),
+        (
+            read(Some(grant.clone()), size as u64, 4096),
+            Code::OutOfRange,
+        ),
+        (read(Some(grant.clone()), 0, 2 << 20), Code::InvalidArgument),
+    ] {
+        let e = peer.read(req).await.unwrap_err();
+        assert_eq!(e.code(), want, "{e:?}");
+    }
+
+    // Unpublished and unstaged on n1: staged on n2, the data is there.
+    detach(&n1, &mut csi1, &id).await;
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    let dev = attach(&n2, &mut csi2, &id).await;
+    assert!(read_at(&dev, 1 << 20, 4 << 20) == data);
+    detach(&n2, &mut csi2, &id).await;
+
+    // A newer publish fences off the older grant.
+    let newer = cc
+        .controller_publish_volume(publish("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let new_grant = strata::peer::grant::decode(&id, &newer["strata.dev/grant"]).unwrap();
+    assert!(new_grant.epoch > grant.epoch);
+    peer.open(pb::OpenRequest {
+        grant: Some(new_grant),
+    })
+    .await
+    .unwrap();
+    let e = peer.read(read(Some(grant), 0, 4096)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}

@@ -2,8 +2,9 @@
 //! top-level module of `driver/src` may use only the modules listed for it
 //! here (as `crate::<module>`); a new edge must be added on purpose.
 //!
-//! engine < frontend < node < rpc < agent, cluster, csi, admin
-//! < controller, standalone < cli
+//! engine < frontend < peer < node < rpc < agent, cluster, csi, admin
+//! < controller, standalone < cli; `tls`, `endpoint` and `metrics` sit
+//! at the bottom.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -12,16 +13,26 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("engine", &[]),
     ("endpoint", &[]),
+    ("tls", &[]),
     ("frontend", &["engine", "metrics"]),
     ("metrics", &["engine"]),
-    ("node", &["engine", "frontend", "metrics", "endpoint"]),
+    ("peer", &["engine", "frontend", "tls"]),
+    (
+        "node",
+        &["engine", "frontend", "metrics", "endpoint", "peer"],
+    ),
     ("rpc", &["engine", "node"]),
-    ("agent", &["engine", "node", "metrics", "rpc"]),
-    ("cluster", &["engine", "agent", "rpc"]),
+    (
+        "agent",
+        &["engine", "node", "metrics", "rpc", "peer", "tls"],
+    ),
+    ("cluster", &["engine", "agent", "rpc", "tls"]),
     ("admin", &["engine", "agent", "rpc"]),
     (
         "csi",
-        &["engine", "node", "metrics", "rpc", "agent", "cluster"],
+        &[
+            "engine", "node", "metrics", "rpc", "agent", "cluster", "peer", "tls",
+        ],
     ),
     (
         "controller",
@@ -34,6 +45,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "cluster",
             "csi",
             "standalone",
+            "tls",
         ],
     ),
     (
@@ -50,6 +62,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "csi",
             "admin",
             "controller",
+            "peer",
+            "tls",
         ],
     ),
 ];

@@ -11,7 +11,7 @@ use csi_proto::agent::v1::*;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -8,14 +8,17 @@
 //! The generated [`Agent`] trait is the controller's view of a node. It
 //! has two implementations: [`AgentService`] itself, called in process by
 //! standalone mode, and [`client::RemoteAgent`], which forwards each call
-//! over mutual TLS ([`tls`]) to the `strata node` that serves it. So
+//! over mutual TLS ([`crate::tls`]) to the `strata node` that serves it. So
 //! standalone and cluster mode run the same controller code.
+//!
+//! The same port serves the data path other nodes use for volumes of this
+//! node that they attached ([`peer`]).
 //!
 //! Every call is idempotent on its IDs. Engine and node errors become gRPC
 //! codes in `csi/status.rs`; the controller passes them on unchanged.
 
 pub mod client;
-pub mod tls;
+pub mod peer;
 
 use csi_proto::agent::v1::agent_server::Agent;
 use csi_proto::agent::v1::create_volume_request::Source;

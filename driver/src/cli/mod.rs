@@ -20,10 +20,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::endpoint::Endpoint;
 use output::Format;
 
-use crate::agent::tls::TlsFiles;
 use crate::cluster::nodes::Heartbeat;
 use crate::controller::Store;
 use crate::standalone::Role;
+use crate::tls::TlsFiles;
 
 /// Strata: layered block volumes for Kubernetes.
 #[derive(Debug, Parser)]

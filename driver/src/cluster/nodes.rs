@@ -20,7 +20,7 @@ use tonic::{Request, Status};
 
 use super::records::{NodeRecord, NodeState, Records};
 use crate::agent::client::RemoteAgent;
-use crate::agent::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 /// How often and how patiently the controller checks on nodes.
 #[derive(Debug, Clone)]
@@ -151,6 +151,21 @@ impl Nodes {
                 r.message
             ))),
             Some(r) => self.agent_at(&r.agent_address),
+        }
+    }
+
+    /// Where another node reaches `node_id`'s data path, and the key its
+    /// grants are made with: `None` in standalone mode.
+    pub fn peer(&self, node_id: &str) -> Result<Option<(String, &TlsFiles)>, Status> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let rec = self.cache.lock().expect("nodes").get(node_id).cloned();
+        match rec {
+            Some(r) => Ok(Some((r.agent_address, tls))),
+            None => Err(Status::unavailable(format!(
+                "node {node_id} is not registered; is its strata node plugin running?"
+            ))),
         }
     }
 

@@ -25,12 +25,14 @@ use csi_proto::csi::v1::volume_content_source::{self, SnapshotSource, VolumeSour
 use csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
+use super::node::context as node_context;
 use super::params;
 use super::{InFlight, status};
 use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
 use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
+use crate::peer::{GrantKey, grant};
 
 /// Topology key naming the node that owns a volume.
 pub const TOPOLOGY_KEY: &str = "topology.strata.dev/node";
@@ -558,22 +560,69 @@ impl Controller for ControllerService {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
+    /// Says where the volume is: on the node asked for (it attaches it
+    /// from its own pool), or on another, with the address of that node's
+    /// data path and a grant for this attachment (whose epoch, the time of
+    /// the publish, fences off older attachments of the volume).
     async fn controller_publish_volume(
         &self,
-        _: Request<ControllerPublishVolumeRequest>,
+        req: Request<ControllerPublishVolumeRequest>,
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "Strata volumes are node-local: there is no ControllerPublishVolume",
-        ))
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let cap = req
+            .volume_capability
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        check_capabilities(std::slice::from_ref(&cap))?;
+        parse_volume_id(&req.volume_id)?;
+        let owner = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        let cluster = self.cluster.get()?;
+        let known = cluster.nodes.local_id().as_deref() == Some(req.node_id.as_str())
+            || cluster
+                .nodes
+                .list()?
+                .iter()
+                .any(|n| n.node_id == req.node_id);
+        if !known {
+            return Err(Status::not_found(format!(
+                "node {:?} is not known",
+                req.node_id
+            )));
+        }
+        let mut context = HashMap::from([(node_context::OWNER.to_string(), owner.clone())]);
+        if owner != req.node_id {
+            let (address, tls) = cluster.nodes.peer(&owner)?.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "volume {} is on node {owner}; a standalone Strata attaches only its own",
+                    req.volume_id
+                ))
+            })?;
+            let grant = GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, now_ns());
+            context.insert(node_context::ADDRESS.to_string(), address);
+            context.insert(node_context::GRANT.to_string(), grant::encode(&grant));
+        }
+        Ok(Response::new(ControllerPublishVolumeResponse {
+            publish_context: context,
+        }))
     }
 
+    /// Nothing to undo: a newer publish fences off the grant this one
+    /// made. Idempotent, also for volumes or nodes that are gone.
     async fn controller_unpublish_volume(
         &self,
-        _: Request<ControllerUnpublishVolumeRequest>,
+        req: Request<ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "Strata volumes are node-local: there is no ControllerUnpublishVolume",
-        ))
+        if req.get_ref().volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        Ok(Response::new(ControllerUnpublishVolumeResponse {}))
     }
 
     async fn validate_volume_capabilities(
@@ -686,6 +735,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         let capabilities = [
             rpc::Type::CreateDeleteVolume,
+            rpc::Type::PublishUnpublishVolume,
             rpc::Type::CreateDeleteSnapshot,
             rpc::Type::CloneVolume,
             rpc::Type::ExpandVolume,

@@ -108,6 +108,40 @@ fn access(
     Ok((access, mode))
 }
 
+/// The keys of the publish context ControllerPublishVolume answers.
+pub(crate) mod context {
+    /// The node that holds the volume.
+    pub const OWNER: &str = "strata.dev/owner";
+    /// Its agent address (when it is not the node asked to stage).
+    pub const ADDRESS: &str = "strata.dev/address";
+    /// The grant that lets this node use it (`peer::grant::encode`).
+    pub const GRANT: &str = "strata.dev/grant";
+}
+
+/// Where the volume is, if the publish context names another node.
+fn remote_target(
+    volume_id: &str,
+    node_id: &str,
+    ctx: &HashMap<String, String>,
+) -> Result<Option<crate::peer::Target>, Status> {
+    let Some(owner) = ctx.get(context::OWNER).filter(|o| *o != node_id) else {
+        return Ok(None);
+    };
+    let get = |key: &str| {
+        ctx.get(key).cloned().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "publish_context names owner {owner} but has no {key}"
+            ))
+        })
+    };
+    Ok(Some(crate::peer::Target {
+        volume_id: volume_id.to_string(),
+        owner: owner.clone(),
+        address: get(context::ADDRESS)?,
+        grant: get(context::GRANT)?,
+    }))
+}
+
 #[tonic::async_trait]
 impl NodeRpc for NodeService {
     async fn node_stage_volume(
@@ -121,11 +155,13 @@ impl NodeRpc for NodeService {
         let read_only = mode == Some(Mode::SingleNodeReaderOnly);
         let volume = volume_id(id)?;
         let _guard = self.inflight.claim(&format!("volume {volume}"))?;
+        let remote = remote_target(id, &self.node_id, &req.publish_context)?;
         let stage = node::Stage {
             volume,
             staging_path,
             access,
             read_only,
+            remote,
         };
         self.blocking(move |n| n.stage(&stage)).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use super::controller::ControllerService;
 use crate::agent::client::{CALL_TIMEOUT, CONNECT_TIMEOUT};
-use crate::agent::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 /// Metadata key marking a call forwarded by another replica.
 pub const FORWARDED: &str = "x-strata-forwarded";

@@ -1,6 +1,7 @@
 //! Frontends: how volumes and snapshots reach clients and kernels. Every
-//! frontend serves [`Export`]s, a uniform face over a writable volume and a
-//! read-only snapshot:
+//! frontend serves [`Export`]s, a uniform face over a writable volume, a
+//! read-only snapshot and a volume another node holds ([`RemoteDevice`],
+//! reached through the data path between nodes):
 //! - `nbd`: the NBD server (for tools, and the kernel's nbd client);
 //! - `fuse`: a volume as one file in a FUSE filesystem (for a loop device,
 //!   where the kernel has no nbd driver).
@@ -10,8 +11,9 @@
 pub mod fuse;
 pub mod nbd;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::engine::{
     Error, Extent, Pool, Result, SnapshotId, SnapshotReader, Volume, VolumeId, ZeroFlags,
@@ -63,12 +65,73 @@ pub(crate) fn mark_io_flusher() {
     }
 }
 
-/// Something a frontend serves: a volume (read-write) or a snapshot
-/// (read-only; it pins the layers it reads while open).
+/// A volume another node holds, as this node's frontends see it: every
+/// call goes to the owner and returns once the owner answered (a FLUSH or
+/// FUA write once it is durable there).
+pub trait RemoteDevice: std::fmt::Debug + Send + Sync {
+    /// The volume's ID.
+    fn name(&self) -> String;
+    fn size(&self) -> u64;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+    fn trim(&self, offset: u64, len: u64) -> Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
+}
+
+/// Something a frontend serves: a volume (read-write), a snapshot
+/// (read-only; it pins the layers it reads while open), or a volume held
+/// by another node.
 #[derive(Debug, Clone)]
 pub enum Export {
     Volume(Arc<Volume>),
     Snapshot(SnapshotReader),
+    Remote(Arc<dyn RemoteDevice>),
+}
+
+/// What a server can open by name: the pool's volumes and snapshots, and
+/// the volumes of other nodes attached here.
+#[derive(Debug, Clone)]
+pub struct Exports {
+    pool: Pool,
+    remote: Arc<Mutex<HashMap<String, Arc<dyn RemoteDevice>>>>,
+}
+
+impl Exports {
+    pub fn new(pool: Pool) -> Self {
+        Exports {
+            pool,
+            remote: Arc::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Makes a volume of another node openable by its ID, until removed.
+    pub fn add_remote(&self, device: Arc<dyn RemoteDevice>) {
+        let mut remote = self.remote.lock().expect("remote exports");
+        remote.insert(device.name(), device);
+    }
+
+    pub fn remove_remote(&self, name: &str) {
+        self.remote.lock().expect("remote exports").remove(name);
+    }
+
+    /// Opens the export named `name`.
+    pub fn open(&self, name: &str) -> Result<Option<Export>> {
+        if let Some(r) = self.remote.lock().expect("remote exports").get(name) {
+            return Ok(Some(Export::Remote(Arc::clone(r))));
+        }
+        Export::open(&self.pool, name)
+    }
+
+    /// The pool's exports (remote volumes are served to this node's
+    /// kernel, not listed).
+    pub fn list(&self) -> Result<Vec<(String, String)>> {
+        Export::list(&self.pool)
+    }
 }
 
 impl Export {
@@ -115,6 +178,7 @@ impl Export {
         match self {
             Export::Volume(v) => v.id().to_string(),
             Export::Snapshot(s) => s.id().to_string(),
+            Export::Remote(r) => r.name(),
         }
     }
 
@@ -122,6 +186,7 @@ impl Export {
         match self {
             Export::Volume(v) => v.size(),
             Export::Snapshot(s) => s.size(),
+            Export::Remote(r) => r.size(),
         }
     }
 
@@ -133,18 +198,20 @@ impl Export {
         match self {
             Export::Volume(v) => v.read(offset, buf),
             Export::Snapshot(s) => s.read(offset, buf),
+            Export::Remote(r) => r.read(offset, buf),
         }
     }
 
-    fn volume(&self) -> Result<&Volume> {
-        match self {
-            Export::Volume(v) => Ok(v),
-            Export::Snapshot(s) => Err(Error::ReadOnly(format!("snapshot {}", s.id()))),
-        }
+    fn read_only_error(&self) -> Error {
+        Error::ReadOnly(format!("snapshot {}", self.name()))
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.volume()?.write(offset, data, fua)
+        match self {
+            Export::Volume(v) => v.write(offset, data, fua),
+            Export::Remote(r) => r.write(offset, data, fua),
+            Export::Snapshot(_) => Err(self.read_only_error()),
+        }
     }
 
     /// Flush; a no-op on a snapshot (nothing to make durable).
@@ -152,21 +219,42 @@ impl Export {
         match self {
             Export::Volume(v) => v.flush(),
             Export::Snapshot(_) => Ok(()),
+            Export::Remote(r) => r.flush(),
         }
     }
 
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.volume()?.trim(offset, len)
+        match self {
+            Export::Volume(v) => v.trim(offset, len),
+            Export::Remote(r) => r.trim(offset, len),
+            Export::Snapshot(_) => Err(self.read_only_error()),
+        }
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.volume()?.write_zeroes(offset, len, flags)
+        match self {
+            Export::Volume(v) => v.write_zeroes(offset, len, flags),
+            Export::Remote(r) => r.write_zeroes(offset, len, flags),
+            Export::Snapshot(_) => Err(self.read_only_error()),
+        }
     }
 
+    /// Allocation of a range. A remote volume reports it all as data (the
+    /// owner's maps are not fetched; reads stay correct).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         match self {
             Export::Volume(v) => v.block_status(offset, len),
             Export::Snapshot(s) => s.block_status(offset, len),
+            Export::Remote(r) => {
+                let end = r.size();
+                if offset >= end {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![Extent {
+                    len: len.min(end - offset),
+                    zero: false,
+                }])
+            }
         }
     }
 }

@@ -36,7 +36,9 @@ use state::{Access, Phase, StagedRecord, StateDir};
 
 use crate::engine::{Pool, VolumeId};
 use crate::frontend::nbd::NbdServer;
+use crate::frontend::{Export, RemoteDevice};
 use crate::metrics::Metrics;
+use crate::peer::{Peers, RemoteVolume, Target};
 
 /// How this node runs.
 #[derive(Debug, Clone)]
@@ -97,6 +99,8 @@ pub struct Stage {
     pub staging_path: PathBuf,
     pub access: Access,
     pub read_only: bool,
+    /// Another node holds the volume (the publish context said so).
+    pub remote: Option<Target>,
 }
 
 /// A NodePublishVolume, validated.
@@ -126,12 +130,16 @@ pub struct Usage {
 struct Entry {
     rec: StagedRecord,
     live: std::result::Result<Attached, String>,
+    /// The owner's volume, when another node holds it.
+    remote: Option<Arc<RemoteVolume>>,
 }
 
 /// The node: what is staged here, and how to stage more.
 #[derive(Debug)]
 pub struct Node {
     pool: Pool,
+    /// How to reach other nodes' volumes (cluster mode only).
+    peers: Option<Peers>,
     config: NodeConfig,
     backend: Box<dyn Attach>,
     state: StateDir,
@@ -193,6 +201,7 @@ impl Node {
         pool: Pool,
         metrics: Arc<Metrics>,
         nbd: Arc<NbdServer>,
+        peers: Option<Peers>,
         config: NodeConfig,
     ) -> Result<Node> {
         std::fs::create_dir_all(&config.state_dir).map_err(io("create", &config.state_dir))?;
@@ -217,6 +226,7 @@ impl Node {
         let node = Node {
             state: StateDir::open(&config.state_dir)?,
             pool,
+            peers,
             config,
             backend,
             staged: Mutex::new(HashMap::new()),
@@ -263,10 +273,12 @@ impl Node {
             } else {
                 tracing::info!(volume = %vid, staging = %rec.staging_path.display(), "serving a staged volume again");
             }
+            let remote = live.as_ref().ok().and_then(|(_, r)| r.clone());
+            let live = live.map(|(a, _)| a);
             self.staged
                 .lock()
                 .expect("staged")
-                .insert(vid, Entry { rec, live });
+                .insert(vid, Entry { rec, live, remote });
         }
         for stray in self.backend.strays(&known) {
             tracing::info!(volume = %stray, "removing an attachment nobody recorded");
@@ -277,14 +289,33 @@ impl Node {
 
     /// Serves a recorded attachment again and makes sure its filesystem is
     /// mounted where the record says.
-    fn resume(&self, vid: VolumeId, rec: &StagedRecord) -> std::result::Result<Attached, String> {
-        let volume = self
-            .pool
-            .volume(vid)
-            .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?;
+    #[allow(clippy::type_complexity)]
+    fn resume(
+        &self,
+        vid: VolumeId,
+        rec: &StagedRecord,
+    ) -> std::result::Result<(Attached, Option<Arc<RemoteVolume>>), String> {
+        let (export, remote) = match &rec.remote {
+            // The owner may be away now: the recorded size serves it, and
+            // its I/O waits for the owner.
+            Some(r) => {
+                let v = self
+                    .peers()
+                    .and_then(|p| Ok(p.open(&r.target, Some(r.size_bytes))?))
+                    .map_err(|e| crate::engine::error::chain(&e))?;
+                (Export::Remote(v.clone()), Some(v))
+            }
+            None => {
+                let volume = self
+                    .pool
+                    .volume(vid)
+                    .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?;
+                (Export::Volume(volume), None)
+            }
+        };
         let attached = self
             .backend
-            .resume(volume, rec)
+            .resume(vid, export, rec)
             .map_err(|e| crate::engine::error::chain(&e))?;
         if matches!(rec.access, Access::Mount { .. })
             && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
@@ -297,7 +328,7 @@ impl Node {
                 )
             })?;
         }
-        Ok(attached)
+        Ok((attached, remote))
     }
 
     /// Mounts the filesystem on `device` at the record's staging path, as
@@ -334,10 +365,26 @@ impl Node {
         self.state.remove(&rec.volume_id)
     }
 
+    /// How this node reaches volumes of others.
+    fn peers(&self) -> Result<&Peers> {
+        self.peers.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "this node cannot reach other nodes' volumes (standalone, or no --agent-tls)"
+                    .into(),
+            )
+        })
+    }
+
     /// Stages a volume; staging it again the same way is a success.
     pub fn stage(&self, req: &Stage) -> Result<()> {
         let vid = req.volume;
-        let volume = self.pool.volume(vid)?;
+        let (export, remote) = match &req.remote {
+            Some(t) => {
+                let v = self.peers()?.open(t, None)?;
+                (Export::Remote(v.clone()), Some(v))
+            }
+            None => (Export::Volume(self.pool.volume(vid)?), None),
+        };
         self.backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
         if let Some(entry) = staged.get(&vid) {
@@ -384,9 +431,13 @@ impl Node {
             fuse: None,
             writers: Vec::new(),
             broken: None,
+            remote: remote.as_ref().map(|v| state::RemoteRecord {
+                target: v.target().clone(),
+                size_bytes: v.size(),
+            }),
         };
         self.state.save(&rec)?;
-        let attached = match self.stage_attached(&volume, &mut rec) {
+        let attached = match self.stage_attached(vid, export, &mut rec) {
             Ok(a) => a,
             Err(e) => {
                 if let Err(cleanup) = self.teardown(vid, &rec) {
@@ -400,6 +451,7 @@ impl Node {
             Entry {
                 rec,
                 live: Ok(attached),
+                remote,
             },
         );
         Ok(())
@@ -407,10 +459,12 @@ impl Node {
 
     fn stage_attached(
         &self,
-        volume: &Arc<crate::engine::Volume>,
+        vid: VolumeId,
+        export: Export,
         rec: &mut StagedRecord,
     ) -> Result<Attached> {
-        let attached = self.backend.attach(Arc::clone(volume))?;
+        let size = export.size();
+        let attached = self.backend.attach(vid, export)?;
         rec.device = Some(attached.device.clone());
         if let Handle::Fuse { negotiated, .. } = &attached.handle {
             rec.fuse = Some(*negotiated);
@@ -422,10 +476,9 @@ impl Node {
                     let min = mount::min_size(fs_type).ok_or_else(|| {
                         Error::InvalidArgument(format!("Strata cannot make a {fs_type} filesystem"))
                     })?;
-                    if volume.size() < min {
+                    if size < min {
                         return Err(Error::OutOfRange(format!(
-                            "{fs_type} needs a volume of at least {min} bytes; this one is {}",
-                            volume.size()
+                            "{fs_type} needs a volume of at least {min} bytes; this one is {size}"
                         )));
                     }
                     if rec.read_only {
@@ -443,7 +496,7 @@ impl Node {
                         && !rec.read_only
                         && !mount::has_capability(mount::CAP_SYS_RESOURCE)
                     {
-                        mount::grow_ext4_offline(&attached.device, volume.size())?;
+                        mount::grow_ext4_offline(&attached.device, size)?;
                     }
                 }
                 mount::Content::Filesystem(found) => {
@@ -501,6 +554,7 @@ impl Node {
                 Entry {
                     rec: entry.rec.clone(),
                     live: Err("unstage failed half way".into()),
+                    remote: entry.remote.clone(),
                 },
             );
         })
@@ -675,7 +729,7 @@ impl Node {
     /// Usage and condition of a volume at `path` (its staging or a target
     /// path).
     pub fn usage(&self, vid: VolumeId, path: &Path) -> Result<Usage> {
-        let size = self.pool.volume_info(vid)?.size_bytes;
+        let size = self.size_of(vid)?;
         if !path.exists() {
             return Err(Error::NotFound(format!(
                 "{} does not exist",
@@ -709,6 +763,20 @@ impl Node {
         })
     }
 
+    /// The volume's size: of this pool's, or as last seen from its owner.
+    fn size_of(&self, vid: VolumeId) -> Result<u64> {
+        match self.remote_of(vid) {
+            Some(v) => Ok(v.size()),
+            None => Ok(self.pool.volume_info(vid)?.size_bytes),
+        }
+    }
+
+    /// The owner's volume, if `vid` is staged here from another node.
+    fn remote_of(&self, vid: VolumeId) -> Option<Arc<RemoteVolume>> {
+        let staged = self.staged.lock().expect("staged");
+        staged.get(&vid)?.remote.clone()
+    }
+
     /// The condition of a volume staged here, `None` if it is not staged.
     pub fn condition(&self, vid: VolumeId) -> Option<Condition> {
         let staged = self.staged.lock().expect("staged");
@@ -730,16 +798,27 @@ impl Node {
     /// Makes the kernel device (and the filesystem on it) as large as the
     /// volume now is; returns that size.
     pub fn expand(&self, vid: VolumeId, required: u64) -> Result<u64> {
-        let size = self.pool.volume_info(vid)?.size_bytes;
+        let remote = self.remote_of(vid);
+        let size = match &remote {
+            // The owner grew it: ask for the new size.
+            Some(v) => v.refresh_size()?,
+            None => self.pool.volume_info(vid)?.size_bytes,
+        };
         if required > size {
             return Err(Error::OutOfRange(format!(
                 "volume {vid} is {size} bytes; expand it (ControllerExpandVolume) to {required} first"
             )));
         }
-        let staged = self.staged.lock().expect("staged");
-        let entry = staged.get(&vid).ok_or_else(|| {
+        let mut staged = self.staged.lock().expect("staged");
+        let entry = staged.get_mut(&vid).ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {vid} is not staged on this node"))
         })?;
+        if let Some(r) = entry.rec.remote.as_mut()
+            && r.size_bytes != size
+        {
+            r.size_bytes = size;
+            self.state.save(&entry.rec)?;
+        }
         let attached = entry
             .live
             .as_ref()

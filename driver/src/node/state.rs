@@ -61,6 +61,18 @@ pub struct StagedRecord {
     /// abnormal until it is unstaged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broken: Option<String>,
+    /// Held by another node: where, and with which grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteRecord>,
+}
+
+/// A volume staged here that another node holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteRecord {
+    pub target: crate::peer::Target,
+    /// Its size when last seen (a restart serves it without asking).
+    pub size_bytes: u64,
 }
 
 /// The records directory.
@@ -157,6 +169,7 @@ mod tests {
             }),
             writers: vec!["/var/lib/kubelet/pods/p/volumes/x".into()],
             broken: Some("nothing served it".into()),
+            remote: None,
         };
         state.save(&rec).unwrap();
         let mut other = rec.clone();

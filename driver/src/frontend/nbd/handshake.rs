@@ -6,8 +6,8 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::protocol::*;
-use crate::engine::{BLOCK_SIZE, Pool};
-use crate::frontend::Export;
+use crate::engine::BLOCK_SIZE;
+use crate::frontend::{Export, Exports};
 use crate::metrics::Metrics;
 
 /// What a successful negotiation agreed on.
@@ -35,10 +35,10 @@ fn transmission_flags(export: &Export, structured: bool) -> u16 {
     f
 }
 
-async fn open_export(pool: &Pool, name: &str) -> Option<Export> {
-    let pool = pool.clone();
+async fn open_export(exports: &Exports, name: &str) -> Option<Export> {
+    let exports = exports.clone();
     let name = name.to_string();
-    match tokio::task::spawn_blocking(move || Export::open(&pool, &name)).await {
+    match tokio::task::spawn_blocking(move || exports.open(&name)).await {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "opening an NBD export failed");
@@ -52,14 +52,14 @@ async fn open_export(pool: &Pool, name: &str) -> Option<Export> {
 /// disconnected; `Ok(Some)`: transmission starts.
 pub(super) async fn negotiate<S>(
     rd: &mut BufReader<S>,
-    pool: &Pool,
+    exports: &Exports,
     metrics: &Metrics,
 ) -> std::io::Result<Option<Session>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = Replies(Vec::new());
-    let result = negotiate_inner(rd, &mut out, pool, metrics).await;
+    let result = negotiate_inner(rd, &mut out, exports, metrics).await;
     out.send(rd.get_mut()).await?;
     result
 }
@@ -85,7 +85,7 @@ impl Replies {
 async fn negotiate_inner<S>(
     rd: &mut BufReader<S>,
     wr: &mut Replies,
-    pool: &Pool,
+    exports: &Exports,
     metrics: &Metrics,
 ) -> std::io::Result<Option<Session>>
 where
@@ -136,7 +136,8 @@ where
         let reply = |r: u32, d: &[u8]| option_reply(opt.option, r, d);
         match opt.option {
             OPT_EXPORT_NAME => {
-                let Some(export) = open_export(pool, &String::from_utf8_lossy(&data)).await else {
+                let Some(export) = open_export(exports, &String::from_utf8_lossy(&data)).await
+                else {
                     // The protocol has no error reply here: disconnect.
                     metrics.nbd_protocol_error("unknown_export");
                     return Ok(None);
@@ -165,9 +166,9 @@ where
                 ));
             }
             OPT_LIST => {
-                let p = pool.clone();
-                let exports = tokio::task::spawn_blocking(move || Export::list(&p)).await;
-                match exports {
+                let all = exports.clone();
+                let listed = tokio::task::spawn_blocking(move || all.list()).await;
+                match listed {
                     Ok(Ok(exports)) => {
                         for (name, description) in exports {
                             wr.push(&reply(REP_SERVER, &rep_server(&name, &description)));
@@ -204,7 +205,7 @@ where
                         continue;
                     }
                 };
-                let Some(export) = open_export(pool, &name).await else {
+                let Some(export) = open_export(exports, &name).await else {
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
@@ -252,7 +253,7 @@ where
                         continue;
                     }
                 };
-                if open_export(pool, &name).await.is_none() {
+                if open_export(exports, &name).await.is_none() {
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));

@@ -34,6 +34,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::engine::Pool;
+use crate::frontend::Exports;
 use crate::metrics::Metrics;
 
 /// Limits of the server.
@@ -65,7 +66,7 @@ impl Default for NbdConfig {
 /// The NBD server of one pool.
 #[derive(Debug)]
 pub struct NbdServer {
-    pool: Pool,
+    exports: Exports,
     metrics: Arc<Metrics>,
     config: NbdConfig,
     connections: Arc<Semaphore>,
@@ -115,13 +116,18 @@ impl NbdServer {
     pub fn new(pool: Pool, metrics: Arc<Metrics>, config: NbdConfig) -> Arc<Self> {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         Arc::new(NbdServer {
-            pool,
+            exports: Exports::new(pool),
             metrics,
             config,
             connections,
             live: Mutex::new(Live::default()),
             next: AtomicU64::new(0),
         })
+    }
+
+    /// What the server serves; remote volumes attached here are added to it.
+    pub fn exports(&self) -> &Exports {
+        &self.exports
     }
 
     /// Ends every connection in transmission: no request is read any more,
@@ -200,7 +206,7 @@ impl NbdServer {
             let mut rd = tokio::io::BufReader::with_capacity(64 << 10, stream);
             let negotiated = tokio::time::timeout(
                 server.config.handshake_timeout,
-                handshake::negotiate(&mut rd, &server.pool, &server.metrics),
+                handshake::negotiate(&mut rd, &server.exports, &server.metrics),
             )
             .await;
             let session = match negotiated {

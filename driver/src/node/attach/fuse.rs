@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
-use crate::engine::{Volume, VolumeId};
+use crate::engine::VolumeId;
 use crate::frontend::Export;
 use crate::frontend::fuse::{self, FILE_NAME, FuseConfig};
 use crate::metrics::Metrics;
@@ -66,17 +66,11 @@ impl FuseAttach {
         self.dir.join(volume.to_string())
     }
 
-    fn attach_mounted(&self, volume: &Arc<Volume>, dir: &Path) -> Result<Attached> {
-        let vid = volume.id().to_string();
+    fn attach_mounted(&self, vid: VolumeId, export: Export, dir: &Path) -> Result<Attached> {
+        let vid = vid.to_string();
         let fd = mount_fuse(dir, &self.config).map_err(io("mount FUSE at", dir))?;
-        let session = fuse::serve(
-            fd,
-            Export::Volume(Arc::clone(volume)),
-            Arc::clone(&self.metrics),
-            self.config,
-            None,
-        )
-        .map_err(io("serve FUSE at", dir))?;
+        let session = fuse::serve(fd, export, Arc::clone(&self.metrics), self.config, None)
+            .map_err(io("serve FUSE at", dir))?;
         let negotiated = session
             .wait_initialized(Duration::from_secs(10))
             .map_err(io("initialise FUSE at", dir))?;
@@ -170,23 +164,22 @@ impl Attach for FuseAttach {
         self.ensure_holder(true).map(drop)
     }
 
-    fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
+    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
         self.ensure_holder(false)?;
-        let dir = self.mountpoint(volume.id());
+        let dir = self.mountpoint(vid);
         if mount::mount_at(&dir)?.is_some() {
             // A leftover of an attach that never got recorded.
-            self.detach(volume.id())?;
+            self.detach(vid)?;
         }
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        self.attach_mounted(&volume, &dir).inspect_err(|_| {
-            if let Err(e) = self.detach(volume.id()) {
-                tracing::warn!(volume = %volume.id(), error = %e, "cleaning up a failed attach");
+        self.attach_mounted(vid, export, &dir).inspect_err(|_| {
+            if let Err(e) = self.detach(vid) {
+                tracing::warn!(volume = %vid, error = %e, "cleaning up a failed attach");
             }
         })
     }
 
-    fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached> {
-        let vid = volume.id();
+    fn resume(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached> {
         let dir = self.mountpoint(vid);
         let lost = |why: &str| {
             Error::Unavailable(format!(
@@ -212,7 +205,7 @@ impl Attach for FuseAttach {
             .map_err(io("duplicate the FUSE fd of", &dir))?;
         let session = fuse::serve(
             fd,
-            Export::Volume(volume),
+            export,
             Arc::clone(&self.metrics),
             self.config,
             Some(negotiated),

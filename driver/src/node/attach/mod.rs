@@ -19,13 +19,13 @@ pub use fuse::FuseAttach;
 pub use nbd::{DEAD_CONN_TIMEOUT_SECS, NbdAttach};
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
 use super::state::StagedRecord;
-use crate::engine::{Volume, VolumeId};
+use crate::engine::VolumeId;
+use crate::frontend::Export;
 use crate::frontend::fuse::FuseSession;
 use crate::frontend::fuse::abi::Negotiated;
 
@@ -164,12 +164,13 @@ pub trait Attach: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Makes `volume` a block device. On error nothing is left attached.
-    fn attach(&self, volume: Arc<Volume>) -> Result<Attached>;
+    /// Makes `export` (volume `vid`, of this node or another) a block
+    /// device. On error nothing is left attached.
+    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached>;
 
     /// Serves an attachment made before this process started (from its
     /// record), or says why it cannot be saved.
-    fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached>;
+    fn resume(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached>;
 
     /// Makes the kernel see the volume's new size.
     fn resize(&self, attached: &Attached, size: u64) -> Result<()>;

@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Attach, Attached, Handle, Kind, SECTOR_SIZE};
-use crate::engine::{Volume, VolumeId};
+use crate::engine::VolumeId;
+use crate::frontend::Export;
 use crate::frontend::nbd::{NbdServer, client};
 use crate::node::error::{Error, Result, io};
 use crate::node::netlink::{Attrs, Genl, parse_attrs};
@@ -286,6 +287,14 @@ impl NbdAttach {
             .map_err(io("configure the kernel nbd driver", "nbd"))
     }
 
+    /// Makes our NBD server serve `export` by its name: a volume of
+    /// another node is added to its exports (the pool's are there).
+    fn serve(&self, export: Export) {
+        if let Export::Remote(r) = export {
+            self.server.exports().add_remote(r);
+        }
+    }
+
     /// Negotiated sockets for `volume`, served by our NBD server.
     fn connect(&self, volume: VolumeId) -> Result<(Vec<UnixStream>, client::ExportInfo)> {
         let mut out = Vec::new();
@@ -310,11 +319,11 @@ impl Attach for NbdAttach {
         Kind::Nbd
     }
 
-    fn attach(&self, volume: Arc<Volume>) -> Result<Attached> {
-        let vid = volume.id();
+    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
         // A device left with this backend (disconnected while something
         // held it open): disconnect it again, so only one ever names it.
         self.detach(vid)?;
+        self.serve(export);
         let (socks, info) = self.connect(vid)?;
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
         let replies = self.call(
@@ -346,8 +355,7 @@ impl Attach for NbdAttach {
         })
     }
 
-    fn resume(&self, volume: Arc<Volume>, rec: &StagedRecord) -> Result<Attached> {
-        let vid = volume.id();
+    fn resume(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached> {
         let backend = vid.to_string();
         // The device the record names, if it still carries this volume.
         let index = rec
@@ -364,6 +372,7 @@ impl Attach for NbdAttach {
                         .map_or("no nbd device".into(), |d| d.display().to_string())
                 ))
             })?;
+        self.serve(export);
         let (socks, _) = self.connect(vid)?;
         let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
         self.call(
@@ -427,6 +436,7 @@ impl Attach for NbdAttach {
         for index in devices_of(&volume.to_string()) {
             self.call(NBD_CMD_DISCONNECT, &disconnect_attrs(index))?;
         }
+        self.server.exports().remove_remote(&volume.to_string());
         Ok(())
     }
 }

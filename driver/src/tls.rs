@@ -1,4 +1,5 @@
-//! Mutual TLS for the agent port. Both sides load three PEM files from one
+//! Mutual TLS between Strata's processes (the agent port: the controller's
+//! calls and the nodes' data path). Every side loads three PEM files from one
 //! directory, named as in a Kubernetes TLS Secret with a CA: `ca.crt` (the
 //! CA that signed every Strata certificate), `tls.crt` and `tls.key` (this
 //! process's certificate and key). The server requires a client
@@ -60,6 +61,12 @@ impl TlsFiles {
             cert: read(dir, "tls.crt", "certificate")?,
             key: read(dir, "tls.key", "private key")?,
         })
+    }
+
+    /// The private key's PEM, the secret every holder of the cluster's
+    /// certificate shares (peer grants are keyed from it).
+    pub(crate) fn key_pem(&self) -> &[u8] {
+        &self.key
     }
 
     fn identity(&self) -> Identity {

@@ -1,0 +1,24 @@
+//! The data path between nodes. A node that stages a volume another node
+//! holds serves it to its own kernel like a local one (kernel nbd, or FUSE
+//! and a loop device) and forwards the I/O to the owner: [`RemoteVolume`]
+//! is the frontends' [`crate::frontend::RemoteDevice`] over the owner's
+//! `strata.peer.v1.Peer` service, which `strata node` serves on its agent
+//! port (mutual TLS; the server side is the agent's `peer` module).
+//!
+//! Every request carries the [`grant`] the controller made when it
+//! published the volume to this node. A FLUSH or FUA write is answered
+//! once the owner made it durable. While the owner cannot be reached, I/O
+//! waits and retries (as the kernel's nbd driver waits for a restarted
+//! server) for up to [`RETRY_FOR`], then fails with EIO.
+
+pub mod client;
+pub mod grant;
+
+pub use client::{Peers, RemoteVolume, Target};
+pub use grant::GrantKey;
+
+/// How long a request to an unreachable owner is retried before it fails.
+pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The largest read or write one request carries; larger ones are split.
+pub const MAX_IO: usize = 1 << 20;
