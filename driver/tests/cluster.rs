@@ -731,8 +731,9 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .publish_context;
     assert_eq!(ctx["strata.dev/owner"], "n2");
     assert_eq!(ctx["strata.dev/address"], n2.agent);
-    let staging = n1.kubelet_dir().join("staging/far");
-    let target = n1.kubelet_dir().join("pods/far/dev");
+    // The paths detach() unpublishes and unstages.
+    let staging = n1.kubelet_dir().join(format!("staging/{id}"));
+    let target = n1.kubelet_dir().join(format!("pods/{id}/dev"));
     let mut stage = c::stage(&id, &staging, c::block_cap());
     stage.publish_context = ctx.clone();
     csi1.node.node_stage_volume(stage.clone()).await.unwrap();
@@ -811,7 +812,14 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         assert_eq!(e.code(), want, "{e:?}");
     }
 
-    // Unpublished and unstaged on n1: staged on n2, the data is there.
+    // Unpublished and unstaged on n1 (not unstaged while published): staged
+    // on n2, the data is there.
+    let e = csi1
+        .node
+        .node_unstage_volume(c::unstage(&id, &staging))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     detach(&n1, &mut csi1, &id).await;
     cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
         volume_id: id.clone(),
