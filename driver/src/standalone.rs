@@ -164,6 +164,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             started.clone(),
             node_id.clone(),
             config.node.max_volumes,
+            matches!(config.role, Role::Node { .. }),
             inflight,
         )))
         .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped());
@@ -223,7 +224,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     // Volumes of other nodes are reached with the cluster's TLS files.
     let peers = match &config.role {
-        Role::Node { tls, .. } => Some(Peers::new(tls.clone(), tokio::runtime::Handle::current())),
+        Role::Node { tls, .. } => Some(Peers::new(
+            tls.clone(),
+            tokio::runtime::Handle::current(),
+            Arc::clone(&metrics),
+        )),
         Role::Standalone => None,
     };
     let node = blocking(move || {
@@ -272,9 +277,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?
                 .add_service(AgentServer::new(agent))
                 .add_service(
-                    PeerServer::new(PeerService::new(started.clone(), GrantKey::from_tls(tls)))
-                        .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
-                        .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),
+                    PeerServer::new(PeerService::new(
+                        started.clone(),
+                        GrantKey::from_tls(tls),
+                        Arc::clone(&metrics),
+                    ))
+                    .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
+                    .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),
                 )
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

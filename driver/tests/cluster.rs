@@ -42,6 +42,13 @@ fn topo(node: &str) -> Topology {
     }
 }
 
+/// A volume only its own node attaches (StorageClass `locality: node`).
+fn pinned(mut req: CreateVolumeRequest) -> CreateVolumeRequest {
+    req.parameters.insert("locality".into(), "node".into());
+    req
+}
+
+/// The node of a volume pinned to its node.
 fn node_of(v: &Volume) -> String {
     v.accessible_topology[0].segments[KEY].clone()
 }
@@ -156,14 +163,18 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     let size = 16 << 20;
     let on2 = created(
         &mut cc,
-        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+        with_requirements(
+            pinned(c::create("pvc-a", size, c::block_cap())),
+            &["n2"],
+            &[],
+        ),
     )
     .await;
     assert_eq!(node_of(&on2), "n2");
     let pref1 = created(
         &mut cc,
         with_requirements(
-            c::create("pvc-b", size, c::block_cap()),
+            pinned(c::create("pvc-b", size, c::block_cap())),
             &["n1", "n2"],
             &["n1"],
         ),
@@ -173,13 +184,17 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     // The same request again: the same volume (idempotent through the records).
     let again = created(
         &mut cc,
-        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+        with_requirements(
+            pinned(c::create("pvc-a", size, c::block_cap())),
+            &["n2"],
+            &[],
+        ),
     )
     .await;
     assert_eq!(again.volume_id, on2.volume_id);
     let e = cc
         .create_volume(with_requirements(
-            c::create("pvc-x", size, c::block_cap()),
+            pinned(c::create("pvc-x", size, c::block_cap())),
             &["n9"],
             &[],
         ))
@@ -187,7 +202,7 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     let e = cc
-        .create_volume(c::create("pvc-huge", 1 << 60, c::block_cap()))
+        .create_volume(pinned(c::create("pvc-huge", 1 << 60, c::block_cap())))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
@@ -234,20 +249,25 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     });
     let restored = created(
         &mut cc,
-        c::create_from("pvc-r", size, c::block_cap(), from_snap.clone()),
+        pinned(c::create_from(
+            "pvc-r",
+            size,
+            c::block_cap(),
+            from_snap.clone(),
+        )),
     )
     .await;
     assert_eq!(node_of(&restored), "n2");
     let clone = created(
         &mut cc,
-        c::create_from(
+        pinned(c::create_from(
             "pvc-c",
             size,
             c::block_cap(),
             Type::Volume(VolumeSource {
                 volume_id: on2.volume_id.clone(),
             }),
-        ),
+        )),
     )
     .await;
     assert_eq!(node_of(&clone), "n2");
@@ -260,7 +280,12 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     // saying where the source is.
     let e = cc
         .create_volume(with_requirements(
-            c::create_from("pvc-r1", size, c::block_cap(), from_snap.clone()),
+            pinned(c::create_from(
+                "pvc-r1",
+                size,
+                c::block_cap(),
+                from_snap.clone(),
+            )),
             &["n1"],
             &[],
         ))
@@ -291,7 +316,7 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     eventually(20, "n2 stale", async || capacity(&mut cc, "n2").await == 0).await;
     let e = cc
         .create_volume(with_requirements(
-            c::create("pvc-d", size, c::block_cap()),
+            pinned(c::create("pvc-d", size, c::block_cap())),
             &["n2"],
             &[],
         ))
@@ -383,7 +408,11 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     }
     let again = created(
         &mut cc,
-        with_requirements(c::create("pvc-a", size, c::block_cap()), &["n2"], &[]),
+        with_requirements(
+            pinned(c::create("pvc-a", size, c::block_cap())),
+            &["n2"],
+            &[],
+        ),
     )
     .await;
     assert_eq!(again.volume_id, on2.volume_id);
@@ -699,7 +728,27 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         with_requirements(c::create("pvc-far", size, c::block_cap()), &["n2"], &[]),
     )
     .await;
-    assert_eq!(node_of(&vol), "n2");
+    // Any node that attaches other nodes' volumes may attach it; nodes in
+    // a cluster say they do.
+    let info = csi1
+        .node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["topology.strata.dev/attach"],
+        "anywhere"
+    );
+    assert_eq!(
+        vol.accessible_topology,
+        [Topology {
+            segments: HashMap::from([(
+                "topology.strata.dev/attach".to_string(),
+                "anywhere".to_string()
+            )]),
+        }]
+    );
     let id = vol.volume_id.clone();
     let publish = |node: &str| ControllerPublishVolumeRequest {
         volume_id: id.clone(),
@@ -762,6 +811,27 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .expect("a write across the owner's restart completes");
     assert!(read_at(&target, 1 << 20, 4 << 20) == data);
     assert!(read_at(&target, 8 << 20, 1 << 20) == data[..1 << 20]);
+    // Both sides count what crossed, per peer; n1 counts its retries.
+    let sent = |m: &str, peer: &str, direction: &str| {
+        common::standalone::metric_value(
+            m,
+            &format!("strata_peer_bytes_total{{peer=\"{peer}\",direction=\"{direction}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let (m1, m2) = (n1.metrics(), n2.metrics());
+    assert!(sent(&m1, "n2", "sent") >= (1 << 20) as f64, "{m1}");
+    assert!(sent(&m1, "n2", "received") >= (4 << 20) as f64, "{m1}");
+    // n2 restarted: it counts since, at least the reads just made.
+    assert!(sent(&m2, "n1", "sent") >= (4 << 20) as f64, "{m2}");
+    assert!(
+        m1.contains("strata_remote_io_retries_total{peer=\"n2\""),
+        "{m1}"
+    );
+    assert!(
+        m1.contains("strata_remote_io_duration_seconds_count{peer=\"n2\",op=\"read\"}"),
+        "{m1}"
+    );
 
     // The data path checks every request.
     let mut peer = peer_client(&n2.agent, &tls).await;
@@ -849,4 +919,81 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     .unwrap();
     let e = peer.read(read(Some(grant), 0, 4096)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A restore for a pod on n1 of a snapshot held by n2: made on n2 at
+    // once, and n1 attaches it.
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-far", &id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let from_snap = Type::Snapshot(SnapshotSource {
+        snapshot_id: snap.snapshot_id,
+    });
+    let restored = created(
+        &mut cc,
+        with_requirements(
+            c::create_from("pvc-far-restored", size, c::block_cap(), from_snap),
+            &["n1"],
+            &["n1"],
+        ),
+    )
+    .await;
+    let rid = restored.volume_id.clone();
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: rid.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["strata.dev/owner"], "n2");
+    let mut stage = c::stage(
+        &rid,
+        &n1.kubelet_dir().join(format!("staging/{rid}")),
+        c::block_cap(),
+    );
+    stage.publish_context = ctx;
+    csi1.node.node_stage_volume(stage).await.unwrap();
+    let target = n1.kubelet_dir().join(format!("pods/{rid}/dev"));
+    csi1.node
+        .node_publish_volume(c::publish(
+            &rid,
+            &n1.kubelet_dir().join(format!("staging/{rid}")),
+            &target,
+            c::block_cap(),
+            false,
+        ))
+        .await
+        .unwrap();
+    assert!(read_at(&target, 1 << 20, 4 << 20) == data);
+    detach(&n1, &mut csi1, &rid).await;
+
+    // Pinned to its node (locality: node), it is published nowhere else.
+    let local = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-local", size, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await;
+    assert_eq!(node_of(&local), "n2");
+    let e = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: local.volume_id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 }

@@ -16,7 +16,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("frontend", &["engine", "metrics"]),
     ("metrics", &["engine"]),
-    ("peer", &["engine", "frontend", "tls"]),
+    ("peer", &["engine", "frontend", "metrics", "tls"]),
     (
         "node",
         &["engine", "frontend", "metrics", "endpoint", "peer"],

@@ -735,7 +735,7 @@ fn sidecars_get_the_env_and_rbac_their_upstream_files_name() {
         return;
     }
     let facts = sidecar_facts();
-    assert_eq!(facts.len(), 5);
+    assert_eq!(facts.len(), 6);
     for set in [
         &[][..],
         &["controller.enableCapacity=false", "controller.replicas=3"],

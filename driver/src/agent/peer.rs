@@ -16,6 +16,7 @@ use csi_proto::peer::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{VolumeId, ZeroFlags};
+use crate::metrics::Metrics;
 use crate::peer::{GrantKey, MAX_IO};
 use crate::rpc::{Core, Started, status};
 
@@ -24,15 +25,17 @@ use crate::rpc::{Core, Started, status};
 pub struct PeerService {
     started: Started,
     key: GrantKey,
+    metrics: Arc<Metrics>,
     /// The newest epoch used per volume.
     fence: Arc<Mutex<HashMap<VolumeId, u64>>>,
 }
 
 impl PeerService {
-    pub fn new(started: Started, key: GrantKey) -> Self {
+    pub fn new(started: Started, key: GrantKey, metrics: Arc<Metrics>) -> Self {
         PeerService {
             started,
             key,
+            metrics,
             fence: Arc::default(),
         }
     }
@@ -98,6 +101,7 @@ impl Peer for PeerService {
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
         let req = req.into_inner();
         let len = io_len(u64::from(req.length))?;
+        let peer = req.grant.as_ref().map(|g| g.node_id.clone());
         let data = self
             .on_volume(req.grant.as_ref(), move |v| {
                 let mut buf = vec![0u8; len];
@@ -105,17 +109,21 @@ impl Peer for PeerService {
                 Ok(buf)
             })
             .await?;
+        self.metrics
+            .peer_bytes(&peer.unwrap_or_default(), true, data.len() as u64);
         Ok(Response::new(ReadReply { data }))
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<Done>, Status> {
         let req = req.into_inner();
-        io_len(req.data.len() as u64)?;
+        let len = io_len(req.data.len() as u64)?;
         let grant = req.grant.clone();
         self.on_volume(grant.as_ref(), move |v| {
             v.write(req.offset, &req.data, req.fua)
         })
         .await?;
+        let peer = grant.map(|g| g.node_id).unwrap_or_default();
+        self.metrics.peer_bytes(&peer, false, len as u64);
         Ok(Response::new(Done {}))
     }
 

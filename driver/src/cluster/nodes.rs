@@ -170,6 +170,11 @@ impl Nodes {
     }
 
     /// The node of this process, in standalone mode.
+    /// Nodes attach each other's volumes (cluster mode, with TLS).
+    pub fn attaches_remote(&self) -> bool {
+        self.tls.is_some()
+    }
+
     pub fn local_id(&self) -> Option<String> {
         self.local.as_ref().map(|(id, _)| id.clone())
     }

@@ -53,6 +53,11 @@ pub struct VolumeRecord {
     pub source: Option<ContentSource>,
     /// The node that owns the volume.
     pub node: String,
+    /// Every node that attaches other nodes' volumes may attach it; false
+    /// pins it to `node` (StorageClass `locality: node`, a standalone
+    /// Strata, or a record older than remote attachments).
+    #[serde(default)]
+    pub anywhere: bool,
     pub state: RecordState,
     pub created_unix_ns: u64,
 }
@@ -406,6 +411,7 @@ mod tests {
             parameters: BTreeMap::new(),
             source: Some(ContentSource::Snapshot("s".into())),
             node: "n".into(),
+            anywhere: false,
             state: RecordState::Creating,
             created_unix_ns: 1,
         }

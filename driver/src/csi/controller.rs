@@ -36,6 +36,12 @@ use crate::peer::{GrantKey, grant};
 
 /// Topology key naming the node that owns a volume.
 pub const TOPOLOGY_KEY: &str = "topology.strata.dev/node";
+
+/// Topology key of the nodes that attach other nodes' volumes (cluster
+/// mode); a volume any node may attach is accessible from
+/// `ATTACH_KEY: ATTACH_ANYWHERE`.
+pub const ATTACH_KEY: &str = "topology.strata.dev/attach";
+pub const ATTACH_ANYWHERE: &str = "anywhere";
 /// Size of a volume created without a capacity range: 1 GiB.
 const DEFAULT_SIZE: u64 = 1 << 30;
 
@@ -193,9 +199,16 @@ impl ControllerService {
     }
 }
 
-fn topology(node: &str) -> Vec<Topology> {
+/// Where a volume can be attached: its node, or every node that attaches
+/// other nodes' volumes.
+fn topology(rec: &VolumeRecord) -> Vec<Topology> {
+    let (key, value) = if rec.anywhere {
+        (ATTACH_KEY, ATTACH_ANYWHERE)
+    } else {
+        (TOPOLOGY_KEY, rec.node.as_str())
+    };
     vec![Topology {
-        segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.to_string())]),
+        segments: HashMap::from([(key.to_string(), value.to_string())]),
     }]
 }
 
@@ -220,7 +233,7 @@ fn volume_message(rec: &VolumeRecord) -> Volume {
                 }),
             }),
         }),
-        accessible_topology: topology(&rec.node),
+        accessible_topology: topology(rec),
     }
 }
 
@@ -457,22 +470,25 @@ impl Controller for ControllerService {
                 rec
             }
             None => {
+                let cluster = self.cluster.get()?;
+                let anywhere = !vparams.node_local && cluster.nodes.attaches_remote();
                 let node = match &source_at {
-                    // Until volumes move between nodes, a restore or clone
-                    // is made where its source's layers are.
+                    // A restore or clone is made where its source's layers
+                    // are; one any node may attach serves the nodes the
+                    // requirements name over the data path.
                     Some((node, _)) => {
-                        if allowed.as_ref().is_some_and(|a| !a.contains(node)) {
+                        if !anywhere && allowed.as_ref().is_some_and(|a| !a.contains(node)) {
                             return Err(Status::resource_exhausted(format!(
                                 "the source of this volume is on node {node}, which the accessibility \
-                                 requirements exclude ({:?}); Strata makes restores and clones on the \
-                                 source's node: allow that node (for example a StorageClass with \
-                                 volumeBindingMode: WaitForFirstConsumer and a pod that can run there)",
+                                 requirements exclude ({:?}), and the volume is attached on its own \
+                                 node only (StorageClass locality: node, or a standalone Strata): \
+                                 allow that node, or use locality: anywhere in a cluster",
                                 allowed.unwrap_or_default()
                             )));
                         }
                         node.clone()
                     }
-                    None => self.cluster.get()?.nodes.place(
+                    None => cluster.nodes.place(
                         size,
                         |n| allowed.as_ref().is_none_or(|a| a.iter().any(|x| x == n)),
                         &preferred,
@@ -485,6 +501,7 @@ impl Controller for ControllerService {
                     parameters: defining,
                     source: source.clone(),
                     node,
+                    anywhere,
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
                 };
@@ -598,6 +615,15 @@ impl Controller for ControllerService {
         }
         let mut context = HashMap::from([(node_context::OWNER.to_string(), owner.clone())]);
         if owner != req.node_id {
+            let key = req.volume_id.clone();
+            let rec = self.records(move |r| r.volume(&key)).await?;
+            if !rec.is_some_and(|r| r.anywhere) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is attached on its own node {owner} only (StorageClass \
+                     locality: node, or made before volumes could be attached remotely)",
+                    req.volume_id
+                )));
+            }
             let (address, tls) = cluster.nodes.peer(&owner)?.ok_or_else(|| {
                 Status::failed_precondition(format!(
                     "volume {} is on node {owner}; a standalone Strata attaches only its own",
@@ -978,6 +1004,7 @@ impl Controller for ControllerService {
             parameters: Default::default(),
             source: None,
             node,
+            anywhere: false,
             state: RecordState::Ready,
             created_unix_ns: info.created_unix_ns,
         });

@@ -13,7 +13,7 @@ use csi_proto::csi::v1::volume_usage::Unit;
 use csi_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
-use super::controller::{TOPOLOGY_KEY, check_capabilities};
+use super::controller::{ATTACH_ANYWHERE, ATTACH_KEY, TOPOLOGY_KEY, check_capabilities};
 use super::{InFlight, Started, params, status};
 use crate::engine::VolumeId;
 use crate::node::state::Access;
@@ -25,15 +25,24 @@ pub struct NodeService {
     started: Started,
     node_id: String,
     max_volumes: u32,
+    /// This node attaches other nodes' volumes (cluster mode).
+    attaches_remote: bool,
     inflight: InFlight,
 }
 
 impl NodeService {
-    pub fn new(started: Started, node_id: String, max_volumes: u32, inflight: InFlight) -> Self {
+    pub fn new(
+        started: Started,
+        node_id: String,
+        max_volumes: u32,
+        attaches_remote: bool,
+        inflight: InFlight,
+    ) -> Self {
         NodeService {
             started,
             node_id,
             max_volumes,
+            attaches_remote,
             inflight,
         }
     }
@@ -315,12 +324,14 @@ impl NodeRpc for NodeService {
         &self,
         _: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let mut segments = HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]);
+        if self.attaches_remote {
+            segments.insert(ATTACH_KEY.to_string(), ATTACH_ANYWHERE.to_string());
+        }
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: i64::from(self.max_volumes),
-            accessible_topology: Some(Topology {
-                segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]),
-            }),
+            accessible_topology: Some(Topology { segments }),
         }))
     }
 }

@@ -27,6 +27,9 @@ pub(crate) struct VolumeParams {
     /// Flatten a volume made from a snapshot or a volume in the background
     /// (`flattenClones`), so it never pins its source's layers.
     pub flatten_clones: bool,
+    /// `locality: node`: only the volume's own node attaches it (the
+    /// default, `anywhere`, lets every node attach it over the data path).
+    pub node_local: bool,
 }
 
 fn boolean(key: &str, v: &str) -> Result<bool, Status> {
@@ -61,6 +64,18 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
                 }
             },
             "flattenClones" => out.flatten_clones = boolean(k, v)?,
+            "locality" => {
+                out.node_local = match v.as_str() {
+                    "anywhere" => false,
+                    "node" => true,
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "parameter locality={v:?}: use \"anywhere\" (any node attaches the \
+                             volume) or \"node\" (only the node that holds it)"
+                        )));
+                    }
+                }
+            }
             "frontend" => {
                 if v != "nbd" {
                     return Err(Status::invalid_argument(format!(
@@ -71,7 +86,7 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown parameter {k:?}; Strata accepts fsType, frontend, maxChainDepth and flattenClones"
+                    "unknown parameter {k:?}; Strata accepts fsType, frontend, maxChainDepth, flattenClones and locality"
                 )));
             }
         }
@@ -215,10 +230,18 @@ mod tests {
                 .unwrap()
                 .flatten_clones
         );
+        assert!(volume_params(&q("locality", "node")).unwrap().node_local);
+        assert!(
+            !volume_params(&q("locality", "anywhere"))
+                .unwrap()
+                .node_local
+        );
+        assert!(!volume_params(&HashMap::new()).unwrap().node_local);
         for bad in [
             q("maxChainDepth", "1"),
             q("maxChainDepth", "x"),
             q("flattenClones", "yes"),
+            q("locality", "zone"),
         ] {
             assert_eq!(
                 volume_params(&bad).unwrap_err().code(),

@@ -53,6 +53,18 @@ struct KindMethod {
     method: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDirection {
+    peer: String,
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerOp {
+    peer: String,
+    op: &'static str,
+}
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -77,6 +89,9 @@ pub struct Metrics {
     job_bytes: Family<KindMethod, Counter>,
     job_hold: HistogramFamily<Kind>,
     job_throttle: Family<Kind, Counter<f64, std::sync::atomic::AtomicU64>>,
+    peer_bytes: Family<PeerDirection, Counter>,
+    remote_latency: HistogramFamily<PeerOp>,
+    remote_retries: Family<PeerOp, Counter>,
 }
 
 /// Per-operation handles for one volume, resolved once per connection so
@@ -170,6 +185,29 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             job_throttle.clone(),
         );
+        let peer_bytes = Family::<PeerDirection, Counter>::default();
+        let remote_latency =
+            HistogramFamily::<PeerOp>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let remote_retries = Family::<PeerOp, Counter>::default();
+        registry.register_with_unit(
+            "peer",
+            "Volume data exchanged with other nodes over the data path, by peer node and \
+             direction (sent or received)",
+            prometheus_client::registry::Unit::Bytes,
+            peer_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "remote_io_duration",
+            "Latency of I/O to volumes other nodes hold, retries included, by owner node and \
+             operation",
+            prometheus_client::registry::Unit::Seconds,
+            remote_latency.clone(),
+        );
+        registry.register(
+            "remote_io_retries",
+            "Remote I/O attempts retried while the owner was away, by owner node and operation",
+            remote_retries.clone(),
+        );
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector {
             pool: Arc::clone(&pool),
@@ -195,7 +233,41 @@ impl Metrics {
             job_bytes,
             job_hold,
             job_throttle,
+            peer_bytes,
+            remote_latency,
+            remote_retries,
         })
+    }
+
+    /// Counts volume data sent to or received from another node.
+    pub fn peer_bytes(&self, peer: &str, sent: bool, bytes: u64) {
+        let direction = if sent { "sent" } else { "received" };
+        self.peer_bytes
+            .get_or_create(&PeerDirection {
+                peer: peer.to_string(),
+                direction,
+            })
+            .inc_by(bytes);
+    }
+
+    /// Records one completed I/O to a volume `owner` holds.
+    pub fn remote_io(&self, owner: &str, op: &'static str, elapsed: Duration) {
+        self.remote_latency
+            .get_or_create(&PeerOp {
+                peer: owner.to_string(),
+                op,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one retried attempt of an I/O to a volume `owner` holds.
+    pub fn remote_retry(&self, owner: &str, op: &'static str) {
+        self.remote_retries
+            .get_or_create(&PeerOp {
+                peer: owner.to_string(),
+                op,
+            })
+            .inc();
     }
 
     /// Reads `pool`'s gauges at every scrape from now on.

@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 use super::{MAX_IO, RETRY_FOR, grant};
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
+use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
 
 /// How long one attempt may take (a flush on a busy disk included).
@@ -44,12 +45,17 @@ pub struct Target {
 pub struct Peers {
     tls: TlsFiles,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
 }
 
 impl Peers {
     /// `runtime` runs the calls (the frontends' threads wait for them).
-    pub fn new(tls: TlsFiles, runtime: tokio::runtime::Handle) -> Self {
-        Peers { tls, runtime }
+    pub fn new(tls: TlsFiles, runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+        Peers {
+            tls,
+            runtime,
+            metrics,
+        }
     }
 
     /// The volume `target` names. With `size`, no call is made (a restart
@@ -75,6 +81,7 @@ impl Peers {
             grant,
             client,
             runtime: self.runtime.clone(),
+            metrics: Arc::clone(&self.metrics),
             size: AtomicU64::new(size.unwrap_or(0)),
         });
         if size.is_none() {
@@ -91,6 +98,7 @@ pub struct RemoteVolume {
     grant: pb::Grant,
     client: PeerClient<Channel>,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
     size: AtomicU64,
 }
 
@@ -136,14 +144,20 @@ impl RemoteVolume {
         F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        let deadline = Instant::now() + RETRY_FOR;
+        let start = Instant::now();
+        let deadline = start + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
         loop {
             let attempt = call(self.client.clone(), self.grant.clone());
             match self.runtime.block_on(attempt) {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.metrics
+                        .remote_io(&self.target.owner, op, start.elapsed());
+                    return Ok(r.into_inner());
+                }
                 Err(s) if transient(&s) && Instant::now() + pause < deadline => {
                     tracing::debug!(volume = %self.target.volume_id, owner = %self.target.owner, status = %s, "remote I/O retried");
+                    self.metrics.remote_retry(&self.target.owner, op);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
@@ -199,6 +213,8 @@ impl RemoteDevice for RemoteVolume {
                 ));
             }
             buf[done..done + len].copy_from_slice(&r.data);
+            self.metrics
+                .peer_bytes(&self.target.owner, false, len as u64);
             done += len;
         }
         Ok(())
@@ -219,6 +235,8 @@ impl RemoteDevice for RemoteVolume {
                     .await
                 }
             })?;
+            self.metrics
+                .peer_bytes(&self.target.owner, true, chunk.len() as u64);
         }
         Ok(())
     }

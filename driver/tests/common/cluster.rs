@@ -137,6 +137,7 @@ impl Drop for Proc {
 pub struct NodeProc {
     pub id: String,
     pub agent: String,
+    pub metrics_port: u16,
     pub proc: Proc,
 }
 
@@ -144,6 +145,7 @@ impl NodeProc {
     pub fn start(root: &Path, id: &str, tls: &Path) -> NodeProc {
         let dir = root.join(id);
         let agent = format!("127.0.0.1:{}", free_port());
+        let metrics_port = free_port();
         let csi = dir.join("csi.sock");
         let args = vec![
             "node".to_string(),
@@ -154,7 +156,7 @@ impl NodeProc {
             "--nbd-listen".into(),
             format!("unix://{}", dir.join("nbd.sock").display()),
             "--metrics-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{metrics_port}"),
             "--node-id".into(),
             id.into(),
             "--state-dir".into(),
@@ -167,6 +169,7 @@ impl NodeProc {
         let node = NodeProc {
             id: id.into(),
             agent,
+            metrics_port,
             proc: Proc::new(dir, args, csi),
         };
         node.wait_for_agent();
@@ -193,6 +196,10 @@ impl NodeProc {
 
     pub fn kubelet_dir(&self) -> PathBuf {
         self.proc.dir.join("kubelet")
+    }
+
+    pub fn metrics(&self) -> String {
+        super::standalone::scrape(self.metrics_port)
     }
 }
 

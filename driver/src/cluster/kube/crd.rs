@@ -54,6 +54,10 @@ pub struct StrataVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceSpec>,
     pub node: String,
+    /// Any node may attach it (over the data path to `node`); false pins it
+    /// to `node`.
+    #[serde(default)]
+    pub anywhere: bool,
     pub created_unix_ns: u64,
 }
 

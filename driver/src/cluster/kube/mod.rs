@@ -96,6 +96,7 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
                 },
             }),
             node: r.node.clone(),
+            anywhere: r.anywhere,
             created_unix_ns: r.created_unix_ns,
         },
     );
@@ -123,6 +124,7 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
                 (None, None) => None,
             }),
         node: s.node.clone(),
+        anywhere: s.anywhere,
         state: record_state(o.status.as_ref()),
         created_unix_ns: s.created_unix_ns,
     }
