@@ -3,6 +3,8 @@
 //! `strata controller` that reaches them with mutual TLS. Certificates come
 //! from `scripts/gen-agent-certs`, as a user would make them.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -28,18 +30,31 @@ pub struct Proc {
     child: Option<Child>,
     /// A path that exists once the process has bound its CSI socket.
     socket: PathBuf,
+    /// The network namespace (file) the process runs in, if not this one.
+    pub netns: Option<PathBuf>,
 }
 
 impl Proc {
     /// Starts `strata ARGS` with its log in `dir/strata.log`, and waits
     /// for `socket`.
     pub fn new(dir: PathBuf, args: Vec<String>, socket: PathBuf) -> Proc {
+        Proc::new_in(dir, args, socket, None)
+    }
+
+    /// [`Proc::new`] in the network namespace of file `netns`.
+    pub fn new_in(
+        dir: PathBuf,
+        args: Vec<String>,
+        socket: PathBuf,
+        netns: Option<PathBuf>,
+    ) -> Proc {
         std::fs::create_dir_all(&dir).unwrap();
         let mut p = Proc {
             dir,
             args,
             child: None,
             socket,
+            netns,
         };
         p.spawn();
         p
@@ -85,7 +100,22 @@ impl Proc {
             .append(true)
             .open(self.dir.join("strata.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+        let ns = self.netns.as_ref().map(|p| std::fs::File::open(p).unwrap());
+        if let Some(fd) = ns.as_ref().map(|f| f.as_raw_fd()) {
+            // SAFETY: only setns, async-signal-safe, between fork and exec,
+            // on a descriptor this process holds open until after spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .args(&self.args)
             .env(
                 "STRATA_LOG",
@@ -143,8 +173,25 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn start(root: &Path, id: &str, tls: &Path) -> NodeProc {
+        NodeProc::start_in(root, id, tls, None)
+    }
+
+    /// A node in member `id` of `net`, its agent on the member's address.
+    pub fn start_on(root: &Path, id: &str, tls: &Path, net: &super::netns::Net) -> NodeProc {
+        NodeProc::start_in(
+            root,
+            id,
+            tls,
+            Some((net.path(id), format!("{}:9809", net.addr(id)))),
+        )
+    }
+
+    fn start_in(root: &Path, id: &str, tls: &Path, net: Option<(PathBuf, String)>) -> NodeProc {
         let dir = root.join(id);
-        let agent = format!("127.0.0.1:{}", free_port());
+        let (netns, agent) = match net {
+            Some((ns, agent)) => (Some(ns), agent),
+            None => (None, format!("127.0.0.1:{}", free_port())),
+        };
         let metrics_port = free_port();
         let csi = dir.join("csi.sock");
         let args = vec![
@@ -170,7 +217,7 @@ impl NodeProc {
             id: id.into(),
             agent,
             metrics_port,
-            proc: Proc::new(dir, args, csi),
+            proc: Proc::new_in(dir, args, csi, netns),
         };
         node.wait_for_agent();
         // In the kernel VM every node must use the kernel's nbd driver.
@@ -183,11 +230,23 @@ impl NodeProc {
     /// Waits until the agent port accepts connections (it opens once the
     /// node has served its staged volumes again).
     pub fn wait_for_agent(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&self.agent).is_err() {
-            assert!(Instant::now() < deadline, "no agent:\n{}", self.proc.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let agent = self.agent.clone();
+        let connects = move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(&agent).is_err() {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            true
+        };
+        // From inside the node's namespace, where its address is.
+        let up = match &self.proc.netns {
+            Some(ns) => super::netns::in_ns(ns, connects),
+            None => connects(),
+        };
+        assert!(up, "no agent:\n{}", self.proc.log());
     }
 
     pub fn csi_socket(&self) -> PathBuf {
@@ -224,6 +283,30 @@ impl ControllerProc {
         agents: &[&str],
         tls: &Path,
     ) -> ControllerProc {
+        ControllerProc::replica_in(root, name, records, agents, tls, None)
+    }
+
+    /// A controller in member `member` of `net`.
+    pub fn start_on(
+        root: &Path,
+        agents: &[&str],
+        tls: &Path,
+        net: &super::netns::Net,
+        member: &str,
+    ) -> ControllerProc {
+        let records = root.join("controller/records.redb");
+        let ns = Some(net.path(member));
+        ControllerProc::replica_in(root, "controller", &records, agents, tls, ns)
+    }
+
+    fn replica_in(
+        root: &Path,
+        name: &str,
+        records: &Path,
+        agents: &[&str],
+        tls: &Path,
+        netns: Option<PathBuf>,
+    ) -> ControllerProc {
         let dir = root.join(name);
         let csi = dir.join("csi.sock");
         let metrics_port = free_port();
@@ -248,7 +331,7 @@ impl ControllerProc {
             args.extend(["--node-agent".to_string(), a.to_string()]);
         }
         ControllerProc {
-            proc: Proc::new(dir, args, csi),
+            proc: Proc::new_in(dir, args, csi, netns),
             metrics_port,
         }
     }
