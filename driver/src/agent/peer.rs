@@ -5,11 +5,18 @@
 //! seen for the volume (an attachment replaced by a newer one is refused
 //! with PERMISSION_DENIED), and a length of at most `peer::MAX_IO`.
 //!
+//! Requests are ordered by (epoch, session) as `peer.proto` describes: the
+//! first request of a newer pair waits until every admitted request of the
+//! older ones has left the engine ([`Admitted`] is held until the engine
+//! call returns, even when the client has gone), and a later request of an
+//! older pair is refused unexecuted.
+//!
 //! The fence lives in memory: after a restart of the owner, the first
-//! grant used sets it again.
+//! grant used sets it again (no request of the old process can still run).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use csi_proto::peer::v1::peer_server::Peer;
 use csi_proto::peer::v1::*;
@@ -17,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{VolumeId, ZeroFlags};
 use crate::metrics::Metrics;
-use crate::peer::{GrantKey, MAX_IO};
+use crate::peer::{GrantKey, MAX_IO, SESSION_HEADER};
 use crate::rpc::{Core, Started, status};
 
 /// The Peer service of this node.
@@ -26,9 +33,44 @@ pub struct PeerService {
     started: Started,
     key: GrantKey,
     metrics: Arc<Metrics>,
-    /// The newest epoch used per volume.
-    fence: Arc<Mutex<HashMap<VolumeId, u64>>>,
+    fence: Arc<Mutex<HashMap<VolumeId, Fence>>>,
 }
+
+/// The newest (epoch, session) used for a volume, and its requests in
+/// the engine.
+#[derive(Debug, Default)]
+struct Fence {
+    newest: (u64, u64),
+    /// Admitted under `newest`, not finished.
+    current: usize,
+    /// Admitted under older pairs, not finished.
+    older: usize,
+}
+
+/// One admitted request; dropping it (when the engine call returned)
+/// lets a newer session in.
+struct Admitted {
+    fence: Arc<Mutex<HashMap<VolumeId, Fence>>>,
+    vid: VolumeId,
+    key: (u64, u64),
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut fences = self.fence.lock().expect("fence");
+        if let Some(f) = fences.get_mut(&self.vid) {
+            if f.newest == self.key {
+                f.current -= 1;
+            } else {
+                f.older -= 1;
+            }
+        }
+    }
+}
+
+/// How often a request of a newer session looks whether the older ones
+/// have drained (rare: only after a client gave up on a request).
+const DRAIN_POLL: Duration = Duration::from_millis(5);
 
 impl PeerService {
     pub fn new(started: Started, key: GrantKey, metrics: Arc<Metrics>) -> Self {
@@ -40,8 +82,9 @@ impl PeerService {
         }
     }
 
-    /// Checks the grant and the fence; the volume it names.
-    fn admit(&self, grant: Option<&Grant>) -> Result<VolumeId, Status> {
+    /// Checks the grant and the fence, and waits until the request may
+    /// run.
+    async fn admit(&self, grant: Option<&Grant>) -> Result<Admitted, Status> {
         let g = grant.ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
         self.key
             .check(Some(g), &g.volume_id)
@@ -50,17 +93,47 @@ impl PeerService {
             .volume_id
             .parse()
             .map_err(|_| Status::invalid_argument(format!("volume {:?}", g.volume_id)))?;
-        let mut fence = self.fence.lock().expect("fence");
-        let newest = fence.entry(vid).or_insert(g.epoch);
-        if g.epoch < *newest {
-            return Err(Status::permission_denied(format!(
-                "volume {vid} was published to a node again since this attachment's grant \
-                 (epoch {} < {}): this attachment is fenced off",
-                g.epoch, newest
-            )));
+        let key = (g.epoch, g.session);
+        loop {
+            {
+                let mut fences = self.fence.lock().expect("fence");
+                let f = fences.entry(vid).or_insert_with(|| Fence {
+                    newest: key,
+                    ..Fence::default()
+                });
+                if key.0 < f.newest.0 {
+                    return Err(Status::permission_denied(format!(
+                        "volume {vid} was published to a node again since this attachment's \
+                         grant (epoch {} < {}): this attachment is fenced off",
+                        key.0, f.newest.0
+                    )));
+                }
+                if key < f.newest {
+                    let mut s = Status::aborted(format!(
+                        "session {} of this attachment was replaced by session {}; not executed",
+                        key.1, f.newest.1
+                    ));
+                    s.metadata_mut().insert(
+                        SESSION_HEADER,
+                        f.newest.1.to_string().parse().expect("ascii"),
+                    );
+                    return Err(s);
+                }
+                if key > f.newest {
+                    f.newest = key;
+                    f.older += std::mem::take(&mut f.current);
+                }
+                if f.older == 0 {
+                    f.current += 1;
+                    return Ok(Admitted {
+                        fence: Arc::clone(&self.fence),
+                        vid,
+                        key,
+                    });
+                }
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
         }
-        *newest = g.epoch;
-        Ok(vid)
     }
 
     /// Runs engine work for the volume on the blocking pool.
@@ -69,12 +142,14 @@ impl PeerService {
         grant: Option<&Grant>,
         f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let vid = self.admit(grant)?;
+        let admitted = self.admit(grant).await?;
         let started = self.started.clone();
         tokio::task::spawn_blocking(move || {
             let core: &Core = started.get()?;
-            let v = core.pool.volume(vid).map_err(status::engine)?;
-            f(&v).map_err(status::engine)
+            let v = core.pool.volume(admitted.vid).map_err(status::engine)?;
+            let r = f(&v).map_err(status::engine);
+            drop(admitted);
+            r
         })
         .await
         .map_err(status::join)?
@@ -150,5 +225,57 @@ impl Peer for PeerService {
         })
         .await?;
         Ok(Response::new(Done {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> (PeerService, Grant) {
+        let key = GrantKey::from_secret(b"test");
+        let vid = VolumeId::new_random().to_string();
+        let grant = key.make(&vid, "n1", 10);
+        let s = PeerService::new(Started::default(), key, crate::metrics::Metrics::new());
+        (s, grant)
+    }
+
+    fn at(g: &Grant, epoch: u64, session: u64) -> Grant {
+        let mut g = GrantKey::from_secret(b"test").make(&g.volume_id, &g.node_id, epoch);
+        g.session = session;
+        g
+    }
+
+    /// A request retried in a new session runs only after the first
+    /// attempt has left the engine, and a late first attempt is refused
+    /// unexecuted; an older epoch is fenced off.
+    #[tokio::test]
+    async fn a_newer_session_waits_for_the_older_and_refuses_its_late_requests() {
+        let (s, g) = service();
+        let first = s.admit(Some(&at(&g, 10, 1))).await.unwrap();
+        let also_first = s.admit(Some(&at(&g, 10, 1))).await.unwrap();
+        let retry = {
+            let (s, g) = (s.clone(), at(&g, 10, 2));
+            tokio::spawn(async move { s.admit(Some(&g)).await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!retry.is_finished(), "ran beside the older session");
+        let late = s.admit(Some(&at(&g, 10, 1))).await.map(drop).unwrap_err();
+        assert_eq!(late.code(), tonic::Code::Aborted);
+        assert_eq!(late.metadata().get(SESSION_HEADER).unwrap(), "2");
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!retry.is_finished(), "ran before every older request left");
+        drop(also_first);
+        retry.await.unwrap().unwrap();
+        // Another node's newer grant fences this attachment off.
+        s.admit(Some(&at(&g, 11, 0))).await.map(drop).unwrap();
+        let fenced = s.admit(Some(&at(&g, 10, 9))).await.map(drop).unwrap_err();
+        assert_eq!(fenced.code(), tonic::Code::PermissionDenied);
+        // A bad MAC never gets in.
+        let mut forged = at(&g, 12, 0);
+        forged.mac[0] ^= 1;
+        let e = s.admit(Some(&forged)).await.map(drop).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
     }
 }

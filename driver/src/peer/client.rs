@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::{MAX_IO, RETRY_FOR, grant};
+use super::{MAX_IO, RETRY_FOR, SESSION_HEADER, grant};
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
 use crate::metrics::Metrics;
@@ -83,6 +83,13 @@ impl Peers {
             runtime: self.runtime.clone(),
             metrics: Arc::clone(&self.metrics),
             size: AtomicU64::new(size.unwrap_or(0)),
+            // Newer than any session of this node's earlier processes
+            // (whose requests the owner drains before this one's).
+            session: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+            ),
         });
         if size.is_none() {
             v.refresh_size()?;
@@ -100,10 +107,14 @@ pub struct RemoteVolume {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     size: AtomicU64,
+    /// The session requests are sent in (`peer.proto`): a new one before
+    /// a request whose outcome is unknown is sent again.
+    session: AtomicU64,
 }
 
 /// Whether a failed call may succeed later: the owner is away (restart,
-/// network) rather than saying no.
+/// network) rather than saying no. Whether the owner executed it is not
+/// known.
 fn transient(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -138,7 +149,9 @@ fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
 
 impl RemoteVolume {
     /// Runs `call` on the runtime, retrying while the owner is away, up
-    /// to [`RETRY_FOR`].
+    /// to [`RETRY_FOR`]. A retry of an attempt whose outcome is unknown
+    /// goes out in a new session, so the owner finishes or drops that
+    /// attempt before it runs the retry.
     fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T>
     where
         F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
@@ -148,16 +161,34 @@ impl RemoteVolume {
         let deadline = start + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
         loop {
-            let attempt = call(self.client.clone(), self.grant.clone());
-            match self.runtime.block_on(attempt) {
+            let session = self.session.load(Ordering::Acquire);
+            let grant = pb::Grant {
+                session,
+                ..self.grant.clone()
+            };
+            match self.runtime.block_on(call(self.client.clone(), grant)) {
                 Ok(r) => {
                     self.metrics
                         .remote_io(&self.target.owner, op, start.elapsed());
                     return Ok(r.into_inner());
                 }
+                // Refused unexecuted: a newer session of this attachment
+                // exists (another thread started one, or another process
+                // of this node did); continue after it.
+                Err(s) if s.code() == Code::Aborted && Instant::now() < deadline => {
+                    let newest = s
+                        .metadata()
+                        .get(SESSION_HEADER)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        .unwrap_or(session);
+                    self.session
+                        .fetch_max(newest.max(session).saturating_add(1), Ordering::AcqRel);
+                }
                 Err(s) if transient(&s) && Instant::now() + pause < deadline => {
                     tracing::debug!(volume = %self.target.volume_id, owner = %self.target.owner, status = %s, "remote I/O retried");
                     self.metrics.remote_retry(&self.target.owner, op);
+                    self.session
+                        .fetch_max(session.saturating_add(1), Ordering::AcqRel);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }

@@ -68,6 +68,7 @@ impl GrantKey {
             node_id: node_id.to_string(),
             epoch,
             mac: tag.as_ref().to_vec(),
+            session: 0,
         }
     }
 
@@ -118,6 +119,7 @@ pub fn decode(volume_id: &str, s: &str) -> Option<pb::Grant> {
         node_id: node_id.to_string(),
         epoch: epoch.parse().ok()?,
         mac,
+        session: 0,
     })
 }
 

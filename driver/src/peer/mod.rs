@@ -22,3 +22,7 @@ pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The largest read or write one request carries; larger ones are split.
 pub const MAX_IO: usize = 1 << 20;
+
+/// Metadata of an ABORTED answer: the owner's newest session for the
+/// attachment (a client continues in a newer one).
+pub const SESSION_HEADER: &str = "strata-session";
