@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::admin::AdminService;
 use crate::agent::AgentService;
-use crate::agent::peer::PeerService;
+use crate::agent::peer::{Attachments, PeerService};
 use crate::cluster::Cluster;
 use crate::cluster::nodes::Nodes;
 use crate::cluster::records::EmbeddedRecords;
@@ -144,11 +144,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let node_id = config.node.node_id.clone();
     let metrics = Metrics::new();
     let standalone = matches!(config.role, Role::Standalone);
+    let attachments = Arc::new(Attachments::default());
     let agent = AgentService::new(
         started.clone(),
         Arc::clone(&metrics),
         node_id.clone(),
         config.node.max_volumes,
+        Arc::clone(&attachments),
     );
     let cluster = ClusterReady::default();
     let controller = standalone
@@ -281,6 +283,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                         started.clone(),
                         GrantKey::from_tls(tls),
                         Arc::clone(&metrics),
+                        Arc::clone(&attachments),
                     ))
                     .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
                     .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),

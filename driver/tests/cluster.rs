@@ -930,7 +930,42 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     })
     .await
     .unwrap();
+    let e = peer
+        .read(read(Some(grant.clone()), 0, 4096))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Publishing to the same node again answers the same context.
+    let same = cc
+        .controller_publish_volume(publish("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(same, newer);
+    // The owner remembers across a restart: the older grant stays fenced
+    // off; and unpublishing n1 fences off its grant too.
+    n2.proc.kill9();
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    let mut peer = peer_client(&n2.agent, &tls).await;
     let e = peer.read(read(Some(grant), 0, 4096)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let newer_grant = strata::peer::grant::decode(&id, &newer["strata.dev/grant"]).unwrap();
+    peer.read(read(Some(newer_grant.clone()), 0, 4096))
+        .await
+        .unwrap();
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = peer
+        .read(read(Some(newer_grant), 0, 4096))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // A restore for a pod on n1 of a snapshot held by n2: made on n2 at
@@ -992,6 +1027,44 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // The owner's machine "reboots" (another boot ID) while it holds a
+    // write of n1's that it answered and had not flushed: n1's next flush
+    // fails, since the write may be gone; so does every later one.
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: rid.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let target = attach_with(&n1, &mut csi1, &rid, ctx).await;
+    common::write_direct(&target, 0, &[7u8; 4096]);
+    n2.proc.kill9();
+    n2.proc
+        .env
+        .push(("STRATA_TEST_BOOT_ID".into(), "another-boot".into()));
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    let fsync = move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .and_then(|f| f.sync_all())
+    };
+    for _ in 0..2 {
+        let f = fsync.clone();
+        let flushed = tokio::task::spawn_blocking(f).await.unwrap();
+        assert!(
+            flushed.is_err(),
+            "a flush after the owner lost writes succeeded"
+        );
+    }
+    detach(&n1, &mut csi1, &rid).await;
 }
 
 /// Three nodes and a controller, each in its own network namespace on one

@@ -60,4 +60,6 @@ forward! {
     create_snapshot(CreateSnapshotRequest) -> SnapshotReply;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;
     get_snapshot(GetSnapshotRequest) -> SnapshotReply;
+    attach(AttachRequest) -> AttachReply;
+    detach(AttachRequest) -> AttachReply;
 }

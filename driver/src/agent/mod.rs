@@ -40,15 +40,24 @@ pub struct AgentService {
     metrics: Arc<Metrics>,
     node_id: String,
     max_volumes: u32,
+    attachments: Arc<peer::Attachments>,
 }
 
 impl AgentService {
-    pub fn new(started: Started, metrics: Arc<Metrics>, node_id: String, max_volumes: u32) -> Self {
+    /// `attachments` is shared with this node's Peer service.
+    pub fn new(
+        started: Started,
+        metrics: Arc<Metrics>,
+        node_id: String,
+        max_volumes: u32,
+        attachments: Arc<peer::Attachments>,
+    ) -> Self {
         AgentService {
             started,
             metrics,
             node_id,
             max_volumes,
+            attachments,
         }
     }
 
@@ -305,5 +314,34 @@ impl Agent for AgentService {
             .blocking(move |core| core.pool.snapshot_info(sid).map_err(status::engine))
             .await?;
         Ok(Response::new(snapshot_reply(&info)))
+    }
+
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
+        let req = req.into_inner();
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let (vid, node) = (volume_id(&req.volume_id)?, req.node_id.as_str());
+        let epoch = self.attachments.attach(&self.started, vid, node).await?;
+        Ok(Response::new(AttachReply { epoch }))
+    }
+
+    async fn detach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
+        let req = req.into_inner();
+        let Ok(vid) = volume_id(&req.volume_id) else {
+            return Ok(Response::new(AttachReply { epoch: 0 }));
+        };
+        match self
+            .attachments
+            .detach(&self.started, vid, &req.node_id)
+            .await
+        {
+            Ok(epoch) => Ok(Response::new(AttachReply { epoch })),
+            // Nothing to end.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Ok(Response::new(AttachReply { epoch: 0 }))
+            }
+            Err(s) => Err(s),
+        }
     }
 }

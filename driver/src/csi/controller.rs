@@ -614,7 +614,8 @@ impl Controller for ControllerService {
             )));
         }
         let mut context = HashMap::from([(node_context::OWNER.to_string(), owner.clone())]);
-        if owner != req.node_id {
+        let remote = owner != req.node_id;
+        if remote {
             let key = req.volume_id.clone();
             let rec = self.records(move |r| r.volume(&key)).await?;
             if !rec.is_some_and(|r| r.anywhere) {
@@ -624,13 +625,33 @@ impl Controller for ControllerService {
                     req.volume_id
                 )));
             }
-            let (address, tls) = cluster.nodes.peer(&owner)?.ok_or_else(|| {
-                Status::failed_precondition(format!(
+        }
+        // The owner records the attachment durably (also one on the owner
+        // itself, which fences off any earlier remote one) and answers its
+        // epoch; the same node again gets the same epoch, so a retried
+        // publish answers the same context.
+        let Some((address, tls)) = cluster.nodes.peer(&owner)? else {
+            if remote {
+                return Err(Status::failed_precondition(format!(
                     "volume {} is on node {owner}; a standalone Strata attaches only its own",
                     req.volume_id
-                ))
-            })?;
-            let grant = GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, now_ns());
+                )));
+            }
+            return Ok(Response::new(ControllerPublishVolumeResponse {
+                publish_context: context,
+            }));
+        };
+        let epoch = self
+            .agent(&owner)?
+            .attach(Request::new(agent::AttachRequest {
+                volume_id: req.volume_id.clone(),
+                node_id: req.node_id.clone(),
+            }))
+            .await?
+            .into_inner()
+            .epoch;
+        if remote {
+            let grant = GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, epoch);
             context.insert(node_context::ADDRESS.to_string(), address);
             context.insert(node_context::GRANT.to_string(), grant::encode(&grant));
         }
@@ -639,15 +660,30 @@ impl Controller for ControllerService {
         }))
     }
 
-    /// Nothing to undo: a newer publish fences off the grant this one
-    /// made. Idempotent, also for volumes or nodes that are gone.
+    /// The owner ends the node's attachment (its grant is refused from
+    /// then on, also after restarts). Idempotent, also for volumes that are
+    /// gone; UNAVAILABLE while the owner cannot be reached.
     async fn controller_unpublish_volume(
         &self,
         req: Request<ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
-        if req.get_ref().volume_id.is_empty() {
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
+        let cluster = self.cluster.get()?;
+        if parse_volume_id(&req.volume_id).is_err() || !cluster.nodes.attaches_remote() {
+            return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
+        }
+        let Some(owner) = self.volume_node(&req.volume_id).await? else {
+            return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
+        };
+        self.agent(&owner)?
+            .detach(Request::new(agent::AttachRequest {
+                volume_id: req.volume_id.clone(),
+                node_id: req.node_id.clone(),
+            }))
+            .await?;
         Ok(Response::new(ControllerUnpublishVolumeResponse {}))
     }
 

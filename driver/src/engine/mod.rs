@@ -37,7 +37,7 @@ pub mod view;
 pub mod volume;
 
 pub use catalog::FORMAT_VERSION;
-pub use catalog::{JobKind, JobReason, JobState, VolumePolicy};
+pub use catalog::{Attachment, JobKind, JobReason, JobState, VolumePolicy};
 pub use error::{Error, ErrorKind, Result};
 pub use geometry::BLOCK_SIZE;
 pub use ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};

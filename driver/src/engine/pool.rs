@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::catalog::{
+    Attachment, FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy,
+};
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
-use super::catalog::{FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, io_error};
 use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
@@ -587,6 +589,25 @@ impl Pool {
         txn.commit()
     }
 
+    /// Who may reach `volume` from another node (see [`Attachment`]).
+    pub fn attachment(&self, volume: VolumeId) -> Result<Attachment> {
+        let read = self.shared().catalog.read()?;
+        if read.volume(volume)?.is_none() {
+            return Err(Error::VolumeNotFound(volume));
+        }
+        Ok(read.attachment(volume)?.unwrap_or_default())
+    }
+
+    /// Records durably who may reach `volume` from another node.
+    pub fn set_attachment(&self, volume: VolumeId, a: &Attachment) -> Result<()> {
+        let mut txn = self.shared().catalog.write()?;
+        if txn.volume(volume)?.is_none() {
+            return Err(Error::VolumeNotFound(volume));
+        }
+        txn.put_attachment(volume, a)?;
+        txn.commit()
+    }
+
     /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks) with a
     /// new random ID.
     pub fn create_volume(&self, size_bytes: u64) -> Result<VolumeInfo> {
@@ -811,6 +832,7 @@ impl Pool {
         txn.remove_volume(id)?;
         txn.remove_policy(id)?;
         txn.remove_fault(id)?;
+        txn.remove_attachment(id)?;
         let freed = txn.release_layer(rec.top)?;
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);

@@ -378,6 +378,10 @@ impl Node {
     /// Stages a volume; staging it again the same way is a success.
     pub fn stage(&self, req: &Stage) -> Result<()> {
         let vid = req.volume;
+        if self.stage_again(req)? {
+            return Ok(());
+        }
+        // Not staged (or broken): the owner is asked outside the lock.
         let (export, remote) = match &req.remote {
             Some(t) => {
                 let v = self.peers()?.open(t, None)?;
@@ -455,6 +459,50 @@ impl Node {
             },
         );
         Ok(())
+    }
+
+    /// A stage of a volume staged and served here already: success, and a
+    /// newer publish of a remote volume (a new grant or owner address) is
+    /// taken over in place, without asking the owner. `false`: not staged
+    /// and live (the caller stages it, or reports the mismatch).
+    fn stage_again(&self, req: &Stage) -> Result<bool> {
+        let mut staged = self.staged.lock().expect("staged");
+        let Some(entry) = staged.get_mut(&req.volume) else {
+            return Ok(false);
+        };
+        let same_way = entry.rec.staging_path == req.staging_path
+            && entry.rec.access == req.access
+            && entry.rec.read_only == req.read_only;
+        if !same_way || entry.live.is_err() {
+            return Ok(false);
+        }
+        match (&entry.remote, &req.remote) {
+            (None, None) => Ok(true),
+            (Some(v), Some(t)) => {
+                if v.target() != *t {
+                    v.retarget(t)?;
+                    if let Some(r) = entry.rec.remote.as_mut() {
+                        r.target = t.clone();
+                    }
+                    self.state.save(&entry.rec)?;
+                    tracing::info!(volume = %req.volume, owner = %t.owner, "a newer publish of a staged remote volume: its grant is used from now on");
+                }
+                Ok(true)
+            }
+            _ => Err(Error::FailedPrecondition(format!(
+                "volume {} is staged here {}; this stage names {}",
+                req.volume,
+                if entry.remote.is_some() {
+                    "from another node"
+                } else {
+                    "as this node's own"
+                },
+                match &req.remote {
+                    Some(t) => format!("node {} as its owner", t.owner),
+                    None => "this node as its owner".into(),
+                }
+            ))),
+        }
     }
 
     fn stage_attached(

@@ -3,8 +3,8 @@
 //! node's tokio runtime).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use csi_proto::peer::v1 as pb;
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::{MAX_IO, RETRY_FOR, SESSION_HEADER, grant};
+use super::{BOOT_HEADER, MAX_IO, RETRY_FOR, SESSION_HEADER, grant};
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
 use crate::metrics::Metrics;
@@ -62,6 +62,26 @@ impl Peers {
     /// serving an attachment again while the owner may be away); without,
     /// the owner is asked, which also checks the grant.
     pub fn open(&self, target: &Target, size: Option<u64>) -> Result<Arc<RemoteVolume>> {
+        let v = Arc::new(RemoteVolume {
+            link: Mutex::new(self.link(target)?),
+            peers: self.clone(),
+            size: AtomicU64::new(size.unwrap_or(0)),
+            // Newer than any session of this node's earlier processes
+            // (whose requests the owner drains before this one's).
+            session: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+            ),
+            durability: Mutex::default(),
+        });
+        if size.is_none() {
+            v.refresh_size()?;
+        }
+        Ok(v)
+    }
+
+    fn link(&self, target: &Target) -> Result<Link> {
         let grant = grant::decode(&target.volume_id, &target.grant).ok_or_else(|| {
             remote_error(
                 target,
@@ -76,40 +96,51 @@ impl Peers {
         let client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let v = Arc::new(RemoteVolume {
+        Ok(Link {
             target: target.clone(),
             grant,
             client,
-            runtime: self.runtime.clone(),
-            metrics: Arc::clone(&self.metrics),
-            size: AtomicU64::new(size.unwrap_or(0)),
-            // Newer than any session of this node's earlier processes
-            // (whose requests the owner drains before this one's).
-            session: AtomicU64::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64),
-            ),
-        });
-        if size.is_none() {
-            v.refresh_size()?;
-        }
-        Ok(v)
+        })
     }
+}
+
+/// Where a remote volume's requests go, and with which grant.
+#[derive(Debug, Clone)]
+struct Link {
+    target: Target,
+    grant: pb::Grant,
+    client: PeerClient<Channel>,
+}
+
+/// What a flush must know about the owner's restarts.
+#[derive(Debug, Default)]
+struct Durability {
+    /// The owner boot under which writes not yet flushed were answered.
+    unflushed_on: Option<String>,
+    /// The owner rebooted while it held writes it had answered and not
+    /// flushed: they may be gone, and every flush fails from then on.
+    lost: bool,
+}
+
+/// What a request does to the durability of earlier writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    None,
+    /// A write that is durable only after the next flush.
+    Unflushed,
+    Flush,
 }
 
 /// A volume held by another node.
 #[derive(Debug)]
 pub struct RemoteVolume {
-    target: Target,
-    grant: pb::Grant,
-    client: PeerClient<Channel>,
-    runtime: tokio::runtime::Handle,
-    metrics: Arc<Metrics>,
+    link: Mutex<Link>,
+    peers: Peers,
     size: AtomicU64,
     /// The session requests are sent in (`peer.proto`): a new one before
     /// a request whose outcome is unknown is sent again.
     session: AtomicU64,
+    durability: Mutex<Durability>,
 }
 
 /// Whether a failed call may succeed later: the owner is away (restart,
@@ -148,11 +179,15 @@ fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
 }
 
 impl RemoteVolume {
+    fn link(&self) -> Link {
+        self.link.lock().expect("link").clone()
+    }
+
     /// Runs `call` on the runtime, retrying while the owner is away, up
     /// to [`RETRY_FOR`]. A retry of an attempt whose outcome is unknown
     /// goes out in a new session, so the owner finishes or drops that
     /// attempt before it runs the retry.
-    fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T>
+    fn call<T, F, Fut>(&self, op: &'static str, effect: Effect, call: F) -> Result<T>
     where
         F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
@@ -160,16 +195,24 @@ impl RemoteVolume {
         let start = Instant::now();
         let deadline = start + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
+        let metrics = &self.peers.metrics;
         loop {
+            let link = self.link();
+            let owner = &link.target.owner;
             let session = self.session.load(Ordering::Acquire);
             let grant = pb::Grant {
                 session,
-                ..self.grant.clone()
+                ..link.grant.clone()
             };
-            match self.runtime.block_on(call(self.client.clone(), grant)) {
+            match self
+                .peers
+                .runtime
+                .block_on(call(link.client.clone(), grant))
+            {
                 Ok(r) => {
-                    self.metrics
-                        .remote_io(&self.target.owner, op, start.elapsed());
+                    metrics.remote_io(owner, op, start.elapsed());
+                    let boot = r.metadata().get(BOOT_HEADER).and_then(|v| v.to_str().ok());
+                    self.answered(&link.target, op, effect, boot)?;
                     return Ok(r.into_inner());
                 }
                 // Refused unexecuted: a newer session of this attachment
@@ -185,35 +228,82 @@ impl RemoteVolume {
                         .fetch_max(newest.max(session).saturating_add(1), Ordering::AcqRel);
                 }
                 Err(s) if transient(&s) && Instant::now() + pause < deadline => {
-                    tracing::debug!(volume = %self.target.volume_id, owner = %self.target.owner, status = %s, "remote I/O retried");
-                    self.metrics.remote_retry(&self.target.owner, op);
+                    tracing::debug!(volume = %link.target.volume_id, %owner, status = %s, "remote I/O retried");
+                    metrics.remote_retry(owner, op);
                     self.session
                         .fetch_max(session.saturating_add(1), Ordering::AcqRel);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                Err(s) => return Err(remote_error(&self.target, op, s)),
+                Err(s) => return Err(remote_error(&link.target, op, s)),
             }
         }
     }
 
+    /// Keeps track of the owner's boots for the flushes (see
+    /// [`Durability`]); a flush after a loss fails.
+    fn answered(
+        &self,
+        t: &Target,
+        op: &'static str,
+        effect: Effect,
+        boot: Option<&str>,
+    ) -> Result<()> {
+        let mut d = self.durability.lock().expect("durability");
+        if let (Some(boot), Some(before)) = (boot, &d.unflushed_on)
+            && boot != before
+            && !d.lost
+        {
+            tracing::error!(volume = %t.volume_id, owner = %t.owner, "the owner rebooted while it held writes it had not flushed: they may be lost; every flush fails from now on");
+            d.lost = true;
+        }
+        match effect {
+            Effect::None => {}
+            Effect::Unflushed => {
+                if d.unflushed_on.is_none() {
+                    d.unflushed_on = boot.map(str::to_string);
+                }
+            }
+            Effect::Flush if d.lost => {
+                return Err(remote_error(
+                    t,
+                    op,
+                    Status::data_loss(
+                        "the owner rebooted while it held acknowledged writes it had not \
+                         flushed; they may be lost",
+                    ),
+                ));
+            }
+            Effect::Flush => d.unflushed_on = None,
+        }
+        Ok(())
+    }
+
     /// Asks the owner for the volume's size (after an expansion).
     pub fn refresh_size(&self) -> Result<u64> {
-        let r = self.call("open", |mut c, grant| async move {
+        let r = self.call("open", Effect::None, |mut c, grant| async move {
             c.open(pb::OpenRequest { grant: Some(grant) }).await
         })?;
         self.size.store(r.size_bytes, Ordering::Relaxed);
         Ok(r.size_bytes)
     }
 
-    pub fn target(&self) -> &Target {
-        &self.target
+    pub fn target(&self) -> Target {
+        self.link().target
+    }
+
+    /// Goes on with a newer publish of the same volume (a new grant, or
+    /// a new address of the owner).
+    pub fn retarget(&self, target: &Target) -> Result<()> {
+        let link = self.peers.link(target)?;
+        *self.link.lock().expect("link") = link;
+        Ok(())
     }
 }
 
 impl RemoteDevice for RemoteVolume {
     fn name(&self) -> String {
-        self.target.volume_id.clone()
+        self.link().target.volume_id
     }
 
     fn size(&self) -> u64 {
@@ -225,7 +315,7 @@ impl RemoteDevice for RemoteVolume {
         while done < buf.len() {
             let len = (buf.len() - done).min(MAX_IO);
             let at = offset + done as u64;
-            let r = self.call("read", |mut c, grant| async move {
+            let r = self.call("read", Effect::None, |mut c, grant| async move {
                 c.read(pb::ReadRequest {
                     grant: Some(grant),
                     offset: at,
@@ -235,7 +325,7 @@ impl RemoteDevice for RemoteVolume {
             })?;
             if r.data.len() != len {
                 return Err(remote_error(
-                    &self.target,
+                    &self.link().target,
                     "read",
                     Status::data_loss(format!(
                         "asked for {len} bytes at {at}, got {}",
@@ -244,8 +334,8 @@ impl RemoteDevice for RemoteVolume {
                 ));
             }
             buf[done..done + len].copy_from_slice(&r.data);
-            self.metrics
-                .peer_bytes(&self.target.owner, false, len as u64);
+            let owner = self.link().target.owner;
+            self.peers.metrics.peer_bytes(&owner, false, len as u64);
             done += len;
         }
         Ok(())
@@ -254,7 +344,8 @@ impl RemoteDevice for RemoteVolume {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         for (i, chunk) in data.chunks(MAX_IO).enumerate() {
             let at = offset + (i * MAX_IO) as u64;
-            self.call("write", |mut c, grant| {
+            let effect = if fua { Effect::None } else { Effect::Unflushed };
+            self.call("write", effect, |mut c, grant| {
                 let data = chunk.to_vec();
                 async move {
                     c.write(pb::WriteRequest {
@@ -266,21 +357,23 @@ impl RemoteDevice for RemoteVolume {
                     .await
                 }
             })?;
-            self.metrics
-                .peer_bytes(&self.target.owner, true, chunk.len() as u64);
+            let owner = self.link().target.owner;
+            self.peers
+                .metrics
+                .peer_bytes(&owner, true, chunk.len() as u64);
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        self.call("flush", |mut c, grant| async move {
+        self.call("flush", Effect::Flush, |mut c, grant| async move {
             c.flush(pb::FlushRequest { grant: Some(grant) }).await
         })
         .map(drop)
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.call("trim", |mut c, grant| async move {
+        self.call("trim", Effect::Unflushed, |mut c, grant| async move {
             c.trim(pb::RangeRequest {
                 grant: Some(grant),
                 offset,
@@ -292,15 +385,19 @@ impl RemoteDevice for RemoteVolume {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.call("write zeroes", |mut c, grant| async move {
-            c.zero(pb::ZeroRequest {
-                grant: Some(grant),
-                offset,
-                length: len,
-                may_trim: !flags.no_hole,
-            })
-            .await
-        })
+        self.call(
+            "write zeroes",
+            Effect::Unflushed,
+            |mut c, grant| async move {
+                c.zero(pb::ZeroRequest {
+                    grant: Some(grant),
+                    offset,
+                    length: len,
+                    may_trim: !flags.no_hole,
+                })
+                .await
+            },
+        )
         .map(drop)
     }
 }

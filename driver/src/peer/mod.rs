@@ -26,3 +26,19 @@ pub const MAX_IO: usize = 1 << 20;
 /// Metadata of an ABORTED answer: the owner's newest session for the
 /// attachment (a client continues in a newer one).
 pub const SESSION_HEADER: &str = "strata-session";
+
+/// Metadata of every answer: the owner machine's boot ID.
+pub const BOOT_HEADER: &str = "strata-boot";
+
+/// This machine's boot ID (with the `failpoints` feature, the
+/// `STRATA_TEST_BOOT_ID` environment variable stands in for it, so a test
+/// can make a restarted process look like a rebooted machine).
+pub fn boot_id() -> String {
+    #[cfg(feature = "failpoints")]
+    if let Ok(id) = std::env::var("STRATA_TEST_BOOT_ID") {
+        return id;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

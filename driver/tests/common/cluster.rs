@@ -32,6 +32,8 @@ pub struct Proc {
     socket: PathBuf,
     /// The network namespace (file) the process runs in, if not this one.
     pub netns: Option<PathBuf>,
+    /// Environment of the next starts, beside `STRATA_LOG`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Proc {
@@ -55,6 +57,7 @@ impl Proc {
             child: None,
             socket,
             netns,
+            env: Vec::new(),
         };
         p.spawn();
         p
@@ -117,6 +120,7 @@ impl Proc {
         }
         let child = cmd
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "STRATA_LOG",
                 std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into()),

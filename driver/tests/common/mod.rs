@@ -238,6 +238,22 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Writes `data` (whole 4 KiB blocks) at `offset` with O_DIRECT and no
+/// flush: it reaches the device, which need not have made it durable.
+pub fn write_direct(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut raw = vec![0u8; data.len() + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    raw[skip..skip + data.len()].copy_from_slice(data);
+    f.write_all_at(&raw[skip..skip + data.len()], offset)
+        .unwrap();
+}
+
 /// Reads `len` bytes at `offset` with O_DIRECT (past any page cache).
 pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek};

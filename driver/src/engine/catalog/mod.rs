@@ -19,10 +19,12 @@ use redb::{
     WriteTransaction,
 };
 
+pub use self::records::{
+    Attachment, FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy,
+};
 pub(crate) use self::records::{
     FamilyRecord, JobRecord, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord,
 };
-pub use self::records::{FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy};
 use super::error::{Error, Result, catalog_error};
 use super::geometry::CHUNK_BLOCKS;
 use super::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
@@ -50,6 +52,8 @@ const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// Per-volume merge policy (absent: the pool's defaults). Created on first
 /// use, so pools made before it existed open unchanged.
 const POLICIES: TableDefinition<u128, &[u8]> = TableDefinition::new("policies");
+/// Volume id → [`Attachment`] (made on first use).
+const ATTACHMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("attachments");
 /// Volumes whose data a failure lost (see `FORMAT.md`, "Faults"). Created
 /// on first use, like `policies`.
 const FAULTS: TableDefinition<u128, &[u8]> = TableDefinition::new("faults");
@@ -111,7 +115,7 @@ impl Catalog {
         catalog.check_format(dir)?;
         // Tables newer than the pool.
         let txn = catalog.write()?;
-        for def in [POLICIES, FAULTS] {
+        for def in [POLICIES, FAULTS, ATTACHMENTS] {
             txn.0
                 .open_table(def)
                 .map_err(|e| catalog_error("create tables", e))?;
@@ -388,6 +392,10 @@ impl ReadTxn {
         let t = read_table!(self.0, POLICIES, "read policy");
         Ok(get_rec(&t, volume.0, VolumePolicy::decode, "read policy")?.unwrap_or_default())
     }
+    pub(crate) fn attachment(&self, volume: VolumeId) -> Result<Option<Attachment>> {
+        let t = read_table!(self.0, ATTACHMENTS, "read attachment");
+        get_rec(&t, volume.0, Attachment::decode, "read attachment")
+    }
     pub(crate) fn fault(&self, volume: VolumeId) -> Result<Option<FaultRecord>> {
         let t = read_table!(self.0, FAULTS, "read fault");
         get_rec(&t, volume.0, FaultRecord::decode, "read fault")
@@ -486,6 +494,18 @@ impl WriteTxn {
         let mut t = rw_table!(self, FAULTS, "remove fault");
         t.remove(volume.0)
             .map_err(|e| catalog_error("remove fault", e))?;
+        Ok(())
+    }
+    pub(crate) fn put_attachment(&mut self, volume: VolumeId, a: &Attachment) -> Result<()> {
+        let mut t = rw_table!(self, ATTACHMENTS, "write attachment");
+        t.insert(volume.0, a.encode().as_slice())
+            .map_err(|e| catalog_error("write attachment", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_attachment(&mut self, volume: VolumeId) -> Result<()> {
+        let mut t = rw_table!(self, ATTACHMENTS, "remove attachment");
+        t.remove(volume.0)
+            .map_err(|e| catalog_error("remove attachment", e))?;
         Ok(())
     }
     pub(crate) fn remove_policy(&mut self, volume: VolumeId) -> Result<()> {

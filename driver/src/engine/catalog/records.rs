@@ -11,6 +11,7 @@ const FAULT_V: u8 = 1;
 const LAYER_V: u8 = 1;
 const SNAPSHOT_V: u8 = 1;
 const FAMILY_V: u8 = 1;
+const ATTACHMENT_V: u8 = 1;
 
 /// A volume: the top of a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -418,6 +419,34 @@ impl VolumePolicy {
         r.version(POLICY_V)?;
         Ok(VolumePolicy {
             max_chain_depth: r.u32()?,
+        })
+    }
+}
+
+/// Which node may reach a volume from another node, under which epoch:
+/// kept for the data path between nodes (`crate::agent::peer`); the engine
+/// only stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Attachment {
+    /// The node the volume is published to ("" for none).
+    pub node: String,
+    /// Raised at every change; grants of other epochs are refused.
+    pub epoch: u64,
+}
+
+impl Attachment {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(ATTACHMENT_V).u64(self.epoch).str(&self.node);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "attachment");
+        r.version(ATTACHMENT_V)?;
+        Ok(Attachment {
+            epoch: r.u64()?,
+            node: r.str()?,
         })
     }
 }
