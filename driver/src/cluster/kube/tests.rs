@@ -75,7 +75,7 @@ fn record(state: RecordState) -> VolumeRecord {
         parameters: BTreeMap::from([("fsType".to_string(), "xfs".to_string())]),
         source: Some(ContentSource::Snapshot("s1".into())),
         node: "n1".into(),
-        anywhere: true,
+        anywhere: false,
         state,
         created_unix_ns: 7,
     }

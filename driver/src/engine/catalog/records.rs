@@ -424,7 +424,7 @@ impl VolumePolicy {
 }
 
 /// Which node may reach a volume from another node, under which epoch:
-/// kept for the data path between nodes (`crate::agent::peer`); the engine
+/// kept for the data path between nodes (the node agent's); the engine
 /// only stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Attachment {
