@@ -362,8 +362,15 @@ fn bench_memory() {
     for layer in 0..4u64 {
         let mut e = layer;
         while e < 16 * 1024 {
-            vol.write_zeroes(e * MIB, MIB, ZeroFlags { no_hole: true })
-                .unwrap();
+            vol.write_zeroes(
+                e * MIB,
+                MIB,
+                ZeroFlags {
+                    no_hole: true,
+                    fast: false,
+                },
+            )
+            .unwrap();
             e += 4;
         }
         pool.create_snapshot(id).unwrap();

@@ -144,7 +144,14 @@ fn workload(dir: &Path, seed: u64, gen0: u64, ops: Option<u64>, out: &mut dyn Wr
                 match rng.below(3) {
                     0 => vol.trim(off, len).unwrap(),
                     k => vol
-                        .write_zeroes(off, len, ZeroFlags { no_hole: k == 1 })
+                        .write_zeroes(
+                            off,
+                            len,
+                            ZeroFlags {
+                                no_hole: k == 1,
+                                fast: false,
+                            },
+                        )
                         .unwrap(),
                 }
             }

@@ -163,8 +163,15 @@ fn write_zeroes_with_no_hole_keeps_blocks_allocated() {
     let p = pool(dir.path());
     let v = p.volume(p.create_volume(MIB).unwrap().id).unwrap();
     v.write(0, &pattern(9, 8192), false).unwrap();
-    v.write_zeroes(100, 8000, ZeroFlags { no_hole: true })
-        .unwrap();
+    v.write_zeroes(
+        100,
+        8000,
+        ZeroFlags {
+            no_hole: true,
+            fast: false,
+        },
+    )
+    .unwrap();
     let mut buf = vec![1u8; 8192];
     v.read(0, &mut buf).unwrap();
     assert_eq!(&buf[..100], &pattern(9, 8192)[..100]);

@@ -195,6 +195,7 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
                 let (off, len) = range(rng, data.len() as u64);
                 let flags = ZeroFlags {
                     no_hole: rng.chance(50),
+                    fast: false,
                 };
                 if trace {
                     eprintln!("  zero {off}+{len} {flags:?}");

@@ -189,17 +189,40 @@ fn bad_requests_get_errors_and_flushed_data_survives_them() {
         (CMD_READ, CMD_FLAG_DF, 0, 4096, 0, EINVAL), // DF without structured replies
         (CMD_READ, 0, size, 1, 0, EINVAL), // past the end
         (CMD_WRITE, 0, size - 1, 2, 2, ENOSPC), // write past the end
-        (CMD_TRIM, 0, u64::MAX - 10, 4096, 0, ENOSPC), // offset overflow
+        (CMD_WRITE_ZEROES, 0, size - 4096, 8192, 0, ENOSPC), // zeroes past the end
+        (CMD_TRIM, 0, size - 4096, 8192, 0, EINVAL), // trim past the end
+        (CMD_TRIM, 0, u64::MAX - 10, 4096, 0, EINVAL), // offset overflow
         (CMD_FLUSH, 0, 4096, 0, 0, EINVAL), // flush with a range
         (CMD_BLOCK_STATUS, 0, 0, 4096, 0, EINVAL), // no meta context
+        (CMD_READ, 0, 0, MAX_REQUEST + 1, 0, EOVERFLOW), // oversized read
         (
             CMD_WRITE,
             0,
             0,
             MAX_REQUEST + 1,
             (MAX_REQUEST + 1) as usize,
-            EOVERFLOW,
-        ), // oversized
+            EINVAL,
+        ), // oversized write
+        // Fast zeroing that would write zeroes as data (a partial block of
+        // the flushed one): refused at once, nothing changed.
+        (
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FAST_ZERO,
+            8192 + 512,
+            512,
+            0,
+            ENOTSUP,
+        ),
+        (
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+            8192,
+            100,
+            0,
+            ENOTSUP,
+        ),
+        // Whole blocks are fast.
+        (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 1 << 20, 8192, 0, 0),
     ];
     for (i, (kind, flags, offset, len, payload, want)) in cases.into_iter().enumerate() {
         let cookie = 100 + i as u64;
@@ -217,4 +240,93 @@ fn bad_requests_get_errors_and_flushed_data_survives_them() {
         metrics.contains("strata_nbd_protocol_errors_total{kind=\"unknown_command\"} 1"),
         "{metrics}"
     );
+}
+
+/// LIST_META_CONTEXT answers context ID 0; a SET that fails clears the
+/// selection an earlier SET made, so BLOCK_STATUS is refused after it.
+#[test]
+fn meta_context_ids_and_a_failed_set() {
+    let s = Standalone::start();
+    let vol = s.create_volume("meta", "4MiB");
+    let mut c = Raw::connect(&s, FLAGS);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.final_reply(), REP_ACK);
+    let query = |export: &str| {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        let q = "base:allocation";
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+        d
+    };
+    let context_id = |c: &mut Raw| {
+        let (kind, data) = c.reply();
+        assert_eq!(kind, REP_META_CONTEXT);
+        let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+        assert_eq!(c.final_reply(), REP_ACK);
+        id
+    };
+    c.option(OPT_LIST_META_CONTEXT, &query(&vol));
+    assert_eq!(context_id(&mut c), 0);
+    c.option(OPT_SET_META_CONTEXT, &query(&vol));
+    assert_ne!(context_id(&mut c), 0);
+    c.option(OPT_SET_META_CONTEXT, &query("no-such-export"));
+    assert_eq!(c.final_reply(), REP_ERR_UNKNOWN);
+    assert_eq!(c.go(&vol), REP_ACK);
+    c.request(CMD_BLOCK_STATUS, 0, 1, 0, 4096, &[]);
+    let mut h = [0u8; 20];
+    c.0.read_exact(&mut h).unwrap();
+    let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    c.0.read_exact(&mut body).unwrap();
+    assert_eq!(kind, REPLY_TYPE_ERROR);
+    assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), EINVAL);
+}
+
+/// Clients that send reads and never read the replies hold at most their
+/// connections' budgets: the server's memory stays bounded (before, every
+/// worker kept its 32 MiB reply: 1 GiB per connection).
+#[test]
+fn clients_that_never_read_their_replies_cannot_take_the_servers_memory() {
+    let s = Standalone::start();
+    let vol = s.create_volume("hog", "64MiB");
+    let before = s.rss_bytes();
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let mut c = Raw::connect(&s, FLAGS);
+        assert_eq!(c.go(&vol), REP_ACK);
+        // Small socket buffers: the replies stay in the server.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&c.0);
+        let size: libc::c_int = 4096;
+        // SAFETY: setting an int socket option on a socket this test owns.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        for cookie in 0..64 {
+            c.request(CMD_READ, 0, cookie, 0, MAX_REQUEST, &[]);
+        }
+        hogs.push(c);
+    }
+    // Let the workers take what they can.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = s.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "server memory grew by {} MiB with 2 connections holding 64 reads of 32 MiB each",
+        grown >> 20
+    );
+    assert!(grown < 400 << 20, "grew by {} MiB", grown >> 20);
+    // The server still serves others.
+    drop(hogs);
+    let mut c = Raw::connect(&s, FLAGS);
+    assert_eq!(c.go(&vol), REP_ACK);
+    c.request(CMD_READ, 0, 1, 0, 4096, &[]);
+    assert_eq!(c.simple(4096).1, 0);
 }

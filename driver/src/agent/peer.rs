@@ -381,6 +381,7 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let flags = ZeroFlags {
             no_hole: !req.may_trim,
+            fast: req.fast,
         };
         self.on_volume(req.grant.as_ref(), move |v| {
             v.write_zeroes(req.offset, req.length, flags)

@@ -133,6 +133,17 @@ pub enum Error {
         /// The limit.
         limit: u32,
     },
+    /// A zeroing asked to be fast would have written zeroes as data; nothing
+    /// was changed.
+    #[error(
+        "zeroing {len} bytes at {offset} would write zeroes as data, and fast zeroing was asked"
+    )]
+    SlowZero {
+        /// Where the zeroing started.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
     /// A write to something read-only (a snapshot).
     #[error("{0} is read-only")]
     ReadOnly(String),
@@ -218,6 +229,8 @@ pub enum ErrorKind {
     Corrupt,
     /// An I/O or store failure.
     Io,
+    /// Not done this way: asked to fail rather than take the slow path.
+    NotSupported,
 }
 
 impl Error {
@@ -230,6 +243,7 @@ impl Error {
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
+            Error::SlowZero { .. } => ErrorKind::NotSupported,
             Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,
             Error::PoolLocked(_) => ErrorKind::Busy,
             Error::FormatTooNew { .. }
@@ -257,6 +271,7 @@ impl Error {
             ErrorKind::Busy => "busy",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Io => "io",
+            ErrorKind::NotSupported => "not_supported",
         }
     }
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use super::error::{Result, io_error};
+use super::error::{Error, Result, io_error};
 use super::ids::LayerId;
 use super::io::{Fallocated, File, Fs, Open, read_full};
 
@@ -249,11 +249,17 @@ impl Layer {
     }
 
     /// Makes a byte range read as zeros with its blocks allocated.
-    pub(crate) fn zero_allocated(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn zero_allocated(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fast: bool,
+    ) -> Result<()> {
         let f = self.file()?;
         let _writing = self.writing.lock().expect("layer write lock");
         match f.zero_range(offset, len) {
             Ok(Fallocated::Done) => Ok(()),
+            Ok(Fallocated::Unsupported) if fast => Err(Error::SlowZero { offset, len }),
             Ok(Fallocated::Unsupported) => {
                 let zeros = vec![0u8; len.min(1 << 20) as usize];
                 let mut done = 0;

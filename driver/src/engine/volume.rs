@@ -192,6 +192,10 @@ pub struct VolumeStats {
 pub struct ZeroFlags {
     /// Keep the blocks allocated (NBD `NO_HOLE`): zeros are written as data.
     pub no_hole: bool,
+    /// Fail with [`Error::SlowZero`], changing nothing, where zeroing would
+    /// write zeroes as data (NBD `FAST_ZERO`): a partial block, or kept
+    /// blocks on a filesystem without `FALLOC_FL_ZERO_RANGE`.
+    pub fast: bool,
 }
 
 /// A volume: see the module docs. Obtained from [`super::Pool::volume`].
@@ -445,6 +449,11 @@ impl Volume {
             return Ok(());
         }
         let end_byte = offset + len;
+        if flags.fast
+            && (!offset.is_multiple_of(BLOCK_SIZE) || !end_byte.is_multiple_of(BLOCK_SIZE))
+        {
+            return Err(Error::SlowZero { offset, len });
+        }
         let (first, end) = covered_blocks(offset, len);
         if first >= end {
             return self.write(offset, &vec![0u8; len as usize], false);
@@ -460,7 +469,7 @@ impl Volume {
             let _range = self.ranges.lock(first, end);
             let top = Arc::clone(&self.state.read().expect("volume state").top);
             self.shared.space.admit((end - first) * BLOCK_SIZE)?;
-            top.zero_allocated(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE)?;
+            top.zero_allocated(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE, flags.fast)?;
             self.commit(&top, first, end, BlockState::Data, top.slot);
         } else {
             self.unmap_blocks(first, end)?;

@@ -385,7 +385,7 @@ impl RemoteDevice for RemoteVolume {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.call(
+        let done = self.call(
             "write zeroes",
             Effect::Unflushed,
             |mut c, grant| async move {
@@ -394,10 +394,19 @@ impl RemoteDevice for RemoteVolume {
                     offset,
                     length: len,
                     may_trim: !flags.no_hole,
+                    fast: flags.fast,
                 })
                 .await
             },
-        )
-        .map(drop)
+        );
+        match done {
+            // The owner would have written zeroes as data.
+            Err(Error::Io { source, .. })
+                if flags.fast && source.to_string().starts_with("Unimplemented") =>
+            {
+                Err(Error::SlowZero { offset, len })
+            }
+            other => other.map(drop),
+        }
     }
 }

@@ -18,6 +18,7 @@ pub(crate) fn code(kind: ErrorKind) -> Code {
         ErrorKind::ReadOnly => Code::FailedPrecondition,
         ErrorKind::Busy => Code::Unavailable,
         ErrorKind::Corrupt | ErrorKind::Io => Code::Internal,
+        ErrorKind::NotSupported => Code::Unimplemented,
     }
 }
 

@@ -84,6 +84,11 @@ impl Proc {
         }
     }
 
+    /// The running process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn args(&self) -> &[String] {
         &self.args
     }

@@ -115,6 +115,17 @@ impl Standalone {
         self.dir.path().join("csi.sock")
     }
 
+    /// The server's resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        kib << 10
+    }
+
     pub fn nbd_socket(&self) -> PathBuf {
         self.dir.path().join("nbd.sock")
     }

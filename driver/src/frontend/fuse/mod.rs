@@ -69,6 +69,7 @@ fn errno(e: &Error) -> i32 {
         ErrorKind::NoSpace | ErrorKind::LimitReached => libc::ENOSPC,
         ErrorKind::ReadOnly => libc::EROFS,
         ErrorKind::OutOfRange | ErrorKind::InvalidArgument => libc::EINVAL,
+        ErrorKind::NotSupported => libc::EOPNOTSUPP,
         _ => libc::EIO,
     }
 }
@@ -454,8 +455,14 @@ impl Conn {
                     }
                     abi::FALLOC_ZERO_RANGE => {
                         self.timed(&self.ops.zero, "write_zeroes", len, || {
-                            self.export
-                                .write_zeroes(offset, len, ZeroFlags { no_hole: true })
+                            self.export.write_zeroes(
+                                offset,
+                                len,
+                                ZeroFlags {
+                                    no_hole: true,
+                                    fast: false,
+                                },
+                            )
                         })?;
                     }
                     _ => return Err(libc::EOPNOTSUPP),

@@ -239,6 +239,10 @@ where
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let setting = opt.option == OPT_SET_META_CONTEXT;
+                if setting {
+                    // A SET replaces the selection, also when it fails.
+                    allocation = false;
+                }
                 if setting && !structured {
                     metrics.nbd_protocol_error("invalid_option");
                     let msg = "negotiate NBD_OPT_STRUCTURED_REPLY first";
@@ -270,7 +274,9 @@ where
                     allocation = selected;
                 }
                 if selected {
-                    let ctx = rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION);
+                    // LIST answers context ID 0: IDs name a selection.
+                    let id = if setting { BASE_ALLOCATION_ID } else { 0 };
+                    let ctx = rep_meta_context(id, BASE_ALLOCATION);
                     wr.push(&reply(REP_META_CONTEXT, &ctx));
                 }
                 wr.push(&reply(REP_ACK, &[]));

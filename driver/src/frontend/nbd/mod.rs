@@ -18,6 +18,19 @@
 //! the socket goes to a few blocking worker threads (`transmission.rs`)
 //! that run requests concurrently (up to 64 MiB of payload in flight) and
 //! answer each as it completes.
+//!
+//! What outside clients can take is bounded whatever they do: at most
+//! `max_connections` connections, each closed if it has not chosen an
+//! export within `handshake_timeout`; a request's payload counts against
+//! its connection's budget and a budget all outside connections share
+//! until its reply has left, so a client that never reads its replies
+//! stalls only itself. The node's own attachments (`connect_local`) have
+//! their own connection slots and no shared budget: no outside client can
+//! lock them out. Memory, at most: the shared budget, plus per connection
+//! 256 KiB of read buffer and what its idle workers keep
+//! (`workers_per_connection` × 2 × 128 KiB), plus 64 KiB per negotiating
+//! connection; with the defaults, 512 MiB + 128 × 8.3 MiB ≈ 1.6 GiB for
+//! outside clients.
 
 pub mod client;
 mod handshake;
@@ -50,15 +63,25 @@ pub struct NbdConfig {
     pub workers_per_connection: usize,
     /// Payload bytes a connection may have in flight.
     pub max_inflight_bytes: u32,
+    /// Payload bytes all outside clients' connections may have in flight
+    /// together (the node's own attachments are not counted).
+    pub max_shared_inflight_bytes: u64,
+    /// Connections of the node's own attachments (`connect_local`),
+    /// beside `max_connections`.
+    pub max_local_connections: usize,
 }
 
 impl Default for NbdConfig {
     fn default() -> Self {
         NbdConfig {
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             max_connections: 128,
             workers_per_connection: 32,
             max_inflight_bytes: 64 << 20,
+            max_shared_inflight_bytes: 512 << 20,
+            // One per attachment (kernel nbd uses one connection per
+            // device); more than a node stages.
+            max_local_connections: 1024,
         }
     }
 }
@@ -70,6 +93,8 @@ pub struct NbdServer {
     metrics: Arc<Metrics>,
     config: NbdConfig,
     connections: Arc<Semaphore>,
+    local_connections: Arc<Semaphore>,
+    shared: Arc<transmission::Budget>,
     live: Mutex<Live>,
     next: AtomicU64,
 }
@@ -115,11 +140,15 @@ impl Accepted for tokio::net::TcpStream {
 impl NbdServer {
     pub fn new(pool: Pool, metrics: Arc<Metrics>, config: NbdConfig) -> Arc<Self> {
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let local_connections = Arc::new(Semaphore::new(config.max_local_connections));
+        let shared = Arc::new(transmission::Budget::new(config.max_shared_inflight_bytes));
         Arc::new(NbdServer {
             exports: Exports::new(pool),
             metrics,
             config,
             connections,
+            local_connections,
+            shared,
             live: Mutex::new(Live::default()),
             next: AtomicU64::new(0),
         })
@@ -187,11 +216,20 @@ impl NbdServer {
     pub fn connect_local(self: &Arc<Self>) -> std::io::Result<std::os::unix::net::UnixStream> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         ours.set_nonblocking(true)?;
-        self.spawn_connection(tokio::net::UnixStream::from_std(ours)?);
+        let permit = Arc::clone(&self.local_connections)
+            .try_acquire_owned()
+            .map_err(|_| {
+                std::io::Error::other(format!(
+                    "{} local NBD connections are open, the most there can be",
+                    self.config.max_local_connections
+                ))
+            })?;
+        self.spawn_connection(tokio::net::UnixStream::from_std(ours)?, permit, None);
         Ok(theirs)
     }
 
-    fn spawn_connection<S: Accepted>(self: &Arc<Self>, stream: S) {
+    /// Serves an outside client's connection, if a slot is free.
+    fn accepted<S: Accepted>(self: &Arc<Self>, stream: S) {
         let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
             tracing::warn!(
                 limit = self.config.max_connections,
@@ -200,6 +238,15 @@ impl NbdServer {
             self.metrics.nbd_protocol_error("too_many_connections");
             return;
         };
+        self.spawn_connection(stream, permit, Some(Arc::clone(&self.shared)));
+    }
+
+    fn spawn_connection<S: Accepted>(
+        self: &Arc<Self>,
+        stream: S,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        shared: Option<Arc<transmission::Budget>>,
+    ) {
         let server = Arc::clone(self);
         tokio::spawn(async move {
             let counted = server.metrics.nbd_connection();
@@ -256,6 +303,7 @@ impl NbdServer {
                     metrics,
                     config.workers_per_connection,
                     config.max_inflight_bytes,
+                    shared,
                 );
                 ending.live.lock().expect("live").sockets.remove(&id);
                 served
@@ -279,14 +327,95 @@ impl Listener {
     /// Accepts one connection and starts serving it.
     async fn accept(&self, server: &Arc<NbdServer>) -> std::io::Result<()> {
         match self {
-            Listener::Unix(l) => server.spawn_connection(l.accept().await?.0),
+            Listener::Unix(l) => server.accepted(l.accept().await?.0),
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(%peer, "NBD connection");
-                server.spawn_connection(stream);
+                server.accepted(stream);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::PoolOptions;
+    use std::io::Read;
+
+    /// Outside clients that connect and never negotiate fill their slots
+    /// only: a further one is closed at once, the node's own attachment
+    /// still connects, and the idle ones are closed after the handshake
+    /// timeout, which frees their slots.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_clients_cannot_lock_out_the_nodes_own_attachments() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        let vid = pool.create_volume(1 << 20).unwrap().id;
+        let config = NbdConfig {
+            handshake_timeout: Duration::from_secs(3),
+            max_connections: 2,
+            ..NbdConfig::default()
+        };
+        let server = NbdServer::new(pool, Metrics::new(), config);
+        let path = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(Arc::clone(&server).serve(Listener::Unix(listener), std::future::pending()));
+        let connect = move || {
+            let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        };
+        // EOF (or a reset) before any greeting byte.
+        let closed = |mut s: std::os::unix::net::UnixStream| {
+            let mut b = [0u8; 18];
+            let n = s.read(&mut b).unwrap_or(0);
+            n == 0
+        };
+        let greeted = |mut s: std::os::unix::net::UnixStream| {
+            let mut b = [0u8; 18];
+            s.read_exact(&mut b).is_ok()
+        };
+        let (c1, c2) = tokio::task::spawn_blocking({
+            let connect = connect.clone();
+            move || (connect(), connect())
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = tokio::task::spawn_blocking({
+            let connect = connect.clone();
+            move || closed(connect())
+        });
+        assert!(third.await.unwrap(), "a third outside client was served");
+        // The node's own attachment negotiates and does I/O.
+        let own = server.connect_local().unwrap();
+        let export = vid.to_string();
+        tokio::task::spawn_blocking(move || {
+            own.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = client::Client::connect(own, &export).unwrap();
+            c.write(0, &[1u8; 4096]).unwrap();
+            let mut back = [0u8; 4096];
+            c.read(0, &mut back).unwrap();
+            assert_eq!(back, [1u8; 4096]);
+        })
+        .await
+        .unwrap();
+        // The idle two are closed after the timeout; a new client is served.
+        let freed = tokio::task::spawn_blocking(move || {
+            let idle_closed = [c1, c2].into_iter().all(|mut s| {
+                let mut b = [0u8; 64];
+                // The greeting, then EOF.
+                let _ = s.read(&mut b);
+                matches!(s.read(&mut b), Ok(0) | Err(_))
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            (idle_closed, greeted(connect()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(freed, (true, true));
     }
 }

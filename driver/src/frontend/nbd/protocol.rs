@@ -96,6 +96,7 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
 /// `base:allocation` status flags.
@@ -330,6 +331,8 @@ pub enum Command {
         length: u32,
         fua: bool,
         no_hole: bool,
+        /// Fail with ENOTSUP rather than write zeroes as data.
+        fast: bool,
     },
     BlockStatus {
         offset: u64,
@@ -381,9 +384,9 @@ pub fn validate(req: &Request, ex: &ExportLimits) -> Result<Command, Rejected> {
             Err(rejected(EINVAL, "flush_with_range"))
         }
         CMD_FLUSH => Ok(Command::Flush),
-        CMD_READ | CMD_WRITE if req.length > MAX_REQUEST => Err(rejected(EOVERFLOW, "too_large")),
-        CMD_WRITE if !in_range => Err(rejected(ENOSPC, "out_of_range")),
-        CMD_WRITE_ZEROES | CMD_TRIM if !in_range => Err(rejected(ENOSPC, "out_of_range")),
+        CMD_READ if req.length > MAX_REQUEST => Err(rejected(EOVERFLOW, "too_large")),
+        CMD_WRITE if req.length > MAX_REQUEST => Err(rejected(EINVAL, "too_large")),
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(rejected(ENOSPC, "out_of_range")),
         _ if !in_range => Err(rejected(EINVAL, "out_of_range")),
         CMD_READ => Ok(Command::Read {
             offset: req.offset,
@@ -404,6 +407,7 @@ pub fn validate(req: &Request, ex: &ExportLimits) -> Result<Command, Rejected> {
             length: req.length,
             fua,
             no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+            fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
         }),
         CMD_BLOCK_STATUS if !ex.allocation_context => Err(rejected(EINVAL, "no_meta_context")),
         CMD_BLOCK_STATUS if req.length == 0 => Err(rejected(EINVAL, "zero_length")),

@@ -67,8 +67,9 @@ struct Scratch {
     data: Vec<u8>,
 }
 
-/// Buffers larger than this are dropped after use rather than kept.
-const RETAINED: usize = 1 << 20;
+/// Buffers larger than this are dropped after use rather than kept: what
+/// an idle worker may hold is at most twice this, outside the budgets.
+pub(super) const RETAINED: usize = 128 << 10;
 
 /// The first `len` bytes of `v`, growing it if needed (only new bytes are
 /// zeroed; every byte handed out is overwritten before it is read).
@@ -85,16 +86,27 @@ fn trim_retained(v: &mut Vec<u8>) {
     }
 }
 
-/// Payload bytes the workers of one connection may hold at once.
+/// Payload bytes that may be held at once: by the workers of one
+/// connection, or by every outside client's connections together. A
+/// request holds its share from when it is read until its reply has left
+/// (a read's data waits in memory while the client does not read).
 #[derive(Debug)]
-struct Budget {
-    free: Mutex<u32>,
+pub(super) struct Budget {
+    free: Mutex<u64>,
     released: Condvar,
-    total: u32,
+    total: u64,
 }
 
 impl Budget {
-    fn take(&self, bytes: u32) -> u32 {
+    pub(super) fn new(total: u64) -> Self {
+        Budget {
+            free: Mutex::new(total),
+            released: Condvar::new(),
+            total,
+        }
+    }
+
+    fn take(&self, bytes: u64) -> u64 {
         let bytes = bytes.min(self.total);
         let mut free = self.free.lock().expect("budget");
         while *free < bytes {
@@ -104,10 +116,18 @@ impl Budget {
         bytes
     }
 
-    fn give(&self, bytes: u32) {
+    fn give(&self, bytes: u64) {
         *self.free.lock().expect("budget") += bytes;
         self.released.notify_all();
     }
+}
+
+/// What one request holds of its connection's budget and of the shared
+/// one (outside clients only).
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    own: u64,
+    shared: u64,
 }
 
 struct Conn {
@@ -121,6 +141,9 @@ struct Conn {
     writer: Mutex<Box<dyn Socket>>,
     closed: AtomicBool,
     budget: Budget,
+    /// Shared by every connection of outside clients; `None` for the
+    /// node's own attachments.
+    shared: Option<Arc<Budget>>,
 }
 
 /// The NBD error for an engine error.
@@ -129,6 +152,7 @@ fn errno(e: &Error) -> u32 {
         ErrorKind::NoSpace | ErrorKind::LimitReached => ENOSPC,
         ErrorKind::ReadOnly => EPERM,
         ErrorKind::OutOfRange | ErrorKind::InvalidArgument => EINVAL,
+        ErrorKind::NotSupported => ENOTSUP,
         // The volume was deleted under the connection, or the disk failed.
         _ => EIO,
     }
@@ -138,7 +162,7 @@ fn errno(e: &Error) -> u32 {
 enum Next {
     /// A request to run (a write's payload is in the worker's scratch) and
     /// the budget it holds.
-    Run(Request, Command, u32),
+    Run(Request, Command, Held),
     Refuse(Request, Rejected),
     Stop,
 }
@@ -172,6 +196,23 @@ impl Conn {
         }
     }
 
+    /// Waits for room for a payload of `length` bytes.
+    fn take(&self, length: u32) -> Held {
+        let bytes = u64::from(length.max(4096));
+        let own = self.budget.take(bytes);
+        let shared = self.shared.as_ref().map_or(0, |s| s.take(bytes));
+        Held { own, shared }
+    }
+
+    fn give(&self, held: Held) {
+        if held.own > 0 {
+            self.budget.give(held.own);
+        }
+        if let Some(s) = self.shared.as_ref().filter(|_| held.shared > 0) {
+            s.give(held.shared);
+        }
+    }
+
     /// Takes the next request off the socket (holding the reader lock).
     fn next(&self, scratch: &mut Scratch) -> std::io::Result<Next> {
         let mut rd = self.reader.lock().expect("reader");
@@ -191,18 +232,18 @@ impl Conn {
         match validate(&req, &self.limits()) {
             Ok(Command::Disconnect) => Ok(Next::Stop),
             Ok(cmd @ Command::Write { length, .. }) => {
-                let held = self.budget.take(length.max(4096));
+                let held = self.take(length);
                 if let Err(e) = rd.read_exact(sized(&mut scratch.payload, length as usize)) {
-                    self.budget.give(held);
+                    self.give(held);
                     return Err(e);
                 }
                 Ok(Next::Run(req, cmd, held))
             }
             Ok(cmd @ Command::Read { length, .. }) => {
-                let held = self.budget.take(length.max(4096));
+                let held = self.take(length);
                 Ok(Next::Run(req, cmd, held))
             }
-            Ok(cmd) => Ok(Next::Run(req, cmd, 0)),
+            Ok(cmd) => Ok(Next::Run(req, cmd, Held::default())),
             Err(rejected) => {
                 self.metrics.nbd_protocol_error(rejected.why);
                 if req.kind == CMD_WRITE {
@@ -262,10 +303,13 @@ impl Conn {
                 length,
                 fua,
                 no_hole,
+                fast,
             } => {
-                let r = self
-                    .export
-                    .write_zeroes(offset, u64::from(length), ZeroFlags { no_hole });
+                let r = self.export.write_zeroes(
+                    offset,
+                    u64::from(length),
+                    ZeroFlags { no_hole, fast },
+                );
                 (
                     &self.ops.zero,
                     "write_zeroes",
@@ -378,16 +422,17 @@ impl Conn {
                     self.closed.store(true, Ordering::Release);
                     return;
                 }
-                Next::Refuse(req, rejected) => self.error(req.cookie, rejected.error, rejected.why),
-                Next::Run(req, cmd, held) => {
-                    let reply = self.execute(req.cookie, cmd, &mut scratch);
-                    if held > 0 {
-                        self.budget.give(held);
-                    }
-                    reply
-                }
+                Next::Refuse(req, rejected) => (
+                    self.error(req.cookie, rejected.error, rejected.why),
+                    Held::default(),
+                ),
+                Next::Run(req, cmd, held) => (self.execute(req.cookie, cmd, &mut scratch), held),
             };
+            let (reply, held) = reply;
             let sent = self.send(&reply, &scratch.data);
+            // Only now: a client that does not read its replies keeps
+            // them, and the budget, until it does.
+            self.give(held);
             trim_retained(&mut scratch.payload);
             trim_retained(&mut scratch.data);
             if let Err(e) = sent {
@@ -422,6 +467,7 @@ pub(super) fn serve(
     metrics: Arc<Metrics>,
     workers: usize,
     max_inflight: u32,
+    shared: Option<Arc<Budget>>,
 ) -> std::io::Result<()> {
     let name = session.export.name();
     let ops = IoMetrics::new(&metrics, &name);
@@ -442,11 +488,8 @@ pub(super) fn serve(
         reader: Mutex::new(BufReader::with_capacity(256 << 10, reader)),
         writer: Mutex::new(writer),
         closed: AtomicBool::new(false),
-        budget: Budget {
-            free: Mutex::new(max_inflight),
-            released: Condvar::new(),
-            total: max_inflight,
-        },
+        budget: Budget::new(u64::from(max_inflight)),
+        shared,
     });
     std::thread::scope(|scope| {
         for i in 0..workers.max(1) {
