@@ -170,6 +170,7 @@ h = nbd.NBD()
 h.add_meta_context("base:allocation")
 h.connect_uri({vol:?})
 assert h.can_fua() and h.can_flush() and h.can_trim() and h.can_zero() and h.can_fast_zero()
+assert h.can_cache()
 assert h.can_multi_conn() and h.can_meta_context("base:allocation")
 h.pwrite(b"A" * 65536, 0, nbd.CMD_FLAG_FUA)
 h.pwrite(b"B" * 1000, 70000)
@@ -181,6 +182,9 @@ h.zero(8192, 4096)
 assert h.pread(8192, 4096) == b"\0" * 8192
 h.zero(4096, 16384, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
 h.zero(4096, 32768, nbd.CMD_FLAG_FAST_ZERO)
+# A fast zero that would write zeroes as data (a partial block) is refused.
+expect_error("ENOTSUP", h.zero, 100, 4096 + 8, nbd.CMD_FLAG_FAST_ZERO)
+h.cache(65536, 0)
 h.trim(4096, 40960)
 assert h.pread(4096, 40960) == b"\0" * 4096
 ext = []
@@ -198,6 +202,8 @@ size = h.get_size()
 expect_error("EINVAL", h.pread, 4096, size)
 expect_error("ENOSPC", h.pwrite, b"x" * 4096, size - 100)
 expect_error("EINVAL", h.block_status, 4096, size, lambda *a: 0)
+expect_error("EINVAL", h.trim, 8192, size - 4096)
+expect_error("EINVAL", h.cache, 4096, size)
 # The connection survives every refused request.
 assert h.pread(4, 0) == b"AAAA"
 h.shutdown()

@@ -223,6 +223,10 @@ fn bad_requests_get_errors_and_flushed_data_survives_them() {
         ),
         // Whole blocks are fast.
         (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 1 << 20, 8192, 0, 0),
+        // Read-ahead, within the export only.
+        (CMD_CACHE, 0, 0, 1 << 20, 0, 0),
+        (CMD_CACHE, 0, size - 4096, 8192, 0, EINVAL),
+        (CMD_CACHE, CMD_FLAG_NO_HOLE, 0, 4096, 0, EINVAL),
     ];
     for (i, (kind, flags, offset, len, payload, want)) in cases.into_iter().enumerate() {
         let cookie = 100 + i as u64;

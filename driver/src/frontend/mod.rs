@@ -30,6 +30,7 @@ pub(crate) struct IoMetrics {
     pub trim: OpMetrics,
     pub zero: OpMetrics,
     pub status: OpMetrics,
+    pub cache: OpMetrics,
 }
 
 impl IoMetrics {
@@ -41,6 +42,7 @@ impl IoMetrics {
             trim: metrics.op(export, "trim"),
             zero: metrics.op(export, "write_zeroes"),
             status: metrics.op(export, "block_status"),
+            cache: metrics.op(export, "cache"),
         }
     }
 }

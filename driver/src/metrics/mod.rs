@@ -20,13 +20,14 @@ use prometheus_client::registry::Registry;
 use crate::engine::{JobKind, JobState, Method, Pool};
 
 /// The operations counted per volume.
-pub const OPS: [&str; 6] = [
+pub const OPS: [&str; 7] = [
     "read",
     "write",
     "flush",
     "trim",
     "write_zeroes",
     "block_status",
+    "cache",
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -23,7 +23,11 @@ pub(super) struct Session {
 const MAX_SKIPPED_OPTION: u32 = 1 << 20;
 
 fn transmission_flags(export: &Export, structured: bool) -> u16 {
-    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    let mut f = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_CAN_MULTI_CONN
+        | TFLAG_SEND_CACHE;
     if export.read_only() {
         f |= TFLAG_READ_ONLY;
     } else {

@@ -65,6 +65,7 @@ pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Commands.
@@ -73,6 +74,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -339,6 +341,11 @@ pub enum Command {
         length: u32,
         one: bool,
     },
+    /// Read ahead: the range will be read soon.
+    Cache {
+        offset: u64,
+        length: u32,
+    },
     Disconnect,
 }
 
@@ -363,6 +370,7 @@ pub fn validate(req: &Request, ex: &ExportLimits) -> Result<Command, Rejected> {
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_CACHE => CMD_FLAG_FUA,
         CMD_FLUSH | CMD_DISC => CMD_FLAG_FUA,
         _ => return Err(rejected(EINVAL, "unknown_command")),
     };
@@ -408,6 +416,10 @@ pub fn validate(req: &Request, ex: &ExportLimits) -> Result<Command, Rejected> {
             fua,
             no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
             fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+        }),
+        CMD_CACHE => Ok(Command::Cache {
+            offset: req.offset,
+            length: req.length,
         }),
         CMD_BLOCK_STATUS if !ex.allocation_context => Err(rejected(EINVAL, "no_meta_context")),
         CMD_BLOCK_STATUS if req.length == 0 => Err(rejected(EINVAL, "zero_length")),
