@@ -579,8 +579,8 @@ impl Controller for ControllerService {
 
     /// Says where the volume is: on the node asked for (it attaches it
     /// from its own pool), or on another, with the address of that node's
-    /// data path and a grant for this attachment (whose epoch, the time of
-    /// the publish, fences off older attachments of the volume).
+    /// data path and a grant for this attachment (the owner records the
+    /// attachment, which fences off every earlier one of the volume).
     async fn controller_publish_volume(
         &self,
         req: Request<ControllerPublishVolumeRequest>,

@@ -1,15 +1,17 @@
 //! Grants: the controller's word that a node may use a volume held by
 //! another node. A grant names the volume, the node it was published to and
-//! an epoch (the time of the publish, in nanoseconds: a later publish has a
-//! larger one), and carries an HMAC-SHA256 over them.
+//! the epoch of that attachment (which the owner's agent chose and recorded
+//! when the controller published the volume: `agent.proto`, Attach), and
+//! carries an HMAC-SHA256 over them.
 //!
 //! The HMAC key is derived from the private key of the cluster's TLS
 //! certificate, which the controller and every node share (one Secret):
 //! whoever can pass the agent port's mutual TLS can also make grants. So a
 //! grant does not keep out an attacker who holds that key (nothing does);
 //! it keeps a node from using a volume the controller did not publish to
-//! it, and, with the owner's fence (the newest epoch it has seen per
-//! volume), an older attachment from writing after a newer one began.
+//! it, and, with the owner's record of the current attachment (whose node
+//! and epoch a grant must name), an older attachment from writing after a
+//! newer one began or after the volume was unpublished.
 
 use ring::hmac;
 
@@ -97,7 +99,7 @@ impl GrantKey {
 }
 
 /// A grant as text (for CSI's publish context and the staging record):
-/// `epoch.node.hexmac` after the volume ID the context already carries.
+/// `epoch.hexmac.node`; the volume ID is beside it in the context.
 pub fn encode(g: &pb::Grant) -> String {
     let mac: String = g.mac.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}.{}.{}", g.epoch, mac, g.node_id)
