@@ -436,7 +436,7 @@ impl Node {
             writers: Vec::new(),
             broken: None,
             remote: remote.as_ref().map(|v| state::RemoteRecord {
-                target: v.target().clone(),
+                target: v.target(),
                 size_bytes: v.size(),
             }),
         };
