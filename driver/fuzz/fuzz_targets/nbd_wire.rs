@@ -32,9 +32,10 @@ fuzz_target!(|data: &[u8]| {
             | Ok(Command::Write { offset, length, .. })
             | Ok(Command::Trim { offset, length, .. })
             | Ok(Command::WriteZeroes { offset, length, .. })
-            | Ok(Command::BlockStatus { offset, length, .. }) => {
+            | Ok(Command::BlockStatus { offset, length, .. })
+            | Ok(Command::Cache { offset, length }) => {
                 assert!(offset.checked_add(u64::from(length)).is_some_and(|end| end <= limits.size));
-                assert!(length <= MAX_REQUEST || matches!(req.kind, CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS));
+                assert!(length <= MAX_REQUEST || matches!(req.kind, CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_CACHE));
             }
             Ok(Command::Flush) | Ok(Command::Disconnect) => {}
             Err(r) => assert!(r.error != 0),
