@@ -7,65 +7,46 @@
 //! vendored in `proto/csi.proto`; its header records where each part's field
 //! numbers come from.
 
-/// The CSI protocol, package `csi.v1`.
-pub mod csi {
-    /// Package `csi.v1`.
-    #[allow(
-        missing_docs,
-        missing_debug_implementations,
-        clippy::all,
-        clippy::pedantic,
-        rustdoc::all
-    )]
-    pub mod v1 {
-        tonic::include_proto!("csi.v1");
-    }
+/// A protobuf package's generated code, lints relaxed (it is generated).
+macro_rules! package {
+    ($(#[$doc:meta])* $name:ident, $package:literal) => {
+        $(#[$doc])*
+        pub mod $name {
+            #[doc = concat!("Package `", $package, "`.")]
+            #[allow(
+                missing_docs,
+                missing_debug_implementations,
+                clippy::all,
+                clippy::pedantic,
+                rustdoc::all
+            )]
+            pub mod v1 {
+                tonic::include_proto!($package);
+            }
+        }
+    };
 }
 
-/// Strata's own API (jobs, snapshot space), package `strata.admin.v1`.
-pub mod admin {
-    /// Package `strata.admin.v1`.
-    #[allow(
-        missing_docs,
-        missing_debug_implementations,
-        clippy::all,
-        clippy::pedantic,
-        rustdoc::all
-    )]
-    pub mod v1 {
-        tonic::include_proto!("strata.admin.v1");
-    }
-}
-
-/// The node agent the controller drives, package `strata.agent.v1`.
-pub mod agent {
-    /// Package `strata.agent.v1`.
-    #[allow(
-        missing_docs,
-        missing_debug_implementations,
-        clippy::all,
-        clippy::pedantic,
-        rustdoc::all
-    )]
-    pub mod v1 {
-        tonic::include_proto!("strata.agent.v1");
-    }
-}
-
-/// The data path between nodes, package `strata.peer.v1`.
-pub mod peer {
-    /// Package `strata.peer.v1`.
-    #[allow(
-        missing_docs,
-        missing_debug_implementations,
-        clippy::all,
-        clippy::pedantic,
-        rustdoc::all
-    )]
-    pub mod v1 {
-        tonic::include_proto!("strata.peer.v1");
-    }
-}
+package!(
+    /// The CSI protocol, package `csi.v1`.
+    csi,
+    "csi.v1"
+);
+package!(
+    /// Strata's own API (jobs, snapshot space), package `strata.admin.v1`.
+    admin,
+    "strata.admin.v1"
+);
+package!(
+    /// The node agent the controller drives, package `strata.agent.v1`.
+    agent,
+    "strata.agent.v1"
+);
+package!(
+    /// The data path between nodes, package `strata.peer.v1`.
+    peer,
+    "strata.peer.v1"
+);
 
 /// The spec version this crate's proto matches.
 pub const CSI_SPEC_VERSION: &str = "1.12.0";

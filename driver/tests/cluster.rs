@@ -53,6 +53,13 @@ fn node_of(v: &Volume) -> String {
     v.accessible_topology[0].segments[KEY].clone()
 }
 
+/// Waits until the controller reports room on every node of `nodes`.
+async fn registered(cc: &mut ControllerClient<tonic::transport::Channel>, nodes: &[&str]) {
+    for n in nodes {
+        eventually(30, "nodes registered", async || capacity(cc, n).await > 0).await;
+    }
+}
+
 fn with_requirements(
     mut req: CreateVolumeRequest,
     requisite: &[&str],
@@ -161,12 +168,7 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;
 
     // Both nodes registered, with room.
-    for n in ["n1", "n2"] {
-        eventually(20, "nodes registered", async || {
-            capacity(&mut cc, n).await > 0
-        })
-        .await;
-    }
+    registered(&mut cc, &["n1", "n2"]).await;
     assert_eq!(capacity(&mut cc, "nowhere").await, 0);
 
     // Placement: requisite decides, then preference.
@@ -726,12 +728,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
-    for n in ["n1", "n2"] {
-        eventually(20, "nodes registered", async || {
-            capacity(&mut cc, n).await > 0
-        })
-        .await;
-    }
+    registered(&mut cc, &["n1", "n2"]).await;
     let size = 16 << 20;
     let vol = created(
         &mut cc,
@@ -1091,11 +1088,8 @@ async fn nodes_on_their_own_networks_attach_each_others_volumes() {
     let mut csi = Vec::new();
     for n in &nodes {
         csi.push(Csi::connect(&n.csi_socket()).await);
-        eventually(30, "nodes registered", async || {
-            capacity(&mut cc, &n.id).await > 0
-        })
-        .await;
     }
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
     net.limit("n3", "40mbit");
 
     let size = 16usize << 20;

@@ -131,6 +131,14 @@ enum Effect {
     Flush,
 }
 
+/// Volume data a request carries, for the per-peer byte counts.
+#[derive(Debug, Clone, Copy)]
+enum Payload {
+    None,
+    Sent(u64),
+    Received(u64),
+}
+
 /// A volume held by another node.
 #[derive(Debug)]
 pub struct RemoteVolume {
@@ -162,6 +170,7 @@ fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
         Code::NotFound => std::io::ErrorKind::NotFound,
         Code::ResourceExhausted => std::io::ErrorKind::StorageFull,
         Code::FailedPrecondition => std::io::ErrorKind::ReadOnlyFilesystem,
+        Code::Unimplemented => std::io::ErrorKind::Unsupported,
         _ => std::io::ErrorKind::Other,
     };
     let source = std::io::Error::new(kind, format!("{:?}: {}", s.code(), s.message()));
@@ -187,7 +196,13 @@ impl RemoteVolume {
     /// to [`RETRY_FOR`]. A retry of an attempt whose outcome is unknown
     /// goes out in a new session, so the owner finishes or drops that
     /// attempt before it runs the retry.
-    fn call<T, F, Fut>(&self, op: &'static str, effect: Effect, call: F) -> Result<T>
+    fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        effect: Effect,
+        payload: Payload,
+        call: F,
+    ) -> Result<T>
     where
         F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
@@ -211,6 +226,11 @@ impl RemoteVolume {
             {
                 Ok(r) => {
                     metrics.remote_io(owner, op, start.elapsed());
+                    match payload {
+                        Payload::None => {}
+                        Payload::Sent(n) => metrics.peer_bytes(owner, true, n),
+                        Payload::Received(n) => metrics.peer_bytes(owner, false, n),
+                    }
                     let boot = r.metadata().get(BOOT_HEADER).and_then(|v| v.to_str().ok());
                     self.answered(&link.target, op, effect, boot)?;
                     return Ok(r.into_inner());
@@ -281,9 +301,12 @@ impl RemoteVolume {
 
     /// Asks the owner for the volume's size (after an expansion).
     pub fn refresh_size(&self) -> Result<u64> {
-        let r = self.call("open", Effect::None, |mut c, grant| async move {
-            c.open(pb::OpenRequest { grant: Some(grant) }).await
-        })?;
+        let r = self.call(
+            "open",
+            Effect::None,
+            Payload::None,
+            |mut c, grant| async move { c.open(pb::OpenRequest { grant: Some(grant) }).await },
+        )?;
         self.size.store(r.size_bytes, Ordering::Relaxed);
         Ok(r.size_bytes)
     }
@@ -315,7 +338,8 @@ impl RemoteDevice for RemoteVolume {
         while done < buf.len() {
             let len = (buf.len() - done).min(MAX_IO);
             let at = offset + done as u64;
-            let r = self.call("read", Effect::None, |mut c, grant| async move {
+            let payload = Payload::Received(len as u64);
+            let r = self.call("read", Effect::None, payload, |mut c, grant| async move {
                 c.read(pb::ReadRequest {
                     grant: Some(grant),
                     offset: at,
@@ -334,8 +358,6 @@ impl RemoteDevice for RemoteVolume {
                 ));
             }
             buf[done..done + len].copy_from_slice(&r.data);
-            let owner = self.link().target.owner;
-            self.peers.metrics.peer_bytes(&owner, false, len as u64);
             done += len;
         }
         Ok(())
@@ -345,7 +367,8 @@ impl RemoteDevice for RemoteVolume {
         for (i, chunk) in data.chunks(MAX_IO).enumerate() {
             let at = offset + (i * MAX_IO) as u64;
             let effect = if fua { Effect::None } else { Effect::Unflushed };
-            self.call("write", effect, |mut c, grant| {
+            let payload = Payload::Sent(chunk.len() as u64);
+            self.call("write", effect, payload, |mut c, grant| {
                 let data = chunk.to_vec();
                 async move {
                     c.write(pb::WriteRequest {
@@ -357,30 +380,34 @@ impl RemoteDevice for RemoteVolume {
                     .await
                 }
             })?;
-            let owner = self.link().target.owner;
-            self.peers
-                .metrics
-                .peer_bytes(&owner, true, chunk.len() as u64);
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        self.call("flush", Effect::Flush, |mut c, grant| async move {
-            c.flush(pb::FlushRequest { grant: Some(grant) }).await
-        })
+        self.call(
+            "flush",
+            Effect::Flush,
+            Payload::None,
+            |mut c, grant| async move { c.flush(pb::FlushRequest { grant: Some(grant) }).await },
+        )
         .map(drop)
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.call("trim", Effect::Unflushed, |mut c, grant| async move {
-            c.trim(pb::RangeRequest {
-                grant: Some(grant),
-                offset,
-                length: len,
-            })
-            .await
-        })
+        self.call(
+            "trim",
+            Effect::Unflushed,
+            Payload::None,
+            |mut c, grant| async move {
+                c.trim(pb::RangeRequest {
+                    grant: Some(grant),
+                    offset,
+                    length: len,
+                })
+                .await
+            },
+        )
         .map(drop)
     }
 
@@ -388,6 +415,7 @@ impl RemoteDevice for RemoteVolume {
         let done = self.call(
             "write zeroes",
             Effect::Unflushed,
+            Payload::None,
             |mut c, grant| async move {
                 c.zero(pb::ZeroRequest {
                     grant: Some(grant),
@@ -402,7 +430,7 @@ impl RemoteDevice for RemoteVolume {
         match done {
             // The owner would have written zeroes as data.
             Err(Error::Io { source, .. })
-                if flags.fast && source.to_string().starts_with("Unimplemented") =>
+                if flags.fast && source.kind() == std::io::ErrorKind::Unsupported =>
             {
                 Err(Error::SlowZero { offset, len })
             }
