@@ -1003,6 +1003,71 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     assert!(read_at(&target, 1 << 20, 4 << 20) == data);
     detach(&n1, &mut csi1, &rid).await;
 
+    // Published read-only (another way than it is published to n1 now:
+    // ALREADY_EXISTS until it is unpublished): n1 reads it through a
+    // read-only device, and the owner refuses the grant's writes.
+    let publish_ro = ControllerPublishVolumeRequest {
+        volume_id: rid.clone(),
+        node_id: "n1".into(),
+        volume_capability: Some(c::block_cap()),
+        readonly: true,
+        ..Default::default()
+    };
+    let e = cc
+        .controller_publish_volume(publish_ro.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: rid.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ctx = cc
+        .controller_publish_volume(publish_ro)
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let ro_grant = strata::peer::grant::decode(&rid, &ctx["strata.dev/grant"]).unwrap();
+    assert!(ro_grant.read_only, "{ctx:?}");
+    let target = attach_with(&n1, &mut csi1, &rid, ctx).await;
+    assert!(read_at(&target, 1 << 20, 4 << 20) == data);
+    let written = {
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .and_then(|f| f.write_all_at(&[1u8; 4096], 0).and_then(|()| f.sync_all()))
+        })
+        .await
+        .unwrap()
+    };
+    assert!(written.is_err(), "wrote to a read-only publish");
+    let e = peer
+        .write(pb::WriteRequest {
+            grant: Some(ro_grant),
+            offset: 1 << 20,
+            data: vec![1u8; 4096],
+            fua: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(read_at(&target, 1 << 20, 4 << 20) == data);
+    detach(&n1, &mut csi1, &rid).await;
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: rid.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     // Pinned to its node (locality: node), it is published nowhere else.
     let local = created(
         &mut cc,

@@ -322,7 +322,10 @@ impl Agent for AgentService {
             return Err(Status::invalid_argument("node_id is required"));
         }
         let (vid, node) = (volume_id(&req.volume_id)?, req.node_id.as_str());
-        let epoch = self.attachments.attach(&self.started, vid, node).await?;
+        let epoch = self
+            .attachments
+            .attach(&self.started, vid, node, req.read_only)
+            .await?;
         Ok(Response::new(AttachReply { epoch }))
     }
 

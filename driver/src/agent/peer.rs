@@ -55,6 +55,19 @@ struct Fence {
     older: usize,
 }
 
+/// What Attach and Detach ask for.
+#[derive(Debug, Clone, Copy)]
+enum Change<'a> {
+    Attach {
+        node: &'a str,
+        read_only: bool,
+    },
+    /// "": whichever node has it.
+    Detach {
+        node: &'a str,
+    },
+}
+
 /// One admitted request; dropping it (when the engine call returned)
 /// lets a newer session in.
 struct Admitted {
@@ -137,14 +150,17 @@ impl Attachments {
         }
     }
 
-    /// Publishes `vid` to `node` (see `agent.proto`, Attach); its epoch.
+    /// Publishes `vid` to `node`, read-only or not (see `agent.proto`,
+    /// Attach); its epoch.
     pub async fn attach(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
         node: &str,
+        read_only: bool,
     ) -> Result<u64, Status> {
-        self.change(started, vid, node, true).await
+        self.change(started, vid, Change::Attach { node, read_only })
+            .await
     }
 
     /// Ends the attachment of `node`, if it has it ("": whichever node).
@@ -154,33 +170,49 @@ impl Attachments {
         vid: VolumeId,
         node: &str,
     ) -> Result<u64, Status> {
-        self.change(started, vid, node, false).await
+        self.change(started, vid, Change::Detach { node }).await
     }
 
     async fn change(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
-        node: &str,
-        attach: bool,
+        change: Change<'_>,
     ) -> Result<u64, Status> {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
-        let unchanged = if attach {
-            now.node == node
-        } else {
-            now.node.is_empty() || (!node.is_empty() && now.node != node)
-        };
-        if !unchanged {
-            let next = Attachment {
-                node: if attach {
-                    node.to_string()
-                } else {
-                    String::new()
-                },
+        let next = match change {
+            Change::Attach { node, read_only } if now.node == node => {
+                if now.read_only != read_only {
+                    return Err(Status::already_exists(format!(
+                        "volume {vid} is published to node {node} {} already",
+                        if now.read_only {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    )));
+                }
+                None
+            }
+            Change::Attach { node, read_only } => Some(Attachment {
+                node: node.to_string(),
                 epoch: now.epoch + 1,
-            };
+                read_only,
+            }),
+            Change::Detach { node }
+                if now.node.is_empty() || (!node.is_empty() && now.node != node) =>
+            {
+                None
+            }
+            Change::Detach { .. } => Some(Attachment {
+                node: String::new(),
+                epoch: now.epoch + 1,
+                read_only: false,
+            }),
+        };
+        if let Some(next) = next {
             let durable = next.clone();
             blocking(started, move |core| core.pool.set_attachment(vid, &durable)).await?;
             let mut fences = self.fences.lock().expect("fences");
@@ -237,9 +269,10 @@ impl PeerService {
         r
     }
 
-    /// Checks the grant against the volume's attachment, and waits until
-    /// the request may run.
-    async fn admit(&self, grant: Option<&Grant>) -> Result<Admitted, Status> {
+    /// Checks the grant against the volume's attachment (and that a
+    /// request that `writes` has a read-write one), and waits until the
+    /// request may run.
+    async fn admit(&self, grant: Option<&Grant>, writes: bool) -> Result<Admitted, Status> {
         let g = grant.ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
         self.key
             .check(Some(g), &g.volume_id)
@@ -270,6 +303,25 @@ impl PeerService {
                         a.epoch
                     )));
                 }
+                if a.read_only != g.read_only {
+                    return Err(Status::permission_denied(format!(
+                        "volume {vid} is published to node {} {} under epoch {}; the grant \
+                         says otherwise",
+                        g.node_id,
+                        if a.read_only {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        },
+                        a.epoch
+                    )));
+                }
+                if writes && g.read_only {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {vid} is published to node {} read-only; not executed",
+                        g.node_id
+                    )));
+                }
                 if g.session < f.session {
                     let mut s = Status::aborted(format!(
                         "session {} of this attachment was replaced by session {}; not executed",
@@ -298,13 +350,15 @@ impl PeerService {
         }
     }
 
-    /// Runs engine work for the volume on the blocking pool.
+    /// Runs engine work for the volume on the blocking pool (work that
+    /// `writes` needs a read-write grant).
     async fn on_volume<T: Send + 'static>(
         &self,
         grant: Option<&Grant>,
+        writes: bool,
         f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let admitted = self.admit(grant).await?;
+        let admitted = self.admit(grant, writes).await?;
         let started = self.started.clone();
         tokio::task::spawn_blocking(move || {
             let core: &Core = started.get()?;
@@ -331,7 +385,9 @@ fn io_len(len: u64) -> Result<usize, Status> {
 impl Peer for PeerService {
     async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
         let req = req.into_inner();
-        let size = self.on_volume(req.grant.as_ref(), |v| Ok(v.size())).await?;
+        let size = self
+            .on_volume(req.grant.as_ref(), false, |v| Ok(v.size()))
+            .await?;
         Ok(self.reply(OpenReply { size_bytes: size }))
     }
 
@@ -340,7 +396,7 @@ impl Peer for PeerService {
         let len = io_len(u64::from(req.length))?;
         let peer = req.grant.as_ref().map(|g| g.node_id.clone());
         let data = self
-            .on_volume(req.grant.as_ref(), move |v| {
+            .on_volume(req.grant.as_ref(), false, move |v| {
                 let mut buf = vec![0u8; len];
                 v.read(req.offset, &mut buf)?;
                 Ok(buf)
@@ -355,7 +411,7 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let len = io_len(req.data.len() as u64)?;
         let grant = req.grant.clone();
-        self.on_volume(grant.as_ref(), move |v| {
+        self.on_volume(grant.as_ref(), true, move |v| {
             v.write(req.offset, &req.data, req.fua)
         })
         .await?;
@@ -366,14 +422,17 @@ impl Peer for PeerService {
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<Done>, Status> {
         let req = req.into_inner();
-        self.on_volume(req.grant.as_ref(), |v| v.flush()).await?;
+        self.on_volume(req.grant.as_ref(), false, |v| v.flush())
+            .await?;
         Ok(self.reply(Done {}))
     }
 
     async fn trim(&self, req: Request<RangeRequest>) -> Result<Response<Done>, Status> {
         let req = req.into_inner();
-        self.on_volume(req.grant.as_ref(), move |v| v.trim(req.offset, req.length))
-            .await?;
+        self.on_volume(req.grant.as_ref(), true, move |v| {
+            v.trim(req.offset, req.length)
+        })
+        .await?;
         Ok(self.reply(Done {}))
     }
 
@@ -383,7 +442,7 @@ impl Peer for PeerService {
             no_hole: !req.may_trim,
             fast: req.fast,
         };
-        self.on_volume(req.grant.as_ref(), move |v| {
+        self.on_volume(req.grant.as_ref(), true, move |v| {
             v.write_zeroes(req.offset, req.length, flags)
         })
         .await?;
@@ -414,7 +473,7 @@ mod tests {
     }
 
     fn grant(vid: VolumeId, node: &str, epoch: u64, session: u64) -> Grant {
-        let mut g = GrantKey::from_secret(b"test").make(&vid.to_string(), node, epoch);
+        let mut g = GrantKey::from_secret(b"test").make(&vid.to_string(), node, epoch, false);
         g.session = session;
         g
     }
@@ -431,32 +490,35 @@ mod tests {
         let denied = |r: Result<Admitted, Status>| r.map(drop).unwrap_err().code();
         // Published nowhere yet.
         assert_eq!(
-            denied(s.admit(Some(&grant(vid, "n1", 0, 0))).await),
+            denied(s.admit(Some(&grant(vid, "n1", 0, 0)), false).await),
             tonic::Code::PermissionDenied
         );
-        let e1 = s.attachments.attach(&st, vid, "n1").await.unwrap();
-        assert_eq!(s.attachments.attach(&st, vid, "n1").await.unwrap(), e1);
-        s.admit(Some(&grant(vid, "n1", e1, 0)))
+        let e1 = s.attachments.attach(&st, vid, "n1", false).await.unwrap();
+        assert_eq!(
+            s.attachments.attach(&st, vid, "n1", false).await.unwrap(),
+            e1
+        );
+        s.admit(Some(&grant(vid, "n1", e1, 0)), false)
             .await
             .map(drop)
             .unwrap();
         // Another node's grant, or a forged epoch, never.
         for (node, epoch) in [("n2", e1), ("n1", e1 + 1)] {
             assert_eq!(
-                denied(s.admit(Some(&grant(vid, node, epoch, 0))).await),
+                denied(s.admit(Some(&grant(vid, node, epoch, 0)), false).await),
                 tonic::Code::PermissionDenied
             );
         }
         // Published to n2: n1 is fenced off, also after a restart.
-        let e2 = s.attachments.attach(&st, vid, "n2").await.unwrap();
+        let e2 = s.attachments.attach(&st, vid, "n2", false).await.unwrap();
         assert!(e2 > e1);
         let again = service(&st);
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n1", e1, 0))).await),
+            denied(again.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
             tonic::Code::PermissionDenied
         );
         again
-            .admit(Some(&grant(vid, "n2", e2, 0)))
+            .admit(Some(&grant(vid, "n2", e2, 0)), false)
             .await
             .map(drop)
             .unwrap();
@@ -464,31 +526,47 @@ mod tests {
         // it; so does publishing to the owner itself.
         again.attachments.detach(&st, vid, "n9").await.unwrap();
         again
-            .admit(Some(&grant(vid, "n2", e2, 0)))
+            .admit(Some(&grant(vid, "n2", e2, 0)), false)
             .await
             .map(drop)
             .unwrap();
         again.attachments.detach(&st, vid, "n2").await.unwrap();
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n2", e2, 0))).await),
+            denied(again.admit(Some(&grant(vid, "n2", e2, 0)), false).await),
             tonic::Code::PermissionDenied
         );
-        let e3 = again.attachments.attach(&st, vid, "n2").await.unwrap();
-        again.attachments.attach(&st, vid, "owner").await.unwrap();
+        let e3 = again
+            .attachments
+            .attach(&st, vid, "n2", false)
+            .await
+            .unwrap();
+        again
+            .attachments
+            .attach(&st, vid, "owner", false)
+            .await
+            .unwrap();
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n2", e3, 0))).await),
+            denied(again.admit(Some(&grant(vid, "n2", e3, 0)), false).await),
             tonic::Code::PermissionDenied
         );
         // A bad MAC never gets in; nor a session past the limit.
-        let e4 = again.attachments.attach(&st, vid, "n3").await.unwrap();
+        let e4 = again
+            .attachments
+            .attach(&st, vid, "n3", false)
+            .await
+            .unwrap();
         let mut forged = grant(vid, "n3", e4, 0);
         forged.mac[0] ^= 1;
         assert_eq!(
-            denied(again.admit(Some(&forged)).await),
+            denied(again.admit(Some(&forged), false).await),
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n3", e4, u64::MAX))).await),
+            denied(
+                again
+                    .admit(Some(&grant(vid, "n3", e4, u64::MAX)), false)
+                    .await
+            ),
             tonic::Code::InvalidArgument
         );
     }
@@ -501,17 +579,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (st, vid) = started(dir.path());
         let s = service(&st);
-        let e = s.attachments.attach(&st, vid, "n1").await.unwrap();
-        let first = s.admit(Some(&grant(vid, "n1", e, 1))).await.unwrap();
-        let also_first = s.admit(Some(&grant(vid, "n1", e, 1))).await.unwrap();
+        let e = s.attachments.attach(&st, vid, "n1", false).await.unwrap();
+        let first = s.admit(Some(&grant(vid, "n1", e, 1)), false).await.unwrap();
+        let also_first = s.admit(Some(&grant(vid, "n1", e, 1)), false).await.unwrap();
         let retry = {
             let (s, g) = (s.clone(), grant(vid, "n1", e, 2));
-            tokio::spawn(async move { s.admit(Some(&g)).await.map(drop) })
+            tokio::spawn(async move { s.admit(Some(&g), false).await.map(drop) })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!retry.is_finished(), "ran beside the older session");
         let late = s
-            .admit(Some(&grant(vid, "n1", e, 1)))
+            .admit(Some(&grant(vid, "n1", e, 1)), false)
             .await
             .map(drop)
             .unwrap_err();
@@ -524,14 +602,118 @@ mod tests {
         retry.await.unwrap().unwrap();
 
         // Publishing to n2 answers once n1's request in the engine is done.
-        let running = s.admit(Some(&grant(vid, "n1", e, 2))).await.unwrap();
+        let running = s.admit(Some(&grant(vid, "n1", e, 2)), false).await.unwrap();
         let publish = {
             let (s, st) = (s.clone(), st.clone());
-            tokio::spawn(async move { s.attachments.attach(&st, vid, "n2").await })
+            tokio::spawn(async move { s.attachments.attach(&st, vid, "n2", false).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!publish.is_finished(), "published while n1's request ran");
         drop(running);
         assert!(publish.await.unwrap().unwrap() > e);
+    }
+
+    /// A read-only attachment reads and flushes; its writes, trims and
+    /// zeroes are refused unexecuted, a read-write grant of its epoch is
+    /// not taken, and publishing the node again the other way is
+    /// ALREADY_EXISTS until it is unpublished; all of it from the record
+    /// after a restart too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_only_attachment_reads_and_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, vid) = started(dir.path());
+        let s = service(&st);
+        let core = st.get().unwrap();
+        core.pool
+            .volume(vid)
+            .unwrap()
+            .write(0, &[7u8; 4096], true)
+            .unwrap();
+        let e = s.attachments.attach(&st, vid, "n1", true).await.unwrap();
+        assert_eq!(
+            s.attachments
+                .attach(&st, vid, "n1", false)
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::AlreadyExists
+        );
+        let again = service(&st);
+        assert_eq!(
+            again
+                .attachments
+                .attach(&st, vid, "n1", true)
+                .await
+                .unwrap(),
+            e
+        );
+        let ro = GrantKey::from_secret(b"test").make(&vid.to_string(), "n1", e, true);
+        let rw = grant(vid, "n1", e, 0);
+        let read = again
+            .read(Request::new(ReadRequest {
+                grant: Some(ro.clone()),
+                offset: 0,
+                length: 4096,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(read.into_inner().data, vec![7u8; 4096]);
+        again
+            .flush(Request::new(FlushRequest {
+                grant: Some(ro.clone()),
+            }))
+            .await
+            .unwrap();
+        let code = |r: Result<Response<Done>, Status>| r.unwrap_err().code();
+        let write = |g: &Grant| WriteRequest {
+            grant: Some(g.clone()),
+            offset: 0,
+            data: vec![1u8; 4096],
+            fua: true,
+        };
+        let range = RangeRequest {
+            grant: Some(ro.clone()),
+            offset: 0,
+            length: 4096,
+        };
+        let zero = ZeroRequest {
+            grant: Some(ro.clone()),
+            offset: 0,
+            length: 4096,
+            may_trim: true,
+            fast: false,
+        };
+        assert_eq!(
+            code(again.write(Request::new(write(&ro))).await),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(again.trim(Request::new(range)).await),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(again.zero(Request::new(zero)).await),
+            tonic::Code::FailedPrecondition
+        );
+        // A read-write grant of the same node and epoch is not the
+        // controller's word for this attachment.
+        assert_eq!(
+            code(again.write(Request::new(write(&rw))).await),
+            tonic::Code::PermissionDenied
+        );
+        let mut buf = vec![0u8; 4096];
+        core.pool.volume(vid).unwrap().read(0, &mut buf).unwrap();
+        assert_eq!(buf, vec![7u8; 4096], "a refused request wrote");
+        // Unpublished, then published read-write: writes go in.
+        again.attachments.detach(&st, vid, "n1").await.unwrap();
+        let e2 = again
+            .attachments
+            .attach(&st, vid, "n1", false)
+            .await
+            .unwrap();
+        again
+            .write(Request::new(write(&grant(vid, "n1", e2, 0))))
+            .await
+            .unwrap();
     }
 }

@@ -646,12 +646,14 @@ impl Controller for ControllerService {
             .attach(Request::new(agent::AttachRequest {
                 volume_id: req.volume_id.clone(),
                 node_id: req.node_id.clone(),
+                read_only: req.readonly,
             }))
             .await?
             .into_inner()
             .epoch;
         if remote {
-            let grant = GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, epoch);
+            let grant =
+                GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, epoch, req.readonly);
             context.insert(node_context::ADDRESS.to_string(), address);
             context.insert(node_context::GRANT.to_string(), grant::encode(&grant));
         }
@@ -682,6 +684,7 @@ impl Controller for ControllerService {
             .detach(Request::new(agent::AttachRequest {
                 volume_id: req.volume_id.clone(),
                 node_id: req.node_id.clone(),
+                read_only: false,
             }))
             .await?;
         Ok(Response::new(ControllerUnpublishVolumeResponse {}))

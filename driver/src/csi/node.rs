@@ -161,10 +161,13 @@ impl NodeRpc for NodeService {
         let id = required(&req.volume_id, "volume_id")?;
         let staging_path = path(&req.staging_target_path, "staging_target_path")?;
         let (access, mode) = access(req.volume_capability, &req.volume_context)?;
-        let read_only = mode == Some(Mode::SingleNodeReaderOnly);
         let volume = volume_id(id)?;
         let _guard = self.inflight.claim(&format!("volume {volume}"))?;
         let remote = remote_target(id, &self.node_id, &req.publish_context)?;
+        // A volume of another node published read-only is staged so (its
+        // owner refuses writes).
+        let read_only = mode == Some(Mode::SingleNodeReaderOnly)
+            || remote.as_ref().is_some_and(crate::peer::Target::read_only);
         let stage = node::Stage {
             volume,
             staging_path,

@@ -74,6 +74,8 @@ pub trait RemoteDevice: std::fmt::Debug + Send + Sync {
     /// The volume's ID.
     fn name(&self) -> String;
     fn size(&self) -> u64;
+    /// Published read-only: writes are refused.
+    fn read_only(&self) -> bool;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     fn flush(&self) -> Result<()>;
@@ -193,7 +195,11 @@ impl Export {
     }
 
     pub fn read_only(&self) -> bool {
-        matches!(self, Export::Snapshot(_))
+        match self {
+            Export::Volume(_) => false,
+            Export::Snapshot(_) => true,
+            Export::Remote(r) => r.read_only(),
+        }
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -205,14 +211,17 @@ impl Export {
     }
 
     fn read_only_error(&self) -> Error {
-        Error::ReadOnly(format!("snapshot {}", self.name()))
+        Error::ReadOnly(match self {
+            Export::Snapshot(_) => format!("snapshot {}", self.name()),
+            _ => format!("volume {} (published read-only)", self.name()),
+        })
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         match self {
             Export::Volume(v) => v.write(offset, data, fua),
-            Export::Remote(r) => r.write(offset, data, fua),
-            Export::Snapshot(_) => Err(self.read_only_error()),
+            Export::Remote(r) if !r.read_only() => r.write(offset, data, fua),
+            Export::Snapshot(_) | Export::Remote(_) => Err(self.read_only_error()),
         }
     }
 
@@ -228,16 +237,16 @@ impl Export {
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         match self {
             Export::Volume(v) => v.trim(offset, len),
-            Export::Remote(r) => r.trim(offset, len),
-            Export::Snapshot(_) => Err(self.read_only_error()),
+            Export::Remote(r) if !r.read_only() => r.trim(offset, len),
+            Export::Snapshot(_) | Export::Remote(_) => Err(self.read_only_error()),
         }
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         match self {
             Export::Volume(v) => v.write_zeroes(offset, len, flags),
-            Export::Remote(r) => r.write_zeroes(offset, len, flags),
-            Export::Snapshot(_) => Err(self.read_only_error()),
+            Export::Remote(r) if !r.read_only() => r.write_zeroes(offset, len, flags),
+            Export::Snapshot(_) | Export::Remote(_) => Err(self.read_only_error()),
         }
     }
 

@@ -40,6 +40,14 @@ pub struct Target {
     pub grant: String,
 }
 
+impl Target {
+    /// Whether the grant is read-only (a malformed one is refused when
+    /// the volume is opened).
+    pub fn read_only(&self) -> bool {
+        grant::decode(&self.volume_id, &self.grant).is_some_and(|g| g.read_only)
+    }
+}
+
 /// What this node needs to reach other nodes.
 #[derive(Debug, Clone)]
 pub struct Peers {
@@ -176,6 +184,12 @@ fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
     let source = std::io::Error::new(kind, format!("{:?}: {}", s.code(), s.message()));
     match s.code() {
         Code::ResourceExhausted => Error::NoSpace { op, source },
+        Code::FailedPrecondition => Error::ReadOnly(format!(
+            "volume {} on node {} ({})",
+            t.volume_id,
+            t.owner,
+            s.message()
+        )),
         _ => Error::Io {
             op,
             path: PathBuf::from(format!(
@@ -327,6 +341,10 @@ impl RemoteVolume {
 impl RemoteDevice for RemoteVolume {
     fn name(&self) -> String {
         self.link().target.volume_id
+    }
+
+    fn read_only(&self) -> bool {
+        self.link.lock().expect("link").grant.read_only
     }
 
     fn size(&self) -> u64 {

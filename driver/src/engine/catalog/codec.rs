@@ -121,7 +121,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    #[cfg(test)]
+    /// Whether every byte was read.
     pub(crate) fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }

@@ -239,6 +239,25 @@ mod tests {
     }
 
     #[test]
+    fn attachments_round_trip_and_old_records_are_read_write() {
+        for read_only in [false, true] {
+            let a = Attachment {
+                node: "node-b".into(),
+                epoch: 7,
+                read_only,
+            };
+            assert_eq!(Attachment::decode(&a.encode()).unwrap(), a);
+        }
+        // As written before the flags byte existed.
+        let mut w = Writer::default();
+        w.u8(ATTACHMENT_V).u64(3).str("n");
+        let old = Attachment::decode(&w.0).unwrap();
+        assert_eq!((old.epoch, old.read_only), (3, false));
+        w.u8(0x80);
+        assert!(matches!(Attachment::decode(&w.0), Err(Error::Corrupt(_))));
+    }
+
+    #[test]
     fn record_of_unknown_version_is_refused() {
         let mut bytes = VolumeRecord {
             id: VolumeId(1),
@@ -432,21 +451,38 @@ pub struct Attachment {
     pub node: String,
     /// Raised at every change; grants of other epochs are refused.
     pub epoch: u64,
+    /// The node may read and flush only.
+    pub read_only: bool,
 }
+
+/// [`Attachment`] flags (an optional trailing byte: records written
+/// before it existed are read-write).
+const ATTACHMENT_READ_ONLY: u8 = 1;
 
 impl Attachment {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(ATTACHMENT_V).u64(self.epoch).str(&self.node);
+        if self.read_only {
+            w.u8(ATTACHMENT_READ_ONLY);
+        }
         w.0
     }
 
     pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf, "attachment");
         r.version(ATTACHMENT_V)?;
+        let (epoch, node) = (r.u64()?, r.str()?);
+        let flags = if r.is_empty() { 0 } else { r.u8()? };
+        if flags & !ATTACHMENT_READ_ONLY != 0 {
+            return Err(Error::Corrupt(format!(
+                "attachment record has unknown flags {flags:#x}"
+            )));
+        }
         Ok(Attachment {
-            epoch: r.u64()?,
-            node: r.str()?,
+            epoch,
+            node,
+            read_only: flags & ATTACHMENT_READ_ONLY != 0,
         })
     }
 }

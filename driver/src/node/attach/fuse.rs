@@ -68,6 +68,7 @@ impl FuseAttach {
 
     fn attach_mounted(&self, vid: VolumeId, export: Export, dir: &Path) -> Result<Attached> {
         let vid = vid.to_string();
+        let read_only = export.read_only();
         let fd = mount_fuse(dir, &self.config).map_err(io("mount FUSE at", dir))?;
         let session = fuse::serve(fd, export, Arc::clone(&self.metrics), self.config, None)
             .map_err(io("serve FUSE at", dir))?;
@@ -80,7 +81,7 @@ impl FuseAttach {
         self.holder.put(&vid, dup.as_raw_fd())?;
         self.served.lock().expect("served").insert(vid.clone(), dup);
         let file = dir.join(FILE_NAME);
-        let lo = loopdev::attach(&file, SECTOR_SIZE, false)?;
+        let lo = loopdev::attach(&file, SECTOR_SIZE, read_only)?;
         if !lo.direct_io {
             tracing::warn!(volume = %vid, "loop device without direct I/O: its data is cached twice");
         }
