@@ -73,6 +73,35 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
         "{map}"
     );
 
+    // qemu:allocation-depth: the layer each extent resolves to, as for a
+    // qcow2 chain (1: the top, 2: the snapshot's layer under it, 0: none).
+    let depth = |uri: &str| -> Vec<(usize, usize, u32)> {
+        let map = run_ok("nbdinfo", &["--map=qemu:allocation-depth", uri]);
+        map.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (
+                    f[0].parse().unwrap(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        depth(&s.uri(&vol)),
+        [
+            (0, 2 * MIB, 2),
+            (2 * MIB, MIB, 1),
+            (3 * MIB, 5 * MIB, 2),
+            (8 * MIB, 24 * MIB, 0)
+        ]
+    );
+    assert_eq!(
+        depth(&s.uri(&snap)),
+        [(0, 8 * MIB, 1), (8 * MIB, 24 * MIB, 0)]
+    );
+
     // Metrics saw all of it.
     let m = s.metrics();
     for want in [
@@ -207,6 +236,23 @@ expect_error("EINVAL", h.cache, 4096, size)
 # The connection survives every refused request.
 assert h.pread(4, 0) == b"AAAA"
 h.shutdown()
+
+# Both contexts: a chunk each, in one reply (one extent each with REQ_ONE).
+d = nbd.NBD()
+d.add_meta_context("base:allocation")
+d.add_meta_context("qemu:allocation-depth")
+d.connect_uri({vol:?})
+assert d.can_meta_context("qemu:allocation-depth")
+seen = {{}}
+d.block_status(65536, 0, lambda ctx, off, e, err: seen.setdefault(ctx, []).extend(e))
+assert sorted(seen) == ["base:allocation", "qemu:allocation-depth"], seen
+# Data in the top layer, then zeroes discarded down to nothing.
+assert seen["qemu:allocation-depth"][:4] == [4096, 1, 8192, 0], seen
+assert seen["base:allocation"][:4] == [4096, 0, 8192, 3], seen
+seen = {{}}
+d.block_status(65536, 0, lambda ctx, off, e, err: seen.setdefault(ctx, []).extend(e), nbd.CMD_FLAG_REQ_ONE)
+assert [len(e) for e in seen.values()] == [2, 2], seen
+d.shutdown()
 
 r = nbd.NBD()
 r.connect_uri({snap:?})

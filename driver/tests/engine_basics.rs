@@ -341,3 +341,72 @@ fn a_layer_freed_while_still_held_has_no_file_left_after_close() {
     assert!(layers.is_empty(), "left behind: {layers:?}");
     drop(held);
 }
+
+/// `allocation_depth` names the layer each run resolves to, counted from
+/// the top: data by its layer, a zero record by the layer that made it
+/// (a discard over a discard by the lower one), nothing as 0; the same for
+/// a snapshot as of its own layer, after a reopen, and after a merge
+/// folded the chain.
+#[test]
+fn allocation_depth_names_the_layer_each_block_resolves_to() {
+    const B: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let depths = |e: Vec<strata::engine::DepthExtent>| -> Vec<(u64, u32)> {
+        e.iter().map(|e| (e.len, e.depth)).collect()
+    };
+    let (vid, s2) = {
+        let p = pool(dir.path());
+        let vid = p.create_volume(4 * MIB).unwrap().id;
+        let v = p.volume(vid).unwrap();
+        // Layer 3 (the base): blocks 0..2 and 4..6.
+        v.write(0, &pattern(1, 2 * B as usize), false).unwrap();
+        v.write(4 * B, &pattern(2, 2 * B as usize), false).unwrap();
+        p.create_snapshot(vid).unwrap();
+        // Layer 2: blocks 2..4, and zeros over block 4.
+        v.write(2 * B, &pattern(3, 2 * B as usize), false).unwrap();
+        v.trim(4 * B, B).unwrap();
+        let s2 = p.create_snapshot(vid).unwrap().id;
+        // Layer 1 (the top): block 0, zeros over block 5 and again over 4.
+        v.write(0, &pattern(4, B as usize), false).unwrap();
+        v.trim(5 * B, B).unwrap();
+        v.trim(4 * B, B).unwrap();
+        // (Blocks 2..4 and 4 are both at depth 2: one run.)
+        let want = vec![(B, 1), (B, 3), (3 * B, 2), (B, 1), (4 * MIB - 6 * B, 0)];
+        assert_eq!(depths(v.allocation_depth(0, 4 * MIB).unwrap()), want);
+        // Unaligned: cut to the range asked.
+        assert_eq!(
+            depths(v.allocation_depth(100, 2 * B).unwrap()),
+            vec![(B - 100, 1), (B, 3), (100, 2)]
+        );
+        let snap = p.open_snapshot(s2).unwrap();
+        assert_eq!(
+            depths(snap.allocation_depth(0, 8 * B).unwrap()),
+            vec![(2 * B, 2), (3 * B, 1), (B, 2), (2 * B, 0)]
+        );
+        assert_eq!(
+            v.allocation_depth(4 * MIB, 1).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        (vid, s2)
+    };
+    // From the catalog and journal after a reopen; then the middle
+    // snapshot goes and a merge folds its layer: two layers are left.
+    let p = pool(dir.path());
+    let v = p.volume(vid).unwrap();
+    assert_eq!(
+        depths(v.allocation_depth(0, 6 * B).unwrap()),
+        vec![(B, 1), (B, 3), (3 * B, 2), (B, 1)]
+    );
+    p.delete_snapshot(s2).unwrap();
+    p.merge(vid, 0).unwrap();
+    assert!(p.wait_for_jobs(std::time::Duration::from_secs(60)).unwrap());
+    // The snapshot's layer went into the top: what it held is at depth 1.
+    assert_eq!(v.depth(), 2);
+    assert_eq!(
+        depths(v.allocation_depth(0, 6 * B).unwrap()),
+        vec![(B, 1), (B, 2), (4 * B, 1)]
+    );
+    let mut buf = vec![0u8; 6 * B as usize];
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(buf[..B as usize], pattern(4, B as usize)[..]);
+}

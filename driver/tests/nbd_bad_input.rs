@@ -255,24 +255,66 @@ fn meta_context_ids_and_a_failed_set() {
     let mut c = Raw::connect(&s, FLAGS);
     c.option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(c.final_reply(), REP_ACK);
-    let query = |export: &str| {
+    let query_of = |export: &str, queries: &[&str]| {
         let mut d = (export.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&1u32.to_be_bytes());
-        let q = "base:allocation";
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
         d
     };
+    let query = |export: &str| query_of(export, &["base:allocation"]);
+    // The contexts an answer names, with their IDs.
+    let contexts = |c: &mut Raw| {
+        let mut named = Vec::new();
+        loop {
+            let (kind, data) = c.reply();
+            if kind == REP_ACK {
+                return named;
+            }
+            assert_eq!(kind, REP_META_CONTEXT);
+            let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+            named.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+        }
+    };
     let context_id = |c: &mut Raw| {
-        let (kind, data) = c.reply();
-        assert_eq!(kind, REP_META_CONTEXT);
-        let id = u32::from_be_bytes(data[..4].try_into().unwrap());
-        assert_eq!(c.final_reply(), REP_ACK);
-        id
+        let named = contexts(c);
+        assert_eq!(named.len(), 1, "{named:?}");
+        named[0].0
     };
     c.option(OPT_LIST_META_CONTEXT, &query(&vol));
     assert_eq!(context_id(&mut c), 0);
+    // LIST of nothing, or of a namespace: what is served there, as ID 0.
+    let both = vec![
+        (0, "base:allocation".to_string()),
+        (0, "qemu:allocation-depth".to_string()),
+    ];
+    c.option(OPT_LIST_META_CONTEXT, &query_of(&vol, &[]));
+    assert_eq!(contexts(&mut c), both);
+    c.option(OPT_LIST_META_CONTEXT, &query_of(&vol, &["qemu:", "base:"]));
+    assert_eq!(contexts(&mut c), both);
+    // SET of both, and of one we do not serve (selects nothing of it).
+    c.option(
+        OPT_SET_META_CONTEXT,
+        &query_of(
+            &vol,
+            &[
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:x",
+                "base:allocation",
+            ],
+        ),
+    );
+    let set = contexts(&mut c);
+    assert_eq!(set.len(), 2, "{set:?}");
+    assert!(
+        set.iter().all(|(id, _)| *id != 0) && set[0].0 != set[1].0,
+        "{set:?}"
+    );
+    c.option(OPT_SET_META_CONTEXT, &query_of(&vol, &["qemu:"]));
+    assert_eq!(contexts(&mut c), []);
     c.option(OPT_SET_META_CONTEXT, &query(&vol));
     assert_ne!(context_id(&mut c), 0);
     c.option(OPT_SET_META_CONTEXT, &query("no-such-export"));

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         size: u64::from_be_bytes(head[0..8].try_into().unwrap()) >> (head[8] % 64),
         read_only: head[9] & 1 != 0,
         structured: head[9] & 2 != 0,
-        allocation_context: head[9] & 4 != 0,
+        meta_context: head[9] & 4 != 0,
     };
     let _ = parse_info_request(rest);
     let _ = parse_meta_context_request(rest);

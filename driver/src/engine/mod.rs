@@ -45,5 +45,5 @@ pub use index::MAX_LAYERS_PER_FAMILY;
 pub use jobs::{JobConfig, JobInfo, JobObserver, Method};
 pub use pool::{Pool, PoolOptions, PoolSpace, SnapshotInfo, VolumeInfo};
 pub use snapshot::SnapshotReader;
-pub use view::Extent;
+pub use view::{DepthExtent, Extent};
 pub use volume::{Volume, VolumeStats, ZeroFlags};

@@ -35,7 +35,7 @@ use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
 use super::unflushed::{self, UnflushedLog, unflushed_path};
-use super::view::View;
+use super::view::{self, DepthExtent, View};
 use super::volume::{VolState, Volume, VolumeStats};
 
 const LOCK_FILE: &str = "strata.lock";
@@ -219,6 +219,20 @@ impl Shared {
         let view = Arc::new(view);
         self.remember_view(layer, &view);
         Ok(view)
+    }
+
+    /// [`view::allocation_depth`] of `view`, the view of the chain under
+    /// (and including) `top`. The caller holds the shape lock.
+    pub(crate) fn allocation_depth(
+        &self,
+        view: &View,
+        top: LayerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<DepthExtent>> {
+        let mut chain = self.catalog.read()?.chain(top)?;
+        chain.reverse();
+        view::allocation_depth(view, &chain, |layer| self.view_of(layer), offset, len)
     }
 
     /// Stacks one layer (handle and presence) on top of `view`.
@@ -1216,7 +1230,14 @@ impl Pool {
             Some(r) if r.state == SnapshotState::Ready => r,
             _ => return Err(Error::SnapshotNotFound(id)),
         };
-        Ok(SnapshotReader::new(id, snap.size, sh.view_of(snap.layer)?))
+        let view = sh.view_of(snap.layer)?;
+        Ok(SnapshotReader::new(
+            id,
+            snap.size,
+            view,
+            snap.layer,
+            Arc::clone(sh),
+        ))
     }
 
     /// Every volume, in ID order.

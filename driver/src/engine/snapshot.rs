@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use super::error::Result;
 use super::geometry::{check_range, touched_blocks};
-use super::ids::SnapshotId;
-use super::view::{self, Extent, View, read_segments};
+use super::ids::{LayerId, SnapshotId};
+use super::pool::Shared;
+use super::view::{self, DepthExtent, Extent, View, read_segments};
 
 /// Reads a snapshot as of its layer. Holds (pins) the layers it reads, so
 /// it keeps working after the snapshot is deleted.
@@ -14,11 +15,26 @@ pub struct SnapshotReader {
     id: SnapshotId,
     size: u64,
     view: Arc<View>,
+    /// The snapshot's layer, and the pool, for [`Self::allocation_depth`].
+    layer: LayerId,
+    shared: Arc<Shared>,
 }
 
 impl SnapshotReader {
-    pub(crate) fn new(id: SnapshotId, size: u64, view: Arc<View>) -> Self {
-        SnapshotReader { id, size, view }
+    pub(crate) fn new(
+        id: SnapshotId,
+        size: u64,
+        view: Arc<View>,
+        layer: LayerId,
+        shared: Arc<Shared>,
+    ) -> Self {
+        SnapshotReader {
+            id,
+            size,
+            view,
+            layer,
+            shared,
+        }
     }
 
     /// The snapshot's ID.
@@ -45,5 +61,16 @@ impl SnapshotReader {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(offset, len, self.size)?;
         Ok(view::block_status(&self.view, offset, len))
+    }
+
+    /// How deep in the snapshot's chain each part of `offset..offset+len`
+    /// resolves (see [`DepthExtent`]). Fails if a merge folded the
+    /// snapshot's layers since it was opened (its chain is gone from the
+    /// catalog; open it again).
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        check_range(offset, len, self.size)?;
+        let _shape = self.shared.shape.lock().expect("shape lock");
+        self.shared
+            .allocation_depth(&self.view, self.layer, offset, len)
     }
 }

@@ -3,10 +3,12 @@
 //! changes, and every frozen layer has (when needed) an immutable view "as
 //! of" that layer, shared by its snapshot, its clones and the volume above.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SHIFT, BLOCK_SIZE, CHUNK_BLOCKS};
+use super::ids::LayerId;
 use super::index::{ABSENT, FIRST_SLOT, Index, ZERO};
 use super::layer::Layer;
 use super::presence::{BlockState, Run};
@@ -46,6 +48,17 @@ pub struct Extent {
     /// The range reads as zeros, and no storage of this volume holds it
     /// (Strata never keeps allocated zeros apart from data).
     pub zero: bool,
+}
+
+/// How deep in its chain a run of bytes resolves, for NBD's
+/// `qemu:allocation-depth`: 0 if no layer defines it (it reads as zeros),
+/// 1 if the top layer does (a volume's writable top, or a snapshot's own
+/// layer), 2 for the layer under it, and so on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthExtent {
+    /// Length in bytes.
+    pub len: u64,
+    pub depth: u32,
 }
 
 impl View {
@@ -196,6 +209,96 @@ impl View {
             f(last, end - last, true);
         }
     }
+}
+
+/// The depth (see [`DepthExtent`]) of `offset..offset+len` in `view`, the
+/// view of `chain` (top first). The index tells which layer holds a data
+/// block, but a zero record only that the topmost defining layer recorded
+/// zeros: such runs are resolved with `below(layer)`, the view as of a
+/// lower layer, going down while it still reads as a zero record. So a zero
+/// record over an identical zero record of a lower layer (a discard over a
+/// discard) is reported at the lower layer's depth.
+pub(crate) fn allocation_depth(
+    view: &View,
+    chain: &[super::catalog::LayerRecord],
+    mut below: impl FnMut(LayerId) -> Result<Arc<View>>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<DepthExtent>> {
+    let end = offset + len;
+    let (first, last) = (offset >> BLOCK_SHIFT, end.div_ceil(BLOCK_SIZE));
+    let depth_of: HashMap<u16, u32> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.slot, i as u32 + 1))
+        .collect();
+    // (first block, blocks, depth), in no particular order until sorted.
+    let mut runs: Vec<(u64, u64, u32)> = Vec::new();
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
+    let mut stray = None;
+    let mut covered = first;
+    view.index.runs(first, last, |s, l, v| {
+        match v {
+            ABSENT => runs.push((s, l, 0)),
+            ZERO => zeros.push((s, l)),
+            slot => match depth_of.get(&slot) {
+                Some(d) => runs.push((s, l, *d)),
+                None => stray = Some(slot),
+            },
+        }
+        covered = s + l;
+    });
+    if let Some(slot) = stray {
+        return Err(Error::Corrupt(format!(
+            "the index names layer slot {slot}, which is not in its chain"
+        )));
+    }
+    if covered < last {
+        runs.push((covered, last - covered, 0));
+    }
+    // Zero records defined at depth `level` or deeper.
+    let mut level = 1u32;
+    while !zeros.is_empty() {
+        let Some(lower) = chain.get(level as usize) else {
+            runs.extend(zeros.drain(..).map(|(s, l)| (s, l, level)));
+            break;
+        };
+        let lower = below(lower.id)?;
+        let mut deeper = Vec::new();
+        for (s, l) in zeros {
+            let mut at = s;
+            lower.index.runs(s, s + l, |bs, bl, v| {
+                if v == ZERO {
+                    deeper.push((bs, bl));
+                } else {
+                    runs.push((bs, bl, level));
+                }
+                at = bs + bl;
+            });
+            if at < s + l {
+                runs.push((at, s + l - at, level));
+            }
+        }
+        zeros = deeper;
+        level += 1;
+    }
+    runs.sort_unstable_by_key(|r| r.0);
+    let mut out: Vec<DepthExtent> = Vec::new();
+    for (s, l, depth) in runs {
+        let bs = (s << BLOCK_SHIFT).max(offset);
+        let be = ((s + l) << BLOCK_SHIFT).min(end);
+        if be <= bs {
+            continue;
+        }
+        match out.last_mut() {
+            Some(e) if e.depth == depth => e.len += be - bs,
+            _ => out.push(DepthExtent {
+                len: be - bs,
+                depth,
+            }),
+        }
+    }
+    Ok(out)
 }
 
 /// Reads the bytes `offset..offset + buf.len()` through `segments`.

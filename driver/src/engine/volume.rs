@@ -43,7 +43,7 @@ use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
 use super::unflushed::UnflushedLog;
-use super::view::{self, Extent, View, read_segments};
+use super::view::{self, DepthExtent, Extent, View, read_segments};
 
 /// Moves `len` bytes at an offset from one layer file to another (a
 /// job's copy, by pointer where it can).
@@ -526,6 +526,21 @@ impl Volume {
             offset,
             len,
         ))
+    }
+
+    /// How deep in the volume's chain each part of `offset..offset+len`
+    /// resolves (see [`DepthExtent`]).
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        if !self.admit(offset, len)? {
+            return Ok(Vec::new());
+        }
+        // No snapshot or merge changes the chain meanwhile.
+        let _shape = self.shared.shape.lock().expect("shape lock");
+        let (view, top) = {
+            let st = self.state.read().expect("volume state");
+            (st.view.clone(), st.top.id)
+        };
+        self.shared.allocation_depth(&view, top, offset, len)
     }
 
     /// Makes every write acknowledged before this call durable: data first

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::{
-    Error, Extent, Pool, Result, SnapshotId, SnapshotReader, Volume, VolumeId, ZeroFlags,
+    DepthExtent, Error, Extent, Pool, Result, SnapshotId, SnapshotReader, Volume, VolumeId,
+    ZeroFlags,
 };
 use crate::metrics::{Metrics, OpMetrics};
 
@@ -247,6 +248,25 @@ impl Export {
             Export::Volume(v) => v.write_zeroes(offset, len, flags),
             Export::Remote(r) if !r.read_only() => r.write_zeroes(offset, len, flags),
             Export::Snapshot(_) | Export::Remote(_) => Err(self.read_only_error()),
+        }
+    }
+
+    /// Whether [`Export::allocation_depth`] can answer (not for a volume
+    /// of another node: its chain is the owner's).
+    pub fn has_layers(&self) -> bool {
+        !matches!(self, Export::Remote(_))
+    }
+
+    /// How deep in its chain each part of a range resolves.
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        match self {
+            Export::Volume(v) => v.allocation_depth(offset, len),
+            Export::Snapshot(s) => s.allocation_depth(offset, len),
+            Export::Remote(r) => Err(Error::Io {
+                op: "report the allocation depth of",
+                path: format!("volume {} (held by another node)", r.name()).into(),
+                source: std::io::ErrorKind::Unsupported.into(),
+            }),
         }
     }
 

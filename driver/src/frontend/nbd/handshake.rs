@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 pub(super) struct Session {
     pub export: Export,
     pub structured: bool,
-    pub allocation: bool,
+    pub contexts: Contexts,
 }
 
 /// Option payloads up to this size are read and refused when too large;
@@ -108,7 +108,7 @@ where
     }
     let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    let mut allocation = false;
+    let mut contexts = Contexts::default();
     loop {
         // Replies to the previous option go out before the next is read.
         wr.send(rd.get_mut()).await?;
@@ -154,7 +154,7 @@ where
                 return Ok(Some(Session {
                     export,
                     structured,
-                    allocation,
+                    contexts,
                 }));
             }
             OPT_ABORT => {
@@ -237,7 +237,7 @@ where
                     return Ok(Some(Session {
                         export,
                         structured,
-                        allocation,
+                        contexts,
                     }));
                 }
             }
@@ -245,7 +245,7 @@ where
                 let setting = opt.option == OPT_SET_META_CONTEXT;
                 if setting {
                     // A SET replaces the selection, also when it fails.
-                    allocation = false;
+                    contexts = Contexts::default();
                 }
                 if setting && !structured {
                     metrics.nbd_protocol_error("invalid_option");
@@ -261,27 +261,32 @@ where
                         continue;
                     }
                 };
-                if open_export(exports, &name).await.is_none() {
+                let Some(export) = open_export(exports, &name).await else {
                     metrics.nbd_protocol_error("unknown_export");
                     let msg = format!("no volume or snapshot named {name:?}");
                     wr.push(&option_error(opt.option, REP_ERR_UNKNOWN, &msg));
                     continue;
-                }
-                let selected = if queries.is_empty() {
-                    !setting
+                };
+                let mut selected = if queries.is_empty() {
+                    // LIST of nothing: everything served.
+                    Contexts {
+                        allocation: !setting,
+                        depth: !setting,
+                    }
                 } else {
                     queries
                         .iter()
-                        .any(|q| query_selects_allocation(q, !setting))
+                        .fold(Contexts::default(), |c, q| c.or(query_selects(q, !setting)))
                 };
+                // A volume of another node: its chain is the owner's.
+                selected.depth &= export.has_layers();
                 if setting {
-                    allocation = selected;
+                    contexts = selected;
                 }
-                if selected {
+                for (id, name) in selected.named() {
                     // LIST answers context ID 0: IDs name a selection.
-                    let id = if setting { BASE_ALLOCATION_ID } else { 0 };
-                    let ctx = rep_meta_context(id, BASE_ALLOCATION);
-                    wr.push(&reply(REP_META_CONTEXT, &ctx));
+                    let id = if setting { id } else { 0 };
+                    wr.push(&reply(REP_META_CONTEXT, &rep_meta_context(id, name)));
                 }
                 wr.push(&reply(REP_ACK, &[]));
             }

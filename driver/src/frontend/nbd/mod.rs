@@ -1,6 +1,7 @@
 //! The NBD server: fixed newstyle negotiation, simple and structured
-//! replies, `base:allocation` block status, TRIM, WRITE_ZEROES, FLUSH, FUA
-//! and multiple connections per export.
+//! replies, `base:allocation` and `qemu:allocation-depth` block status,
+//! TRIM, WRITE_ZEROES, FLUSH, FUA, CACHE and multiple connections per
+//! export.
 //!
 //! ```text
 //! accept ─▶ handshake.rs (async; options GO/INFO/LIST/STRUCTURED_REPLY/META_CONTEXT/ABORT)

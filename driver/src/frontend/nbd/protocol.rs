@@ -105,10 +105,46 @@ pub const ESHUTDOWN: u32 = 108;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context Strata serves.
+/// The metadata contexts Strata serves, and their context IDs on every
+/// connection that selects them.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-/// Its context ID on every connection.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// For each extent, the depth in the chain of the layer it resolves to
+/// (0: no layer defines it), as qemu serves it for qcow2 backing chains.
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+pub const ALLOCATION_DEPTH_ID: u32 = 2;
+
+/// The metadata contexts a negotiation selected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Contexts {
+    pub allocation: bool,
+    pub depth: bool,
+}
+
+impl Contexts {
+    pub fn any(self) -> bool {
+        self.allocation || self.depth
+    }
+
+    /// Both selections together.
+    pub fn or(self, other: Contexts) -> Contexts {
+        Contexts {
+            allocation: self.allocation || other.allocation,
+            depth: self.depth || other.depth,
+        }
+    }
+
+    /// The selected ones as (ID, name).
+    pub fn named(self) -> impl Iterator<Item = (u32, &'static str)> {
+        [
+            (self.allocation, BASE_ALLOCATION_ID, BASE_ALLOCATION),
+            (self.depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+        ]
+        .into_iter()
+        .filter(|(on, ..)| *on)
+        .map(|(_, id, name)| (id, name))
+    }
+}
 
 /// Length of a request header.
 pub const REQUEST_LEN: usize = 28;
@@ -213,11 +249,14 @@ pub fn parse_meta_context_request(data: &[u8]) -> Result<(String, Vec<String>), 
     Ok((name, queries))
 }
 
-/// Which contexts a meta-context query selects: `Some(true)` if it selects
-/// `base:allocation`, `Some(false)` if it is valid but selects nothing we
-/// serve. For LIST, `base:` (the whole namespace) selects it too.
-pub fn query_selects_allocation(query: &str, listing: bool) -> bool {
-    query == BASE_ALLOCATION || (listing && query == "base:")
+/// Which contexts a meta-context query selects (none, for one we do not
+/// serve). For LIST, a namespace (`base:`, `qemu:`) selects what we serve
+/// in it.
+pub fn query_selects(query: &str, listing: bool) -> Contexts {
+    Contexts {
+        allocation: query == BASE_ALLOCATION || (listing && query == "base:"),
+        depth: query == ALLOCATION_DEPTH || (listing && query == "qemu:"),
+    }
 }
 
 /// Encodes an option reply.
@@ -307,7 +346,8 @@ pub struct ExportLimits {
     pub size: u64,
     pub read_only: bool,
     pub structured: bool,
-    pub allocation_context: bool,
+    /// A metadata context was selected (BLOCK_STATUS needs one).
+    pub meta_context: bool,
 }
 
 /// A request that passed validation, ready to execute.
@@ -421,7 +461,7 @@ pub fn validate(req: &Request, ex: &ExportLimits) -> Result<Command, Rejected> {
             offset: req.offset,
             length: req.length,
         }),
-        CMD_BLOCK_STATUS if !ex.allocation_context => Err(rejected(EINVAL, "no_meta_context")),
+        CMD_BLOCK_STATUS if !ex.meta_context => Err(rejected(EINVAL, "no_meta_context")),
         CMD_BLOCK_STATUS if req.length == 0 => Err(rejected(EINVAL, "zero_length")),
         CMD_BLOCK_STATUS => Ok(Command::BlockStatus {
             offset: req.offset,
@@ -468,11 +508,18 @@ pub fn structured_error(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     out
 }
 
-/// A final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for `base:allocation`.
-pub fn structured_block_status(cookie: u64, extents: &[(u32, u32)]) -> Vec<u8> {
+/// An `NBD_REPLY_TYPE_BLOCK_STATUS` chunk of context `id`: (length,
+/// flags or value) descriptors; `done` on the last chunk of the reply.
+pub fn structured_block_status(
+    cookie: u64,
+    id: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) -> Vec<u8> {
     let len = 4 + 8 * extents.len() as u32;
-    let mut out = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len).to_vec();
-    out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let mut out = structured_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, len).to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
     for (length, flags) in extents {
         out.extend_from_slice(&length.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -489,7 +536,7 @@ mod tests {
             size: 1 << 20,
             read_only: false,
             structured: true,
-            allocation_context: true,
+            meta_context: true,
         }
     }
 
@@ -592,7 +639,7 @@ mod tests {
     #[test]
     fn block_status_needs_a_negotiated_context() {
         let ex = ExportLimits {
-            allocation_context: false,
+            meta_context: false,
             ..limits()
         };
         assert_eq!(

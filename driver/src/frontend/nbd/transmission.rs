@@ -134,7 +134,7 @@ struct Conn {
     export: Export,
     name: String,
     structured: bool,
-    allocation: bool,
+    contexts: Contexts,
     metrics: Arc<Metrics>,
     ops: IoMetrics,
     reader: Mutex<BufReader<Box<dyn Socket>>>,
@@ -186,13 +186,46 @@ impl Conn {
         Reply { head, data_len: 0 }
     }
 
+    /// The reply to BLOCK_STATUS: a chunk for each selected context (one
+    /// extent each with REQ_ONE), the last one marked done.
+    fn block_status(
+        &self,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        one: bool,
+    ) -> crate::engine::Result<Vec<u8>> {
+        let len = u64::from(length);
+        let mut chunks: Vec<(u32, Vec<(u32, u32)>)> = Vec::new();
+        if self.contexts.allocation {
+            let extents = self.export.block_status(offset, len)?;
+            let flags = |zero| if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+            let d = extents.iter().map(|e| (e.len as u32, flags(e.zero)));
+            chunks.push((BASE_ALLOCATION_ID, d.collect()));
+        }
+        if self.contexts.depth {
+            let extents = self.export.allocation_depth(offset, len)?;
+            let d = extents.iter().map(|e| (e.len as u32, e.depth));
+            chunks.push((ALLOCATION_DEPTH_ID, d.collect()));
+        }
+        let last = chunks.len().saturating_sub(1);
+        let mut head = Vec::new();
+        for (i, (id, mut descriptors)) in chunks.into_iter().enumerate() {
+            if one {
+                descriptors.truncate(1);
+            }
+            head.extend(structured_block_status(cookie, id, &descriptors, i == last));
+        }
+        Ok(head)
+    }
+
     fn limits(&self) -> ExportLimits {
         ExportLimits {
             // A volume can grow while connected; serve its current size.
             size: self.export.size(),
             read_only: self.export.read_only(),
             structured: self.structured,
-            allocation_context: self.allocation,
+            meta_context: self.contexts.any(),
         }
     }
 
@@ -321,25 +354,10 @@ impl Conn {
                 offset,
                 length,
                 one,
-            } => match self.export.block_status(offset, u64::from(length)) {
-                Ok(extents) => {
+            } => match self.block_status(cookie, offset, length, one) {
+                Ok(head) => {
                     self.ops.status.observe(u64::from(length), start.elapsed());
-                    let mut descriptors: Vec<(u32, u32)> = extents
-                        .iter()
-                        .map(|e| {
-                            (
-                                e.len as u32,
-                                if e.zero { STATE_HOLE | STATE_ZERO } else { 0 },
-                            )
-                        })
-                        .collect();
-                    if one {
-                        descriptors.truncate(1);
-                    }
-                    return Reply {
-                        head: structured_block_status(cookie, &descriptors),
-                        data_len: 0,
-                    };
+                    return Reply { head, data_len: 0 };
                 }
                 Err(e) => (&self.ops.status, "block_status", 0, Err(e)),
             },
@@ -495,7 +513,7 @@ pub(super) fn serve(
         export: session.export,
         name,
         structured: session.structured,
-        allocation: session.allocation,
+        contexts: session.contexts,
         metrics,
         ops,
         reader: Mutex::new(BufReader::with_capacity(256 << 10, reader)),
