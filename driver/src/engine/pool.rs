@@ -541,8 +541,20 @@ impl Pool {
     /// presence of layers frozen since a volume's last checkpoint may be
     /// only in its journal, and jobs plan from the catalog.
     pub(crate) fn checkpoint_loaded(&self) -> Result<()> {
+        self.each_loaded(Volume::flush_and_checkpoint)
+    }
+
+    /// Makes the presence of every frozen layer complete in the catalog
+    /// (what jobs on frozen layers plan from), checkpointing only the
+    /// loaded volumes that froze a layer since their last checkpoint
+    /// ([`Volume::checkpoint_frozen`]).
+    pub(crate) fn checkpoint_frozen(&self) -> Result<()> {
+        self.each_loaded(Volume::checkpoint_frozen)
+    }
+
+    fn each_loaded(&self, f: impl Fn(&Volume) -> Result<()>) -> Result<()> {
         for v in self.loaded_volumes() {
-            match v.flush_and_checkpoint() {
+            match f(&v) {
                 Ok(()) | Err(Error::VolumeNotFound(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -799,4 +799,20 @@ impl Volume {
         self.flush_locked(&mut journal)?;
         self.checkpoint_locked(&mut journal)
     }
+
+    /// Makes the presence of every frozen layer of this volume complete in
+    /// the catalog: checkpoints if a layer was frozen since the last
+    /// checkpoint (the journal then holds some of its presence), and does
+    /// nothing otherwise: the journal then holds changes of the top only,
+    /// and a flush would only write back the top's dirty pages, which on
+    /// XFS stalls foreground writes to the top for as long (measured: 0.63 s
+    /// for 80 MB of random 4 KiB writes).
+    pub(crate) fn checkpoint_frozen(&self) -> Result<()> {
+        let mut journal = self.journal.lock().expect("journal");
+        if journal.frozen_views.is_empty() {
+            return Ok(());
+        }
+        self.flush_locked(&mut journal)?;
+        self.checkpoint_locked(&mut journal)
+    }
 }

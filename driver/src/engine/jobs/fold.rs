@@ -2,8 +2,10 @@
 //!
 //! **Into the writable top, in place** ([`into_top`]), for `parent` right
 //! under the top `T` of a volume:
-//! 1. checkpoint the volume (every presence change of frozen layers is in
-//!    the catalog);
+//! 1. checkpoint the volumes that froze a layer since their last
+//!    checkpoint (every presence change of frozen layers is in the catalog;
+//!    the top's dirty pages are not written back here, which on XFS would
+//!    stall the top's writers);
 //! 2. for each run of blocks `parent` defines, in pieces of a few MiB,
 //!    [`Volume::absorb`]: under the range lock, the blocks whose entry in
 //!    the live view is still `parent` (or a zero of `parent`'s) are moved
@@ -197,7 +199,7 @@ pub(crate) fn into_top(
         Err(Error::VolumeNotFound(_)) => return Ok(Outcome::Replan),
         Err(e) => return Err(e),
     };
-    pool.checkpoint_loaded()?;
+    pool.checkpoint_frozen()?;
     let (prec, chunks) = {
         let txn = sh.catalog.read()?;
         let Some(t) = txn.layer(top)? else {
@@ -327,7 +329,7 @@ enum From {
 pub(crate) fn into_frozen(ctx: &Ctx<'_>, layer: LayerId, child: LayerId) -> Result<Outcome> {
     let pool = ctx.pool;
     let sh = pool.shared();
-    pool.checkpoint_loaded()?;
+    pool.checkpoint_frozen()?;
     let (l, c, merged, copies) = {
         let txn = sh.catalog.read()?;
         let (Some(l), Some(c)) = (txn.layer(layer)?, txn.layer(child)?) else {
