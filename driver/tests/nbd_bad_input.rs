@@ -329,6 +329,22 @@ fn meta_context_ids_and_a_failed_set() {
     c.0.read_exact(&mut body).unwrap();
     assert_eq!(kind, REPLY_TYPE_ERROR);
     assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), EINVAL);
+
+    // Contexts selected for one export do not hold for another.
+    let other = s.create_volume("meta-other", "4MiB");
+    let mut c = Raw::connect(&s, FLAGS);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.final_reply(), REP_ACK);
+    c.option(OPT_SET_META_CONTEXT, &query(&vol));
+    assert_ne!(context_id(&mut c), 0);
+    assert_eq!(c.go(&other), REP_ACK);
+    c.request(CMD_BLOCK_STATUS, 0, 2, 0, 4096, &[]);
+    c.0.read_exact(&mut h).unwrap();
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    c.0.read_exact(&mut body).unwrap();
+    assert_eq!(u16::from_be_bytes(h[6..8].try_into().unwrap()), REPLY_TYPE_ERROR);
+    assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), EINVAL);
 }
 
 /// Clients that send reads and never read the replies hold at most their

@@ -547,8 +547,11 @@ impl Pool {
     /// Makes the presence of every frozen layer complete in the catalog
     /// (what jobs on frozen layers plan from), checkpointing only the
     /// loaded volumes that froze a layer since their last checkpoint
-    /// ([`Volume::checkpoint_frozen`]).
+    /// ([`Volume::checkpoint_frozen`]). Under the shape lock: a freeze
+    /// commits its layer as frozen before its volume records the frozen
+    /// view, and must not be seen half done.
     pub(crate) fn checkpoint_frozen(&self) -> Result<()> {
+        let _shape = self.shared().shape.lock().expect("shape lock");
         self.each_loaded(Volume::checkpoint_frozen)
     }
 
@@ -1248,7 +1251,7 @@ impl Pool {
             snap.size,
             view,
             snap.layer,
-            Arc::clone(sh),
+            Arc::downgrade(sh),
         ))
     }
 

@@ -1,8 +1,8 @@
 //! Read-only access to a snapshot (what an NBD snapshot export serves).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use super::error::Result;
+use super::error::{Error, Result};
 use super::geometry::{check_range, touched_blocks};
 use super::ids::{LayerId, SnapshotId};
 use super::pool::Shared;
@@ -15,9 +15,10 @@ pub struct SnapshotReader {
     id: SnapshotId,
     size: u64,
     view: Arc<View>,
-    /// The snapshot's layer, and the pool, for [`Self::allocation_depth`].
+    /// The snapshot's layer, and the pool (not kept open by a reader), for
+    /// [`Self::allocation_depth`].
     layer: LayerId,
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
 }
 
 impl SnapshotReader {
@@ -26,7 +27,7 @@ impl SnapshotReader {
         size: u64,
         view: Arc<View>,
         layer: LayerId,
-        shared: Arc<Shared>,
+        shared: Weak<Shared>,
     ) -> Self {
         SnapshotReader {
             id,
@@ -69,8 +70,11 @@ impl SnapshotReader {
     /// catalog; open it again).
     pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
         check_range(offset, len, self.size)?;
-        let _shape = self.shared.shape.lock().expect("shape lock");
-        self.shared
-            .allocation_depth(&self.view, self.layer, offset, len)
+        let shared = self
+            .shared
+            .upgrade()
+            .ok_or(Error::SnapshotNotFound(self.id))?;
+        let _shape = shared.shape.lock().expect("shape lock");
+        shared.allocation_depth(&self.view, self.layer, offset, len)
     }
 }

@@ -253,8 +253,11 @@ mod tests {
         w.u8(ATTACHMENT_V).u64(3).str("n");
         let old = Attachment::decode(&w.0).unwrap();
         assert_eq!((old.epoch, old.read_only), (3, false));
-        w.u8(0x80);
-        assert!(matches!(Attachment::decode(&w.0), Err(Error::Corrupt(_))));
+        for extra in [[0x80].as_slice(), &[1, 0]] {
+            let mut bad = w.0.clone();
+            bad.extend_from_slice(extra);
+            assert!(matches!(Attachment::decode(&bad), Err(Error::Corrupt(_))));
+        }
     }
 
     #[test]
@@ -474,9 +477,9 @@ impl Attachment {
         r.version(ATTACHMENT_V)?;
         let (epoch, node) = (r.u64()?, r.str()?);
         let flags = if r.is_empty() { 0 } else { r.u8()? };
-        if flags & !ATTACHMENT_READ_ONLY != 0 {
+        if flags & !ATTACHMENT_READ_ONLY != 0 || !r.is_empty() {
             return Err(Error::Corrupt(format!(
-                "attachment record has unknown flags {flags:#x}"
+                "attachment record has unknown flags {flags:#x} or trailing bytes"
             )));
         }
         Ok(Attachment {

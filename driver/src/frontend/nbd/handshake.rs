@@ -108,7 +108,10 @@ where
     }
     let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    // The selected contexts, and the export they were selected for: they
+    // hold only if the client goes on to that export.
     let mut contexts = Contexts::default();
+    let mut contexts_for = String::new();
     loop {
         // Replies to the previous option go out before the next is read.
         wr.send(rd.get_mut()).await?;
@@ -140,8 +143,8 @@ where
         let reply = |r: u32, d: &[u8]| option_reply(opt.option, r, d);
         match opt.option {
             OPT_EXPORT_NAME => {
-                let Some(export) = open_export(exports, &String::from_utf8_lossy(&data)).await
-                else {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = open_export(exports, &name).await else {
                     // The protocol has no error reply here: disconnect.
                     metrics.nbd_protocol_error("unknown_export");
                     return Ok(None);
@@ -154,7 +157,11 @@ where
                 return Ok(Some(Session {
                     export,
                     structured,
-                    contexts,
+                    contexts: if name == contexts_for {
+                        contexts
+                    } else {
+                        Contexts::default()
+                    },
                 }));
             }
             OPT_ABORT => {
@@ -225,10 +232,10 @@ where
                     wr.push(&reply(REP_INFO, &info_string(INFO_NAME, &name)));
                 }
                 if infos.contains(&INFO_DESCRIPTION) {
-                    let what = if export.read_only() {
-                        "Strata snapshot (read-only)"
-                    } else {
-                        "Strata volume"
+                    let what = match export {
+                        Export::Snapshot(_) => "Strata snapshot (read-only)",
+                        _ if export.read_only() => "Strata volume (published read-only)",
+                        _ => "Strata volume",
                     };
                     wr.push(&reply(REP_INFO, &info_string(INFO_DESCRIPTION, what)));
                 }
@@ -237,7 +244,11 @@ where
                     return Ok(Some(Session {
                         export,
                         structured,
-                        contexts,
+                        contexts: if name == contexts_for {
+                            contexts
+                        } else {
+                            Contexts::default()
+                        },
                     }));
                 }
             }
@@ -282,6 +293,7 @@ where
                 selected.depth &= export.has_layers();
                 if setting {
                     contexts = selected;
+                    contexts_for = name;
                 }
                 for (id, name) in selected.named() {
                     // LIST answers context ID 0: IDs name a selection.
