@@ -135,6 +135,16 @@ async fn attach_with(
     target
 }
 
+async fn unpublish(cc: &mut ControllerClient<tonic::transport::Channel>, vol: &str, node: &str) {
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
 async fn detach(node: &NodeProc, csi: &mut Csi, vol: &str) {
     let staging = node.kubelet_dir().join(format!("staging/{vol}"));
     let target = node.kubelet_dir().join(format!("pods/{vol}/dev"));
@@ -901,13 +911,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     detach(&n1, &mut csi1, &id).await;
-    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: "n1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    unpublish(&mut cc, &id, "n1").await;
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;
     let dev = attach(&n2, &mut csi2, &id).await;
     assert!(read_at(&dev, 1 << 20, 4 << 20) == data);
@@ -952,13 +956,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     peer.read(read(Some(newer_grant.clone()), 0, 4096))
         .await
         .unwrap();
-    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: "n1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    unpublish(&mut cc, &id, "n1").await;
     let e = peer
         .read(read(Some(newer_grant), 0, 4096))
         .await
@@ -1018,13 +1016,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: rid.clone(),
-        node_id: "n1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    unpublish(&mut cc, &rid, "n1").await;
     let ctx = cc
         .controller_publish_volume(publish_ro)
         .await
@@ -1060,13 +1052,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(read_at(&target, 1 << 20, 4 << 20) == data);
     detach(&n1, &mut csi1, &rid).await;
-    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: rid.clone(),
-        node_id: "n1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    unpublish(&mut cc, &rid, "n1").await;
 
     // Pinned to its node (locality: node), it is published nowhere else.
     let local = created(

@@ -343,7 +343,10 @@ fn meta_context_ids_and_a_failed_set() {
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
     let mut body = vec![0u8; len];
     c.0.read_exact(&mut body).unwrap();
-    assert_eq!(u16::from_be_bytes(h[6..8].try_into().unwrap()), REPLY_TYPE_ERROR);
+    assert_eq!(
+        u16::from_be_bytes(h[6..8].try_into().unwrap()),
+        REPLY_TYPE_ERROR
+    );
     assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), EINVAL);
 }
 
