@@ -102,10 +102,24 @@ async fn created(
 }
 
 /// Waits until `f` holds, or panics after `secs` seconds.
-async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, what: &str, f: F) {
+    eventually_or(secs, what, f, String::new).await
+}
+
+/// [`eventually`], with what `log` says in the panic (a process's log).
+async fn eventually_or<F: AsyncFnMut() -> bool>(
+    secs: u64,
+    what: &str,
+    mut f: F,
+    log: impl Fn() -> String,
+) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -560,7 +574,7 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     let n1 = NodeProc::start(root.path(), "n1", &tls);
     let records = root.path().join("records/records.redb");
     let mut a = ControllerProc::replica(root.path(), "ctl-a", &records, &[&n1.agent], &tls);
-    eventually(20, "a leads", async || a.leading()).await;
+    eventually_or(20, "a leads", async || a.leading(), || a.proc.log()).await;
     let mut b = ControllerProc::replica(root.path(), "ctl-b", &records, &[&n1.agent], &tls);
     let mut cb = ControllerClient::new(c::channel(b.csi_socket()).await);
 
@@ -606,7 +620,7 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
 
     // The leader dies: b takes over with the same records.
     a.proc.kill9();
-    eventually(20, "b leads", async || b.leading()).await;
+    eventually_or(20, "b leads", async || b.leading(), || b.proc.log()).await;
     eventually(20, "n1 seen by b as leader", async || {
         capacity(&mut cb, "n1").await > 0
     })
@@ -661,7 +675,13 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
         "{}",
         b.proc.log()
     );
-    eventually(20, "a leads after b stopped", async || a.leading()).await;
+    eventually_or(
+        20,
+        "a leads after b stopped",
+        async || a.leading(),
+        || a.proc.log(),
+    )
+    .await;
     assert!(capacity(&mut ca, "n1").await > 0);
     let z = created(
         &mut ca,
