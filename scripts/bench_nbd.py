@@ -16,6 +16,7 @@ cache is dropped and every image is read once, sequentially, through its
 own server, so all start from the same cache state.
 
 Usage: scripts/bench-nbd [--rounds 5] [--seconds 5] [--quick] [--only WORKLOAD]
+                         [--strata-args '--sync-log 0']
 """
 
 import argparse
@@ -79,7 +80,7 @@ def spread_with_libnbd(uri, raw, layer, after_layer):
     after_layer()
 
 
-def setup(work):
+def setup(work, strata_args):
     raw = os.path.join(work, "raw.img")
     print("creating a 1 GiB random image ...", flush=True)
     with open(raw, "wb") as f:
@@ -92,7 +93,7 @@ def setup(work):
     p = subprocess.Popen(
         [STRATA, "standalone", "--pool", f"{work}/pool", "--csi-endpoint", f"unix://{work}/csi.sock",
          "--nbd-listen", f"unix://{work}/strata.sock", "--metrics-listen", "127.0.0.1:0",
-         "--state-dir", f"{work}/state"],
+         "--state-dir", f"{work}/state", *strata_args],
         stderr=open(f"{work}/strata.log", "w"))
     procs.append(p)
     wait_for(f"{work}/csi.sock", "strata")
@@ -175,6 +176,8 @@ WORKLOADS = [
     # fio's nbd engine refuses fdatasync= (EINVAL inside fio); fsync=N sends
     # the same NBD_CMD_FLUSH after every N writes.
     ("4k randwrite flush every write", ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--fsync=1"], "iops", True),
+    # A database committing every write: one write in flight, then its flush.
+    ("4k randwrite qd1 flush every write", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "iops", True),
     ("4k randwrite flush every 32", ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--fsync=32"], "iops", True),
     ("1M seqread qd32", ["--rw=read", "--bs=1M", "--iodepth=32"], "MB/s", False),
     ("4k seqwrite qd32", ["--rw=write", "--bs=4k", "--iodepth=32"], "iops", True),
@@ -200,13 +203,14 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s (a smoke run)")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
+    ap.add_argument("--strata-args", default="", help="more arguments for strata standalone")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.seconds = 1, 2
     work = tempfile.mkdtemp(prefix="strata-bench-nbd-", dir="/var/tmp")
     procs = []
     try:
-        procs, targets = setup(work)
+        procs, targets = setup(work, a.strata_args.split())
         results = {}
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds} ...", flush=True)
@@ -220,6 +224,7 @@ def main():
                     results.setdefault((wname, t.name), []).append((iops, mbps, cpu))
         print(f"\n## NBD servers, fio nbd engine, {a.rounds} alternated rounds of {a.seconds} s, medians")
         only = f" --only '{a.only}'" if a.only else ""
+        only += f" --strata-args '{a.strata_args}'" if a.strata_args else ""
         print(f"command: scripts/bench-nbd --rounds {a.rounds} --seconds {a.seconds}{only}")
         print("Images are 1 GiB and fit in the page cache: reads measure CPU efficiency.")
         print("Reference: nbdkit file for reads, qemu-nbd raw for writes.\n")

@@ -2,7 +2,8 @@
 //!
 //!     cargo bench -p strata --bench engine [-- SECTION...]
 //!
-//! Sections: reads, snapshots, memory, flush, open (default: all). The pool
+//! Sections: reads, snapshots, memory, flush, syncwrite, open (default:
+//! all). The pool
 //! lives in `$STRATA_BENCH_DIR` (default: a temporary directory under
 //! /var/tmp, so on the machine's disk, not tmpfs).
 
@@ -463,6 +464,129 @@ fn bench_flush() {
     }
 }
 
+// -------------------------------------------------------------- syncwrite
+
+/// Latencies of `op(block)` on random blocks of `blocks` for `secs`.
+fn timed_ops(blocks: u64, secs: Duration, seed: u64, mut op: impl FnMut(u64)) -> Vec<Duration> {
+    let mut rng = Rng(seed);
+    let mut lat = Vec::new();
+    let until = Instant::now() + secs;
+    while Instant::now() < until {
+        let t = Instant::now();
+        op(rng.next() % blocks);
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    lat
+}
+
+/// A database committing every write: 4 KiB random write then flush, one
+/// at a time, on a volume whose flushes log the data in the journal (one
+/// fdatasync), on one whose flushes sync the layer file first (two), and
+/// on a raw file (pwrite + fdatasync, what qemu-nbd does on a raw image),
+/// alternated in rounds.
+fn bench_syncwrite() {
+    let rounds = 3;
+    let secs = Duration::from_secs(3);
+    println!("\n## Sync writes: 4 KiB random write + flush, queue depth 1");
+    println!(
+        "{rounds} alternated rounds of {} s each; `new blocks`: a fresh 1 GiB volume/sparse file;",
+        secs.as_secs()
+    );
+    println!("`overwrites`: 256 MiB written and flushed before. Medians of the rounds' figures.\n");
+    println!("| writes | target | ops/s | p50 | p99 | max | vs raw file |");
+    println!("|--------|--------|------:|----:|----:|----:|------------:|");
+    let buf = vec![7u8; BLOCK_SIZE as usize];
+    for fresh in [true, false] {
+        let (_t, dir) = scratch("syncwrite");
+        let size = if fresh { GIB } else { 256 * MIB };
+        let blocks = size / BLOCK_SIZE;
+        let mut vols = Vec::new();
+        for (name, log) in [("strata, logged", 256 << 10), ("strata, synced", 0)] {
+            let pool = Pool::open(
+                &dir.join(name.replace([',', ' '], "")),
+                PoolOptions {
+                    sync_log_bytes: log,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let vol = pool.volume(pool.create_volume(size).unwrap().id).unwrap();
+            if !fresh {
+                vol.write(0, &vec![1u8; size as usize], false).unwrap();
+                vol.flush().unwrap();
+            }
+            vols.push((name, pool, vol));
+        }
+        let raw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("raw.img"))
+            .unwrap();
+        raw.set_len(size).unwrap();
+        if !fresh {
+            use std::os::unix::fs::FileExt;
+            raw.write_all_at(&vec![1u8; size as usize], 0).unwrap();
+            raw.sync_all().unwrap();
+        }
+        // Per target, per round: ops/s, p50, p99 and max (seconds).
+        let mut runs: Vec<(&str, Vec<[f64; 4]>)> = Vec::new();
+        for round in 0..rounds {
+            let mut figures = |name, lat: Vec<Duration>| {
+                let f = [
+                    lat.len() as f64 / secs.as_secs_f64(),
+                    percentile(&lat, 0.5).as_secs_f64(),
+                    percentile(&lat, 0.99).as_secs_f64(),
+                    lat.last().unwrap().as_secs_f64(),
+                ];
+                match runs.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, v)) => v.push(f),
+                    None => runs.push((name, vec![f])),
+                }
+            };
+            // Each round starts with another target, so none always
+            // follows the same one.
+            for t in (0..=vols.len()).map(|i| (i + round as usize) % (vols.len() + 1)) {
+                let seed = 11 + round;
+                if let Some((name, _, vol)) = vols.get(t) {
+                    let lat = timed_ops(blocks, secs, seed, |b| {
+                        vol.write(b * BLOCK_SIZE, &buf, false).unwrap();
+                        vol.flush().unwrap();
+                    });
+                    figures(name, lat);
+                } else {
+                    let lat = timed_ops(blocks, secs, seed, |b| {
+                        use std::os::unix::fs::FileExt;
+                        raw.write_all_at(&buf, b * BLOCK_SIZE).unwrap();
+                        raw.sync_data().unwrap();
+                    });
+                    figures("raw file", lat);
+                }
+            }
+        }
+        let median = |v: &[[f64; 4]], i: usize| -> f64 {
+            let mut x: Vec<f64> = v.iter().map(|f| f[i]).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let raw_ops = median(&runs.iter().find(|r| r.0 == "raw file").unwrap().1, 0);
+        let writes = if fresh { "new blocks" } else { "overwrites" };
+        for (name, v) in &runs {
+            let ops = median(v, 0);
+            let d = |i| ms(Duration::from_secs_f64(median(v, i)));
+            println!(
+                "| {writes} | {name} | {ops:.0} | {} | {} | {} | {:.2}x |",
+                d(1),
+                d(2),
+                d(3),
+                ops / raw_ops
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------- open
 
 fn bench_open() {
@@ -536,6 +660,9 @@ fn main() {
     }
     if want("flush") {
         bench_flush();
+    }
+    if want("syncwrite") {
+        bench_syncwrite();
     }
     if want("open") {
         bench_open();

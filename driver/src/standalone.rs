@@ -68,6 +68,8 @@ pub struct Config {
     pub pool: PathBuf,
     /// Limits of background merges and flattens.
     pub jobs: crate::engine::JobConfig,
+    /// `PoolOptions::sync_log_bytes`.
+    pub sync_log_bytes: u64,
     pub csi_endpoint: Endpoint,
     pub nbd_listen: Vec<Endpoint>,
     pub metrics_listen: SocketAddr,
@@ -178,6 +180,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         // and gone at reboot, like the page cache the logs stand in for.
         unflushed_dir: Some(config.node.state_dir.join("unflushed")),
         jobs: config.jobs.clone(),
+        sync_log_bytes: config.sync_log_bytes,
         ..PoolOptions::default()
     };
     let pool = blocking(move || {

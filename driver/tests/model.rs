@@ -129,9 +129,12 @@ fn run_model(dir: &Path, rng: &mut Rng, steps: u64) {
     // A tiny checkpoint threshold folds journals all the time; the default
     // one keeps frozen layers' presence in the journal for long stretches.
     let journal_checkpoint_bytes = if rng.chance(50) { 8192 } else { 4 << 20 };
+    // Flushes that log their data, that sync the layer files, or a mix.
+    let sync_log_bytes = [0, 8192, 256 << 10][rng.below(3) as usize];
     // Short chains, so the depth policy's merges run all the time too.
     let opts = PoolOptions {
         journal_checkpoint_bytes,
+        sync_log_bytes,
         jobs: JobConfig {
             default_max_chain_depth: 1 + rng.below(4) as u32,
             ..JobConfig::default()

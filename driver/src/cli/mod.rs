@@ -130,6 +130,21 @@ struct StandaloneArgs {
     /// says otherwise (maxChainDepth).
     #[arg(long, default_value_t = 32)]
     max_chain_depth: u32,
+    /// A flush of at most this much data written since the previous one
+    /// writes the data into the volume's journal with it: one durable
+    /// write instead of two (0: flushes always sync the layer files; at
+    /// most 16MiB, each volume keeps that much in memory between flushes).
+    #[arg(long, value_parser = sync_log, default_value = "256KiB")]
+    sync_log: u64,
+}
+
+/// `--sync-log`: a size up to 16 MiB.
+fn sync_log(s: &str) -> Result<u64, String> {
+    let n = size::parse(s)?;
+    if n > 16 << 20 {
+        return Err("at most 16MiB (every volume keeps that much in memory)".into());
+    }
+    Ok(n)
 }
 
 /// `--fuse-holder`.
@@ -426,6 +441,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
     Ok(crate::standalone::Config {
         role,
         jobs,
+        sync_log_bytes: a.sync_log,
         pool: a.pool,
         csi_endpoint: a.csi_endpoint,
         nbd_listen: a.nbd_listen,
@@ -682,5 +698,19 @@ impl Cli {
                 }
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_log_takes_sizes_up_to_16_mib() {
+        assert_eq!(sync_log("0"), Ok(0));
+        assert_eq!(sync_log("256KiB"), Ok(256 << 10));
+        assert_eq!(sync_log("16MiB"), Ok(16 << 20));
+        assert!(sync_log("17MiB").unwrap_err().contains("at most 16MiB"));
+        assert!(sync_log("lots").is_err());
     }
 }

@@ -283,11 +283,23 @@ pub fn check_pool_on(fs: &Arc<dyn Fs>, dir: &Path, repair: bool) -> Result<Check
                 let pending = replay
                     .batches
                     .iter()
-                    .filter(|(seq, _)| *seq > v.journal_seq)
+                    .filter(|b| b.seq > v.journal_seq)
                     .count();
                 if pending > 0 {
                     report.notes.push(format!(
                         "volume {}: {pending} flushed journal batches will be folded in at the next open",
+                        v.id
+                    ));
+                }
+                let logged: u64 = replay
+                    .batches
+                    .iter()
+                    .flat_map(|b| &b.logged)
+                    .map(|l| l.data.len() as u64)
+                    .sum();
+                if logged > 0 {
+                    report.notes.push(format!(
+                        "volume {}: its journal logged {logged} bytes of flushed data that the next open makes durable in the layer files",
                         v.id
                     ));
                 }

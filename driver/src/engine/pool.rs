@@ -28,7 +28,7 @@ use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::io::{Entry, Fs, Open, RealFs};
 use super::jobs::{self, JobConfig, Jobs};
-use super::journal::{JOURNAL_DIR, JournalFile, Record, journal_path};
+use super::journal::{JOURNAL_DIR, JournalFile, JournalOpts, Record, journal_path};
 use super::layer::sync_dir;
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
 use super::snapshot::SnapshotReader;
@@ -50,9 +50,15 @@ pub struct PoolOptions {
     pub sync: bool,
     /// Most layer files kept open at once (0: derive from RLIMIT_NOFILE).
     pub max_open_files: usize,
-    /// A volume's journal is folded into the catalog once it grows past
-    /// this many bytes.
+    /// A volume's journal is folded into the catalog once its presence
+    /// changes grow past this many bytes (or its logged data past 16
+    /// times as many).
     pub journal_checkpoint_bytes: u64,
+    /// A flush logs the data written since the previous one in the
+    /// journal, with one durable write, when it is at most this many bytes;
+    /// larger flushes sync the layer files first (see `journal.rs`). 0:
+    /// never log.
+    pub sync_log_bytes: u64,
     /// Free space kept for metadata: data writes fail with `NoSpace` below
     /// it. `None`: 1% of the filesystem, between 16 MiB and 256 MiB.
     pub reserve_bytes: Option<u64>,
@@ -72,10 +78,20 @@ impl Default for PoolOptions {
             sync: true,
             max_open_files: 0,
             journal_checkpoint_bytes: 4 << 20,
+            sync_log_bytes: 256 << 10,
             reserve_bytes: None,
             unflushed_dir: None,
             jobs: JobConfig::default(),
             fs: RealFs::shared(),
+        }
+    }
+}
+
+impl PoolOptions {
+    pub(crate) fn journal(&self) -> JournalOpts {
+        JournalOpts {
+            sync: self.sync,
+            prealloc: (self.journal_checkpoint_bytes / 4).clamp(4096, 1 << 20),
         }
     }
 }
@@ -275,12 +291,14 @@ impl Shared {
     /// the journal batches it lacks and the changes a previous process of
     /// this boot acknowledged but never flushed (their data is in the page
     /// cache of the layer files: synced first), and returns both ready for
-    /// use. The unflushed log is emptied only once its records are durable
-    /// in the catalog: a failure before that leaves them for the next try.
-    /// Changes beyond saving are recorded in the catalog (a fault the next
-    /// flush reports), so no restart can forget them.
+    /// use. Logged data is made durable in the layer files first (written
+    /// back after a power cut, synced after a process crash; see
+    /// `journal.rs`). The unflushed log is emptied only once its records
+    /// are durable in the catalog: a failure before that leaves them for
+    /// the next try. Changes beyond saving are recorded in the catalog (a
+    /// fault the next flush reports), so no restart can forget them.
     fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog)> {
-        let sync = self.opts.sync;
+        let jopts = self.opts.journal();
         let (mut log, leftover) = UnflushedLog::open(&self.fs, &self.unflushed_dir, rec.id)?;
         let mut lost = leftover.incomplete;
         let journal_exists = self
@@ -289,20 +307,21 @@ impl Shared {
             .map_err(|e| io_error("look for the journal of", &self.dir, e))?
             .is_some();
         let (file, mut records) = if journal_exists {
-            let (file, replay) = JournalFile::open(&self.fs, &self.dir, rec.id, sync)?;
+            let (file, replay) = JournalFile::open(&self.fs, &self.dir, rec.id, jopts)?;
             if replay.truncated_bytes > 0 {
                 tracing::info!(volume = %rec.id, bytes = replay.truncated_bytes, "cut a torn journal tail (writes that were never flushed)");
             }
+            self.restore_logged(rec.id, &replay)?;
             let records: Vec<Record> = replay
                 .batches
                 .into_iter()
-                .filter(|(seq, _)| *seq > rec.journal_seq)
-                .flat_map(|(_, r)| r)
+                .filter(|b| b.seq > rec.journal_seq)
+                .flat_map(|b| b.records)
                 .collect();
             (file, records)
         } else {
             (
-                JournalFile::create(&self.fs, &self.dir, rec.id, rec.journal_seq, sync)?,
+                JournalFile::create(&self.fs, &self.dir, rec.id, rec.journal_seq, jopts)?,
                 Vec::new(),
             )
         };
@@ -321,19 +340,14 @@ impl Shared {
         }
         if !saved.is_empty() {
             tracing::info!(volume = %rec.id, changes = saved.len(), "making writes acknowledged by the previous process durable");
-            if sync {
-                let path = layer_path(&self.dir, rec.top);
-                let file = self
-                    .fs
-                    .open(&path, Open::ReadWrite)
-                    .map_err(|e| io_error("open", &path, e))?;
-                if let Err(e) = file.sync_data() {
-                    // Their pages may now be marked clean without having
-                    // been written: nothing can make them durable.
-                    let why = format!("recovery could not write back its writes: {e}");
-                    self.record_fault(rec.id, FaultKind::DataLost, &why)?;
-                    saved.clear();
-                }
+            if self.opts.sync
+                && let Err(e) = self.layer_file(rec.top)?.sync_data()
+            {
+                // Their pages may now be marked clean without having
+                // been written: nothing can make them durable.
+                let why = format!("recovery could not write back its writes: {e}");
+                self.record_fault(rec.id, FaultKind::DataLost, &why)?;
+                saved.clear();
             }
             records.extend(saved);
         }
@@ -344,19 +358,71 @@ impl Shared {
                 "writes acknowledged by the previous process were beyond saving",
             )?;
         }
-        if records.is_empty() {
+        if records.is_empty() && file.is_empty() && !file.is_old() {
             log.start(rec.id);
             return Ok((file, log));
         }
-        let mut txn = self.catalog.write()?;
-        txn.apply_presence(&records)?;
-        let mut updated = txn.volume(rec.id)?.ok_or(Error::VolumeNotFound(rec.id))?;
-        updated.journal_seq = file.last_seq();
-        txn.put_volume(&updated)?;
-        txn.commit()?;
+        let mut seq = file.last_seq();
+        if !records.is_empty() {
+            let mut txn = self.catalog.write()?;
+            txn.apply_presence(&records)?;
+            let mut updated = txn.volume(rec.id)?.ok_or(Error::VolumeNotFound(rec.id))?;
+            updated.journal_seq = seq;
+            txn.put_volume(&updated)?;
+            txn.commit()?;
+        }
+        seq = seq.max(rec.journal_seq);
         log.start(rec.id);
-        let file = JournalFile::create(&self.fs, &self.dir, rec.id, updated.journal_seq, sync)?;
+        let file = JournalFile::create(&self.fs, &self.dir, rec.id, seq, jopts)?;
         Ok((file, log))
+    }
+
+    fn layer_file(&self, layer: LayerId) -> Result<super::io::File> {
+        let path = layer_path(&self.dir, layer);
+        self.fs
+            .open(&path, Open::ReadWrite)
+            .map_err(|e| io_error("open", &path, e))
+    }
+
+    /// Makes the data a journal logged durable in the layer files: after a
+    /// power cut, writes back the newest logged version of each block; in
+    /// any case syncs the files that hold logged data. Layers the catalog
+    /// no longer has (their files are gone) are skipped. A failed write
+    /// fails the open (the journal still has the data for the next try); a
+    /// failed sync is a data loss, as a flush's is.
+    fn restore_logged(&self, volume: VolumeId, replay: &super::journal::Replay) -> Result<()> {
+        let restore = replay.restore(self.fs.boot_id());
+        if restore.sync.is_empty() {
+            return Ok(());
+        }
+        let live: Vec<LayerId> = {
+            let txn = self.catalog.read()?;
+            let mut live = Vec::new();
+            for &l in &restore.sync {
+                if txn.layer(l)?.is_some() {
+                    live.push(l);
+                }
+            }
+            live
+        };
+        if !restore.writes.is_empty() {
+            tracing::info!(%volume, blocks = restore.writes.len(), "writing back data the journal logged before a power cut");
+        }
+        for layer in live {
+            let file = self.layer_file(layer)?;
+            for (_, block, data) in restore.writes.iter().filter(|w| w.0 == layer) {
+                file.write_all_at(data, block * BLOCK_SIZE).map_err(|e| {
+                    io_error("write back logged data to", layer_path(&self.dir, layer), e)
+                })?;
+            }
+            if self.opts.sync
+                && let Err(e) = file.sync_data()
+            {
+                let why = format!("recovery could not write back the data its journal logged: {e}");
+                self.record_fault(volume, FaultKind::DataLost, &why)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes (or with `None`, removes) the fault record of `volume`.
@@ -687,7 +753,7 @@ impl Pool {
         let (lid, created) = (LayerId::new_random(), now_ns());
         create_layer_file(&*sh.fs, &sh.dir, lid, size, sh.opts.sync)?;
         let committed =
-            JournalFile::create(&sh.fs, &sh.dir, vid, 0, sh.opts.sync).and_then(|journal| {
+            JournalFile::create(&sh.fs, &sh.dir, vid, 0, sh.opts.journal()).and_then(|journal| {
                 let (mut log, _) = UnflushedLog::open(&sh.fs, &sh.unflushed_dir, vid)?;
                 log.start(vid);
                 let mut txn = sh.catalog.write()?;
@@ -853,7 +919,7 @@ impl Pool {
         {
             // Frozen layers' presence may still be only in this journal.
             let mut journal = vol.journal.lock().expect("journal");
-            vol.checkpoint_locked(&mut journal)?;
+            vol.checkpoint_locked(&mut journal, true)?;
         }
         let sh = self.shared();
         let mut txn = sh.catalog.write()?;
