@@ -12,19 +12,31 @@ use csi_proto::csi::v1::volume_capability::{
 use csi_proto::csi::v1::*;
 use tonic::transport::Channel;
 
-/// A gRPC channel to a unix socket.
+/// A gRPC channel to a unix socket. A server that was just (re)started
+/// may not listen yet (a killed one leaves its socket file behind): the
+/// connection is retried for up to 20 s.
 pub async fn channel(path: PathBuf) -> Channel {
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let socket = path.clone();
+        let connected = tonic::transport::Endpoint::from_static("http://[::]:50051")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await;
+        match connected {
+            Ok(channel) => return channel,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-        }))
-        .await
-        .unwrap()
+            Err(e) => panic!("cannot connect to {}: {e:?}", path.display()),
+        }
+    }
 }
 
 /// The three CSI services of one endpoint.
