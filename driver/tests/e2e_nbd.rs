@@ -113,6 +113,8 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
         format!("strata_volume_chain_depth{{volume=\"{vol}\"}} 2"),
         format!("strata_volume_logical_bytes{{volume=\"{vol}\"}} 33554432"),
         format!("strata_volume_allocated_bytes{{volume=\"{vol}\"}} 7340032"),
+        format!("strata_volume_flushes_total{{volume=\"{vol}\",kind=\"logged\"}} "),
+        format!("strata_volume_flushes_total{{volume=\"{vol}\",kind=\"synced\"}} "),
         "strata_pool_capacity_bytes ".to_string(),
         "strata_pool_free_bytes ".to_string(),
         "strata_nbd_connections ".to_string(),

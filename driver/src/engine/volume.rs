@@ -243,6 +243,11 @@ pub struct VolumeStats {
     /// Bytes of the volume backed by data in some layer (not holes, not
     /// zero records).
     pub allocated_bytes: u64,
+    /// Flushes since the volume was loaded that logged the written data in
+    /// the journal (one fdatasync).
+    pub flushes_logged: u64,
+    /// Flushes since the volume was loaded that synced the layer files.
+    pub flushes_synced: u64,
 }
 
 /// Options of a write-zeroes request.
@@ -277,6 +282,8 @@ pub struct Volume {
     pub(crate) allowance: Allowance,
     /// The size, readable without the state lock (changed under the gate).
     size: AtomicU64,
+    /// Flushes that did work: logged, synced.
+    flushes: [AtomicU64; 2],
 }
 
 impl Volume {
@@ -315,6 +322,7 @@ impl Volume {
                 durable_gen: 0,
             }),
             deleted: AtomicBool::new(false),
+            flushes: Default::default(),
         }
     }
 
@@ -349,6 +357,8 @@ impl Volume {
             size_bytes: self.size(),
             chain_depth: st.view.depth(),
             allocated_bytes: st.view.index.count_data() * BLOCK_SIZE,
+            flushes_logged: self.flushes[0].load(Ordering::Relaxed),
+            flushes_synced: self.flushes[1].load(Ordering::Relaxed),
         }
     }
 
@@ -777,6 +787,7 @@ impl Volume {
                 .unsynced
                 .retain(|u| !layers.iter().any(|l| Arc::ptr_eq(l, u)));
         }
+        self.flushes[usize::from(logged.is_none())].fetch_add(1, Ordering::Relaxed);
         journal.unfolded.extend(records);
         journal.durable_gen = generation;
         self.pending.lock().expect("pending").made_durable(end);

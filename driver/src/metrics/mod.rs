@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -597,8 +597,31 @@ impl Collector for PoolCollector {
                 ConstGauge::new(value(s)).encode(metric.encode_family(&labels)?)?;
             }
         }
+        let mut metric = encoder.encode_descriptor(
+            "volume_flushes",
+            "Flushes that made writes durable since the volume was loaded, by how: \
+             logged (the data in the journal, one fdatasync) or synced (the layer \
+             files fdatasynced first)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for s in &stats {
+            for (kind, n) in [("logged", s.flushes_logged), ("synced", s.flushes_synced)] {
+                let labels = VolumeKind {
+                    volume: s.id.to_string(),
+                    kind,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeKind {
+    volume: String,
+    kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
