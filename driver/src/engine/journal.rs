@@ -317,7 +317,9 @@ impl JournalFile {
         Ok(journal)
     }
 
-    fn make_name_durable(&mut self) -> Result<()> {
+    /// Makes the file's name durable if its directory fsync failed when
+    /// it was installed (a no-op otherwise).
+    pub(crate) fn make_name_durable(&mut self) -> Result<()> {
         if self.name_pending {
             let dir = self.path.parent().expect("a journal is in a directory");
             sync_dir(&*self.fs, dir)?;

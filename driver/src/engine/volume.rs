@@ -833,7 +833,10 @@ impl Volume {
             .map(|l| l.id)
             .collect();
         if records.is_empty() && synced.is_empty() {
-            return Ok(());
+            // No batch, but the journal's name must be durable: a power cut
+            // could otherwise bring back the journal it replaced, whose
+            // logged data replay would write over what was just synced.
+            return journal.file.make_name_durable();
         }
         journal.file.append(records, &synced, &[]).map(drop)
     }
@@ -876,9 +879,11 @@ impl Volume {
                 })?;
             }
         }
-        journal.unsynced.clear();
         // The catalog now covers every batch; if the reset fails, replay
         // skips the old batches by sequence number and appends continue.
+        // Until a reset, the layers stay listed as having logged data in
+        // this journal: a later flush that syncs one must say so in a batch
+        // (replay would write the older logged data back over it).
         match JournalFile::create(
             &self.shared.fs,
             &self.shared.dir,
@@ -886,7 +891,10 @@ impl Volume {
             journal.file.last_seq(),
             self.shared.opts.journal(),
         ) {
-            Ok(file) => journal.file = file,
+            Ok(file) => {
+                journal.file = file;
+                journal.unsynced.clear();
+            }
             Err(e) => {
                 tracing::warn!(volume = %self.id, error = %e, "journal reset failed; keeping the old journal")
             }
