@@ -1063,6 +1063,8 @@ fn logged_flushes_are_one_fsync_and_survive_a_power_cut_under_later_synced_ones(
         }
         vol.write(0, &four, false).unwrap();
         assert_eq!(syncs_of(&disk, || vol.flush().unwrap()), 2, "synced");
+        let stats = vol.stats();
+        assert_eq!((stats.flushes_logged, stats.flushes_synced), (1, 1));
         vol.write(BLOCK, &pattern(6), true).unwrap();
         vol.write(5 * BLOCK, &pattern(7), false).unwrap();
         disk.power_cut();
@@ -1123,4 +1125,122 @@ fn a_failed_logged_flush_is_retried_by_the_next() {
     let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
     reads(&pool, 1, &[1]).unwrap();
     assert!(pool.faults().unwrap().is_empty());
+}
+
+fn eio_once(disk: &FaultFs, op: Op, at: u64) {
+    disk.fail(Some(Fail {
+        at,
+        op: Some(op),
+        errno: libc::EIO,
+        sticky: false,
+    }));
+}
+
+/// Block 0 is written and flushed (logged) as 1; `between` then runs with
+/// the pool (a failed journal reset, a kill); block 0 is overwritten with
+/// 2 and flushed, which syncs the layer file and needs no batch; a power
+/// cut. Replay must not bring the logged 1 back over the synced 2,
+/// whatever became of the journal that logged it.
+fn logged_then_synced_overwrite(between: impl FnOnce(&FaultFs, Pool) -> Pool) {
+    let disk = new_disk();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+        let vol = pool.volume(vid(1)).unwrap();
+        vol.write(0, &pattern(1), true).unwrap();
+        drop(vol);
+        let pool = between(&disk, pool);
+        let vol = pool.volume(vid(1)).unwrap();
+        vol.write(0, &pattern(2), false).unwrap();
+        vol.flush().unwrap();
+        disk.power_cut();
+    }
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    reads(&pool, 1, &[2]).unwrap();
+}
+
+/// A checkpoint (forced by `snapshot_frees`) whose journal reset fails at
+/// its `op`.
+fn failed_reset(disk: &FaultFs, pool: &Pool, op: Op) {
+    eio_once(disk, op, 1);
+    let _ = pool.snapshot_frees(SnapshotId::from_u128(99));
+    assert_eq!(disk.matched(), 1, "the {op:?} of the reset failed");
+    disk.fail(None);
+}
+
+#[test]
+fn replay_never_writes_logged_data_over_a_later_synced_overwrite() {
+    // The new journal is not renamed into place: the old one stays.
+    logged_then_synced_overwrite(|disk, pool| {
+        failed_reset(disk, &pool, Op::Rename);
+        pool
+    });
+    // Renamed, but the directory fsync fails: a power cut can bring back
+    // the old journal.
+    logged_then_synced_overwrite(|disk, pool| {
+        failed_reset(disk, &pool, Op::SyncDir);
+        pool
+    });
+    // The same, and the process is killed: the next one does not know.
+    logged_then_synced_overwrite(|disk, pool| {
+        failed_reset(disk, &pool, Op::SyncDir);
+        disk.kill_process();
+        drop(pool);
+        Pool::open(Path::new(POOL), opts(disk)).unwrap()
+    });
+    // A power cut, then an open whose journal reset fails at any of its
+    // directory fsyncs.
+    for k in 1..=4 {
+        logged_then_synced_overwrite(|disk, pool| {
+            disk.power_cut();
+            drop(pool);
+            eio_once(disk, Op::SyncDir, k);
+            let pool = Pool::open(Path::new(POOL), opts(disk));
+            disk.fail(None);
+            pool.unwrap_or_else(|_| Pool::open(Path::new(POOL), opts(disk)).unwrap())
+        });
+    }
+}
+
+/// A checkpoint whose fdatasync of a layer with logged data fails: the
+/// volume reports lost data, keeps its journal, and the next open writes
+/// the logged data back (the failed pages are clean, a sync alone would
+/// succeed over them), in this boot and after a power cut.
+#[test]
+fn a_failed_checkpoint_sync_keeps_the_logged_data_for_the_next_open() {
+    for power_cut in [false, true] {
+        // The checkpoint's catalog commit syncs first: find the layer's.
+        let disk = (1..=6)
+            .find_map(|k| {
+                let disk = new_disk();
+                let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+                pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+                let vol = pool.volume(vid(1)).unwrap();
+                vol.write(0, &pattern(1), true).unwrap();
+                eio_once(&disk, Op::Sync, k);
+                let e = pool.snapshot_frees(SnapshotId::from_u128(99));
+                disk.fail(None);
+                if !e.is_err_and(|e| e.to_string().contains("journal logged")) {
+                    return None;
+                }
+                assert!(vol.fault().is_some());
+                drop(vol);
+                disk.kill_process();
+                Some(disk)
+            })
+            .expect("a checkpoint syncs the layer with logged data");
+        {
+            let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+            assert_eq!(pool.faults().unwrap().len(), 1);
+            reads(&pool, 1, &[1]).unwrap();
+            if power_cut {
+                disk.power_cut();
+            } else {
+                drop(pool);
+                disk.kill_process();
+            }
+        }
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        reads(&pool, 1, &[1]).unwrap();
+    }
 }

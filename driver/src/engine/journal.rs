@@ -26,8 +26,11 @@
 //! crash in the same boot, the page cache holds the data, as new or newer
 //! (a write reaches the layer file before its flush logs it), so replay
 //! only syncs the files: writing the logged version back would undo
-//! acknowledged overwrites that came after it. Each batch records the boot
-//! it was written in to tell the two apart.
+//! acknowledged overwrites that came after it. Each batch records the page
+//! cache it was written under (the boot ID with the mount ID of the pool's
+//! filesystem folded in: a filesystem unmounted after an error, or a disk
+//! that went away, loses its page cache without a reboot) to tell the two
+//! apart; after a failed write-back the page cache is not trusted either.
 //!
 //! Batches are folded into the catalog's presence records by a *checkpoint*
 //! (when the journal grows past a threshold, when a merge needs the frozen
@@ -44,7 +47,7 @@
 //! header (64 bytes): magic "STRJNL01" | version u32 (2) | reserved u32 |
 //!                    volume u128 | base_seq u64 | crc32 u32 | zero padding
 //! batch (56 bytes):  magic u32 "SJB2" | seq u64 | records u32 | synced u32 |
-//!                    extents u32 | data blocks u32 | boot id [16] |
+//!                    extents u32 | data blocks u32 | cache id [16] |
 //!                    crc32 u32 | zero padding (8)
 //!                    then records × 32 | synced × layer u128 |
 //!                    extents × 32 | data blocks × 4096
@@ -169,7 +172,8 @@ pub(crate) struct Batch {
     /// block logged for them in earlier batches was durable in the file.
     pub synced: Vec<LayerId>,
     pub logged: Vec<Logged>,
-    /// The boot the batch was written in (zeros in version-1 journals).
+    /// The page cache the batch was written under (`Fs::page_cache_id`;
+    /// zeros in version-1 journals).
     pub boot: [u8; 16],
 }
 
@@ -188,23 +192,24 @@ pub(crate) struct Replay {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Restore<'a> {
     /// Blocks to write back into their layer files: `(layer, block, data)`,
-    /// the newest logged version of each, for blocks logged in another boot.
+    /// the newest logged version of each, for blocks logged under another
+    /// page cache.
     pub writes: Vec<(LayerId, u64, &'a [u8])>,
     /// Layers whose files must be synced before the journal goes (written
-    /// back now, or holding the data in the page cache of this boot).
+    /// back now, or holding the data in this page cache).
     pub sync: BTreeSet<LayerId>,
 }
 
 impl Replay {
     /// What makes the logged data of this journal durable in the layer
-    /// files, in boot `boot`. A block's newest logged version counts unless
-    /// a later batch synced its layer; older versions never do.
+    /// files, under page cache `boot`. A block's newest logged version
+    /// counts unless a later batch synced its layer; older versions never
+    /// do.
     pub(crate) fn restore(&self, boot: [u8; 16]) -> Restore<'_> {
         let mut out = Restore::default();
         let mut synced_later = BTreeSet::new();
         let mut seen = BTreeSet::new();
         for batch in self.batches.iter().rev() {
-            synced_later.extend(batch.synced.iter().copied());
             for l in &batch.logged {
                 if synced_later.contains(&l.layer) {
                     continue;
@@ -220,6 +225,8 @@ impl Replay {
                     }
                 }
             }
+            // A batch's synced layers cover the data logged before it.
+            synced_later.extend(batch.synced.iter().copied());
         }
         out
     }
@@ -307,7 +314,7 @@ impl JournalFile {
             last_seq: base_seq,
             opts,
             version: HEADER_VERSION,
-            boot: fs.boot_id(),
+            boot: fs.page_cache_id(pool),
             data_bytes: 0,
             name_pending: opts.sync,
         };
@@ -369,9 +376,12 @@ impl JournalFile {
                 last_seq,
                 opts,
                 version,
-                boot: fs.boot_id(),
+                boot: fs.page_cache_id(pool),
                 data_bytes,
-                name_pending: false,
+                // Whether its directory entry was made durable is not
+                // known (a process that renamed it into place may have
+                // died before): the first append or flush makes sure.
+                name_pending: opts.sync,
             },
             replay,
         ))
@@ -407,8 +417,9 @@ impl JournalFile {
         self.len == HEADER_LEN
     }
 
-    /// Appends may log data: the file is of the current version and this
-    /// boot is known (replay tells a power cut from a process crash by it).
+    /// Appends may log data: the file is of the current version and the
+    /// page cache is known (replay tells a power cut from a process crash
+    /// by it).
     pub(crate) fn can_log(&self) -> bool {
         self.version == HEADER_VERSION && self.boot != [0; 16]
     }
@@ -614,12 +625,18 @@ fn parse_batch(b: &[u8]) -> Option<(Batch, usize)> {
         let at = ext_at + i * EXTENT_LEN;
         let n = u32_at(batch, at + 24)? as usize;
         let bytes = batch.get(data..data.checked_add(n.checked_mul(BLOCK)?)?)?;
-        if n == 0 {
+        let start = u64_at(batch, at + 16)?;
+        if n == 0
+            || start
+                .checked_add(n as u64)?
+                .checked_mul(BLOCK_SIZE)
+                .is_none()
+        {
             return None;
         }
         logged.push(Logged {
             layer: layer_at(batch, at)?,
-            start: u64_at(batch, at + 16)?,
+            start,
             data: bytes.to_vec(),
         });
         data += bytes.len();
@@ -702,7 +719,7 @@ mod tests {
         );
         assert_eq!(replay.batches[0].synced, vec![LayerId(9)]);
         assert_eq!(replay.batches[1].logged, data);
-        assert_eq!(replay.batches[1].boot, fs().boot_id());
+        assert_eq!(replay.batches[1].boot, fs().page_cache_id(dir.path()));
         assert_eq!(replay.truncated_bytes, 0);
         assert_eq!(j2.last_seq(), 12);
         assert_eq!(j2.data_bytes(), 3 * BLOCK as u64);

@@ -299,7 +299,8 @@ impl Shared {
     /// fault the next flush reports), so no restart can forget them.
     fn recover_journal(&self, rec: &VolumeRecord) -> Result<(JournalFile, UnflushedLog)> {
         let jopts = self.opts.journal();
-        let (mut log, leftover) = UnflushedLog::open(&self.fs, &self.unflushed_dir, rec.id)?;
+        let (mut log, leftover) =
+            UnflushedLog::open(&self.fs, &self.unflushed_dir, rec.id, &self.dir)?;
         let mut lost = leftover.incomplete;
         let journal_exists = self
             .fs
@@ -384,42 +385,93 @@ impl Shared {
             .map_err(|e| io_error("open", &path, e))
     }
 
-    /// Makes the data a journal logged durable in the layer files: after a
-    /// power cut, writes back the newest logged version of each block; in
-    /// any case syncs the files that hold logged data. Layers the catalog
-    /// no longer has (their files are gone) are skipped. A failed write
-    /// fails the open (the journal still has the data for the next try); a
-    /// failed sync is a data loss, as a flush's is.
+    /// Makes the data a journal logged durable in the layer files: writes
+    /// back the newest logged version of each block the page cache may
+    /// lack (all of them after a power cut or a remount, and after a
+    /// failed write-back, when the page cache is not to be trusted), then
+    /// syncs the files that hold logged data. Layers the catalog no longer
+    /// has (their files are gone) are skipped; a layer of another family,
+    /// or a block past a layer's end, is corruption. A failed write fails
+    /// the open (the journal still has the data for the next try). A
+    /// failed sync marks the pages it could not write clean (fsyncgate):
+    /// every logged block is written again and synced once more, which
+    /// keeps the flushed data but may undo overwrites acknowledged after
+    /// the last flush (reported as lost unflushed writes); a second
+    /// failure is a data loss.
     fn restore_logged(&self, volume: VolumeId, replay: &super::journal::Replay) -> Result<()> {
-        let restore = replay.restore(self.fs.boot_id());
-        if restore.sync.is_empty() {
+        // Every block's newest version, and those this page cache lacks.
+        let all = replay.restore([0; 16]);
+        if all.sync.is_empty() {
             return Ok(());
         }
-        let live: Vec<LayerId> = {
+        let cached = replay.restore(self.fs.page_cache_id(&self.dir));
+        let (distrust, layers) = {
             let txn = self.catalog.read()?;
-            let mut live = Vec::new();
-            for &l in &restore.sync {
-                if txn.layer(l)?.is_some() {
-                    live.push(l);
+            let distrust = txn
+                .fault(volume)?
+                .is_some_and(|f| f.kind == FaultKind::DataLost);
+            let family = match txn.volume(volume)? {
+                Some(v) => txn.layer(v.top)?.map(|l| l.family),
+                None => None,
+            };
+            let mut layers = Vec::new();
+            for &id in &all.sync {
+                let Some(l) = txn.layer(id)? else { continue };
+                if Some(l.family) != family {
+                    return Err(Error::Corrupt(format!(
+                        "journal of volume {volume} logged data for layer {id} of another family"
+                    )));
                 }
+                layers.push(l);
             }
-            live
+            (distrust, layers)
         };
-        if !restore.writes.is_empty() {
-            tracing::info!(%volume, blocks = restore.writes.len(), "writing back data the journal logged before a power cut");
+        let writes = if distrust {
+            &all.writes
+        } else {
+            &cached.writes
+        };
+        if !writes.is_empty() {
+            tracing::info!(%volume, blocks = writes.len(), "writing back data the journal logged (the page cache that held it is gone)");
         }
-        for layer in live {
-            let file = self.layer_file(layer)?;
-            for (_, block, data) in restore.writes.iter().filter(|w| w.0 == layer) {
-                file.write_all_at(data, block * BLOCK_SIZE).map_err(|e| {
-                    io_error("write back logged data to", layer_path(&self.dir, layer), e)
-                })?;
+        for layer in layers {
+            let path = layer_path(&self.dir, layer.id);
+            let file = self.layer_file(layer.id)?;
+            let write_back = |writes: &[(LayerId, u64, &[u8])]| -> Result<()> {
+                for (_, block, data) in writes.iter().filter(|w| w.0 == layer.id) {
+                    let offset = block
+                        .checked_mul(BLOCK_SIZE)
+                        .filter(|o| *o < layer.size)
+                        .ok_or_else(|| {
+                            Error::Corrupt(format!(
+                                "journal of volume {volume} logged block {block} past the end of layer {}",
+                                layer.id
+                            ))
+                        })?;
+                    file.write_all_at(data, offset)
+                        .map_err(|e| io_error("write back logged data to", &path, e))?;
+                }
+                Ok(())
+            };
+            write_back(writes)?;
+            if !self.opts.sync {
+                continue;
             }
-            if self.opts.sync
-                && let Err(e) = file.sync_data()
-            {
-                let why = format!("recovery could not write back the data its journal logged: {e}");
-                self.record_fault(volume, FaultKind::DataLost, &why)?;
+            if let Err(first) = file.sync_data() {
+                write_back(&all.writes)?;
+                let (kind, why) = match file.sync_data() {
+                    Ok(()) => (
+                        FaultKind::UnflushedLost,
+                        format!(
+                            "recovery rewrote the data its journal logged after a failed write-back ({first}); writes acknowledged after the last flush may be lost"
+                        ),
+                    ),
+                    Err(e) => (
+                        FaultKind::DataLost,
+                        format!("recovery could not write back the data its journal logged: {e}"),
+                    ),
+                };
+                self.record_fault(volume, kind, &why)?;
             }
         }
         Ok(())
@@ -754,7 +806,7 @@ impl Pool {
         create_layer_file(&*sh.fs, &sh.dir, lid, size, sh.opts.sync)?;
         let committed =
             JournalFile::create(&sh.fs, &sh.dir, vid, 0, sh.opts.journal()).and_then(|journal| {
-                let (mut log, _) = UnflushedLog::open(&sh.fs, &sh.unflushed_dir, vid)?;
+                let (mut log, _) = UnflushedLog::open(&sh.fs, &sh.unflushed_dir, vid, &sh.dir)?;
                 log.start(vid);
                 let mut txn = sh.catalog.write()?;
                 if txn.volume(vid)?.is_some() {

@@ -18,9 +18,11 @@
 //! can wait for the filesystem's journal when they dirty a page.
 //!
 //! A machine crash loses the page cache, so the mirror must not outlive
-//! the boot it was written in: its header carries the boot ID, and a
-//! mirror of another boot is ignored (block semantics allow losing
-//! unflushed writes then, and their data may be gone).
+//! the page cache it was written under: its header carries the page
+//! cache's ID (the boot ID with the pool filesystem's mount ID folded in:
+//! an unmount loses the page cache too), and a mirror of another is
+//! ignored (block semantics allow losing unflushed writes then, and their
+//! data may be gone).
 //!
 //! ```text
 //! header (64)  "STRUNF01" | boot id [16] | volume u128 | head u64 | tail u64 | overflowed u8 | 0…
@@ -79,8 +81,9 @@ pub(crate) struct Leftover {
 pub(crate) struct UnflushedLog {
     map: Mapping,
     path: PathBuf,
-    /// This boot's ID (zeros if unknown: then no mirror is ever trusted
-    /// across processes).
+    /// The ID of the page cache of the pool's layer files
+    /// (`Fs::page_cache_id`: the boot and the mount; zeros if unknown:
+    /// then no mirror is ever trusted across processes).
     boot: [u8; 16],
     file: File,
     /// Bytes from the start known to be allocated.
@@ -90,14 +93,16 @@ pub(crate) struct UnflushedLog {
 impl UnflushedLog {
     /// Opens (creating it if needed) the mirror of `volume` in `dir`, with
     /// its first [`ALLOC_STEP`] allocated (more is allocated before the
-    /// ring reaches it), and returns what a previous process of this boot
-    /// left in it. The log is not emptied:
+    /// ring reaches it), and returns what a previous process left in it
+    /// while the page cache of `pool` (the layer files the records point
+    /// into) was the one there is now: same boot, same mount. The log is not emptied:
     /// call [`UnflushedLog::start`] once what was left is durable, so that
     /// a failure meanwhile leaves it for the next attempt.
     pub(crate) fn open(
         fs: &Arc<dyn Fs>,
         dir: &Path,
         volume: VolumeId,
+        pool: &Path,
     ) -> Result<(UnflushedLog, Leftover)> {
         let path = unflushed_path(dir, volume);
         let file = fs
@@ -122,7 +127,7 @@ impl UnflushedLog {
         let log = UnflushedLog {
             map,
             path,
-            boot: fs.boot_id(),
+            boot: fs.page_cache_id(pool),
             file,
             allocated: ALLOC_STEP,
         };
@@ -258,7 +263,7 @@ mod tests {
     use crate::engine::io::RealFs;
 
     fn open(dir: &Path, volume: VolumeId) -> (UnflushedLog, Leftover) {
-        let (mut log, left) = UnflushedLog::open(&RealFs::shared(), dir, volume).unwrap();
+        let (mut log, left) = UnflushedLog::open(&RealFs::shared(), dir, volume, dir).unwrap();
         log.start(volume);
         (log, left)
     }

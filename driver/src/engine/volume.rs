@@ -632,9 +632,9 @@ impl Volume {
         self.shared.allocation_depth(&view, top, offset, len)
     }
 
-    /// Makes every write acknowledged before this call durable: data first
-    /// (fdatasync of the layers written), then the presence batch that makes
-    /// it visible (journal append + fdatasync).
+    /// Makes every write acknowledged before this call durable: one journal
+    /// batch with the presence changes and the data (few blocks), or
+    /// fdatasync of the layers written, then the batch (see `journal.rs`).
     ///
     /// Flushes of one volume are group-committed: a flush that finds its
     /// changes already made durable by a flush that ran while it waited

@@ -704,7 +704,7 @@ impl Fs for Proc {
         })))
     }
 
-    fn boot_id(&self) -> [u8; 16] {
+    fn page_cache_id(&self, _: &Path) -> [u8; 16] {
         self.fs.state().boot
     }
 }

@@ -77,9 +77,12 @@ pub trait Fs: Send + Sync + fmt::Debug {
     /// held until the returned value is dropped; `None` if another holder
     /// has it.
     fn lock(&self, path: &Path) -> io::Result<Option<Box<dyn Any + Send + Sync>>>;
-    /// This boot's ID: what survives a process crash but not a power cut
-    /// (the page cache) is trusted only within one boot.
-    fn boot_id(&self) -> [u8; 16];
+    /// Identifies the page cache that holds the data of files under
+    /// `path`: what survives a process crash but not a power cut, nor an
+    /// unmount (a filesystem shut down after an I/O error, a disk that went
+    /// away and came back), is trusted only under the same ID. Zeros if
+    /// unknown: then nothing is trusted.
+    fn page_cache_id(&self, path: &Path) -> [u8; 16];
 }
 
 /// One open file. Positioned calls only; several threads may use one
@@ -563,8 +566,36 @@ impl Fs for RealFs {
         }
     }
 
-    fn boot_id(&self) -> [u8; 16] {
+    /// The boot ID with the mount ID of `path`'s filesystem (unique within
+    /// a boot, new at every mount) folded into its last 8 bytes.
+    fn page_cache_id(&self, path: &Path) -> [u8; 16] {
         let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        uuid::Uuid::parse_str(text.trim()).map_or([0; 16], |u| *u.as_bytes())
+        let Ok(boot) = uuid::Uuid::parse_str(text.trim()) else {
+            return [0; 16];
+        };
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return [0; 16];
+        };
+        // SAFETY: statx fills a zeroed struct of its own type; a null-free
+        // path and plain integer flags.
+        let mnt_id = unsafe {
+            let mut stx: libc::statx = std::mem::zeroed();
+            let rc = libc::statx(
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                0,
+                libc::STATX_MNT_ID,
+                &mut stx,
+            );
+            (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+        };
+        let Some(mnt_id) = mnt_id else {
+            return [0; 16];
+        };
+        let mut id = *boot.as_bytes();
+        for (b, m) in id[8..].iter_mut().zip(mnt_id.to_le_bytes()) {
+            *b ^= m;
+        }
+        id
     }
 }
