@@ -2,15 +2,18 @@
 //!
 //! A flush makes acknowledged writes durable in one of two ways:
 //! - **Logged** (few bytes written since the last flush, at most
-//!   `PoolOptions::sync_log_bytes`): one batch holding the presence changes
-//!   *and the written blocks' data* is appended to the volume's journal
-//!   (`journal/<volume>.wal`) and `fdatasync`ed. One durable write: the
-//!   layer files are written back later (at the next checkpoint, or by the
-//!   kernel meanwhile).
-//! - **Synced** (more bytes, or a change whose data the volume did not
-//!   keep: a merge's moved blocks, zeroes kept allocated): `fdatasync` of
-//!   the layer files written, then one batch with the presence changes and
-//!   the IDs of the layers just synced, appended and `fdatasync`ed.
+//!   `PoolOptions::sync_log_bytes`, and a batch to append anyway): one
+//!   batch holding the presence changes *and the written blocks' data* is
+//!   appended to the volume's journal (`journal/<volume>.wal`) and
+//!   `fdatasync`ed. One durable write: the layer files are written back
+//!   later (the kernel is asked to start at once; the next checkpoint
+//!   syncs them).
+//! - **Synced** (more bytes, a change whose data the volume did not keep:
+//!   a merge's moved blocks, zeroes kept allocated; or only overwrites of
+//!   blocks the top holds, one fdatasync either way): `fdatasync` of the
+//!   layer files written, then, if there are presence changes or layers
+//!   with earlier logged data, one batch with the changes and the IDs of
+//!   those layers, appended and `fdatasync`ed.
 //!
 //! A crash before the append completes leaves a torn or missing batch,
 //! which replay ignores: the new data is invisible and the blocks read as

@@ -51,8 +51,8 @@ pub struct PoolOptions {
     /// Most layer files kept open at once (0: derive from RLIMIT_NOFILE).
     pub max_open_files: usize,
     /// A volume's journal is folded into the catalog once its presence
-    /// changes grow past this many bytes (or its logged data past 16
-    /// times as many).
+    /// changes grow past this many bytes (or its logged data past 4
+    /// times as many: the disk space a volume's journal may take).
     pub journal_checkpoint_bytes: u64,
     /// A flush logs the data written since the previous one in the
     /// journal, with one durable write, when it is at most this many bytes;

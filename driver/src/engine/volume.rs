@@ -793,7 +793,7 @@ impl Volume {
         self.pending.lock().expect("pending").made_durable(end);
         let opts = &self.shared.opts;
         if journal.file.len() - journal.file.data_bytes() > opts.journal_checkpoint_bytes
-            || journal.file.data_bytes() > 16 * opts.journal_checkpoint_bytes
+            || journal.file.data_bytes() > 4 * opts.journal_checkpoint_bytes
             || journal.frozen_views.len() > MAX_UNFOLDED_SNAPSHOTS
         {
             // The flush itself is done and durable; a checkpoint that
