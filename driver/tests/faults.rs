@@ -996,9 +996,7 @@ fn a_failed_write_back_stops_the_volume_until_acknowledged() {
 #[test]
 fn a_fold_whose_layers_go_meanwhile_leaves_no_file_behind() {
     let disk = new_disk();
-    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-    pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-    let vol = pool.volume(vid(1)).unwrap();
+    let (pool, vol) = volume_1(&disk);
     for b in 0..4 {
         vol.write(b * BLOCK, &pattern(10 + b as u32), false)
             .unwrap();
@@ -1051,9 +1049,7 @@ fn syncs_of(disk: &FaultFs, f: impl FnOnce()) -> u64 {
 fn logged_flushes_are_one_fsync_and_survive_a_power_cut_under_later_synced_ones() {
     let disk = new_disk();
     {
-        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-        let vol = pool.volume(vid(1)).unwrap();
+        let (_pool, vol) = volume_1(&disk);
         vol.write(0, &pattern(1), false).unwrap();
         assert_eq!(syncs_of(&disk, || vol.flush().unwrap()), 1, "logged");
         // Overwrite block 0 and write three more: 16 KiB, synced files.
@@ -1083,9 +1079,7 @@ fn logged_flushes_are_one_fsync_and_survive_a_power_cut_under_later_synced_ones(
 fn a_restart_keeps_overwrites_acknowledged_after_a_logged_flush() {
     let disk = new_disk();
     {
-        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-        let vol = pool.volume(vid(1)).unwrap();
+        let (_pool, vol) = volume_1(&disk);
         vol.write(0, &pattern(1), true).unwrap();
         vol.write(0, &pattern(2), false).unwrap();
         disk.kill_process();
@@ -1106,9 +1100,7 @@ fn a_restart_keeps_overwrites_acknowledged_after_a_logged_flush() {
 fn a_failed_logged_flush_is_retried_by_the_next() {
     let disk = new_disk();
     {
-        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-        let vol = pool.volume(vid(1)).unwrap();
+        let (_pool, vol) = volume_1(&disk);
         vol.write(0, &pattern(1), false).unwrap();
         disk.fail(Some(Fail {
             at: 1,
@@ -1125,6 +1117,14 @@ fn a_failed_logged_flush_is_retried_by_the_next() {
     let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
     reads(&pool, 1, &[1]).unwrap();
     assert!(pool.faults().unwrap().is_empty());
+}
+
+/// A pool on `disk` with volume 1 of 8 blocks.
+fn volume_1(disk: &FaultFs) -> (Pool, Arc<strata::engine::Volume>) {
+    let pool = Pool::open(Path::new(POOL), opts(disk)).unwrap();
+    pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
+    let vol = pool.volume(vid(1)).unwrap();
+    (pool, vol)
 }
 
 fn eio_once(disk: &FaultFs, op: Op, at: u64) {
@@ -1144,9 +1144,7 @@ fn eio_once(disk: &FaultFs, op: Op, at: u64) {
 fn logged_then_synced_overwrite(between: impl FnOnce(&FaultFs, Pool) -> Pool) {
     let disk = new_disk();
     {
-        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-        pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-        let vol = pool.volume(vid(1)).unwrap();
+        let (pool, vol) = volume_1(&disk);
         vol.write(0, &pattern(1), true).unwrap();
         drop(vol);
         let pool = between(&disk, pool);
@@ -1213,9 +1211,7 @@ fn a_failed_checkpoint_sync_keeps_the_logged_data_for_the_next_open() {
         let disk = (1..=6)
             .find_map(|k| {
                 let disk = new_disk();
-                let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
-                pool.create_volume_as(vid(1), 8 * BLOCK).unwrap();
-                let vol = pool.volume(vid(1)).unwrap();
+                let (pool, vol) = volume_1(&disk);
                 vol.write(0, &pattern(1), true).unwrap();
                 eio_once(&disk, Op::Sync, k);
                 let e = pool.snapshot_frees(SnapshotId::from_u128(99));
