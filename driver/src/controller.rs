@@ -317,10 +317,13 @@ async fn open_records(
 ) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
     match backend {
         Backend::Embedded(path) => {
-            let records = tokio::task::spawn_blocking(move || EmbeddedRecords::open(&path))
-                .await
-                .map_err(|e| StartError::Internal(e.to_string()))?
-                .map_err(StartError::Records)?;
+            // The previous leader may still be exiting with the store open.
+            let wait = Duration::from_secs(30);
+            let records =
+                tokio::task::spawn_blocking(move || EmbeddedRecords::open_waiting(&path, wait))
+                    .await
+                    .map_err(|e| StartError::Internal(e.to_string()))?
+                    .map_err(StartError::Records)?;
             Ok((Arc::new(records), None))
         }
         #[cfg(feature = "kubernetes")]

@@ -147,7 +147,24 @@ fn store<E: std::fmt::Display>(e: E) -> RecordsError {
 impl EmbeddedRecords {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(store)?;
+        Self::open_waiting(path, std::time::Duration::ZERO)
+    }
+
+    /// Opens the store, waiting up to `wait` while another process has it
+    /// open: a controller that just gave up the lead (its lock file) still
+    /// holds the store until it has exited.
+    pub fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<Self> {
+        let deadline = std::time::Instant::now() + wait;
+        let db = loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                opened => break opened.map_err(store)?,
+            }
+        };
         let txn = db.begin_write().map_err(store)?;
         for t in [VOLUMES, SNAPSHOTS, NODES] {
             txn.open_table(t).map_err(store)?;
@@ -492,5 +509,23 @@ mod tests {
             .unwrap();
         let r = EmbeddedRecords::open(&path).unwrap();
         assert_eq!(r.volume("1").unwrap(), Some(volume("a", "1")));
+    }
+
+    /// A new leader waits for the old one to let go of the store.
+    #[test]
+    fn a_store_held_open_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.redb");
+        let held = EmbeddedRecords::open(&path).unwrap();
+        assert!(
+            EmbeddedRecords::open(&path).is_err(),
+            "held: refused at once"
+        );
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        EmbeddedRecords::open_waiting(&path, std::time::Duration::from_secs(10)).unwrap();
+        releaser.join().unwrap();
     }
 }
