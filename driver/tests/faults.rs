@@ -1102,12 +1102,7 @@ fn a_failed_logged_flush_is_retried_by_the_next() {
     {
         let (_pool, vol) = volume_1(&disk);
         vol.write(0, &pattern(1), false).unwrap();
-        disk.fail(Some(Fail {
-            at: 1,
-            op: Some(Op::Sync),
-            errno: libc::EIO,
-            sticky: false,
-        }));
+        eio_once(&disk, Op::Sync, 1);
         let e = vol.flush().unwrap_err();
         assert!(!matches!(e, strata::engine::Error::DataLost { .. }), "{e}");
         disk.fail(None);
