@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for own in [
         "proto/strata/admin.proto",
         "proto/strata/agent.proto",
+        "proto/strata/cluster.proto",
         "proto/strata/peer.proto",
     ] {
         println!("cargo:rerun-if-changed={own}");

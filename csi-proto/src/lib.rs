@@ -43,6 +43,12 @@ package!(
     "strata.agent.v1"
 );
 package!(
+    /// Moving volumes between nodes (the controller's own API), package
+    /// `strata.cluster.v1`.
+    cluster,
+    "strata.cluster.v1"
+);
+package!(
     /// The data path between nodes, package `strata.peer.v1`.
     peer,
     "strata.peer.v1"

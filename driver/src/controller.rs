@@ -22,16 +22,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use csi_proto::cluster::v1::cluster_server::ClusterServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use tokio::sync::watch;
 
 use crate::cluster::election::{Election, FileLock, Round};
+use crate::cluster::moves::Moves;
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
 use crate::cluster::{Cluster, Events};
 use crate::csi::controller::{ClusterReady, ControllerService};
 use crate::csi::identity::IdentityService;
+use crate::csi::moves::ClusterService;
 use crate::csi::replica::Replica;
 use crate::csi::{InFlight, Started};
 use crate::endpoint::Endpoint;
@@ -67,6 +70,8 @@ pub struct Config {
     pub node_agents: Vec<String>,
     pub tls: TlsFiles,
     pub overcommit: f64,
+    /// Bytes per second a move between nodes copies (0: no limit).
+    pub move_rate: u64,
     pub heartbeat: Heartbeat,
     pub metrics_listen: SocketAddr,
     /// Where the leader takes the calls other replicas forward (mutual
@@ -104,6 +109,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ControllerService::new(cluster.clone(), InFlight::default()),
         config.tls.clone(),
     );
+    let moves = ClusterService::new(replica.clone());
     // Identity's Probe: a controller has no engine to open, so it is
     // ready (alive) from the start, leader or not.
     let csi_listener =
@@ -117,6 +123,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 IdentityService::new(Started::default(), true).always_ready(),
             ))
             .add_service(ControllerServer::new(replica.clone()))
+            .add_service(ClusterServer::new(moves.clone()))
             .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped()),
     );
     // The peer port serves the same routing service: only a leader
@@ -131,6 +138,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .tls_config(config.tls.server())
         .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
         .add_service(ControllerServer::new(replica.clone()))
+        .add_service(ClusterServer::new(moves.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
             stopped(),
@@ -195,11 +203,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         config.overcommit,
         config.heartbeat.clone(),
     ));
-    cluster.set(Arc::new(Cluster {
+    let open = Arc::new(Cluster {
         records,
         nodes: Arc::clone(&nodes),
         events,
-    }));
+    });
+    cluster.set(Arc::clone(&open));
     let known = Arc::clone(&nodes);
     metrics.watch_nodes(move || {
         let list = known.list().unwrap_or_default();
@@ -213,7 +222,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
+    let mover = Moves::new(open, config.move_rate);
+    moves.lead(Arc::clone(&mover));
     replica.lead();
+    // Moves a previous leader left half done.
+    tokio::spawn(async move { mover.resume().await });
     eprintln!(
         "strata controller: leading; ready ({} node agent(s) known, metrics http://{}/metrics)",
         nodes.list().map(|n| n.len()).unwrap_or(0),

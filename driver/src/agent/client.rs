@@ -62,4 +62,6 @@ forward! {
     get_snapshot(GetSnapshotRequest) -> SnapshotReply;
     attach(AttachRequest) -> AttachReply;
     detach(AttachRequest) -> AttachReply;
+    seal(SealRequest) -> AttachReply;
+    import(ImportRequest) -> ImportReply;
 }

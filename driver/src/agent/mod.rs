@@ -18,6 +18,7 @@
 //! codes in `csi/status.rs`; the controller passes them on unchanged.
 
 pub mod client;
+mod import;
 pub mod peer;
 
 use csi_proto::agent::v1::agent_server::Agent;
@@ -41,6 +42,7 @@ pub struct AgentService {
     node_id: String,
     max_volumes: u32,
     attachments: Arc<peer::Attachments>,
+    imports: Arc<import::Imports>,
 }
 
 impl AgentService {
@@ -58,6 +60,7 @@ impl AgentService {
             node_id,
             max_volumes,
             attachments,
+            imports: Arc::default(),
         }
     }
 
@@ -196,6 +199,11 @@ impl Agent for AgentService {
             return Ok(Response::new(DeleteReply {}));
         };
         let node_id = self.node_id.clone();
+        if self.imports.running(vid) {
+            return Err(Status::unavailable(format!(
+                "volume {vid} is being copied here by a move; retry when the copy ends"
+            )));
+        }
         self.blocking(move |core| {
             if core.node.as_ref().is_some_and(|n| n.is_staged(vid)) {
                 return Err(Status::failed_precondition(format!(
@@ -208,6 +216,8 @@ impl Agent for AgentService {
             }
         })
         .await?;
+        self.imports.forget(vid);
+        self.attachments.forget(vid);
         self.metrics.forget_export(&vid.to_string());
         Ok(Response::new(DeleteReply {}))
     }
@@ -322,11 +332,62 @@ impl Agent for AgentService {
             return Err(Status::invalid_argument("node_id is required"));
         }
         let (vid, node) = (volume_id(&req.volume_id)?, req.node_id.as_str());
+        let epoch = if req.for_move {
+            if node == self.node_id {
+                return Err(Status::invalid_argument(format!(
+                    "volume {vid} is on node {node} already: nothing to move"
+                )));
+            }
+            self.attachments
+                .attach_for_move(&self.started, vid, node)
+                .await?
+        } else {
+            self.attachments
+                .attach(&self.started, vid, node, req.read_only)
+                .await?
+        };
+        Ok(Response::new(AttachReply { epoch }))
+    }
+
+    async fn seal(&self, req: Request<SealRequest>) -> Result<Response<AttachReply>, Status> {
+        let req = req.into_inner();
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let vid = volume_id(&req.volume_id)?;
         let epoch = self
             .attachments
-            .attach(&self.started, vid, node, req.read_only)
+            .seal(&self.started, vid, &req.node_id, req.epoch)
             .await?;
         Ok(Response::new(AttachReply { epoch }))
+    }
+
+    async fn import(&self, req: Request<ImportRequest>) -> Result<Response<ImportReply>, Status> {
+        let req = req.into_inner();
+        let create = req
+            .volume
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume is required"))?;
+        let vid = volume_id(&create.volume_id)?;
+        if req.owner.is_empty() || req.address.is_empty() || req.grant.is_empty() {
+            return Err(Status::invalid_argument(
+                "owner, address and grant are required",
+            ));
+        }
+        if req.owner == self.node_id {
+            return Err(Status::invalid_argument(format!(
+                "volume {vid} cannot be moved from node {} to itself",
+                req.owner
+            )));
+        }
+        if !self.imports.running(vid) {
+            // The volume is made afresh: no fence of an earlier copy of it
+            // on this node (moved away before) may outlive that copy.
+            self.attachments.forget(vid);
+        }
+        Ok(Response::new(
+            self.imports.poll(&self.started, vid, req)?,
+        ))
     }
 
     async fn detach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {

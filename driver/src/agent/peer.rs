@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Attachment, VolumeId, ZeroFlags};
 use crate::metrics::Metrics;
-use crate::peer::{BOOT_HEADER, GrantKey, MAX_IO, SESSION_HEADER};
+use crate::peer::{BOOT_HEADER, GrantKey, MAX_IO, MAX_MAP, SESSION_HEADER};
 use crate::rpc::{Core, Started, status};
 
 /// The attachments of this node's volumes, and their requests in the
@@ -62,9 +62,19 @@ enum Change<'a> {
         node: &'a str,
         read_only: bool,
     },
+    /// A read-only attachment for a move's copy, only while no other node
+    /// has the volume.
+    AttachForMove {
+        node: &'a str,
+    },
     /// "": whichever node has it.
     Detach {
         node: &'a str,
+    },
+    /// The end of a move's copy (see `agent.proto`, Seal).
+    Seal {
+        node: &'a str,
+        epoch: u64,
     },
 }
 
@@ -129,6 +139,16 @@ impl Attachments {
         Ok(())
     }
 
+    /// Forgets what this process knew of a volume's attachment (the volume
+    /// was deleted; a volume of the same ID made later, by a move back to
+    /// this node, starts afresh).
+    pub fn forget(&self, vid: VolumeId) {
+        let mut fences = self.fences.lock().expect("fences");
+        if fences.get(&vid).is_some_and(|f| f.current + f.older == 0) {
+            fences.remove(&vid);
+        }
+    }
+
     /// Waits until no request of an older session or attachment is in the
     /// engine, up to `limit`.
     async fn drained(&self, vid: VolumeId, limit: Duration) -> bool {
@@ -163,6 +183,30 @@ impl Attachments {
             .await
     }
 
+    /// Attaches `vid` to `node` read-only for a move's copy (see
+    /// `agent.proto`, Attach with `for_move`); its epoch.
+    pub async fn attach_for_move(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+    ) -> Result<u64, Status> {
+        self.change(started, vid, Change::AttachForMove { node })
+            .await
+    }
+
+    /// Marks `vid` moved to `node` if the move's attachment (`epoch`) is
+    /// still current (see `agent.proto`, Seal).
+    pub async fn seal(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+        epoch: u64,
+    ) -> Result<u64, Status> {
+        self.change(started, vid, Change::Seal { node, epoch }).await
+    }
+
     /// Ends the attachment of `node`, if it has it ("": whichever node).
     pub async fn detach(
         self: &Arc<Self>,
@@ -183,7 +227,21 @@ impl Attachments {
         self.load(started, vid).await?;
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
         let next = match change {
-            Change::Attach { node, read_only } if now.node == node => {
+            // A moved volume keeps its last attachment for good.
+            Change::AttachForMove { node } if now.moved && now.node == node => None,
+            Change::Seal { node, epoch } if now.moved && now.node == node && now.epoch == epoch => {
+                None
+            }
+            Change::Detach { .. } if now.moved => None,
+            Change::Attach { .. } | Change::AttachForMove { .. } | Change::Seal { .. }
+                if now.moved =>
+            {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} moved to node {}: this node no longer serves it",
+                    now.node
+                )));
+            }
+            Change::Attach { node, read_only } if now.node == node && !now.for_move => {
                 if now.read_only != read_only {
                     return Err(Status::already_exists(format!(
                         "volume {vid} is published to node {node} {} already",
@@ -200,7 +258,36 @@ impl Attachments {
                 node: node.to_string(),
                 epoch: now.epoch + 1,
                 read_only,
+                ..Attachment::default()
             }),
+            Change::AttachForMove { node } if now.node == node && now.for_move => None,
+            Change::AttachForMove { node } if now.node.is_empty() => Some(Attachment {
+                node: node.to_string(),
+                epoch: now.epoch + 1,
+                read_only: true,
+                for_move: true,
+                moved: false,
+            }),
+            Change::AttachForMove { .. } => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} is published to node {}: a pod uses it, and only volumes \
+                     no node has published move",
+                    now.node
+                )));
+            }
+            Change::Seal { node, epoch } if now.for_move && now.node == node && now.epoch == epoch => {
+                Some(Attachment {
+                    moved: true,
+                    ..now.clone()
+                })
+            }
+            Change::Seal { node, epoch } => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} was published to node {:?} (epoch {}) after the move to node \
+                     {node} (epoch {epoch}) began: the copy may be stale",
+                    now.node, now.epoch
+                )));
+            }
             Change::Detach { node }
                 if now.node.is_empty() || (!node.is_empty() && now.node != node) =>
             {
@@ -209,7 +296,7 @@ impl Attachments {
             Change::Detach { .. } => Some(Attachment {
                 node: String::new(),
                 epoch: now.epoch + 1,
-                read_only: false,
+                ..Attachment::default()
             }),
         };
         if let Some(next) = next {
@@ -217,9 +304,12 @@ impl Attachments {
             blocking(started, move |core| core.pool.set_attachment(vid, &durable)).await?;
             let mut fences = self.fences.lock().expect("fences");
             let f = fences.get_mut(&vid).expect("loaded");
+            // Sealing keeps the epoch, and with it the move's requests.
+            if f.attachment.epoch != next.epoch {
+                f.session = 0;
+                f.older += std::mem::take(&mut f.current);
+            }
             f.attachment = next;
-            f.session = 0;
-            f.older += std::mem::take(&mut f.current);
         }
         // Also when unchanged: a retried call answers only once the
         // previous attachment's requests are done.
@@ -447,6 +537,33 @@ impl Peer for PeerService {
         })
         .await?;
         Ok(self.reply(Done {}))
+    }
+
+    async fn map(&self, req: Request<RangeRequest>) -> Result<Response<MapReply>, Status> {
+        let req = req.into_inner();
+        if req.length > MAX_MAP {
+            return Err(Status::invalid_argument(format!(
+                "a map of {} bytes; at most {MAX_MAP}",
+                req.length
+            )));
+        }
+        let data = self
+            .on_volume(req.grant.as_ref(), false, move |v| {
+                let mut at = req.offset;
+                let mut data = Vec::new();
+                for e in v.block_status(req.offset, req.length)? {
+                    if !e.zero {
+                        data.push(Extent {
+                            offset: at,
+                            length: e.len,
+                        });
+                    }
+                    at += e.len;
+                }
+                Ok(data)
+            })
+            .await?;
+        Ok(self.reply(MapReply { data }))
     }
 }
 

@@ -25,7 +25,7 @@ pub async fn node(endpoint: &Endpoint) -> Result<NodeClient<Channel>, String> {
     Ok(NodeClient::new(channel(endpoint).await?))
 }
 
-async fn channel(endpoint: &Endpoint) -> Result<Channel, String> {
+pub(super) async fn channel(endpoint: &Endpoint) -> Result<Channel, String> {
     let unreachable = |e: &dyn std::fmt::Display| {
         format!(
             "cannot reach Strata at {endpoint}: {e} (is `strata standalone` running? set --endpoint or STRATA_CSI_ENDPOINT)"

@@ -5,6 +5,7 @@
 mod client;
 mod jobs;
 mod mount;
+mod moves;
 mod output;
 mod pool;
 mod records;
@@ -155,7 +156,12 @@ enum HolderArg {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct NodeArgs {
+    /// What to do with a node of a running cluster (through the
+    /// controller's endpoint); without one, run this node.
+    #[command(subcommand)]
+    action: Option<NodeCommand>,
     #[command(flatten)]
     node: StandaloneArgs,
     /// Address the agent listens on (the controller connects here).
@@ -202,6 +208,9 @@ struct ControllerArgs {
     /// its capacity times this ratio.
     #[arg(long, default_value_t = 1.0)]
     overcommit: f64,
+    /// Bytes per second one move between nodes copies (0: no limit).
+    #[arg(long, value_parser = size::parse, default_value = "100MiB")]
+    move_rate: u64,
     /// Seconds between heartbeats to each node.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -240,6 +249,18 @@ struct ClientArgs {
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value = "table")]
     output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Move every volume of NODE that no pod uses to other nodes (one at a
+    /// time, each to the node with the most room); list the volumes that
+    /// stay, with why. New volumes may still be placed on NODE.
+    Drain {
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +361,16 @@ enum VolumeCommand {
         id: String,
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Move a volume that no pod uses to another node (cluster mode,
+    /// through the controller's endpoint); waits until it is there.
+    Move {
+        id: String,
+        /// The node to move it to (default: the one with the most room).
+        #[arg(long)]
+        to: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -531,6 +562,10 @@ impl Cli {
                     runtime().block_on(crate::standalone::run(config)),
                 )
             }
+            Command::Node(NodeArgs {
+                action: Some(NodeCommand::Drain { node, client }),
+                ..
+            }) => runtime().block_on(moves::drain(&client.endpoint, client.output, node)),
             Command::Node(a) => {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,
@@ -581,6 +616,7 @@ impl Cli {
                     node_agents: a.node_agent,
                     tls,
                     overcommit: a.overcommit,
+                    move_rate: a.move_rate,
                     heartbeat: Heartbeat {
                         interval: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
                         stale_after: std::time::Duration::from_secs(a.stale_seconds.max(1)),
@@ -660,6 +696,9 @@ impl Cli {
                     VolumeCommand::Flatten { id, wait, client } => {
                         let what = jobs::Start::Flatten;
                         jobs::start(&client.endpoint, client.output, id, what, wait).await
+                    }
+                    VolumeCommand::Move { id, to, client } => {
+                        moves::move_to(&client.endpoint, client.output, id, to).await
                     }
                     VolumeCommand::Unmount {
                         id,

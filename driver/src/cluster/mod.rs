@@ -4,11 +4,13 @@
 //! by standalone mode and by a controller outside Kubernetes, and
 //! Kubernetes custom resources ([`kube`]). The engine never sees either.
 //! [`nodes`] is the controller's view of the nodes: routing, placement,
-//! heartbeat. [`election`] decides which controller replica acts.
+//! heartbeat. [`election`] decides which controller replica acts. [`moves`]
+//! moves volumes between nodes.
 
 pub mod election;
 #[cfg(feature = "kubernetes")]
 pub mod kube;
+pub mod moves;
 pub mod nodes;
 pub mod records;
 

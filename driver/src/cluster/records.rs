@@ -60,6 +60,9 @@ pub struct VolumeRecord {
     pub anywhere: bool,
     pub state: RecordState,
     pub created_unix_ns: u64,
+    /// A move to another node under way (see [`super::moves`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<super::moves::Move>,
 }
 
 /// A snapshot as the control plane knows it.
@@ -431,6 +434,7 @@ mod tests {
             anywhere: false,
             state: RecordState::Creating,
             created_unix_ns: 1,
+            moving: None,
         }
     }
 

@@ -30,6 +30,7 @@ use super::params;
 use super::{InFlight, status};
 use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
+use crate::cluster::moves::check_not_moving;
 use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
 use crate::peer::{GrantKey, grant};
@@ -103,6 +104,17 @@ impl ControllerService {
         Ok(rec
             .map(|r| r.node)
             .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
+    }
+
+    /// [`Self::volume_node`] for calls that change the volume or who
+    /// reaches it: UNAVAILABLE while it moves between nodes (the sidecars
+    /// retry).
+    async fn settled_node(&self, id: &str) -> Result<Option<String>, Status> {
+        let key = id.to_string();
+        if let Some(rec) = self.records(move |r| r.volume(&key)).await? {
+            check_not_moving(&rec)?;
+        }
+        self.volume_node(id).await
     }
 
     async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
@@ -504,6 +516,7 @@ impl Controller for ControllerService {
                     anywhere,
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
+                    moving: None,
                 };
                 let put = rec.clone();
                 self.records(move |r| r.put_volume(&put)).await?;
@@ -566,7 +579,7 @@ impl Controller for ControllerService {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
         }
-        if let Some(node) = self.volume_node(&id).await? {
+        if let Some(node) = self.settled_node(&id).await? {
             self.agent(&node)?
                 .delete_volume(Request::new(agent::DeleteVolumeRequest {
                     volume_id: id.clone(),
@@ -597,7 +610,7 @@ impl Controller for ControllerService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(&cap))?;
         parse_volume_id(&req.volume_id)?;
-        let owner = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+        let owner = self.settled_node(&req.volume_id).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let cluster = self.cluster.get()?;
@@ -647,6 +660,7 @@ impl Controller for ControllerService {
                 volume_id: req.volume_id.clone(),
                 node_id: req.node_id.clone(),
                 read_only: req.readonly,
+                for_move: false,
             }))
             .await?
             .into_inner()
@@ -684,7 +698,7 @@ impl Controller for ControllerService {
             .detach(Request::new(agent::AttachRequest {
                 volume_id: req.volume_id.clone(),
                 node_id: req.node_id.clone(),
-                read_only: false,
+                ..Default::default()
             }))
             .await?;
         Ok(Response::new(ControllerUnpublishVolumeResponse {}))
@@ -974,7 +988,7 @@ impl Controller for ControllerService {
         };
         let _guard = self.inflight.claim(&format!("volume {}", req.volume_id))?;
         parse_volume_id(&req.volume_id)?;
-        let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+        let node = self.settled_node(&req.volume_id).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let agent = self.agent(&node)?;
@@ -1046,6 +1060,7 @@ impl Controller for ControllerService {
             anywhere: false,
             state: RecordState::Ready,
             created_unix_ns: info.created_unix_ns,
+            moving: None,
         });
         let mut volume = volume_message(&rec);
         volume.capacity_bytes = info.size_bytes as i64;

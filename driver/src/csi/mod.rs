@@ -4,11 +4,13 @@
 //! other call is UNAVAILABLE. Errors become gRPC codes only in
 //! `rpc/status.rs` (and `status.rs` for the records). `replica.rs` routes
 //! a controller replica's Controller calls: served here when it leads,
-//! forwarded to the leader otherwise.
+//! forwarded to the leader otherwise; `moves.rs` serves Strata's Cluster
+//! service (moves between nodes) beside them, routed the same way.
 
 pub mod controller;
 mod guard;
 pub mod identity;
+pub mod moves;
 pub mod node;
 mod params;
 pub mod replica;

@@ -34,15 +34,16 @@ enum Role {
     Waiting,
     Following {
         leader: String,
-        client: ControllerClient<Channel>,
+        channel: Channel,
     },
     Leading,
 }
 
 /// Where a call goes.
-enum Route {
+pub(crate) enum Route {
     Here,
-    Leader(ControllerClient<Channel>),
+    /// To the leader, on this channel.
+    Leader(Channel),
 }
 
 /// The Controller service of a replica: local when leading, else
@@ -95,7 +96,7 @@ impl Replica {
         {
             Ok(channel) => Role::Following {
                 leader: address.to_string(),
-                client: ControllerClient::new(channel),
+                channel,
             },
             Err(e) => {
                 tracing::warn!(leader = address, error = %e.message(), "cannot reach the leader");
@@ -104,13 +105,16 @@ impl Replica {
         };
     }
 
-    fn route(&self, metadata: &MetadataMap) -> Result<Route, Status> {
+    /// Where a call with `metadata` goes: here when leading, else to the
+    /// leader (UNAVAILABLE when none is known, or for a call forwarded
+    /// already).
+    pub(crate) fn route(&self, metadata: &MetadataMap) -> Result<Route, Status> {
         match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
             Role::Leading => Ok(Route::Here),
             _ if metadata.contains_key(FORWARDED) => Err(Status::unavailable(
                 "this Strata controller no longer leads; retry",
             )),
-            Role::Following { client, .. } => Ok(Route::Leader(client.clone())),
+            Role::Following { channel, .. } => Ok(Route::Leader(channel.clone())),
             Role::Waiting => Err(Status::unavailable(
                 "no Strata controller leads yet (leader election in progress); retry",
             )),
@@ -120,7 +124,7 @@ impl Replica {
 
 /// Sends `req` on to the leader, marked as forwarded, with the caller's
 /// timeout (`grpc-timeout`, counted again from here).
-fn onward<T>(req: Request<T>) -> Request<T> {
+pub(crate) fn onward<T>(req: Request<T>) -> Request<T> {
     let timeout = req
         .metadata()
         .get("grpc-timeout")
@@ -164,7 +168,9 @@ macro_rules! routed {
                 async fn $name(&self, req: Request<$req>) -> Result<Response<$reply>, Status> {
                     match self.route(req.metadata())? {
                         Route::Here => self.local.$name(req).await,
-                        Route::Leader(mut client) => client.$name(onward(req)).await,
+                        Route::Leader(channel) => {
+                            ControllerClient::new(channel).$name(onward(req)).await
+                        }
                     }
                 }
             )*

@@ -366,7 +366,7 @@ impl Node {
     }
 
     /// How this node reaches volumes of others.
-    fn peers(&self) -> Result<&Peers> {
+    pub(crate) fn peers(&self) -> Result<&Peers> {
         self.peers.as_ref().ok_or_else(|| {
             Error::FailedPrecondition(
                 "this node cannot reach other nodes' volumes (standalone, or no --agent-tls)"

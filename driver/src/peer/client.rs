@@ -329,6 +329,39 @@ impl RemoteVolume {
         self.link().target
     }
 
+    /// The data extents of `offset..offset + len` (`len` at most
+    /// [`super::MAX_MAP`]), as (offset, length) pairs in order; the rest
+    /// reads as zeros.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let r = self.call("map", Effect::None, Payload::None, |mut c, grant| async move {
+            c.map(pb::RangeRequest {
+                grant: Some(grant),
+                offset,
+                length: len,
+            })
+            .await
+        })?;
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        let mut data = Vec::with_capacity(r.data.len());
+        for e in r.data {
+            // Never trust the owner to stay inside the range it was asked.
+            if e.offset < at || e.length == 0 || e.offset.saturating_add(e.length) > end {
+                return Err(remote_error(
+                    &self.link().target,
+                    "map",
+                    Status::data_loss(format!(
+                        "extent {}+{} is outside {offset}+{len} or out of order",
+                        e.offset, e.length
+                    )),
+                ));
+            }
+            at = e.offset + e.length;
+            data.push((e.offset, e.length));
+        }
+        Ok(data)
+    }
+
     /// Goes on with a newer publish of the same volume (a new grant, or
     /// a new address of the owner).
     pub fn retarget(&self, target: &Target) -> Result<()> {

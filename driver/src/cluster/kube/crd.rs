@@ -39,6 +39,8 @@ pub struct SourceSpec {
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
     printcolumn(name = "Bytes", type_ = "integer", json_path = ".spec.capacityBytes"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Moving To", type_ = "string", json_path = ".spec.moving.to"),
+    printcolumn(name = "Move", type_ = "string", json_path = ".spec.moving.message"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -59,6 +61,22 @@ pub struct StrataVolumeSpec {
     #[serde(default)]
     pub anywhere: bool,
     pub created_unix_ns: u64,
+    /// A move to another node under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<MoveSpec>,
+}
+
+/// A volume's move between nodes: from, to, the phase (`copying`,
+/// `removing` the old copy, or `aborting`) and what it waits for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveSpec {
+    pub from: String,
+    pub to: String,
+    pub phase: String,
+    #[serde(default)]
+    pub message: String,
+    pub started_unix_ns: u64,
 }
 
 /// Whether the engine object behind a volume or snapshot record exists.

@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 
 use self::crd::*;
+use super::moves::{Move, MovePhase};
 use super::records::*;
 
 /// Label on volume and snapshot objects: a hash of the CSI name (names may
@@ -98,6 +99,13 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
             node: r.node.clone(),
             anywhere: r.anywhere,
             created_unix_ns: r.created_unix_ns,
+            moving: r.moving.as_ref().map(|m| MoveSpec {
+                from: m.from.clone(),
+                to: m.to.clone(),
+                phase: m.phase.label().into(),
+                message: m.message.clone(),
+                started_unix_ns: m.started_unix_ns,
+            }),
         },
     );
     o.labels_mut()
@@ -127,6 +135,15 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
         anywhere: s.anywhere,
         state: record_state(o.status.as_ref()),
         created_unix_ns: s.created_unix_ns,
+        moving: s.moving.as_ref().map(|m| Move {
+            from: m.from.clone(),
+            to: m.to.clone(),
+            // An unknown phase (a newer controller's) is resumed as a copy,
+            // which is always safe to repeat.
+            phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Copying),
+            message: m.message.clone(),
+            started_unix_ns: m.started_unix_ns,
+        }),
     }
 }
 

@@ -78,6 +78,7 @@ fn record(state: RecordState) -> VolumeRecord {
         anywhere: false,
         state,
         created_unix_ns: 7,
+        moving: None,
     }
 }
 

@@ -240,11 +240,13 @@ mod tests {
 
     #[test]
     fn attachments_round_trip_and_old_records_are_read_write() {
-        for read_only in [false, true] {
+        for flags in 0..8 {
             let a = Attachment {
                 node: "node-b".into(),
                 epoch: 7,
-                read_only,
+                read_only: flags & 1 != 0,
+                moved: flags & 2 != 0,
+                for_move: flags & 4 != 0,
             };
             assert_eq!(Attachment::decode(&a.encode()).unwrap(), a);
         }
@@ -456,18 +458,33 @@ pub struct Attachment {
     pub epoch: u64,
     /// The node may read and flush only.
     pub read_only: bool,
+    /// A move copies the volume to `node` (read-only).
+    pub for_move: bool,
+    /// The volume's data moved to `node`: this copy is never attached
+    /// again (it waits to be deleted).
+    pub moved: bool,
 }
 
 /// [`Attachment`] flags (an optional trailing byte: records written
 /// before it existed are read-write).
 const ATTACHMENT_READ_ONLY: u8 = 1;
+const ATTACHMENT_MOVED: u8 = 2;
+const ATTACHMENT_FOR_MOVE: u8 = 4;
+const ATTACHMENT_FLAGS: u8 = ATTACHMENT_READ_ONLY | ATTACHMENT_MOVED | ATTACHMENT_FOR_MOVE;
 
 impl Attachment {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(ATTACHMENT_V).u64(self.epoch).str(&self.node);
-        if self.read_only {
-            w.u8(ATTACHMENT_READ_ONLY);
+        let flags = [
+            (self.read_only, ATTACHMENT_READ_ONLY),
+            (self.moved, ATTACHMENT_MOVED),
+            (self.for_move, ATTACHMENT_FOR_MOVE),
+        ]
+        .iter()
+        .fold(0, |f, &(set, bit)| if set { f | bit } else { f });
+        if flags != 0 {
+            w.u8(flags);
         }
         w.0
     }
@@ -477,7 +494,7 @@ impl Attachment {
         r.version(ATTACHMENT_V)?;
         let (epoch, node) = (r.u64()?, r.str()?);
         let flags = if r.is_empty() { 0 } else { r.u8()? };
-        if flags & !ATTACHMENT_READ_ONLY != 0 || !r.is_empty() {
+        if flags & !ATTACHMENT_FLAGS != 0 || !r.is_empty() {
             return Err(Error::Corrupt(format!(
                 "attachment record has unknown flags {flags:#x} or trailing bytes"
             )));
@@ -486,6 +503,8 @@ impl Attachment {
             epoch,
             node,
             read_only: flags & ATTACHMENT_READ_ONLY != 0,
+            moved: flags & ATTACHMENT_MOVED != 0,
+            for_move: flags & ATTACHMENT_FOR_MOVE != 0,
         })
     }
 }

@@ -1,0 +1,119 @@
+//! `strata volume move` and `strata node drain`: moves between nodes,
+//! through the controller's Cluster service.
+
+use std::process::ExitCode;
+
+use csi_proto::cluster::v1::cluster_client::ClusterClient;
+use csi_proto::cluster::v1::{DrainNodeRequest, MoveVolumeReply, MoveVolumeRequest};
+use serde::Serialize;
+use tonic::Code;
+
+use super::client::{channel, status_message};
+use super::output::{self, Format};
+use super::size;
+use crate::endpoint::Endpoint;
+
+#[derive(Debug, Serialize)]
+struct MovedOut {
+    volume: String,
+    from: String,
+    to: String,
+    copied_bytes: u64,
+    seconds: f64,
+}
+
+fn moved_out(r: MoveVolumeReply) -> MovedOut {
+    MovedOut {
+        volume: r.volume_id,
+        from: r.from_node,
+        to: r.to_node,
+        copied_bytes: r.copied_bytes,
+        seconds: r.seconds,
+    }
+}
+
+fn moved_row(m: &MovedOut) -> Vec<String> {
+    vec![
+        m.volume.clone(),
+        m.from.clone(),
+        m.to.clone(),
+        size::format(m.copied_bytes),
+        format!("{:.1}", m.seconds),
+    ]
+}
+
+const MOVED_HEADERS: [&str; 5] = ["VOLUME", "FROM", "TO", "COPIED", "SECONDS"];
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("strata: {msg}");
+    ExitCode::FAILURE
+}
+
+async fn client(endpoint: &Endpoint) -> Result<ClusterClient<tonic::transport::Channel>, String> {
+    Ok(ClusterClient::new(channel(endpoint).await?))
+}
+
+/// `strata volume move ID [--to NODE]`: waits for the move (a call that
+/// times out on its way to the leader is made again, and joins the move,
+/// which goes on meanwhile).
+pub async fn move_to(endpoint: &Endpoint, format: Format, id: String, to: Option<String>) -> ExitCode {
+    let mut c = match client(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = MoveVolumeRequest {
+        volume_id: id,
+        node_id: to.unwrap_or_default(),
+    };
+    let reply = loop {
+        match c.move_volume(req.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::DeadlineExceeded => continue,
+            Err(s) if s.code() == Code::Unimplemented => {
+                return fail("this endpoint is not a Strata controller (moves need a cluster)");
+            }
+            Err(s) => return fail(status_message(&s)),
+        }
+    };
+    let m = moved_out(reply);
+    match format {
+        Format::Json => output::json(&m),
+        Format::Table => output::table(&MOVED_HEADERS, &[moved_row(&m)]),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `strata node drain NODE`: exits 1 if a volume stays.
+pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCode {
+    let mut c = match client(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let reply = match c.drain_node(DrainNodeRequest { node_id: node.clone() }).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::Unimplemented => {
+            return fail("this endpoint is not a Strata controller (drains need a cluster)");
+        }
+        Err(s) => return fail(status_message(&s)),
+    };
+    let moved: Vec<MovedOut> = reply.moved.into_iter().map(moved_out).collect();
+    let stayed: Vec<(String, String)> = reply
+        .stayed
+        .into_iter()
+        .map(|s| (s.volume_id, s.why))
+        .collect();
+    match format {
+        Format::Json => output::json(&serde_json::json!({ "moved": moved, "stayed": stayed })),
+        Format::Table => {
+            output::table(&MOVED_HEADERS, &moved.iter().map(moved_row).collect::<Vec<_>>());
+            for (volume, why) in &stayed {
+                eprintln!("volume {volume} stays on node {node}: {why}");
+            }
+        }
+    }
+    if stayed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

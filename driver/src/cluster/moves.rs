@@ -1,0 +1,478 @@
+//! Moving a volume to another node: the controller's side. The volume's
+//! data is copied while no node has it published, so its contents do not
+//! change; the move's steps are recorded in its [`VolumeRecord`] (`moving`),
+//! so a crash of the controller, the source or the target at any step is
+//! finished (or rolled back) by the next call or by the next leader.
+//!
+//! 1. **Record** `moving` (phase `copying`, from, to). From here until the
+//!    switch, publishing, expanding and deleting the volume are UNAVAILABLE
+//!    (the sidecars retry).
+//! 2. **Attach for the move**: the source records a read-only attachment
+//!    to the target, refused if any node has the volume published. A
+//!    publish that slipped in before step 1 replaces it, and so fails
+//!    step 4.
+//! 3. **Copy**: the target creates the volume and copies every data
+//!    extent from the source over the data path, with a grant for that
+//!    attachment, then flushes (the agent's Import; polled, resumable).
+//! 4. **Seal**: the source marks its copy moved if the move's attachment
+//!    is still current; it never attaches that copy again.
+//! 5. **Switch**: the record names the target (phase `removing`).
+//! 6. **Remove** the source's copy; the record drops `moving`.
+//!
+//! A refusal at step 2, 3 or 4 rolls back (phase `aborting`): the target's
+//! copy is deleted and the source's attachment for the move ended. Any
+//! other failure (a node away) leaves the record where it is, to resume.
+//! Snapshots stay on the source node (their layers are the source's).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csi_proto::agent::v1 as agent;
+use csi_proto::cluster::v1::MoveVolumeReply;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::{Code, Request, Status};
+
+use super::Cluster;
+use super::nodes::now_ns;
+use super::records::{RecordState, Records, RecordsError, VolumeRecord};
+use crate::peer::{GrantKey, grant};
+
+/// A move of a volume under way, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+    pub phase: MovePhase,
+    /// What the move waits for, or how far the copy is.
+    #[serde(default)]
+    pub message: String,
+    pub started_unix_ns: u64,
+}
+
+/// Where a move is (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MovePhase {
+    /// Steps 2 to 4: the source still owns the volume.
+    Copying,
+    /// Step 6: the target owns it; the source's copy is removed.
+    Removing,
+    /// Rolling back: the target's copy is removed.
+    Aborting,
+}
+
+impl MovePhase {
+    pub fn label(self) -> &'static str {
+        match self {
+            MovePhase::Copying => "copying",
+            MovePhase::Removing => "removing",
+            MovePhase::Aborting => "aborting",
+        }
+    }
+
+    pub fn from_label(s: &str) -> Option<Self> {
+        [MovePhase::Copying, MovePhase::Removing, MovePhase::Aborting]
+            .into_iter()
+            .find(|p| p.label() == s)
+    }
+}
+
+/// How often the copy's progress is asked.
+const POLL: Duration = Duration::from_millis(100);
+
+/// How often the copy's progress is written to the record.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The controller's moves: at most one per volume at a time; a second
+/// call for the same volume waits for the first one's outcome.
+#[derive(Debug)]
+pub struct Moves {
+    cluster: Arc<Cluster>,
+    /// Bytes per second a copy may read from its source (0: no limit).
+    rate: u64,
+    running: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+}
+
+type Outcome = Result<MoveVolumeReply, (Code, String)>;
+
+fn records_err(e: RecordsError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Whether a volume's calls must wait for its move: publishing, expanding
+/// or deleting a volume that is being copied would race the copy.
+pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
+    match &rec.moving {
+        Some(m) if m.phase != MovePhase::Removing => Err(Status::unavailable(format!(
+            "volume {} is moving from node {} to node {}; retry when the move is done ({})",
+            rec.volume_id, m.from, m.to, m.message
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Moves {
+    pub fn new(cluster: Arc<Cluster>, rate: u64) -> Arc<Self> {
+        Arc::new(Moves {
+            cluster,
+            rate,
+            running: Mutex::default(),
+        })
+    }
+
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Records) -> Result<T, RecordsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let records = Arc::clone(&self.cluster.records);
+        tokio::task::spawn_blocking(move || f(records.as_ref()).map_err(records_err))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn record(&self, id: &str) -> Result<VolumeRecord, Status> {
+        let key = id.to_string();
+        self.store(move |r| r.volume(&key))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))
+    }
+
+    async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        let rec = rec.clone();
+        self.store(move |r| r.put_volume(&rec)).await
+    }
+
+    /// Moves volume `id` to node `to` (`None`: the node with the most room
+    /// that can take it), or finishes the move its record names. Waits
+    /// for a move of the same volume that is already running.
+    pub async fn move_volume(
+        self: &Arc<Self>,
+        id: &str,
+        to: Option<&str>,
+    ) -> Result<MoveVolumeReply, Status> {
+        let mut rx = {
+            let mut running = self.running.lock().expect("moves");
+            match running.get(id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    running.insert(id.to_string(), rx.clone());
+                    let (moves, id, to) = (Arc::clone(self), id.to_string(), to.map(str::to_string));
+                    // The move goes on when the caller gives up waiting.
+                    tokio::spawn(async move {
+                        let outcome = moves
+                            .run(&id, to.as_deref())
+                            .await
+                            .map_err(|s| (s.code(), s.message().to_string()));
+                        moves.running.lock().expect("moves").remove(&id);
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Status::internal("the move ended without an outcome"))?
+            .clone()
+            .expect("some");
+        let reply = outcome.map_err(|(code, message)| Status::new(code, message))?;
+        match to {
+            Some(to) if reply.to_node != to => Err(Status::aborted(format!(
+                "volume {id} was moving to node {} already; it is there now",
+                reply.to_node
+            ))),
+            _ => Ok(reply),
+        }
+    }
+
+    /// Finishes every move the records name (a new leader's first work).
+    pub async fn resume(self: &Arc<Self>) {
+        let volumes = match self.store(|r| r.volumes()).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "reading volume records to resume moves");
+                return;
+            }
+        };
+        for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
+            match self.move_volume(&rec.volume_id, None).await {
+                Ok(r) => tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart"),
+                Err(e) => tracing::warn!(volume = %rec.volume_id, error = %e.message(), "move not finished"),
+            }
+        }
+    }
+
+    /// Moves every volume of `node` that can move, one at a time, each to
+    /// the node with the most room; the moves, and the volumes that stay
+    /// with why. It does not stop new volumes from being placed on the
+    /// node.
+    pub async fn drain(
+        self: &Arc<Self>,
+        node: &str,
+    ) -> Result<(Vec<MoveVolumeReply>, Vec<(String, String)>), Status> {
+        if !self.cluster.nodes.list()?.iter().any(|n| n.node_id == node) {
+            return Err(Status::not_found(format!("node {node:?} is not known")));
+        }
+        let key = node.to_string();
+        let volumes = self
+            .store(move |r| {
+                Ok(r.volumes()?
+                    .into_iter()
+                    .filter(|v| v.node == key)
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        let (mut moved, mut stayed) = (Vec::new(), Vec::new());
+        for rec in volumes {
+            let to = rec.moving.as_ref().map(|m| m.to.clone());
+            match self.move_volume(&rec.volume_id, to.as_deref()).await {
+                Ok(r) => moved.push(r),
+                Err(e) => stayed.push((rec.volume_id, e.message().to_string())),
+            }
+        }
+        Ok((moved, stayed))
+    }
+
+    async fn run(&self, id: &str, to: Option<&str>) -> Result<MoveVolumeReply, Status> {
+        let start = Instant::now();
+        let mut rec = self.record(id).await?;
+        let mut copied = 0;
+        if rec.moving.is_none() {
+            if rec.state != RecordState::Ready {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is still being created"
+                )));
+            }
+            if !rec.anywhere {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is pinned to node {} (StorageClass locality: node, or made \
+                     before volumes could be attached remotely): its PersistentVolume names \
+                     that node, so it cannot move",
+                    rec.node
+                )));
+            }
+            let nodes = &self.cluster.nodes;
+            let to = match to {
+                Some(t) if t == rec.node => {
+                    return Ok(MoveVolumeReply {
+                        volume_id: id.to_string(),
+                        from_node: rec.node.clone(),
+                        to_node: rec.node,
+                        copied_bytes: 0,
+                        seconds: 0.0,
+                    });
+                }
+                Some(t) => {
+                    let known = nodes.list()?.into_iter().find(|n| n.node_id == t);
+                    let room = known
+                        .as_ref()
+                        .ok_or_else(|| Status::not_found(format!("node {t:?} is not known")))?;
+                    if nodes.room(room) < rec.capacity_bytes {
+                        return Err(Status::failed_precondition(format!(
+                            "node {t} has {} bytes of room; volume {id} needs {}",
+                            nodes.room(room),
+                            rec.capacity_bytes
+                        )));
+                    }
+                    t.to_string()
+                }
+                None => nodes.place(rec.capacity_bytes, |n| n != rec.node, &[])?,
+            };
+            rec.moving = Some(Move {
+                from: rec.node.clone(),
+                to,
+                phase: MovePhase::Copying,
+                message: "attaching the source for the copy".into(),
+                started_unix_ns: now_ns(),
+            });
+            self.put(&rec).await?;
+        }
+        let m = rec.moving.clone().expect("moving");
+        if m.phase == MovePhase::Copying {
+            match self.copy(&mut rec, &m).await {
+                Ok(n) => copied = n,
+                Err(e) if refused(&e) => {
+                    self.set_phase(&mut rec, MovePhase::Aborting, e.message())
+                        .await?;
+                    self.abort(&mut rec).await?;
+                    return Err(Status::failed_precondition(format!(
+                        "the move of volume {id} to node {} was rolled back: {}",
+                        m.to,
+                        e.message()
+                    )));
+                }
+                Err(e) => {
+                    self.note(&mut rec, &format!("waiting: {}", e.message()))
+                        .await;
+                    return Err(e);
+                }
+            }
+            // The switch: from here the target owns the volume.
+            rec.node = m.to.clone();
+            self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
+                .await?;
+        }
+        match rec.moving.as_ref().map(|m| m.phase) {
+            Some(MovePhase::Removing) => {
+                self.cluster
+                    .nodes
+                    .agent(&m.from)?
+                    .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                        volume_id: id.to_string(),
+                    }))
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!(volume = id, node = %m.from, error = %e.message(), "removing a moved volume's old copy")
+                    })?;
+                rec.moving = None;
+                self.put(&rec).await?;
+            }
+            Some(MovePhase::Aborting) => {
+                self.abort(&mut rec).await?;
+                return Err(Status::aborted(format!(
+                    "the move of volume {id} to node {} was rolled back",
+                    m.to
+                )));
+            }
+            _ => {}
+        }
+        tracing::info!(volume = id, from = %m.from, to = %m.to, copied, "volume moved");
+        Ok(MoveVolumeReply {
+            volume_id: id.to_string(),
+            from_node: m.from,
+            to_node: m.to,
+            copied_bytes: copied,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Steps 2 to 4; the bytes copied.
+    async fn copy(&self, rec: &mut VolumeRecord, m: &Move) -> Result<u64, Status> {
+        let id = rec.volume_id.clone();
+        let nodes = &self.cluster.nodes;
+        let source = nodes.agent(&m.from)?;
+        let target = nodes.agent(&m.to)?;
+        let epoch = source
+            .attach(Request::new(agent::AttachRequest {
+                volume_id: id.clone(),
+                node_id: m.to.clone(),
+                read_only: true,
+                for_move: true,
+            }))
+            .await?
+            .into_inner()
+            .epoch;
+        let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
+            Status::failed_precondition("a standalone Strata has one node: nothing to move to")
+        })?;
+        let grant = grant::encode(&GrantKey::from_tls(tls).make(&id, &m.to, epoch, true));
+        // Checked when the volume was created.
+        let max_chain_depth = rec
+            .parameters
+            .get("maxChainDepth")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let import = agent::ImportRequest {
+            volume: Some(agent::CreateVolumeRequest {
+                volume_id: id.clone(),
+                size_bytes: rec.capacity_bytes,
+                source: None,
+                max_chain_depth,
+                flatten: false,
+            }),
+            owner: m.from.clone(),
+            address,
+            grant,
+            rate_bytes_per_second: self.rate,
+        };
+        let mut told = Instant::now();
+        let copied = loop {
+            let r = target
+                .import(Request::new(import.clone()))
+                .await?
+                .into_inner();
+            if r.done {
+                break r.copied_bytes;
+            }
+            if told.elapsed() >= PROGRESS_EVERY {
+                told = Instant::now();
+                self.note(rec, &format!("copied {} MiB", r.copied_bytes >> 20))
+                    .await;
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        source
+            .seal(Request::new(agent::SealRequest {
+                volume_id: id,
+                node_id: m.to.clone(),
+                epoch,
+            }))
+            .await?;
+        Ok(copied)
+    }
+
+    /// Rolls a move back: the target's copy goes, the source's attachment
+    /// for the move ends, the record forgets the move.
+    async fn abort(&self, rec: &mut VolumeRecord) -> Result<(), Status> {
+        let m = rec.moving.clone().expect("moving");
+        let id = rec.volume_id.clone();
+        let nodes = &self.cluster.nodes;
+        nodes
+            .agent(&m.to)?
+            .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                volume_id: id.clone(),
+            }))
+            .await?;
+        nodes
+            .agent(&m.from)?
+            .detach(Request::new(agent::AttachRequest {
+                volume_id: id,
+                node_id: m.to.clone(),
+                ..Default::default()
+            }))
+            .await?;
+        rec.moving = None;
+        self.put(rec).await
+    }
+
+    async fn set_phase(
+        &self,
+        rec: &mut VolumeRecord,
+        phase: MovePhase,
+        message: &str,
+    ) -> Result<(), Status> {
+        if let Some(m) = rec.moving.as_mut() {
+            m.phase = phase;
+            m.message = message.to_string();
+        }
+        self.put(rec).await
+    }
+
+    /// Says in the record what the move waits for (best effort).
+    async fn note(&self, rec: &mut VolumeRecord, message: &str) {
+        if let Some(m) = rec.moving.as_mut() {
+            m.message = message.to_string();
+        }
+        if let Err(e) = self.put(rec).await {
+            tracing::warn!(volume = %rec.volume_id, error = %e.message(), "recording a move's progress");
+        }
+    }
+}
+
+/// A refusal that retrying cannot change: the move is rolled back.
+fn refused(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+            | Code::AlreadyExists
+    )
+}

@@ -1,0 +1,80 @@
+//! The `strata.cluster.v1.Cluster` service of a controller replica (moves
+//! and drains, [`crate::cluster::moves`]), beside CSI on its socket and on
+//! its peer port. Like the Controller service, a replica that does not
+//! lead forwards each call to the leader.
+
+use std::sync::{Arc, OnceLock};
+
+use csi_proto::cluster::v1::cluster_client::ClusterClient;
+use csi_proto::cluster::v1::cluster_server::Cluster;
+use csi_proto::cluster::v1::*;
+use tonic::{Request, Response, Status};
+
+use super::replica::{Replica, Route, onward};
+use crate::cluster::moves::Moves;
+
+/// The Cluster service of one replica.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    replica: Replica,
+    moves: Arc<OnceLock<Arc<Moves>>>,
+}
+
+impl ClusterService {
+    pub fn new(replica: Replica) -> Self {
+        ClusterService {
+            replica,
+            moves: Arc::default(),
+        }
+    }
+
+    /// This replica leads: its moves serve the calls from now on.
+    pub fn lead(&self, moves: Arc<Moves>) {
+        let _ = self.moves.set(moves);
+    }
+
+    fn moves(&self) -> Result<&Arc<Moves>, Status> {
+        self.moves
+            .get()
+            .ok_or_else(|| Status::unavailable("Strata's controller is starting; retry"))
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn move_volume(
+        &self,
+        req: Request<MoveVolumeRequest>,
+    ) -> Result<Response<MoveVolumeReply>, Status> {
+        if let Route::Leader(channel) = self.replica.route(req.metadata())? {
+            return ClusterClient::new(channel).move_volume(onward(req)).await;
+        }
+        let req = req.into_inner();
+        crate::agent::volume_id(&req.volume_id)?;
+        let to = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
+        Ok(Response::new(
+            self.moves()?.move_volume(&req.volume_id, to).await?,
+        ))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeReply>, Status> {
+        if let Route::Leader(channel) = self.replica.route(req.metadata())? {
+            return ClusterClient::new(channel).drain_node(onward(req)).await;
+        }
+        let node = req.into_inner().node_id;
+        if node.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let (moved, stayed) = self.moves()?.drain(&node).await?;
+        Ok(Response::new(DrainNodeReply {
+            moved,
+            stayed: stayed
+                .into_iter()
+                .map(|(volume_id, why)| Stayed { volume_id, why })
+                .collect(),
+        }))
+    }
+}
