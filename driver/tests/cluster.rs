@@ -1287,3 +1287,357 @@ async fn nodes_on_their_own_networks_attach_each_others_volumes() {
     same(&dev, &model, "the restore");
     detach(&nodes[2], &mut csi[2], &restored.volume_id).await;
 }
+
+/// The agent of a node, for looking at what it holds.
+async fn agent_client(address: &str, tls: &Path) -> AgentClient<tonic::transport::Channel> {
+    let files = strata::tls::TlsFiles::load(tls).unwrap();
+    let channel = files
+        .channel(
+            "agent",
+            address,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    AgentClient::new(channel)
+}
+
+/// Whether the node at `agent` holds volume `id`.
+async fn holds(agent: &str, tls: &Path, id: &str) -> bool {
+    let r = agent_client(agent, tls)
+        .await
+        .get_volume(csi_proto::agent::v1::GetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await;
+    match r {
+        Ok(_) => true,
+        Err(e) if e.code() == Code::NotFound => false,
+        Err(e) => panic!("GetVolume on {agent}: {e:?}"),
+    }
+}
+
+/// Publishes a volume to `node` and stages it there; the device.
+async fn publish_and_attach(
+    cc: &mut ControllerClient<tonic::transport::Channel>,
+    node: &NodeProc,
+    csi: &mut Csi,
+    vol: &str,
+) -> std::path::PathBuf {
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: node.id.clone(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("publish {vol} to {}: {e:?}", node.id))
+        .into_inner()
+        .publish_context;
+    attach_with(node, csi, vol, ctx).await
+}
+
+/// Unstages and unpublishes what [`publish_and_attach`] did.
+async fn detach_and_unpublish(
+    cc: &mut ControllerClient<tonic::transport::Channel>,
+    node: &NodeProc,
+    csi: &mut Csi,
+    vol: &str,
+) {
+    detach(node, csi, vol).await;
+    unpublish(cc, vol, &node.id).await;
+}
+
+/// The whole volume, read through a device on `node`, is `model`.
+async fn contents_are(
+    cc: &mut ControllerClient<tonic::transport::Channel>,
+    node: &NodeProc,
+    csi: &mut Csi,
+    vol: &str,
+    model: &[u8],
+) {
+    let dev = publish_and_attach(cc, node, csi, vol).await;
+    let got = read_at(&dev, 0, model.len());
+    detach_and_unpublish(cc, node, csi, vol).await;
+    let first = got.iter().zip(model).position(|(a, b)| a != b);
+    assert!(
+        first.is_none(),
+        "volume {vol} on {} differs from the model at byte {first:?}",
+        node.id
+    );
+}
+
+/// Moves between nodes of volumes no pod uses: the data arrives whole (a
+/// model of the volume is compared after every move), only data extents
+/// cross, the source's copy is gone, and `strata volume move` says so. A
+/// published or pinned volume does not move. The controller killed at
+/// every step of a move, and the target killed in the middle of the
+/// copy: the move finishes, by the next leader or the next call. A drain
+/// moves what can move and says why the rest stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    use csi_proto::cluster::v1::{DrainNodeRequest, MoveVolumeRequest};
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    // 16 MiB with 6 MiB of data in three runs, written through a device
+    // on its own node n1.
+    let size = 16 << 20;
+    let vol = created(
+        &mut cc,
+        with_requirements(c::create("pvc-moving", size, c::block_cap()), &["n1"], &[]),
+    )
+    .await;
+    let id = vol.volume_id.clone();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = common::Rng::new(11);
+    {
+        let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &id).await;
+        for (at, len) in [
+            (0usize, 1 << 20),
+            (3 << 20, 4 << 20),
+            ((15 << 20) + 4096, 1 << 20),
+        ] {
+            let len = len.min(size as usize - at);
+            rng.fill(&mut model[at..at + len]);
+            write_at(&dev, at as u64, &model[at..at + len]).unwrap();
+        }
+        detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
+    }
+    let written = (6 << 20) - 4096;
+
+    // Published (to n2, remotely): it does not move, and stays usable.
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &id).await;
+    let e = mc
+        .move_volume(MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("published to node n2"), "{e:?}");
+    assert!(read_at(&dev, 0, size as usize) == model);
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &id).await;
+    assert!(holds(&n1.agent, &tls, &id).await && !holds(&n2.agent, &tls, &id).await);
+
+    // The move, with the CLI: only the data crossed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "volume",
+            "move",
+            &id,
+            "--to",
+            "n2",
+            "-o",
+            "json",
+            "--endpoint",
+        ])
+        .arg(format!("unix://{}", ctl.csi_socket().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(moved["from"], "n1", "{moved}");
+    assert_eq!(moved["to"], "n2", "{moved}");
+    assert_eq!(moved["copied_bytes"], written, "{moved}");
+    assert!(
+        !holds(&n1.agent, &tls, &id).await,
+        "the source's copy stayed"
+    );
+    contents_are(&mut cc, &n2, &mut csi2, &id, &model).await;
+    // Read on n1, now remotely from n2.
+    contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;
+    let m = n2.metrics();
+    assert!(
+        common::standalone::metric_value(
+            &m,
+            "strata_peer_bytes_total{peer=\"n1\",direction=\"received\"}"
+        )
+        .unwrap_or(0.0)
+            >= written as f64,
+        "{m}"
+    );
+
+    // Killed at every step of a move (alternately n2 → n1 and back), the
+    // controller's successor finishes it; the contents are the model's.
+    let mut from = "n2";
+    for fp in strata::cluster::moves::FAILPOINTS {
+        let to = if from == "n1" { "n2" } else { "n1" };
+        ctl.proc.kill9();
+        ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+        ctl.proc.spawn();
+        let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+        let mut cc2 = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+        registered(&mut cc2, &["n1", "n2"]).await;
+        let e = mc
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: to.into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{fp}: {e:?}"
+        );
+        ctl.proc.kill9();
+        ctl.proc.env.clear();
+        ctl.proc.spawn();
+        cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+        registered(&mut cc, &["n1", "n2"]).await;
+        let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+        let r = loop {
+            match mc
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: to.into(),
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                // The node the move waits for is not registered yet.
+                Err(e) if e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{fp}: {e:?}\n{}", ctl.proc.log()),
+            }
+        };
+        assert_eq!(r.to_node, to, "{fp}");
+        let (src, dst) = if to == "n1" { (&n2, &n1) } else { (&n1, &n2) };
+        assert!(holds(&dst.agent, &tls, &id).await, "{fp}");
+        assert!(
+            !holds(&src.agent, &tls, &id).await,
+            "{fp}: the source kept its copy"
+        );
+        let (dcsi, ocsi) = if to == "n1" {
+            (&mut csi1, &mut csi2)
+        } else {
+            (&mut csi2, &mut csi1)
+        };
+        contents_are(&mut cc, dst, dcsi, &id, &model).await;
+        let other = if to == "n1" { &n2 } else { &n1 };
+        contents_are(&mut cc, other, ocsi, &id, &model).await;
+        from = to;
+    }
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+
+    // The target killed in the middle of the copy: the move fails, and
+    // the next call finishes it.
+    let to = if from == "n1" { "n2" } else { "n1" };
+    assert_eq!(to, "n2", "the loop ends on n1");
+    n2.proc.kill9();
+    n2.proc.env = vec![(
+        "STRATA_FAILPOINT".into(),
+        "agent::import::after_chunk".into(),
+    )];
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    eventually(30, "n2 ready again", async || {
+        capacity(&mut cc, "n2").await > 0
+    })
+    .await;
+    let e = mc
+        .move_volume(MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        n2.proc
+            .log()
+            .contains("failpoint agent::import::after_chunk")
+    );
+    n2.proc.kill9();
+    n2.proc.env.clear();
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    csi2 = Csi::connect(&n2.csi_socket()).await;
+    let r = loop {
+        match mc
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "n2".into(),
+            })
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e:?}\n{}", ctl.proc.log()),
+        }
+    };
+    assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n2"));
+    assert_eq!(r.copied_bytes, written);
+    contents_are(&mut cc, &n2, &mut csi2, &id, &model).await;
+    assert!(!holds(&n1.agent, &tls, &id).await);
+
+    // A drain of n2: the idle volume moves, a published one and a pinned
+    // one stay, each with why.
+    let busy = created(
+        &mut cc,
+        with_requirements(c::create("pvc-busy", size, c::block_cap()), &["n2"], &[]),
+    )
+    .await
+    .volume_id;
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &busy).await;
+    let pinned_vol = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-pinned", size, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await
+    .volume_id;
+    let drained = mc
+        .drain_node(DrainNodeRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let moved: Vec<&str> = drained.moved.iter().map(|m| m.volume_id.as_str()).collect();
+    assert_eq!(moved, [id.as_str()], "{drained:?}");
+    let why: HashMap<&str, &str> = drained
+        .stayed
+        .iter()
+        .map(|s| (s.volume_id.as_str(), s.why.as_str()))
+        .collect();
+    assert!(
+        why[busy.as_str()].contains("published to node n1"),
+        "{why:?}"
+    );
+    assert!(why[pinned_vol.as_str()].contains("pinned"), "{why:?}");
+    assert!(holds(&n1.agent, &tls, &id).await && !holds(&n2.agent, &tls, &id).await);
+    // The published one kept working through it.
+    write_at(&dev, 0, &[5u8; 4096]).unwrap();
+    assert!(read_at(&dev, 0, 4096) == [5u8; 4096]);
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &busy).await;
+    contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;
+}

@@ -99,7 +99,12 @@ impl Imports {
 
 /// Makes the volume afresh and copies the source's data into it; the bytes
 /// copied.
-fn copy(core: &Core, vid: VolumeId, req: &ImportRequest, copied: &AtomicU64) -> Result<u64, Status> {
+fn copy(
+    core: &Core,
+    vid: VolumeId,
+    req: &ImportRequest,
+    copied: &AtomicU64,
+) -> Result<u64, Status> {
     let create = req
         .volume
         .as_ref()
@@ -112,7 +117,7 @@ fn copy(core: &Core, vid: VolumeId, req: &ImportRequest, copied: &AtomicU64) -> 
     let node = core.node.as_ref().ok_or_else(|| {
         Status::failed_precondition("this process serves no node: it cannot copy volumes")
     })?;
-    if node.is_staged(vid) {
+    if node.is_staged_locally(vid) {
         return Err(Status::failed_precondition(format!(
             "volume {vid} is staged on this node: it is in use here, not a move's copy"
         )));
@@ -176,6 +181,7 @@ fn copy(core: &Core, vid: VolumeId, req: &ImportRequest, copied: &AtomicU64) -> 
                 volume.write(at, &buf[..n], false).map_err(status::engine)?;
                 copied.fetch_add(n as u64, Ordering::Relaxed);
                 at += n as u64;
+                crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
             }
         }
         window += len;

@@ -205,7 +205,7 @@ impl Agent for AgentService {
             )));
         }
         self.blocking(move |core| {
-            if core.node.as_ref().is_some_and(|n| n.is_staged(vid)) {
+            if core.node.as_ref().is_some_and(|n| n.is_staged_locally(vid)) {
                 return Err(Status::failed_precondition(format!(
                     "volume {vid} is staged on node {node_id}; unstage it (delete the pods using it) first"
                 )));
@@ -385,9 +385,7 @@ impl Agent for AgentService {
             // on this node (moved away before) may outlive that copy.
             self.attachments.forget(vid);
         }
-        Ok(Response::new(
-            self.imports.poll(&self.started, vid, req)?,
-        ))
+        Ok(Response::new(self.imports.poll(&self.started, vid, req)?))
     }
 
     async fn detach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
@@ -397,7 +395,7 @@ impl Agent for AgentService {
         };
         match self
             .attachments
-            .detach(&self.started, vid, &req.node_id)
+            .detach(&self.started, vid, &req.node_id, req.for_move)
             .await
         {
             Ok(epoch) => Ok(Response::new(AttachReply { epoch })),

@@ -67,9 +67,11 @@ enum Change<'a> {
     AttachForMove {
         node: &'a str,
     },
-    /// "": whichever node has it.
+    /// "": whichever node has it; with `for_move`, only a move's
+    /// attachment.
     Detach {
         node: &'a str,
+        for_move: bool,
     },
     /// The end of a move's copy (see `agent.proto`, Seal).
     Seal {
@@ -204,17 +206,21 @@ impl Attachments {
         node: &str,
         epoch: u64,
     ) -> Result<u64, Status> {
-        self.change(started, vid, Change::Seal { node, epoch }).await
+        self.change(started, vid, Change::Seal { node, epoch })
+            .await
     }
 
-    /// Ends the attachment of `node`, if it has it ("": whichever node).
+    /// Ends the attachment of `node`, if it has it ("": whichever node);
+    /// with `for_move`, only if it is a move's.
     pub async fn detach(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
         node: &str,
+        for_move: bool,
     ) -> Result<u64, Status> {
-        self.change(started, vid, Change::Detach { node }).await
+        self.change(started, vid, Change::Detach { node, for_move })
+            .await
     }
 
     async fn change(
@@ -275,7 +281,9 @@ impl Attachments {
                     now.node
                 )));
             }
-            Change::Seal { node, epoch } if now.for_move && now.node == node && now.epoch == epoch => {
+            Change::Seal { node, epoch }
+                if now.for_move && now.node == node && now.epoch == epoch =>
+            {
                 Some(Attachment {
                     moved: true,
                     ..now.clone()
@@ -288,8 +296,10 @@ impl Attachments {
                     now.node, now.epoch
                 )));
             }
-            Change::Detach { node }
-                if now.node.is_empty() || (!node.is_empty() && now.node != node) =>
+            Change::Detach { node, for_move }
+                if now.node.is_empty()
+                    || (!node.is_empty() && now.node != node)
+                    || (for_move && !now.for_move) =>
             {
                 None
             }
@@ -301,7 +311,19 @@ impl Attachments {
         };
         if let Some(next) = next {
             let durable = next.clone();
-            blocking(started, move |core| core.pool.set_attachment(vid, &durable)).await?;
+            // A move's attachment and seal need the volume unused here.
+            let exclusive = matches!(change, Change::AttachForMove { .. } | Change::Seal { .. });
+            let started = started.clone();
+            tokio::task::spawn_blocking(move || {
+                let core: &Core = started.get()?;
+                let put = || core.pool.set_attachment(vid, &durable);
+                match &core.node {
+                    Some(node) if exclusive => node.unstaged(vid, put).map_err(status::node),
+                    _ => put().map_err(status::engine),
+                }
+            })
+            .await
+            .map_err(status::join)??;
             let mut fences = self.fences.lock().expect("fences");
             let f = fences.get_mut(&vid).expect("loaded");
             // Sealing keeps the epoch, and with it the move's requests.
@@ -641,13 +663,21 @@ mod tests {
             .unwrap();
         // Unpublishing another node changes nothing; unpublishing n2 ends
         // it; so does publishing to the owner itself.
-        again.attachments.detach(&st, vid, "n9").await.unwrap();
+        again
+            .attachments
+            .detach(&st, vid, "n9", false)
+            .await
+            .unwrap();
         again
             .admit(Some(&grant(vid, "n2", e2, 0)), false)
             .await
             .map(drop)
             .unwrap();
-        again.attachments.detach(&st, vid, "n2").await.unwrap();
+        again
+            .attachments
+            .detach(&st, vid, "n2", false)
+            .await
+            .unwrap();
         assert_eq!(
             denied(again.admit(Some(&grant(vid, "n2", e2, 0)), false).await),
             tonic::Code::PermissionDenied
@@ -686,6 +716,105 @@ mod tests {
             ),
             tonic::Code::InvalidArgument
         );
+    }
+
+    /// A move's attachment: only while no node has the volume, read-only,
+    /// replaced by any publish (and then its seal fails); sealed, the
+    /// volume is never attached again, also after a restart, but the
+    /// move's reads go on; a retried attach or seal answers the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_move_attaches_only_an_idle_volume_and_its_seal_keeps_everyone_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, vid) = started(dir.path());
+        let s = service(&st);
+        let a = &s.attachments;
+        let code = |r: Result<u64, Status>| r.unwrap_err().code();
+        // Published to n1: no move.
+        let e1 = a.attach(&st, vid, "n1", false).await.unwrap();
+        assert_eq!(
+            code(a.attach_for_move(&st, vid, "n2").await),
+            tonic::Code::FailedPrecondition
+        );
+        a.detach(&st, vid, "n1", false).await.unwrap();
+        let m = a.attach_for_move(&st, vid, "n2").await.unwrap();
+        assert!(m > e1);
+        assert_eq!(a.attach_for_move(&st, vid, "n2").await.unwrap(), m);
+        let ro = |node: &str, epoch| {
+            let mut g = GrantKey::from_secret(b"test").make(&vid.to_string(), node, epoch, true);
+            g.session = 1;
+            g
+        };
+        s.admit(Some(&ro("n2", m)), false).await.map(drop).unwrap();
+        assert_eq!(
+            s.admit(Some(&grant(vid, "n2", m, 1)), true)
+                .await
+                .map(drop)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied,
+            "a read-write grant for a move's attachment"
+        );
+        // A publish slips in: it replaces the move's attachment, whose
+        // seal then fails; so does a seal of another epoch or node.
+        let e2 = a.attach(&st, vid, "n3", false).await.unwrap();
+        assert_eq!(
+            code(a.seal(&st, vid, "n2", m).await),
+            tonic::Code::FailedPrecondition
+        );
+        a.detach(&st, vid, "n3", false).await.unwrap();
+        // A publish to the move's target is not the move's attachment.
+        let e3 = a.attach(&st, vid, "n2", true).await.unwrap();
+        assert!(e3 > e2);
+        // Rolling a move back never ends a publish.
+        assert_eq!(a.detach(&st, vid, "n2", true).await.unwrap(), e3);
+        assert_eq!(st.get().unwrap().pool.attachment(vid).unwrap().node, "n2");
+        assert_eq!(
+            code(a.attach_for_move(&st, vid, "n2").await),
+            tonic::Code::FailedPrecondition
+        );
+        a.detach(&st, vid, "n2", false).await.unwrap();
+        let m2 = a.attach_for_move(&st, vid, "n2").await.unwrap();
+        for (node, epoch) in [("n2", m), ("n3", m2)] {
+            assert_eq!(
+                code(a.seal(&st, vid, node, epoch).await),
+                tonic::Code::FailedPrecondition
+            );
+        }
+        assert_eq!(a.seal(&st, vid, "n2", m2).await.unwrap(), m2);
+        assert_eq!(a.seal(&st, vid, "n2", m2).await.unwrap(), m2);
+        // Sealed: reads of the move go on; nobody attaches, also after a
+        // restart; unpublishing changes nothing.
+        let again = service(&st);
+        again
+            .admit(Some(&ro("n2", m2)), false)
+            .await
+            .map(drop)
+            .unwrap();
+        let b = &again.attachments;
+        for node in ["n1", "n2"] {
+            for read_only in [false, true] {
+                assert_eq!(
+                    code(b.attach(&st, vid, node, read_only).await),
+                    tonic::Code::FailedPrecondition
+                );
+            }
+        }
+        assert_eq!(
+            code(b.attach_for_move(&st, vid, "n3").await),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(b.attach_for_move(&st, vid, "n2").await.unwrap(), m2);
+        b.detach(&st, vid, "", false).await.unwrap();
+        assert!(st.get().unwrap().pool.attachment(vid).unwrap().moved);
+        // Deleted and made again here (moved back): a fresh start.
+        st.get().unwrap().pool.delete_volume(vid).unwrap();
+        b.forget(vid);
+        st.get()
+            .unwrap()
+            .pool
+            .create_volume_as(vid, 1 << 20)
+            .unwrap();
+        assert_eq!(b.attach(&st, vid, "n1", false).await.unwrap(), 1);
     }
 
     /// A request retried in a new session runs only after the first
@@ -822,7 +951,11 @@ mod tests {
         core.pool.volume(vid).unwrap().read(0, &mut buf).unwrap();
         assert_eq!(buf, vec![7u8; 4096], "a refused request wrote");
         // Unpublished, then published read-write: writes go in.
-        again.attachments.detach(&st, vid, "n1").await.unwrap();
+        again
+            .attachments
+            .detach(&st, vid, "n1", false)
+            .await
+            .unwrap();
         let e2 = again
             .attachments
             .attach(&st, vid, "n1", false)

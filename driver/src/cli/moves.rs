@@ -56,7 +56,12 @@ async fn client(endpoint: &Endpoint) -> Result<ClusterClient<tonic::transport::C
 /// `strata volume move ID [--to NODE]`: waits for the move (a call that
 /// times out on its way to the leader is made again, and joins the move,
 /// which goes on meanwhile).
-pub async fn move_to(endpoint: &Endpoint, format: Format, id: String, to: Option<String>) -> ExitCode {
+pub async fn move_to(
+    endpoint: &Endpoint,
+    format: Format,
+    id: String,
+    to: Option<String>,
+) -> ExitCode {
     let mut c = match client(endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -89,7 +94,12 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let reply = match c.drain_node(DrainNodeRequest { node_id: node.clone() }).await {
+    let reply = match c
+        .drain_node(DrainNodeRequest {
+            node_id: node.clone(),
+        })
+        .await
+    {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == Code::Unimplemented => {
             return fail("this endpoint is not a Strata controller (drains need a cluster)");
@@ -105,7 +115,10 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
     match format {
         Format::Json => output::json(&serde_json::json!({ "moved": moved, "stayed": stayed })),
         Format::Table => {
-            output::table(&MOVED_HEADERS, &moved.iter().map(moved_row).collect::<Vec<_>>());
+            output::table(
+                &MOVED_HEADERS,
+                &moved.iter().map(moved_row).collect::<Vec<_>>(),
+            );
             for (volume, why) in &stayed {
                 eprintln!("volume {volume} stays on node {node}: {why}");
             }

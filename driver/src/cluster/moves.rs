@@ -80,6 +80,19 @@ impl MovePhase {
     }
 }
 
+/// The failpoints of a move (see `engine::jobs::failpoint`), in order.
+pub const FAILPOINTS: [&str; 5] = [
+    "cluster::move::recorded",
+    "cluster::move::attached",
+    "cluster::move::copied",
+    "cluster::move::sealed",
+    "cluster::move::switched",
+];
+
+fn failpoint(name: &str) {
+    crate::engine::jobs::failpoint::hit(name);
+}
+
 /// How often the copy's progress is asked.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -160,7 +173,8 @@ impl Moves {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     running.insert(id.to_string(), rx.clone());
-                    let (moves, id, to) = (Arc::clone(self), id.to_string(), to.map(str::to_string));
+                    let (moves, id, to) =
+                        (Arc::clone(self), id.to_string(), to.map(str::to_string));
                     // The move goes on when the caller gives up waiting.
                     tokio::spawn(async move {
                         let outcome = moves
@@ -201,8 +215,12 @@ impl Moves {
         };
         for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
             match self.move_volume(&rec.volume_id, None).await {
-                Ok(r) => tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart"),
-                Err(e) => tracing::warn!(volume = %rec.volume_id, error = %e.message(), "move not finished"),
+                Ok(r) => {
+                    tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %rec.volume_id, error = %e.message(), "move not finished")
+                }
             }
         }
     }
@@ -291,6 +309,7 @@ impl Moves {
                 started_unix_ns: now_ns(),
             });
             self.put(&rec).await?;
+            failpoint(FAILPOINTS[0]);
         }
         let m = rec.moving.clone().expect("moving");
         if m.phase == MovePhase::Copying {
@@ -312,10 +331,12 @@ impl Moves {
                     return Err(e);
                 }
             }
+            failpoint(FAILPOINTS[3]);
             // The switch: from here the target owns the volume.
             rec.node = m.to.clone();
             self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
                 .await?;
+            failpoint(FAILPOINTS[4]);
         }
         match rec.moving.as_ref().map(|m| m.phase) {
             Some(MovePhase::Removing) => {
@@ -367,6 +388,7 @@ impl Moves {
             .await?
             .into_inner()
             .epoch;
+        failpoint(FAILPOINTS[1]);
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
             Status::failed_precondition("a standalone Strata has one node: nothing to move to")
         })?;
@@ -406,6 +428,7 @@ impl Moves {
             }
             tokio::time::sleep(POLL).await;
         };
+        failpoint(FAILPOINTS[2]);
         source
             .seal(Request::new(agent::SealRequest {
                 volume_id: id,
@@ -433,6 +456,7 @@ impl Moves {
             .detach(Request::new(agent::AttachRequest {
                 volume_id: id,
                 node_id: m.to.clone(),
+                for_move: true,
                 ..Default::default()
             }))
             .await?;

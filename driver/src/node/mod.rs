@@ -391,6 +391,17 @@ impl Node {
         };
         self.backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
+        if remote.is_none() {
+            // A move copies or copied the volume away (see `unstaged`).
+            let a = self.pool.attachment(vid)?;
+            if a.for_move || a.moved {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {vid} {} node {}: it cannot be staged here",
+                    if a.moved { "moved to" } else { "is moving to" },
+                    a.node
+                )));
+            }
+        }
         if let Some(entry) = staged.get(&vid) {
             if entry.rec.staging_path != req.staging_path {
                 return Err(Error::FailedPrecondition(format!(
@@ -839,8 +850,32 @@ impl Node {
     }
 
     /// Whether a volume is staged here (so it must not be deleted).
-    pub fn is_staged(&self, vid: VolumeId) -> bool {
-        self.staged.lock().expect("staged").contains_key(&vid)
+    /// Whether this node's own copy of `vid` is staged here (not a volume
+    /// of another node of the same ID, reached over the data path).
+    pub fn is_staged_locally(&self, vid: VolumeId) -> bool {
+        self.staged
+            .lock()
+            .expect("staged")
+            .get(&vid)
+            .is_some_and(|e| e.remote.is_none())
+    }
+
+    /// Runs `f` while `vid` is not staged here, and cannot be until `f`
+    /// returns (a move's attachment and seal: a stage checks the
+    /// attachment under the same lock).
+    pub fn unstaged<T>(
+        &self,
+        vid: VolumeId,
+        f: impl FnOnce() -> crate::engine::Result<T>,
+    ) -> Result<T> {
+        let staged = self.staged.lock().expect("staged");
+        if staged.get(&vid).is_some_and(|e| e.remote.is_none()) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vid} is staged on node {}: it is in use here",
+                self.config.node_id
+            )));
+        }
+        Ok(f()?)
     }
 
     /// Makes the kernel device (and the filesystem on it) as large as the

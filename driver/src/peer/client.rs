@@ -333,14 +333,19 @@ impl RemoteVolume {
     /// [`super::MAX_MAP`]), as (offset, length) pairs in order; the rest
     /// reads as zeros.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        let r = self.call("map", Effect::None, Payload::None, |mut c, grant| async move {
-            c.map(pb::RangeRequest {
-                grant: Some(grant),
-                offset,
-                length: len,
-            })
-            .await
-        })?;
+        let r = self.call(
+            "map",
+            Effect::None,
+            Payload::None,
+            |mut c, grant| async move {
+                c.map(pb::RangeRequest {
+                    grant: Some(grant),
+                    offset,
+                    length: len,
+                })
+                .await
+            },
+        )?;
         let end = offset.saturating_add(len);
         let mut at = offset;
         let mut data = Vec::with_capacity(r.data.len());
