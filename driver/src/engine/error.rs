@@ -147,6 +147,11 @@ pub enum Error {
     /// A write to something read-only (a snapshot).
     #[error("{0} is read-only")]
     ReadOnly(String),
+
+    /// A fetching volume (being copied from another node) cannot do this
+    /// yet.
+    #[error("volume {volume} is still being copied from another node: {why}")]
+    Fetching { volume: VolumeId, why: String },
     /// The pool's filesystem is full.
     #[error("no space left in the pool while trying to {op}")]
     NoSpace {
@@ -245,7 +250,7 @@ impl Error {
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::SlowZero { .. } => ErrorKind::NotSupported,
             Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,
-            Error::PoolLocked(_) => ErrorKind::Busy,
+            Error::PoolLocked(_) | Error::Fetching { .. } => ErrorKind::Busy,
             Error::FormatTooNew { .. }
             | Error::NotAPool { .. }
             | Error::Corrupt(_)

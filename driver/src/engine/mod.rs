@@ -46,4 +46,4 @@ pub use jobs::{JobConfig, JobInfo, JobObserver, Method};
 pub use pool::{Pool, PoolOptions, PoolSpace, SnapshotInfo, VolumeInfo};
 pub use snapshot::SnapshotReader;
 pub use view::{DepthExtent, Extent};
-pub use volume::{Volume, VolumeStats, ZeroFlags};
+pub use volume::{Backing, Volume, VolumeStats, ZeroFlags};

@@ -36,7 +36,7 @@ use super::space::SpaceGuard;
 use super::sys;
 use super::unflushed::{self, UnflushedLog, unflushed_path};
 use super::view::{self, DepthExtent, View};
-use super::volume::{VolState, Volume, VolumeStats};
+use super::volume::{Fetch, VolState, Volume, VolumeStats};
 
 const LOCK_FILE: &str = "strata.lock";
 
@@ -767,7 +767,44 @@ impl Pool {
     pub fn create_volume_as(&self, vid: VolumeId, size_bytes: u64) -> Result<VolumeInfo> {
         check_volume_size(size_bytes)?;
         let _claim = self.claim(vid)?;
-        self.new_volume(vid, size_bytes, None)
+        self.new_volume(vid, size_bytes, None, None)
+    }
+
+    /// Creates an empty *fetching* volume (see [`Volume`]'s docs): one
+    /// whose contents arrive from another node. `record` (opaque here)
+    /// says where from; it is committed with the volume, so a restarted
+    /// process knows the volume fetches before it serves a read. Reads of
+    /// blocks not yet copied fail until [`Volume::connect_backing`].
+    pub fn create_fetching_volume(
+        &self,
+        vid: VolumeId,
+        size_bytes: u64,
+        record: &[u8],
+    ) -> Result<VolumeInfo> {
+        check_volume_size(size_bytes)?;
+        let _claim = self.claim(vid)?;
+        self.new_volume(vid, size_bytes, None, Some(record))
+    }
+
+    /// Fetching volumes and their records.
+    pub fn fetching_volumes(&self) -> Result<Vec<(VolumeId, Vec<u8>)>> {
+        self.shared().catalog.read()?.backings()
+    }
+
+    /// Ends a volume's fetching once every block its backing holds data
+    /// for was copied in ([`Volume::fill`]): the copy is made durable,
+    /// then the record goes, and absent blocks read as zeros again.
+    pub fn finish_fetch(&self, vid: VolumeId) -> Result<()> {
+        let vol = self.volume(vid)?;
+        if !vol.fetching() {
+            return Ok(());
+        }
+        vol.flush()?;
+        let mut txn = self.shared().catalog.write()?;
+        txn.remove_backing(vid)?;
+        txn.commit()?;
+        vol.set_fetch(None);
+        Ok(())
     }
 
     /// Claims the creation of `vid` (waiting while another create of it
@@ -800,6 +837,7 @@ impl Pool {
         vid: VolumeId,
         size: u64,
         source: Option<CloneSource>,
+        backing: Option<&[u8]>,
     ) -> Result<VolumeInfo> {
         let sh = self.shared();
         let (lid, created) = (LayerId::new_random(), now_ns());
@@ -847,6 +885,9 @@ impl Pool {
                     created_ns: created,
                     journal_seq: 0,
                 })?;
+                if let Some(b) = backing {
+                    txn.put_backing(vid, b)?;
+                }
                 txn.commit()?;
                 Ok((slot, journal, log))
             });
@@ -882,6 +923,9 @@ impl Pool {
             (journal, log),
             None,
         );
+        if backing.is_some() {
+            vol.set_fetch(Some(Fetch::Waiting));
+        }
         self.inner
             .volumes
             .lock()
@@ -951,14 +995,11 @@ impl Pool {
         let mut state = VolState::new(view, base, top);
         state.release_costly_base();
         let fault = txn.fault(id)?;
-        Ok(Volume::new(
-            id,
-            Arc::clone(sh),
-            state,
-            rec.size,
-            journal,
-            fault,
-        ))
+        let vol = Volume::new(id, Arc::clone(sh), state, rec.size, journal, fault);
+        if txn.backing(id)?.is_some() {
+            vol.set_fetch(Some(Fetch::Waiting));
+        }
+        Ok(vol)
     }
 
     /// Deletes a volume. Its snapshots and clones stay readable: layers
@@ -980,6 +1021,7 @@ impl Pool {
         txn.remove_policy(id)?;
         txn.remove_fault(id)?;
         txn.remove_attachment(id)?;
+        txn.remove_backing(id)?;
         let freed = txn.release_layer(rec.top)?;
         txn.commit()?;
         self.inner.volumes.lock().expect("volume map").remove(&id);
@@ -1067,6 +1109,7 @@ impl Pool {
             return Err(Error::AlreadyExists(format!("snapshot {snap}")));
         }
         let vol = self.volume(volume)?;
+        refuse_fetching(&vol)?;
         // Flush outside the hold, so the hold only covers the tail.
         vol.flush()?;
         let new_top = LayerId::new_random();
@@ -1270,7 +1313,7 @@ impl Pool {
                 layer: snap.layer,
                 view: base,
             };
-            self.new_volume(vid, size, Some(source))?
+            self.new_volume(vid, size, Some(source), None)?
         };
         // A clone of a deep chain is as deep, plus its own top.
         if info.chain_depth as u32 > self.max_chain_depth(vid)? {
@@ -1297,6 +1340,7 @@ impl Pool {
         let sh = self.shared();
         let _claim = self.claim(vid)?;
         let vol = self.volume(volume)?;
+        refuse_fetching(&vol)?;
         let from = vol.size();
         let size = size_bytes.unwrap_or(from);
         check_volume_size(size)?;
@@ -1330,7 +1374,7 @@ impl Pool {
                 layer,
                 view,
             };
-            (layer, self.new_volume(vid, size, Some(source)))
+            (layer, self.new_volume(vid, size, Some(source), None))
         };
         // Failed: the frozen layer is held only by the volume's new top;
         // fold it away.
@@ -1524,6 +1568,18 @@ fn volume_info(txn: &super::catalog::ReadTxn, r: &VolumeRecord) -> Result<Volume
 }
 
 /// Takes the pool's lock file; held until the returned value is dropped.
+/// A fetching volume's layers do not hold all its data yet: no snapshot or
+/// clone of it until they do.
+fn refuse_fetching(vol: &Volume) -> Result<()> {
+    if vol.fetching() {
+        return Err(Error::Fetching {
+            volume: vol.id(),
+            why: "its snapshots and clones wait until all of it is here".into(),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn lock_pool(fs: &dyn Fs, dir: &Path) -> Result<Box<dyn Any + Send + Sync>> {
     let lock_path = dir.join(LOCK_FILE);
     fs.lock(&lock_path)

@@ -61,7 +61,7 @@ impl SnapshotReader {
     /// Allocation state of `offset..offset+len`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(offset, len, self.size)?;
-        Ok(view::block_status(&self.view, offset, len))
+        Ok(view::block_status(&self.view, offset, len, false))
     }
 
     /// How deep in the snapshot's chain each part of `offset..offset+len`

@@ -26,8 +26,10 @@ pub(crate) struct View {
 /// Where a run of blocks comes from.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
-    /// Reads as zeros (nothing defines it, or a zero record).
+    /// Reads as zeros: a zero record.
     Zero,
+    /// No layer defines it: zeros, or a fetching volume's backing.
+    Absent,
     /// The data is in this layer's file at the same offset.
     Layer(Arc<Layer>),
 }
@@ -152,7 +154,9 @@ impl View {
         let mut out: Vec<Segment> = Vec::new();
         let mut missing = None;
         self.index.runs(start, end, |s, l, v| {
-            let source = if v < FIRST_SLOT {
+            let source = if v == ABSENT {
+                Source::Absent
+            } else if v < FIRST_SLOT {
                 Source::Zero
             } else {
                 match self.layers.get(v as usize).and_then(Option::as_ref) {
@@ -174,24 +178,32 @@ impl View {
                 "index names slot {slot}, which has no layer"
             )));
         }
-        // Blocks past the index (a grown volume's new space) read as zeros.
+        // Blocks past the index (a grown volume's new space) are absent.
         let covered = out.last().map_or(start, |s| s.start + s.blocks);
         if covered < end {
             out.push(Segment {
                 start: covered,
                 blocks: end - covered,
-                source: Source::Zero,
+                source: Source::Absent,
             });
         }
         Ok(out)
     }
 
-    /// Allocation state of blocks `start..end` (see [`Extent`]), in blocks.
-    pub(crate) fn status_runs(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) {
+    /// Allocation state of blocks `start..end` (see [`Extent`]), in blocks;
+    /// absent blocks count as data when `absent_is_data` (a fetching
+    /// volume's, whose backing may hold data there).
+    pub(crate) fn status_runs(
+        &self,
+        start: u64,
+        end: u64,
+        absent_is_data: bool,
+        mut f: impl FnMut(u64, u64, bool),
+    ) {
         let mut last = start;
         let mut pending: Option<(u64, u64, bool)> = None;
         self.index.runs(start, end, |s, l, v| {
-            let zero = v == ABSENT || v == ZERO;
+            let zero = (v == ABSENT && !absent_is_data) || v == ZERO;
             match &mut pending {
                 Some((_, pl, pz)) if *pz == zero => *pl += l,
                 _ => {
@@ -206,7 +218,7 @@ impl View {
             f(ps, pl, pz);
         }
         if last < end {
-            f(last, end - last, true);
+            f(last, end - last, !absent_is_data);
         }
     }
 }
@@ -312,19 +324,25 @@ pub(crate) fn read_segments(segments: &[Segment], offset: u64, buf: &mut [u8]) -
         }
         let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
         match &seg.source {
-            Source::Zero => dst.fill(0),
+            Source::Zero | Source::Absent => dst.fill(0),
             Source::Layer(layer) => layer.read_at(dst, s)?,
         }
     }
     Ok(())
 }
 
-/// Block status of the bytes `offset..offset+len` of `view`.
-pub(crate) fn block_status(view: &View, offset: u64, len: u64) -> Vec<Extent> {
+/// Block status of the bytes `offset..offset+len` of `view` (see
+/// [`View::status_runs`] for `absent_is_data`).
+pub(crate) fn block_status(
+    view: &View,
+    offset: u64,
+    len: u64,
+    absent_is_data: bool,
+) -> Vec<Extent> {
     let end = offset + len;
     let mut out = Vec::new();
     let (first, last) = (offset >> BLOCK_SHIFT, end.div_ceil(BLOCK_SIZE));
-    view.status_runs(first, last, |s, l, zero| {
+    view.status_runs(first, last, absent_is_data, |s, l, zero| {
         let bs = (s << BLOCK_SHIFT).max(offset);
         let be = ((s + l) << BLOCK_SHIFT).min(end);
         if be > bs {

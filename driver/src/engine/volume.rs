@@ -25,6 +25,14 @@
 //! Discarding blocks that a snapshot still holds frees nothing until that
 //! snapshot goes: the discard records zeros in the top layer (so the old
 //! data never shows through) and the frozen layer keeps its data.
+//!
+//! A *fetching* volume (see [`Backing`]) is one whose contents are still
+//! being copied from another node: blocks no layer defines are read from
+//! its backing instead of as zeros, partial writes read their edges from
+//! it, discards record zeros (so the backing never shows through again),
+//! and block status counts absent blocks as data. [`Volume::fill`] copies
+//! the backing's blocks in under the range lock, so a write racing it
+//! always wins.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,7 +51,7 @@ use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
 use super::unflushed::UnflushedLog;
-use super::view::{self, DepthExtent, Extent, View, read_segments};
+use super::view::{self, DepthExtent, Extent, Segment, Source, View, read_segments};
 
 /// Moves `len` bytes at an offset from one layer file to another (a
 /// job's copy, by pointer where it can).
@@ -56,6 +64,25 @@ const PENDING_FLUSH_RECORDS: usize = 65_536;
 /// Snapshots taken since the last checkpoint beyond which a flush folds the
 /// journal, bounding the memory of pinned `frozen_views`.
 const MAX_UNFOLDED_SNAPSHOTS: usize = 16;
+
+/// Where a fetching volume's blocks that no layer defines are read from
+/// (another node's copy of it, over the network): implemented above the
+/// engine. Reads past its size are zeros.
+pub trait Backing: Send + Sync + std::fmt::Debug {
+    /// Bytes the backing has.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`, inside [`Backing::size`].
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A volume's state of fetching.
+#[derive(Debug, Clone)]
+pub(crate) enum Fetch {
+    /// The pool's record says it fetches, and nothing is connected yet:
+    /// reads of absent blocks fail (never zeros, which would be wrong).
+    Waiting,
+    From(Arc<dyn Backing>),
+}
 
 /// The live state of a volume.
 #[derive(Debug)]
@@ -284,6 +311,8 @@ pub struct Volume {
     size: AtomicU64,
     /// Flushes that did work: logged, synced.
     flushes: [AtomicU64; 2],
+    /// `Some` while the volume is fetching.
+    fetch: RwLock<Option<Fetch>>,
 }
 
 impl Volume {
@@ -323,7 +352,103 @@ impl Volume {
             }),
             deleted: AtomicBool::new(false),
             flushes: Default::default(),
+            fetch: RwLock::new(None),
         }
+    }
+
+    /// Sets or clears the fetch state (the pool, from its record).
+    pub(crate) fn set_fetch(&self, fetch: Option<Fetch>) {
+        *self.fetch.write().expect("fetch") = fetch;
+    }
+
+    /// Whether the volume is still fetching its contents.
+    pub fn fetching(&self) -> bool {
+        self.fetch.read().expect("fetch").is_some()
+    }
+
+    /// Reads absent blocks from `backing` from now on (a fetching volume).
+    pub fn connect_backing(&self, backing: Arc<dyn Backing>) -> Result<()> {
+        let mut f = self.fetch.write().expect("fetch");
+        if f.is_none() {
+            return Err(Error::Fetching {
+                volume: self.id,
+                why: "it is not fetching: nothing to connect".into(),
+            });
+        }
+        *f = Some(Fetch::From(backing));
+        Ok(())
+    }
+
+    /// Reads `segments` into `buf` (at `offset`), absent ones from the
+    /// backing of a fetching volume.
+    fn read_resolved(&self, segments: &[Segment], offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_segments(segments, offset, buf)?;
+        let Some(fetch) = self.fetch.read().expect("fetch").clone() else {
+            return Ok(());
+        };
+        let end = offset + buf.len() as u64;
+        for seg in segments
+            .iter()
+            .filter(|s| matches!(s.source, Source::Absent))
+        {
+            let s = (seg.start * BLOCK_SIZE).max(offset);
+            let e = ((seg.start + seg.blocks) * BLOCK_SIZE).min(end);
+            let backing = match &fetch {
+                Fetch::From(b) => b,
+                Fetch::Waiting => {
+                    return Err(Error::Fetching {
+                        volume: self.id,
+                        why: "the node it is copied from is not connected yet".into(),
+                    });
+                }
+            };
+            let e = e.min(backing.size());
+            if s < e {
+                backing.read(s, &mut buf[(s - offset) as usize..(e - offset) as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the backing's bytes of the blocks inside `offset..offset+len`
+    /// that no layer defines into the top (under the range lock, so a
+    /// write racing it wins); the bytes copied. A no-op once the volume
+    /// has stopped fetching.
+    pub fn fill(&self, offset: u64, len: u64) -> Result<u64> {
+        if !self.admit(offset, len)? {
+            return Ok(0);
+        }
+        let Some(Fetch::From(backing)) = self.fetch.read().expect("fetch").clone() else {
+            return Ok(0);
+        };
+        self.check_fault(false)?;
+        let _gate = self.gate.read().expect("volume gate");
+        self.check_live()?;
+        let (first, end) = touched_blocks(offset, len);
+        let _range = self.ranges.lock(first, end);
+        let (top, segments) = {
+            let st = self.state.read().expect("volume state");
+            (Arc::clone(&st.top), st.view.segments(first, end)?)
+        };
+        let mut copied = 0;
+        let limit = backing.size().div_ceil(BLOCK_SIZE);
+        for seg in segments
+            .iter()
+            .filter(|s| matches!(s.source, Source::Absent))
+        {
+            let (s, e) = (seg.start, (seg.start + seg.blocks).min(limit));
+            if s >= e {
+                continue;
+            }
+            let mut buf = vec![0u8; ((e - s) * BLOCK_SIZE) as usize];
+            let have = ((backing.size() - s * BLOCK_SIZE) as usize).min(buf.len());
+            backing.read(s * BLOCK_SIZE, &mut buf[..have])?;
+            self.shared.space.admit(buf.len() as u64)?;
+            top.write_at(&buf, s * BLOCK_SIZE)?;
+            self.commit(&top, s, e, BlockState::Data, Some(&buf));
+            copied += buf.len() as u64;
+        }
+        Ok(copied)
     }
 
     /// The volume's ID.
@@ -393,7 +518,7 @@ impl Volume {
             .expect("volume state")
             .view
             .segments(first, end)?;
-        read_segments(&segments, offset, buf)
+        self.read_resolved(&segments, offset, buf)
     }
 
     /// Writes `data` at `offset`; with `fua`, the data (and everything
@@ -446,7 +571,7 @@ impl Volume {
             .expect("volume state")
             .view
             .segments(block, block + 1)?;
-        read_segments(&segments, block * BLOCK_SIZE, buf)
+        self.read_resolved(&segments, block * BLOCK_SIZE, buf)
     }
 
     /// Publishes a change of blocks `first..end` of `top` in the index and
@@ -579,17 +704,20 @@ impl Volume {
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
         let _range = self.ranges.lock(first, end);
+        // A fetching volume's absent blocks are its backing's: a discard
+        // records zeros over them.
+        let fetching = self.fetching();
         let (top, runs) = {
             let st = self.state.read().expect("volume state");
             let mut runs = Vec::new();
             let base = st.base();
             let lower = base.as_ref().map_or(&st.view, |b| &**b);
-            lower
-                .index
-                .runs(first, end, |s, l, v| runs.push((s, s + l, v == ABSENT)));
+            lower.index.runs(first, end, |s, l, v| {
+                runs.push((s, s + l, v == ABSENT && !fetching))
+            });
             let covered = runs.last().map_or(first, |r| r.1);
             if covered < end {
-                runs.push((covered, end, true));
+                runs.push((covered, end, !fetching));
             }
             (Arc::clone(&st.top), runs)
         };
@@ -613,6 +741,7 @@ impl Volume {
             &self.state.read().expect("volume state").view,
             offset,
             len,
+            self.fetching(),
         ))
     }
 

@@ -54,6 +54,9 @@ const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 const POLICIES: TableDefinition<u128, &[u8]> = TableDefinition::new("policies");
 /// Volume id → [`Attachment`] (made on first use).
 const ATTACHMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("attachments");
+/// Volume id → what the volume is fetched from (opaque to the engine; see
+/// `FORMAT.md`, "Fetching volumes"). Made on first use.
+const BACKINGS: TableDefinition<u128, &[u8]> = TableDefinition::new("backings");
 /// Volumes whose data a failure lost (see `FORMAT.md`, "Faults"). Created
 /// on first use, like `policies`.
 const FAULTS: TableDefinition<u128, &[u8]> = TableDefinition::new("faults");
@@ -115,7 +118,7 @@ impl Catalog {
         catalog.check_format(dir)?;
         // Tables newer than the pool.
         let txn = catalog.write()?;
-        for def in [POLICIES, FAULTS, ATTACHMENTS] {
+        for def in [POLICIES, FAULTS, ATTACHMENTS, BACKINGS] {
             txn.0
                 .open_table(def)
                 .map_err(|e| catalog_error("create tables", e))?;
@@ -396,6 +399,19 @@ impl ReadTxn {
         let t = read_table!(self.0, ATTACHMENTS, "read attachment");
         get_rec(&t, volume.0, Attachment::decode, "read attachment")
     }
+    pub(crate) fn backing(&self, volume: VolumeId) -> Result<Option<Vec<u8>>> {
+        let t = read_table!(self.0, BACKINGS, "read backing");
+        get_rec(&t, volume.0, |b| Ok(b.to_vec()), "read backing")
+    }
+    pub(crate) fn backings(&self) -> Result<Vec<(VolumeId, Vec<u8>)>> {
+        let op = "list backings";
+        keyed_recs(
+            &read_table!(self.0, BACKINGS, op),
+            VolumeId,
+            |b| Ok(b.to_vec()),
+            op,
+        )
+    }
     pub(crate) fn fault(&self, volume: VolumeId) -> Result<Option<FaultRecord>> {
         let t = read_table!(self.0, FAULTS, "read fault");
         get_rec(&t, volume.0, FaultRecord::decode, "read fault")
@@ -500,6 +516,18 @@ impl WriteTxn {
         let mut t = rw_table!(self, ATTACHMENTS, "write attachment");
         t.insert(volume.0, a.encode().as_slice())
             .map_err(|e| catalog_error("write attachment", e))?;
+        Ok(())
+    }
+    pub(crate) fn put_backing(&mut self, volume: VolumeId, record: &[u8]) -> Result<()> {
+        let mut t = rw_table!(self, BACKINGS, "write backing");
+        t.insert(volume.0, record)
+            .map_err(|e| catalog_error("write backing", e))?;
+        Ok(())
+    }
+    pub(crate) fn remove_backing(&mut self, volume: VolumeId) -> Result<()> {
+        let mut t = rw_table!(self, BACKINGS, "remove backing");
+        t.remove(volume.0)
+            .map_err(|e| catalog_error("remove backing", e))?;
         Ok(())
     }
     pub(crate) fn remove_attachment(&mut self, volume: VolumeId) -> Result<()> {

@@ -1,0 +1,236 @@
+//! Fetching volumes: volumes whose contents arrive from a backing (another
+//! node's copy, in a cluster) while they are in use. Reads, partial
+//! writes, discards and block status see the backing until a fill copies
+//! it in; a write racing a fill wins; a restart keeps the volume fetching
+//! and loses nothing; once finished, the volume never reads its backing
+//! again.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use strata::engine::{Backing, Error, Pool, PoolOptions, VolumeId, ZeroFlags};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+/// A backing in memory that counts its reads and can be made to fail.
+#[derive(Debug)]
+struct Mem {
+    data: Vec<u8>,
+    reads: AtomicU64,
+    broken: AtomicBool,
+}
+
+impl Mem {
+    fn new(seed: u64, len: usize) -> Arc<Self> {
+        let mut data = vec![0u8; len];
+        common::Rng::new(seed).fill(&mut data);
+        Arc::new(Mem {
+            data,
+            reads: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+        })
+    }
+}
+
+impl Backing for Mem {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> strata::engine::Result<()> {
+        assert!(
+            !self.broken.load(Ordering::Relaxed),
+            "read a backing after the fetch finished"
+        );
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let at = offset as usize;
+        buf.copy_from_slice(&self.data[at..at + buf.len()]);
+        Ok(())
+    }
+}
+
+fn pool(dir: &std::path::Path) -> Pool {
+    Pool::open(dir, PoolOptions::default()).expect("open pool")
+}
+
+fn read_all(p: &Pool, vid: VolumeId, len: usize) -> strata::engine::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    p.volume(vid)?.read(0, &mut buf)?;
+    Ok(buf)
+}
+
+#[test]
+fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let vid = VolumeId::new_random();
+    // The volume is larger than its backing (it grew): the rest is zeros.
+    let backing = Mem::new(3, MIB as usize);
+    p.create_fetching_volume(vid, 2 * MIB, b"where from")
+        .unwrap();
+    assert_eq!(
+        p.fetching_volumes().unwrap(),
+        [(vid, b"where from".to_vec())]
+    );
+    let v = p.volume(vid).unwrap();
+    assert!(v.fetching());
+    // Nothing connected yet: reads of what is not here fail, never zeros.
+    let e = read_all(&p, vid, BLOCK).unwrap_err();
+    assert!(matches!(e, Error::Fetching { .. }), "{e:?}");
+    v.connect_backing(backing.clone()).unwrap();
+    let mut model = backing.data.clone();
+    model.resize(2 * MIB as usize, 0);
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+
+    // A partial write keeps the backing's bytes around it; a discard
+    // reads as zeros, not as the backing; zeroes likewise.
+    v.write(100, &[7u8; 50], false).unwrap();
+    model[100..150].fill(7);
+    v.trim(5 * BLOCK as u64, 2 * BLOCK as u64).unwrap();
+    model[5 * BLOCK..7 * BLOCK].fill(0);
+    let flags = ZeroFlags {
+        no_hole: false,
+        fast: false,
+    };
+    v.write_zeroes(9 * BLOCK as u64 + 10, BLOCK as u64, flags)
+        .unwrap();
+    model[9 * BLOCK + 10..10 * BLOCK + 10].fill(0);
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    // Block status: what may hold data is data, the discard is zero.
+    let status = v.block_status(0, 2 * MIB).unwrap();
+    let zero: Vec<(u64, bool)> = status.iter().map(|e| (e.len, e.zero)).collect();
+    assert_eq!(
+        zero,
+        [
+            (5 * BLOCK as u64, false),
+            (2 * BLOCK as u64, true),
+            (2 * MIB - 7 * BLOCK as u64, false)
+        ]
+    );
+    // No snapshot or clone of it until it is all here.
+    for e in [
+        p.create_snapshot(vid).map(drop).unwrap_err(),
+        p.clone_volume(vid, None).map(drop).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::Fetching { .. }), "{e:?}");
+    }
+
+    // The fill copies only what no layer defines, in the backing's range.
+    let copied = v.fill(0, 2 * MIB).unwrap();
+    // Blocks 0, 5, 6, 9 and 10 (the zeroes cover parts of two blocks).
+    let written = 5 * BLOCK as u64;
+    assert_eq!(copied, MIB - written);
+    assert_eq!(
+        v.fill(0, 2 * MIB).unwrap(),
+        0,
+        "a second fill copies nothing"
+    );
+    p.finish_fetch(vid).unwrap();
+    assert!(!v.fetching());
+    assert!(p.fetching_volumes().unwrap().is_empty());
+    backing.broken.store(true, Ordering::Relaxed);
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    p.create_snapshot(vid).unwrap();
+    // After a reopen too.
+    drop(v);
+    p.close().unwrap();
+    let p = pool(dir.path());
+    assert!(!p.volume(vid).unwrap().fetching());
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+}
+
+#[test]
+fn a_restart_keeps_the_volume_fetching_and_every_flushed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = Mem::new(5, 4 * MIB as usize);
+    let vid = VolumeId::new_random();
+    let mut model = backing.data.clone();
+    {
+        let p = pool(dir.path());
+        p.create_fetching_volume(vid, 4 * MIB, b"r").unwrap();
+        let v = p.volume(vid).unwrap();
+        v.connect_backing(backing.clone()).unwrap();
+        v.fill(0, MIB).unwrap();
+        v.write(3 * MIB + 1, &[9u8; 10_000], false).unwrap();
+        model[3 * MIB as usize + 1..3 * MIB as usize + 10_001].fill(9);
+        v.flush().unwrap();
+        drop(v);
+        p.close().unwrap();
+    }
+    let p = pool(dir.path());
+    let v = p.volume(vid).unwrap();
+    assert!(v.fetching());
+    assert!(matches!(
+        read_all(&p, vid, model.len()).unwrap_err(),
+        Error::Fetching { .. }
+    ));
+    // What was filled and written before is here without the backing.
+    let mut first = vec![0u8; MIB as usize];
+    v.read(0, &mut first).unwrap();
+    assert!(first == model[..MIB as usize]);
+    v.connect_backing(backing.clone()).unwrap();
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    let before = backing.reads.load(Ordering::Relaxed);
+    let copied = v.fill(0, 4 * MIB).unwrap();
+    assert!(copied < 3 * MIB, "filled again what was filled: {copied}");
+    assert!(backing.reads.load(Ordering::Relaxed) > before);
+    p.finish_fetch(vid).unwrap();
+    backing.broken.store(true, Ordering::Relaxed);
+    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    // Deleting a fetching volume forgets its record.
+    let other = VolumeId::new_random();
+    p.create_fetching_volume(other, MIB, b"x").unwrap();
+    p.delete_volume(other).unwrap();
+    assert!(p.fetching_volumes().unwrap().is_empty());
+}
+
+#[test]
+fn a_write_racing_a_fill_always_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let vid = VolumeId::new_random();
+    let size = 8 * MIB as usize;
+    let backing = Mem::new(8, size);
+    p.create_fetching_volume(vid, size as u64, b"r").unwrap();
+    let v = p.volume(vid).unwrap();
+    v.connect_backing(backing.clone()).unwrap();
+    let writer = {
+        let v = Arc::clone(&v);
+        std::thread::spawn(move || {
+            let mut rng = common::Rng::new(1);
+            let mut mine = Vec::new();
+            for i in 0..4000u32 {
+                let block = rng.below(size as u64 / BLOCK as u64);
+                // Half the writes are partial: they read the backing.
+                let (at, len) = if i % 2 == 0 {
+                    (block * BLOCK as u64, BLOCK)
+                } else {
+                    (block * BLOCK as u64 + 8, 16)
+                };
+                let byte = (i % 250) as u8 + 1;
+                v.write(at, &vec![byte; len], false).unwrap();
+                mine.push((at, len, byte));
+            }
+            mine
+        })
+    };
+    let mut at = 0;
+    while at < size as u64 {
+        v.fill(at, 64 * 1024).unwrap();
+        at += 64 * 1024;
+    }
+    let mine = writer.join().unwrap();
+    let mut model = backing.data.clone();
+    // The writes, in their order, over the backing.
+    for (at, len, byte) in mine {
+        model[at as usize..at as usize + len].fill(byte);
+    }
+    p.finish_fetch(vid).unwrap();
+    backing.broken.store(true, Ordering::Relaxed);
+    let got = read_all(&p, vid, size).unwrap();
+    let first = got.iter().zip(&model).position(|(a, b)| a != b);
+    assert!(first.is_none(), "differs at byte {first:?}");
+}
