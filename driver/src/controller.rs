@@ -32,7 +32,7 @@ use crate::cluster::moves::Moves;
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
 use crate::cluster::{Cluster, Events};
-use crate::csi::controller::{ClusterReady, ControllerService};
+use crate::csi::controller::{ClusterReady, ControllerService, MovesReady};
 use crate::csi::identity::IdentityService;
 use crate::csi::moves::ClusterService;
 use crate::csi::replica::Replica;
@@ -105,11 +105,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let election = Arc::new(election);
 
     let cluster = ClusterReady::default();
+    let moves_ready = MovesReady::default();
     let replica = Replica::new(
-        ControllerService::new(cluster.clone(), InFlight::default()),
+        ControllerService::new(cluster.clone(), InFlight::default())
+            .with_moves(moves_ready.clone()),
         config.tls.clone(),
     );
-    let moves = ClusterService::new(replica.clone());
+    let moves = ClusterService::new(replica.clone(), moves_ready.clone());
     // Identity's Probe: a controller has no engine to open, so it is
     // ready (alive) from the start, leader or not.
     let csi_listener =
@@ -223,7 +225,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
     let mover = Moves::new(open, config.move_rate);
-    moves.lead(Arc::clone(&mover));
+    let _ = moves_ready.set(Arc::clone(&mover));
     replica.lead();
     // Moves a previous leader left half done.
     tokio::spawn(async move { mover.resume().await });

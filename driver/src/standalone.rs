@@ -237,6 +237,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Role::Standalone => None,
     };
     let node = blocking(move || {
+        // Volumes still arriving from other nodes read from them again
+        // before any staged volume is served.
+        if let Some(peers) = &peers {
+            crate::agent::import::connect_fetching(&node_pool, peers);
+        }
         Node::start(node_pool, node_metrics, node_nbd, peers, node_config).map_err(StartError::Node)
     })
     .await?;
@@ -245,6 +250,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool: pool.clone(),
         node: Some(Arc::new(node)),
     });
+    agent.resume_fetches();
 
     match &config.role {
         Role::Standalone => {

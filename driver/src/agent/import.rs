@@ -1,14 +1,23 @@
-//! The target's side of a move between nodes (`agent.proto`, Import): the
-//! volume is made here and every data extent of the source's copy is read
-//! over the data path ([`crate::peer::RemoteVolume`], with the move's
-//! read-only grant) and written into it, then flushed. The copy runs in the
-//! background; the controller polls the same call for its progress.
+//! The target's side of a move between nodes (`agent.proto`, Import). The
+//! source's copy is read over the data path ([`crate::peer::RemoteVolume`],
+//! with the move's read-only grant); it does not change during the move
+//! (published to no node but this one, read-only, then sealed). Two ways:
 //!
-//! The source's copy does not change during a move (it is published to no
-//! node but this one, read-only), so copying again is always right: a copy
-//! that was not seen to finish in this process (a restart, a failure) is
-//! started over, on a fresh volume, so nothing a failed attempt wrote can
-//! survive into the moved volume.
+//! - **Copy first** (`lazy` unset): the volume is made here, every data
+//!   extent of the source is written into it, then flushed; only then does
+//!   the controller switch. Copying again is always right, so a copy not
+//!   seen to finish in this process (a restart, a failure) starts over on
+//!   a fresh volume: nothing a failed attempt wrote survives.
+//! - **Switch first** (`lazy`): the volume is made here at once as a
+//!   *fetching* volume (see `engine::volume`), whose blocks not yet here
+//!   are read from the source; the controller switches right away, and a
+//!   background fill copies the source's data extents in (skipping what
+//!   was written here meanwhile), then ends the fetch. The volume's record
+//!   in the pool keeps the source (a [`Fetching`]), so a restarted node
+//!   connects the source again before it serves the volume
+//!   ([`connect_fetching`]) and resumes the fill ([`Imports::resume`]).
+//!
+//! Both run in the background; the controller polls the same call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +26,22 @@ use std::sync::{Arc, Mutex};
 use csi_proto::agent::v1::{ImportReply, ImportRequest};
 use tonic::Status;
 
+use serde::{Deserialize, Serialize};
+
 use crate::engine::jobs::throttle::Bucket;
-use crate::engine::{Error, VolumeId, VolumePolicy};
-use crate::peer::{MAX_IO, MAX_MAP, Target};
+use crate::engine::{Error, Pool, VolumeId, VolumePolicy};
+use crate::peer::{MAX_IO, MAX_MAP, Peers, RemoteVolume, Target};
 use crate::rpc::{Core, Started, status};
+
+/// Where a fetching volume's data comes from: its record in the pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fetching {
+    pub source: Target,
+    pub size_bytes: u64,
+    /// Bytes per second the fill reads (0: no limit).
+    pub rate_bytes_per_second: u64,
+}
 
 /// The copies of this process.
 #[derive(Debug, Default)]
@@ -30,7 +51,8 @@ pub struct Imports {
 
 #[derive(Debug)]
 enum Copy {
-    Running(Arc<AtomicU64>),
+    /// Bytes copied so far; whether it is a fill (switch first).
+    Running(Arc<AtomicU64>, bool),
     Done(u64),
     Failed(Status),
 }
@@ -48,9 +70,9 @@ impl Imports {
         let mut copies = self.copies.lock().expect("imports");
         let reply = |copied_bytes, done| ImportReply { copied_bytes, done };
         match copies.remove(&vid) {
-            Some(Copy::Running(n)) => {
+            Some(Copy::Running(n, lazy)) => {
                 let copied = n.load(Ordering::Relaxed);
-                copies.insert(vid, Copy::Running(n));
+                copies.insert(vid, Copy::Running(n, lazy));
                 return Ok(reply(copied, false));
             }
             Some(Copy::Done(n)) => {
@@ -61,50 +83,87 @@ impl Imports {
             None => {}
         }
         let progress = Arc::new(AtomicU64::new(0));
-        copies.insert(vid, Copy::Running(Arc::clone(&progress)));
+        copies.insert(vid, Copy::Running(Arc::clone(&progress), req.lazy));
+        drop(copies);
+        self.spawn(started, vid, progress, move |core, progress| {
+            if req.lazy {
+                fill(core, vid, progress)
+            } else {
+                copy(core, vid, &req, progress)
+            }
+        });
+        Ok(reply(0, false))
+    }
+
+    /// Runs `work` in the background and keeps its outcome.
+    fn spawn(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        progress: Arc<AtomicU64>,
+        work: impl FnOnce(&Core, &AtomicU64) -> Result<u64, Status> + Send + 'static,
+    ) {
         let (imports, started) = (Arc::clone(self), started.clone());
         tokio::task::spawn_blocking(move || {
-            let outcome = started
-                .get()
-                .and_then(|core| copy(core, vid, &req, &progress));
+            let outcome = started.get().and_then(|core| work(core, &progress));
             let end = match outcome {
                 Ok(n) => Copy::Done(n),
                 Err(s) => {
-                    tracing::warn!(volume = %vid, owner = %req.owner, error = %s.message(), "copying a moving volume failed");
+                    tracing::warn!(volume = %vid, error = %s.message(), "copying a moving volume failed");
                     Copy::Failed(s)
                 }
             };
             imports.copies.lock().expect("imports").insert(vid, end);
         });
-        Ok(reply(0, false))
+    }
+
+    /// Starts the fill of every fetching volume of this node (after a
+    /// restart); the controller's polls find them running.
+    pub fn resume(self: &Arc<Self>, started: &Started) {
+        let Ok(core) = started.get() else { return };
+        let fetching = match core.pool.fetching_volumes() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "listing fetching volumes");
+                return;
+            }
+        };
+        for (vid, _) in fetching {
+            let progress = Arc::new(AtomicU64::new(0));
+            let mut copies = self.copies.lock().expect("imports");
+            if copies.contains_key(&vid) {
+                continue;
+            }
+            copies.insert(vid, Copy::Running(Arc::clone(&progress), true));
+            drop(copies);
+            tracing::info!(volume = %vid, "resuming the fetch of a volume");
+            self.spawn(started, vid, progress, move |core, progress| {
+                fill(core, vid, progress)
+            });
+        }
     }
 
     /// Forgets a volume's copy (it was deleted).
     pub fn forget(&self, vid: VolumeId) {
         let mut copies = self.copies.lock().expect("imports");
-        if !matches!(copies.get(&vid), Some(Copy::Running(_))) {
+        if !matches!(copies.get(&vid), Some(Copy::Running(..))) {
             copies.remove(&vid);
         }
     }
 
-    /// Whether a copy into `vid` runs (the volume must not be deleted
-    /// under it).
-    pub fn running(&self, vid: VolumeId) -> bool {
+    /// Whether a copy-first copy into `vid` runs (the volume must not be
+    /// deleted under it; a fill just stops).
+    pub fn copying(&self, vid: VolumeId) -> bool {
         matches!(
             self.copies.lock().expect("imports").get(&vid),
-            Some(Copy::Running(_))
+            Some(Copy::Running(_, false))
         )
     }
 }
 
-/// Makes the volume afresh and copies the source's data into it; the bytes
-/// copied.
-fn copy(
-    core: &Core,
-    vid: VolumeId,
+fn check_request(
     req: &ImportRequest,
-    copied: &AtomicU64,
-) -> Result<u64, Status> {
+) -> Result<&csi_proto::agent::v1::CreateVolumeRequest, Status> {
     let create = req
         .volume
         .as_ref()
@@ -114,22 +173,190 @@ fn copy(
             "an imported volume has no source on this node",
         ));
     }
+    Ok(create)
+}
+
+/// The source of an import, asked for its size (which checks the grant).
+fn open_source(
+    core: &Core,
+    vid: VolumeId,
+    req: &ImportRequest,
+) -> Result<Arc<RemoteVolume>, Status> {
     let node = core.node.as_ref().ok_or_else(|| {
         Status::failed_precondition("this process serves no node: it cannot copy volumes")
     })?;
-    if node.is_staged_locally(vid) {
-        return Err(Status::failed_precondition(format!(
-            "volume {vid} is staged on this node: it is in use here, not a move's copy"
-        )));
-    }
-    let peers = node.peers().map_err(status::node)?;
     let target = Target {
         volume_id: vid.to_string(),
         owner: req.owner.clone(),
         address: req.address.clone(),
         grant: req.grant.clone(),
     };
-    let source = peers.open(&target, None).map_err(status::engine)?;
+    node.peers()
+        .map_err(status::node)?
+        .open(&target, None)
+        .map_err(status::engine)
+}
+
+/// Refuses to replace a volume of this node that is in use here.
+fn check_unused(core: &Core, vid: VolumeId) -> Result<(), Status> {
+    if core.node.as_ref().is_some_and(|n| n.is_staged_locally(vid)) {
+        return Err(Status::failed_precondition(format!(
+            "volume {vid} is staged on this node: it is in use here, not a move's copy"
+        )));
+    }
+    match core.pool.attachment(vid) {
+        Ok(a) if !a.node.is_empty() => Err(Status::failed_precondition(format!(
+            "volume {vid} is published to node {} from this node: it lives here, it is not a \
+             move's copy",
+            a.node
+        ))),
+        Ok(_) | Err(Error::VolumeNotFound(_)) => Ok(()),
+        Err(e) => Err(status::engine(e)),
+    }
+}
+
+/// Switch first: makes the fetching volume and connects its source, unless
+/// it exists (made by an earlier call; never made again, since it may hold
+/// writes from after the switch). Returns at once; [`fill`] copies.
+pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
+    let create = check_request(req)?;
+    let pool = &core.pool;
+    match pool.volume(vid) {
+        Ok(_) => return Ok(()),
+        Err(Error::VolumeNotFound(_)) => {}
+        Err(e) => return Err(status::engine(e)),
+    }
+    let source = open_source(core, vid, req)?;
+    let size = crate::frontend::RemoteDevice::size(source.as_ref());
+    if size != create.size_bytes {
+        return Err(Status::failed_precondition(format!(
+            "volume {vid} is {size} bytes on node {}, not {} as its record says",
+            req.owner, create.size_bytes
+        )));
+    }
+    let record = Fetching {
+        source: source.target(),
+        size_bytes: size,
+        rate_bytes_per_second: req.rate_bytes_per_second,
+    };
+    let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
+    pool.create_fetching_volume(vid, size, &bytes)
+        .map_err(status::engine)?;
+    if create.max_chain_depth != 0 {
+        let policy = VolumePolicy {
+            max_chain_depth: create.max_chain_depth,
+        };
+        pool.set_policy(vid, policy).map_err(status::engine)?;
+    }
+    pool.volume(vid)
+        .and_then(|v| v.connect_backing(source))
+        .map_err(status::engine)
+}
+
+/// Connects every fetching volume of `pool` to its source (at start,
+/// before staged volumes are served again: a read of a block not yet here
+/// must not fail). The owner is not called: reads wait for it as remote
+/// I/O does.
+pub fn connect_fetching(pool: &Pool, peers: &Peers) {
+    let fetching = match pool.fetching_volumes() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "listing fetching volumes");
+            return;
+        }
+    };
+    for (vid, bytes) in fetching {
+        let connected = serde_json::from_slice::<Fetching>(&bytes)
+            .map_err(|e| format!("its record is unreadable: {e}"))
+            .and_then(|f| {
+                let source = peers
+                    .open(&f.source, Some(f.size_bytes))
+                    .map_err(|e| e.to_string())?;
+                pool.volume(vid)
+                    .and_then(|v| v.connect_backing(source))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = connected {
+            tracing::error!(volume = %vid, error = %e, "a fetching volume cannot reach its source: reads of blocks not yet here fail");
+        }
+    }
+}
+
+/// Switch first: copies the source's data extents into the fetching
+/// volume (what was written here meanwhile stays), then ends the fetch;
+/// the bytes copied.
+fn fill(core: &Core, vid: VolumeId, copied: &AtomicU64) -> Result<u64, Status> {
+    let pool = &core.pool;
+    let Some(bytes) = pool
+        .fetching_volumes()
+        .map_err(status::engine)?
+        .into_iter()
+        .find_map(|(v, b)| (v == vid).then_some(b))
+    else {
+        // Finished before (a repeated poll after a restart).
+        return Ok(0);
+    };
+    let record: Fetching = serde_json::from_slice(&bytes)
+        .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
+    let node = core.node.as_ref().ok_or_else(|| {
+        Status::failed_precondition("this process serves no node: it cannot copy volumes")
+    })?;
+    let source = node
+        .peers()
+        .map_err(status::node)?
+        .open(&record.source, Some(record.size_bytes))
+        .map_err(status::engine)?;
+    let volume = pool.volume(vid).map_err(status::engine)?;
+    let bucket =
+        (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
+    each_data_chunk(&source, record.size_bytes, |at, n| {
+        if let Some(b) = &bucket {
+            b.take(n as u64);
+        }
+        let filled = volume.fill(at, n as u64).map_err(status::engine)?;
+        copied.fetch_add(filled, Ordering::Relaxed);
+        crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+        Ok(())
+    })?;
+    pool.finish_fetch(vid).map_err(status::engine)?;
+    Ok(copied.load(Ordering::Relaxed))
+}
+
+/// Calls `f(offset, len)` for every piece (at most [`MAX_IO`] bytes) of the
+/// source's data extents, in order.
+fn each_data_chunk(
+    source: &RemoteVolume,
+    size: u64,
+    mut f: impl FnMut(u64, usize) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let mut window = 0;
+    while window < size {
+        let len = (size - window).min(MAX_MAP);
+        for (offset, length) in source.map(window, len).map_err(status::engine)? {
+            let end = offset + length;
+            let mut at = offset;
+            while at < end {
+                let n = ((end - at) as usize).min(MAX_IO);
+                f(at, n)?;
+                at += n as u64;
+            }
+        }
+        window += len;
+    }
+    Ok(())
+}
+
+/// Copy first: makes the volume afresh and copies the source's data into
+/// it; the bytes copied.
+fn copy(
+    core: &Core,
+    vid: VolumeId,
+    req: &ImportRequest,
+    copied: &AtomicU64,
+) -> Result<u64, Status> {
+    let create = check_request(req)?;
+    check_unused(core, vid)?;
+    let source = open_source(core, vid, req)?;
     let size = crate::frontend::RemoteDevice::size(source.as_ref());
     if size != create.size_bytes {
         return Err(Status::failed_precondition(format!(
@@ -139,17 +366,6 @@ fn copy(
         )));
     }
     let pool = &core.pool;
-    match pool.attachment(vid) {
-        Ok(a) if !a.node.is_empty() => {
-            return Err(Status::failed_precondition(format!(
-                "volume {vid} is published to node {} from this node: it lives here, it is \
-                 not a move's copy",
-                a.node
-            )));
-        }
-        Ok(_) | Err(Error::VolumeNotFound(_)) => {}
-        Err(e) => return Err(status::engine(e)),
-    }
     // Whatever an earlier attempt left is not trusted.
     match pool.delete_volume(vid) {
         Ok(()) | Err(Error::VolumeNotFound(_)) => {}
@@ -165,27 +381,17 @@ fn copy(
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
     let mut buf = vec![0u8; MAX_IO];
-    let mut window = 0;
-    while window < size {
-        let len = (size - window).min(MAX_MAP);
-        for (offset, length) in source.map(window, len).map_err(status::engine)? {
-            let end = offset + length;
-            let mut at = offset;
-            while at < end {
-                let n = ((end - at) as usize).min(MAX_IO);
-                if let Some(b) = &bucket {
-                    b.take(n as u64);
-                }
-                crate::frontend::RemoteDevice::read(source.as_ref(), at, &mut buf[..n])
-                    .map_err(status::engine)?;
-                volume.write(at, &buf[..n], false).map_err(status::engine)?;
-                copied.fetch_add(n as u64, Ordering::Relaxed);
-                at += n as u64;
-                crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
-            }
+    each_data_chunk(&source, size, |at, n| {
+        if let Some(b) = &bucket {
+            b.take(n as u64);
         }
-        window += len;
-    }
+        crate::frontend::RemoteDevice::read(source.as_ref(), at, &mut buf[..n])
+            .map_err(status::engine)?;
+        volume.write(at, &buf[..n], false).map_err(status::engine)?;
+        copied.fetch_add(n as u64, Ordering::Relaxed);
+        crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+        Ok(())
+    })?;
     volume.flush().map_err(status::engine)?;
     Ok(copied.load(Ordering::Relaxed))
 }

@@ -18,7 +18,7 @@
 //! codes in `csi/status.rs`; the controller passes them on unchanged.
 
 pub mod client;
-mod import;
+pub mod import;
 pub mod peer;
 
 use csi_proto::agent::v1::agent_server::Agent;
@@ -62,6 +62,11 @@ impl AgentService {
             attachments,
             imports: Arc::default(),
         }
+    }
+
+    /// Resumes the fill of the fetching volumes (after a restart).
+    pub fn resume_fetches(&self) {
+        self.imports.resume(&self.started);
     }
 
     async fn blocking<T: Send + 'static>(
@@ -199,7 +204,7 @@ impl Agent for AgentService {
             return Ok(Response::new(DeleteReply {}));
         };
         let node_id = self.node_id.clone();
-        if self.imports.running(vid) {
+        if self.imports.copying(vid) {
             return Err(Status::unavailable(format!(
                 "volume {vid} is being copied here by a move; retry when the copy ends"
             )));
@@ -369,7 +374,7 @@ impl Agent for AgentService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume is required"))?;
         let vid = volume_id(&create.volume_id)?;
-        if req.owner.is_empty() || req.address.is_empty() || req.grant.is_empty() {
+        if !req.resume && (req.owner.is_empty() || req.address.is_empty() || req.grant.is_empty()) {
             return Err(Status::invalid_argument(
                 "owner, address and grant are required",
             ));
@@ -380,7 +385,15 @@ impl Agent for AgentService {
                 req.owner
             )));
         }
-        if !self.imports.running(vid) {
+        if req.lazy && req.resume {
+            // Nothing is made: the volume fetches here, or finished.
+            self.blocking(move |core| core.pool.volume_info(vid).map_err(status::engine))
+                .await?;
+        } else if req.lazy {
+            let prepare = req.clone();
+            self.blocking(move |core| import::prepare_fetch(core, vid, &prepare))
+                .await?;
+        } else if !self.imports.copying(vid) {
             // The volume is made afresh: no fence of an earlier copy of it
             // on this node (moved away before) may outlive that copy.
             self.attachments.forget(vid);

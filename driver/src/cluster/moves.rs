@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use csi_proto::agent::v1 as agent;
+use csi_proto::agent::v1::agent_server::Agent;
 use csi_proto::cluster::v1::MoveVolumeReply;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -45,6 +46,10 @@ use crate::peer::{GrantKey, grant};
 pub struct Move {
     pub from: String,
     pub to: String,
+    /// Switch first (a restore or clone for a pod on another node): the
+    /// target serves the volume at once and fetches it behind.
+    #[serde(default)]
+    pub lazy: bool,
     pub phase: MovePhase,
     /// What the move waits for, or how far the copy is.
     #[serde(default)]
@@ -58,6 +63,10 @@ pub struct Move {
 pub enum MovePhase {
     /// Steps 2 to 4: the source still owns the volume.
     Copying,
+    /// Switch first, after the switch: the target owns the volume and
+    /// copies in the blocks it does not have yet, reading them from the
+    /// source meanwhile.
+    Fetching,
     /// Step 6: the target owns it; the source's copy is removed.
     Removing,
     /// Rolling back: the target's copy is removed.
@@ -68,15 +77,21 @@ impl MovePhase {
     pub fn label(self) -> &'static str {
         match self {
             MovePhase::Copying => "copying",
+            MovePhase::Fetching => "fetching",
             MovePhase::Removing => "removing",
             MovePhase::Aborting => "aborting",
         }
     }
 
     pub fn from_label(s: &str) -> Option<Self> {
-        [MovePhase::Copying, MovePhase::Removing, MovePhase::Aborting]
-            .into_iter()
-            .find(|p| p.label() == s)
+        [
+            MovePhase::Copying,
+            MovePhase::Fetching,
+            MovePhase::Removing,
+            MovePhase::Aborting,
+        ]
+        .into_iter()
+        .find(|p| p.label() == s)
     }
 }
 
@@ -119,10 +134,12 @@ fn records_err(e: RecordsError) -> Status {
 /// or deleting a volume that is being copied would race the copy.
 pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
     match &rec.moving {
-        Some(m) if m.phase != MovePhase::Removing => Err(Status::unavailable(format!(
-            "volume {} is moving from node {} to node {}; retry when the move is done ({})",
-            rec.volume_id, m.from, m.to, m.message
-        ))),
+        Some(m) if matches!(m.phase, MovePhase::Copying | MovePhase::Aborting) => {
+            Err(Status::unavailable(format!(
+                "volume {} is moving from node {} to node {}; retry when the move is done ({})",
+                rec.volume_id, m.from, m.to, m.message
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -153,9 +170,23 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))
     }
 
+    /// Writes the record back, unless the volume was deleted meanwhile
+    /// (NOT_FOUND then: the move stops).
     async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
         let rec = rec.clone();
-        self.store(move |r| r.put_volume(&rec)).await
+        let written = self
+            .store(move |r| {
+                let exists = r.volume(&rec.volume_id)?.is_some();
+                if exists {
+                    r.put_volume(&rec)?;
+                }
+                Ok(exists)
+            })
+            .await?;
+        if !written {
+            return Err(Status::not_found("the volume was deleted during its move"));
+        }
+        Ok(())
     }
 
     /// Moves volume `id` to node `to` (`None`: the node with the most room
@@ -166,35 +197,7 @@ impl Moves {
         id: &str,
         to: Option<&str>,
     ) -> Result<MoveVolumeReply, Status> {
-        let mut rx = {
-            let mut running = self.running.lock().expect("moves");
-            match running.get(id) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    running.insert(id.to_string(), rx.clone());
-                    let (moves, id, to) =
-                        (Arc::clone(self), id.to_string(), to.map(str::to_string));
-                    // The move goes on when the caller gives up waiting.
-                    tokio::spawn(async move {
-                        let outcome = moves
-                            .run(&id, to.as_deref())
-                            .await
-                            .map_err(|s| (s.code(), s.message().to_string()));
-                        moves.running.lock().expect("moves").remove(&id);
-                        let _ = tx.send(Some(outcome));
-                    });
-                    rx
-                }
-            }
-        };
-        let outcome = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Status::internal("the move ended without an outcome"))?
-            .clone()
-            .expect("some");
-        let reply = outcome.map_err(|(code, message)| Status::new(code, message))?;
+        let reply = self.start(id, to, false).await?;
         match to {
             Some(to) if reply.to_node != to => Err(Status::aborted(format!(
                 "volume {id} was moving to node {} already; it is there now",
@@ -202,6 +205,79 @@ impl Moves {
             ))),
             _ => Ok(reply),
         }
+    }
+
+    /// Switch first (see [`Move::lazy`]): moves the volume `id`, which no
+    /// node has published yet, to `to`, answering once `to` serves it;
+    /// the copy goes on in the background.
+    pub async fn switch_first(self: &Arc<Self>, id: &str, to: &str) -> Result<(), Status> {
+        if self.running.lock().expect("moves").contains_key(id) {
+            return Err(Status::aborted(format!("volume {id} is moving already")));
+        }
+        let rx = self.launch(id, Some(to), true);
+        // Answer at the switch, or at the move's end if it ends first.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(outcome) = rx.borrow().clone() {
+                return outcome
+                    .map(drop)
+                    .map_err(|(code, message)| Status::new(code, message));
+            }
+            if self.record(id).await?.node == to {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "volume {id} is not on node {to} after 60 s; it may still get there"
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Runs the move of `id` (or joins the one running) and waits for its
+    /// outcome.
+    async fn start(
+        self: &Arc<Self>,
+        id: &str,
+        to: Option<&str>,
+        lazy: bool,
+    ) -> Result<MoveVolumeReply, Status> {
+        let mut rx = self.launch(id, to, lazy);
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Status::internal("the move ended without an outcome"))?
+            .clone()
+            .expect("some");
+        outcome.map_err(|(code, message)| Status::new(code, message))
+    }
+
+    /// Starts the move of `id` in the background unless one runs; where
+    /// its outcome will be.
+    fn launch(
+        self: &Arc<Self>,
+        id: &str,
+        to: Option<&str>,
+        lazy: bool,
+    ) -> watch::Receiver<Option<Outcome>> {
+        let mut running = self.running.lock().expect("moves");
+        if let Some(rx) = running.get(id) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        running.insert(id.to_string(), rx.clone());
+        let (moves, id, to) = (Arc::clone(self), id.to_string(), to.map(str::to_string));
+        // The move goes on when the caller gives up waiting.
+        tokio::spawn(async move {
+            let outcome = moves
+                .run(&id, to.as_deref(), lazy)
+                .await
+                .map_err(|s| (s.code(), s.message().to_string()));
+            moves.running.lock().expect("moves").remove(&id);
+            let _ = tx.send(Some(outcome));
+        });
+        rx
     }
 
     /// Finishes every move the records name (a new leader's first work).
@@ -213,16 +289,21 @@ impl Moves {
                 return;
             }
         };
+        let mut all = tokio::task::JoinSet::new();
         for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
-            match self.move_volume(&rec.volume_id, None).await {
-                Ok(r) => {
-                    tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart")
+            let moves = Arc::clone(self);
+            all.spawn(async move {
+                match moves.move_volume(&rec.volume_id, None).await {
+                    Ok(r) => {
+                        tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %rec.volume_id, error = %e.message(), "move not finished")
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(volume = %rec.volume_id, error = %e.message(), "move not finished")
-                }
-            }
+            });
         }
+        all.join_all().await;
     }
 
     /// Moves every volume of `node` that can move, one at a time, each to
@@ -256,7 +337,7 @@ impl Moves {
         Ok((moved, stayed))
     }
 
-    async fn run(&self, id: &str, to: Option<&str>) -> Result<MoveVolumeReply, Status> {
+    async fn run(&self, id: &str, to: Option<&str>, lazy: bool) -> Result<MoveVolumeReply, Status> {
         let start = Instant::now();
         let mut rec = self.record(id).await?;
         let mut copied = 0;
@@ -304,6 +385,7 @@ impl Moves {
             rec.moving = Some(Move {
                 from: rec.node.clone(),
                 to,
+                lazy,
                 phase: MovePhase::Copying,
                 message: "attaching the source for the copy".into(),
                 started_unix_ns: now_ns(),
@@ -334,9 +416,19 @@ impl Moves {
             failpoint(FAILPOINTS[3]);
             // The switch: from here the target owns the volume.
             rec.node = m.to.clone();
+            if m.lazy {
+                self.set_phase(&mut rec, MovePhase::Fetching, "fetching")
+                    .await?;
+            } else {
+                self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
+                    .await?;
+            }
+            failpoint(FAILPOINTS[4]);
+        }
+        if rec.moving.as_ref().map(|m| m.phase) == Some(MovePhase::Fetching) {
+            copied = self.fetch(&mut rec, &m).await?;
             self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
                 .await?;
-            failpoint(FAILPOINTS[4]);
         }
         match rec.moving.as_ref().map(|m| m.phase) {
             Some(MovePhase::Removing) => {
@@ -370,6 +462,68 @@ impl Moves {
             copied_bytes: copied,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Polls the target's copy until it is done; the bytes copied.
+    async fn until_copied(
+        &self,
+        rec: &mut VolumeRecord,
+        target: &dyn Agent,
+        import: agent::ImportRequest,
+    ) -> Result<u64, Status> {
+        let mut told = Instant::now();
+        loop {
+            let r = target
+                .import(Request::new(import.clone()))
+                .await?
+                .into_inner();
+            if r.done {
+                return Ok(r.copied_bytes);
+            }
+            if told.elapsed() >= PROGRESS_EVERY {
+                told = Instant::now();
+                self.note(rec, &format!("copied {} MiB", r.copied_bytes >> 20))
+                    .await;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Switch first, after the switch: waits for the target's fetch (which
+    /// a restarted target resumes on its own), retrying while a node is
+    /// away; the bytes fetched. Stops when the volume is deleted.
+    async fn fetch(&self, rec: &mut VolumeRecord, m: &Move) -> Result<u64, Status> {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let request = agent::ImportRequest {
+                volume: Some(agent::CreateVolumeRequest {
+                    volume_id: rec.volume_id.clone(),
+                    size_bytes: rec.capacity_bytes,
+                    ..Default::default()
+                }),
+                owner: m.from.clone(),
+                address: "-".into(),
+                grant: "-".into(),
+                lazy: true,
+                resume: true,
+                rate_bytes_per_second: self.rate,
+            };
+            let polled = match self.cluster.nodes.agent(&m.to) {
+                Ok(target) => self.until_copied(rec, &*target, request).await,
+                Err(e) => Err(e),
+            };
+            match polled {
+                Ok(n) => return Ok(n),
+                Err(e) => {
+                    // Deleted meanwhile: nothing left to wait for.
+                    self.record(&rec.volume_id).await?;
+                    self.note(rec, &format!("fetching, waiting: {}", e.message()))
+                        .await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
 
     /// Steps 2 to 4; the bytes copied.
@@ -411,22 +565,16 @@ impl Moves {
             address,
             grant,
             rate_bytes_per_second: self.rate,
+            lazy: m.lazy,
+            resume: false,
         };
-        let mut told = Instant::now();
-        let copied = loop {
-            let r = target
-                .import(Request::new(import.clone()))
-                .await?
-                .into_inner();
-            if r.done {
-                break r.copied_bytes;
-            }
-            if told.elapsed() >= PROGRESS_EVERY {
-                told = Instant::now();
-                self.note(rec, &format!("copied {} MiB", r.copied_bytes >> 20))
-                    .await;
-            }
-            tokio::time::sleep(POLL).await;
+        let copied = if m.lazy {
+            // Made there, reading from here: the copy goes on after the
+            // switch.
+            target.import(Request::new(import)).await?;
+            0
+        } else {
+            self.until_copied(rec, &*target, import).await?
         };
         failpoint(FAILPOINTS[2]);
         source

@@ -29,7 +29,7 @@ use super::node::context as node_context;
 use super::params;
 use super::{InFlight, status};
 use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
-use crate::cluster::moves::check_not_moving;
+use crate::cluster::moves::{Moves, check_not_moving};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
 use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
@@ -64,11 +64,15 @@ impl ClusterReady {
     }
 }
 
+/// The controller's moves between nodes, set once it leads (cluster mode).
+pub type MovesReady = Arc<OnceLock<Arc<Moves>>>;
+
 /// The Controller service.
 #[derive(Debug, Clone)]
 pub struct ControllerService {
     cluster: ClusterReady,
     inflight: InFlight,
+    moves: MovesReady,
 }
 
 impl ControllerService {
@@ -76,7 +80,46 @@ impl ControllerService {
     /// (standalone), so that, say, a delete and a stage of one volume
     /// never overlap.
     pub fn new(cluster: ClusterReady, inflight: InFlight) -> Self {
-        ControllerService { cluster, inflight }
+        ControllerService {
+            cluster,
+            inflight,
+            moves: MovesReady::default(),
+        }
+    }
+
+    /// Restores and clones for a pod on another node than their source's
+    /// are moved there with `moves` (switch first).
+    pub fn with_moves(mut self, moves: MovesReady) -> Self {
+        self.moves = moves;
+        self
+    }
+
+    /// Where a new restore or clone `rec` should live: the node its pod
+    /// will run on (the first preferred node, or the only allowed one), if
+    /// that is another ready node than its source's, with room, and the
+    /// volume may be attached anywhere.
+    fn pod_node(
+        &self,
+        rec: &VolumeRecord,
+        allowed: Option<&Vec<String>>,
+        preferred: &[String],
+    ) -> Option<String> {
+        if rec.source.is_none() || !rec.anywhere {
+            return None;
+        }
+        let want = preferred
+            .first()
+            .or(allowed.filter(|a| a.len() == 1).and_then(|a| a.first()))?;
+        let nodes = &self.cluster.get().ok()?.nodes;
+        let n = nodes
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|n| &n.node_id == want)?;
+        (n.node_id != rec.node
+            && n.state == crate::cluster::records::NodeState::Ready
+            && nodes.room(&n) >= rec.capacity_bytes)
+            .then_some(n.node_id)
     }
 
     /// Runs a records call on the blocking pool (the store may do I/O).
@@ -560,6 +603,22 @@ impl Controller for ControllerService {
             let put = rec.clone();
             self.records(move |r| r.put_volume(&put)).await?;
             self.tell(claim.as_ref(), &rec, vparams.flatten_clones);
+            // Made where its source is; its pod runs elsewhere: it moves
+            // there now, and is fetched behind (the source's node serves
+            // what is not there yet).
+            if let (Some(to), Some(moves)) = (
+                self.pod_node(&rec, allowed.as_ref(), &preferred),
+                self.moves.get(),
+            ) {
+                match moves.switch_first(&rec.volume_id, &to).await {
+                    Ok(()) => {
+                        tracing::info!(volume = %rec.volume_id, from = %rec.node, %to, "restored volume moved to its pod's node; fetching its data behind")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %rec.volume_id, node = %rec.node, %to, error = %e.message(), "restored volume stays on its source's node (attached remotely from there)")
+                    }
+                }
+            }
         }
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume_message(&rec)),
@@ -581,6 +640,19 @@ impl Controller for ControllerService {
         }
         if let Some(node) = self.settled_node(&id).await? {
             self.agent(&node)?
+                .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                }))
+                .await?;
+        }
+        // A volume fetched from another node: that node's copy goes too.
+        let key = id.clone();
+        if let Some(m) = self
+            .records(move |r| r.volume(&key))
+            .await?
+            .and_then(|r| r.moving)
+        {
+            self.agent(&m.from)?
                 .delete_volume(Request::new(agent::DeleteVolumeRequest {
                     volume_id: id.clone(),
                 }))

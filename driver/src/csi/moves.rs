@@ -3,13 +3,14 @@
 //! its peer port. Like the Controller service, a replica that does not
 //! lead forwards each call to the leader.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use csi_proto::cluster::v1::cluster_client::ClusterClient;
 use csi_proto::cluster::v1::cluster_server::Cluster;
 use csi_proto::cluster::v1::*;
 use tonic::{Request, Response, Status};
 
+use super::controller::MovesReady;
 use super::replica::{Replica, Route, onward};
 use crate::cluster::moves::Moves;
 
@@ -17,20 +18,13 @@ use crate::cluster::moves::Moves;
 #[derive(Debug, Clone)]
 pub struct ClusterService {
     replica: Replica,
-    moves: Arc<OnceLock<Arc<Moves>>>,
+    /// Set once this replica leads.
+    moves: MovesReady,
 }
 
 impl ClusterService {
-    pub fn new(replica: Replica) -> Self {
-        ClusterService {
-            replica,
-            moves: Arc::default(),
-        }
-    }
-
-    /// This replica leads: its moves serve the calls from now on.
-    pub fn lead(&self, moves: Arc<Moves>) {
-        let _ = self.moves.set(moves);
+    pub fn new(replica: Replica, moves: MovesReady) -> Self {
+        ClusterService { replica, moves }
     }
 
     fn moves(&self) -> Result<&Arc<Moves>, Status> {

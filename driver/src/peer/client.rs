@@ -376,6 +376,17 @@ impl RemoteVolume {
     }
 }
 
+/// A fetching volume's blocks not yet copied are read from its source.
+impl crate::engine::Backing for RemoteVolume {
+    fn size(&self) -> u64 {
+        RemoteDevice::size(self)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        RemoteDevice::read(self, offset, buf)
+    }
+}
+
 impl RemoteDevice for RemoteVolume {
     fn name(&self) -> String {
         self.link().target.volume_id

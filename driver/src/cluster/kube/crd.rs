@@ -67,12 +67,16 @@ pub struct StrataVolumeSpec {
 }
 
 /// A volume's move between nodes: from, to, the phase (`copying`,
-/// `removing` the old copy, or `aborting`) and what it waits for.
+/// `fetching` after a switch-first move's switch, `removing` the old copy,
+/// or `aborting`) and what it waits for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MoveSpec {
     pub from: String,
     pub to: String,
+    /// Switch first: the target serves the volume while it fetches it.
+    #[serde(default)]
+    pub lazy: bool,
     pub phase: String,
     #[serde(default)]
     pub message: String,

@@ -102,6 +102,7 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
             moving: r.moving.as_ref().map(|m| MoveSpec {
                 from: m.from.clone(),
                 to: m.to.clone(),
+                lazy: m.lazy,
                 phase: m.phase.label().into(),
                 message: m.message.clone(),
                 started_unix_ns: m.started_unix_ns,
@@ -138,6 +139,7 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
         moving: s.moving.as_ref().map(|m| Move {
             from: m.from.clone(),
             to: m.to.clone(),
+            lazy: m.lazy,
             // An unknown phase (a newer controller's) is resumed as a copy,
             // which is always safe to repeat.
             phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Copying),
