@@ -227,8 +227,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mover = Moves::new(open, config.move_rate);
     let _ = moves_ready.set(Arc::clone(&mover));
     replica.lead();
-    // Moves a previous leader left half done.
-    tokio::spawn(async move { mover.resume().await });
+    // Moves a previous leader left half done, and rollbacks that wait for
+    // a node that was away: now, then every half minute.
+    tokio::spawn(async move {
+        loop {
+            mover.resume().await;
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+    });
     eprintln!(
         "strata controller: leading; ready ({} node agent(s) known, metrics http://{}/metrics)",
         nodes.list().map(|n| n.len()).unwrap_or(0),

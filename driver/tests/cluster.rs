@@ -1641,3 +1641,213 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     detach_and_unpublish(&mut cc, &n1, &mut csi1, &busy).await;
     contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;
 }
+
+/// A move whose copy finished but whose controller died before the Seal;
+/// a publish that passed the "not moving" check before the move was
+/// recorded lands on the source after the copy (replacing the move's
+/// attachment), a pod writes, and the volume is unpublished. The resumed
+/// move attaches again under a new epoch: the target must not answer
+/// `done` from the copy made under the old one, and the pod's
+/// acknowledged write must be in the volume wherever it ends up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_move_does_not_trust_a_copy_made_under_an_older_attachment() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    let size: u64 = 8 << 20;
+    let id = cc
+        .create_volume(with_requirements(
+            c::create("pvc-stale-copy", size as i64, c::block_cap()),
+            &["n1"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut model = vec![0u8; size as usize];
+    common::Rng::new(5).fill(&mut model[..1 << 20]);
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &id).await;
+    write_at(&dev, 0, &model[..1 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
+
+    // The move's controller dies right after the copy, before the Seal.
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), "cluster::move::copied".into())];
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let e = mc
+        .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        ctl.proc.log().contains("failpoint cluster::move::copied"),
+        "{e:?}"
+    );
+
+    // The slipped-in publish to n1 (what ControllerPublishVolume sends to
+    // the owner), a write, NodeUnstage, and ControllerUnpublish's Detach.
+    let mut a1 = agent_client(&n1.agent, &tls).await;
+    a1.attach(csi_proto::agent::v1::AttachRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("the late publish's Attach");
+    let dev = attach_with(&n1, &mut csi1, &id, HashMap::new()).await;
+    common::Rng::new(6).fill(&mut model[4 << 20..5 << 20]);
+    write_at(&dev, 4 << 20, &model[4 << 20..5 << 20]).unwrap();
+    assert!(read_at(&dev, 4 << 20, 1 << 20) == model[4 << 20..5 << 20]);
+    detach(&n1, &mut csi1, &id).await;
+    a1.detach(csi_proto::agent::v1::AttachRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The next leader finishes the move.
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        match mc
+            .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "n2".into(),
+            })
+            .await
+        {
+            Ok(r) => break Ok(r.into_inner()),
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    eprintln!("move after the restart: {r:?}");
+    // Wherever the volume is now, it must hold the acknowledged write.
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &id).await;
+    let got = read_at(&dev, 0, size as usize);
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &id).await;
+    let first = got.iter().zip(&model).position(|(a, b)| a != b);
+    assert!(
+        first.is_none(),
+        "the volume lost an acknowledged write: differs from the model at byte {first:?} \
+         (move: {r:?})"
+    );
+}
+
+/// A move to a node that is down: a move back to the volume's own node
+/// cancels it, and the pod can use the volume where all its data is, while
+/// the rollback waits for the dead node to delete its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+    let id = cc
+        .create_volume(with_requirements(
+            c::create("pvc-dead-target", 8 << 20, c::block_cap()),
+            &["n1"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+
+    n2.proc.kill9();
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let e = mc
+        .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let cancel = csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+    };
+    let e = mc.move_volume(cancel.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("usable on node n1"), "{e:?}");
+    // The pod wants the volume on n1, which holds all of it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match cc
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "n1".into(),
+                volume_capability: Some(c::block_cap()),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => {
+                let dev = attach_with(&n1, &mut csi1, &id, r.into_inner().publish_context).await;
+                assert!(read_at(&dev, 0, 4096) == [0u8; 4096]);
+                detach(&n1, &mut csi1, &id).await;
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the volume stays unpublishable while the move's target is down: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    unpublish(&mut cc, &id, "n1").await;
+    // n2 back: the rollback ends, and n2 keeps no copy.
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    let r = mc.move_volume(cancel).await.unwrap().into_inner();
+    assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
+    assert!(!holds(&n2.agent, &tls, &id).await);
+    assert!(holds(&n1.agent, &tls, &id).await);
+}

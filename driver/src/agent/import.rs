@@ -49,8 +49,17 @@ pub struct Imports {
     copies: Mutex<HashMap<VolumeId, Copy>>,
 }
 
+/// A copy, with the grant it reads the source under: a copy made under
+/// another attachment of the source (an older move, fenced off since) is
+/// never taken for this one's.
 #[derive(Debug)]
-enum Copy {
+struct Copy {
+    grant: String,
+    state: CopyState,
+}
+
+#[derive(Debug)]
+enum CopyState {
     /// Bytes copied so far; whether it is a fill (switch first).
     Running(Arc<AtomicU64>, bool),
     Done(u64),
@@ -69,23 +78,71 @@ impl Imports {
     ) -> Result<ImportReply, Status> {
         let mut copies = self.copies.lock().expect("imports");
         let reply = |copied_bytes, done| ImportReply { copied_bytes, done };
+        // A resumed fill reads under the grant its record keeps.
+        let same = |c: &Copy| req.resume || c.grant == req.grant;
         match copies.remove(&vid) {
-            Some(Copy::Running(n, lazy)) => {
+            Some(
+                c @ Copy {
+                    state: CopyState::Running(..),
+                    ..
+                },
+            ) if !same(&c) => {
+                copies.insert(vid, c);
+                return Err(Status::unavailable(format!(
+                    "a copy of volume {vid} under an older grant is still running; retry"
+                )));
+            }
+            Some(Copy {
+                grant,
+                state: CopyState::Running(n, lazy),
+            }) => {
                 let copied = n.load(Ordering::Relaxed);
-                copies.insert(vid, Copy::Running(n, lazy));
+                copies.insert(
+                    vid,
+                    Copy {
+                        grant,
+                        state: CopyState::Running(n, lazy),
+                    },
+                );
                 return Ok(reply(copied, false));
             }
-            Some(Copy::Done(n)) => {
-                copies.insert(vid, Copy::Done(n));
+            Some(
+                c @ Copy {
+                    state: CopyState::Done(_),
+                    ..
+                },
+            ) if same(&c) => {
+                let CopyState::Done(n) = c.state else {
+                    unreachable!()
+                };
+                copies.insert(vid, c);
                 return Ok(reply(n, true));
             }
-            Some(Copy::Failed(s)) => return Err(s),
-            None => {}
+            Some(
+                c @ Copy {
+                    state: CopyState::Failed(_),
+                    ..
+                },
+            ) if same(&c) => {
+                let CopyState::Failed(s) = c.state else {
+                    unreachable!()
+                };
+                return Err(s);
+            }
+            // Nothing, or an outcome under another grant: start over.
+            _ => {}
         }
         let progress = Arc::new(AtomicU64::new(0));
-        copies.insert(vid, Copy::Running(Arc::clone(&progress), req.lazy));
+        copies.insert(
+            vid,
+            Copy {
+                grant: req.grant.clone(),
+                state: CopyState::Running(Arc::clone(&progress), req.lazy),
+            },
+        );
         drop(copies);
-        self.spawn(started, vid, progress, move |core, progress| {
+        let grant = req.grant.clone();
+        self.spawn(started, vid, grant, progress, move |core, progress| {
             if req.lazy {
                 fill(core, vid, progress)
             } else {
@@ -100,20 +157,25 @@ impl Imports {
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
+        grant: String,
         progress: Arc<AtomicU64>,
         work: impl FnOnce(&Core, &AtomicU64) -> Result<u64, Status> + Send + 'static,
     ) {
         let (imports, started) = (Arc::clone(self), started.clone());
         tokio::task::spawn_blocking(move || {
             let outcome = started.get().and_then(|core| work(core, &progress));
-            let end = match outcome {
-                Ok(n) => Copy::Done(n),
+            let state = match outcome {
+                Ok(n) => CopyState::Done(n),
                 Err(s) => {
                     tracing::warn!(volume = %vid, error = %s.message(), "copying a moving volume failed");
-                    Copy::Failed(s)
+                    CopyState::Failed(s)
                 }
             };
-            imports.copies.lock().expect("imports").insert(vid, end);
+            imports
+                .copies
+                .lock()
+                .expect("imports")
+                .insert(vid, Copy { grant, state });
         });
     }
 
@@ -134,19 +196,32 @@ impl Imports {
             if copies.contains_key(&vid) {
                 continue;
             }
-            copies.insert(vid, Copy::Running(Arc::clone(&progress), true));
+            copies.insert(
+                vid,
+                Copy {
+                    grant: String::new(),
+                    state: CopyState::Running(Arc::clone(&progress), true),
+                },
+            );
             drop(copies);
             tracing::info!(volume = %vid, "resuming the fetch of a volume");
-            self.spawn(started, vid, progress, move |core, progress| {
-                fill(core, vid, progress)
-            });
+            self.spawn(
+                started,
+                vid,
+                String::new(),
+                progress,
+                move |core, progress| fill(core, vid, progress),
+            );
         }
     }
 
     /// Forgets a volume's copy (it was deleted).
     pub fn forget(&self, vid: VolumeId) {
         let mut copies = self.copies.lock().expect("imports");
-        if !matches!(copies.get(&vid), Some(Copy::Running(..))) {
+        if !matches!(
+            copies.get(&vid).map(|c| &c.state),
+            Some(CopyState::Running(..))
+        ) {
             copies.remove(&vid);
         }
     }
@@ -155,8 +230,12 @@ impl Imports {
     /// deleted under it; a fill just stops).
     pub fn copying(&self, vid: VolumeId) -> bool {
         matches!(
-            self.copies.lock().expect("imports").get(&vid),
-            Some(Copy::Running(_, false))
+            self.copies
+                .lock()
+                .expect("imports")
+                .get(&vid)
+                .map(|c| &c.state),
+            Some(CopyState::Running(_, false))
         )
     }
 }
@@ -215,16 +294,36 @@ fn check_unused(core: &Core, vid: VolumeId) -> Result<(), Status> {
     }
 }
 
-/// Switch first: makes the fetching volume and connects its source, unless
-/// it exists (made by an earlier call; never made again, since it may hold
-/// writes from after the switch). Returns at once; [`fill`] copies.
+/// Switch first, before the switch: makes the fetching volume and connects
+/// its source, unless an earlier call of the same move (the same grant)
+/// made it. Returns at once; [`fill`] copies. (After the switch the
+/// controller only polls, with `resume`: the volume may hold writes then,
+/// and is never made again.)
 pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
     let create = check_request(req)?;
     let pool = &core.pool;
-    match pool.volume(vid) {
-        Ok(_) => return Ok(()),
-        Err(Error::VolumeNotFound(_)) => {}
-        Err(e) => return Err(status::engine(e)),
+    let made = pool
+        .fetching_volumes()
+        .map_err(status::engine)?
+        .into_iter()
+        .find_map(|(v, b)| (v == vid).then_some(b));
+    match (made, pool.volume(vid)) {
+        // Made by an earlier call of this move (this attachment).
+        (Some(b), Ok(_))
+            if serde_json::from_slice::<Fetching>(&b)
+                .is_ok_and(|f| f.source.grant == req.grant) =>
+        {
+            return Ok(());
+        }
+        // Made under an older attachment of the source, fenced off since,
+        // or finished: this is called only before the switch, so nothing
+        // was written to it; it is made again.
+        (_, Ok(_)) => {
+            check_unused(core, vid)?;
+            pool.delete_volume(vid).map_err(status::engine)?;
+        }
+        (_, Err(Error::VolumeNotFound(_))) => {}
+        (_, Err(e)) => return Err(status::engine(e)),
     }
     let source = open_source(core, vid, req)?;
     let size = crate::frontend::RemoteDevice::size(source.as_ref());

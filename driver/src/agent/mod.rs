@@ -260,11 +260,21 @@ impl Agent for AgentService {
     ) -> Result<Response<VolumeReply>, Status> {
         let req = req.into_inner();
         let vid = volume_id(&req.volume_id)?;
+        // No move begins or seals meanwhile.
+        let _steady = self.attachments.steady().await;
         let info = self
             .blocking(move |core| {
                 let info = core.pool.volume_info(vid).map_err(status::engine)?;
                 if req.size_bytes <= info.size_bytes {
                     return Ok(info);
+                }
+                let a = core.pool.attachment(vid).map_err(status::engine)?;
+                if a.for_move || a.moved {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {vid} is being copied to node {} by a move: it grows after the \
+                         move",
+                        a.node
+                    )));
                 }
                 core.pool
                     .resize_volume(vid, req.size_bytes)

@@ -141,6 +141,12 @@ impl Attachments {
         Ok(())
     }
 
+    /// Holds off every Attach, Detach and Seal while the guard lives (an
+    /// expansion, which a move must not miss).
+    pub async fn steady(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+
     /// Forgets what this process knew of a volume's attachment (the volume
     /// was deleted; a volume of the same ID made later, by a move back to
     /// this node, starts afresh).
@@ -238,6 +244,16 @@ impl Attachments {
             Change::Seal { node, epoch } if now.moved && now.node == node && now.epoch == epoch => {
                 None
             }
+            // Rolling back a move before its switch: the target's copy never
+            // served a write, so this copy is the volume again.
+            Change::Detach {
+                node,
+                for_move: true,
+            } if now.moved && now.node == node => Some(Attachment {
+                node: String::new(),
+                epoch: now.epoch + 1,
+                ..Attachment::default()
+            }),
             Change::Detach { .. } if now.moved => None,
             Change::Attach { .. } | Change::AttachForMove { .. } | Change::Seal { .. }
                 if now.moved =>
@@ -296,10 +312,12 @@ impl Attachments {
                     now.node, now.epoch
                 )));
             }
+            // An unpublish never ends a move's attachment, nor a rollback a
+            // publish.
             Change::Detach { node, for_move }
                 if now.node.is_empty()
                     || (!node.is_empty() && now.node != node)
-                    || (for_move && !now.for_move) =>
+                    || for_move != now.for_move =>
             {
                 None
             }
@@ -804,8 +822,16 @@ mod tests {
             tonic::Code::FailedPrecondition
         );
         assert_eq!(b.attach_for_move(&st, vid, "n2").await.unwrap(), m2);
+        // An unpublish never ends it; a rollback (before the switch) makes
+        // this copy the volume again.
         b.detach(&st, vid, "", false).await.unwrap();
+        b.detach(&st, vid, "n2", false).await.unwrap();
         assert!(st.get().unwrap().pool.attachment(vid).unwrap().moved);
+        let back = b.detach(&st, vid, "n2", true).await.unwrap();
+        assert!(back > m2);
+        let a = st.get().unwrap().pool.attachment(vid).unwrap();
+        assert!(!a.moved && !a.for_move && a.node.is_empty(), "{a:?}");
+        b.attach(&st, vid, "n1", false).await.unwrap();
         // Deleted and made again here (moved back): a fresh start.
         st.get().unwrap().pool.delete_volume(vid).unwrap();
         b.forget(vid);

@@ -24,7 +24,7 @@
 //! other failure (a node away) leaves the record where it is, to resume.
 //! Snapshots stay on the source node (their layers are the source's).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use tonic::{Code, Request, Status};
 
 use super::Cluster;
 use super::nodes::now_ns;
-use super::records::{RecordState, Records, RecordsError, VolumeRecord};
+use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord};
 use crate::peer::{GrantKey, grant};
 
 /// A move of a volume under way, as its record keeps it.
@@ -69,8 +69,11 @@ pub enum MovePhase {
     Fetching,
     /// Step 6: the target owns it; the source's copy is removed.
     Removing,
-    /// Rolling back: the target's copy is removed.
+    /// Rolling back: the source's copy is the volume again (it may be
+    /// published); the target's copy is removed.
     Aborting,
+    /// Written by a newer controller: left alone.
+    Unknown,
 }
 
 impl MovePhase {
@@ -80,6 +83,7 @@ impl MovePhase {
             MovePhase::Fetching => "fetching",
             MovePhase::Removing => "removing",
             MovePhase::Aborting => "aborting",
+            MovePhase::Unknown => "unknown",
         }
     }
 
@@ -122,6 +126,8 @@ pub struct Moves {
     /// Bytes per second a copy may read from its source (0: no limit).
     rate: u64,
     running: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    /// Running moves asked to stop copying (a move back to the source).
+    cancelled: Mutex<HashSet<String>>,
 }
 
 type Outcome = Result<MoveVolumeReply, (Code, String)>;
@@ -134,7 +140,7 @@ fn records_err(e: RecordsError) -> Status {
 /// or deleting a volume that is being copied would race the copy.
 pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
     match &rec.moving {
-        Some(m) if matches!(m.phase, MovePhase::Copying | MovePhase::Aborting) => {
+        Some(m) if matches!(m.phase, MovePhase::Copying | MovePhase::Unknown) => {
             Err(Status::unavailable(format!(
                 "volume {} is moving from node {} to node {}; retry when the move is done ({})",
                 rec.volume_id, m.from, m.to, m.message
@@ -150,6 +156,7 @@ impl Moves {
             cluster,
             rate,
             running: Mutex::default(),
+            cancelled: Mutex::default(),
         })
     }
 
@@ -170,17 +177,19 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))
     }
 
-    /// Writes the record back, unless the volume was deleted meanwhile
-    /// (NOT_FOUND then: the move stops).
+    /// Writes the record's node and move back, unless the volume was
+    /// deleted meanwhile (NOT_FOUND then: the move stops).
     async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
-        let rec = rec.clone();
+        let (id, node, moving) = (rec.volume_id.clone(), rec.node.clone(), rec.moving.clone());
+        // Only what a move changes: a concurrent expansion keeps its size.
         let written = self
-            .store(move |r| {
-                let exists = r.volume(&rec.volume_id)?.is_some();
-                if exists {
-                    r.put_volume(&rec)?;
+            .store(move |r| match r.volume(&id)? {
+                Some(mut current) => {
+                    (current.node, current.moving) = (node, moving);
+                    r.put_volume(&current)?;
+                    Ok(true)
                 }
-                Ok(exists)
+                None => Ok(false),
             })
             .await?;
         if !written {
@@ -197,7 +206,39 @@ impl Moves {
         id: &str,
         to: Option<&str>,
     ) -> Result<MoveVolumeReply, Status> {
-        let reply = self.start(id, to, false).await?;
+        // A move back to the source of a running copy stops the copy; the
+        // move then rolls back and this call finishes the rollback.
+        let cancel = match to {
+            Some(t) if self.running.lock().expect("moves").contains_key(id) => self
+                .record(id)
+                .await?
+                .moving
+                .is_some_and(|m| m.phase == MovePhase::Copying && m.from == t),
+            _ => false,
+        };
+        if cancel {
+            self.cancelled.lock().expect("moves").insert(id.to_string());
+        }
+        let reply = match self.start(id, to, false).await {
+            Ok(r) => r,
+            // The rollback asked for.
+            Err(_) if cancel => {
+                let rec = self.record(id).await?;
+                if rec.moving.is_some() {
+                    return Err(Status::unavailable(format!(
+                        "volume {id}: its move's rollback waits ({})",
+                        rec.moving.map(|m| m.message).unwrap_or_default()
+                    )));
+                }
+                MoveVolumeReply {
+                    volume_id: id.to_string(),
+                    from_node: rec.node.clone(),
+                    to_node: rec.node,
+                    ..Default::default()
+                }
+            }
+            Err(e) => return Err(e),
+        };
         match to {
             Some(to) if reply.to_node != to => Err(Status::aborted(format!(
                 "volume {id} was moving to node {} already; it is there now",
@@ -275,6 +316,7 @@ impl Moves {
                 .await
                 .map_err(|s| (s.code(), s.message().to_string()));
             moves.running.lock().expect("moves").remove(&id);
+            moves.cancelled.lock().expect("moves").remove(&id);
             let _ = tx.send(Some(outcome));
         });
         rx
@@ -341,62 +383,62 @@ impl Moves {
         let start = Instant::now();
         let mut rec = self.record(id).await?;
         let mut copied = 0;
-        if rec.moving.is_none() {
-            if rec.state != RecordState::Ready {
-                return Err(Status::failed_precondition(format!(
-                    "volume {id} is still being created"
+        let stay = |node: &str| MoveVolumeReply {
+            volume_id: id.to_string(),
+            from_node: node.to_string(),
+            to_node: node.to_string(),
+            copied_bytes: 0,
+            seconds: 0.0,
+        };
+        match (&rec.moving, to) {
+            (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
+            (None, _) => {
+                let to = self.target_for(&rec, to)?;
+                rec.moving = Some(Move {
+                    from: rec.node.clone(),
+                    to,
+                    lazy,
+                    phase: MovePhase::Copying,
+                    message: "attaching the source for the copy".into(),
+                    started_unix_ns: now_ns(),
+                });
+                self.put(&rec).await?;
+                failpoint(FAILPOINTS[0]);
+            }
+            // Moved back to where it is before the switch: a cancel.
+            (Some(m), Some(t))
+                if t == m.from && matches!(m.phase, MovePhase::Copying | MovePhase::Aborting) =>
+            {
+                let from = m.from.clone();
+                if m.phase == MovePhase::Copying {
+                    self.set_phase(&mut rec, MovePhase::Aborting, "cancelled")
+                        .await?;
+                }
+                self.abort(&mut rec).await?;
+                return Ok(stay(&from));
+            }
+            (Some(m), Some(t)) if t != m.to => {
+                return Err(Status::aborted(format!(
+                    "volume {id} is moving from node {} to node {} ({}); to cancel, move it \
+                     to node {}",
+                    m.from, m.to, m.message, m.from
                 )));
             }
-            if !rec.anywhere {
+            (Some(m), _) if m.phase == MovePhase::Unknown => {
                 return Err(Status::failed_precondition(format!(
-                    "volume {id} is pinned to node {} (StorageClass locality: node, or made \
-                     before volumes could be attached remotely): its PersistentVolume names \
-                     that node, so it cannot move",
-                    rec.node
+                    "volume {id} is in a move phase this controller does not know (written by \
+                     a newer one?): {}",
+                    m.message
                 )));
             }
-            let nodes = &self.cluster.nodes;
-            let to = match to {
-                Some(t) if t == rec.node => {
-                    return Ok(MoveVolumeReply {
-                        volume_id: id.to_string(),
-                        from_node: rec.node.clone(),
-                        to_node: rec.node,
-                        copied_bytes: 0,
-                        seconds: 0.0,
-                    });
-                }
-                Some(t) => {
-                    let known = nodes.list()?.into_iter().find(|n| n.node_id == t);
-                    let room = known
-                        .as_ref()
-                        .ok_or_else(|| Status::not_found(format!("node {t:?} is not known")))?;
-                    if nodes.room(room) < rec.capacity_bytes {
-                        return Err(Status::failed_precondition(format!(
-                            "node {t} has {} bytes of room; volume {id} needs {}",
-                            nodes.room(room),
-                            rec.capacity_bytes
-                        )));
-                    }
-                    t.to_string()
-                }
-                None => nodes.place(rec.capacity_bytes, |n| n != rec.node, &[])?,
-            };
-            rec.moving = Some(Move {
-                from: rec.node.clone(),
-                to,
-                lazy,
-                phase: MovePhase::Copying,
-                message: "attaching the source for the copy".into(),
-                started_unix_ns: now_ns(),
-            });
-            self.put(&rec).await?;
-            failpoint(FAILPOINTS[0]);
+            (Some(_), _) => {}
         }
         let m = rec.moving.clone().expect("moving");
         if m.phase == MovePhase::Copying {
             match self.copy(&mut rec, &m).await {
                 Ok(n) => copied = n,
+                // Refused before the switch: nothing was written to the
+                // target's copy, so the source's is the volume again.
                 Err(e) if refused(&e) => {
                     self.set_phase(&mut rec, MovePhase::Aborting, e.message())
                         .await?;
@@ -447,7 +489,7 @@ impl Moves {
             }
             Some(MovePhase::Aborting) => {
                 self.abort(&mut rec).await?;
-                return Err(Status::aborted(format!(
+                return Err(Status::failed_precondition(format!(
                     "the move of volume {id} to node {} was rolled back",
                     m.to
                 )));
@@ -462,6 +504,50 @@ impl Moves {
             copied_bytes: copied,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Where a new move of `rec` goes: `to`, if it is a ready node with
+    /// room, or the ready node with the most room.
+    fn target_for(&self, rec: &VolumeRecord, to: Option<&str>) -> Result<String, Status> {
+        let id = &rec.volume_id;
+        if rec.state != RecordState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is still being created"
+            )));
+        }
+        if !rec.anywhere {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is pinned to node {} (StorageClass locality: node, or made before \
+                 volumes could be attached remotely): its PersistentVolume names that node, so \
+                 it cannot move",
+                rec.node
+            )));
+        }
+        let nodes = &self.cluster.nodes;
+        let Some(t) = to else {
+            return nodes.place(rec.capacity_bytes, |n| n != rec.node, &[]);
+        };
+        let n = nodes
+            .list()?
+            .into_iter()
+            .find(|n| n.node_id == t)
+            .ok_or_else(|| Status::not_found(format!("node {t:?} is not known")))?;
+        let why = if n.state != NodeState::Ready {
+            format!("is not ready ({})", n.message)
+        } else if n.max_volumes != 0 && n.volumes >= n.max_volumes {
+            format!("has {} volumes, its maximum", n.volumes)
+        } else if nodes.room(&n) < rec.capacity_bytes {
+            format!(
+                "has {} bytes of room; the volume needs {}",
+                nodes.room(&n),
+                rec.capacity_bytes
+            )
+        } else {
+            return Ok(t.to_string());
+        };
+        Err(Status::failed_precondition(format!(
+            "volume {id} cannot move to node {t}: it {why}"
+        )))
     }
 
     /// Polls the target's copy until it is done; the bytes copied.
@@ -479,6 +565,14 @@ impl Moves {
                 .into_inner();
             if r.done {
                 return Ok(r.copied_bytes);
+            }
+            if self
+                .cancelled
+                .lock()
+                .expect("moves")
+                .contains(&rec.volume_id)
+            {
+                return Err(Status::failed_precondition("the move was cancelled"));
             }
             if told.elapsed() >= PROGRESS_EVERY {
                 told = Instant::now();
@@ -587,27 +681,43 @@ impl Moves {
         Ok(copied)
     }
 
-    /// Rolls a move back: the target's copy goes, the source's attachment
-    /// for the move ends, the record forgets the move.
+    /// Rolls a move back (before its switch): the source's copy is made
+    /// the volume again (its attachment for the move ended, its seal
+    /// undone), then the target's copy goes and the record forgets the
+    /// move. While the target is away, the record stays `aborting` (the
+    /// volume is usable meanwhile) and a later round deletes it.
     async fn abort(&self, rec: &mut VolumeRecord) -> Result<(), Status> {
         let m = rec.moving.clone().expect("moving");
         let id = rec.volume_id.clone();
         let nodes = &self.cluster.nodes;
         nodes
-            .agent(&m.to)?
-            .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                volume_id: id.clone(),
-            }))
-            .await?;
-        nodes
             .agent(&m.from)?
             .detach(Request::new(agent::AttachRequest {
-                volume_id: id,
+                volume_id: id.clone(),
                 node_id: m.to.clone(),
                 for_move: true,
                 ..Default::default()
             }))
             .await?;
+        let deleted = match nodes.agent(&m.to) {
+            Ok(target) => target
+                .delete_volume(Request::new(agent::DeleteVolumeRequest { volume_id: id }))
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "the move is rolled back (the volume is usable on node {}); its copy on node \
+                     {} is deleted once that node answers: {}",
+                    m.from,
+                    m.to,
+                    e.message()
+                ),
+            ));
+        }
         rec.moving = None;
         self.put(rec).await
     }

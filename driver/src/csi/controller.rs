@@ -645,14 +645,15 @@ impl Controller for ControllerService {
                 }))
                 .await?;
         }
-        // A volume fetched from another node: that node's copy goes too.
+        // A volume in a move has a second copy on the other node (the
+        // source's, while the target fetches or after the switch; the
+        // target's, while a rollback waits): it goes too.
         let key = id.clone();
-        if let Some(m) = self
-            .records(move |r| r.volume(&key))
-            .await?
-            .and_then(|r| r.moving)
+        if let Some(rec) = self.records(move |r| r.volume(&key)).await?
+            && let Some(m) = &rec.moving
         {
-            self.agent(&m.from)?
+            let other = if m.from == rec.node { &m.to } else { &m.from };
+            self.agent(other)?
                 .delete_volume(Request::new(agent::DeleteVolumeRequest {
                     volume_id: id.clone(),
                 }))

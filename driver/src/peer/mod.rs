@@ -23,9 +23,10 @@ pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 /// The largest read or write one request carries; larger ones are split.
 pub const MAX_IO: usize = 1 << 20;
 
-/// The largest range one Map request covers (its answer is at most one
-/// extent per two blocks: 128 Ki extents, under 2 MiB).
-pub const MAX_MAP: u64 = 1 << 30;
+/// The largest range one Map request covers: its answer is at most one
+/// extent per two blocks, 32 Ki extents of at most 23 bytes each, well
+/// inside the data path's message limit (`MAX_IO` + 64 KiB).
+pub const MAX_MAP: u64 = 256 << 20;
 
 /// Metadata of an ABORTED answer: the owner's newest session for the
 /// attachment (a client continues in a newer one).

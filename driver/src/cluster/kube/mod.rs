@@ -140,9 +140,8 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
             from: m.from.clone(),
             to: m.to.clone(),
             lazy: m.lazy,
-            // An unknown phase (a newer controller's) is resumed as a copy,
-            // which is always safe to repeat.
-            phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Copying),
+            // A newer controller's phase is left alone.
+            phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Unknown),
             message: m.message.clone(),
             started_unix_ns: m.started_unix_ns,
         }),
