@@ -983,8 +983,10 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
-    // A restore for a pod on n1 of a snapshot held by n2: made on n2 at
-    // once, and n1 attaches it.
+    // A restore of a snapshot held by n2 before its pod's node is known
+    // (any of n1, n2): made on n2, and n1 attaches it over the data path.
+    // (A restore for a pod on a known other node moves there: see
+    // `restores_for_a_pod_on_another_node_move_there_and_fetch_behind`.)
     let snap = cc
         .create_snapshot(c::snapshot("snap-far", &id, false))
         .await
@@ -999,8 +1001,8 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         &mut cc,
         with_requirements(
             c::create_from("pvc-far-restored", size, c::block_cap(), from_snap),
-            &["n1"],
-            &["n1"],
+            &["n1", "n2"],
+            &[],
         ),
     )
     .await;
@@ -1258,8 +1260,10 @@ async fn nodes_on_their_own_networks_attach_each_others_volumes() {
     same(&dev, &model, "the partition");
     detach(&nodes[2], &mut csi[2], &id).await;
 
-    // A restore for a pod on n3: made where the snapshot's layers are (n1),
-    // attached by n3 at once.
+    // A restore for a pod on n3: made where the snapshot's layers are (n1)
+    // and moved to n3 at once (switch first): n3 serves it, reading what it
+    // has not fetched yet from n1 over the slow link while it fetches the
+    // rest behind.
     let snap = cc
         .create_snapshot(c::snapshot("snap-net", &id, false))
         .await
@@ -1283,9 +1287,22 @@ async fn nodes_on_their_own_networks_attach_each_others_volumes() {
         ),
     )
     .await;
-    let dev = attach_on(&mut cc, &nodes[2], &mut csi[2], &restored.volume_id).await;
+    let rid = restored.volume_id.clone();
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: rid.clone(),
+            node_id: "n3".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["strata.dev/owner"], "n3", "{ctx:?}");
+    let dev = attach_with(&nodes[2], &mut csi[2], &rid, ctx).await;
     same(&dev, &model, "the restore");
-    detach(&nodes[2], &mut csi[2], &restored.volume_id).await;
+    detach(&nodes[2], &mut csi[2], &rid).await;
 }
 
 /// The agent of a node, for looking at what it holds.
@@ -1850,4 +1867,186 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
     assert!(!holds(&n2.agent, &tls, &id).await);
     assert!(holds(&n1.agent, &tls, &id).await);
+}
+
+/// A restore and a clone for a pod on another node than their source's
+/// (switch first): CreateVolume answers once that node serves the volume;
+/// it reads what it has not fetched yet from the source and fetches the
+/// rest behind at `--move-rate`; snapshots wait until it is all there; a
+/// restart of the fetching node resumes the fetch without losing a write;
+/// then the source's copy goes, and the volume needs the source no more
+/// (the source is killed and the contents are still the model's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    // 9 MiB of data at 1 MiB/s: the fetch lasts through the checks below.
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "1MiB"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    let size = 16 << 20;
+    let src = created(
+        &mut cc,
+        with_requirements(c::create("pvc-src", size, c::block_cap()), &["n1"], &[]),
+    )
+    .await
+    .volume_id;
+    let mut model = vec![0u8; size as usize];
+    let mut rng = common::Rng::new(21);
+    {
+        let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &src).await;
+        for at in [0usize, 6 << 20, 12 << 20] {
+            rng.fill(&mut model[at..at + (3 << 20)]);
+            write_at(&dev, at as u64, &model[at..at + (3 << 20)]).unwrap();
+        }
+        detach_and_unpublish(&mut cc, &n1, &mut csi1, &src).await;
+    }
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-src", &src, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+
+    // The restore for a pod on n2 is n2's at once.
+    let started = Instant::now();
+    let rid = created(
+        &mut cc,
+        with_requirements(
+            c::create_from(
+                "pvc-restore-n2",
+                size,
+                c::block_cap(),
+                Type::Snapshot(SnapshotSource {
+                    snapshot_id: snap.clone(),
+                }),
+            ),
+            &["n2"],
+            &["n2"],
+        ),
+    )
+    .await
+    .volume_id;
+    let answered = started.elapsed();
+    assert!(holds(&n2.agent, &tls, &rid).await);
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: rid.clone(),
+            node_id: "n2".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["strata.dev/owner"], "n2", "{ctx:?}");
+    let dev = attach_with(&n2, &mut csi2, &rid, ctx).await;
+    // Read at once, while it fetches; written over, partly.
+    assert!(read_at(&dev, 0, size as usize) == model);
+    rng.fill(&mut model[(6 << 20) + 512..(7 << 20) + 100]);
+    write_at(
+        &dev,
+        (6 << 20) + 512,
+        &model[(6 << 20) + 512..(7 << 20) + 100],
+    )
+    .unwrap();
+    rng.fill(&mut model[15 << 20..16 << 20]);
+    write_at(&dev, 15 << 20, &model[15 << 20..16 << 20]).unwrap();
+    assert!(read_at(&dev, 0, size as usize) == model);
+    eprintln!("restore answered in {answered:?}; read and written while fetching");
+    // No snapshot of it until it is all here.
+    let e = cc
+        .create_snapshot(c::snapshot("snap-restore", &rid, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("being copied"), "{e:?}");
+    detach(&n2, &mut csi2, &rid).await;
+
+    // n2 restarts in the middle of the fetch: the fetch resumes, nothing
+    // written is lost.
+    n2.proc.kill9();
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    csi2 = Csi::connect(&n2.csi_socket()).await;
+    assert!(
+        n2.proc.log().contains("resuming the fetch of a volume"),
+        "{}",
+        n2.proc.log()
+    );
+    let dev = attach_with(
+        &n2,
+        &mut csi2,
+        &rid,
+        HashMap::from([("strata.dev/owner".to_string(), "n2".to_string())]),
+    )
+    .await;
+    assert!(read_at(&dev, 0, size as usize) == model);
+    detach(&n2, &mut csi2, &rid).await;
+    unpublish(&mut cc, &rid, "n2").await;
+
+    // The fetch ends: the source's copy goes, the snapshot works, and the
+    // volume no longer needs n1.
+    eventually(60, "n1's copy of the restore removed", async || {
+        !holds(&n1.agent, &tls, &rid).await
+    })
+    .await;
+    eventually(30, "a snapshot of the fetched restore", async || {
+        cc.create_snapshot(c::snapshot("snap-restore", &rid, false))
+            .await
+            .is_ok()
+    })
+    .await;
+    n1.proc.kill9();
+    contents_are(&mut cc, &n2, &mut csi2, &rid, &model).await;
+    n1.proc.spawn();
+    n1.wait_for_agent();
+    registered(&mut cc, &["n1"]).await;
+
+    // A clone of the source for a pod on n2 likewise; deleting it while
+    // it fetches takes both copies.
+    let cid = created(
+        &mut cc,
+        with_requirements(
+            c::create_from(
+                "pvc-clone-n2",
+                size,
+                c::block_cap(),
+                Type::Volume(VolumeSource {
+                    volume_id: src.clone(),
+                }),
+            ),
+            &["n2"],
+            &["n2"],
+        ),
+    )
+    .await
+    .volume_id;
+    assert!(holds(&n2.agent, &tls, &cid).await);
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: cid.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!holds(&n2.agent, &tls, &cid).await);
+    eventually(30, "the clone's source copy removed", async || {
+        !holds(&n1.agent, &tls, &cid).await
+    })
+    .await;
 }
