@@ -224,7 +224,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
     nodes.beat().await;
     tokio::spawn(Arc::clone(&nodes).run());
-    let mover = Moves::new(open, config.move_rate);
+    let mover = Moves::new(open, Arc::clone(&metrics), config.move_rate);
     let _ = moves_ready.set(Arc::clone(&mover));
     replica.lead();
     // Moves a previous leader left half done, and rollbacks that wait for

@@ -1480,6 +1480,20 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
         !holds(&n1.agent, &tls, &id).await,
         "the source's copy stayed"
     );
+    let m = ctl.metrics();
+    for (metric, want) in [
+        (
+            "strata_volume_moves_total{kind=\"copy_first\",outcome=\"moved\"}",
+            1.0,
+        ),
+        ("strata_volume_move_copied_bytes_total", written as f64),
+    ] {
+        assert_eq!(
+            common::standalone::metric_value(&m, metric),
+            Some(want),
+            "{metric}\n{m}"
+        );
+    }
     contents_are(&mut cc, &n2, &mut csi2, &id, &model).await;
     // Read on n1, now remotely from n2.
     contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;

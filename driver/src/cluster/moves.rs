@@ -38,6 +38,7 @@ use tonic::{Code, Request, Status};
 use super::Cluster;
 use super::nodes::now_ns;
 use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord};
+use crate::metrics::Metrics;
 use crate::peer::{GrantKey, grant};
 
 /// A move of a volume under way, as its record keeps it.
@@ -123,6 +124,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Moves {
     cluster: Arc<Cluster>,
+    metrics: Arc<Metrics>,
     /// Bytes per second a copy may read from its source (0: no limit).
     rate: u64,
     running: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
@@ -151,9 +153,10 @@ pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
 }
 
 impl Moves {
-    pub fn new(cluster: Arc<Cluster>, rate: u64) -> Arc<Self> {
+    pub fn new(cluster: Arc<Cluster>, metrics: Arc<Metrics>, rate: u64) -> Arc<Self> {
         Arc::new(Moves {
             cluster,
+            metrics,
             rate,
             running: Mutex::default(),
             cancelled: Mutex::default(),
@@ -497,6 +500,7 @@ impl Moves {
             _ => {}
         }
         tracing::info!(volume = id, from = %m.from, to = %m.to, copied, "volume moved");
+        self.metrics.volume_moved(m.lazy, true, copied);
         Ok(MoveVolumeReply {
             volume_id: id.to_string(),
             from_node: m.from,
@@ -719,7 +723,9 @@ impl Moves {
             ));
         }
         rec.moving = None;
-        self.put(rec).await
+        self.put(rec).await?;
+        self.metrics.volume_moved(m.lazy, false, 0);
+        Ok(())
     }
 
     async fn set_phase(

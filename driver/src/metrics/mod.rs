@@ -61,6 +61,12 @@ struct PeerDirection {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MoveOutcome {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerOp {
     peer: String,
     op: &'static str,
@@ -93,6 +99,8 @@ pub struct Metrics {
     peer_bytes: Family<PeerDirection, Counter>,
     remote_latency: HistogramFamily<PeerOp>,
     remote_retries: Family<PeerOp, Counter>,
+    moves: Family<MoveOutcome, Counter>,
+    move_bytes: Counter,
 }
 
 /// Per-operation handles for one volume, resolved once per connection so
@@ -209,6 +217,21 @@ impl Metrics {
             "Remote I/O attempts retried while the owner was away, by owner node and operation",
             remote_retries.clone(),
         );
+        let moves = Family::<MoveOutcome, Counter>::default();
+        let move_bytes = Counter::default();
+        registry.register(
+            "volume_moves",
+            "Moves of volumes between nodes that ended, by kind (copy_first: strata volume \
+             move and drains; switch_first: restores and clones for a pod on another node) and \
+             outcome (moved, rolled_back)",
+            moves.clone(),
+        );
+        registry.register_with_unit(
+            "volume_move_copied",
+            "Volume data the moves that ended copied between nodes",
+            prometheus_client::registry::Unit::Bytes,
+            move_bytes.clone(),
+        );
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector {
             pool: Arc::clone(&pool),
@@ -237,7 +260,24 @@ impl Metrics {
             peer_bytes,
             remote_latency,
             remote_retries,
+            moves,
+            move_bytes,
         })
+    }
+
+    /// Counts a move between nodes that ended.
+    pub fn volume_moved(&self, switch_first: bool, moved: bool, copied: u64) {
+        self.moves
+            .get_or_create(&MoveOutcome {
+                kind: if switch_first {
+                    "switch_first"
+                } else {
+                    "copy_first"
+                },
+                outcome: if moved { "moved" } else { "rolled_back" },
+            })
+            .inc();
+        self.move_bytes.inc_by(copied);
     }
 
     /// Counts volume data sent to or received from another node.
