@@ -1,0 +1,322 @@
+//! Volumes across nodes, on loopback: two `strata node` processes and a
+//! controller, measured in one run and printed side by side; asserts
+//! nothing.
+//!
+//!     cargo bench -p strata --bench cluster
+//!
+//! - Reads of a volume attached from another node (the data path) against
+//!   the same volume attached on its own node: fio 4 KiB random reads at
+//!   queue depth 32 and 1 MiB sequential reads at depth 8, on the block
+//!   device each node stages (FUSE + loop on this host).
+//! - A move of the volume to the other node (`strata volume move`, copy
+//!   first, no rate limit): time, and bytes sent against the volume's data
+//!   and against the bytes its layers hold.
+//! - A restore of a snapshot for a pod on the other node (switch first):
+//!   how long CreateVolume takes, and how long the fetch behind it.
+//!
+//! Needs root (loop devices, FUSE) and fio. Sizes: `STRATA_BENCH_MIB`
+//! (data written, default 512).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::{ControllerProc, NodeProc, gen_certs};
+use common::csi::{self as c, Csi};
+use csi_proto::cluster::v1::MoveVolumeRequest;
+use csi_proto::cluster::v1::cluster_client::ClusterClient;
+use csi_proto::csi::v1::controller_client::ControllerClient;
+use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type};
+use csi_proto::csi::v1::*;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+fn topo(node: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([("topology.strata.dev/node".to_string(), node.to_string())]),
+    }
+}
+
+fn on(mut req: CreateVolumeRequest, node: &str) -> CreateVolumeRequest {
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo(node)],
+        preferred: vec![topo(node)],
+    });
+    req
+}
+
+async fn wait_registered(cc: &mut ControllerClient<Channel>, nodes: &[&str]) {
+    for n in nodes {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let room = cc
+                .get_capacity(GetCapacityRequest {
+                    accessible_topology: Some(topo(n)),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().available_capacity)
+                .unwrap_or(-1);
+            if room > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {n} never registered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes and stages `vol` on `node`; the block device.
+async fn attach(
+    cc: &mut ControllerClient<Channel>,
+    node: &NodeProc,
+    csi: &mut Csi,
+    vol: &str,
+) -> PathBuf {
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: node.id.clone(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let staging = node.kubelet_dir().join(format!("staging/{vol}"));
+    let target = node.kubelet_dir().join(format!("pods/{vol}/dev"));
+    let mut stage = c::stage(vol, &staging, c::block_cap());
+    stage.publish_context = ctx;
+    csi.node.node_stage_volume(stage).await.unwrap();
+    csi.node
+        .node_publish_volume(c::publish(vol, &staging, &target, c::block_cap(), false))
+        .await
+        .unwrap();
+    target
+}
+
+async fn detach(cc: &mut ControllerClient<Channel>, node: &NodeProc, csi: &mut Csi, vol: &str) {
+    let staging = node.kubelet_dir().join(format!("staging/{vol}"));
+    let target = node.kubelet_dir().join(format!("pods/{vol}/dev"));
+    csi.node
+        .node_unpublish_volume(c::unpublish(vol, &target))
+        .await
+        .unwrap();
+    csi.node
+        .node_unstage_volume(c::unstage(vol, &staging))
+        .await
+        .unwrap();
+    cc.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// fio on `dev`: (IOPS, MB/s).
+fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--output-format=json",
+            "--time_based",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--runtime={seconds}"))
+        .output()
+        .expect("fio");
+    assert!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let read = &v["jobs"][0]["read"];
+    (
+        read["iops"].as_f64().unwrap_or(0.0),
+        read["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+    )
+}
+
+fn main() {
+    if !common::is_root() || Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("bench cluster: needs root and fio; skipped");
+        return;
+    }
+    let data_mib: u64 = std::env::var("STRATA_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(data_mib));
+}
+
+async fn run(data_mib: u64) {
+    let root = tempfile::Builder::new()
+        .prefix("strata-bench-cluster")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "0"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    wait_registered(&mut cc, &["n1", "n2"]).await;
+
+    // The volume: `data_mib` written on n1, a snapshot, then an eighth of
+    // it overwritten (so its layers hold more than its data).
+    let size = 2 * data_mib * MIB;
+    let vol = cc
+        .create_volume(on(c::create("bench-vol", size as i64, c::block_cap()), "n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let dev = attach(&mut cc, &n1, &mut csi1, &vol).await;
+    let mut rng = common::Rng::new(1);
+    let mut chunk = vec![0u8; (4 * MIB) as usize];
+    for i in 0..data_mib / 4 {
+        rng.fill(&mut chunk);
+        common::write_at(&dev, i * 4 * MIB, &chunk).unwrap();
+    }
+    detach(&mut cc, &n1, &mut csi1, &vol).await;
+    let snap = cc
+        .create_snapshot(c::snapshot("bench-snap", &vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let dev = attach(&mut cc, &n1, &mut csi1, &vol).await;
+    for i in 0..data_mib / 32 {
+        rng.fill(&mut chunk);
+        common::write_at(&dev, i * 32 * MIB, &chunk).unwrap();
+    }
+    let layers_bytes = data_mib * MIB + (data_mib / 32) * 4 * MIB;
+
+    // Reads: on its own node, then from the other node.
+    let secs = 10;
+    let local_rand = fio(&dev, "randread", "4k", 32, secs);
+    let local_seq = fio(&dev, "read", "1M", 8, secs);
+    detach(&mut cc, &n1, &mut csi1, &vol).await;
+    let dev = attach(&mut cc, &n2, &mut csi2, &vol).await;
+    let remote_rand = fio(&dev, "randread", "4k", 32, secs);
+    let remote_seq = fio(&dev, "read", "1M", 8, secs);
+    detach(&mut cc, &n2, &mut csi2, &vol).await;
+
+    // The move to n2.
+    let started = Instant::now();
+    let moved = mc
+        .move_volume(MoveVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let move_secs = started.elapsed().as_secs_f64();
+
+    // A restore of the snapshot (on n1) for a pod on n2.
+    let started = Instant::now();
+    let restored = cc
+        .create_volume(on(
+            c::create_from(
+                "bench-restore",
+                size as i64,
+                c::block_cap(),
+                Type::Snapshot(SnapshotSource { snapshot_id: snap }),
+            ),
+            "n2",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let answered = started.elapsed().as_secs_f64();
+    let mut a1 = agent(&n1.agent, &tls);
+    while a1
+        .get_volume(csi_proto::agent::v1::GetVolumeRequest {
+            volume_id: restored.clone(),
+        })
+        .await
+        .is_ok()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fetched = started.elapsed().as_secs_f64();
+
+    let mb = |b: u64| b as f64 / 1e6;
+    println!("strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)", size / MIB);
+    println!();
+    println!("| reads ({secs} s each) | own node | other node (data path) | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| 4 KiB random, QD32 | {:.0} IOPS | {:.0} IOPS | {:.2}x |",
+        local_rand.0,
+        remote_rand.0,
+        remote_rand.0 / local_rand.0
+    );
+    println!(
+        "| 1 MiB sequential, QD8 | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
+        local_seq.1,
+        remote_seq.1,
+        remote_seq.1 / local_seq.1
+    );
+    println!();
+    println!(
+        "move n1 -> n2 (copy first): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB = {:.3}x the volume's data ({:.1} MB), {:.3}x the bytes its layers hold ({:.1} MB)",
+        mb(moved.copied_bytes) / move_secs,
+        mb(moved.copied_bytes),
+        moved.copied_bytes as f64 / (data_mib * MIB) as f64,
+        mb(data_mib * MIB),
+        moved.copied_bytes as f64 / layers_bytes as f64,
+        mb(layers_bytes)
+    );
+    println!(
+        "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
+        answered,
+        mb(data_mib * MIB) / fetched
+    );
+}
+
+fn agent(address: &str, tls: &Path) -> csi_proto::agent::v1::agent_client::AgentClient<Channel> {
+    let files = strata::tls::TlsFiles::load(tls).unwrap();
+    let channel = files
+        .channel(
+            "agent",
+            address,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    csi_proto::agent::v1::agent_client::AgentClient::new(channel)
+}
