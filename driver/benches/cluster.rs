@@ -191,7 +191,10 @@ async fn run(data_mib: u64) {
     // it overwritten (so its layers hold more than its data).
     let size = 2 * data_mib * MIB;
     let vol = cc
-        .create_volume(on(c::create("bench-vol", size as i64, c::block_cap()), "n1"))
+        .create_volume(on(
+            c::create("bench-vol", size as i64, c::block_cap()),
+            "n1",
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -275,7 +278,10 @@ async fn run(data_mib: u64) {
     let fetched = started.elapsed().as_secs_f64();
 
     let mb = |b: u64| b as f64 / 1e6;
-    println!("strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)", size / MIB);
+    println!(
+        "strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)",
+        size / MIB
+    );
     println!();
     println!("| reads ({secs} s each) | own node | other node (data path) | ratio |");
     println!("|---|---|---|---|");

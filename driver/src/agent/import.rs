@@ -77,7 +77,12 @@ impl Imports {
         req: ImportRequest,
     ) -> Result<ImportReply, Status> {
         let mut copies = self.copies.lock().expect("imports");
-        let reply = |copied_bytes, done| ImportReply { copied_bytes, done };
+        let lazy = req.lazy;
+        let reply = |copied_bytes, done| ImportReply {
+            copied_bytes,
+            done,
+            fetching: lazy,
+        };
         // A resumed fill reads under the grant its record keeps.
         let same = |c: &Copy| req.resume || c.grant == req.grant;
         match copies.remove(&vid) {
@@ -190,7 +195,12 @@ impl Imports {
                 return;
             }
         };
-        for (vid, _) in fetching {
+        for (vid, bytes) in fetching {
+            // Under the grant it was made with, so the controller's polls
+            // of the same move find it.
+            let grant = serde_json::from_slice::<Fetching>(&bytes)
+                .map(|f| f.source.grant)
+                .unwrap_or_default();
             let progress = Arc::new(AtomicU64::new(0));
             let mut copies = self.copies.lock().expect("imports");
             if copies.contains_key(&vid) {
@@ -199,19 +209,15 @@ impl Imports {
             copies.insert(
                 vid,
                 Copy {
-                    grant: String::new(),
+                    grant: grant.clone(),
                     state: CopyState::Running(Arc::clone(&progress), true),
                 },
             );
             drop(copies);
             tracing::info!(volume = %vid, "resuming the fetch of a volume");
-            self.spawn(
-                started,
-                vid,
-                String::new(),
-                progress,
-                move |core, progress| fill(core, vid, progress),
-            );
+            self.spawn(started, vid, grant, progress, move |core, progress| {
+                fill(core, vid, progress)
+            });
         }
     }
 
@@ -309,10 +315,14 @@ pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<
         .find_map(|(v, b)| (v == vid).then_some(b));
     match (made, pool.volume(vid)) {
         // Made by an earlier call of this move (this attachment).
-        (Some(b), Ok(_))
+        (Some(b), Ok(vol))
             if serde_json::from_slice::<Fetching>(&b)
                 .is_ok_and(|f| f.source.grant == req.grant) =>
         {
+            if !vol.backing_connected() {
+                let source = open_source(core, vid, req)?;
+                vol.connect_backing(source).map_err(status::engine)?;
+            }
             return Ok(());
         }
         // Made under an older attachment of the source, fenced off since,
@@ -350,6 +360,35 @@ pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<
     pool.volume(vid)
         .and_then(|v| v.connect_backing(source))
         .map_err(status::engine)
+}
+
+/// After the switch (the controller's `resume` polls): if the source is
+/// reached at another address now (its node's pod was made again), or with
+/// another grant (a new agent key), the record and the connection follow.
+pub fn retarget(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
+    let pool = &core.pool;
+    let Some(bytes) = pool
+        .fetching_volumes()
+        .map_err(status::engine)?
+        .into_iter()
+        .find_map(|(v, b)| (v == vid).then_some(b))
+    else {
+        // Not fetching (finished), or not here: the poll says which.
+        return pool.volume_info(vid).map(drop).map_err(status::engine);
+    };
+    let mut record: Fetching = serde_json::from_slice(&bytes)
+        .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
+    if record.source.address == req.address && record.source.grant == req.grant {
+        return Ok(());
+    }
+    let source = open_source(core, vid, req)?;
+    record.source = source.target();
+    let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
+    pool.set_fetch_record(vid, &bytes).map_err(status::engine)?;
+    let vol = pool.volume(vid).map_err(status::engine)?;
+    vol.connect_backing(source).map_err(status::engine)?;
+    tracing::info!(volume = %vid, address = %req.address, "a fetching volume reaches its source anew");
+    Ok(())
 }
 
 /// Connects every fetching volume of `pool` to its source (at start,
@@ -406,6 +445,10 @@ fn fill(core: &Core, vid: VolumeId, copied: &AtomicU64) -> Result<u64, Status> {
         .open(&record.source, Some(record.size_bytes))
         .map_err(status::engine)?;
     let volume = pool.volume(vid).map_err(status::engine)?;
+    // Connected whatever happened before (a failed connect at start).
+    volume
+        .connect_backing(source.clone())
+        .map_err(status::engine)?;
     let bucket =
         (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
     each_data_chunk(&source, record.size_bytes, |at, n| {
@@ -417,7 +460,7 @@ fn fill(core: &Core, vid: VolumeId, copied: &AtomicU64) -> Result<u64, Status> {
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
         Ok(())
     })?;
-    pool.finish_fetch(vid).map_err(status::engine)?;
+    pool.finish_fetch(&volume).map_err(status::engine)?;
     Ok(copied.load(Ordering::Relaxed))
 }
 

@@ -396,9 +396,14 @@ impl Agent for AgentService {
             )));
         }
         if req.lazy && req.resume {
-            // Nothing is made: the volume fetches here, or finished.
-            self.blocking(move |core| core.pool.volume_info(vid).map_err(status::engine))
-                .await?;
+            // Nothing is made: the volume fetches here (from where the
+            // source is now), or finished.
+            let now = req.clone();
+            self.blocking(move |core| match now.address.is_empty() {
+                true => core.pool.volume_info(vid).map(drop).map_err(status::engine),
+                false => import::retarget(core, vid, &now),
+            })
+            .await?;
         } else if req.lazy {
             let prepare = req.clone();
             self.blocking(move |core| import::prepare_fetch(core, vid, &prepare))

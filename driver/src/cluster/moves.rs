@@ -19,10 +19,21 @@
 //! 5. **Switch**: the record names the target (phase `removing`).
 //! 6. **Remove** the source's copy; the record drops `moving`.
 //!
-//! A refusal at step 2, 3 or 4 rolls back (phase `aborting`): the target's
-//! copy is deleted and the source's attachment for the move ended. Any
+//! A refusal at step 2, 3 or 4, or a move back to the source (a cancel),
+//! rolls back (phase `aborting`): the source's copy is made the volume
+//! again (its move attachment and seal undone: the target served nothing
+//! yet), then the target's copy is deleted, when the target answers. Any
 //! other failure (a node away) leaves the record where it is, to resume.
 //! Snapshots stay on the source node (their layers are the source's).
+//!
+//! **Switch first** ([`Move::lazy`], restores and clones for a pod on
+//! another node) runs the same steps in another order: at step 3 the target
+//! makes a *fetching* volume that reads what it has not copied from the
+//! source, and answers at once; the seal and the switch follow, and the
+//! copy runs after the switch (phase `fetching`) while the target serves
+//! the volume; then the source's copy is removed. The controller's polls of
+//! the fetch carry where the source is now, so the target follows it. No
+//! rollback after the switch: the target may hold writes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -325,7 +336,8 @@ impl Moves {
         rx
     }
 
-    /// Finishes every move the records name (a new leader's first work).
+    /// Starts finishing every move the records name that is not running
+    /// (a new leader's first work, then a retry every 30 s).
     pub async fn resume(self: &Arc<Self>) {
         let volumes = match self.store(|r| r.volumes()).await {
             Ok(v) => v,
@@ -334,10 +346,18 @@ impl Moves {
                 return;
             }
         };
-        let mut all = tokio::task::JoinSet::new();
         for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
+            if self
+                .running
+                .lock()
+                .expect("moves")
+                .contains_key(&rec.volume_id)
+            {
+                continue;
+            }
             let moves = Arc::clone(self);
-            all.spawn(async move {
+            // Not waited for: a fetch may take hours.
+            tokio::spawn(async move {
                 match moves.move_volume(&rec.volume_id, None).await {
                     Ok(r) => {
                         tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart")
@@ -348,7 +368,6 @@ impl Moves {
                 }
             });
         }
-        all.join_all().await;
     }
 
     /// Moves every volume of `node` that can move, one at a time, each to
@@ -593,6 +612,9 @@ impl Moves {
     async fn fetch(&self, rec: &mut VolumeRecord, m: &Move) -> Result<u64, Status> {
         let mut pause = Duration::from_secs(1);
         loop {
+            // Where the source is now, so the target follows it (its
+            // node's address may have changed); empty while it is away.
+            let (address, grant) = self.source_grant(rec, m).await.unwrap_or_default();
             let request = agent::ImportRequest {
                 volume: Some(agent::CreateVolumeRequest {
                     volume_id: rec.volume_id.clone(),
@@ -600,8 +622,8 @@ impl Moves {
                     ..Default::default()
                 }),
                 owner: m.from.clone(),
-                address: "-".into(),
-                grant: "-".into(),
+                address,
+                grant,
                 lazy: true,
                 resume: true,
                 rate_bytes_per_second: self.rate,
@@ -624,15 +646,15 @@ impl Moves {
         }
     }
 
-    /// Steps 2 to 4; the bytes copied.
-    async fn copy(&self, rec: &mut VolumeRecord, m: &Move) -> Result<u64, Status> {
-        let id = rec.volume_id.clone();
+    /// Step 2: the source's attachment for the move (made, or the one it
+    /// has: a sealed copy answers its epoch too); the source's data path
+    /// address and the move's read-only grant.
+    async fn source_grant(&self, rec: &VolumeRecord, m: &Move) -> Result<(String, String), Status> {
         let nodes = &self.cluster.nodes;
-        let source = nodes.agent(&m.from)?;
-        let target = nodes.agent(&m.to)?;
-        let epoch = source
+        let epoch = nodes
+            .agent(&m.from)?
             .attach(Request::new(agent::AttachRequest {
-                volume_id: id.clone(),
+                volume_id: rec.volume_id.clone(),
                 node_id: m.to.clone(),
                 read_only: true,
                 for_move: true,
@@ -640,11 +662,22 @@ impl Moves {
             .await?
             .into_inner()
             .epoch;
-        failpoint(FAILPOINTS[1]);
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
             Status::failed_precondition("a standalone Strata has one node: nothing to move to")
         })?;
-        let grant = grant::encode(&GrantKey::from_tls(tls).make(&id, &m.to, epoch, true));
+        let grant = GrantKey::from_tls(tls).make(&rec.volume_id, &m.to, epoch, true);
+        Ok((address, grant::encode(&grant)))
+    }
+
+    /// Steps 2 to 4; the bytes copied.
+    async fn copy(&self, rec: &mut VolumeRecord, m: &Move) -> Result<u64, Status> {
+        let id = rec.volume_id.clone();
+        let nodes = &self.cluster.nodes;
+        let source = nodes.agent(&m.from)?;
+        let target = nodes.agent(&m.to)?;
+        let (address, grant) = self.source_grant(rec, m).await?;
+        let epoch = grant::decode(&id, &grant).map_or(0, |g| g.epoch);
+        failpoint(FAILPOINTS[1]);
         // Checked when the volume was created.
         let max_chain_depth = rec
             .parameters
@@ -669,7 +702,16 @@ impl Moves {
         let copied = if m.lazy {
             // Made there, reading from here: the copy goes on after the
             // switch.
-            target.import(Request::new(import)).await?;
+            let made = target.import(Request::new(import)).await?.into_inner();
+            if !made.fetching {
+                return Err(Status::failed_precondition(format!(
+                    "node {}'s agent cannot fetch a volume behind a switch (an older version?)",
+                    m.to
+                )));
+            }
+            if self.cancelled.lock().expect("moves").contains(&id) {
+                return Err(Status::failed_precondition("the move was cancelled"));
+            }
             0
         } else {
             self.until_copied(rec, &*target, import).await?

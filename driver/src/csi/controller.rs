@@ -615,7 +615,12 @@ impl Controller for ControllerService {
                         tracing::info!(volume = %rec.volume_id, from = %rec.node, %to, "restored volume moved to its pod's node; fetching its data behind")
                     }
                     Err(e) => {
-                        tracing::warn!(volume = %rec.volume_id, node = %rec.node, %to, error = %e.message(), "restored volume stays on its source's node (attached remotely from there)")
+                        tracing::warn!(volume = %rec.volume_id, node = %rec.node, %to, error = %e.message(), "restored volume stays on its source's node (attached remotely from there)");
+                        // Rolled back (it was not switched), so the pod
+                        // can attach it where it is.
+                        if let Err(e) = moves.move_volume(&rec.volume_id, Some(&rec.node)).await {
+                            tracing::warn!(volume = %rec.volume_id, error = %e.message(), "rolling back a restore's move; the controller retries it");
+                        }
                     }
                 }
             }

@@ -786,18 +786,41 @@ impl Pool {
         self.new_volume(vid, size_bytes, None, Some(record))
     }
 
+    /// Replaces a fetching volume's record (its source moved); NotFound if
+    /// the volume does not fetch.
+    pub fn set_fetch_record(&self, vid: VolumeId, record: &[u8]) -> Result<()> {
+        let mut txn = self.shared().catalog.write()?;
+        if txn.backing(vid)?.is_none() {
+            return Err(Error::VolumeNotFound(vid));
+        }
+        txn.put_backing(vid, record)?;
+        txn.commit()
+    }
+
     /// Fetching volumes and their records.
     pub fn fetching_volumes(&self) -> Result<Vec<(VolumeId, Vec<u8>)>> {
         self.shared().catalog.read()?.backings()
     }
 
-    /// Ends a volume's fetching once every block its backing holds data
-    /// for was copied in ([`Volume::fill`]): the copy is made durable,
-    /// then the record goes, and absent blocks read as zeros again.
-    pub fn finish_fetch(&self, vid: VolumeId) -> Result<()> {
-        let vol = self.volume(vid)?;
+    /// Ends the fetching of `vol` once every block its backing holds data
+    /// for was copied in ([`Volume::fill`], which the caller ran over the
+    /// backing's data): the copy is made durable, then the record goes,
+    /// and absent blocks read as zeros again. Refused while no backing is
+    /// connected (nothing can have been filled), and for a volume that is
+    /// no longer the pool's (deleted, or made again under its ID).
+    pub fn finish_fetch(&self, vol: &Arc<Volume>) -> Result<()> {
+        let vid = vol.id();
+        if !Arc::ptr_eq(&self.volume(vid)?, vol) {
+            return Err(Error::VolumeNotFound(vid));
+        }
         if !vol.fetching() {
             return Ok(());
+        }
+        if !vol.backing_connected() {
+            return Err(Error::Fetching {
+                volume: vid,
+                why: "its source is not connected: nothing was filled".into(),
+            });
         }
         vol.flush()?;
         let mut txn = self.shared().catalog.write()?;

@@ -379,11 +379,25 @@ impl Volume {
         Ok(())
     }
 
+    /// The fetch state, taken before a read resolves its blocks: a block
+    /// found absent is then the backing's if the volume was fetching at
+    /// that moment (the backing is immutable, so it is still right even if
+    /// a fill and the end of the fetch happen meanwhile), and zeros if not.
+    fn fetch_state(&self) -> Option<Fetch> {
+        self.fetch.read().expect("fetch").clone()
+    }
+
     /// Reads `segments` into `buf` (at `offset`), absent ones from the
-    /// backing of a fetching volume.
-    fn read_resolved(&self, segments: &[Segment], offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// backing of `fetch` (see [`Volume::fetch_state`]).
+    fn read_resolved(
+        &self,
+        fetch: Option<Fetch>,
+        segments: &[Segment],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         read_segments(segments, offset, buf)?;
-        let Some(fetch) = self.fetch.read().expect("fetch").clone() else {
+        let Some(fetch) = fetch else {
             return Ok(());
         };
         let end = offset + buf.len() as u64;
@@ -393,15 +407,7 @@ impl Volume {
         {
             let s = (seg.start * BLOCK_SIZE).max(offset);
             let e = ((seg.start + seg.blocks) * BLOCK_SIZE).min(end);
-            let backing = match &fetch {
-                Fetch::From(b) => b,
-                Fetch::Waiting => {
-                    return Err(Error::Fetching {
-                        volume: self.id,
-                        why: "the node it is copied from is not connected yet".into(),
-                    });
-                }
-            };
+            let backing = self.connected(&fetch)?;
             let e = e.min(backing.size());
             if s < e {
                 backing.read(s, &mut buf[(s - offset) as usize..(e - offset) as usize])?;
@@ -410,45 +416,91 @@ impl Volume {
         Ok(())
     }
 
+    /// The backing of a fetching volume, or why there is none.
+    fn connected<'a>(&self, fetch: &'a Fetch) -> Result<&'a Arc<dyn Backing>> {
+        match fetch {
+            Fetch::From(b) => Ok(b),
+            Fetch::Waiting => Err(Error::Fetching {
+                volume: self.id,
+                why: "the node it is copied from is not connected yet".into(),
+            }),
+        }
+    }
+
     /// Copies the backing's bytes of the blocks inside `offset..offset+len`
-    /// that no layer defines into the top (under the range lock, so a
-    /// write racing it wins); the bytes copied. A no-op once the volume
-    /// has stopped fetching.
+    /// that no layer defines into the top; the bytes copied. The backing is
+    /// read with no lock held (it may be slow, or away for a while); then,
+    /// under the range lock, only blocks still absent are written, so a
+    /// write racing the fill wins. Nothing to do once the volume stopped
+    /// fetching; `Fetching` while no backing is connected.
     pub fn fill(&self, offset: u64, len: u64) -> Result<u64> {
         if !self.admit(offset, len)? {
             return Ok(0);
         }
-        let Some(Fetch::From(backing)) = self.fetch.read().expect("fetch").clone() else {
+        let Some(fetch) = self.fetch_state() else {
             return Ok(0);
         };
+        let backing = Arc::clone(self.connected(&fetch)?);
+        let (first, end) = touched_blocks(offset, len);
+        let end = end.min(backing.size().div_ceil(BLOCK_SIZE));
+        if first >= end {
+            return Ok(0);
+        }
+        let absent = |segments: &[Segment]| -> Vec<(u64, u64)> {
+            segments
+                .iter()
+                .filter(|s| matches!(s.source, Source::Absent))
+                .map(|s| (s.start.max(first), (s.start + s.blocks).min(end)))
+                .filter(|(s, e)| s < e)
+                .collect()
+        };
+        let wanted = absent(
+            &self
+                .state
+                .read()
+                .expect("volume state")
+                .view
+                .segments(first, end)?,
+        );
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let mut data = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
+        for &(s, e) in &wanted {
+            let at = ((s - first) * BLOCK_SIZE) as usize;
+            let have = (backing.size() - s * BLOCK_SIZE).min((e - s) * BLOCK_SIZE) as usize;
+            backing.read(s * BLOCK_SIZE, &mut data[at..at + have])?;
+        }
         self.check_fault(false)?;
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
-        let (first, end) = touched_blocks(offset, len);
         let _range = self.ranges.lock(first, end);
         let (top, segments) = {
             let st = self.state.read().expect("volume state");
             (Arc::clone(&st.top), st.view.segments(first, end)?)
         };
         let mut copied = 0;
-        let limit = backing.size().div_ceil(BLOCK_SIZE);
-        for seg in segments
-            .iter()
-            .filter(|s| matches!(s.source, Source::Absent))
-        {
-            let (s, e) = (seg.start, (seg.start + seg.blocks).min(limit));
-            if s >= e {
-                continue;
+        for (s, e) in absent(&segments) {
+            // Only what was read above.
+            for &(ws, we) in &wanted {
+                let (s, e) = (s.max(ws), e.min(we));
+                if s >= e {
+                    continue;
+                }
+                let at = ((s - first) * BLOCK_SIZE) as usize;
+                let buf = &data[at..at + ((e - s) * BLOCK_SIZE) as usize];
+                self.shared.space.admit(buf.len() as u64)?;
+                top.write_at(buf, s * BLOCK_SIZE)?;
+                self.commit(&top, s, e, BlockState::Data, Some(buf));
+                copied += buf.len() as u64;
             }
-            let mut buf = vec![0u8; ((e - s) * BLOCK_SIZE) as usize];
-            let have = ((backing.size() - s * BLOCK_SIZE) as usize).min(buf.len());
-            backing.read(s * BLOCK_SIZE, &mut buf[..have])?;
-            self.shared.space.admit(buf.len() as u64)?;
-            top.write_at(&buf, s * BLOCK_SIZE)?;
-            self.commit(&top, s, e, BlockState::Data, Some(&buf));
-            copied += buf.len() as u64;
         }
         Ok(copied)
+    }
+
+    /// Whether a fetching volume has its backing connected.
+    pub fn backing_connected(&self) -> bool {
+        matches!(self.fetch_state(), Some(Fetch::From(_)))
     }
 
     /// The volume's ID.
@@ -512,13 +564,14 @@ impl Volume {
             return Ok(());
         }
         let (first, end) = touched_blocks(offset, buf.len() as u64);
+        let fetch = self.fetch_state();
         let segments = self
             .state
             .read()
             .expect("volume state")
             .view
             .segments(first, end)?;
-        self.read_resolved(&segments, offset, buf)
+        self.read_resolved(fetch, &segments, offset, buf)
     }
 
     /// Writes `data` at `offset`; with `fua`, the data (and everything
@@ -565,13 +618,14 @@ impl Volume {
 
     /// Reads one whole block while its range is locked by the caller.
     fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {
+        let fetch = self.fetch_state();
         let segments = self
             .state
             .read()
             .expect("volume state")
             .view
             .segments(block, block + 1)?;
-        self.read_resolved(&segments, block * BLOCK_SIZE, buf)
+        self.read_resolved(fetch, &segments, block * BLOCK_SIZE, buf)
     }
 
     /// Publishes a change of blocks `first..end` of `top` in the index and

@@ -496,6 +496,10 @@ impl WriteTxn {
             .map_err(|e| catalog_error("write policy", e))?;
         Ok(())
     }
+    pub(crate) fn backing(&self, volume: VolumeId) -> Result<Option<Vec<u8>>> {
+        let t = rw_table!(self, BACKINGS, "read backing");
+        get_rec(&t, volume.0, |b| Ok(b.to_vec()), "read backing")
+    }
     pub(crate) fn fault(&self, volume: VolumeId) -> Result<Option<FaultRecord>> {
         let t = rw_table!(self, FAULTS, "read fault");
         get_rec(&t, volume.0, FaultRecord::decode, "read fault")
