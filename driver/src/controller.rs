@@ -141,10 +141,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
         .add_service(ControllerServer::new(replica.clone()))
         .add_service(ClusterServer::new(moves.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
-            stopped(),
-        );
+        .serve_with_incoming_shutdown(crate::rpc::tcp_incoming(peer_listener), stopped());
     tokio::spawn(async move {
         if let Err(e) = peer.await {
             tracing::error!(error = %e, "controller peer server failed");

@@ -297,10 +297,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                     .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
                     .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),
                 )
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    stopped(),
-                );
+                .serve_with_incoming_shutdown(crate::rpc::tcp_incoming(listener), stopped());
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "agent server failed");

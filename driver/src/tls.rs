@@ -104,7 +104,8 @@ impl TlsFiles {
             .tls_config(self.client())
             .map_err(|e| Status::internal(format!("{what} TLS configuration: {e}")))?
             .connect_timeout(connect_timeout)
-            .timeout(call_timeout);
+            .timeout(call_timeout)
+            .tcp_nodelay(true);
         Ok(endpoint.connect_lazy())
     }
 }

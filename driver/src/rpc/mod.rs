@@ -8,6 +8,7 @@ pub mod unix;
 
 use std::sync::{Arc, OnceLock};
 
+use tokio_stream::StreamExt;
 use tonic::Status;
 
 use crate::engine::Pool;
@@ -39,4 +40,18 @@ impl Started {
             Status::unavailable("Strata is starting (opening the pool, reattaching volumes); retry")
         })
     }
+}
+
+/// The connections of a TCP listener for a gRPC server, with Nagle's
+/// algorithm off: a small answer (a 4 KiB read, a write's acknowledgement)
+/// otherwise waits for the peer's delayed ACK, which caps a connection's
+/// requests at a few hundred a second.
+pub fn tcp_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
