@@ -26,7 +26,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "agent",
         &["engine", "node", "metrics", "rpc", "peer", "tls"],
     ),
-    ("cluster", &["engine", "agent", "rpc", "tls"]),
+    // Moves make grants for the data path and count themselves.
+    (
+        "cluster",
+        &["engine", "agent", "rpc", "tls", "peer", "metrics"],
+    ),
     ("admin", &["engine", "agent", "rpc"]),
     (
         "csi",

@@ -29,7 +29,7 @@ use tonic::Status;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::jobs::throttle::Bucket;
-use crate::engine::{Error, Pool, VolumeId, VolumePolicy};
+use crate::engine::{Backing, Error, Pool, VolumeId, VolumePolicy};
 use crate::peer::{MAX_IO, MAX_MAP, Peers, RemoteVolume, Target};
 use crate::rpc::{Core, Started, status};
 
@@ -336,7 +336,7 @@ pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<
         (_, Err(e)) => return Err(status::engine(e)),
     }
     let source = open_source(core, vid, req)?;
-    let size = crate::frontend::RemoteDevice::size(source.as_ref());
+    let size = Backing::size(source.as_ref());
     if size != create.size_bytes {
         return Err(Status::failed_precondition(format!(
             "volume {vid} is {size} bytes on node {}, not {} as its record says",
@@ -499,7 +499,7 @@ fn copy(
     let create = check_request(req)?;
     check_unused(core, vid)?;
     let source = open_source(core, vid, req)?;
-    let size = crate::frontend::RemoteDevice::size(source.as_ref());
+    let size = Backing::size(source.as_ref());
     if size != create.size_bytes {
         return Err(Status::failed_precondition(format!(
             "volume {vid} is {size} bytes on node {}, not {} as its record says (expanded \
@@ -527,8 +527,7 @@ fn copy(
         if let Some(b) = &bucket {
             b.take(n as u64);
         }
-        crate::frontend::RemoteDevice::read(source.as_ref(), at, &mut buf[..n])
-            .map_err(status::engine)?;
+        Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
         volume.write(at, &buf[..n], false).map_err(status::engine)?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
