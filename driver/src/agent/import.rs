@@ -83,59 +83,28 @@ impl Imports {
             done,
             fetching: lazy,
         };
-        // A resumed fill reads under the grant its record keeps.
-        let same = |c: &Copy| req.resume || c.grant == req.grant;
-        match copies.remove(&vid) {
-            Some(
-                c @ Copy {
-                    state: CopyState::Running(..),
-                    ..
-                },
-            ) if !same(&c) => {
-                copies.insert(vid, c);
-                return Err(Status::unavailable(format!(
-                    "a copy of volume {vid} under an older grant is still running; retry"
-                )));
+        if let Some(c) = copies.get(&vid) {
+            // A resumed fill reads under the grant its record keeps.
+            let same = req.resume || c.grant == req.grant;
+            match (&c.state, same) {
+                (CopyState::Running(n, _), true) => {
+                    return Ok(reply(n.load(Ordering::Relaxed), false));
+                }
+                (CopyState::Running(..), false) => {
+                    return Err(Status::unavailable(format!(
+                        "a copy of volume {vid} under an older grant is still running; retry"
+                    )));
+                }
+                (CopyState::Done(n), true) => return Ok(reply(*n, true)),
+                // Answered once; the next call starts over.
+                (CopyState::Failed(s), true) => {
+                    let s = s.clone();
+                    copies.remove(&vid);
+                    return Err(s);
+                }
+                // An outcome under another grant: start over.
+                (_, false) => {}
             }
-            Some(Copy {
-                grant,
-                state: CopyState::Running(n, lazy),
-            }) => {
-                let copied = n.load(Ordering::Relaxed);
-                copies.insert(
-                    vid,
-                    Copy {
-                        grant,
-                        state: CopyState::Running(n, lazy),
-                    },
-                );
-                return Ok(reply(copied, false));
-            }
-            Some(
-                c @ Copy {
-                    state: CopyState::Done(_),
-                    ..
-                },
-            ) if same(&c) => {
-                let CopyState::Done(n) = c.state else {
-                    unreachable!()
-                };
-                copies.insert(vid, c);
-                return Ok(reply(n, true));
-            }
-            Some(
-                c @ Copy {
-                    state: CopyState::Failed(_),
-                    ..
-                },
-            ) if same(&c) => {
-                let CopyState::Failed(s) = c.state else {
-                    unreachable!()
-                };
-                return Err(s);
-            }
-            // Nothing, or an outcome under another grant: start over.
-            _ => {}
         }
         let progress = Arc::new(AtomicU64::new(0));
         copies.insert(
