@@ -1649,6 +1649,7 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     let drained = mc
         .drain_node(DrainNodeRequest {
             node_id: "n2".into(),
+            undo: false,
         })
         .await
         .unwrap()
@@ -1671,6 +1672,54 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     assert!(read_at(&dev, 0, 4096) == [5u8; 4096]);
     detach_and_unpublish(&mut cc, &n1, &mut csi1, &busy).await;
     contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;
+
+    // Draining, n2 takes no new volume, also after a controller restart;
+    // undrained (with the CLI), it does again.
+    ctl.proc.kill9();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1"]).await;
+    let e = cc
+        .create_volume(with_requirements(
+            c::create("pvc-on-drained", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("n2 (draining"), "{e:?}");
+    assert_eq!(
+        capacity(&mut cc, "n2").await,
+        0,
+        "a draining node has no room"
+    );
+    let anywhere = created(
+        &mut cc,
+        c::create("pvc-not-on-drained", size, c::block_cap()),
+    )
+    .await;
+    assert!(holds(&n1.agent, &tls, &anywhere.volume_id).await);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["node", "undrain", "n2", "--endpoint"])
+        .arg(format!("unix://{}", ctl.csi_socket().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    registered(&mut cc, &["n2"]).await;
+    created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-on-drained", size, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await;
 }
 
 /// A move whose copy finished but whose controller died before the Seal;

@@ -253,10 +253,16 @@ struct ClientArgs {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Move every volume of NODE that no pod uses to other nodes (one at a
-    /// time, each to the node with the most room); list the volumes that
-    /// stay, with why. New volumes may still be placed on NODE.
+    /// Stop placing new volumes on NODE, and move every volume of it that
+    /// no pod uses to other nodes (one at a time, each to the node with the
+    /// most room); list the volumes that stay, with why (exit 1 if any).
     Drain {
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// End the drain of NODE: new volumes may be placed on it again.
+    Undrain {
         node: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -566,6 +572,10 @@ impl Cli {
                 action: Some(NodeCommand::Drain { node, client }),
                 ..
             }) => runtime().block_on(moves::drain(&client.endpoint, client.output, node)),
+            Command::Node(NodeArgs {
+                action: Some(NodeCommand::Undrain { node, client }),
+                ..
+            }) => runtime().block_on(moves::undrain(&client.endpoint, node)),
             Command::Node(a) => {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,

@@ -97,6 +97,7 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
     let reply = match c
         .drain_node(DrainNodeRequest {
             node_id: node.clone(),
+            undo: false,
         })
         .await
     {
@@ -128,5 +129,24 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `strata node undrain NODE`.
+pub async fn undrain(endpoint: &Endpoint, node: String) -> ExitCode {
+    let mut c = match client(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = DrainNodeRequest {
+        node_id: node.clone(),
+        undo: true,
+    };
+    match c.drain_node(req).await {
+        Ok(_) => {
+            println!("node {node} takes new volumes again");
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
     }
 }

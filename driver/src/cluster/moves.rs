@@ -370,17 +370,15 @@ impl Moves {
         }
     }
 
-    /// Moves every volume of `node` that can move, one at a time, each to
-    /// the node with the most room; the moves, and the volumes that stay
-    /// with why. It does not stop new volumes from being placed on the
-    /// node.
+    /// Drains `node`: no new volume is placed on it from now on, and
+    /// every volume of it that can move goes, one at a time, each to the
+    /// ready node with the most room; the moves, and the volumes that stay
+    /// with why.
     pub async fn drain(
         self: &Arc<Self>,
         node: &str,
     ) -> Result<(Vec<MoveVolumeReply>, Vec<(String, String)>), Status> {
-        if !self.cluster.nodes.list()?.iter().any(|n| n.node_id == node) {
-            return Err(Status::not_found(format!("node {node:?} is not known")));
-        }
+        self.cluster.nodes.set_draining(node, true).await?;
         let key = node.to_string();
         let volumes = self
             .store(move |r| {
@@ -399,6 +397,11 @@ impl Moves {
             }
         }
         Ok((moved, stayed))
+    }
+
+    /// Ends the drain of `node`: new volumes may be placed on it again.
+    pub async fn undrain(&self, node: &str) -> Result<(), Status> {
+        self.cluster.nodes.set_draining(node, false).await
     }
 
     async fn run(&self, id: &str, to: Option<&str>, lazy: bool) -> Result<MoveVolumeReply, Status> {

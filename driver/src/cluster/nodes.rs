@@ -227,12 +227,13 @@ impl Nodes {
 
     /// Updates the cache, and the store when more than the time of the
     /// last answer changed (so a steady cluster does not write each round).
-    async fn save(&self, rec: NodeRecord) {
-        let before = self
-            .cache
-            .lock()
-            .expect("nodes")
-            .insert(rec.node_id.clone(), rec.clone());
+    async fn save(&self, mut rec: NodeRecord) {
+        let before = {
+            let mut cache = self.cache.lock().expect("nodes");
+            // Only `set_draining` changes it.
+            rec.draining = cache.get(&rec.node_id).is_some_and(|n| n.draining);
+            cache.insert(rec.node_id.clone(), rec.clone())
+        };
         let same = before.is_some_and(|mut b| {
             b.last_seen_unix_ns = rec.last_seen_unix_ns;
             b == rec
@@ -243,6 +244,37 @@ impl Nodes {
         if let Err(e) = self.store(move |r| r.put_node(&rec)).await {
             tracing::warn!(error = %e.message(), "recording a node");
         }
+    }
+
+    /// Starts or ends the drain of `node_id`: while it drains, no new
+    /// volume is placed on it (in the records, so it outlives restarts
+    /// and the node's own reports).
+    pub async fn set_draining(&self, node_id: &str, draining: bool) -> Result<(), Status> {
+        let set = |to: bool| {
+            let mut cache = self.cache.lock().expect("nodes");
+            cache
+                .get_mut(node_id)
+                .map(|n| std::mem::replace(&mut n.draining, to))
+        };
+        // The cache first, so a heartbeat writing the record meanwhile
+        // writes the new flag.
+        let Some(was) = set(draining) else {
+            return Err(Status::not_found(format!("node {node_id:?} is not known")));
+        };
+        let id = node_id.to_string();
+        let stored = self
+            .store(move |r| {
+                if let Some(mut rec) = r.node(&id)? {
+                    rec.draining = draining;
+                    r.put_node(&rec)?;
+                }
+                Ok(())
+            })
+            .await;
+        if stored.is_err() {
+            set(was);
+        }
+        stored
     }
 
     /// The room a node has for new volumes, in bytes.
@@ -267,7 +299,7 @@ impl Nodes {
         let mut cache = self.cache.lock().expect("nodes");
         let mut fits: Vec<&NodeRecord> = cache
             .values()
-            .filter(|n| n.state == NodeState::Ready && allowed(&n.node_id))
+            .filter(|n| n.state == NodeState::Ready && !n.draining && allowed(&n.node_id))
             .filter(|n| n.max_volumes == 0 || n.volumes < n.max_volumes)
             .filter(|n| self.room(n) >= size)
             .collect();
@@ -296,6 +328,7 @@ impl Nodes {
             .map(|n| {
                 let state = match n.state {
                     NodeState::Ready if !allowed(&n.node_id) => "excluded by topology",
+                    NodeState::Ready if n.draining => "draining",
                     NodeState::Ready if n.max_volumes != 0 && n.volumes >= n.max_volumes => {
                         "at its volume limit"
                     }
@@ -439,6 +472,7 @@ fn ready_record(info: NodeInfoReply, agent_address: String, now: u64) -> NodeRec
         state: NodeState::Ready,
         message: String::new(),
         last_seen_unix_ns: now,
+        draining: false,
     }
 }
 
@@ -459,9 +493,14 @@ pub async fn register(records: Arc<dyn Records>, agent: Arc<dyn Agent>, address:
                 continue;
             }
         };
-        let rec = ready_record(info, address.clone(), now_ns());
+        let mut rec = ready_record(info, address.clone(), now_ns());
         let records = Arc::clone(&records);
-        match tokio::task::spawn_blocking(move || records.put_node(&rec)).await {
+        // A drain set by the controller stays set.
+        let put = move || {
+            rec.draining = records.node(&rec.node_id)?.is_some_and(|n| n.draining);
+            records.put_node(&rec)
+        };
+        match tokio::task::spawn_blocking(put).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "registering the node"),
             Err(e) => tracing::warn!(error = %e, "registering the node"),

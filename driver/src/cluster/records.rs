@@ -108,6 +108,9 @@ pub struct NodeRecord {
     /// Why it is stale (the last error), or empty.
     pub message: String,
     pub last_seen_unix_ns: u64,
+    /// Being drained (`strata node drain`): no new volume is placed on it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The records interface. Implementations must make each `put_*` and

@@ -873,7 +873,8 @@ impl Controller for ControllerService {
         let wanted = req.accessible_topology.as_ref().and_then(topology_node);
         let available = nodes
             .iter()
-            .filter(|n| n.state == crate::cluster::records::NodeState::Ready)
+            // A draining node takes no new volume.
+            .filter(|n| n.state == crate::cluster::records::NodeState::Ready && !n.draining)
             .filter(|n| wanted.is_none_or(|w| w == n.node_id))
             .map(|n| cluster.nodes.room(n))
             .max()

@@ -58,11 +58,17 @@ impl Cluster for ClusterService {
         if let Route::Leader(channel) = self.replica.route(req.metadata())? {
             return ClusterClient::new(channel).drain_node(onward(req)).await;
         }
-        let node = req.into_inner().node_id;
+        let req = req.into_inner();
+        let node = req.node_id;
         if node.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
-        let (moved, stayed) = self.moves()?.drain(&node).await?;
+        let moves = self.moves()?;
+        if req.undo {
+            moves.undrain(&node).await?;
+            return Ok(Response::new(DrainNodeReply::default()));
+        }
+        let (moved, stayed) = moves.drain(&node).await?;
         Ok(Response::new(DrainNodeReply {
             moved,
             stayed: stayed

@@ -152,6 +152,9 @@ pub struct StrataSnapshotSpec {
 #[serde(rename_all = "camelCase")]
 pub struct StrataNodeSpec {
     pub agent_address: String,
+    /// Being drained: no new volume is placed on it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A node's last report (room, version) and health.

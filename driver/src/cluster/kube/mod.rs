@@ -185,6 +185,7 @@ fn node_object(r: &NodeRecord) -> StrataNode {
         &r.node_id,
         StrataNodeSpec {
             agent_address: r.agent_address.clone(),
+            draining: r.draining,
         },
     );
     o.status = Some(StrataNodeStatus {
@@ -222,6 +223,7 @@ fn node_record(o: &StrataNode) -> NodeRecord {
         },
         message: st.message,
         last_seen_unix_ns: st.last_seen_unix_ns,
+        draining: o.spec.draining,
     }
 }
 

@@ -312,6 +312,7 @@ async fn node_records_keep_their_report_in_the_status() {
         state: NodeState::Stale,
         message: "connection refused".into(),
         last_seen_unix_ns: 9,
+        draining: false,
     };
     let want = rec.clone();
     let rr = r.clone();
