@@ -238,6 +238,16 @@ impl Attachments {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
+        // A copy must not make a volume that lost data look whole.
+        if matches!(change, Change::AttachForMove { .. }) && now.node.is_empty() {
+            let lost = blocking(started, move |core| core.pool.volume_fault(vid)).await?;
+            if let Some(why) = lost {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} lost data ({why}): acknowledge it (strata volume \
+                     acknowledge-loss) before moving it"
+                )));
+            }
+        }
         let next = match change {
             // A moved volume keeps its last attachment for good.
             Change::AttachForMove { node } if now.moved && now.node == node => None,
@@ -754,6 +764,15 @@ mod tests {
             tonic::Code::FailedPrecondition
         );
         a.detach(&st, vid, "n1", false).await.unwrap();
+        // A volume that lost data moves only once that is acknowledged.
+        let pool = &st.get().unwrap().pool;
+        pool.shared()
+            .record_fault(vid, crate::engine::catalog::FaultKind::DataLost, "a test")
+            .unwrap();
+        let e = a.attach_for_move(&st, vid, "n2").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("acknowledge"), "{e:?}");
+        pool.acknowledge_loss(vid).unwrap();
         let m = a.attach_for_move(&st, vid, "n2").await.unwrap();
         assert!(m > e1);
         assert_eq!(a.attach_for_move(&st, vid, "n2").await.unwrap(), m);
