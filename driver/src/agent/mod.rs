@@ -399,9 +399,12 @@ impl Agent for AgentService {
             // Nothing is made: the volume fetches here (from where the
             // source is now), or finished.
             let now = req.clone();
-            self.blocking(move |core| match now.address.is_empty() {
-                true => core.pool.volume_info(vid).map(drop).map_err(status::engine),
-                false => import::retarget(core, vid, &now),
+            self.blocking(move |core| {
+                if now.address.is_empty() {
+                    core.pool.volume_info(vid).map(drop).map_err(status::engine)
+                } else {
+                    import::retarget(core, vid, &now)
+                }
             })
             .await?;
         } else if req.lazy {

@@ -96,8 +96,8 @@ impl ControllerService {
 
     /// Where a new restore or clone `rec` should live: the node its pod
     /// will run on (the first preferred node, or the only allowed one), if
-    /// that is another ready node than its source's, with room, and the
-    /// volume may be attached anywhere.
+    /// that is another ready node than its source's, not draining, with
+    /// room, and the volume may be attached anywhere.
     fn pod_node(
         &self,
         rec: &VolumeRecord,
@@ -118,6 +118,7 @@ impl ControllerService {
             .find(|n| &n.node_id == want)?;
         (n.node_id != rec.node
             && n.state == crate::cluster::records::NodeState::Ready
+            && !n.draining
             && nodes.room(&n) >= rec.capacity_bytes)
             .then_some(n.node_id)
     }

@@ -849,9 +849,9 @@ impl Node {
         })
     }
 
-    /// Whether a volume is staged here (so it must not be deleted).
-    /// Whether this node's own copy of `vid` is staged here (not a volume
-    /// of another node of the same ID, reached over the data path).
+    /// Whether this node's own copy of `vid` is staged here, so it must not
+    /// be deleted (not a volume of another node of the same ID, reached
+    /// over the data path).
     pub fn is_staged_locally(&self, vid: VolumeId) -> bool {
         self.staged
             .lock()
