@@ -236,11 +236,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )),
         Role::Standalone => None,
     };
+    let fetching = agent.clone();
     let node = blocking(move || {
         // Volumes still arriving from other nodes read from them again
         // before any staged volume is served.
         if let Some(peers) = &peers {
-            crate::agent::import::connect_fetching(&node_pool, peers);
+            fetching.connect_fetching(&node_pool, peers);
         }
         Node::start(node_pool, node_metrics, node_nbd, peers, node_config).map_err(StartError::Node)
     })

@@ -2113,3 +2113,90 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
     })
     .await;
 }
+
+/// A fetch follows its source to a new address: while a restore for a pod
+/// on n2 fetches from n1, n1 comes back on another port (a node whose pod
+/// was made again) and the controller restarts knowing only the new one.
+/// The controller's polls carry the new address, n2's reads and its
+/// running fill go there, and the fetch ends with the model's contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_follows_its_source_to_a_new_address() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let start_ctl = |agents: &[&str]| {
+        let mut ctl = ControllerProc::start(root.path(), agents, &tls);
+        ctl.proc.kill9();
+        ctl.proc.add_args(&["--move-rate", "1MiB"]);
+        ctl.proc.spawn();
+        ctl
+    };
+    let mut ctl = start_ctl(&[&n1.agent, &n2.agent]);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    let size = 16 << 20;
+    let src = created(
+        &mut cc,
+        with_requirements(c::create("pvc-src", size, c::block_cap()), &["n1"], &[]),
+    )
+    .await
+    .volume_id;
+    let mut model = vec![0u8; size as usize];
+    common::Rng::new(31).fill(&mut model[..6 << 20]);
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &src).await;
+    write_at(&dev, 0, &model[..6 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &src).await;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-src", &src, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let rid = created(
+        &mut cc,
+        with_requirements(
+            c::create_from(
+                "pvc-follow",
+                size,
+                c::block_cap(),
+                Type::Snapshot(SnapshotSource { snapshot_id: snap }),
+            ),
+            &["n2"],
+            &["n2"],
+        ),
+    )
+    .await
+    .volume_id;
+    assert!(holds(&n2.agent, &tls, &rid).await);
+
+    // n1 moves to another port; the controller knows only that one now.
+    n1.move_agent();
+    drop(ctl);
+    ctl = start_ctl(&[&n1.agent, &n2.agent]);
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    eventually_or(
+        90,
+        "the fetch ends and n1's copy of the restore goes",
+        async || !holds(&n1.agent, &tls, &rid).await,
+        || format!("{}\n{}", n2.proc.log(), ctl.proc.log()),
+    )
+    .await;
+    assert!(
+        n2.proc.log().contains("reaches its source anew"),
+        "{}",
+        n2.proc.log()
+    );
+    n1.proc.kill9();
+    contents_are(&mut cc, &n2, &mut csi2, &rid, &model).await;
+}

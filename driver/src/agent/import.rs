@@ -15,7 +15,7 @@
 //!   was written here meanwhile), then ends the fetch. The volume's record
 //!   in the pool keeps the source (a [`Fetching`]), so a restarted node
 //!   connects the source again before it serves the volume
-//!   ([`connect_fetching`]) and resumes the fill ([`Imports::resume`]).
+//!   ([`Imports::connect_fetching`]) and resumes the fill ([`Imports::resume`]).
 //!
 //! Both run in the background; the controller polls the same call.
 
@@ -43,10 +43,13 @@ pub struct Fetching {
     pub rate_bytes_per_second: u64,
 }
 
-/// The copies of this process.
+/// The copies of this process, and the sources of its fetching volumes
+/// (one per volume, shared by its reads and its fill, so both follow the
+/// source when it is reached anew).
 #[derive(Debug, Default)]
 pub struct Imports {
     copies: Mutex<HashMap<VolumeId, Copy>>,
+    sources: Mutex<HashMap<VolumeId, Arc<RemoteVolume>>>,
 }
 
 /// A copy, with the grant it reads the source under: a copy made under
@@ -116,9 +119,10 @@ impl Imports {
         );
         drop(copies);
         let grant = req.grant.clone();
+        let imports = Arc::clone(self);
         self.spawn(started, vid, grant, progress, move |core, progress| {
             if req.lazy {
-                fill(core, vid, progress)
+                imports.fill(core, vid, progress)
             } else {
                 copy(core, vid, &req, progress)
             }
@@ -184,14 +188,16 @@ impl Imports {
             );
             drop(copies);
             tracing::info!(volume = %vid, "resuming the fetch of a volume");
+            let imports = Arc::clone(self);
             self.spawn(started, vid, grant, progress, move |core, progress| {
-                fill(core, vid, progress)
+                imports.fill(core, vid, progress)
             });
         }
     }
 
     /// Forgets a volume's copy (it was deleted).
     pub fn forget(&self, vid: VolumeId) {
+        self.sources.lock().expect("sources").remove(&vid);
         let mut copies = self.copies.lock().expect("imports");
         if !matches!(
             copies.get(&vid).map(|c| &c.state),
@@ -269,168 +275,201 @@ fn check_unused(core: &Core, vid: VolumeId) -> Result<(), Status> {
     }
 }
 
-/// Switch first, before the switch: makes the fetching volume and connects
-/// its source, unless an earlier call of the same move (the same grant)
-/// made it. Returns at once; [`fill`] copies. (After the switch the
-/// controller only polls, with `resume`: the volume may hold writes then,
-/// and is never made again.)
-pub fn prepare_fetch(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
-    let create = check_request(req)?;
-    let pool = &core.pool;
-    let made = pool
-        .fetching_volumes()
-        .map_err(status::engine)?
-        .into_iter()
-        .find_map(|(v, b)| (v == vid).then_some(b));
-    match (made, pool.volume(vid)) {
-        // Made by an earlier call of this move (this attachment).
-        (Some(b), Ok(vol))
-            if serde_json::from_slice::<Fetching>(&b)
-                .is_ok_and(|f| f.source.grant == req.grant) =>
-        {
-            if !vol.backing_connected() {
-                let source = open_source(core, vid, req)?;
-                vol.connect_backing(source).map_err(status::engine)?;
+impl Imports {
+    /// Switch first, before the switch: makes the fetching volume and connects
+    /// its source, unless an earlier call of the same move (the same grant)
+    /// made it. Returns at once; [`fill`] copies. (After the switch the
+    /// controller only polls, with `resume`: the volume may hold writes then,
+    /// and is never made again.)
+    pub fn prepare_fetch(
+        &self,
+        core: &Core,
+        vid: VolumeId,
+        req: &ImportRequest,
+    ) -> Result<(), Status> {
+        let create = check_request(req)?;
+        let pool = &core.pool;
+        let made = pool
+            .fetching_volumes()
+            .map_err(status::engine)?
+            .into_iter()
+            .find_map(|(v, b)| (v == vid).then_some(b));
+        match (made, pool.volume(vid)) {
+            // Made by an earlier call of this move (this attachment).
+            (Some(b), Ok(vol))
+                if serde_json::from_slice::<Fetching>(&b)
+                    .is_ok_and(|f| f.source.grant == req.grant) =>
+            {
+                if !vol.backing_connected() {
+                    self.connect(&vol, open_source(core, vid, req)?)?;
+                }
+                return Ok(());
             }
+            // Made under an older attachment of the source, fenced off since,
+            // or finished: this is called only before the switch, so nothing
+            // was written to it; it is made again.
+            (_, Ok(_)) => {
+                check_unused(core, vid)?;
+                pool.delete_volume(vid).map_err(status::engine)?;
+            }
+            (_, Err(Error::VolumeNotFound(_))) => {}
+            (_, Err(e)) => return Err(status::engine(e)),
+        }
+        let source = open_source(core, vid, req)?;
+        let size = Backing::size(source.as_ref());
+        if size != create.size_bytes {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is {size} bytes on node {}, not {} as its record says",
+                req.owner, create.size_bytes
+            )));
+        }
+        let record = Fetching {
+            source: source.target(),
+            size_bytes: size,
+            rate_bytes_per_second: req.rate_bytes_per_second,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
+        pool.create_fetching_volume(vid, size, &bytes)
+            .map_err(status::engine)?;
+        if create.max_chain_depth != 0 {
+            let policy = VolumePolicy {
+                max_chain_depth: create.max_chain_depth,
+            };
+            pool.set_policy(vid, policy).map_err(status::engine)?;
+        }
+        let vol = pool.volume(vid).map_err(status::engine)?;
+        self.connect(&vol, source)
+    }
+
+    /// After the switch (the controller's `resume` polls): if the source is
+    /// reached at another address now (its node's pod was made again), or with
+    /// another grant (a new agent key), the record and the connection follow.
+    pub fn retarget(&self, core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
+        let pool = &core.pool;
+        let Some(bytes) = pool
+            .fetching_volumes()
+            .map_err(status::engine)?
+            .into_iter()
+            .find_map(|(v, b)| (v == vid).then_some(b))
+        else {
+            // Not fetching (finished), or not here: the poll says which.
+            return pool.volume_info(vid).map(drop).map_err(status::engine);
+        };
+        let mut record: Fetching = serde_json::from_slice(&bytes)
+            .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
+        if record.source.address == req.address && record.source.grant == req.grant {
             return Ok(());
         }
-        // Made under an older attachment of the source, fenced off since,
-        // or finished: this is called only before the switch, so nothing
-        // was written to it; it is made again.
-        (_, Ok(_)) => {
-            check_unused(core, vid)?;
-            pool.delete_volume(vid).map_err(status::engine)?;
+        // Opened first: it checks the new address and grant.
+        let fresh = open_source(core, vid, req)?;
+        record.source = fresh.target();
+        let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
+        pool.set_fetch_record(vid, &bytes).map_err(status::engine)?;
+        let known = self.sources.lock().expect("sources").get(&vid).cloned();
+        match known {
+            // Reads and the running fill go there from now on.
+            Some(source) => source.retarget(&record.source).map_err(status::engine)?,
+            None => self.connect(&pool.volume(vid).map_err(status::engine)?, fresh)?,
         }
-        (_, Err(Error::VolumeNotFound(_))) => {}
-        (_, Err(e)) => return Err(status::engine(e)),
-    }
-    let source = open_source(core, vid, req)?;
-    let size = Backing::size(source.as_ref());
-    if size != create.size_bytes {
-        return Err(Status::failed_precondition(format!(
-            "volume {vid} is {size} bytes on node {}, not {} as its record says",
-            req.owner, create.size_bytes
-        )));
-    }
-    let record = Fetching {
-        source: source.target(),
-        size_bytes: size,
-        rate_bytes_per_second: req.rate_bytes_per_second,
-    };
-    let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
-    pool.create_fetching_volume(vid, size, &bytes)
-        .map_err(status::engine)?;
-    if create.max_chain_depth != 0 {
-        let policy = VolumePolicy {
-            max_chain_depth: create.max_chain_depth,
-        };
-        pool.set_policy(vid, policy).map_err(status::engine)?;
-    }
-    pool.volume(vid)
-        .and_then(|v| v.connect_backing(source))
-        .map_err(status::engine)
-}
-
-/// After the switch (the controller's `resume` polls): if the source is
-/// reached at another address now (its node's pod was made again), or with
-/// another grant (a new agent key), the record and the connection follow.
-pub fn retarget(core: &Core, vid: VolumeId, req: &ImportRequest) -> Result<(), Status> {
-    let pool = &core.pool;
-    let Some(bytes) = pool
-        .fetching_volumes()
-        .map_err(status::engine)?
-        .into_iter()
-        .find_map(|(v, b)| (v == vid).then_some(b))
-    else {
-        // Not fetching (finished), or not here: the poll says which.
-        return pool.volume_info(vid).map(drop).map_err(status::engine);
-    };
-    let mut record: Fetching = serde_json::from_slice(&bytes)
-        .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
-    if record.source.address == req.address && record.source.grant == req.grant {
-        return Ok(());
-    }
-    let source = open_source(core, vid, req)?;
-    record.source = source.target();
-    let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
-    pool.set_fetch_record(vid, &bytes).map_err(status::engine)?;
-    let vol = pool.volume(vid).map_err(status::engine)?;
-    vol.connect_backing(source).map_err(status::engine)?;
-    tracing::info!(volume = %vid, address = %req.address, "a fetching volume reaches its source anew");
-    Ok(())
-}
-
-/// Connects every fetching volume of `pool` to its source (at start,
-/// before staged volumes are served again: a read of a block not yet here
-/// must not fail). The owner is not called: reads wait for it as remote
-/// I/O does.
-pub fn connect_fetching(pool: &Pool, peers: &Peers) {
-    let fetching = match pool.fetching_volumes() {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!(error = %e, "listing fetching volumes");
-            return;
-        }
-    };
-    for (vid, bytes) in fetching {
-        let connected = serde_json::from_slice::<Fetching>(&bytes)
-            .map_err(|e| format!("its record is unreadable: {e}"))
-            .and_then(|f| {
-                let source = peers
-                    .open(&f.source, Some(f.size_bytes))
-                    .map_err(|e| e.to_string())?;
-                pool.volume(vid)
-                    .and_then(|v| v.connect_backing(source))
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = connected {
-            tracing::error!(volume = %vid, error = %e, "a fetching volume cannot reach its source: reads of blocks not yet here fail");
-        }
-    }
-}
-
-/// Switch first: copies the source's data extents into the fetching
-/// volume (what was written here meanwhile stays), then ends the fetch;
-/// the bytes copied.
-fn fill(core: &Core, vid: VolumeId, copied: &AtomicU64) -> Result<u64, Status> {
-    let pool = &core.pool;
-    let Some(bytes) = pool
-        .fetching_volumes()
-        .map_err(status::engine)?
-        .into_iter()
-        .find_map(|(v, b)| (v == vid).then_some(b))
-    else {
-        // Finished before (a repeated poll after a restart).
-        return Ok(0);
-    };
-    let record: Fetching = serde_json::from_slice(&bytes)
-        .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
-    let node = core.node.as_ref().ok_or_else(|| {
-        Status::failed_precondition("this process serves no node: it cannot copy volumes")
-    })?;
-    let source = node
-        .peers()
-        .map_err(status::node)?
-        .open(&record.source, Some(record.size_bytes))
-        .map_err(status::engine)?;
-    let volume = pool.volume(vid).map_err(status::engine)?;
-    // Connected whatever happened before (a failed connect at start).
-    volume
-        .connect_backing(source.clone())
-        .map_err(status::engine)?;
-    let bucket =
-        (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
-    each_data_chunk(&source, record.size_bytes, |at, n| {
-        if let Some(b) = &bucket {
-            b.take(n as u64);
-        }
-        let filled = volume.fill(at, n as u64).map_err(status::engine)?;
-        copied.fetch_add(filled, Ordering::Relaxed);
-        crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+        tracing::info!(volume = %vid, address = %req.address, "a fetching volume reaches its source anew");
         Ok(())
-    })?;
-    pool.finish_fetch(&volume).map_err(status::engine)?;
-    Ok(copied.load(Ordering::Relaxed))
+    }
+
+    /// Connects every fetching volume of `pool` to its source (at start,
+    /// before staged volumes are served again: a read of a block not yet here
+    /// must not fail). The owner is not called: reads wait for it as remote
+    /// I/O does.
+    pub fn connect_fetching(&self, pool: &Pool, peers: &Peers) {
+        let fetching = match pool.fetching_volumes() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "listing fetching volumes");
+                return;
+            }
+        };
+        for (vid, bytes) in fetching {
+            let connected = serde_json::from_slice::<Fetching>(&bytes)
+                .map_err(|e| format!("its record is unreadable: {e}"))
+                .and_then(|f| {
+                    let source = peers
+                        .open(&f.source, Some(f.size_bytes))
+                        .map_err(|e| e.to_string())?;
+                    let vol = pool.volume(vid).map_err(|e| e.to_string())?;
+                    self.connect(&vol, source)
+                        .map_err(|e| e.message().to_string())
+                });
+            if let Err(e) = connected {
+                tracing::error!(volume = %vid, error = %e, "a fetching volume cannot reach its source: reads of blocks not yet here fail");
+            }
+        }
+    }
+
+    /// Switch first: copies the source's data extents into the fetching
+    /// volume (what was written here meanwhile stays), then ends the fetch;
+    /// the bytes copied.
+    fn fill(&self, core: &Core, vid: VolumeId, copied: &AtomicU64) -> Result<u64, Status> {
+        let pool = &core.pool;
+        let Some(bytes) = pool
+            .fetching_volumes()
+            .map_err(status::engine)?
+            .into_iter()
+            .find_map(|(v, b)| (v == vid).then_some(b))
+        else {
+            // Finished before (a repeated poll after a restart).
+            return Ok(0);
+        };
+        let record: Fetching = serde_json::from_slice(&bytes)
+            .map_err(|e| Status::internal(format!("volume {vid}: fetch record: {e}")))?;
+        let volume = pool.volume(vid).map_err(status::engine)?;
+        let known = self.sources.lock().expect("sources").get(&vid).cloned();
+        let source = match known {
+            Some(s) if volume.backing_connected() => s,
+            // Connected whatever happened before (a failed connect at start).
+            _ => {
+                let node = core.node.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "this process serves no node: it cannot copy volumes",
+                    )
+                })?;
+                let source = node
+                    .peers()
+                    .map_err(status::node)?
+                    .open(&record.source, Some(record.size_bytes))
+                    .map_err(status::engine)?;
+                self.connect(&volume, Arc::clone(&source))?;
+                source
+            }
+        };
+        let bucket =
+            (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
+        each_data_chunk(&source, record.size_bytes, |at, n| {
+            if let Some(b) = &bucket {
+                b.take(n as u64);
+            }
+            let filled = volume.fill(at, n as u64).map_err(status::engine)?;
+            copied.fetch_add(filled, Ordering::Relaxed);
+            crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+            Ok(())
+        })?;
+        pool.finish_fetch(&volume).map_err(status::engine)?;
+        self.sources.lock().expect("sources").remove(&vid);
+        Ok(copied.load(Ordering::Relaxed))
+    }
+
+    /// Reads the fetching volume's blocks not yet here from `source`.
+    fn connect(
+        &self,
+        vol: &Arc<crate::engine::Volume>,
+        source: Arc<RemoteVolume>,
+    ) -> Result<(), Status> {
+        vol.connect_backing(Arc::clone(&source) as Arc<dyn Backing>)
+            .map_err(status::engine)?;
+        self.sources
+            .lock()
+            .expect("sources")
+            .insert(vol.id(), source);
+        Ok(())
+    }
 }
 
 /// Calls `f(offset, len)` for every piece (at most [`MAX_IO`] bytes) of the

@@ -64,6 +64,12 @@ impl AgentService {
         }
     }
 
+    /// Connects every fetching volume of `pool` to its source (at start,
+    /// before staged volumes are served again).
+    pub fn connect_fetching(&self, pool: &crate::engine::Pool, peers: &crate::peer::Peers) {
+        self.imports.connect_fetching(pool, peers);
+    }
+
     /// Resumes the fill of the fetching volumes (after a restart).
     pub fn resume_fetches(&self) {
         self.imports.resume(&self.started);
@@ -398,18 +404,18 @@ impl Agent for AgentService {
         if req.lazy && req.resume {
             // Nothing is made: the volume fetches here (from where the
             // source is now), or finished.
-            let now = req.clone();
+            let (now, imports) = (req.clone(), Arc::clone(&self.imports));
             self.blocking(move |core| {
                 if now.address.is_empty() {
                     core.pool.volume_info(vid).map(drop).map_err(status::engine)
                 } else {
-                    import::retarget(core, vid, &now)
+                    imports.retarget(core, vid, &now)
                 }
             })
             .await?;
         } else if req.lazy {
-            let prepare = req.clone();
-            self.blocking(move |core| import::prepare_fetch(core, vid, &prepare))
+            let (prepare, imports) = (req.clone(), Arc::clone(&self.imports));
+            self.blocking(move |core| imports.prepare_fetch(core, vid, &prepare))
                 .await?;
         } else if !self.imports.copying(vid) {
             // The volume is made afresh: no fence of an earlier copy of it

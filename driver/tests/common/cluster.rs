@@ -98,6 +98,12 @@ impl Proc {
         self.args.extend(extra.iter().map(|a| a.to_string()));
     }
 
+    /// Replaces the value after `flag` for the next start.
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        let at = self.args.iter().position(|a| a == flag).expect("flag");
+        self.args[at + 1] = value.to_string();
+    }
+
     /// (Re)starts the process and waits for its CSI socket (a socket left
     /// by a killed process is removed first, so it is not mistaken for
     /// the new one).
@@ -234,6 +240,17 @@ impl NodeProc {
             assert_eq!(node.proc.attach_backend(), want, "STRATA_EXPECT_ATTACH");
         }
         node
+    }
+
+    /// Restarts the node with its agent on another port, as a node whose
+    /// pod was made again comes back at a new address.
+    pub fn move_agent(&mut self) {
+        let agent = format!("127.0.0.1:{}", free_port());
+        self.proc.kill9();
+        self.proc.set_arg("--agent-listen", &agent);
+        self.agent = agent;
+        self.proc.spawn();
+        self.wait_for_agent();
     }
 
     /// Waits until the agent port accepts connections (it opens once the
