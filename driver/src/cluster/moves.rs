@@ -477,7 +477,7 @@ impl Moves {
                 Err(e) => {
                     self.note(&mut rec, &format!("waiting: {}", e.message()))
                         .await;
-                    return Err(e);
+                    return Err(waiting(e));
                 }
             }
             failpoint(FAILPOINTS[3]);
@@ -794,6 +794,19 @@ impl Moves {
         if let Err(e) = self.put(rec).await {
             tracing::warn!(volume = %rec.volume_id, error = %e.message(), "recording a move's progress");
         }
+    }
+}
+
+/// A failure of a node that did not answer (refused, reset or timed-out
+/// connections come as several codes) as UNAVAILABLE: the move waits for
+/// it, and a repeated call resumes.
+fn waiting(e: Status) -> Status {
+    match e.code() {
+        Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => Status::unavailable(format!(
+            "the move waits for a node that did not answer: {}",
+            e.message()
+        )),
+        _ => e,
     }
 }
 
