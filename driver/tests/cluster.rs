@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{ControllerProc, NodeProc, gen_certs};
@@ -1385,10 +1386,150 @@ async fn contents_are(
     );
 }
 
+/// Writes random 4 KiB blocks through `dev` into `model` until `stop`;
+/// how many. Every write is flushed (acknowledged durable) before the next.
+fn writer(
+    dev: std::path::PathBuf,
+    model: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seed: u64,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut rng = common::Rng::new(seed);
+        let mut n = 0;
+        let blocks = model.lock().unwrap().len() / 4096;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let at = (rng.next() as usize % blocks) * 4096;
+            let mut block = vec![0u8; 4096];
+            rng.fill(&mut block);
+            write_at(&dev, at as u64, &block).unwrap();
+            model.lock().unwrap()[at..at + 4096].copy_from_slice(&block);
+            n += 1;
+        }
+        n
+    })
+}
+
+/// Live moves of a volume a pod uses: a writer keeps writing (and
+/// flushing) through the device on n1 while the volume moves from its own
+/// node n1 to n2 (the device then reaches n2), from n2 to n3 (still
+/// remote), and from n3 back to n1 (local again); the device never
+/// returns an error, and after each move the whole device equals the
+/// model of every acknowledged write, only the new owner holds the volume,
+/// and the source held writes once for a short while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let nodes = [
+        NodeProc::start(root.path(), "n1", &tls),
+        NodeProc::start(root.path(), "n2", &tls),
+        NodeProc::start(root.path(), "n3", &tls),
+    ];
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+
+    let size = 16usize << 20;
+    let vol = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-live", size as i64, c::block_cap()),
+            &["n1"],
+            &[],
+        ),
+    )
+    .await;
+    let id = vol.volume_id.clone();
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let model = Arc::new(Mutex::new(vec![0u8; size]));
+    {
+        // A base of data to copy first.
+        let mut m = model.lock().unwrap();
+        common::Rng::new(5).fill(&mut m[..8 << 20]);
+        write_at(&dev, 0, &m[..8 << 20]).unwrap();
+    }
+    for (round, (from, to)) in [("n1", "n2"), ("n2", "n3"), ("n3", "n1")]
+        .into_iter()
+        .enumerate()
+    {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = writer(
+            dev.clone(),
+            Arc::clone(&model),
+            Arc::clone(&stop),
+            round as u64,
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = mc
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: to.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("move {from} -> {to}: {e:?}"))
+            .into_inner();
+        assert_eq!((r.from_node.as_str(), r.to_node.as_str()), (from, to));
+        // Writes go on at the new owner.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            writes > 0,
+            "the writer wrote nothing around the move {from} -> {to}"
+        );
+        let got = read_at(&dev, 0, size);
+        let first = got
+            .iter()
+            .zip(model.lock().unwrap().iter())
+            .position(|(a, b)| a != b);
+        assert!(
+            first.is_none(),
+            "after the move {from} -> {to} ({writes} writes), the device differs from the model at \
+             byte {first:?}"
+        );
+        for n in &nodes {
+            assert_eq!(
+                holds(&n.agent, &tls, &id).await,
+                n.id == to,
+                "after the move {from} -> {to}: node {} holds the volume or not",
+                n.id
+            );
+        }
+        let held = common::standalone::metric_value(
+            &nodes.iter().find(|n| n.id == from).unwrap().metrics(),
+            "strata_volume_move_hold_seconds_count",
+        );
+        assert!(held >= Some(1.0), "{from} never held writes: {held:?}");
+    }
+    assert_eq!(
+        common::standalone::metric_value(
+            &ctl.metrics(),
+            "strata_volume_moves_total{kind=\"live\",outcome=\"moved\"}"
+        ),
+        Some(3.0)
+    );
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let mut csi2 = Csi::connect(&nodes[1].csi_socket()).await;
+    let want = model.lock().unwrap().clone();
+    contents_are(&mut cc, &nodes[1], &mut csi2, &id, &want).await;
+}
+
 /// Moves between nodes of volumes no pod uses: the data arrives whole (a
 /// model of the volume is compared after every move), only data extents
 /// cross, the source's copy is gone, and `strata volume move` says so. A
-/// published or pinned volume does not move. The controller killed at
+/// pinned volume does not move. The controller killed at
 /// every step of a move, and the target killed in the middle of the
 /// copy: the move finishes, by the next leader or the next call. A drain
 /// moves what can move and says why the rest stays.
@@ -1406,7 +1547,6 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     let mut n2 = NodeProc::start(root.path(), "n2", &tls);
     let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
-    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
@@ -1436,21 +1576,6 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
         detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
     }
     let written = (6 << 20) - 4096;
-
-    // Published (to n2, remotely): it does not move, and stays usable.
-    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &id).await;
-    let e = mc
-        .move_volume(MoveVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "n2".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("published to node n2"), "{e:?}");
-    assert!(read_at(&dev, 0, size as usize) == model);
-    detach_and_unpublish(&mut cc, &n2, &mut csi2, &id).await;
-    assert!(holds(&n1.agent, &tls, &id).await && !holds(&n2.agent, &tls, &id).await);
 
     // The move, with the CLI: only the data crossed.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))

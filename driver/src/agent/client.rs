@@ -64,4 +64,7 @@ forward! {
     detach(AttachRequest) -> AttachReply;
     seal(SealRequest) -> AttachReply;
     import(ImportRequest) -> ImportReply;
+    track(TrackRequest) -> TrackReply;
+    hold(HoldRequest) -> HoldReply;
+    follow(FollowRequest) -> FollowReply;
 }

@@ -20,7 +20,7 @@
 //! Both run in the background; the controller polls the same call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use csi_proto::agent::v1::{ImportReply, ImportRequest};
@@ -29,7 +29,7 @@ use tonic::Status;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::jobs::throttle::Bucket;
-use crate::engine::{Backing, Error, Pool, VolumeId, VolumePolicy};
+use crate::engine::{Backing, Error, Pool, VolumeId, VolumePolicy, ZeroFlags};
 use crate::peer::{MAX_IO, MAX_MAP, Peers, RemoteVolume, Target};
 use crate::rpc::{Core, Started, status};
 
@@ -50,7 +50,33 @@ pub struct Fetching {
 pub struct Imports {
     copies: Mutex<HashMap<VolumeId, Copy>>,
     sources: Mutex<HashMap<VolumeId, Arc<RemoteVolume>>>,
+    live: Mutex<HashMap<VolumeId, Arc<Live>>>,
 }
+
+/// A live move's copy (see [`Imports::poll_live`]).
+#[derive(Debug, Default)]
+struct Live {
+    grant: String,
+    copied: AtomicU64,
+    /// Bytes the last round of changes held.
+    pending: AtomicU64,
+    /// A round found less than [`CONVERGED`] changed.
+    converged: AtomicBool,
+    /// The newest hold the controller asked a final round for, and the
+    /// newest one a round found nothing changed under (then flushed).
+    asked: AtomicU64,
+    synced: AtomicU64,
+    failed: Mutex<Option<Status>>,
+    stop: AtomicBool,
+    finished: AtomicBool,
+}
+
+/// Changes below this are copied under the hold (at worst 128 separate
+/// blocks, each a request).
+const CONVERGED: u64 = 512 << 10;
+
+/// Ranges one round of changes asks for at most.
+const ROUND_RANGES: u32 = 1 << 14;
 
 /// A copy, with the grant it reads the source under: a copy made under
 /// another attachment of the source (an older move, fenced off since) is
@@ -85,6 +111,7 @@ impl Imports {
             copied_bytes,
             done,
             fetching: lazy,
+            pending_bytes: 0,
         };
         if let Some(c) = copies.get(&vid) {
             // A resumed fill reads under the grant its record keeps.
@@ -195,8 +222,86 @@ impl Imports {
         }
     }
 
+    /// A live move's copy (`agent.proto`, Import with `live`): started
+    /// unless it runs under this grant; its progress.
+    pub fn poll_live(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        req: ImportRequest,
+    ) -> Result<ImportReply, Status> {
+        let mut lives = self.live.lock().expect("live copies");
+        if let Some(l) = lives.get(&vid).cloned() {
+            if l.grant == req.grant {
+                let failed = l.failed.lock().expect("failure").take();
+                if let Some(s) = failed {
+                    lives.remove(&vid);
+                    return Err(s);
+                }
+                l.asked.fetch_max(req.final_hold, Ordering::AcqRel);
+                let done = if req.final_hold > 0 {
+                    l.synced.load(Ordering::Acquire) >= req.final_hold
+                } else {
+                    l.converged.load(Ordering::Acquire)
+                };
+                return Ok(ImportReply {
+                    copied_bytes: l.copied.load(Ordering::Relaxed),
+                    done,
+                    fetching: false,
+                    pending_bytes: l.pending.load(Ordering::Relaxed),
+                });
+            }
+            l.stop.store(true, Ordering::Release);
+            if !l.finished.load(Ordering::Acquire) {
+                return Err(Status::unavailable(format!(
+                    "a copy of volume {vid} under an older grant is still stopping; retry"
+                )));
+            }
+        }
+        let live = Arc::new(Live {
+            grant: req.grant.clone(),
+            ..Live::default()
+        });
+        lives.insert(vid, Arc::clone(&live));
+        drop(lives);
+        let started = started.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = started
+                .get()
+                .and_then(|core| copy_live(core, vid, &req, &live));
+            if let Err(s) = outcome {
+                // Once the move sealed the source, its grant ends: expected.
+                if live.synced.load(Ordering::Acquire) == 0 {
+                    tracing::warn!(volume = %vid, error = %s.message(), "a live move's copy failed");
+                }
+                *live.failed.lock().expect("failure") = Some(s);
+            }
+            live.finished.store(true, Ordering::Release);
+        });
+        Ok(ImportReply::default())
+    }
+
+    /// Whether a live copy into `vid` runs.
+    pub fn live_running(&self, vid: VolumeId) -> bool {
+        self.live
+            .lock()
+            .expect("live copies")
+            .get(&vid)
+            .is_some_and(|l| !l.finished.load(Ordering::Acquire))
+    }
+
+    /// Stops a live copy into `vid` (at its next round).
+    pub fn stop_live(&self, vid: VolumeId) {
+        if let Some(l) = self.live.lock().expect("live copies").get(&vid) {
+            l.stop.store(true, Ordering::Release);
+        }
+    }
+
     /// Forgets a volume's copy (it was deleted).
     pub fn forget(&self, vid: VolumeId) {
+        if let Some(l) = self.live.lock().expect("live copies").remove(&vid) {
+            l.stop.store(true, Ordering::Release);
+        }
         self.sources.lock().expect("sources").remove(&vid);
         let mut copies = self.copies.lock().expect("imports");
         if !matches!(
@@ -543,4 +648,57 @@ fn copy(
     })?;
     volume.flush().map_err(status::engine)?;
     Ok(copied.load(Ordering::Relaxed))
+}
+
+/// A live move's copy: the whole volume as [`copy`] does, then rounds of
+/// the source's changes (each range read and written here, zeros as
+/// zeros) until stopped or the source ends the move's grant.
+fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Result<(), Status> {
+    copy(core, vid, req, &l.copied)?;
+    tracing::info!(volume = %vid, bytes = l.copied.load(Ordering::Relaxed), "a live move copied the volume: now its changes");
+    let source = open_source(core, vid, req)?;
+    let volume = core.pool.volume(vid).map_err(status::engine)?;
+    let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
+    let mut buf = vec![0u8; MAX_IO];
+    while !l.stop.load(Ordering::Acquire) {
+        let want = l.asked.load(Ordering::Acquire);
+        let ranges = source.changes(ROUND_RANGES).map_err(status::engine)?;
+        let mut bytes = 0;
+        for (offset, length) in ranges {
+            let end = offset + length;
+            let mut at = offset;
+            while at < end {
+                let n = ((end - at) as usize).min(MAX_IO);
+                // The last delta (under the hold) is not throttled.
+                if let (Some(b), 0) = (&bucket, want) {
+                    b.take(n as u64);
+                }
+                Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
+                if buf[..n].iter().all(|&b| b == 0) {
+                    volume
+                        .write_zeroes(at, n as u64, ZeroFlags::default())
+                        .map_err(status::engine)?;
+                } else {
+                    volume.write(at, &buf[..n], false).map_err(status::engine)?;
+                }
+                at += n as u64;
+                bytes += n as u64;
+            }
+        }
+        l.copied.fetch_add(bytes, Ordering::Relaxed);
+        l.pending.store(bytes, Ordering::Relaxed);
+        tracing::debug!(volume = %vid, bytes, want, "a live move's round of changes");
+        if bytes == 0 && want > 0 {
+            volume.flush().map_err(status::engine)?;
+            l.synced.fetch_max(want, Ordering::AcqRel);
+        } else if bytes < CONVERGED {
+            l.converged.store(true, Ordering::Release);
+        }
+        if bytes < CONVERGED && l.asked.load(Ordering::Acquire) == want {
+            // Few changes: ask again a little later (a final round, asked
+            // meanwhile, at once).
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    Ok(())
 }

@@ -134,6 +134,9 @@ fn snapshot_reply(s: &SnapshotInfo) -> SnapshotReply {
     }
 }
 
+/// The longest hold of a volume's writes a live move may ask for.
+const MAX_HOLD_MS: u32 = 10_000;
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn node_info(
@@ -210,7 +213,15 @@ impl Agent for AgentService {
             return Ok(Response::new(DeleteReply {}));
         };
         let node_id = self.node_id.clone();
-        if self.imports.copying(vid) {
+        // A live move's copy stops at its next round.
+        self.imports.stop_live(vid);
+        for _ in 0..500 {
+            if !self.imports.live_running(vid) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if self.imports.copying(vid) || self.imports.live_running(vid) {
             return Err(Status::unavailable(format!(
                 "volume {vid} is being copied here by a move; retry when the copy ends"
             )));
@@ -268,6 +279,7 @@ impl Agent for AgentService {
         let vid = volume_id(&req.volume_id)?;
         // No move begins or seals meanwhile.
         let _steady = self.attachments.steady().await;
+        let moving = self.attachments.mover(vid).is_some();
         let info = self
             .blocking(move |core| {
                 let info = core.pool.volume_info(vid).map_err(status::engine)?;
@@ -275,7 +287,7 @@ impl Agent for AgentService {
                     return Ok(info);
                 }
                 let a = core.pool.attachment(vid).map_err(status::engine)?;
-                if a.for_move || a.moved {
+                if a.for_move || a.moved || moving {
                     return Err(Status::failed_precondition(format!(
                         "volume {vid} is being copied to node {} by a move: it grows after the \
                          move",
@@ -376,11 +388,94 @@ impl Agent for AgentService {
             return Err(Status::invalid_argument("node_id is required"));
         }
         let vid = volume_id(&req.volume_id)?;
+        let live = self.attachments.mover(vid) == Some((req.node_id.clone(), req.epoch))
+            || self
+                .blocking(move |core| core.pool.attachment(vid).map_err(status::engine))
+                .await
+                .is_ok_and(|a| a.moved && a.live);
+        if live {
+            let held = self
+                .attachments
+                .seal_live(&self.started, vid, &req.node_id, req.epoch)
+                .await?;
+            if !held.is_zero() {
+                self.metrics.move_hold(held);
+            }
+            return Ok(Response::new(AttachReply { epoch: req.epoch }));
+        }
         let epoch = self
             .attachments
             .seal(&self.started, vid, &req.node_id, req.epoch)
             .await?;
         Ok(Response::new(AttachReply { epoch }))
+    }
+
+    async fn track(&self, req: Request<TrackRequest>) -> Result<Response<TrackReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        if req.node_id.is_empty() || req.node_id == self.node_id {
+            return Err(Status::invalid_argument(format!(
+                "a move of volume {vid} needs another node than this one ({:?})",
+                req.node_id
+            )));
+        }
+        let (epoch, now) = self
+            .attachments
+            .track(&self.started, vid, &req.node_id)
+            .await?;
+        Ok(Response::new(TrackReply {
+            epoch,
+            sealed: now.moved,
+            published_to: if now.moved { String::new() } else { now.node },
+            read_only: now.read_only,
+        }))
+    }
+
+    async fn hold(&self, req: Request<HoldRequest>) -> Result<Response<HoldReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        if req.deadline_ms == 0 || req.deadline_ms > MAX_HOLD_MS {
+            return Err(Status::invalid_argument(format!(
+                "a hold's deadline is 1 to {MAX_HOLD_MS} ms, not {}",
+                req.deadline_ms
+            )));
+        }
+        let deadline = std::time::Duration::from_millis(u64::from(req.deadline_ms));
+        let held = std::time::Instant::now();
+        self.attachments
+            .hold(&self.started, vid, &req.node_id, req.epoch, deadline)
+            .await?;
+        tracing::debug!(volume = %vid, drained_ms = held.elapsed().as_millis() as u64, "writes held for a live move");
+        Ok(Response::new(HoldReply {}))
+    }
+
+    async fn follow(&self, req: Request<FollowRequest>) -> Result<Response<FollowReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        let target = (req.owner != self.node_id).then(|| crate::peer::Target {
+            volume_id: req.volume_id.clone(),
+            owner: req.owner.clone(),
+            address: req.address.clone(),
+            grant: req.grant.clone(),
+        });
+        if target
+            .as_ref()
+            .is_some_and(|t| t.address.is_empty() || t.grant.is_empty())
+        {
+            return Err(Status::invalid_argument(
+                "address and grant are required for another node's volume",
+            ));
+        }
+        let staged = self
+            .blocking(move |core| {
+                let node = core
+                    .node
+                    .as_ref()
+                    .ok_or_else(|| Status::failed_precondition("this process serves no node"))?;
+                node.follow(vid, target).map_err(status::node)
+            })
+            .await?;
+        Ok(Response::new(FollowReply { staged }))
     }
 
     async fn import(&self, req: Request<ImportRequest>) -> Result<Response<ImportReply>, Status> {
@@ -400,6 +495,16 @@ impl Agent for AgentService {
                 "volume {vid} cannot be moved from node {} to itself",
                 req.owner
             )));
+        }
+        if req.live {
+            if !self.imports.live_running(vid) {
+                self.attachments.forget(vid);
+            }
+            return Ok(Response::new(self.imports.poll_live(
+                &self.started,
+                vid,
+                req,
+            )?));
         }
         if req.lazy && req.resume {
             // Nothing is made: the volume fetches here (from where the

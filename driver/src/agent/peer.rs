@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Attachment, VolumeId, ZeroFlags};
 use crate::metrics::Metrics;
-use crate::peer::{BOOT_HEADER, GrantKey, MAX_IO, MAX_MAP, SESSION_HEADER};
+use crate::peer::{BOOT_HEADER, GrantKey, MAX_IO, MAX_MAP, MOVED_HEADER, SESSION_HEADER};
 use crate::rpc::{Core, Started, status};
 
 /// The attachments of this node's volumes, and their requests in the
@@ -53,6 +53,9 @@ struct Fence {
     current: usize,
     /// Admitted under older sessions or attachments, not finished.
     older: usize,
+    /// A live move's target and the epoch of its grant (see
+    /// [`Attachments::track`]); in memory only.
+    mover: Option<(String, u64)>,
 }
 
 /// What Attach and Detach ask for.
@@ -85,14 +88,16 @@ enum Change<'a> {
 struct Admitted {
     attachments: Arc<Attachments>,
     vid: VolumeId,
-    key: (u64, u64),
+    /// `None` for a live move's reads (not ordered with the attachment's).
+    key: Option<(u64, u64)>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        let Some(key) = self.key else { return };
         let mut fences = self.attachments.fences.lock().expect("fences");
         if let Some(f) = fences.get_mut(&self.vid) {
-            if (f.attachment.epoch, f.session) == self.key {
+            if (f.attachment.epoch, f.session) == key {
                 f.current -= 1;
             } else {
                 f.older -= 1;
@@ -216,6 +221,153 @@ impl Attachments {
             .await
     }
 
+    /// The live move of `vid` under way in this process, if any.
+    pub fn mover(&self, vid: VolumeId) -> Option<(String, u64)> {
+        self.fences.lock().expect("fences").get(&vid)?.mover.clone()
+    }
+
+    /// Starts (or finds) a live move of `vid` to `node` (see `agent.proto`,
+    /// Track): the move's epoch and the volume's attachment now.
+    pub async fn track(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+    ) -> Result<(u64, Attachment), Status> {
+        let _one = self.changes.lock().await;
+        self.load(started, vid).await?;
+        let (now, mover) = {
+            let fences = self.fences.lock().expect("fences");
+            let f = &fences[&vid];
+            (f.attachment.clone(), f.mover.clone())
+        };
+        if now.moved {
+            if now.live && now.node == node {
+                return Ok((0, now));
+            }
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} moved to node {}: this node no longer serves it",
+                now.node
+            )));
+        }
+        if now.for_move {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is being copied to node {} (a move of an unused volume)",
+                now.node
+            )));
+        }
+        match mover {
+            Some((n, epoch)) if n == node => return Ok((epoch, now)),
+            Some((n, _)) => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} is moving to node {n}"
+                )));
+            }
+            None => {}
+        }
+        let (lost, vol) = blocking(started, move |core| {
+            Ok((core.pool.volume_fault(vid)?, core.pool.volume(vid)?))
+        })
+        .await?;
+        if let Some(why) = lost {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} lost data ({why}): acknowledge it (strata volume \
+                 acknowledge-loss) before moving it"
+            )));
+        }
+        if vol.fetching() {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is still being fetched from another node"
+            )));
+        }
+        // Far above any attachment's epoch: a move's grant is never taken
+        // for an attachment's.
+        let epoch = (1 << 62) | (crate::engine::pool::now_ns() >> 2);
+        vol.track_changes();
+        self.fences
+            .lock()
+            .expect("fences")
+            .get_mut(&vid)
+            .expect("loaded")
+            .mover = Some((node.to_string(), epoch));
+        tracing::info!(volume = %vid, to = node, "a live move began: changes are recorded");
+        Ok((epoch, now))
+    }
+
+    /// Holds the writes of `vid` for the live move (`node`, `epoch`) until
+    /// its seal, or `deadline` (see `agent.proto`, Hold).
+    pub async fn hold(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+        epoch: u64,
+        deadline: Duration,
+    ) -> Result<(), Status> {
+        let _one = self.changes.lock().await;
+        self.load(started, vid).await?;
+        if self.mover(vid) != Some((node.to_string(), epoch)) {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is not moving live to node {node} under epoch {epoch}"
+            )));
+        }
+        blocking(started, move |core| {
+            core.pool.volume(vid)?.hold_writes(deadline);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The seal of the live move (`node`, `epoch`) while its hold lasts
+    /// (see `agent.proto`, Seal); how long the hold lasted.
+    pub async fn seal_live(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+        epoch: u64,
+    ) -> Result<Duration, Status> {
+        let _one = self.changes.lock().await;
+        self.load(started, vid).await?;
+        let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
+        if now.moved && now.live && now.node == node {
+            return Ok(Duration::ZERO);
+        }
+        if self.mover(vid) != Some((node.to_string(), epoch)) {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} is not moving live to node {node} under epoch {epoch}"
+            )));
+        }
+        let sealed = Attachment {
+            node: node.to_string(),
+            epoch: now.epoch + 1,
+            read_only: true,
+            for_move: true,
+            moved: true,
+            live: true,
+        };
+        let (durable, to) = (sealed.clone(), node.to_string());
+        let held = blocking(started, move |core| {
+            let vol = core.pool.volume(vid)?;
+            vol.retire_held(&to, || core.pool.set_attachment(vid, &durable))
+        })
+        .await?
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "the hold of volume {vid}'s writes ended (its deadline) before the seal: \
+                 writes went on, and the move copies on"
+            ))
+        })?;
+        let mut fences = self.fences.lock().expect("fences");
+        let f = fences.get_mut(&vid).expect("loaded");
+        f.session = 0;
+        f.older += std::mem::take(&mut f.current);
+        f.attachment = sealed;
+        f.mover = None;
+        tracing::info!(volume = %vid, to = node, hold_ms = held.as_millis() as u64, "a live move sealed this copy: the volume is the target's");
+        Ok(held)
+    }
+
     /// Ends the attachment of `node`, if it has it ("": whichever node);
     /// with `for_move`, only if it is a move's.
     pub async fn detach(
@@ -237,6 +389,33 @@ impl Attachments {
     ) -> Result<u64, Status> {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
+        // A rollback ends a live move (in memory: its grant, change record
+        // and hold).
+        if let Change::Detach {
+            node,
+            for_move: true,
+        } = change
+        {
+            let ended = {
+                let mut fences = self.fences.lock().expect("fences");
+                let f = fences.get_mut(&vid).expect("loaded");
+                let ends = f.mover.as_ref().is_some_and(|(n, _)| n == node);
+                if ends {
+                    f.mover = None;
+                }
+                ends
+            };
+            if ended {
+                blocking(started, move |core| {
+                    let vol = core.pool.volume(vid)?;
+                    vol.release_writes();
+                    vol.untrack_changes();
+                    Ok(())
+                })
+                .await?;
+                tracing::info!(volume = %vid, to = node, "a live move was rolled back");
+            }
+        }
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
         // A copy must not make a volume that lost data look whole.
         if matches!(change, Change::AttachForMove { .. }) && now.node.is_empty() {
@@ -298,7 +477,7 @@ impl Attachments {
                 epoch: now.epoch + 1,
                 read_only: true,
                 for_move: true,
-                moved: false,
+                ..Attachment::default()
             }),
             Change::AttachForMove { .. } => {
                 return Err(Status::failed_precondition(format!(
@@ -432,7 +611,22 @@ impl PeerService {
             {
                 let mut fences = self.attachments.fences.lock().expect("fences");
                 let f = fences.get_mut(&vid).expect("loaded");
+                if f.mover.as_ref() == Some(&(g.node_id.clone(), g.epoch)) && g.read_only {
+                    if writes {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {vid}: a move's grant only reads; not executed"
+                        )));
+                    }
+                    return Ok(Admitted {
+                        attachments: Arc::clone(&self.attachments),
+                        vid,
+                        key: None,
+                    });
+                }
                 let a = &f.attachment;
+                if a.moved && a.live {
+                    return Err(moved(vid, &a.node));
+                }
                 if a.node != g.node_id || a.epoch != g.epoch {
                     return Err(Status::permission_denied(format!(
                         "volume {vid} is not published to node {} under epoch {} (its \
@@ -482,7 +676,7 @@ impl PeerService {
                     return Ok(Admitted {
                         attachments: Arc::clone(&self.attachments),
                         vid,
-                        key: (g.epoch, g.session),
+                        key: Some((g.epoch, g.session)),
                     });
                 }
             }
@@ -503,13 +697,29 @@ impl PeerService {
         tokio::task::spawn_blocking(move || {
             let core: &Core = started.get()?;
             let v = core.pool.volume(admitted.vid).map_err(status::engine)?;
-            let r = f(&v).map_err(status::engine);
+            // Held by a live move's hold, then refused by its seal.
+            let r = f(&v).map_err(|e| match e {
+                crate::engine::Error::Moved { volume, node } => moved(volume, &node),
+                e => status::engine(e),
+            });
             drop(admitted);
             r
         })
         .await
         .map_err(status::join)?
     }
+}
+
+/// The refusal of a request for a volume that moved away live, naming
+/// its new owner (`peer.proto`).
+fn moved(vid: VolumeId, node: &str) -> Status {
+    let mut s = Status::unavailable(format!(
+        "volume {vid} moved to node {node}; not executed (the attachment follows it)"
+    ));
+    if let Ok(v) = node.parse() {
+        s.metadata_mut().insert(MOVED_HEADER, v);
+    }
+    s
 }
 
 fn io_len(len: u64) -> Result<usize, Status> {
@@ -615,7 +825,38 @@ impl Peer for PeerService {
             .await?;
         Ok(self.reply(MapReply { data }))
     }
+
+    async fn changes(&self, req: Request<ChangesRequest>) -> Result<Response<MapReply>, Status> {
+        let req = req.into_inner();
+        let grant = req
+            .grant
+            .ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
+        let vid: VolumeId = grant
+            .volume_id
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("volume {:?}", grant.volume_id)))?;
+        let mover = self.attachments.mover(vid);
+        if mover != Some((grant.node_id.clone(), grant.epoch)) {
+            return Err(Status::permission_denied(format!(
+                "volume {vid} is not moving live to node {} under epoch {}",
+                grant.node_id, grant.epoch
+            )));
+        }
+        let max = (req.max as usize).clamp(1, MAX_CHANGES);
+        let data = self
+            .on_volume(Some(&grant), false, move |v| {
+                Ok(v.take_changes(max).unwrap_or_default())
+            })
+            .await?
+            .into_iter()
+            .map(|(offset, length)| Extent { offset, length })
+            .collect();
+        Ok(self.reply(MapReply { data }))
+    }
 }
+
+/// Ranges one Changes answer carries at most.
+const MAX_CHANGES: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

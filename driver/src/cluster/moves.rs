@@ -62,6 +62,17 @@ pub struct Move {
     /// target serves the volume at once and fetches it behind.
     #[serde(default)]
     pub lazy: bool,
+    /// Live: the volume is in use (published) while it moves; the source
+    /// records its changes, and the last delta is copied while its writes
+    /// are held.
+    #[serde(default)]
+    pub live: bool,
+    /// Live: the node the volume was published to when the move began, and
+    /// how; its attachment follows the volume after the switch.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub published_to: String,
+    #[serde(default)]
+    pub read_only: bool,
     pub phase: MovePhase,
     /// What the move waits for, or how far the copy is.
     #[serde(default)]
@@ -79,6 +90,9 @@ pub enum MovePhase {
     /// copies in the blocks it does not have yet, reading them from the
     /// source meanwhile.
     Fetching,
+    /// Live, after the switch: the node the volume is published to is
+    /// told to reach it on the target.
+    Following,
     /// Step 6: the target owns it; the source's copy is removed.
     Removing,
     /// Rolling back: the source's copy is the volume again (it may be
@@ -93,6 +107,7 @@ impl MovePhase {
         match self {
             MovePhase::Copying => "copying",
             MovePhase::Fetching => "fetching",
+            MovePhase::Following => "following",
             MovePhase::Removing => "removing",
             MovePhase::Aborting => "aborting",
             MovePhase::Unknown => "unknown",
@@ -103,6 +118,7 @@ impl MovePhase {
         [
             MovePhase::Copying,
             MovePhase::Fetching,
+            MovePhase::Following,
             MovePhase::Removing,
             MovePhase::Aborting,
         ]
@@ -126,6 +142,26 @@ fn failpoint(name: &str) {
 
 /// How often the copy's progress is asked.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How often a live move's last delta is asked about.
+const HOLD_POLL: Duration = Duration::from_millis(2);
+
+/// How long a live move may hold the volume's writes.
+const HOLD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Holds a live move tries before it gives up.
+const HOLD_TRIES: usize = 5;
+
+/// The metrics label of a move's kind.
+fn kind(m: &Move) -> &'static str {
+    if m.lazy {
+        "switch_first"
+    } else if m.live {
+        "live"
+    } else {
+        "copy_first"
+    }
+}
 
 /// How often the copy's progress is written to the record.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -423,6 +459,9 @@ impl Moves {
                     from: rec.node.clone(),
                     to,
                     lazy,
+                    live: false,
+                    published_to: String::new(),
+                    read_only: false,
                     phase: MovePhase::Copying,
                     message: "attaching the source for the copy".into(),
                     started_unix_ns: now_ns(),
@@ -435,6 +474,13 @@ impl Moves {
                 if t == m.from && matches!(m.phase, MovePhase::Copying | MovePhase::Aborting) =>
             {
                 let from = m.from.clone();
+                if m.live && m.phase == MovePhase::Copying && self.sealed_live(&rec, m).await? {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {id} is switching to node {} (its copy there is complete); move \
+                         it back once that is done",
+                        m.to
+                    )));
+                }
                 if m.phase == MovePhase::Copying {
                     self.set_phase(&mut rec, MovePhase::Aborting, "cancelled")
                         .await?;
@@ -458,10 +504,14 @@ impl Moves {
             }
             (Some(_), _) => {}
         }
-        let m = rec.moving.clone().expect("moving");
+        let mut m = rec.moving.clone().expect("moving");
         if m.phase == MovePhase::Copying {
             match self.copy(&mut rec, &m).await {
-                Ok(n) => copied = n,
+                Ok(n) => {
+                    copied = n;
+                    // The copy found out whether the volume is in use.
+                    m = rec.moving.clone().expect("moving");
+                }
                 // Refused before the switch: nothing was written to the
                 // target's copy, so the source's is the volume again.
                 Err(e) if refused(&e) => {
@@ -486,6 +536,9 @@ impl Moves {
             if m.lazy {
                 self.set_phase(&mut rec, MovePhase::Fetching, "fetching")
                     .await?;
+            } else if rec.moving.as_ref().is_some_and(|m| m.live) {
+                self.set_phase(&mut rec, MovePhase::Following, "re-pointing the attachment")
+                    .await?;
             } else {
                 self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
                     .await?;
@@ -494,6 +547,19 @@ impl Moves {
         }
         if rec.moving.as_ref().map(|m| m.phase) == Some(MovePhase::Fetching) {
             copied = self.fetch(&mut rec, &m).await?;
+            self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
+                .await?;
+        }
+        if rec.moving.as_ref().map(|m| m.phase) == Some(MovePhase::Following) {
+            let live = rec.moving.clone().expect("moving");
+            if let Err(e) = self.follow(&rec, &live).await {
+                self.note(
+                    &mut rec,
+                    &format!("re-pointing the attachment, waiting: {}", e.message()),
+                )
+                .await;
+                return Err(waiting(e));
+            }
             self.set_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
                 .await?;
         }
@@ -522,7 +588,7 @@ impl Moves {
             _ => {}
         }
         tracing::info!(volume = id, from = %m.from, to = %m.to, copied, "volume moved");
-        self.metrics.volume_moved(m.lazy, true, copied);
+        self.metrics.volume_moved(kind(&m), true, copied);
         Ok(MoveVolumeReply {
             volume_id: id.to_string(),
             from_node: m.from,
@@ -582,6 +648,7 @@ impl Moves {
         rec: &mut VolumeRecord,
         target: &dyn Agent,
         import: agent::ImportRequest,
+        poll: Duration,
     ) -> Result<u64, Status> {
         let mut told = Instant::now();
         loop {
@@ -605,7 +672,7 @@ impl Moves {
                 self.note(rec, &format!("copied {} MiB", r.copied_bytes >> 20))
                     .await;
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(poll).await;
         }
     }
 
@@ -630,9 +697,10 @@ impl Moves {
                 lazy: true,
                 resume: true,
                 rate_bytes_per_second: self.rate,
+                ..Default::default()
             };
             let polled = match self.cluster.nodes.agent(&m.to) {
-                Ok(target) => self.until_copied(rec, &*target, request).await,
+                Ok(target) => self.until_copied(rec, &*target, request, POLL).await,
                 Err(e) => Err(e),
             };
             match polled {
@@ -678,6 +746,9 @@ impl Moves {
         let nodes = &self.cluster.nodes;
         let source = nodes.agent(&m.from)?;
         let target = nodes.agent(&m.to)?;
+        if !m.lazy && (m.live || self.in_use(rec, m).await?) {
+            return self.copy_live(rec).await;
+        }
         let (address, grant) = self.source_grant(rec, m).await?;
         let epoch = grant::decode(&id, &grant).map_or(0, |g| g.epoch);
         failpoint(FAILPOINTS[1]);
@@ -700,7 +771,7 @@ impl Moves {
             grant,
             rate_bytes_per_second: self.rate,
             lazy: m.lazy,
-            resume: false,
+            ..Default::default()
         };
         let copied = if m.lazy {
             // Made there, reading from here: the copy goes on after the
@@ -717,7 +788,7 @@ impl Moves {
             }
             0
         } else {
-            self.until_copied(rec, &*target, import).await?
+            self.until_copied(rec, &*target, import, POLL).await?
         };
         failpoint(FAILPOINTS[2]);
         source
@@ -728,6 +799,204 @@ impl Moves {
             }))
             .await?;
         Ok(copied)
+    }
+
+    /// Whether the volume is published (a live move, recorded so in the
+    /// move before anything is copied), or not (a copy-first move).
+    async fn in_use(&self, rec: &mut VolumeRecord, m: &Move) -> Result<bool, Status> {
+        let source = self.cluster.nodes.agent(&m.from)?;
+        let tracked = source
+            .track(Request::new(agent::TrackRequest {
+                volume_id: rec.volume_id.clone(),
+                node_id: m.to.clone(),
+            }))
+            .await;
+        let t = match tracked {
+            Ok(t) => t.into_inner(),
+            // Copied (or sealed) for a copy-first move already.
+            Err(e) if e.code() == Code::FailedPrecondition => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if t.published_to.is_empty() && !t.sealed {
+            // Unused: copied first (the live move's record ends).
+            source
+                .detach(Request::new(agent::AttachRequest {
+                    volume_id: rec.volume_id.clone(),
+                    node_id: m.to.clone(),
+                    for_move: true,
+                    ..Default::default()
+                }))
+                .await?;
+            return Ok(false);
+        }
+        if let Some(m) = rec.moving.as_mut() {
+            m.live = true;
+            m.published_to = t.published_to;
+            m.read_only = t.read_only;
+            m.message = "copying while in use".into();
+        }
+        self.put(rec).await?;
+        Ok(true)
+    }
+
+    /// Whether the source sealed its copy for a live move (the switch
+    /// must go on).
+    async fn sealed_live(&self, rec: &VolumeRecord, m: &Move) -> Result<bool, Status> {
+        let t = self
+            .cluster
+            .nodes
+            .agent(&m.from)?
+            .track(Request::new(agent::TrackRequest {
+                volume_id: rec.volume_id.clone(),
+                node_id: m.to.clone(),
+            }))
+            .await
+            .map_err(waiting)?
+            .into_inner();
+        Ok(t.sealed)
+    }
+
+    /// Live, steps 2 to 4: the target copies the volume and then its
+    /// changes in rounds while it serves; once a round is small, the
+    /// source holds writes, the target copies the last delta, and the
+    /// source seals its copy while the hold lasts. A hold that reaches
+    /// its deadline first lets writes go on, and the rounds continue;
+    /// after [`HOLD_TRIES`] such holds the move is refused (rolled back).
+    async fn copy_live(&self, rec: &mut VolumeRecord) -> Result<u64, Status> {
+        let m = rec.moving.clone().expect("moving");
+        let id = rec.volume_id.clone();
+        let nodes = &self.cluster.nodes;
+        let (source, target) = (nodes.agent(&m.from)?, nodes.agent(&m.to)?);
+        let t = source
+            .track(Request::new(agent::TrackRequest {
+                volume_id: id.clone(),
+                node_id: m.to.clone(),
+            }))
+            .await?
+            .into_inner();
+        if t.sealed {
+            return Ok(0);
+        }
+        let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
+            Status::failed_precondition("a standalone Strata has one node: nothing to move to")
+        })?;
+        let grant = grant::encode(&GrantKey::from_tls(tls).make(&id, &m.to, t.epoch, true));
+        failpoint(FAILPOINTS[1]);
+        let import = agent::ImportRequest {
+            volume: Some(agent::CreateVolumeRequest {
+                volume_id: id.clone(),
+                size_bytes: rec.capacity_bytes,
+                max_chain_depth: rec
+                    .parameters
+                    .get("maxChainDepth")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                ..Default::default()
+            }),
+            owner: m.from.clone(),
+            address,
+            grant,
+            rate_bytes_per_second: self.rate,
+            live: true,
+            ..Default::default()
+        };
+        for _ in 0..HOLD_TRIES {
+            self.until_copied(rec, &*target, import.clone(), POLL)
+                .await?;
+            tracing::info!(volume = %id, from = %m.from, to = %m.to, "a live move's copy converged: holding writes for the last delta");
+            let hold = now_ns();
+            source
+                .hold(Request::new(agent::HoldRequest {
+                    volume_id: id.clone(),
+                    node_id: m.to.clone(),
+                    epoch: t.epoch,
+                    deadline_ms: HOLD_DEADLINE.as_millis() as u32,
+                }))
+                .await?;
+            let last = agent::ImportRequest {
+                final_hold: hold,
+                ..import.clone()
+            };
+            let copied = tokio::time::timeout(
+                HOLD_DEADLINE,
+                self.until_copied(rec, &*target, last, HOLD_POLL),
+            )
+            .await;
+            let copied = match copied {
+                Ok(r) => r?,
+                Err(_) => {
+                    self.note(rec, "the last delta missed the hold's deadline: copying on")
+                        .await;
+                    continue;
+                }
+            };
+            failpoint(FAILPOINTS[2]);
+            let sealed = source
+                .seal(Request::new(agent::SealRequest {
+                    volume_id: id.clone(),
+                    node_id: m.to.clone(),
+                    epoch: t.epoch,
+                }))
+                .await;
+            match sealed {
+                Ok(_) => return Ok(copied),
+                Err(e) if e.code() == Code::FailedPrecondition => {
+                    self.note(rec, &format!("copying on: {}", e.message()))
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Status::failed_precondition(format!(
+            "volume {id}'s last delta did not fit in a {} ms hold of its writes {HOLD_TRIES} \
+             times: it is written faster than node {} copies",
+            HOLD_DEADLINE.as_millis(),
+            m.to
+        )))
+    }
+
+    /// Live, after the switch: the node the volume is published to reaches
+    /// it on the target from now on (an attachment made there, and the
+    /// node told to follow).
+    async fn follow(&self, rec: &VolumeRecord, m: &Move) -> Result<(), Status> {
+        if m.published_to.is_empty() {
+            return Ok(());
+        }
+        let nodes = &self.cluster.nodes;
+        let id = &rec.volume_id;
+        let x = &m.published_to;
+        let epoch = nodes
+            .agent(&m.to)?
+            .attach(Request::new(agent::AttachRequest {
+                volume_id: id.clone(),
+                node_id: x.clone(),
+                read_only: m.read_only,
+                for_move: false,
+            }))
+            .await?
+            .into_inner()
+            .epoch;
+        let (address, grant) = if *x == m.to {
+            Default::default()
+        } else {
+            let (address, tls) = nodes
+                .peer(&m.to)?
+                .ok_or_else(|| Status::failed_precondition("a standalone Strata has one node"))?;
+            let g = GrantKey::from_tls(tls).make(id, x, epoch, m.read_only);
+            (address, grant::encode(&g))
+        };
+        let r = nodes
+            .agent(x)?
+            .follow(Request::new(agent::FollowRequest {
+                volume_id: id.clone(),
+                owner: m.to.clone(),
+                address,
+                grant,
+            }))
+            .await?
+            .into_inner();
+        tracing::info!(volume = %id, node = %x, staged = r.staged, owner = %m.to, "the volume's attachment follows it");
+        Ok(())
     }
 
     /// Rolls a move back (before its switch): the source's copy is made
@@ -769,7 +1038,7 @@ impl Moves {
         }
         rec.moving = None;
         self.put(rec).await?;
-        self.metrics.volume_moved(m.lazy, false, 0);
+        self.metrics.volume_moved(kind(&m), false, 0);
         Ok(())
     }
 

@@ -152,6 +152,10 @@ pub enum Error {
     /// yet.
     #[error("volume {volume} is still being copied from another node: {why}")]
     Fetching { volume: VolumeId, why: String },
+    /// The volume moved to another node: this node's copy serves nothing
+    /// (the caller goes to the new owner).
+    #[error("volume {volume} moved to node {node}")]
+    Moved { volume: VolumeId, node: String },
     /// The pool's filesystem is full.
     #[error("no space left in the pool while trying to {op}")]
     NoSpace {
@@ -230,6 +234,8 @@ pub enum ErrorKind {
     NoSpace,
     /// The pool is busy (locked by another process).
     Busy,
+    /// The volume moved to another node.
+    Moved,
     /// The pool cannot be used by this build or is damaged.
     Corrupt,
     /// An I/O or store failure.
@@ -251,6 +257,7 @@ impl Error {
             Error::SlowZero { .. } => ErrorKind::NotSupported,
             Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,
             Error::PoolLocked(_) | Error::Fetching { .. } => ErrorKind::Busy,
+            Error::Moved { .. } => ErrorKind::Moved,
             Error::FormatTooNew { .. }
             | Error::NotAPool { .. }
             | Error::Corrupt(_)
@@ -274,6 +281,7 @@ impl Error {
             ErrorKind::ReadOnly => "read_only",
             ErrorKind::NoSpace => "no_space",
             ErrorKind::Busy => "busy",
+            ErrorKind::Moved => "moved",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Io => "io",
             ErrorKind::NotSupported => "not_supported",

@@ -26,6 +26,7 @@ pub mod io;
 pub mod jobs;
 pub(crate) mod journal;
 pub(crate) mod layer;
+mod moving;
 pub mod pool;
 pub(crate) mod presence;
 pub(crate) mod rangelock;

@@ -746,13 +746,30 @@ impl Pool {
     }
 
     /// Records durably who may reach `volume` from another node.
+    /// A volume open in this process is retired or made usable again to
+    /// match (see [`Volume::retire`]).
     pub fn set_attachment(&self, volume: VolumeId, a: &Attachment) -> Result<()> {
         let mut txn = self.shared().catalog.write()?;
         if txn.volume(volume)?.is_none() {
             return Err(Error::VolumeNotFound(volume));
         }
         txn.put_attachment(volume, a)?;
-        txn.commit()
+        txn.commit()?;
+        let open = self
+            .inner
+            .volumes
+            .lock()
+            .expect("volume map")
+            .get(&volume)
+            .cloned();
+        if let Some(vol) = open {
+            if a.moved && a.live {
+                vol.retire(&a.node);
+            } else {
+                vol.unretire();
+            }
+        }
+        Ok(())
     }
 
     /// Creates an empty volume of `size_bytes` (whole 4 KiB blocks) with a
@@ -1021,6 +1038,14 @@ impl Pool {
         let vol = Volume::new(id, Arc::clone(sh), state, rec.size, journal, fault);
         if txn.backing(id)?.is_some() {
             vol.set_fetch(Some(Fetch::Waiting));
+        }
+        // A copy a live move left behind serves nothing, also after a
+        // restart (its staged attachment waits to follow the new owner).
+        if let Some(a) = txn.attachment(id)?
+            && a.moved
+            && a.live
+        {
+            vol.retire(&a.node);
         }
         Ok(vol)
     }

@@ -313,6 +313,8 @@ pub struct Volume {
     flushes: [AtomicU64; 2],
     /// `Some` while the volume is fetching.
     fetch: RwLock<Option<Fetch>>,
+    /// A live move's change record, hold and retirement.
+    pub(crate) moving: super::moving::MoveState,
 }
 
 impl Volume {
@@ -353,6 +355,7 @@ impl Volume {
             deleted: AtomicBool::new(false),
             flushes: Default::default(),
             fetch: RwLock::new(None),
+            moving: Default::default(),
         }
     }
 
@@ -543,7 +546,7 @@ impl Volume {
         if self.deleted.load(Ordering::Acquire) {
             return Err(Error::VolumeNotFound(self.id));
         }
-        Ok(())
+        self.moving.check(self.id)
     }
 
     pub(crate) fn mark_deleted(&self) {
@@ -582,6 +585,7 @@ impl Volume {
             return Ok(());
         }
         self.allowance.consume(len);
+        self.moving.allowance.consume(len);
         self.check_fault(false)?;
         {
             let _gate = self.gate.read().expect("volume gate");
@@ -594,6 +598,7 @@ impl Volume {
             if offset == start && len.is_multiple_of(BLOCK_SIZE) {
                 top.write_at(data, offset)?;
                 self.commit(&top, first, end, BlockState::Data, Some(data));
+                self.moving.changed(first, end);
             } else {
                 let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
                 let head = (offset - start) as usize;
@@ -611,6 +616,7 @@ impl Volume {
                 buf[head..tail].copy_from_slice(data);
                 top.write_at(&buf, start)?;
                 self.commit(&top, first, end, BlockState::Data, Some(&buf));
+                self.moving.changed(first, end);
             }
         }
         if fua { self.flush() } else { Ok(()) }
@@ -738,6 +744,7 @@ impl Volume {
             self.shared.space.admit((end - first) * BLOCK_SIZE)?;
             top.zero_allocated(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE, flags.fast)?;
             self.commit(&top, first, end, BlockState::Data, None);
+            self.moving.changed(first, end);
         } else {
             self.unmap_blocks(first, end)?;
         }
@@ -783,6 +790,7 @@ impl Volume {
             };
             self.commit(&top, s, e, state, None);
         }
+        self.moving.changed(first, end);
         top.punch(first * BLOCK_SIZE, (end - first) * BLOCK_SIZE)
     }
 

@@ -101,6 +101,7 @@ pub struct Metrics {
     remote_retries: Family<PeerOp, Counter>,
     moves: Family<MoveOutcome, Counter>,
     move_bytes: Counter,
+    move_hold: Histogram,
 }
 
 /// Per-operation handles for one volume, resolved once per connection so
@@ -222,8 +223,8 @@ impl Metrics {
         registry.register(
             "volume_moves",
             "Moves of volumes between nodes that ended, by kind (copy_first: strata volume \
-             move and drains; switch_first: restores and clones for a pod on another node) and \
-             outcome (moved, rolled_back)",
+             move and drains of unused volumes; live: of volumes in use; switch_first: \
+             restores and clones for a pod on another node) and outcome (moved, rolled_back)",
             moves.clone(),
         );
         registry.register_with_unit(
@@ -231,6 +232,14 @@ impl Metrics {
             "Volume data the moves that ended copied between nodes",
             prometheus_client::registry::Unit::Bytes,
             move_bytes.clone(),
+        );
+        let move_hold = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register_with_unit(
+            "volume_move_hold",
+            "How long a live move held a volume's writes on its source for the last delta \
+             (from the hold to the seal, or to the hold's deadline)",
+            prometheus_client::registry::Unit::Seconds,
+            move_hold.clone(),
         );
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector {
@@ -262,18 +271,21 @@ impl Metrics {
             remote_retries,
             moves,
             move_bytes,
+            move_hold,
         })
     }
 
-    /// Counts a move between nodes that ended.
-    pub fn volume_moved(&self, switch_first: bool, moved: bool, copied: u64) {
+    /// Records how long a live move held a volume's writes.
+    pub fn move_hold(&self, held: Duration) {
+        self.move_hold.observe(held.as_secs_f64());
+    }
+
+    /// Counts a move between nodes that ended, by kind (`copy_first`,
+    /// `switch_first`, `live`).
+    pub fn volume_moved(&self, kind: &'static str, moved: bool, copied: u64) {
         self.moves
             .get_or_create(&MoveOutcome {
-                kind: if switch_first {
-                    "switch_first"
-                } else {
-                    "copy_first"
-                },
+                kind,
                 outcome: if moved { "moved" } else { "rolled_back" },
             })
             .inc();

@@ -22,6 +22,7 @@ pub mod holder;
 pub mod loopdev;
 pub mod mount;
 pub mod netlink;
+pub mod served;
 pub mod state;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use crate::frontend::nbd::NbdServer;
 use crate::frontend::{Export, RemoteDevice};
 use crate::metrics::Metrics;
 use crate::peer::{Peers, RemoteVolume, Target};
+use served::{Served, Source};
 
 /// How this node runs.
 #[derive(Debug, Clone)]
@@ -130,8 +132,21 @@ pub struct Usage {
 struct Entry {
     rec: StagedRecord,
     live: std::result::Result<Attached, String>,
+    /// What its frontend serves (this node's volume or the owner's);
+    /// `None` if it could not be served again after a restart.
+    served: Option<Arc<Served>>,
+}
+
+impl Entry {
     /// The owner's volume, when another node holds it.
-    remote: Option<Arc<RemoteVolume>>,
+    fn remote(&self) -> Option<Arc<RemoteVolume>> {
+        self.served.as_ref()?.remote()
+    }
+
+    /// Whether this node's own copy is what is staged.
+    fn local(&self) -> bool {
+        self.rec.remote.is_none()
+    }
 }
 
 /// The node: what is staged here, and how to stage more.
@@ -273,12 +288,12 @@ impl Node {
             } else {
                 tracing::info!(volume = %vid, staging = %rec.staging_path.display(), "serving a staged volume again");
             }
-            let remote = live.as_ref().ok().and_then(|(_, r)| r.clone());
+            let served = live.as_ref().ok().map(|(_, s)| s.clone());
             let live = live.map(|(a, _)| a);
             self.staged
                 .lock()
                 .expect("staged")
-                .insert(vid, Entry { rec, live, remote });
+                .insert(vid, Entry { rec, live, served });
         }
         for stray in self.backend.strays(&known) {
             tracing::info!(volume = %stray, "removing an attachment nobody recorded");
@@ -294,28 +309,25 @@ impl Node {
         &self,
         vid: VolumeId,
         rec: &StagedRecord,
-    ) -> std::result::Result<(Attached, Option<Arc<RemoteVolume>>), String> {
-        let (export, remote) = match &rec.remote {
+    ) -> std::result::Result<(Attached, Arc<Served>), String> {
+        let source = match &rec.remote {
             // The owner may be away now: the recorded size serves it, and
             // its I/O waits for the owner.
-            Some(r) => {
-                let v = self
-                    .peers()
+            Some(r) => Source::Remote(
+                self.peers()
                     .and_then(|p| Ok(p.open(&r.target, Some(r.size_bytes))?))
-                    .map_err(|e| crate::engine::error::chain(&e))?;
-                (Export::Remote(v.clone()), Some(v))
-            }
-            None => {
-                let volume = self
-                    .pool
+                    .map_err(|e| crate::engine::error::chain(&e))?,
+            ),
+            None => Source::Local(
+                self.pool
                     .volume(vid)
-                    .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?;
-                (Export::Volume(volume), None)
-            }
+                    .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?,
+            ),
         };
+        let served = Served::new(vid, source);
         let attached = self
             .backend
-            .resume(vid, export, rec)
+            .resume(vid, Export::Remote(served.clone()), rec)
             .map_err(|e| crate::engine::error::chain(&e))?;
         if matches!(rec.access, Access::Mount { .. })
             && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
@@ -328,7 +340,7 @@ impl Node {
                 )
             })?;
         }
-        Ok((attached, remote))
+        Ok((attached, served))
     }
 
     /// Mounts the filesystem on `device` at the record's staging path, as
@@ -382,13 +394,12 @@ impl Node {
             return Ok(());
         }
         // Not staged (or broken): the owner is asked outside the lock.
-        let (export, remote) = match &req.remote {
-            Some(t) => {
-                let v = self.peers()?.open(t, None)?;
-                (Export::Remote(v.clone()), Some(v))
-            }
-            None => (Export::Volume(self.pool.volume(vid)?), None),
+        let source = match &req.remote {
+            Some(t) => Source::Remote(self.peers()?.open(t, None)?),
+            None => Source::Local(self.pool.volume(vid)?),
         };
+        let served = Served::new(vid, source);
+        let remote = served.remote();
         self.backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
         if remote.is_none() {
@@ -452,7 +463,7 @@ impl Node {
             }),
         };
         self.state.save(&rec)?;
-        let attached = match self.stage_attached(vid, export, &mut rec) {
+        let attached = match self.stage_attached(vid, Export::Remote(served.clone()), &mut rec) {
             Ok(a) => a,
             Err(e) => {
                 if let Err(cleanup) = self.teardown(vid, &rec) {
@@ -466,7 +477,7 @@ impl Node {
             Entry {
                 rec,
                 live: Ok(attached),
-                remote,
+                served: Some(served),
             },
         );
         Ok(())
@@ -487,9 +498,9 @@ impl Node {
         if !same_way || entry.live.is_err() {
             return Ok(false);
         }
-        match (&entry.remote, &req.remote) {
+        match (entry.remote(), &req.remote) {
             (None, None) => Ok(true),
-            (Some(v), Some(t)) => {
+            (Some(v), Some(t)) if v.target().owner == t.owner => {
                 if v.target() != *t {
                     v.retarget(t)?;
                     if let Some(r) = entry.rec.remote.as_mut() {
@@ -500,20 +511,51 @@ impl Node {
                 }
                 Ok(true)
             }
-            _ => Err(Error::FailedPrecondition(format!(
-                "volume {} is staged here {}; this stage names {}",
-                req.volume,
-                if entry.remote.is_some() {
-                    "from another node"
-                } else {
-                    "as this node's own"
-                },
-                match &req.remote {
-                    Some(t) => format!("node {} as its owner", t.owner),
-                    None => "this node as its owner".into(),
-                }
-            ))),
+            // Another owner than the one served: the volume moved since
+            // this publish (only a move's Follow changes owners), and the
+            // staged volume follows it already.
+            (served, asked) => {
+                tracing::info!(
+                    volume = %req.volume,
+                    serving = %served.map_or_else(|| self.config.node_id.clone(), |v| v.target().owner),
+                    published = %asked.as_ref().map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone()),
+                    "a stage names the owner of an older publish: the volume moved since, and is served from its owner now"
+                );
+                Ok(true)
+            }
         }
+    }
+
+    /// A live move changed the owner of `vid` (see `agent.proto`,
+    /// Follow): if it is staged here, its frontend is served from the new
+    /// owner (`None`: this node) from now on, also after a restart.
+    /// Whether it is staged here.
+    pub fn follow(&self, vid: VolumeId, owner: Option<Target>) -> Result<bool> {
+        // Opened outside the lock (it asks the owner for the size).
+        let source = match &owner {
+            Some(t) => Source::Remote(self.peers()?.open(t, None)?),
+            None => Source::Local(self.pool.volume(vid)?),
+        };
+        let mut staged = self.staged.lock().expect("staged");
+        let Some(entry) = staged.get_mut(&vid) else {
+            return Ok(false);
+        };
+        entry.rec.remote = match &source {
+            Source::Remote(v) => Some(state::RemoteRecord {
+                target: v.target(),
+                size_bytes: v.size(),
+            }),
+            Source::Local(_) => None,
+        };
+        self.state.save(&entry.rec)?;
+        match &entry.served {
+            Some(served) => served.follow(source),
+            None => {
+                tracing::warn!(volume = %vid, "a volume that could not be served again follows its new owner in its record only")
+            }
+        }
+        tracing::info!(volume = %vid, owner = %owner.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a staged volume follows its owner");
+        Ok(true)
     }
 
     fn stage_attached(
@@ -613,7 +655,7 @@ impl Node {
                 Entry {
                     rec: entry.rec.clone(),
                     live: Err("unstage failed half way".into()),
-                    remote: entry.remote.clone(),
+                    served: entry.served.clone(),
                 },
             );
         })
@@ -833,7 +875,7 @@ impl Node {
     /// The owner's volume, if `vid` is staged here from another node.
     fn remote_of(&self, vid: VolumeId) -> Option<Arc<RemoteVolume>> {
         let staged = self.staged.lock().expect("staged");
-        staged.get(&vid)?.remote.clone()
+        staged.get(&vid)?.remote()
     }
 
     /// The condition of a volume staged here, `None` if it is not staged.
@@ -857,7 +899,7 @@ impl Node {
             .lock()
             .expect("staged")
             .get(&vid)
-            .is_some_and(|e| e.remote.is_none())
+            .is_some_and(Entry::local)
     }
 
     /// Runs `f` while `vid` is not staged here, and cannot be until `f`
@@ -869,7 +911,7 @@ impl Node {
         f: impl FnOnce() -> crate::engine::Result<T>,
     ) -> Result<T> {
         let staged = self.staged.lock().expect("staged");
-        if staged.get(&vid).is_some_and(|e| e.remote.is_none()) {
+        if staged.get(&vid).is_some_and(Entry::local) {
             return Err(Error::FailedPrecondition(format!(
                 "volume {vid} is staged on node {}: it is in use here",
                 self.config.node_id

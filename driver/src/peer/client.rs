@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::{BOOT_HEADER, MAX_IO, RETRY_FOR, SESSION_HEADER, grant};
+use super::{BOOT_HEADER, MAX_IO, MOVED_HEADER, RETRY_FOR, SESSION_HEADER, grant};
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
 use crate::metrics::Metrics;
@@ -261,6 +261,21 @@ impl RemoteVolume {
                     self.session
                         .fetch_max(newest.max(session).saturating_add(1), Ordering::AcqRel);
                 }
+                // Moved away live: the caller waits for its attachment to
+                // follow (`node::served`), not for this owner.
+                Err(s) if s.metadata().get(MOVED_HEADER).is_some() => {
+                    return Err(Error::Moved {
+                        volume: link.target.volume_id.parse().map_err(|_| {
+                            remote_error(&link.target, op, Status::internal("volume ID"))
+                        })?,
+                        node: s
+                            .metadata()
+                            .get(MOVED_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string(),
+                    });
+                }
                 Err(s) if transient(&s) && Instant::now() + pause < deadline => {
                     tracing::debug!(volume = %link.target.volume_id, %owner, status = %s, "remote I/O retried");
                     metrics.remote_retry(owner, op);
@@ -365,6 +380,41 @@ impl RemoteVolume {
             data.push((e.offset, e.length));
         }
         Ok(data)
+    }
+
+    /// A live move's target: the ranges of the volume changed since the
+    /// last call (at most `max`), as (offset, length) pairs in order.
+    pub fn changes(&self, max: u32) -> Result<Vec<(u64, u64)>> {
+        let r = self.call(
+            "changes",
+            Effect::None,
+            Payload::None,
+            |mut c, grant| async move {
+                c.changes(pb::ChangesRequest {
+                    grant: Some(grant),
+                    max,
+                })
+                .await
+            },
+        )?;
+        let size = self.size();
+        let mut at = 0;
+        let mut out = Vec::with_capacity(r.data.len());
+        for e in r.data {
+            if e.offset < at || e.length == 0 || e.offset.saturating_add(e.length) > size {
+                return Err(remote_error(
+                    &self.link().target,
+                    "changes",
+                    Status::data_loss(format!(
+                        "changed range {}+{} is outside the volume or out of order",
+                        e.offset, e.length
+                    )),
+                ));
+            }
+            at = e.offset + e.length;
+            out.push((e.offset, e.length));
+        }
+        Ok(out)
     }
 
     /// Goes on with a newer publish of the same volume (a new grant, or

@@ -31,6 +31,8 @@ pub const MAX_MAP: u64 = 256 << 20;
 /// Metadata of an ABORTED answer: the owner's newest session for the
 /// attachment (a client continues in a newer one).
 pub const SESSION_HEADER: &str = "strata-session";
+/// On a refusal of a volume that moved away live: the new owner.
+pub const MOVED_HEADER: &str = "strata-moved";
 
 /// Metadata of every answer: the owner machine's boot ID.
 pub const BOOT_HEADER: &str = "strata-boot";

@@ -16,7 +16,7 @@ pub(crate) fn code(kind: ErrorKind) -> Code {
         ErrorKind::OutOfRange => Code::OutOfRange,
         ErrorKind::LimitReached | ErrorKind::NoSpace => Code::ResourceExhausted,
         ErrorKind::ReadOnly => Code::FailedPrecondition,
-        ErrorKind::Busy => Code::Unavailable,
+        ErrorKind::Busy | ErrorKind::Moved => Code::Unavailable,
         ErrorKind::Corrupt | ErrorKind::Io => Code::Internal,
         ErrorKind::NotSupported => Code::Unimplemented,
     }

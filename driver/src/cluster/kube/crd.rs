@@ -67,8 +67,8 @@ pub struct StrataVolumeSpec {
 }
 
 /// A volume's move between nodes: from, to, the phase (`copying`,
-/// `fetching` after a switch-first move's switch, `removing` the old copy,
-/// or `aborting`) and what it waits for.
+/// `fetching` after a switch-first move's switch, `following` after a live
+/// move's, `removing` the old copy, or `aborting`) and what it waits for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MoveSpec {
@@ -77,6 +77,15 @@ pub struct MoveSpec {
     /// Switch first: the target serves the volume while it fetches it.
     #[serde(default)]
     pub lazy: bool,
+    /// Live: the volume is in use while it moves.
+    #[serde(default)]
+    pub live: bool,
+    /// Live: the node it is published to (whose attachment follows it),
+    /// and whether read-only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub published_to: String,
+    #[serde(default)]
+    pub read_only: bool,
     pub phase: String,
     #[serde(default)]
     pub message: String,

@@ -240,13 +240,14 @@ mod tests {
 
     #[test]
     fn attachments_round_trip_and_old_records_are_read_write() {
-        for flags in 0..8 {
+        for flags in 0..16 {
             let a = Attachment {
                 node: "node-b".into(),
                 epoch: 7,
                 read_only: flags & 1 != 0,
                 moved: flags & 2 != 0,
                 for_move: flags & 4 != 0,
+                live: flags & 8 != 0,
             };
             assert_eq!(Attachment::decode(&a.encode()).unwrap(), a);
         }
@@ -463,6 +464,9 @@ pub struct Attachment {
     /// The volume's data moved to `node`: this copy is never attached
     /// again (it waits to be deleted).
     pub moved: bool,
+    /// With `moved`: a live move sealed it (the volume was in use), and
+    /// this copy serves nothing (see `engine::moving`).
+    pub live: bool,
 }
 
 /// [`Attachment`] flags (an optional trailing byte: records written
@@ -470,7 +474,9 @@ pub struct Attachment {
 const ATTACHMENT_READ_ONLY: u8 = 1;
 const ATTACHMENT_MOVED: u8 = 2;
 const ATTACHMENT_FOR_MOVE: u8 = 4;
-const ATTACHMENT_FLAGS: u8 = ATTACHMENT_READ_ONLY | ATTACHMENT_MOVED | ATTACHMENT_FOR_MOVE;
+const ATTACHMENT_LIVE: u8 = 8;
+const ATTACHMENT_FLAGS: u8 =
+    ATTACHMENT_READ_ONLY | ATTACHMENT_MOVED | ATTACHMENT_FOR_MOVE | ATTACHMENT_LIVE;
 
 impl Attachment {
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -480,6 +486,7 @@ impl Attachment {
             (self.read_only, ATTACHMENT_READ_ONLY),
             (self.moved, ATTACHMENT_MOVED),
             (self.for_move, ATTACHMENT_FOR_MOVE),
+            (self.live, ATTACHMENT_LIVE),
         ]
         .iter()
         .fold(0, |f, &(set, bit)| if set { f | bit } else { f });
@@ -505,6 +512,7 @@ impl Attachment {
             read_only: flags & ATTACHMENT_READ_ONLY != 0,
             moved: flags & ATTACHMENT_MOVED != 0,
             for_move: flags & ATTACHMENT_FOR_MOVE != 0,
+            live: flags & ATTACHMENT_LIVE != 0,
         })
     }
 }

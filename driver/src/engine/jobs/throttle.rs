@@ -65,16 +65,16 @@ pub(crate) struct Allowance {
     bytes: AtomicI64,
     lock: Mutex<()>,
     replenished: Condvar,
+    /// Credit at the start, bytes of writes allowed per 4 bytes of
+    /// progress, and the least credit a step of progress adds.
+    initial: i64,
+    quarters: i64,
+    floor: i64,
 }
 
 impl Default for Allowance {
     fn default() -> Self {
-        Allowance {
-            active: AtomicBool::new(false),
-            bytes: AtomicI64::new(0),
-            lock: Mutex::new(()),
-            replenished: Condvar::new(),
-        }
+        Self::new(Self::INITIAL, Self::RATIO * 4, 1 << 20)
     }
 }
 
@@ -86,9 +86,24 @@ impl Allowance {
     /// Bytes of writes allowed per byte of job progress.
     pub(crate) const RATIO: i64 = 4;
 
+    /// An allowance of `initial` bytes, then `quarters / 4` bytes of writes
+    /// per byte of progress, at least `floor` per step (a live move's ratio
+    /// is below 1, so the changes it copies shrink round after round).
+    pub(crate) fn new(initial: i64, quarters: i64, floor: i64) -> Self {
+        Allowance {
+            active: AtomicBool::new(false),
+            bytes: AtomicI64::new(0),
+            lock: Mutex::new(()),
+            replenished: Condvar::new(),
+            initial,
+            quarters,
+            floor,
+        }
+    }
+
     /// A job starts working on the volume.
     pub(crate) fn start(&self) {
-        self.bytes.store(Self::INITIAL, Ordering::Release);
+        self.bytes.store(self.initial, Ordering::Release);
         self.active.store(true, Ordering::Release);
     }
 
@@ -121,7 +136,8 @@ impl Allowance {
 
     /// The job made `bytes` of progress.
     pub(crate) fn replenish(&self, bytes: u64) {
-        let add = (bytes as i64).saturating_mul(Self::RATIO).max(1 << 20);
+        let add = (bytes as i64).saturating_mul(self.quarters) / 4;
+        let add = add.max(self.floor);
         let before = self.bytes.fetch_add(add, Ordering::AcqRel);
         if before <= 0 {
             let _l = self.lock.lock().expect("allowance");

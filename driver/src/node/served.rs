@@ -1,0 +1,144 @@
+//! A staged volume as this node's frontends serve it ([`Served`]): from
+//! this node's pool, or from the node that holds it, over the data path.
+//! A live move switches it in place ([`Served::follow`], on the
+//! controller's word: `agent.proto`, Follow). A call the old owner refuses
+//! as moved waits for that switch and then goes to the new owner, so the
+//! kernel above sees a pause, not an error (for up to
+//! [`crate::peer::RETRY_FOR`], as for an owner that is away).
+
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use crate::engine::{Error, Result, Volume, VolumeId, ZeroFlags};
+use crate::frontend::RemoteDevice;
+use crate::peer::{RETRY_FOR, RemoteVolume};
+
+/// Where a staged volume's I/O goes.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Local(Arc<Volume>),
+    Remote(Arc<RemoteVolume>),
+}
+
+/// A staged volume, served from its current [`Source`].
+#[derive(Debug)]
+pub struct Served {
+    vid: VolumeId,
+    source: RwLock<Source>,
+    /// Counts switches; waiters for one watch it.
+    switches: Mutex<u64>,
+    switched: Condvar,
+}
+
+impl Served {
+    pub fn new(vid: VolumeId, source: Source) -> Arc<Self> {
+        Arc::new(Served {
+            vid,
+            source: RwLock::new(source),
+            switches: Mutex::new(0),
+            switched: Condvar::new(),
+        })
+    }
+
+    pub fn source(&self) -> Source {
+        self.source.read().expect("source").clone()
+    }
+
+    /// The owner's volume, when another node holds it.
+    pub fn remote(&self) -> Option<Arc<RemoteVolume>> {
+        match self.source() {
+            Source::Remote(r) => Some(r),
+            Source::Local(_) => None,
+        }
+    }
+
+    /// Serves from `source` from now on; calls waiting for it go on.
+    pub fn follow(&self, source: Source) {
+        *self.source.write().expect("source") = source;
+        *self.switches.lock().expect("switches") += 1;
+        self.switched.notify_all();
+    }
+
+    /// Runs `op` on the current source; while it answers that the volume
+    /// moved, waits for the switch and runs it again there.
+    fn run<T>(&self, op: impl Fn(&Source) -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + RETRY_FOR;
+        loop {
+            let seen = *self.switches.lock().expect("switches");
+            match op(&self.source()) {
+                Err(Error::Moved { node, .. }) if Instant::now() < deadline => {
+                    tracing::debug!(volume = %self.vid, to = %node, "waiting for a moved volume's attachment to follow it");
+                    let switches = self.switches.lock().expect("switches");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    drop(
+                        self.switched
+                            .wait_timeout_while(switches, left, |n| *n == seen)
+                            .expect("switches"),
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl RemoteDevice for Served {
+    fn name(&self) -> String {
+        self.vid.to_string()
+    }
+
+    fn size(&self) -> u64 {
+        match &*self.source.read().expect("source") {
+            Source::Local(v) => v.size(),
+            Source::Remote(r) => r.size(),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        match &*self.source.read().expect("source") {
+            Source::Local(_) => false,
+            Source::Remote(r) => r.read_only(),
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        // `run` takes a shared closure; the buffer is lent to one attempt
+        // at a time.
+        let buf = Mutex::new(buf);
+        self.run(|s| {
+            let mut b = buf.lock().expect("buffer");
+            match s {
+                Source::Local(v) => v.read(offset, &mut b),
+                Source::Remote(r) => r.read(offset, &mut b),
+            }
+        })
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.run(|s| match s {
+            Source::Local(v) => v.write(offset, data, fua),
+            Source::Remote(r) => r.write(offset, data, fua),
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.run(|s| match s {
+            Source::Local(v) => v.flush(),
+            Source::Remote(r) => r.flush(),
+        })
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.run(|s| match s {
+            Source::Local(v) => v.trim(offset, len),
+            Source::Remote(r) => r.trim(offset, len),
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.run(|s| match s {
+            Source::Local(v) => v.write_zeroes(offset, len, flags),
+            Source::Remote(r) => r.write_zeroes(offset, len, flags),
+        })
+    }
+}
