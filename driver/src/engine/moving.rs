@@ -64,6 +64,7 @@ struct Hold {
 /// One bit per block: changed since the last [`Volume::take_changes`].
 #[derive(Debug)]
 struct ChangeMap {
+    blocks: u64,
     bits: Vec<u64>,
     /// No bit is set below this word (where the next take starts looking).
     first: usize,
@@ -72,18 +73,17 @@ struct ChangeMap {
 impl ChangeMap {
     fn new(blocks: u64) -> Self {
         ChangeMap {
+            blocks,
             bits: vec![0; blocks.div_ceil(64) as usize],
             first: usize::MAX,
         }
     }
 
     fn mark(&mut self, first: u64, end: u64) {
-        for b in first..end {
+        for b in first..end.min(self.blocks) {
             let w = (b / 64) as usize;
-            if let Some(word) = self.bits.get_mut(w) {
-                *word |= 1 << (b % 64);
-                self.first = self.first.min(w);
-            }
+            self.bits[w] |= 1 << (b % 64);
+            self.first = self.first.min(w);
         }
     }
 

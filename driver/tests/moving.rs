@@ -1,0 +1,146 @@
+//! The engine's side of a live move (`engine::moving`): the change record,
+//! the hold of writes with its deadline, and the retirement of a copy that
+//! moved away, also across a restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata::engine::{Attachment, Error, Pool, PoolOptions, ZeroFlags};
+
+fn pool(dir: &std::path::Path) -> Pool {
+    Pool::open(dir, PoolOptions::default()).unwrap()
+}
+
+/// Only changes made while tracked are reported, once each, in order and
+/// merged into runs; writes, discards and zeroing all count; a take of at
+/// most N runs leaves the rest for the next.
+#[test]
+fn changes_are_reported_once_and_only_while_tracked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(1 << 20).unwrap().id).unwrap();
+    v.write(0, &[1u8; 8192], false).unwrap();
+    assert_eq!(v.take_changes(10), None, "not tracked");
+    v.track_changes();
+    assert_eq!(
+        v.take_changes(10),
+        Some(vec![]),
+        "earlier writes are the copy's"
+    );
+    v.write(4096, &[2u8; 4096], false).unwrap();
+    v.write(8192, &[3u8; 10], false).unwrap();
+    v.trim(65536, 8192).unwrap();
+    v.write_zeroes(
+        131072,
+        4096,
+        ZeroFlags {
+            no_hole: true,
+            fast: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        v.take_changes(2),
+        Some(vec![(4096, 8192), (65536, 8192)]),
+        "a partial block counts whole"
+    );
+    assert_eq!(v.take_changes(10), Some(vec![(131072, 4096)]));
+    assert_eq!(v.take_changes(10), Some(vec![]));
+    v.untrack_changes();
+    v.write(0, &[4u8; 4096], false).unwrap();
+    assert_eq!(v.take_changes(10), None);
+}
+
+/// A hold lets writes in flight finish, keeps new ones waiting (reads go
+/// on), and ends by itself at its deadline: then the held write lands and
+/// a seal is refused (the target may lack it).
+#[test]
+fn a_hold_ends_by_itself_at_its_deadline_and_a_late_seal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let v = p.volume(p.create_volume(1 << 20).unwrap().id).unwrap();
+    v.track_changes();
+    let deadline = Duration::from_millis(300);
+    let start = Instant::now();
+    v.hold_writes(deadline);
+    assert!(v.writes_held());
+    let mut buf = [0u8; 4096];
+    v.read(0, &mut buf).unwrap();
+    assert!(start.elapsed() < deadline, "reads are not held");
+    let w = {
+        let v = Arc::clone(&v);
+        std::thread::spawn(move || {
+            v.write(0, &[7u8; 4096], false).unwrap();
+            Instant::now()
+        })
+    };
+    let landed = w.join().unwrap();
+    assert!(
+        landed.duration_since(start) >= deadline,
+        "the write waited for the hold's deadline"
+    );
+    assert!(!v.writes_held());
+    let sealed = v.retire_held("n2", || Ok(())).unwrap();
+    assert_eq!(sealed, None, "the hold ended: no seal");
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+    assert_eq!(v.take_changes(10), Some(vec![(0, 4096)]));
+}
+
+/// A seal while writes are held retires the copy: the held write and
+/// every later call fail as moved, with the new owner's name; if the
+/// durable record fails, nothing is retired and the hold goes on. A copy
+/// the catalog records as moved live is retired when opened again.
+#[test]
+fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let vid;
+    {
+        let p = pool(dir.path());
+        vid = p.create_volume(1 << 20).unwrap().id;
+        let v = p.volume(vid).unwrap();
+        v.write(0, &[5u8; 4096], false).unwrap();
+        v.track_changes();
+        v.hold_writes(Duration::from_secs(10));
+        let w = {
+            let v = Arc::clone(&v);
+            std::thread::spawn(move || v.write(4096, &[6u8; 4096], false))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let failed = v.retire_held("n2", || Err(Error::Corrupt("disk says no".into())));
+        assert!(matches!(failed, Err(Error::Corrupt(_))), "{failed:?}");
+        assert!(v.writes_held(), "a failed seal keeps the hold");
+        let sealed = v
+            .retire_held("n2", || {
+                p.set_attachment(
+                    vid,
+                    &Attachment {
+                        node: "n2".into(),
+                        epoch: 2,
+                        read_only: true,
+                        for_move: true,
+                        moved: true,
+                        live: true,
+                    },
+                )
+            })
+            .unwrap();
+        assert!(sealed.is_some());
+        match w.join().unwrap() {
+            Err(Error::Moved { node, .. }) => assert_eq!(node, "n2"),
+            other => panic!("the held write: {other:?}"),
+        }
+        let mut buf = [0u8; 4096];
+        assert!(matches!(v.read(0, &mut buf), Err(Error::Moved { .. })));
+        assert!(matches!(v.flush(), Err(Error::Moved { .. })));
+        assert_eq!(v.take_changes(10), None, "tracking ended with the seal");
+    }
+    let p = pool(dir.path());
+    let v = p.volume(vid).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(matches!(v.read(0, &mut buf), Err(Error::Moved { .. })));
+    // A rollback's record makes it usable again, with its data.
+    p.set_attachment(vid, &Attachment::default()).unwrap();
+    v.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [5u8; 4096]);
+}
