@@ -1416,7 +1416,8 @@ fn writer(
 /// remote), and from n3 back to n1 (local again); the device never
 /// returns an error, and after each move the whole device equals the
 /// model of every acknowledged write, only the new owner holds the volume,
-/// and the source held writes once for a short while.
+/// and the source held writes once for a short while. Then the same with
+/// the controller killed at every step of a move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() {
     use csi_proto::cluster::v1::MoveVolumeRequest;
@@ -1433,7 +1434,7 @@ async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() 
         NodeProc::start(root.path(), "n3", &tls),
     ];
     let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
-    let ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut ctl = ControllerProc::start(root.path(), &agents, &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
@@ -1520,6 +1521,87 @@ async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() 
         ),
         Some(3.0)
     );
+
+    // The controller killed at every step of a live move (alternately
+    // n1 -> n2 and back, the device on n1 written all along): its
+    // successor finishes the move (a hold it left ends by its deadline; a
+    // sealed copy's attachment waits for the follow), and the device
+    // equals the model.
+    let mut from = "n1";
+    for fp in strata::cluster::moves::FAILPOINTS {
+        let to = if from == "n1" { "n2" } else { "n1" };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = writer(dev.clone(), Arc::clone(&model), Arc::clone(&stop), 100);
+        ctl.proc.kill9();
+        ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+        ctl.proc.spawn();
+        registered(
+            &mut ControllerClient::new(c::channel(ctl.csi_socket()).await),
+            &["n1", "n2", "n3"],
+        )
+        .await;
+        let e = ClusterClient::new(c::channel(ctl.csi_socket()).await)
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: to.into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{fp}: {e:?}"
+        );
+        ctl.proc.kill9();
+        ctl.proc.env.clear();
+        ctl.proc.spawn();
+        cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+        registered(&mut cc, &["n1", "n2", "n3"]).await;
+        mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+        let r = loop {
+            match mc
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: to.into(),
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(e) if e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{fp}: {e:?}\n{}", ctl.proc.log()),
+            }
+        };
+        assert_eq!(r.to_node, to, "{fp}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
+            .await
+            .unwrap();
+        assert!(writes > 0, "{fp}");
+        let got = read_at(&dev, 0, size);
+        let first = got
+            .iter()
+            .zip(model.lock().unwrap().iter())
+            .position(|(a, b)| a != b);
+        assert!(
+            first.is_none(),
+            "{fp}: after the move {from} -> {to}, the device differs from the model at byte \
+             {first:?}"
+        );
+        for n in &nodes {
+            assert_eq!(
+                holds(&n.agent, &tls, &id).await,
+                n.id == to,
+                "{fp}: {}",
+                n.id
+            );
+        }
+        from = to;
+    }
+
     detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
     let mut csi2 = Csi::connect(&nodes[1].csi_socket()).await;
     let want = model.lock().unwrap().clone();
