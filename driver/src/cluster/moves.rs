@@ -1,6 +1,6 @@
-//! Moving a volume to another node: the controller's side. The volume's
-//! data is copied while no node has it published, so its contents do not
-//! change; the move's steps are recorded in its [`VolumeRecord`] (`moving`),
+//! Moving a volume to another node: the controller's side. An unused
+//! volume's data is copied while no node has it published, so its contents
+//! do not change (one in use moves live, below); the move's steps are recorded in its [`VolumeRecord`] (`moving`),
 //! so a crash of the controller, the source or the target at any step is
 //! finished (or rolled back) by the next call or by the next leader.
 //!
@@ -25,6 +25,18 @@
 //! yet), then the target's copy is deleted, when the target answers. Any
 //! other failure (a node away) leaves the record where it is, to resume.
 //! Snapshots stay on the source node (their layers are the source's).
+//!
+//! **Live** ([`Move::live`], a volume some node has published, found out
+//! at step 2 by the source's Track, which also starts its change record):
+//! at step 3 the target copies the volume and then, in rounds, the ranges
+//! the source recorded as changed, while writes are throttled to half of
+//! what each round took; once a round is small, the source holds writes,
+//! the target copies the last changes, and step 4 seals the source's copy
+//! while the hold lasts (a hold past its deadline ends by itself, the seal
+//! is refused, and the rounds go on). After the switch (phase `following`)
+//! the volume is published on the target to the node that uses it, and
+//! that node follows it there (`agent.proto`, Follow). A live move is
+//! never rolled back once sealed: a cancel then is refused.
 //!
 //! **Switch first** ([`Move::lazy`], restores and clones for a pod on
 //! another node) runs the same steps in another order: at step 3 the target
