@@ -151,6 +151,40 @@ fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
     )
 }
 
+/// fio random writes on `dev` at most at `rate`: (MB/s, completion
+/// latency p99 and max in ms).
+fn fio_write(dev: &Path, rate: &str, seconds: u32) -> (f64, f64, f64) {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--output-format=json",
+            "--time_based",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--rate={rate}"))
+        .arg(format!("--runtime={seconds}"))
+        .output()
+        .expect("fio");
+    assert!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let w = &v["jobs"][0]["write"];
+    let ns = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / 1e6;
+    (
+        w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        ns(&w["clat_ns"]["percentile"]["99.000000"]),
+        ns(&w["clat_ns"]["max"]),
+    )
+}
+
 fn main() {
     if !common::is_root() || Command::new("fio").arg("--version").output().is_err() {
         eprintln!("bench cluster: needs root and fio; skipped");
@@ -277,6 +311,46 @@ async fn run(data_mib: u64) {
     }
     let fetched = started.elapsed().as_secs_f64();
 
+    // Live moves back and forth under a random writer on n2 (fio, 4 KiB,
+    // QD8, at most 20 MB/s) for 30 s.
+    let dev = attach(&mut cc, &n2, &mut csi2, &vol).await;
+    let fio_dev = dev.clone();
+    let live_secs = 30;
+    let writer = std::thread::spawn(move || fio_write(&fio_dev, "20m", live_secs + 5));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut move_times = Vec::new();
+    let until = Instant::now() + Duration::from_secs(live_secs.into());
+    let mut to = "n1";
+    while Instant::now() < until {
+        let started = Instant::now();
+        mc.move_volume(MoveVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: to.into(),
+        })
+        .await
+        .unwrap();
+        move_times.push(started.elapsed().as_secs_f64());
+        to = if to == "n1" { "n2" } else { "n1" };
+    }
+    let (write_mbs, write_p99_ms, write_max_ms) = writer.join().unwrap();
+    let mut holds: Vec<f64> = [&n1, &n2]
+        .iter()
+        .flat_map(|n| {
+            n.proc
+                .log()
+                .lines()
+                .filter_map(|l| {
+                    let at = l.find("hold_ms=")? + "hold_ms=".len();
+                    let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse::<f64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    holds.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    detach(&mut cc, &n2, &mut csi2, &vol).await;
+
     let mb = |b: u64| b as f64 / 1e6;
     println!(
         "strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)",
@@ -306,6 +380,16 @@ async fn run(data_mib: u64) {
         mb(data_mib * MIB),
         moved.copied_bytes as f64 / layers_bytes as f64,
         mb(layers_bytes)
+    );
+    move_times.sort_by(f64::total_cmp);
+    println!(
+        "live moves under a 4 KiB random writer (fio, QD8, rate limit 20 MB/s): {} moves in {live_secs} s, each {:.2} s (median), {:.2} s (longest); writes held on the source p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; the writer got {write_mbs:.1} MB/s, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
+        move_times.len(),
+        pct(&move_times, 0.5),
+        pct(&move_times, 1.0),
+        pct(&holds, 0.5),
+        pct(&holds, 0.99),
+        pct(&holds, 1.0),
     );
     println!(
         "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",

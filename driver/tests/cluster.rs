@@ -1451,7 +1451,20 @@ async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() 
     )
     .await;
     let id = vol.volume_id.clone();
-    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    // The publish context from before any move: a later stage with it
+    // must reach the volume where it is.
+    let first_context = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let dev = attach_with(&nodes[0], &mut csi1, &id, first_context.clone()).await;
     let model = Arc::new(Mutex::new(vec![0u8; size]));
     {
         // A base of data to copy first.
@@ -1602,9 +1615,19 @@ async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() 
         from = to;
     }
 
+    // Unstaged and staged again on n1 with the context of its first
+    // publish (the VolumeAttachment's, from before every move): served
+    // from where the volume is now.
+    let want = model.lock().unwrap().clone();
+    detach(&nodes[0], &mut csi1, &id).await;
+    let dev = attach_with(&nodes[0], &mut csi1, &id, first_context).await;
+    assert!(
+        read_at(&dev, 0, size) == want,
+        "staged again with an old context"
+    );
+    write_at(&dev, 0, &want[..4096]).unwrap();
     detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
     let mut csi2 = Csi::connect(&nodes[1].csi_socket()).await;
-    let want = model.lock().unwrap().clone();
     contents_are(&mut cc, &nodes[1], &mut csi2, &id, &want).await;
 }
 

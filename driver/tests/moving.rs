@@ -11,22 +11,20 @@ fn pool(dir: &std::path::Path) -> Pool {
     Pool::open(dir, PoolOptions::default()).unwrap()
 }
 
-/// Only changes made while tracked are reported, once each, in order and
-/// merged into runs; writes, discards and zeroing all count; a take of at
-/// most N runs leaves the rest for the next.
+/// Only changes made while tracked are reported, in order and merged into
+/// runs; writes, discards and zeroing all count; a take of at most N runs
+/// leaves the rest for the next; a batch the next take does not confirm
+/// comes back.
 #[test]
 fn changes_are_reported_once_and_only_while_tracked() {
     let dir = tempfile::tempdir().unwrap();
     let p = pool(dir.path());
     let v = p.volume(p.create_volume(1 << 20).unwrap().id).unwrap();
     v.write(0, &[1u8; 8192], false).unwrap();
-    assert_eq!(v.take_changes(10), None, "not tracked");
+    assert_eq!(v.take_changes(0, 10), None, "not tracked");
     v.track_changes();
-    assert_eq!(
-        v.take_changes(10),
-        Some(vec![]),
-        "earlier writes are the copy's"
-    );
+    let (b, taken) = v.take_changes(0, 10).unwrap();
+    assert_eq!(taken, vec![], "earlier writes are the copy's");
     v.write(4096, &[2u8; 4096], false).unwrap();
     v.write(8192, &[3u8; 10], false).unwrap();
     v.trim(65536, 8192).unwrap();
@@ -39,16 +37,21 @@ fn changes_are_reported_once_and_only_while_tracked() {
         },
     )
     .unwrap();
+    let (b, taken) = v.take_changes(b, 2).unwrap();
     assert_eq!(
-        v.take_changes(2),
-        Some(vec![(4096, 8192), (65536, 8192)]),
+        taken,
+        vec![(4096, 8192), (65536, 8192)],
         "a partial block counts whole"
     );
-    assert_eq!(v.take_changes(10), Some(vec![(131072, 4096)]));
-    assert_eq!(v.take_changes(10), Some(vec![]));
+    // Not confirmed (its answer was lost): handed out again.
+    let (_, again) = v.take_changes(b - 1, 10).unwrap();
+    assert_eq!(again, vec![(4096, 8192), (65536, 8192), (131072, 4096)]);
+    let (b, _) = v.take_changes(0, 10).unwrap();
+    let (b, taken) = v.take_changes(b, 10).unwrap();
+    assert_eq!(taken, vec![]);
     v.untrack_changes();
     v.write(0, &[4u8; 4096], false).unwrap();
-    assert_eq!(v.take_changes(10), None);
+    assert_eq!(v.take_changes(b, 10), None);
 }
 
 /// A hold lets writes in flight finish, keeps new ones waiting (reads go
@@ -62,7 +65,7 @@ fn a_hold_ends_by_itself_at_its_deadline_and_a_late_seal_is_refused() {
     v.track_changes();
     let deadline = Duration::from_millis(300);
     let start = Instant::now();
-    v.hold_writes(deadline);
+    assert!(v.hold_writes(deadline));
     assert!(v.writes_held());
     let mut buf = [0u8; 4096];
     v.read(0, &mut buf).unwrap();
@@ -81,13 +84,14 @@ fn a_hold_ends_by_itself_at_its_deadline_and_a_late_seal_is_refused() {
     );
     assert!(!v.writes_held());
     let sealed = v.retire_held("n2", || Ok(())).unwrap();
-    assert_eq!(sealed, None, "the hold ended: no seal");
+    assert!(sealed.is_err(), "the hold ended: no seal");
     v.read(0, &mut buf).unwrap();
     assert_eq!(buf, [7u8; 4096]);
-    assert_eq!(v.take_changes(10), Some(vec![(0, 4096)]));
+    assert_eq!(v.take_changes(0, 10).unwrap().1, vec![(0, 4096)]);
 }
 
-/// A seal while writes are held retires the copy: the held write and
+/// A seal while writes are held and every change was confirmed retires
+/// the copy (not before: a change not confirmed refuses it): the held write and
 /// every later call fail as moved, with the new owner's name; if the
 /// durable record fails, nothing is retired and the hold goes on. A copy
 /// the catalog records as moved live is retired when opened again.
@@ -101,7 +105,14 @@ fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
         let v = p.volume(vid).unwrap();
         v.write(0, &[5u8; 4096], false).unwrap();
         v.track_changes();
-        v.hold_writes(Duration::from_secs(10));
+        v.write(8192, &[5u8; 4096], false).unwrap();
+        assert!(v.hold_writes(Duration::from_secs(10)));
+        // A change the target has not confirmed: no seal.
+        let (b, taken) = v.take_changes(0, 10).unwrap();
+        assert_eq!(taken, vec![(8192, 4096)]);
+        assert!(v.retire_held("n2", || Ok(())).unwrap().is_err());
+        let (_, taken) = v.take_changes(b, 10).unwrap();
+        assert!(taken.is_empty());
         let w = {
             let v = Arc::clone(&v);
             std::thread::spawn(move || v.write(4096, &[6u8; 4096], false))
@@ -125,7 +136,7 @@ fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
                 )
             })
             .unwrap();
-        assert!(sealed.is_some());
+        assert!(sealed.is_ok());
         match w.join().unwrap() {
             Err(Error::Moved { node, .. }) => assert_eq!(node, "n2"),
             other => panic!("the held write: {other:?}"),
@@ -133,7 +144,7 @@ fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
         let mut buf = [0u8; 4096];
         assert!(matches!(v.read(0, &mut buf), Err(Error::Moved { .. })));
         assert!(matches!(v.flush(), Err(Error::Moved { .. })));
-        assert_eq!(v.take_changes(10), None, "tracking ended with the seal");
+        assert_eq!(v.take_changes(0, 10), None, "tracking ended with the seal");
     }
     let p = pool(dir.path());
     let v = p.volume(vid).unwrap();

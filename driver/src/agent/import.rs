@@ -660,17 +660,24 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
     let volume = core.pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
     let mut buf = vec![0u8; MAX_IO];
+    // The last batch copied and flushed here.
+    let mut confirmed = 0;
     while !l.stop.load(Ordering::Acquire) {
         let want = l.asked.load(Ordering::Acquire);
-        let ranges = source.changes(ROUND_RANGES).map_err(status::engine)?;
+        let (batch, ranges) = source
+            .changes(confirmed, ROUND_RANGES)
+            .map_err(status::engine)?;
         let mut bytes = 0;
         for (offset, length) in ranges {
             let end = offset + length;
             let mut at = offset;
             while at < end {
                 let n = ((end - at) as usize).min(MAX_IO);
-                // The last delta (under the hold) is not throttled.
-                if let (Some(b), 0) = (&bucket, want) {
+                // The last delta (a final round asked for) is not throttled.
+                if let Some(b) = bucket
+                    .as_ref()
+                    .filter(|_| want <= l.synced.load(Ordering::Acquire))
+                {
                     b.take(n as u64);
                 }
                 Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
@@ -685,15 +692,20 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
                 bytes += n as u64;
             }
         }
+        // Confirmed (with the next take) only once durable here: the
+        // source seals only when it handed out every change and heard
+        // each was confirmed.
+        if bytes > 0 {
+            volume.flush().map_err(status::engine)?;
+        }
+        confirmed = batch;
         l.copied.fetch_add(bytes, Ordering::Relaxed);
         l.pending.store(bytes, Ordering::Relaxed);
         tracing::debug!(volume = %vid, bytes, want, "a live move's round of changes");
         if bytes == 0 && want > 0 {
-            volume.flush().map_err(status::engine)?;
             l.synced.fetch_max(want, Ordering::AcqRel);
-        } else if bytes < CONVERGED {
-            l.converged.store(true, Ordering::Release);
         }
+        l.converged.store(bytes < CONVERGED, Ordering::Release);
         if bytes < CONVERGED && l.asked.load(Ordering::Acquire) == want {
             // Few changes: ask again a little later (a final round, asked
             // meanwhile, at once).

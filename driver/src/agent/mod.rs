@@ -421,12 +421,18 @@ impl Agent for AgentService {
         }
         let (epoch, now) = self
             .attachments
-            .track(&self.started, vid, &req.node_id)
+            .track(&self.started, vid, &req.node_id, req.peek)
             .await?;
+        let sealed = now.moved && now.live && now.node == req.node_id;
         Ok(Response::new(TrackReply {
             epoch,
-            sealed: now.moved,
-            published_to: if now.moved { String::new() } else { now.node },
+            sealed,
+            copy_first: now.for_move && !now.live,
+            published_to: if now.moved || now.for_move {
+                String::new()
+            } else {
+                now.node
+            },
             read_only: now.read_only,
         }))
     }

@@ -233,6 +233,7 @@ impl Attachments {
         started: &Started,
         vid: VolumeId,
         node: &str,
+        peek: bool,
     ) -> Result<(u64, Attachment), Status> {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
@@ -241,8 +242,8 @@ impl Attachments {
             let f = &fences[&vid];
             (f.attachment.clone(), f.mover.clone())
         };
-        if now.moved {
-            if now.live && now.node == node {
+        if now.moved && now.live {
+            if now.node == node {
                 return Ok((0, now));
             }
             return Err(Status::failed_precondition(format!(
@@ -250,11 +251,10 @@ impl Attachments {
                 now.node
             )));
         }
-        if now.for_move {
-            return Err(Status::failed_precondition(format!(
-                "volume {vid} is being copied to node {} (a move of an unused volume)",
-                now.node
-            )));
+        // Copied (or sealed) for a move of the unused volume: the caller
+        // sees `for_move`.
+        if now.for_move || peek {
+            return Ok((0, now));
         }
         match mover {
             Some((n, epoch)) if n == node => return Ok((epoch, now)),
@@ -304,18 +304,25 @@ impl Attachments {
         epoch: u64,
         deadline: Duration,
     ) -> Result<(), Status> {
-        let _one = self.changes.lock().await;
         self.load(started, vid).await?;
         if self.mover(vid) != Some((node.to_string(), epoch)) {
             return Err(Status::failed_precondition(format!(
                 "volume {vid} is not moving live to node {node} under epoch {epoch}"
             )));
         }
-        blocking(started, move |core| {
-            core.pool.volume(vid)?.hold_writes(deadline);
-            Ok(())
+        // Not under `changes`: a long drain holds up no other volume.
+        let held = blocking(started, move |core| {
+            Ok(core.pool.volume(vid)?.hold_writes(deadline))
         })
-        .await
+        .await?;
+        if !held {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid}: the writes in flight did not finish within the hold's deadline \
+                 ({} ms)",
+                deadline.as_millis()
+            )));
+        }
+        Ok(())
     }
 
     /// The seal of the live move (`node`, `epoch`) while its hold lasts
@@ -348,16 +355,19 @@ impl Attachments {
         };
         let (durable, to) = (sealed.clone(), node.to_string());
         let held = blocking(started, move |core| {
+            // A copy must not make a volume that lost data look whole.
+            if let Some(why) = core.pool.volume_fault(vid)? {
+                return Ok(Err(format!(
+                    "volume {vid} lost data during the move ({why})"
+                )));
+            }
             let vol = core.pool.volume(vid)?;
-            vol.retire_held(&to, || core.pool.set_attachment(vid, &durable))
+            Ok(vol
+                .retire_held(&to, || core.pool.set_attachment(vid, &durable))?
+                .map_err(|why| format!("volume {vid} is not sealed: {why}; the move copies on")))
         })
         .await?
-        .ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "the hold of volume {vid}'s writes ended (its deadline) before the seal: \
-                 writes went on, and the move copies on"
-            ))
-        })?;
+        .map_err(Status::failed_precondition)?;
         let mut fences = self.fences.lock().expect("fences");
         let f = fences.get_mut(&vid).expect("loaded");
         f.session = 0;
@@ -435,6 +445,14 @@ impl Attachments {
             }
             // Rolling back a move before its switch: the target's copy never
             // served a write, so this copy is the volume again.
+            // A live move's seal is final: the target may hold writes.
+            Change::Detach { for_move: true, .. } if now.moved && now.live => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} moved live to node {}: the move goes on, it is not rolled \
+                     back",
+                    now.node
+                )));
+            }
             Change::Detach {
                 node,
                 for_move: true,
@@ -826,7 +844,10 @@ impl Peer for PeerService {
         Ok(self.reply(MapReply { data }))
     }
 
-    async fn changes(&self, req: Request<ChangesRequest>) -> Result<Response<MapReply>, Status> {
+    async fn changes(
+        &self,
+        req: Request<ChangesRequest>,
+    ) -> Result<Response<ChangesReply>, Status> {
         let req = req.into_inner();
         let grant = req
             .grant
@@ -842,16 +863,22 @@ impl Peer for PeerService {
                 grant.node_id, grant.epoch
             )));
         }
-        let max = (req.max as usize).clamp(1, MAX_CHANGES);
-        let data = self
+        let (max, confirmed) = ((req.max as usize).clamp(1, MAX_CHANGES), req.confirmed);
+        let taken = self
             .on_volume(Some(&grant), false, move |v| {
-                Ok(v.take_changes(max).unwrap_or_default())
+                Ok(v.take_changes(confirmed, max))
             })
-            .await?
+            .await?;
+        let Some((batch, ranges)) = taken else {
+            return Err(Status::failed_precondition(format!(
+                "volume {vid} does not record its changes (this node restarted?)"
+            )));
+        };
+        let data = ranges
             .into_iter()
             .map(|(offset, length)| Extent { offset, length })
             .collect();
-        Ok(self.reply(MapReply { data }))
+        Ok(self.reply(ChangesReply { batch, data }))
     }
 }
 

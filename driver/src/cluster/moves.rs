@@ -197,11 +197,18 @@ fn records_err(e: RecordsError) -> Status {
     Status::internal(e.to_string())
 }
 
-/// Whether a volume's calls must wait for its move: publishing, expanding
-/// or deleting a volume that is being copied would race the copy.
+/// Whether a volume's calls must wait for its move: publishing,
+/// unpublishing, expanding or deleting a volume that is being copied would
+/// race the copy, and a live move's attachment must not change until it
+/// follows the volume.
 pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
     match &rec.moving {
-        Some(m) if matches!(m.phase, MovePhase::Copying | MovePhase::Unknown) => {
+        Some(m)
+            if matches!(
+                m.phase,
+                MovePhase::Copying | MovePhase::Following | MovePhase::Unknown
+            ) =>
+        {
             Err(Status::unavailable(format!(
                 "volume {} is moving from node {} to node {}; retry when the move is done ({})",
                 rec.volume_id, m.from, m.to, m.message
@@ -821,14 +828,18 @@ impl Moves {
             .track(Request::new(agent::TrackRequest {
                 volume_id: rec.volume_id.clone(),
                 node_id: m.to.clone(),
+                peek: false,
             }))
             .await;
         let t = match tracked {
             Ok(t) => t.into_inner(),
-            // Copied (or sealed) for a copy-first move already.
-            Err(e) if e.code() == Code::FailedPrecondition => return Ok(false),
+            // An agent without live moves.
+            Err(e) if e.code() == Code::Unimplemented => return Ok(false),
             Err(e) => return Err(e),
         };
+        if t.copy_first {
+            return Ok(false);
+        }
         if t.published_to.is_empty() && !t.sealed {
             // Unused: copied first (the live move's record ends).
             source
@@ -861,6 +872,7 @@ impl Moves {
             .track(Request::new(agent::TrackRequest {
                 volume_id: rec.volume_id.clone(),
                 node_id: m.to.clone(),
+                peek: true,
             }))
             .await
             .map_err(waiting)?
@@ -883,6 +895,7 @@ impl Moves {
             .track(Request::new(agent::TrackRequest {
                 volume_id: id.clone(),
                 node_id: m.to.clone(),
+                peek: false,
             }))
             .await?
             .into_inner();
@@ -977,6 +990,17 @@ impl Moves {
         let nodes = &self.cluster.nodes;
         let id = &rec.volume_id;
         let x = &m.published_to;
+        // A node that stopped answering (its pods are being evicted, and
+        // its volumes force-detached) is not waited for: its device fails
+        // once its owner's copy is gone.
+        let ready = nodes
+            .list()?
+            .into_iter()
+            .any(|n| n.node_id == *x && n.state == NodeState::Ready);
+        if !ready && *x != m.to {
+            tracing::warn!(volume = %id, node = %x, "the node the volume was published to is not ready: its attachment does not follow the volume");
+            return Ok(());
+        }
         let epoch = nodes
             .agent(&m.to)?
             .attach(Request::new(agent::AttachRequest {
@@ -1020,7 +1044,7 @@ impl Moves {
         let m = rec.moving.clone().expect("moving");
         let id = rec.volume_id.clone();
         let nodes = &self.cluster.nodes;
-        nodes
+        let detached = nodes
             .agent(&m.from)?
             .detach(Request::new(agent::AttachRequest {
                 volume_id: id.clone(),
@@ -1028,7 +1052,19 @@ impl Moves {
                 for_move: true,
                 ..Default::default()
             }))
-            .await?;
+            .await;
+        if let Err(e) = detached {
+            // Sealed by a live move meanwhile: it goes on, not back.
+            if m.live && e.code() == Code::FailedPrecondition && self.sealed_live(rec, &m).await? {
+                self.set_phase(rec, MovePhase::Copying, "sealed: switching")
+                    .await?;
+                return Err(Status::unavailable(format!(
+                    "volume {id} was sealed for node {} before the rollback: the move goes on",
+                    m.to
+                )));
+            }
+            return Err(e);
+        }
         let deleted = match nodes.agent(&m.to) {
             Ok(target) => target
                 .delete_volume(Request::new(agent::DeleteVolumeRequest { volume_id: id }))

@@ -770,7 +770,8 @@ impl Controller for ControllerService {
         if parse_volume_id(&req.volume_id).is_err() || !cluster.nodes.attaches_remote() {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         }
-        let Some(owner) = self.volume_node(&req.volume_id).await? else {
+        // Not while a move copies the volume or re-points its attachment.
+        let Some(owner) = self.settled_node(&req.volume_id).await? else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
         self.agent(&owner)?

@@ -57,14 +57,21 @@ impl Default for MoveState {
 
 #[derive(Debug, Default)]
 struct Hold {
-    /// When the current hold began (`None`: writes flow).
+    /// When the current hold was asked for (`None`: writes flow).
     since: Option<Instant>,
+    /// The hold's thread owns the gate: every write that passed it has
+    /// finished, and none can start.
+    held: bool,
 }
 
 /// One bit per block: changed since the last [`Volume::take_changes`].
 #[derive(Debug)]
 struct ChangeMap {
     blocks: u64,
+    /// The last batch handed out (runs of blocks) and its number: put back
+    /// unless the next take confirms it (a lost answer loses nothing).
+    batch: u64,
+    out: Vec<(u64, u64)>,
     bits: Vec<u64>,
     /// No bit is set below this word (where the next take starts looking).
     first: usize,
@@ -74,6 +81,8 @@ impl ChangeMap {
     fn new(blocks: u64) -> Self {
         ChangeMap {
             blocks,
+            batch: 0,
+            out: Vec::new(),
             bits: vec![0; blocks.div_ceil(64) as usize],
             first: usize::MAX,
         }
@@ -85,6 +94,25 @@ impl ChangeMap {
             self.bits[w] |= 1 << (b % 64);
             self.first = self.first.min(w);
         }
+    }
+
+    /// Whether every change was handed out and confirmed.
+    fn drained(&self) -> bool {
+        self.first == usize::MAX && self.out.is_empty()
+    }
+
+    /// Confirms batch `confirmed` (or puts the last batch back), then
+    /// clears and returns up to `max` runs of changed blocks, in order, as
+    /// the next batch.
+    fn next_batch(&mut self, confirmed: u64, max: usize) -> (u64, Vec<(u64, u64)>) {
+        for (b, n) in std::mem::take(&mut self.out) {
+            if confirmed != self.batch {
+                self.mark(b, b + n);
+            }
+        }
+        self.out = self.take(max);
+        self.batch += 1;
+        (self.batch, self.out.clone())
     }
 
     /// Clears and returns up to `max` runs of changed blocks, in order.
@@ -165,11 +193,13 @@ impl Volume {
         *map = None;
     }
 
-    /// Byte ranges (at most `max`) changed since the last call, cleared
-    /// from the record; `None` if changes are not recorded.
-    pub fn take_changes(&self, max: usize) -> Option<Vec<(u64, u64)>> {
+    /// The next batch of byte ranges changed (at most `max`), after the
+    /// batch `confirmed` (the caller copied it; any other number puts the
+    /// last batch back): its number and ranges, cleared from the record.
+    /// `None` if changes are not recorded.
+    pub fn take_changes(&self, confirmed: u64, max: usize) -> Option<(u64, Vec<(u64, u64)>)> {
         let mut map = self.moving.changed.lock().expect("changes");
-        let runs = map.as_mut()?.take(max);
+        let (batch, runs) = map.as_mut()?.next_batch(confirmed, max);
         let ranges: Vec<(u64, u64)> = runs
             .into_iter()
             .map(|(b, n)| {
@@ -180,43 +210,62 @@ impl Volume {
         self.moving
             .allowance
             .replenish(ranges.iter().map(|r| r.1).sum());
-        Some(ranges)
+        Some((batch, ranges))
     }
 
-    /// Holds every new write, discard and zeroing (reads go on), and
-    /// returns once those in flight finished; a no-op if held already.
-    /// After `deadline` the hold ends by itself, unless
-    /// [`Volume::retire_held`] or [`Volume::release_writes`] ended it.
-    pub fn hold_writes(self: &Arc<Self>, deadline: Duration) {
-        {
-            let mut h = self.moving.hold.lock().expect("hold");
-            if h.since.is_some() {
-                return;
-            }
-            h.since = Some(Instant::now());
+    /// Holds every new write, discard and zeroing (reads go on) and waits
+    /// until those in flight finished; whether that happened within
+    /// `deadline` (a hold asked for already is waited for, not asked
+    /// again). The hold ends by itself `deadline` after it was asked for,
+    /// unless [`Volume::retire_held`] or [`Volume::release_writes`] ended
+    /// it first.
+    pub fn hold_writes(self: &Arc<Self>, deadline: Duration) -> bool {
+        let mut h = self.moving.hold.lock().expect("hold");
+        if h.since.is_none() {
+            h.held = false;
+            let (vol, since) = (Arc::clone(self), Instant::now());
+            h.since = Some(since);
+            std::thread::spawn(move || vol.hold_thread(since, deadline));
         }
-        let (held, wait) = std::sync::mpsc::channel();
-        let vol = Arc::clone(self);
-        std::thread::spawn(move || {
-            let _gate = vol.gate.write().expect("volume gate");
-            let _ = held.send(());
-            let mut h = vol.moving.hold.lock().expect("hold");
-            while let Some(since) = h.since {
-                let left = (since + deadline).saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    tracing::warn!(volume = %vol.id(), deadline_ms = deadline.as_millis() as u64, "a move's hold reached its deadline: writes go on");
-                    h.since = None;
-                    break;
-                }
-                h = vol.moving.released.wait_timeout(h, left).expect("hold").0;
+        let since = h.since.expect("asked");
+        loop {
+            if h.held || h.since != Some(since) {
+                return h.held;
             }
-        });
-        let _ = wait.recv();
+            let left = (since + deadline).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            h = self.moving.released.wait_timeout(h, left).expect("hold").0;
+        }
+    }
+
+    /// Owns the gate (so writes wait) until the hold ends.
+    fn hold_thread(&self, since: Instant, deadline: Duration) {
+        let _gate = self.gate.write().expect("volume gate");
+        let mut h = self.moving.hold.lock().expect("hold");
+        if h.since != Some(since) {
+            // Ended (or replaced) before the writes in flight drained.
+            return;
+        }
+        h.held = true;
+        self.moving.released.notify_all();
+        while h.since == Some(since) {
+            let left = (since + deadline).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(volume = %self.id(), deadline_ms = deadline.as_millis() as u64, "a move's hold reached its deadline: writes go on");
+                h.since = None;
+                break;
+            }
+            h = self.moving.released.wait_timeout(h, left).expect("hold").0;
+        }
+        h.held = false;
+        self.moving.released.notify_all();
     }
 
     /// Whether writes are held now.
     pub fn writes_held(&self) -> bool {
-        self.moving.hold.lock().expect("hold").since.is_some()
+        self.moving.hold.lock().expect("hold").held
     }
 
     /// Ends a hold (writes go on); how long it lasted, if there was one.
@@ -227,28 +276,37 @@ impl Volume {
         Some(since.elapsed())
     }
 
-    /// The end of a live move: if writes are still held, runs `durable`
-    /// (the record that the volume moved to `node`), then retires the
-    /// volume and ends the hold (the held calls fail with
-    /// [`Error::Moved`]); how long the hold lasted. `None` (and nothing
-    /// done) if the hold had ended: writes may have changed blocks the
-    /// target has not copied.
+    /// The end of a live move: if writes are held and every change was
+    /// handed out and confirmed, runs `durable` (the record that the
+    /// volume moved to `node`), then retires the volume and ends the hold
+    /// (the held calls fail with [`Error::Moved`]); how long the hold
+    /// lasted. Otherwise nothing is done, and `Err` says why.
     pub fn retire_held(
         &self,
         node: &str,
         durable: impl FnOnce() -> Result<()>,
-    ) -> Result<Option<Duration>> {
+    ) -> Result<std::result::Result<Duration, &'static str>> {
         let mut h = self.moving.hold.lock().expect("hold");
-        let Some(since) = h.since else {
-            return Ok(None);
+        let Some(since) = h.since.filter(|_| h.held) else {
+            return Ok(Err("writes are not held (the hold reached its deadline)"));
         };
+        let drained = self
+            .moving
+            .changed
+            .lock()
+            .expect("changes")
+            .as_ref()
+            .is_some_and(ChangeMap::drained);
+        if !drained {
+            return Ok(Err("the target has not confirmed every change"));
+        }
         durable()?;
         self.retire(node);
         h.since = None;
         self.moving.released.notify_all();
         drop(h);
         self.untrack_changes();
-        Ok(Some(since.elapsed()))
+        Ok(Ok(since.elapsed()))
     }
 
     /// Every later call fails with [`Error::Moved`] (the volume moved to
@@ -280,6 +338,16 @@ mod tests {
         m.mark(0, 1);
         assert_eq!(m.take(10), vec![(0, 1), (200, 1), (299, 1)]);
         assert_eq!(m.take(10), vec![]);
+        // A batch not confirmed comes back in the next one.
+        m.mark(10, 12);
+        let (b1, out) = m.next_batch(0, 10);
+        assert_eq!(out, vec![(10, 2)]);
+        m.mark(20, 21);
+        assert_eq!(m.next_batch(b1 + 7, 10).1, vec![(10, 2), (20, 1)]);
+        assert!(!m.drained());
+        let (b3, _) = m.next_batch(0, 10);
+        let (_, out) = m.next_batch(b3, 10);
+        assert!(out.is_empty() && m.drained());
         // Past the end: ignored, never a panic.
         m.mark(299, 400);
         assert_eq!(m.take(10), vec![(299, 1)]);

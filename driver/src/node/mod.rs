@@ -161,6 +161,15 @@ pub struct Node {
     staged: Mutex<HashMap<VolumeId, Entry>>,
 }
 
+/// A live move re-pointed a staged volume from the owners `from` (the
+/// last one most recently) to `to` (`None`: this node); kept after unstage, so a later stage with the
+/// publish context from before the move reaches the volume where it is.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Followed {
+    from: Vec<String>,
+    to: Option<Target>,
+}
+
 /// Mount options Kubernetes may pass that are not ours to honour.
 const REFUSED_OPTIONS: [&str; 5] = ["bind", "rbind", "remount", "move", "loop"];
 
@@ -387,12 +396,49 @@ impl Node {
         })
     }
 
+    fn followed_path(&self, vid: VolumeId) -> PathBuf {
+        self.config.state_dir.join(format!("followed-{vid}.json"))
+    }
+
+    fn save_followed(&self, vid: VolumeId, f: &Followed) -> Result<()> {
+        let path = self.followed_path(vid);
+        let bytes = serde_json::to_vec(f).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("rename", &path))
+    }
+
+    /// Where a stage that names `asked` (the publish context's owner;
+    /// `None`: this node) should go instead: the owner `vid` was followed
+    /// to, if it was followed away from that owner (the context is older
+    /// than the move). A stage naming another owner is a newer publish:
+    /// the record of the follow goes.
+    fn load_followed(&self, vid: VolumeId) -> Option<Followed> {
+        serde_json::from_slice(&std::fs::read(self.followed_path(vid)).ok()?).ok()
+    }
+
+    fn followed(&self, vid: VolumeId, asked: Option<&Target>) -> Option<Option<Target>> {
+        let f = self.load_followed(vid)?;
+        let asked_owner = asked.map_or(self.config.node_id.as_str(), |t| t.owner.as_str());
+        if f.from.iter().any(|n| n == asked_owner) {
+            tracing::info!(volume = %vid, published = asked_owner, owner = %f.to.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a stage names the owner the volume moved away from: staged from its new owner");
+            return Some(f.to);
+        }
+        let _ = std::fs::remove_file(self.followed_path(vid));
+        None
+    }
+
     /// Stages a volume; staging it again the same way is a success.
     pub fn stage(&self, req: &Stage) -> Result<()> {
         let vid = req.volume;
         if self.stage_again(req)? {
             return Ok(());
         }
+        let followed = self.followed(vid, req.remote.as_ref());
+        let req = &Stage {
+            remote: followed.unwrap_or_else(|| req.remote.clone()),
+            ..req.clone()
+        };
         // Not staged (or broken): the owner is asked outside the lock.
         let source = match &req.remote {
             Some(t) => Source::Remote(self.peers()?.open(t, None)?),
@@ -531,6 +577,22 @@ impl Node {
     /// owner (`None`: this node) from now on, also after a restart.
     /// Whether it is staged here.
     pub fn follow(&self, vid: VolumeId, owner: Option<Target>) -> Result<bool> {
+        let (current, from) = {
+            let staged = self.staged.lock().expect("staged");
+            let Some(entry) = staged.get(&vid) else {
+                return Ok(false);
+            };
+            let current = entry.rec.remote.as_ref().map(|r| r.target.clone());
+            let from = current
+                .as_ref()
+                .map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone());
+            (current, from)
+        };
+        // Followed already (a repeated call): the client, with what it
+        // knows of the owner's durability, stays.
+        if current == owner {
+            return Ok(true);
+        }
         // Opened outside the lock (it asks the owner for the size).
         let source = match &owner {
             Some(t) => Source::Remote(self.peers()?.open(t, None)?),
@@ -548,6 +610,19 @@ impl Node {
             Source::Local(_) => None,
         };
         self.state.save(&entry.rec)?;
+        // Every owner it was followed away from (a context may be older
+        // than several moves).
+        let mut earlier = self.load_followed(vid).map(|f| f.from).unwrap_or_default();
+        earlier
+            .retain(|n| *n != from && Some(n.as_str()) != owner.as_ref().map(|t| t.owner.as_str()));
+        earlier.push(from);
+        self.save_followed(
+            vid,
+            &Followed {
+                from: earlier,
+                to: owner.clone(),
+            },
+        )?;
         match &entry.served {
             Some(served) => served.follow(source),
             None => {

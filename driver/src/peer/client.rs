@@ -382,9 +382,10 @@ impl RemoteVolume {
         Ok(data)
     }
 
-    /// A live move's target: the ranges of the volume changed since the
-    /// last call (at most `max`), as (offset, length) pairs in order.
-    pub fn changes(&self, max: u32) -> Result<Vec<(u64, u64)>> {
+    /// A live move's target: the next batch of ranges of the volume
+    /// changed (at most `max`), after batch `confirmed` (see `peer.proto`,
+    /// Changes): its number and the (offset, length) pairs in order.
+    pub fn changes(&self, confirmed: u64, max: u32) -> Result<(u64, Vec<(u64, u64)>)> {
         let r = self.call(
             "changes",
             Effect::None,
@@ -393,6 +394,7 @@ impl RemoteVolume {
                 c.changes(pb::ChangesRequest {
                     grant: Some(grant),
                     max,
+                    confirmed,
                 })
                 .await
             },
@@ -414,7 +416,7 @@ impl RemoteVolume {
             at = e.offset + e.length;
             out.push((e.offset, e.length));
         }
-        Ok(out)
+        Ok((r.batch, out))
     }
 
     /// Goes on with a newer publish of the same volume (a new grant, or
