@@ -668,7 +668,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
         let mut bytes = 0;
-        for (offset, length) in ranges {
+        for (offset, length) in data_of(&source, &volume, ranges)? {
             let end = offset + length;
             let mut at = offset;
             while at < end {
@@ -713,4 +713,47 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         }
     }
     Ok(())
+}
+
+/// Changed ranges of at least this many bytes are mapped first: their
+/// holes are zeroed here without reading them.
+const MAP_FROM: u64 = 1 << 20;
+
+/// The parts of `ranges` to read from the source: small ranges whole,
+/// large ones only where the source holds data (the rest is zeroed in
+/// `volume` at once).
+fn data_of(
+    source: &RemoteVolume,
+    volume: &crate::engine::Volume,
+    ranges: Vec<(u64, u64)>,
+) -> Result<Vec<(u64, u64)>, Status> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for (offset, length) in ranges {
+        if length < MAP_FROM {
+            out.push((offset, length));
+            continue;
+        }
+        let end = offset + length;
+        let mut window = offset;
+        while window < end {
+            let len = (end - window).min(MAX_MAP);
+            let mut at = window;
+            for (o, l) in source.map(window, len).map_err(status::engine)? {
+                if o > at {
+                    volume
+                        .write_zeroes(at, o - at, ZeroFlags::default())
+                        .map_err(status::engine)?;
+                }
+                out.push((o, l));
+                at = o + l;
+            }
+            if at < window + len {
+                volume
+                    .write_zeroes(at, window + len - at, ZeroFlags::default())
+                    .map_err(status::engine)?;
+            }
+            window += len;
+        }
+    }
+    Ok(out)
 }

@@ -161,6 +161,10 @@ const HOLD_POLL: Duration = Duration::from_millis(2);
 /// How long a live move may hold the volume's writes.
 const HOLD_DEADLINE: Duration = Duration::from_secs(1);
 
+/// How long a live move waits for its rounds of changes to get small
+/// before it tries a hold anyway.
+const CONVERGE_WAIT: Duration = Duration::from_secs(120);
+
 /// Holds a live move tries before it gives up.
 const HOLD_TRIES: usize = 5;
 
@@ -926,8 +930,12 @@ impl Moves {
             ..Default::default()
         };
         for _ in 0..HOLD_TRIES {
-            self.until_copied(rec, &*target, import.clone(), POLL)
-                .await?;
+            // Rounds that never get small (writes outrunning the copy):
+            // the holds decide.
+            let rounds = self.until_copied(rec, &*target, import.clone(), POLL);
+            if let Ok(r) = tokio::time::timeout(CONVERGE_WAIT, rounds).await {
+                r?;
+            }
             tracing::info!(volume = %id, from = %m.from, to = %m.to, "a live move's copy converged: holding writes for the last delta");
             let hold = now_ns();
             source

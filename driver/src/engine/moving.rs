@@ -89,10 +89,18 @@ impl ChangeMap {
     }
 
     fn mark(&mut self, first: u64, end: u64) {
-        for b in first..end.min(self.blocks) {
-            let w = (b / 64) as usize;
-            self.bits[w] |= 1 << (b % 64);
-            self.first = self.first.min(w);
+        let end = end.min(self.blocks);
+        let mut b = first;
+        if b < end {
+            self.first = self.first.min((b / 64) as usize);
+        }
+        // A word at a time.
+        while b < end {
+            let (w, bit) = ((b / 64) as usize, b % 64);
+            let n = (64 - bit).min(end - b);
+            let ones = if n == 64 { u64::MAX } else { (1 << n) - 1 };
+            self.bits[w] |= ones << bit;
+            b += n;
         }
     }
 
