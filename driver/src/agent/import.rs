@@ -667,7 +667,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         let (batch, ranges) = source
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
-        let mut bytes = 0;
+        let (mut bytes, empty) = (0, ranges.is_empty());
         for (offset, length) in data_of(&source, &volume, ranges)? {
             let end = offset + length;
             let mut at = offset;
@@ -695,14 +695,16 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         // Confirmed (with the next take) only once durable here: the
         // source seals only when it handed out every change and heard
         // each was confirmed.
-        if bytes > 0 {
+        if !empty {
             volume.flush().map_err(status::engine)?;
         }
         confirmed = batch;
         l.copied.fetch_add(bytes, Ordering::Relaxed);
         l.pending.store(bytes, Ordering::Relaxed);
         tracing::debug!(volume = %vid, bytes, want, "a live move's round of changes");
-        if bytes == 0 && want > 0 {
+        // Nothing changed since the hold: everything is here, durable,
+        // and confirmed with the next take (the source checks that too).
+        if empty && want > 0 {
             l.synced.fetch_max(want, Ordering::AcqRel);
         }
         l.converged.store(bytes < CONVERGED, Ordering::Release);

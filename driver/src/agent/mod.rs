@@ -478,7 +478,8 @@ impl Agent for AgentService {
                     .node
                     .as_ref()
                     .ok_or_else(|| Status::failed_precondition("this process serves no node"))?;
-                node.follow(vid, target).map_err(status::node)
+                node.follow(vid, target, &req.previous_owner)
+                    .map_err(status::node)
             })
             .await?;
         Ok(Response::new(FollowReply { staged }))

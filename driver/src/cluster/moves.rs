@@ -866,6 +866,21 @@ impl Moves {
         Ok(true)
     }
 
+    /// ControllerUnpublishVolume of `node` while a live move re-points its
+    /// attachment: there is nothing to follow for it any more (the record
+    /// says so; the move reads it before following). Whether it was so.
+    pub async fn unpublished(&self, id: &str, node: &str) -> Result<bool, Status> {
+        let mut rec = self.record(id).await?;
+        match rec.moving.as_mut() {
+            Some(m) if m.phase == MovePhase::Following && m.published_to == node => {
+                m.published_to.clear();
+                self.put(&rec).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Whether the source sealed its copy for a live move (the switch
     /// must go on).
     async fn sealed_live(&self, rec: &VolumeRecord, m: &Move) -> Result<bool, Status> {
@@ -938,14 +953,26 @@ impl Moves {
             }
             tracing::info!(volume = %id, from = %m.from, to = %m.to, "a live move's copy converged: holding writes for the last delta");
             let hold = now_ns();
-            source
+            let held = source
                 .hold(Request::new(agent::HoldRequest {
                     volume_id: id.clone(),
                     node_id: m.to.clone(),
                     epoch: t.epoch,
                     deadline_ms: HOLD_DEADLINE.as_millis() as u32,
                 }))
-                .await?;
+                .await;
+            match held {
+                Ok(_) => {}
+                // Writes in flight did not drain in time: try again.
+                Err(e)
+                    if e.code() == Code::FailedPrecondition && e.message().contains("deadline") =>
+                {
+                    self.note(rec, &format!("copying on: {}", e.message()))
+                        .await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             let last = agent::ImportRequest {
                 final_hold: hold,
                 ..import.clone()
@@ -997,18 +1024,13 @@ impl Moves {
         }
         let nodes = &self.cluster.nodes;
         let id = &rec.volume_id;
-        let x = &m.published_to;
-        // A node that stopped answering (its pods are being evicted, and
-        // its volumes force-detached) is not waited for: its device fails
-        // once its owner's copy is gone.
-        let ready = nodes
-            .list()?
-            .into_iter()
-            .any(|n| n.node_id == *x && n.state == NodeState::Ready);
-        if !ready && *x != m.to {
-            tracing::warn!(volume = %id, node = %x, "the node the volume was published to is not ready: its attachment does not follow the volume");
-            return Ok(());
-        }
+        // An unpublish meanwhile (a node gone, its volumes force-detached)
+        // ends what there is to follow.
+        let now = self.record(id).await?;
+        let x = match now.moving.as_ref().map(|n| &n.published_to) {
+            Some(x) if !x.is_empty() => x,
+            _ => return Ok(()),
+        };
         let epoch = nodes
             .agent(&m.to)?
             .attach(Request::new(agent::AttachRequest {
@@ -1036,6 +1058,7 @@ impl Moves {
                 owner: m.to.clone(),
                 address,
                 grant,
+                previous_owner: m.from.clone(),
             }))
             .await?
             .into_inner();

@@ -770,8 +770,21 @@ impl Controller for ControllerService {
         if parse_volume_id(&req.volume_id).is_err() || !cluster.nodes.attaches_remote() {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         }
-        // Not while a move copies the volume or re-points its attachment.
-        let Some(owner) = self.settled_node(&req.volume_id).await? else {
+        // Not while a move copies the volume; while a live move re-points
+        // the attachment of this node, it no longer does.
+        let following = match self.moves.get() {
+            Some(m) => m
+                .unpublished(&req.volume_id, &req.node_id)
+                .await
+                .unwrap_or(false),
+            None => false,
+        };
+        let owner = if following {
+            self.volume_node(&req.volume_id).await?
+        } else {
+            self.settled_node(&req.volume_id).await?
+        };
+        let Some(owner) = owner else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
         self.agent(&owner)?

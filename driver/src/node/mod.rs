@@ -420,6 +420,19 @@ impl Node {
     fn followed(&self, vid: VolumeId, asked: Option<&Target>) -> Option<Option<Target>> {
         let f = self.load_followed(vid)?;
         let asked_owner = asked.map_or(self.config.node_id.as_str(), |t| t.owner.as_str());
+        // The owner asked for still serves the volume (it moved back since,
+        // and this is a newer publish): no redirect.
+        let serves = match asked {
+            None => self
+                .pool
+                .attachment(vid)
+                .is_ok_and(|a| !(a.moved && a.live)),
+            Some(t) => self.peers().is_ok_and(|p| p.open(t, None).is_ok()),
+        };
+        if serves {
+            let _ = std::fs::remove_file(self.followed_path(vid));
+            return None;
+        }
         if f.from.iter().any(|n| n == asked_owner) {
             tracing::info!(volume = %vid, published = asked_owner, owner = %f.to.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a stage names the owner the volume moved away from: staged from its new owner");
             return Some(f.to);
@@ -576,21 +589,46 @@ impl Node {
     /// Follow): if it is staged here, its frontend is served from the new
     /// owner (`None`: this node) from now on, also after a restart.
     /// Whether it is staged here.
-    pub fn follow(&self, vid: VolumeId, owner: Option<Target>) -> Result<bool> {
-        let (current, from) = {
+    pub fn follow(&self, vid: VolumeId, owner: Option<Target>, previous: &str) -> Result<bool> {
+        let owner_id =
+            |t: Option<&Target>| t.map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone());
+        let staged_from = {
             let staged = self.staged.lock().expect("staged");
-            let Some(entry) = staged.get(&vid) else {
-                return Ok(false);
-            };
-            let current = entry.rec.remote.as_ref().map(|r| r.target.clone());
-            let from = current
-                .as_ref()
-                .map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone());
-            (current, from)
+            staged.get(&vid).map(|e| {
+                (
+                    e.rec.remote.as_ref().map(|r| r.target.clone()),
+                    e.served.as_ref().map(|s| s.remote().map(|r| r.target())),
+                )
+            })
         };
-        // Followed already (a repeated call): the client, with what it
-        // knows of the owner's durability, stays.
-        if current == owner {
+        // Every owner it was followed away from (a context may be older
+        // than several moves), for a later stage.
+        let mut earlier = self.load_followed(vid).map(|f| f.from).unwrap_or_default();
+        let new_owner = owner_id(owner.as_ref());
+        let mut away = vec![previous.to_string()];
+        if let Some((rec, _)) = &staged_from {
+            away.push(owner_id(rec.as_ref()));
+        }
+        earlier.retain(|n| *n != new_owner && !away.contains(n));
+        earlier.extend(
+            away.into_iter()
+                .filter(|n| *n != new_owner && !n.is_empty()),
+        );
+        earlier.dedup();
+        self.save_followed(
+            vid,
+            &Followed {
+                from: earlier,
+                to: owner.clone(),
+            },
+        )?;
+        let Some((recorded, served)) = staged_from else {
+            return Ok(false);
+        };
+        // Followed already (a repeated call): the record and the source
+        // served both say so; the client, with what it knows of the
+        // owner's durability, stays.
+        if recorded == owner && served.as_ref().is_none_or(|s| *s == owner) {
             return Ok(true);
         }
         // Opened outside the lock (it asks the owner for the size).
@@ -602,34 +640,23 @@ impl Node {
         let Some(entry) = staged.get_mut(&vid) else {
             return Ok(false);
         };
-        entry.rec.remote = match &source {
+        let mut rec = entry.rec.clone();
+        rec.remote = match &source {
             Source::Remote(v) => Some(state::RemoteRecord {
                 target: v.target(),
                 size_bytes: v.size(),
             }),
             Source::Local(_) => None,
         };
-        self.state.save(&entry.rec)?;
-        // Every owner it was followed away from (a context may be older
-        // than several moves).
-        let mut earlier = self.load_followed(vid).map(|f| f.from).unwrap_or_default();
-        earlier
-            .retain(|n| *n != from && Some(n.as_str()) != owner.as_ref().map(|t| t.owner.as_str()));
-        earlier.push(from);
-        self.save_followed(
-            vid,
-            &Followed {
-                from: earlier,
-                to: owner.clone(),
-            },
-        )?;
+        self.state.save(&rec)?;
+        entry.rec = rec;
         match &entry.served {
             Some(served) => served.follow(source),
             None => {
                 tracing::warn!(volume = %vid, "a volume that could not be served again follows its new owner in its record only")
             }
         }
-        tracing::info!(volume = %vid, owner = %owner.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a staged volume follows its owner");
+        tracing::info!(volume = %vid, owner = %new_owner, "a staged volume follows its owner");
         Ok(true)
     }
 

@@ -6,6 +6,7 @@
 //! kernel above sees a pause, not an error (for up to
 //! [`crate::peer::RETRY_FOR`], as for an owner that is away).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
@@ -25,8 +26,10 @@ pub enum Source {
 pub struct Served {
     vid: VolumeId,
     source: RwLock<Source>,
-    /// Counts switches; waiters for one watch it.
-    switches: Mutex<u64>,
+    /// Counts switches (read on every call without a lock); waiters for
+    /// one sleep on `switched` under `waiting`.
+    switches: AtomicU64,
+    waiting: Mutex<()>,
     switched: Condvar,
 }
 
@@ -35,7 +38,8 @@ impl Served {
         Arc::new(Served {
             vid,
             source: RwLock::new(source),
-            switches: Mutex::new(0),
+            switches: AtomicU64::new(0),
+            waiting: Mutex::new(()),
             switched: Condvar::new(),
         })
     }
@@ -55,7 +59,8 @@ impl Served {
     /// Serves from `source` from now on; calls waiting for it go on.
     pub fn follow(&self, source: Source) {
         *self.source.write().expect("source") = source;
-        *self.switches.lock().expect("switches") += 1;
+        let _w = self.waiting.lock().expect("waiting");
+        self.switches.fetch_add(1, Ordering::AcqRel);
         self.switched.notify_all();
     }
 
@@ -64,16 +69,18 @@ impl Served {
     fn run<T>(&self, op: impl Fn(&Source) -> Result<T>) -> Result<T> {
         let deadline = Instant::now() + RETRY_FOR;
         loop {
-            let seen = *self.switches.lock().expect("switches");
+            let seen = self.switches.load(Ordering::Acquire);
             match op(&self.source()) {
                 Err(Error::Moved { node, .. }) if Instant::now() < deadline => {
                     tracing::debug!(volume = %self.vid, to = %node, "waiting for a moved volume's attachment to follow it");
-                    let switches = self.switches.lock().expect("switches");
+                    let waiting = self.waiting.lock().expect("waiting");
                     let left = deadline.saturating_duration_since(Instant::now());
                     drop(
                         self.switched
-                            .wait_timeout_while(switches, left, |n| *n == seen)
-                            .expect("switches"),
+                            .wait_timeout_while(waiting, left, |_| {
+                                self.switches.load(Ordering::Acquire) == seen
+                            })
+                            .expect("waiting"),
                     );
                 }
                 r => return r,
