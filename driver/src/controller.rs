@@ -57,6 +57,9 @@ pub enum Store {
 }
 
 /// How long a leader may go without renewing its Lease.
+/// How often the leader looks for volumes to move to the node using them.
+const LOCALITY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[cfg(feature = "kubernetes")]
 const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -72,6 +75,9 @@ pub struct Config {
     pub overcommit: f64,
     /// Bytes per second a move between nodes copies (0: no limit).
     pub move_rate: u64,
+    /// How long a volume of a `dataLocality: best-effort` class is used
+    /// from another node before it moves there.
+    pub locality_delay: std::time::Duration,
     pub heartbeat: Heartbeat,
     pub metrics_listen: SocketAddr,
     /// Where the leader takes the calls other replicas forward (mutual
@@ -226,10 +232,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     replica.lead();
     // Moves a previous leader left half done, and rollbacks that wait for
     // a node that was away: now, then every half minute.
+    let follower = Arc::clone(&mover);
     tokio::spawn(async move {
         loop {
             mover.resume().await;
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+    });
+    // dataLocality: volumes follow the node that uses them.
+    let after = config.locality_delay;
+    tokio::spawn(async move {
+        let mut seen = std::collections::HashMap::new();
+        loop {
+            tokio::time::sleep(LOCALITY_EVERY.min(after)).await;
+            follower.follow_pods(after, &mut seen).await;
         }
     });
     eprintln!(

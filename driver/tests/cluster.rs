@@ -1631,6 +1631,81 @@ async fn volumes_in_use_move_live_under_a_writer_and_their_attachment_follows() 
     contents_are(&mut cc, &nodes[1], &mut csi2, &id, &want).await;
 }
 
+/// `dataLocality: best-effort`: a volume its pod uses from another node
+/// moves there by itself, live, under a writer, and the device equals the
+/// model; a volume of a class without it stays where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_with_data_locality_move_to_the_node_that_uses_them() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--locality-delay-seconds", "1"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+    let size = 8usize << 20;
+    let make = |name: &str, locality: bool| {
+        let mut req = with_requirements(c::create(name, size as i64, c::block_cap()), &["n1"], &[]);
+        if locality {
+            req.parameters
+                .insert("dataLocality".into(), "best-effort".into());
+        }
+        req
+    };
+    let bad = cc
+        .create_volume({
+            let mut r = make("pvc-contradiction", true);
+            r.parameters.insert("locality".into(), "node".into());
+            r
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let follows = created(&mut cc, make("pvc-follows", true)).await.volume_id;
+    let stays = created(&mut cc, make("pvc-stays", false)).await.volume_id;
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &follows).await;
+    let other = publish_and_attach(&mut cc, &n2, &mut csi2, &stays).await;
+    let model = Arc::new(Mutex::new(vec![0u8; size]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(dev.clone(), Arc::clone(&model), Arc::clone(&stop), 7);
+    eventually_or(
+        60,
+        "the volume moves to the node that uses it",
+        async || holds(&n2.agent, &tls, &follows).await && !holds(&n1.agent, &tls, &follows).await,
+        || ctl.proc.log(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap();
+    assert!(writes > 0);
+    assert!(
+        read_at(&dev, 0, size) == *model.lock().unwrap(),
+        "the device differs from the model"
+    );
+    write_at(&other, 0, &[1u8; 4096]).unwrap();
+    assert!(holds(&n1.agent, &tls, &stays).await && !holds(&n2.agent, &tls, &stays).await);
+    assert_eq!(
+        common::standalone::metric_value(
+            &ctl.metrics(),
+            "strata_volume_moves_total{kind=\"live\",outcome=\"moved\"}"
+        ),
+        Some(1.0)
+    );
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &follows).await;
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &stays).await;
+}
+
 /// Moves between nodes of volumes no pod uses: the data arrives whole (a
 /// model of the volume is compared after every move), only data extents
 /// cross, the source's copy is gone, and `strata volume move` says so. A

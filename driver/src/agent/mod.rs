@@ -109,6 +109,7 @@ fn volume_reply(v: &VolumeInfo) -> VolumeReply {
         created_unix_ns: v.created_unix_ns,
         abnormal: false,
         condition: String::new(),
+        published_to: String::new(),
     }
 }
 
@@ -121,6 +122,12 @@ fn volume_health(core: &Core, v: &VolumeInfo) -> VolumeReply {
     }
     if let Ok(Some(lost)) = core.pool.volume_fault(v.id) {
         (reply.abnormal, reply.condition) = (true, lost);
+    }
+    if let Ok(a) = core.pool.attachment(v.id)
+        && !a.for_move
+        && !a.moved
+    {
+        reply.published_to = a.node;
     }
     reply
 }

@@ -211,6 +211,10 @@ struct ControllerArgs {
     /// Bytes per second one move between nodes copies (0: no limit).
     #[arg(long, value_parser = size::parse, default_value = "100MiB")]
     move_rate: u64,
+    /// Seconds a volume of a `dataLocality: best-effort` StorageClass is
+    /// used from another node before it moves there (live).
+    #[arg(long, default_value_t = 60)]
+    locality_delay_seconds: u64,
     /// Seconds between heartbeats to each node.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -627,6 +631,7 @@ impl Cli {
                     tls,
                     overcommit: a.overcommit,
                     move_rate: a.move_rate,
+                    locality_delay: std::time::Duration::from_secs(a.locality_delay_seconds.max(1)),
                     heartbeat: Heartbeat {
                         interval: std::time::Duration::from_secs(a.heartbeat_seconds.max(1)),
                         stale_after: std::time::Duration::from_secs(a.stale_seconds.max(1)),

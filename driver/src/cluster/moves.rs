@@ -458,6 +458,83 @@ impl Moves {
         Ok((moved, stayed))
     }
 
+    /// `dataLocality: best-effort`: every volume of that StorageClass that
+    /// a node other than its owner has had published for `after` (seen at
+    /// each call, as the owners' agents report it) moves there live, if
+    /// that node is ready, not draining and has room. `seen` keeps when
+    /// each was first seen so between calls. Called every few seconds by
+    /// the leader.
+    pub async fn follow_pods(
+        self: &Arc<Self>,
+        after: Duration,
+        seen: &mut HashMap<String, (String, Instant)>,
+    ) {
+        let volumes = match self.store(|r| r.volumes()).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "reading volume records for dataLocality");
+                return;
+            }
+        };
+        let wanted: Vec<VolumeRecord> = volumes
+            .into_iter()
+            .filter(|r| {
+                r.anywhere
+                    && r.state == RecordState::Ready
+                    && r.moving.is_none()
+                    && r.parameters.get("dataLocality").map(String::as_str) == Some("best-effort")
+            })
+            .collect();
+        let mut owners: HashMap<String, HashMap<String, String>> = HashMap::new();
+        let mut still = HashMap::new();
+        for rec in wanted {
+            if !owners.contains_key(&rec.node) {
+                let published = match self.cluster.nodes.agent(&rec.node) {
+                    Ok(a) => a
+                        .list_volumes(Request::new(agent::ListVolumesRequest {}))
+                        .await
+                        .map(|r| {
+                            r.into_inner()
+                                .volumes
+                                .into_iter()
+                                .map(|v| (v.volume_id, v.published_to))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    Err(_) => HashMap::new(),
+                };
+                owners.insert(rec.node.clone(), published);
+            }
+            let Some(user) = owners[&rec.node].get(&rec.volume_id) else {
+                continue;
+            };
+            if user.is_empty() || *user == rec.node {
+                continue;
+            }
+            let since = match seen.get(&rec.volume_id) {
+                Some((n, t)) if n == user => *t,
+                _ => Instant::now(),
+            };
+            still.insert(rec.volume_id.clone(), (user.clone(), since));
+            if since.elapsed() < after || self.target_for(&rec, Some(user)).is_err() {
+                continue;
+            }
+            let draining = self
+                .cluster
+                .nodes
+                .list()
+                .map(|l| l.iter().any(|n| n.node_id == *user && n.draining))
+                .unwrap_or(true);
+            if draining {
+                continue;
+            }
+            tracing::info!(volume = %rec.volume_id, from = %rec.node, to = %user, "dataLocality: the volume moves to the node that uses it");
+            drop(self.launch(&rec.volume_id, Some(user), false));
+            still.remove(&rec.volume_id);
+        }
+        *seen = still;
+    }
+
     /// Ends the drain of `node`: new volumes may be placed on it again.
     pub async fn undrain(&self, node: &str) -> Result<(), Status> {
         self.cluster.nodes.set_draining(node, false).await

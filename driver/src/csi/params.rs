@@ -30,6 +30,9 @@ pub(crate) struct VolumeParams {
     /// `locality: node`: only the volume's own node attaches it (the
     /// default, `anywhere`, lets every node attach it over the data path).
     pub node_local: bool,
+    /// `dataLocality: best-effort`: the volume moves live to the node that
+    /// has attached it from another node for a while.
+    pub follow_pod: bool,
 }
 
 fn boolean(key: &str, v: &str) -> Result<bool, Status> {
@@ -76,6 +79,18 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
                     }
                 }
             }
+            "dataLocality" => {
+                out.follow_pod = match v.as_str() {
+                    "disabled" => false,
+                    "best-effort" => true,
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "parameter dataLocality={v:?}: use \"disabled\" or \"best-effort\" \
+                             (the volume moves to the node that attaches it)"
+                        )));
+                    }
+                }
+            }
             "frontend" => {
                 if v != "nbd" {
                     return Err(Status::invalid_argument(format!(
@@ -86,10 +101,16 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown parameter {k:?}; Strata accepts fsType, frontend, maxChainDepth, flattenClones and locality"
+                    "unknown parameter {k:?}; Strata accepts fsType, frontend, maxChainDepth, flattenClones, locality and dataLocality"
                 )));
             }
         }
+    }
+    if out.follow_pod && out.node_local {
+        return Err(Status::invalid_argument(
+            "parameters locality=node and dataLocality=best-effort contradict each other: a \
+             volume only its own node attaches never moves",
+        ));
     }
     Ok(out)
 }
@@ -232,6 +253,16 @@ mod tests {
         );
         assert!(volume_params(&q("locality", "node")).unwrap().node_local);
         assert!(
+            volume_params(&q("dataLocality", "best-effort"))
+                .unwrap()
+                .follow_pod
+        );
+        assert!(
+            !volume_params(&q("dataLocality", "disabled"))
+                .unwrap()
+                .follow_pod
+        );
+        assert!(
             !volume_params(&q("locality", "anywhere"))
                 .unwrap()
                 .node_local
@@ -242,6 +273,7 @@ mod tests {
             q("maxChainDepth", "x"),
             q("flattenClones", "yes"),
             q("locality", "zone"),
+            q("dataLocality", "strict"),
         ] {
             assert_eq!(
                 volume_params(&bad).unwrap_err().code(),
