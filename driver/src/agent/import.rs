@@ -72,8 +72,34 @@ struct Live {
 }
 
 /// Changes below this are copied under the hold (at worst 128 separate
-/// blocks, each a request).
+/// blocks, each a request)...
 const CONVERGED: u64 = 512 << 10;
+
+/// ... if a round took less than this (the hold lasts at most a second).
+const CONVERGED_ROUND: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Changed ranges closer than this are read as one (fewer requests; the
+/// blocks between are read as they are now, which is right too).
+const COALESCE_GAP: u64 = 64 << 10;
+
+/// Merges ranges (in order) closer than [`COALESCE_GAP`], up to
+/// [`MAX_IO`] each.
+fn coalesce(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (o, l) in ranges {
+        match out.last_mut() {
+            Some((po, pl))
+                if o >= *po + *pl
+                    && o - (*po + *pl) <= COALESCE_GAP
+                    && o + l - *po <= MAX_IO as u64 =>
+            {
+                *pl = o + l - *po;
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
 
 /// Ranges one round of changes asks for at most.
 const ROUND_RANGES: u32 = 1 << 14;
@@ -664,11 +690,12 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
     let mut confirmed = 0;
     while !l.stop.load(Ordering::Acquire) {
         let want = l.asked.load(Ordering::Acquire);
+        let round = std::time::Instant::now();
         let (batch, ranges) = source
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
         let (mut bytes, empty) = (0, ranges.is_empty());
-        for (offset, length) in data_of(&source, &volume, ranges)? {
+        for (offset, length) in coalesce(data_of(&source, &volume, ranges)?) {
             let end = offset + length;
             let mut at = offset;
             while at < end {
@@ -707,7 +734,10 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         if empty && want > 0 {
             l.synced.fetch_max(want, Ordering::AcqRel);
         }
-        l.converged.store(bytes < CONVERGED, Ordering::Release);
+        // Small enough to copy under a hold: few bytes, and a round
+        // quick enough on this link and these machines.
+        let quick = bytes < CONVERGED && round.elapsed() < CONVERGED_ROUND;
+        l.converged.store(quick, Ordering::Release);
         if bytes < CONVERGED && l.asked.load(Ordering::Acquire) == want {
             // Few changes: ask again a little later (a final round, asked
             // meanwhile, at once).
@@ -758,4 +788,24 @@ fn data_of(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{COALESCE_GAP, coalesce};
+    use crate::peer::MAX_IO;
+
+    #[test]
+    fn close_ranges_are_read_as_one_but_never_more_than_one_request_holds() {
+        let g = COALESCE_GAP;
+        assert_eq!(
+            coalesce(vec![(0, 4096), (4096 + g, 4096), (3 * g + 8192 + 1, 4096)]),
+            vec![(0, g + 8192), (3 * g + 8193, 4096)]
+        );
+        let big = MAX_IO as u64;
+        assert_eq!(
+            coalesce(vec![(0, big - 4096), (big, 4096)]),
+            vec![(0, big - 4096), (big, 4096)]
+        );
+    }
 }
