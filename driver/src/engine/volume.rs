@@ -543,10 +543,12 @@ impl Volume {
     }
 
     pub(crate) fn check_live(&self) -> Result<()> {
+        // A copy that moved away stays "moved" once deleted too.
+        self.moving.check(self.id)?;
         if self.deleted.load(Ordering::Acquire) {
             return Err(Error::VolumeNotFound(self.id));
         }
-        self.moving.check(self.id)
+        Ok(())
     }
 
     pub(crate) fn mark_deleted(&self) {

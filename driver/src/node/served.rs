@@ -2,7 +2,8 @@
 //! this node's pool, or from the node that holds it, over the data path.
 //! A live move switches it in place ([`Served::follow`], on the
 //! controller's word: `agent.proto`, Follow). A call the old owner refuses
-//! as moved waits for that switch and then goes to the new owner, so the
+//! as moved waits for that switch and then goes to the new owner (so does
+//! one that failed on the old owner after the switch), so the
 //! kernel above sees a pause, not an error (for up to
 //! [`crate::peer::RETRY_FOR`], as for an owner that is away).
 
@@ -71,6 +72,11 @@ impl Served {
         loop {
             let seen = self.switches.load(Ordering::Acquire);
             match op(&self.source()) {
+                // Failed on a source that was switched away from meanwhile
+                // (its copy deleted since, say): the new one answers.
+                Err(e) if self.switches.load(Ordering::Acquire) != seen => {
+                    tracing::debug!(volume = %self.vid, error = %e, "a call that failed on the old owner goes to the new one");
+                }
                 Err(Error::Moved { node, .. }) if Instant::now() < deadline => {
                     tracing::debug!(volume = %self.vid, to = %node, "waiting for a moved volume's attachment to follow it");
                     let waiting = self.waiting.lock().expect("waiting");
