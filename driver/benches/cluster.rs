@@ -121,8 +121,15 @@ async fn detach(cc: &mut ControllerClient<Channel>, node: &NodeProc, csi: &mut C
     .unwrap();
 }
 
-/// fio on `dev`: (IOPS, MB/s).
-fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
+/// fio on `dev` (`extra`: more options): its JSON report's first job.
+fn fio_job(
+    dev: &Path,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    seconds: u32,
+    extra: &[&str],
+) -> serde_json::Value {
     let out = Command::new("fio")
         .args([
             "--name=bench",
@@ -136,6 +143,7 @@ fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
         .arg(format!("--bs={bs}"))
         .arg(format!("--iodepth={depth}"))
         .arg(format!("--runtime={seconds}"))
+        .args(extra)
         .output()
         .expect("fio");
     assert!(
@@ -144,44 +152,28 @@ fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
-    let read = &v["jobs"][0]["read"];
+    v["jobs"][0].clone()
+}
+
+/// fio reads on `dev`: (IOPS, MB/s).
+fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
+    let read = &fio_job(dev, rw, bs, depth, seconds, &[])["read"];
     (
         read["iops"].as_f64().unwrap_or(0.0),
         read["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
     )
 }
 
-/// fio random writes on `dev` at most at `rate`: (MB/s, completion
-/// latency p99 and max in ms).
+/// fio 4 KiB random writes (QD8) on `dev` at most at `rate`: (MB/s,
+/// completion latency p99 and max in ms).
 fn fio_write(dev: &Path, rate: &str, seconds: u32) -> (f64, f64, f64) {
-    let out = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--output-format=json",
-            "--time_based",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-        ])
-        .arg(format!("--filename={}", dev.display()))
-        .arg(format!("--rate={rate}"))
-        .arg(format!("--runtime={seconds}"))
-        .output()
-        .expect("fio");
-    assert!(
-        out.status.success(),
-        "fio: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
-    let w = &v["jobs"][0]["write"];
-    let ns = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / 1e6;
+    let rate = format!("--rate={rate}");
+    let w = &fio_job(dev, "randwrite", "4k", 8, seconds, &[&rate])["write"];
+    let ms = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / 1e6;
     (
         w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-        ns(&w["clat_ns"]["percentile"]["99.000000"]),
-        ns(&w["clat_ns"]["max"]),
+        ms(&w["clat_ns"]["percentile"]["99.000000"]),
+        ms(&w["clat_ns"]["max"]),
     )
 }
 

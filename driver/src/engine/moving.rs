@@ -188,11 +188,6 @@ impl Volume {
         }
     }
 
-    /// Whether changes are recorded (a move of it is under way).
-    pub fn tracking_changes(&self) -> bool {
-        self.moving.tracking.load(Ordering::Acquire)
-    }
-
     /// Stops recording changes and forgets them.
     pub fn untrack_changes(&self) {
         let mut map = self.moving.changed.lock().expect("changes");
