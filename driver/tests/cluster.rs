@@ -1386,14 +1386,34 @@ async fn contents_are(
     );
 }
 
-/// Writes random 4 KiB blocks through `dev` into `model` until `stop`;
-/// how many. Every write is flushed (acknowledged durable) before the next.
+/// What [`writer`] did: how many writes, and the block whose write failed
+/// (offset, contents), after which it stopped.
+struct Writes {
+    n: usize,
+    failed: Option<(usize, Vec<u8>)>,
+}
+
+impl Writes {
+    /// How many writes, none of which failed.
+    fn all_ok(self, what: &str) -> usize {
+        assert!(
+            self.failed.is_none(),
+            "{what}: a write failed after {} writes",
+            self.n
+        );
+        self.n
+    }
+}
+
+/// Writes random 4 KiB blocks through `dev` into `model` until `stop` or
+/// the first failed write; every write is flushed (acknowledged durable)
+/// before the next.
 fn writer(
     dev: std::path::PathBuf,
     model: Arc<Mutex<Vec<u8>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     seed: u64,
-) -> std::thread::JoinHandle<usize> {
+) -> std::thread::JoinHandle<Writes> {
     std::thread::spawn(move || {
         let mut rng = common::Rng::new(seed);
         let mut n = 0;
@@ -1402,12 +1422,28 @@ fn writer(
             let at = (rng.next() as usize % blocks) * 4096;
             let mut block = vec![0u8; 4096];
             rng.fill(&mut block);
-            write_at(&dev, at as u64, &block).unwrap();
+            if write_at(&dev, at as u64, &block).is_err() {
+                return Writes {
+                    n,
+                    failed: Some((at, block)),
+                };
+            }
             model.lock().unwrap()[at..at + 4096].copy_from_slice(&block);
             n += 1;
         }
-        n
+        Writes { n, failed: None }
     })
+}
+
+/// Stops `w` and waits for it.
+async fn stopped(
+    w: std::thread::JoinHandle<Writes>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Writes {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Live moves of a volume a pod uses: a writer keeps writing (and
@@ -1506,10 +1542,9 @@ async fn live_moves(crash_loop: bool) {
         assert_eq!((r.from_node.as_str(), r.to_node.as_str()), (from, to));
         // Writes go on at the new owner.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
+        let writes = stopped(w, &stop)
             .await
-            .unwrap();
+            .all_ok(&format!("move {from} -> {to}"));
         assert!(
             writes > 0,
             "the writer wrote nothing around the move {from} -> {to}"
@@ -1605,10 +1640,7 @@ async fn live_moves(crash_loop: bool) {
             }
         };
         assert_eq!(r.to_node, to, "{fp}");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
-            .await
-            .unwrap();
+        let writes = stopped(w, &stop).await.all_ok(fp);
         assert!(writes > 0, "{fp}");
         let got = read_at(&dev, 0, size);
         let first = got
@@ -1645,6 +1677,233 @@ async fn live_moves(crash_loop: bool) {
     detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
     let mut csi2 = Csi::connect(&nodes[1].csi_socket()).await;
     contents_are(&mut cc, &nodes[1], &mut csi2, &id, &want).await;
+}
+
+/// A live move whose source or target node is killed at each of its steps
+/// in turn (the volume moving between n2 and n3, used through a device on
+/// n1 under a writer): the killed node restarts, the next move call
+/// finishes the move, exactly one node holds the volume, and the device
+/// equals the model of every acknowledged write. A write whose flush
+/// failed (the source restarted while it held that write unflushed, so it
+/// may be lost: the device says so) is either there or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_move_survives_a_crash_of_its_source_or_target_at_every_step() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    use strata::agent::{LIVE_MOVE_FAILPOINTS, MoveParty};
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut nodes = [
+        NodeProc::start(root.path(), "n1", &tls),
+        NodeProc::start(root.path(), "n2", &tls),
+        NodeProc::start(root.path(), "n3", &tls),
+    ];
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let mut ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+
+    let size = 16usize << 20;
+    let id = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-live-crash", size as i64, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await
+    .volume_id;
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let model = Arc::new(Mutex::new(vec![0u8; size]));
+    {
+        let mut m = model.lock().unwrap();
+        common::Rng::new(9).fill(&mut m[..8 << 20]);
+        write_at(&dev, 0, &m[..8 << 20]).unwrap();
+    }
+    let mut from = 1;
+    for (seed, &(party, fp)) in LIVE_MOVE_FAILPOINTS.iter().enumerate() {
+        let to = if from == 1 { 2 } else { 1 };
+        let victim = if party == MoveParty::Source { from } else { to };
+        let (from_id, to_id) = (nodes[from].id.clone(), nodes[to].id.clone());
+        let v = &mut nodes[victim];
+        v.proc.kill9();
+        v.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+        v.proc.spawn();
+        v.wait_for_agent();
+        registered(&mut cc, &["n1", "n2", "n3"]).await;
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = writer(
+            dev.clone(),
+            Arc::clone(&model),
+            Arc::clone(&stop),
+            200 + seed as u64,
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let first = tokio::spawn({
+            let (mut mc, id, to_id) = (mc.clone(), id.clone(), to_id.clone());
+            async move {
+                mc.move_volume(MoveVolumeRequest {
+                    volume_id: id,
+                    node_id: to_id,
+                })
+                .await
+            }
+        });
+        let v = &mut nodes[victim];
+        let died = tokio::task::block_in_place(|| v.proc.exits_within(Duration::from_secs(60)));
+        assert!(
+            died,
+            "the move {from_id} -> {to_id} never reached {fp} on {}",
+            v.id
+        );
+        assert!(v.proc.log().contains(&format!("failpoint {fp}")), "{fp}");
+        v.proc.kill9();
+        v.proc.env.clear();
+        v.proc.spawn();
+        v.wait_for_agent();
+        // The call under way ends one way or the other; the next ones
+        // finish the move.
+        let _ = tokio::time::timeout(Duration::from_secs(150), first)
+            .await
+            .unwrap_or_else(|_| panic!("{fp}: the move under way never ended"));
+        registered(&mut cc, &["n1", "n2", "n3"]).await;
+        let mut mc = mc.clone();
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let r = loop {
+            match mc
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: to_id.clone(),
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(e)
+                    if matches!(e.code(), Code::Unavailable | Code::Aborted)
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{fp}: {e:?}\n{}", ctl.proc.log()),
+            }
+        };
+        assert_eq!(r.to_node, to_id, "{fp}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let writes = stopped(w, &stop).await;
+        eprintln!("{fp} ({party:?}): moved {from_id} -> {to_id}");
+        matches_model(fp, writes, &dev, &model);
+        for n in &nodes {
+            assert_eq!(
+                holds(&n.agent, &tls, &id).await,
+                n.id == to_id,
+                "{fp}: after the move {from_id} -> {to_id}, {} holds the volume or not",
+                n.id
+            );
+        }
+        // Writes work again.
+        write_at(&dev, 0, &model.lock().unwrap()[..4096]).unwrap_or_else(|e| panic!("{fp}: {e}"));
+        from = to;
+    }
+
+    // The controller dies right after the switch, and the source restarts
+    // before the attachment follows: the restarted source is still sealed
+    // (it would refuse the held writes as moved), and the writes go to the
+    // new owner once the next controller has the attachment follow.
+    let to = if from == 1 { 2 } else { 1 };
+    let to_id = nodes[to].id.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(dev.clone(), Arc::clone(&model), Arc::clone(&stop), 300);
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), "cluster::move::switched".into())];
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+    let e = ClusterClient::new(c::channel(ctl.csi_socket()).await)
+        .move_volume(MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: to_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        ctl.proc.log().contains("failpoint cluster::move::switched"),
+        "{e:?}"
+    );
+    let source = &mut nodes[from];
+    source.proc.kill9();
+    source.proc.spawn();
+    source.wait_for_agent();
+    let sealed = agent_client(&source.agent, &tls)
+        .await
+        .track(csi_proto::agent::v1::TrackRequest {
+            volume_id: id.clone(),
+            node_id: to_id.clone(),
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sealed;
+    assert!(sealed, "the restarted source forgot its seal");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    loop {
+        match mc
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: to_id.clone(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e:?}\n{}", ctl.proc.log()),
+        }
+    }
+    let writes = stopped(w, &stop).await;
+    matches_model("switched, source restarted", writes, &dev, &model);
+    for n in &nodes {
+        assert_eq!(holds(&n.agent, &tls, &id).await, n.id == to_id, "{}", n.id);
+    }
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+}
+
+/// The device `dev` equals `model`, but for the block whose write failed
+/// (the write or its flush), which may be old or new.
+fn matches_model(what: &str, writes: Writes, dev: &Path, model: &Mutex<Vec<u8>>) {
+    let mut m = model.lock().unwrap();
+    let got = read_at(dev, 0, m.len());
+    if let Some((at, block)) = &writes.failed {
+        let now = &got[*at..at + 4096];
+        assert!(
+            now == &m[*at..at + 4096] || now == block.as_slice(),
+            "{what}: the block whose write failed is neither old nor new"
+        );
+        m[*at..at + 4096].copy_from_slice(now);
+    }
+    let differs = got.iter().zip(m.iter()).position(|(a, b)| a != b);
+    assert!(
+        differs.is_none(),
+        "{what}: after {} writes (failed: {:?}), the device differs from the model at byte \
+         {differs:?}",
+        writes.n,
+        writes.failed.as_ref().map(|f| f.0)
+    );
 }
 
 /// `dataLocality: best-effort`: a volume its pod uses from another node
@@ -1700,10 +1959,7 @@ async fn volumes_with_data_locality_move_to_the_node_that_uses_them() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes = tokio::task::spawn_blocking(move || w.join().unwrap())
-        .await
-        .unwrap();
+    let writes = stopped(w, &stop).await.all_ok("dataLocality");
     assert!(writes > 0);
     assert!(
         read_at(&dev, 0, size) == *model.lock().unwrap(),

@@ -724,6 +724,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         // each was confirmed.
         if !empty {
             volume.flush().map_err(status::engine)?;
+            crate::engine::jobs::failpoint::hit("agent::import::after_batch");
         }
         confirmed = batch;
         l.copied.fetch_add(bytes, Ordering::Relaxed);

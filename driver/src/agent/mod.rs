@@ -144,6 +144,30 @@ fn snapshot_reply(s: &SnapshotInfo) -> SnapshotReply {
 /// The longest hold of a volume's writes a live move may ask for.
 const MAX_HOLD_MS: u32 = 10_000;
 
+/// Which node of a live move a failpoint kills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveParty {
+    Source,
+    Target,
+}
+
+/// The failpoints (see `engine::jobs::failpoint`) of a live move on its
+/// source and target nodes, in the order a move reaches them.
+pub const LIVE_MOVE_FAILPOINTS: [(MoveParty, &str); 6] = [
+    // Recording changes, nothing copied yet.
+    (MoveParty::Source, "agent::track::started"),
+    // Part of the volume copied.
+    (MoveParty::Target, "agent::import::after_chunk"),
+    // A batch of changes handed out, its answer lost.
+    (MoveParty::Source, "agent::changes::taken"),
+    // A batch of changes copied and flushed, not yet confirmed.
+    (MoveParty::Target, "agent::import::after_batch"),
+    // Writes held, the last delta not yet copied.
+    (MoveParty::Source, "agent::hold::held"),
+    // Sealed durably, the answer lost.
+    (MoveParty::Source, "agent::seal::sealed"),
+];
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn node_info(
@@ -407,6 +431,7 @@ impl Agent for AgentService {
                 .await?;
             if !held.is_zero() {
                 self.metrics.move_hold(held);
+                crate::engine::jobs::failpoint::hit("agent::seal::sealed");
             }
             return Ok(Response::new(AttachReply { epoch: req.epoch }));
         }
@@ -430,6 +455,9 @@ impl Agent for AgentService {
             .attachments
             .track(&self.started, vid, &req.node_id, req.peek)
             .await?;
+        if epoch != 0 {
+            crate::engine::jobs::failpoint::hit("agent::track::started");
+        }
         let sealed = now.moved && now.live && now.node == req.node_id;
         Ok(Response::new(TrackReply {
             epoch,
@@ -458,6 +486,7 @@ impl Agent for AgentService {
         self.attachments
             .hold(&self.started, vid, &req.node_id, req.epoch, deadline)
             .await?;
+        crate::engine::jobs::failpoint::hit("agent::hold::held");
         tracing::debug!(volume = %vid, drained_ms = held.elapsed().as_millis() as u64, "writes held for a live move");
         Ok(Response::new(HoldReply {}))
     }

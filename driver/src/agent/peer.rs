@@ -874,6 +874,7 @@ impl Peer for PeerService {
                 "volume {vid} does not record its changes (this node restarted?)"
             )));
         };
+        crate::engine::jobs::failpoint::hit("agent::changes::taken");
         let data = ranges
             .into_iter()
             .map(|(offset, length)| Extent { offset, length })

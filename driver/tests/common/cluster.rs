@@ -163,6 +163,19 @@ impl Proc {
         c.wait().unwrap()
     }
 
+    /// Whether the process exits (a failpoint killed it) within `d`.
+    pub fn exits_within(&mut self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let c = self.child.as_mut().expect("running");
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
