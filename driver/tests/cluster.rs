@@ -1883,6 +1883,185 @@ async fn a_live_move_survives_a_crash_of_its_source_or_target_at_every_step() {
     detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
 }
 
+/// A partition (a node's link down) at the switch of a live move, the
+/// volume moving between n2 and n3 and used through a device on n1 under a
+/// writer, each node in its own network namespace. The controller dies at
+/// the step (its failpoint), the link goes down, and its successor cannot
+/// finish the move while the link is down:
+/// - the source cut off after it sealed: the successor cannot learn that
+///   it did, and neither it nor the target takes the volume's writes;
+/// - the target cut off after the switch: the writes wait for it;
+/// - the node using the volume cut off after the switch: its writes wait
+///   for the link and the follow.
+///
+/// Once the link is back the move finishes, exactly one node holds the
+/// volume, and the device equals the model of every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_at_the_switch_of_a_live_move_leaves_one_owner() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() || common::netns::available().is_err() {
+        return;
+    }
+    let net = Arc::new(common::netns::Net::new(&["n1", "n2", "n3", "ctl"]));
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| NodeProc::start_on(root.path(), n, &tls, &net))
+        .collect();
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let mut ctl = ControllerProc::start_on(root.path(), &agents, &tls, &net, "ctl");
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+    // Whether node `i` holds the volume, asked from the controller's
+    // namespace.
+    let holder = |i: usize, id: &str| {
+        let (net, agent, tls, id) = (
+            Arc::clone(&net),
+            nodes[i].agent.clone(),
+            tls.clone(),
+            id.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            net.run_in("ctl", move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(holds(&agent, &tls, &id))
+            })
+        })
+    };
+
+    let size = 16usize << 20;
+    let id = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-partition", size as i64, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await
+    .volume_id;
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let model = Arc::new(Mutex::new(vec![0u8; size]));
+    {
+        let mut m = model.lock().unwrap();
+        common::Rng::new(31).fill(&mut m[..4 << 20]);
+        write_at(&dev, 0, &m[..4 << 20]).unwrap();
+    }
+    let mut from = 1;
+    for (seed, (step, cut)) in [
+        ("cluster::move::sealed", "source"),
+        ("cluster::move::switched", "target"),
+        ("cluster::move::switched", "user"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = if from == 1 { 2 } else { 1 };
+        let (from_id, to_id) = (nodes[from].id.clone(), nodes[to].id.clone());
+        let cut_id = match cut {
+            "source" => from_id.clone(),
+            "target" => to_id.clone(),
+            _ => "n1".to_string(),
+        };
+        let what = format!("{cut} ({cut_id}) cut off at {step}, moving {from_id} -> {to_id}");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = writer(
+            dev.clone(),
+            Arc::clone(&model),
+            Arc::clone(&stop),
+            400 + seed as u64,
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ctl.proc.kill9();
+        ctl.proc.env = vec![("STRATA_FAILPOINT".into(), step.into())];
+        ctl.proc.spawn();
+        registered(
+            &mut ControllerClient::new(c::channel(ctl.csi_socket()).await),
+            &["n1", "n2", "n3"],
+        )
+        .await;
+        let e = ClusterClient::new(c::channel(ctl.csi_socket()).await)
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: to_id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            ctl.proc.log().contains(&format!("failpoint {step}")),
+            "{what}: {e:?}"
+        );
+        net.link(&cut_id, false);
+        ctl.proc.kill9();
+        ctl.proc.env.clear();
+        ctl.proc.spawn();
+        cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+        let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+        let during = tokio::spawn({
+            let (mut mc, id, to_id) = (mc.clone(), id.clone(), to_id.clone());
+            async move {
+                mc.move_volume(MoveVolumeRequest {
+                    volume_id: id,
+                    node_id: to_id,
+                })
+                .await
+            }
+        });
+        let written = model.lock().unwrap().clone();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            *model.lock().unwrap() == written,
+            "{what}: a write completed during the partition"
+        );
+        net.link(&cut_id, true);
+        // The call made during the partition ends one way or the other;
+        // the next ones finish the move.
+        let _ = tokio::time::timeout(Duration::from_secs(150), during)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the move under way never ended"));
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            match mc
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: to_id.clone(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    assert_eq!(r.into_inner().to_node, to_id, "{what}");
+                    break;
+                }
+                Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{what}: {e:?}\n{}", ctl.proc.log()),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let writes = stopped(w, &stop).await;
+        assert!(writes.n > 0, "{what}");
+        matches_model(&what, writes, &dev, &model);
+        for i in 0..3 {
+            assert_eq!(
+                holder(i, &id).await.unwrap(),
+                i == to,
+                "{what}: {} holds the volume or not",
+                nodes[i].id
+            );
+        }
+        from = to;
+    }
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+}
+
 /// The device `dev` equals `model`, but for the block whose write failed
 /// (the write or its flush), which may be old or new.
 fn matches_model(what: &str, writes: Writes, dev: &Path, model: &Mutex<Vec<u8>>) {
