@@ -121,16 +121,16 @@ async fn detach(cc: &mut ControllerClient<Channel>, node: &NodeProc, csi: &mut C
     .unwrap();
 }
 
-/// fio on `dev` (`extra`: more options): its JSON report's first job.
-fn fio_job(
+/// fio on `dev` (`extra`: more options), started.
+fn fio_start(
     dev: &Path,
     rw: &str,
     bs: &str,
     depth: u32,
     seconds: u32,
     extra: &[&str],
-) -> serde_json::Value {
-    let out = Command::new("fio")
+) -> std::process::Child {
+    Command::new("fio")
         .args([
             "--name=bench",
             "--ioengine=libaio",
@@ -144,8 +144,15 @@ fn fio_job(
         .arg(format!("--iodepth={depth}"))
         .arg(format!("--runtime={seconds}"))
         .args(extra)
-        .output()
-        .expect("fio");
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio")
+}
+
+/// The first job of the JSON report of a fio run.
+fn fio_report(fio: std::process::Child) -> serde_json::Value {
+    let out = fio.wait_with_output().expect("fio");
     assert!(
         out.status.success(),
         "fio: {}",
@@ -153,6 +160,18 @@ fn fio_job(
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
     v["jobs"][0].clone()
+}
+
+/// fio on `dev` (`extra`: more options): its JSON report's first job.
+fn fio_job(
+    dev: &Path,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    seconds: u32,
+    extra: &[&str],
+) -> serde_json::Value {
+    fio_report(fio_start(dev, rw, bs, depth, seconds, extra))
 }
 
 /// fio reads on `dev`: (IOPS, MB/s).
@@ -164,17 +183,52 @@ fn fio(dev: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64) {
     )
 }
 
-/// fio 4 KiB random writes (QD8) on `dev` at most at `rate`: (MB/s,
-/// completion latency p99 and max in ms).
-fn fio_write(dev: &Path, rate: &str, seconds: u32) -> (f64, f64, f64) {
+/// fio 4 KiB random writes (QD8) on `dev` at most at `rate` for at most
+/// `seconds`, started.
+fn fio_writer(dev: &Path, rate: &str, seconds: u32) -> std::process::Child {
     let rate = format!("--rate={rate}");
-    let w = &fio_job(dev, "randwrite", "4k", 8, seconds, &[&rate])["write"];
+    fio_start(dev, "randwrite", "4k", 8, seconds, &[&rate])
+}
+
+/// What a [`fio_writer`] did, once it ends (`stop`: stopped now, with
+/// SIGINT): (MB/s, completion latency p99 and max in ms).
+fn fio_written(fio: std::process::Child, stop: bool) -> (f64, f64, f64) {
+    if stop {
+        // SAFETY: signalling a child this bench started and has not reaped.
+        unsafe { libc::kill(fio.id() as i32, libc::SIGINT) };
+    }
+    let w = &fio_report(fio)["write"];
     let ms = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / 1e6;
     (
         w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         ms(&w["clat_ns"]["percentile"]["99.000000"]),
         ms(&w["clat_ns"]["max"]),
     )
+}
+
+/// The hold durations (ms) the nodes' logs report, sorted.
+fn holds_ms(nodes: &[&NodeProc]) -> Vec<f64> {
+    let mut holds: Vec<f64> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.proc
+                .log()
+                .lines()
+                .filter_map(|l| {
+                    let at = l.find("hold_ms=")? + "hold_ms=".len();
+                    let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse::<f64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    holds.sort_by(f64::total_cmp);
+    holds
+}
+
+/// The `p` quantile of sorted `v`.
+fn pct(v: &[f64], p: f64) -> f64 {
+    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn main() {
@@ -306,9 +360,8 @@ async fn run(data_mib: u64) {
     // Live moves back and forth under a random writer on n2 (fio, 4 KiB,
     // QD8, at most 20 MB/s) for 30 s.
     let dev = attach(&mut cc, &n2, &mut csi2, &vol).await;
-    let fio_dev = dev.clone();
     let live_secs = 30;
-    let writer = std::thread::spawn(move || fio_write(&fio_dev, "20m", live_secs + 5));
+    let writer = fio_writer(&dev, "20m", live_secs + 5);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut move_times = Vec::new();
     let until = Instant::now() + Duration::from_secs(live_secs.into());
@@ -324,26 +377,13 @@ async fn run(data_mib: u64) {
         move_times.push(started.elapsed().as_secs_f64());
         to = if to == "n1" { "n2" } else { "n1" };
     }
-    let (write_mbs, write_p99_ms, write_max_ms) = writer.join().unwrap();
-    let mut holds: Vec<f64> = [&n1, &n2]
-        .iter()
-        .flat_map(|n| {
-            n.proc
-                .log()
-                .lines()
-                .filter_map(|l| {
-                    let at = l.find("hold_ms=")? + "hold_ms=".len();
-                    let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
-                    digits.parse::<f64>().ok()
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    holds.sort_by(f64::total_cmp);
-    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    let (write_mbs, write_p99_ms, write_max_ms) =
+        tokio::task::spawn_blocking(move || fio_written(writer, false))
+            .await
+            .unwrap();
+    let holds = holds_ms(&[&n1, &n2]);
     detach(&mut cc, &n2, &mut csi2, &vol).await;
 
-    let mb = |b: u64| b as f64 / 1e6;
     println!(
         "strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)",
         size / MIB
@@ -387,6 +427,86 @@ async fn run(data_mib: u64) {
         "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
         answered,
         mb(data_mib * MIB) / fetched
+    );
+    slow_link(data_mib / 2, root.path(), &tls).await;
+}
+
+/// Bytes as MB.
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// A live move over a 100 Mbit/s link: two nodes and the controller in
+/// their own network namespaces, the target's link limited with `tc tbf`,
+/// and fio writing 4 KiB random blocks at up to 20 MB/s (more than the
+/// link carries: the write allowance makes the copy converge) through the
+/// volume's device on its own node while it moves away. Skipped where
+/// network namespaces are not available.
+async fn slow_link(data_mib: u64, root: &Path, tls: &Path) {
+    if let Err(why) = common::netns::available() {
+        println!("live move over a 100 Mbit/s link: skipped ({why})");
+        return;
+    }
+    let net = common::netns::Net::new(&["n1", "n2", "ctl"]);
+    let root = root.join("slow-link");
+    let n1 = NodeProc::start_on(&root, "n1", tls, &net);
+    let n2 = NodeProc::start_on(&root, "n2", tls, &net);
+    let mut ctl = ControllerProc::start_on(&root, &[&n1.agent, &n2.agent], tls, &net, "ctl");
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "0"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    wait_registered(&mut cc, &["n1", "n2"]).await;
+    net.limit("n2", "100mbit");
+
+    let size = 2 * data_mib * MIB;
+    let vol = cc
+        .create_volume(on(
+            c::create("bench-slow", size as i64, c::block_cap()),
+            "n1",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let dev = attach(&mut cc, &n1, &mut csi1, &vol).await;
+    let mut rng = common::Rng::new(2);
+    let mut chunk = vec![0u8; (4 * MIB) as usize];
+    for i in 0..data_mib / 4 {
+        rng.fill(&mut chunk);
+        common::write_at(&dev, i * 4 * MIB, &chunk).unwrap();
+    }
+    let writer = fio_writer(&dev, "20m", 900);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let moved = mc
+        .move_volume(MoveVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secs = started.elapsed().as_secs_f64();
+    let (write_mbs, write_p99_ms, write_max_ms) =
+        tokio::task::spawn_blocking(move || fio_written(writer, true))
+            .await
+            .unwrap();
+    let holds = holds_ms(&[&n1]);
+    detach(&mut cc, &n1, &mut csi1, &vol).await;
+    let link = 100e6 / 8.0;
+    println!(
+        "live move over a 100 Mbit/s link (tc tbf) under a 4 KiB random writer on the source (fio, QD8, at most 20 MB/s): {:.0} MB of data moved in {secs:.1} s; the link alone needs {:.1} s for the data ({:.2}x); sent {:.1} MB = {:.2}x the data; writes held {:.0} ms; the writer got {write_mbs:.1} MB/s over the move, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
+        mb(data_mib * MIB),
+        (data_mib * MIB) as f64 / link,
+        secs / ((data_mib * MIB) as f64 / link),
+        mb(moved.copied_bytes),
+        moved.copied_bytes as f64 / (data_mib * MIB) as f64,
+        pct(&holds, 1.0),
     );
 }
 

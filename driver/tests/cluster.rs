@@ -2049,12 +2049,12 @@ async fn a_partition_at_the_switch_of_a_live_move_leaves_one_owner() {
         let writes = stopped(w, &stop).await;
         assert!(writes.n > 0, "{what}");
         matches_model(&what, writes, &dev, &model);
-        for i in 0..3 {
+        for (i, n) in nodes.iter().enumerate() {
             assert_eq!(
                 holder(i, &id).await.unwrap(),
                 i == to,
                 "{what}: {} holds the volume or not",
-                nodes[i].id
+                n.id
             );
         }
         from = to;
