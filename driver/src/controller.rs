@@ -31,7 +31,7 @@ use crate::cluster::election::{Election, FileLock, Round};
 use crate::cluster::moves::Moves;
 use crate::cluster::nodes::{Heartbeat, Nodes};
 use crate::cluster::records::{EmbeddedRecords, Records};
-use crate::cluster::{Cluster, Events};
+use crate::cluster::{Cluster, Events, LogEvents};
 use crate::csi::controller::{ClusterReady, ControllerService, MovesReady};
 use crate::csi::identity::IdentityService;
 use crate::csi::moves::ClusterService;
@@ -344,8 +344,8 @@ async fn connect(
     }
 }
 
-/// Opens the records (and, in Kubernetes, the Events sink) once this
-/// process leads.
+/// Opens the records and the Events sink (Kubernetes Events, or the log)
+/// once this process leads.
 async fn open_records(
     backend: Backend,
 ) -> Result<(Arc<dyn Records>, Option<Arc<dyn Events>>), StartError> {
@@ -358,7 +358,7 @@ async fn open_records(
                     .await
                     .map_err(|e| StartError::Internal(e.to_string()))?
                     .map_err(StartError::Records)?;
-            Ok((Arc::new(records), None))
+            Ok((Arc::new(records), Some(Arc::new(LogEvents))))
         }
         #[cfg(feature = "kubernetes")]
         Backend::Kubernetes { client, identity } => {

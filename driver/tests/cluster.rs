@@ -2108,6 +2108,12 @@ async fn volumes_with_data_locality_move_to_the_node_that_uses_them() {
     let size = 8usize << 20;
     let make = |name: &str, locality: bool| {
         let mut req = with_requirements(c::create(name, size as i64, c::block_cap()), &["n1"], &[]);
+        // What the provisioner's --extra-create-metadata adds: the claim,
+        // which Events are about.
+        req.parameters
+            .insert("csi.storage.k8s.io/pvc/namespace".into(), "apps".into());
+        req.parameters
+            .insert("csi.storage.k8s.io/pvc/name".into(), name.into());
         if locality {
             req.parameters
                 .insert("dataLocality".into(), "best-effort".into());
@@ -2146,6 +2152,21 @@ async fn volumes_with_data_locality_move_to_the_node_that_uses_them() {
     );
     write_at(&other, 0, &[1u8; 4096]).unwrap();
     assert!(holds(&n1.agent, &tls, &stays).await && !holds(&n2.agent, &tls, &stays).await);
+    // Outside Kubernetes, the claim's Events are lines in the log.
+    let log = ctl.proc.log();
+    for reason in ["Placed", "Moving", "Moved"] {
+        assert!(
+            log.lines().any(|l| l.contains("claim=apps/pvc-follows")
+                && l.contains(&format!("reason=\"{reason}\""))),
+            "no {reason} event for the claim:\n{log}"
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("reason=\"Moved\"") && l.contains("while in use")),
+        "{log}"
+    );
+    assert!(!log.contains("claim=apps/pvc-stays reason=\"Mov"), "{log}");
     assert_eq!(
         common::standalone::metric_value(
             &ctl.metrics(),
@@ -2622,12 +2643,17 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
+    let mut req = with_requirements(
+        c::create("pvc-dead-target", 8 << 20, c::block_cap()),
+        &["n1"],
+        &[],
+    );
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/namespace".into(), "apps".into());
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
     let id = cc
-        .create_volume(with_requirements(
-            c::create("pvc-dead-target", 8 << 20, c::block_cap()),
-            &["n1"],
-            &[],
-        ))
+        .create_volume(req)
         .await
         .unwrap()
         .into_inner()
@@ -2689,6 +2715,14 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
     assert!(!holds(&n2.agent, &tls, &id).await);
     assert!(holds(&n1.agent, &tls, &id).await);
+    // The claim's Events (the log's, outside Kubernetes) say so.
+    let log = ctl.proc.log();
+    assert!(
+        log.lines().any(|l| l.contains("claim=apps/data")
+            && l.contains("reason=\"MoveRolledBack\"")
+            && l.contains("WARN")),
+        "{log}"
+    );
 }
 
 /// A restore and a clone for a pod on another node than their source's

@@ -26,12 +26,13 @@ pub const NO_KUBERNETES: &str =
 pub struct Cluster {
     pub records: Arc<dyn records::Records>,
     pub nodes: Arc<nodes::Nodes>,
-    /// Events on the PVCs volumes are made for (Kubernetes only).
+    /// Events on the PVCs volumes are made for (Kubernetes Events, or the
+    /// log of a controller outside Kubernetes; none in standalone mode).
     pub events: Option<Arc<dyn Events>>,
 }
 
 /// The PVC a volume was made for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClaimRef {
     pub namespace: String,
     pub name: String,
@@ -58,4 +59,18 @@ pub enum EventKind {
 /// non-blocking.
 pub trait Events: Send + Sync + std::fmt::Debug {
     fn emit(&self, claim: &ClaimRef, kind: EventKind, reason: &str, message: &str);
+}
+
+/// The Events of a controller outside Kubernetes: lines in its log.
+#[derive(Debug)]
+pub struct LogEvents;
+
+impl Events for LogEvents {
+    fn emit(&self, claim: &ClaimRef, kind: EventKind, reason: &str, message: &str) {
+        let claim = format!("{}/{}", claim.namespace, claim.name);
+        match kind {
+            EventKind::Normal => tracing::info!(%claim, reason, "event: {message}"),
+            EventKind::Warning => tracing::warn!(%claim, reason, "event: {message}"),
+        }
+    }
 }

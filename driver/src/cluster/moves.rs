@@ -58,9 +58,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::{Code, Request, Status};
 
-use super::Cluster;
 use super::nodes::now_ns;
 use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord};
+use super::{Cluster, EventKind};
 use crate::metrics::Metrics;
 use crate::peer::{GrantKey, grant};
 
@@ -567,6 +567,17 @@ impl Moves {
                     started_unix_ns: now_ns(),
                 });
                 self.put(&rec).await?;
+                let m = rec.moving.as_ref().expect("moving");
+                self.tell(
+                    &rec,
+                    EventKind::Normal,
+                    "Moving",
+                    format!(
+                        "volume {id} is moving from node {} to node {}; `kubectl get svol {id}` \
+                         shows how far",
+                        m.from, m.to
+                    ),
+                );
                 failpoint(FAILPOINTS[0]);
             }
             // Moved back to where it is before the switch: a cancel.
@@ -689,6 +700,20 @@ impl Moves {
         }
         tracing::info!(volume = id, from = %m.from, to = %m.to, copied, "volume moved");
         self.metrics.volume_moved(kind(&m), true, copied);
+        let how = if m.live {
+            ", while in use (its writes paused for the switch)"
+        } else {
+            ""
+        };
+        self.tell(
+            &rec,
+            EventKind::Normal,
+            "Moved",
+            format!(
+                "volume {id} moved from node {} to node {}{how}: {copied} bytes copied",
+                m.from, m.to
+            ),
+        );
         Ok(MoveVolumeReply {
             volume_id: id.to_string(),
             from_node: m.from,
@@ -1195,7 +1220,23 @@ impl Moves {
         rec.moving = None;
         self.put(rec).await?;
         self.metrics.volume_moved(kind(&m), false, 0);
+        self.tell(
+            rec,
+            EventKind::Warning,
+            "MoveRolledBack",
+            format!(
+                "the move of volume {} to node {} was rolled back ({}); it stays on node {}",
+                rec.volume_id, m.to, m.message, m.from
+            ),
+        );
         Ok(())
+    }
+
+    /// An Event on the claim of the volume of `rec`, if it has one.
+    fn tell(&self, rec: &VolumeRecord, kind: EventKind, reason: &str, message: String) {
+        if let (Some(events), Some(claim)) = (&self.cluster.events, &rec.claim) {
+            events.emit(claim, kind, reason, &message);
+        }
     }
 
     async fn set_phase(

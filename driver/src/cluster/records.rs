@@ -63,6 +63,10 @@ pub struct VolumeRecord {
     /// A move to another node under way (see [`super::moves`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<super::moves::Move>,
+    /// The PVC it was made for, which Events are about (from the
+    /// provisioner's `--extra-create-metadata`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<super::ClaimRef>,
 }
 
 /// A snapshot as the control plane knows it.
@@ -438,6 +442,7 @@ mod tests {
             state: RecordState::Creating,
             created_unix_ns: 1,
             moving: None,
+            claim: None,
         }
     }
 

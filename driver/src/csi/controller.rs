@@ -561,6 +561,7 @@ impl Controller for ControllerService {
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
                     moving: None,
+                    claim: claim.clone(),
                 };
                 let put = rec.clone();
                 self.records(move |r| r.put_volume(&put)).await?;
@@ -1155,6 +1156,7 @@ impl Controller for ControllerService {
             state: RecordState::Ready,
             created_unix_ns: info.created_unix_ns,
             moving: None,
+            claim: None,
         });
         let mut volume = volume_message(&rec);
         volume.capacity_bytes = info.size_bytes as i64;

@@ -64,6 +64,16 @@ pub struct StrataVolumeSpec {
     /// A move to another node under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<MoveSpec>,
+    /// The PersistentVolumeClaim it was made for (Events go there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimSpec>,
+}
+
+/// A PersistentVolumeClaim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ClaimSpec {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// A volume's move between nodes: from, to, the phase (`copying`,

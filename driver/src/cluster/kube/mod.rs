@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 
 use self::crd::*;
+use super::ClaimRef;
 use super::moves::{Move, MovePhase};
 use super::records::*;
 
@@ -110,6 +111,10 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
                 message: m.message.clone(),
                 started_unix_ns: m.started_unix_ns,
             }),
+            claim: r.claim.as_ref().map(|c| ClaimSpec {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            }),
         },
     );
     o.labels_mut()
@@ -150,6 +155,10 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
             phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Unknown),
             message: m.message.clone(),
             started_unix_ns: m.started_unix_ns,
+        }),
+        claim: s.claim.as_ref().map(|c| ClaimRef {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
         }),
     }
 }

@@ -79,6 +79,10 @@ fn record(state: RecordState) -> VolumeRecord {
         state,
         created_unix_ns: 7,
         moving: None,
+        claim: Some(crate::cluster::ClaimRef {
+            namespace: "apps".into(),
+            name: "data".into(),
+        }),
     }
 }
 
@@ -89,7 +93,8 @@ fn stored(state: Option<&str>, rv: &str, capacity: u64) -> Value {
         "metadata": {"name": "v1", "resourceVersion": rv,
                      "labels": {NAME_HASH_LABEL: name_hash("pvc-1")}},
         "spec": {"csiName": "pvc-1", "capacityBytes": capacity, "parameters": {"fsType": "xfs"},
-                 "source": {"snapshot": "s1"}, "node": "n1", "createdUnixNs": 7}
+                 "source": {"snapshot": "s1"}, "node": "n1", "createdUnixNs": 7,
+                 "claim": {"namespace": "apps", "name": "data"}}
     });
     if let Some(s) = state {
         o["status"] = json!({"state": s});
@@ -117,6 +122,10 @@ async fn a_new_record_is_created_then_its_status_set() {
     let created = expect(&mut api, "POST", VOLUMES, 201, stored(None, "1", 4096)).await;
     assert_eq!(created["spec"]["csiName"], "pvc-1");
     assert_eq!(created["spec"]["source"], json!({"snapshot": "s1"}));
+    assert_eq!(
+        created["spec"]["claim"],
+        json!({"namespace": "apps", "name": "data"})
+    );
     assert_eq!(
         created["metadata"]["labels"][NAME_HASH_LABEL],
         name_hash("pvc-1")
