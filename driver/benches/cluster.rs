@@ -1,6 +1,6 @@
-//! Volumes across nodes, on loopback: two `strata node` processes and a
-//! controller, measured in one run and printed side by side; asserts
-//! nothing.
+//! Volumes across nodes, on loopback (one figure in network namespaces):
+//! two `strata node` processes and a controller, measured in one run and
+//! printed side by side; asserts nothing.
 //!
 //!     cargo bench -p strata --bench cluster
 //!
@@ -13,6 +13,11 @@
 //!   and against the bytes its layers hold.
 //! - A restore of a snapshot for a pod on the other node (switch first):
 //!   how long CreateVolume takes, and how long the fetch behind it.
+//! - Live moves back and forth under a 20 MB/s random writer: how long,
+//!   the holds, what the writer got.
+//! - A live move over a 100 Mbit/s link (nodes in network namespaces,
+//!   `tc tbf`) under the same writer, which outruns the link: how long
+//!   against the link's time for the data, bytes sent, the hold.
 //!
 //! Needs root (loop devices, FUSE) and fio. Sizes: `STRATA_BENCH_MIB`
 //! (data written, default 512).
@@ -150,15 +155,17 @@ fn fio_start(
         .expect("fio")
 }
 
-/// The first job of the JSON report of a fio run.
-fn fio_report(fio: std::process::Child) -> serde_json::Value {
+/// The first job of the JSON report of a fio run (`stopped`: with SIGINT,
+/// after which fio exits with 128 and says so before its report).
+fn fio_report(fio: std::process::Child, stopped: bool) -> serde_json::Value {
     let out = fio.wait_with_output().expect("fio");
     assert!(
-        out.status.success(),
+        out.status.success() || stopped,
         "fio: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let json = out.stdout.iter().position(|&b| b == b'{').unwrap_or(0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout[json..]).expect("fio json");
     v["jobs"][0].clone()
 }
 
@@ -171,7 +178,7 @@ fn fio_job(
     seconds: u32,
     extra: &[&str],
 ) -> serde_json::Value {
-    fio_report(fio_start(dev, rw, bs, depth, seconds, extra))
+    fio_report(fio_start(dev, rw, bs, depth, seconds, extra), false)
 }
 
 /// fio reads on `dev`: (IOPS, MB/s).
@@ -197,7 +204,7 @@ fn fio_written(fio: std::process::Child, stop: bool) -> (f64, f64, f64) {
         // SAFETY: signalling a child this bench started and has not reaped.
         unsafe { libc::kill(fio.id() as i32, libc::SIGINT) };
     }
-    let w = &fio_report(fio)["write"];
+    let w = &fio_report(fio, stop)["write"];
     let ms = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / 1e6;
     (
         w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
@@ -226,8 +233,11 @@ fn holds_ms(nodes: &[&NodeProc]) -> Vec<f64> {
     holds
 }
 
-/// The `p` quantile of sorted `v`.
+/// The `p` quantile of sorted `v` (NaN if empty).
 fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
@@ -415,7 +425,7 @@ async fn run(data_mib: u64) {
     );
     move_times.sort_by(f64::total_cmp);
     println!(
-        "live moves under a 4 KiB random writer (fio, QD8, rate limit 20 MB/s): {} moves in {live_secs} s, each {:.2} s (median), {:.2} s (longest); writes held on the source p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; the writer got {write_mbs:.1} MB/s, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
+        "live moves under a 4 KiB random writer (fio, QD8, rate limit 20 MiB/s): {} moves in {live_secs} s, each {:.2} s (median), {:.2} s (longest); writes held on the source p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; the writer got {write_mbs:.1} MB/s, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
         move_times.len(),
         pct(&move_times, 0.5),
         pct(&move_times, 1.0),
@@ -480,8 +490,8 @@ async fn slow_link(data_mib: u64, root: &Path, tls: &Path) {
         rng.fill(&mut chunk);
         common::write_at(&dev, i * 4 * MIB, &chunk).unwrap();
     }
+    // The writer runs exactly as long as the move.
     let writer = fio_writer(&dev, "20m", 900);
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     let moved = mc
         .move_volume(MoveVolumeRequest {
@@ -500,7 +510,7 @@ async fn slow_link(data_mib: u64, root: &Path, tls: &Path) {
     detach(&mut cc, &n1, &mut csi1, &vol).await;
     let link = 100e6 / 8.0;
     println!(
-        "live move over a 100 Mbit/s link (tc tbf) under a 4 KiB random writer on the source (fio, QD8, at most 20 MB/s): {:.0} MB of data moved in {secs:.1} s; the link alone needs {:.1} s for the data ({:.2}x); sent {:.1} MB = {:.2}x the data; writes held {:.0} ms; the writer got {write_mbs:.1} MB/s over the move, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
+        "live move over a 100 Mbit/s link (tc tbf) under a 4 KiB random writer on the source (fio, QD8, at most 20 MiB/s): {:.0} MB of data moved in {secs:.1} s; the link alone needs {:.1} s for the data, framing aside ({:.2}x); sent {:.1} MB = {:.2}x the data (with what the writer wrote meanwhile); writes held {:.0} ms; the writer got {write_mbs:.1} MB/s during the move, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
         mb(data_mib * MIB),
         (data_mib * MIB) as f64 / link,
         secs / ((data_mib * MIB) as f64 / link),

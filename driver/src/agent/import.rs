@@ -733,6 +733,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         // Nothing changed since the hold: everything is here, durable,
         // and confirmed with the next take (the source checks that too).
         if empty && want > 0 {
+            crate::engine::jobs::failpoint::hit("agent::import::synced");
             l.synced.fetch_max(want, Ordering::AcqRel);
         }
         // Small enough to copy under a hold: few bytes, and a round

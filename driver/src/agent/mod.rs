@@ -153,19 +153,26 @@ pub enum MoveParty {
 
 /// The failpoints (see `engine::jobs::failpoint`) of a live move on its
 /// source and target nodes, in the order a move reaches them.
-pub const LIVE_MOVE_FAILPOINTS: [(MoveParty, &str); 6] = [
+pub const LIVE_MOVE_FAILPOINTS: [(MoveParty, &str); 8] = [
     // Recording changes, nothing copied yet.
     (MoveParty::Source, "agent::track::started"),
     // Part of the volume copied.
     (MoveParty::Target, "agent::import::after_chunk"),
-    // A batch of changes handed out, its answer lost.
+    // A batch of changes handed out (the change record dies with the
+    // source).
     (MoveParty::Source, "agent::changes::taken"),
     // A batch of changes copied and flushed, not yet confirmed.
     (MoveParty::Target, "agent::import::after_batch"),
     // Writes held, the last delta not yet copied.
     (MoveParty::Source, "agent::hold::held"),
+    // Writes held, the last delta copied: the hold must end by its
+    // deadline.
+    (MoveParty::Target, "agent::import::synced"),
     // Sealed durably, the answer lost.
     (MoveParty::Source, "agent::seal::sealed"),
+    // Switched: the attachment for the node that follows recorded on the
+    // new owner (which holds the only current copy), the answer lost.
+    (MoveParty::Target, "agent::attach::recorded"),
 ];
 
 #[tonic::async_trait]
@@ -406,9 +413,12 @@ impl Agent for AgentService {
                 .attach_for_move(&self.started, vid, node)
                 .await?
         } else {
-            self.attachments
+            let epoch = self
+                .attachments
                 .attach(&self.started, vid, node, req.read_only)
-                .await?
+                .await?;
+            crate::engine::jobs::failpoint::hit("agent::attach::recorded");
+            epoch
         };
         Ok(Response::new(AttachReply { epoch }))
     }

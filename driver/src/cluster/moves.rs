@@ -573,8 +573,8 @@ impl Moves {
                     EventKind::Normal,
                     "Moving",
                     format!(
-                        "volume {id} is moving from node {} to node {}; `kubectl get svol {id}` \
-                         shows how far",
+                        "volume {id} is moving from node {} to node {}; its record shows how \
+                         far (kubectl get svol {id})",
                         m.from, m.to
                     ),
                 );
@@ -593,11 +593,25 @@ impl Moves {
                     )));
                 }
                 if m.phase == MovePhase::Copying {
+                    let message = format!(
+                        "the move of volume {id} to node {} was cancelled; it stays on node \
+                         {from}",
+                        m.to
+                    );
                     self.set_phase(&mut rec, MovePhase::Aborting, "cancelled")
                         .await?;
+                    self.tell(&rec, EventKind::Normal, "MoveCancelled", message);
                 }
                 self.abort(&mut rec).await?;
                 return Ok(stay(&from));
+            }
+            // Past the switch: a move back waits for this one.
+            (Some(m), Some(t)) if t == m.from => {
+                return Err(Status::aborted(format!(
+                    "volume {id} switched to node {} already ({}); move it back once that is \
+                     done",
+                    m.to, m.message
+                )));
             }
             (Some(m), Some(t)) if t != m.to => {
                 return Err(Status::aborted(format!(
@@ -628,6 +642,18 @@ impl Moves {
                 Err(e) if refused(&e) => {
                     self.set_phase(&mut rec, MovePhase::Aborting, e.message())
                         .await?;
+                    self.tell(
+                        &rec,
+                        EventKind::Warning,
+                        "MoveRolledBack",
+                        format!(
+                            "the move of volume {id} to node {} was rolled back ({}); it stays \
+                             on node {}",
+                            m.to,
+                            e.message(),
+                            m.from
+                        ),
+                    );
                     self.abort(&mut rec).await?;
                     return Err(Status::failed_precondition(format!(
                         "the move of volume {id} to node {} was rolled back: {}",
@@ -705,12 +731,19 @@ impl Moves {
         } else {
             ""
         };
+        // A move another controller began and this one finished knows
+        // only what it copied itself.
+        let bytes = if copied > 0 {
+            format!(": {copied} bytes copied")
+        } else {
+            String::new()
+        };
         self.tell(
             &rec,
             EventKind::Normal,
             "Moved",
             format!(
-                "volume {id} moved from node {} to node {}{how}: {copied} bytes copied",
+                "volume {id} moved from node {} to node {}{how}{bytes}",
                 m.from, m.to
             ),
         );
@@ -1191,6 +1224,15 @@ impl Moves {
             if m.live && e.code() == Code::FailedPrecondition && self.sealed_live(rec, &m).await? {
                 self.set_phase(rec, MovePhase::Copying, "sealed: switching")
                     .await?;
+                self.tell(
+                    rec,
+                    EventKind::Normal,
+                    "Moving",
+                    format!(
+                        "volume {id} was sealed for node {} before its rollback: the move goes on",
+                        m.to
+                    ),
+                );
                 return Err(Status::unavailable(format!(
                     "volume {id} was sealed for node {} before the rollback: the move goes on",
                     m.to
@@ -1220,15 +1262,6 @@ impl Moves {
         rec.moving = None;
         self.put(rec).await?;
         self.metrics.volume_moved(kind(&m), false, 0);
-        self.tell(
-            rec,
-            EventKind::Warning,
-            "MoveRolledBack",
-            format!(
-                "the move of volume {} to node {} was rolled back ({}); it stays on node {}",
-                rec.volume_id, m.to, m.message, m.from
-            ),
-        );
         Ok(())
     }
 

@@ -1,10 +1,12 @@
 //! Kubernetes Events on the PVC a volume was made for, so `kubectl
 //! describe pvc` tells where Strata placed it and what it does in the
 //! background. The claim is known from the parameters the provisioner adds
-//! with `--extra-create-metadata`. Events are best effort: one that cannot
-//! be posted is logged, never fails the operation.
+//! with `--extra-create-metadata`; its UID is read before each Event, since
+//! `kubectl describe` lists only the Events that name the object's UID.
+//! Events are best effort: one that cannot be posted is logged, never
+//! fails the operation.
 
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -33,8 +35,15 @@ impl KubeEvents {
         KubeEvents { client, instance }
     }
 
-    /// The Event as it is posted.
-    pub fn event(&self, claim: &ClaimRef, kind: EventKind, reason: &str, message: &str) -> Event {
+    /// The Event as it is posted (`uid`: the claim's, if known).
+    pub fn event(
+        &self,
+        claim: &ClaimRef,
+        uid: Option<String>,
+        kind: EventKind,
+        reason: &str,
+        message: &str,
+    ) -> Event {
         let now = Timestamp::now();
         Event {
             metadata: ObjectMeta {
@@ -47,6 +56,7 @@ impl KubeEvents {
                 kind: Some("PersistentVolumeClaim".into()),
                 name: Some(claim.name.clone()),
                 namespace: Some(claim.namespace.clone()),
+                uid,
                 ..Default::default()
             },
             reason: Some(reason.into()),
@@ -67,7 +77,14 @@ impl KubeEvents {
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
             event_time: Some(MicroTime(now)),
-            action: Some("Provisioning".into()),
+            action: Some(
+                if reason.starts_with("Move") {
+                    "Moving"
+                } else {
+                    "Provisioning"
+                }
+                .into(),
+            ),
             count: Some(1),
             ..Default::default()
         }
@@ -77,8 +94,19 @@ impl KubeEvents {
 impl Events for KubeEvents {
     fn emit(&self, claim: &ClaimRef, kind: EventKind, reason: &str, message: &str) {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &claim.namespace);
-        let event = self.event(claim, kind, reason, message);
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.client.clone(), &claim.namespace);
+        let (this, claim) = (self.clone(), claim.clone());
+        let (reason, message) = (reason.to_string(), message.to_string());
         tokio::spawn(async move {
+            let uid = match claims.get_opt(&claim.name).await {
+                Ok(pvc) => pvc.and_then(|p| p.metadata.uid),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the claim of an Event");
+                    None
+                }
+            };
+            let event = this.event(&claim, uid, kind, &reason, &message);
             if let Err(e) = api.create(&PostParams::default(), &event).await {
                 tracing::warn!(error = %e, "posting an Event");
             }

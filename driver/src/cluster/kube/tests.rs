@@ -542,6 +542,17 @@ async fn events_are_posted_on_the_claim() {
         "Placed",
         "volume v1 is on node n1",
     );
+    // The claim's UID first: `kubectl describe pvc` shows only the Events
+    // that name it.
+    expect(
+        &mut api,
+        "GET",
+        "/api/v1/namespaces/apps/persistentvolumeclaims/data",
+        200,
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data", "namespace": "apps", "uid": "u-1"}}),
+    )
+    .await;
     let posted = expect(
         &mut api,
         "POST",
@@ -552,10 +563,40 @@ async fn events_are_posted_on_the_claim() {
     .await;
     assert_eq!(posted["involvedObject"]["kind"], "PersistentVolumeClaim");
     assert_eq!(posted["involvedObject"]["name"], "data");
+    assert_eq!(posted["involvedObject"]["uid"], "u-1");
+    assert_eq!(posted["action"], "Provisioning");
     assert_eq!(posted["reason"], "Placed");
     assert_eq!(posted["type"], "Normal");
     assert_eq!(posted["reportingInstance"], "ctl-a");
     assert_eq!(posted["metadata"]["generateName"], "data.");
+
+    // A claim that cannot be read (gone, or no right to): the Event goes
+    // out without its UID.
+    events.emit(
+        &claim,
+        EventKind::Warning,
+        "MoveRolledBack",
+        "the move of volume v1 to node n2 was rolled back",
+    );
+    expect(
+        &mut api,
+        "GET",
+        "/api/v1/namespaces/apps/persistentvolumeclaims/data",
+        403,
+        status(403, "Forbidden"),
+    )
+    .await;
+    let posted = expect(
+        &mut api,
+        "POST",
+        "/api/v1/namespaces/apps/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert!(posted["involvedObject"]["uid"].is_null(), "{posted}");
+    assert_eq!(posted["action"], "Moving");
+    assert_eq!(posted["type"], "Warning");
 }
 
 #[test]

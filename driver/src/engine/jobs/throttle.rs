@@ -134,10 +134,18 @@ impl Allowance {
         }
     }
 
-    /// The job made `bytes` of progress.
+    /// The job made a step of `bytes` of progress (credited at least the
+    /// floor).
     pub(crate) fn replenish(&self, bytes: u64) {
-        let add = (bytes as i64).saturating_mul(self.quarters) / 4;
-        let add = add.max(self.floor);
+        self.add(((bytes as i64).saturating_mul(self.quarters) / 4).max(self.floor));
+    }
+
+    /// The job made `bytes` of progress within a step (no floor).
+    pub(crate) fn replenish_exact(&self, bytes: u64) {
+        self.add((bytes as i64).saturating_mul(self.quarters) / 4);
+    }
+
+    fn add(&self, add: i64) {
         let before = self.bytes.fetch_add(add, Ordering::AcqRel);
         if before <= 0 {
             let _l = self.lock.lock().expect("allowance");
@@ -167,6 +175,18 @@ mod tests {
             e >= Duration::from_millis(400) && e < Duration::from_secs(2),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn a_step_credits_at_least_the_floor_and_progress_within_one_exactly() {
+        let a = Allowance::new(0, 2, 64 << 10);
+        a.start();
+        a.replenish_exact(8192);
+        a.consume(4096);
+        assert!(!a.has_credit(), "half of 8 KiB, spent");
+        a.replenish(0);
+        a.consume(60 << 10);
+        assert!(a.has_credit(), "a step's floor");
     }
 
     #[test]
