@@ -1135,6 +1135,27 @@ async fn a_node_attaches_a_volume_another_node_holds() {
             "a flush after the owner lost writes succeeded"
         );
     }
+    // Moved (live) to n1 itself, the volume is served from n1's pool now;
+    // the writes that may be gone stay gone: flushes still fail.
+    let moved = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    )
+    .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: rid.clone(),
+        node_id: "n1".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        (moved.from_node.as_str(), moved.to_node.as_str()),
+        ("n2", "n1")
+    );
+    let flushed = tokio::task::spawn_blocking(fsync.clone()).await.unwrap();
+    assert!(
+        flushed.is_err(),
+        "a flush after the owner lost writes succeeded once the volume moved"
+    );
     detach(&n1, &mut csi1, &rid).await;
 }
 

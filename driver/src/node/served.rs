@@ -7,7 +7,7 @@
 //! kernel above sees a pause, not an error (for up to
 //! [`crate::peer::RETRY_FOR`], as for an owner that is away).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
@@ -32,6 +32,10 @@ pub struct Served {
     switches: AtomicU64,
     waiting: Mutex<()>,
     switched: Condvar,
+    /// An earlier owner rebooted with writes it had answered and not
+    /// flushed (see `peer::client`, Durability): they may be gone whatever
+    /// serves the volume now, so every flush fails.
+    lost: AtomicBool,
 }
 
 impl Served {
@@ -42,6 +46,7 @@ impl Served {
             switches: AtomicU64::new(0),
             waiting: Mutex::new(()),
             switched: Condvar::new(),
+            lost: AtomicBool::new(false),
         })
     }
 
@@ -58,8 +63,14 @@ impl Served {
     }
 
     /// Serves from `source` from now on; calls waiting for it go on.
+    /// Writes the old owner may have lost stay lost.
     pub fn follow(&self, source: Source) {
-        *self.source.write().expect("source") = source;
+        let mut now = self.source.write().expect("source");
+        if matches!(&*now, Source::Remote(r) if r.lost_writes()) {
+            self.lost.store(true, Ordering::Release);
+        }
+        *now = source;
+        drop(now);
         let _w = self.waiting.lock().expect("waiting");
         self.switches.fetch_add(1, Ordering::AcqRel);
         self.switched.notify_all();
@@ -135,6 +146,16 @@ impl RemoteDevice for Served {
     }
 
     fn flush(&self) -> Result<()> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(Error::Io {
+                op: "flush",
+                path: format!("volume {}", self.vid).into(),
+                source: std::io::Error::other(
+                    "an earlier owner rebooted while it held acknowledged writes it had not \
+                     flushed; they may be lost",
+                ),
+            });
+        }
         self.run(|s| match s {
             Source::Local(v) => v.flush(),
             Source::Remote(r) => r.flush(),

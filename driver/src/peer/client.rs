@@ -202,6 +202,12 @@ fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
 }
 
 impl RemoteVolume {
+    /// Whether the owner rebooted while it held writes answered and not
+    /// flushed (every flush fails from then on).
+    pub fn lost_writes(&self) -> bool {
+        self.durability.lock().expect("durability").lost
+    }
+
     fn link(&self) -> Link {
         self.link.lock().expect("link").clone()
     }
