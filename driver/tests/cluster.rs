@@ -2419,7 +2419,7 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     assert!(!holds(&n1.agent, &tls, &id).await);
 
     // A drain of n2: the idle volume moves, a published one moves live, a
-    // pinned one stays, with why.
+    // pinned one stays, with why, and so does a snapshot.
     let busy = created(
         &mut cc,
         with_requirements(c::create("pvc-busy", size, c::block_cap()), &["n2"], &[]),
@@ -2437,6 +2437,14 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     )
     .await
     .volume_id;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-on-drained", &pinned_vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
     let drained = mc
         .drain_node(DrainNodeRequest {
             node_id: "n2".into(),
@@ -2453,10 +2461,21 @@ async fn idle_volumes_move_between_nodes_across_crashes_at_every_step() {
     let why: HashMap<&str, &str> = drained
         .stayed
         .iter()
-        .map(|s| (s.volume_id.as_str(), s.why.as_str()))
+        .map(|s| {
+            let id = if s.snapshot_id.is_empty() {
+                &s.volume_id
+            } else {
+                &s.snapshot_id
+            };
+            (id.as_str(), s.why.as_str())
+        })
         .collect();
-    assert_eq!(why.len(), 1, "{why:?}");
+    assert_eq!(why.len(), 2, "{why:?}");
     assert!(why[pinned_vol.as_str()].contains("pinned"), "{why:?}");
+    assert!(
+        why[snap.as_str()].contains("snapshots do not move"),
+        "{why:?}"
+    );
     for v in [&id, &busy] {
         assert!(holds(&n1.agent, &tls, v).await && !holds(&n2.agent, &tls, v).await);
     }

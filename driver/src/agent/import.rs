@@ -80,7 +80,7 @@ const CONVERGED_ROUND: std::time::Duration = std::time::Duration::from_millis(20
 
 /// Changed ranges closer than this are read as one (fewer requests; the
 /// blocks between are read as they are now, which is right too).
-const COALESCE_GAP: u64 = 64 << 10;
+const COALESCE_GAP: u64 = 16 << 10;
 
 /// Merges ranges (in order) closer than [`COALESCE_GAP`], up to
 /// [`MAX_IO`] each.

@@ -257,9 +257,10 @@ struct ClientArgs {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Stop placing new volumes on NODE, and move every volume of it that
-    /// no pod uses to other nodes (one at a time, each to the node with the
-    /// most room); list the volumes that stay, with why (exit 1 if any).
+    /// Stop placing new volumes on NODE, and move every volume of it to
+    /// other nodes (one at a time, each to the node with the most room;
+    /// live if a pod uses it); list the volumes and snapshots that stay,
+    /// with why (exit 1 if any).
     Drain {
         node: String,
         #[command(flatten)]

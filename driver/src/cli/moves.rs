@@ -108,13 +108,21 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
         Err(s) => return fail(status_message(&s)),
     };
     let moved: Vec<MovedOut> = reply.moved.into_iter().map(moved_out).collect();
-    let stayed: Vec<(String, String)> = reply
+    let (snapshots, volumes): (Vec<_>, Vec<_>) = reply
         .stayed
         .into_iter()
-        .map(|s| (s.volume_id, s.why))
+        .partition(|s| !s.snapshot_id.is_empty());
+    let stayed: Vec<(String, String)> = volumes.into_iter().map(|s| (s.volume_id, s.why)).collect();
+    let snapshots: Vec<(String, String)> = snapshots
+        .into_iter()
+        .map(|s| (s.snapshot_id, s.why))
         .collect();
     match format {
-        Format::Json => output::json(&serde_json::json!({ "moved": moved, "stayed": stayed })),
+        Format::Json => output::json(&serde_json::json!({
+            "moved": moved,
+            "stayed": stayed,
+            "snapshots_stayed": snapshots,
+        })),
         Format::Table => {
             output::table(
                 &MOVED_HEADERS,
@@ -123,9 +131,12 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
             for (volume, why) in &stayed {
                 eprintln!("volume {volume} stays on node {node}: {why}");
             }
+            for (snapshot, why) in &snapshots {
+                eprintln!("snapshot {snapshot} stays on node {node}: {why}");
+            }
         }
     }
-    if stayed.is_empty() {
+    if stayed.is_empty() && snapshots.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -197,6 +197,15 @@ pub struct Moves {
 
 type Outcome = Result<MoveVolumeReply, (Code, String)>;
 
+/// What a drain did: the moves, and the volumes and snapshots that stay
+/// on the node, each with why.
+#[derive(Debug)]
+pub struct Drained {
+    pub moved: Vec<MoveVolumeReply>,
+    pub stayed: Vec<(String, String)>,
+    pub snapshots: Vec<(String, String)>,
+}
+
 fn records_err(e: RecordsError) -> Status {
     Status::internal(e.to_string())
 }
@@ -431,12 +440,9 @@ impl Moves {
 
     /// Drains `node`: no new volume is placed on it from now on, and
     /// every volume of it that can move goes, one at a time, each to the
-    /// ready node with the most room; the moves, and the volumes that stay
-    /// with why.
-    pub async fn drain(
-        self: &Arc<Self>,
-        node: &str,
-    ) -> Result<(Vec<MoveVolumeReply>, Vec<(String, String)>), Status> {
+    /// ready node with the most room; the moves, the volumes that stay with
+    /// why, and the snapshots that stay (they do not move).
+    pub async fn drain(self: &Arc<Self>, node: &str) -> Result<Drained, Status> {
         self.cluster.nodes.set_draining(node, true).await?;
         let key = node.to_string();
         let volumes = self
@@ -455,7 +461,27 @@ impl Moves {
                 Err(e) => stayed.push((rec.volume_id, e.message().to_string())),
             }
         }
-        Ok((moved, stayed))
+        let key = node.to_string();
+        let snapshots = self
+            .store(move |r| {
+                Ok(r.snapshots()?
+                    .into_iter()
+                    .filter(|s| s.node == key)
+                    .map(|s| {
+                        let why = format!(
+                            "snapshots do not move yet: its layers stay on node {key} (restore \
+                             it on another node, or delete it, before this node goes)"
+                        );
+                        (s.snapshot_id, why)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(Drained {
+            moved,
+            stayed,
+            snapshots,
+        })
     }
 
     /// `dataLocality: best-effort`: every volume of that StorageClass that

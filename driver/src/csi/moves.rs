@@ -68,13 +68,20 @@ impl Cluster for ClusterService {
             moves.undrain(&node).await?;
             return Ok(Response::new(DrainNodeReply::default()));
         }
-        let (moved, stayed) = moves.drain(&node).await?;
+        let d = moves.drain(&node).await?;
+        let volumes = d.stayed.into_iter().map(|(volume_id, why)| Stayed {
+            volume_id,
+            why,
+            ..Default::default()
+        });
+        let snapshots = d.snapshots.into_iter().map(|(snapshot_id, why)| Stayed {
+            snapshot_id,
+            why,
+            ..Default::default()
+        });
         Ok(Response::new(DrainNodeReply {
-            moved,
-            stayed: stayed
-                .into_iter()
-                .map(|(volume_id, why)| Stayed { volume_id, why })
-                .collect(),
+            moved: d.moved,
+            stayed: volumes.chain(snapshots).collect(),
         }))
     }
 }
