@@ -78,20 +78,35 @@ const CONVERGED: u64 = 512 << 10;
 /// ... if a round took less than this (the hold lasts at most a second).
 const CONVERGED_ROUND: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Changed ranges closer than this are read as one (fewer requests; the
-/// blocks between are read as they are now, which is right too).
-const COALESCE_GAP: u64 = 16 << 10;
+/// Changed ranges closer than a gap are read as one (fewer requests; the
+/// blocks between are read as they are now, which is right too). The gap
+/// is what the link carries in the time a request costs ([`REQUEST_COST`],
+/// at the rate of the first full copy), between these bounds: a slow link
+/// sends few bytes more than changed, a fast one few requests.
+const GAP_MIN: u64 = 4 << 10;
+const GAP_MAX: u64 = 64 << 10;
 
-/// Merges ranges (in order) closer than [`COALESCE_GAP`], up to
-/// [`MAX_IO`] each.
-fn coalesce(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+/// About what one read request costs beside its bytes (both nodes' gRPC,
+/// TLS and engine work, on these machines).
+const REQUEST_COST: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The coalescing gap for a link that carried `bytes` in `took`.
+fn coalesce_gap(bytes: u64, took: std::time::Duration) -> u64 {
+    // Too little to measure: a small volume copies quickly either way.
+    if bytes < (8 << 20) || took.is_zero() {
+        return GAP_MAX;
+    }
+    let rate = bytes as f64 / took.as_secs_f64();
+    ((rate * REQUEST_COST.as_secs_f64()) as u64).clamp(GAP_MIN, GAP_MAX) / 4096 * 4096
+}
+
+/// Merges ranges (in order) closer than `gap`, up to [`MAX_IO`] each.
+fn coalesce(ranges: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
     for (o, l) in ranges {
         match out.last_mut() {
             Some((po, pl))
-                if o >= *po + *pl
-                    && o - (*po + *pl) <= COALESCE_GAP
-                    && o + l - *po <= MAX_IO as u64 =>
+                if o >= *po + *pl && o - (*po + *pl) <= gap && o + l - *po <= MAX_IO as u64 =>
             {
                 *pl = o + l - *po;
             }
@@ -680,8 +695,10 @@ fn copy(
 /// the source's changes (each range read and written here, zeros as
 /// zeros) until stopped or the source ends the move's grant.
 fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Result<(), Status> {
-    copy(core, vid, req, &l.copied)?;
-    tracing::info!(volume = %vid, bytes = l.copied.load(Ordering::Relaxed), "a live move copied the volume: now its changes");
+    let started = std::time::Instant::now();
+    let bytes = copy(core, vid, req, &l.copied)?;
+    let gap = coalesce_gap(bytes, started.elapsed());
+    tracing::info!(volume = %vid, bytes, gap, "a live move copied the volume: now its changes");
     let source = open_source(core, vid, req)?;
     let volume = core.pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
@@ -695,7 +712,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
         let (mut bytes, empty) = (0, ranges.is_empty());
-        for (offset, length) in coalesce(data_of(&source, &volume, ranges)?) {
+        for (offset, length) in coalesce(data_of(&source, &volume, ranges)?, gap) {
             let end = offset + length;
             let mut at = offset;
             while at < end {
@@ -794,20 +811,36 @@ fn data_of(
 
 #[cfg(test)]
 mod tests {
-    use super::{COALESCE_GAP, coalesce};
+    use super::{GAP_MAX, GAP_MIN, coalesce, coalesce_gap};
     use crate::peer::MAX_IO;
+    use std::time::Duration;
 
     #[test]
     fn close_ranges_are_read_as_one_but_never_more_than_one_request_holds() {
-        let g = COALESCE_GAP;
+        let g = 16 << 10;
         assert_eq!(
-            coalesce(vec![(0, 4096), (4096 + g, 4096), (3 * g + 8192 + 1, 4096)]),
+            coalesce(
+                vec![(0, 4096), (4096 + g, 4096), (3 * g + 8192 + 1, 4096)],
+                g
+            ),
             vec![(0, g + 8192), (3 * g + 8193, 4096)]
         );
         let big = MAX_IO as u64;
         assert_eq!(
-            coalesce(vec![(0, big - 4096), (big, 4096)]),
+            coalesce(vec![(0, big - 4096), (big, 4096)], g),
             vec![(0, big - 4096), (big, 4096)]
         );
+    }
+
+    #[test]
+    fn the_gap_is_what_the_link_carries_while_a_request_costs() {
+        let s = Duration::from_secs(1);
+        // 100 Mbit/s: 2.5 KB in 200 us, so the least.
+        assert_eq!(coalesce_gap(12_500_000, s), GAP_MIN);
+        // 100 MB/s: 20 KB, whole blocks.
+        assert_eq!(coalesce_gap(100_000_000, s), 16 << 10);
+        // Loopback: the most.
+        assert_eq!(coalesce_gap(2_000_000_000, s), GAP_MAX);
+        assert_eq!(coalesce_gap(1 << 20, s), GAP_MAX, "too little to tell");
     }
 }
