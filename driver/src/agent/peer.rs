@@ -763,19 +763,10 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let len = io_len(u64::from(req.length))?;
         let peer = req.grant.as_ref().map(|g| g.node_id.clone());
-        // A live move's copy: its progress lets the volume's writes go on.
-        let mover = req.grant.as_ref().is_some_and(|g| {
-            g.volume_id
-                .parse()
-                .is_ok_and(|vid| self.attachments.mover(vid) == Some((g.node_id.clone(), g.epoch)))
-        });
         let data = self
             .on_volume(req.grant.as_ref(), false, move |v| {
                 let mut buf = vec![0u8; len];
                 v.read(req.offset, &mut buf)?;
-                if mover {
-                    v.copied_for_move(len as u64);
-                }
                 Ok(buf)
             })
             .await?;

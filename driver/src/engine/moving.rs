@@ -8,13 +8,9 @@
 //! out until the attachment follows the new owner.
 //!
 //! While changes are recorded, writes draw on an allowance that the copy
-//! replenishes with half the bytes it reads in its first full copy
-//! ([`Volume::copied_for_move`]; at most 16 MiB banked), then with half the
-//! bytes of every round
-//! of changes it takes (at least 64 KiB; not the bytes it reads, which
-//! include the gaps it merges): under a write flood, writes wait (at most
-//! 50 ms each) so every round is smaller than the last, and the move
-//! converges whatever the write rate.
+//! replenishes with half the bytes it takes: under a write flood, writes
+//! wait (at most 50 ms each) so every round is smaller than the last, and
+//! the move converges whatever the write rate.
 //!
 //! A block is marked changed after its new contents are in the index, so a
 //! copy that read the block before the mark reads it again in a later
@@ -218,16 +214,6 @@ impl Volume {
             .allowance
             .replenish(ranges.iter().map(|r| r.1).sum());
         Some((batch, ranges))
-    }
-
-    /// A live move's copy read `bytes` of this volume: before its first
-    /// round of changes, writes may write half as many meanwhile (with no
-    /// more than the initial 16 MiB banked for the rounds).
-    pub fn copied_for_move(&self, bytes: u64) {
-        let map = self.moving.changed.lock().expect("changes");
-        if map.as_ref().is_some_and(|m| m.batch == 0) {
-            self.moving.allowance.replenish_capped(bytes);
-        }
     }
 
     /// Holds every new write, discard and zeroing (reads go on) and waits

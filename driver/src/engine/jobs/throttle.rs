@@ -134,24 +134,10 @@ impl Allowance {
         }
     }
 
-    /// The job made a step of `bytes` of progress (credited at least the
-    /// floor).
+    /// The job made `bytes` of progress.
     pub(crate) fn replenish(&self, bytes: u64) {
-        self.add(((bytes as i64).saturating_mul(self.quarters) / 4).max(self.floor));
-    }
-
-    /// The job made `bytes` of progress within a step (no floor), credited
-    /// only while the allowance holds less than its initial credit (so no
-    /// more than that is banked for later).
-    pub(crate) fn replenish_capped(&self, bytes: u64) {
-        let room = self.initial - self.bytes.load(Ordering::Acquire);
-        let add = ((bytes as i64).saturating_mul(self.quarters) / 4).min(room);
-        if add > 0 {
-            self.add(add);
-        }
-    }
-
-    fn add(&self, add: i64) {
+        let add = (bytes as i64).saturating_mul(self.quarters) / 4;
+        let add = add.max(self.floor);
         let before = self.bytes.fetch_add(add, Ordering::AcqRel);
         if before <= 0 {
             let _l = self.lock.lock().expect("allowance");
@@ -181,22 +167,6 @@ mod tests {
             e >= Duration::from_millis(400) && e < Duration::from_secs(2),
             "{e:?}"
         );
-    }
-
-    #[test]
-    fn a_step_credits_at_least_the_floor_and_progress_within_one_exactly() {
-        let a = Allowance::new(8 << 10, 2, 64 << 10);
-        a.start();
-        a.consume(8 << 10);
-        a.replenish_capped(8192);
-        a.consume(4096);
-        assert!(!a.has_credit(), "half of 8 KiB, spent");
-        a.replenish_capped(1 << 20);
-        a.consume(8 << 10);
-        assert!(!a.has_credit(), "no more banked than the initial credit");
-        a.replenish(0);
-        a.consume(60 << 10);
-        assert!(a.has_credit(), "a step's floor");
     }
 
     #[test]
