@@ -20,7 +20,8 @@
 //!   against the link's time for the data, bytes sent, the hold.
 //!
 //! Needs root (loop devices, FUSE) and fio. Sizes: `STRATA_BENCH_MIB`
-//! (data written, default 512).
+//! (data written, default 512). `STRATA_BENCH_ONLY=reads` stops after the
+//! reads (for work on the data path).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -314,6 +315,12 @@ async fn run(data_mib: u64) {
     }
     let layers_bytes = data_mib * MIB + (data_mib / 32) * 4 * MIB;
 
+    println!(
+        "strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)",
+        size / MIB
+    );
+    println!();
+
     // Reads: on its own node, then from the other node.
     let secs = 10;
     let local_rand = fio(&dev, "randread", "4k", 32, secs);
@@ -323,6 +330,10 @@ async fn run(data_mib: u64) {
     let remote_rand = fio(&dev, "randread", "4k", 32, secs);
     let remote_seq = fio(&dev, "read", "1M", 8, secs);
     detach(&mut cc, &n2, &mut csi2, &vol).await;
+    print_reads(secs, local_rand, remote_rand, local_seq, remote_seq);
+    if std::env::var("STRATA_BENCH_ONLY").is_ok_and(|v| v == "reads") {
+        return;
+    }
 
     // The move to n2.
     let started = Instant::now();
@@ -394,25 +405,6 @@ async fn run(data_mib: u64) {
     let holds = holds_ms(&[&n1, &n2]);
     detach(&mut cc, &n2, &mut csi2, &vol).await;
 
-    println!(
-        "strata cluster bench: {data_mib} MiB of data in a {} MiB volume, 2 nodes on loopback (FUSE + loop devices)",
-        size / MIB
-    );
-    println!();
-    println!("| reads ({secs} s each) | own node | other node (data path) | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| 4 KiB random, QD32 | {:.0} IOPS | {:.0} IOPS | {:.2}x |",
-        local_rand.0,
-        remote_rand.0,
-        remote_rand.0 / local_rand.0
-    );
-    println!(
-        "| 1 MiB sequential, QD8 | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
-        local_seq.1,
-        remote_seq.1,
-        remote_seq.1 / local_seq.1
-    );
     println!();
     println!(
         "move n1 -> n2 (copy first): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB = {:.3}x the volume's data ({:.1} MB), {:.3}x the bytes its layers hold ({:.1} MB)",
@@ -439,6 +431,31 @@ async fn run(data_mib: u64) {
         mb(data_mib * MIB) / fetched
     );
     slow_link(data_mib / 2, root.path(), &tls).await;
+}
+
+/// The reads' table: (IOPS, MB/s) of each run.
+fn print_reads(
+    secs: u32,
+    local_rand: (f64, f64),
+    remote_rand: (f64, f64),
+    local_seq: (f64, f64),
+    remote_seq: (f64, f64),
+) {
+    println!("| reads ({secs} s each) | own node | other node (data path) | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| 4 KiB random, QD32 | {:.0} IOPS | {:.0} IOPS | {:.2}x |",
+        local_rand.0,
+        remote_rand.0,
+        remote_rand.0 / local_rand.0
+    );
+    println!(
+        "| 1 MiB sequential, QD8 | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
+        local_seq.1,
+        remote_seq.1,
+        remote_seq.1 / local_seq.1
+    );
+    println!();
 }
 
 /// Bytes as MB.

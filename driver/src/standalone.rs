@@ -285,6 +285,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .await
                 .map_err(listen_err(agent_listen))?;
             let server = tonic::transport::Server::builder()
+                .initial_stream_window_size(crate::tls::SERVER_STREAM_WINDOW)
+                .initial_connection_window_size(crate::tls::SERVER_CONNECTION_WINDOW)
+                .max_frame_size(crate::tls::MAX_FRAME)
                 .tls_config(tls.server())
                 .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?
                 .add_service(AgentServer::new(agent))

@@ -15,6 +15,21 @@ use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
 };
 
+/// HTTP/2 flow control on the agent port, where the data path's requests
+/// carry up to 1 MiB (`peer::MAX_IO`): with hyper's defaults (windows of 1
+/// or 2 MiB, frames of 16 KiB) a few reads in flight stall on window
+/// updates. What a server or a client lets one stream have in flight
+/// unread: the server (which buffers for clients it cannot trust with its
+/// memory) two requests, the client (which reads only what it asked for)
+/// more.
+pub const SERVER_STREAM_WINDOW: u32 = 2 << 20;
+pub const CLIENT_STREAM_WINDOW: u32 = 8 << 20;
+/// What one connection may have in flight unread.
+pub const SERVER_CONNECTION_WINDOW: u32 = 16 << 20;
+pub const CLIENT_CONNECTION_WINDOW: u32 = 32 << 20;
+/// The largest HTTP/2 frame: one request's data in one frame.
+pub const MAX_FRAME: u32 = 1 << 20;
+
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";
 
@@ -105,7 +120,10 @@ impl TlsFiles {
             .map_err(|e| Status::internal(format!("{what} TLS configuration: {e}")))?
             .connect_timeout(connect_timeout)
             .timeout(call_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+            .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME);
         Ok(endpoint.connect_lazy())
     }
 }
