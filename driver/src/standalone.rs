@@ -284,24 +284,31 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let listener = tokio::net::TcpListener::bind(agent_listen)
                 .await
                 .map_err(listen_err(agent_listen))?;
+            let peer = PeerService::new(
+                started.clone(),
+                GrantKey::from_tls(tls),
+                Arc::clone(&metrics),
+                Arc::clone(&attachments),
+            );
+            let lanes =
+                crate::agent::lane::Lanes::new(peer.clone(), tokio::runtime::Handle::current());
+            let port_tls = tls
+                .rustls_server(&[crate::peer::LANE_ALPN, b"h2"])
+                .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
             let server = tonic::transport::Server::builder()
                 .initial_stream_window_size(crate::tls::SERVER_STREAM_WINDOW)
                 .initial_connection_window_size(crate::tls::SERVER_CONNECTION_WINDOW)
-                .max_frame_size(crate::tls::MAX_FRAME)
-                .tls_config(tls.server())
-                .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?
+                .max_frame_size(crate::tls::H2_MAX_FRAME)
                 .add_service(AgentServer::new(agent))
                 .add_service(
-                    PeerServer::new(PeerService::new(
-                        started.clone(),
-                        GrantKey::from_tls(tls),
-                        Arc::clone(&metrics),
-                        Arc::clone(&attachments),
-                    ))
-                    .max_decoding_message_size(crate::peer::MAX_IO + (64 << 10))
-                    .max_encoding_message_size(crate::peer::MAX_IO + (64 << 10)),
+                    PeerServer::new(peer)
+                        .max_decoding_message_size(crate::peer::MAX_FRAME)
+                        .max_encoding_message_size(crate::peer::MAX_FRAME),
                 )
-                .serve_with_incoming_shutdown(crate::rpc::tcp_incoming(listener), stopped());
+                .serve_with_incoming_shutdown(
+                    crate::agent::lane::incoming(listener, port_tls, lanes),
+                    stopped(),
+                );
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "agent server failed");

@@ -8,7 +8,12 @@
 //! certificate need not name the node's changing pod IP.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use tonic::Status;
 use tonic::transport::{
@@ -28,7 +33,7 @@ pub const CLIENT_STREAM_WINDOW: u32 = 8 << 20;
 pub const SERVER_CONNECTION_WINDOW: u32 = 16 << 20;
 pub const CLIENT_CONNECTION_WINDOW: u32 = 32 << 20;
 /// The largest HTTP/2 frame: one request's data in one frame.
-pub const MAX_FRAME: u32 = 1 << 20;
+pub const H2_MAX_FRAME: u32 = 1 << 20;
 
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";
@@ -44,6 +49,8 @@ pub enum TlsError {
     },
     #[error("{path} holds no PEM {what}")]
     NotPem { path: PathBuf, what: &'static str },
+    #[error("the TLS files: {0}")]
+    Config(String),
 }
 
 /// The CA, certificate and key of one process.
@@ -96,6 +103,68 @@ impl TlsFiles {
             .client_ca_root(Certificate::from_pem(&self.ca))
     }
 
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca) {
+            let cert = cert.map_err(|e| TlsError::Config(format!("ca.crt: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError::Config(format!("ca.crt: {e}")))?;
+        }
+        Ok(roots)
+    }
+
+    fn chain(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Config(format!("tls.crt: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| TlsError::Config(format!("tls.key: {e}")))?;
+        Ok((certs, key))
+    }
+
+    /// The agent port's server side as rustls takes it (the port is
+    /// served outside tonic to tell the data lane from gRPC by `alpn`):
+    /// what [`Self::server`] is to tonic.
+    pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+        let (certs, key) = self.chain()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Config(format!("tls.crt and tls.key: {e}")))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// A client of the agent port as rustls takes it, offering `alpn`:
+    /// what [`Self::client`] is to tonic.
+    pub fn rustls_client(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (certs, key) = self.chain()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| TlsError::Config(format!("tls.crt and tls.key: {e}")))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// The name a client checks in the agent's certificate.
+    pub fn server_name() -> ServerName<'static> {
+        ServerName::try_from(SERVER_NAME).expect("a DNS name")
+    }
+
     /// The controller's side.
     pub fn client(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
@@ -123,7 +192,7 @@ impl TlsFiles {
             .tcp_nodelay(true)
             .initial_stream_window_size(CLIENT_STREAM_WINDOW)
             .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME);
+            .max_frame_size(H2_MAX_FRAME);
         Ok(endpoint.connect_lazy())
     }
 }

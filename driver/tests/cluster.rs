@@ -728,6 +728,197 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
     assert_eq!(copied.volumes().unwrap()[0].volume_id, z.volume_id);
 }
 
+/// A data lane to the node at `address` (`peer.proto`, LaneRequest) with
+/// the certificate in `tls`: the stream and the node's hello, or why the
+/// hello never came.
+fn lane(
+    address: &str,
+    tls: &Path,
+) -> Result<
+    (
+        tokio_rustls::rustls::StreamOwned<
+            tokio_rustls::rustls::ClientConnection,
+            std::net::TcpStream,
+        >,
+        csi_proto::peer::v1::LaneReply,
+    ),
+    std::io::Error,
+> {
+    use prost::Message;
+    use strata::tls::TlsFiles;
+    let config = TlsFiles::load(tls)
+        .unwrap()
+        .rustls_client(&[strata::peer::LANE_ALPN])
+        .unwrap();
+    let tcp = std::net::TcpStream::connect(address)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let conn =
+        tokio_rustls::rustls::ClientConnection::new(config, TlsFiles::server_name()).unwrap();
+    let mut s = tokio_rustls::rustls::StreamOwned::new(conn, tcp);
+    let mut buf = Vec::new();
+    if !strata::peer::read_frame(&mut s, &mut buf)? {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let hello =
+        csi_proto::peer::v1::LaneReply::decode(buf.as_slice()).map_err(std::io::Error::other)?;
+    Ok((s, hello))
+}
+
+/// `req` on a lane: the answer, or `None` if the node closed it.
+fn ask(
+    s: &mut (impl std::io::Read + std::io::Write),
+    req: &csi_proto::peer::v1::LaneRequest,
+) -> Option<csi_proto::peer::v1::LaneReply> {
+    use prost::Message;
+    strata::peer::write_frame(s, req).ok()?;
+    let mut buf = Vec::new();
+    strata::peer::read_frame(s, &mut buf).ok()?.then_some(())?;
+    Some(csi_proto::peer::v1::LaneReply::decode(buf.as_slice()).unwrap())
+}
+
+/// Whether the node closed the lane (rather than answering).
+fn closed(s: &mut impl std::io::Read) -> bool {
+    let mut b = [0u8; 1];
+    !matches!(s.read(&mut b), Ok(1..))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
+    use csi_proto::peer::v1::{self as pb, lane_request::Op};
+    use std::io::Write;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (good, rogue) = (root.path().join("tls"), root.path().join("rogue"));
+    gen_certs(&good);
+    gen_certs(&rogue);
+    let node = NodeProc::start(root.path(), "n1", &good);
+    let (agent, tls) = (node.agent.clone(), good.clone());
+    tokio::task::spawn_blocking(move || {
+        let code = |r: &pb::LaneReply| Code::from(r.code);
+        let read = |grant: Option<pb::Grant>, length: u32| pb::LaneRequest {
+            op: Some(Op::Read(pb::ReadRequest {
+                grant,
+                offset: 0,
+                length,
+            })),
+        };
+        let (mut s, hello) = lane(&agent, &tls).unwrap();
+        assert_eq!(code(&hello), Code::Ok, "{hello:?}");
+        assert!(!hello.boot.is_empty());
+
+        // Refusals answer, and the lane stays open.
+        let r = ask(&mut s, &read(None, 4096)).unwrap();
+        assert_eq!(code(&r), Code::Unauthenticated, "{r:?}");
+        let forged = pb::Grant {
+            volume_id: "vol-1".into(),
+            node_id: "n2".into(),
+            epoch: 1,
+            mac: vec![7; 32],
+            ..Default::default()
+        };
+        let r = ask(&mut s, &read(Some(forged.clone()), 4096)).unwrap();
+        assert_eq!(code(&r), Code::PermissionDenied, "{r:?}");
+        let r = ask(&mut s, &read(Some(forged), 2 << 20)).unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument, "{r:?}");
+        let r = ask(&mut s, &pb::LaneRequest { op: None }).unwrap();
+        assert_eq!(code(&r), Code::InvalidArgument, "{r:?}");
+
+        // A frame above the limit, or one that does not decode, ends the
+        // lane (not the node).
+        s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        s.flush().unwrap();
+        assert!(closed(&mut s), "a 4 GiB frame was read");
+        let (mut s, _) = lane(&agent, &tls).unwrap();
+        s.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+            .unwrap();
+        s.flush().unwrap();
+        assert!(closed(&mut s), "a frame that does not decode was answered");
+
+        // No lane without a certificate from the cluster's CA.
+        assert!(
+            lane(&agent, &rogue).is_err(),
+            "a foreign certificate got a lane"
+        );
+
+        // At most 256 lanes at once: the next is told to use the RPCs,
+        // and a lane is free again once one closes.
+        let open: Vec<_> = (0..strata::agent::lane::MAX_LANES)
+            .map(|i| {
+                let (s, hello) = lane(&agent, &tls).unwrap();
+                assert_eq!(code(&hello), Code::Ok, "lane {i}: {hello:?}");
+                s
+            })
+            .collect();
+        let (_, hello) = lane(&agent, &tls).unwrap();
+        assert_eq!(code(&hello), Code::ResourceExhausted, "{hello:?}");
+        drop(open);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while code(&lane(&agent, &tls).unwrap().1) != Code::Ok {
+            assert!(Instant::now() < deadline, "closed lanes were never freed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        // A client of an owner without lanes (an older Strata answers
+        // ALPN h2) goes to the RPCs.
+        let config = strata::tls::TlsFiles::load(&tls).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = config.rustls_server(&[b"h2"]).unwrap();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let conn =
+                    tokio_rustls::rustls::ServerConnection::new(Arc::clone(&server)).unwrap();
+                let mut s = tokio_rustls::rustls::StreamOwned::new(conn, tcp);
+                let _ = s.flush();
+                let _ = closed(&mut s);
+            }
+        });
+        let lanes = strata::peer::lane::Lanes::new(
+            Some(
+                config
+                    .rustls_client(&[strata::peer::LANE_ALPN, b"h2"])
+                    .unwrap(),
+            ),
+            &address,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        assert!(
+            lanes.call(&read(None, 4096)).is_none(),
+            "a lane to an owner without lanes"
+        );
+        // The owner with lanes answers through one.
+        let lanes = strata::peer::lane::Lanes::new(
+            Some(
+                config
+                    .rustls_client(&[strata::peer::LANE_ALPN, b"h2"])
+                    .unwrap(),
+            ),
+            &agent,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let e = lanes.call(&read(None, 4096)).expect("a lane").unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    })
+    .await
+    .unwrap();
+    // The node serves on.
+    let client = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&good, "ca.crt")))
+        .domain_name("strata-agent")
+        .identity(Identity::from_pem(
+            read(&good, "tls.crt"),
+            read(&good, "tls.key"),
+        ));
+    assert_eq!(
+        node_info(&node.agent, Some(client)).await.as_deref(),
+        Ok("n1")
+    );
+}
+
 /// A client of a node's peer data path, with the cluster's certificate.
 async fn peer_client(
     address: &str,

@@ -12,13 +12,14 @@
 //! standalone and cluster mode run the same controller code.
 //!
 //! The same port serves the data path other nodes use for volumes of this
-//! node that they attached ([`peer`]).
+//! node that they attached ([`peer`]), and its data lanes ([`lane`]).
 //!
 //! Every call is idempotent on its IDs. Engine and node errors become gRPC
 //! codes in `csi/status.rs`; the controller passes them on unchanged.
 
 pub mod client;
 pub mod import;
+pub mod lane;
 pub mod peer;
 
 use csi_proto::agent::v1::agent_server::Agent;

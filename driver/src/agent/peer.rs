@@ -712,20 +712,69 @@ impl PeerService {
     ) -> Result<T, Status> {
         let admitted = self.admit(grant, writes).await?;
         let started = self.started.clone();
-        tokio::task::spawn_blocking(move || {
-            let core: &Core = started.get()?;
-            let v = core.pool.volume(admitted.vid).map_err(status::engine)?;
-            // Held by a live move's hold, then refused by its seal.
-            let r = f(&v).map_err(|e| match e {
-                crate::engine::Error::Moved { volume, node } => moved(volume, &node),
-                e => status::engine(e),
-            });
-            drop(admitted);
-            r
-        })
-        .await
-        .map_err(status::join)?
+        tokio::task::spawn_blocking(move || execute(&started, admitted, f))
+            .await
+            .map_err(status::join)?
     }
+
+    /// [`Self::on_volume`] on the calling thread, which may block (a data
+    /// lane's, `super::lane`): the request is admitted on `runtime`.
+    pub(crate) fn on_volume_here<T>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        grant: Option<&Grant>,
+        writes: bool,
+        f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T>,
+    ) -> Result<T, Status> {
+        let admitted = runtime.block_on(self.admit(grant, writes))?;
+        execute(&self.started, admitted, f)
+    }
+
+    /// Counts volume data sent to or received from `peer`.
+    pub(crate) fn count(&self, grant: Option<&Grant>, sent: bool, bytes: usize) {
+        let peer = grant.map_or("", |g| g.node_id.as_str());
+        self.metrics.peer_bytes(peer, sent, bytes as u64);
+    }
+}
+
+/// Engine work for an admitted request.
+fn execute<T>(
+    started: &Started,
+    admitted: Admitted,
+    f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T>,
+) -> Result<T, Status> {
+    let core: &Core = started.get()?;
+    let v = core.pool.volume(admitted.vid).map_err(status::engine)?;
+    // Held by a live move's hold, then refused by its seal.
+    let r = f(&v).map_err(|e| match e {
+        crate::engine::Error::Moved { volume, node } => moved(volume, &node),
+        e => status::engine(e),
+    });
+    drop(admitted);
+    r
+}
+
+/// A read of `len` bytes at `offset` (the RPC's and a data lane's).
+pub(crate) fn read_op(
+    offset: u64,
+    len: u32,
+) -> Result<impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<Vec<u8>>, Status> {
+    let len = io_len(u64::from(len))?;
+    Ok(move |v: &crate::engine::Volume| {
+        let mut buf = vec![0u8; len];
+        v.read(offset, &mut buf)?;
+        Ok(buf)
+    })
+}
+
+/// A write of `data` at `offset` (the RPC's and a data lane's).
+pub(crate) fn write_op(
+    offset: u64,
+    data: Vec<u8>,
+    fua: bool,
+) -> Result<impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<()>, Status> {
+    io_len(data.len() as u64)?;
+    Ok(move |v: &crate::engine::Volume| v.write(offset, &data, fua))
 }
 
 /// The refusal of a request for a volume that moved away live, naming
@@ -761,30 +810,18 @@ impl Peer for PeerService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
         let req = req.into_inner();
-        let len = io_len(u64::from(req.length))?;
-        let peer = req.grant.as_ref().map(|g| g.node_id.clone());
-        let data = self
-            .on_volume(req.grant.as_ref(), false, move |v| {
-                let mut buf = vec![0u8; len];
-                v.read(req.offset, &mut buf)?;
-                Ok(buf)
-            })
-            .await?;
-        self.metrics
-            .peer_bytes(&peer.unwrap_or_default(), true, data.len() as u64);
+        let read = read_op(req.offset, req.length)?;
+        let data = self.on_volume(req.grant.as_ref(), false, read).await?;
+        self.count(req.grant.as_ref(), true, data.len());
         Ok(self.reply(ReadReply { data }))
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<Done>, Status> {
         let req = req.into_inner();
-        let len = io_len(req.data.len() as u64)?;
-        let grant = req.grant.clone();
-        self.on_volume(grant.as_ref(), true, move |v| {
-            v.write(req.offset, &req.data, req.fua)
-        })
-        .await?;
-        let peer = grant.map(|g| g.node_id).unwrap_or_default();
-        self.metrics.peer_bytes(&peer, false, len as u64);
+        let len = req.data.len();
+        let write = write_op(req.offset, req.data, req.fua)?;
+        self.on_volume(req.grant.as_ref(), true, write).await?;
+        self.count(req.grant.as_ref(), false, len);
         Ok(self.reply(Done {}))
     }
 

@@ -13,17 +13,17 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::{BOOT_HEADER, MAX_IO, MOVED_HEADER, RETRY_FOR, SESSION_HEADER, grant};
+use super::lane::Lanes;
+use super::{BOOT_HEADER, LANE_ALPN, MAX_IO, MOVED_HEADER, RETRY_FOR, SESSION_HEADER, grant};
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
 use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
+use csi_proto::peer::v1::lane_request::Op;
 
 /// How long one attempt may take (a flush on a busy disk included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Messages up to one request's data, and room for the rest.
-const MAX_MESSAGE: usize = MAX_IO + (64 << 10);
 
 /// Where a remote volume is and the grant to use it: what the controller's
 /// ControllerPublishVolume answered, kept in the staging record so a
@@ -52,6 +52,8 @@ impl Target {
 #[derive(Debug, Clone)]
 pub struct Peers {
     tls: TlsFiles,
+    /// For data lanes (`None` if the files do not make one).
+    lanes: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -59,8 +61,13 @@ pub struct Peers {
 impl Peers {
     /// `runtime` runs the calls (the frontends' threads wait for them).
     pub fn new(tls: TlsFiles, runtime: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+        let lanes = tls
+            .rustls_client(&[LANE_ALPN, b"h2"])
+            .inspect_err(|e| tracing::warn!(error = %e, "no data lanes: every remote I/O goes through the RPCs"))
+            .ok();
         Peers {
             tls,
+            lanes,
             runtime,
             metrics,
         }
@@ -102,12 +109,18 @@ impl Peers {
             .channel("peer", &target.address, CONNECT_TIMEOUT, CALL_TIMEOUT)
             .map_err(|s| remote_error(target, "connect", s))?;
         let client = PeerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+            .max_decoding_message_size(super::MAX_FRAME)
+            .max_encoding_message_size(super::MAX_FRAME);
         Ok(Link {
             target: target.clone(),
             grant,
             client,
+            lanes: Arc::new(Lanes::new(
+                self.lanes.clone(),
+                &target.address,
+                CONNECT_TIMEOUT,
+                CALL_TIMEOUT,
+            )),
         })
     }
 }
@@ -118,6 +131,7 @@ struct Link {
     target: Target,
     grant: pb::Grant,
     client: PeerClient<Channel>,
+    lanes: Arc<Lanes>,
 }
 
 /// What a flush must know about the owner's restarts.
@@ -212,21 +226,18 @@ impl RemoteVolume {
         self.link.lock().expect("link").clone()
     }
 
-    /// Runs `call` on the runtime, retrying while the owner is away, up
-    /// to [`RETRY_FOR`]. A retry of an attempt whose outcome is unknown
-    /// goes out in a new session, so the owner finishes or drops that
-    /// attempt before it runs the retry.
-    fn call<T, F, Fut>(
+    /// Runs `attempt` until it is answered, retrying while the owner is
+    /// away, up to [`RETRY_FOR`]. A retry of an attempt whose outcome is
+    /// unknown goes out in a new session, so the owner finishes or drops
+    /// that attempt before it runs the retry. An attempt answers with the
+    /// owner's boot ID.
+    fn call<T>(
         &self,
         op: &'static str,
         effect: Effect,
         payload: Payload,
-        call: F,
-    ) -> Result<T>
-    where
-        F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
+        attempt: impl Fn(&Link, pb::Grant) -> std::result::Result<(T, Option<String>), Status>,
+    ) -> Result<T> {
         let start = Instant::now();
         let deadline = start + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
@@ -239,21 +250,16 @@ impl RemoteVolume {
                 session,
                 ..link.grant.clone()
             };
-            match self
-                .peers
-                .runtime
-                .block_on(call(link.client.clone(), grant))
-            {
-                Ok(r) => {
+            match attempt(&link, grant) {
+                Ok((r, boot)) => {
                     metrics.remote_io(owner, op, start.elapsed());
                     match payload {
                         Payload::None => {}
                         Payload::Sent(n) => metrics.peer_bytes(owner, true, n),
                         Payload::Received(n) => metrics.peer_bytes(owner, false, n),
                     }
-                    let boot = r.metadata().get(BOOT_HEADER).and_then(|v| v.to_str().ok());
-                    self.answered(&link.target, op, effect, boot)?;
-                    return Ok(r.into_inner());
+                    self.answered(&link.target, op, effect, boot.as_deref())?;
+                    return Ok(r);
                 }
                 // Refused unexecuted: a newer session of this attachment
                 // exists (another thread started one, or another process
@@ -293,6 +299,45 @@ impl RemoteVolume {
                 Err(s) => return Err(remote_error(&link.target, op, s)),
             }
         }
+    }
+
+    /// [`Self::call`] with an RPC, run on the runtime.
+    fn rpc<T, F, Fut>(
+        &self,
+        op: &'static str,
+        effect: Effect,
+        payload: Payload,
+        call: F,
+    ) -> Result<T>
+    where
+        F: Fn(PeerClient<Channel>, pb::Grant) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        self.call(op, effect, payload, |link, grant| {
+            let r = self
+                .peers
+                .runtime
+                .block_on(call(link.client.clone(), grant))?;
+            Ok(answer(r))
+        })
+    }
+
+    /// One attempt of a read or write: on a data lane, or through its RPC
+    /// when the owner has none for this node.
+    fn lane_or_rpc(
+        &self,
+        link: &Link,
+        op: Op,
+    ) -> std::result::Result<(pb::LaneReply, Option<String>), Status> {
+        let req = pb::LaneRequest { op: Some(op) };
+        if let Some(r) = link.lanes.call(&req) {
+            return r.map(|(reply, boot)| (reply, Some(boot)));
+        }
+        let r = self
+            .peers
+            .runtime
+            .block_on(by_rpc(link.client.clone(), req))?;
+        Ok(answer(r))
     }
 
     /// Keeps track of the owner's boots for the flushes (see
@@ -336,7 +381,7 @@ impl RemoteVolume {
 
     /// Asks the owner for the volume's size (after an expansion).
     pub fn refresh_size(&self) -> Result<u64> {
-        let r = self.call(
+        let r = self.rpc(
             "open",
             Effect::None,
             Payload::None,
@@ -354,7 +399,7 @@ impl RemoteVolume {
     /// [`super::MAX_MAP`]), as (offset, length) pairs in order; the rest
     /// reads as zeros.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        let r = self.call(
+        let r = self.rpc(
             "map",
             Effect::None,
             Payload::None,
@@ -392,7 +437,7 @@ impl RemoteVolume {
     /// changed (at most `max`), after batch `confirmed` (see `peer.proto`,
     /// Changes): its number and the (offset, length) pairs in order.
     pub fn changes(&self, confirmed: u64, max: u32) -> Result<(u64, Vec<(u64, u64)>)> {
-        let r = self.call(
+        let r = self.rpc(
             "changes",
             Effect::None,
             Payload::None,
@@ -434,6 +479,33 @@ impl RemoteVolume {
     }
 }
 
+/// An RPC's answer and the owner's boot ID it carries.
+fn answer<T>(r: tonic::Response<T>) -> (T, Option<String>) {
+    let boot = r.metadata().get(BOOT_HEADER).and_then(|v| v.to_str().ok());
+    let boot = boot.map(str::to_string);
+    (r.into_inner(), boot)
+}
+
+/// A lane's request through its RPC, answered as the lane would.
+async fn by_rpc(
+    mut c: PeerClient<Channel>,
+    req: pb::LaneRequest,
+) -> std::result::Result<tonic::Response<pb::LaneReply>, Status> {
+    match req.op {
+        Some(Op::Read(r)) => c.read(r).await.map(|r| {
+            r.map(|r| pb::LaneReply {
+                data: r.data,
+                ..Default::default()
+            })
+        }),
+        Some(Op::Write(w)) => c
+            .write(w)
+            .await
+            .map(|r| r.map(|_| pb::LaneReply::default())),
+        None => Err(Status::invalid_argument("a request without an operation")),
+    }
+}
+
 /// A fetching volume's blocks not yet copied are read from its source.
 impl crate::engine::Backing for RemoteVolume {
     fn size(&self) -> u64 {
@@ -464,25 +536,23 @@ impl RemoteDevice for RemoteVolume {
             let len = (buf.len() - done).min(MAX_IO);
             let at = offset + done as u64;
             let payload = Payload::Received(len as u64);
-            let r = self.call("read", Effect::None, payload, |mut c, grant| async move {
-                c.read(pb::ReadRequest {
+            let data = self.call("read", Effect::None, payload, |link, grant| {
+                let req = pb::ReadRequest {
                     grant: Some(grant),
                     offset: at,
                     length: len as u32,
-                })
-                .await
+                };
+                self.lane_or_rpc(link, Op::Read(req))
+                    .map(|(r, boot)| (r.data, boot))
             })?;
-            if r.data.len() != len {
+            if data.len() != len {
                 return Err(remote_error(
                     &self.link().target,
                     "read",
-                    Status::data_loss(format!(
-                        "asked for {len} bytes at {at}, got {}",
-                        r.data.len()
-                    )),
+                    Status::data_loss(format!("asked for {len} bytes at {at}, got {}", data.len())),
                 ));
             }
-            buf[done..done + len].copy_from_slice(&r.data);
+            buf[done..done + len].copy_from_slice(&data);
             done += len;
         }
         Ok(())
@@ -493,24 +563,22 @@ impl RemoteDevice for RemoteVolume {
             let at = offset + (i * MAX_IO) as u64;
             let effect = if fua { Effect::None } else { Effect::Unflushed };
             let payload = Payload::Sent(chunk.len() as u64);
-            self.call("write", effect, payload, |mut c, grant| {
-                let data = chunk.to_vec();
-                async move {
-                    c.write(pb::WriteRequest {
-                        grant: Some(grant),
-                        offset: at,
-                        data,
-                        fua,
-                    })
-                    .await
-                }
+            self.call("write", effect, payload, |link, grant| {
+                let req = pb::WriteRequest {
+                    grant: Some(grant),
+                    offset: at,
+                    data: chunk.to_vec(),
+                    fua,
+                };
+                self.lane_or_rpc(link, Op::Write(req))
+                    .map(|(_, boot)| ((), boot))
             })?;
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        self.call(
+        self.rpc(
             "flush",
             Effect::Flush,
             Payload::None,
@@ -520,7 +588,7 @@ impl RemoteDevice for RemoteVolume {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.call(
+        self.rpc(
             "trim",
             Effect::Unflushed,
             Payload::None,
@@ -537,7 +605,7 @@ impl RemoteDevice for RemoteVolume {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let done = self.call(
+        let done = self.rpc(
             "write zeroes",
             Effect::Unflushed,
             Payload::None,

@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod grant;
+pub mod lane;
 
 pub use client::{Peers, RemoteVolume, Target};
 pub use grant::GrantKey;
@@ -27,6 +28,44 @@ pub const MAX_IO: usize = 1 << 20;
 /// extent per two blocks, 32 Ki extents of at most 23 bytes each, well
 /// inside the data path's message limit (`MAX_IO` + 64 KiB).
 pub const MAX_MAP: u64 = 256 << 20;
+
+/// The ALPN protocol of the data lane (`peer.proto`, LaneRequest).
+pub const LANE_ALPN: &[u8] = b"strata-data/1";
+
+/// The largest frame of the data lane: one request's data and room for
+/// the rest.
+pub const MAX_FRAME: usize = MAX_IO + (64 << 10);
+
+/// Reads one frame of the data lane into `buf`: false at the end of the
+/// stream before a frame; InvalidData for a frame above [`MAX_FRAME`].
+pub fn read_frame(from: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut len = [0u8; 4];
+    match from.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes; at most {MAX_FRAME}"),
+        ));
+    }
+    buf.resize(len, 0);
+    from.read_exact(buf)?;
+    Ok(true)
+}
+
+/// Writes `msg` as one frame of the data lane.
+pub fn write_frame(to: &mut impl std::io::Write, msg: &impl prost::Message) -> std::io::Result<()> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(&mut out).map_err(std::io::Error::other)?;
+    to.write_all(&out)?;
+    to.flush()
+}
 
 /// Metadata of an ABORTED answer: the owner's newest session for the
 /// attachment (a client continues in a newer one).

@@ -1,0 +1,254 @@
+//! The owner's side of the data lane (`peer.proto`, LaneRequest): reads
+//! and writes of other nodes outside HTTP/2, and the agent port's TLS,
+//! which tells lanes from gRPC connections by ALPN.
+//!
+//! Why a lane of its own: through the Peer RPCs a 4 KiB read crossed five
+//! threads on each side (the caller, tonic's buffer and HTTP/2 connection
+//! tasks, the service task, the blocking pool), and on a 2-core machine
+//! those hand-offs, not the I/O, bounded what a node read from another
+//! (the figures are in the README). A lane is one TLS connection served
+//! by one thread that reads a request, runs it in the engine and answers
+//! it, so a request wakes one thread on each side. No crate speaks a block
+//! protocol with Strata's grants and fencing; the framing (a length and a
+//! protobuf message) is the only part written here, the rest is rustls and
+//! prost. Requests are admitted and executed by the Peer service's own
+//! code ([`PeerService::on_volume_here`]), so grants, sessions, holds and
+//! moves work exactly as they do for the RPCs.
+//!
+//! Bounds: at most [`MAX_LANES`] lanes at once (a client over it is told
+//! so in the hello and uses the RPCs), a frame of at most
+//! [`crate::peer::MAX_FRAME`]
+//! bytes, [`IDLE`] without a request ends a lane, and a TLS handshake has
+//! [`HANDSHAKE`] to finish. A frame too large or that does not decode ends
+//! that connection with a log line, nothing else.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use csi_proto::peer::v1::lane_request::Op;
+use csi_proto::peer::v1::{LaneReply, LaneRequest};
+use prost::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tonic::Status;
+
+use super::peer::{PeerService, read_op, write_op};
+use crate::peer::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
+
+/// Lanes served at once (each a thread and up to two frames of memory).
+pub const MAX_LANES: usize = 256;
+/// A lane without a request for this long is closed (its client dials
+/// again when it needs one).
+pub const IDLE: Duration = Duration::from_secs(300);
+/// How long a client may take to read an answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The agent port's connections: each TLS handshake runs in a task of its
+/// own; gRPC ones (ALPN `h2`, or none) come out of the stream for tonic,
+/// lanes go to `lanes`.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    lanes: Lanes,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        while !tx.is_closed() {
+            let (tcp, from) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, most likely: later ones may work.
+                    tracing::warn!(error = %e, "agent port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx, lanes) = (acceptor.clone(), tx.clone(), lanes.clone());
+            tokio::spawn(async move {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(%from, error = %e, "agent port: nodelay");
+                }
+                let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%from, error = %e, "agent port: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%from, "agent port: TLS handshake timed out");
+                        return;
+                    }
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(LANE_ALPN) {
+                    lanes.serve(tls);
+                } else {
+                    let _ = tx.send(Ok(tls)).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The lanes of this node's Peer service.
+#[derive(Debug, Clone)]
+pub struct Lanes {
+    service: PeerService,
+    runtime: tokio::runtime::Handle,
+    open: Arc<AtomicUsize>,
+    boot: String,
+}
+
+impl Lanes {
+    pub fn new(service: PeerService, runtime: tokio::runtime::Handle) -> Self {
+        Lanes {
+            service,
+            runtime,
+            open: Arc::default(),
+            boot: crate::peer::boot_id(),
+        }
+    }
+
+    /// Serves a lane on a thread of its own.
+    fn serve(&self, tls: TlsStream<TcpStream>) {
+        let (tcp, conn) = tls.into_inner();
+        let tcp = match tcp.into_std().and_then(|t| {
+            t.set_nonblocking(false)?;
+            t.set_read_timeout(Some(IDLE))?;
+            t.set_write_timeout(Some(WRITE_TIMEOUT))?;
+            Ok(t)
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "data lane: socket");
+                return;
+            }
+        };
+        let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        let lanes = self.clone();
+        let admitted = self.open.fetch_add(1, Ordering::AcqRel) < MAX_LANES;
+        let spawned = std::thread::Builder::new()
+            .name("lane".into())
+            .spawn(move || {
+                if admitted {
+                    lanes.run(&mut stream, &from);
+                } else {
+                    tracing::warn!(%from, "data lane refused: {MAX_LANES} lanes are open");
+                    let full = LaneReply {
+                        code: tonic::Code::ResourceExhausted as i32,
+                        message: format!("{MAX_LANES} lanes are open; use the RPCs"),
+                        ..Default::default()
+                    };
+                    let _ = write_frame(&mut stream, &full);
+                }
+                lanes.open.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "data lane: no thread");
+            self.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The hello, then requests until the client leaves or errs.
+    fn run<S: Read + Write>(&self, stream: &mut S, from: &str) {
+        let hello = LaneReply {
+            boot: self.boot.clone(),
+            ..Default::default()
+        };
+        if write_frame(stream, &hello).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        loop {
+            match read_frame(stream, &mut buf) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        tracing::warn!(%from, error = %e, "data lane closed: a bad frame");
+                    }
+                    return;
+                }
+            }
+            let req = match LaneRequest::decode(buf.as_slice()) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%from, error = %e, "data lane closed: a request that does not decode");
+                    return;
+                }
+            };
+            let reply = self.execute(req).unwrap_or_else(refusal);
+            if write_frame(stream, &reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn execute(&self, req: LaneRequest) -> Result<LaneReply, Status> {
+        let s = &self.service;
+        match req.op {
+            Some(Op::Read(r)) => {
+                let read = read_op(r.offset, r.length)?;
+                let data = s.on_volume_here(&self.runtime, r.grant.as_ref(), false, read)?;
+                s.count(r.grant.as_ref(), true, data.len());
+                Ok(LaneReply {
+                    data,
+                    ..Default::default()
+                })
+            }
+            Some(Op::Write(w)) => {
+                let len = w.data.len();
+                let write = write_op(w.offset, w.data, w.fua)?;
+                s.on_volume_here(&self.runtime, w.grant.as_ref(), true, write)?;
+                s.count(w.grant.as_ref(), false, len);
+                Ok(LaneReply::default())
+            }
+            None => Err(Status::invalid_argument(
+                "a lane request without an operation",
+            )),
+        }
+    }
+}
+
+/// A refusal as the lane answers it: the status, and the headers the RPC
+/// would carry.
+fn refusal(s: Status) -> LaneReply {
+    let header = |name| {
+        s.metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    LaneReply {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+        session: header(SESSION_HEADER).parse().unwrap_or(0),
+        moved: header(MOVED_HEADER),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_keeps_the_headers_the_client_needs() {
+        let mut s = Status::aborted("older session");
+        s.metadata_mut()
+            .insert(SESSION_HEADER, "42".parse().unwrap());
+        let r = refusal(s);
+        assert_eq!((r.code, r.session), (tonic::Code::Aborted as i32, 42));
+        let mut s = Status::unavailable("moved");
+        s.metadata_mut().insert(MOVED_HEADER, "n3".parse().unwrap());
+        assert_eq!(refusal(s).moved, "n3");
+    }
+}

@@ -1,0 +1,212 @@
+//! A client's side of the data lane (`peer.proto`, LaneRequest; the
+//! owner's side, and why lanes exist, in `agent::lane`): blocking TLS
+//! connections to one owner, each carrying one request at a time, kept
+//! for the next request once answered. The calling thread (a frontend's
+//! worker) writes the request and reads the answer itself.
+//!
+//! An owner without lanes (an older Strata answers ALPN `h2`), or with
+//! all its lanes taken, is asked through the RPCs instead, and not dialled
+//! again for [`OFF_FOR`].
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csi_proto::peer::v1::{LaneReply, LaneRequest};
+use prost::Message;
+use tokio_rustls::rustls::{ClientConnection, StreamOwned};
+use tonic::{Code, Status};
+
+use super::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
+use crate::tls::TlsFiles;
+use tokio_rustls::rustls;
+
+/// Idle lanes kept per owner and volume.
+const KEEP: usize = 64;
+/// A lane idle for longer is closed rather than used: well before the
+/// owner closes it (`agent::lane::IDLE`), which would fail the request
+/// and cost a retry.
+const STALE: Duration = Duration::from_secs(120);
+/// How long an owner without a lane for this node is asked through the
+/// RPCs before a lane is tried again.
+const OFF_FOR: Duration = Duration::from_secs(30);
+
+/// One lane: the connection, and the boot ID its owner said in its hello.
+struct Lane {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+    boot: String,
+    used: Instant,
+}
+
+/// The lanes to one owner.
+pub struct Lanes {
+    /// `None`: this node has no client configuration for lanes.
+    config: Option<Arc<rustls::ClientConfig>>,
+    address: String,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+    idle: Mutex<Vec<Lane>>,
+    /// Until when the owner is asked through the RPCs.
+    off_until: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("address", &self.address)
+            .field("idle", &self.idle.lock().map_or(0, |i| i.len()))
+            .finish()
+    }
+}
+
+impl Lanes {
+    pub fn new(
+        config: Option<Arc<rustls::ClientConfig>>,
+        address: &str,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+    ) -> Self {
+        Lanes {
+            config,
+            address: address.to_string(),
+            connect_timeout,
+            call_timeout,
+            idle: Mutex::default(),
+            off_until: Mutex::default(),
+        }
+    }
+
+    /// `req` on a lane: `None` when there is none (ask through the RPC),
+    /// else the answer and the owner's boot ID, a refusal as the RPC's
+    /// status (with its headers), or UNAVAILABLE when the lane failed
+    /// (the outcome is not known).
+    pub fn call(&self, req: &LaneRequest) -> Option<Result<(LaneReply, String), Status>> {
+        let taken = {
+            let mut idle = self.idle.lock().expect("lanes");
+            idle.retain(|l| l.used.elapsed() < STALE);
+            idle.pop()
+        };
+        let mut lane = match taken {
+            Some(l) => l,
+            None => match self.dial() {
+                Ok(Some(l)) => l,
+                Ok(None) => return None,
+                Err(s) => return Some(Err(s)),
+            },
+        };
+        let mut buf = Vec::new();
+        let exchanged = write_frame(&mut lane.stream, req)
+            .and_then(|()| read_frame(&mut lane.stream, &mut buf))
+            .and_then(|got| {
+                got.then_some(()).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed by the owner")
+                })
+            });
+        if let Err(e) = exchanged {
+            return Some(Err(self.failed(e)));
+        }
+        let reply = match LaneReply::decode(buf.as_slice()) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(Status::unknown(format!("data lane: {e}")))),
+        };
+        let boot = lane.boot.clone();
+        lane.used = Instant::now();
+        {
+            let mut idle = self.idle.lock().expect("lanes");
+            if idle.len() < KEEP {
+                idle.push(lane);
+            }
+        }
+        if reply.code != Code::Ok as i32 {
+            return Some(Err(status(reply)));
+        }
+        Some(Ok((reply, boot)))
+    }
+
+    fn failed(&self, e: std::io::Error) -> Status {
+        Status::unavailable(format!("data lane to {}: {e}", self.address))
+    }
+
+    /// A new lane; `None` if the owner has none for this node now.
+    fn dial(&self) -> Result<Option<Lane>, Status> {
+        let Some(config) = &self.config else {
+            return Ok(None);
+        };
+        if self
+            .off_until
+            .lock()
+            .expect("lanes")
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return Ok(None);
+        }
+        let addr = self
+            .address
+            .to_socket_addrs()
+            .map_err(|e| self.failed(e))?
+            .next()
+            .ok_or_else(|| Status::unavailable(format!("{} resolves to nothing", self.address)))?;
+        let tcp = TcpStream::connect_timeout(&addr, self.connect_timeout)
+            .and_then(|t| {
+                t.set_nodelay(true)?;
+                t.set_read_timeout(Some(self.connect_timeout))?;
+                t.set_write_timeout(Some(self.connect_timeout))?;
+                Ok(t)
+            })
+            .map_err(|e| self.failed(e))?;
+        let conn = ClientConnection::new(Arc::clone(config), TlsFiles::server_name())
+            .map_err(|e| Status::internal(format!("data lane TLS: {e}")))?;
+        let mut stream = StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| self.failed(e))?;
+        }
+        if stream.conn.alpn_protocol() != Some(LANE_ALPN) {
+            tracing::info!(owner = %self.address, "the owner has no data lanes (an older Strata?): its RPCs are used");
+            self.off();
+            return Ok(None);
+        }
+        let mut buf = Vec::new();
+        if !read_frame(&mut stream, &mut buf).map_err(|e| self.failed(e))? {
+            return Err(self.failed(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let hello = LaneReply::decode(buf.as_slice())
+            .map_err(|e| Status::unknown(format!("data lane: {e}")))?;
+        if hello.code != Code::Ok as i32 {
+            tracing::warn!(owner = %self.address, refusal = %hello.message, "no data lane: the owner's RPCs are used");
+            self.off();
+            return Ok(None);
+        }
+        let tcp = &stream.sock;
+        tcp.set_read_timeout(Some(self.call_timeout))
+            .and_then(|()| tcp.set_write_timeout(Some(self.call_timeout)))
+            .map_err(|e| self.failed(e))?;
+        Ok(Some(Lane {
+            stream,
+            boot: hello.boot,
+            used: Instant::now(),
+        }))
+    }
+
+    fn off(&self) {
+        *self.off_until.lock().expect("lanes") = Some(Instant::now() + OFF_FOR);
+    }
+}
+
+/// A lane's refusal as the RPC's status, with its headers.
+fn status(reply: LaneReply) -> Status {
+    let mut s = Status::new(Code::from(reply.code), reply.message);
+    if reply.session > 0
+        && let Ok(v) = reply.session.to_string().parse()
+    {
+        s.metadata_mut().insert(SESSION_HEADER, v);
+    }
+    if !reply.moved.is_empty()
+        && let Ok(v) = reply.moved.parse()
+    {
+        s.metadata_mut().insert(MOVED_HEADER, v);
+    }
+    s
+}
