@@ -253,6 +253,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
     agent.resume_fetches();
 
+    // The agent port's data lanes (a node), to end at shutdown.
+    let mut lanes_of_port = None;
     match &config.role {
         Role::Standalone => {
             // The controller's records, and this process as its one node.
@@ -290,8 +292,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 Arc::clone(&metrics),
                 Arc::clone(&attachments),
             );
-            let lanes =
-                crate::agent::lane::Lanes::new(peer.clone(), tokio::runtime::Handle::current());
+            let lanes = crate::agent::lane::Lanes::new(
+                peer.clone(),
+                tokio::runtime::Handle::current(),
+                &metrics,
+            );
+            lanes_of_port = Some(lanes.clone());
             let port_tls = tls
                 .rustls_server(&[crate::peer::LANE_ALPN, b"h2"])
                 .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
@@ -353,6 +359,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // no write arrives after the last flush (the kernel resends what was
     // not answered to the next start).
     nbd.close(Duration::from_secs(30)).await;
+    if let Some(lanes) = lanes_of_port {
+        let _ = tokio::task::spawn_blocking(move || lanes.close(Duration::from_secs(30))).await;
+    }
     let closing = pool.clone();
     blocking(move || closing.close().map_err(StartError::Flush)).await?;
     for s in sockets {

@@ -779,7 +779,13 @@ fn ask(
 /// Whether the node closed the lane (rather than answering).
 fn closed(s: &mut impl std::io::Read) -> bool {
     let mut b = [0u8; 1];
-    !matches!(s.read(&mut b), Ok(1..))
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -836,10 +842,45 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
         s.flush().unwrap();
         assert!(closed(&mut s), "a frame that does not decode was answered");
 
-        // No lane without a certificate from the cluster's CA.
+        // No lane without a certificate from the cluster's CA (the
+        // client trusts the node's).
+        let mixed = rogue.parent().unwrap().join("mixed");
+        std::fs::create_dir_all(&mixed).unwrap();
+        std::fs::copy(tls.join("ca.crt"), mixed.join("ca.crt")).unwrap();
+        for f in ["tls.crt", "tls.key"] {
+            std::fs::copy(rogue.join(f), mixed.join(f)).unwrap();
+        }
         assert!(
-            lane(&agent, &rogue).is_err(),
+            lane(&agent, &mixed).is_err(),
             "a foreign certificate got a lane"
+        );
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        for c in tokio_rustls::rustls::pki_types::CertificateDer::pem_file_iter(tls.join("ca.crt"))
+            .unwrap()
+        {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut anonymous = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        anonymous.alpn_protocols = vec![strata::peer::LANE_ALPN.to_vec()];
+        let tcp = std::net::TcpStream::connect(&agent).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = tokio_rustls::rustls::ClientConnection::new(
+            Arc::new(anonymous),
+            strata::tls::TlsFiles::server_name(),
+        )
+        .unwrap();
+        let mut s = tokio_rustls::rustls::StreamOwned::new(conn, tcp);
+        let mut buf = Vec::new();
+        assert!(
+            !matches!(strata::peer::read_frame(&mut s, &mut buf), Ok(true)),
+            "a client without a certificate got a lane"
         );
 
         // At most 256 lanes at once: the next is told to use the RPCs,
@@ -917,6 +958,19 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
         node_info(&node.agent, Some(client)).await.as_deref(),
         Ok("n1")
     );
+
+    // A stopping node ends its lanes before its pool closes, without
+    // waiting for their clients to leave.
+    let mut node = node;
+    let (mut s, _) = lane(&node.agent, &good).unwrap();
+    let stopping = Instant::now();
+    assert!(node.proc.terminate().success(), "{}", node.proc.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "a node with an idle lane took {:?} to stop",
+        stopping.elapsed()
+    );
+    assert!(closed(&mut s), "a lane outlived its node");
 }
 
 /// A client of a node's peer data path, with the cluster's certificate.
@@ -1053,6 +1107,11 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     assert!(sent(&m1, "n2", "received") >= (4 << 20) as f64, "{m1}");
     // n2 restarted: it counts since, at least the reads just made.
     assert!(sent(&m2, "n1", "sent") >= (4 << 20) as f64, "{m2}");
+    // Those reads and writes went on data lanes (they stay open, idle).
+    assert!(
+        common::standalone::metric_value(&m2, "strata_peer_lanes").unwrap_or(0.0) >= 1.0,
+        "{m2}"
+    );
     assert!(
         m1.contains("strata_remote_io_retries_total{peer=\"n2\""),
         "{m1}"

@@ -15,20 +15,25 @@
 //! code ([`PeerService::on_volume_here`]), so grants, sessions, holds and
 //! moves work exactly as they do for the RPCs.
 //!
+//! At shutdown, [`Lanes::close`] ends every lane before the pool closes.
+//!
 //! Bounds: at most [`MAX_LANES`] lanes at once (a client over it is told
 //! so in the hello and uses the RPCs), a frame of at most
-//! [`crate::peer::MAX_FRAME`]
-//! bytes, [`IDLE`] without a request ends a lane, and a TLS handshake has
-//! [`HANDSHAKE`] to finish. A frame too large or that does not decode ends
-//! that connection with a log line, nothing else.
+//! [`crate::peer::MAX_FRAME`] bytes (its buffer grows as its data
+//! arrives), [`IDLE`] without a request ends a lane, and a TLS handshake
+//! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once. A frame too
+//! large or that does not decode ends that connection with a log line,
+//! nothing else.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use csi_proto::peer::v1::lane_request::Op;
 use csi_proto::peer::v1::{LaneReply, LaneRequest};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls;
@@ -36,6 +41,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::Status;
 
 use super::peer::{PeerService, read_op, write_op};
+use crate::metrics::Metrics;
 use crate::peer::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
 
 /// Lanes served at once (each a thread and up to two frames of memory).
@@ -47,6 +53,9 @@ pub const IDLE: Duration = Duration::from_secs(300);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);
+/// TLS handshakes under way at once on the agent port; connections
+/// beyond are closed at once.
+pub const MAX_HANDSHAKES: usize = 128;
 
 /// The agent port's connections: each TLS handshake runs in a task of its
 /// own; gRPC ones (ALPN `h2`, or none) come out of the stream for tonic,
@@ -58,9 +67,15 @@ pub fn incoming(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        while !tx.is_closed() {
-            let (tcp, from) = match listener.accept().await {
+        loop {
+            // Until tonic stops taking connections (the server stopped).
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, from) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors, most likely: later ones may work.
@@ -69,12 +84,20 @@ pub fn incoming(
                     continue;
                 }
             };
+            // Before a certificate is seen, a connection costs a task and
+            // a descriptor for up to HANDSHAKE: a bounded number of them.
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                tracing::warn!(%from, "agent port: {MAX_HANDSHAKES} TLS handshakes under way; connection dropped");
+                continue;
+            };
             let (acceptor, tx, lanes) = (acceptor.clone(), tx.clone(), lanes.clone());
             tokio::spawn(async move {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(%from, error = %e, "agent port: nodelay");
                 }
-                let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
+                drop(permit);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::info!(%from, error = %e, "agent port: TLS handshake failed");
@@ -101,17 +124,58 @@ pub fn incoming(
 pub struct Lanes {
     service: PeerService,
     runtime: tokio::runtime::Handle,
-    open: Arc<AtomicUsize>,
+    /// Lanes open (threads serving one); the `strata_peer_lanes` gauge.
+    open: Gauge,
+    /// Set by [`Lanes::close`]: requests are refused unexecuted.
+    stopping: Arc<AtomicBool>,
+    /// A handle of every open lane's socket, to end them at close.
+    sockets: Arc<Mutex<HashMap<u64, std::net::TcpStream>>>,
+    next: Arc<AtomicU64>,
     boot: String,
 }
 
+/// One lane's place among the open ones, given back however its thread
+/// ends (a panic included).
+struct Slot {
+    lanes: Lanes,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.lanes.sockets.lock().expect("lanes").remove(&self.id);
+        self.lanes.open.dec();
+    }
+}
+
 impl Lanes {
-    pub fn new(service: PeerService, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(service: PeerService, runtime: tokio::runtime::Handle, metrics: &Metrics) -> Self {
         Lanes {
             service,
             runtime,
-            open: Arc::default(),
+            open: metrics.peer_lanes(),
+            stopping: Arc::default(),
+            sockets: Arc::default(),
+            next: Arc::default(),
             boot: crate::peer::boot_id(),
+        }
+    }
+
+    /// Ends every lane, so no request reaches the engine after this
+    /// returns (the pool closes next): requests not yet read are never
+    /// executed and their clients retry with the next start. Waits for
+    /// requests in the engine for at most `wait`.
+    pub fn close(&self, wait: Duration) {
+        self.stopping.store(true, Ordering::Release);
+        for s in self.sockets.lock().expect("lanes").values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let deadline = std::time::Instant::now() + wait;
+        while self.open.get() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.open.get() > 0 {
+            tracing::warn!(lanes = self.open.get(), "data lanes still running at close");
         }
     }
 
@@ -131,14 +195,23 @@ impl Lanes {
             }
         };
         let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let before = self.open.inc();
+        let admitted = !self.stopping.load(Ordering::Acquire)
+            && usize::try_from(before).is_ok_and(|n| n < MAX_LANES);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(handle) = tcp.try_clone() {
+            self.sockets.lock().expect("lanes").insert(id, handle);
+        }
+        let slot = Slot {
+            lanes: self.clone(),
+            id,
+        };
         let mut stream = rustls::StreamOwned::new(conn, tcp);
-        let lanes = self.clone();
-        let admitted = self.open.fetch_add(1, Ordering::AcqRel) < MAX_LANES;
         let spawned = std::thread::Builder::new()
             .name("lane".into())
             .spawn(move || {
                 if admitted {
-                    lanes.run(&mut stream, &from);
+                    slot.lanes.run(&mut stream, &from);
                 } else {
                     tracing::warn!(%from, "data lane refused: {MAX_LANES} lanes are open");
                     let full = LaneReply {
@@ -148,11 +221,10 @@ impl Lanes {
                     };
                     let _ = write_frame(&mut stream, &full);
                 }
-                lanes.open.fetch_sub(1, Ordering::AcqRel);
+                drop(slot);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "data lane: no thread");
-            self.open.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -184,7 +256,11 @@ impl Lanes {
                     return;
                 }
             };
-            let reply = self.execute(req).unwrap_or_else(refusal);
+            let reply = if self.stopping.load(Ordering::Acquire) {
+                refusal(Status::unavailable("this node is stopping; not executed"))
+            } else {
+                self.execute(req).unwrap_or_else(refusal)
+            };
             if write_frame(stream, &reply).is_err() {
                 return;
             }

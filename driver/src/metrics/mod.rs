@@ -91,6 +91,7 @@ pub struct Metrics {
     latency: HistogramFamily<VolumeOp>,
     errors: Family<VolumeOpError, Counter>,
     nbd_connections: Gauge,
+    peer_lanes: Gauge,
     nbd_connections_total: Counter,
     nbd_protocol_errors: Family<Kind, Counter>,
     job_bytes: Family<KindMethod, Counter>,
@@ -134,6 +135,12 @@ impl Metrics {
         );
         let errors = Family::<VolumeOpError, Counter>::default();
         let nbd_connections = Gauge::default();
+        let peer_lanes = Gauge::default();
+        registry.register(
+            "peer_lanes",
+            "Data lanes other nodes hold open to this node (agent/lane.rs)",
+            peer_lanes.clone(),
+        );
         let nbd_connections_total = Counter::default();
         let nbd_protocol_errors = Family::<Kind, Counter>::default();
         registry.register(
@@ -261,6 +268,7 @@ impl Metrics {
             latency,
             errors,
             nbd_connections,
+            peer_lanes,
             nbd_connections_total,
             nbd_protocol_errors,
             job_bytes,
@@ -290,6 +298,12 @@ impl Metrics {
             })
             .inc();
         self.move_bytes.inc_by(copied);
+    }
+
+    /// The gauge of data lanes open to this node (their count, kept by
+    /// `agent::lane`).
+    pub fn peer_lanes(&self) -> Gauge {
+        self.peer_lanes.clone()
     }
 
     /// Counts volume data sent to or received from another node.

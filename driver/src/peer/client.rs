@@ -296,7 +296,15 @@ impl RemoteVolume {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                Err(s) => return Err(remote_error(&link.target, op, s)),
+                Err(s) => {
+                    if transient(&s) {
+                        // The attempt may still run on the owner: what
+                        // comes next must not be ordered with it.
+                        self.session
+                            .fetch_max(session.saturating_add(1), Ordering::AcqRel);
+                    }
+                    return Err(remote_error(&link.target, op, s));
+                }
             }
         }
     }

@@ -21,8 +21,9 @@ use super::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
 use crate::tls::TlsFiles;
 use tokio_rustls::rustls;
 
-/// Idle lanes kept per owner and volume.
-const KEEP: usize = 64;
+/// Idle lanes kept per owner and volume (a FUSE attachment has 8
+/// workers; the owner serves 256 lanes in all).
+const KEEP: usize = 16;
 /// A lane idle for longer is closed rather than used: well before the
 /// owner closes it (`agent::lane::IDLE`), which would fail the request
 /// and cost a retry.
@@ -103,6 +104,9 @@ impl Lanes {
                 })
             });
         if let Err(e) = exchanged {
+            // The owner went away (or the network did): the other idle
+            // lanes are most likely as dead, and the retry dials anew.
+            self.idle.lock().expect("lanes").clear();
             return Some(Err(self.failed(e)));
         }
         let reply = match LaneReply::decode(buf.as_slice()) {
@@ -168,12 +172,18 @@ impl Lanes {
             self.off();
             return Ok(None);
         }
+        // Nothing was sent yet: without a hello, the RPCs carry the
+        // request (the owner may be out of threads).
         let mut buf = Vec::new();
-        if !read_frame(&mut stream, &mut buf).map_err(|e| self.failed(e))? {
-            return Err(self.failed(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        let hello = LaneReply::decode(buf.as_slice())
-            .map_err(|e| Status::unknown(format!("data lane: {e}")))?;
+        let hello = match read_frame(&mut stream, &mut buf) {
+            Ok(true) => LaneReply::decode(buf.as_slice()).ok(),
+            _ => None,
+        };
+        let Some(hello) = hello else {
+            tracing::warn!(owner = %self.address, "a data lane without a hello: the owner's RPCs are used");
+            self.off();
+            return Ok(None);
+        };
         if hello.code != Code::Ok as i32 {
             tracing::warn!(owner = %self.address, refusal = %hello.message, "no data lane: the owner's RPCs are used");
             self.off();

@@ -52,8 +52,13 @@ pub fn read_frame(from: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::
             format!("a frame of {len} bytes; at most {MAX_FRAME}"),
         ));
     }
-    buf.resize(len, 0);
-    from.read_exact(buf)?;
+    // Grown as the data comes, not to what the length claims.
+    use std::io::Read as _;
+    buf.clear();
+    let got = from.by_ref().take(len as u64).read_to_end(buf)?;
+    if got < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(true)
 }
 
