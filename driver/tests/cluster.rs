@@ -770,8 +770,8 @@ fn ask(
     req: &csi_proto::peer::v1::LaneRequest,
 ) -> Option<csi_proto::peer::v1::LaneReply> {
     use prost::Message;
-    strata::peer::write_frame(s, req).ok()?;
     let mut buf = Vec::new();
+    strata::peer::write_frame(s, req, &mut buf).ok()?;
     strata::peer::read_frame(s, &mut buf).ok()?.then_some(())?;
     Some(csi_proto::peer::v1::LaneReply::decode(buf.as_slice()).unwrap())
 }

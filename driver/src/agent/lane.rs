@@ -219,7 +219,7 @@ impl Lanes {
                         message: format!("{MAX_LANES} lanes are open; use the RPCs"),
                         ..Default::default()
                     };
-                    let _ = write_frame(&mut stream, &full);
+                    let _ = write_frame(&mut stream, &full, &mut Vec::new());
                 }
                 drop(slot);
             });
@@ -234,10 +234,11 @@ impl Lanes {
             boot: self.boot.clone(),
             ..Default::default()
         };
-        if write_frame(stream, &hello).is_err() {
+        // One buffer for every frame of the lane, both ways.
+        let mut buf = Vec::new();
+        if write_frame(stream, &hello, &mut buf).is_err() {
             return;
         }
-        let mut buf = Vec::new();
         loop {
             match read_frame(stream, &mut buf) {
                 Ok(true) => {}
@@ -261,7 +262,7 @@ impl Lanes {
             } else {
                 self.execute(req).unwrap_or_else(refusal)
             };
-            if write_frame(stream, &reply).is_err() {
+            if write_frame(stream, &reply, &mut buf).is_err() {
                 return;
             }
         }

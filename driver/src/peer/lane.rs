@@ -32,11 +32,13 @@ const STALE: Duration = Duration::from_secs(120);
 /// RPCs before a lane is tried again.
 const OFF_FOR: Duration = Duration::from_secs(30);
 
-/// One lane: the connection, and the boot ID its owner said in its hello.
+/// One lane: the connection, the boot ID its owner said in its hello,
+/// and the buffer of its frames (both ways).
 struct Lane {
     stream: StreamOwned<ClientConnection, TcpStream>,
     boot: String,
     used: Instant,
+    buf: Vec<u8>,
 }
 
 /// The lanes to one owner.
@@ -95,9 +97,9 @@ impl Lanes {
                 Err(s) => return Some(Err(s)),
             },
         };
-        let mut buf = Vec::new();
-        let exchanged = write_frame(&mut lane.stream, req)
-            .and_then(|()| read_frame(&mut lane.stream, &mut buf))
+        let Lane { stream, buf, .. } = &mut lane;
+        let exchanged = write_frame(stream, req, buf)
+            .and_then(|()| read_frame(stream, buf))
             .and_then(|got| {
                 got.then_some(()).ok_or_else(|| {
                     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed by the owner")
@@ -109,7 +111,7 @@ impl Lanes {
             self.idle.lock().expect("lanes").clear();
             return Some(Err(self.failed(e)));
         }
-        let reply = match LaneReply::decode(buf.as_slice()) {
+        let reply = match LaneReply::decode(lane.buf.as_slice()) {
             Ok(r) => r,
             Err(e) => return Some(Err(Status::unknown(format!("data lane: {e}")))),
         };
@@ -197,6 +199,7 @@ impl Lanes {
             stream,
             boot: hello.boot,
             used: Instant::now(),
+            buf,
         }))
     }
 

@@ -62,13 +62,19 @@ pub fn read_frame(from: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::
     Ok(true)
 }
 
-/// Writes `msg` as one frame of the data lane.
-pub fn write_frame(to: &mut impl std::io::Write, msg: &impl prost::Message) -> std::io::Result<()> {
+/// Writes `msg` as one frame of the data lane, encoded in `buf` (a lane
+/// reuses one buffer for all its frames).
+pub fn write_frame(
+    to: &mut impl std::io::Write,
+    msg: &impl prost::Message,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let len = msg.encoded_len();
-    let mut out = Vec::with_capacity(4 + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode(&mut out).map_err(std::io::Error::other)?;
-    to.write_all(&out)?;
+    buf.clear();
+    buf.reserve(4 + len);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(buf).map_err(std::io::Error::other)?;
+    to.write_all(buf)?;
     to.flush()
 }
 
