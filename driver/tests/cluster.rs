@@ -744,13 +744,46 @@ fn lane(
     ),
     std::io::Error,
 > {
+    lane_from(address, tls, None)
+}
+
+/// [`lane`] from a source address of the client's choice (another
+/// address of the loopback net stands for another node); call from a
+/// blocking task of a runtime.
+fn lane_from(
+    address: &str,
+    tls: &Path,
+    from: Option<std::net::Ipv4Addr>,
+) -> Result<
+    (
+        tokio_rustls::rustls::StreamOwned<
+            tokio_rustls::rustls::ClientConnection,
+            std::net::TcpStream,
+        >,
+        csi_proto::peer::v1::LaneReply,
+    ),
+    std::io::Error,
+> {
     use prost::Message;
     use strata::tls::TlsFiles;
     let config = TlsFiles::load(tls)
         .unwrap()
         .rustls_client(&[strata::peer::LANE_ALPN])
         .unwrap();
-    let tcp = std::net::TcpStream::connect(address)?;
+    let tcp = match from {
+        None => std::net::TcpStream::connect(address)?,
+        Some(ip) => {
+            let to = address.parse().map_err(std::io::Error::other)?;
+            tokio::runtime::Handle::current()
+                .block_on(async {
+                    let s = tokio::net::TcpSocket::new_v4()?;
+                    s.bind((ip, 0).into())?;
+                    s.connect(to).await
+                })?
+                .into_std()?
+        }
+    };
+    tcp.set_nonblocking(false)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let conn =
         tokio_rustls::rustls::ClientConnection::new(config, TlsFiles::server_name()).unwrap();
@@ -883,23 +916,36 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
             "a client without a certificate got a lane"
         );
 
-        // At most 256 lanes at once: the next is told to use the RPCs,
-        // and a lane is free again once one closes.
-        let open: Vec<_> = (0..strata::agent::lane::MAX_LANES)
+        // At most 64 lanes from one address (one node), 256 in all: the
+        // next is told to use the RPCs, and a lane is free again once one
+        // closes. Other loopback addresses stand for other nodes.
+        use strata::agent::lane::{MAX_LANES, MAX_LANES_PER_PEER};
+        let peer = |i: usize| Some(std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8));
+        let open: Vec<_> = (0..MAX_LANES_PER_PEER)
             .map(|i| {
-                let (s, hello) = lane(&agent, &tls).unwrap();
+                let (s, hello) = lane_from(&agent, &tls, peer(0)).unwrap();
                 assert_eq!(code(&hello), Code::Ok, "lane {i}: {hello:?}");
                 s
             })
             .collect();
-        let (_, hello) = lane(&agent, &tls).unwrap();
+        let (_, hello) = lane_from(&agent, &tls, peer(0)).unwrap();
+        assert_eq!(code(&hello), Code::ResourceExhausted, "{hello:?}");
+        let mut others: Vec<_> = (MAX_LANES_PER_PEER..MAX_LANES)
+            .map(|i| {
+                let (s, hello) = lane_from(&agent, &tls, peer(i / MAX_LANES_PER_PEER)).unwrap();
+                assert_eq!(code(&hello), Code::Ok, "lane {i}: {hello:?}");
+                s
+            })
+            .collect();
+        let (_, hello) = lane_from(&agent, &tls, peer(MAX_LANES / MAX_LANES_PER_PEER)).unwrap();
         assert_eq!(code(&hello), Code::ResourceExhausted, "{hello:?}");
         drop(open);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while code(&lane(&agent, &tls).unwrap().1) != Code::Ok {
+        while code(&lane_from(&agent, &tls, peer(0)).unwrap().1) != Code::Ok {
             assert!(Instant::now() < deadline, "closed lanes were never freed");
             std::thread::sleep(Duration::from_millis(50));
         }
+        others.clear();
 
         // A client of an owner without lanes (an older Strata answers
         // ALPN h2) goes to the RPCs.

@@ -17,8 +17,11 @@
 //!
 //! At shutdown, [`Lanes::close`] ends every lane before the pool closes.
 //!
-//! Bounds: at most [`MAX_LANES`] lanes at once (a client over it is told
-//! so in the hello and uses the RPCs), a frame of at most
+//! Bounds: at most [`MAX_LANES`] lanes at once, and [`MAX_LANES_PER_PEER`]
+//! from one address, so one node (all share the cluster's certificate, so
+//! a node is told from another by its address) cannot take the lanes of
+//! the others (a client over either is told so in the hello and uses the
+//! RPCs), a frame of at most
 //! [`crate::peer::MAX_FRAME`] bytes (its buffer grows as its data
 //! arrives), [`IDLE`] without a request ends a lane, and a TLS handshake
 //! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once. A frame too
@@ -27,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +50,8 @@ use crate::peer::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_fra
 
 /// Lanes served at once (each a thread and up to two frames of memory).
 pub const MAX_LANES: usize = 256;
+/// Lanes served at once to one address.
+pub const MAX_LANES_PER_PEER: usize = 64;
 /// A lane without a request for this long is closed (its client dials
 /// again when it needs one).
 pub const IDLE: Duration = Duration::from_secs(300);
@@ -130,6 +136,8 @@ pub struct Lanes {
     stopping: Arc<AtomicBool>,
     /// A handle of every open lane's socket, to end them at close.
     sockets: Arc<Mutex<HashMap<u64, std::net::TcpStream>>>,
+    /// Lanes open per client address.
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     next: Arc<AtomicU64>,
     boot: String,
 }
@@ -139,11 +147,19 @@ pub struct Lanes {
 struct Slot {
     lanes: Lanes,
     id: u64,
+    peer: IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.lanes.sockets.lock().expect("lanes").remove(&self.id);
+        let mut peers = self.lanes.peers.lock().expect("lanes");
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
+        }
         self.lanes.open.dec();
     }
 }
@@ -156,6 +172,7 @@ impl Lanes {
             open: metrics.peer_lanes(),
             stopping: Arc::default(),
             sockets: Arc::default(),
+            peers: Arc::default(),
             next: Arc::default(),
             boot: crate::peer::boot_id(),
         }
@@ -194,10 +211,16 @@ impl Lanes {
                 return;
             }
         };
-        let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let Ok(from) = tcp.peer_addr() else {
+            return;
+        };
         let before = self.open.inc();
-        let admitted = !self.stopping.load(Ordering::Acquire)
-            && usize::try_from(before).is_ok_and(|n| n < MAX_LANES);
+        let from_peer = {
+            let mut peers = self.peers.lock().expect("lanes");
+            let n = peers.entry(from.ip()).or_default();
+            *n += 1;
+            *n - 1
+        };
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(handle) = tcp.try_clone() {
             self.sockets.lock().expect("lanes").insert(id, handle);
@@ -205,21 +228,34 @@ impl Lanes {
         let slot = Slot {
             lanes: self.clone(),
             id,
+            peer: from.ip(),
+        };
+        let full = if self.stopping.load(Ordering::Acquire) {
+            Some("this node is stopping".to_string())
+        } else if usize::try_from(before).is_ok_and(|n| n >= MAX_LANES) {
+            Some(format!("{MAX_LANES} lanes are open; use the RPCs"))
+        } else if from_peer >= MAX_LANES_PER_PEER {
+            Some(format!(
+                "{MAX_LANES_PER_PEER} lanes are open to {}; use the RPCs",
+                from.ip()
+            ))
+        } else {
+            None
         };
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         let spawned = std::thread::Builder::new()
             .name("lane".into())
             .spawn(move || {
-                if admitted {
-                    slot.lanes.run(&mut stream, &from);
-                } else {
-                    tracing::warn!(%from, "data lane refused: {MAX_LANES} lanes are open");
+                if let Some(why) = full {
+                    tracing::warn!(%from, "data lane refused: {why}");
                     let full = LaneReply {
                         code: tonic::Code::ResourceExhausted as i32,
-                        message: format!("{MAX_LANES} lanes are open; use the RPCs"),
+                        message: why,
                         ..Default::default()
                     };
                     let _ = write_frame(&mut stream, &full, &mut Vec::new());
+                } else {
+                    slot.lanes.run(&mut stream, &from.to_string());
                 }
                 drop(slot);
             });
