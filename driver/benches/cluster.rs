@@ -21,7 +21,8 @@
 //!
 //! Needs root (loop devices, FUSE) and fio. Sizes: `STRATA_BENCH_MIB`
 //! (data written, default 512). `STRATA_BENCH_ONLY=reads` stops after the
-//! reads (for work on the data path).
+//! reads (for work on the data path), `STRATA_BENCH_ONLY=copies` runs only
+//! the copy-first move and the restore (for work on copies).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -322,17 +323,22 @@ async fn run(data_mib: u64) {
     println!();
 
     // Reads: on its own node, then from the other node.
-    let secs = 10;
-    let local_rand = fio(&dev, "randread", "4k", 32, secs);
-    let local_seq = fio(&dev, "read", "1M", 8, secs);
-    detach(&mut cc, &n1, &mut csi1, &vol).await;
-    let dev = attach(&mut cc, &n2, &mut csi2, &vol).await;
-    let remote_rand = fio(&dev, "randread", "4k", 32, secs);
-    let remote_seq = fio(&dev, "read", "1M", 8, secs);
-    detach(&mut cc, &n2, &mut csi2, &vol).await;
-    print_reads(secs, local_rand, remote_rand, local_seq, remote_seq);
-    if std::env::var("STRATA_BENCH_ONLY").is_ok_and(|v| v == "reads") {
-        return;
+    let only = std::env::var("STRATA_BENCH_ONLY").unwrap_or_default();
+    if only != "copies" {
+        let secs = 10;
+        let local_rand = fio(&dev, "randread", "4k", 32, secs);
+        let local_seq = fio(&dev, "read", "1M", 8, secs);
+        detach(&mut cc, &n1, &mut csi1, &vol).await;
+        let dev = attach(&mut cc, &n2, &mut csi2, &vol).await;
+        let remote_rand = fio(&dev, "randread", "4k", 32, secs);
+        let remote_seq = fio(&dev, "read", "1M", 8, secs);
+        detach(&mut cc, &n2, &mut csi2, &vol).await;
+        print_reads(secs, local_rand, remote_rand, local_seq, remote_seq);
+        if only == "reads" {
+            return;
+        }
+    } else {
+        detach(&mut cc, &n1, &mut csi1, &vol).await;
     }
 
     // The move to n2.
@@ -377,6 +383,24 @@ async fn run(data_mib: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let fetched = started.elapsed().as_secs_f64();
+    println!();
+    println!(
+        "move n1 -> n2 (copy first): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB = {:.3}x the volume's data ({:.1} MB), {:.3}x the bytes its layers hold ({:.1} MB)",
+        mb(moved.copied_bytes) / move_secs,
+        mb(moved.copied_bytes),
+        moved.copied_bytes as f64 / (data_mib * MIB) as f64,
+        mb(data_mib * MIB),
+        moved.copied_bytes as f64 / layers_bytes as f64,
+        mb(layers_bytes)
+    );
+    println!(
+        "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
+        answered,
+        mb(data_mib * MIB) / fetched
+    );
+    if only == "copies" {
+        return;
+    }
 
     // Live moves back and forth under a random writer on n2 (fio, 4 KiB,
     // QD8, at most 20 MB/s) for 30 s.
@@ -405,16 +429,6 @@ async fn run(data_mib: u64) {
     let holds = holds_ms(&[&n1, &n2]);
     detach(&mut cc, &n2, &mut csi2, &vol).await;
 
-    println!();
-    println!(
-        "move n1 -> n2 (copy first): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB = {:.3}x the volume's data ({:.1} MB), {:.3}x the bytes its layers hold ({:.1} MB)",
-        mb(moved.copied_bytes) / move_secs,
-        mb(moved.copied_bytes),
-        moved.copied_bytes as f64 / (data_mib * MIB) as f64,
-        mb(data_mib * MIB),
-        moved.copied_bytes as f64 / layers_bytes as f64,
-        mb(layers_bytes)
-    );
     move_times.sort_by(f64::total_cmp);
     println!(
         "live moves under a 4 KiB random writer (fio, QD8, rate limit 20 MiB/s): {} moves in {live_secs} s, each {:.2} s (median), {:.2} s (longest); writes held on the source p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; the writer got {write_mbs:.1} MB/s, completion latency p99 {write_p99_ms:.1} ms, max {write_max_ms:.0} ms",
@@ -424,11 +438,6 @@ async fn run(data_mib: u64) {
         pct(&holds, 0.5),
         pct(&holds, 0.99),
         pct(&holds, 1.0),
-    );
-    println!(
-        "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
-        answered,
-        mb(data_mib * MIB) / fetched
     );
     slow_link(data_mib / 2, root.path(), &tls).await;
 }

@@ -588,7 +588,7 @@ impl Imports {
         };
         let bucket =
             (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
-        each_data_chunk(&source, record.size_bytes, |at, n| {
+        each_data_chunk(&source, record.size_bytes, |at, n, _| {
             if let Some(b) = &bucket {
                 b.take(n as u64);
             }
@@ -618,9 +618,61 @@ impl Imports {
     }
 }
 
+/// Pieces of a copy in flight at once: each a request to the source
+/// (its own data lane) and a buffer of [`MAX_IO`] bytes. One at a time, a
+/// copy waited for every read's round trip and every write here in turn.
+const COPIERS: usize = 4;
+
+/// Calls `f(offset, len, buf)` for every piece (at most [`MAX_IO`] bytes)
+/// of the source's data extents, [`COPIERS`] at a time on threads of
+/// their own (`buf` is the thread's, empty at first); the first error
+/// ends the walk, once the pieces under way are done.
+fn each_data_chunk(
+    source: &RemoteVolume,
+    size: u64,
+    f: impl Fn(u64, usize, &mut Vec<u8>) -> Result<(), Status> + Sync,
+) -> Result<(), Status> {
+    let failed: Mutex<Option<Status>> = Mutex::default();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(COPIERS);
+    let rx = Mutex::new(rx);
+    let walked = std::thread::scope(|scope| {
+        for _ in 0..COPIERS {
+            scope.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let Ok((at, n)) = rx.lock().expect("pieces").recv() else {
+                        return;
+                    };
+                    // After a failure the rest is only drained, so the
+                    // walk never waits on a full queue.
+                    if failed.lock().expect("failed").is_some() {
+                        continue;
+                    }
+                    if let Err(e) = f(at, n, &mut buf) {
+                        failed.lock().expect("failed").get_or_insert(e);
+                    }
+                }
+            });
+        }
+        let walked = walk(source, size, |at, n| {
+            if let Some(e) = failed.lock().expect("failed").as_ref() {
+                return Err(e.clone());
+            }
+            tx.send((at, n))
+                .map_err(|_| Status::internal("copy: every copier ended"))
+        });
+        drop(tx);
+        walked
+    });
+    match failed.into_inner().expect("failed") {
+        Some(e) => Err(e),
+        None => walked,
+    }
+}
+
 /// Calls `f(offset, len)` for every piece (at most [`MAX_IO`] bytes) of the
 /// source's data extents, in order.
-fn each_data_chunk(
+fn walk(
     source: &RemoteVolume,
     size: u64,
     mut f: impl FnMut(u64, usize) -> Result<(), Status>,
@@ -676,11 +728,11 @@ fn copy(
     }
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
-    let mut buf = vec![0u8; MAX_IO];
-    each_data_chunk(&source, size, |at, n| {
+    each_data_chunk(&source, size, |at, n, buf| {
         if let Some(b) = &bucket {
             b.take(n as u64);
         }
+        buf.resize(n, 0);
         Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
         volume.write(at, &buf[..n], false).map_err(status::engine)?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
