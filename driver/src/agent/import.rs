@@ -624,39 +624,52 @@ impl Imports {
 const COPIERS: usize = 4;
 
 /// Calls `f(offset, len, buf)` for every piece (at most [`MAX_IO`] bytes)
-/// of the source's data extents, [`COPIERS`] at a time on threads of
-/// their own (`buf` is the thread's, empty at first); the first error
-/// ends the walk, once the pieces under way are done.
+/// of the source's data extents, [`COPIERS`] at a time (see
+/// [`in_parallel`]).
 fn each_data_chunk(
     source: &RemoteVolume,
     size: u64,
     f: impl Fn(u64, usize, &mut Vec<u8>) -> Result<(), Status> + Sync,
 ) -> Result<(), Status> {
+    in_parallel(|piece| walk(source, size, piece), f)
+}
+
+/// Calls `f(offset, len, buf)` for every piece `pieces` hands out, on up
+/// to [`COPIERS`] threads of their own, started as pieces come (`buf` is
+/// the thread's, empty at first); the first error ends the walk, once the
+/// pieces under way are done.
+fn in_parallel(
+    pieces: impl FnOnce(&mut dyn FnMut(u64, usize) -> Result<(), Status>) -> Result<(), Status>,
+    f: impl Fn(u64, usize, &mut Vec<u8>) -> Result<(), Status> + Sync,
+) -> Result<(), Status> {
     let failed: Mutex<Option<Status>> = Mutex::default();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(COPIERS);
     let rx = Mutex::new(rx);
-    let walked = std::thread::scope(|scope| {
-        for _ in 0..COPIERS {
-            scope.spawn(|| {
-                let mut buf = Vec::new();
-                loop {
-                    let Ok((at, n)) = rx.lock().expect("pieces").recv() else {
-                        return;
-                    };
-                    // After a failure the rest is only drained, so the
-                    // walk never waits on a full queue.
-                    if failed.lock().expect("failed").is_some() {
-                        continue;
-                    }
-                    if let Err(e) = f(at, n, &mut buf) {
-                        failed.lock().expect("failed").get_or_insert(e);
-                    }
-                }
-            });
+    let copier = || {
+        let mut buf = Vec::new();
+        loop {
+            let Ok((at, n)) = rx.lock().expect("pieces").recv() else {
+                return;
+            };
+            // After a failure the rest is only drained, so the walk never
+            // waits on a full queue.
+            if failed.lock().expect("failed").is_some() {
+                continue;
+            }
+            if let Err(e) = f(at, n, &mut buf) {
+                failed.lock().expect("failed").get_or_insert(e);
+            }
         }
-        let walked = walk(source, size, |at, n| {
+    };
+    let walked = std::thread::scope(|scope| {
+        let mut copiers = 0;
+        let walked = pieces(&mut |at, n| {
             if let Some(e) = failed.lock().expect("failed").as_ref() {
                 return Err(e.clone());
+            }
+            if copiers < COPIERS {
+                scope.spawn(copier);
+                copiers += 1;
             }
             tx.send((at, n))
                 .map_err(|_| Status::internal("copy: every copier ended"))
@@ -670,24 +683,35 @@ fn each_data_chunk(
     }
 }
 
+/// Calls `f(offset, len)` for each piece of at most [`MAX_IO`] bytes of
+/// the range, in order.
+fn split(
+    offset: u64,
+    length: u64,
+    f: &mut dyn FnMut(u64, usize) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let end = offset + length;
+    let mut at = offset;
+    while at < end {
+        let n = ((end - at) as usize).min(MAX_IO);
+        f(at, n)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Calls `f(offset, len)` for every piece (at most [`MAX_IO`] bytes) of the
 /// source's data extents, in order.
 fn walk(
     source: &RemoteVolume,
     size: u64,
-    mut f: impl FnMut(u64, usize) -> Result<(), Status>,
+    f: &mut dyn FnMut(u64, usize) -> Result<(), Status>,
 ) -> Result<(), Status> {
     let mut window = 0;
     while window < size {
         let len = (size - window).min(MAX_MAP);
         for (offset, length) in source.map(window, len).map_err(status::engine)? {
-            let end = offset + length;
-            let mut at = offset;
-            while at < end {
-                let n = ((end - at) as usize).min(MAX_IO);
-                f(at, n)?;
-                at += n as u64;
-            }
+            split(offset, length, f)?;
         }
         window += len;
     }
@@ -733,8 +757,8 @@ fn copy(
             b.take(n as u64);
         }
         buf.resize(n, 0);
-        Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
-        volume.write(at, &buf[..n], false).map_err(status::engine)?;
+        Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
+        volume.write(at, buf, false).map_err(status::engine)?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
         Ok(())
@@ -754,7 +778,6 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
     let source = open_source(core, vid, req)?;
     let volume = core.pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
-    let mut buf = vec![0u8; MAX_IO];
     // The last batch copied and flushed here.
     let mut confirmed = 0;
     while !l.stop.load(Ordering::Acquire) {
@@ -763,31 +786,35 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         let (batch, ranges) = source
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
-        let (mut bytes, empty) = (0, ranges.is_empty());
-        for (offset, length) in coalesce(data_of(&source, &volume, ranges)?, gap) {
-            let end = offset + length;
-            let mut at = offset;
-            while at < end {
-                let n = ((end - at) as usize).min(MAX_IO);
-                // The last delta (a final round asked for) is not throttled.
-                if let Some(b) = bucket
-                    .as_ref()
-                    .filter(|_| want <= l.synced.load(Ordering::Acquire))
-                {
+        let empty = ranges.is_empty();
+        let ranges = coalesce(data_of(&source, &volume, ranges)?, gap);
+        let bytes = ranges.iter().map(|(_, length)| length).sum::<u64>();
+        // The last delta (a final round asked for) is not throttled.
+        let bucket = bucket
+            .as_ref()
+            .filter(|_| want <= l.synced.load(Ordering::Acquire));
+        in_parallel(
+            |piece| {
+                ranges
+                    .into_iter()
+                    .try_for_each(|(offset, length)| split(offset, length, piece))
+            },
+            |at, n, buf| {
+                if let Some(b) = bucket {
                     b.take(n as u64);
                 }
-                Backing::read(source.as_ref(), at, &mut buf[..n]).map_err(status::engine)?;
-                if buf[..n].iter().all(|&b| b == 0) {
+                buf.resize(n, 0);
+                Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
+                if buf.iter().all(|&b| b == 0) {
                     volume
                         .write_zeroes(at, n as u64, ZeroFlags::default())
                         .map_err(status::engine)?;
                 } else {
-                    volume.write(at, &buf[..n], false).map_err(status::engine)?;
+                    volume.write(at, buf, false).map_err(status::engine)?;
                 }
-                at += n as u64;
-                bytes += n as u64;
-            }
-        }
+                Ok(())
+            },
+        )?;
         // Confirmed (with the next take) only once durable here: the
         // source seals only when it handed out every change and heard
         // each was confirmed.
