@@ -296,7 +296,7 @@ impl Lanes {
             let reply = if self.stopping.load(Ordering::Acquire) {
                 refusal(Status::unavailable("this node is stopping; not executed"))
             } else {
-                self.execute(req).unwrap_or_else(refusal)
+                answer(|| self.execute(req))
             };
             if write_frame(stream, &reply, &mut buf).is_err() {
                 return;
@@ -330,6 +330,18 @@ impl Lanes {
     }
 }
 
+/// What `execute` answers; a panic fails the request as the RPC's would
+/// (INTERNAL), not the lane, whose client would retry the request as lost
+/// until its time runs out.
+fn answer(execute: impl FnOnce() -> Result<LaneReply, Status>) -> LaneReply {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(execute))
+        .unwrap_or_else(|_| {
+            tracing::error!("data lane: a request panicked");
+            Err(Status::internal("the owner failed this request (a panic)"))
+        })
+        .unwrap_or_else(refusal)
+}
+
 /// A refusal as the lane answers it: the status, and the headers the RPC
 /// would carry.
 fn refusal(s: Status) -> LaneReply {
@@ -352,6 +364,14 @@ fn refusal(s: Status) -> LaneReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_that_panics_is_answered_internal() {
+        let reply = answer(|| panic!("a bug"));
+        assert_eq!(reply.code, tonic::Code::Internal as i32, "{reply:?}");
+        let reply = answer(|| Ok(LaneReply::default()));
+        assert_eq!(reply.code, tonic::Code::Ok as i32);
+    }
 
     #[test]
     fn a_refusal_keeps_the_headers_the_client_needs() {
