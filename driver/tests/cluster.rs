@@ -973,7 +973,7 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
             Duration::from_secs(5),
         );
         assert!(
-            lanes.call(&read(None, 4096)).is_none(),
+            lanes.call(&read(None, 4096), None).is_none(),
             "a lane to an owner without lanes"
         );
         // The owner with lanes answers through one.
@@ -987,7 +987,10 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
             Duration::from_secs(5),
             Duration::from_secs(5),
         );
-        let e = lanes.call(&read(None, 4096)).expect("a lane").unwrap_err();
+        let e = lanes
+            .call(&read(None, 4096), None)
+            .expect("a lane")
+            .unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     })
     .await

@@ -44,9 +44,11 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tonic::Status;
 
-use super::peer::{PeerService, read_op, write_op};
+use super::peer::{PeerService, io_len, write_op};
 use crate::metrics::Metrics;
-use crate::peer::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
+use crate::peer::{
+    LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_data_frame, write_frame,
+};
 
 /// Lanes served at once (each a thread and up to two frames of memory).
 pub const MAX_LANES: usize = 256;
@@ -270,8 +272,9 @@ impl Lanes {
             boot: self.boot.clone(),
             ..Default::default()
         };
-        // One buffer for every frame of the lane, both ways.
-        let mut buf = Vec::new();
+        // One buffer for every frame of the lane, both ways, and one for
+        // the data of its reads.
+        let (mut buf, mut data) = (Vec::new(), Vec::new());
         if write_frame(stream, &hello, &mut buf).is_err() {
             return;
         }
@@ -293,35 +296,48 @@ impl Lanes {
                     return;
                 }
             };
-            let reply = if self.stopping.load(Ordering::Acquire) {
-                refusal(Status::unavailable("this node is stopping; not executed"))
+            let answer = if self.stopping.load(Ordering::Acquire) {
+                Answer::Reply(refusal(Status::unavailable(
+                    "this node is stopping; not executed",
+                )))
             } else {
-                answer(|| self.execute(req))
+                answer(|| self.execute(req, &mut data))
             };
-            if write_frame(stream, &reply, &mut buf).is_err() {
+            let sent = match answer {
+                Answer::Reply(reply) => write_frame(stream, &reply, &mut buf),
+                Answer::Read(n) => {
+                    write_data_frame(stream, &LaneReply::default(), &data[..n], &mut buf)
+                }
+            };
+            if sent.is_err() {
                 return;
             }
         }
     }
 
-    fn execute(&self, req: LaneRequest) -> Result<LaneReply, Status> {
+    /// Runs `req`; a read's data lands in `data` (grown to the largest
+    /// read of the lane, so zeroed once).
+    fn execute(&self, req: LaneRequest, data: &mut Vec<u8>) -> Result<Answer, Status> {
         let s = &self.service;
         match req.op {
             Some(Op::Read(r)) => {
-                let read = read_op(r.offset, r.length)?;
-                let data = s.on_volume_here(&self.runtime, r.grant.as_ref(), false, read)?;
-                s.count(r.grant.as_ref(), true, data.len());
-                Ok(LaneReply {
-                    data,
-                    ..Default::default()
-                })
+                let n = io_len(r.length.into())?;
+                if data.len() < n {
+                    data.resize(n, 0);
+                }
+                let into = &mut data[..n];
+                s.on_volume_here(&self.runtime, r.grant.as_ref(), false, |v| {
+                    v.read(r.offset, into)
+                })?;
+                s.count(r.grant.as_ref(), true, n);
+                Ok(Answer::Read(n))
             }
             Some(Op::Write(w)) => {
                 let len = w.data.len();
                 let write = write_op(w.offset, w.data, w.fua)?;
                 s.on_volume_here(&self.runtime, w.grant.as_ref(), true, write)?;
                 s.count(w.grant.as_ref(), false, len);
-                Ok(LaneReply::default())
+                Ok(Answer::Reply(LaneReply::default()))
             }
             None => Err(Status::invalid_argument(
                 "a lane request without an operation",
@@ -330,16 +346,24 @@ impl Lanes {
     }
 }
 
+/// A lane's answer to a request.
+enum Answer {
+    Reply(LaneReply),
+    /// A read done: its data is the first `n` bytes of the lane's data
+    /// buffer.
+    Read(usize),
+}
+
 /// What `execute` answers; a panic fails the request as the RPC's would
 /// (INTERNAL), not the lane, whose client would retry the request as lost
 /// until its time runs out.
-fn answer(execute: impl FnOnce() -> Result<LaneReply, Status>) -> LaneReply {
+fn answer(execute: impl FnOnce() -> Result<Answer, Status>) -> Answer {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(execute))
         .unwrap_or_else(|_| {
             tracing::error!("data lane: a request panicked");
             Err(Status::internal("the owner failed this request (a panic)"))
         })
-        .unwrap_or_else(refusal)
+        .unwrap_or_else(|s| Answer::Reply(refusal(s)))
 }
 
 /// A refusal as the lane answers it: the status, and the headers the RPC
@@ -367,10 +391,11 @@ mod tests {
 
     #[test]
     fn a_request_that_panics_is_answered_internal() {
-        let reply = answer(|| panic!("a bug"));
+        let Answer::Reply(reply) = answer(|| panic!("a bug")) else {
+            panic!("no reply");
+        };
         assert_eq!(reply.code, tonic::Code::Internal as i32, "{reply:?}");
-        let reply = answer(|| Ok(LaneReply::default()));
-        assert_eq!(reply.code, tonic::Code::Ok as i32);
+        assert!(matches!(answer(|| Ok(Answer::Read(7))), Answer::Read(7)));
     }
 
     #[test]

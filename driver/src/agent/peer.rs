@@ -789,7 +789,7 @@ fn moved(vid: VolumeId, node: &str) -> Status {
     s
 }
 
-fn io_len(len: u64) -> Result<usize, Status> {
+pub(crate) fn io_len(len: u64) -> Result<usize, Status> {
     if len > MAX_IO as u64 {
         return Err(Status::invalid_argument(format!(
             "{len} bytes in one request; at most {MAX_IO}"

@@ -331,21 +331,35 @@ impl RemoteVolume {
     }
 
     /// One attempt of a read or write: on a data lane, or through its RPC
-    /// when the owner has none for this node.
+    /// when the owner has none for this node. A read's data lands in
+    /// `into` (DATA_LOSS if it is not `into`'s size), not in the answer.
     fn lane_or_rpc(
         &self,
         link: &Link,
         op: Op,
+        mut into: Option<&mut [u8]>,
     ) -> std::result::Result<(pb::LaneReply, Option<String>), Status> {
         let req = pb::LaneRequest { op: Some(op) };
-        if let Some(r) = link.lanes.call(&req) {
+        if let Some(r) = link.lanes.call(&req, into.as_deref_mut()) {
             return r.map(|(reply, boot)| (reply, Some(boot)));
         }
         let r = self
             .peers
             .runtime
             .block_on(by_rpc(link.client.clone(), req))?;
-        Ok(answer(r))
+        let (mut reply, boot) = answer(r);
+        if let Some(into) = into {
+            let data = std::mem::take(&mut reply.data);
+            if data.len() != into.len() {
+                return Err(Status::data_loss(format!(
+                    "asked for {} bytes, got {}",
+                    into.len(),
+                    data.len()
+                )));
+            }
+            into.copy_from_slice(&data);
+        }
+        Ok((reply, boot))
     }
 
     /// Keeps track of the owner's boots for the flushes (see
@@ -544,23 +558,17 @@ impl RemoteDevice for RemoteVolume {
             let len = (buf.len() - done).min(MAX_IO);
             let at = offset + done as u64;
             let payload = Payload::Received(len as u64);
-            let data = self.call("read", Effect::None, payload, |link, grant| {
+            let into = std::cell::RefCell::new(&mut buf[done..done + len]);
+            self.call("read", Effect::None, payload, |link, grant| {
                 let req = pb::ReadRequest {
                     grant: Some(grant),
                     offset: at,
                     length: len as u32,
                 };
-                self.lane_or_rpc(link, Op::Read(req))
-                    .map(|(r, boot)| (r.data, boot))
+                let mut into = into.borrow_mut();
+                self.lane_or_rpc(link, Op::Read(req), Some(&mut into))
+                    .map(|(_, boot)| ((), boot))
             })?;
-            if data.len() != len {
-                return Err(remote_error(
-                    &self.link().target,
-                    "read",
-                    Status::data_loss(format!("asked for {len} bytes at {at}, got {}", data.len())),
-                ));
-            }
-            buf[done..done + len].copy_from_slice(&data);
             done += len;
         }
         Ok(())
@@ -578,7 +586,7 @@ impl RemoteDevice for RemoteVolume {
                     data: chunk.to_vec(),
                     fua,
                 };
-                self.lane_or_rpc(link, Op::Write(req))
+                self.lane_or_rpc(link, Op::Write(req), None)
                     .map(|(_, boot)| ((), boot))
             })?;
         }

@@ -17,7 +17,7 @@ use prost::Message;
 use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use tonic::{Code, Status};
 
-use super::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_frame};
+use super::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame, write_frame};
 use crate::tls::TlsFiles;
 use tokio_rustls::rustls;
 
@@ -82,8 +82,14 @@ impl Lanes {
     /// `req` on a lane: `None` when there is none (ask through the RPC),
     /// else the answer and the owner's boot ID, a refusal as the RPC's
     /// status (with its headers), or UNAVAILABLE when the lane failed
-    /// (the outcome is not known).
-    pub fn call(&self, req: &LaneRequest) -> Option<Result<(LaneReply, String), Status>> {
+    /// (the outcome is not known). With `into`, the answer's data is
+    /// copied there straight from the frame (DATA_LOSS if it is not
+    /// `into`'s size) and the answer returned without it.
+    pub fn call(
+        &self,
+        req: &LaneRequest,
+        into: Option<&mut [u8]>,
+    ) -> Option<Result<(LaneReply, String), Status>> {
         let taken = {
             let mut idle = self.idle.lock().expect("lanes");
             idle.retain(|l| l.used.elapsed() < STALE);
@@ -111,9 +117,31 @@ impl Lanes {
             self.idle.lock().expect("lanes").clear();
             return Some(Err(self.failed(e)));
         }
-        let reply = match LaneReply::decode(lane.buf.as_slice()) {
+        let undecoded = |e: std::io::Error| Status::unknown(format!("data lane: {e}"));
+        let reply = match into {
+            None => LaneReply::decode(lane.buf.as_slice()).map_err(|e| undecoded(e.into())),
+            Some(into) => {
+                decode_data_frame(&lane.buf)
+                    .map_err(undecoded)
+                    .and_then(|(reply, data)| {
+                        if reply.code != Code::Ok as i32 {
+                            return Ok(reply);
+                        }
+                        if data.len() != into.len() {
+                            return Err(Status::data_loss(format!(
+                                "asked for {} bytes, got {}",
+                                into.len(),
+                                data.len()
+                            )));
+                        }
+                        into.copy_from_slice(data);
+                        Ok(reply)
+                    })
+            }
+        };
+        let reply = match reply {
             Ok(r) => r,
-            Err(e) => return Some(Err(Status::unknown(format!("data lane: {e}")))),
+            Err(s) => return Some(Err(s)),
         };
         let boot = lane.boot.clone();
         lane.used = Instant::now();

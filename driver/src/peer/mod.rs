@@ -16,7 +16,9 @@ pub mod grant;
 pub mod lane;
 
 pub use client::{Peers, RemoteVolume, Target};
+
 pub use grant::GrantKey;
+use prost::Message as _;
 
 /// How long a request to an unreachable owner is retried before it fails.
 pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
@@ -78,6 +80,74 @@ pub fn write_frame(
     to.flush()
 }
 
+/// The field number of `LaneReply.data` (`peer.proto`).
+const DATA_FIELD: u32 = 6;
+
+/// Reads' data up to this size is sent in one write with its head.
+const COPIED_DATA: usize = 64 << 10;
+
+/// Writes a read's answer as one frame of the data lane: `head` (without
+/// data) and then `data` as its `data` field, the encoding `head` with
+/// that data would have, without copying data above [`COPIED_DATA`] into
+/// `buf` first.
+pub fn write_data_frame(
+    to: &mut impl std::io::Write,
+    head: &csi_proto::peer::v1::LaneReply,
+    data: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    debug_assert!(head.data.is_empty());
+    let field = key_len(DATA_FIELD) + encoded_len_varint(data.len() as u64) + data.len();
+    let len = head.encoded_len() + field;
+    buf.clear();
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    head.encode(buf).map_err(std::io::Error::other)?;
+    encode_key(DATA_FIELD, WireType::LengthDelimited, buf);
+    encode_varint(data.len() as u64, buf);
+    // A small read costs less copied than sent as a record of its own.
+    if data.len() <= COPIED_DATA {
+        buf.extend_from_slice(data);
+        to.write_all(buf)?;
+    } else {
+        to.write_all(buf)?;
+        to.write_all(data)?;
+    }
+    to.flush()
+}
+
+/// Decodes a frame of the data lane holding a `LaneReply` without copying
+/// its data: the reply (its `data` empty) and the data, a slice of `buf`.
+/// InvalidData if it does not decode.
+pub fn decode_data_frame(buf: &[u8]) -> std::io::Result<(csi_proto::peer::v1::LaneReply, &[u8])> {
+    use csi_proto::peer::v1::LaneReply;
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let bad = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a reply: {e}"))
+    };
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let at = buf.len() - rest.len();
+        let (field, wire) = decode_key(&mut rest).map_err(|e| bad(&e))?;
+        if field == DATA_FIELD && wire == WireType::LengthDelimited {
+            let len = decode_varint(&mut rest).map_err(|e| bad(&e))?;
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&n| n <= rest.len())
+                .ok_or_else(|| bad(&"data beyond the frame"))?;
+            let data = &rest[..len];
+            let mut reply = LaneReply::decode(&buf[..at]).map_err(|e| bad(&e))?;
+            reply.merge(&rest[len..]).map_err(|e| bad(&e))?;
+            if !reply.data.is_empty() {
+                return Err(bad(&"data twice"));
+            }
+            return Ok((reply, data));
+        }
+        skip_field(wire, field, &mut rest, DecodeContext::default()).map_err(|e| bad(&e))?;
+    }
+    Ok((LaneReply::decode(buf).map_err(|e| bad(&e))?, &[]))
+}
+
 /// Metadata of an ABORTED answer: the owner's newest session for the
 /// attachment (a client continues in a newer one).
 pub const SESSION_HEADER: &str = "strata-session";
@@ -98,4 +168,74 @@ pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi_proto::peer::v1::LaneReply;
+
+    /// A read's frame as the owner writes it, without its 4-byte length.
+    fn data_frame(head: &LaneReply, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_data_frame(&mut out, head, data, &mut Vec::new()).unwrap();
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, out.len() - 4, "the length says the rest");
+        out.split_off(4)
+    }
+
+    #[test]
+    fn a_data_frame_is_the_reply_prost_would_encode_and_decodes_in_place() {
+        let small: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let large = vec![5u8; COPIED_DATA + 1];
+        for (head, data) in [
+            (LaneReply::default(), &small),
+            (LaneReply::default(), &large),
+            (
+                LaneReply {
+                    session: 9,
+                    moved: "n2".into(),
+                    ..Default::default()
+                },
+                &small,
+            ),
+        ] {
+            let frame = data_frame(&head, data);
+            let whole = LaneReply {
+                data: data.clone(),
+                ..head.clone()
+            };
+            assert_eq!(LaneReply::decode(frame.as_slice()).unwrap(), whole);
+            let (reply, got) = decode_data_frame(&frame).unwrap();
+            assert_eq!((reply, got), (head, data.as_slice()));
+        }
+        // A reply without data (a refusal), as prost encodes it.
+        let refusal = LaneReply {
+            code: 7,
+            message: "no".into(),
+            ..Default::default()
+        };
+        let encoded = refusal.encode_to_vec();
+        let (reply, got) = decode_data_frame(&encoded).unwrap();
+        assert_eq!((reply, got), (refusal, &[][..]));
+        // Data after the data, fields after it, data claiming more than
+        // the frame holds, garbage.
+        let mut twice = data_frame(&LaneReply::default(), b"ab");
+        twice.extend(data_frame(&LaneReply::default(), b"cd"));
+        assert!(decode_data_frame(&twice).is_err());
+        let mut after = data_frame(&LaneReply::default(), b"ab");
+        after.extend(
+            LaneReply {
+                code: 3,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let (reply, got) = decode_data_frame(&after).unwrap();
+        assert_eq!((reply.code, got), (3, &b"ab"[..]));
+        let mut short = data_frame(&LaneReply::default(), &small);
+        short.truncate(100);
+        assert!(decode_data_frame(&short).is_err());
+        assert!(decode_data_frame(&[0xff; 9]).is_err());
+    }
 }
