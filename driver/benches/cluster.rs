@@ -267,8 +267,17 @@ async fn run(data_mib: u64) {
         .unwrap();
     let tls = root.path().join("tls");
     gen_certs(&tls);
-    let n1 = NodeProc::start(root.path(), "n1", &tls);
-    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    // What the data path does, not the nodes' copy budgets (as the
+    // controller's --move-rate 0 below).
+    let unlimited = |id| {
+        let mut n = NodeProc::start(root.path(), id, &tls);
+        n.proc.kill9();
+        n.proc.add_args(&["--node-job-rate", "1TiB"]);
+        n.proc.spawn();
+        n.wait_for_agent();
+        n
+    };
+    let (n1, n2) = (unlimited("n1"), unlimited("n2"));
     let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "0"]);

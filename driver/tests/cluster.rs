@@ -2958,6 +2958,76 @@ async fn a_resumed_move_does_not_trust_a_copy_made_under_an_older_attachment() {
     );
 }
 
+/// A move's copy draws on the target node's budget for background copies
+/// (`--node-job-rate`, which merges share), not only on the move's own
+/// (`--move-rate`): 12 MiB copied at 4 MiB/s (the first second's worth
+/// at once) take at least 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_draws_on_the_target_nodes_copy_budget() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    n2.proc.kill9();
+    n2.proc.add_args(&["--node-job-rate", "4MiB"]);
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    let size: u64 = 16 << 20;
+    let id = cc
+        .create_volume(with_requirements(
+            c::create("pvc-node-budget", size as i64, c::block_cap()),
+            &["n1"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut model = vec![0u8; size as usize];
+    common::Rng::new(8).fill(&mut model[..12 << 20]);
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &id).await;
+    write_at(&dev, 0, &model[..12 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
+
+    let started = Instant::now();
+    let moved = mc
+        .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = started.elapsed();
+    assert_eq!(moved.copied_bytes, 12 << 20, "{moved:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "12 MiB moved in {took:?} past a budget of 4 MiB/s"
+    );
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &id).await;
+    let got = read_at(&dev, 0, size as usize);
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &id).await;
+    assert!(
+        got == model,
+        "the moved volume differs from what was written"
+    );
+}
+
 /// A move to a node that is down: a move back to the volume's own node
 /// cancels it, and the pod can use the volume where all its data is, while
 /// the rollback waits for the dead node to delete its copy.

@@ -589,9 +589,7 @@ impl Imports {
         let bucket =
             (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
         each_data_chunk(&source, record.size_bytes, |at, n, _| {
-            if let Some(b) = &bucket {
-                b.take(n as u64);
-            }
+            throttle(pool, bucket.as_ref(), n);
             let filled = volume.fill(at, n as u64).map_err(status::engine)?;
             copied.fetch_add(filled, Ordering::Relaxed);
             crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
@@ -616,6 +614,16 @@ impl Imports {
             .insert(vol.id(), source);
         Ok(())
     }
+}
+
+/// Waits for the byte budgets of a copy's `n` bytes: the move's own (the
+/// controller's `--move-rate`) and this node's, which merges share
+/// (`--node-job-rate`).
+fn throttle(pool: &Pool, bucket: Option<&Bucket>, n: usize) {
+    if let Some(b) = bucket {
+        b.take(n as u64);
+    }
+    pool.take_node_budget(n as u64);
 }
 
 /// Pieces of a copy in flight at once: each a request to the source
@@ -753,9 +761,7 @@ fn copy(
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
     each_data_chunk(&source, size, |at, n, buf| {
-        if let Some(b) = &bucket {
-            b.take(n as u64);
-        }
+        throttle(pool, bucket.as_ref(), n);
         buf.resize(n, 0);
         Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
         volume.write(at, buf, false).map_err(status::engine)?;
@@ -790,9 +796,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         let ranges = coalesce(data_of(&source, &volume, ranges)?, gap);
         let bytes = ranges.iter().map(|(_, length)| length).sum::<u64>();
         // The last delta (a final round asked for) is not throttled.
-        let bucket = bucket
-            .as_ref()
-            .filter(|_| want <= l.synced.load(Ordering::Acquire));
+        let throttled = want <= l.synced.load(Ordering::Acquire);
         in_parallel(
             |piece| {
                 ranges
@@ -800,8 +804,8 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
                     .try_for_each(|(offset, length)| split(offset, length, piece))
             },
             |at, n, buf| {
-                if let Some(b) = bucket {
-                    b.take(n as u64);
+                if throttled {
+                    throttle(&core.pool, bucket.as_ref(), n);
                 }
                 buf.resize(n, 0);
                 Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;

@@ -124,7 +124,8 @@ struct StandaloneArgs {
     /// counts 1/32).
     #[arg(long, value_parser = size::parse, default_value = "128MiB")]
     job_rate: u64,
-    /// Bytes per second all jobs together may copy.
+    /// Bytes per second all jobs together may copy, and copies of volumes
+    /// from other nodes (moves, fetches) with them.
     #[arg(long, value_parser = size::parse, default_value = "256MiB")]
     node_job_rate: u64,
     /// Chain depth past which a volume is merged, unless its StorageClass

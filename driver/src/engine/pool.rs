@@ -17,7 +17,7 @@ use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::catalog::{
     Attachment, FaultKind, FaultRecord, JobKind, JobReason, JobState, VolumePolicy,
@@ -812,6 +812,13 @@ impl Pool {
         }
         txn.put_backing(vid, record)?;
         txn.commit()
+    }
+
+    /// Waits until this node's byte budget for background copies
+    /// (`JobConfig::node_bytes_per_sec`, which merges draw on too) has
+    /// `bytes` for a copy between nodes; how long it waited.
+    pub fn take_node_budget(&self, bytes: u64) -> Duration {
+        self.inner.jobs.node_bucket.take(bytes)
     }
 
     /// Fetching volumes and their records.
