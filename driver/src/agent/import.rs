@@ -664,7 +664,12 @@ fn in_parallel(
             if failed.lock().expect("failed").is_some() {
                 continue;
             }
-            if let Err(e) = f(at, n, &mut buf) {
+            // A panic fails the copy like an error (it must not end the
+            // copier, or the walk could wait on a full queue for good).
+            let done =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(at, n, &mut buf)))
+                    .unwrap_or_else(|_| Err(Status::internal("a copy of a piece panicked")));
+            if let Err(e) = done {
                 failed.lock().expect("failed").get_or_insert(e);
             }
         }
@@ -894,9 +899,58 @@ fn data_of(
 
 #[cfg(test)]
 mod tests {
-    use super::{GAP_MAX, GAP_MIN, coalesce, coalesce_gap};
+    use super::{GAP_MAX, GAP_MIN, coalesce, coalesce_gap, in_parallel, split};
     use crate::peer::MAX_IO;
+    use std::sync::Mutex;
     use std::time::Duration;
+    use tonic::{Code, Status};
+
+    /// 40 pieces of a 40 MiB range through `in_parallel`; the pieces done.
+    fn run(
+        f: impl Fn(u64) -> Result<(), Status> + Sync,
+    ) -> (Result<(), Status>, Vec<(u64, usize)>) {
+        let done = Mutex::new(Vec::new());
+        let r = in_parallel(
+            |piece| split(0, 40 * MAX_IO as u64, piece),
+            |at, n, buf| {
+                buf.resize(n, 0);
+                f(at)?;
+                done.lock().unwrap().push((at, n));
+                Ok(())
+            },
+        );
+        let mut done = done.into_inner().unwrap();
+        done.sort_unstable();
+        (r, done)
+    }
+
+    #[test]
+    fn every_piece_is_copied_once_and_the_first_failure_ends_the_copy() {
+        let (r, done) = run(|_| Ok(()));
+        r.unwrap();
+        let all: Vec<_> = (0..40).map(|i| ((i * MAX_IO) as u64, MAX_IO)).collect();
+        assert_eq!(done, all);
+
+        let bad = 5 * MAX_IO as u64;
+        let (r, done) = run(|at| {
+            if at == bad {
+                return Err(Status::data_loss("bad piece"));
+            }
+            Ok(())
+        });
+        assert_eq!(r.unwrap_err().code(), Code::DataLoss);
+        assert!(done.len() < 39, "the copy went on: {} pieces", done.len());
+
+        // A copier that panics fails the copy, and every copier panicking
+        // does not leave the walk waiting on a full queue.
+        let (r, _) = run(|at| {
+            if at >= bad {
+                panic!("a bug");
+            }
+            Ok(())
+        });
+        assert_eq!(r.unwrap_err().code(), Code::Internal);
+    }
 
     #[test]
     fn close_ranges_are_read_as_one_but_never_more_than_one_request_holds() {

@@ -2,9 +2,10 @@
 //! call it (blocking calls from their worker threads, each run on the
 //! node's tokio runtime).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use csi_proto::peer::v1 as pb;
@@ -54,6 +55,9 @@ pub struct Peers {
     tls: TlsFiles,
     /// For data lanes (`None` if the files do not make one).
     lanes: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// The lanes to each owner (by address), shared by the volumes this
+    /// node uses there: the owner counts lanes per node.
+    owners: Arc<Mutex<HashMap<String, Weak<Lanes>>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -68,6 +72,7 @@ impl Peers {
         Peers {
             tls,
             lanes,
+            owners: Arc::default(),
             runtime,
             metrics,
         }
@@ -115,13 +120,25 @@ impl Peers {
             target: target.clone(),
             grant,
             client,
-            lanes: Arc::new(Lanes::new(
-                self.lanes.clone(),
-                &target.address,
-                CONNECT_TIMEOUT,
-                CALL_TIMEOUT,
-            )),
+            lanes: self.lanes_to(&target.address),
         })
+    }
+
+    /// The lanes to the owner at `address`.
+    fn lanes_to(&self, address: &str) -> Arc<Lanes> {
+        let mut owners = self.owners.lock().expect("owners");
+        if let Some(lanes) = owners.get(address).and_then(Weak::upgrade) {
+            return lanes;
+        }
+        owners.retain(|_, l| l.strong_count() > 0);
+        let lanes = Arc::new(Lanes::new(
+            self.lanes.clone(),
+            address,
+            CONNECT_TIMEOUT,
+            CALL_TIMEOUT,
+        ));
+        owners.insert(address.to_string(), Arc::downgrade(&lanes));
+        lanes
     }
 }
 
@@ -339,6 +356,10 @@ impl RemoteVolume {
         op: Op,
         mut into: Option<&mut [u8]>,
     ) -> std::result::Result<(pb::LaneReply, Option<String>), Status> {
+        let at = match &op {
+            Op::Read(r) => r.offset,
+            Op::Write(w) => w.offset,
+        };
         let req = pb::LaneRequest { op: Some(op) };
         if let Some(r) = link.lanes.call(&req, into.as_deref_mut()) {
             return r.map(|(reply, boot)| (reply, Some(boot)));
@@ -351,11 +372,7 @@ impl RemoteVolume {
         if let Some(into) = into {
             let data = std::mem::take(&mut reply.data);
             if data.len() != into.len() {
-                return Err(Status::data_loss(format!(
-                    "asked for {} bytes, got {}",
-                    into.len(),
-                    data.len()
-                )));
+                return Err(super::short_read(into.len(), data.len(), at));
             }
             into.copy_from_slice(&data);
         }

@@ -12,18 +12,22 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use csi_proto::peer::v1::lane_request::Op;
 use csi_proto::peer::v1::{LaneReply, LaneRequest};
 use prost::Message;
 use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use tonic::{Code, Status};
 
-use super::{LANE_ALPN, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame, write_frame};
+use super::{
+    LANE_ALPN, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame, short_read, write_frame,
+};
 use crate::tls::TlsFiles;
 use tokio_rustls::rustls;
 
-/// Idle lanes kept per owner and volume (a FUSE attachment has 8
-/// workers; the owner serves 256 lanes in all).
-const KEEP: usize = 16;
+/// Idle lanes kept per owner, for all the volumes this node uses there
+/// (a FUSE attachment has 8 workers, a copy 4; the owner serves 64 lanes
+/// to one node, 256 in all).
+const KEEP: usize = 32;
 /// A lane idle for longer is closed rather than used: well before the
 /// owner closes it (`agent::lane::IDLE`), which would fail the request
 /// and cost a retry.
@@ -41,7 +45,7 @@ struct Lane {
     buf: Vec<u8>,
 }
 
-/// The lanes to one owner.
+/// The lanes to one owner (shared by the volumes this node uses there).
 pub struct Lanes {
     /// `None`: this node has no client configuration for lanes.
     config: Option<Arc<rustls::ClientConfig>>,
@@ -128,11 +132,11 @@ impl Lanes {
                             return Ok(reply);
                         }
                         if data.len() != into.len() {
-                            return Err(Status::data_loss(format!(
-                                "asked for {} bytes, got {}",
-                                into.len(),
-                                data.len()
-                            )));
+                            let at = match &req.op {
+                                Some(Op::Read(r)) => r.offset,
+                                _ => 0,
+                            };
+                            return Err(short_read(into.len(), data.len(), at));
                         }
                         into.copy_from_slice(data);
                         Ok(reply)

@@ -87,9 +87,9 @@ const DATA_FIELD: u32 = 6;
 const COPIED_DATA: usize = 64 << 10;
 
 /// Writes a read's answer as one frame of the data lane: `head` (without
-/// data) and then `data` as its `data` field, the encoding `head` with
-/// that data would have, without copying data above [`COPIED_DATA`] into
-/// `buf` first.
+/// data) and then `data` as its `data` field (an encoding of `head` with
+/// that data), without copying data above [`COPIED_DATA`] into `buf`
+/// first.
 pub fn write_data_frame(
     to: &mut impl std::io::Write,
     head: &csi_proto::peer::v1::LaneReply,
@@ -146,6 +146,11 @@ pub fn decode_data_frame(buf: &[u8]) -> std::io::Result<(csi_proto::peer::v1::La
         skip_field(wire, field, &mut rest, DecodeContext::default()).map_err(|e| bad(&e))?;
     }
     Ok((LaneReply::decode(buf).map_err(|e| bad(&e))?, &[]))
+}
+
+/// The refusal of a read answered with `got` bytes for `asked` at `at`.
+pub(crate) fn short_read(asked: usize, got: usize, at: u64) -> tonic::Status {
+    tonic::Status::data_loss(format!("asked for {asked} bytes at {at}, got {got}"))
 }
 
 /// Metadata of an ABORTED answer: the owner's newest session for the
