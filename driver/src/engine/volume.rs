@@ -569,14 +569,7 @@ impl Volume {
             return Ok(());
         }
         let (first, end) = touched_blocks(offset, buf.len() as u64);
-        let fetch = self.fetch_state();
-        let segments = self
-            .state
-            .read()
-            .expect("volume state")
-            .view
-            .segments(first, end)?;
-        self.read_resolved(fetch, &segments, offset, buf)
+        self.read_blocks(first, end, offset, buf)
     }
 
     /// Writes `data` at `offset`; with `fua`, the data (and everything
@@ -626,14 +619,31 @@ impl Volume {
 
     /// Reads one whole block while its range is locked by the caller.
     fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_blocks(block, block + 1, block * BLOCK_SIZE, buf)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, inside blocks `first..end`:
+    /// those no layer defines from the source while the volume fetches.
+    fn read_blocks(&self, first: u64, end: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let fetch = self.fetch_state();
-        let segments = self
-            .state
-            .read()
-            .expect("volume state")
-            .view
-            .segments(block, block + 1)?;
-        self.read_resolved(fetch, &segments, block * BLOCK_SIZE, buf)
+        let fetching = fetch.is_some();
+        let segments = || {
+            self.state
+                .read()
+                .expect("volume state")
+                .view
+                .segments(first, end)
+        };
+        match self.read_resolved(fetch, &segments()?, offset, buf) {
+            // The fetch ended while this read waited on its source, which
+            // may be gone by now (deleted once the fetch was done): every
+            // block it lacked is here now.
+            Err(e) if fetching && self.fetch_state().is_none() => {
+                tracing::debug!(volume = %self.id, error = %e, "a read of the source failed after the fetch ended: read here");
+                self.read_resolved(None, &segments()?, offset, buf)
+            }
+            r => r,
+        }
     }
 
     /// Publishes a change of blocks `first..end` of `top` in the index and

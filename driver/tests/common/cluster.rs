@@ -187,6 +187,23 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+        // A failed test shows what its processes warned of and said last
+        // (their directory goes with the test's).
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<_> = log.lines().collect();
+            let last = lines.len().saturating_sub(40);
+            eprintln!(
+                "--- {}/strata.log (warnings, then the last 40 lines):",
+                self.dir.display()
+            );
+            let warned = lines[..last]
+                .iter()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("failed"));
+            for line in warned.take(100).chain(&lines[last..]) {
+                eprintln!("{line}");
+            }
+        }
         release_mounts(&self.dir);
     }
 }

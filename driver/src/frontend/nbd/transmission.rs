@@ -383,7 +383,7 @@ impl Conn {
             }
             Err(e) => {
                 self.metrics.error(&self.name, name, e.metric_label());
-                tracing::debug!(export = %self.name, op = name, error = %e, "NBD request failed");
+                tracing::debug!(export = %self.name, op = name, error = %crate::engine::error::chain(&e), "NBD request failed");
                 self.error(cookie, errno(&e), &e.to_string())
             }
         }
