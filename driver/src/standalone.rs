@@ -36,6 +36,7 @@ use crate::csi::node::NodeService;
 use crate::csi::{Core, InFlight, Started};
 use crate::endpoint::Endpoint;
 use crate::engine::{Pool, PoolOptions};
+use crate::frontend::iscsi::{IscsiConfig, IscsiServer};
 use crate::frontend::nbd::{self, NbdConfig, NbdServer};
 use crate::metrics::{self, Metrics};
 use crate::node::{Node, NodeConfig};
@@ -72,6 +73,8 @@ pub struct Config {
     pub sync_log_bytes: u64,
     pub csi_endpoint: Endpoint,
     pub nbd_listen: Vec<Endpoint>,
+    /// iSCSI target addresses (none: no target).
+    pub iscsi_listen: Vec<std::net::SocketAddr>,
     pub metrics_listen: SocketAddr,
     /// The node side: ID, state directory, attach backend.
     pub node: NodeConfig,
@@ -214,6 +217,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     }
 
+    // iSCSI, over the same exports as NBD (remote volumes attached here too).
+    let iscsi = IscsiServer::new(
+        nbd.exports().clone(),
+        Arc::clone(&metrics),
+        IscsiConfig::default(),
+    );
+    for a in &config.iscsi_listen {
+        if !a.ip().is_loopback() {
+            tracing::warn!(address = %a, "iSCSI on a non-loopback address: anyone who can reach it can read and write every volume");
+        }
+        let l = tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(listen_err(a))?;
+        tokio::spawn(Arc::clone(&iscsi).serve(l, stopped()));
+    }
+
     // Metrics
     let listener = metrics::bind(config.metrics_listen)
         .await
@@ -337,6 +356,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool = %config.pool.display(),
         csi = %config.csi_endpoint,
         nbd = ?config.nbd_listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        iscsi = ?config.iscsi_listen,
         metrics = %config.metrics_listen,
         node = %node_id,
         attach = %backend,
@@ -359,6 +379,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // no write arrives after the last flush (the kernel resends what was
     // not answered to the next start).
     nbd.close(Duration::from_secs(30)).await;
+    iscsi.close(Duration::from_secs(30)).await;
     if let Some(lanes) = lanes_of_port {
         let _ = tokio::task::spawn_blocking(move || lanes.close(Duration::from_secs(30))).await;
     }

@@ -88,6 +88,10 @@ struct StandaloneArgs {
     /// loopback address: NBD has no authentication).
     #[arg(long, default_value = "unix:///run/strata/nbd.sock")]
     nbd_listen: Vec<Endpoint>,
+    /// iSCSI target listen address (host:port); repeat for several. Off
+    /// unless given. Use a loopback address: logins are not authenticated.
+    #[arg(long)]
+    iscsi_listen: Vec<SocketAddr>,
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long, default_value = "127.0.0.1:9808")]
     metrics_listen: SocketAddr,
@@ -488,6 +492,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
         pool: a.pool,
         csi_endpoint: a.csi_endpoint,
         nbd_listen: a.nbd_listen,
+        iscsi_listen: a.iscsi_listen,
         metrics_listen: a.metrics_listen,
         node: crate::node::NodeConfig {
             node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),

@@ -4,11 +4,12 @@
 //! reached through the data path between nodes):
 //! - `nbd`: the NBD server (for tools, and the kernel's nbd client);
 //! - `fuse`: a volume as one file in a FUSE filesystem (for a loop device,
-//!   where the kernel has no nbd driver).
-//!
-//! An iSCSI target would be a sibling module.
+//!   where the kernel has no nbd driver);
+//! - `iscsi`: the iSCSI target (for initiators, and the kernel's iSCSI
+//!   initiator).
 
 pub mod fuse;
+pub mod iscsi;
 pub mod nbd;
 
 use std::collections::HashMap;

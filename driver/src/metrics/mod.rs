@@ -94,6 +94,8 @@ pub struct Metrics {
     peer_lanes: Gauge,
     nbd_connections_total: Counter,
     nbd_protocol_errors: Family<Kind, Counter>,
+    iscsi_connections: Gauge,
+    iscsi_protocol_errors: Family<Kind, Counter>,
     job_bytes: Family<KindMethod, Counter>,
     job_hold: HistogramFamily<Kind>,
     job_throttle: Family<Kind, Counter<f64, std::sync::atomic::AtomicU64>>,
@@ -179,6 +181,18 @@ impl Metrics {
             "nbd_protocol_errors",
             "NBD requests or negotiations refused as invalid, by kind",
             nbd_protocol_errors.clone(),
+        );
+        let iscsi_connections = Gauge::default();
+        let iscsi_protocol_errors = Family::<Kind, Counter>::default();
+        registry.register(
+            "iscsi_connections",
+            "Open iSCSI connections (in login or full feature phase)",
+            iscsi_connections.clone(),
+        );
+        registry.register(
+            "iscsi_protocol_errors",
+            "iSCSI PDUs or logins refused as invalid, by kind",
+            iscsi_protocol_errors.clone(),
         );
         let job_bytes = Family::<KindMethod, Counter>::default();
         let job_hold =
@@ -271,6 +285,8 @@ impl Metrics {
             peer_lanes,
             nbd_connections_total,
             nbd_protocol_errors,
+            iscsi_connections,
+            iscsi_protocol_errors,
             job_bytes,
             job_hold,
             job_throttle,
@@ -399,7 +415,20 @@ impl Metrics {
     pub fn nbd_connection(self: &Arc<Self>) -> ConnectionGuard {
         self.nbd_connections.inc();
         self.nbd_connections_total.inc();
-        ConnectionGuard(Arc::clone(self))
+        ConnectionGuard(self.nbd_connections.clone())
+    }
+
+    /// An iSCSI connection opened; the guard counts it until dropped.
+    pub fn iscsi_connection(&self) -> ConnectionGuard {
+        self.iscsi_connections.inc();
+        ConnectionGuard(self.iscsi_connections.clone())
+    }
+
+    /// Counts an iSCSI PDU or login refused as invalid.
+    pub fn iscsi_protocol_error(&self, kind: &'static str) {
+        self.iscsi_protocol_errors
+            .get_or_create(&Kind { kind })
+            .inc();
     }
 
     /// Counts an NBD request or negotiation step refused as invalid.
@@ -440,13 +469,13 @@ impl crate::engine::JobObserver for Metrics {
     }
 }
 
-/// Counts one open NBD connection.
+/// Counts one open connection (NBD or iSCSI) in its gauge.
 #[derive(Debug)]
-pub struct ConnectionGuard(Arc<Metrics>);
+pub struct ConnectionGuard(Gauge);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.nbd_connections.dec();
+        self.0.dec();
     }
 }
 

@@ -1,0 +1,801 @@
+//! SCSI block commands (SBC-4, SPC-5) over an [`Export`], with 4096-byte
+//! logical blocks: the CDB is checked before any data is asked for
+//! ([`plan`]), then run ([`execute`]) with the data the initiator sent.
+//! Every refusal is sense data with the key and code the standards give;
+//! engine errors become sense here, at the edge.
+
+use std::time::Instant;
+
+use crate::engine::{BLOCK_SIZE, Error, ErrorKind, ZeroFlags};
+use crate::frontend::{Export, IoMetrics};
+
+/// Logical block size.
+pub const BLOCK: u64 = BLOCK_SIZE;
+/// Most blocks one READ or WRITE moves (32 MiB). Their data streams
+/// through the target a burst at a time, so this bounds no memory.
+pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
+/// Most blocks one VERIFY compares (1 MiB), held whole in memory.
+pub const MAX_VERIFY_BLOCKS: u32 = 256;
+/// Most blocks one UNMAP descriptor or WRITE SAME covers (4 GiB).
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+/// Most descriptors one UNMAP carries.
+pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+
+/// SCSI status codes.
+pub const GOOD: u8 = 0x00;
+pub const CHECK_CONDITION: u8 = 0x02;
+
+/// Sense keys.
+mod key {
+    pub const NOT_READY: u8 = 0x02;
+    pub const MEDIUM_ERROR: u8 = 0x03;
+    pub const HARDWARE_ERROR: u8 = 0x04;
+    pub const ILLEGAL_REQUEST: u8 = 0x05;
+    pub const DATA_PROTECT: u8 = 0x07;
+    pub const ABORTED_COMMAND: u8 = 0x0b;
+    pub const MISCOMPARE: u8 = 0x0e;
+}
+
+/// Why a command failed: the sense key and additional sense code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+}
+
+impl Sense {
+    const fn new(key: u8, asc: u8, ascq: u8) -> Self {
+        Sense { key, asc, ascq }
+    }
+    pub const INVALID_OPCODE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
+    pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
+    pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
+    pub const LUN_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
+    pub const INVALID_FIELD_IN_INFORMATION_UNIT: Sense =
+        Sense::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
+    pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
+    pub const PARAMETER_LIST_LENGTH: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x1a, 0x00);
+    pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
+    pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
+    pub const SPACE_ALLOCATION_FAILED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x07);
+    pub const READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
+    pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00);
+    pub const MISCOMPARE: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
+    pub const NOT_ACCESSIBLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x0a);
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
+    pub const DATA_OFFSET_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x05);
+    pub const INTERNAL_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
+
+    /// Fixed-format sense data (SPC-5 §4.4.3), 18 bytes.
+    pub fn fixed(&self) -> [u8; 18] {
+        let mut s = [0u8; 18];
+        s[0] = 0x70;
+        s[2] = self.key;
+        s[7] = 10;
+        s[12] = self.asc;
+        s[13] = self.ascq;
+        s
+    }
+
+    /// The sense for an engine error while `writing` (or reading).
+    fn of(e: &Error, writing: bool) -> Sense {
+        match e.kind() {
+            ErrorKind::OutOfRange => Sense::LBA_OUT_OF_RANGE,
+            ErrorKind::ReadOnly => Sense::WRITE_PROTECTED,
+            ErrorKind::NoSpace => Sense::SPACE_ALLOCATION_FAILED,
+            ErrorKind::Moved => Sense::NOT_ACCESSIBLE,
+            ErrorKind::InvalidArgument => Sense::INVALID_FIELD_IN_CDB,
+            ErrorKind::Io | ErrorKind::Corrupt if writing => Sense::WRITE_ERROR,
+            ErrorKind::Io | ErrorKind::Corrupt => Sense::READ_ERROR,
+            _ => Sense::INTERNAL_FAILURE,
+        }
+    }
+}
+
+/// The logical unit behind LUN 0 of a target.
+#[derive(Debug)]
+pub struct Lun {
+    pub export: Export,
+    /// The target's IQN.
+    pub target: String,
+    pub metrics: IoMetrics,
+}
+
+impl Lun {
+    fn blocks(&self) -> u64 {
+        self.export.size() / BLOCK
+    }
+
+    /// Bytes of `blocks` from `lba`, refused if past the end.
+    fn range(&self, lba: u64, blocks: u64) -> Result<(u64, u64), Sense> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.blocks() => Ok((lba * BLOCK, blocks * BLOCK)),
+            _ => Err(Sense::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    fn writable(&self) -> Result<(), Sense> {
+        if self.export.read_only() {
+            return Err(Sense::WRITE_PROTECTED);
+        }
+        Ok(())
+    }
+}
+
+fn be16(b: &[u8]) -> u64 {
+    u64::from(u16::from_be_bytes([b[0], b[1]]))
+}
+fn be32(b: &[u8]) -> u64 {
+    u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+pub mod opcode {
+    pub const TEST_UNIT_READY: u8 = 0x00;
+    pub const REQUEST_SENSE: u8 = 0x03;
+    pub const READ_6: u8 = 0x08;
+    pub const WRITE_6: u8 = 0x0a;
+    pub const INQUIRY: u8 = 0x12;
+    pub const MODE_SELECT_6: u8 = 0x15;
+    pub const MODE_SENSE_6: u8 = 0x1a;
+    pub const START_STOP_UNIT: u8 = 0x1b;
+    pub const READ_CAPACITY_10: u8 = 0x25;
+    pub const READ_10: u8 = 0x28;
+    pub const WRITE_10: u8 = 0x2a;
+    pub const VERIFY_10: u8 = 0x2f;
+    pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const UNMAP: u8 = 0x42;
+    pub const MODE_SELECT_10: u8 = 0x55;
+    pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const READ_16: u8 = 0x88;
+    pub const WRITE_16: u8 = 0x8a;
+    pub const VERIFY_16: u8 = 0x8f;
+    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
+    pub const WRITE_SAME_16: u8 = 0x93;
+    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
+    pub const REPORT_LUNS: u8 = 0xa0;
+    pub const READ_12: u8 = 0xa8;
+    pub const WRITE_12: u8 = 0xaa;
+}
+use opcode::*;
+
+const READ_CAPACITY_16: u8 = 0x10;
+const GET_LBA_STATUS: u8 = 0x12;
+
+/// A READ/WRITE/VERIFY-style CDB: where, how many blocks, and FUA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rw {
+    lba: u64,
+    blocks: u64,
+    fua: bool,
+}
+
+fn rw(cdb: &[u8; 16]) -> Option<Rw> {
+    let fua = cdb[1] & 0x08 != 0;
+    Some(match cdb[0] {
+        READ_6 | WRITE_6 => {
+            let lba = (u64::from(cdb[1] & 0x1f) << 16) | be16(&cdb[2..]);
+            // A transfer length of 0 means 256 blocks.
+            let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
+            return Some(Rw {
+                lba,
+                blocks: n,
+                fua: false,
+            });
+        }
+        READ_10 | WRITE_10 | VERIFY_10 | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10 => Rw {
+            lba: be32(&cdb[2..]),
+            blocks: be16(&cdb[7..]),
+            fua,
+        },
+        READ_12 | WRITE_12 => Rw {
+            lba: be32(&cdb[2..]),
+            blocks: be32(&cdb[6..]),
+            fua,
+        },
+        READ_16 | WRITE_16 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 => Rw {
+            lba: be64(&cdb[2..]),
+            blocks: be32(&cdb[10..]),
+            fua,
+        },
+        _ => return None,
+    })
+}
+
+/// Whether the CDB is a WRITE (6, 10, 12 or 16).
+pub fn is_write(cdb: &[u8; 16]) -> bool {
+    matches!(cdb[0], WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16)
+}
+
+/// What a command needs from the initiator before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Data-Out bytes the command reads (0 for none).
+    pub data_out: u64,
+    /// A READ or WRITE: its data streams between the initiator and the
+    /// unit (`read_part`, `write_part`) instead of being held whole.
+    pub stream: Option<Stream>,
+}
+
+/// The bytes a READ or WRITE moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stream {
+    pub offset: u64,
+    pub len: u64,
+    pub fua: bool,
+    pub write: bool,
+}
+
+/// Reads part of a READ's range.
+pub fn read_part(lun: &Lun, offset: u64, buf: &mut [u8]) -> Result<(), Sense> {
+    let started = Instant::now();
+    lun.export
+        .read(offset, buf)
+        .map_err(|e| failed(lun, "read", &e, false))?;
+    lun.metrics
+        .read
+        .observe(buf.len() as u64, started.elapsed());
+    Ok(())
+}
+
+/// Writes part of a WRITE's range.
+pub fn write_part(lun: &Lun, offset: u64, data: &[u8], fua: bool) -> Result<(), Sense> {
+    let started = Instant::now();
+    lun.export
+        .write(offset, data, fua)
+        .map_err(|e| failed(lun, "write", &e, true))?;
+    lun.metrics
+        .write
+        .observe(data.len() as u64, started.elapsed());
+    Ok(())
+}
+
+/// Checks a CDB against the unit before any data is solicited.
+pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16]) -> Result<Plan, Sense> {
+    let none = Ok(Plan {
+        data_out: 0,
+        stream: None,
+    });
+    let Some(lun) = lun else {
+        // Only INQUIRY and REPORT LUNS answer for a LUN that is not there.
+        return match cdb[0] {
+            INQUIRY | REPORT_LUNS | REQUEST_SENSE => none,
+            _ => Err(Sense::LUN_NOT_SUPPORTED),
+        };
+    };
+    let out = |n: u64| {
+        Ok(Plan {
+            data_out: n,
+            stream: None,
+        })
+    };
+    match cdb[0] {
+        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => {
+            let r = rw(cdb).expect("a read or write CDB");
+            let write = is_write(cdb);
+            if cdb[0] != READ_6 && cdb[0] != WRITE_6 && cdb[1] & 0xe0 != 0 {
+                // RDPROTECT/WRPROTECT: no protection information here.
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            if write {
+                lun.writable()?;
+            }
+            if r.blocks > u64::from(MAX_TRANSFER_BLOCKS) {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let (offset, len) = lun.range(r.lba, r.blocks)?;
+            Ok(Plan {
+                data_out: if write { len } else { 0 },
+                stream: Some(Stream {
+                    offset,
+                    len,
+                    fua: r.fua,
+                    write,
+                }),
+            })
+        }
+        VERIFY_10 | VERIFY_16 => {
+            let r = rw(cdb).expect("a verify CDB");
+            if cdb[1] & 0xe0 != 0 || r.blocks > u64::from(MAX_VERIFY_BLOCKS) {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            lun.range(r.lba, r.blocks)?;
+            match (cdb[1] >> 1) & 3 {
+                0 => none,
+                1 => out(r.blocks * BLOCK),
+                // BYTCHK 3: one block compared against each.
+                3 => out(if r.blocks == 0 { 0 } else { BLOCK }),
+                _ => Err(Sense::INVALID_FIELD_IN_CDB),
+            }
+        }
+        WRITE_SAME_10 | WRITE_SAME_16 => {
+            let r = rw(cdb).expect("a write same CDB");
+            lun.writable()?;
+            let ndob = cdb[0] == WRITE_SAME_16 && cdb[1] & 0x01 != 0;
+            // WSNZ is set: 0 blocks is refused, not "to the end". ANCHOR:
+            // anchored blocks are not supported (ANC_SUP 0).
+            if cdb[1] & 0xf0 != 0 || r.blocks == 0 || r.blocks > u64::from(MAX_UNMAP_BLOCKS) {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            lun.range(r.lba, r.blocks)?;
+            out(if ndob { 0 } else { BLOCK })
+        }
+        UNMAP => {
+            lun.writable()?;
+            let len = be16(&cdb[7..]);
+            if cdb[1] & 0x01 != 0 {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            if len > 8 + 16 * u64::from(MAX_UNMAP_DESCRIPTORS) {
+                return Err(Sense::PARAMETER_LIST_LENGTH);
+            }
+            out(len)
+        }
+        MODE_SELECT_6 => out(u64::from(cdb[4])),
+        MODE_SELECT_10 => out(be16(&cdb[7..])),
+        _ => none,
+    }
+}
+
+/// Runs a command whose [`plan`] passed, with the data it asked for.
+/// Data for the initiator goes to `data_in` (already cut to the CDB's
+/// allocation length).
+pub fn execute(
+    lun: Option<&Lun>,
+    cdb: &[u8; 16],
+    data_out: &[u8],
+    data_in: &mut Vec<u8>,
+) -> Result<(), Sense> {
+    data_in.clear();
+    let Some(lun) = lun else {
+        return match cdb[0] {
+            INQUIRY => inquiry(None, cdb, data_in),
+            REPORT_LUNS => report_luns(cdb, data_in),
+            REQUEST_SENSE => request_sense(cdb, data_in),
+            _ => Err(Sense::LUN_NOT_SUPPORTED),
+        };
+    };
+    match cdb[0] {
+        TEST_UNIT_READY | START_STOP_UNIT => Ok(()),
+        REQUEST_SENSE => request_sense(cdb, data_in),
+        INQUIRY => inquiry(Some(lun), cdb, data_in),
+        REPORT_LUNS => report_luns(cdb, data_in),
+        READ_CAPACITY_10 => {
+            let last = lun.blocks().saturating_sub(1);
+            data_in.extend_from_slice(&(last.min(0xffff_ffff) as u32).to_be_bytes());
+            data_in.extend_from_slice(&(BLOCK as u32).to_be_bytes());
+            Ok(())
+        }
+        SERVICE_ACTION_IN_16 => match cdb[1] & 0x1f {
+            READ_CAPACITY_16 => {
+                let mut d = [0u8; 32];
+                d[..8].copy_from_slice(&lun.blocks().saturating_sub(1).to_be_bytes());
+                d[8..12].copy_from_slice(&(BLOCK as u32).to_be_bytes());
+                // LBPME (thin provisioning) and LBPRZ (unmapped reads zero).
+                d[14] = 0xc0;
+                data_in.extend_from_slice(&d);
+                truncate(data_in, be32(&cdb[10..]));
+                Ok(())
+            }
+            GET_LBA_STATUS => lba_status(lun, cdb, data_in),
+            _ => Err(Sense::INVALID_FIELD_IN_CDB),
+        },
+        // Streamed by the session through `read_part` and `write_part`
+        // (their plan has a `Stream`); never run here.
+        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => {
+            Err(Sense::INTERNAL_FAILURE)
+        }
+        VERIFY_10 | VERIFY_16 => verify(lun, cdb, data_out),
+        SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
+            let r = rw(cdb).expect("a sync CDB");
+            // 0 blocks means "to the end"; the range is still checked.
+            lun.range(r.lba, r.blocks)?;
+            let started = Instant::now();
+            lun.export
+                .flush()
+                .map_err(|e| failed(lun, "flush", &e, true))?;
+            lun.metrics.flush.observe(0, started.elapsed());
+            Ok(())
+        }
+        WRITE_SAME_10 | WRITE_SAME_16 => write_same(lun, cdb, data_out),
+        UNMAP => unmap(lun, data_out),
+        MODE_SENSE_6 | MODE_SENSE_10 => mode_sense(lun, cdb, data_in),
+        MODE_SELECT_6 | MODE_SELECT_10 => mode_select(lun, cdb, data_out),
+        _ => Err(Sense::INVALID_OPCODE),
+    }
+}
+
+fn failed(lun: &Lun, op: &'static str, e: &Error, writing: bool) -> Sense {
+    let sense = Sense::of(e, writing);
+    tracing::warn!(
+        target_name = %lun.target,
+        op,
+        error = %crate::engine::error::chain(e),
+        key = sense.key,
+        asc = sense.asc,
+        "iSCSI command failed"
+    );
+    sense
+}
+
+fn truncate(data: &mut Vec<u8>, allocation: u64) {
+    data.truncate(allocation.min(data.len() as u64) as usize);
+}
+
+fn request_sense(cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    // Nothing is pending: sense is returned with each failed command.
+    data_in.extend_from_slice(&Sense::new(0, 0, 0).fixed());
+    truncate(data_in, u64::from(cdb[4]));
+    Ok(())
+}
+
+fn report_luns(cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let allocation = be32(&cdb[6..]);
+    if allocation < 16 || cdb[2] > 2 && !(0x10..=0x12).contains(&cdb[2]) {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    }
+    data_in.extend_from_slice(&8u32.to_be_bytes());
+    data_in.extend_from_slice(&[0u8; 4]);
+    data_in.extend_from_slice(&[0u8; 8]);
+    truncate(data_in, allocation);
+    Ok(())
+}
+
+/// The designator of a unit: a stable 16-byte NAA from its name.
+fn naa(name: &str) -> [u8; 16] {
+    let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut n = [0u8; 16];
+    n.copy_from_slice(&d.as_ref()[..16]);
+    // NAA 6 (IEEE registered extended), company ID 0: the rest is ours.
+    n[0] = 0x60;
+    n[1] = 0;
+    n[2] = 0;
+    n[3] &= 0x0f;
+    n
+}
+
+fn inquiry(lun: Option<&Lun>, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let evpd = cdb[1] & 0x01 != 0;
+    let page = cdb[2];
+    let allocation = be16(&cdb[3..]);
+    if cdb[1] & 0xfe != 0 || (!evpd && page != 0) {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    }
+    // Peripheral qualifier 3 and type 0x1f: no unit at this LUN.
+    let peripheral = if lun.is_some() { 0x00 } else { 0x7f };
+    if !evpd {
+        let mut d = vec![0u8; 66];
+        d[0] = peripheral;
+        d[2] = 0x06; // SPC-4
+        d[3] = 0x12; // HiSup, response data format 2
+        d[4] = (d.len() - 5) as u8;
+        d[7] = 0x02; // CmdQue
+        d[8..16].copy_from_slice(b"STRATA  ");
+        let product: &[u8; 16] = match lun.map(|l| l.export.read_only()) {
+            Some(true) => b"SNAPSHOT        ",
+            _ => b"VOLUME          ",
+        };
+        d[16..32].copy_from_slice(product);
+        d[32..36].copy_from_slice(b"0001");
+        // Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
+        for (i, v) in [0x00a0u16, 0x0460, 0x04c0, 0x0960].iter().enumerate() {
+            d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+        }
+        data_in.extend_from_slice(&d);
+        truncate(data_in, allocation);
+        return Ok(());
+    }
+    let Some(lun) = lun else {
+        return Err(Sense::LUN_NOT_SUPPORTED);
+    };
+    let name = lun.export.name();
+    let body: Vec<u8> = match page {
+        0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+        0x80 => name.as_bytes().to_vec(),
+        0x83 => {
+            let mut b = Vec::new();
+            let mut designator = |code_set: u8, assoc_type: u8, value: &[u8]| {
+                // Protocol iSCSI (5) where PIV is set (a port's or target's).
+                let piv = assoc_type & 0x30 != 0;
+                b.push(if piv { 0x50 } else { 0 } | code_set);
+                b.push(if piv { 0x80 } else { 0 } | assoc_type);
+                b.push(0);
+                b.push(value.len() as u8);
+                b.extend_from_slice(value);
+            };
+            let mut vendor = b"STRATA  ".to_vec();
+            vendor.extend_from_slice(name.as_bytes());
+            // T10 vendor ID and NAA, both of the unit.
+            designator(0x02, 0x01, &vendor);
+            designator(0x01, 0x03, &naa(&name));
+            // Relative target port 1.
+            designator(0x01, 0x14, &[0, 0, 0, 1]);
+            // SCSI name string of the target, NUL-ended, a multiple of 4.
+            let mut iqn = lun.target.as_bytes().to_vec();
+            iqn.push(0);
+            iqn.resize(iqn.len().next_multiple_of(4), 0);
+            designator(0x03, 0x28, &iqn);
+            b
+        }
+        0xb0 => {
+            let mut b = vec![0u8; 0x3c];
+            b[0] = 0x01; // WSNZ
+            b[2..4].copy_from_slice(&1u16.to_be_bytes());
+            b[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+            b[8..12].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+            b[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
+            b[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+            b[24..28].copy_from_slice(&1u32.to_be_bytes());
+            b[32..40].copy_from_slice(&u64::from(MAX_UNMAP_BLOCKS).to_be_bytes());
+            b
+        }
+        0xb1 => {
+            let mut b = vec![0u8; 0x3c];
+            b[1] = 0x01; // non-rotating
+            b
+        }
+        0xb2 => {
+            // LBPU, LBPWS, LBPWS10, LBPRZ=1; thin provisioned.
+            vec![0x00, 0xe0 | 0x04, 0x02, 0x00]
+        }
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+    };
+    data_in.extend_from_slice(&[peripheral, page]);
+    data_in.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    data_in.extend_from_slice(&body);
+    truncate(data_in, allocation);
+    Ok(())
+}
+
+fn lba_status(lun: &Lun, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let lba = be64(&cdb[2..]);
+    let allocation = be32(&cdb[10..]);
+    if lba >= lun.blocks() {
+        return Err(Sense::LBA_OUT_OF_RANGE);
+    }
+    // Enough descriptors to fill the allocation, at most 1024 per answer.
+    let room = (allocation.saturating_sub(8) / 16).clamp(1, 1024) as usize;
+    let len = (lun.blocks() - lba).min(u64::from(u32::MAX)) * BLOCK;
+    let extents = lun
+        .export
+        .block_status(lba * BLOCK, len)
+        .map_err(|e| failed(lun, "block_status", &e, false))?;
+    let mut d = vec![0u8; 8];
+    let mut at = lba;
+    for e in extents {
+        let blocks = e.len / BLOCK;
+        if blocks == 0 {
+            continue;
+        }
+        // Merge with the last descriptor if it has the same state.
+        let state = u8::from(e.zero);
+        let n = (d.len() - 8) / 16;
+        if n > 0 && d[d.len() - 4] == state {
+            let last = d.len() - 16;
+            let count = be32(&d[last + 8..]) + blocks;
+            if count <= u64::from(u32::MAX) {
+                d[last + 8..last + 12].copy_from_slice(&(count as u32).to_be_bytes());
+                at += blocks;
+                continue;
+            }
+        }
+        if n == room {
+            break;
+        }
+        d.extend_from_slice(&at.to_be_bytes());
+        d.extend_from_slice(&(blocks.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        d.extend_from_slice(&[state, 0, 0, 0]);
+        at += blocks;
+    }
+    let n = (d.len() - 4) as u32;
+    d[..4].copy_from_slice(&n.to_be_bytes());
+    data_in.extend_from_slice(&d);
+    truncate(data_in, allocation);
+    Ok(())
+}
+
+fn verify(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
+    let r = rw(cdb).expect("a verify CDB");
+    let (offset, len) = lun.range(r.lba, r.blocks)?;
+    let mut have = vec![0u8; len as usize];
+    lun.export
+        .read(offset, &mut have)
+        .map_err(|e| failed(lun, "read", &e, false))?;
+    let equal = match (cdb[1] >> 1) & 3 {
+        0 => true,
+        1 => have == data_out,
+        _ => have.chunks(BLOCK as usize).all(|b| b == data_out),
+    };
+    if equal {
+        Ok(())
+    } else {
+        Err(Sense::MISCOMPARE)
+    }
+}
+
+fn write_same(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
+    let r = rw(cdb).expect("a write same CDB");
+    let (offset, len) = lun.range(r.lba, r.blocks)?;
+    let unmap = cdb[1] & 0x08 != 0;
+    let ndob = cdb[0] == WRITE_SAME_16 && cdb[1] & 0x01 != 0;
+    let started = Instant::now();
+    if ndob || data_out.iter().all(|&b| b == 0) {
+        let flags = ZeroFlags {
+            no_hole: !unmap,
+            fast: false,
+        };
+        lun.export
+            .write_zeroes(offset, len, flags)
+            .map_err(|e| failed(lun, "write_zeroes", &e, true))?;
+        lun.metrics.zero.observe(len, started.elapsed());
+        return Ok(());
+    }
+    // A pattern that is not zeros is written as data, UNMAP or not: an
+    // unmapped block reads as zeros (LBPRZ), and SBC lets the target
+    // write instead of unmapping.
+    let chunk_blocks = r.blocks.min(u64::from(MAX_TRANSFER_BLOCKS)) as usize;
+    let pattern = data_out.repeat(chunk_blocks);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(pattern.len() as u64);
+        lun.export
+            .write(offset + at, &pattern[..n as usize], false)
+            .map_err(|e| failed(lun, "write", &e, true))?;
+        at += n;
+    }
+    lun.metrics.write.observe(len, started.elapsed());
+    Ok(())
+}
+
+fn unmap(lun: &Lun, data_out: &[u8]) -> Result<(), Sense> {
+    if data_out.is_empty() {
+        return Ok(());
+    }
+    if data_out.len() < 8 {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let descriptors = be16(&data_out[2..]) as usize;
+    if !descriptors.is_multiple_of(16) || 8 + descriptors > data_out.len() {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let list: Vec<(u64, u64)> = data_out[8..8 + descriptors]
+        .chunks(16)
+        .map(|d| (be64(d), be32(&d[8..])))
+        .collect();
+    // Every descriptor is checked before any is applied.
+    for &(lba, blocks) in &list {
+        if blocks > u64::from(MAX_UNMAP_BLOCKS) {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+        }
+        lun.range(lba, blocks)?;
+    }
+    for (lba, blocks) in list {
+        if blocks == 0 {
+            continue;
+        }
+        let started = Instant::now();
+        lun.export
+            .trim(lba * BLOCK, blocks * BLOCK)
+            .map_err(|e| failed(lun, "trim", &e, true))?;
+        lun.metrics.trim.observe(blocks * BLOCK, started.elapsed());
+    }
+    Ok(())
+}
+
+/// The mode pages this unit has, as current values (`changeable` gives
+/// their masks instead: nothing can be changed).
+fn mode_pages(page: u8, changeable: bool) -> Option<Vec<u8>> {
+    let caching = || {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x08;
+        p[1] = 0x12;
+        if !changeable {
+            p[2] = 0x04; // WCE: writes are durable at SYNCHRONIZE CACHE or FUA.
+        }
+        p
+    };
+    let control = || {
+        let mut p = vec![0u8; 12];
+        p[0] = 0x0a;
+        p[1] = 0x0a;
+        if !changeable {
+            p[3] = 0x10; // unrestricted reordering
+            p[8..10].copy_from_slice(&0xffffu16.to_be_bytes());
+        }
+        p
+    };
+    match page {
+        0x08 => Some(caching()),
+        0x0a => Some(control()),
+        0x3f => Some([caching(), control()].concat()),
+        _ => None,
+    }
+}
+
+fn mode_sense(lun: &Lun, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let ten = cdb[0] == MODE_SENSE_10;
+    let dbd = cdb[1] & 0x08 != 0;
+    let pc = cdb[2] >> 6;
+    let page = cdb[2] & 0x3f;
+    let subpage = cdb[3];
+    let allocation = if ten {
+        be16(&cdb[7..])
+    } else {
+        u64::from(cdb[4])
+    };
+    if pc == 3 {
+        return Err(Sense::SAVING_NOT_SUPPORTED);
+    }
+    if subpage != 0 && subpage != 0xff {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    }
+    let pages = mode_pages(page, pc == 1).ok_or(Sense::INVALID_FIELD_IN_CDB)?;
+    let mut descriptor = Vec::new();
+    if !dbd {
+        let blocks = lun.blocks();
+        descriptor.push(0);
+        let n = blocks.min(0xff_ffff) as u32;
+        descriptor.extend_from_slice(&n.to_be_bytes()[1..]);
+        descriptor.push(0);
+        descriptor.extend_from_slice(&(BLOCK as u32).to_be_bytes()[1..]);
+    }
+    // Device-specific: WP for a read-only unit, DPOFUA.
+    let specific = if lun.export.read_only() { 0x80 } else { 0 } | 0x10;
+    if ten {
+        let len = 6 + descriptor.len() + pages.len();
+        data_in.extend_from_slice(&(len as u16).to_be_bytes());
+        data_in.extend_from_slice(&[0, specific, 0, 0]);
+        data_in.extend_from_slice(&(descriptor.len() as u16).to_be_bytes());
+    } else {
+        let len = 3 + descriptor.len() + pages.len();
+        data_in.extend_from_slice(&[len as u8, 0, specific, descriptor.len() as u8]);
+    }
+    data_in.extend_from_slice(&descriptor);
+    data_in.extend_from_slice(&pages);
+    truncate(data_in, allocation);
+    Ok(())
+}
+
+/// MODE SELECT: nothing is changeable, so a page is accepted only if it
+/// repeats the current values.
+fn mode_select(lun: &Lun, cdb: &[u8; 16], data: &[u8]) -> Result<(), Sense> {
+    let ten = cdb[0] == MODE_SELECT_10;
+    if cdb[1] & 0x01 != 0 {
+        // SP: saving pages is not supported.
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
+    let header = if ten { 8 } else { 4 };
+    if data.len() < header {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let descriptor = if ten {
+        be16(&data[6..]) as usize
+    } else {
+        usize::from(data[3])
+    };
+    let mut at = header + descriptor;
+    if at > data.len() {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let _ = lun;
+    while at < data.len() {
+        if data.len() - at < 2 {
+            return Err(Sense::PARAMETER_LIST_LENGTH);
+        }
+        let page = data[at] & 0x3f;
+        let end = at + 2 + usize::from(data[at + 1]);
+        let ours = mode_pages(page, false).ok_or(Sense::INVALID_FIELD_IN_PARAMETERS)?;
+        if page == 0x3f || end > data.len() || data[at + 1..end] != ours[1..] {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+        }
+        at = end;
+    }
+    Ok(())
+}
