@@ -21,7 +21,7 @@
 //! is bounded as `session.rs` says (about 7 MiB at most).
 
 mod login;
-mod pdu;
+pub mod pdu;
 mod scsi;
 mod session;
 
@@ -222,5 +222,57 @@ impl IscsiServer {
             tracing::warn!(error = %e, "no thread for an iSCSI connection");
             self.live.lock().expect("live").sockets.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Pool, PoolOptions};
+    use std::io::Read;
+
+    /// Clients that connect and never log in hold their slots only until
+    /// the login timeout; one over the limit is closed at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_clients_are_closed_and_excess_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        let config = IscsiConfig {
+            login_timeout: Duration::from_secs(2),
+            max_connections: 2,
+        };
+        let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+        let outcome = tokio::task::spawn_blocking(move || {
+            let connect = || {
+                let s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s
+            };
+            let (mut a, mut b) = (connect(), connect());
+            std::thread::sleep(Duration::from_millis(200));
+            let mut third = connect();
+            let started = Instant::now();
+            let mut buf = [0u8; 48];
+            let third_closed = matches!(third.read(&mut buf), Ok(0) | Err(_))
+                && started.elapsed() < Duration::from_secs(1);
+            // The idle two are closed after about the login timeout.
+            let idle_closed = [&mut a, &mut b]
+                .into_iter()
+                .all(|s| matches!(s.read(&mut buf), Ok(0) | Err(_)));
+            let waited = started.elapsed();
+            (third_closed, idle_closed, waited)
+        })
+        .await
+        .unwrap();
+        assert!(outcome.0, "a connection over the limit was served");
+        assert!(outcome.1, "idle connections were not closed");
+        assert!(
+            outcome.2 >= Duration::from_millis(1500) && outcome.2 < Duration::from_secs(6),
+            "closed after {:?}",
+            outcome.2
+        );
     }
 }

@@ -799,3 +799,143 @@ fn mode_select(lun: &Lun, cdb: &[u8; 16], data: &[u8]) -> Result<(), Sense> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Pool, PoolOptions};
+    use crate::metrics::Metrics;
+
+    fn lun(dir: &std::path::Path, size: u64) -> Lun {
+        let pool = Pool::open(dir, PoolOptions::default()).unwrap();
+        let id = pool.create_volume(size).unwrap().id;
+        let export = Export::Volume(pool.volume(id).unwrap());
+        Lun {
+            metrics: IoMetrics::new(&Metrics::new(), &export.name()),
+            export,
+            target: format!("iqn.test:{id}"),
+        }
+    }
+
+    fn cdb(bytes: &[u8]) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    fn unmap_list(descriptors: &[(u64, u32)]) -> Vec<u8> {
+        let mut d = vec![0u8; 8];
+        d[0..2].copy_from_slice(&((6 + 16 * descriptors.len()) as u16).to_be_bytes());
+        d[2..4].copy_from_slice(&((16 * descriptors.len()) as u16).to_be_bytes());
+        for &(lba, n) in descriptors {
+            d.extend_from_slice(&lba.to_be_bytes());
+            d.extend_from_slice(&n.to_be_bytes());
+            d.extend_from_slice(&[0; 4]);
+        }
+        d
+    }
+
+    #[test]
+    fn unmap_checks_every_descriptor_before_any_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let lun = lun(dir.path(), 1 << 20);
+        lun.export.write(0, &[0xaa; 8192], false).unwrap();
+        let c = cdb(&[UNMAP]);
+        let mut out = Vec::new();
+        // The second descriptor is past the end: nothing is unmapped.
+        let bad = unmap_list(&[(0, 1), (255, 2)]);
+        assert_eq!(
+            execute(Some(&lun), &c, &bad, &mut out),
+            Err(Sense::LBA_OUT_OF_RANGE)
+        );
+        let mut back = vec![0u8; 8192];
+        lun.export.read(0, &mut back).unwrap();
+        assert_eq!(back, vec![0xaa; 8192]);
+        // Truncated lists and a descriptor length that is no multiple of 16.
+        for list in [vec![0u8; 5], {
+            let mut l = unmap_list(&[(0, 1)]);
+            l[3] = 15;
+            l
+        }] {
+            assert_eq!(
+                execute(Some(&lun), &c, &list, &mut out),
+                Err(Sense::PARAMETER_LIST_LENGTH)
+            );
+        }
+        assert_eq!(
+            execute(Some(&lun), &c, &unmap_list(&[(1, 1)]), &mut out),
+            Ok(())
+        );
+        lun.export.read(0, &mut back).unwrap();
+        assert_eq!(
+            (&back[..4096], &back[4096..]),
+            (&[0xaa; 4096][..], &[0u8; 4096][..])
+        );
+        // GET LBA STATUS: block 0 mapped, 1 deallocated, from 0 on.
+        let status = cdb(&[
+            SERVICE_ACTION_IN_16,
+            GET_LBA_STATUS,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+        ]);
+        execute(Some(&lun), &status, &[], &mut out).unwrap();
+        assert_eq!(&out[8..16], &0u64.to_be_bytes());
+        assert_eq!((&out[16..20], out[20]), (&1u32.to_be_bytes()[..], 0));
+        assert_eq!(&out[24..32], &1u64.to_be_bytes());
+        assert_eq!(out[36], 1);
+    }
+
+    #[test]
+    fn mode_select_takes_only_the_current_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let lun = lun(dir.path(), 1 << 20);
+        let mut out = Vec::new();
+        let sense = cdb(&[MODE_SENSE_10, 0x08, 0x08, 0, 0, 0, 0, 0x01, 0x00]);
+        execute(Some(&lun), &sense, &[], &mut out).unwrap();
+        // Send back what MODE SENSE gave (the data length field zeroed).
+        let mut same = out.clone();
+        same[0..2].copy_from_slice(&[0, 0]);
+        let select = cdb(&[MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, same.len() as u8]);
+        assert_eq!(execute(Some(&lun), &select, &same, &mut out), Ok(()));
+        // Turning the write cache off is refused; so is a short page.
+        let mut off = same.clone();
+        off[8 + 2] &= !0x04;
+        assert_eq!(
+            execute(Some(&lun), &select, &off, &mut out),
+            Err(Sense::INVALID_FIELD_IN_PARAMETERS)
+        );
+        assert_eq!(
+            execute(Some(&lun), &select, &same[..12], &mut out),
+            Err(Sense::INVALID_FIELD_IN_PARAMETERS)
+        );
+        // Saved values do not exist.
+        let saved = cdb(&[MODE_SENSE_10, 0, 0xc8, 0, 0, 0, 0, 0, 0xff]);
+        assert_eq!(
+            execute(Some(&lun), &saved, &[], &mut out),
+            Err(Sense::SAVING_NOT_SUPPORTED)
+        );
+    }
+
+    #[test]
+    fn no_unit_answers_only_inquiry_and_report_luns() {
+        let inquiry = cdb(&[INQUIRY, 0, 0, 0, 36]);
+        let mut out = Vec::new();
+        execute(None, &inquiry, &[], &mut out).unwrap();
+        assert_eq!((out[0], out.len()), (0x7f, 36));
+        let read = cdb(&[READ_10, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(plan(None, &read), Err(Sense::LUN_NOT_SUPPORTED));
+        let luns = cdb(&[REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 16]);
+        execute(None, &luns, &[], &mut out).unwrap();
+        assert_eq!(out, [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+}
