@@ -575,9 +575,46 @@ impl Volume {
     /// Writes `data` at `offset`; with `fua`, the data (and everything
     /// acknowledged before) is durable when this returns.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write_checked(offset, data, fua, |_| Ok(true))
+            .map(|_| ())
+    }
+
+    /// SCSI COMPARE AND WRITE: if the bytes at `offset` equal `expect`,
+    /// writes `data` (as long) there, with no other write to those blocks
+    /// in between. Returns the index of the first byte that differs (and
+    /// writes nothing), or `None` once written.
+    pub fn compare_and_write(
+        &self,
+        offset: u64,
+        expect: &[u8],
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Option<usize>> {
+        assert_eq!(expect.len(), data.len(), "compare and write lengths");
+        let mut differs = None;
+        self.write_checked(offset, data, fua, |first| {
+            let mut have = vec![0u8; data.len()];
+            let end = touched_blocks(offset, data.len() as u64).1;
+            self.read_blocks(first, end, offset, &mut have)?;
+            differs = have.iter().zip(expect).position(|(a, b)| a != b);
+            Ok(differs.is_none())
+        })?;
+        Ok(differs)
+    }
+
+    /// Writes `data` at `offset` if `check` (run under the range lock of
+    /// the blocks written, given the first) says so. Returns whether it
+    /// wrote.
+    fn write_checked(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        check: impl FnOnce(u64) -> Result<bool>,
+    ) -> Result<bool> {
         let len = data.len() as u64;
         if !self.admit(offset, len)? {
-            return Ok(());
+            return Ok(false);
         }
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
@@ -587,6 +624,9 @@ impl Volume {
             self.check_live()?;
             let (first, end) = touched_blocks(offset, len);
             let _range = self.ranges.lock(first, end);
+            if !check(first)? {
+                return Ok(false);
+            }
             let top = Arc::clone(&self.state.read().expect("volume state").top);
             let start = first * BLOCK_SIZE;
             self.shared.space.admit((end - first) * BLOCK_SIZE)?;
@@ -614,10 +654,12 @@ impl Volume {
                 self.moving.changed(first, end);
             }
         }
-        if fua { self.flush() } else { Ok(()) }
+        if fua {
+            self.flush()?;
+        }
+        Ok(true)
     }
 
-    /// Reads one whole block while its range is locked by the caller.
     fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {
         self.read_blocks(block, block + 1, block * BLOCK_SIZE, buf)
     }

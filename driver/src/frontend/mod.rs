@@ -252,6 +252,28 @@ impl Export {
         }
     }
 
+    /// Writes `data` at `offset` if the bytes there equal `expect`, with
+    /// no write to those blocks in between: the index of the first byte
+    /// that differs (nothing written), or `None` once written. Not for a
+    /// volume of another node ([`Export::has_layers`] is false).
+    pub fn compare_and_write(
+        &self,
+        offset: u64,
+        expect: &[u8],
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Option<usize>> {
+        match self {
+            Export::Volume(v) => v.compare_and_write(offset, expect, data, fua),
+            Export::Snapshot(_) => Err(self.read_only_error()),
+            Export::Remote(r) => Err(Error::Io {
+                op: "compare and write",
+                path: format!("volume {} (held by another node)", r.name()).into(),
+                source: std::io::ErrorKind::Unsupported.into(),
+            }),
+        }
+    }
+
     /// Whether [`Export::allocation_depth`] can answer (not for a volume
     /// of another node: its chain is the owner's).
     pub fn has_layers(&self) -> bool {

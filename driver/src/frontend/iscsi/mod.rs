@@ -13,12 +13,12 @@
 //! a target from user space. The digests use the `crc32c` crate.
 //!
 //! Not yet here (issue 17): CHAP, several connections per session,
-//! COMPARE AND WRITE, PERSISTENT RESERVE, REPORT SUPPORTED OPERATION
-//! CODES, EXTENDED COPY and the token pair, NodeStageVolume over iSCSI.
+//! PERSISTENT RESERVE, EXTENDED COPY and the token pair, NodeStageVolume
+//! over iSCSI.
 //!
 //! Bounds: at most `max_connections` connections; one that has not
 //! logged in within `login_timeout` is closed; what one connection holds
-//! is bounded as `session.rs` says (about 7 MiB at most).
+//! is bounded as `session.rs` says (about 6.4 MiB at most).
 
 mod login;
 pub mod pdu;

@@ -18,6 +18,9 @@ pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
 pub const MAX_VERIFY_BLOCKS: u32 = 256;
 /// Most blocks one UNMAP descriptor or WRITE SAME covers (4 GiB).
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+/// Most blocks one COMPARE AND WRITE covers (its compare and write data,
+/// 2 × 128 KiB, are held whole).
+pub const MAX_COMPARE_BLOCKS: u8 = 32;
 /// Most descriptors one UNMAP carries.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 
@@ -42,11 +45,19 @@ pub struct Sense {
     pub key: u8,
     pub asc: u8,
     pub ascq: u8,
+    /// The INFORMATION field (for MISCOMPARE: the offset of the first
+    /// byte that differs).
+    pub info: Option<u32>,
 }
 
 impl Sense {
     const fn new(key: u8, asc: u8, ascq: u8) -> Self {
-        Sense { key, asc, ascq }
+        Sense {
+            key,
+            asc,
+            ascq,
+            info: None,
+        }
     }
     pub const INVALID_OPCODE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
     pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
@@ -71,6 +82,10 @@ impl Sense {
     pub fn fixed(&self) -> [u8; 18] {
         let mut s = [0u8; 18];
         s[0] = 0x70;
+        if let Some(info) = self.info {
+            s[0] |= 0x80; // VALID
+            s[3..7].copy_from_slice(&info.to_be_bytes());
+        }
         s[2] = self.key;
         s[7] = 10;
         s[12] = self.asc;
@@ -158,12 +173,15 @@ pub mod opcode {
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
 }
 use opcode::*;
 
 const READ_CAPACITY_16: u8 = 0x10;
+const REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
 const GET_LBA_STATUS: u8 = 0x12;
 
 /// A READ/WRITE/VERIFY-style CDB: where, how many blocks, and FUA.
@@ -254,8 +272,9 @@ pub fn write_part(lun: &Lun, offset: u64, data: &[u8], fua: bool) -> Result<(), 
     Ok(())
 }
 
-/// Checks a CDB against the unit before any data is solicited.
-pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16]) -> Result<Plan, Sense> {
+/// Checks a CDB against the unit before any data is solicited; `edtl`
+/// is the data the initiator says it moves.
+pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense> {
     let none = Ok(Plan {
         data_out: 0,
         stream: None,
@@ -324,6 +343,21 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16]) -> Result<Plan, Sense> {
             lun.range(r.lba, r.blocks)?;
             out(if ndob { 0 } else { BLOCK })
         }
+        COMPARE_AND_WRITE => {
+            lun.writable()?;
+            let blocks = cdb[13];
+            // 0 blocks is a no-op, unless the initiator sends data for it:
+            // then the CDB and the data disagree (a count that wrapped).
+            if cdb[1] & 0xe0 != 0
+                || blocks > MAX_COMPARE_BLOCKS
+                || (blocks == 0 && edtl > 0)
+                || !lun.export.has_layers()
+            {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            lun.range(be64(&cdb[2..]), u64::from(blocks))?;
+            out(2 * u64::from(blocks) * BLOCK)
+        }
         UNMAP => {
             lun.writable()?;
             let len = be16(&cdb[7..]);
@@ -390,6 +424,10 @@ pub fn execute(
             Err(Sense::INTERNAL_FAILURE)
         }
         VERIFY_10 | VERIFY_16 => verify(lun, cdb, data_out),
+        COMPARE_AND_WRITE => compare_and_write(lun, cdb, data_out),
+        MAINTENANCE_IN if cdb[1] & 0x1f == REPORT_SUPPORTED_OPCODES => {
+            supported_opcodes(cdb, data_in)
+        }
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
             let r = rw(cdb).expect("a sync CDB");
             // 0 blocks means "to the end"; the range is still checked.
@@ -524,6 +562,7 @@ fn inquiry(lun: Option<&Lun>, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(
         0xb0 => {
             let mut b = vec![0u8; 0x3c];
             b[0] = 0x01; // WSNZ
+            b[1] = MAX_COMPARE_BLOCKS;
             b[2..4].copy_from_slice(&1u16.to_be_bytes());
             b[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
             b[8..12].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
@@ -615,6 +654,128 @@ fn verify(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
     } else {
         Err(Sense::MISCOMPARE)
     }
+}
+
+fn compare_and_write(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
+    let blocks = u64::from(cdb[13]);
+    let (offset, len) = lun.range(be64(&cdb[2..]), blocks)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let (expect, data) = data_out.split_at(len as usize);
+    let fua = cdb[1] & 0x08 != 0;
+    let started = Instant::now();
+    match lun.export.compare_and_write(offset, expect, data, fua) {
+        Ok(None) => {
+            lun.metrics.write.observe(len, started.elapsed());
+            Ok(())
+        }
+        Ok(Some(at)) => Err(Sense {
+            info: Some(at as u32),
+            ..Sense::MISCOMPARE
+        }),
+        Err(e) => Err(failed(lun, "compare_and_write", &e, true)),
+    }
+}
+
+/// The commands this unit runs: opcode, service action, CDB length.
+const COMMANDS: &[(u8, Option<u8>, u8)] = &[
+    (TEST_UNIT_READY, None, 6),
+    (REQUEST_SENSE, None, 6),
+    (READ_6, None, 6),
+    (WRITE_6, None, 6),
+    (INQUIRY, None, 6),
+    (MODE_SELECT_6, None, 6),
+    (MODE_SENSE_6, None, 6),
+    (START_STOP_UNIT, None, 6),
+    (READ_CAPACITY_10, None, 10),
+    (READ_10, None, 10),
+    (WRITE_10, None, 10),
+    (VERIFY_10, None, 10),
+    (SYNCHRONIZE_CACHE_10, None, 10),
+    (WRITE_SAME_10, None, 10),
+    (UNMAP, None, 10),
+    (MODE_SELECT_10, None, 10),
+    (MODE_SENSE_10, None, 10),
+    (READ_16, None, 16),
+    (COMPARE_AND_WRITE, None, 16),
+    (WRITE_16, None, 16),
+    (VERIFY_16, None, 16),
+    (SYNCHRONIZE_CACHE_16, None, 16),
+    (WRITE_SAME_16, None, 16),
+    (SERVICE_ACTION_IN_16, Some(READ_CAPACITY_16), 16),
+    (SERVICE_ACTION_IN_16, Some(GET_LBA_STATUS), 16),
+    (REPORT_LUNS, None, 12),
+    (MAINTENANCE_IN, Some(REPORT_SUPPORTED_OPCODES), 12),
+    (READ_12, None, 12),
+    (WRITE_12, None, 12),
+];
+
+/// REPORT SUPPORTED OPERATION CODES (SPC-5 §6.35): all commands, or one.
+/// The CDB usage map marks every bit of the CDB but the control byte as
+/// examined (a superset: reserved bits are among them).
+fn supported_opcodes(cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let rctd = cdb[2] & 0x80 != 0;
+    let option = cdb[2] & 0x07;
+    let (opcode, action) = (cdb[3], be16(&cdb[4..]) as u8);
+    let allocation = be32(&cdb[6..]);
+    // The command timeouts descriptor: no timeouts are known.
+    let timeouts = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    match option {
+        0 => {
+            let mut d = vec![0u8; 4];
+            for &(op, sa, len) in COMMANDS {
+                d.extend_from_slice(&[op, 0]);
+                d.extend_from_slice(&u16::from(sa.unwrap_or(0)).to_be_bytes());
+                d.push(0);
+                d.push(u8::from(sa.is_some()) | if rctd { 0x02 } else { 0 });
+                d.extend_from_slice(&u16::from(len).to_be_bytes());
+                if rctd {
+                    d.extend_from_slice(&timeouts);
+                }
+            }
+            let n = (d.len() - 4) as u32;
+            d[..4].copy_from_slice(&n.to_be_bytes());
+            data_in.extend_from_slice(&d);
+        }
+        1..=3 => {
+            let takes_action = COMMANDS
+                .iter()
+                .any(|&(op, sa, _)| op == opcode && sa.is_some());
+            // 1 names an opcode without service actions, 2 one with; 3 either.
+            if (option == 1 && takes_action) || (option == 2 && !takes_action && known(opcode)) {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let found = COMMANDS.iter().find(|&&(op, sa, _)| {
+                op == opcode && (sa.is_none() || option == 1 || sa == Some(action))
+            });
+            let mut d = vec![0u8; 4];
+            if let Some(&(op, _, len)) = found {
+                d[1] = 0x03 | if rctd { 0x80 } else { 0 };
+                d[2..4].copy_from_slice(&u16::from(len).to_be_bytes());
+                let mut usage = vec![0xffu8; usize::from(len)];
+                usage[0] = op;
+                if let Some(&(_, Some(sa), _)) = found {
+                    usage[1] = 0xe0 | sa;
+                }
+                usage[usize::from(len) - 1] = 0;
+                d.extend_from_slice(&usage);
+                if rctd {
+                    d.extend_from_slice(&timeouts);
+                }
+            } else {
+                d[1] = 0x01; // not supported
+            }
+            data_in.extend_from_slice(&d);
+        }
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+    }
+    truncate(data_in, allocation);
+    Ok(())
+}
+
+fn known(opcode: u8) -> bool {
+    COMMANDS.iter().any(|&(op, _, _)| op == opcode)
 }
 
 fn write_same(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
@@ -933,7 +1094,7 @@ mod tests {
         execute(None, &inquiry, &[], &mut out).unwrap();
         assert_eq!((out[0], out.len()), (0x7f, 36));
         let read = cdb(&[READ_10, 0, 0, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(plan(None, &read), Err(Sense::LUN_NOT_SUPPORTED));
+        assert_eq!(plan(None, &read, 4096), Err(Sense::LUN_NOT_SUPPORTED));
         let luns = cdb(&[REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 16]);
         execute(None, &luns, &[], &mut out).unwrap();
         assert_eq!(out, [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);

@@ -6,10 +6,12 @@
 //! Commands run in arrival order on the connection's thread. A write that
 //! needs more data than came with it solicits the rest (one R2T at a
 //! time, MaxOutstandingR2T=1); other commands arriving meanwhile run at
-//! once, and further writes wait their turn. What a connection holds is
-//! bounded: one write's data (at most 1 MiB), the immediate data of at
-//! most [`MAX_WAITING`] waiting writes (64 KiB each), one read's data
-//! (1 MiB) and one PDU (256 KiB).
+//! once, and further writes wait their turn. READ and WRITE data streams
+//! through a burst at a time, so what a connection holds is bounded
+//! whatever the transfer length: the active write's immediate data and
+//! current burst (64 KiB + 1 MiB), the immediate data of at most
+//! [`MAX_WAITING`] waiting writes (64 × 64 KiB), one read chunk (1 MiB),
+//! one PDU (256 KiB) and the socket buffer (64 KiB): about 6.4 MiB.
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader};
@@ -436,7 +438,7 @@ impl Conn<'_> {
             // An extended CDB: no command of this target needs one.
             return self.check_condition(itt, edtl, 0, Sense::INVALID_FIELD_IN_CDB);
         }
-        let plan = match scsi::plan(self.lun_at(lun_field), &cdb) {
+        let plan = match scsi::plan(self.lun_at(lun_field), &cdb, edtl) {
             Err(sense) => return self.check_condition(itt, edtl, 0, sense),
             Ok(p) => p,
         };
