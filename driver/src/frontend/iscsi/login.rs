@@ -91,11 +91,19 @@ pub struct Negotiation {
     pub session_type: Option<SessionType>,
     /// Set once MaxRecvDataSegmentLength was declared to the initiator.
     declared_recv: bool,
+    /// Keys offered so far: each may be offered once (RFC 7143 §6.2).
+    seen: std::collections::HashSet<String>,
 }
 
-/// A key's value was refused in a way that fails the login.
+/// The most keys one login may carry.
+pub const MAX_KEYS: usize = 256;
+
+/// A login refused: its status (class and detail) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused(pub String);
+pub struct Refused {
+    pub status: u16,
+    pub why: String,
+}
 
 fn number(v: &str, min: u64, max: u64) -> Option<u64> {
     let n = if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
@@ -129,6 +137,18 @@ impl Negotiation {
         let mut out: Vec<(String, String)> = Vec::new();
         let mut reply = |k: &str, v: &str| out.push((k.to_string(), v.to_string()));
         for (k, v) in pairs {
+            if self.seen.len() >= MAX_KEYS {
+                return Err(Refused {
+                    status: 0x0200,
+                    why: format!("more than {MAX_KEYS} keys"),
+                });
+            }
+            if !self.seen.insert(k.clone()) {
+                return Err(Refused {
+                    status: 0x0200,
+                    why: format!("{k} offered twice"),
+                });
+            }
             match k.as_str() {
                 "InitiatorName" => self.initiator_name = Some(v.clone()),
                 "InitiatorAlias" => {}
@@ -137,7 +157,12 @@ impl Negotiation {
                     self.session_type = Some(match v.as_str() {
                         "Discovery" => SessionType::Discovery,
                         "Normal" => SessionType::Normal,
-                        _ => return Err(Refused(format!("SessionType={v}"))),
+                        _ => {
+                            return Err(Refused {
+                                status: 0x0209,
+                                why: format!("SessionType={v}"),
+                            });
+                        }
                     })
                 }
                 "AuthMethod" => {
@@ -317,12 +342,20 @@ mod tests {
                 initial_r2t: true,
             }
         );
-        // Declared once only.
-        let again = n.answer(&pairs("MaxBurstLength=4096"), 1).unwrap();
+        // A key offered again fails the login.
+        assert_eq!(
+            n.answer(&pairs("HeaderDigest=None"), 1).unwrap_err().status,
+            0x0200
+        );
+        // Declared once only; a first burst over the burst is lowered to
+        // it, and said so.
+        let mut m = Negotiation::default();
+        let first = m.answer(&pairs("FirstBurstLength=65536"), 1).unwrap();
+        assert_eq!(get(&first, "MaxRecvDataSegmentLength"), Some("262144"));
+        let again = m.answer(&pairs("MaxBurstLength=4096"), 1).unwrap();
         assert_eq!(get(&again, "MaxRecvDataSegmentLength"), None);
-        // A first burst over the burst is lowered to it, and said so.
         assert_eq!(get(&again, "FirstBurstLength"), Some("4096"));
-        assert_eq!(n.params.first_burst, 4096);
+        assert_eq!(m.params.first_burst, 4096);
     }
 
     #[test]
@@ -338,6 +371,13 @@ mod tests {
         assert_eq!(get(&out, "HeaderDigest"), Some("Reject"));
         assert_eq!(get(&out, "MaxRecvDataSegmentLength"), Some("Reject"));
         assert_eq!(n.params.send_segment, 8192);
-        assert!(n.answer(&pairs("SessionType=Other"), 0).is_err());
+        assert_eq!(
+            n.answer(&pairs("SessionType=Other"), 0).unwrap_err().status,
+            0x0209
+        );
+        let mut many = Negotiation::default();
+        let keys: Vec<(String, String)> =
+            (0..300).map(|i| (format!("X-k{i}"), "1".into())).collect();
+        assert_eq!(many.answer(&keys, 0).unwrap_err().status, 0x0200);
     }
 }

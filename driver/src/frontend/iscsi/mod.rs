@@ -17,8 +17,10 @@
 //! over iSCSI.
 //!
 //! Bounds: at most `max_connections` connections; one that has not
-//! logged in within `login_timeout` is closed; what one connection holds
-//! is bounded as `session.rs` says (about 6.4 MiB at most).
+//! logged in within `login_timeout`, or has sent no whole PDU for
+//! `idle_timeout` after (initiators ping with NOP-Out every few seconds),
+//! is closed by a watchdog, whatever it sends a byte at a time; what one
+//! connection holds is bounded as `session.rs` says (about 6.4 MiB).
 
 mod login;
 pub mod pdu;
@@ -46,6 +48,9 @@ pub const TARGET_PREFIX: &str = "iqn.2026-12.dev.strata:";
 pub struct IscsiConfig {
     /// A connection must complete its login within this time.
     pub login_timeout: Duration,
+    /// After login, a connection that sends no whole PDU for this long is
+    /// closed.
+    pub idle_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
 }
@@ -54,8 +59,38 @@ impl Default for IscsiConfig {
     fn default() -> Self {
         IscsiConfig {
             login_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
             max_connections: 64,
         }
+    }
+}
+
+/// When a connection is closed unless it moves the time on: its login
+/// deadline, then the idle deadline after its last whole PDU.
+#[derive(Debug, Clone)]
+pub struct Deadline {
+    epoch: Instant,
+    at_ms: Arc<AtomicU64>,
+}
+
+impl Deadline {
+    fn new(epoch: Instant, within: Duration) -> Deadline {
+        let d = Deadline {
+            epoch,
+            at_ms: Arc::default(),
+        };
+        d.extend(within);
+        d
+    }
+
+    /// Moves the deadline to `by` from now.
+    pub fn extend(&self, by: Duration) {
+        let at = self.epoch.elapsed() + by;
+        self.at_ms.store(at.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn passed(&self) -> bool {
+        self.epoch.elapsed().as_millis() as u64 > self.at_ms.load(Ordering::Relaxed)
     }
 }
 
@@ -99,12 +134,31 @@ pub struct IscsiServer {
     connections: Arc<Semaphore>,
     live: Mutex<Live>,
     next: AtomicU64,
+    epoch: Instant,
+    watching: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Live {
     closed: bool,
-    sockets: HashMap<u64, TcpStream>,
+    sockets: HashMap<u64, (TcpStream, Deadline)>,
+}
+
+/// Takes a connection out of [`Live`] when its thread ends, however.
+struct Registered {
+    server: Arc<IscsiServer>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.server
+            .live
+            .lock()
+            .expect("live")
+            .sockets
+            .remove(&self.id);
+    }
 }
 
 impl IscsiServer {
@@ -121,11 +175,40 @@ impl IscsiServer {
             }),
             live: Mutex::default(),
             next: AtomicU64::new(0),
+            epoch: Instant::now(),
+            watching: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Closes, once a second, the connections whose deadline passed.
+    fn watch(self: &Arc<Self>) {
+        if self.watching.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let server = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                let live = server.live.lock().expect("live");
+                if live.closed {
+                    return;
+                }
+                for (socket, deadline) in live.sockets.values() {
+                    if deadline.passed() {
+                        server.target.metrics.iscsi_protocol_error("timeout");
+                        let _ = socket.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+        });
     }
 
     /// Accepts connections until `shutdown` resolves.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.watch();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -151,14 +234,14 @@ impl IscsiServer {
         {
             let mut live = self.live.lock().expect("live");
             live.closed = true;
-            for s in live.sockets.values() {
+            for (s, _) in live.sockets.values() {
                 let _ = s.shutdown(std::net::Shutdown::Read);
             }
         }
         let deadline = Instant::now() + limit;
         while !self.live.lock().expect("live").sockets.is_empty() {
             if Instant::now() >= deadline {
-                for s in self.live.lock().expect("live").sockets.values() {
+                for (s, _) in self.live.lock().expect("live").sockets.values() {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
                 return;
@@ -190,6 +273,7 @@ impl IscsiServer {
             }
         };
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let deadline = Deadline::new(self.epoch, self.target.config.login_timeout);
         {
             let mut live = self.live.lock().expect("live");
             let handle = match stream.try_clone() {
@@ -202,25 +286,28 @@ impl IscsiServer {
             if live.closed {
                 return;
             }
-            live.sockets.insert(id, handle);
+            live.sockets.insert(id, (handle, deadline.clone()));
         }
-        let server = Arc::clone(self);
+        let registered = Registered {
+            server: Arc::clone(self),
+            id,
+        };
         let spawned = std::thread::Builder::new()
             .name("iscsi-conn".into())
             .spawn(move || {
                 let _permit = permit;
-                let _counted = server.target.metrics.iscsi_connection();
+                let target = Arc::clone(&registered.server.target);
+                let _registered = registered;
+                let _counted = target.metrics.iscsi_connection();
                 crate::frontend::mark_io_flusher();
                 let peer = stream.peer_addr().ok();
-                if let Err(e) = session::serve(&server.target, stream) {
-                    server.target.metrics.iscsi_protocol_error(e.kind());
+                if let Err(e) = session::serve(&target, stream, &deadline) {
+                    target.metrics.iscsi_protocol_error(e.kind());
                     tracing::info!(?peer, error = %e, "iSCSI connection closed");
                 }
-                server.live.lock().expect("live").sockets.remove(&id);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no thread for an iSCSI connection");
-            self.live.lock().expect("live").sockets.remove(&id);
         }
     }
 }
@@ -240,6 +327,7 @@ mod tests {
         let config = IscsiConfig {
             login_timeout: Duration::from_secs(2),
             max_connections: 2,
+            ..IscsiConfig::default()
         };
         let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -273,6 +361,73 @@ mod tests {
             outcome.2 >= Duration::from_millis(1500) && outcome.2 < Duration::from_secs(6),
             "closed after {:?}",
             outcome.2
+        );
+    }
+}
+
+#[cfg(test)]
+mod watchdog_tests {
+    use super::*;
+    use crate::engine::{Pool, PoolOptions};
+    use std::io::{Read, Write};
+
+    /// A login sent a byte at a time is cut at the login deadline, and a
+    /// logged-in connection that goes quiet at the idle deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_logins_and_silent_sessions_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        let config = IscsiConfig {
+            login_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(2),
+            max_connections: 4,
+        };
+        let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+        let (drip, quiet) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            // A login header, one byte every 300 ms: never whole in time.
+            let mut login = pdu::Pdu::new(pdu::op::LOGIN);
+            login.bhs[0] |= 0x40;
+            let mut cut = None;
+            for b in login.bhs {
+                if s.write_all(&[b]).is_err() {
+                    cut = Some(started.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let drip = cut.unwrap_or(Duration::MAX);
+
+            // A discovery login, then silence.
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            login.bhs[1] = 0x80 | (1 << 2) | 3;
+            login.data = b"InitiatorName=iqn.x\0SessionType=Discovery\0".to_vec();
+            login.write_to(&mut s, pdu::Digests::default()).unwrap();
+            let answer = pdu::Pdu::read_from(&mut s, pdu::Digests::default(), 1 << 16).unwrap();
+            assert_eq!(
+                (answer.opcode(), answer.u16_at(36)),
+                (pdu::op::LOGIN_RESPONSE, 0)
+            );
+            let started = Instant::now();
+            let mut b = [0u8; 1];
+            let closed = matches!(s.read(&mut b), Ok(0) | Err(_));
+            (drip, closed.then(|| started.elapsed()))
+        })
+        .await
+        .unwrap();
+        assert!(
+            drip >= Duration::from_millis(1500) && drip < Duration::from_secs(5),
+            "a dripping login was cut after {drip:?}"
+        );
+        let quiet = quiet.expect("a silent session stayed open");
+        assert!(
+            quiet >= Duration::from_millis(1500) && quiet < Duration::from_secs(5),
+            "a silent session was closed after {quiet:?}"
         );
     }
 }

@@ -596,39 +596,47 @@ fn lba_status(lun: &Lun, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Se
     if lba >= lun.blocks() {
         return Err(Sense::LBA_OUT_OF_RANGE);
     }
-    // Enough descriptors to fill the allocation, at most 1024 per answer.
+    // Enough descriptors to fill the allocation, at most 1024 per answer,
+    // from maps read 1 GiB at a time (what one query holds grows with the
+    // fragmentation of that window only).
+    const WINDOW_BLOCKS: u64 = 1 << 18;
     let room = (allocation.saturating_sub(8) / 16).clamp(1, 1024) as usize;
-    let len = (lun.blocks() - lba).min(u64::from(u32::MAX)) * BLOCK;
-    let extents = lun
-        .export
-        .block_status(lba * BLOCK, len)
-        .map_err(|e| failed(lun, "block_status", &e, false))?;
+    let end = lba + (lun.blocks() - lba).min(u64::from(u32::MAX));
     let mut d = vec![0u8; 8];
-    let mut at = lba;
-    for e in extents {
-        let blocks = e.len / BLOCK;
-        if blocks == 0 {
-            continue;
-        }
-        // Merge with the last descriptor if it has the same state.
-        let state = u8::from(e.zero);
-        let n = (d.len() - 8) / 16;
-        if n > 0 && d[d.len() - 4] == state {
-            let last = d.len() - 16;
-            let count = be32(&d[last + 8..]) + blocks;
-            if count <= u64::from(u32::MAX) {
-                d[last + 8..last + 12].copy_from_slice(&(count as u32).to_be_bytes());
-                at += blocks;
+    let mut window = lba;
+    'windows: while window < end {
+        let window_end = (window + WINDOW_BLOCKS).min(end);
+        let extents = lun
+            .export
+            .block_status(window * BLOCK, (window_end - window) * BLOCK)
+            .map_err(|e| failed(lun, "block_status", &e, false))?;
+        let mut at = window;
+        for e in extents {
+            let blocks = (e.len / BLOCK).min(window_end - at);
+            if blocks == 0 {
                 continue;
             }
+            // Merge with the last descriptor if it has the same state.
+            let state = u8::from(e.zero);
+            let n = (d.len() - 8) / 16;
+            if n > 0 && d[d.len() - 4] == state {
+                let last = d.len() - 16;
+                let count = be32(&d[last + 8..]) + blocks;
+                if count <= u64::from(u32::MAX) {
+                    d[last + 8..last + 12].copy_from_slice(&(count as u32).to_be_bytes());
+                    at += blocks;
+                    continue;
+                }
+            }
+            if n == room {
+                break 'windows;
+            }
+            d.extend_from_slice(&at.to_be_bytes());
+            d.extend_from_slice(&(blocks as u32).to_be_bytes());
+            d.extend_from_slice(&[state, 0, 0, 0]);
+            at += blocks;
         }
-        if n == room {
-            break;
-        }
-        d.extend_from_slice(&at.to_be_bytes());
-        d.extend_from_slice(&(blocks.min(u64::from(u32::MAX)) as u32).to_be_bytes());
-        d.extend_from_slice(&[state, 0, 0, 0]);
-        at += blocks;
+        window = window_end;
     }
     let n = (d.len() - 4) as u32;
     d[..4].copy_from_slice(&n.to_be_bytes());
@@ -798,7 +806,8 @@ fn write_same(lun: &Lun, cdb: &[u8; 16], data_out: &[u8]) -> Result<(), Sense> {
     // A pattern that is not zeros is written as data, UNMAP or not: an
     // unmapped block reads as zeros (LBPRZ), and SBC lets the target
     // write instead of unmapping.
-    let chunk_blocks = r.blocks.min(u64::from(MAX_TRANSFER_BLOCKS)) as usize;
+    // The pattern repeated into at most 1 MiB, written as often as needed.
+    let chunk_blocks = r.blocks.min(256) as usize;
     let pattern = data_out.repeat(chunk_blocks);
     let mut at = 0;
     while at < len {

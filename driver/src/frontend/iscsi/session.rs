@@ -16,12 +16,12 @@
 use std::collections::VecDeque;
 use std::io::{self, BufReader};
 use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::login::{self, MAX_TEXT, Negotiation, OUR_MAX_RECV, Params, SessionType};
 use super::pdu::{Digests, NO_TAG, Pdu, PduError, op};
 use super::scsi::{self, CHECK_CONDITION, GOOD, Lun, Sense};
-use super::{TARGET_PREFIX, Target};
+use super::{Deadline, TARGET_PREFIX, Target};
 
 /// Commands the initiator may have outstanding (CmdSN window).
 const WINDOW: u32 = 32;
@@ -115,10 +115,19 @@ pub struct Conn<'a> {
     /// The rest of a text answer too long for one PDU, and its tag.
     text_rest: Option<(u32, Vec<u8>)>,
     data_in: Vec<u8>,
+    /// PDUs rejected so far; past [`MAX_REJECTS`] the connection ends.
+    rejects: u32,
 }
 
-/// Serves one accepted connection until it ends.
-pub fn serve(target: &Target, stream: TcpStream) -> Result<(), ConnError> {
+/// Rejected PDUs a connection may send before it is closed.
+const MAX_REJECTS: u32 = 16;
+/// The largest text answer (SendTargets) kept for one request.
+const MAX_TEXT_ANSWER: usize = 1 << 20;
+
+/// Serves one accepted connection until it ends. `deadline` is watched
+/// from outside (`mod.rs`): the connection moves it on after login and
+/// after every whole PDU.
+pub fn serve(target: &Target, stream: TcpStream, deadline: &Deadline) -> Result<(), ConnError> {
     let writer = stream.try_clone()?;
     let mut conn = Conn {
         target,
@@ -136,22 +145,13 @@ pub fn serve(target: &Target, stream: TcpStream) -> Result<(), ConnError> {
         next_ttt: 1,
         text_rest: None,
         data_in: Vec::new(),
+        rejects: 0,
     };
-    let deadline = Instant::now() + target.config.login_timeout;
-    if !conn.login(deadline)? {
+    if !conn.login()? {
         return Ok(());
     }
-    conn.reader.get_ref().set_read_timeout(None)?;
-    conn.full_feature()
-}
-
-/// Sets a socket read timeout of what is left until `deadline`.
-fn until(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    stream.set_read_timeout(Some(left))
+    deadline.extend(target.config.idle_timeout);
+    conn.full_feature(deadline)
 }
 
 impl Conn<'_> {
@@ -182,13 +182,12 @@ impl Conn<'_> {
 
     /// Runs the login phase. `Ok(false)` if it failed and was answered
     /// (the connection then closes).
-    fn login(&mut self, deadline: Instant) -> Result<bool, ConnError> {
+    fn login(&mut self) -> Result<bool, ConnError> {
         let mut neg = Negotiation::default();
         let mut text = Vec::new();
         let mut first = true;
         let mut isid = [0u8; 6];
         loop {
-            until(self.reader.get_ref(), deadline)?;
             let pdu = Pdu::read_from(&mut self.reader, Digests::default(), OUR_MAX_RECV as usize)?;
             if pdu.opcode() != op::LOGIN {
                 return Err(protocol(format!(
@@ -199,6 +198,9 @@ impl Conn<'_> {
             let flags = pdu.flags();
             let (transit, more) = (flags & 0x80 != 0, flags & 0x40 != 0);
             let (csg, nsg) = ((flags >> 2) & 3, flags & 3);
+            if transit && more {
+                return self.login_failed(&pdu, 0x0200, "both T and C set");
+            }
             if first {
                 isid.copy_from_slice(&pdu.bhs[8..14]);
                 self.exp_cmd_sn = pdu.u32_at(24);
@@ -231,7 +233,7 @@ impl Conn<'_> {
             }
             let mut answers = match neg.answer(&pairs, csg) {
                 Ok(a) => a,
-                Err(e) => return self.login_failed(&pdu, 0x0209, &format!("refused {}", e.0)),
+                Err(e) => return self.login_failed(&pdu, e.status, &e.why),
             };
             if first {
                 first = false;
@@ -243,7 +245,8 @@ impl Conn<'_> {
                     let Some(name) = neg.target_name.clone() else {
                         return self.login_failed(&pdu, 0x0207, "no TargetName");
                     };
-                    match self.target.open(&name) {
+                    // IQNs compare without case (RFC 3722).
+                    match self.target.open(&name.to_ascii_lowercase()) {
                         Ok(Some(lun)) => self.lun = Some(lun),
                         Ok(None) => return self.login_failed(&pdu, 0x0203, "no such target"),
                         Err(e) => {
@@ -305,8 +308,11 @@ impl Conn<'_> {
 
     // ---- full feature phase -----------------------------------------
 
-    fn full_feature(&mut self) -> Result<(), ConnError> {
+    fn full_feature(&mut self, deadline: &Deadline) -> Result<(), ConnError> {
         loop {
+            if self.rejects > MAX_REJECTS {
+                return Err(protocol(format!("{} PDUs rejected", self.rejects)));
+            }
             let pdu = match Pdu::read_from(&mut self.reader, self.digests, self.recv_limit) {
                 Ok(p) => p,
                 Err(PduError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -317,6 +323,7 @@ impl Conn<'_> {
                 }
                 Err(e) => return Err(e.into()),
             };
+            deadline.extend(self.target.config.idle_timeout);
             if !self.sequence(&pdu) {
                 continue;
             }
@@ -372,7 +379,8 @@ impl Conn<'_> {
     }
 
     fn reject(&mut self, pdu: &Pdu, reason: u8) -> io::Result<()> {
-        tracing::info!(opcode = pdu.opcode(), reason, "iSCSI PDU rejected");
+        tracing::debug!(opcode = pdu.opcode(), reason, "iSCSI PDU rejected");
+        self.rejects += 1;
         self.target.metrics.iscsi_protocol_error("reject");
         let mut r = Pdu::new(op::REJECT);
         r.bhs[2] = reason;
@@ -417,6 +425,7 @@ impl Conn<'_> {
             return Err(protocol("SCSI command in a discovery session"));
         }
         let write = pdu.flags() & 0x20 != 0;
+        let pdu_attr = pdu.flags() & 0x07;
         let edtl = pdu.u32_at(20);
         if pdu.data.len() > edtl as usize
             || pdu.data.len() > self.params.first_burst as usize
@@ -479,7 +488,10 @@ impl Conn<'_> {
             r2t_sn: 0,
             data_sn: 0,
         };
-        if task.received == need {
+        // An ORDERED task waits for the write gathering data before it;
+        // SIMPLE ones run at once (the control page allows reordering).
+        let ordered = pdu_attr == 2 && self.active.is_some();
+        if task.received == need && !ordered {
             return self.finish(task);
         }
         if self.active.is_none() {
@@ -535,7 +547,9 @@ impl Conn<'_> {
             return Ok(());
         }
         let offset = pdu.u32_at(40) as usize;
-        let fault = if offset != task.received || offset + pdu.data.len() > task.burst_end {
+        let fault = if pdu.data.is_empty() {
+            Some((Sense::DATA_PHASE_ERROR, "an empty Data-Out".to_string()))
+        } else if offset != task.received || offset + pdu.data.len() > task.burst_end {
             Some((
                 Sense::DATA_OFFSET_ERROR,
                 format!(
@@ -563,7 +577,7 @@ impl Conn<'_> {
         if let Some((sense, why)) = fault {
             // The task fails and is forgotten (its further Data-Out is
             // dropped); the connection goes on.
-            tracing::info!(itt = pdu.itt(), why, "iSCSI write failed on bad Data-Out");
+            tracing::debug!(itt = pdu.itt(), why, "iSCSI write failed on bad Data-Out");
             self.target
                 .metrics
                 .iscsi_protocol_error("data_out_sequence");
@@ -571,7 +585,7 @@ impl Conn<'_> {
             self.check_condition(task.itt, task.edtl, task.expected, sense)?;
             return self.next_waiting();
         }
-        task.data_sn += 1;
+        task.data_sn = task.data_sn.wrapping_add(1);
         task.received += pdu.data.len();
         task.data.extend_from_slice(&pdu.data);
         let burst_done = task.received == task.burst_end;
@@ -601,12 +615,16 @@ impl Conn<'_> {
         self.next_waiting()
     }
 
-    /// Solicits the data of the next waiting write, if any.
+    /// Runs the waiting tasks that have their data (ORDERED ones), up to
+    /// the next write that needs more, whose data it then solicits.
     fn next_waiting(&mut self) -> Result<(), ConnError> {
-        match self.waiting.pop_front() {
-            Some(next) => self.solicit(next),
-            None => Ok(()),
+        while let Some(next) = self.waiting.pop_front() {
+            if next.received < next.need {
+                return self.solicit(next);
+            }
+            self.finish(next)?;
         }
+        Ok(())
     }
 
     /// Runs a command that has all its data, and answers it.
@@ -622,7 +640,13 @@ impl Conn<'_> {
         let result = scsi::execute(self.lun_at(task.lun), &task.cdb, &task.data, &mut data_in);
         let answered = match result {
             Ok(()) => {
-                let residual = residual(data_in.len(), task.edtl);
+                // What moved: the data read, or the data the CDB took.
+                let moved = if data_in.is_empty() {
+                    task.expected
+                } else {
+                    data_in.len()
+                };
+                let residual = residual(moved, task.edtl);
                 let n = data_in.len().min(task.edtl as usize);
                 self.data_in_pdus(task.itt, &data_in[..n], 0, &mut 0, true, residual)
             }
@@ -827,20 +851,31 @@ impl Conn<'_> {
                 return Ok(());
             };
             let mut out = Vec::new();
+            let mut listed = false;
             for (k, v) in &pairs {
                 match k.as_str() {
-                    "SendTargets" => out.extend(self.send_targets(v)),
+                    // One listing per request, whatever it asks.
+                    "SendTargets" if listed => out.push((k.clone(), "Reject".into())),
+                    "SendTargets" => {
+                        listed = true;
+                        out.extend(self.send_targets(v));
+                    }
                     "MaxRecvDataSegmentLength" => match v.parse::<u32>() {
                         Ok(n) if (512..1 << 24).contains(&n) => self.params.send_segment = n,
                         _ => out.push((k.clone(), "Reject".into())),
                     },
-                    _ if k.starts_with("X-") || k.starts_with("X#") => {
-                        out.push((k.clone(), "NotUnderstood".into()))
-                    }
-                    _ => out.push((k.clone(), "Reject".into())),
+                    _ => out.push((k.clone(), "NotUnderstood".into())),
                 }
             }
-            login::encode(&out)
+            let mut text = login::encode(&out);
+            if text.len() > MAX_TEXT_ANSWER {
+                tracing::warn!(bytes = text.len(), "iSCSI text answer cut to 1 MiB");
+                text.truncate(MAX_TEXT_ANSWER);
+                // End on a whole pair.
+                let end = text.iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+                text.truncate(end);
+            }
+            text
         };
         let limit = self.params.send_segment as usize;
         let mut r = Pdu::new(op::TEXT_RESPONSE);
