@@ -508,7 +508,9 @@ fn the_kernel_initiator_attaches_formats_and_rides_out_a_restart() {
     let vol = s.create_volume("kernel", "256MiB");
     let iqn = format!("{TARGET_PREFIX}{vol}");
     let portal = format!("127.0.0.1:{port}");
-    sh("echo InitiatorName=iqn.2026-12.dev.strata:vm > /etc/iscsi/initiatorname.iscsi");
+    sh(
+        "mkdir -p /run/lock/iscsi /etc/iscsi && echo InitiatorName=iqn.2026-12.dev.strata:vm > /etc/iscsi/initiatorname.iscsi",
+    );
     sh("pgrep -x iscsid >/dev/null || iscsid");
     let found = run_ok(
         "iscsiadm",
@@ -555,7 +557,12 @@ fn the_kernel_initiator_attaches_formats_and_rides_out_a_restart() {
         .args(["-c", &format!("for i in $(seq 200); do head -c 65536 /dev/urandom >> {mnt}/during || exit 1; sync {mnt}/during || exit 1; done")])
         .spawn()
         .unwrap();
+    let mut writer = writer;
     std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer ended before the kill"
+    );
     s.kill9();
     std::thread::sleep(Duration::from_secs(2));
     s.spawn();
