@@ -1145,82 +1145,86 @@ async fn restarts_with_volumes_staged_serve_them_again_and_broken_attachments_ar
     let after_term = write_file(&target.join("after-sigterm"), 1 << 20, 11);
     assert!(std::fs::read(target.join("after-sigterm")).unwrap() == after_term);
 
-    // The attachment breaks: with FUSE, the plugin and the fd holder both
-    // die and the connections are gone for good; with nbd, the plugin
-    // stays away longer than the kernel waits, which then fails I/O. The
-    // restarted plugin reports it instead of hiding it, and unstaging and
-    // staging again rebuilds the attachment, with every flushed byte still
-    // there.
-    s.kill9();
-    let broken = if nbd {
-        let started = std::time::Instant::now();
-        let rewrite = btarget.clone();
-        let first = bdata[..4096].to_vec();
-        let failed = tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
-            .await
-            .unwrap();
-        assert!(
-            failed.is_err(),
-            "the kernel must fail I/O once its dead-connection timeout has passed"
-        );
-        assert!(started.elapsed() >= std::time::Duration::from_millis(1500));
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        "nothing served"
-    } else {
-        common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
-        "lost"
-    };
-    s.spawn();
-    csi = Csi::connect(&s.csi_socket()).await;
-    let st = csi
-        .node
-        .node_get_volume_stats(c::stats(&vol, &target))
-        .await
-        .unwrap()
-        .into_inner();
-    let cond = st.volume_condition.unwrap();
-    assert!(
-        cond.abnormal,
-        "a broken attachment must be reported: {cond:?}"
-    );
-    assert!(cond.message.contains(broken), "{}", cond.message);
-    if nbd {
-        // Served again (what is written now is kept), and still reported
-        // after one more restart: only unstaging clears it.
-        let rewrite = btarget.clone();
-        let first = bdata[..4096].to_vec();
-        tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
+    // An iSCSI session waits out a plugin that stays away for its
+    // replacement timeout (120 s): no break to provoke in a test's time.
+    if s.attach_backend() != "iscsi" {
+        // The attachment breaks: with FUSE, the plugin and the fd holder both
+        // die and the connections are gone for good; with nbd, the plugin
+        // stays away longer than the kernel waits, which then fails I/O. The
+        // restarted plugin reports it instead of hiding it, and unstaging and
+        // staging again rebuilds the attachment, with every flushed byte still
+        // there.
+        s.kill9();
+        let broken = if nbd {
+            let started = std::time::Instant::now();
+            let rewrite = btarget.clone();
+            let first = bdata[..4096].to_vec();
+            let failed = tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
+                .await
+                .unwrap();
+            assert!(
+                failed.is_err(),
+                "the kernel must fail I/O once its dead-connection timeout has passed"
+            );
+            assert!(started.elapsed() >= std::time::Duration::from_millis(1500));
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            "nothing served"
+        } else {
+            common::standalone::holder_kill(&s.state_dir().join("fuse-holder.sock"));
+            "lost"
+        };
+        s.spawn();
+        csi = Csi::connect(&s.csi_socket()).await;
+        let st = csi
+            .node
+            .node_get_volume_stats(c::stats(&vol, &target))
             .await
             .unwrap()
-            .expect("the device is served again after the late restart");
-        let cond;
-        (csi, cond) = restart_gracefully(&mut s, &vol, &target).await;
-        assert!(cond.abnormal && cond.message.contains(broken), "{cond:?}");
-    }
-    let got = csi
-        .controller
-        .controller_get_volume(ControllerGetVolumeRequest {
-            volume_id: vol.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
-    assert_eq!(
-        code(
-            csi.node
-                .node_publish_volume(c::publish(
-                    &vol,
-                    &staging,
-                    &target.with_file_name("other"),
-                    ext4.clone(),
-                    false
-                ))
+            .into_inner();
+        let cond = st.volume_condition.unwrap();
+        assert!(
+            cond.abnormal,
+            "a broken attachment must be reported: {cond:?}"
+        );
+        assert!(cond.message.contains(broken), "{}", cond.message);
+        if nbd {
+            // Served again (what is written now is kept), and still reported
+            // after one more restart: only unstaging clears it.
+            let rewrite = btarget.clone();
+            let first = bdata[..4096].to_vec();
+            tokio::task::spawn_blocking(move || write_at(&rewrite, 0, &first))
                 .await
-        ),
-        Code::FailedPrecondition,
-        "no new publishes of a broken attachment"
-    );
+                .unwrap()
+                .expect("the device is served again after the late restart");
+            let cond;
+            (csi, cond) = restart_gracefully(&mut s, &vol, &target).await;
+            assert!(cond.abnormal && cond.message.contains(broken), "{cond:?}");
+        }
+        let got = csi
+            .controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: vol.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+        assert_eq!(
+            code(
+                csi.node
+                    .node_publish_volume(c::publish(
+                        &vol,
+                        &staging,
+                        &target.with_file_name("other"),
+                        ext4.clone(),
+                        false
+                    ))
+                    .await
+            ),
+            Code::FailedPrecondition,
+            "no new publishes of a broken attachment"
+        );
+    }
     unpublish_and_unstage(&mut csi, &vol, &staging, &target).await;
     unpublish_and_unstage(&mut csi, &blk, &bstaging, &btarget).await;
     stage_and_publish(&mut csi, &vol, &staging, &target, &ext4).await;

@@ -492,7 +492,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
         pool: a.pool,
         csi_endpoint: a.csi_endpoint,
         nbd_listen: a.nbd_listen,
-        iscsi_listen: a.iscsi_listen,
+        iscsi_listen: a.iscsi_listen.clone(),
         metrics_listen: a.metrics_listen,
         node: crate::node::NodeConfig {
             node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),
@@ -501,6 +501,11 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
             max_volumes: a.max_volumes,
             holder,
             nbd_dead_timeout: std::time::Duration::from_secs(a.nbd_dead_timeout),
+            iscsi_portal: a
+                .iscsi_listen
+                .iter()
+                .copied()
+                .find(|l| l.ip().is_loopback()),
         },
     })
 }

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 pub use error::{Error, Result};
 
-use attach::{Attach, Attached, FuseAttach, Handle, Kind, NbdAttach};
+use attach::{Attach, Attached, FuseAttach, Handle, IscsiAttach, Kind, NbdAttach};
 use error::io;
 use state::{Access, Phase, StagedRecord, StateDir};
 
@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub holder: HolderStart,
     /// How long the kernel keeps an nbd device whose server went away.
     pub nbd_dead_timeout: std::time::Duration,
+    /// This node's own iSCSI target (loopback), for `--attach iscsi`.
+    pub iscsi_portal: Option<std::net::SocketAddr>,
 }
 
 /// Where the FUSE fd holder comes from.
@@ -245,6 +247,15 @@ impl Node {
                     .ok_or_else(|| Error::Unavailable("the nbd driver went away".into()))?,
                 config.nbd_dead_timeout.as_secs().max(1),
                 &config.state_dir,
+            )?),
+            Kind::Iscsi => Box::new(IscsiAttach::new(
+                config.iscsi_portal.ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "--attach iscsi needs the node's own target: --iscsi-listen 127.0.0.1:PORT"
+                            .into(),
+                    )
+                })?,
+                nbd.exports().clone(),
             )?),
         };
         let node = Node {

@@ -81,6 +81,13 @@ impl Standalone {
         if let Ok(attach) = std::env::var("STRATA_TEST_ATTACH")
             && !extra.contains(&"--attach")
         {
+            // iSCSI attaches through the node's own target.
+            if attach == "iscsi" {
+                args.extend([
+                    "--iscsi-listen".into(),
+                    format!("127.0.0.1:{}", free_port()),
+                ]);
+            }
             args.extend(["--attach".into(), attach]);
         }
         let proc = Proc::new(dir.path().to_path_buf(), args, dir.path().join("csi.sock"));

@@ -9,13 +9,19 @@
 //!   loop device (nodes without the nbd module). The fd holder keeps the
 //!   FUSE connection alive across a restart.
 //!
-//! Both attach with a 4096-byte logical sector size. [`choose`] picks one
+//! - `iscsi`: the kernel's iSCSI initiator (open-iscsi) logged in to this
+//!   node's own target on loopback (`--attach iscsi`, never chosen by
+//!   `auto`). iscsid keeps the session across a restart.
+//!
+//! All attach with a 4096-byte logical sector size. [`choose`] picks one
 //! from the node flag and what the kernel offers.
 
 mod fuse;
+mod iscsi;
 mod nbd;
 
 pub use fuse::FuseAttach;
+pub use iscsi::IscsiAttach;
 pub use nbd::{DEAD_CONN_TIMEOUT_SECS, NbdAttach};
 
 use std::path::PathBuf;
@@ -38,6 +44,7 @@ pub const SECTOR_SIZE: u32 = 4096;
 pub enum Kind {
     Nbd,
     Fuse,
+    Iscsi,
 }
 
 impl std::fmt::Display for Kind {
@@ -45,6 +52,7 @@ impl std::fmt::Display for Kind {
         f.write_str(match self {
             Kind::Nbd => "nbd",
             Kind::Fuse => "fuse",
+            Kind::Iscsi => "iscsi",
         })
     }
 }
@@ -56,6 +64,9 @@ pub enum Choice {
     Auto,
     Nbd,
     Fuse,
+    /// The kernel's iSCSI initiator, logged in to this node's own target
+    /// (needs `--iscsi-listen` on loopback and iscsid running).
+    Iscsi,
 }
 
 /// What this kernel offers.
@@ -100,6 +111,11 @@ pub fn choose(choice: Choice, probe: &Probe) -> Result<(Kind, String)> {
         missing.join(" and ")
     };
     match (choice, probe.nbd_family) {
+        (Choice::Iscsi, _) => Ok((
+            Kind::Iscsi,
+            "the kernel's iSCSI initiator, logged in to this node's own target (--attach iscsi)"
+                .into(),
+        )),
         (Choice::Nbd | Choice::Auto, Some(id)) => Ok((
             Kind::Nbd,
             format!("the kernel's nbd driver (netlink family {id})"),
@@ -151,6 +167,10 @@ pub enum Handle {
         /// The backend identifier given at connect (the volume ID), which
         /// the kernel wants again in every reconfigure of the device.
         backend: String,
+    },
+    Iscsi {
+        /// The target the session is logged in to.
+        iqn: String,
     },
 }
 

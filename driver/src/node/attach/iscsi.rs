@@ -1,0 +1,283 @@
+//! The `iscsi` backend: the kernel's iSCSI initiator (open-iscsi's
+//! `iscsiadm` and `iscsid`) logged in to this node's own target on a
+//! loopback portal (`--iscsi-listen`). One session per volume; the disk is
+//! found through sysfs (the session's target's LUN 0), not udev.
+//!
+//! Across a restart of this process the session stays: iscsid reconnects
+//! when the target listens again, and holds the disk's I/O meanwhile for
+//! the session's replacement timeout (120 s in Debian's iscsid.conf), so
+//! [`Attach::resume`] finds the disk where it was.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{Attach, Attached, Handle, Kind};
+use crate::engine::VolumeId;
+use crate::frontend::iscsi::TARGET_PREFIX;
+use crate::frontend::{Export, Exports};
+use crate::node::error::{Error, Result};
+use crate::node::state::StagedRecord;
+
+/// iscsiadm's exit codes this backend expects (open-iscsi's
+/// `iscsi_err.h`): a session that already exists, and nothing found.
+const SESSION_EXISTS: i32 = 15;
+const NOTHING_FOUND: i32 = 21;
+
+/// How long a login may take to show its disk.
+const DISK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attaches volumes through the kernel's iSCSI initiator.
+#[derive(Debug)]
+pub struct IscsiAttach {
+    portal: SocketAddr,
+    /// The exports the target serves: volumes of other nodes are added
+    /// here before their login.
+    exports: Exports,
+    sysfs: PathBuf,
+}
+
+impl IscsiAttach {
+    pub fn new(portal: SocketAddr, exports: Exports) -> Result<Self> {
+        if !portal.ip().is_loopback() {
+            return Err(Error::InvalidArgument(format!(
+                "--attach iscsi logs in to this node's own target: --iscsi-listen {portal} is \
+                 not a loopback address"
+            )));
+        }
+        // iscsiadm must be there: a session listing (none is fine).
+        iscsiadm(&["-m", "session"], &[NOTHING_FOUND])?;
+        Ok(IscsiAttach {
+            portal,
+            exports,
+            sysfs: PathBuf::from("/sys"),
+        })
+    }
+
+    fn portal(&self) -> String {
+        self.portal.to_string()
+    }
+
+    fn login(&self, iqn: &str) -> Result<()> {
+        let portal = self.portal();
+        iscsiadm(&["-m", "node", "-T", iqn, "-p", &portal, "-o", "new"], &[])?;
+        iscsiadm(
+            &["-m", "node", "-T", iqn, "-p", &portal, "--login"],
+            &[SESSION_EXISTS],
+        )
+        .map(drop)
+    }
+
+    fn logout(&self, iqn: &str) -> Result<()> {
+        let portal = self.portal();
+        iscsiadm(
+            &["-m", "node", "-T", iqn, "-p", &portal, "--logout"],
+            &[NOTHING_FOUND],
+        )?;
+        iscsiadm(
+            &["-m", "node", "-T", iqn, "-p", &portal, "-o", "delete"],
+            &[NOTHING_FOUND],
+        )
+        .map(drop)
+    }
+
+    /// Waits for the disk of the session to `iqn`.
+    fn wait_disk(&self, iqn: &str) -> Result<PathBuf> {
+        let deadline = Instant::now() + DISK_TIMEOUT;
+        loop {
+            if let Some(d) = disk_of(&self.sysfs, iqn) {
+                return Ok(d);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "the iSCSI session to {iqn} showed no disk within {DISK_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn attached(&self, iqn: String) -> Result<Attached> {
+        let device = self.wait_disk(&iqn)?;
+        Ok(Attached {
+            device,
+            handle: Handle::Iscsi { iqn },
+        })
+    }
+}
+
+fn iqn_of(vid: VolumeId) -> String {
+    format!("{TARGET_PREFIX}{vid}")
+}
+
+/// Runs iscsiadm; exit codes in `ok` count as success.
+fn iscsiadm(args: &[&str], ok: &[i32]) -> Result<String> {
+    let out = Command::new("iscsiadm")
+        .args(args)
+        .output()
+        .map_err(|e| Error::Tool {
+            command: "iscsiadm".into(),
+            status: "not started (is open-iscsi installed?)".into(),
+            stderr: e.to_string(),
+        })?;
+    let code = out.status.code().unwrap_or(-1);
+    if !out.status.success() && !ok.contains(&code) {
+        return Err(Error::Tool {
+            command: format!("iscsiadm {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The sessions under `sysfs`, as (session directory, target name).
+fn sessions(sysfs: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(dir) = std::fs::read_dir(sysfs.join("class/iscsi_session")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|s| {
+            let name = std::fs::read_to_string(s.path().join("targetname")).ok()?;
+            Some((s.path(), name.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The disk of LUN 0 of the session to `iqn`: under the session's
+/// `device/target*/H:C:T:0/block/`.
+fn disk_of(sysfs: &Path, iqn: &str) -> Option<PathBuf> {
+    let (session, _) = sessions(sysfs).into_iter().find(|(_, n)| n == iqn)?;
+    for target in std::fs::read_dir(session.join("device")).ok()?.flatten() {
+        if !target.file_name().to_string_lossy().starts_with("target") {
+            continue;
+        }
+        for lun in std::fs::read_dir(target.path()).ok()?.flatten() {
+            if !lun.file_name().to_string_lossy().ends_with(":0") {
+                continue;
+            }
+            let disk = std::fs::read_dir(lun.path().join("block"))
+                .ok()?
+                .flatten()
+                .next()?;
+            return Some(PathBuf::from("/dev").join(disk.file_name()));
+        }
+    }
+    None
+}
+
+impl Attach for IscsiAttach {
+    fn kind(&self) -> Kind {
+        Kind::Iscsi
+    }
+
+    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
+        if let Export::Remote(r) = export {
+            self.exports.add_remote(r);
+        }
+        let iqn = iqn_of(vid);
+        let attached = self.login(&iqn).and_then(|()| self.attached(iqn.clone()));
+        if attached.is_err() {
+            // Nothing is left half attached.
+            if let Err(e) = self.logout(&iqn) {
+                tracing::warn!(volume = %vid, error = %e, "logging out after a failed attach failed");
+            }
+        }
+        attached
+    }
+
+    fn resume(&self, vid: VolumeId, export: Export, _rec: &StagedRecord) -> Result<Attached> {
+        if let Export::Remote(r) = export {
+            self.exports.add_remote(r);
+        }
+        let iqn = iqn_of(vid);
+        // The session outlived the process before this one (iscsid logs
+        // in again once the target listens); log in if it did not.
+        if disk_of(&self.sysfs, &iqn).is_none() {
+            self.login(&iqn)?;
+        }
+        self.attached(iqn)
+    }
+
+    fn resize(&self, attached: &Attached, size: u64) -> Result<()> {
+        let Handle::Iscsi { iqn } = &attached.handle else {
+            return Err(Error::InvalidArgument("not an iSCSI attachment".into()));
+        };
+        let disk = disk_of(&self.sysfs, iqn)
+            .ok_or_else(|| Error::Unavailable(format!("no disk for the iSCSI session to {iqn}")))?;
+        let name = disk
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let rescan = self.sysfs.join("block").join(&name).join("device/rescan");
+        std::fs::write(&rescan, b"1").map_err(|source| Error::Io {
+            op: "rescan",
+            path: rescan.clone(),
+            source,
+        })?;
+        // The new capacity shows once the rescan's READ CAPACITY returned.
+        let sectors = self.sysfs.join("block").join(&name).join("size");
+        let deadline = Instant::now() + DISK_TIMEOUT;
+        loop {
+            let now = std::fs::read_to_string(&sectors)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if now * 512 == size {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "{} shows {} bytes after a rescan, not {size}",
+                    disk.display(),
+                    now * 512
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn detach(&self, volume: VolumeId) -> Result<()> {
+        self.logout(&iqn_of(volume))?;
+        self.exports.remove_remote(&volume.to_string());
+        Ok(())
+    }
+
+    fn strays(&self, known: &[VolumeId]) -> Vec<VolumeId> {
+        sessions(&self.sysfs)
+            .into_iter()
+            .filter_map(|(_, name)| name.strip_prefix(TARGET_PREFIX)?.parse::<VolumeId>().ok())
+            .filter(|v| !known.contains(v))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The disk is found the way the kernel lays sysfs out for an iSCSI
+    /// session, and only for its own target.
+    #[test]
+    fn the_disk_of_a_session_is_found_through_sysfs() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path();
+        let session = sys.join("class/iscsi_session/session3");
+        std::fs::create_dir_all(&session).unwrap();
+        std::fs::write(session.join("targetname"), "iqn.2026-12.dev.strata:abc\n").unwrap();
+        let lun = session.join("device/target4:0:0/4:0:0:0/block/sdc");
+        std::fs::create_dir_all(&lun).unwrap();
+        std::fs::create_dir_all(session.join("device/power")).unwrap();
+        assert_eq!(
+            disk_of(sys, "iqn.2026-12.dev.strata:abc"),
+            Some(PathBuf::from("/dev/sdc"))
+        );
+        assert_eq!(disk_of(sys, "iqn.2026-12.dev.strata:other"), None);
+        assert_eq!(
+            sessions(sys),
+            vec![(session, "iqn.2026-12.dev.strata:abc".to_string())]
+        );
+    }
+}
