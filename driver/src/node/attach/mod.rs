@@ -247,6 +247,10 @@ mod tests {
         );
         let e = choose(Choice::Fuse, &probe(Some(30), false)).unwrap_err();
         assert!(e.to_string().contains("/dev/fuse"), "{e}");
+        // iSCSI only when asked, whatever the kernel offers.
+        for p in [probe(Some(30), true), probe(None, false)] {
+            assert_eq!(choose(Choice::Iscsi, &p).unwrap().0, Kind::Iscsi);
+        }
     }
 
     /// The probe talks netlink to the running kernel for real; whatever it
@@ -259,6 +263,7 @@ mod tests {
             Ok((Kind::Nbd, _)) => assert!(p.nbd_family.is_some()),
             Ok((Kind::Fuse, _)) => assert!(p.nbd_family.is_none() && p.fuse && p.loop_control),
             Err(_) => assert!(p.nbd_family.is_none() && !(p.fuse && p.loop_control)),
+            Ok((Kind::Iscsi, why)) => panic!("auto chose iSCSI: {why}"),
         }
     }
 }
