@@ -164,6 +164,9 @@ impl EmbeddedRecords {
     /// open: a controller that just gave up the lead (its lock file) still
     /// holds the store until it has exited.
     pub fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<Self> {
+        if !path.exists() {
+            Self::create(path)?;
+        }
         let deadline = std::time::Instant::now() + wait;
         let db = loop {
             match Database::create(path) {
@@ -175,6 +178,39 @@ impl EmbeddedRecords {
                 opened => break opened.map_err(store)?,
             }
         };
+        Self::tables(&db)?;
+        Ok(EmbeddedRecords { db })
+    }
+
+    /// Makes a new store at `path` atomically: built under a name of its
+    /// own, then linked into place, so a process killed while creating it
+    /// leaves no half-made store for the next start to choke on, and two
+    /// creating at once end with one store (the link fails if `path` is
+    /// there already).
+    fn create(path: &Path) -> Result<()> {
+        let new = path.with_extension(format!("new.{}", std::process::id()));
+        let _ = std::fs::remove_file(&new);
+        {
+            let db = Database::create(&new).map_err(store)?;
+            Self::tables(&db)?;
+        }
+        let linked = std::fs::hard_link(&new, path);
+        let _ = std::fs::remove_file(&new);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(store(format!("install {}: {e}", path.display()))),
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| store(format!("sync {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the tables a store has (those it lacks, in an older one).
+    fn tables(db: &Database) -> Result<()> {
         let txn = db.begin_write().map_err(store)?;
         for t in [VOLUMES, SNAPSHOTS, NODES] {
             txn.open_table(t).map_err(store)?;
@@ -182,8 +218,7 @@ impl EmbeddedRecords {
         for t in [VOLUME_NAMES, SNAPSHOT_NAMES] {
             txn.open_table(t).map_err(store)?;
         }
-        txn.commit().map_err(store)?;
-        Ok(EmbeddedRecords { db })
+        txn.commit().map_err(store)
     }
 
     fn get<T: for<'de> Deserialize<'de>>(
@@ -444,6 +479,27 @@ mod tests {
             moving: None,
             claim: None,
         }
+    }
+
+    /// A store is made whole before it has its name: a half-made one
+    /// left by a killed creation (under its temporary name) is ignored,
+    /// and creating where a store already is never replaces it.
+    #[test]
+    fn a_store_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.redb");
+        let leftover = path.with_extension(format!("new.{}", std::process::id()));
+        std::fs::write(&leftover, b"half a database").unwrap();
+        let r = EmbeddedRecords::open(&path).unwrap();
+        assert!(!leftover.exists());
+        r.put_volume(&volume("pvc-1", "id-1")).unwrap();
+        drop(r);
+        EmbeddedRecords::create(&path).unwrap();
+        let r = EmbeddedRecords::open(&path).unwrap();
+        assert!(
+            r.volume("id-1").unwrap().is_some(),
+            "the store was replaced"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! logged in within `login_timeout`, or has sent no whole PDU for
 //! `idle_timeout` after (initiators ping with NOP-Out every few seconds),
 //! is closed by a watchdog, whatever it sends a byte at a time; what one
-//! connection holds is bounded as `session.rs` says (about 6.4 MiB).
+//! connection holds is bounded as `session.rs` says (about 7.5 MiB).
 
 mod login;
 pub mod pdu;

@@ -169,6 +169,12 @@ pub mod opcode {
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
     pub const VERIFY_16: u8 = 0x8f;
+    pub const WRITE_VERIFY_10: u8 = 0x2e;
+    pub const WRITE_VERIFY_12: u8 = 0xae;
+    pub const WRITE_VERIFY_16: u8 = 0x8e;
+    pub const VERIFY_12: u8 = 0xaf;
+    pub const PREFETCH_10: u8 = 0x34;
+    pub const PREFETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
@@ -205,17 +211,19 @@ fn rw(cdb: &[u8; 16]) -> Option<Rw> {
                 fua: false,
             });
         }
-        READ_10 | WRITE_10 | VERIFY_10 | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10 => Rw {
+        READ_10 | WRITE_10 | WRITE_VERIFY_10 | VERIFY_10 | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10
+        | PREFETCH_10 => Rw {
             lba: be32(&cdb[2..]),
             blocks: be16(&cdb[7..]),
             fua,
         },
-        READ_12 | WRITE_12 => Rw {
+        READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => Rw {
             lba: be32(&cdb[2..]),
             blocks: be32(&cdb[6..]),
             fua,
         },
-        READ_16 | WRITE_16 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 => Rw {
+        READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16
+        | PREFETCH_16 => Rw {
             lba: be64(&cdb[2..]),
             blocks: be32(&cdb[10..]),
             fua,
@@ -224,9 +232,18 @@ fn rw(cdb: &[u8; 16]) -> Option<Rw> {
     })
 }
 
-/// Whether the CDB is a WRITE (6, 10, 12 or 16).
+/// Whether the CDB is a WRITE (6, 10, 12 or 16) or a WRITE AND VERIFY.
 pub fn is_write(cdb: &[u8; 16]) -> bool {
-    matches!(cdb[0], WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16)
+    matches!(
+        cdb[0],
+        WRITE_6
+            | WRITE_10
+            | WRITE_12
+            | WRITE_16
+            | WRITE_VERIFY_10
+            | WRITE_VERIFY_12
+            | WRITE_VERIFY_16
+    )
 }
 
 /// What a command needs from the initiator before it runs.
@@ -246,6 +263,8 @@ pub struct Stream {
     pub len: u64,
     pub fua: bool,
     pub write: bool,
+    /// WRITE AND VERIFY: each part is read back and compared once durable.
+    pub verify: bool,
 }
 
 /// Reads part of a READ's range.
@@ -260,15 +279,23 @@ pub fn read_part(lun: &Lun, offset: u64, buf: &mut [u8]) -> Result<(), Sense> {
     Ok(())
 }
 
-/// Writes part of a WRITE's range.
-pub fn write_part(lun: &Lun, offset: u64, data: &[u8], fua: bool) -> Result<(), Sense> {
+/// Writes part of a WRITE's range (and for WRITE AND VERIFY, makes it
+/// durable, reads it back and compares).
+pub fn write_part(lun: &Lun, offset: u64, data: &[u8], stream: &Stream) -> Result<(), Sense> {
     let started = Instant::now();
     lun.export
-        .write(offset, data, fua)
+        .write(offset, data, stream.fua || stream.verify)
         .map_err(|e| failed(lun, "write", &e, true))?;
     lun.metrics
         .write
         .observe(data.len() as u64, started.elapsed());
+    if stream.verify {
+        let mut back = vec![0u8; data.len()];
+        read_part(lun, offset, &mut back)?;
+        if back != data {
+            return Err(Sense::MISCOMPARE);
+        }
+    }
     Ok(())
 }
 
@@ -293,9 +320,16 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
         })
     };
     match cdb[0] {
-        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => {
+        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
+        | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 => {
             let r = rw(cdb).expect("a read or write CDB");
             let write = is_write(cdb);
+            let verify = matches!(cdb[0], WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16);
+            // BYTCHK of WRITE AND VERIFY: 0 (verify the medium) or 1
+            // (compare with the data); both read back and compare here.
+            if verify && cdb[1] & 0x04 != 0 {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
             if cdb[0] != READ_6 && cdb[0] != WRITE_6 && cdb[1] & 0xe0 != 0 {
                 // RDPROTECT/WRPROTECT: no protection information here.
                 return Err(Sense::INVALID_FIELD_IN_CDB);
@@ -312,12 +346,20 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
                 stream: Some(Stream {
                     offset,
                     len,
-                    fua: r.fua,
+                    fua: r.fua && !verify,
                     write,
+                    verify,
                 }),
             })
         }
-        VERIFY_10 | VERIFY_16 => {
+        PREFETCH_10 | PREFETCH_16 => {
+            // Range checked; there is no cache of the unit's own to fill,
+            // so GOOD (not CONDITION MET), as SBC allows.
+            let r = rw(cdb).expect("a prefetch CDB");
+            lun.range(r.lba, r.blocks)?;
+            none
+        }
+        VERIFY_10 | VERIFY_12 | VERIFY_16 => {
             let r = rw(cdb).expect("a verify CDB");
             if cdb[1] & 0xe0 != 0 || r.blocks > u64::from(MAX_VERIFY_BLOCKS) {
                 return Err(Sense::INVALID_FIELD_IN_CDB);
@@ -420,10 +462,10 @@ pub fn execute(
         },
         // Streamed by the session through `read_part` and `write_part`
         // (their plan has a `Stream`); never run here.
-        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => {
-            Err(Sense::INTERNAL_FAILURE)
-        }
-        VERIFY_10 | VERIFY_16 => verify(lun, cdb, data_out),
+        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
+        | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 => Err(Sense::INTERNAL_FAILURE),
+        PREFETCH_10 | PREFETCH_16 => Ok(()),
+        VERIFY_10 | VERIFY_12 | VERIFY_16 => verify(lun, cdb, data_out),
         COMPARE_AND_WRITE => compare_and_write(lun, cdb, data_out),
         MAINTENANCE_IN if cdb[1] & 0x1f == REPORT_SUPPORTED_OPCODES => {
             supported_opcodes(cdb, data_in)
@@ -700,6 +742,8 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (READ_10, None, 10),
     (WRITE_10, None, 10),
     (VERIFY_10, None, 10),
+    (WRITE_VERIFY_10, None, 10),
+    (PREFETCH_10, None, 10),
     (SYNCHRONIZE_CACHE_10, None, 10),
     (WRITE_SAME_10, None, 10),
     (UNMAP, None, 10),
@@ -709,6 +753,8 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (COMPARE_AND_WRITE, None, 16),
     (WRITE_16, None, 16),
     (VERIFY_16, None, 16),
+    (WRITE_VERIFY_16, None, 16),
+    (PREFETCH_16, None, 16),
     (SYNCHRONIZE_CACHE_16, None, 16),
     (WRITE_SAME_16, None, 16),
     (SERVICE_ACTION_IN_16, Some(READ_CAPACITY_16), 16),
@@ -717,6 +763,8 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (MAINTENANCE_IN, Some(REPORT_SUPPORTED_OPCODES), 12),
     (READ_12, None, 12),
     (WRITE_12, None, 12),
+    (WRITE_VERIFY_12, None, 12),
+    (VERIFY_12, None, 12),
 ];
 
 /// REPORT SUPPORTED OPERATION CODES (SPC-5 §6.35): all commands, or one.

@@ -11,7 +11,8 @@
 //! whatever the transfer length: the active write's immediate data and
 //! current burst (64 KiB + 1 MiB), the immediate data of at most
 //! [`MAX_WAITING`] waiting writes (64 × 64 KiB), one read chunk (1 MiB),
-//! one PDU (256 KiB) and the socket buffer (64 KiB): about 6.4 MiB.
+//! a WRITE AND VERIFY's read-back of one burst (1 MiB + 64 KiB), one PDU
+//! (256 KiB) and the socket buffer (64 KiB): about 7.5 MiB.
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader};
@@ -601,9 +602,7 @@ impl Conn<'_> {
                     .lun_at(task.lun)
                     .expect("a WRITE was planned on a unit");
                 let at = (task.received - task.data.len()) as u64;
-                if let Err(sense) =
-                    scsi::write_part(lun, stream.offset + at, &task.data, stream.fua)
-                {
+                if let Err(sense) = scsi::write_part(lun, stream.offset + at, &task.data, &stream) {
                     self.check_condition(task.itt, task.edtl, task.expected, sense)?;
                     return self.next_waiting();
                 }
@@ -665,7 +664,7 @@ impl Conn<'_> {
         let written = if task.data.is_empty() {
             Ok(())
         } else {
-            scsi::write_part(lun, stream.offset + at, &task.data, stream.fua)
+            scsi::write_part(lun, stream.offset + at, &task.data, &stream)
         };
         match written {
             Ok(()) => {
