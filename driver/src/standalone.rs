@@ -75,6 +75,8 @@ pub struct Config {
     pub nbd_listen: Vec<Endpoint>,
     /// iSCSI target addresses (none: no target).
     pub iscsi_listen: Vec<std::net::SocketAddr>,
+    /// The iSCSI target's CHAP secrets file.
+    pub iscsi_chap_secrets: Option<PathBuf>,
     pub metrics_listen: SocketAddr,
     /// The node side: ID, state directory, attach backend.
     pub node: NodeConfig,
@@ -105,6 +107,8 @@ pub enum StartError {
     Flush(#[source] crate::engine::Error),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn listen_err(endpoint: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -218,14 +222,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
 
     // iSCSI, over the same exports as NBD (remote volumes attached here too).
+    let chap = match &config.iscsi_chap_secrets {
+        Some(path) => crate::frontend::iscsi::chap::Secrets::load(path)
+            .map_err(|e| StartError::Config(format!("--iscsi-chap-secrets {e}")))?,
+        None => Default::default(),
+    };
+    let config_chap_all = chap.covers_all();
     let iscsi = IscsiServer::new(
         nbd.exports().clone(),
         Arc::clone(&metrics),
-        IscsiConfig::default(),
+        IscsiConfig {
+            chap,
+            ..IscsiConfig::default()
+        },
     );
     for a in &config.iscsi_listen {
-        if !a.ip().is_loopback() {
-            tracing::warn!(address = %a, "iSCSI on a non-loopback address: anyone who can reach it can read and write every volume");
+        if !a.ip().is_loopback() && !config_chap_all {
+            tracing::warn!(address = %a, "iSCSI on a non-loopback address: anyone who can reach it can read and write every volume without a CHAP secret");
         }
         let l = tokio::net::TcpListener::bind(a)
             .await

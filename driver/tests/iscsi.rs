@@ -723,3 +723,63 @@ fn review_findings_stay_fixed() {
         s.log()
     );
 }
+
+/// With a secrets file, every login needs CHAP: libiscsi's tools get in
+/// with the right secret and not with a wrong one or none, discovery too;
+/// a login that skips the security stage is refused (0x0201).
+#[test]
+fn chap_is_required_where_the_target_has_a_secret() {
+    if require_tools(&["iscsi-inq", "iscsi-ls"]).is_err() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("chap");
+    std::fs::write(&secrets, "*  alice  alice-secret-123\n").unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let s = Standalone::start_with(
+        false,
+        &[
+            "--iscsi-listen",
+            &listen,
+            "--iscsi-chap-secrets",
+            secrets.to_str().unwrap(),
+        ],
+    );
+    let vol = s.create_volume("chap", "4MiB");
+    let lun = |creds: &str| format!("iscsi://{creds}127.0.0.1:{port}/{TARGET_PREFIX}{vol}/0");
+    let inq = |url: String| {
+        std::process::Command::new("iscsi-inq")
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let good = inq(lun("alice%alice-secret-123@"));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("Vendor:STRATA"));
+    for creds in ["", "alice%not-the-secret-1@", "eve%alice-secret-123@"] {
+        assert!(
+            !inq(lun(creds)).status.success(),
+            "logged in with {creds:?}"
+        );
+    }
+    let listed = run_ok(
+        "iscsi-ls",
+        &[
+            "-s",
+            &format!("iscsi://alice%alice-secret-123@127.0.0.1:{port}/"),
+        ],
+    );
+    assert!(listed.contains(&vol), "{listed}");
+
+    let mut i = Initiator::connect(port);
+    let (status, _) = i.login_with(&[
+        ("InitiatorName", "iqn.x"),
+        ("TargetName", &format!("{TARGET_PREFIX}{vol}")),
+    ]);
+    assert_eq!(status, 0x0201);
+}

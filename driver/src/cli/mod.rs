@@ -89,9 +89,15 @@ struct StandaloneArgs {
     #[arg(long, default_value = "unix:///run/strata/nbd.sock")]
     nbd_listen: Vec<Endpoint>,
     /// iSCSI target listen address (host:port); repeat for several. Off
-    /// unless given. Use a loopback address: logins are not authenticated.
+    /// unless given. Use a loopback address unless every target needs CHAP
+    /// (--iscsi-chap-secrets with a `*` line).
     #[arg(long)]
     iscsi_listen: Vec<SocketAddr>,
+    /// CHAP secrets of the iSCSI target: lines of `TARGET-IQN|* USER
+    /// SECRET [TARGET-USER TARGET-SECRET]` (the last two for mutual CHAP).
+    /// A target with a line requires CHAP.
+    #[arg(long)]
+    iscsi_chap_secrets: Option<PathBuf>,
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long, default_value = "127.0.0.1:9808")]
     metrics_listen: SocketAddr,
@@ -493,6 +499,7 @@ fn plugin_config(a: StandaloneArgs, role: Role) -> Result<crate::standalone::Con
         csi_endpoint: a.csi_endpoint,
         nbd_listen: a.nbd_listen,
         iscsi_listen: a.iscsi_listen.clone(),
+        iscsi_chap_secrets: a.iscsi_chap_secrets,
         metrics_listen: a.metrics_listen,
         node: crate::node::NodeConfig {
             node_id: a.node_id.unwrap_or_else(crate::standalone::hostname),

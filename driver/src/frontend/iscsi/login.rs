@@ -3,6 +3,7 @@
 //! offer's list we support, or a declaration needing no answer). Pure: no
 //! I/O, so every rule is tested on its own.
 
+use super::chap::Chap;
 use super::pdu::Digests;
 
 /// The most `key=value` text one login or text exchange may carry (over
@@ -93,6 +94,9 @@ pub struct Negotiation {
     declared_recv: bool,
     /// Keys offered so far: each may be offered once (RFC 7143 §6.2).
     seen: std::collections::HashSet<String>,
+    /// Authentication: set from the target's secrets before the first
+    /// request is answered.
+    pub chap: Chap,
 }
 
 /// The most keys one login may carry.
@@ -135,6 +139,7 @@ impl Negotiation {
         stage: u8,
     ) -> Result<Vec<(String, String)>, Refused> {
         let mut out: Vec<(String, String)> = Vec::new();
+        let (mut chap_n, mut chap_r, mut chap_i, mut chap_c) = (None, None, None, None);
         let mut reply = |k: &str, v: &str| out.push((k.to_string(), v.to_string()));
         for (k, v) in pairs {
             if self.seen.len() >= MAX_KEYS {
@@ -165,12 +170,16 @@ impl Negotiation {
                         }
                     })
                 }
-                "AuthMethod" => {
-                    // No secret is configured for any target: None is the
-                    // only method this target can agree to.
-                    let none = v.split(',').any(|m| m == "None");
-                    reply(k, if none { "None" } else { "Reject" });
+                "AuthMethod" => reply(k, self.chap.method(v)),
+                "CHAP_A" => {
+                    for (k, v) in self.chap.algorithm(v)? {
+                        reply(&k, &v);
+                    }
                 }
+                "CHAP_N" => chap_n = Some(v.as_str()),
+                "CHAP_R" => chap_r = Some(v.as_str()),
+                "CHAP_I" => chap_i = Some(v.as_str()),
+                "CHAP_C" => chap_c = Some(v.as_str()),
                 "HeaderDigest" | "DataDigest" => {
                     let pick = v
                         .split(',')
@@ -238,6 +247,9 @@ impl Negotiation {
                 "IFMarkInt" | "OFMarkInt" => reply(k, "Irrelevant"),
                 _ => reply(k, "NotUnderstood"),
             }
+        }
+        if chap_n.is_some() || chap_r.is_some() || chap_i.is_some() || chap_c.is_some() {
+            out.extend(self.chap.response(chap_n, chap_r, chap_i, chap_c)?);
         }
         if self.params.first_burst > self.params.max_burst {
             self.params.first_burst = self.params.max_burst;

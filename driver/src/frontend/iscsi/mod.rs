@@ -12,7 +12,8 @@
 //! (`iscsi-client-rs`) or configure a kernel target (`scst`); none serves
 //! a target from user space. The digests use the `crc32c` crate.
 //!
-//! Not yet here (issue 17): CHAP, several connections per session,
+//! Not yet here (issue 17): CHAP secrets from Kubernetes Secrets (they
+//! come from a file, `chap.rs`), several connections per session,
 //! PERSISTENT RESERVE, EXTENDED COPY and the token pair, NodeStageVolume
 //! over iSCSI.
 //!
@@ -22,6 +23,7 @@
 //! is closed by a watchdog, whatever it sends a byte at a time; what one
 //! connection holds is bounded as `session.rs` says (about 7.5 MiB).
 
+pub mod chap;
 mod login;
 pub mod pdu;
 mod scsi;
@@ -53,6 +55,8 @@ pub struct IscsiConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// CHAP secrets by target (none: every login takes AuthMethod None).
+    pub chap: chap::Secrets,
 }
 
 impl Default for IscsiConfig {
@@ -61,6 +65,7 @@ impl Default for IscsiConfig {
             login_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
             max_connections: 64,
+            chap: chap::Secrets::default(),
         }
     }
 }
@@ -381,6 +386,7 @@ mod watchdog_tests {
             login_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(2),
             max_connections: 4,
+            ..IscsiConfig::default()
         };
         let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -19,6 +19,7 @@ use std::io::{self, BufReader};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use super::chap::Chap;
 use super::login::{self, MAX_TEXT, Negotiation, OUR_MAX_RECV, Params, SessionType};
 use super::pdu::{Digests, NO_TAG, Pdu, PduError, op};
 use super::scsi::{self, CHECK_CONDITION, GOOD, Lun, Sense};
@@ -55,7 +56,7 @@ fn protocol(msg: impl Into<String>) -> ConnError {
     ConnError::Protocol(msg.into())
 }
 
-/// A write gathering its data.
+/// A command, with the data it gathered so far.
 #[derive(Debug)]
 struct Task {
     itt: u32,
@@ -97,7 +98,7 @@ fn residual(moved: usize, edtl: u32) -> (u8, usize) {
     }
 }
 
-/// A connection in the full feature phase.
+/// One connection's state, from login on.
 pub struct Conn<'a> {
     target: &'a Target,
     reader: BufReader<TcpStream>,
@@ -229,6 +230,22 @@ impl Conn<'_> {
                 return self.login_failed(&pdu, 0x0200, "malformed login text");
             };
             text.clear();
+            if first {
+                // The target's secret decides whether CHAP is required.
+                let key = |k: &str| {
+                    pairs
+                        .iter()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.as_str())
+                };
+                let target = match key("SessionType") {
+                    Some("Discovery") => None,
+                    _ => key("TargetName"),
+                };
+                if let Some(secret) = self.target.config.chap.for_target(target) {
+                    neg.chap = Chap::Wanted(secret.clone());
+                }
+            }
             if csg > 1 || (transit && (nsg <= csg || nsg == 2)) {
                 return self.login_failed(&pdu, 0x020b, "invalid stage transition");
             }
@@ -258,6 +275,14 @@ impl Conn<'_> {
                     answers.push(("TargetPortalGroupTag".into(), "1".into()));
                 }
             }
+            // Leaving the security stage (or skipping it) needs CHAP done
+            // where the target has a secret; while the exchange goes on,
+            // the answer stays in the stage (no T bit).
+            let pending = !neg.chap.satisfied();
+            if pending && (csg == 1 || (transit && !neg.chap.in_progress())) {
+                return self.login_failed(&pdu, 0x0201, "authentication required");
+            }
+            let transit = transit && !pending;
             let done = transit && nsg == 3;
             let t = if transit { 0x80 | nsg } else { 0 };
             let mut r = self.login_response(&pdu, isid, t | (csg << 2), 0);
