@@ -321,23 +321,29 @@ impl IscsiServer {
 mod tests {
     use super::*;
     use crate::engine::{Pool, PoolOptions};
-    use std::io::Read;
+    use std::io::{Read, Write};
+
+    /// A target over an empty pool on a loopback port of its own.
+    async fn serve(config: IscsiConfig) -> (tempfile::TempDir, std::net::SocketAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+        (dir, addr)
+    }
 
     /// Clients that connect and never log in hold their slots only until
     /// the login timeout; one over the limit is closed at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_clients_are_closed_and_excess_ones_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
-        let config = IscsiConfig {
+        let (_dir, addr) = serve(IscsiConfig {
             login_timeout: Duration::from_secs(2),
             max_connections: 2,
             ..IscsiConfig::default()
-        };
-        let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+        })
+        .await;
         let outcome = tokio::task::spawn_blocking(move || {
             let connect = || {
                 let s = std::net::TcpStream::connect(addr).unwrap();
@@ -368,30 +374,18 @@ mod tests {
             outcome.2
         );
     }
-}
-
-#[cfg(test)]
-mod watchdog_tests {
-    use super::*;
-    use crate::engine::{Pool, PoolOptions};
-    use std::io::{Read, Write};
 
     /// A login sent a byte at a time is cut at the login deadline, and a
     /// logged-in connection that goes quiet at the idle deadline.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_logins_and_silent_sessions_are_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
-        let config = IscsiConfig {
+        let (_dir, addr) = serve(IscsiConfig {
             login_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(2),
             max_connections: 4,
             ..IscsiConfig::default()
-        };
-        let server = IscsiServer::new(Exports::new(pool), Metrics::new(), config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+        })
+        .await;
         let (drip, quiet) = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut s = std::net::TcpStream::connect(addr).unwrap();
