@@ -2,7 +2,7 @@
 
 mod common;
 
-use strata::engine::{Error, ErrorKind, Pool, PoolOptions, ZeroFlags};
+use strata::engine::{BlockRange, Error, ErrorKind, Pool, PoolOptions, ZeroFlags};
 
 const MIB: u64 = 1 << 20;
 
@@ -409,4 +409,83 @@ fn allocation_depth_names_the_layer_each_block_resolves_to() {
     let mut buf = vec![0u8; 6 * B as usize];
     v.read(0, &mut buf).unwrap();
     assert_eq!(buf[..B as usize], pattern(4, B as usize)[..]);
+}
+
+#[test]
+fn a_pin_keeps_its_instant_and_lands_in_another_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let a = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    let b = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    let old = pattern(1, 64 << 10);
+    a.write(0, &old, false).unwrap();
+    // Blocks 16..24 read as zeros, written over in b first.
+    let range = [BlockRange {
+        first: 0,
+        blocks: 24,
+    }];
+    // The top holds the range: pinning freezes it (one layer more).
+    let depth = a.depth();
+    let pins = p.pin(a.id(), &range).unwrap();
+    assert_eq!(a.depth(), depth + 1);
+    // Later writes, and the source's deletion, do not reach the pin.
+    a.write(0, &pattern(2, 64 << 10), false).unwrap();
+    b.write(0, &pattern(3, 24 * 4096), false).unwrap();
+    let landed = b.write_pinned(8, &pins[0], 0, 24, true).unwrap();
+    assert_eq!(landed.shared + landed.copied, 64 << 10);
+    assert_eq!(landed.zeroed, 8 * 4096);
+    p.delete_volume(a.id()).unwrap();
+    p.run_jobs_here().unwrap();
+    let mut got = vec![0u8; 32 * 4096];
+    b.read(0, &mut got).unwrap();
+    assert_eq!(&got[..8 * 4096], &pattern(3, 24 * 4096)[..8 * 4096]);
+    assert_eq!(&got[8 * 4096..24 * 4096], &old[..]);
+    assert!(got[24 * 4096..].iter().all(|&x| x == 0));
+
+    // Durable (FUA) and independent of the source: still there after a
+    // reopen.
+    let id = b.id();
+    drop((a, b, pins));
+    p.close().unwrap();
+    let p = pool(dir.path());
+    let b = p.volume(id).unwrap();
+    let mut again = vec![0u8; 32 * 4096];
+    b.read(0, &mut again).unwrap();
+    assert_eq!(again, got);
+}
+
+#[test]
+fn pinning_frozen_blocks_or_a_snapshot_freezes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let a = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    a.write(0, &pattern(4, 8192), false).unwrap();
+    let snap = p.create_snapshot(a.id()).unwrap();
+    let depth = a.depth();
+    let range = [BlockRange {
+        first: 0,
+        blocks: 4,
+    }];
+    let pins = p.pin(a.id(), &range).unwrap();
+    let from_snap = p.open_snapshot(snap.id).unwrap().pin(&range).unwrap();
+    assert_eq!(a.depth(), depth, "nothing in the top: no freeze");
+    let mut buf = vec![0u8; 4 * 4096];
+    pins[0].read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..8192], &pattern(4, 8192)[..]);
+    from_snap[0].read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..8192], &pattern(4, 8192)[..]);
+    // Out of range, in the pin or in the volume: typed errors.
+    let past = [BlockRange {
+        first: 1023,
+        blocks: 2,
+    }];
+    assert_eq!(p.pin(a.id(), &past).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(
+        a.write_pinned(0, &pins[0], 2, 3, false).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        a.write_pinned(1023, &pins[0], 0, 2, false).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use strata::engine::io::fault::{Fail, FaultFs, Op};
 use strata::engine::{
-    ErrorKind, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags, check::check_pool_on,
+    BlockRange, ErrorKind, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags, check::check_pool_on,
 };
 
 const POOL: &str = "/data/pool";
@@ -331,6 +331,37 @@ fn grow(pool: &Pool, m: &mut Model, v: u128, blocks: u64) {
     }
 }
 
+/// Copies blocks `first..first+n` of volume `from` to block `to` of
+/// volume `dst` by reference (a pin, then landing it), where the model
+/// knows exactly what `from` holds there (else skips).
+fn copy_pinned(pool: &Pool, m: &mut Model, from: u128, first: u64, n: u64, dst: u128, to: u64) {
+    let Some(tags) = (first..first + n)
+        .map(|b| {
+            let now = m.volumes[&from].data[b as usize].now();
+            (now.durable.len() == 1).then(|| *now.durable.first().expect("one"))
+        })
+        .collect::<Option<Vec<u32>>>()
+    else {
+        return;
+    };
+    let range = [BlockRange { first, blocks: n }];
+    let pins = match pool.pin(vid(from), &range) {
+        Ok(p) => p,
+        Err(e) => return failed(m, "pin", e),
+    };
+    let r = pool
+        .volume(vid(dst))
+        .and_then(|vol| vol.write_pinned(to, &pins[0], 0, n, false));
+    let acked = r.is_ok();
+    let vm = m.volumes.get_mut(&dst).expect("modelled");
+    for (i, tag) in tags.into_iter().enumerate() {
+        vm.data[(to + i as u64) as usize].since.push((tag, acked));
+    }
+    if let Err(e) = r {
+        failed(m, "write pinned", e);
+    }
+}
+
 fn run_jobs(pool: &Pool, m: &mut Model) {
     if let Err(e) = pool.run_jobs_here() {
         failed(m, "jobs", e);
@@ -341,7 +372,9 @@ fn run_jobs(pool: &Pool, m: &mut Model) {
 fn workload(pool: &Pool, m: &mut Model, rounds: u64) {
     let mut rng = common::Rng::new(7);
     const A: u128 = 0xa;
+    const B: u128 = 0xb;
     create(pool, m, A, 24);
+    create(pool, m, B, 24);
     for round in 0..rounds {
         let (c, d, e) = (
             0xc0 + round as u128,
@@ -359,6 +392,12 @@ fn workload(pool: &Pool, m: &mut Model, rounds: u64) {
         zero(pool, m, A, rng.below(20), 2, true);
         zero(pool, m, A, rng.below(20), 1, false);
         flush(pool, m, A);
+        // By reference: A's top is frozen under a hidden snapshot, the
+        // blocks land in B, the frozen layer folds away at the next jobs.
+        if m.volumes[&B].sure {
+            copy_pinned(pool, m, A, rng.below(16), 4, B, rng.below(20));
+            flush(pool, m, B);
+        }
         clone_snapshot(pool, m, s1, c);
         if m.volumes[&c].sure {
             write(pool, m, c, rng.below(20), 2, true);

@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::Duration;
 
+use common::iscsi::Initiator;
 use common::standalone::{Standalone, free_port};
 use common::{require_tools, run_ok};
 use strata::frontend::iscsi::TARGET_PREFIX;
@@ -24,188 +24,6 @@ fn start() -> (Standalone, u16) {
         Standalone::start_with(false, &["--iscsi-listen", &listen]),
         port,
     )
-}
-
-/// A hand-driven initiator: one connection, one command at a time.
-struct Initiator {
-    s: TcpStream,
-    cmd_sn: u32,
-    exp_stat_sn: u32,
-    itt: u32,
-}
-
-/// A command's outcome: SCSI status, Data-In bytes, sense key/ASC/ASCQ
-/// (for CHECK CONDITION) and the response flags' residual bits.
-#[derive(Debug)]
-struct Answer {
-    status: u8,
-    data: Vec<u8>,
-    sense: Option<(u8, u8, u8)>,
-    residual: (u8, u32),
-}
-
-impl Initiator {
-    fn connect(port: u16) -> Initiator {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        Initiator {
-            s,
-            cmd_sn: 1,
-            exp_stat_sn: 0,
-            itt: 1,
-        }
-    }
-
-    fn send(&mut self, pdu: &mut Pdu) {
-        pdu.write_to(&mut self.s, Digests::default()).unwrap();
-    }
-
-    fn recv(&mut self) -> Pdu {
-        let p = Pdu::read_from(&mut self.s, Digests::default(), 1 << 20).unwrap();
-        if matches!(
-            p.opcode(),
-            op::SCSI_RESPONSE | op::LOGIN_RESPONSE | op::NOP_IN | op::TEXT_RESPONSE
-        ) || (p.opcode() == op::DATA_IN && p.flags() & 0x01 != 0)
-        {
-            self.exp_stat_sn = p.u32_at(24).wrapping_add(1);
-        }
-        p
-    }
-
-    /// Logs in with `pairs`; returns the final response's status and data.
-    fn login_with(&mut self, pairs: &[(&str, &str)]) -> (u16, String) {
-        let mut p = Pdu::new(op::LOGIN);
-        p.bhs[0] |= 0x40;
-        // Transit from operational negotiation to full feature phase.
-        p.bhs[1] = 0x80 | (1 << 2) | 3;
-        p.bhs[8..14].copy_from_slice(&[0x40, 0, 0, 0, 0, 1]);
-        p.set_u32(16, self.itt).set_u32(24, self.cmd_sn);
-        for (k, v) in pairs {
-            p.data.extend_from_slice(format!("{k}={v}\0").as_bytes());
-        }
-        self.send(&mut p);
-        let r = self.recv();
-        assert_eq!(r.opcode(), op::LOGIN_RESPONSE);
-        (r.u16_at(36), String::from_utf8_lossy(&r.data).into_owned())
-    }
-
-    fn login(&mut self, target: &str) {
-        let (status, text) = self.login_with(&[
-            ("InitiatorName", "iqn.2026-12.dev.strata:test"),
-            ("SessionType", "Normal"),
-            ("TargetName", target),
-            ("MaxRecvDataSegmentLength", "65536"),
-        ]);
-        assert_eq!(status, 0, "login refused: {text}");
-    }
-
-    /// Runs one command: sends `out` as immediate data, the rest when the
-    /// target asks (R2T), gathers Data-In until the status.
-    fn command(&mut self, cdb: &[u8], edtl: u32, out: &[u8], fua_write: bool) -> Answer {
-        let itt = self.itt;
-        self.itt += 1;
-        let mut p = Pdu::new(op::SCSI_COMMAND);
-        p.bhs[1] = 0x80
-            | if out.is_empty() && !fua_write {
-                0x40
-            } else {
-                0x20
-            };
-        p.set_u32(16, itt)
-            .set_u32(20, edtl)
-            .set_u32(24, self.cmd_sn)
-            .set_u32(28, self.exp_stat_sn);
-        p.bhs[32..32 + cdb.len()].copy_from_slice(cdb);
-        self.cmd_sn += 1;
-        let first = out.len().min(8192);
-        p.data = out[..first].to_vec();
-        self.send(&mut p);
-        let mut data = Vec::new();
-        loop {
-            let r = self.recv();
-            match r.opcode() {
-                op::R2T => {
-                    let (ttt, at, len) =
-                        (r.u32_at(20), r.u32_at(40) as usize, r.u32_at(44) as usize);
-                    for (i, chunk) in out[at..at + len].chunks(8192).enumerate() {
-                        let mut d = Pdu::new(op::DATA_OUT);
-                        let last = at + (i + 1) * 8192 >= at + len;
-                        d.bhs[1] = if last { 0x80 } else { 0 };
-                        d.set_u32(16, itt)
-                            .set_u32(20, ttt)
-                            .set_u32(36, i as u32)
-                            .set_u32(40, (at + i * 8192) as u32);
-                        d.data = chunk.to_vec();
-                        self.send(&mut d);
-                    }
-                }
-                op::DATA_IN => {
-                    assert_eq!(r.u32_at(40) as usize, data.len(), "Data-In out of order");
-                    data.extend_from_slice(&r.data);
-                    if r.flags() & 0x01 != 0 {
-                        return Answer {
-                            status: r.bhs[3],
-                            data,
-                            sense: None,
-                            residual: (r.flags() & 0x06, r.u32_at(44)),
-                        };
-                    }
-                }
-                op::SCSI_RESPONSE => {
-                    assert_eq!(r.itt(), itt);
-                    let sense =
-                        (r.data.len() >= 16).then(|| (r.data[4] & 0x0f, r.data[14], r.data[15]));
-                    return Answer {
-                        status: r.bhs[3],
-                        data,
-                        sense,
-                        residual: (r.flags() & 0x06, r.u32_at(44)),
-                    };
-                }
-                other => panic!("unexpected opcode {other:#x}"),
-            }
-        }
-    }
-
-    fn write16(&mut self, lba: u64, data: &[u8], fua: bool) -> Answer {
-        let mut cdb = [0u8; 16];
-        cdb[0] = 0x8a;
-        cdb[1] = if fua { 0x08 } else { 0 };
-        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-        cdb[10..14].copy_from_slice(&((data.len() / BLOCK) as u32).to_be_bytes());
-        self.command(&cdb, data.len() as u32, data, true)
-    }
-
-    fn read16(&mut self, lba: u64, blocks: u32) -> Answer {
-        let mut cdb = [0u8; 16];
-        cdb[0] = 0x88;
-        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-        cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
-        self.command(&cdb, blocks * BLOCK as u32, &[], false)
-    }
-
-    fn sync_cache(&mut self) -> Answer {
-        self.command(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, &[], false)
-    }
-
-    /// A NOP-Out ping, answered with the same data.
-    fn ping(&mut self) -> bool {
-        let mut p = Pdu::new(op::NOP_OUT);
-        p.bhs[0] |= 0x40;
-        p.set_u32(16, 0xabcd)
-            .set_u32(20, NO_TAG)
-            .set_u32(24, self.cmd_sn);
-        p.data = b"ping".to_vec();
-        self.send(&mut p);
-        let r = self.recv();
-        r.opcode() == op::NOP_IN && r.itt() == 0xabcd && r.data == b"ping"
-    }
-
-    /// Whether the target closed the connection (EOF or reset).
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 48];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -782,4 +600,112 @@ fn chap_is_required_where_the_target_has_a_secret() {
         ("TargetName", &format!("{TARGET_PREFIX}{vol}")),
     ]);
     assert_eq!(status, 0x0201);
+}
+
+#[test]
+fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() {
+    let (mut s, port) = start();
+    let a = s.create_volume("token-src", "16MiB");
+    let b = s.create_volume("token-dst", "16MiB");
+    let mut ia = Initiator::connect(port);
+    ia.login(&format!("{TARGET_PREFIX}{a}"));
+    let mut ib = Initiator::connect(port);
+    ib.login(&format!("{TARGET_PREFIX}{b}"));
+    let old = pattern(5, 256 * BLOCK);
+    assert_eq!(ia.write16(0, &old, true).status, 0);
+
+    // The unit says it offloads: 3PC, VPD page 0x8F listed.
+    let inq = ia.command(&[0x12, 0, 0, 0, 96, 0], 96, &[], false);
+    assert_eq!(inq.data[5] & 0x08, 0x08, "3PC bit");
+    let pages = ia.command(&[0x12, 1, 0, 0, 64, 0], 64, &[], false);
+    assert!(pages.data[4..].contains(&0x8f), "{:?}", pages.data);
+    let tpc = ia.command(&[0x12, 1, 0x8f, 1, 0, 0], 256, &[], false);
+    assert_eq!((tpc.status, tpc.data[1]), (0, 0x8f));
+
+    // A token for two ranges; the source changes after it is made.
+    let populated = ia.populate_token(1, &[(0, 128), (200, 56)], 0);
+    assert_eq!(populated.status, 0, "{:?}", populated.sense);
+    let (info, token) = ia.receive_token(1);
+    assert_eq!(info.status, 0);
+    let token = token.expect("a token");
+    assert_eq!(u64::from_be_bytes(info.data[16..24].try_into().unwrap()), 184);
+    assert_eq!(ia.write16(0, &pattern(6, 256 * BLOCK), true).status, 0);
+
+    // Written through another target's session, whole and from an offset.
+    let w = ib.write_using_token(7, &token, 0, &[(1000, 184)]);
+    assert_eq!(w.status, 0, "{:?}", w.sense);
+    let w = ib.write_using_token(8, &token, 128, &[(2000, 50), (3000, 6)]);
+    assert_eq!(w.status, 0, "{:?}", w.sense);
+    let (done, none) = ib.receive_token(7);
+    assert_eq!((done.status, done.data[4], done.data[5]), (0, 0x11, 0x01));
+    assert_eq!(u64::from_be_bytes(done.data[16..24].try_into().unwrap()), 184);
+    assert!(none.is_none());
+    let mut expect = old[..128 * BLOCK].to_vec();
+    expect.extend_from_slice(&old[200 * BLOCK..]);
+    assert_eq!(ib.read16(1000, 184).data, expect);
+    assert_eq!(ib.read16(2000, 50).data, old[200 * BLOCK..250 * BLOCK]);
+    assert_eq!(ib.read16(3000, 6).data, old[250 * BLOCK..]);
+
+    // The block device zero token writes zeros.
+    let mut zero = vec![0u8; 512];
+    zero[0..4].copy_from_slice(&0xffff_0001u32.to_be_bytes());
+    zero[6..8].copy_from_slice(&504u16.to_be_bytes());
+    assert_eq!(ib.write_using_token(9, &zero, 0, &[(1000, 8)]).status, 0);
+    assert!(ib.read16(1000, 8).data.iter().all(|&x| x == 0));
+
+    // Refusals: each with its sense, nothing written.
+    let mut forged = token.clone();
+    forged[100] ^= 1;
+    let sense = |a: common::iscsi::Answer| (a.status, a.sense);
+    let refused = |key, asc, ascq| (2u8, Some((key, asc, ascq)));
+    assert_eq!(sense(ib.write_using_token(10, &forged, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
+    let mut unknown = token.clone();
+    unknown[8] ^= 1;
+    assert_eq!(sense(ib.write_using_token(10, &unknown, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
+    assert_eq!(sense(ib.write_using_token(10, &token, 180, &[(0, 5)])), refused(5, 0x26, 0x00));
+    let many: Vec<(u64, u32)> = (0..65).map(|i| (i, 1)).collect();
+    assert_eq!(sense(ib.write_using_token(10, &token, 0, &many)), refused(5, 0x26, 0x08));
+    assert_eq!(sense(ia.populate_token(11, &[(4095, 2)], 0)), refused(5, 0x21, 0x00));
+    assert_eq!(sense(ib.write_using_token(10, &token, 0, &[(4095, 2)])), refused(5, 0x21, 0x00));
+    let (unknown_list, _) = ib.receive_token(99);
+    assert_eq!(sense(unknown_list), refused(5, 0x24, 0x00));
+    // A failed operation's outcome is kept with its sense.
+    let (failed, _) = ia.receive_token(11);
+    assert_eq!((failed.status, failed.data[5], failed.data[32 + 12]), (0, 0x02, 0x21));
+    assert_eq!(ib.read16(0, 1).data, vec![0u8; BLOCK]);
+
+    // A snapshot's target makes tokens but takes no writes.
+    let snap = s.snapshot("token-snap", &a);
+    let mut is = Initiator::connect(port);
+    is.login(&format!("{TARGET_PREFIX}{snap}"));
+    assert_eq!(is.populate_token(1, &[(0, 16)], 0).status, 0);
+    let (_, snap_token) = is.receive_token(1);
+    let snap_token = snap_token.expect("a snapshot's token");
+    assert_eq!(sense(is.write_using_token(2, &snap_token, 0, &[(0, 16)])), refused(7, 0x27, 0x00));
+    assert_eq!(ib.write_using_token(2, &snap_token, 0, &[(3500, 16)]).status, 0);
+    assert_eq!(ib.read16(3500, 16).data, pattern(6, 256 * BLOCK)[..16 * BLOCK]);
+
+    // A token outlives neither its inactivity timeout...
+    assert_eq!(ia.populate_token(12, &[(0, 1)], 1).status, 0);
+    let (_, short) = ia.receive_token(12);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sense(ib.write_using_token(13, &short.unwrap(), 0, &[(0, 1)])), refused(5, 0x23, 0x07));
+
+    // ...nor the process; what was landed and flushed is there after a
+    // kill -9.
+    assert_eq!(ib.sync_cache().status, 0);
+    let metrics = s.metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("strata_volume_ops_total")
+            && l.contains(&b)
+            && l.contains("op=\"write_using_token\"")),
+        "no offload counted:\n{metrics}"
+    );
+    s.kill9();
+    s.spawn();
+    let mut ib = Initiator::connect(port);
+    ib.login(&format!("{TARGET_PREFIX}{b}"));
+    assert_eq!(ib.read16(1000, 184).data[8 * BLOCK..], expect[8 * BLOCK..]);
+    assert_eq!(ib.read16(3000, 6).data, old[250 * BLOCK..]);
+    assert_eq!(sense(ib.write_using_token(1, &token, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
 }

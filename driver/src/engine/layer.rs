@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::error::{Error, Result, io_error};
 use super::ids::LayerId;
-use super::io::{Fallocated, File, Fs, Open, read_full};
+use super::io::{Fallocated, File, Fs, Open, Span, read_full};
+use super::jobs::copy::{Method, copy_range};
 
 /// Directory of layer files inside a pool.
 pub(crate) const LAYERS_DIR: &str = "layers";
@@ -246,6 +247,37 @@ impl Layer {
         file.punch_hole(offset, len)
             .map(drop)
             .map_err(|e| io_error("punch hole in layer", &self.path, e))
+    }
+
+    /// Copies `span` of `src`'s file into this layer's file (a pointer
+    /// copy where the filesystem shares extents, see `jobs::copy`), a few
+    /// MiB per hold of the write lock so writes to other blocks of this
+    /// layer never wait for a whole copy.
+    pub(crate) fn copy_from(
+        self: &Arc<Self>,
+        src: &Arc<Layer>,
+        span: Span,
+        no_reflink: &AtomicBool,
+    ) -> Result<Method> {
+        const PIECE: u64 = 8 << 20;
+        let (from, to) = (src.file()?, self.file()?);
+        let mut method = Method::Reflink;
+        let mut done = 0;
+        while done < span.len {
+            let piece = Span {
+                len: (span.len - done).min(PIECE),
+                ..span.skip(done)
+            };
+            let _writing = self.writing.lock().expect("layer write lock");
+            if copy_range(&*from, &*to, piece, no_reflink)
+                .map_err(|e| io_error("copy into layer", &self.path, e))?
+                == Method::Copy
+            {
+                method = Method::Copy;
+            }
+            done += piece.len;
+        }
+        Ok(method)
     }
 
     /// Makes a byte range read as zeros with its blocks allocated.

@@ -24,13 +24,14 @@ use super::catalog::{
 };
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
 use super::error::{Error, Result, io_error};
-use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
+use super::geometry::{BLOCK_SIZE, blocks_for, check_range, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::io::{Entry, Fs, Open, RealFs};
 use super::jobs::{self, JobConfig, Jobs};
 use super::journal::{JOURNAL_DIR, JournalFile, JournalOpts, Record, journal_path};
 use super::layer::sync_dir;
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
+use super::pinned::{BlockRange, Pinned};
 use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
@@ -1186,6 +1187,77 @@ impl Pool {
         Ok(info)
     }
 
+    /// Queues the fold of a frozen layer that only its child holds (a
+    /// hidden snapshot's, see [`Pool::freeze_top`]); a failure to queue it
+    /// is logged (the next open folds it).
+    fn fold_away(&self, layer: LayerId) {
+        let foldable = self
+            .shared()
+            .catalog
+            .read()
+            .and_then(|txn| match txn.layer(layer)? {
+                Some(l) => jobs::plan_foldable(&txn, &l),
+                None => Ok(false),
+            });
+        if foldable.unwrap_or(false)
+            && let Err(e) = self.enqueue(JobKind::Fold, layer.0, 0, JobReason::SnapshotDeleted)
+        {
+            tracing::warn!(%layer, error = %e, "queueing the fold of a hidden snapshot's layer");
+        }
+    }
+
+    /// Pins `ranges` of a volume as they are now (see [`Pinned`]). Free
+    /// when the volume's writable top holds none of their blocks;
+    /// otherwise the top is frozen first, as for a snapshot (one flush, one
+    /// new empty layer, one catalog commit), under a hidden snapshot that
+    /// holds no reference, and the frozen layer is folded away in the
+    /// background (the pins keep its file). Refused while the volume
+    /// fetches from another node.
+    pub fn pin(&self, volume: VolumeId, ranges: &[BlockRange]) -> Result<Vec<Pinned>> {
+        let vol = self.volume(volume)?;
+        refuse_fetching(&vol)?;
+        for r in ranges {
+            check_range(
+                r.first.saturating_mul(BLOCK_SIZE),
+                r.blocks.saturating_mul(BLOCK_SIZE),
+                vol.size(),
+            )?;
+        }
+        if let Some(pins) = vol.pin_frozen(ranges)? {
+            return Ok(pins);
+        }
+        let sh = self.shared();
+        // Flush outside the hold, so the hold only covers the tail.
+        vol.flush()?;
+        let new_top = LayerId::new_random();
+        create_layer_file(&*sh.fs, &sh.dir, new_top, vol.size(), sh.opts.sync)?;
+        let (view, frozen) = {
+            let _shape = sh.shape.lock().expect("shape lock");
+            let (info, view) = match self.freeze_top(&vol, new_top, SnapshotId::new_random(), true)
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    if !sh.catalog.failed() {
+                        remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
+                    }
+                    return Err(e);
+                }
+            };
+            let layer = sh
+                .catalog
+                .read()?
+                .snapshot(info.id)?
+                .ok_or(Error::SnapshotNotFound(info.id))?
+                .layer;
+            (view, layer)
+        };
+        self.fold_away(frozen);
+        ranges
+            .iter()
+            .map(|r| Ok(Pinned::new(*r, view.segments(r.first, r.first + r.blocks)?)))
+            .collect()
+    }
+
     /// Freezes `vol`'s top under snapshot `snap` and puts `new_top` (an
     /// empty file already made) on it. An `implicit` snapshot is recorded
     /// as deleted from the start and holds no reference: it exists only so
@@ -1433,17 +1505,7 @@ impl Pool {
         };
         // Failed: the frozen layer is held only by the volume's new top;
         // fold it away.
-        let info = made.inspect_err(|_| {
-            let foldable = sh.catalog.read().and_then(|txn| match txn.layer(frozen)? {
-                Some(l) => jobs::plan_foldable(&txn, &l),
-                None => Ok(false),
-            });
-            if foldable.unwrap_or(false)
-                && let Err(e) = self.enqueue(JobKind::Fold, frozen.0, 0, JobReason::SnapshotDeleted)
-            {
-                tracing::warn!(layer = %frozen, error = %e, "queueing the fold of a failed clone's layer");
-            }
-        })?;
+        let info = made.inspect_err(|_| self.fold_away(frozen))?;
         for v in [volume, vid] {
             if self.volume(v)?.depth() as u32 > self.max_chain_depth(v)? {
                 self.enqueue(JobKind::Merge, v.0, 0, JobReason::DepthPolicy)?;

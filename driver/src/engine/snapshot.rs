@@ -3,7 +3,8 @@
 use std::sync::{Arc, Weak};
 
 use super::error::{Error, Result};
-use super::geometry::{check_range, touched_blocks};
+use super::geometry::{BLOCK_SIZE, check_range, touched_blocks};
+use super::pinned::{BlockRange, Pinned};
 use super::ids::{LayerId, SnapshotId};
 use super::pool::Shared;
 use super::view::{self, DepthExtent, Extent, View, read_segments};
@@ -46,6 +47,22 @@ impl SnapshotReader {
     /// Size in bytes (the volume's size when the snapshot was taken).
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Pins `ranges` of the snapshot (see [`Pinned`]): nothing to freeze,
+    /// its layers are.
+    pub fn pin(&self, ranges: &[BlockRange]) -> Result<Vec<Pinned>> {
+        ranges
+            .iter()
+            .map(|r| {
+                check_range(
+                    r.first.saturating_mul(BLOCK_SIZE),
+                    r.blocks.saturating_mul(BLOCK_SIZE),
+                    self.size,
+                )?;
+                Ok(Pinned::new(*r, self.view.segments(r.first, r.first + r.blocks)?))
+            })
+            .collect()
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -43,10 +43,12 @@ use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
 use super::ids::{LayerId, VolumeId};
 use super::index::{ABSENT, ZERO};
-use super::io::{File, FileIo};
+use super::io::{File, FileIo, Span};
+use super::jobs::Method;
 use super::jobs::throttle::Allowance;
 use super::journal::{JournalFile, Logged, Record, push_coalesced};
 use super::layer::Layer;
+use super::pinned::{BlockRange, Landed, Pinned};
 use super::pool::Shared;
 use super::presence::BlockState;
 use super::rangelock::RangeLock;
@@ -658,6 +660,106 @@ impl Volume {
             self.flush()?;
         }
         Ok(true)
+    }
+
+    /// Writes blocks `at..at+blocks` of `src` at block `first` of this
+    /// volume: runs held by a layer are copied from its file into the top's
+    /// (shared extents where the filesystem can), runs of zeros are
+    /// recorded as zeros. No byte passes through memory. With `fua`, the
+    /// result (and everything acknowledged before) is durable on return.
+    /// On an error part of the range may have been written, as with any
+    /// failed write.
+    pub fn write_pinned(
+        &self,
+        first: u64,
+        src: &Pinned,
+        at: u64,
+        blocks: u64,
+        fua: bool,
+    ) -> Result<Landed> {
+        if at.checked_add(blocks).is_none_or(|end| end > src.blocks()) {
+            return Err(Error::OutOfRange {
+                offset: at * BLOCK_SIZE,
+                len: blocks * BLOCK_SIZE,
+                size: src.blocks() * BLOCK_SIZE,
+            });
+        }
+        let (offset, len) = (first * BLOCK_SIZE, blocks * BLOCK_SIZE);
+        if !self.admit(offset, len)? {
+            return Ok(Landed::default());
+        }
+        self.allowance.consume(len);
+        self.moving.allowance.consume(len);
+        self.check_fault(false)?;
+        let runs = src.cut(at, blocks);
+        let mut landed = Landed::default();
+        {
+            let _gate = self.gate.read().expect("volume gate");
+            self.check_live()?;
+            let end = first + blocks;
+            let _range = self.ranges.lock(first, end);
+            let top = Arc::clone(&self.state.read().expect("volume state").top);
+            let data: u64 = runs
+                .iter()
+                .filter(|r| matches!(r.source, Source::Layer(_)))
+                .map(|r| r.blocks * BLOCK_SIZE)
+                .sum();
+            self.shared.space.admit(data)?;
+            let no_reflink = AtomicBool::new(false);
+            let mut land = || -> Result<()> {
+                for run in &runs {
+                    let to = first + (run.start - src.source_block(at));
+                    let bytes = run.blocks * BLOCK_SIZE;
+                    match &run.source {
+                        Source::Layer(layer) => {
+                            let span = Span {
+                                from: run.start * BLOCK_SIZE,
+                                to: to * BLOCK_SIZE,
+                                len: bytes,
+                            };
+                            match top.copy_from(layer, span, &no_reflink)? {
+                                Method::Reflink => landed.shared += bytes,
+                                Method::Copy => landed.copied += bytes,
+                            }
+                            self.commit(&top, to, to + run.blocks, BlockState::Data, None);
+                        }
+                        Source::Zero | Source::Absent => {
+                            self.commit(&top, to, to + run.blocks, BlockState::Zero, None);
+                            top.punch(to * BLOCK_SIZE, bytes)?;
+                            landed.zeroed += bytes;
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let result = land();
+            // Also after a failure: a live move must resend what changed.
+            self.moving.changed(first, end);
+            result?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(landed)
+    }
+
+    /// Pins `ranges` from the live view if none of their blocks is in the
+    /// writable top (every run it names is frozen, so it cannot change);
+    /// `None` if one is.
+    pub(crate) fn pin_frozen(&self, ranges: &[BlockRange]) -> Result<Option<Vec<Pinned>>> {
+        let st = self.state.read().expect("volume state");
+        let mut pins = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let runs = st.view.segments(r.first, r.first + r.blocks)?;
+            if runs
+                .iter()
+                .any(|s| matches!(&s.source, Source::Layer(l) if Arc::ptr_eq(l, &st.top)))
+            {
+                return Ok(None);
+            }
+            pins.push(Pinned::new(*r, runs));
+        }
+        Ok(Some(pins))
     }
 
     fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {

@@ -194,6 +194,7 @@ pub fn steps(default: u64) -> u64 {
 
 pub mod cluster;
 pub mod csi;
+pub mod iscsi;
 pub mod netns;
 pub mod standalone;
 

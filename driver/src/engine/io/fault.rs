@@ -26,7 +26,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Entry, Fallocated, File, FileIo, Fs, Mapping, Open};
+use super::{Entry, Fallocated, File, FileIo, Fs, Mapping, Open, Span};
 
 const PAGE: u64 = 4096;
 
@@ -851,23 +851,23 @@ impl FileIo for FaultFile {
         Ok(())
     }
 
-    fn clone_range(&self, src: &dyn FileIo, offset: u64, len: u64) -> io::Result<Fallocated> {
+    fn clone_range(&self, src: &dyn FileIo, span: Span) -> io::Result<Fallocated> {
         self.check_writable()?;
         let Some(src) = src.as_any().downcast_ref::<FaultFile>() else {
             return Ok(Fallocated::Unsupported);
         };
         let mut st = self.call(Op::Clone)?;
-        st.ensure_room(len)?;
-        let mut data = vec![0u8; len as usize];
-        st.inodes[&src.ino].cur.read(&mut data, offset);
+        st.ensure_room(span.len)?;
+        let mut data = vec![0u8; span.len as usize];
+        st.inodes[&src.ino].cur.read(&mut data, span.from);
         let inode = st.inodes.get_mut(&self.ino).expect("inode");
-        for page in inode.cur.write(&data, offset) {
+        for page in inode.cur.write(&data, span.to) {
             inode.lost.remove(&page);
         }
         Ok(Fallocated::Done)
     }
 
-    fn copy_range(&self, _: &dyn FileIo, _: u64, _: u64) -> io::Result<Option<u64>> {
+    fn copy_range(&self, _: &dyn FileIo, _: Span) -> io::Result<Option<u64>> {
         Ok(None)
     }
 

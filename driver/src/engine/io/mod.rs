@@ -38,6 +38,35 @@ pub enum Open {
     Truncate,
 }
 
+/// A copy between files: `len` bytes from offset `from` of the source to
+/// offset `to` of the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from: u64,
+    pub to: u64,
+    pub len: u64,
+}
+
+impl Span {
+    /// The same offset in both files.
+    pub fn at(offset: u64, len: u64) -> Span {
+        Span {
+            from: offset,
+            to: offset,
+            len,
+        }
+    }
+
+    /// The part `done..` of this span.
+    pub fn skip(self, done: u64) -> Span {
+        Span {
+            from: self.from + done,
+            to: self.to + done,
+            len: self.len - done,
+        }
+    }
+}
+
 /// What a space call (fallocate, a pointer copy) could do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallocated {
@@ -112,11 +141,11 @@ pub trait FileIo: Send + Sync + fmt::Debug {
     /// Shares `src`'s extents of `offset..offset+len` at the same offset
     /// here (FICLONERANGE): `Unsupported` where the filesystem (or this
     /// pair of files) cannot.
-    fn clone_range(&self, src: &dyn FileIo, offset: u64, len: u64) -> io::Result<Fallocated>;
-    /// copy_file_range of up to `len` bytes at `offset` from `src` to the
-    /// same offset here: bytes copied (0 at the end of `src`), `None` where
-    /// the kernel cannot (the caller reads and writes).
-    fn copy_range(&self, src: &dyn FileIo, offset: u64, len: u64) -> io::Result<Option<u64>>;
+    fn clone_range(&self, src: &dyn FileIo, span: Span) -> io::Result<Fallocated>;
+    /// copy_file_range of up to `span.len` bytes from `src`: bytes copied
+    /// (0 at the end of `src`), `None` where the kernel cannot (the caller
+    /// reads and writes).
+    fn copy_range(&self, src: &dyn FileIo, span: Span) -> io::Result<Option<u64>>;
     /// Starts writing back `offset..offset+len` (a hint).
     fn start_writeback(&self, offset: u64, len: u64);
     /// Maps the first `len` bytes (shared: stores reach the file).
@@ -294,7 +323,7 @@ impl RealFile {
     /// cached. If the range's first page is cached in the source (a read
     /// that may not wait succeeds), ask for the destination's range to be
     /// read ahead, so a merge does not turn a hot range cold.
-    fn warm_if_cached(&self, src: &std::fs::File, offset: u64, len: u64) {
+    fn warm_if_cached(&self, src: &std::fs::File, span: Span) {
         let mut page = [0u8; 4096];
         let iov = libc::iovec {
             iov_base: page.as_mut_ptr().cast(),
@@ -303,11 +332,11 @@ impl RealFile {
         // SAFETY: one iovec over a local buffer; RWF_NOWAIT fails instead of
         // waiting for I/O. posix_fadvise takes plain integers.
         unsafe {
-            if libc::preadv2(src.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) > 0 {
+            if libc::preadv2(src.as_raw_fd(), &iov, 1, span.from as i64, libc::RWF_NOWAIT) > 0 {
                 libc::posix_fadvise(
                     self.0.as_raw_fd(),
-                    offset as i64,
-                    len as i64,
+                    span.to as i64,
+                    span.len as i64,
                     libc::POSIX_FADV_WILLNEED,
                 );
             }
@@ -384,21 +413,21 @@ impl FileIo for RealFile {
         }
     }
 
-    fn clone_range(&self, src: &dyn FileIo, offset: u64, len: u64) -> io::Result<Fallocated> {
+    fn clone_range(&self, src: &dyn FileIo, span: Span) -> io::Result<Fallocated> {
         let Some(src) = RealFile::of(src) else {
             return Ok(Fallocated::Unsupported);
         };
         let arg = FileCloneRange {
             src_fd: i64::from(src.as_raw_fd()),
-            src_offset: offset,
-            src_length: len,
-            dest_offset: offset,
+            src_offset: span.from,
+            src_length: span.len,
+            dest_offset: span.to,
         };
         // SAFETY: FICLONERANGE reads one `struct file_clone_range` (repr(C),
         // same layout) that lives for the call.
         let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), FICLONERANGE, &arg) };
         if rc == 0 {
-            self.warm_if_cached(src, offset, len);
+            self.warm_if_cached(src, span);
             return Ok(Fallocated::Done);
         }
         let e = io::Error::last_os_error();
@@ -412,13 +441,13 @@ impl FileIo for RealFile {
         }
     }
 
-    fn copy_range(&self, src: &dyn FileIo, offset: u64, len: u64) -> io::Result<Option<u64>> {
+    fn copy_range(&self, src: &dyn FileIo, span: Span) -> io::Result<Option<u64>> {
         let Some(src) = RealFile::of(src) else {
             return Ok(None);
         };
         loop {
-            let mut off_in = offset as i64;
-            let mut off_out = off_in;
+            let mut off_in = span.from as i64;
+            let mut off_out = span.to as i64;
             // SAFETY: both descriptors are open; the offsets are locals the
             // call updates.
             let n = unsafe {
@@ -427,7 +456,7 @@ impl FileIo for RealFile {
                     &mut off_in,
                     self.0.as_raw_fd(),
                     &mut off_out,
-                    len as usize,
+                    span.len as usize,
                     0,
                 )
             };

@@ -1,4 +1,5 @@
-//! Moving data between layer files: a pointer copy (FICLONERANGE: the
+//! Moving data between layer files (at the same offset for jobs, at
+//! another for copies by token): a pointer copy (FICLONERANGE: the
 //! filesystem shares the extents, no data moves) where the filesystem can,
 //! a byte copy (copy_file_range, then read/write) where it cannot. The
 //! result is the same either way. Callers keep each call to a few MiB:
@@ -6,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::super::io::{Fallocated, FileIo};
+use super::super::io::{Fallocated, FileIo, Span};
 
 /// How a range was moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,31 +25,30 @@ impl Method {
     }
 }
 
-/// Copies `len` bytes at `offset` from `src` to the same offset of `dst`.
-/// Tries a pointer copy unless `no_reflink` says the filesystem refused one
-/// before (then sets it when it refuses now).
+/// Copies `span` from `src` to `dst`. Tries a pointer copy unless
+/// `no_reflink` says the filesystem refused one before (then sets it when
+/// it refuses now).
 pub(crate) fn copy_range(
     src: &dyn FileIo,
     dst: &dyn FileIo,
-    offset: u64,
-    len: u64,
+    span: Span,
     no_reflink: &AtomicBool,
 ) -> std::io::Result<Method> {
-    if len == 0 {
+    if span.len == 0 {
         return Ok(Method::Copy);
     }
     if !no_reflink.load(Ordering::Relaxed) {
-        match dst.clone_range(src, offset, len)? {
+        match dst.clone_range(src, span)? {
             Fallocated::Done => return Ok(Method::Reflink),
             // Not a filesystem that shares extents (or not between these
             // files): copy from now on.
             Fallocated::Unsupported => no_reflink.store(true, Ordering::Relaxed),
         }
     }
-    byte_copy(src, dst, offset, len)?;
+    byte_copy(src, dst, span)?;
     // Start writing the copy back now: a job must not pile up dirty pages
     // that would later make foreground writers wait for writeback.
-    dst.start_writeback(offset, len);
+    dst.start_writeback(span.to, span.len);
     Ok(Method::Copy)
 }
 
@@ -56,28 +56,33 @@ pub(crate) fn copy_range(
 /// a foreground write to the same file waits for.
 const COPY_CALL: u64 = 32 << 10;
 
-fn byte_copy(src: &dyn FileIo, dst: &dyn FileIo, offset: u64, len: u64) -> std::io::Result<()> {
+fn byte_copy(src: &dyn FileIo, dst: &dyn FileIo, span: Span) -> std::io::Result<()> {
     let mut done = 0u64;
-    while done < len {
-        match dst.copy_range(src, offset + done, (len - done).min(COPY_CALL))? {
+    while done < span.len {
+        let rest = span.skip(done);
+        let call = Span {
+            len: rest.len.min(COPY_CALL),
+            ..rest
+        };
+        match dst.copy_range(src, call)? {
             Some(0) => {
                 // Past the end of the source: the rest reads as zeros.
-                return write_zeros(dst, offset + done, len - done);
+                return write_zeros(dst, rest.to, rest.len);
             }
             Some(n) => done += n,
-            None => return read_write(src, dst, offset + done, len - done),
+            None => return read_write(src, dst, rest),
         }
     }
     Ok(())
 }
 
-fn read_write(src: &dyn FileIo, dst: &dyn FileIo, offset: u64, len: u64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+fn read_write(src: &dyn FileIo, dst: &dyn FileIo, span: Span) -> std::io::Result<()> {
+    let mut buf = vec![0u8; span.len.min(1 << 20) as usize];
     let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        super::super::io::read_full(src, &mut buf[..n], offset + done)?;
-        dst.write_all_at(&buf[..n], offset + done)?;
+    while done < span.len {
+        let n = (span.len - done).min(buf.len() as u64) as usize;
+        super::super::io::read_full(src, &mut buf[..n], span.from + done)?;
+        dst.write_all_at(&buf[..n], span.to + done)?;
         done += n as u64;
     }
     Ok(())
@@ -109,7 +114,7 @@ mod tests {
         dst.set_len(8 * 4096).unwrap();
         for no_reflink in [false, true] {
             let flag = AtomicBool::new(no_reflink);
-            copy_range(&*src, &*dst, 4096, 3 * 4096, &flag).unwrap();
+            copy_range(&*src, &*dst, Span::at(4096, 3 * 4096), &flag).unwrap();
             let mut got = vec![0u8; data.len()];
             read_full(&*dst, &mut got, 4096).unwrap();
             assert_eq!(got, data);
@@ -117,7 +122,7 @@ mod tests {
         // Past the source's end: zeros.
         let flag = AtomicBool::new(true);
         dst.write_all_at(&[9u8; 4096], 6 * 4096).unwrap();
-        copy_range(&*src, &*dst, 6 * 4096, 4096, &flag).unwrap();
+        copy_range(&*src, &*dst, Span::at(6 * 4096, 4096), &flag).unwrap();
         let mut got = vec![1u8; 4096];
         read_full(&*dst, &mut got, 6 * 4096).unwrap();
         assert!(got.iter().all(|&b| b == 0));

@@ -51,7 +51,7 @@ use super::super::catalog::JobKind;
 use super::super::error::{Error, Result, io_error};
 use super::super::geometry::{BLOCK_SIZE, CHUNK_BLOCKS};
 use super::super::ids::{LayerId, VolumeId};
-use super::super::io::{FileIo, Open};
+use super::super::io::{FileIo, Open, Span};
 use super::super::layer::{LAYERS_DIR, layer_path, remove_quietly, sync_dir};
 use super::super::pool::Pool;
 use super::super::presence::{self, BlockState};
@@ -126,7 +126,7 @@ impl Ctx<'_> {
         len: u64,
         what: &std::path::Path,
     ) -> Result<()> {
-        let m = copy::copy_range(src, dst, off, len, self.no_reflink)
+        let m = copy::copy_range(src, dst, Span::at(off, len), self.no_reflink)
             .map_err(|e| io_error("copy between layers", what, e))?;
         self.moved(m, len);
         Ok(())

@@ -24,6 +24,7 @@
 //! connection holds is bounded as `session.rs` says (about 7.5 MiB).
 
 pub mod chap;
+mod copy;
 mod login;
 pub mod pdu;
 mod scsi;
@@ -104,6 +105,7 @@ impl Deadline {
 pub struct Target {
     exports: Exports,
     metrics: Arc<Metrics>,
+    copies: Arc<copy::CopyManager>,
     config: IscsiConfig,
     tsih: AtomicU16,
 }
@@ -116,6 +118,7 @@ impl Target {
         };
         Ok(self.exports.open(id)?.map(|export| scsi::Lun {
             metrics: IoMetrics::new(&self.metrics, &export.name()),
+            copies: copy::Nexus::new(Arc::clone(&self.copies), &self.metrics, &export.name()),
             export,
             target: iqn.to_string(),
         }))
@@ -173,6 +176,7 @@ impl IscsiServer {
         Arc::new(IscsiServer {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             target: Arc::new(Target {
+                copies: Arc::new(copy::CopyManager::new(exports.pool().clone())),
                 exports,
                 metrics,
                 config,

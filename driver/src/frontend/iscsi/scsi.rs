@@ -9,6 +9,8 @@ use std::time::Instant;
 use crate::engine::{BLOCK_SIZE, Error, ErrorKind, ZeroFlags};
 use crate::frontend::{Export, IoMetrics};
 
+use super::copy;
+
 /// Logical block size.
 pub const BLOCK: u64 = BLOCK_SIZE;
 /// Most blocks one READ or WRITE moves (32 MiB). Their data streams
@@ -51,6 +53,9 @@ pub struct Sense {
 }
 
 impl Sense {
+    pub(super) const fn illegal(asc: u8, ascq: u8) -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, asc, ascq)
+    }
     const fn new(key: u8, asc: u8, ascq: u8) -> Self {
         Sense {
             key,
@@ -115,6 +120,8 @@ pub struct Lun {
     /// The target's IQN.
     pub target: String,
     pub metrics: IoMetrics,
+    /// The session's side of the node's copy manager (tokens).
+    pub copies: copy::Nexus,
 }
 
 impl Lun {
@@ -123,14 +130,14 @@ impl Lun {
     }
 
     /// Bytes of `blocks` from `lba`, refused if past the end.
-    fn range(&self, lba: u64, blocks: u64) -> Result<(u64, u64), Sense> {
+    pub(super) fn range(&self, lba: u64, blocks: u64) -> Result<(u64, u64), Sense> {
         match lba.checked_add(blocks) {
             Some(end) if end <= self.blocks() => Ok((lba * BLOCK, blocks * BLOCK)),
             _ => Err(Sense::LBA_OUT_OF_RANGE),
         }
     }
 
-    fn writable(&self) -> Result<(), Sense> {
+    pub(super) fn writable(&self) -> Result<(), Sense> {
         if self.export.read_only() {
             return Err(Sense::WRITE_PROTECTED);
         }
@@ -138,13 +145,13 @@ impl Lun {
     }
 }
 
-fn be16(b: &[u8]) -> u64 {
+pub(super) fn be16(b: &[u8]) -> u64 {
     u64::from(u16::from_be_bytes([b[0], b[1]]))
 }
-fn be32(b: &[u8]) -> u64 {
+pub(super) fn be32(b: &[u8]) -> u64 {
     u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
-fn be64(b: &[u8]) -> u64 {
+pub(super) fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
@@ -182,6 +189,8 @@ pub mod opcode {
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const READ_12: u8 = 0xa8;
+    pub const THIRD_PARTY_COPY_OUT: u8 = 0x83;
+    pub const THIRD_PARTY_COPY_IN: u8 = 0x84;
     pub const WRITE_12: u8 = 0xaa;
 }
 use opcode::*;
@@ -413,6 +422,19 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
         }
         MODE_SELECT_6 => out(u64::from(cdb[4])),
         MODE_SELECT_10 => out(be16(&cdb[7..])),
+        THIRD_PARTY_COPY_OUT => {
+            let sa = cdb[1] & 0x1f;
+            match sa {
+                copy::POPULATE_TOKEN => {}
+                copy::WRITE_USING_TOKEN => lun.writable()?,
+                _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+            }
+            let len = copy::parameter_length(cdb);
+            if len > copy::MAX_PARAMETER_LIST {
+                return Err(Sense::PARAMETER_LIST_LENGTH);
+            }
+            out(len)
+        }
         _ => none,
     }
 }
@@ -485,11 +507,16 @@ pub fn execute(
         UNMAP => unmap(lun, data_out),
         MODE_SENSE_6 | MODE_SENSE_10 => mode_sense(lun, cdb, data_in),
         MODE_SELECT_6 | MODE_SELECT_10 => mode_select(lun, cdb, data_out),
+        THIRD_PARTY_COPY_OUT => copy::copy_out(lun, cdb, data_out),
+        THIRD_PARTY_COPY_IN if cdb[1] & 0x1f == copy::RECEIVE_ROD_TOKEN_INFORMATION => {
+            copy::receive_rod_token_information(lun, cdb, data_in)
+        }
+        THIRD_PARTY_COPY_IN => Err(Sense::INVALID_FIELD_IN_CDB),
         _ => Err(Sense::INVALID_OPCODE),
     }
 }
 
-fn failed(lun: &Lun, op: &'static str, e: &Error, writing: bool) -> Sense {
+pub(super) fn failed(lun: &Lun, op: &'static str, e: &Error, writing: bool) -> Sense {
     let sense = Sense::of(e, writing);
     tracing::warn!(
         target_name = %lun.target,
@@ -502,7 +529,7 @@ fn failed(lun: &Lun, op: &'static str, e: &Error, writing: bool) -> Sense {
     sense
 }
 
-fn truncate(data: &mut Vec<u8>, allocation: u64) {
+pub(super) fn truncate(data: &mut Vec<u8>, allocation: u64) {
     data.truncate(allocation.min(data.len() as u64) as usize);
 }
 
@@ -526,7 +553,7 @@ fn report_luns(cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
 }
 
 /// The designator of a unit: a stable 16-byte NAA from its name.
-fn naa(name: &str) -> [u8; 16] {
+pub(super) fn naa(name: &str) -> [u8; 16] {
     let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
     let mut n = [0u8; 16];
     n.copy_from_slice(&d.as_ref()[..16]);
@@ -552,6 +579,7 @@ fn inquiry(lun: Option<&Lun>, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(
         d[0] = peripheral;
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
+        d[5] = 0x08; // 3PC: third-party copy (offload copy by token)
         d[4] = (d.len() - 5) as u8;
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(b"STRATA  ");
@@ -574,7 +602,8 @@ fn inquiry(lun: Option<&Lun>, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(
     };
     let name = lun.export.name();
     let body: Vec<u8> = match page {
-        0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+        0x00 => vec![0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2],
+        0x8f => copy::vpd_page(),
         0x80 => name.as_bytes().to_vec(),
         0x83 => {
             let mut b = Vec::new();
@@ -765,6 +794,9 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (WRITE_12, None, 12),
     (WRITE_VERIFY_12, None, 12),
     (VERIFY_12, None, 12),
+    (THIRD_PARTY_COPY_OUT, Some(copy::POPULATE_TOKEN), 16),
+    (THIRD_PARTY_COPY_OUT, Some(copy::WRITE_USING_TOKEN), 16),
+    (THIRD_PARTY_COPY_IN, Some(copy::RECEIVE_ROD_TOKEN_INFORMATION), 16),
 ];
 
 /// REPORT SUPPORTED OPERATION CODES (SPC-5 §6.35): all commands, or one.
@@ -1028,8 +1060,14 @@ mod tests {
         let pool = Pool::open(dir, PoolOptions::default()).unwrap();
         let id = pool.create_volume(size).unwrap().id;
         let export = Export::Volume(pool.volume(id).unwrap());
+        let metrics = Metrics::new();
         Lun {
-            metrics: IoMetrics::new(&Metrics::new(), &export.name()),
+            metrics: IoMetrics::new(&metrics, &export.name()),
+            copies: copy::Nexus::new(
+                std::sync::Arc::new(copy::CopyManager::new(pool.clone())),
+                &metrics,
+                &export.name(),
+            ),
             export,
             target: format!("iqn.test:{id}"),
         }
