@@ -479,13 +479,18 @@ fn pinning_frozen_blocks_or_a_snapshot_freezes_nothing() {
         first: 1023,
         blocks: 2,
     }];
-    assert_eq!(p.pin(a.id(), &past).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(
+        p.pin(a.id(), &past).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
     assert_eq!(
         a.write_pinned(0, &pins[0], 2, 3, false).unwrap_err().kind(),
         ErrorKind::OutOfRange
     );
     assert_eq!(
-        a.write_pinned(1023, &pins[0], 0, 2, false).unwrap_err().kind(),
+        a.write_pinned(1023, &pins[0], 0, 2, false)
+            .unwrap_err()
+            .kind(),
         ErrorKind::OutOfRange
     );
 }

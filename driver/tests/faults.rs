@@ -29,7 +29,8 @@ use std::sync::Arc;
 
 use strata::engine::io::fault::{Fail, FaultFs, Op};
 use strata::engine::{
-    BlockRange, ErrorKind, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags, check::check_pool_on,
+    BlockRange, ErrorKind, JobConfig, Pool, PoolOptions, SnapshotId, VolumeId, ZeroFlags,
+    check::check_pool_on,
 };
 
 const POOL: &str = "/data/pool";

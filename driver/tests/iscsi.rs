@@ -628,7 +628,10 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
     let (info, token) = ia.receive_token(1);
     assert_eq!(info.status, 0);
     let token = token.expect("a token");
-    assert_eq!(u64::from_be_bytes(info.data[16..24].try_into().unwrap()), 184);
+    assert_eq!(
+        u64::from_be_bytes(info.data[16..24].try_into().unwrap()),
+        184
+    );
     assert_eq!(ia.write16(0, &pattern(6, 256 * BLOCK), true).status, 0);
 
     // Written through another target's session, whole and from an offset.
@@ -638,7 +641,10 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
     assert_eq!(w.status, 0, "{:?}", w.sense);
     let (done, none) = ib.receive_token(7);
     assert_eq!((done.status, done.data[4], done.data[5]), (0, 0x11, 0x01));
-    assert_eq!(u64::from_be_bytes(done.data[16..24].try_into().unwrap()), 184);
+    assert_eq!(
+        u64::from_be_bytes(done.data[16..24].try_into().unwrap()),
+        184
+    );
     assert!(none.is_none());
     let mut expect = old[..128 * BLOCK].to_vec();
     expect.extend_from_slice(&old[200 * BLOCK..]);
@@ -658,20 +664,41 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
     forged[100] ^= 1;
     let sense = |a: common::iscsi::Answer| (a.status, a.sense);
     let refused = |key, asc, ascq| (2u8, Some((key, asc, ascq)));
-    assert_eq!(sense(ib.write_using_token(10, &forged, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
+    assert_eq!(
+        sense(ib.write_using_token(10, &forged, 0, &[(0, 1)])),
+        refused(5, 0x23, 0x04)
+    );
     let mut unknown = token.clone();
     unknown[8] ^= 1;
-    assert_eq!(sense(ib.write_using_token(10, &unknown, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
-    assert_eq!(sense(ib.write_using_token(10, &token, 180, &[(0, 5)])), refused(5, 0x26, 0x00));
+    assert_eq!(
+        sense(ib.write_using_token(10, &unknown, 0, &[(0, 1)])),
+        refused(5, 0x23, 0x04)
+    );
+    assert_eq!(
+        sense(ib.write_using_token(10, &token, 180, &[(0, 5)])),
+        refused(5, 0x26, 0x00)
+    );
     let many: Vec<(u64, u32)> = (0..65).map(|i| (i, 1)).collect();
-    assert_eq!(sense(ib.write_using_token(10, &token, 0, &many)), refused(5, 0x26, 0x08));
-    assert_eq!(sense(ia.populate_token(11, &[(4095, 2)], 0)), refused(5, 0x21, 0x00));
-    assert_eq!(sense(ib.write_using_token(10, &token, 0, &[(4095, 2)])), refused(5, 0x21, 0x00));
+    assert_eq!(
+        sense(ib.write_using_token(10, &token, 0, &many)),
+        refused(5, 0x26, 0x08)
+    );
+    assert_eq!(
+        sense(ia.populate_token(11, &[(4095, 2)], 0)),
+        refused(5, 0x21, 0x00)
+    );
+    assert_eq!(
+        sense(ib.write_using_token(10, &token, 0, &[(4095, 2)])),
+        refused(5, 0x21, 0x00)
+    );
     let (unknown_list, _) = ib.receive_token(99);
     assert_eq!(sense(unknown_list), refused(5, 0x24, 0x00));
     // A failed operation's outcome is kept with its sense.
     let (failed, _) = ia.receive_token(11);
-    assert_eq!((failed.status, failed.data[5], failed.data[32 + 12]), (0, 0x02, 0x21));
+    assert_eq!(
+        (failed.status, failed.data[5], failed.data[32 + 12]),
+        (0, 0x02, 0x21)
+    );
     assert_eq!(ib.read16(0, 1).data, vec![0u8; BLOCK]);
 
     // A snapshot's target makes tokens but takes no writes.
@@ -681,24 +708,39 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
     assert_eq!(is.populate_token(1, &[(0, 16)], 0).status, 0);
     let (_, snap_token) = is.receive_token(1);
     let snap_token = snap_token.expect("a snapshot's token");
-    assert_eq!(sense(is.write_using_token(2, &snap_token, 0, &[(0, 16)])), refused(7, 0x27, 0x00));
-    assert_eq!(ib.write_using_token(2, &snap_token, 0, &[(3500, 16)]).status, 0);
-    assert_eq!(ib.read16(3500, 16).data, pattern(6, 256 * BLOCK)[..16 * BLOCK]);
+    assert_eq!(
+        sense(is.write_using_token(2, &snap_token, 0, &[(0, 16)])),
+        refused(7, 0x27, 0x00)
+    );
+    assert_eq!(
+        ib.write_using_token(2, &snap_token, 0, &[(3500, 16)])
+            .status,
+        0
+    );
+    assert_eq!(
+        ib.read16(3500, 16).data,
+        pattern(6, 256 * BLOCK)[..16 * BLOCK]
+    );
 
     // A token outlives neither its inactivity timeout...
     assert_eq!(ia.populate_token(12, &[(0, 1)], 1).status, 0);
     let (_, short) = ia.receive_token(12);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(sense(ib.write_using_token(13, &short.unwrap(), 0, &[(0, 1)])), refused(5, 0x23, 0x07));
+    assert_eq!(
+        sense(ib.write_using_token(13, &short.unwrap(), 0, &[(0, 1)])),
+        refused(5, 0x23, 0x07)
+    );
 
     // ...nor the process; what was landed and flushed is there after a
     // kill -9.
     assert_eq!(ib.sync_cache().status, 0);
     let metrics = s.metrics();
     assert!(
-        metrics.lines().any(|l| l.starts_with("strata_volume_ops_total")
-            && l.contains(&b)
-            && l.contains("op=\"write_using_token\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("strata_volume_ops_total")
+                && l.contains(&b)
+                && l.contains("op=\"write_using_token\"")),
         "no offload counted:\n{metrics}"
     );
     s.kill9();
@@ -707,5 +749,75 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
     ib.login(&format!("{TARGET_PREFIX}{b}"));
     assert_eq!(ib.read16(1000, 184).data[8 * BLOCK..], expect[8 * BLOCK..]);
     assert_eq!(ib.read16(3000, 6).data, old[250 * BLOCK..]);
-    assert_eq!(sense(ib.write_using_token(1, &token, 0, &[(0, 1)])), refused(5, 0x23, 0x04));
+    assert_eq!(
+        sense(ib.write_using_token(1, &token, 0, &[(0, 1)])),
+        refused(5, 0x23, 0x04)
+    );
+}
+
+#[test]
+fn extended_copy_moves_blocks_between_units_named_by_their_designators() {
+    let (s, port) = start();
+    let a = s.create_volume("xcopy-src", "16MiB");
+    let b = s.create_volume("xcopy-dst", "16MiB");
+    let mut ia = Initiator::connect(port);
+    ia.login(&format!("{TARGET_PREFIX}{a}"));
+    let mut ib = Initiator::connect(port);
+    ib.login(&format!("{TARGET_PREFIX}{b}"));
+    let data = pattern(9, 64 * BLOCK);
+    assert_eq!(ia.write16(100, &data, false).status, 0);
+    let (na, nb) = (
+        common::iscsi::naa_of(&mut ia),
+        common::iscsi::naa_of(&mut ib),
+    );
+
+    // Sent to b's unit: from a to b, and within b (overlapping itself).
+    let c = ib.extended_copy(
+        3,
+        &[na.clone(), nb.clone()],
+        &[(0, 1, 64, 100, 0), (1, 1, 32, 0, 16)],
+    );
+    assert_eq!(c.status, 0, "{:?}", c.sense);
+    let status = ib.copy_status(3);
+    assert_eq!((status.status, status.data[4]), (0, 0x01));
+    assert_eq!(u16::from_be_bytes([status.data[5], status.data[6]]), 2);
+    let mut expect = data[..16 * BLOCK].to_vec();
+    expect.extend_from_slice(&data[..32 * BLOCK]);
+    expect.extend_from_slice(&data[48 * BLOCK..]);
+    assert_eq!(ib.read16(0, 64).data, expect);
+    // Returned once, then forgotten.
+    assert_eq!(ib.copy_status(3).sense, Some((5, 0x24, 0)));
+
+    // From a snapshot's unit; into a snapshot: refused.
+    let snap = s.snapshot("xcopy-snap", &a);
+    let mut is = Initiator::connect(port);
+    is.login(&format!("{TARGET_PREFIX}{snap}"));
+    let ns = common::iscsi::naa_of(&mut is);
+    assert_eq!(
+        is.extended_copy(1, &[ns.clone(), nb.clone()], &[(0, 1, 8, 100, 200)])
+            .status,
+        0
+    );
+    assert_eq!(ib.read16(200, 8).data, data[..8 * BLOCK]);
+    let refused = is.extended_copy(1, &[nb.clone(), ns], &[(0, 1, 8, 0, 0)]);
+    assert_eq!(refused.sense, Some((7, 0x27, 0)));
+    // A designator no unit has, an index past the list, a segment past
+    // the end: COPY ABORTED; nothing written.
+    let stranger = vec![0x60u8; 16];
+    assert_eq!(
+        ib.extended_copy(1, &[stranger, nb.clone()], &[(0, 1, 8, 0, 0)])
+            .sense,
+        Some((0x0a, 0x0d, 0x02))
+    );
+    assert_eq!(
+        ib.extended_copy(1, std::slice::from_ref(&na), &[(0, 1, 8, 0, 0)])
+            .sense,
+        Some((0x0a, 0x08, 0x04))
+    );
+    assert_eq!(
+        ib.extended_copy(1, &[na, nb], &[(0, 1, 8, 0, 4090)]).sense,
+        Some((0x0a, 0x0d, 0x02))
+    );
+    assert_eq!(ib.read16(4088, 8).data, vec![0u8; 8 * BLOCK]);
+    assert!(s.log().lines().all(|l| !l.contains("panicked")));
 }

@@ -7,7 +7,9 @@
 //! ([`Pool::pin`](super::Pool::pin)). Landing one in a volume
 //! ([`Volume::write_pinned`](super::Volume::write_pinned)) shares the
 //! layers' extents where the filesystem can. This is what a SCSI ROD token
-//! (POPULATE TOKEN, WRITE USING TOKEN) stands for.
+//! (POPULATE TOKEN, WRITE USING TOKEN) stands for. A live pin
+//! ([`Volume::pin_live`](super::Volume::pin_live), for a copy made at
+//! once) may name the volume's writable top instead of freezing it.
 
 use super::error::Result;
 use super::geometry::BLOCK_SIZE;

@@ -4,8 +4,8 @@ use std::sync::{Arc, Weak};
 
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, touched_blocks};
-use super::pinned::{BlockRange, Pinned};
 use super::ids::{LayerId, SnapshotId};
+use super::pinned::{BlockRange, Pinned};
 use super::pool::Shared;
 use super::view::{self, DepthExtent, Extent, View, read_segments};
 
@@ -60,7 +60,10 @@ impl SnapshotReader {
                     r.blocks.saturating_mul(BLOCK_SIZE),
                     self.size,
                 )?;
-                Ok(Pinned::new(*r, self.view.segments(r.first, r.first + r.blocks)?))
+                Ok(Pinned::new(
+                    *r,
+                    self.view.segments(r.first, r.first + r.blocks)?,
+                ))
             })
             .collect()
     }

@@ -747,13 +747,39 @@ impl Volume {
     /// writable top (every run it names is frozen, so it cannot change);
     /// `None` if one is.
     pub(crate) fn pin_frozen(&self, ranges: &[BlockRange]) -> Result<Option<Vec<Pinned>>> {
+        self.pin_view(ranges, false)
+    }
+
+    /// Pins `ranges` as the volume reads them now, its writable top
+    /// included: for a copy made at once (EXTENDED COPY), which a write to
+    /// those blocks meanwhile may or may not reach, as with any overlapping
+    /// commands. Refused while the volume fetches from another node.
+    pub fn pin_live(&self, ranges: &[BlockRange]) -> Result<Vec<Pinned>> {
+        if self.fetching() {
+            return Err(Error::Fetching {
+                volume: self.id,
+                why: "its blocks are still arriving".into(),
+            });
+        }
+        for r in ranges {
+            check_range(
+                r.first.saturating_mul(BLOCK_SIZE),
+                r.blocks.saturating_mul(BLOCK_SIZE),
+                self.size(),
+            )?;
+        }
+        Ok(self.pin_view(ranges, true)?.expect("the top is allowed"))
+    }
+
+    fn pin_view(&self, ranges: &[BlockRange], top_too: bool) -> Result<Option<Vec<Pinned>>> {
         let st = self.state.read().expect("volume state");
         let mut pins = Vec::with_capacity(ranges.len());
         for r in ranges {
             let runs = st.view.segments(r.first, r.first + r.blocks)?;
-            if runs
-                .iter()
-                .any(|s| matches!(&s.source, Source::Layer(l) if Arc::ptr_eq(l, &st.top)))
+            if !top_too
+                && runs
+                    .iter()
+                    .any(|s| matches!(&s.source, Source::Layer(l) if Arc::ptr_eq(l, &st.top)))
             {
                 return Ok(None);
             }

@@ -220,7 +220,13 @@ impl Initiator {
     }
 
     /// WRITE USING TOKEN: `ranges` from block `offset` of the token.
-    pub fn write_using_token(&mut self, id: u32, token: &[u8], offset: u64, ranges: &[(u64, u32)]) -> Answer {
+    pub fn write_using_token(
+        &mut self,
+        id: u32,
+        token: &[u8],
+        offset: u64,
+        ranges: &[(u64, u32)],
+    ) -> Answer {
         let mut p = vec![0u8; 536];
         p[0..2].copy_from_slice(&((534 + 16 * ranges.len()) as u16).to_be_bytes());
         p[8..16].copy_from_slice(&offset.to_be_bytes());
@@ -237,6 +243,68 @@ impl Initiator {
         cdb[6..10].copy_from_slice(&id.to_be_bytes());
         cdb[10..14].copy_from_slice(&(params.len() as u32).to_be_bytes());
         self.command(&cdb, params.len() as u32, params, true)
+    }
+}
+
+/// A unit's NAA designator, from its VPD page 0x83.
+pub fn naa_of(i: &mut Initiator) -> Vec<u8> {
+    let page = i.command(&[0x12, 1, 0x83, 1, 0, 0], 256, &[], false).data;
+    let mut at = 4;
+    while at + 4 <= page.len() {
+        let len = usize::from(page[at + 3]);
+        if page[at + 1] & 0x0f == 3 {
+            return page[at + 4..at + 4 + len].to_vec();
+        }
+        at += 4 + len;
+    }
+    panic!("no NAA designator in {page:?}");
+}
+
+impl Initiator {
+    /// EXTENDED COPY (LID1): identification CSCD descriptors with these
+    /// NAA designators, block-to-block segments (source index, destination
+    /// index, blocks, source LBA, destination LBA).
+    pub fn extended_copy(
+        &mut self,
+        list_id: u8,
+        units: &[Vec<u8>],
+        segments: &[(u16, u16, u16, u64, u64)],
+    ) -> Answer {
+        let mut p = vec![0u8; 16];
+        p[0] = list_id;
+        p[2..4].copy_from_slice(&((32 * units.len()) as u16).to_be_bytes());
+        p[8..12].copy_from_slice(&((28 * segments.len()) as u32).to_be_bytes());
+        for naa in units {
+            let mut d = vec![0u8; 32];
+            d[0] = 0xe4;
+            d[4] = 1;
+            d[5] = 3;
+            d[7] = naa.len() as u8;
+            d[8..8 + naa.len()].copy_from_slice(naa);
+            d[29..32].copy_from_slice(&(BLOCK as u32).to_be_bytes()[1..]);
+            p.extend(d);
+        }
+        for &(src, dst, n, from, to) in segments {
+            let mut d = vec![0u8; 28];
+            d[0] = 0x02;
+            d[3] = 24;
+            d[4..6].copy_from_slice(&src.to_be_bytes());
+            d[6..8].copy_from_slice(&dst.to_be_bytes());
+            d[10..12].copy_from_slice(&n.to_be_bytes());
+            d[12..20].copy_from_slice(&from.to_be_bytes());
+            d[20..28].copy_from_slice(&to.to_be_bytes());
+            p.extend(d);
+        }
+        self.third_party_copy_out(0x00, 0, &p)
+    }
+
+    /// RECEIVE COPY STATUS (LID1) of list `id`.
+    pub fn copy_status(&mut self, id: u8) -> Answer {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x84;
+        cdb[2] = id;
+        cdb[10..14].copy_from_slice(&64u32.to_be_bytes());
+        self.command(&cdb, 64, &[], false)
     }
 }
 

@@ -1,7 +1,10 @@
-//! Offload copy by token (SBC-4 POPULATE TOKEN and WRITE USING TOKEN,
-//! SPC-5 RECEIVE ROD TOKEN INFORMATION): an initiator asks for a token
-//! standing for ranges of one unit, then has ranges of this or another
-//! unit of the node written from it, and no data crosses the network.
+//! Offload copy (the SCSI copy manager): by token (SBC-4 POPULATE TOKEN
+//! and WRITE USING TOKEN, SPC-5 RECEIVE ROD TOKEN INFORMATION), where an
+//! initiator asks for a token standing for ranges of one unit, then has
+//! ranges of this or another unit of the node written from it; and
+//! EXTENDED COPY (LID1) with block-to-block segments between units named by
+//! their designators, with RECEIVE COPY RESULTS. No data crosses the
+//! network.
 //!
 //! A token pins its ranges in the engine ([`Pinned`]): the frozen layers
 //! that hold them, at the instant POPULATE TOKEN ran (a volume's writable
@@ -65,9 +68,19 @@ const KEPT_RESULTS: usize = 16;
 const EXPIRED_REMEMBERED: usize = 1024;
 
 /// Service actions of THIRD-PARTY COPY OUT (0x83) and IN (0x84).
+pub const EXTENDED_COPY: u8 = 0x00;
 pub const POPULATE_TOKEN: u8 = 0x10;
 pub const WRITE_USING_TOKEN: u8 = 0x11;
 pub const RECEIVE_ROD_TOKEN_INFORMATION: u8 = 0x07;
+pub const COPY_STATUS: u8 = 0x00;
+pub const OPERATING_PARAMETERS: u8 = 0x03;
+/// EXTENDED COPY limits: CSCD (target) descriptors, segment descriptors,
+/// and the bytes of both lists together.
+const MAX_CSCDS: usize = 8;
+const MAX_SEGMENTS: usize = 64;
+const MAX_DESCRIPTOR_LIST: usize = 2048;
+/// The most blocks one segment moves (its count is 16 bits).
+const MAX_SEGMENT_BLOCKS: u64 = 0xffff;
 
 impl Sense {
     pub const TOKEN_UNKNOWN: Sense = Sense::illegal(0x23, 0x04);
@@ -77,6 +90,14 @@ impl Sense {
     pub const REMOTE_TOKEN_CREATION_NOT_SUPPORTED: Sense = Sense::illegal(0x23, 0x03);
     pub const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = Sense::illegal(0x26, 0x08);
     pub const NO_RESOURCES_FOR_TOKEN: Sense = Sense::illegal(0x55, 0x0d);
+    pub const TOO_MANY_TARGET_DESCRIPTORS: Sense = Sense::illegal(0x26, 0x06);
+    pub const UNSUPPORTED_TARGET_DESCRIPTOR: Sense = Sense::illegal(0x26, 0x07);
+    pub const UNSUPPORTED_SEGMENT_DESCRIPTOR: Sense = Sense::illegal(0x26, 0x09);
+    /// COPY ABORTED: a segment names a CSCD descriptor the list lacks.
+    pub const UNREACHABLE_COPY_TARGET: Sense = Sense::copy_aborted(0x08, 0x04);
+    /// COPY ABORTED: a unit no designator here names, or a segment that
+    /// does not fit its unit (what LIO answers, and libiscsi accepts).
+    pub const COPY_TARGET_NOT_REACHABLE: Sense = Sense::copy_aborted(0x0d, 0x02);
 }
 
 /// One token's handle: its bytes 8..24.
@@ -195,8 +216,10 @@ fn handle_of(bytes: &[u8]) -> Handle {
 struct Outcome {
     list_id: u32,
     service_action: u8,
-    /// Blocks written (WRITE USING TOKEN) or represented (POPULATE TOKEN).
+    /// Blocks written (EXTENDED COPY, WRITE USING TOKEN) or represented
+    /// (POPULATE TOKEN), and segments done (EXTENDED COPY).
     blocks: u64,
+    segments: u16,
     result: Result<Option<Box<[u8; ROD_TOKEN_LEN]>>, Sense>,
 }
 
@@ -267,30 +290,199 @@ pub fn parameter_length(cdb: &[u8; 16]) -> u64 {
     be32(&cdb[10..])
 }
 
-/// Runs POPULATE TOKEN or WRITE USING TOKEN, recording the outcome.
+/// Runs EXTENDED COPY, POPULATE TOKEN or WRITE USING TOKEN, recording the
+/// outcome for RECEIVE COPY RESULTS or RECEIVE ROD TOKEN INFORMATION.
 pub fn copy_out(lun: &Lun, cdb: &[u8; 16], data: &[u8]) -> Result<(), Sense> {
-    let list_id = be32(&cdb[6..]) as u32;
     let service_action = cdb[1] & 0x1f;
-    let mut blocks = 0;
-    let result = match service_action {
-        POPULATE_TOKEN => populate(lun, data, &mut blocks).map(Some),
-        WRITE_USING_TOKEN => write_using(lun, data, &mut blocks).map(|()| None),
+    let (mut blocks, mut segments) = (0, 0);
+    let (list_id, keep, result) = match service_action {
+        EXTENDED_COPY => {
+            // An empty parameter list copies nothing.
+            if data.is_empty() {
+                return Ok(());
+            }
+            // LIST ID USAGE 10b (discard) and 11b (no identifier): no one
+            // will ask for the outcome.
+            let keep = data.get(1).is_none_or(|b| b & 0x10 == 0);
+            let r = extended_copy(lun, data, &mut blocks, &mut segments).map(|()| None);
+            (u32::from(data[0]), keep, r)
+        }
+        POPULATE_TOKEN => {
+            let r = populate(lun, data, &mut blocks).map(Some);
+            (be32(&cdb[6..]) as u32, true, r)
+        }
+        WRITE_USING_TOKEN => {
+            let r = write_using(lun, data, &mut blocks).map(|()| None);
+            (be32(&cdb[6..]) as u32, true, r)
+        }
         _ => return Err(Sense::INVALID_FIELD_IN_CDB),
     };
-    lun.copies.record(Outcome {
-        list_id,
-        service_action,
-        blocks,
-        result: result.clone(),
-    });
+    if keep {
+        lun.copies.record(Outcome {
+            list_id,
+            service_action,
+            blocks,
+            segments,
+            result: result.clone(),
+        });
+    }
     result.map(drop)
 }
 
-fn populate(
+/// EXTENDED COPY (LID1): identification CSCD descriptors (0xE4) naming
+/// units of this node by a designator of their VPD page 0x83, and
+/// block-to-block segment descriptors (0x02), run in order. Every
+/// descriptor is checked before any segment runs; a failed segment ends
+/// the copy (those before it stay written, as SPC allows).
+fn extended_copy(
     lun: &Lun,
     data: &[u8],
     blocks: &mut u64,
-) -> Result<Box<[u8; ROD_TOKEN_LEN]>, Sense> {
+    segments_done: &mut u16,
+) -> Result<(), Sense> {
+    if data.len() < 16 {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let cscd_len = be16(&data[2..]) as usize;
+    let segments_len = be32(&data[8..]) as usize;
+    if be32(&data[12..]) != 0 {
+        // Inline data: no segment type that uses it is supported.
+        return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+    }
+    if cscd_len + segments_len > MAX_DESCRIPTOR_LIST {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    if data.len() < 16 + cscd_len + segments_len {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    let cscd_list = &data[16..16 + cscd_len];
+    let segment_list = &data[16 + cscd_len..16 + cscd_len + segments_len];
+    // CSCD descriptors: 32 bytes each.
+    if !cscd_len.is_multiple_of(32) {
+        return Err(Sense::PARAMETER_LIST_LENGTH);
+    }
+    if cscd_len / 32 > MAX_CSCDS {
+        return Err(Sense::TOO_MANY_TARGET_DESCRIPTORS);
+    }
+    let mut units = Vec::new();
+    for d in cscd_list.chunks(32) {
+        if d[0] != 0xe4 {
+            return Err(Sense::UNSUPPORTED_TARGET_DESCRIPTOR);
+        }
+        // Peripheral device type 0 (block); its block length, if given,
+        // must be this unit's.
+        let block_len = be32(&d[28..]) & 0x00ff_ffff;
+        if d[1] & 0x1f != 0 || (block_len != 0 && block_len != BLOCK) {
+            return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+        }
+        units.push(d);
+    }
+    // Segment descriptors: their own lengths; block to block only.
+    let mut segments = Vec::new();
+    let mut at = 0;
+    while at < segment_list.len() {
+        let rest = &segment_list[at..];
+        if rest.len() < 4 {
+            return Err(Sense::PARAMETER_LIST_LENGTH);
+        }
+        if rest[0] != 0x02 {
+            return Err(Sense::UNSUPPORTED_SEGMENT_DESCRIPTOR);
+        }
+        let len = 4 + be16(&rest[2..]) as usize;
+        if len != 28 || rest.len() < len {
+            return Err(Sense::PARAMETER_LIST_LENGTH);
+        }
+        segments.push(&rest[..len]);
+        if segments.len() > MAX_SEGMENTS {
+            return Err(Sense::TOO_MANY_SEGMENT_DESCRIPTORS);
+        }
+        at += len;
+    }
+    let started = Instant::now();
+    for d in segments {
+        let (src, dst) = (be16(&d[4..]) as usize, be16(&d[6..]) as usize);
+        let (Some(src), Some(dst)) = (units.get(src), units.get(dst)) else {
+            return Err(Sense::UNREACHABLE_COPY_TARGET);
+        };
+        let (src, dst) = (resolve(lun, src)?, resolve(lun, dst)?);
+        let n = be16(&d[10..]);
+        let (from, to) = (be64(&d[12..]), be64(&d[20..]));
+        let fits = |e: &Export, lba: u64| {
+            lba.checked_add(n)
+                .is_some_and(|end| end <= e.size() / BLOCK)
+        };
+        if !fits(&src, from) || !fits(&dst, to) || n > MAX_SEGMENT_BLOCKS {
+            return Err(Sense::COPY_TARGET_NOT_REACHABLE);
+        }
+        if dst.read_only() {
+            return Err(Sense::WRITE_PROTECTED);
+        }
+        *segments_done += 1;
+        if n == 0 {
+            continue;
+        }
+        let range = [BlockRange {
+            first: from,
+            blocks: n,
+        }];
+        let overlaps = src.name() == dst.name() && from < to + n && to < from + n;
+        let pins = match &src {
+            // Copied at once: the live top may be read, unless the copy
+            // overlaps itself (then it reads a frozen instant).
+            Export::Volume(v) if overlaps => lun.copies.manager.pool.pin(v.id(), &range),
+            Export::Volume(v) => v.pin_live(&range),
+            Export::Snapshot(s) => s.pin(&range),
+            Export::Remote(_) => return Err(Sense::COPY_TARGET_NOT_REACHABLE),
+        }
+        .map_err(|e| failed(lun, "extended copy", &e, false))?;
+        land(&dst, to, &pins[0], 0, n).map_err(|e| failed(lun, "extended copy", &e, true))?;
+        *blocks += n;
+    }
+    lun.copies
+        .written
+        .observe(*blocks * BLOCK, started.elapsed());
+    Ok(())
+}
+
+/// The unit an identification CSCD descriptor names: by its NAA or its
+/// T10 vendor designator (as VPD page 0x83 gives them), this unit first.
+fn resolve(lun: &Lun, d: &[u8]) -> Result<Export, Sense> {
+    let kind = d[5] & 0x0f;
+    let len = usize::from(d[7]).min(20);
+    let designator = &d[8..8 + len];
+    let name = match kind {
+        // T10 vendor ID: "STRATA  " and the unit's name.
+        1 => designator
+            .strip_prefix(b"STRATA  ")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .map(|n| n.trim_end_matches('\0').to_string()),
+        3 if len == 16 => {
+            if super::scsi::naa(&lun.export.name())[..] == *designator {
+                return Ok(lun.export.clone());
+            }
+            let pool = &lun.copies.manager.pool;
+            let names = Export::list(pool).map_err(|e| failed(lun, "extended copy", &e, false))?;
+            names
+                .into_iter()
+                .map(|(name, _)| name)
+                .find(|name| super::scsi::naa(name)[..] == *designator)
+        }
+        _ => None,
+    };
+    let Some(name) = name else {
+        return Err(Sense::COPY_TARGET_NOT_REACHABLE);
+    };
+    if name == lun.export.name() {
+        return Ok(lun.export.clone());
+    }
+    match Export::open(&lun.copies.manager.pool, &name) {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => Err(Sense::COPY_TARGET_NOT_REACHABLE),
+        Err(e) => Err(failed(lun, "extended copy", &e, false)),
+    }
+}
+
+fn populate(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<Box<[u8; ROD_TOKEN_LEN]>, Sense> {
     if data.len() < 16 || be16(data) + 2 > data.len() as u64 {
         return Err(Sense::PARAMETER_LIST_LENGTH);
     }
@@ -326,7 +518,9 @@ fn populate(
         timeout: Duration::from_secs(u64::from(timeout)),
         last_used: Mutex::new(Instant::now()),
     })?;
-    lun.copies.populated.observe(*blocks * BLOCK, started.elapsed());
+    lun.copies
+        .populated
+        .observe(*blocks * BLOCK, started.elapsed());
     Ok(bytes)
 }
 
@@ -370,7 +564,9 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
                 .map_err(|e| failed(lun, "write using token", &e, true))?;
             *blocks += r.blocks;
         }
-        lun.copies.written.observe(wanted * BLOCK, started.elapsed());
+        lun.copies
+            .written
+            .observe(wanted * BLOCK, started.elapsed());
         return Ok(());
     }
     if be32(token) as u32 != ROD_TYPE_POINT_IN_TIME {
@@ -395,7 +591,7 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
             let (pin, within) = locate(&source.pins, at);
             let n = (r.blocks - done).min(pin.blocks() - within);
             let dst = r.first + done;
-            let got = land(lun, dst, pin, within, n)
+            let got = land(&lun.export, dst, pin, within, n)
                 .map_err(|e| failed(lun, "write using token", &e, true))?;
             landed.shared += got.shared;
             landed.copied += got.copied;
@@ -408,7 +604,9 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
     if del_tkn {
         lun.copies.manager.delete(token);
     }
-    lun.copies.written.observe(wanted * BLOCK, started.elapsed());
+    lun.copies
+        .written
+        .observe(wanted * BLOCK, started.elapsed());
     tracing::debug!(
         target_name = %lun.target,
         shared = landed.shared,
@@ -434,8 +632,14 @@ fn locate(pins: &[Pinned], mut at: u64) -> (&Pinned, u64) {
 /// unit: by reference into a volume of this node; for a volume of another
 /// node, read here and written through the data path. Durable at the next
 /// SYNCHRONIZE CACHE, as a WRITE without FUA.
-fn land(lun: &Lun, dst: u64, pin: &Pinned, within: u64, n: u64) -> crate::engine::Result<Landed> {
-    match &lun.export {
+fn land(
+    unit: &Export,
+    dst: u64,
+    pin: &Pinned,
+    within: u64,
+    n: u64,
+) -> crate::engine::Result<Landed> {
+    match unit {
         Export::Volume(v) => v.write_pinned(dst, pin, within, n, false),
         other => {
             const PIECE: u64 = 256;
@@ -456,9 +660,66 @@ fn land(lun: &Lun, dst: u64, pin: &Pinned, within: u64, n: u64) -> crate::engine
     }
 }
 
+/// THIRD-PARTY COPY IN: RECEIVE COPY STATUS (LID1), RECEIVE COPY
+/// OPERATING PARAMETERS, RECEIVE ROD TOKEN INFORMATION.
+pub fn copy_in(lun: &Lun, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    match cdb[1] & 0x1f {
+        COPY_STATUS => copy_status(lun, cdb, data_in),
+        OPERATING_PARAMETERS => {
+            data_in.extend_from_slice(&operating_parameters());
+            truncate(data_in, be32(&cdb[10..]));
+            Ok(())
+        }
+        RECEIVE_ROD_TOKEN_INFORMATION => receive_rod_token_information(lun, cdb, data_in),
+        _ => Err(Sense::INVALID_FIELD_IN_CDB),
+    }
+}
+
+/// RECEIVE COPY OPERATING PARAMETERS: the EXTENDED COPY limits.
+fn operating_parameters() -> Vec<u8> {
+    let implemented = [0x02u8, 0xe4];
+    let mut d = vec![0u8; 44];
+    d[4] = 0x01; // SNLID: a list identifier may be left unused
+    d[8..10].copy_from_slice(&(MAX_CSCDS as u16).to_be_bytes());
+    d[10..12].copy_from_slice(&(MAX_SEGMENTS as u16).to_be_bytes());
+    d[12..16].copy_from_slice(&(MAX_DESCRIPTOR_LIST as u32).to_be_bytes());
+    d[16..20].copy_from_slice(&((MAX_SEGMENT_BLOCKS * BLOCK) as u32).to_be_bytes());
+    d[34..36].copy_from_slice(&(KEPT_RESULTS as u16).to_be_bytes());
+    d[36] = KEPT_RESULTS as u8;
+    d[43] = implemented.len() as u8;
+    d.extend_from_slice(&implemented);
+    let available = (d.len() - 4) as u32;
+    d[..4].copy_from_slice(&available.to_be_bytes());
+    d
+}
+
+/// RECEIVE COPY STATUS (LID1): how the EXTENDED COPY with the CDB's list
+/// identifier ended (they all end before their status returns).
+fn copy_status(lun: &Lun, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
+    let list_id = u32::from(cdb[2]);
+    let mut results = lun.copies.results.lock().expect("copy results");
+    let Some(i) = results
+        .iter()
+        .position(|o| o.list_id == list_id && o.service_action == EXTENDED_COPY)
+    else {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    };
+    // Returned once, then forgotten (SPC-5).
+    let o = results.remove(i).expect("found");
+    let mut d = vec![0u8; 12];
+    d[3] = 8;
+    d[4] = if o.result.is_ok() { 0x01 } else { 0x02 };
+    d[5..7].copy_from_slice(&o.segments.to_be_bytes());
+    d[7] = 0xf1; // blocks of the destination
+    d[8..12].copy_from_slice(&(o.blocks.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+    data_in.extend_from_slice(&d);
+    truncate(data_in, be32(&cdb[10..]));
+    Ok(())
+}
+
 /// RECEIVE ROD TOKEN INFORMATION: the outcome of the operation with the
 /// CDB's list identifier, with the token POPULATE TOKEN made.
-pub fn receive_rod_token_information(
+fn receive_rod_token_information(
     lun: &Lun,
     cdb: &[u8; 16],
     data_in: &mut Vec<u8>,
@@ -526,13 +787,32 @@ pub fn vpd_page() -> Vec<u8> {
     limits[16..24].copy_from_slice(&MAX_TOKEN_BLOCKS.to_be_bytes());
     limits[24..32].copy_from_slice(&OPTIMAL_TRANSFER_BLOCKS.to_be_bytes());
     descriptor(0x0000, &limits);
-    // Supported commands: 0x83 (POPULATE TOKEN, WRITE USING TOKEN) and
-    // 0x84 (RECEIVE ROD TOKEN INFORMATION).
-    let commands = [0x83, 2, POPULATE_TOKEN, WRITE_USING_TOKEN, 0x84, 1, RECEIVE_ROD_TOKEN_INFORMATION];
+    // Supported commands: 0x83 (EXTENDED COPY, POPULATE TOKEN, WRITE
+    // USING TOKEN) and 0x84 (RECEIVE COPY STATUS, RECEIVE COPY OPERATING
+    // PARAMETERS, RECEIVE ROD TOKEN INFORMATION).
+    let commands = [
+        0x83,
+        3,
+        EXTENDED_COPY,
+        POPULATE_TOKEN,
+        WRITE_USING_TOKEN,
+        0x84,
+        3,
+        COPY_STATUS,
+        OPERATING_PARAMETERS,
+        RECEIVE_ROD_TOKEN_INFORMATION,
+    ];
     let mut list = vec![commands.len() as u8];
     list.extend_from_slice(&commands);
     list.resize(list.len().next_multiple_of(4), 0);
     descriptor(0x0001, &list);
+    // Parameter data (EXTENDED COPY limits) and supported descriptors.
+    let mut params = vec![0u8; 28];
+    params[4..6].copy_from_slice(&(MAX_CSCDS as u16).to_be_bytes());
+    params[6..8].copy_from_slice(&(MAX_SEGMENTS as u16).to_be_bytes());
+    params[8..12].copy_from_slice(&(MAX_DESCRIPTOR_LIST as u32).to_be_bytes());
+    descriptor(0x0004, &params);
+    descriptor(0x0008, &[2, 0x02, 0xe4, 0]);
     // ROD token features: no remote tokens; lifetimes; the block
     // device features (most bytes per token, optimal transfer).
     let mut features = vec![0u8; 32];
@@ -563,7 +843,9 @@ pub fn vpd_page() -> Vec<u8> {
     let mut general = vec![0u8; 32];
     general[0..4].copy_from_slice(&(MAX_TOKENS as u32).to_be_bytes());
     general[4..8].copy_from_slice(&(KEPT_RESULTS as u32).to_be_bytes());
-    general[8..12].copy_from_slice(&((MAX_TOKEN_BLOCKS * BLOCK).min(u64::from(u32::MAX)) as u32).to_be_bytes());
+    general[8..12].copy_from_slice(
+        &((MAX_TOKEN_BLOCKS * BLOCK).min(u64::from(u32::MAX)) as u32).to_be_bytes(),
+    );
     descriptor(0x8001, &general);
     b
 }

@@ -37,6 +37,7 @@ mod key {
     pub const HARDWARE_ERROR: u8 = 0x04;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const DATA_PROTECT: u8 = 0x07;
+    pub const COPY_ABORTED: u8 = 0x0a;
     pub const ABORTED_COMMAND: u8 = 0x0b;
     pub const MISCOMPARE: u8 = 0x0e;
 }
@@ -55,6 +56,9 @@ pub struct Sense {
 impl Sense {
     pub(super) const fn illegal(asc: u8, ascq: u8) -> Self {
         Sense::new(key::ILLEGAL_REQUEST, asc, ascq)
+    }
+    pub(super) const fn copy_aborted(asc: u8, ascq: u8) -> Self {
+        Sense::new(key::COPY_ABORTED, asc, ascq)
     }
     const fn new(key: u8, asc: u8, ascq: u8) -> Self {
         Sense {
@@ -425,7 +429,7 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
         THIRD_PARTY_COPY_OUT => {
             let sa = cdb[1] & 0x1f;
             match sa {
-                copy::POPULATE_TOKEN => {}
+                copy::EXTENDED_COPY | copy::POPULATE_TOKEN => {}
                 copy::WRITE_USING_TOKEN => lun.writable()?,
                 _ => return Err(Sense::INVALID_FIELD_IN_CDB),
             }
@@ -508,10 +512,7 @@ pub fn execute(
         MODE_SENSE_6 | MODE_SENSE_10 => mode_sense(lun, cdb, data_in),
         MODE_SELECT_6 | MODE_SELECT_10 => mode_select(lun, cdb, data_out),
         THIRD_PARTY_COPY_OUT => copy::copy_out(lun, cdb, data_out),
-        THIRD_PARTY_COPY_IN if cdb[1] & 0x1f == copy::RECEIVE_ROD_TOKEN_INFORMATION => {
-            copy::receive_rod_token_information(lun, cdb, data_in)
-        }
-        THIRD_PARTY_COPY_IN => Err(Sense::INVALID_FIELD_IN_CDB),
+        THIRD_PARTY_COPY_IN => copy::copy_in(lun, cdb, data_in),
         _ => Err(Sense::INVALID_OPCODE),
     }
 }
@@ -794,9 +795,16 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (WRITE_12, None, 12),
     (WRITE_VERIFY_12, None, 12),
     (VERIFY_12, None, 12),
+    (THIRD_PARTY_COPY_OUT, Some(copy::EXTENDED_COPY), 16),
     (THIRD_PARTY_COPY_OUT, Some(copy::POPULATE_TOKEN), 16),
     (THIRD_PARTY_COPY_OUT, Some(copy::WRITE_USING_TOKEN), 16),
-    (THIRD_PARTY_COPY_IN, Some(copy::RECEIVE_ROD_TOKEN_INFORMATION), 16),
+    (THIRD_PARTY_COPY_IN, Some(copy::COPY_STATUS), 16),
+    (THIRD_PARTY_COPY_IN, Some(copy::OPERATING_PARAMETERS), 16),
+    (
+        THIRD_PARTY_COPY_IN,
+        Some(copy::RECEIVE_ROD_TOKEN_INFORMATION),
+        16,
+    ),
 ];
 
 /// REPORT SUPPORTED OPERATION CODES (SPC-5 §6.35): all commands, or one.
