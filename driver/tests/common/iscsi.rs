@@ -8,6 +8,8 @@ use std::time::Duration;
 use strata::frontend::iscsi::pdu::{Digests, NO_TAG, Pdu, op};
 
 const BLOCK: usize = 4096;
+/// Bytes per Data-Out PDU (the target takes up to 256 KiB).
+const DATA_OUT: usize = 64 << 10;
 
 /// A hand-driven initiator: one connection, one command at a time.
 pub struct Initiator {
@@ -30,6 +32,7 @@ pub struct Answer {
 impl Initiator {
     pub fn connect(port: u16) -> Initiator {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Initiator {
             s,
@@ -110,14 +113,14 @@ impl Initiator {
                 op::R2T => {
                     let (ttt, at, len) =
                         (r.u32_at(20), r.u32_at(40) as usize, r.u32_at(44) as usize);
-                    for (i, chunk) in out[at..at + len].chunks(8192).enumerate() {
+                    for (i, chunk) in out[at..at + len].chunks(DATA_OUT).enumerate() {
                         let mut d = Pdu::new(op::DATA_OUT);
-                        let last = at + (i + 1) * 8192 >= at + len;
+                        let last = at + (i + 1) * DATA_OUT >= at + len;
                         d.bhs[1] = if last { 0x80 } else { 0 };
                         d.set_u32(16, itt)
                             .set_u32(20, ttt)
                             .set_u32(36, i as u32)
-                            .set_u32(40, (at + i * 8192) as u32);
+                            .set_u32(40, (at + i * DATA_OUT) as u32);
                         d.data = chunk.to_vec();
                         self.send(&mut d);
                     }

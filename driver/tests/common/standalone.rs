@@ -54,6 +54,12 @@ impl Standalone {
 
     /// Starts a server with `extra` arguments.
     pub fn start_with(tcp: bool, extra: &[&str]) -> Standalone {
+        Self::start_on(None, tcp, extra)
+    }
+
+    /// [`Standalone::start_with`] with the pool in `pool` (default: in
+    /// the server's scratch directory).
+    pub fn start_on(pool: Option<&Path>, tcp: bool, extra: &[&str]) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let nbd_tcp_port = tcp.then(free_port);
         let metrics_port = free_port();
@@ -61,7 +67,7 @@ impl Standalone {
         let mut args: Vec<String> = vec![
             "standalone".into(),
             "--pool".into(),
-            path("pool"),
+            pool.map_or_else(|| path("pool"), |p| p.display().to_string()),
             "--csi-endpoint".into(),
             format!("unix://{}", path("csi.sock")),
             "--nbd-listen".into(),
