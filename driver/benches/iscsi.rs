@@ -42,9 +42,11 @@ const SEGMENT_BLOCKS: u64 = 0xffff;
 fn used(path: &Path) -> u64 {
     std::process::Command::new("sync").status().unwrap();
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: statvfs fills the zeroed struct it is given.
+    // SAFETY: a plain C struct of integers, for statvfs to fill.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    // SAFETY: a NUL-terminated path and a struct that lives for the call.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0);
     (st.f_blocks - st.f_bfree) * st.f_frsize
 }
 

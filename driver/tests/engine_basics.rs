@@ -2,7 +2,9 @@
 
 mod common;
 
-use strata::engine::{BlockRange, Error, ErrorKind, Pool, PoolOptions, ZeroFlags};
+use strata::engine::{
+    BlockRange, Error, ErrorKind, JobConfig, Pool, PoolOptions, VolumePolicy, ZeroFlags,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -493,4 +495,46 @@ fn pinning_frozen_blocks_or_a_snapshot_freezes_nothing() {
             .kind(),
         ErrorKind::OutOfRange
     );
+}
+
+#[test]
+fn pins_freeze_a_chain_only_up_to_its_depth_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PoolOptions {
+        jobs: JobConfig {
+            background: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let p = Pool::open(dir.path(), opts).unwrap();
+    let v = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
+    p.set_policy(v.id(), VolumePolicy { max_chain_depth: 4 })
+        .unwrap();
+    let range = [BlockRange {
+        first: 0,
+        blocks: 1,
+    }];
+    // Each pin of a block just written freezes the top: until the limit.
+    let mut pins = Vec::new();
+    let refused = loop {
+        v.write(0, &pattern(pins.len() as u8, 4096), false).unwrap();
+        match p.pin(v.id(), &range) {
+            Ok(pin) => pins.push(pin),
+            Err(e) => break e,
+        }
+        assert!(pins.len() < 10, "no limit");
+    };
+    assert_eq!(refused.kind(), ErrorKind::LimitReached, "{refused}");
+    assert_eq!(v.depth(), 4);
+    // The folds the pins queued shorten the chain; the pins still read
+    // what they pinned.
+    p.run_jobs_here().unwrap();
+    assert!(v.depth() < 4);
+    assert!(p.pin(v.id(), &range).is_ok());
+    for (i, pin) in pins.iter().enumerate() {
+        let mut buf = vec![0u8; 4096];
+        pin[0].read(0, &mut buf).unwrap();
+        assert_eq!(buf, pattern(i as u8, 4096));
+    }
 }

@@ -722,6 +722,40 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
         pattern(6, 256 * BLOCK)[..16 * BLOCK]
     );
 
+    // Overlapping destination ranges are refused.
+    assert_eq!(
+        sense(ib.write_using_token(14, &token, 0, &[(10, 4), (12, 4)])),
+        refused(5, 0x26, 0x00)
+    );
+    // A session holds 16 tokens at most (it has one already); they end
+    // with it.
+    for id in 1..16 {
+        assert_eq!(
+            is.populate_token(100 + id, &[(u64::from(id), 1)], 0).status,
+            0
+        );
+    }
+    assert_eq!(
+        sense(is.populate_token(200, &[(0, 1)], 0)),
+        refused(5, 0x55, 0x0d)
+    );
+    let (_, last) = is.receive_token(115);
+    drop(is);
+    let gone = ib.write_using_token(15, &last.unwrap(), 0, &[(0, 1)]);
+    assert_eq!(sense(gone), refused(5, 0x23, 0x04));
+    // A token of a volume deleted since is revoked.
+    let c = s.create_volume("token-gone", "4MiB");
+    let mut ic = Initiator::connect(port);
+    ic.login(&format!("{TARGET_PREFIX}{c}"));
+    assert_eq!(ic.write16(0, &pattern(8, BLOCK), true).status, 0);
+    assert_eq!(ic.populate_token(1, &[(0, 1)], 0).status, 0);
+    let (_, of_c) = ic.receive_token(1);
+    assert!(s.cli(&["volume", "delete", &c]).status.success());
+    assert_eq!(
+        sense(ib.write_using_token(16, &of_c.unwrap(), 0, &[(0, 1)])),
+        refused(5, 0x23, 0x06)
+    );
+
     // A token outlives neither its inactivity timeout...
     assert_eq!(ia.populate_token(12, &[(0, 1)], 1).status, 0);
     let (_, short) = ia.receive_token(12);
@@ -757,7 +791,7 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
 
 #[test]
 fn extended_copy_moves_blocks_between_units_named_by_their_designators() {
-    let (s, port) = start();
+    let (mut s, port) = start();
     let a = s.create_volume("xcopy-src", "16MiB");
     let b = s.create_volume("xcopy-dst", "16MiB");
     let mut ia = Initiator::connect(port);
@@ -815,9 +849,97 @@ fn extended_copy_moves_blocks_between_units_named_by_their_designators() {
         Some((0x0a, 0x08, 0x04))
     );
     assert_eq!(
-        ib.extended_copy(1, &[na, nb], &[(0, 1, 8, 0, 4090)]).sense,
+        ib.extended_copy(1, &[na, nb.clone()], &[(0, 1, 8, 0, 4090)])
+            .sense,
         Some((0x0a, 0x0d, 0x02))
     );
     assert_eq!(ib.read16(4088, 8).data, vec![0u8; 8 * BLOCK]);
     assert!(s.log().lines().all(|l| !l.contains("panicked")));
+
+    // A unit whose target needs CHAP is out of reach of another target's
+    // session, both ways; its own session still copies within it.
+    let secrets = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        secrets.path(),
+        format!("{TARGET_PREFIX}{b} bob bob-secret-1234\n"),
+    )
+    .unwrap();
+    s.set_args_extra(&["--iscsi-chap-secrets", secrets.path().to_str().unwrap()]);
+    s.kill9();
+    s.spawn();
+    let mut ia = Initiator::connect(port);
+    ia.login(&format!("{TARGET_PREFIX}{a}"));
+    let na = common::iscsi::naa_of(&mut ia);
+    for units in [[na.clone(), nb.clone()], [nb.clone(), na.clone()]] {
+        let c = ia.extended_copy(1, &units, &[(0, 1, 8, 100, 300)]);
+        assert_eq!(c.sense, Some((0x0a, 0x0d, 0x02)));
+    }
+    assert_eq!(ia.read16(300, 8).data, vec![0u8; 8 * BLOCK]);
+}
+
+#[test]
+fn persistent_reservations_fence_other_initiators_across_sessions() {
+    const CONFLICT: u8 = 0x18;
+    const WRITE_EXCLUSIVE: u8 = 1;
+    let (mut s, port) = start();
+    let vol = s.create_volume("reserved", "16MiB");
+    let target = format!("{TARGET_PREFIX}{vol}");
+    let mut a = Initiator::connect(port);
+    a.login_as(&target, "iqn.2026-12.test:node-a");
+    let mut b = Initiator::connect(port);
+    b.login_as(&target, "iqn.2026-12.test:node-b");
+    let block = pattern(3, BLOCK);
+
+    assert_eq!(a.reserve_out(0, 0, 0, 0xa).status, 0);
+    assert_eq!(b.reserve_out(0, 0, 0, 0xb).status, 0);
+    // A wrong key, and a reservation by a port that is not registered.
+    assert_eq!(b.reserve_out(0, 0, 0x99, 0xc).status, CONFLICT);
+    assert_eq!(a.reserve_out(1, WRITE_EXCLUSIVE, 0xa, 0).status, 0);
+    let keys = a.reserve_in(0).data;
+    assert_eq!(&keys[4..8], &16u32.to_be_bytes());
+    let held = b.reserve_in(1).data;
+    assert_eq!(
+        (&held[8..16], held[21]),
+        (&0xau64.to_be_bytes()[..], WRITE_EXCLUSIVE)
+    );
+
+    // Write Exclusive: b reads but may not write; a does both.
+    assert_eq!(b.read16(0, 1).status, 0);
+    assert_eq!(b.write16(0, &block, false).status, CONFLICT);
+    assert_eq!(b.sync_cache().status, CONFLICT);
+    assert_eq!(a.write16(0, &block, true).status, 0);
+    // b preempts a: a's registration and reservation go, b holds it.
+    assert_eq!(b.reserve_out(4, WRITE_EXCLUSIVE, 0xb, 0xa).status, 0);
+    assert_eq!(a.write16(1, &block, false).status, CONFLICT);
+    assert_eq!(a.reserve_out(1, WRITE_EXCLUSIVE, 0xa, 0).status, CONFLICT);
+    assert_eq!(b.write16(1, &block, false).status, 0);
+    // The reservation outlives b's session (not a RESERVE(6) one).
+    drop(b);
+    let mut b = Initiator::connect(port);
+    b.login_as(&target, "iqn.2026-12.test:node-b");
+    assert_eq!(a.write16(2, &block, false).status, CONFLICT);
+    assert_eq!(b.reserve_out(3, 0, 0xb, 0).status, 0, "CLEAR");
+    assert_eq!(a.write16(2, &block, false).status, 0);
+
+    // RESERVE(6) holds the unit for one session, and ends with it.
+    assert_eq!(a.command(&[0x16, 0, 0, 0, 0, 0], 0, &[], false).status, 0);
+    assert_eq!(b.read16(0, 1).status, CONFLICT);
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.read16(0, 1).status == CONFLICT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RESERVE(6) outlived its session"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Registrations do not outlive the process (APTPL is refused).
+    assert_eq!(b.reserve_out(0, 0, 0, 0xb).status, 0);
+    s.kill9();
+    s.spawn();
+    let mut b = Initiator::connect(port);
+    b.login_as(&target, "iqn.2026-12.test:node-b");
+    assert_eq!(&b.reserve_in(0).data[4..8], &0u32.to_be_bytes());
+    assert_eq!(b.read16(0, 1).data, block);
 }

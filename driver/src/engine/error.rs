@@ -133,6 +133,16 @@ pub enum Error {
         /// The limit.
         limit: u32,
     },
+    /// Pinning would freeze the writable top of a volume whose chain is
+    /// already at its depth limit (merges shorten it in the background).
+    #[error(
+        "volume {volume} is {depth} layers deep, its limit is {limit}: its top is not frozen again          until merges shorten the chain"
+    )]
+    ChainAtLimit {
+        volume: VolumeId,
+        depth: usize,
+        limit: u32,
+    },
     /// A zeroing asked to be fast would have written zeroes as data; nothing
     /// was changed.
     #[error(
@@ -252,7 +262,7 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::InvalidSize { .. } | Error::ShrinkRefused { .. } => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
-            Error::LayerLimit { .. } => ErrorKind::LimitReached,
+            Error::LayerLimit { .. } | Error::ChainAtLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::SlowZero { .. } => ErrorKind::NotSupported,
             Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,

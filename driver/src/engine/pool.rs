@@ -1211,8 +1211,10 @@ impl Pool {
     /// otherwise the top is frozen first, as for a snapshot (one flush, one
     /// new empty layer, one catalog commit), under a hidden snapshot that
     /// holds no reference, and the frozen layer is folded away in the
-    /// background (the pins keep its file). Refused while the volume
-    /// fetches from another node.
+    /// background (the pins keep its file). A freeze is refused
+    /// (`ChainAtLimit`) while the chain is at its depth limit, so pins
+    /// made faster than merges fold them cannot deepen it without bound;
+    /// refused too while the volume fetches from another node.
     pub fn pin(&self, volume: VolumeId, ranges: &[BlockRange]) -> Result<Vec<Pinned>> {
         let vol = self.volume(volume)?;
         refuse_fetching(&vol)?;
@@ -1225,6 +1227,14 @@ impl Pool {
         }
         if let Some(pins) = vol.pin_frozen(ranges)? {
             return Ok(pins);
+        }
+        let limit = self.max_chain_depth(volume)?;
+        if vol.depth() >= limit as usize {
+            return Err(Error::ChainAtLimit {
+                volume,
+                depth: vol.depth(),
+                limit,
+            });
         }
         let sh = self.shared();
         // Flush outside the hold, so the hold only covers the tail.

@@ -311,6 +311,41 @@ impl Initiator {
     }
 }
 
+impl Initiator {
+    /// Logs in to `target` as initiator `name`.
+    pub fn login_as(&mut self, target: &str, name: &str) {
+        let (status, text) = self.login_with(&[
+            ("InitiatorName", name),
+            ("SessionType", "Normal"),
+            ("TargetName", target),
+        ]);
+        assert_eq!(status, 0, "login refused: {text}");
+    }
+
+    /// PERSISTENT RESERVE OUT `action` of reservation type `kind` with
+    /// the basic parameter list.
+    pub fn reserve_out(&mut self, action: u8, kind: u8, key: u64, new_key: u64) -> Answer {
+        let mut p = key.to_be_bytes().to_vec();
+        p.extend_from_slice(&new_key.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = action;
+        cdb[2] = kind;
+        cdb[5..9].copy_from_slice(&24u32.to_be_bytes());
+        self.command(&cdb, 24, &p, true)
+    }
+
+    /// PERSISTENT RESERVE IN `action`.
+    pub fn reserve_in(&mut self, action: u8) -> Answer {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5e;
+        cdb[1] = action;
+        cdb[7..9].copy_from_slice(&1024u16.to_be_bytes());
+        self.command(&cdb, 1024, &[], false)
+    }
+}
+
 fn range_descriptors(ranges: &[(u64, u32)]) -> Vec<u8> {
     ranges
         .iter()

@@ -25,14 +25,17 @@
 //! Written by hand: no crate implements a SCSI copy manager.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::engine::{BlockRange, Landed, Pinned, Pool, ZeroFlags};
+use crate::engine::{BlockRange, ErrorKind, Landed, Pinned, Pool, SnapshotId, VolumeId, ZeroFlags};
 use crate::frontend::Export;
 use crate::metrics::{Metrics, OpMetrics};
 
-use super::scsi::{BLOCK, Lun, Sense, be16, be32, be64, failed, truncate};
+use super::TARGET_PREFIX;
+use super::chap::Secrets;
+use super::scsi::{BLOCK, Lun, Sense, be16, be32, be64, failed, naa, truncate};
 
 /// Length of a ROD token.
 pub const ROD_TOKEN_LEN: usize = 512;
@@ -51,10 +54,12 @@ pub const MAX_PARAMETER_LIST: u64 = 64 << 10;
 pub const MAX_TOKEN_BLOCKS: u64 = 1 << 18;
 /// Blocks per WRITE USING TOKEN an initiator should aim for (256 MiB).
 const OPTIMAL_TRANSFER_BLOCKS: u64 = 1 << 16;
-/// Live tokens of the node.
-pub const MAX_TOKENS: usize = 256;
-/// Runs of distinct sources all live tokens may pin together (each costs
-/// about 48 bytes).
+/// Live tokens of one session, and of the node.
+pub const MAX_SESSION_TOKENS: usize = 16;
+pub const MAX_TOKENS: usize = 1024;
+/// Runs of distinct sources the live tokens of one session, and of the
+/// node, may pin together (each costs about 48 bytes).
+pub const MAX_SESSION_RUNS: usize = 1 << 14;
 pub const MAX_PINNED_RUNS: usize = 1 << 20;
 /// Inactivity timeout of a token when POPULATE TOKEN gives none, and the
 /// longest one may ask for, in seconds.
@@ -86,6 +91,7 @@ impl Sense {
     pub const TOKEN_UNKNOWN: Sense = Sense::illegal(0x23, 0x04);
     pub const TOKEN_CORRUPT: Sense = Sense::illegal(0x23, 0x05);
     pub const TOKEN_EXPIRED: Sense = Sense::illegal(0x23, 0x07);
+    pub const TOKEN_REVOKED: Sense = Sense::illegal(0x23, 0x06);
     pub const UNSUPPORTED_TOKEN_TYPE: Sense = Sense::illegal(0x23, 0x01);
     pub const REMOTE_TOKEN_CREATION_NOT_SUPPORTED: Sense = Sense::illegal(0x23, 0x03);
     pub const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = Sense::illegal(0x26, 0x08);
@@ -103,9 +109,19 @@ impl Sense {
 /// One token's handle: its bytes 8..24.
 type Handle = [u8; 16];
 
+/// What a token was made of: it is revoked when that is deleted.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Volume(VolumeId),
+    Snapshot(SnapshotId),
+}
+
 #[derive(Debug)]
 struct Token {
     bytes: Box<[u8; ROD_TOKEN_LEN]>,
+    /// The session that made it (its tokens end with it).
+    owner: u64,
+    source: Source,
     pins: Vec<Pinned>,
     blocks: u64,
     runs: usize,
@@ -155,27 +171,62 @@ impl Table {
 #[derive(Debug)]
 pub struct CopyManager {
     pool: Pool,
+    /// Targets with a CHAP secret: EXTENDED COPY reaches no unit of one
+    /// but the session's own.
+    chap: Secrets,
     tokens: Mutex<Table>,
+    sessions: AtomicU64,
 }
 
 impl CopyManager {
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(pool: Pool, chap: Secrets) -> Self {
         CopyManager {
             pool,
+            chap,
             tokens: Mutex::default(),
+            sessions: AtomicU64::new(1),
         }
+    }
+
+    /// Whether session `owner` may make one more token (checked before a
+    /// pin freezes anything).
+    fn room(&self, owner: u64) -> Result<(), Sense> {
+        let mut t = self.tokens.lock().expect("token table");
+        t.expire(Instant::now());
+        let mine = t.live.values().filter(|k| k.owner == owner).count();
+        if mine >= MAX_SESSION_TOKENS || t.live.len() >= MAX_TOKENS {
+            return Err(Sense::NO_RESOURCES_FOR_TOKEN);
+        }
+        Ok(())
     }
 
     fn add(&self, token: Token) -> Result<(), Sense> {
         let mut t = self.tokens.lock().expect("token table");
         t.expire(Instant::now());
-        if t.live.len() >= MAX_TOKENS || t.runs + token.runs > MAX_PINNED_RUNS {
+        let (mine, mine_runs) = t
+            .live
+            .values()
+            .filter(|k| k.owner == token.owner)
+            .fold((0, 0), |(n, r), k| (n + 1, r + k.runs));
+        if mine >= MAX_SESSION_TOKENS
+            || mine_runs + token.runs > MAX_SESSION_RUNS
+            || t.live.len() >= MAX_TOKENS
+            || t.runs + token.runs > MAX_PINNED_RUNS
+        {
             return Err(Sense::NO_RESOURCES_FOR_TOKEN);
         }
         t.runs += token.runs;
         let handle = handle_of(&token.bytes[..]);
         t.live.insert(handle, Arc::new(token));
         Ok(())
+    }
+
+    /// Whether what a token was made of still exists.
+    fn exists(&self, source: Source) -> bool {
+        match source {
+            Source::Volume(v) => self.pool.volume_info(v).is_ok(),
+            Source::Snapshot(s) => self.pool.snapshot_info(s).is_ok(),
+        }
     }
 
     /// The live token these bytes are, its use noted.
@@ -194,6 +245,11 @@ impl CopyManager {
         // The whole token must match, its secret included.
         if token.bytes[..] != bytes[..ROD_TOKEN_LEN] {
             return Err(Sense::TOKEN_UNKNOWN);
+        }
+        // Its source was deleted: what it pins may be read no more.
+        if !self.exists(token.source) {
+            t.remove(&handle);
+            return Err(Sense::TOKEN_REVOKED);
         }
         *token.last_used.lock().expect("token use") = now;
         Ok(Arc::clone(token))
@@ -224,10 +280,12 @@ struct Outcome {
 }
 
 /// One session's side of the copy manager (its I_T nexus): the results
-/// of its copy operations by list identifier.
+/// of its copy operations by list identifier. The tokens the session made
+/// end with it.
 #[derive(Debug)]
 pub struct Nexus {
     pub manager: Arc<CopyManager>,
+    id: u64,
     results: Mutex<VecDeque<Outcome>>,
     /// POPULATE TOKEN (bytes a token stands for) and WRITE USING TOKEN
     /// (bytes written from one) of this unit.
@@ -238,6 +296,7 @@ pub struct Nexus {
 impl Nexus {
     pub fn new(manager: Arc<CopyManager>, metrics: &Metrics, export: &str) -> Self {
         Nexus {
+            id: manager.sessions.fetch_add(1, Ordering::Relaxed),
             manager,
             results: Mutex::default(),
             populated: metrics.op(export, "populate_token"),
@@ -256,9 +315,24 @@ impl Nexus {
     }
 }
 
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        let mut t = self.manager.tokens.lock().expect("token table");
+        let mine: Vec<Handle> = t
+            .live
+            .iter()
+            .filter(|(_, k)| k.owner == self.id)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in mine {
+            t.remove(&h);
+        }
+    }
+}
+
 /// Block device range descriptors (16 bytes each) of a parameter list:
-/// counted and checked against the unit, their total within
-/// [`MAX_TOKEN_BLOCKS`].
+/// counted and checked against the unit, none overlapping another, their
+/// total within [`MAX_TOKEN_BLOCKS`].
 fn ranges(lun: &Lun, list: &[u8]) -> Result<Vec<BlockRange>, Sense> {
     if !list.len().is_multiple_of(16) || list.is_empty() {
         return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
@@ -282,6 +356,14 @@ fn ranges(lun: &Lun, list: &[u8]) -> Result<Vec<BlockRange>, Sense> {
     if total > MAX_TOKEN_BLOCKS {
         return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
     }
+    let mut sorted = out.clone();
+    sorted.sort_by_key(|r| r.first);
+    if sorted
+        .windows(2)
+        .any(|w| w[0].first + w[0].blocks > w[1].first)
+    {
+        return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+    }
     Ok(out)
 }
 
@@ -302,8 +384,12 @@ pub fn copy_out(lun: &Lun, cdb: &[u8; 16], data: &[u8]) -> Result<(), Sense> {
                 return Ok(());
             }
             // LIST ID USAGE 10b (discard) and 11b (no identifier): no one
-            // will ask for the outcome.
-            let keep = data.get(1).is_none_or(|b| b & 0x10 == 0);
+            // will ask for the outcome; 01b is reserved.
+            let usage = data.get(1).map_or(0, |b| (b >> 3) & 3);
+            if usage == 1 {
+                return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+            }
+            let keep = usage == 0;
             let r = extended_copy(lun, data, &mut blocks, &mut segments).map(|()| None);
             (u32::from(data[0]), keep, r)
         }
@@ -399,19 +485,26 @@ fn extended_copy(
         at += len;
     }
     let started = Instant::now();
+    // Each unit is looked up once, when a segment first names it.
+    let mut resolved: Vec<Option<Export>> = vec![None; units.len()];
+    let mut unit = |i: usize| -> Result<Export, Sense> {
+        let d = units.get(i).ok_or(Sense::UNREACHABLE_COPY_TARGET)?;
+        if let Some(e) = &resolved[i] {
+            return Ok(e.clone());
+        }
+        let e = resolve(lun, d)?;
+        resolved[i] = Some(e.clone());
+        Ok(e)
+    };
     for d in segments {
-        let (src, dst) = (be16(&d[4..]) as usize, be16(&d[6..]) as usize);
-        let (Some(src), Some(dst)) = (units.get(src), units.get(dst)) else {
-            return Err(Sense::UNREACHABLE_COPY_TARGET);
-        };
-        let (src, dst) = (resolve(lun, src)?, resolve(lun, dst)?);
+        let (src, dst) = (unit(be16(&d[4..]) as usize)?, unit(be16(&d[6..]) as usize)?);
         let n = be16(&d[10..]);
         let (from, to) = (be64(&d[12..]), be64(&d[20..]));
         let fits = |e: &Export, lba: u64| {
             lba.checked_add(n)
                 .is_some_and(|end| end <= e.size() / BLOCK)
         };
-        if !fits(&src, from) || !fits(&dst, to) || n > MAX_SEGMENT_BLOCKS {
+        if !fits(&src, from) || !fits(&dst, to) {
             return Err(Sense::COPY_TARGET_NOT_REACHABLE);
         }
         if dst.read_only() {
@@ -444,38 +537,41 @@ fn extended_copy(
     Ok(())
 }
 
-/// The unit an identification CSCD descriptor names: by its NAA or its
-/// T10 vendor designator (as VPD page 0x83 gives them), this unit first.
+/// The unit an identification CSCD descriptor names by its NAA (as VPD
+/// page 0x83 gives it): this session's own, or a unit of this node whose
+/// target needs no CHAP (any initiator may log in to it anyway); a unit
+/// behind CHAP is out of reach of another target's session.
 fn resolve(lun: &Lun, d: &[u8]) -> Result<Export, Sense> {
-    let kind = d[5] & 0x0f;
-    let len = usize::from(d[7]).min(20);
-    let designator = &d[8..8 + len];
-    let name = match kind {
-        // T10 vendor ID: "STRATA  " and the unit's name.
-        1 => designator
-            .strip_prefix(b"STRATA  ")
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .map(|n| n.trim_end_matches('\0').to_string()),
-        3 if len == 16 => {
-            if super::scsi::naa(&lun.export.name())[..] == *designator {
-                return Ok(lun.export.clone());
-            }
-            let pool = &lun.copies.manager.pool;
-            let names = Export::list(pool).map_err(|e| failed(lun, "extended copy", &e, false))?;
-            names
-                .into_iter()
-                .map(|(name, _)| name)
-                .find(|name| super::scsi::naa(name)[..] == *designator)
-        }
-        _ => None,
-    };
-    let Some(name) = name else {
+    // Binary code set, a logical unit's designator, NAA, 16 bytes.
+    let designator = &d[8..24];
+    if d[4] & 0x0f != 1 || d[5] & 0x30 != 0 || d[5] & 0x0f != 3 || d[7] != 16 {
         return Err(Sense::COPY_TARGET_NOT_REACHABLE);
-    };
-    if name == lun.export.name() {
+    }
+    if naa(&lun.export.name())[..] == *designator {
         return Ok(lun.export.clone());
     }
-    match Export::open(&lun.copies.manager.pool, &name) {
+    let manager = &lun.copies.manager;
+    let names = Export::list(&manager.pool).map_err(|e| failed(lun, "extended copy", &e, false))?;
+    let Some(name) = names
+        .into_iter()
+        .map(|(name, _)| name)
+        .find(|name| naa(name)[..] == *designator)
+    else {
+        return Err(Sense::COPY_TARGET_NOT_REACHABLE);
+    };
+    if manager
+        .chap
+        .for_target(Some(&format!("{TARGET_PREFIX}{name}")))
+        .is_some()
+    {
+        tracing::warn!(
+            target_name = %lun.target,
+            unit = %name,
+            "EXTENDED COPY names a unit whose target needs CHAP: refused"
+        );
+        return Err(Sense::COPY_TARGET_NOT_REACHABLE);
+    }
+    match Export::open(&manager.pool, &name) {
         Ok(Some(e)) => Ok(e),
         Ok(None) => Err(Sense::COPY_TARGET_NOT_REACHABLE),
         Err(e) => Err(failed(lun, "extended copy", &e, false)),
@@ -502,16 +598,24 @@ fn populate(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<Box<[u8; ROD_TOK
     }
     let ranges = ranges(lun, &data[16..16 + list])?;
     let started = Instant::now();
-    let pins = match &lun.export {
-        Export::Volume(v) => lun.copies.manager.pool.pin(v.id(), &ranges),
-        Export::Snapshot(s) => s.pin(&ranges),
+    let manager = &lun.copies.manager;
+    manager.room(lun.copies.id)?;
+    let (source, pins) = match &lun.export {
+        Export::Volume(v) => (Source::Volume(v.id()), manager.pool.pin(v.id(), &ranges)),
+        Export::Snapshot(s) => (Source::Snapshot(s.id()), s.pin(&ranges)),
         Export::Remote(_) => return Err(Sense::REMOTE_TOKEN_CREATION_NOT_SUPPORTED),
-    }
-    .map_err(|e| failed(lun, "populate token", &e, false))?;
+    };
+    let pins = pins.map_err(|e| match e.kind() {
+        // The chain is at its depth limit: no freeze until merges catch up.
+        ErrorKind::LimitReached => Sense::NO_RESOURCES_FOR_TOKEN,
+        _ => failed(lun, "populate token", &e, false),
+    })?;
     *blocks = pins.iter().map(Pinned::blocks).sum();
     let bytes = new_token(lun, *blocks)?;
-    lun.copies.manager.add(Token {
+    manager.add(Token {
         bytes: bytes.clone(),
+        owner: lun.copies.id,
+        source,
         runs: pins.iter().map(Pinned::runs).sum(),
         pins,
         blocks: *blocks,
@@ -640,7 +744,22 @@ fn land(
     n: u64,
 ) -> crate::engine::Result<Landed> {
     match unit {
-        Export::Volume(v) => v.write_pinned(dst, pin, within, n, false),
+        // A piece at a time: a landing holds the volume's gate, which a
+        // snapshot waits for.
+        Export::Volume(v) => {
+            const PIECE: u64 = 2048;
+            let mut landed = Landed::default();
+            let mut done = 0;
+            while done < n {
+                let k = (n - done).min(PIECE);
+                let got = v.write_pinned(dst + done, pin, within + done, k, false)?;
+                landed.shared += got.shared;
+                landed.copied += got.copied;
+                landed.zeroed += got.zeroed;
+                done += k;
+            }
+            Ok(landed)
+        }
         other => {
             const PIECE: u64 = 256;
             let mut buf = vec![0u8; (PIECE.min(n) * BLOCK) as usize];
@@ -815,7 +934,7 @@ pub fn vpd_page() -> Vec<u8> {
     descriptor(0x0008, &[2, 0x02, 0xe4, 0]);
     // ROD token features: no remote tokens; lifetimes; the block
     // device features (most bytes per token, optimal transfer).
-    let mut features = vec![0u8; 32];
+    let mut features = vec![0u8; 44];
     features[12..16].copy_from_slice(&1u32.to_be_bytes());
     features[16..20].copy_from_slice(&MAX_TIMEOUT_S.to_be_bytes());
     features[20..24].copy_from_slice(&MAX_TIMEOUT_S.to_be_bytes());
@@ -825,7 +944,7 @@ pub fn vpd_page() -> Vec<u8> {
     block[16..24].copy_from_slice(&(OPTIMAL_TRANSFER_BLOCKS * BLOCK).to_be_bytes());
     block[24..32].copy_from_slice(&(MAX_TOKEN_BLOCKS * BLOCK).to_be_bytes());
     block[32..40].copy_from_slice(&(OPTIMAL_TRANSFER_BLOCKS * BLOCK).to_be_bytes());
-    features[30..32].copy_from_slice(&(block.len() as u16).to_be_bytes());
+    features[42..44].copy_from_slice(&(block.len() as u16).to_be_bytes());
     features.extend_from_slice(&block);
     descriptor(0x0106, &features);
     // Supported ROD types: point in time (tokens in and out), block

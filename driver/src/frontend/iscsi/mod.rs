@@ -27,6 +27,7 @@ pub mod chap;
 mod copy;
 mod login;
 pub mod pdu;
+mod reserve;
 mod scsi;
 mod session;
 
@@ -106,19 +107,27 @@ pub struct Target {
     exports: Exports,
     metrics: Arc<Metrics>,
     copies: Arc<copy::CopyManager>,
+    reservations: Arc<reserve::Reservations>,
     config: IscsiConfig,
     tsih: AtomicU16,
 }
 
 impl Target {
-    /// Opens the unit of the target named `iqn`.
-    fn open(&self, iqn: &str) -> Result<Option<scsi::Lun>> {
+    /// Opens the unit of the target named `iqn` for a session of the
+    /// initiator port (`initiator`, `isid`).
+    fn open(&self, iqn: &str, initiator: &str, isid: [u8; 6]) -> Result<Option<scsi::Lun>> {
         let Some(id) = iqn.strip_prefix(TARGET_PREFIX) else {
             return Ok(None);
         };
         Ok(self.exports.open(id)?.map(|export| scsi::Lun {
             metrics: IoMetrics::new(&self.metrics, &export.name()),
             copies: copy::Nexus::new(Arc::clone(&self.copies), &self.metrics, &export.name()),
+            port: reserve::Port::new(
+                Arc::clone(&self.reservations),
+                export.name(),
+                initiator,
+                isid,
+            ),
             export,
             target: iqn.to_string(),
         }))
@@ -176,7 +185,11 @@ impl IscsiServer {
         Arc::new(IscsiServer {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             target: Arc::new(Target {
-                copies: Arc::new(copy::CopyManager::new(exports.pool().clone())),
+                copies: Arc::new(copy::CopyManager::new(
+                    exports.pool().clone(),
+                    config.chap.clone(),
+                )),
+                reservations: Arc::default(),
                 exports,
                 metrics,
                 config,

@@ -10,6 +10,7 @@ use crate::engine::{BLOCK_SIZE, Error, ErrorKind, ZeroFlags};
 use crate::frontend::{Export, IoMetrics};
 
 use super::copy;
+use super::reserve::{self, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT, RELEASE_6, RESERVE_6};
 
 /// Logical block size.
 pub const BLOCK: u64 = BLOCK_SIZE;
@@ -29,6 +30,7 @@ pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// SCSI status codes.
 pub const GOOD: u8 = 0x00;
 pub const CHECK_CONDITION: u8 = 0x02;
+pub const RESERVATION_CONFLICT: u8 = 0x18;
 
 /// Sense keys.
 mod key {
@@ -72,8 +74,6 @@ impl Sense {
     pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
     pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
     pub const LUN_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
-    pub const INVALID_FIELD_IN_INFORMATION_UNIT: Sense =
-        Sense::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
     pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
     pub const PARAMETER_LIST_LENGTH: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x1a, 0x00);
     pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
@@ -126,6 +126,8 @@ pub struct Lun {
     pub metrics: IoMetrics,
     /// The session's side of the node's copy manager (tokens).
     pub copies: copy::Nexus,
+    /// The session's initiator port, for reservations.
+    pub port: reserve::Port,
 }
 
 impl Lun {
@@ -332,6 +334,7 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
             stream: None,
         })
     };
+    lun.port.check(cdb)?;
     match cdb[0] {
         READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
         | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 => {
@@ -426,6 +429,15 @@ pub fn plan(lun: Option<&Lun>, cdb: &[u8; 16], edtl: u32) -> Result<Plan, Sense>
         }
         MODE_SELECT_6 => out(u64::from(cdb[4])),
         MODE_SELECT_10 => out(be16(&cdb[7..])),
+        // The basic parameter list is 24 bytes; a longer one is refused
+        // once read (REGISTER AND MOVE is not supported).
+        PERSISTENT_RESERVE_OUT => {
+            let len = be32(&cdb[5..]);
+            if len > 4096 {
+                return Err(Sense::PARAMETER_LIST_LENGTH);
+            }
+            out(len)
+        }
         THIRD_PARTY_COPY_OUT => {
             let sa = cdb[1] & 0x1f;
             match sa {
@@ -513,6 +525,10 @@ pub fn execute(
         MODE_SELECT_6 | MODE_SELECT_10 => mode_select(lun, cdb, data_out),
         THIRD_PARTY_COPY_OUT => copy::copy_out(lun, cdb, data_out),
         THIRD_PARTY_COPY_IN => copy::copy_in(lun, cdb, data_in),
+        PERSISTENT_RESERVE_IN => lun.port.reserve_in(cdb, data_in),
+        PERSISTENT_RESERVE_OUT => lun.port.reserve_out(cdb, data_out),
+        RESERVE_6 => lun.port.reserve6(),
+        RELEASE_6 => lun.port.release6(),
         _ => Err(Sense::INVALID_OPCODE),
     }
 }
@@ -795,6 +811,19 @@ const COMMANDS: &[(u8, Option<u8>, u8)] = &[
     (WRITE_12, None, 12),
     (WRITE_VERIFY_12, None, 12),
     (VERIFY_12, None, 12),
+    (RESERVE_6, None, 6),
+    (RELEASE_6, None, 6),
+    (PERSISTENT_RESERVE_IN, Some(0), 10),
+    (PERSISTENT_RESERVE_IN, Some(1), 10),
+    (PERSISTENT_RESERVE_IN, Some(2), 10),
+    (PERSISTENT_RESERVE_IN, Some(3), 10),
+    (PERSISTENT_RESERVE_OUT, Some(0), 10),
+    (PERSISTENT_RESERVE_OUT, Some(1), 10),
+    (PERSISTENT_RESERVE_OUT, Some(2), 10),
+    (PERSISTENT_RESERVE_OUT, Some(3), 10),
+    (PERSISTENT_RESERVE_OUT, Some(4), 10),
+    (PERSISTENT_RESERVE_OUT, Some(5), 10),
+    (PERSISTENT_RESERVE_OUT, Some(6), 10),
     (THIRD_PARTY_COPY_OUT, Some(copy::EXTENDED_COPY), 16),
     (THIRD_PARTY_COPY_OUT, Some(copy::POPULATE_TOKEN), 16),
     (THIRD_PARTY_COPY_OUT, Some(copy::WRITE_USING_TOKEN), 16),
@@ -1072,10 +1101,11 @@ mod tests {
         Lun {
             metrics: IoMetrics::new(&metrics, &export.name()),
             copies: copy::Nexus::new(
-                std::sync::Arc::new(copy::CopyManager::new(pool.clone())),
+                std::sync::Arc::new(copy::CopyManager::new(pool.clone(), Default::default())),
                 &metrics,
                 &export.name(),
             ),
+            port: reserve::Port::new(Default::default(), export.name(), "iqn.test", [0; 6]),
             export,
             target: format!("iqn.test:{id}"),
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use super::chap::Chap;
 use super::login::{self, MAX_TEXT, Negotiation, OUR_MAX_RECV, Params, SessionType};
 use super::pdu::{Digests, NO_TAG, Pdu, PduError, op};
-use super::scsi::{self, CHECK_CONDITION, GOOD, Lun, Sense};
+use super::scsi::{self, CHECK_CONDITION, GOOD, Lun, RESERVATION_CONFLICT, Sense};
 use super::{Deadline, TARGET_PREFIX, Target};
 
 /// Commands the initiator may have outstanding (CmdSN window).
@@ -264,7 +264,11 @@ impl Conn<'_> {
                         return self.login_failed(&pdu, 0x0207, "no TargetName");
                     };
                     // IQNs compare without case (RFC 3722).
-                    match self.target.open(&name.to_ascii_lowercase()) {
+                    let initiator = neg.initiator_name.as_deref().unwrap_or("");
+                    match self
+                        .target
+                        .open(&name.to_ascii_lowercase(), initiator, isid)
+                    {
                         Ok(Some(lun)) => self.lun = Some(lun),
                         Ok(None) => return self.login_failed(&pdu, 0x0203, "no such target"),
                         Err(e) => {
@@ -481,19 +485,14 @@ impl Conn<'_> {
         if expected > 0 && !write {
             return self.check_condition(itt, edtl, 0, Sense::INVALID_FIELD_IN_CDB);
         }
-        // The initiator sends less than the CDB says: a WRITE of whole
-        // blocks writes what was sent (the rest is the overflow residual);
-        // anything else is refused before data is asked for.
+        // The initiator sends less than the CDB says: a WRITE writes what
+        // was sent (the rest, even of a block, is the overflow residual,
+        // as RFC 7143 allows); anything else is refused before data is
+        // asked for.
         let mut need = expected;
         if expected > edtl as usize {
-            let write_cmd = plan.stream.is_some_and(|s| s.write);
-            if !write_cmd || !u64::from(edtl).is_multiple_of(scsi::BLOCK) {
-                let sense = if write_cmd {
-                    Sense::INVALID_FIELD_IN_INFORMATION_UNIT
-                } else {
-                    Sense::INVALID_FIELD_IN_CDB
-                };
-                return self.check_condition(itt, edtl, expected, sense);
+            if !plan.stream.is_some_and(|s| s.write) {
+                return self.check_condition(itt, edtl, expected, Sense::INVALID_FIELD_IN_CDB);
             }
             need = edtl as usize;
         }
@@ -794,6 +793,11 @@ impl Conn<'_> {
         expected: usize,
         sense: Sense,
     ) -> Result<(), ConnError> {
+        if sense == Sense::RESERVATION_CONFLICT {
+            let mut r = self.response(itt, RESERVATION_CONFLICT, residual(expected, edtl));
+            self.numbers(&mut r, true);
+            return Ok(self.send(&mut r)?);
+        }
         tracing::debug!(itt, ?sense, "iSCSI command answered CHECK CONDITION");
         let mut r = self.response(itt, CHECK_CONDITION, residual(expected, edtl));
         r.data.extend_from_slice(&18u16.to_be_bytes());
@@ -837,6 +841,10 @@ impl Conn<'_> {
                 } else {
                     self.active = None;
                     self.waiting.clear();
+                    // Resets end RESERVE(6) reservations.
+                    if let (5..=7, Some(lun)) = (function, &self.lun) {
+                        lun.port.reset();
+                    }
                     0
                 }
             }
