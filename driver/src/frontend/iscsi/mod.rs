@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! accept (async) ─▶ a thread per connection (session.rs):
-//!     login: pdu.rs ─▶ login.rs (keys) ─▶ target lookup (Exports)
-//!     full feature: PDU ─▶ scsi.rs (plan: check the CDB; R2T/Data-Out; execute) ─▶ Data-In / Response
+//!     login: pdu.rs ─▶ login.rs (keys), chap.rs ─▶ target lookup (Exports)
+//!     full feature: PDU ─▶ scsi.rs (plan: reservations, the CDB; R2T/Data-Out; execute) ─▶ Data-In / Response
+//!                                     ├─ copy.rs: offload copy (tokens, EXTENDED COPY), node-wide
+//!                                     └─ reserve.rs: reservations of each unit, node-wide
 //! ```
 //!
 //! Written by hand: the Rust crates on crates.io are initiators
@@ -13,9 +15,9 @@
 //! a target from user space. The digests use the `crc32c` crate.
 //!
 //! Not yet here (issue 17): CHAP secrets from Kubernetes Secrets (they
-//! come from a file, `chap.rs`), several connections per session,
-//! PERSISTENT RESERVE, EXTENDED COPY and the token pair, NodeStageVolume
-//! over iSCSI.
+//! come from a file, `chap.rs`), several connections per session, a
+//! StorageClass choosing iSCSI per volume (`--attach iscsi` is node-wide),
+//! reservations that survive a restart (APTPL).
 //!
 //! Bounds: at most `max_connections` connections; one that has not
 //! logged in within `login_timeout`, or has sent no whole PDU for
