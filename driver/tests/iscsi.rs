@@ -934,6 +934,72 @@ fn persistent_reservations_fence_other_initiators_across_sessions() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // A second session claiming a's port name ends without taking a's
+    // RESERVE(6) with it... (a is gone: take it again as c, twice.)
+    let mut c = Initiator::connect(port);
+    c.login_as(&target, "iqn.2026-12.test:node-c");
+    assert_eq!(c.command(&[0x16, 0, 0, 0, 0, 0], 0, &[], false).status, 0);
+    let mut c2 = Initiator::connect(port);
+    c2.login_as(&target, "iqn.2026-12.test:node-c");
+    drop(c2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(b.read16(0, 1).status, CONFLICT);
+    assert_eq!(c.command(&[0x17, 0, 0, 0, 0, 0], 0, &[], false).status, 0);
+    drop(c);
+
+    // A write admitted before a PREEMPT AND ABORT does not land after it:
+    // b's write waits for its data (R2T) while a preempts b.
+    let mut a = Initiator::connect(port);
+    a.login_as(&target, "iqn.2026-12.test:node-a");
+    assert_eq!(a.reserve_out(0, 0, 0, 0xa).status, 0);
+    assert_eq!(b.reserve_out(0, 0, 0, 0xb).status, 0);
+    assert_eq!(a.reserve_out(1, 5, 0xa, 0).status, 0, "WRITE EXCLUSIVE, REGISTRANTS ONLY");
+    let itt = b.itt;
+    b.itt += 1;
+    let mut w = Pdu::new(op::SCSI_COMMAND);
+    w.bhs[1] = 0xa0;
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x8a;
+    cdb[2..10].copy_from_slice(&100u64.to_be_bytes());
+    cdb[10..14].copy_from_slice(&16u32.to_be_bytes());
+    w.bhs[32..48].copy_from_slice(&cdb);
+    w.set_u32(16, itt)
+        .set_u32(20, 16 * BLOCK as u32)
+        .set_u32(24, b.cmd_sn)
+        .set_u32(28, b.exp_stat_sn);
+    b.cmd_sn += 1;
+    b.send(&mut w);
+    let r2t = b.recv();
+    assert_eq!(r2t.opcode(), op::R2T);
+    assert_eq!(a.reserve_out(5, 5, 0xa, 0xb).status, 0, "PREEMPT AND ABORT");
+    let mut d = Pdu::new(op::DATA_OUT);
+    d.bhs[1] = 0x80;
+    d.set_u32(16, itt).set_u32(20, r2t.u32_at(20));
+    d.data = vec![0xee; 16 * BLOCK];
+    b.send(&mut d);
+    let r = b.recv();
+    assert_eq!((r.opcode(), r.bhs[3]), (op::SCSI_RESPONSE, CONFLICT));
+    assert_eq!(a.read16(100, 16).data, vec![0u8; 16 * BLOCK]);
+
+    // EXTENDED COPY from another unit's session honours the reservation:
+    // a holds Exclusive Access now; b copies neither out of it nor in.
+    assert_eq!(a.reserve_out(2, 5, 0xa, 0).status, 0, "RELEASE");
+    assert_eq!(a.reserve_out(1, 3, 0xa, 0).status, 0, "EXCLUSIVE ACCESS");
+    let other = s.create_volume("reserved-other", "16MiB");
+    let mut o = Initiator::connect(port);
+    o.login_as(&format!("{TARGET_PREFIX}{other}"), "iqn.2026-12.test:node-b");
+    let (n_res, n_other) = (common::iscsi::naa_of(&mut a), common::iscsi::naa_of(&mut o));
+    let out = o.extended_copy(1, &[n_res.clone(), n_other.clone()], &[(0, 1, 1, 0, 0)]);
+    assert_eq!(out.status, CONFLICT);
+    let into = o.extended_copy(1, &[n_other, n_res], &[(0, 1, 1, 0, 0)]);
+    assert_eq!(into.status, CONFLICT);
+    assert_eq!(a.reserve_out(3, 0, 0xa, 0).status, 0, "CLEAR");
+
+    // Names of no valid length are refused at login.
+    let mut nameless = Initiator::connect(port);
+    let (status, _) = nameless.login_with(&[("InitiatorName", ""), ("TargetName", &target)]);
+    assert_eq!(status, 0x0200);
+
     // Registrations do not outlive the process (APTPL is refused).
     assert_eq!(b.reserve_out(0, 0, 0, 0xb).status, 0);
     s.kill9();

@@ -510,6 +510,8 @@ fn extended_copy(
         if dst.read_only() {
             return Err(Sense::WRITE_PROTECTED);
         }
+        // The copy is this port's: other units' reservations hold for it.
+        lun.port.may_read(&src.name())?;
         *segments_done += 1;
         if n == 0 {
             continue;
@@ -528,7 +530,9 @@ fn extended_copy(
             Export::Remote(_) => return Err(Sense::COPY_TARGET_NOT_REACHABLE),
         }
         .map_err(|e| failed(lun, "extended copy", &e, false))?;
-        land(&dst, to, &pins[0], 0, n).map_err(|e| failed(lun, "extended copy", &e, true))?;
+        lun.port.writing(Some(&dst.name()), || {
+            land(&dst, to, &pins[0], 0, n).map_err(|e| failed(lun, "extended copy", &e, true))
+        })?;
         *blocks += n;
     }
     lun.copies
@@ -661,24 +665,44 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
     let ranges = ranges(lun, &data[536..536 + list])?;
     let wanted: u64 = ranges.iter().map(|r| r.blocks).sum();
     let started = Instant::now();
-    if be32(token) as u32 == ROD_TYPE_ZERO {
+    let zero = be32(token) as u32 == ROD_TYPE_ZERO;
+    if !zero && be32(token) as u32 != ROD_TYPE_POINT_IN_TIME {
+        return Err(Sense::UNSUPPORTED_TOKEN_TYPE);
+    }
+    if !zero && be16(&token[6..]) != (ROD_TOKEN_LEN - 8) as u64 {
+        return Err(Sense::TOKEN_CORRUPT);
+    }
+    lun.port.writing(None, || {
+        if !zero {
+            return land_token(lun, token, offset, &ranges, wanted, blocks);
+        }
+        // The block device zero token.
         for r in &ranges {
             lun.export
                 .write_zeroes(r.first * BLOCK, r.blocks * BLOCK, ZeroFlags::default())
                 .map_err(|e| failed(lun, "write using token", &e, true))?;
             *blocks += r.blocks;
         }
-        lun.copies
-            .written
-            .observe(wanted * BLOCK, started.elapsed());
-        return Ok(());
+        Ok(())
+    })?;
+    if del_tkn && !zero {
+        lun.copies.manager.delete(token);
     }
-    if be32(token) as u32 != ROD_TYPE_POINT_IN_TIME {
-        return Err(Sense::UNSUPPORTED_TOKEN_TYPE);
-    }
-    if be16(&token[6..]) != (ROD_TOKEN_LEN - 8) as u64 {
-        return Err(Sense::TOKEN_CORRUPT);
-    }
+    lun.copies
+        .written
+        .observe(wanted * BLOCK, started.elapsed());
+    Ok(())
+}
+
+/// Writes `ranges` from block `offset` of the token these bytes are.
+fn land_token(
+    lun: &Lun,
+    token: &[u8],
+    offset: u64,
+    ranges: &[BlockRange],
+    wanted: u64,
+    blocks: &mut u64,
+) -> Result<(), Sense> {
     let source = lun.copies.manager.find(token)?;
     if offset
         .checked_add(wanted)
@@ -688,7 +712,7 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
     }
     let mut landed = Landed::default();
     let mut at = offset;
-    for r in &ranges {
+    for r in ranges {
         let mut done = 0;
         while done < r.blocks {
             // The pin holding block `at` of the token, and where in it.
@@ -705,12 +729,6 @@ fn write_using(lun: &Lun, data: &[u8], blocks: &mut u64) -> Result<(), Sense> {
             *blocks += n;
         }
     }
-    if del_tkn {
-        lun.copies.manager.delete(token);
-    }
-    lun.copies
-        .written
-        .observe(wanted * BLOCK, started.elapsed());
     tracing::debug!(
         target_name = %lun.target,
         shared = landed.shared,

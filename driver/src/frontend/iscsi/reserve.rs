@@ -17,7 +17,8 @@
 //! them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::scsi::{Sense, be16, be32, be64, opcode::*, truncate};
 
@@ -58,8 +59,8 @@ struct Unit {
     /// (port, key), in registration order.
     registered: Vec<(String, u64)>,
     reservation: Option<Reservation>,
-    /// The port holding a RESERVE(6) reservation.
-    reserved_by: Option<String>,
+    /// The port holding a RESERVE(6) reservation, and its session.
+    reserved_by: Option<(String, u64)>,
 }
 
 impl Unit {
@@ -118,8 +119,10 @@ fn access(cdb: &[u8; 16]) -> Access {
         | REQUEST_SENSE
         | TEST_UNIT_READY
         | READ_CAPACITY_10
+        | LOG_SENSE
         | PERSISTENT_RESERVE_IN
         | PERSISTENT_RESERVE_OUT
+        | RESERVE_6
         | RELEASE_6 => Access::Any,
         SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == 0x10 => Access::Any,
         MAINTENANCE_IN => Access::Any,
@@ -131,10 +134,73 @@ fn access(cdb: &[u8; 16]) -> Access {
     }
 }
 
+/// LOG SENSE: allowed under every reservation.
+const LOG_SENSE: u8 = 0x4d;
+
 /// The reservations of the node's units.
 #[derive(Debug, Default)]
 pub struct Reservations {
     units: Mutex<HashMap<String, Unit>>,
+    /// Each unit's fence: writes hold it shared, changes to reservations
+    /// exclusive, so a write admitted before a PREEMPT has landed when the
+    /// PREEMPT returns, and none admitted after it gets through.
+    fences: Mutex<HashMap<String, Weak<RwLock<()>>>>,
+    sessions: AtomicU64,
+}
+
+impl Reservations {
+    fn fence(&self, unit: &str) -> Arc<RwLock<()>> {
+        let mut fences = self.fences.lock().expect("fences");
+        if let Some(f) = fences.get(unit).and_then(Weak::upgrade) {
+            return f;
+        }
+        fences.retain(|_, w| w.strong_count() > 0);
+        let f = Arc::new(RwLock::new(()));
+        fences.insert(unit.to_string(), Arc::downgrade(&f));
+        f
+    }
+
+    /// Whether a reservation on `unit` stops `port` (of session
+    /// `session`) from a command of this access; `legacy_exempt`: a
+    /// command a RESERVE(6) reservation lets through (INQUIRY...).
+    fn check(
+        &self,
+        unit: &str,
+        port: &str,
+        access: Access,
+        legacy_exempt: bool,
+    ) -> Result<(), Sense> {
+        let units = self.units.lock().expect("reservations");
+        let Some(u) = units.get(unit) else {
+            return Ok(());
+        };
+        if let Some((holder, _)) = &u.reserved_by
+            && holder != port
+            && !legacy_exempt
+        {
+            return Err(Sense::RESERVATION_CONFLICT);
+        }
+        let Some(r) = &u.reservation else {
+            return Ok(());
+        };
+        if access == Access::Any || u.holds(port) {
+            return Ok(());
+        }
+        let registered = u.key_of(port).is_some();
+        let stopped = match r.kind {
+            WRITE_EXCLUSIVE => access == Access::Write,
+            EXCLUSIVE_ACCESS => true,
+            WRITE_EXCLUSIVE_REGISTRANTS_ONLY | WRITE_EXCLUSIVE_ALL_REGISTRANTS => {
+                access == Access::Write && !registered
+            }
+            _ => !registered,
+        };
+        if stopped {
+            Err(Sense::RESERVATION_CONFLICT)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// One session's side: its port and unit.
@@ -144,12 +210,26 @@ pub struct Port {
     unit: String,
     /// The initiator port: `<initiator name>,i,0x<ISID>`.
     name: String,
+    /// This session (two sessions may claim one port name).
+    session: u64,
+    fence: Arc<RwLock<()>>,
 }
 
 impl Drop for Port {
     /// The session ended: its RESERVE(6) reservation ends with it.
     fn drop(&mut self) {
-        self.release_legacy();
+        if let Some(u) = self
+            .all
+            .units
+            .lock()
+            .expect("reservations")
+            .get_mut(&self.unit)
+            && u.reserved_by
+                .as_ref()
+                .is_some_and(|(_, s)| *s == self.session)
+        {
+            u.reserved_by = None;
+        }
     }
 }
 
@@ -157,6 +237,8 @@ impl Port {
     pub fn new(all: Arc<Reservations>, unit: String, initiator: &str, isid: [u8; 6]) -> Self {
         let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
         Port {
+            session: all.sessions.fetch_add(1, Ordering::Relaxed),
+            fence: all.fence(&unit),
             all,
             unit,
             name: format!("{initiator},i,0x{hex}"),
@@ -191,63 +273,54 @@ impl Port {
         }
     }
 
-    fn release_legacy(&self) {
-        if let Some(u) = self
-            .all
-            .units
-            .lock()
-            .expect("reservations")
-            .get_mut(&self.unit)
-            && u.reserved_by.as_deref() == Some(self.name.as_str())
-        {
-            u.reserved_by = None;
-        }
+    /// Whether a reservation stops `cdb` from this port (checked when the
+    /// command arrives; writes are checked again as they land).
+    pub fn check(&self, cdb: &[u8; 16]) -> Result<(), Sense> {
+        let exempt = matches!(cdb[0], INQUIRY | REPORT_LUNS | REQUEST_SENSE | RELEASE_6);
+        self.all.check(&self.unit, &self.name, access(cdb), exempt)
     }
 
-    /// Whether a reservation stops `cdb` from this port.
-    pub fn check(&self, cdb: &[u8; 16]) -> Result<(), Sense> {
-        let access = access(cdb);
-        self.read(|u| {
-            if let Some(holder) = &u.reserved_by
-                && *holder != self.name
-                && !matches!(cdb[0], INQUIRY | REPORT_LUNS | REQUEST_SENSE | RELEASE_6)
-            {
-                return Err(Sense::RESERVATION_CONFLICT);
-            }
-            let Some(r) = &u.reservation else {
-                return Ok(());
-            };
-            if access == Access::Any || u.holds(&self.name) {
-                return Ok(());
-            }
-            let registered = u.key_of(&self.name).is_some();
-            let stopped = match r.kind {
-                WRITE_EXCLUSIVE => access == Access::Write,
-                EXCLUSIVE_ACCESS => true,
-                WRITE_EXCLUSIVE_REGISTRANTS_ONLY | WRITE_EXCLUSIVE_ALL_REGISTRANTS => {
-                    access == Access::Write && !registered
-                }
-                _ => !registered,
-            };
-            if stopped {
-                Err(Sense::RESERVATION_CONFLICT)
-            } else {
-                Ok(())
-            }
-        })
+    /// Whether `cdb` writes (and so runs under [`Port::writing`]).
+    pub fn writes(cdb: &[u8; 16]) -> bool {
+        access(cdb) == Access::Write
+    }
+
+    /// Whether this port may read `unit` (another unit an EXTENDED COPY
+    /// names).
+    pub fn may_read(&self, unit: &str) -> Result<(), Sense> {
+        self.all.check(unit, &self.name, Access::Read, false)
+    }
+
+    /// Runs `f`, a write to `unit` (this port's own if `None`), under
+    /// that unit's fence, if no reservation stops this port from writing.
+    pub fn writing<T>(
+        &self,
+        unit: Option<&str>,
+        f: impl FnOnce() -> Result<T, Sense>,
+    ) -> Result<T, Sense> {
+        let unit = unit.unwrap_or(&self.unit);
+        let fence = if unit == self.unit {
+            Arc::clone(&self.fence)
+        } else {
+            self.all.fence(unit)
+        };
+        let _shared = fence.read().expect("fence");
+        self.all.check(unit, &self.name, Access::Write, false)?;
+        f()
     }
 
     /// RESERVE(6): the unit for this port alone, unless persistent
     /// reservations are in use.
     pub fn reserve6(&self) -> Result<(), Sense> {
+        let _exclusive = self.fence.write().expect("fence");
         self.with(|u| {
             if !u.registered.is_empty() || u.reservation.is_some() {
                 return Err(Sense::RESERVATION_CONFLICT);
             }
             match &u.reserved_by {
-                Some(p) if *p != self.name => Err(Sense::RESERVATION_CONFLICT),
+                Some((p, _)) if *p != self.name => Err(Sense::RESERVATION_CONFLICT),
                 _ => {
-                    u.reserved_by = Some(self.name.clone());
+                    u.reserved_by = Some((self.name.clone(), self.session));
                     Ok(())
                 }
             }
@@ -263,7 +336,16 @@ impl Port {
             }
             Ok(())
         })?;
-        self.release_legacy();
+        if let Some(u) = self
+            .all
+            .units
+            .lock()
+            .expect("reservations")
+            .get_mut(&self.unit)
+            && u.reserved_by.as_ref().is_some_and(|(p, _)| *p == self.name)
+        {
+            u.reserved_by = None;
+        }
         Ok(())
     }
 
@@ -271,6 +353,10 @@ impl Port {
     pub fn reserve_in(&self, cdb: &[u8; 16], data_in: &mut Vec<u8>) -> Result<(), Sense> {
         let allocation = be16(&cdb[7..]);
         let d = self.read(|u| -> Result<Vec<u8>, Sense> {
+            // A RESERVE(6) reservation: persistent ones are not in use.
+            if u.reserved_by.is_some() {
+                return Err(Sense::RESERVATION_CONFLICT);
+            }
             let mut d = u.generation.to_be_bytes().to_vec();
             match cdb[1] & 0x1f {
                 // READ KEYS
@@ -350,34 +436,38 @@ impl Port {
         }
         let key = be64(data);
         let new_key = be64(&data[8..]);
-        // SPEC_I_PT, ALL_TG_PT and APTPL are not supported.
-        if data[20] & 0x0d != 0 {
+        let registering = matches!(action, 0 | 6);
+        // SPEC_I_PT, ALL_TG_PT and APTPL (REGISTER's bits, ignored by the
+        // other actions) are not supported.
+        if registering && data[20] & 0x0d != 0 {
             return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
         }
-        let typed = matches!(action, 1 | 2 | 4 | 5);
-        if typed
-            && (scope != 0
-                || !matches!(
-                    kind,
-                    WRITE_EXCLUSIVE
-                        | EXCLUSIVE_ACCESS
-                        | WRITE_EXCLUSIVE_REGISTRANTS_ONLY
-                        | EXCLUSIVE_ACCESS_REGISTRANTS_ONLY
-                        | WRITE_EXCLUSIVE_ALL_REGISTRANTS
-                        | EXCLUSIVE_ACCESS_ALL_REGISTRANTS
-                ))
-        {
-            return Err(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let type_ok = scope == 0
+            && matches!(
+                kind,
+                WRITE_EXCLUSIVE
+                    | EXCLUSIVE_ACCESS
+                    | WRITE_EXCLUSIVE_REGISTRANTS_ONLY
+                    | EXCLUSIVE_ACCESS_REGISTRANTS_ONLY
+                    | WRITE_EXCLUSIVE_ALL_REGISTRANTS
+                    | EXCLUSIVE_ACCESS_ALL_REGISTRANTS
+            );
         let me = self.name.as_str();
+        // Writes in flight on the unit land first; none admitted after
+        // this change gets past it.
+        let _exclusive = self.fence.write().expect("fence");
         self.with(|u| {
-            if u.reserved_by.as_deref().is_some_and(|p| p != me) {
+            // A RESERVE(6) reservation: persistent ones are not in use.
+            if u.reserved_by.is_some() {
                 return Err(Sense::RESERVATION_CONFLICT);
             }
             let mine = u.key_of(me);
             // REGISTER AND IGNORE EXISTING KEY skips the key check.
             if action != 6 && mine.unwrap_or(0) != key {
                 return Err(Sense::RESERVATION_CONFLICT);
+            }
+            if matches!(action, 1 | 2 | 4 | 5) && !type_ok {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
             }
             match action {
                 // REGISTER, REGISTER AND IGNORE EXISTING KEY

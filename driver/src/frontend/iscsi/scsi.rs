@@ -295,15 +295,19 @@ pub fn read_part(lun: &Lun, offset: u64, buf: &mut [u8]) -> Result<(), Sense> {
 }
 
 /// Writes part of a WRITE's range (and for WRITE AND VERIFY, makes it
-/// durable, reads it back and compares).
+/// durable, reads it back and compares), unless a reservation made since
+/// the command arrived stops it.
 pub fn write_part(lun: &Lun, offset: u64, data: &[u8], stream: &Stream) -> Result<(), Sense> {
-    let started = Instant::now();
-    lun.export
-        .write(offset, data, stream.fua || stream.verify)
-        .map_err(|e| failed(lun, "write", &e, true))?;
-    lun.metrics
-        .write
-        .observe(data.len() as u64, started.elapsed());
+    lun.port.writing(None, || {
+        let started = Instant::now();
+        lun.export
+            .write(offset, data, stream.fua || stream.verify)
+            .map_err(|e| failed(lun, "write", &e, true))?;
+        lun.metrics
+            .write
+            .observe(data.len() as u64, started.elapsed());
+        Ok(())
+    })?;
     if stream.verify {
         let mut back = vec![0u8; data.len()];
         read_part(lun, offset, &mut back)?;
@@ -473,6 +477,15 @@ pub fn execute(
             _ => Err(Sense::LUN_NOT_SUPPORTED),
         };
     };
+    // A write runs under its unit's fence (see `reserve.rs`); copies
+    // admit each unit they write themselves.
+    if reserve::Port::writes(cdb) && cdb[0] != THIRD_PARTY_COPY_OUT {
+        return lun.port.writing(None, || run(lun, cdb, data_out, data_in));
+    }
+    run(lun, cdb, data_out, data_in)
+}
+
+fn run(lun: &Lun, cdb: &[u8; 16], data_out: &[u8], data_in: &mut Vec<u8>) -> Result<(), Sense> {
     match cdb[0] {
         TEST_UNIT_READY | START_STOP_UNIT => Ok(()),
         REQUEST_SENSE => request_sense(cdb, data_in),

@@ -255,8 +255,14 @@ impl Conn<'_> {
             };
             if first {
                 first = false;
-                if neg.initiator_name.is_none() {
-                    return self.login_failed(&pdu, 0x0207, "no InitiatorName");
+                match neg.initiator_name.as_deref() {
+                    None => return self.login_failed(&pdu, 0x0207, "no InitiatorName"),
+                    // iSCSI names are 1 to 223 bytes (RFC 3720 3.2.6.1);
+                    // reservations know initiators by them.
+                    Some(n) if n.is_empty() || n.len() > 223 => {
+                        return self.login_failed(&pdu, 0x0200, "InitiatorName of no valid length");
+                    }
+                    Some(_) => {}
                 }
                 self.kind = neg.session_type.unwrap_or(SessionType::Normal);
                 if self.kind == SessionType::Normal {
