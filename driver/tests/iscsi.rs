@@ -953,7 +953,11 @@ fn persistent_reservations_fence_other_initiators_across_sessions() {
     a.login_as(&target, "iqn.2026-12.test:node-a");
     assert_eq!(a.reserve_out(0, 0, 0, 0xa).status, 0);
     assert_eq!(b.reserve_out(0, 0, 0, 0xb).status, 0);
-    assert_eq!(a.reserve_out(1, 5, 0xa, 0).status, 0, "WRITE EXCLUSIVE, REGISTRANTS ONLY");
+    assert_eq!(
+        a.reserve_out(1, 5, 0xa, 0).status,
+        0,
+        "WRITE EXCLUSIVE, REGISTRANTS ONLY"
+    );
     let itt = b.itt;
     b.itt += 1;
     let mut w = Pdu::new(op::SCSI_COMMAND);
@@ -987,7 +991,10 @@ fn persistent_reservations_fence_other_initiators_across_sessions() {
     assert_eq!(a.reserve_out(1, 3, 0xa, 0).status, 0, "EXCLUSIVE ACCESS");
     let other = s.create_volume("reserved-other", "16MiB");
     let mut o = Initiator::connect(port);
-    o.login_as(&format!("{TARGET_PREFIX}{other}"), "iqn.2026-12.test:node-b");
+    o.login_as(
+        &format!("{TARGET_PREFIX}{other}"),
+        "iqn.2026-12.test:node-b",
+    );
     let (n_res, n_other) = (common::iscsi::naa_of(&mut a), common::iscsi::naa_of(&mut o));
     let out = o.extended_copy(1, &[n_res.clone(), n_other.clone()], &[(0, 1, 1, 0, 0)]);
     assert_eq!(out.status, CONFLICT);

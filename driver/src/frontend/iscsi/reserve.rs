@@ -17,7 +17,7 @@
 //! them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::scsi::{Sense, be16, be32, be64, opcode::*, truncate};
@@ -146,6 +146,9 @@ pub struct Reservations {
     /// PREEMPT returns, and none admitted after it gets through.
     fences: Mutex<HashMap<String, Weak<RwLock<()>>>>,
     sessions: AtomicU64,
+    /// Whether any unit has had a reservation or registration: until one
+    /// has, checks skip the lock (every command is checked).
+    used: AtomicBool,
 }
 
 impl Reservations {
@@ -250,6 +253,7 @@ impl Port {
     /// grows): one per unit a session ever reserved or registered on.
     fn with<T>(&self, f: impl FnOnce(&mut Unit) -> T) -> T {
         let mut units = self.all.units.lock().expect("reservations");
+        self.all.used.store(true, Ordering::Release);
         f(units.entry(self.unit.clone()).or_default())
     }
 
