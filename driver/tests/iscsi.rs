@@ -740,9 +740,22 @@ fn offload_copy_by_token_lands_the_data_of_its_instant_and_refuses_bad_tokens() 
         refused(5, 0x55, 0x0d)
     );
     let (_, last) = is.receive_token(115);
+    let last = last.unwrap();
     drop(is);
-    let gone = ib.write_using_token(15, &last.unwrap(), 0, &[(0, 1)]);
-    assert_eq!(sense(gone), refused(5, 0x23, 0x04));
+    // The target sees the session end when it reads the connection's end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let gone = ib.write_using_token(15, &last, 0, &[(0, 1)]);
+        if gone.status != 0 {
+            assert_eq!(sense(gone), refused(5, 0x23, 0x04));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a token outlived its session"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A token of a volume deleted since is revoked.
     let c = s.create_volume("token-gone", "4MiB");
     let mut ic = Initiator::connect(port);
@@ -934,8 +947,8 @@ fn persistent_reservations_fence_other_initiators_across_sessions() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // A second session claiming a's port name ends without taking a's
-    // RESERVE(6) with it... (a is gone: take it again as c, twice.)
+    // A second session under c's port name ends without ending c's
+    // RESERVE(6): the reservation is the session's, not the name's.
     let mut c = Initiator::connect(port);
     c.login_as(&target, "iqn.2026-12.test:node-c");
     assert_eq!(c.command(&[0x16, 0, 0, 0, 0, 0], 0, &[], false).status, 0);
