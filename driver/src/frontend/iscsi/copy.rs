@@ -16,11 +16,19 @@
 //!
 //! Tokens are 512 random-looking bytes (a 16-byte handle and a 32-byte
 //! secret from the system's random source), valid on every target of this
-//! node until their inactivity timeout passes or the process ends; a token
-//! that is unknown, expired or for a unit of another node gets the
-//! INVALID TOKEN OPERATION code SPC-5 gives. What tokens may hold is
-//! bounded: [`MAX_TOKENS`] tokens, [`MAX_PINNED_RUNS`] runs over all of
-//! them, [`MAX_TOKEN_BLOCKS`] per token and per WRITE USING TOKEN.
+//! node until their inactivity timeout passes, the session that made them
+//! ends, or what they were made of is deleted (then they are revoked); an
+//! unknown, expired or revoked token gets the INVALID TOKEN OPERATION code
+//! SPC-5 gives. A unit of another node attached here makes no token; one
+//! written from a token gets the bytes through the data path. What tokens
+//! hold is bounded: [`MAX_SESSION_TOKENS`] per session (checked before a
+//! pin freezes anything), [`MAX_TOKENS`] and [`MAX_PINNED_RUNS`] on the
+//! node, [`MAX_TOKEN_BLOCKS`] per token and per WRITE USING TOKEN; a pin
+//! freezes no chain past its depth limit.
+//!
+//! EXTENDED COPY acts for the session's initiator port: it reaches the
+//! session's own unit and units whose targets need no CHAP, honours their
+//! reservations, and writes each unit under its fence (`reserve.rs`).
 //!
 //! Written by hand: no crate implements a SCSI copy manager.
 
