@@ -1243,29 +1243,37 @@ impl Pool {
         create_layer_file(&*sh.fs, &sh.dir, new_top, vol.size(), sh.opts.sync)?;
         let (view, frozen) = {
             let _shape = sh.shape.lock().expect("shape lock");
-            let (info, view) = match self.freeze_top(&vol, new_top, SnapshotId::new_random(), true)
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    if !sh.catalog.failed() {
-                        remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
-                    }
-                    return Err(e);
-                }
-            };
-            let layer = sh
-                .catalog
-                .read()?
-                .snapshot(info.id)?
-                .ok_or(Error::SnapshotNotFound(info.id))?
-                .layer;
-            (view, layer)
+            self.freeze_hidden(&vol, new_top)?
         };
         self.fold_away(frozen);
         ranges
             .iter()
             .map(|r| Ok(Pinned::new(*r, view.segments(r.first, r.first + r.blocks)?)))
             .collect()
+    }
+
+    /// Freezes `vol`'s top under a hidden (`implicit`) snapshot onto
+    /// `new_top`, an empty file already made (removed again if the freeze
+    /// fails). Returns the frozen view and layer. The caller holds the
+    /// shape lock.
+    fn freeze_hidden(&self, vol: &Volume, new_top: LayerId) -> Result<(Arc<View>, LayerId)> {
+        let sh = self.shared();
+        let (info, view) = match self.freeze_top(vol, new_top, SnapshotId::new_random(), true) {
+            Ok(x) => x,
+            Err(e) => {
+                if !sh.catalog.failed() {
+                    remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
+                }
+                return Err(e);
+            }
+        };
+        let layer = sh
+            .catalog
+            .read()?
+            .snapshot(info.id)?
+            .ok_or(Error::SnapshotNotFound(info.id))?
+            .layer;
+        Ok((view, layer))
     }
 
     /// Freezes `vol`'s top under snapshot `snap` and puts `new_top` (an
@@ -1490,22 +1498,7 @@ impl Pool {
         create_layer_file(&*sh.fs, &sh.dir, new_top, from, sh.opts.sync)?;
         let (frozen, made) = {
             let _shape = sh.shape.lock().expect("shape lock");
-            let (info, view) = match self.freeze_top(&vol, new_top, SnapshotId::new_random(), true)
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    if !sh.catalog.failed() {
-                        remove_quietly(&*sh.fs, &layer_path(&sh.dir, new_top));
-                    }
-                    return Err(e);
-                }
-            };
-            let layer = sh
-                .catalog
-                .read()?
-                .snapshot(info.id)?
-                .ok_or(Error::SnapshotNotFound(info.id))?
-                .layer;
+            let (view, layer) = self.freeze_hidden(&vol, new_top)?;
             let source = CloneSource {
                 snapshot: None,
                 layer,

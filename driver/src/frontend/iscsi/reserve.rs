@@ -221,18 +221,12 @@ pub struct Port {
 impl Drop for Port {
     /// The session ended: its RESERVE(6) reservation ends with it.
     fn drop(&mut self) {
-        if let Some(u) = self
-            .all
-            .units
-            .lock()
-            .expect("reservations")
-            .get_mut(&self.unit)
-            && u.reserved_by
-                .as_ref()
-                .is_some_and(|(_, s)| *s == self.session)
-        {
-            u.reserved_by = None;
-        }
+        let session = self.session;
+        self.legacy(|r| {
+            if r.as_ref().is_some_and(|(_, s)| *s == session) {
+                *r = None;
+            }
+        });
     }
 }
 
@@ -263,9 +257,8 @@ impl Port {
         f(units.get(&self.unit).unwrap_or(&Unit::default()))
     }
 
-    /// LUN RESET or a target reset: a RESERVE(6) reservation ends
-    /// (persistent ones do not).
-    pub fn reset(&self) {
+    /// Runs `f` on the unit's RESERVE(6) holder, if the unit has an entry.
+    fn legacy(&self, f: impl FnOnce(&mut Option<(String, u64)>)) {
         if let Some(u) = self
             .all
             .units
@@ -273,8 +266,14 @@ impl Port {
             .expect("reservations")
             .get_mut(&self.unit)
         {
-            u.reserved_by = None;
+            f(&mut u.reserved_by);
         }
+    }
+
+    /// LUN RESET or a target reset: a RESERVE(6) reservation ends
+    /// (persistent ones do not).
+    pub fn reset(&self) {
+        self.legacy(|r| *r = None);
     }
 
     /// Whether a reservation stops `cdb` from this port (checked when the
@@ -340,16 +339,11 @@ impl Port {
             }
             Ok(())
         })?;
-        if let Some(u) = self
-            .all
-            .units
-            .lock()
-            .expect("reservations")
-            .get_mut(&self.unit)
-            && u.reserved_by.as_ref().is_some_and(|(p, _)| *p == self.name)
-        {
-            u.reserved_by = None;
-        }
+        self.legacy(|r| {
+            if r.as_ref().is_some_and(|(p, _)| *p == self.name) {
+                *r = None;
+            }
+        });
         Ok(())
     }
 
