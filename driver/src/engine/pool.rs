@@ -24,7 +24,7 @@ use super::catalog::{
 };
 use super::catalog::{Catalog, LayerRecord, SnapshotRecord, SnapshotState, VolumeRecord};
 use super::error::{Error, Result, io_error};
-use super::geometry::{BLOCK_SIZE, blocks_for, check_range, check_volume_size};
+use super::geometry::{BLOCK_SIZE, blocks_for, check_volume_size};
 use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::io::{Entry, Fs, Open, RealFs};
 use super::jobs::{self, JobConfig, Jobs};
@@ -1218,13 +1218,6 @@ impl Pool {
     pub fn pin(&self, volume: VolumeId, ranges: &[BlockRange]) -> Result<Vec<Pinned>> {
         let vol = self.volume(volume)?;
         refuse_fetching(&vol)?;
-        for r in ranges {
-            check_range(
-                r.first.saturating_mul(BLOCK_SIZE),
-                r.blocks.saturating_mul(BLOCK_SIZE),
-                vol.size(),
-            )?;
-        }
         if let Some(pins) = vol.pin_frozen(ranges)? {
             return Ok(pins);
         }

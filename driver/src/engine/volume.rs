@@ -679,12 +679,12 @@ impl Volume {
     ) -> Result<Landed> {
         if at.checked_add(blocks).is_none_or(|end| end > src.blocks()) {
             return Err(Error::OutOfRange {
-                offset: at * BLOCK_SIZE,
-                len: blocks * BLOCK_SIZE,
+                offset: at.saturating_mul(BLOCK_SIZE),
+                len: blocks.saturating_mul(BLOCK_SIZE),
                 size: src.blocks() * BLOCK_SIZE,
             });
         }
-        let (offset, len) = (first * BLOCK_SIZE, blocks * BLOCK_SIZE);
+        let (offset, len) = (first.saturating_mul(BLOCK_SIZE), blocks * BLOCK_SIZE);
         if !self.admit(offset, len)? {
             return Ok(Landed::default());
         }
@@ -761,17 +761,18 @@ impl Volume {
                 why: "its blocks are still arriving".into(),
             });
         }
-        for r in ranges {
-            check_range(
-                r.first.saturating_mul(BLOCK_SIZE),
-                r.blocks.saturating_mul(BLOCK_SIZE),
-                self.size(),
-            )?;
-        }
         Ok(self.pin_view(ranges, true)?.expect("the top is allowed"))
     }
 
+    /// Pins `ranges` from the live view, admitted as reads are (a deleted
+    /// or moved volume refuses; out of range is an error).
     fn pin_view(&self, ranges: &[BlockRange], top_too: bool) -> Result<Option<Vec<Pinned>>> {
+        for r in ranges {
+            self.admit(
+                r.first.saturating_mul(BLOCK_SIZE),
+                r.blocks.saturating_mul(BLOCK_SIZE),
+            )?;
+        }
         let st = self.state.read().expect("volume state");
         let mut pins = Vec::with_capacity(ranges.len());
         for r in ranges {
