@@ -228,11 +228,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         None => Default::default(),
     };
     let config_chap_all = chap.covers_all();
+    // Volumes staged here with a secret of their own need it from the
+    // first login on (iscsid logs in again as soon as the target listens).
+    let chap = Arc::new(chap);
+    Node::stage_recorded_secrets(&config.node.state_dir, &chap).map_err(StartError::Node)?;
     let iscsi = IscsiServer::new(
         nbd.exports().clone(),
         Arc::clone(&metrics),
         IscsiConfig {
-            chap,
+            chap: Arc::clone(&chap),
             ..IscsiConfig::default()
         },
     );
@@ -275,7 +279,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         if let Some(peers) = &peers {
             fetching.connect_fetching(&node_pool, peers);
         }
-        Node::start(node_pool, node_metrics, node_nbd, peers, node_config).map_err(StartError::Node)
+        Node::start(node_pool, node_metrics, node_nbd, chap, peers, node_config)
+            .map_err(StartError::Node)
     })
     .await?;
     let backend = node.backend();

@@ -1029,3 +1029,276 @@ fn persistent_reservations_fence_other_initiators_across_sessions() {
     assert_eq!(&b.reserve_in(0).data[4..8], &0u32.to_be_bytes());
     assert_eq!(b.read16(0, 1).data, block);
 }
+
+/// The mutual CHAP secret of the per-volume tests, as a node-stage Secret
+/// carries it.
+fn chap_secrets() -> std::collections::HashMap<String, String> {
+    [
+        ("node.session.auth.username", "pod-initiator"),
+        ("node.session.auth.password", "initiator-secret-1"),
+        ("node.session.auth.username_in", "strata-target"),
+        ("node.session.auth.password_in", "target-secret-22"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Creates a volume through CSI with `parameters`; its ID and context.
+async fn csi_volume(
+    csi: &mut common::csi::Csi,
+    name: &str,
+    parameters: &[(&str, &str)],
+) -> (String, std::collections::HashMap<String, String>) {
+    let mut req = common::csi::create(name, 64 << 20, common::csi::mount_cap("ext4"));
+    req.parameters = parameters
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let v = csi
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    (v.volume_id, v.volume_context)
+}
+
+/// A login that skips the security stage (no CHAP): its status.
+fn login_without_chap(port: u16, iqn: &str) -> u16 {
+    let mut i = Initiator::connect(port);
+    i.login_with(&[
+        ("InitiatorName", "iqn.2026-12.dev.strata:intruder"),
+        ("SessionType", "Normal"),
+        ("TargetName", iqn),
+    ])
+    .0
+}
+
+/// Mistakes with `frontend` and node-stage secrets get clear errors, and
+/// secrets never show in them: iSCSI asked of a node without its own
+/// target, a secret for a volume attached over NBD, unknown or short keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_volume_iscsi_and_chap_mistakes_get_clear_errors() {
+    let s = Standalone::start_with(false, &["--attach", "fuse"]);
+    let mut csi = common::csi::Csi::connect(&s.csi_socket()).await;
+    let (iscsi_vol, ctx) = csi_volume(&mut csi, "wants-iscsi", &[("frontend", "iscsi")]).await;
+    assert_eq!(ctx.get("frontend").map(String::as_str), Some("iscsi"));
+    let (plain, _) = csi_volume(&mut csi, "plain", &[]).await;
+    let staging = s.dir.path().join("staging");
+    let cap = common::csi::mount_cap("ext4");
+    let bad = csi
+        .controller
+        .create_volume(tonic::Request::new({
+            let mut r = common::csi::create("nvme", 1 << 20, cap.clone());
+            r.parameters.insert("frontend".into(), "nvme".into());
+            r
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
+    // This node has no target of its own.
+    let mut req = common::csi::stage(&iscsi_vol, &staging, cap.clone());
+    req.volume_context = ctx.clone();
+    let e = csi.node.node_stage_volume(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("--iscsi-listen"), "{}", e.message());
+
+    // A secret for a volume attached over the node's default.
+    let mut req = common::csi::stage(&plain, &staging, cap.clone());
+    req.secrets = chap_secrets();
+    let e = csi.node.node_stage_volume(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("CHAP"), "{}", e.message());
+
+    for (key, value) in [
+        ("node.session.auth.password", "short-one"),
+        ("chap-password", "initiator-secret-1"),
+    ] {
+        let mut req = common::csi::stage(&iscsi_vol, &staging, cap.clone());
+        req.volume_context = ctx.clone();
+        req.secrets = chap_secrets();
+        req.secrets.insert(key.into(), value.into());
+        let e = csi.node.node_stage_volume(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(!e.message().contains(value), "a secret in: {}", e.message());
+    }
+    assert!(
+        std::fs::read_dir(s.state_dir().join("staged"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a refused stage left a record"
+    );
+}
+
+/// In the VM stage (STRATA_TEST_KERNEL_ISCSI): a node whose default is
+/// the kernel's nbd driver stages a volume whose StorageClass asks for
+/// `frontend: iscsi` through the kernel's iSCSI initiator, with mutual
+/// CHAP from its node-stage Secret, and another volume over nbd beside
+/// it. The target refuses that volume to a login without the secret, also
+/// after a kill -9 and restart under a writer (the restarted node gives
+/// the target the recorded secret before iscsid logs in again, and the
+/// writer sees no error); unstage logs out and forgets the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_asking_for_iscsi_attaches_with_its_own_chap_secret_beside_nbd() {
+    if std::env::var("STRATA_TEST_KERNEL_ISCSI").is_err() {
+        eprintln!(
+            "\n*** SKIPPED: needs the kernel's iSCSI initiator; runs in the VM stage (e2e/vm/suite) ***\n"
+        );
+        return;
+    }
+    require_tools(&["iscsiadm", "iscsid", "mkfs.ext4", "findmnt"]).unwrap();
+    sh(
+        "mkdir -p /run/lock/iscsi /etc/iscsi && echo InitiatorName=iqn.2026-12.dev.strata:vm > /etc/iscsi/initiatorname.iscsi",
+    );
+    sh("pgrep -x iscsid >/dev/null || iscsid");
+    let (mut s, port) = start();
+    let mut csi = common::csi::Csi::connect(&s.csi_socket()).await;
+    let (vol, ctx) = csi_volume(&mut csi, "chap", &[("frontend", "iscsi")]).await;
+    let (other, _) = csi_volume(&mut csi, "beside", &[]).await;
+    let iqn = format!("{TARGET_PREFIX}{vol}");
+    let cap = common::csi::mount_cap("ext4");
+    let staging = s.dir.path().join("staging-chap");
+    let staging_other = s.dir.path().join("staging-nbd");
+    let mut req = common::csi::stage(&vol, &staging, cap.clone());
+    req.volume_context = ctx;
+    req.secrets = chap_secrets();
+    csi.node.node_stage_volume(req.clone()).await.unwrap();
+    csi.node
+        .node_stage_volume(common::csi::stage(&other, &staging_other, cap.clone()))
+        .await
+        .unwrap();
+    let source = |p: &std::path::Path| sh(&format!("findmnt -n -o SOURCE {}", p.display()));
+    assert!(
+        source(&staging).trim().starts_with("/dev/sd"),
+        "{}",
+        source(&staging)
+    );
+    assert!(
+        source(&staging_other).trim().starts_with("/dev/nbd"),
+        "{}",
+        source(&staging_other)
+    );
+    assert!(kernel_disk(&iqn).is_some(), "no iSCSI session for {iqn}");
+    let status = login_without_chap(port, &iqn);
+    assert_eq!(
+        status >> 8,
+        2,
+        "a login without CHAP got status {status:#06x}"
+    );
+    // Staging again the same way is a success.
+    csi.node.node_stage_volume(req).await.unwrap();
+
+    let dir = staging.display().to_string();
+    let writer = std::process::Command::new("sh")
+        .args(["-c", &format!("for i in $(seq 120); do head -c 65536 /dev/urandom >> {dir}/during || exit 1; sync {dir}/during || exit 1; done")])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    s.spawn();
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the writer saw an error across the restart:\n{}",
+        sh("dmesg | tail -n 30")
+    );
+    assert_eq!(
+        sh(&format!("stat -c %s {dir}/during")).trim(),
+        (120 * 65536).to_string()
+    );
+    let status = login_without_chap(port, &iqn);
+    assert_eq!(status >> 8, 2, "after the restart: {status:#06x}");
+
+    let mut csi = common::csi::Csi::connect(&s.csi_socket()).await;
+    for (v, p) in [(&vol, &staging), (&other, &staging_other)] {
+        csi.node
+            .node_unstage_volume(common::csi::unstage(v, p))
+            .await
+            .unwrap();
+    }
+    assert!(kernel_disk(&iqn).is_none(), "the session outlived unstage");
+    // The volume's secret went with its stage: the target takes what its
+    // secrets file says again (here: no CHAP).
+    assert_eq!(login_without_chap(port, &iqn), 0);
+}
+
+/// A pool whose filesystem fills (a 48 MiB ext4 loop image, no root
+/// reserve; root) answers the write or SYNCHRONIZE CACHE that finds no
+/// space with DATA PROTECT / SPACE ALLOCATION FAILED (27/07) and keeps the
+/// session; every block acknowledged by an earlier SYNCHRONIZE CACHE reads
+/// back as written. The volume is overwritten whole after each snapshot,
+/// so its layers together outgrow the filesystem.
+#[test]
+fn a_full_pool_answers_space_allocation_failed_and_keeps_what_was_synced() {
+    let fs = match common::LoopFs::new(&["mkfs.ext4", "-q", "-F", "-m", "0"], 48) {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("\n*** SKIPPED: {why} ***\n");
+            return;
+        }
+    };
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let s = Standalone::start_on(
+        Some(&fs.path().join("pool")),
+        false,
+        &["--iscsi-listen", &listen],
+    );
+    const CHUNK: usize = 64 * BLOCK;
+    const CHUNKS: usize = 64; // a 16 MiB volume
+    let vol = s.create_volume("full", "16MiB");
+    let mut i = Initiator::connect(port);
+    i.login(&format!("{TARGET_PREFIX}{vol}"));
+    let mut rng = common::Rng::from_env("iscsi-full");
+    // What each chunk holds, and held at the last SYNCHRONIZE CACHE.
+    let mut now = vec![vec![0u8; CHUNK]; CHUNKS];
+    let mut synced = now.clone();
+    let mut snapshots = 0;
+    let answer = 'fill: loop {
+        for c in 0..CHUNKS {
+            let mut chunk = vec![0u8; CHUNK];
+            rng.fill(&mut chunk);
+            let a = i.write16((c * 64) as u64, &chunk, false);
+            if a.status != 0 {
+                break 'fill (a.status, a.sense);
+            }
+            now[c] = chunk;
+            if c % 4 == 3 {
+                let a = i.sync_cache();
+                if a.status != 0 {
+                    break 'fill (a.status, a.sense);
+                }
+                synced.clone_from(&now);
+            }
+        }
+        assert!(snapshots < 8, "the pool never filled");
+        s.snapshot(&format!("full-{snapshots}"), &vol);
+        snapshots += 1;
+    };
+    assert_eq!(
+        answer,
+        (0x02, Some((0x07, 0x27, 0x07))),
+        "after {snapshots} snapshots"
+    );
+    // The session stays, and what was synced is there (a chunk written
+    // since the last sync holds either).
+    assert!(i.ping(), "the session ended with the full pool");
+    for c in 0..CHUNKS {
+        let a = i.read16((c * 64) as u64, 64);
+        assert_eq!(a.status, 0, "reading chunk {c}");
+        assert!(
+            a.data == synced[c] || a.data == now[c],
+            "synced chunk {c} changed after the pool filled"
+        );
+    }
+    // Another write still gets an answer, not a crash.
+    let a = i.write16(0, &vec![1u8; CHUNK], true);
+    assert_eq!((a.status, a.sense), (0x02, Some((0x07, 0x27, 0x07))));
+    assert!(s.metrics().contains("strata_"), "the process is gone");
+}

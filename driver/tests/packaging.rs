@@ -312,6 +312,7 @@ fn chart_lints_and_renders_with_other_values() {
             "controller.overcommit=2.5",
             "controller.replicas=2",
             "kubeletDir=/var/lib/k0s/kubelet",
+            "node.iscsi.enabled=true",
         ]),
         Path::new("helm template --set ..."),
     );
@@ -336,6 +337,31 @@ fn chart_lints_and_renders_with_other_values() {
     );
     let controller = container_args(&other, "Deployment", "strata");
     assert!(controller.contains(&"--overcommit=2.5"), "{controller:?}");
+    // iSCSI: the node's own target on the host's loopback.
+    let node_ds = |docs: &[Value]| -> Value {
+        docs.iter()
+            .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "strata-node")
+            .unwrap()
+            .clone()
+    };
+    let iscsi_listen = |ds: &Value| -> Vec<String> {
+        strings(&container(ds, "strata")["args"])
+            .into_iter()
+            .filter(|a| a.starts_with("--iscsi-listen"))
+            .map(str::to_string)
+            .collect()
+    };
+    let ds = node_ds(&other);
+    assert_eq!(iscsi_listen(&ds), ["--iscsi-listen=127.0.0.1:3260"]);
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+    assert!(
+        serde_json::to_string(&ds)
+            .unwrap()
+            .contains("\"/etc/iscsi\"")
+    );
+    let ds = node_ds(&defaults);
+    assert!(ds["spec"]["template"]["spec"]["hostNetwork"].is_null());
+    assert!(iscsi_listen(&ds).is_empty());
     let deployment = other.iter().find(|d| d["kind"] == "Deployment").unwrap();
     assert_eq!(deployment["spec"]["replicas"], 2);
     let spread = &deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];

@@ -270,8 +270,10 @@ fn topology(rec: &VolumeRecord) -> Vec<Topology> {
 
 fn volume_message(rec: &VolumeRecord) -> Volume {
     let mut context = HashMap::new();
-    if let Some(fs) = rec.parameters.get("fsType") {
-        context.insert("fsType".to_string(), fs.clone());
+    for key in ["fsType", "frontend"] {
+        if let Some(v) = rec.parameters.get(key) {
+            context.insert(key.to_string(), v.clone());
+        }
     }
     Volume {
         capacity_bytes: rec.capacity_bytes as i64,

@@ -174,6 +174,8 @@ impl NodeRpc for NodeService {
             access,
             read_only,
             remote,
+            frontend: params::frontend(req.volume_context.get("frontend"))?,
+            chap: params::chap_secret(&req.secrets)?,
         };
         self.blocking(move |n| n.stage(&stage)).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))

@@ -7,6 +7,8 @@ use csi_proto::csi::v1::volume_capability::AccessType;
 use tonic::Status;
 
 use crate::engine::BLOCK_SIZE;
+use crate::node::attach::Kind;
+use crate::node::state::ChapRecord;
 
 /// Filesystems Strata can put on a volume.
 pub(crate) const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
@@ -92,11 +94,7 @@ pub(crate) fn volume_params(params: &HashMap<String, String>) -> Result<VolumePa
                 }
             }
             "frontend" => {
-                if v != "nbd" {
-                    return Err(Status::invalid_argument(format!(
-                        "parameter frontend={v:?} is not supported; this build serves volumes over \"nbd\""
-                    )));
-                }
+                frontend(Some(v))?;
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             k => {
@@ -123,6 +121,59 @@ pub(crate) fn defining(params: &HashMap<String, String>) -> BTreeMap<String, Str
         .filter(|(k, _)| !k.starts_with(SIDECAR_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// The backend a volume's `frontend` parameter (in its volume context)
+/// asks for: `nbd` (also unset) is the node's default (the kernel's nbd
+/// driver, or FUSE + loop where it has none), `iscsi` the kernel's iSCSI
+/// initiator logged in to the node's own target.
+pub(crate) fn frontend(value: Option<&String>) -> Result<Option<Kind>, Status> {
+    match value.map(String::as_str) {
+        None | Some("nbd") => Ok(None),
+        Some("iscsi") => Ok(Some(Kind::Iscsi)),
+        Some(v) => Err(Status::invalid_argument(format!(
+            "parameter frontend={v:?}: use \"nbd\" (the node's default attach) or \"iscsi\""
+        ))),
+    }
+}
+
+/// The keys of a node-stage Secret with a volume's CHAP secret: those of
+/// Kubernetes' iSCSI volumes (`_in`: mutual CHAP, what the target answers
+/// with).
+const CHAP_KEYS: [&str; 4] = [
+    "node.session.auth.username",
+    "node.session.auth.password",
+    "node.session.auth.username_in",
+    "node.session.auth.password_in",
+];
+
+/// A volume's CHAP secret from NodeStageVolume's secrets (none given:
+/// none). Errors name keys, never values.
+pub(crate) fn chap_secret(secrets: &HashMap<String, String>) -> Result<Option<ChapRecord>, Status> {
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    if let Some(k) = secrets.keys().find(|k| !CHAP_KEYS.contains(&k.as_str())) {
+        return Err(Status::invalid_argument(format!(
+            "node-stage secret key {k:?} is not known; Strata takes {CHAP_KEYS:?}"
+        )));
+    }
+    let get = |i: usize| secrets.get(CHAP_KEYS[i]).cloned();
+    let (Some(user), Some(secret)) = (get(0), get(1)) else {
+        return Err(Status::invalid_argument(format!(
+            "the node-stage secret needs both {} and {}",
+            CHAP_KEYS[0], CHAP_KEYS[1]
+        )));
+    };
+    let rec = ChapRecord {
+        user,
+        secret,
+        target_user: get(2),
+        target_secret: get(3),
+    };
+    rec.secret()
+        .map_err(|e| Status::invalid_argument(format!("node-stage secret: {e}")))?;
+    Ok(Some(rec))
 }
 
 /// Validated VolumeSnapshotClass parameters.
@@ -274,11 +325,69 @@ mod tests {
             q("flattenClones", "yes"),
             q("locality", "zone"),
             q("dataLocality", "strict"),
+            q("frontend", "nvme"),
         ] {
             assert_eq!(
                 volume_params(&bad).unwrap_err().code(),
                 tonic::Code::InvalidArgument
             );
+        }
+    }
+
+    #[test]
+    fn frontends_and_chap_secrets_are_checked_and_secrets_never_echoed() {
+        let s = |v: &str| Some(v.to_string());
+        assert!(volume_params(&HashMap::from([("frontend".into(), "iscsi".into())])).is_ok());
+        assert_eq!(frontend(s("iscsi").as_ref()).unwrap(), Some(Kind::Iscsi));
+        assert_eq!(frontend(s("nbd").as_ref()).unwrap(), None);
+        assert_eq!(frontend(None).unwrap(), None);
+        assert!(frontend(s("fuse").as_ref()).is_err());
+
+        let secrets = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(chap_secret(&HashMap::new()).unwrap(), None);
+        let one = chap_secret(&secrets(&[
+            ("node.session.auth.username", "alice"),
+            ("node.session.auth.password", "secret-of-alice"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((one.user.as_str(), one.target_user), ("alice", None));
+        let mutual = chap_secret(&secrets(&[
+            ("node.session.auth.username", "alice"),
+            ("node.session.auth.password", "secret-of-alice"),
+            ("node.session.auth.username_in", "strata"),
+            ("node.session.auth.password_in", "secret-of-target"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(mutual.target_user.as_deref(), Some("strata"));
+        for bad in [
+            // too short, half a pair, half a mutual pair, a key of nobody
+            secrets(&[
+                ("node.session.auth.username", "alice"),
+                ("node.session.auth.password", "short-pw"),
+            ]),
+            secrets(&[("node.session.auth.password", "secret-of-alice")]),
+            secrets(&[
+                ("node.session.auth.username", "alice"),
+                ("node.session.auth.password", "secret-of-alice"),
+                ("node.session.auth.password_in", "secret-of-target"),
+            ]),
+            secrets(&[
+                ("node.session.auth.username", "alice"),
+                ("node.session.auth.password", "secret-of-alice"),
+                ("password", "secret-of-nobody"),
+            ]),
+        ] {
+            let e = chap_secret(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(!e.message().contains("secret-of"), "{}", e.message());
+            assert!(!e.message().contains("short-pw"), "{}", e.message());
         }
     }
 

@@ -11,7 +11,8 @@
 //!           reported abnormal and rebuilt at the next stage
 //! ```
 //!
-//! - `attach/`: the two kernel attach backends and how one is chosen.
+//! - `attach/`: the kernel attach backends and how one is chosen: the
+//!   node's default, and iSCSI for volumes that ask for it.
 //! - `holder.rs`: the process that keeps FUSE connections across restarts.
 //! - `state.rs`: the on-disk records of what is staged.
 //! - `mount.rs`, `loopdev.rs`, `netlink.rs`: the Linux interfaces used.
@@ -36,6 +37,7 @@ use error::io;
 use state::{Access, Phase, StagedRecord, StateDir};
 
 use crate::engine::{Pool, VolumeId};
+use crate::frontend::iscsi::chap::Secrets;
 use crate::frontend::nbd::NbdServer;
 use crate::frontend::{Export, RemoteDevice};
 use crate::metrics::Metrics;
@@ -56,7 +58,8 @@ pub struct NodeConfig {
     pub holder: HolderStart,
     /// How long the kernel keeps an nbd device whose server went away.
     pub nbd_dead_timeout: std::time::Duration,
-    /// This node's own iSCSI target (loopback), for `--attach iscsi`.
+    /// This node's own iSCSI target (loopback), for `--attach iscsi` and
+    /// volumes with `frontend: iscsi`.
     pub iscsi_portal: Option<std::net::SocketAddr>,
 }
 
@@ -105,6 +108,11 @@ pub struct Stage {
     pub read_only: bool,
     /// Another node holds the volume (the publish context said so).
     pub remote: Option<Target>,
+    /// The backend the volume asks for (`frontend: iscsi`); `None`: the
+    /// node's default.
+    pub frontend: Option<Kind>,
+    /// The CHAP secret its target needs (iSCSI only).
+    pub chap: Option<state::ChapRecord>,
 }
 
 /// A NodePublishVolume, validated.
@@ -158,7 +166,11 @@ pub struct Node {
     /// How to reach other nodes' volumes (cluster mode only).
     peers: Option<Peers>,
     config: NodeConfig,
-    backend: Box<dyn Attach>,
+    /// The default backend first, then iSCSI for volumes that ask for it
+    /// (when the node has its own target).
+    backends: Vec<Box<dyn Attach>>,
+    /// Why volumes cannot ask for iSCSI here, if they cannot.
+    no_iscsi: Option<String>,
     state: StateDir,
     staged: Mutex<HashMap<VolumeId, Entry>>,
 }
@@ -223,10 +235,13 @@ impl Node {
     /// Opens the node's state and serves again every volume staged before
     /// this process started. `nbd` is the NBD server the kernel nbd
     /// backend connects to.
+    /// `iscsi_chap` are the secrets of this node's target, where volumes
+    /// staged with a secret of their own put it.
     pub fn start(
         pool: Pool,
         metrics: Arc<Metrics>,
         nbd: Arc<NbdServer>,
+        iscsi_chap: Arc<Secrets>,
         peers: Option<Peers>,
         config: NodeConfig,
     ) -> Result<Node> {
@@ -234,6 +249,16 @@ impl Node {
         protect_from_oom_killer();
         let (kind, why) = attach::choose(config.attach, &attach::Probe::kernel())?;
         tracing::info!(backend = %kind, why, "attaching volumes");
+        let exports = nbd.exports().clone();
+        let iscsi = || {
+            let portal = config.iscsi_portal.ok_or_else(|| {
+                Error::InvalidArgument(
+                    "iSCSI attaches through the node's own target: --iscsi-listen 127.0.0.1:PORT"
+                        .into(),
+                )
+            })?;
+            IscsiAttach::new(portal, exports.clone(), Arc::clone(&iscsi_chap))
+        };
         let backend: Box<dyn Attach> = match kind {
             Kind::Fuse => Box::new(FuseAttach::new(
                 &config.state_dir,
@@ -248,32 +273,66 @@ impl Node {
                 config.nbd_dead_timeout.as_secs().max(1),
                 &config.state_dir,
             )?),
-            Kind::Iscsi => Box::new(IscsiAttach::new(
-                config.iscsi_portal.ok_or_else(|| {
-                    Error::InvalidArgument(
-                        "--attach iscsi needs the node's own target: --iscsi-listen 127.0.0.1:PORT"
-                            .into(),
-                    )
-                })?,
-                nbd.exports().clone(),
-            )?),
+            Kind::Iscsi => Box::new(iscsi()?),
         };
+        let mut backends = vec![backend];
+        let mut no_iscsi = None;
+        if kind != Kind::Iscsi {
+            match iscsi() {
+                Ok(b) => backends.push(Box::new(b)),
+                Err(e) => no_iscsi = Some(e.to_string()),
+            }
+        }
         let node = Node {
             state: StateDir::open(&config.state_dir)?,
             pool,
             peers,
             config,
-            backend,
+            backends,
+            no_iscsi,
             staged: Mutex::new(HashMap::new()),
         };
         node.recover()?;
-        node.backend.serving()?;
+        for b in &node.backends {
+            b.serving()?;
+        }
         Ok(node)
     }
 
-    /// Which backend attaches volumes here.
+    /// Gives the target `chap` the CHAP secrets of the iSCSI attachments
+    /// recorded in `state_dir`, before it takes logins (see
+    /// [`attach::stage_recorded_secrets`]).
+    pub fn stage_recorded_secrets(state_dir: &Path, chap: &Secrets) -> Result<()> {
+        let records = StateDir::open(state_dir)?.load_all()?;
+        attach::stage_recorded_secrets(&records, chap);
+        Ok(())
+    }
+
+    /// Which backend attaches volumes here by default.
     pub fn backend(&self) -> Kind {
-        self.backend.kind()
+        self.backends[0].kind()
+    }
+
+    /// The backend of `kind`, or why this node has none.
+    fn backend_of(&self, kind: Kind) -> Result<&dyn Attach> {
+        if let Some(b) = self.backends.iter().find(|b| b.kind() == kind) {
+            return Ok(b.as_ref());
+        }
+        Err(Error::FailedPrecondition(match (kind, &self.no_iscsi) {
+            (Kind::Iscsi, Some(why)) => {
+                format!("the volume asks for frontend iscsi, which this node cannot attach: {why}")
+            }
+            _ => format!(
+                "the volume was attached with {kind}, which this node does not use now (--attach)"
+            ),
+        }))
+    }
+
+    /// The backend that removes an attachment of `kind`: its own, or (the
+    /// node no longer has it) the default, whose detach is idempotent.
+    fn detacher(&self, kind: Kind) -> &dyn Attach {
+        self.backend_of(kind)
+            .unwrap_or_else(|_| self.backends[0].as_ref())
     }
 
     fn recover(&self) -> Result<()> {
@@ -285,7 +344,7 @@ impl Node {
                 continue;
             };
             known.push(vid);
-            if rec.phase == Phase::Attaching || rec.backend != self.backend.kind() {
+            if rec.phase == Phase::Attaching || self.backend_of(rec.backend).is_err() {
                 // Interrupted before it was staged (or made by another
                 // backend): roll back; kubelet will stage it again.
                 tracing::info!(volume = %vid, "rolling back a stage that did not finish");
@@ -294,7 +353,7 @@ impl Node {
             }
             let mut live = self.resume(vid, &rec);
             if live.is_ok() && rec.broken.is_none() {
-                rec.broken = self.backend.missed();
+                rec.broken = self.detacher(rec.backend).missed();
                 if rec.broken.is_some() {
                     self.state.save(&rec)?;
                 }
@@ -315,9 +374,11 @@ impl Node {
                 .expect("staged")
                 .insert(vid, Entry { rec, live, served });
         }
-        for stray in self.backend.strays(&known) {
-            tracing::info!(volume = %stray, "removing an attachment nobody recorded");
-            self.backend.detach(stray)?;
+        for b in &self.backends {
+            for stray in b.strays(&known) {
+                tracing::info!(volume = %stray, backend = %b.kind(), "removing an attachment nobody recorded");
+                b.detach(stray)?;
+            }
         }
         Ok(())
     }
@@ -346,8 +407,8 @@ impl Node {
         };
         let served = Served::new(vid, source);
         let attached = self
-            .backend
-            .resume(vid, Export::Remote(served.clone()), rec)
+            .backend_of(rec.backend)
+            .and_then(|b| b.resume(vid, Export::Remote(served.clone()), rec))
             .map_err(|e| crate::engine::error::chain(&e))?;
         if matches!(rec.access, Access::Mount { .. })
             && mount::mount_at(&rec.staging_path).ok().flatten().is_none()
@@ -393,7 +454,7 @@ impl Node {
         {
             mount::unmount_patiently(&rec.staging_path)?;
         }
-        self.backend.detach(vid)?;
+        self.detacher(rec.backend).detach(vid)?;
         self.state.remove(&rec.volume_id)
     }
 
@@ -468,9 +529,16 @@ impl Node {
             Some(t) => Source::Remote(self.peers()?.open(t, None)?),
             None => Source::Local(self.pool.volume(vid)?),
         };
+        let kind = req.frontend.unwrap_or_else(|| self.backend());
+        let backend = self.backend_of(kind)?;
+        if req.chap.is_some() && kind != Kind::Iscsi {
+            return Err(Error::InvalidArgument(format!(
+                "volume {vid} has a CHAP secret, but attaches with {kind}: CHAP is for frontend iscsi"
+            )));
+        }
         let served = Served::new(vid, source);
         let remote = served.remote();
-        self.backend.prepare()?;
+        backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
         if remote.is_none() {
             // A move copies or copied the volume away (see `unstaged`).
@@ -490,11 +558,15 @@ impl Node {
                     entry.rec.staging_path.display()
                 )));
             }
-            if entry.rec.access != req.access || entry.rec.read_only != req.read_only {
+            if entry.rec.access != req.access
+                || entry.rec.read_only != req.read_only
+                || entry.rec.backend != kind
+            {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {vid} is staged at {} as {:?}{}, not as asked",
+                    "volume {vid} is staged at {} as {:?} over {}{}, not as asked",
                     req.staging_path.display(),
                     entry.rec.access,
+                    entry.rec.backend,
                     if entry.rec.read_only {
                         " (read-only)"
                     } else {
@@ -519,7 +591,7 @@ impl Node {
         let mut rec = StagedRecord {
             volume_id: vid.to_string(),
             phase: Phase::Attaching,
-            backend: self.backend.kind(),
+            backend: kind,
             device: None,
             staging_path: req.staging_path.clone(),
             access: req.access.clone(),
@@ -531,6 +603,7 @@ impl Node {
                 target: v.target(),
                 size_bytes: v.size(),
             }),
+            chap: req.chap.clone(),
         };
         self.state.save(&rec)?;
         let attached = match self.stage_attached(vid, Export::Remote(served.clone()), &mut rec) {
@@ -564,7 +637,8 @@ impl Node {
         };
         let same_way = entry.rec.staging_path == req.staging_path
             && entry.rec.access == req.access
-            && entry.rec.read_only == req.read_only;
+            && entry.rec.read_only == req.read_only
+            && entry.rec.backend == req.frontend.unwrap_or(self.backends[0].kind());
         if !same_way || entry.live.is_err() {
             return Ok(false);
         }
@@ -678,7 +752,7 @@ impl Node {
         rec: &mut StagedRecord,
     ) -> Result<Attached> {
         let size = export.size();
-        let attached = self.backend.attach(vid, export)?;
+        let attached = self.backend_of(rec.backend)?.attach(vid, export, rec)?;
         rec.device = Some(attached.device.clone());
         if let Handle::Fuse { negotiated, .. } = &attached.handle {
             rec.fuse = Some(*negotiated);
@@ -1061,7 +1135,7 @@ impl Node {
             .live
             .as_ref()
             .map_err(|why| Error::FailedPrecondition(why.clone()))?;
-        self.backend.resize(attached, size)?;
+        self.backend_of(entry.rec.backend)?.resize(attached, size)?;
         if let Access::Mount { fs_type, .. } = &entry.rec.access {
             mount::grow(fs_type, &attached.device, &entry.rec.staging_path)?;
         }

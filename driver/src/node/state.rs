@@ -3,9 +3,11 @@
 //! rename, fsync the directory). The records are what a restarted node
 //! reattaches from. They belong in a directory that does not survive a
 //! reboot (the default is under `/run`), exactly like the kernel state
-//! (loop devices, mounts) they describe.
+//! (loop devices, mounts) they describe. A record may hold a volume's CHAP
+//! secret, so records are readable by their owner only.
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +66,44 @@ pub struct StagedRecord {
     /// Held by another node: where, and with which grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteRecord>,
+    /// The CHAP secret the volume's target needs while it is staged
+    /// (`frontend: iscsi` with a node-stage Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapRecord>,
+}
+
+/// A volume's CHAP secret, from its node-stage Secret: what the node's
+/// initiator logs in with, and (mutual CHAP) what the target answers with.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChapRecord {
+    pub user: String,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_secret: Option<String>,
+}
+
+impl std::fmt::Debug for ChapRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapRecord")
+            .field("user", &self.user)
+            .field("mutual", &self.target_user.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChapRecord {
+    /// The secret as the target checks it; too short a secret is refused.
+    pub fn secret(&self) -> std::result::Result<crate::frontend::iscsi::chap::Secret, String> {
+        let target = match (&self.target_user, &self.target_secret) {
+            (Some(u), Some(s)) => Some((u.as_str(), s.as_str())),
+            (None, None) => None,
+            _ => return Err("mutual CHAP needs both the target's user and secret".into()),
+        };
+        crate::frontend::iscsi::chap::Secret::new(&self.user, &self.secret, target)
+    }
 }
 
 /// A volume staged here that another node holds.
@@ -84,7 +124,11 @@ pub struct StateDir {
 impl StateDir {
     pub fn open(state_dir: &Path) -> Result<StateDir> {
         let dir = state_dir.join("staged");
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io("create", &dir))?;
         Ok(StateDir { dir })
     }
 
@@ -120,7 +164,13 @@ impl StateDir {
             path: path.clone(),
             why: e.to_string(),
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
         f.write_all(&body).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
@@ -170,13 +220,29 @@ mod tests {
             writers: vec!["/var/lib/kubelet/pods/p/volumes/x".into()],
             broken: Some("nothing served it".into()),
             remote: None,
+            chap: Some(ChapRecord {
+                user: "u".into(),
+                secret: "a-long-enough-secret".into(),
+                target_user: None,
+                target_secret: None,
+            }),
         };
         state.save(&rec).unwrap();
         let mut other = rec.clone();
         other.volume_id = "v0".into();
         other.access = Access::Block;
         state.save(&other).unwrap();
-        assert_eq!(state.load_all().unwrap(), vec![other, rec]);
+        assert_eq!(state.load_all().unwrap(), vec![other, rec.clone()]);
+        // The record holds a secret: its owner alone reads it.
+        let mode = std::fs::metadata(dir.path().join("staged/v1.json")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077,
+            0
+        );
+        assert!(
+            !format!("{rec:?}").contains("a-long-enough"),
+            "a secret in Debug"
+        );
         state.remove("v1").unwrap();
         state.remove("v1").unwrap();
         assert_eq!(state.load_all().unwrap().len(), 1);

@@ -9,10 +9,14 @@
 //! ```
 //!
 //! A target with a line requires CHAP; one without (and no `*` line)
-//! takes None. The digest comes from the `md-5` crate.
+//! takes None. The node adds a volume's own secret (from the Kubernetes
+//! Secret its StorageClass names) while the volume is staged with
+//! `frontend: iscsi` ([`Secrets::stage`]); it wins over the file's lines.
+//! The digest comes from the `md-5` crate.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::RwLock;
 
 use md5::{Digest, Md5};
 
@@ -39,11 +43,34 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Every target's secrets.
-#[derive(Debug, Clone, Default)]
+impl Secret {
+    /// A secret of a volume (`user`, `secret`) and, for mutual CHAP, the
+    /// target's own (`target`); secrets shorter than 96 bits are refused.
+    pub fn new(user: &str, secret: &str, target: Option<(&str, &str)>) -> Result<Secret, String> {
+        let short = |s: &str| s.len() < MIN_SECRET;
+        if user.is_empty() || target.is_some_and(|(u, _)| u.is_empty()) {
+            return Err("a CHAP user name is empty".into());
+        }
+        if short(secret) || target.is_some_and(|(_, s)| short(s)) {
+            return Err(format!(
+                "CHAP secrets need at least {MIN_SECRET} characters"
+            ));
+        }
+        Ok(Secret {
+            user: user.to_string(),
+            secret: secret.as_bytes().to_vec(),
+            target: target.map(|(u, s)| (u.to_string(), s.as_bytes().to_vec())),
+        })
+    }
+}
+
+/// Every target's secrets: the file's, and those of the volumes staged
+/// with a secret of their own.
+#[derive(Debug, Default)]
 pub struct Secrets {
     by_target: HashMap<String, Secret>,
     any: Option<Secret>,
+    staged: RwLock<HashMap<String, Secret>>,
 }
 
 impl Secrets {
@@ -67,17 +94,8 @@ impl Secrets {
                     n + 1
                 ));
             }
-            if f[2].len() < MIN_SECRET || f.get(4).is_some_and(|s| s.len() < MIN_SECRET) {
-                return Err(format!(
-                    "line {}: secrets need at least {MIN_SECRET} characters",
-                    n + 1
-                ));
-            }
-            let secret = Secret {
-                user: f[1].to_string(),
-                secret: f[2].as_bytes().to_vec(),
-                target: (f.len() == 5).then(|| (f[3].to_string(), f[4].as_bytes().to_vec())),
-            };
+            let secret = Secret::new(f[1], f[2], (f.len() == 5).then(|| (f[3], f[4])))
+                .map_err(|e| format!("line {}: {e}", n + 1))?;
             if f[0] == "*" {
                 out.any = Some(secret);
             } else {
@@ -93,10 +111,33 @@ impl Secrets {
     }
 
     /// The secret a login to `target` (None: a discovery session) needs.
-    pub fn for_target(&self, target: Option<&str>) -> Option<&Secret> {
-        target
-            .and_then(|t| self.by_target.get(&t.to_ascii_lowercase()))
+    pub fn for_target(&self, target: Option<&str>) -> Option<Secret> {
+        let Some(t) = target.map(str::to_ascii_lowercase) else {
+            return self.any.clone();
+        };
+        let staged = self.staged.read().expect("staged secrets");
+        staged
+            .get(&t)
+            .or_else(|| self.by_target.get(&t))
             .or(self.any.as_ref())
+            .cloned()
+    }
+
+    /// From now on, a login to `target` needs `secret` (a volume staged
+    /// with a secret of its own). Sessions logged in already stay.
+    pub fn stage(&self, target: &str, secret: Secret) {
+        self.staged
+            .write()
+            .expect("staged secrets")
+            .insert(target.to_ascii_lowercase(), secret);
+    }
+
+    /// Ends [`Secrets::stage`]: `target` needs what the file says again.
+    pub fn unstage(&self, target: &str) {
+        self.staged
+            .write()
+            .expect("staged secrets")
+            .remove(&target.to_ascii_lowercase());
     }
 }
 
@@ -285,6 +326,29 @@ mod tests {
         assert!(Secrets::parse("* u long-enough-secret t short").is_err());
         assert!(Secrets::parse("* u").is_err());
         assert!(!format!("{s:?}").contains("secret-12"), "secrets in Debug");
+    }
+
+    /// A staged volume's secret wins over the file's lines until it is
+    /// unstaged; names compare without case.
+    #[test]
+    fn a_staged_secret_wins_until_unstaged() {
+        let s = Secrets::parse(FILE).unwrap();
+        let own = Secret::new("carol", "carol-secret-1", Some(("t", "target-secret"))).unwrap();
+        s.stage("IQN.2026-12.dev.strata:VOL", own.clone());
+        assert_eq!(s.for_target(Some("iqn.2026-12.dev.strata:vol")), Some(own));
+        assert_eq!(s.for_target(None).unwrap().user, "bob", "discovery keeps *");
+        s.unstage("iqn.2026-12.dev.strata:vol");
+        assert_eq!(
+            s.for_target(Some("iqn.2026-12.dev.strata:vol"))
+                .unwrap()
+                .user,
+            "alice"
+        );
+        let none = Secrets::default();
+        none.stage("iqn.x", Secret::new("u", "long-enough-1", None).unwrap());
+        assert!(none.for_target(Some("iqn.y")).is_none());
+        assert!(Secret::new("", "long-enough-1", None).is_err());
+        assert!(Secret::new("u", "long-enough-1", Some(("t", "short"))).is_err());
     }
 
     #[test]

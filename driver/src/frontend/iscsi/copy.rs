@@ -181,13 +181,13 @@ pub struct CopyManager {
     pool: Pool,
     /// Targets with a CHAP secret: EXTENDED COPY reaches no unit of one
     /// but the session's own.
-    chap: Secrets,
+    chap: Arc<Secrets>,
     tokens: Mutex<Table>,
     sessions: AtomicU64,
 }
 
 impl CopyManager {
-    pub fn new(pool: Pool, chap: Secrets) -> Self {
+    pub fn new(pool: Pool, chap: Arc<Secrets>) -> Self {
         CopyManager {
             pool,
             chap,

@@ -59,8 +59,9 @@ pub struct IscsiConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
-    /// CHAP secrets by target (none: every login takes AuthMethod None).
-    pub chap: chap::Secrets,
+    /// CHAP secrets by target (none: every login takes AuthMethod None),
+    /// shared with the node, which stages volumes' own secrets in them.
+    pub chap: Arc<chap::Secrets>,
 }
 
 impl Default for IscsiConfig {
@@ -69,7 +70,7 @@ impl Default for IscsiConfig {
             login_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
             max_connections: 64,
-            chap: chap::Secrets::default(),
+            chap: Arc::default(),
         }
     }
 }
@@ -189,7 +190,7 @@ impl IscsiServer {
             target: Arc::new(Target {
                 copies: Arc::new(copy::CopyManager::new(
                     exports.pool().clone(),
-                    config.chap.clone(),
+                    Arc::clone(&config.chap),
                 )),
                 reservations: Arc::default(),
                 exports,

@@ -243,7 +243,7 @@ impl Conn<'_> {
                     _ => key("TargetName"),
                 };
                 if let Some(secret) = self.target.config.chap.for_target(target) {
-                    neg.chap = Chap::Wanted(secret.clone());
+                    neg.chap = Chap::Wanted(secret);
                 }
             }
             if csg > 1 || (transit && (nsg <= csg || nsg == 2)) {

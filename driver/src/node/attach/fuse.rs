@@ -165,7 +165,7 @@ impl Attach for FuseAttach {
         self.ensure_holder(true).map(drop)
     }
 
-    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
+    fn attach(&self, vid: VolumeId, export: Export, _rec: &StagedRecord) -> Result<Attached> {
         self.ensure_holder(false)?;
         let dir = self.mountpoint(vid);
         if mount::mount_at(&dir)?.is_some() {

@@ -7,18 +7,29 @@
 //! when the target listens again, and holds the disk's I/O meanwhile for
 //! the session's replacement timeout (120 s in Debian's iscsid.conf), so
 //! [`Attach::resume`] finds the disk where it was.
+//!
+//! A volume staged with a CHAP secret (its record's `chap`) has the
+//! target require it ([`Secrets::stage`]) from before the login to the
+//! logout, and the session logs in with it (mutual CHAP too). A restarted
+//! node gives the target the recorded secrets before the target takes
+//! logins ([`stage_recorded_secrets`]), so iscsid's reconnect finds them.
+//! iscsiadm takes the secret as an argument, so it shows in the process
+//! list while iscsiadm runs, as with every driver that uses iscsiadm.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use super::{Attach, Attached, Handle, Kind};
 use crate::engine::VolumeId;
 use crate::frontend::iscsi::TARGET_PREFIX;
+use crate::frontend::iscsi::chap::Secrets;
 use crate::frontend::{Export, Exports};
 use crate::node::error::{Error, Result};
-use crate::node::state::StagedRecord;
+use crate::node::state::{ChapRecord, StagedRecord};
 
 /// iscsiadm's exit codes this backend expects (open-iscsi's
 /// `iscsi_err.h`): a session that already exists, and nothing found.
@@ -35,11 +46,13 @@ pub struct IscsiAttach {
     /// The exports the target serves: volumes of other nodes are added
     /// here before their login.
     exports: Exports,
+    /// The target's CHAP secrets, where volumes' own are staged.
+    chap: Arc<Secrets>,
     sysfs: PathBuf,
 }
 
 impl IscsiAttach {
-    pub fn new(portal: SocketAddr, exports: Exports) -> Result<Self> {
+    pub fn new(portal: SocketAddr, exports: Exports, chap: Arc<Secrets>) -> Result<Self> {
         if !portal.ip().is_loopback() {
             return Err(Error::InvalidArgument(format!(
                 "--attach iscsi logs in to this node's own target: --iscsi-listen {portal} is \
@@ -51,6 +64,7 @@ impl IscsiAttach {
         Ok(IscsiAttach {
             portal,
             exports,
+            chap,
             sysfs: PathBuf::from("/sys"),
         })
     }
@@ -59,9 +73,42 @@ impl IscsiAttach {
         self.portal.to_string()
     }
 
-    fn login(&self, iqn: &str) -> Result<()> {
+    /// Has the target require the record's secret for `iqn` (none: what
+    /// the secrets file says).
+    fn stage_secret(&self, iqn: &str, rec: &StagedRecord) -> Result<()> {
+        match &rec.chap {
+            Some(c) => self
+                .chap
+                .stage(iqn, c.secret().map_err(Error::InvalidArgument)?),
+            None => self.chap.unstage(iqn),
+        }
+        Ok(())
+    }
+
+    fn login(&self, iqn: &str, chap: Option<&ChapRecord>) -> Result<()> {
         let portal = self.portal();
-        iscsiadm(&["-m", "node", "-T", iqn, "-p", &portal, "-o", "new"], &[])?;
+        let node = ["-m", "node", "-T", iqn, "-p", &portal];
+        iscsiadm(&[&node[..], &["-o", "new"]].concat(), &[])?;
+        // Set either way: a node record left by an earlier stage may hold
+        // another volume's settings.
+        let mut settings = vec![("node.session.auth.authmethod", "None")];
+        if let Some(c) = chap {
+            settings = vec![
+                ("node.session.auth.authmethod", "CHAP"),
+                ("node.session.auth.username", c.user.as_str()),
+                ("node.session.auth.password", c.secret.as_str()),
+            ];
+            if let (Some(u), Some(s)) = (&c.target_user, &c.target_secret) {
+                settings.push(("node.session.auth.username_in", u));
+                settings.push(("node.session.auth.password_in", s));
+            }
+        }
+        for (name, value) in settings {
+            iscsiadm(
+                &[&node[..], &["-o", "update", "-n", name, "-v", value]].concat(),
+                &[],
+            )?;
+        }
         iscsiadm(
             &["-m", "node", "-T", iqn, "-p", &portal, "--login"],
             &[SESSION_EXISTS],
@@ -123,8 +170,15 @@ fn iscsiadm(args: &[&str], ok: &[i32]) -> Result<String> {
         })?;
     let code = out.status.code().unwrap_or(-1);
     if !out.status.success() && !ok.contains(&code) {
+        // A secret set with `-n ...password... -v SECRET` is not shown.
+        let shown: Vec<&str> = (0..args.len())
+            .map(|i| match i.checked_sub(2).map(|n| (args[n], args[n + 1])) {
+                Some((name, "-v")) if name.contains("password") => "<secret>",
+                _ => args[i],
+            })
+            .collect();
         return Err(Error::Tool {
-            command: format!("iscsiadm {}", args.join(" ")),
+            command: format!("iscsiadm {}", shown.join(" ")),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
@@ -172,30 +226,34 @@ impl Attach for IscsiAttach {
         Kind::Iscsi
     }
 
-    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
+    fn attach(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached> {
+        let iqn = iqn_of(vid);
+        self.stage_secret(&iqn, rec)?;
         if let Export::Remote(r) = export {
             self.exports.add_remote(r);
         }
-        let iqn = iqn_of(vid);
-        let attached = self.login(&iqn).and_then(|()| self.attached(iqn.clone()));
+        let attached = self
+            .login(&iqn, rec.chap.as_ref())
+            .and_then(|()| self.attached(iqn.clone()));
         if attached.is_err() {
             // Nothing is left half attached.
-            if let Err(e) = self.logout(&iqn) {
+            if let Err(e) = self.detach(vid) {
                 tracing::warn!(volume = %vid, error = %e, "logging out after a failed attach failed");
             }
         }
         attached
     }
 
-    fn resume(&self, vid: VolumeId, export: Export, _rec: &StagedRecord) -> Result<Attached> {
+    fn resume(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached> {
+        let iqn = iqn_of(vid);
+        self.stage_secret(&iqn, rec)?;
         if let Export::Remote(r) = export {
             self.exports.add_remote(r);
         }
-        let iqn = iqn_of(vid);
         // The session outlived the process before this one (iscsid logs
         // in again once the target listens); log in if it did not.
         if disk_of(&self.sysfs, &iqn).is_none() {
-            self.login(&iqn)?;
+            self.login(&iqn, rec.chap.as_ref())?;
         }
         self.attached(iqn)
     }
@@ -240,7 +298,9 @@ impl Attach for IscsiAttach {
     }
 
     fn detach(&self, volume: VolumeId) -> Result<()> {
-        self.logout(&iqn_of(volume))?;
+        let iqn = iqn_of(volume);
+        self.logout(&iqn)?;
+        self.chap.unstage(&iqn);
         self.exports.remove_remote(&volume.to_string());
         Ok(())
     }
@@ -251,6 +311,21 @@ impl Attach for IscsiAttach {
             .filter_map(|(_, name)| name.strip_prefix(TARGET_PREFIX)?.parse::<VolumeId>().ok())
             .filter(|v| !known.contains(v))
             .collect()
+    }
+}
+
+/// Gives the target the CHAP secrets of the iSCSI attachments `records`
+/// describe, before it takes logins: iscsid's reconnect after a restart
+/// must find them. A record whose secret is unusable is left to
+/// [`Attach::resume`], which reports it.
+pub fn stage_recorded_secrets(records: &[StagedRecord], chap: &Secrets) {
+    for rec in records.iter().filter(|r| r.backend == Kind::Iscsi) {
+        if let (Ok(vid), Some(Ok(secret))) = (
+            rec.volume_id.parse::<VolumeId>(),
+            rec.chap.as_ref().map(ChapRecord::secret),
+        ) {
+            chap.stage(&iqn_of(vid), secret);
+        }
     }
 }
 

@@ -10,18 +10,20 @@
 //!   FUSE connection alive across a restart.
 //!
 //! - `iscsi`: the kernel's iSCSI initiator (open-iscsi) logged in to this
-//!   node's own target on loopback (`--attach iscsi`, never chosen by
-//!   `auto`). iscsid keeps the session across a restart.
+//!   node's own target on loopback: for every volume with `--attach
+//!   iscsi` (never chosen by `auto`), or for the volumes whose StorageClass
+//!   says `frontend: iscsi` on a node with a loopback `--iscsi-listen`.
+//!   iscsid keeps the session across a restart.
 //!
-//! All attach with a 4096-byte logical sector size. [`choose`] picks one
-//! from the node flag and what the kernel offers.
+//! All attach with a 4096-byte logical sector size. [`choose`] picks the
+//! node's default from the node flag and what the kernel offers.
 
 mod fuse;
 mod iscsi;
 mod nbd;
 
 pub use fuse::FuseAttach;
-pub use iscsi::IscsiAttach;
+pub use iscsi::{IscsiAttach, stage_recorded_secrets};
 pub use nbd::{DEAD_CONN_TIMEOUT_SECS, NbdAttach};
 
 use std::path::PathBuf;
@@ -185,8 +187,9 @@ pub trait Attach: Send + Sync + std::fmt::Debug {
     }
 
     /// Makes `export` (volume `vid`, of this node or another) a block
-    /// device. On error nothing is left attached.
-    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached>;
+    /// device, as its record (being made) says. On error nothing is left
+    /// attached.
+    fn attach(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached>;
 
     /// Serves an attachment made before this process started (from its
     /// record), or says why it cannot be saved.

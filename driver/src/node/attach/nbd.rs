@@ -319,7 +319,7 @@ impl Attach for NbdAttach {
         Kind::Nbd
     }
 
-    fn attach(&self, vid: VolumeId, export: Export) -> Result<Attached> {
+    fn attach(&self, vid: VolumeId, export: Export, _rec: &StagedRecord) -> Result<Attached> {
         // A device left with this backend (disconnected while something
         // held it open): disconnect it again, so only one ever names it.
         self.detach(vid)?;
