@@ -1184,14 +1184,31 @@ async fn a_volume_asking_for_iscsi_attaches_with_its_own_chap_secret_beside_nbd(
         source(&staging_other)
     );
     assert!(kernel_disk(&iqn).is_some(), "no iSCSI session for {iqn}");
-    let status = login_without_chap(port, &iqn);
-    assert_eq!(
-        status >> 8,
-        2,
-        "a login without CHAP got status {status:#06x}"
+    // 0x0201: authentication failed (the target exists).
+    assert_eq!(login_without_chap(port, &iqn), 0x0201);
+    // Staging again the same way is a success; with another secret, not.
+    csi.node.node_stage_volume(req.clone()).await.unwrap();
+    let mut other_secret = req.clone();
+    other_secret.secrets.insert(
+        "node.session.auth.password".into(),
+        "a-rotated-secret".into(),
     );
-    // Staging again the same way is a success.
-    csi.node.node_stage_volume(req).await.unwrap();
+    let e = csi.node.node_stage_volume(other_secret).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    // A snapshot holds the volume's data: its target needs the secret too.
+    let snap = csi
+        .controller
+        .create_snapshot(common::csi::snapshot("chap-snap", &vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    assert_eq!(
+        login_without_chap(port, &format!("{TARGET_PREFIX}{snap}")),
+        0x0201
+    );
 
     let dir = staging.display().to_string();
     let writer = std::process::Command::new("sh")
@@ -1212,8 +1229,7 @@ async fn a_volume_asking_for_iscsi_attaches_with_its_own_chap_secret_beside_nbd(
         sh(&format!("stat -c %s {dir}/during")).trim(),
         (120 * 65536).to_string()
     );
-    let status = login_without_chap(port, &iqn);
-    assert_eq!(status >> 8, 2, "after the restart: {status:#06x}");
+    assert_eq!(login_without_chap(port, &iqn), 0x0201, "after the restart");
 
     let mut csi = common::csi::Csi::connect(&s.csi_socket()).await;
     for (v, p) in [(&vol, &staging), (&other, &staging_other)] {
@@ -1223,6 +1239,16 @@ async fn a_volume_asking_for_iscsi_attaches_with_its_own_chap_secret_beside_nbd(
             .unwrap();
     }
     assert!(kernel_disk(&iqn).is_none(), "the session outlived unstage");
+    // Its node record (which held the secret) went too.
+    let records = std::process::Command::new("iscsiadm")
+        .args(["-m", "node", "-T", &iqn])
+        .output()
+        .unwrap();
+    assert_eq!(
+        records.status.code(),
+        Some(21),
+        "a node record of {iqn} is left"
+    );
     // The volume's secret went with its stage: the target takes what its
     // secrets file says again (here: no CHAP).
     assert_eq!(login_without_chap(port, &iqn), 0);

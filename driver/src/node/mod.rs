@@ -166,11 +166,9 @@ pub struct Node {
     /// How to reach other nodes' volumes (cluster mode only).
     peers: Option<Peers>,
     config: NodeConfig,
-    /// The default backend first, then iSCSI for volumes that ask for it
-    /// (when the node has its own target).
+    /// The default backend first, then (if the default is another) iSCSI
+    /// for volumes that ask for it.
     backends: Vec<Box<dyn Attach>>,
-    /// Why volumes cannot ask for iSCSI here, if they cannot.
-    no_iscsi: Option<String>,
     state: StateDir,
     staged: Mutex<HashMap<VolumeId, Entry>>,
 }
@@ -250,15 +248,6 @@ impl Node {
         let (kind, why) = attach::choose(config.attach, &attach::Probe::kernel())?;
         tracing::info!(backend = %kind, why, "attaching volumes");
         let exports = nbd.exports().clone();
-        let iscsi = || {
-            let portal = config.iscsi_portal.ok_or_else(|| {
-                Error::InvalidArgument(
-                    "iSCSI attaches through the node's own target: --iscsi-listen 127.0.0.1:PORT"
-                        .into(),
-                )
-            })?;
-            IscsiAttach::new(portal, exports.clone(), Arc::clone(&iscsi_chap))
-        };
         let backend: Box<dyn Attach> = match kind {
             Kind::Fuse => Box::new(FuseAttach::new(
                 &config.state_dir,
@@ -273,15 +262,24 @@ impl Node {
                 config.nbd_dead_timeout.as_secs().max(1),
                 &config.state_dir,
             )?),
-            Kind::Iscsi => Box::new(iscsi()?),
+            Kind::Iscsi => Box::new(IscsiAttach::new(
+                config.iscsi_portal.ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "--attach iscsi needs the node's own target: --iscsi-listen 127.0.0.1:PORT"
+                            .into(),
+                    )
+                })?,
+                exports.clone(),
+                Arc::clone(&iscsi_chap),
+            )?),
         };
         let mut backends = vec![backend];
-        let mut no_iscsi = None;
         if kind != Kind::Iscsi {
-            match iscsi() {
-                Ok(b) => backends.push(Box::new(b)),
-                Err(e) => no_iscsi = Some(e.to_string()),
-            }
+            backends.push(Box::new(IscsiAttach::for_volumes(
+                config.iscsi_portal,
+                exports,
+                iscsi_chap,
+            )));
         }
         let node = Node {
             state: StateDir::open(&config.state_dir)?,
@@ -289,7 +287,6 @@ impl Node {
             peers,
             config,
             backends,
-            no_iscsi,
             staged: Mutex::new(HashMap::new()),
         };
         node.recover()?;
@@ -313,26 +310,18 @@ impl Node {
         self.backends[0].kind()
     }
 
-    /// The backend of `kind`, or why this node has none.
+    /// The backend of `kind` (FUSE and nbd are there only as the default).
     fn backend_of(&self, kind: Kind) -> Result<&dyn Attach> {
-        if let Some(b) = self.backends.iter().find(|b| b.kind() == kind) {
-            return Ok(b.as_ref());
-        }
-        Err(Error::FailedPrecondition(match (kind, &self.no_iscsi) {
-            (Kind::Iscsi, Some(why)) => {
-                format!("the volume asks for frontend iscsi, which this node cannot attach: {why}")
-            }
-            _ => format!(
-                "the volume was attached with {kind}, which this node does not use now (--attach)"
-            ),
-        }))
-    }
-
-    /// The backend that removes an attachment of `kind`: its own, or (the
-    /// node no longer has it) the default, whose detach is idempotent.
-    fn detacher(&self, kind: Kind) -> &dyn Attach {
-        self.backend_of(kind)
-            .unwrap_or_else(|_| self.backends[0].as_ref())
+        self.backends
+            .iter()
+            .find(|b| b.kind() == kind)
+            .map(AsRef::as_ref)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "the volume was attached with {kind}, which this node does not use now \
+                     (--attach)"
+                ))
+            })
     }
 
     fn recover(&self) -> Result<()> {
@@ -353,7 +342,7 @@ impl Node {
             }
             let mut live = self.resume(vid, &rec);
             if live.is_ok() && rec.broken.is_none() {
-                rec.broken = self.detacher(rec.backend).missed();
+                rec.broken = self.backend_of(rec.backend)?.missed();
                 if rec.broken.is_some() {
                     self.state.save(&rec)?;
                 }
@@ -374,11 +363,12 @@ impl Node {
                 .expect("staged")
                 .insert(vid, Entry { rec, live, served });
         }
-        for b in &self.backends {
-            for stray in b.strays(&known) {
-                tracing::info!(volume = %stray, backend = %b.kind(), "removing an attachment nobody recorded");
-                b.detach(stray)?;
-            }
+        // Strays of the default backend only: the iSCSI sessions of a node
+        // that uses iSCSI for some volumes may be anyone's.
+        let default = &self.backends[0];
+        for stray in default.strays(&known) {
+            tracing::info!(volume = %stray, "removing an attachment nobody recorded");
+            default.detach(stray)?;
         }
         Ok(())
     }
@@ -454,7 +444,12 @@ impl Node {
         {
             mount::unmount_patiently(&rec.staging_path)?;
         }
-        self.detacher(rec.backend).detach(vid)?;
+        match self.backend_of(rec.backend) {
+            Ok(b) => b.detach(vid)?,
+            Err(e) => {
+                tracing::warn!(volume = %vid, error = %e, "an attachment of another backend is left as it is")
+            }
+        }
         self.state.remove(&rec.volume_id)
     }
 
@@ -516,6 +511,12 @@ impl Node {
     /// Stages a volume; staging it again the same way is a success.
     pub fn stage(&self, req: &Stage) -> Result<()> {
         let vid = req.volume;
+        let kind = req.frontend.unwrap_or_else(|| self.backend());
+        if req.chap.is_some() && kind != Kind::Iscsi {
+            return Err(Error::InvalidArgument(format!(
+                "volume {vid} has a CHAP secret, but attaches with {kind}: CHAP is for frontend iscsi"
+            )));
+        }
         if self.stage_again(req)? {
             return Ok(());
         }
@@ -531,11 +532,6 @@ impl Node {
         };
         let kind = req.frontend.unwrap_or_else(|| self.backend());
         let backend = self.backend_of(kind)?;
-        if req.chap.is_some() && kind != Kind::Iscsi {
-            return Err(Error::InvalidArgument(format!(
-                "volume {vid} has a CHAP secret, but attaches with {kind}: CHAP is for frontend iscsi"
-            )));
-        }
         let served = Served::new(vid, source);
         let remote = served.remote();
         backend.prepare()?;
@@ -561,9 +557,10 @@ impl Node {
             if entry.rec.access != req.access
                 || entry.rec.read_only != req.read_only
                 || entry.rec.backend != kind
+                || entry.rec.chap != req.chap
             {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {vid} is staged at {} as {:?} over {}{}, not as asked",
+                    "volume {vid} is staged at {} as {:?} over {}{}{}, not as asked",
                     req.staging_path.display(),
                     entry.rec.access,
                     entry.rec.backend,
@@ -571,6 +568,12 @@ impl Node {
                         " (read-only)"
                     } else {
                         ""
+                    },
+                    match &entry.rec.chap {
+                        Some(_) if entry.rec.chap != req.chap => " with another CHAP secret",
+                        Some(_) => " with a CHAP secret",
+                        None if req.chap.is_some() => " without a CHAP secret",
+                        None => "",
                     }
                 )));
             }
@@ -638,7 +641,8 @@ impl Node {
         let same_way = entry.rec.staging_path == req.staging_path
             && entry.rec.access == req.access
             && entry.rec.read_only == req.read_only
-            && entry.rec.backend == req.frontend.unwrap_or(self.backends[0].kind());
+            && entry.rec.backend == req.frontend.unwrap_or(self.backend())
+            && entry.rec.chap == req.chap;
         if !same_way || entry.live.is_err() {
             return Ok(false);
         }

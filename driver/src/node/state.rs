@@ -7,7 +7,7 @@
 //! secret, so records are readable by their owner only.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -129,6 +129,9 @@ impl StateDir {
             .mode(0o700)
             .create(&dir)
             .map_err(io("create", &dir))?;
+        // Also a directory an older version made.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", &dir))?;
         Ok(StateDir { dir })
     }
 
@@ -171,6 +174,9 @@ impl StateDir {
             .mode(0o600)
             .open(&tmp)
             .map_err(io("create", &tmp))?;
+        // Also a leftover an older version made.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io("chmod", &tmp))?;
         f.write_all(&body).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;

@@ -25,6 +25,9 @@ use super::login::Refused;
 /// RFC 7143 asks for secrets of at least 96 bits.
 const MIN_SECRET: usize = 12;
 
+/// The longest user name or secret (what open-iscsi's records hold).
+const MAX_VALUE: usize = 255;
+
 /// The secrets of one target.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
@@ -47,14 +50,35 @@ impl Secret {
     /// A secret of a volume (`user`, `secret`) and, for mutual CHAP, the
     /// target's own (`target`); secrets shorter than 96 bits are refused.
     pub fn new(user: &str, secret: &str, target: Option<(&str, &str)>) -> Result<Secret, String> {
-        let short = |s: &str| s.len() < MIN_SECRET;
-        if user.is_empty() || target.is_some_and(|(u, _)| u.is_empty()) {
-            return Err("a CHAP user name is empty".into());
+        // What iscsiadm keeps of a value: at most 255 bytes, trimmed; a
+        // value it would change is refused rather than changed.
+        let kept = |v: &str| {
+            !v.is_empty()
+                && v.len() <= MAX_VALUE
+                && v.trim() == v
+                && !v.chars().any(char::is_control)
+        };
+        let values = [
+            Some(user),
+            Some(secret),
+            target.map(|t| t.0),
+            target.map(|t| t.1),
+        ];
+        if !values.into_iter().flatten().all(kept) {
+            return Err(format!(
+                "CHAP user names and secrets need 1 to {MAX_VALUE} bytes, with no control \
+                 characters and no spaces at either end"
+            ));
         }
+        let short = |s: &str| s.len() < MIN_SECRET;
         if short(secret) || target.is_some_and(|(_, s)| short(s)) {
             return Err(format!(
                 "CHAP secrets need at least {MIN_SECRET} characters"
             ));
+        }
+        // RFC 7143 §12.1.3: the two directions use different secrets.
+        if target.is_some_and(|(_, s)| s == secret) {
+            return Err("the target's CHAP secret must differ from the initiator's".into());
         }
         Ok(Secret {
             user: user.to_string(),
@@ -112,15 +136,16 @@ impl Secrets {
 
     /// The secret a login to `target` (None: a discovery session) needs.
     pub fn for_target(&self, target: Option<&str>) -> Option<Secret> {
-        let Some(t) = target.map(str::to_ascii_lowercase) else {
-            return self.any.clone();
-        };
+        target
+            .and_then(|t| self.own(t))
+            .or_else(|| self.any.clone())
+    }
+
+    /// The secret of `target` itself: staged, or its line in the file.
+    pub fn own(&self, target: &str) -> Option<Secret> {
+        let t = target.to_ascii_lowercase();
         let staged = self.staged.read().expect("staged secrets");
-        staged
-            .get(&t)
-            .or_else(|| self.by_target.get(&t))
-            .or(self.any.as_ref())
-            .cloned()
+        staged.get(&t).or_else(|| self.by_target.get(&t)).cloned()
     }
 
     /// From now on, a login to `target` needs `secret` (a volume staged
@@ -349,6 +374,11 @@ mod tests {
         assert!(none.for_target(Some("iqn.y")).is_none());
         assert!(Secret::new("", "long-enough-1", None).is_err());
         assert!(Secret::new("u", "long-enough-1", Some(("t", "short"))).is_err());
+        assert!(Secret::new("u", "long-enough-1", Some(("t", "long-enough-1"))).is_err());
+        assert!(Secret::new("u", "long-enough-1\n", None).is_err());
+        assert!(Secret::new("u", " long-enough-1", None).is_err());
+        assert!(Secret::new("u", &"x".repeat(256), None).is_err());
+        assert!(Secret::new("u", &"x".repeat(255), None).is_ok());
     }
 
     #[test]

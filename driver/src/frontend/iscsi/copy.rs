@@ -571,11 +571,8 @@ fn resolve(lun: &Lun, d: &[u8]) -> Result<Export, Sense> {
     else {
         return Err(Sense::COPY_TARGET_NOT_REACHABLE);
     };
-    if manager
-        .chap
-        .for_target(Some(&format!("{TARGET_PREFIX}{name}")))
-        .is_some()
-    {
+    let target = format!("{TARGET_PREFIX}{name}");
+    if super::secret_for(&manager.chap, &manager.pool, Some(&target)).is_some() {
         tracing::warn!(
             target_name = %lun.target,
             unit = %name,

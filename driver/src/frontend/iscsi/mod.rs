@@ -14,10 +14,8 @@
 //! (`iscsi-client-rs`) or configure a kernel target (`scst`); none serves
 //! a target from user space. The digests use the `crc32c` crate.
 //!
-//! Not yet here (issue 17): CHAP secrets from Kubernetes Secrets (they
-//! come from a file, `chap.rs`), several connections per session, a
-//! StorageClass choosing iSCSI per volume (`--attach iscsi` is node-wide),
-//! reservations that survive a restart (APTPL).
+//! Not yet here: several connections per session, reservations that
+//! survive a restart (APTPL).
 //!
 //! Bounds: at most `max_connections` connections; one that has not
 //! logged in within `login_timeout`, or has sent no whole PDU for
@@ -48,6 +46,27 @@ use crate::metrics::Metrics;
 
 /// What every target name starts with; the rest is the export's ID.
 pub const TARGET_PREFIX: &str = "iqn.2026-12.dev.strata:";
+
+/// The secret a login to `target` (None: discovery) needs: the target's
+/// own; for a snapshot without one, its volume's (it holds the volume's
+/// data); else the one for every target, if any.
+pub(crate) fn secret_for(
+    chap: &chap::Secrets,
+    pool: &crate::engine::Pool,
+    target: Option<&str>,
+) -> Option<chap::Secret> {
+    let Some(t) = target else {
+        return chap.for_target(None);
+    };
+    chap.own(t)
+        .or_else(|| {
+            let id = t.to_ascii_lowercase();
+            let id = id.strip_prefix(TARGET_PREFIX)?.parse().ok()?;
+            let volume = pool.snapshot_info(id).ok()?.volume;
+            chap.own(&format!("{TARGET_PREFIX}{volume}"))
+        })
+        .or_else(|| chap.for_target(None))
+}
 
 /// Limits of the target.
 #[derive(Debug, Clone)]
@@ -342,6 +361,40 @@ mod tests {
     use super::*;
     use crate::engine::{Pool, PoolOptions};
     use std::io::{Read, Write};
+
+    /// A snapshot's target needs its volume's staged secret (it holds
+    /// the volume's data), unless it has its own; other targets need what
+    /// the file says.
+    #[test]
+    fn a_snapshot_needs_the_secret_of_its_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        let (v, other) = (
+            pool.create_volume(1 << 20).unwrap().id,
+            pool.create_volume(1 << 20).unwrap().id,
+        );
+        let (s, s_other) = (
+            pool.create_snapshot(v).unwrap().id,
+            pool.create_snapshot(other).unwrap().id,
+        );
+        let iqn = |id: &dyn std::fmt::Display| format!("{TARGET_PREFIX}{id}");
+        let chap = chap::Secrets::default();
+        assert_eq!(secret_for(&chap, &pool, Some(&iqn(&s))), None);
+        let secret = chap::Secret::new("u", "a-long-secret", None).unwrap();
+        chap.stage(&iqn(&v), secret.clone());
+        for t in [iqn(&v), iqn(&s), iqn(&s).to_uppercase()] {
+            assert_eq!(
+                secret_for(&chap, &pool, Some(&t)),
+                Some(secret.clone()),
+                "{t}"
+            );
+        }
+        assert_eq!(secret_for(&chap, &pool, Some(&iqn(&s_other))), None);
+        assert_eq!(secret_for(&chap, &pool, None), None);
+        let own = chap::Secret::new("w", "another-long-secret", None).unwrap();
+        chap.stage(&iqn(&s), own.clone());
+        assert_eq!(secret_for(&chap, &pool, Some(&iqn(&s))), Some(own));
+    }
 
     /// A target over an empty pool on a loopback port of its own.
     async fn serve(config: IscsiConfig) -> (tempfile::TempDir, std::net::SocketAddr) {

@@ -242,7 +242,8 @@ impl Conn<'_> {
                     Some("Discovery") => None,
                     _ => key("TargetName"),
                 };
-                if let Some(secret) = self.target.config.chap.for_target(target) {
+                let t = &self.target;
+                if let Some(secret) = super::secret_for(&t.config.chap, t.exports.pool(), target) {
                     neg.chap = Chap::Wanted(secret);
                 }
             }

@@ -42,7 +42,9 @@ const DISK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attaches volumes through the kernel's iSCSI initiator.
 #[derive(Debug)]
 pub struct IscsiAttach {
-    portal: SocketAddr,
+    /// The node's own target; without one, this backend only removes
+    /// attachments (of a start with `--iscsi-listen`).
+    portal: Option<SocketAddr>,
     /// The exports the target serves: volumes of other nodes are added
     /// here before their login.
     exports: Exports,
@@ -52,25 +54,41 @@ pub struct IscsiAttach {
 }
 
 impl IscsiAttach {
+    /// The node's default backend (`--attach iscsi`): needs its own
+    /// target on loopback and iscsiadm, now.
     pub fn new(portal: SocketAddr, exports: Exports, chap: Arc<Secrets>) -> Result<Self> {
-        if !portal.ip().is_loopback() {
-            return Err(Error::InvalidArgument(format!(
-                "--attach iscsi logs in to this node's own target: --iscsi-listen {portal} is \
-                 not a loopback address"
-            )));
-        }
+        let b = Self::for_volumes(Some(portal), exports, chap);
+        b.prepare()?;
         // iscsiadm must be there: a session listing (none is fine).
         iscsiadm(&["-m", "session"], &[NOTHING_FOUND])?;
-        Ok(IscsiAttach {
+        Ok(b)
+    }
+
+    /// The backend of the volumes that ask for `frontend: iscsi` on a node
+    /// whose default is another: always there, so that attachments made
+    /// by an earlier start are served or removed; a stage without a
+    /// loopback `portal` is refused by [`Attach::prepare`].
+    pub fn for_volumes(portal: Option<SocketAddr>, exports: Exports, chap: Arc<Secrets>) -> Self {
+        IscsiAttach {
             portal,
             exports,
             chap,
             sysfs: PathBuf::from("/sys"),
-        })
+        }
     }
 
-    fn portal(&self) -> String {
-        self.portal.to_string()
+    fn portal(&self) -> Result<String> {
+        match self.portal {
+            Some(p) if p.ip().is_loopback() => Ok(p.to_string()),
+            Some(p) => Err(Error::FailedPrecondition(format!(
+                "iSCSI attaches through this node's own target: --iscsi-listen {p} is not a \
+                 loopback address"
+            ))),
+            None => Err(Error::FailedPrecondition(
+                "iSCSI attaches through this node's own target: --iscsi-listen 127.0.0.1:PORT"
+                    .into(),
+            )),
+        }
     }
 
     /// Has the target require the record's secret for `iqn` (none: what
@@ -86,14 +104,19 @@ impl IscsiAttach {
     }
 
     fn login(&self, iqn: &str, chap: Option<&ChapRecord>) -> Result<()> {
-        let portal = self.portal();
+        let portal = self.portal()?;
         let node = ["-m", "node", "-T", iqn, "-p", &portal];
         iscsiadm(&[&node[..], &["-o", "new"]].concat(), &[])?;
         // Set either way: a node record left by an earlier stage may hold
-        // another volume's settings.
-        let mut settings = vec![("node.session.auth.authmethod", "None")];
+        // other settings. `manual`: the host never logs in by itself (at
+        // boot) with a record a crash left behind.
+        let mut settings = vec![
+            ("node.startup", "manual"),
+            ("node.session.auth.authmethod", "None"),
+        ];
         if let Some(c) = chap {
             settings = vec![
+                ("node.startup", "manual"),
                 ("node.session.auth.authmethod", "CHAP"),
                 ("node.session.auth.username", c.user.as_str()),
                 ("node.session.auth.password", c.secret.as_str()),
@@ -116,17 +139,11 @@ impl IscsiAttach {
         .map(drop)
     }
 
+    /// Logs out of `iqn` and deletes its node record (with the secret
+    /// it holds), on whatever portal: a target name is one volume's.
     fn logout(&self, iqn: &str) -> Result<()> {
-        let portal = self.portal();
-        iscsiadm(
-            &["-m", "node", "-T", iqn, "-p", &portal, "--logout"],
-            &[NOTHING_FOUND],
-        )?;
-        iscsiadm(
-            &["-m", "node", "-T", iqn, "-p", &portal, "-o", "delete"],
-            &[NOTHING_FOUND],
-        )
-        .map(drop)
+        iscsiadm(&["-m", "node", "-T", iqn, "--logout"], &[NOTHING_FOUND])?;
+        iscsiadm(&["-m", "node", "-T", iqn, "-o", "delete"], &[NOTHING_FOUND]).map(drop)
     }
 
     /// Waits for the disk of the session to `iqn`.
@@ -170,20 +187,25 @@ fn iscsiadm(args: &[&str], ok: &[i32]) -> Result<String> {
         })?;
     let code = out.status.code().unwrap_or(-1);
     if !out.status.success() && !ok.contains(&code) {
-        // A secret set with `-n ...password... -v SECRET` is not shown.
-        let shown: Vec<&str> = (0..args.len())
-            .map(|i| match i.checked_sub(2).map(|n| (args[n], args[n + 1])) {
-                Some((name, "-v")) if name.contains("password") => "<secret>",
-                _ => args[i],
-            })
-            .collect();
         return Err(Error::Tool {
-            command: format!("iscsiadm {}", shown.join(" ")),
+            command: format!("iscsiadm {}", shown(args)),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// iscsiadm's arguments for a log line: a secret set with `-n
+/// ...password... -v SECRET` is not shown.
+fn shown(args: &[&str]) -> String {
+    (0..args.len())
+        .map(|i| match i.checked_sub(2).map(|n| (args[n], args[n + 1])) {
+            Some((name, "-v")) if name.contains("password") => "<secret>",
+            _ => args[i],
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The sessions under `sysfs`, as (session directory, target name).
@@ -224,6 +246,10 @@ fn disk_of(sysfs: &Path, iqn: &str) -> Option<PathBuf> {
 impl Attach for IscsiAttach {
     fn kind(&self) -> Kind {
         Kind::Iscsi
+    }
+
+    fn prepare(&self) -> Result<()> {
+        self.portal().map(drop)
     }
 
     fn attach(&self, vid: VolumeId, export: Export, rec: &StagedRecord) -> Result<Attached> {
@@ -335,6 +361,26 @@ mod tests {
 
     /// The disk is found the way the kernel lays sysfs out for an iSCSI
     /// session, and only for its own target.
+    #[test]
+    fn secrets_in_iscsiadm_arguments_are_not_shown() {
+        let args = [
+            "-m",
+            "node",
+            "-o",
+            "update",
+            "-n",
+            "node.session.auth.password_in",
+            "-v",
+            "s3cret",
+        ];
+        assert_eq!(
+            shown(&args),
+            "-m node -o update -n node.session.auth.password_in -v <secret>"
+        );
+        let user = ["-n", "node.session.auth.username", "-v", "alice"];
+        assert_eq!(shown(&user), "-n node.session.auth.username -v alice");
+    }
+
     #[test]
     fn the_disk_of_a_session_is_found_through_sysfs() {
         let root = tempfile::tempdir().unwrap();
