@@ -25,6 +25,7 @@ use std::time::Duration;
 use csi_proto::cluster::v1::cluster_server::ClusterServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
+use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::sync::watch;
 
 use crate::cluster::election::{Election, FileLock, Round};
@@ -131,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 IdentityService::new(Started::default(), true).always_ready(),
             ))
             .add_service(ControllerServer::new(replica.clone()))
+            .add_service(SnapshotMetadataServer::new(replica.clone()))
             .add_service(ClusterServer::new(moves.clone()))
             .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped()),
     );
@@ -146,6 +148,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .tls_config(config.tls.server())
         .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
         .add_service(ControllerServer::new(replica.clone()))
+        .add_service(SnapshotMetadataServer::new(replica.clone()))
         .add_service(ClusterServer::new(moves.clone()))
         .serve_with_incoming_shutdown(crate::rpc::tcp_incoming(peer_listener), stopped());
     tokio::spawn(async move {

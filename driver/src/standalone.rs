@@ -22,6 +22,7 @@ use csi_proto::agent::v1::agent_server::AgentServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use csi_proto::csi::v1::node_server::NodeServer;
+use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::sync::watch;
 
 use crate::admin::AdminService;
@@ -164,12 +165,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let cluster = ClusterReady::default();
     let controller = standalone
         .then(|| ControllerServer::new(ControllerService::new(cluster.clone(), inflight.clone())));
+    let metadata = standalone.then(|| {
+        SnapshotMetadataServer::new(ControllerService::new(cluster.clone(), inflight.clone()))
+    });
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
             started.clone(),
             standalone,
         )))
         .add_optional_service(controller)
+        .add_optional_service(metadata)
         .add_service(AdminServer::new(AdminService::new(started.clone())))
         .add_service(NodeServer::new(NodeService::new(
             started.clone(),

@@ -24,6 +24,7 @@ use common::{read_at, write_at};
 use csi_proto::agent::v1::NodeInfoRequest;
 use csi_proto::agent::v1::agent_client::AgentClient;
 use csi_proto::csi::v1::controller_client::ControllerClient;
+use csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
 use csi_proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use csi_proto::csi::v1::*;
 use strata::cluster::records::{EmbeddedRecords, Records};
@@ -269,6 +270,43 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         .snapshot
         .unwrap();
     assert!(snap.ready_to_use);
+    // Its allocated ranges, through the controller, from n2's presence
+    // maps; a delta against a snapshot on n1 cannot be answered.
+    let mut meta = SnapshotMetadataClient::new(c::channel(ctl.csi_socket()).await);
+    let mut pages = meta
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ranges = Vec::new();
+    while let Some(p) = pages.message().await.unwrap() {
+        assert_eq!(p.volume_capacity_bytes, size);
+        ranges.extend(
+            p.block_metadata
+                .iter()
+                .map(|r| (r.byte_offset, r.size_bytes)),
+        );
+    }
+    assert_eq!(ranges, [(1 << 20, 256 << 10)]);
+    let on1 = cc
+        .create_snapshot(c::snapshot("snap-b", &pref1.volume_id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let e = meta
+        .get_metadata_delta(GetMetadataDeltaRequest {
+            base_snapshot_id: on1.snapshot_id.clone(),
+            target_snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     // A staged volume cannot be deleted: the agent's FAILED_PRECONDITION
     // reaches the CO unchanged.
     let e = cc
@@ -613,6 +651,44 @@ async fn replicas_forward_to_the_leader_and_one_takes_over_when_it_dies() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // SnapshotMetadata streams pass through the follower too.
+    let snap = cb
+        .create_snapshot(c::snapshot("snap-x", &x.volume_id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let mut meta = SnapshotMetadataClient::new(c::channel(b.csi_socket()).await);
+    let mut pages = meta
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let page = pages.message().await.unwrap().unwrap();
+    assert_eq!(
+        (page.volume_capacity_bytes, page.block_metadata.len()),
+        (16 << 20, 0)
+    );
+    assert!(pages.message().await.unwrap().is_none());
+    let e = meta
+        .get_metadata_allocated(GetMetadataAllocatedRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            starting_offset: 16 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    cb.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert!(
         b.proc.log().contains("following 127.0.0.1:"),
         "{}",

@@ -435,3 +435,165 @@ async fn merges_through_the_cli_admin_api_and_metrics() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
 }
+
+/// Every message of a GetMetadataAllocated or GetMetadataDelta stream:
+/// (type, capacity, ranges) per message.
+async fn metadata_pages<R, F>(
+    mut stream: tonic::Streaming<R>,
+    parts: F,
+) -> Vec<(i32, i64, Vec<(i64, i64)>)>
+where
+    F: Fn(R) -> (i32, i64, Vec<BlockMetadata>),
+{
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        let (t, c, ranges) = parts(m);
+        out.push((
+            t,
+            c,
+            ranges
+                .into_iter()
+                .map(|r| (r.byte_offset, r.size_bytes))
+                .collect(),
+        ));
+    }
+    out
+}
+
+/// The SnapshotMetadata service over the socket: a snapshot's allocated
+/// ranges and the ranges changed between two snapshots, as extents
+/// (VARIABLE_LENGTH), paged by max_results, from a starting offset; and
+/// the spec's errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_metadata_streams_allocated_and_changed_ranges() {
+    use csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
+    use std::os::unix::net::UnixStream;
+    use strata::frontend::nbd::client::Client;
+    const B: i64 = 4096;
+    let s = Standalone::start();
+    let v = s.create_volume("tracked", "64MiB");
+    let other = s.create_volume("other", "4MiB");
+    let mut c = Client::connect(UnixStream::connect(s.nbd_socket()).unwrap(), &v).unwrap();
+    c.write(0, &[1u8; 2 * 4096]).unwrap();
+    c.write(100 * 4096, &[2u8; 4096]).unwrap();
+    c.flush().unwrap();
+    let s1 = s.snapshot("s1", &v);
+    c.write(5 * 4096, &[3u8; 3 * 4096]).unwrap();
+    c.write(4096, &[4u8; 4096]).unwrap();
+    c.flush().unwrap();
+    let s2 = s.snapshot("s2", &v);
+    let s_other = s.snapshot("s-other", &other);
+
+    let mut m = SnapshotMetadataClient::new(channel(&s).await);
+    let allocated =
+        |snapshot_id: &str, starting_offset: i64, max_results: i32| GetMetadataAllocatedRequest {
+            snapshot_id: snapshot_id.into(),
+            starting_offset,
+            max_results,
+            ..Default::default()
+        };
+    let delta = |base: &str, target: &str, starting_offset: i64, max_results: i32| {
+        GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            starting_offset,
+            max_results,
+            ..Default::default()
+        }
+    };
+    let a_parts = |r: GetMetadataAllocatedResponse| {
+        (
+            r.block_metadata_type,
+            r.volume_capacity_bytes,
+            r.block_metadata,
+        )
+    };
+    let d_parts = |r: GetMetadataDeltaResponse| {
+        (
+            r.block_metadata_type,
+            r.volume_capacity_bytes,
+            r.block_metadata,
+        )
+    };
+    let variable = BlockMetadataType::VariableLength as i32;
+    let cap = 64 << 20;
+
+    let pages = metadata_pages(
+        m.get_metadata_allocated(allocated(&s1, 0, 0))
+            .await
+            .unwrap()
+            .into_inner(),
+        a_parts,
+    )
+    .await;
+    assert_eq!(pages, [(variable, cap, vec![(0, 2 * B), (100 * B, B)])]);
+    // One range a message; from an offset inside the first range.
+    let pages = metadata_pages(
+        m.get_metadata_allocated(allocated(&s2, B + 7, 1))
+            .await
+            .unwrap()
+            .into_inner(),
+        a_parts,
+    )
+    .await;
+    assert_eq!(
+        pages,
+        [
+            (variable, cap, vec![(B, B)]),
+            (variable, cap, vec![(5 * B, 3 * B)]),
+            (variable, cap, vec![(100 * B, B)]),
+        ]
+    );
+    let pages = metadata_pages(
+        m.get_metadata_delta(delta(&s1, &s2, 0, 0))
+            .await
+            .unwrap()
+            .into_inner(),
+        d_parts,
+    )
+    .await;
+    assert_eq!(pages, [(variable, cap, vec![(B, B), (5 * B, 3 * B)])]);
+    let pages = metadata_pages(
+        m.get_metadata_delta(delta(&s2, &s2, 0, 0))
+            .await
+            .unwrap()
+            .into_inner(),
+        d_parts,
+    )
+    .await;
+    assert_eq!(pages, [(variable, cap, vec![])]);
+
+    let unknown = "00000000000000000000000000000001";
+    for (req, code) in [
+        (allocated("", 0, 0), Code::InvalidArgument),
+        (allocated("not-a-snapshot", 0, 0), Code::NotFound),
+        (allocated(unknown, 0, 0), Code::NotFound),
+        (allocated(&s1, -1, 0), Code::InvalidArgument),
+        (allocated(&s1, 0, -5), Code::InvalidArgument),
+        (allocated(&s1, cap, 0), Code::OutOfRange),
+    ] {
+        let e = m.get_metadata_allocated(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), code, "{req:?}: {e:?}");
+    }
+    // The CLI's diff: the same ranges, and their bytes.
+    let diff = s.cli_json(&["snapshot", "diff", &s1, &s2]);
+    assert_eq!(diff["changed_bytes"], 4 * B, "{diff}");
+    assert_eq!(diff["ranges"][1]["offset"], 5 * B, "{diff}");
+    let out = s.cli(&["snapshot", "diff", &s2, &s1]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("newer than the target"),
+        "{out:?}"
+    );
+    for (req, code) in [
+        (delta("", &s2, 0, 0), Code::InvalidArgument),
+        (delta(unknown, &s2, 0, 0), Code::NotFound),
+        // The base newer than the target; snapshots of two volumes.
+        (delta(&s2, &s1, 0, 0), Code::InvalidArgument),
+        (delta(&s_other, &s2, 0, 0), Code::InvalidArgument),
+        (delta(&s1, &s2, cap, 0), Code::OutOfRange),
+    ] {
+        let e = m.get_metadata_delta(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), code, "{req:?}: {e:?}");
+    }
+}

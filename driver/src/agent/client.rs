@@ -60,6 +60,7 @@ forward! {
     create_snapshot(CreateSnapshotRequest) -> SnapshotReply;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;
     get_snapshot(GetSnapshotRequest) -> SnapshotReply;
+    snapshot_ranges(SnapshotRangesRequest) -> SnapshotRangesReply;
     attach(AttachRequest) -> AttachReply;
     detach(AttachRequest) -> AttachReply;
     seal(SealRequest) -> AttachReply;

@@ -145,6 +145,10 @@ fn snapshot_reply(s: &SnapshotInfo) -> SnapshotReply {
 /// The longest hold of a volume's writes a live move may ask for.
 const MAX_HOLD_MS: u32 = 10_000;
 
+/// The most ranges one SnapshotRanges reply carries (24 bytes each at
+/// most, so a reply stays far below gRPC's 4 MiB message limit).
+pub const MAX_RANGES_PER_PAGE: usize = 65536;
+
 /// Which node of a live move a failpoint kills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoveParty {
@@ -396,6 +400,35 @@ impl Agent for AgentService {
             .blocking(move |core| core.pool.snapshot_info(sid).map_err(status::engine))
             .await?;
         Ok(Response::new(snapshot_reply(&info)))
+    }
+
+    async fn snapshot_ranges(
+        &self,
+        req: Request<SnapshotRangesRequest>,
+    ) -> Result<Response<SnapshotRangesReply>, Status> {
+        let req = req.into_inner();
+        let sid = snapshot_id(&req.snapshot_id)?;
+        let base = match req.base_snapshot_id.as_str() {
+            "" => None,
+            b => Some(snapshot_id(b)?),
+        };
+        let max = (req.max_results as usize).clamp(1, MAX_RANGES_PER_PAGE);
+        let page = self
+            .blocking(move |core| {
+                core.pool
+                    .snapshot_ranges(sid, base, req.starting_offset, max)
+                    .map_err(status::engine)
+            })
+            .await?;
+        Ok(Response::new(SnapshotRangesReply {
+            size_bytes: page.size,
+            ranges: page
+                .ranges
+                .into_iter()
+                .map(|(offset, length)| ByteRange { offset, length })
+                .collect(),
+            next_offset: page.next,
+        }))
     }
 
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {

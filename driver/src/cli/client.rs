@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use csi_proto::admin::v1::admin_client::AdminClient;
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::node_client::NodeClient;
+use csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
 
@@ -13,6 +14,13 @@ use crate::endpoint::Endpoint;
 /// Connects to the CSI endpoint of a running Strata.
 pub async fn controller(endpoint: &Endpoint) -> Result<ControllerClient<Channel>, String> {
     Ok(ControllerClient::new(channel(endpoint).await?))
+}
+
+/// The CSI SnapshotMetadata service of a running Strata.
+pub async fn snapshot_metadata(
+    endpoint: &Endpoint,
+) -> Result<SnapshotMetadataClient<Channel>, String> {
+    Ok(SnapshotMetadataClient::new(channel(endpoint).await?))
 }
 
 /// Strata's own admin service.

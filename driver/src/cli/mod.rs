@@ -437,6 +437,14 @@ enum SnapshotCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The ranges of TARGET that changed since BASE, an older snapshot of
+    /// the same volume (what an incremental backup reads), and their bytes.
+    Diff {
+        base: String,
+        target: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -768,6 +776,11 @@ impl Cli {
                     SnapshotCommand::Delete { id, client } => {
                         volume::snapshot_delete(&client.endpoint, id).await
                     }
+                    SnapshotCommand::Diff {
+                        base,
+                        target,
+                        client,
+                    } => volume::snapshot_diff(&client.endpoint, client.output, base, target).await,
                 }
             }),
         }

@@ -136,7 +136,7 @@ impl ControllerService {
             .map_err(status::join)?
     }
 
-    fn agent(&self, node: &str) -> Result<Arc<dyn Agent>, Status> {
+    pub(super) fn agent(&self, node: &str) -> Result<Arc<dyn Agent>, Status> {
         self.cluster.get()?.nodes.agent(node)
     }
 
@@ -161,7 +161,7 @@ impl ControllerService {
         self.volume_node(id).await
     }
 
-    async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
+    pub(super) async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
         let key = id.to_string();
         let rec = self.records(move |r| r.snapshot(&key)).await?;
         Ok(rec

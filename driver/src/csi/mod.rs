@@ -5,11 +5,13 @@
 //! `rpc/status.rs` (and `status.rs` for the records). `replica.rs` routes
 //! a controller replica's Controller calls: served here when it leads,
 //! forwarded to the leader otherwise; `moves.rs` serves Strata's Cluster
-//! service (moves between nodes) beside them, routed the same way.
+//! service (moves between nodes) beside them, routed the same way;
+//! `metadata.rs` the SnapshotMetadata service (changed blocks).
 
 pub mod controller;
 mod guard;
 pub mod identity;
+pub mod metadata;
 pub mod moves;
 pub mod node;
 mod params;

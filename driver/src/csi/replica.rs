@@ -16,12 +16,15 @@ use std::time::Duration;
 
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::controller_server::Controller;
+use csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
+use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadata;
 use csi_proto::csi::v1::*;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::controller::ControllerService;
+use super::metadata::Pages;
 use crate::agent::client::{CALL_TIMEOUT, CONNECT_TIMEOUT};
 use crate::tls::TlsFiles;
 
@@ -193,6 +196,44 @@ routed! {
     controller_get_volume(ControllerGetVolumeRequest) -> ControllerGetVolumeResponse;
     controller_modify_volume(ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse;
     get_snapshot(GetSnapshotRequest) -> GetSnapshotResponse;
+}
+
+/// SnapshotMetadata, routed like the Controller: the leader's records
+/// say which node holds a snapshot, so a follower passes the stream on.
+#[tonic::async_trait]
+impl SnapshotMetadata for Replica {
+    type GetMetadataAllocatedStream = Pages<GetMetadataAllocatedResponse>;
+    type GetMetadataDeltaStream = Pages<GetMetadataDeltaResponse>;
+
+    async fn get_metadata_allocated(
+        &self,
+        req: Request<GetMetadataAllocatedRequest>,
+    ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
+        match self.route(req.metadata())? {
+            Route::Here => self.local.get_metadata_allocated(req).await,
+            Route::Leader(channel) => {
+                let pages = SnapshotMetadataClient::new(channel)
+                    .get_metadata_allocated(onward(req))
+                    .await?;
+                Ok(Response::new(Box::pin(pages.into_inner())))
+            }
+        }
+    }
+
+    async fn get_metadata_delta(
+        &self,
+        req: Request<GetMetadataDeltaRequest>,
+    ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
+        match self.route(req.metadata())? {
+            Route::Here => self.local.get_metadata_delta(req).await,
+            Route::Leader(channel) => {
+                let pages = SnapshotMetadataClient::new(channel)
+                    .get_metadata_delta(onward(req))
+                    .await?;
+                Ok(Response::new(Box::pin(pages.into_inner())))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,14 @@ pub enum Error {
     /// An object with the requested ID already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// Two snapshots whose difference was asked for are not an older and
+    /// a newer snapshot of one volume.
+    #[error("snapshot {base} is not an older snapshot of the volume of {target}: {why}")]
+    NotComparable {
+        base: SnapshotId,
+        target: SnapshotId,
+        why: &'static str,
+    },
     /// A byte range that does not lie inside the volume.
     #[error("range {offset}+{len} is outside the volume ({size} bytes)")]
     OutOfRange {
@@ -260,7 +268,9 @@ impl Error {
         match self {
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorKind::NotFound,
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
-            Error::InvalidSize { .. } | Error::ShrinkRefused { .. } => ErrorKind::InvalidArgument,
+            Error::InvalidSize { .. }
+            | Error::ShrinkRefused { .. }
+            | Error::NotComparable { .. } => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } | Error::ChainAtLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
