@@ -93,7 +93,13 @@ async fn identity_reports_name_capabilities_and_readiness() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 3, "{caps:?}");
+    assert_eq!(caps.capabilities.len(), 4, "{caps:?}");
+    // What the external-snapshot-metadata sidecar waits for at start.
+    use csi_proto::csi::v1::plugin_capability::{Service, Type as Cap, service};
+    assert!(caps.capabilities.iter().any(|c| c.r#type
+        == Some(Cap::Service(Service {
+            r#type: service::Type::SnapshotMetadataService as i32
+        }))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -761,17 +761,23 @@ fn sidecars_get_the_env_and_rbac_their_upstream_files_name() {
         return;
     }
     let facts = sidecar_facts();
-    assert_eq!(facts.len(), 6);
+    assert_eq!(facts.len(), 7);
     for set in [
         &[][..],
         &["controller.enableCapacity=false", "controller.replicas=3"],
     ] {
-        let docs = yaml_docs(&helm_template(set), Path::new("helm template"));
         for sidecar in &facts {
+            // An optional sidecar is rendered with the values that add it.
+            let mut with: Vec<&str> = set.to_vec();
+            with.extend(strings(&sidecar["chart"]));
+            let docs = yaml_docs(&helm_template(&with), Path::new("helm template"));
             let missing = lacks(&docs, sidecar);
-            assert!(missing.is_empty(), "{set:?}:\n{}", missing.join("\n"));
+            assert!(missing.is_empty(), "{with:?}:\n{}", missing.join("\n"));
         }
     }
+    // Without its values, the optional sidecar and its objects are gone.
+    let plain = helm_template(&[]);
+    assert!(!plain.contains("csi-snapshot-metadata") && !plain.contains("SnapshotMetadataService"));
 
     let docs = yaml_docs(&helm_template(&[]), Path::new("helm template"));
     // The provisioner's capacity objects are owned two levels up from its

@@ -69,6 +69,9 @@ impl Identity for IdentityService {
         let mut capabilities = vec![service_cap(service::Type::VolumeAccessibilityConstraints)];
         if self.controller {
             capabilities.insert(0, service_cap(service::Type::ControllerService));
+            // Served beside the Controller (`metadata.rs`); the
+            // external-snapshot-metadata sidecar starts only if it is said.
+            capabilities.push(service_cap(service::Type::SnapshotMetadataService));
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(
