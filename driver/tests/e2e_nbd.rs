@@ -102,6 +102,42 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
         [(0, 8 * MIB, 1), (8 * MIB, 24 * MIB, 0)]
     );
 
+    // qemu:dirty-bitmap:<snapshot>: what changed since that snapshot (the
+    // trimmed MiB), on the volume and on a later snapshot of it, as an
+    // incremental backup reads it (1: dirty).
+    let later = s.snapshot("info-later", &vol);
+    for uri in [s.uri(&vol), s.uri(&later)] {
+        let map = run_ok(
+            "nbdinfo",
+            &[&format!("--map=qemu:dirty-bitmap:{snap}"), &uri],
+        );
+        let extents: Vec<(usize, usize, u32)> = map
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (
+                    f[0].parse().unwrap(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            extents,
+            [(0, 2 * MIB, 0), (2 * MIB, MIB, 1), (3 * MIB, 29 * MIB, 0)],
+            "{uri}: {map}"
+        );
+    }
+    // Only against an older snapshot of the same volume: a newer one, or
+    // an unknown name, is not a context the server offers.
+    for base in [later.clone(), "nonsense".to_string()] {
+        let out = std::process::Command::new("nbdinfo")
+            .args([&format!("--map=qemu:dirty-bitmap:{base}"), &s.uri(&snap)])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{base}: {out:?}");
+    }
+
     // Metrics saw all of it.
     let m = s.metrics();
     for want in [
@@ -110,7 +146,7 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
         format!(
             "strata_volume_op_duration_seconds_bucket{{le=\"0.00001\",volume=\"{vol}\",op=\"trim\"}}"
         ),
-        format!("strata_volume_chain_depth{{volume=\"{vol}\"}} 2"),
+        format!("strata_volume_chain_depth{{volume=\"{vol}\"}} 3"),
         format!("strata_volume_logical_bytes{{volume=\"{vol}\"}} 33554432"),
         format!("strata_volume_allocated_bytes{{volume=\"{vol}\"}} 7340032"),
         format!("strata_volume_flushes_total{{volume=\"{vol}\",kind=\"logged\"}} "),

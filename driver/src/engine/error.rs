@@ -36,12 +36,12 @@ pub enum Error {
     /// An object with the requested ID already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
-    /// Two snapshots whose difference was asked for are not an older and
-    /// a newer snapshot of one volume.
-    #[error("snapshot {base} is not an older snapshot of the volume of {target}: {why}")]
+    /// The changes since snapshot `base` were asked of something (`of`, a
+    /// newer snapshot or the volume) that `base` is not older than.
+    #[error("snapshot {base} is not an older snapshot of {of}: {why}")]
     NotComparable {
         base: SnapshotId,
-        target: SnapshotId,
+        of: String,
         why: &'static str,
     },
     /// A byte range that does not lie inside the volume.

@@ -17,11 +17,12 @@
 //! volume is cheap whatever its size, and a page's memory is bounded by
 //! one window's extents.
 
+use super::catalog::LayerRecord;
 use super::error::{Error, Result};
 use super::geometry::BLOCK_SIZE;
-use super::ids::SnapshotId;
-use super::pool::Pool;
-use super::view;
+use super::ids::{LayerId, SnapshotId, VolumeId};
+use super::pool::{Pool, Shared};
+use super::view::{self, View};
 use crate::engine::catalog::SnapshotState;
 
 /// The address space looked at per step (at most 131072 extents).
@@ -36,6 +37,71 @@ pub struct RangePage {
     pub ranges: Vec<(u64, u64)>,
     /// Where the next page starts; `size` after the last page.
     pub next: u64,
+}
+
+/// What the changes since snapshot `base` are computed against: the chain
+/// under a layer (top first), and how many of its layers lie above
+/// `base`'s.
+pub(crate) struct Since {
+    chain: Vec<LayerRecord>,
+    above: u32,
+}
+
+impl Shared {
+    /// [`Since`] `base` for the chain under `top`, a chain of `volume`
+    /// (`of` names it for errors). The caller holds the shape lock.
+    pub(crate) fn since(
+        &self,
+        top: LayerId,
+        volume: VolumeId,
+        base: SnapshotId,
+        of: &dyn Fn() -> String,
+    ) -> Result<Since> {
+        let txn = self.catalog.read()?;
+        let b = match txn.snapshot(base)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(base)),
+        };
+        let refuse = |why| Error::NotComparable {
+            base,
+            of: of(),
+            why,
+        };
+        if b.volume != volume {
+            return Err(refuse("it is a snapshot of another volume"));
+        }
+        let mut chain = txn.chain(top)?;
+        chain.reverse();
+        match chain.iter().position(|l| l.id == b.layer) {
+            Some(k) => Ok(Since {
+                chain,
+                above: k as u32,
+            }),
+            None if txn.chain(b.layer)?.iter().any(|l| l.id == top) => Err(refuse("it is newer")),
+            None => Err(refuse("its layer is not in the chain")),
+        }
+    }
+
+    /// Appends to `out` the runs of `at..at+len` of `view` (the view of
+    /// `since.chain`) that the layers above the base define.
+    pub(crate) fn changed_runs(
+        &self,
+        view: &View,
+        since: &Since,
+        at: u64,
+        len: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let below = |layer| self.view_of(layer);
+        let mut pos = at;
+        for e in view::allocation_depth(view, &since.chain, below, at, len)? {
+            if (1..=since.above).contains(&e.depth) {
+                push(out, pos, e.len);
+            }
+            pos += e.len;
+        }
+        Ok(())
+    }
 }
 
 impl Pool {
@@ -57,13 +123,13 @@ impl Pool {
         let sh = self.shared();
         // No merge, snapshot or delete changes the chains meanwhile.
         let _shape = sh.shape.lock().expect("shape lock");
-        let txn = sh.catalog.read()?;
-        let ready = |id| match txn.snapshot(id)? {
-            Some(r) if r.state == SnapshotState::Ready => Ok(r),
-            _ => Err(Error::SnapshotNotFound(id)),
+        let t = match sh.catalog.read()?.snapshot(target)? {
+            Some(r) if r.state == SnapshotState::Ready => r,
+            _ => return Err(Error::SnapshotNotFound(target)),
         };
-        let t = ready(target)?;
-        let base = base.map(ready).transpose()?;
+        let since = base
+            .map(|b| sh.since(t.layer, t.volume, b, &|| format!("snapshot {target}")))
+            .transpose()?;
         if from >= t.size {
             return Err(Error::OutOfRange {
                 offset: from,
@@ -71,39 +137,15 @@ impl Pool {
                 size: t.size,
             });
         }
-        let mut chain = txn.chain(t.layer)?;
-        chain.reverse();
-        // Layers above `base`'s: depths 1..=above.
-        let above = match &base {
-            None => None,
-            Some(b) => {
-                let refuse = |why| Error::NotComparable {
-                    base: b.id,
-                    target,
-                    why,
-                };
-                if b.volume != t.volume {
-                    return Err(refuse("they are snapshots of different volumes"));
-                }
-                match chain.iter().position(|l| l.id == b.layer) {
-                    Some(k) => Some(k as u32),
-                    None if txn.chain(b.layer)?.iter().any(|l| l.id == t.layer) => {
-                        return Err(refuse("it is newer than the target"));
-                    }
-                    None => return Err(refuse("its layer is not in the target's chain")),
-                }
-            }
-        };
-        drop(txn);
         let view = sh.view_of(t.layer)?;
         let max = max.max(1);
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut at = from - from % BLOCK_SIZE;
         while at < t.size {
             let len = WINDOW.min(t.size - at);
-            let mut pos = at;
-            match above {
+            match &since {
                 None => {
+                    let mut pos = at;
                     for e in view::block_status(&view, at, len, false) {
                         if !e.zero {
                             push(&mut ranges, pos, e.len);
@@ -111,15 +153,7 @@ impl Pool {
                         pos += e.len;
                     }
                 }
-                Some(k) => {
-                    let below = |layer| sh.view_of(layer);
-                    for e in view::allocation_depth(&view, &chain, below, at, len)? {
-                        if (1..=k).contains(&e.depth) {
-                            push(&mut ranges, pos, e.len);
-                        }
-                        pos += e.len;
-                    }
-                }
+                Some(since) => sh.changed_runs(&view, since, at, len, &mut ranges)?,
             }
             at += len;
             // One range past the page tells that the page's last range is
@@ -218,6 +252,21 @@ mod tests {
             [(0, B), (5 * B, B), (1000 * B, B)]
         );
         assert_eq!(all(&pool, s2, Some(s2), 100), []);
+        // The same through a snapshot reader, in a range; and the live
+        // volume against its last snapshot, before any flush.
+        let reader = pool.open_snapshot(s2).unwrap();
+        assert_eq!(
+            reader.changed_since(s1, 0, 6 * B).unwrap(),
+            [(0, B), (5 * B, B)]
+        );
+        let vol = pool.volume(v).unwrap();
+        write(&pool, v, 3, 9);
+        assert_eq!(vol.changed_since(s2, 0, 1024 * B).unwrap(), [(3 * B, B)]);
+        assert_eq!(
+            vol.changed_since(s1, 0, 1024 * B).unwrap(),
+            [(0, B), (3 * B, B), (5 * B, B), (1000 * B, B)]
+        );
+        assert!(reader.changed_since(s2, 0, 0).unwrap().is_empty());
 
         let kind = |e: Error| e.kind();
         let other = pool.create_volume(1024 * B).unwrap().id;
@@ -226,6 +275,12 @@ mod tests {
             let e = pool.snapshot_ranges(t, Some(b), 0, 10).unwrap_err();
             assert_eq!(kind(e), ErrorKind::InvalidArgument);
         }
+        let e = pool
+            .volume(other)
+            .unwrap()
+            .changed_since(s1, 0, B)
+            .unwrap_err();
+        assert!(e.to_string().contains("another volume"), "{e}");
         let gone = SnapshotId::new_random();
         assert_eq!(
             kind(pool.snapshot_ranges(gone, None, 0, 10).unwrap_err()),

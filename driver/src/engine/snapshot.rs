@@ -84,6 +84,33 @@ impl SnapshotReader {
         Ok(view::block_status(&self.view, offset, len, false))
     }
 
+    /// The runs of `offset..offset+len` (whole blocks, `(offset, length)`)
+    /// that changed since `base`, an older snapshot of the same volume
+    /// (see `ranges.rs`).
+    pub fn changed_since(
+        &self,
+        base: SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
+        check_range(offset, len, self.size)?;
+        let shared = self
+            .shared
+            .upgrade()
+            .ok_or(Error::SnapshotNotFound(self.id))?;
+        let _shape = shared.shape.lock().expect("shape lock");
+        let volume = match shared.catalog.read()?.snapshot(self.id)? {
+            Some(r) => r.volume,
+            None => return Err(Error::SnapshotNotFound(self.id)),
+        };
+        let since = shared.since(self.layer, volume, base, &|| {
+            format!("snapshot {}", self.id)
+        })?;
+        let mut out = Vec::new();
+        shared.changed_runs(&self.view, &since, offset, len, &mut out)?;
+        Ok(out)
+    }
+
     /// How deep in the snapshot's chain each part of `offset..offset+len`
     /// resolves (see [`DepthExtent`]). Fails if a merge folded the
     /// snapshot's layers since it was opened (its chain is gone from the

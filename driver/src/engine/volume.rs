@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use super::catalog::{FaultKind, FaultRecord};
 use super::error::{Error, Result};
 use super::geometry::{BLOCK_SIZE, check_range, covered_blocks, touched_blocks};
-use super::ids::{LayerId, VolumeId};
+use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::index::{ABSENT, ZERO};
 use super::io::{File, FileIo, Span};
 use super::jobs::Method;
@@ -1004,6 +1004,31 @@ impl Volume {
             (st.view.clone(), st.top.id)
         };
         self.shared.allocation_depth(&view, top, offset, len)
+    }
+
+    /// The runs of `offset..offset+len` (whole blocks, `(offset, length)`)
+    /// written or discarded since snapshot `base` of this volume, also
+    /// those not flushed yet (see `ranges.rs`).
+    pub fn changed_since(
+        &self,
+        base: SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
+        self.check_live()?;
+        check_range(offset, len, self.size())?;
+        let _shape = self.shared.shape.lock().expect("shape lock");
+        let (view, top) = {
+            let st = self.state.read().expect("volume state");
+            (st.view.clone(), st.top.id)
+        };
+        let since = self
+            .shared
+            .since(top, self.id, base, &|| format!("volume {}", self.id))?;
+        let mut out = Vec::new();
+        self.shared
+            .changed_runs(&view, &since, offset, len, &mut out)?;
+        Ok(out)
     }
 
     /// Makes every write acknowledged before this call durable: one journal

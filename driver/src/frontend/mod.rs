@@ -280,6 +280,25 @@ impl Export {
         !matches!(self, Export::Remote(_))
     }
 
+    /// The runs of a range written or discarded since `base`, an older
+    /// snapshot of the export's volume.
+    pub fn changed_since(
+        &self,
+        base: SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
+        match self {
+            Export::Volume(v) => v.changed_since(base, offset, len),
+            Export::Snapshot(s) => s.changed_since(base, offset, len),
+            Export::Remote(r) => Err(Error::Io {
+                op: "report the changes of",
+                path: format!("volume {} (held by another node)", r.name()).into(),
+                source: std::io::ErrorKind::Unsupported.into(),
+            }),
+        }
+    }
+
     /// How deep in its chain each part of a range resolves.
     pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
         match self {

@@ -283,6 +283,7 @@ where
                     Contexts {
                         allocation: !setting,
                         depth: !setting,
+                        dirty: None,
                     }
                 } else {
                     queries
@@ -291,6 +292,13 @@ where
                 };
                 // A volume of another node: its chain is the owner's.
                 selected.depth &= export.has_layers();
+                // A bitmap only of an older snapshot of the export's volume.
+                if let Some(base) = selected.dirty
+                    && let Err(e) = export.changed_since(base, 0, 0)
+                {
+                    tracing::debug!(export = %name, %base, error = %e, "no dirty bitmap against that snapshot");
+                    selected.dirty = None;
+                }
                 if setting {
                     contexts = selected;
                     contexts_for = name;
@@ -298,7 +306,7 @@ where
                 for (id, name) in selected.named() {
                     // LIST answers context ID 0: IDs name a selection.
                     let id = if setting { id } else { 0 };
-                    wr.push(&reply(REP_META_CONTEXT, &rep_meta_context(id, name)));
+                    wr.push(&reply(REP_META_CONTEXT, &rep_meta_context(id, &name)));
                 }
                 wr.push(&reply(REP_ACK, &[]));
             }

@@ -6,6 +6,8 @@
 //! Numbers follow the NBD protocol document (NetworkBlockDevice/nbd,
 //! `doc/proto.md`). All integers are big endian.
 
+use crate::engine::SnapshotId;
+
 /// "NBDMAGIC", sent first by the server.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// "IHAVEOPT": the newstyle magic, and the magic of every option request.
@@ -113,36 +115,59 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 /// (0: no layer defines it), as qemu serves it for qcow2 backing chains.
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 pub const ALLOCATION_DEPTH_ID: u32 = 2;
+/// `qemu:dirty-bitmap:<snapshot ID>`: the blocks written or discarded
+/// since that older snapshot of the export's volume, flagged
+/// [`STATE_DIRTY`], as qemu serves its dirty bitmaps for incremental
+/// backups.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+pub const DIRTY_BITMAP_ID: u32 = 3;
+/// `qemu:dirty-bitmap` status flag.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// The metadata contexts a negotiation selected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Contexts {
     pub allocation: bool,
     pub depth: bool,
+    /// The base snapshot of `qemu:dirty-bitmap:<base>`.
+    pub dirty: Option<SnapshotId>,
 }
 
 impl Contexts {
     pub fn any(self) -> bool {
-        self.allocation || self.depth
+        self.allocation || self.depth || self.dirty.is_some()
     }
 
-    /// Both selections together.
+    /// Both selections together (of two dirty bitmaps, the later one).
     pub fn or(self, other: Contexts) -> Contexts {
         Contexts {
             allocation: self.allocation || other.allocation,
             depth: self.depth || other.depth,
+            dirty: other.dirty.or(self.dirty),
         }
     }
 
     /// The selected ones as (ID, name).
-    pub fn named(self) -> impl Iterator<Item = (u32, &'static str)> {
+    pub fn named(self) -> impl Iterator<Item = (u32, String)> {
         [
-            (self.allocation, BASE_ALLOCATION_ID, BASE_ALLOCATION),
-            (self.depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+            (
+                self.allocation,
+                BASE_ALLOCATION_ID,
+                BASE_ALLOCATION.to_string(),
+            ),
+            (
+                self.depth,
+                ALLOCATION_DEPTH_ID,
+                ALLOCATION_DEPTH.to_string(),
+            ),
         ]
         .into_iter()
         .filter(|(on, ..)| *on)
         .map(|(_, id, name)| (id, name))
+        .chain(
+            self.dirty
+                .map(|b| (DIRTY_BITMAP_ID, format!("{DIRTY_BITMAP_PREFIX}{b}"))),
+        )
     }
 }
 
@@ -256,6 +281,10 @@ pub fn query_selects(query: &str, listing: bool) -> Contexts {
     Contexts {
         allocation: query == BASE_ALLOCATION || (listing && query == "base:"),
         depth: query == ALLOCATION_DEPTH || (listing && query == "qemu:"),
+        // Named ones only: the snapshots a bitmap can name are not listed.
+        dirty: query
+            .strip_prefix(DIRTY_BITMAP_PREFIX)
+            .and_then(|b| b.parse().ok()),
     }
 }
 

@@ -208,6 +208,24 @@ impl Conn {
             let d = extents.iter().map(|e| (e.len as u32, e.depth));
             chunks.push((ALLOCATION_DEPTH_ID, d.collect()));
         }
+        if let Some(base) = self.contexts.dirty {
+            // Clean between the changed runs, up to the end of the range
+            // (as far as the export reaches).
+            let end = (offset + len).min(self.export.size());
+            let mut d = Vec::new();
+            let mut at = offset;
+            for (o, l) in self.export.changed_since(base, offset, end - offset)? {
+                if o > at {
+                    d.push(((o - at) as u32, 0));
+                }
+                d.push((l as u32, STATE_DIRTY));
+                at = o + l;
+            }
+            if end > at {
+                d.push(((end - at) as u32, 0));
+            }
+            chunks.push((DIRTY_BITMAP_ID, d));
+        }
         let last = chunks.len().saturating_sub(1);
         let mut head = Vec::new();
         for (i, (id, mut descriptors)) in chunks.into_iter().enumerate() {
