@@ -588,7 +588,7 @@ async fn snapshot_metadata_streams_allocated_and_changed_ranges() {
     let out = s.cli(&["snapshot", "diff", &s2, &s1]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("newer than the target"),
+        String::from_utf8_lossy(&out.stderr).contains("is not an older snapshot"),
         "{out:?}"
     );
     for (req, code) in [
