@@ -57,6 +57,7 @@ forward! {
     get_volume(GetVolumeRequest) -> VolumeReply;
     list_volumes(ListVolumesRequest) -> ListVolumesReply;
     expand_volume(ExpandVolumeRequest) -> VolumeReply;
+    modify_volume(ModifyVolumeRequest) -> VolumeReply;
     create_snapshot(CreateSnapshotRequest) -> SnapshotReply;
     delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;
     get_snapshot(GetSnapshotRequest) -> SnapshotReply;

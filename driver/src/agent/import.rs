@@ -480,8 +480,12 @@ impl Imports {
         if create.max_chain_depth != 0 {
             let policy = VolumePolicy {
                 max_chain_depth: create.max_chain_depth,
+                ..pool.policy(vid).map_err(status::engine)?
             };
             pool.set_policy(vid, policy).map_err(status::engine)?;
+        }
+        if let Some(l) = create.limits {
+            super::set_limits(pool, vid, super::limits_of(l))?;
         }
         let vol = pool.volume(vid).map_err(status::engine)?;
         self.connect(&vol, source)
@@ -760,8 +764,12 @@ fn copy(
     if create.max_chain_depth != 0 {
         let policy = VolumePolicy {
             max_chain_depth: create.max_chain_depth,
+            ..pool.policy(vid).map_err(status::engine)?
         };
         pool.set_policy(vid, policy).map_err(status::engine)?;
+    }
+    if let Some(l) = create.limits {
+        super::set_limits(pool, vid, super::limits_of(l))?;
     }
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));

@@ -103,6 +103,38 @@ pub(crate) fn snapshot_id(id: &str) -> Result<SnapshotId, Status> {
         .map_err(|_| Status::not_found(format!("snapshot {id:?} does not exist")))
 }
 
+/// The engine's limits from their message.
+pub(crate) fn limits_of(l: Limits) -> crate::engine::Limits {
+    crate::engine::Limits {
+        read_iops: l.read_iops,
+        write_iops: l.write_iops,
+        read_bytes_per_sec: l.read_bytes_per_sec,
+        write_bytes_per_sec: l.write_bytes_per_sec,
+    }
+}
+
+pub(crate) fn limits_message(l: crate::engine::Limits) -> Limits {
+    Limits {
+        read_iops: l.read_iops,
+        write_iops: l.write_iops,
+        read_bytes_per_sec: l.read_bytes_per_sec,
+        write_bytes_per_sec: l.write_bytes_per_sec,
+    }
+}
+
+/// Sets `vid`'s I/O limits, keeping the rest of its policy.
+pub(crate) fn set_limits(
+    pool: &crate::engine::Pool,
+    vid: VolumeId,
+    limits: crate::engine::Limits,
+) -> Result<(), Status> {
+    let policy = VolumePolicy {
+        limits,
+        ..pool.policy(vid).map_err(status::engine)?
+    };
+    pool.set_policy(vid, policy).map_err(status::engine)
+}
+
 fn volume_reply(v: &VolumeInfo) -> VolumeReply {
     VolumeReply {
         volume_id: v.id.to_string(),
@@ -111,6 +143,7 @@ fn volume_reply(v: &VolumeInfo) -> VolumeReply {
         abnormal: false,
         condition: String::new(),
         published_to: String::new(),
+        limits: None,
     }
 }
 
@@ -231,8 +264,12 @@ impl Agent for AgentService {
                 if req.max_chain_depth != 0 {
                     let policy = VolumePolicy {
                         max_chain_depth: req.max_chain_depth,
+                        ..pool.policy(vid).map_err(status::engine)?
                     };
                     pool.set_policy(vid, policy).map_err(status::engine)?;
+                }
+                if let Some(l) = req.limits {
+                    set_limits(&pool, vid, limits_of(l))?;
                 }
                 if req.flatten && req.source.is_some() {
                     pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
@@ -295,10 +332,30 @@ impl Agent for AgentService {
         let reply = self
             .blocking(move |core| {
                 let info = core.pool.volume_info(vid).map_err(status::engine)?;
-                Ok(volume_health(core, &info))
+                let limits = core.pool.policy(vid).map_err(status::engine)?.limits;
+                Ok(VolumeReply {
+                    limits: Some(limits_message(limits)),
+                    ..volume_health(core, &info)
+                })
             })
             .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn modify_volume(
+        &self,
+        req: Request<ModifyVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let req = req.into_inner();
+        let vid = volume_id(&req.volume_id)?;
+        let limits = req.limits.map(limits_of).unwrap_or_default();
+        let info = self
+            .blocking(move |core| {
+                set_limits(&core.pool, vid, limits)?;
+                core.pool.volume_info(vid).map_err(status::engine)
+            })
+            .await?;
+        Ok(Response::new(volume_reply(&info)))
     }
 
     async fn list_volumes(

@@ -949,6 +949,7 @@ impl Moves {
                 source: None,
                 max_chain_depth,
                 flatten: false,
+                limits: limits_of(source.as_ref(), &id).await?,
             }),
             owner: m.from.clone(),
             address,
@@ -1096,6 +1097,7 @@ impl Moves {
                     .get("maxChainDepth")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
+                limits: limits_of(source.as_ref(), &id).await?,
                 ..Default::default()
             }),
             owner: m.from.clone(),
@@ -1346,4 +1348,17 @@ fn refused(s: &Status) -> bool {
             | Code::ResourceExhausted
             | Code::AlreadyExists
     )
+}
+
+/// The I/O limits of volume `id` on its node, for the copy a move makes.
+async fn limits_of(
+    source: &dyn csi_proto::agent::v1::agent_server::Agent,
+    id: &str,
+) -> Result<Option<agent::Limits>, Status> {
+    let reply = source
+        .get_volume(Request::new(agent::GetVolumeRequest {
+            volume_id: id.to_string(),
+        }))
+        .await?;
+    Ok(reply.into_inner().limits)
 }

@@ -443,6 +443,7 @@ impl Controller for ControllerService {
         }
         check_capabilities(&req.volume_capabilities)?;
         let vparams = params::volume_params(&req.parameters)?;
+        params::limits(&req.mutable_parameters, Default::default())?;
         let fs_type = params::fs_type(&vparams, &req.volume_capabilities);
         let defining = params::defining(&req.parameters);
         let source = match req.volume_content_source.and_then(|s| s.r#type) {
@@ -584,6 +585,10 @@ impl Controller for ControllerService {
                 }),
                 max_chain_depth: vparams.max_chain_depth.unwrap_or(0),
                 flatten: vparams.flatten_clones,
+                limits: (!req.mutable_parameters.is_empty())
+                    .then(|| params::limits(&req.mutable_parameters, Default::default()))
+                    .transpose()?
+                    .map(crate::agent::limits_message),
             };
             let created = match self.agent(&rec.node) {
                 Ok(a) => a.create_volume(Request::new(create)).await,
@@ -922,6 +927,7 @@ impl Controller for ControllerService {
             rpc::Type::VolumeCondition,
             rpc::Type::GetSnapshot,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::ModifyVolume,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -1174,13 +1180,41 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// A volume's I/O limits, changed while it is in use: the parameters
+    /// given replace those values, the others stay.
     async fn controller_modify_volume(
         &self,
-        _: Request<ControllerModifyVolumeRequest>,
+        req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "Strata has no mutable volume parameters",
-        ))
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        // Checked before anything is asked of the node.
+        params::limits(&req.mutable_parameters, Default::default())?;
+        let _guard = self.inflight.claim(&format!("volume {}", req.volume_id))?;
+        parse_volume_id(&req.volume_id)?;
+        let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        let agent = self.agent(&node)?;
+        let now = agent
+            .get_volume(Request::new(agent::GetVolumeRequest {
+                volume_id: req.volume_id.clone(),
+            }))
+            .await?
+            .into_inner()
+            .limits
+            .map(crate::agent::limits_of)
+            .unwrap_or_default();
+        let limits = params::limits(&req.mutable_parameters, now)?;
+        agent
+            .modify_volume(Request::new(agent::ModifyVolumeRequest {
+                volume_id: req.volume_id.clone(),
+                limits: Some(crate::agent::limits_message(limits)),
+            }))
+            .await?;
+        Ok(Response::new(ControllerModifyVolumeResponse {}))
     }
 
     async fn get_snapshot(

@@ -176,6 +176,66 @@ pub(crate) fn chap_secret(secrets: &HashMap<String, String>) -> Result<Option<Ch
     Ok(Some(rec))
 }
 
+/// The mutable parameters (VolumeAttributesClass, or CreateVolume's
+/// `mutable_parameters`): a volume's I/O limits. Values are whole numbers,
+/// bytes with an optional Ki/Mi/Gi (or KiB/MiB/GiB) unit; "0" removes a
+/// limit.
+pub(crate) const LIMIT_KEYS: [&str; 4] = [
+    "readIOPS",
+    "writeIOPS",
+    "readBytesPerSecond",
+    "writeBytesPerSecond",
+];
+
+/// The smallest bytes-per-second limit: a largest request (32 MiB) waits
+/// at most half a minute.
+const MIN_BYTES_PER_SECOND: u64 = 1 << 20;
+
+/// `limits` with the mutable parameters in `params` applied (keys not
+/// given keep their value); unknown keys and bad values are
+/// INVALID_ARGUMENT.
+pub(crate) fn limits(
+    params: &HashMap<String, String>,
+    mut limits: crate::engine::Limits,
+) -> Result<crate::engine::Limits, Status> {
+    for (k, v) in params {
+        let bad =
+            |why: &str| Status::invalid_argument(format!("mutable parameter {k}={v:?}: {why}"));
+        let (digits, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+        let scale: u64 = match unit {
+            "" => 1,
+            "Ki" | "KiB" => 1 << 10,
+            "Mi" | "MiB" => 1 << 20,
+            "Gi" | "GiB" => 1 << 30,
+            _ => return Err(bad("a whole number, with Ki, Mi or Gi for bytes")),
+        };
+        let n = digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(scale))
+            .ok_or_else(|| bad("a whole number, with Ki, Mi or Gi for bytes"))?;
+        match k.as_str() {
+            "readIOPS" | "writeIOPS" if scale != 1 => return Err(bad("operations take no unit")),
+            "readBytesPerSecond" | "writeBytesPerSecond" if n != 0 && n < MIN_BYTES_PER_SECOND => {
+                return Err(bad("at least 1Mi (or 0: no limit)"));
+            }
+            _ => {}
+        }
+        match k.as_str() {
+            "readIOPS" => limits.read_iops = n,
+            "writeIOPS" => limits.write_iops = n,
+            "readBytesPerSecond" => limits.read_bytes_per_sec = n,
+            "writeBytesPerSecond" => limits.write_bytes_per_sec = n,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown mutable parameter {k:?}; Strata accepts {LIMIT_KEYS:?}"
+                )));
+            }
+        }
+    }
+    Ok(limits)
+}
+
 /// Validated VolumeSnapshotClass parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct SnapshotParams {
@@ -388,6 +448,51 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(!e.message().contains("secret-of"), "{}", e.message());
             assert!(!e.message().contains("short-pw"), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn mutable_parameters_are_limits_with_units_and_bounds() {
+        let p = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let base = crate::engine::Limits {
+            read_iops: 7,
+            ..Default::default()
+        };
+        let l = limits(
+            &p(&[("writeIOPS", "500"), ("writeBytesPerSecond", "100Mi")]),
+            base,
+        )
+        .unwrap();
+        assert_eq!(
+            (l.read_iops, l.write_iops, l.write_bytes_per_sec),
+            (7, 500, 100 << 20)
+        );
+        assert_eq!(limits(&p(&[("readIOPS", "0")]), base).unwrap().read_iops, 0);
+        assert_eq!(
+            limits(&p(&[("readBytesPerSecond", "2GiB")]), base)
+                .unwrap()
+                .read_bytes_per_sec,
+            2 << 30
+        );
+        for bad in [
+            p(&[("iops", "5")]),
+            p(&[("readIOPS", "-1")]),
+            p(&[("readIOPS", "5Mi")]),
+            p(&[("readIOPS", "")]),
+            p(&[("writeBytesPerSecond", "1000")]),
+            p(&[("writeBytesPerSecond", "99999999999999999999")]),
+            p(&[("writeBytesPerSecond", "10Ti")]),
+        ] {
+            assert_eq!(
+                limits(&bad, base).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
         }
     }
 

@@ -727,14 +727,29 @@ impl Pool {
         })
     }
 
-    /// Sets `volume`'s merge policy.
+    /// Sets `volume`'s merge policy and I/O limits (the limits apply at
+    /// once, to the volume in use too).
     pub fn set_policy(&self, volume: VolumeId, policy: VolumePolicy) -> Result<()> {
         let mut txn = self.shared().catalog.write()?;
         if txn.volume(volume)?.is_none() {
             return Err(Error::VolumeNotFound(volume));
         }
         txn.put_policy(volume, &policy)?;
-        txn.commit()
+        txn.commit()?;
+        // A volume not loaded takes them from the record when it loads.
+        if let Some(v) = self.inner.volumes.lock().expect("volume map").get(&volume) {
+            v.set_limits(policy.limits);
+        }
+        Ok(())
+    }
+
+    /// `volume`'s merge policy and I/O limits.
+    pub fn policy(&self, volume: VolumeId) -> Result<VolumePolicy> {
+        let txn = self.shared().catalog.read()?;
+        if txn.volume(volume)?.is_none() {
+            return Err(Error::VolumeNotFound(volume));
+        }
+        txn.policy(volume)
     }
 
     /// Who may reach `volume` from another node (see [`Attachment`]).
@@ -1043,7 +1058,9 @@ impl Pool {
         let mut state = VolState::new(view, base, top);
         state.release_costly_base();
         let fault = txn.fault(id)?;
+        let limits = txn.policy(id)?.limits;
         let vol = Volume::new(id, Arc::clone(sh), state, rec.size, journal, fault);
+        vol.set_limits(limits);
         if txn.backing(id)?.is_some() {
             vol.set_fetch(Some(Fetch::Waiting));
         }

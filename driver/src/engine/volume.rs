@@ -51,6 +51,7 @@ use super::layer::Layer;
 use super::pinned::{BlockRange, Landed, Pinned};
 use super::pool::Shared;
 use super::presence::BlockState;
+use super::qos::{Direction, Limits, Throttle};
 use super::rangelock::RangeLock;
 use super::unflushed::UnflushedLog;
 use super::view::{self, DepthExtent, Extent, Segment, Source, View, read_segments};
@@ -277,6 +278,10 @@ pub struct VolumeStats {
     pub flushes_logged: u64,
     /// Flushes since the volume was loaded that synced the layer files.
     pub flushes_synced: u64,
+    /// Its I/O limits.
+    pub limits: Limits,
+    /// Time reads and writes waited for the limits since it was loaded.
+    pub throttled: [std::time::Duration; 2],
 }
 
 /// Options of a write-zeroes request.
@@ -317,6 +322,8 @@ pub struct Volume {
     fetch: RwLock<Option<Fetch>>,
     /// A live move's change record, hold and retirement.
     pub(crate) moving: super::moving::MoveState,
+    /// Its I/O limits (see `qos.rs`).
+    throttle: Throttle,
 }
 
 impl Volume {
@@ -358,6 +365,7 @@ impl Volume {
             flushes: Default::default(),
             fetch: RwLock::new(None),
             moving: Default::default(),
+            throttle: Throttle::default(),
         }
     }
 
@@ -541,7 +549,15 @@ impl Volume {
             allocated_bytes: st.view.index.count_data() * BLOCK_SIZE,
             flushes_logged: self.flushes[0].load(Ordering::Relaxed),
             flushes_synced: self.flushes[1].load(Ordering::Relaxed),
+            limits: self.throttle.limits(),
+            throttled: self.throttle.waited(),
         }
+    }
+
+    /// Applies new I/O limits to requests from now on (the pool records
+    /// them: [`super::Pool::set_policy`]).
+    pub(crate) fn set_limits(&self, limits: Limits) {
+        self.throttle.set(limits);
     }
 
     pub(crate) fn check_live(&self) -> Result<()> {
@@ -570,6 +586,7 @@ impl Volume {
         if !self.admit(offset, buf.len() as u64)? {
             return Ok(());
         }
+        self.throttle.wait(Direction::Read, buf.len() as u64);
         let (first, end) = touched_blocks(offset, buf.len() as u64);
         self.read_blocks(first, end, offset, buf)
     }
@@ -618,6 +635,7 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(false);
         }
+        self.throttle.wait(Direction::Write, len);
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
         self.check_fault(false)?;
@@ -904,6 +922,8 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(());
         }
+        // An operation that moves no data: it counts against IOPS only.
+        self.throttle.wait(Direction::Write, 0);
         let end_byte = offset + len;
         if flags.fast
             && (!offset.is_multiple_of(BLOCK_SIZE) || !end_byte.is_multiple_of(BLOCK_SIZE))

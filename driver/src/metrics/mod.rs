@@ -709,6 +709,45 @@ impl Collector for PoolCollector {
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
+        let mut metric = encoder.encode_descriptor(
+            "volume_throttled",
+            "Time reads and writes waited for the volume's I/O limits since it was loaded",
+            Some(&Unit::Seconds),
+            ConstCounter::new(0f64).metric_type(),
+        )?;
+        for s in &stats {
+            for (kind, d) in [("read", s.throttled[0]), ("write", s.throttled[1])] {
+                let labels = VolumeKind {
+                    volume: s.id.to_string(),
+                    kind,
+                };
+                ConstCounter::new(d.as_secs_f64()).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "volume_limit",
+            "The volume's I/O limits (mutable parameters), by kind; absent: no limit",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for s in &stats {
+            let l = &s.limits;
+            for (kind, n) in [
+                ("read_iops", l.read_iops),
+                ("write_iops", l.write_iops),
+                ("read_bytes_per_second", l.read_bytes_per_sec),
+                ("write_bytes_per_second", l.write_bytes_per_sec),
+            ] {
+                if n == 0 {
+                    continue;
+                }
+                let labels = VolumeKind {
+                    volume: s.id.to_string(),
+                    kind,
+                };
+                ConstGauge::new(n as i64).encode(metric.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

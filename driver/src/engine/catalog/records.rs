@@ -3,10 +3,11 @@
 use super::codec::{Reader, Writer};
 use crate::engine::error::{Error, Result};
 use crate::engine::ids::{FamilyId, JobId, LayerId, SnapshotId, VolumeId};
+use crate::engine::qos::Limits;
 
 const VOLUME_V: u8 = 1;
 const JOB_V: u8 = 1;
-const POLICY_V: u8 = 1;
+const POLICY_V: u8 = 2;
 const FAULT_V: u8 = 1;
 const LAYER_V: u8 = 1;
 const SNAPSHOT_V: u8 = 1;
@@ -425,25 +426,51 @@ impl JobRecord {
     }
 }
 
-/// A volume's merge policy.
+/// A volume's merge policy and I/O limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VolumePolicy {
     /// Longest chain before a merge is queued (0: the pool's default).
     pub max_chain_depth: u32,
+    /// I/O limits (none by default).
+    pub limits: Limits,
 }
 
 impl VolumePolicy {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(POLICY_V).u32(self.max_chain_depth);
+        let l = &self.limits;
+        w.u8(POLICY_V)
+            .u32(self.max_chain_depth)
+            .u64(l.read_iops)
+            .u64(l.write_iops)
+            .u64(l.read_bytes_per_sec)
+            .u64(l.write_bytes_per_sec);
         w.0
     }
 
+    /// Version 1 had no limits.
     pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf, "policy");
-        r.version(POLICY_V)?;
+        let v = r.u8()?;
+        if v != 1 && v != POLICY_V {
+            return Err(Error::Corrupt(format!(
+                "policy record has version {v}, this build reads versions 1 and {POLICY_V}"
+            )));
+        }
+        let max_chain_depth = r.u32()?;
+        let limits = if v == 1 {
+            Limits::default()
+        } else {
+            Limits {
+                read_iops: r.u64()?,
+                write_iops: r.u64()?,
+                read_bytes_per_sec: r.u64()?,
+                write_bytes_per_sec: r.u64()?,
+            }
+        };
         Ok(VolumePolicy {
-            max_chain_depth: r.u32()?,
+            max_chain_depth,
+            limits,
         })
     }
 }
