@@ -269,7 +269,7 @@ impl Agent for AgentService {
                     pool.set_policy(vid, policy).map_err(status::engine)?;
                 }
                 if let Some(l) = req.limits {
-                    set_limits(&pool, vid, limits_of(l))?;
+                    set_limits(pool, vid, limits_of(l))?;
                 }
                 if req.flatten && req.source.is_some() {
                     pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
