@@ -509,8 +509,14 @@ fn pins_freeze_a_chain_only_up_to_its_depth_limit() {
     };
     let p = Pool::open(dir.path(), opts).unwrap();
     let v = p.volume(p.create_volume(4 * MIB).unwrap().id).unwrap();
-    p.set_policy(v.id(), VolumePolicy { max_chain_depth: 4 })
-        .unwrap();
+    p.set_policy(
+        v.id(),
+        VolumePolicy {
+            max_chain_depth: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let range = [BlockRange {
         first: 0,
         blocks: 1,

@@ -144,8 +144,14 @@ fn the_depth_policy_shortens_chains_and_keeps_every_snapshot() {
         let pool = open(dir);
         let mut rng = Rng::new(2);
         let v = pool.create_volume(BLOCKS * BLOCK_SIZE).unwrap().id;
-        pool.set_policy(v, VolumePolicy { max_chain_depth: 3 })
-            .unwrap();
+        pool.set_policy(
+            v,
+            VolumePolicy {
+                max_chain_depth: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut model = vec![0u8; (BLOCKS * BLOCK_SIZE) as usize];
         let mut snaps = Vec::new();
         for _ in 0..6 {
