@@ -271,7 +271,8 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         .unwrap();
     assert!(snap.ready_to_use);
     // Its allocated ranges, through the controller, from n2's presence
-    // maps; a delta against a snapshot on n1 cannot be answered.
+    // maps; a delta against a snapshot of another volume (on n1) is a
+    // wrong request.
     let mut meta = SnapshotMetadataClient::new(c::channel(ctl.csi_socket()).await);
     let mut pages = meta
         .get_metadata_allocated(GetMetadataAllocatedRequest {
@@ -306,7 +307,7 @@ async fn controller_places_volumes_and_reaches_them_through_the_agents() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A staged volume cannot be deleted: the agent's FAILED_PRECONDITION
     // reaches the CO unchanged.
     let e = cc

@@ -124,7 +124,7 @@ impl ControllerService {
     }
 
     /// Runs a records call on the blocking pool (the store may do I/O).
-    async fn records<T: Send + 'static>(
+    pub(super) async fn records<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Records) -> Result<T, crate::cluster::records::RecordsError>
         + Send

@@ -96,6 +96,21 @@ impl ControllerService {
             .ok_or_else(|| not_found(&target))?;
         if let Some(b) = &base {
             let base_node = self.snapshot_node(b).await?.ok_or_else(|| not_found(b))?;
+            // Snapshots of two volumes are a wrong request wherever they
+            // are; of one volume on two nodes, a reason for a full backup.
+            let (bk, tk) = (b.clone(), target.clone());
+            let volumes = self
+                .records(move |r| Ok((r.snapshot(&bk)?, r.snapshot(&tk)?)))
+                .await?;
+            if let (Some(bv), Some(tv)) = volumes
+                && bv.source_volume_id != tv.source_volume_id
+            {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {b} is of volume {} and {target} of volume {}: a delta is \
+                     between snapshots of one volume",
+                    bv.source_volume_id, tv.source_volume_id
+                )));
+            }
             if base_node != node {
                 return Err(Status::failed_precondition(format!(
                     "snapshot {b} is on node {base_node} and {target} on node {node}: Strata \
@@ -104,11 +119,13 @@ impl ControllerService {
             }
         }
         let agent = self.agent(&node)?;
+        // The node's pages are as large as they may be (each one opens
+        // the snapshot's view); the stream's messages are the caller's.
         let ask = move |from: u64| agent::SnapshotRangesRequest {
             snapshot_id: target.clone(),
             base_snapshot_id: base.clone().unwrap_or_default(),
             starting_offset: from,
-            max_results: max as u32,
+            max_results: MAX_RANGES_PER_PAGE as u32,
         };
         // The first page before the stream: its errors are the call's.
         let mut page = agent
@@ -119,7 +136,7 @@ impl ControllerService {
         tokio::spawn(async move {
             loop {
                 let last = page.next_offset >= page.size_bytes;
-                let ranges = page
+                let ranges: Vec<BlockMetadata> = page
                     .ranges
                     .iter()
                     .map(|r| BlockMetadata {
@@ -127,7 +144,18 @@ impl ControllerService {
                         size_bytes: r.length as i64,
                     })
                     .collect();
-                if tx.send(Ok(P::new(page.size_bytes, ranges))).await.is_err() || last {
+                // An empty answer is one message too (it carries the size).
+                let mut messages: Vec<Vec<BlockMetadata>> =
+                    ranges.chunks(max).map(<[BlockMetadata]>::to_vec).collect();
+                if messages.is_empty() && last {
+                    messages.push(Vec::new());
+                }
+                for m in messages {
+                    if tx.send(Ok(P::new(page.size_bytes, m))).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
                     return;
                 }
                 page = match agent

@@ -17,6 +17,9 @@
 //! volume is cheap whatever its size, and a page's memory is bounded by
 //! one window's extents.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use super::catalog::LayerRecord;
 use super::error::{Error, Result};
 use super::geometry::BLOCK_SIZE;
@@ -45,6 +48,9 @@ pub struct RangePage {
 pub(crate) struct Since {
     chain: Vec<LayerRecord>,
     above: u32,
+    /// Views of lower layers, built once per call (zero records are
+    /// resolved with them).
+    views: HashMap<LayerId, Arc<View>>,
 }
 
 impl Shared {
@@ -76,6 +82,7 @@ impl Shared {
             Some(k) => Ok(Since {
                 chain,
                 above: k as u32,
+                views: HashMap::new(),
             }),
             None if txn.chain(b.layer)?.iter().any(|l| l.id == top) => Err(refuse("it is newer")),
             None => Err(refuse("its layer is not in the chain")),
@@ -87,12 +94,20 @@ impl Shared {
     pub(crate) fn changed_runs(
         &self,
         view: &View,
-        since: &Since,
+        since: &mut Since,
         at: u64,
         len: u64,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
-        let below = |layer| self.view_of(layer);
+        let views = &mut since.views;
+        let below = |layer| match views.get(&layer) {
+            Some(v) => Ok(Arc::clone(v)),
+            None => {
+                let v = self.view_of(layer)?;
+                views.insert(layer, Arc::clone(&v));
+                Ok(v)
+            }
+        };
         let mut pos = at;
         for e in view::allocation_depth(view, &since.chain, below, at, len)? {
             if (1..=since.above).contains(&e.depth) {
@@ -127,7 +142,7 @@ impl Pool {
             Some(r) if r.state == SnapshotState::Ready => r,
             _ => return Err(Error::SnapshotNotFound(target)),
         };
-        let since = base
+        let mut since = base
             .map(|b| sh.since(t.layer, t.volume, b, &|| format!("snapshot {target}")))
             .transpose()?;
         if from >= t.size {
@@ -143,7 +158,7 @@ impl Pool {
         let mut at = from - from % BLOCK_SIZE;
         while at < t.size {
             let len = WINDOW.min(t.size - at);
-            match &since {
+            match &mut since {
                 None => {
                     let mut pos = at;
                     for e in view::block_status(&view, at, len, false) {

@@ -103,11 +103,14 @@ impl SnapshotReader {
             Some(r) => r.volume,
             None => return Err(Error::SnapshotNotFound(self.id)),
         };
-        let since = shared.since(self.layer, volume, base, &|| {
+        let mut since = shared.since(self.layer, volume, base, &|| {
             format!("snapshot {}", self.id)
         })?;
+        // The view as the catalog has it now: a fold since this reader
+        // opened may have renamed the slots its own view names.
+        let view = shared.view_of(self.layer)?;
         let mut out = Vec::new();
-        shared.changed_runs(&self.view, &since, offset, len, &mut out)?;
+        shared.changed_runs(&view, &mut since, offset, len, &mut out)?;
         Ok(out)
     }
 

@@ -1035,19 +1035,19 @@ impl Volume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, u64)>> {
-        self.check_live()?;
         check_range(offset, len, self.size())?;
         let _shape = self.shared.shape.lock().expect("shape lock");
+        self.check_live()?;
         let (view, top) = {
             let st = self.state.read().expect("volume state");
             (st.view.clone(), st.top.id)
         };
-        let since = self
+        let mut since = self
             .shared
             .since(top, self.id, base, &|| format!("volume {}", self.id))?;
         let mut out = Vec::new();
         self.shared
-            .changed_runs(&view, &since, offset, len, &mut out)?;
+            .changed_runs(&view, &mut since, offset, len, &mut out)?;
         Ok(out)
     }
 

@@ -239,6 +239,31 @@ mod tests {
         assert_eq!(f.live(), 5);
     }
 
+    /// A policy written before limits existed reads as having none; one
+    /// with limits round-trips; another version is refused.
+    #[test]
+    fn policies_of_version_1_and_2_are_read() {
+        let v1 = [1u8, 7, 0, 0, 0];
+        assert_eq!(
+            VolumePolicy::decode(&v1).unwrap(),
+            VolumePolicy {
+                max_chain_depth: 7,
+                limits: Limits::default()
+            }
+        );
+        let p = VolumePolicy {
+            max_chain_depth: 3,
+            limits: Limits {
+                read_iops: 1,
+                write_iops: 2,
+                read_bytes_per_sec: 3 << 20,
+                write_bytes_per_sec: 4 << 20,
+            },
+        };
+        assert_eq!(VolumePolicy::decode(&p.encode()).unwrap(), p);
+        assert!(VolumePolicy::decode(&[3u8, 7, 0, 0, 0]).is_err());
+    }
+
     #[test]
     fn attachments_round_trip_and_old_records_are_read_write() {
         for flags in 0..16 {

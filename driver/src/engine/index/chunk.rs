@@ -338,15 +338,30 @@ mod tests {
             seed ^= seed << 17;
             (seed % n as u64) as usize
         };
-        for distinct in [2, 3, 5, 16, 17, 200, 300] {
-            let mut entries = vec![7u16; CHUNK];
-            for _ in 0..40 {
+        // 2 values: 1-bit entries; over 256: a dense chunk.
+        for (distinct, fills, longest) in [
+            (2, 40, 300),
+            (3, 40, 300),
+            (5, 40, 300),
+            (16, 40, 300),
+            (17, 60, 300),
+            (200, 400, 300),
+            (400, 1500, 4),
+        ] {
+            let mut entries = vec![0u16; CHUNK];
+            for _ in 0..fills {
                 let at = rand(CHUNK);
-                let len = 1 + rand(300).min(CHUNK - at - 1);
+                let len = 1 + rand(longest).min(CHUNK - at - 1);
                 let v = rand(distinct) as u16;
                 entries[at..at + len].fill(v);
             }
             let chunk = Chunk::from_entries(&entries);
+            if distinct == 2 {
+                assert!(matches!(&chunk, Chunk::Packed(p) if p.bits == 1));
+            }
+            if distinct == 400 {
+                assert!(matches!(chunk, Chunk::Dense(_)));
+            }
             for _ in 0..50 {
                 let lo = rand(CHUNK);
                 let hi = lo + 1 + rand(CHUNK - lo);

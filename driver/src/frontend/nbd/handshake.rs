@@ -292,12 +292,15 @@ where
                 };
                 // A volume of another node: its chain is the owner's.
                 selected.depth &= export.has_layers();
-                // A bitmap only of an older snapshot of the export's volume.
-                if let Some(base) = selected.dirty
-                    && let Err(e) = export.changed_since(base, 0, 0)
-                {
-                    tracing::debug!(export = %name, %base, error = %e, "no dirty bitmap against that snapshot");
-                    selected.dirty = None;
+                // A bitmap only of an older snapshot of the export's volume
+                // (asked of the engine off the async workers).
+                if let Some(base) = selected.dirty {
+                    let of = export.clone();
+                    let check = tokio::task::spawn_blocking(move || of.changed_since(base, 0, 0));
+                    if !matches!(check.await, Ok(Ok(_))) {
+                        tracing::debug!(export = %name, %base, "no dirty bitmap against that snapshot");
+                        selected.dirty = None;
+                    }
                 }
                 if setting {
                     contexts = selected;

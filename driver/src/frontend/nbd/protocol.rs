@@ -282,9 +282,12 @@ pub fn query_selects(query: &str, listing: bool) -> Contexts {
         allocation: query == BASE_ALLOCATION || (listing && query == "base:"),
         depth: query == ALLOCATION_DEPTH || (listing && query == "qemu:"),
         // Named ones only: the snapshots a bitmap can name are not listed.
-        dirty: query
-            .strip_prefix(DIRTY_BITMAP_PREFIX)
-            .and_then(|b| b.parse().ok()),
+        // As Strata writes the ID, so that the reply names what was asked.
+        dirty: query.strip_prefix(DIRTY_BITMAP_PREFIX).and_then(|b| {
+            b.parse::<SnapshotId>()
+                .ok()
+                .filter(|id| id.to_string() == b)
+        }),
     }
 }
 
