@@ -29,6 +29,7 @@ use tonic::Status;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::jobs::throttle::Bucket;
+use crate::engine::qos::exempt;
 use crate::engine::{Backing, Error, Pool, VolumeId, VolumePolicy, ZeroFlags};
 use crate::peer::{MAX_IO, MAX_MAP, Peers, RemoteVolume, Target};
 use crate::rpc::{Core, Started, status};
@@ -777,7 +778,7 @@ fn copy(
         throttle(pool, bucket.as_ref(), n);
         buf.resize(n, 0);
         Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
-        volume.write(at, buf, false).map_err(status::engine)?;
+        exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
         Ok(())
@@ -823,11 +824,10 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
                 buf.resize(n, 0);
                 Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
                 if buf.iter().all(|&b| b == 0) {
-                    volume
-                        .write_zeroes(at, n as u64, ZeroFlags::default())
+                    exempt(|| volume.write_zeroes(at, n as u64, ZeroFlags::default()))
                         .map_err(status::engine)?;
                 } else {
-                    volume.write(at, buf, false).map_err(status::engine)?;
+                    exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
                 }
                 Ok(())
             },
@@ -887,16 +887,14 @@ fn data_of(
             let mut at = window;
             for (o, l) in source.map(window, len).map_err(status::engine)? {
                 if o > at {
-                    volume
-                        .write_zeroes(at, o - at, ZeroFlags::default())
+                    exempt(|| volume.write_zeroes(at, o - at, ZeroFlags::default()))
                         .map_err(status::engine)?;
                 }
                 out.push((o, l));
                 at = o + l;
             }
             if at < window + len {
-                volume
-                    .write_zeroes(at, window + len - at, ZeroFlags::default())
+                exempt(|| volume.write_zeroes(at, window + len - at, ZeroFlags::default()))
                     .map_err(status::engine)?;
             }
             window += len;

@@ -348,7 +348,10 @@ impl Agent for AgentService {
     ) -> Result<Response<VolumeReply>, Status> {
         let req = req.into_inner();
         let vid = volume_id(&req.volume_id)?;
-        let limits = req.limits.map(limits_of).unwrap_or_default();
+        let limits = req
+            .limits
+            .map(limits_of)
+            .ok_or_else(|| Status::invalid_argument("limits is required"))?;
         let info = self
             .blocking(move |core| {
                 set_limits(&core.pool, vid, limits)?;

@@ -745,8 +745,16 @@ fn execute<T>(
 ) -> Result<T, Status> {
     let core: &Core = started.get()?;
     let v = core.pool.volume(admitted.vid).map_err(status::engine)?;
+    // A live move's reads are the node's work, not the volume's user's:
+    // not charged to its I/O limits.
+    let run = || f(&v);
+    let r = if admitted.key.is_none() {
+        crate::engine::qos::exempt(run)
+    } else {
+        run()
+    };
     // Held by a live move's hold, then refused by its seal.
-    let r = f(&v).map_err(|e| match e {
+    let r = r.map_err(|e| match e {
         crate::engine::Error::Moved { volume, node } => moved(volume, &node),
         e => status::engine(e),
     });

@@ -1180,8 +1180,9 @@ impl Controller for ControllerService {
         }))
     }
 
-    /// A volume's I/O limits, changed while it is in use: the parameters
-    /// given replace those values, the others stay.
+    /// A volume's I/O limits, changed while it is in use: exactly the
+    /// limits the parameters name (a VolumeAttributesClass's), the others
+    /// none.
     async fn controller_modify_volume(
         &self,
         req: Request<ControllerModifyVolumeRequest>,
@@ -1190,25 +1191,21 @@ impl Controller for ControllerService {
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
+        if req.mutable_parameters.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "mutable_parameters is required: some of {:?} (\"0\": no limit)",
+                params::LIMIT_KEYS
+            )));
+        }
         // Checked before anything is asked of the node.
-        params::limits(&req.mutable_parameters, Default::default())?;
+        let limits = params::limits(&req.mutable_parameters, Default::default())?;
         let _guard = self.inflight.claim(&format!("volume {}", req.volume_id))?;
         parse_volume_id(&req.volume_id)?;
-        let node = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+        // UNAVAILABLE while it moves: the copy took the limits it had.
+        let node = self.settled_node(&req.volume_id).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
-        let agent = self.agent(&node)?;
-        let now = agent
-            .get_volume(Request::new(agent::GetVolumeRequest {
-                volume_id: req.volume_id.clone(),
-            }))
-            .await?
-            .into_inner()
-            .limits
-            .map(crate::agent::limits_of)
-            .unwrap_or_default();
-        let limits = params::limits(&req.mutable_parameters, now)?;
-        agent
+        self.agent(&node)?
             .modify_volume(Request::new(agent::ModifyVolumeRequest {
                 volume_id: req.volume_id.clone(),
                 limits: Some(crate::agent::limits_message(limits)),

@@ -187,13 +187,8 @@ pub(crate) const LIMIT_KEYS: [&str; 4] = [
     "writeBytesPerSecond",
 ];
 
-/// The smallest bytes-per-second limit: a largest request (32 MiB) waits
-/// at most half a minute.
-const MIN_BYTES_PER_SECOND: u64 = 1 << 20;
-
-/// `limits` with the mutable parameters in `params` applied (keys not
-/// given keep their value); unknown keys and bad values are
-/// INVALID_ARGUMENT.
+/// `limits` with the mutable parameters in `params` applied; unknown keys
+/// and bad values are INVALID_ARGUMENT.
 pub(crate) fn limits(
     params: &HashMap<String, String>,
     mut limits: crate::engine::Limits,
@@ -214,12 +209,8 @@ pub(crate) fn limits(
             .ok()
             .and_then(|n| n.checked_mul(scale))
             .ok_or_else(|| bad("a whole number, with Ki, Mi or Gi for bytes"))?;
-        match k.as_str() {
-            "readIOPS" | "writeIOPS" if scale != 1 => return Err(bad("operations take no unit")),
-            "readBytesPerSecond" | "writeBytesPerSecond" if n != 0 && n < MIN_BYTES_PER_SECOND => {
-                return Err(bad("at least 1Mi (or 0: no limit)"));
-            }
-            _ => {}
+        if scale != 1 && k.ends_with("IOPS") {
+            return Err(bad("operations take no unit"));
         }
         match k.as_str() {
             "readIOPS" => limits.read_iops = n,
@@ -233,6 +224,9 @@ pub(crate) fn limits(
             }
         }
     }
+    limits
+        .check()
+        .map_err(|why| Status::invalid_argument(format!("mutable parameters: {why}")))?;
     Ok(limits)
 }
 

@@ -36,6 +36,9 @@ pub enum Error {
     /// An object with the requested ID already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// I/O limits that cannot be set.
+    #[error("invalid I/O limits: {0}")]
+    InvalidLimits(String),
     /// The changes since snapshot `base` were asked of something (`of`, a
     /// newer snapshot or the volume) that `base` is not older than.
     #[error("snapshot {base} is not an older snapshot of {of}: {why}")]
@@ -270,7 +273,8 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::InvalidSize { .. }
             | Error::ShrinkRefused { .. }
-            | Error::NotComparable { .. } => ErrorKind::InvalidArgument,
+            | Error::NotComparable { .. }
+            | Error::InvalidLimits(_) => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } | Error::ChainAtLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,

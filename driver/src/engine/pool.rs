@@ -730,6 +730,10 @@ impl Pool {
     /// Sets `volume`'s merge policy and I/O limits (the limits apply at
     /// once, to the volume in use too).
     pub fn set_policy(&self, volume: VolumeId, policy: VolumePolicy) -> Result<()> {
+        policy.limits.check().map_err(Error::InvalidLimits)?;
+        // A volume loading meanwhile reads the new policy, or is in the
+        // map when it is applied below.
+        let _opening = self.inner.opening.lock().expect("volume open lock");
         let mut txn = self.shared().catalog.write()?;
         if txn.volume(volume)?.is_none() {
             return Err(Error::VolumeNotFound(volume));

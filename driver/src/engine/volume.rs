@@ -587,6 +587,8 @@ impl Volume {
             return Ok(());
         }
         self.throttle.wait(Direction::Read, buf.len() as u64);
+        // It may have waited through a move's seal or a delete.
+        self.check_live()?;
         let (first, end) = touched_blocks(offset, buf.len() as u64);
         self.read_blocks(first, end, offset, buf)
     }
@@ -636,6 +638,7 @@ impl Volume {
             return Ok(false);
         }
         self.throttle.wait(Direction::Write, len);
+        self.check_live()?;
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
         self.check_fault(false)?;
@@ -706,6 +709,9 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(Landed::default());
         }
+        // A copy by reference moves no data through here: one operation.
+        self.throttle.wait(Direction::Write, 0);
+        self.check_live()?;
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
         self.check_fault(false)?;
@@ -909,6 +915,7 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(());
         }
+        self.throttle.wait(Direction::Write, 0);
         let (first, end) = covered_blocks(offset, len);
         if first < end {
             self.unmap_blocks(first, end)?;
@@ -931,12 +938,15 @@ impl Volume {
             return Err(Error::SlowZero { offset, len });
         }
         let (first, end) = covered_blocks(offset, len);
+        // The partial blocks' writes are parts of this one operation.
+        let partial =
+            |at: u64, n: u64| super::qos::exempt(|| self.write(at, &vec![0u8; n as usize], false));
         if first >= end {
-            return self.write(offset, &vec![0u8; len as usize], false);
+            return partial(offset, len);
         }
         let head = first * BLOCK_SIZE - offset;
         if head > 0 {
-            self.write(offset, &vec![0u8; head as usize], false)?;
+            partial(offset, head)?;
         }
         if flags.no_hole {
             self.check_fault(false)?;
@@ -953,7 +963,7 @@ impl Volume {
         }
         let tail = end_byte - end * BLOCK_SIZE;
         if tail > 0 {
-            self.write(end * BLOCK_SIZE, &vec![0u8; tail as usize], false)?;
+            partial(end * BLOCK_SIZE, tail)?;
         }
         Ok(())
     }

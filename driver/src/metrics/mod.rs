@@ -745,7 +745,8 @@ impl Collector for PoolCollector {
                     volume: s.id.to_string(),
                     kind,
                 };
-                ConstGauge::new(n as i64).encode(metric.encode_family(&labels)?)?;
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(metric.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -7,7 +7,7 @@ use crate::engine::qos::Limits;
 
 const VOLUME_V: u8 = 1;
 const JOB_V: u8 = 1;
-const POLICY_V: u8 = 2;
+const POLICY_V: u8 = 1;
 const FAULT_V: u8 = 1;
 const LAYER_V: u8 = 1;
 const SNAPSHOT_V: u8 = 1;
@@ -240,9 +240,11 @@ mod tests {
     }
 
     /// A policy written before limits existed reads as having none; one
-    /// with limits round-trips; another version is refused.
+    /// with limits round-trips and starts as the older one did (which an
+    /// older build reads, ignoring the limits); another version is
+    /// refused.
     #[test]
-    fn policies_of_version_1_and_2_are_read() {
+    fn policies_with_and_without_limits_are_read() {
         let v1 = [1u8, 7, 0, 0, 0];
         assert_eq!(
             VolumePolicy::decode(&v1).unwrap(),
@@ -261,6 +263,7 @@ mod tests {
             },
         };
         assert_eq!(VolumePolicy::decode(&p.encode()).unwrap(), p);
+        assert_eq!(p.encode()[..5], [1u8, 3, 0, 0, 0]);
         assert!(VolumePolicy::decode(&[3u8, 7, 0, 0, 0]).is_err());
     }
 
@@ -461,29 +464,27 @@ pub struct VolumePolicy {
 }
 
 impl VolumePolicy {
+    /// Version 1, with the limits after it only when there are some: a
+    /// build from before limits existed reads the record (and ignores
+    /// them).
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         let l = &self.limits;
-        w.u8(POLICY_V)
-            .u32(self.max_chain_depth)
-            .u64(l.read_iops)
-            .u64(l.write_iops)
-            .u64(l.read_bytes_per_sec)
-            .u64(l.write_bytes_per_sec);
+        w.u8(POLICY_V).u32(self.max_chain_depth);
+        if !l.is_unlimited() {
+            w.u64(l.read_iops)
+                .u64(l.write_iops)
+                .u64(l.read_bytes_per_sec)
+                .u64(l.write_bytes_per_sec);
+        }
         w.0
     }
 
-    /// Version 1 had no limits.
     pub(crate) fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf, "policy");
-        let v = r.u8()?;
-        if v != 1 && v != POLICY_V {
-            return Err(Error::Corrupt(format!(
-                "policy record has version {v}, this build reads versions 1 and {POLICY_V}"
-            )));
-        }
+        r.version(POLICY_V)?;
         let max_chain_depth = r.u32()?;
-        let limits = if v == 1 {
+        let limits = if r.is_empty() {
             Limits::default()
         } else {
             Limits {
