@@ -473,6 +473,14 @@ fn everything_passes_kubectl_create_dry_run() {
             "servicemonitors",
             true,
         ),
+        // storage.k8s.io/v1 since Kubernetes 1.34; k8s-openapi is built
+        // for 1.33 here.
+        (
+            "storage.k8s.io",
+            "VolumeAttributesClass",
+            "volumeattributesclasses",
+            false,
+        ),
     ] {
         kinds.push(discovery::Kind {
             group: group.into(),
@@ -520,6 +528,7 @@ fn everything_passes_kubectl_create_dry_run() {
         "persistentvolumeclaim/",
         "pod/",
         "volumesnapshot.snapshot.storage.k8s.io/",
+        "volumeattributesclass.storage.k8s.io/",
     ] {
         assert!(
             accepted.iter().any(|n| n.starts_with(want)),
