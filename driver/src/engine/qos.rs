@@ -12,7 +12,7 @@
 //! requests that reserve from then on. What the waits add up to is counted
 //! per direction, for metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -114,6 +114,9 @@ struct State {
 pub(crate) struct Throttle {
     state: Mutex<State>,
     changed: Condvar,
+    /// Whether any limit is set: the I/O of a volume without one never
+    /// takes the lock.
+    limited: AtomicBool,
     /// Nanoseconds requests waited: reads, writes.
     waited: [AtomicU64; 2],
 }
@@ -131,16 +134,18 @@ impl Throttle {
             return;
         }
         st.limits = limits;
+        self.limited
+            .store(!limits.is_unlimited(), Ordering::Release);
         st.buckets = Default::default();
         st.generation += 1;
         self.changed.notify_all();
     }
 
     /// Waits until a request of `bytes` in `direction` may go (at once
-    /// inside [`exempt`]).
-    pub(crate) fn wait(&self, direction: Direction, bytes: u64) {
-        if EXEMPT.with(|e| e.get()) {
-            return;
+    /// inside [`exempt`]); whether it waited.
+    pub(crate) fn wait(&self, direction: Direction, bytes: u64) -> bool {
+        if !self.limited.load(Ordering::Acquire) || EXEMPT.with(|e| e.get()) {
+            return false;
         }
         let started = Instant::now();
         let mut st = self.state.lock().expect("throttle");
@@ -162,12 +167,12 @@ impl Throttle {
                 let now = Instant::now();
                 if now >= go {
                     drop(st);
-                    let waited = started.elapsed();
-                    if waited > Duration::ZERO && go > started {
-                        self.waited[direction as usize]
-                            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                    if go <= started {
+                        return false;
                     }
-                    return;
+                    self.waited[direction as usize]
+                        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    return true;
                 }
                 st = self.changed.wait_timeout(st, go - now).expect("throttle").0;
                 if st.generation != generation {

@@ -586,9 +586,11 @@ impl Volume {
         if !self.admit(offset, buf.len() as u64)? {
             return Ok(());
         }
-        self.throttle.wait(Direction::Read, buf.len() as u64);
-        // It may have waited through a move's seal or a delete.
-        self.check_live()?;
+        // A request that waited may have waited through a move's seal or
+        // a delete.
+        if self.throttle.wait(Direction::Read, buf.len() as u64) {
+            self.check_live()?;
+        }
         let (first, end) = touched_blocks(offset, buf.len() as u64);
         self.read_blocks(first, end, offset, buf)
     }
@@ -637,8 +639,9 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(false);
         }
-        self.throttle.wait(Direction::Write, len);
-        self.check_live()?;
+        if self.throttle.wait(Direction::Write, len) {
+            self.check_live()?;
+        }
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
         self.check_fault(false)?;
@@ -710,8 +713,9 @@ impl Volume {
             return Ok(Landed::default());
         }
         // A copy by reference moves no data through here: one operation.
-        self.throttle.wait(Direction::Write, 0);
-        self.check_live()?;
+        if self.throttle.wait(Direction::Write, 0) {
+            self.check_live()?;
+        }
         self.allowance.consume(len);
         self.moving.allowance.consume(len);
         self.check_fault(false)?;
