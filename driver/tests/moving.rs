@@ -155,3 +155,100 @@ fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
     v.read(0, &mut buf).unwrap();
     assert_eq!(buf, [5u8; 4096]);
 }
+
+/// A group snapshot's cut: with the writes of two volumes held, a writer
+/// that writes A then B (each after the last was acknowledged) is stopped
+/// between two writes, so the snapshots never hold a B newer than A; the
+/// cut ends the hold; a cut after the hold's deadline, after a release, or
+/// of a volume the hold does not cover takes nothing.
+#[test]
+fn a_group_cut_is_consistent_across_volumes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use strata::engine::SnapshotId;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(pool(dir.path()));
+    let a = p.create_volume(1 << 20).unwrap().id;
+    let b = p.create_volume(1 << 20).unwrap().id;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (p, stop) = (Arc::clone(&p), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (va, vb) = (p.volume(a).unwrap(), p.volume(b).unwrap());
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                va.write(0, &n.to_le_bytes(), false).unwrap();
+                vb.write(0, &n.to_le_bytes(), false).unwrap();
+            }
+            n
+        })
+    };
+    let counter = |id: SnapshotId| {
+        let mut buf = [0u8; 8];
+        p.open_snapshot(id).unwrap().read(0, &mut buf).unwrap();
+        u64::from_le_bytes(buf)
+    };
+    let (mut between, mut longest) = (0, Duration::ZERO);
+    for round in 0..40u64 {
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            p.hold_group(round, &[b, a], Duration::from_secs(5))
+                .unwrap()
+        );
+        let (sa, sb) = (SnapshotId::new_random(), SnapshotId::new_random());
+        let (infos, held) = p.cut_group(round, &[(a, sa), (b, sb)]).unwrap();
+        assert_eq!(infos.iter().map(|i| i.id).collect::<Vec<_>>(), [sa, sb]);
+        longest = longest.max(held);
+        let (na, nb) = (counter(sa), counter(sb));
+        assert!(
+            nb == na || nb + 1 == na,
+            "round {round}: A holds write {na}, B holds write {nb}"
+        );
+        between += usize::from(nb + 1 == na);
+        p.delete_snapshot(sa).unwrap();
+        p.delete_snapshot(sb).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 40, "the writer ran ({written} writes)");
+    eprintln!(
+        "{between} of 40 cuts fell between a write to A and its write to B; longest hold {longest:?}"
+    );
+
+    let late = SnapshotId::new_random();
+    // Reached its deadline: the cut takes nothing, and writes go on.
+    assert!(p.hold_group(100, &[a], Duration::from_millis(50)).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    p.volume(a).unwrap().write(0, &[7u8; 8], false).unwrap();
+    assert!(matches!(
+        p.cut_group(100, &[(a, late)]),
+        Err(Error::NotHeld(100))
+    ));
+    // Released: likewise.
+    assert!(p.hold_group(101, &[a, b], Duration::from_secs(30)).unwrap());
+    assert!(p.release_group(101));
+    p.volume(b).unwrap().write(0, &[7u8; 8], false).unwrap();
+    assert!(matches!(
+        p.cut_group(101, &[(b, late)]),
+        Err(Error::NotHeld(_))
+    ));
+    // A member the hold does not cover; a volume named twice.
+    assert!(p.hold_group(102, &[a], Duration::from_secs(30)).unwrap());
+    assert!(matches!(
+        p.cut_group(102, &[(b, late)]),
+        Err(Error::InvalidGroup(_))
+    ));
+    assert!(!p.release_group(102), "the refused cut ended the hold");
+    assert!(matches!(
+        p.hold_group(103, &[a, a], Duration::from_secs(1)),
+        Err(Error::InvalidGroup(_))
+    ));
+    assert!(matches!(
+        p.open_snapshot(late),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    // No top file is left behind by the refused cuts.
+    drop(p);
+    let report = strata::engine::check::check_pool(dir.path(), false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}

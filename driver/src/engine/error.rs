@@ -177,6 +177,15 @@ pub enum Error {
     /// (the caller goes to the new owner).
     #[error("volume {volume} moved to node {node}")]
     Moved { volume: VolumeId, node: String },
+    /// A group snapshot's cut found no hold of its members' writes (it
+    /// reached its deadline, was released, or the node restarted):
+    /// nothing was taken.
+    #[error("group hold {0:#x} is not in place (it reached its deadline or was released)")]
+    NotHeld(u64),
+    /// A group snapshot's request names a volume twice, or one it does not
+    /// hold.
+    #[error("{0}")]
+    InvalidGroup(String),
     /// The pool's filesystem is full.
     #[error("no space left in the pool while trying to {op}")]
     NoSpace {
@@ -274,13 +283,14 @@ impl Error {
             Error::InvalidSize { .. }
             | Error::ShrinkRefused { .. }
             | Error::NotComparable { .. }
-            | Error::InvalidLimits(_) => ErrorKind::InvalidArgument,
+            | Error::InvalidLimits(_)
+            | Error::InvalidGroup(_) => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } | Error::TooLargeForFilesystem { .. } => ErrorKind::OutOfRange,
             Error::LayerLimit { .. } | Error::ChainAtLimit { .. } => ErrorKind::LimitReached,
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::SlowZero { .. } => ErrorKind::NotSupported,
             Error::NoSpace { .. } | Error::StateDirFull { .. } => ErrorKind::NoSpace,
-            Error::PoolLocked(_) | Error::Fetching { .. } => ErrorKind::Busy,
+            Error::PoolLocked(_) | Error::Fetching { .. } | Error::NotHeld(_) => ErrorKind::Busy,
             Error::Moved { .. } => ErrorKind::Moved,
             Error::FormatTooNew { .. }
             | Error::NotAPool { .. }

@@ -20,6 +20,7 @@ pub(crate) mod catalog;
 pub mod check;
 pub mod error;
 pub mod geometry;
+mod group;
 pub mod ids;
 pub(crate) mod index;
 pub mod io;

@@ -520,6 +520,8 @@ pub(crate) struct PoolInner {
     creating: Mutex<HashSet<VolumeId>>,
     created: std::sync::Condvar,
     pub(crate) jobs: Arc<Jobs>,
+    /// Group snapshots' holds of writes (see `group.rs`).
+    pub(crate) groups: super::group::Holds,
 }
 
 /// A storage pool. Cheap to clone; all clones are the same pool. When the
@@ -620,6 +622,7 @@ impl Pool {
             creating: Mutex::new(HashSet::new()),
             created: std::sync::Condvar::new(),
             jobs,
+            groups: Default::default(),
         });
         let pool = Pool {
             _user: Some(Arc::new(UserHandles(Arc::downgrade(&inner)))),
@@ -1304,8 +1307,20 @@ impl Pool {
         snap: SnapshotId,
         implicit: bool,
     ) -> Result<(SnapshotInfo, Arc<View>)> {
-        let sh = self.shared();
         let _gate = vol.gate.write().expect("volume gate");
+        self.freeze_top_gated(vol, new_top, snap, implicit)
+    }
+
+    /// [`Pool::freeze_top`] for a caller that keeps I/O out of the volume
+    /// already (a group hold owns its gate, see `group.rs`).
+    pub(crate) fn freeze_top_gated(
+        &self,
+        vol: &Volume,
+        new_top: LayerId,
+        snap: SnapshotId,
+        implicit: bool,
+    ) -> Result<(SnapshotInfo, Arc<View>)> {
+        let sh = self.shared();
         vol.check_live()?;
         vol.flush()?;
         let created = now_ns();
@@ -1704,7 +1719,7 @@ fn volume_info(txn: &super::catalog::ReadTxn, r: &VolumeRecord) -> Result<Volume
 /// Takes the pool's lock file; held until the returned value is dropped.
 /// A fetching volume's layers do not hold all its data yet: no snapshot or
 /// clone of it until they do.
-fn refuse_fetching(vol: &Volume) -> Result<()> {
+pub(crate) fn refuse_fetching(vol: &Volume) -> Result<()> {
     if vol.fetching() {
         return Err(Error::Fetching {
             volume: vol.id(),
