@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use csi_proto::cluster::v1::cluster_server::ClusterServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
+use csi_proto::csi::v1::group_controller_server::GroupControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::sync::watch;
@@ -133,6 +134,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             ))
             .add_service(ControllerServer::new(replica.clone()))
             .add_service(SnapshotMetadataServer::new(replica.clone()))
+            .add_service(GroupControllerServer::new(replica.clone()))
+            .add_service(GroupControllerServer::new(replica.clone()))
             .add_service(ClusterServer::new(moves.clone()))
             .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped()),
     );
@@ -149,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
         .add_service(ControllerServer::new(replica.clone()))
         .add_service(SnapshotMetadataServer::new(replica.clone()))
+        .add_service(GroupControllerServer::new(replica.clone()))
         .add_service(ClusterServer::new(moves.clone()))
         .serve_with_incoming_shutdown(crate::rpc::tcp_incoming(peer_listener), stopped());
     tokio::spawn(async move {

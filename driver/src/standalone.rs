@@ -20,6 +20,7 @@ use std::time::Duration;
 use csi_proto::admin::v1::admin_server::AdminServer;
 use csi_proto::agent::v1::agent_server::AgentServer;
 use csi_proto::csi::v1::controller_server::ControllerServer;
+use csi_proto::csi::v1::group_controller_server::GroupControllerServer;
 use csi_proto::csi::v1::identity_server::IdentityServer;
 use csi_proto::csi::v1::node_server::NodeServer;
 use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
@@ -168,6 +169,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let metadata = standalone.then(|| {
         SnapshotMetadataServer::new(ControllerService::new(cluster.clone(), inflight.clone()))
     });
+    let groups = standalone.then(|| {
+        GroupControllerServer::new(ControllerService::new(cluster.clone(), inflight.clone()))
+    });
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
             started.clone(),
@@ -175,6 +179,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )))
         .add_optional_service(controller)
         .add_optional_service(metadata)
+        .add_optional_service(groups)
         .add_service(AdminServer::new(AdminService::new(started.clone())))
         .add_service(NodeServer::new(NodeService::new(
             started.clone(),

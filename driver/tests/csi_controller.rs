@@ -93,12 +93,17 @@ async fn identity_reports_name_capabilities_and_readiness() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 4, "{caps:?}");
+    assert_eq!(caps.capabilities.len(), 5, "{caps:?}");
     // What the external-snapshot-metadata sidecar waits for at start.
     use csi_proto::csi::v1::plugin_capability::{Service, Type as Cap, service};
     assert!(caps.capabilities.iter().any(|c| c.r#type
         == Some(Cap::Service(Service {
             r#type: service::Type::SnapshotMetadataService as i32
+        }))));
+    // What the csi-snapshotter checks before it handles group snapshots.
+    assert!(caps.capabilities.iter().any(|c| c.r#type
+        == Some(Cap::Service(Service {
+            r#type: service::Type::GroupControllerService as i32
         }))));
 }
 
@@ -726,4 +731,327 @@ async fn io_limits_are_set_enforced_changed_in_use_and_kept() {
         let e = cc.controller_modify_volume(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {e:?}");
     }
+}
+
+/// Reads the 8-byte counter at the start of an export (a volume or a
+/// snapshot) over NBD.
+fn counter_of(s: &Standalone, export: &str) -> u64 {
+    use std::os::unix::net::UnixStream;
+    use strata::frontend::nbd::client::Client;
+    let mut c = Client::connect(UnixStream::connect(s.nbd_socket()).unwrap(), export).unwrap();
+    let mut buf = [0u8; 8];
+    c.read(0, &mut buf).unwrap();
+    u64::from_le_bytes(buf)
+}
+
+/// Group snapshots through the GroupController service: under a writer
+/// that writes volume A and then volume B (each after the last write was
+/// acknowledged), every group holds a B no newer than its A and at most
+/// one write behind; the writer's longest wait is the hold. Idempotent by
+/// name; the spec's errors; a member restores on its own; a delete takes
+/// every member; and a group cut short by a crash (after the hold, and
+/// after the cut) is cut again whole by the next call, leaving nothing
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshots_cut_every_member_at_one_instant() {
+    use csi_proto::csi::v1::group_controller_client::GroupControllerClient;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    use strata::frontend::nbd::client::Client;
+    let mut s = Standalone::start();
+    let a = s.create_volume("group-a", "16MiB");
+    let b = s.create_volume("group-b", "16MiB");
+    let lone = s.create_volume("lone", "4MiB");
+    let lone_snap = s.snapshot("lone-snap", &lone);
+
+    let caps = GroupControllerClient::new(channel(&s).await)
+        .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.capabilities.len(), 1, "{caps:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let longest = Arc::new(Mutex::new(Duration::ZERO));
+    let writer = {
+        let (socket, a, b) = (s.nbd_socket(), a.clone(), b.clone());
+        let (stop, longest) = (Arc::clone(&stop), Arc::clone(&longest));
+        std::thread::spawn(move || {
+            let mut ca = Client::connect(UnixStream::connect(&socket).unwrap(), &a).unwrap();
+            let mut cb = Client::connect(UnixStream::connect(&socket).unwrap(), &b).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                for c in [&mut ca, &mut cb] {
+                    let t = Instant::now();
+                    c.write(0, &n.to_le_bytes()).unwrap();
+                    let mut l = longest.lock().unwrap();
+                    *l = (*l).max(t.elapsed());
+                }
+            }
+            n
+        })
+    };
+    let mut g = GroupControllerClient::new(channel(&s).await);
+    let group_req = |name: &str, volumes: &[&String]| CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut groups = Vec::new();
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(30));
+        let group = g
+            .create_volume_group_snapshot(group_req(&format!("vgs-{round}"), &[&b, &a]))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert!(group.ready_to_use);
+        assert!(group.creation_time.is_some());
+        assert_eq!(group.snapshots.len(), 2);
+        let member = |v: &str| {
+            let m = group
+                .snapshots
+                .iter()
+                .find(|m| m.source_volume_id == v)
+                .unwrap();
+            assert_eq!(m.group_snapshot_id, group.group_snapshot_id);
+            assert!(m.ready_to_use && m.size_bytes == 16 << 20);
+            m.snapshot_id.clone()
+        };
+        let (na, nb) = (counter_of(&s, &member(&a)), counter_of(&s, &member(&b)));
+        assert!(
+            na >= 1 && (nb == na || nb + 1 == na),
+            "group {round}: A holds write {na}, B holds write {nb}"
+        );
+        groups.push(group);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let longest = *longest.lock().unwrap();
+    eprintln!("{written} writes to each volume; the longest write took {longest:?}");
+    assert!(
+        longest < Duration::from_secs(1),
+        "a write waited {longest:?}"
+    );
+
+    // Idempotent by name; another set of volumes under that name is not.
+    let first = &groups[0];
+    let again = g
+        .create_volume_group_snapshot(group_req("vgs-0", &[&a, &b]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, first.group_snapshot_id);
+    let e = g
+        .create_volume_group_snapshot(group_req("vgs-0", &[&a]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // Arguments.
+    for (req, code) in [
+        (group_req("", &[&a]), Code::InvalidArgument),
+        (group_req("x", &[]), Code::InvalidArgument),
+        (group_req("x", &[&a, &a]), Code::InvalidArgument),
+        (
+            group_req(
+                "x",
+                &[&a, &"1c0ffee0-0000-4000-8000-000000000000".to_string()],
+            ),
+            Code::NotFound,
+        ),
+        (
+            CreateVolumeGroupSnapshotRequest {
+                parameters: HashMap::from([("freezeFilesystem".into(), "true".into())]),
+                ..group_req("x", &[&a])
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let e = g.create_volume_group_snapshot(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+    }
+    assert!(
+        g.get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .is_err_and(|e| e.code() == Code::NotFound)
+    );
+    let ids = |grp: &VolumeGroupSnapshot| -> Vec<String> {
+        let mut ids: Vec<String> = grp
+            .snapshots
+            .iter()
+            .map(|m| m.snapshot_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let got = g
+        .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: first.group_snapshot_id.clone(),
+            snapshot_ids: ids(first),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(ids(&got), ids(first));
+    let mut foreign = ids(first);
+    foreign.push(lone_snap.clone());
+    let e = g
+        .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: first.group_snapshot_id.clone(),
+            snapshot_ids: foreign.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // A member is a snapshot of its own: listed, and restored.
+    let mut c = ControllerClient::new(channel(&s).await);
+    let member_a = first
+        .snapshots
+        .iter()
+        .find(|m| m.source_volume_id == a)
+        .unwrap();
+    let listed = c
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: member_a.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0]
+            .snapshot
+            .as_ref()
+            .unwrap()
+            .group_snapshot_id,
+        first.group_snapshot_id
+    );
+    let restored = c
+        .create_volume(CreateVolumeRequest {
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: member_a.snapshot_id.clone(),
+                })),
+            }),
+            ..create("from-member", 16 << 20)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        counter_of(&s, &restored.volume_id),
+        counter_of(&s, &member_a.snapshot_id)
+    );
+
+    // Deleted whole; a second delete is fine; a list naming a snapshot
+    // outside the group is refused.
+    let e = g
+        .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: first.group_snapshot_id.clone(),
+            snapshot_ids: foreign,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    for grp in &groups {
+        for _ in 0..2 {
+            g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: grp.group_snapshot_id.clone(),
+                snapshot_ids: ids(grp),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let left = |c: &mut ControllerClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let mut ids: Vec<String> = c
+                .list_snapshots(ListSnapshotsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(left(&mut c).await, [lone_snap.clone()]);
+
+    // A crash after the hold, and one after the cut: the next call cuts
+    // the group again, and nothing of the half-made one is left.
+    for fp in ["agent::hold_group::held", "csi::group::cut"] {
+        s.kill9();
+        s.set_failpoint(Some(fp));
+        s.spawn();
+        let e = GroupControllerClient::new(channel(&s).await)
+            .create_volume_group_snapshot(group_req("after-crash", &[&a, &b]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{fp}: {e:?}"
+        );
+        s.kill9();
+        s.set_failpoint(None);
+        s.spawn();
+        let mut g = GroupControllerClient::new(channel(&s).await);
+        let group = g
+            .create_volume_group_snapshot(group_req("after-crash", &[&a, &b]))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert!(group.ready_to_use, "{fp}");
+        let mut c = ControllerClient::new(channel(&s).await);
+        let mut want = ids(&group);
+        want.push(lone_snap.clone());
+        want.sort();
+        assert_eq!(left(&mut c).await, want, "{fp}");
+        // Writes go on after the restart.
+        let mut ca = Client::connect(UnixStream::connect(s.nbd_socket()).unwrap(), &a).unwrap();
+        ca.write(0, &[9u8; 8]).unwrap();
+        g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // The engine holds no snapshot the records do not.
+    assert!(s.terminate().success());
+    let pool = strata::engine::Pool::open(&s.pool(), Default::default()).unwrap();
+    let kept: Vec<String> = pool
+        .list_snapshots()
+        .unwrap()
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(kept, [lone_snap]);
 }

@@ -62,6 +62,9 @@ forward! {
     delete_snapshot(DeleteSnapshotRequest) -> DeleteReply;
     get_snapshot(GetSnapshotRequest) -> SnapshotReply;
     snapshot_ranges(SnapshotRangesRequest) -> SnapshotRangesReply;
+    hold_group(HoldGroupRequest) -> HoldGroupReply;
+    cut_group(CutGroupRequest) -> CutGroupReply;
+    release_group(ReleaseGroupRequest) -> DeleteReply;
     attach(AttachRequest) -> AttachReply;
     detach(AttachRequest) -> AttachReply;
     seal(SealRequest) -> AttachReply;

@@ -595,6 +595,87 @@ impl Agent for AgentService {
         Ok(Response::new(HoldReply {}))
     }
 
+    async fn hold_group(
+        &self,
+        req: Request<HoldGroupRequest>,
+    ) -> Result<Response<HoldGroupReply>, Status> {
+        let req = req.into_inner();
+        if req.deadline_ms == 0 || req.deadline_ms > MAX_HOLD_MS {
+            return Err(Status::invalid_argument(format!(
+                "a hold's deadline is 1 to {MAX_HOLD_MS} ms, not {}",
+                req.deadline_ms
+            )));
+        }
+        let vids = req
+            .volume_ids
+            .iter()
+            .map(|v| volume_id(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        for &vid in &vids {
+            if let Some((node, _)) = self.attachments.mover(vid) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {vid} is moving to node {node}: snapshot its group after the move"
+                )));
+            }
+        }
+        let deadline = std::time::Duration::from_millis(u64::from(req.deadline_ms));
+        let asked = std::time::Instant::now();
+        let held = self
+            .blocking(move |core| {
+                core.pool
+                    .hold_group(req.hold_id, &vids, deadline)
+                    .map_err(status::engine)
+            })
+            .await?;
+        if !held {
+            return Err(Status::deadline_exceeded(format!(
+                "the writes in flight did not finish within the hold's deadline ({} ms)",
+                deadline.as_millis()
+            )));
+        }
+        crate::engine::jobs::failpoint::hit("agent::hold_group::held");
+        tracing::debug!(
+            hold = format!("{:#x}", req.hold_id),
+            drained_ms = asked.elapsed().as_millis() as u64,
+            "writes held for a group snapshot"
+        );
+        Ok(Response::new(HoldGroupReply {}))
+    }
+
+    async fn cut_group(
+        &self,
+        req: Request<CutGroupRequest>,
+    ) -> Result<Response<CutGroupReply>, Status> {
+        let req = req.into_inner();
+        let members = req
+            .members
+            .iter()
+            .map(|m| Ok((volume_id(&m.volume_id)?, snapshot_id(&m.snapshot_id)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let hold = req.hold_id;
+        let (infos, held) = self
+            .blocking(move |core| match core.pool.cut_group(hold, &members) {
+                Err(e @ Error::NotHeld(_)) => Err(Status::aborted(e.to_string())),
+                other => other.map_err(status::engine),
+            })
+            .await?;
+        self.metrics.group_hold(held);
+        Ok(Response::new(CutGroupReply {
+            snapshots: infos.iter().map(snapshot_reply).collect(),
+            held_micros: held.as_micros() as u64,
+        }))
+    }
+
+    async fn release_group(
+        &self,
+        req: Request<ReleaseGroupRequest>,
+    ) -> Result<Response<DeleteReply>, Status> {
+        let hold = req.into_inner().hold_id;
+        self.blocking(move |core| Ok(core.pool.release_group(hold)))
+            .await?;
+        Ok(Response::new(DeleteReply {}))
+    }
+
     async fn follow(&self, req: Request<FollowRequest>) -> Result<Response<FollowReply>, Status> {
         let req = req.into_inner();
         let vid = volume_id(&req.volume_id)?;

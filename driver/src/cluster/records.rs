@@ -80,6 +80,18 @@ pub struct SnapshotRecord {
     pub node: String,
     pub state: RecordState,
     pub created_unix_ns: u64,
+    /// The group snapshot it was cut with, if any (see `csi::group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRef>,
+}
+
+/// A group snapshot a member snapshot belongs to: its ID and CSI name.
+/// A group has no record of its own: its members' records are it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRef {
+    pub id: String,
+    pub name: String,
 }
 
 /// Whether the controller hears from a node.
@@ -526,6 +538,7 @@ mod tests {
             node: "n".into(),
             state: RecordState::Ready,
             created_unix_ns: 2,
+            group: None,
         }
     }
 

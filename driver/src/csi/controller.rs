@@ -71,7 +71,7 @@ pub type MovesReady = Arc<OnceLock<Arc<Moves>>>;
 #[derive(Debug, Clone)]
 pub struct ControllerService {
     cluster: ClusterReady,
-    inflight: InFlight,
+    pub(super) inflight: InFlight,
     moves: MovesReady,
 }
 
@@ -153,7 +153,7 @@ impl ControllerService {
     /// [`Self::volume_node`] for calls that change the volume or who
     /// reaches it: UNAVAILABLE while it moves between nodes (the sidecars
     /// retry).
-    async fn settled_node(&self, id: &str) -> Result<Option<String>, Status> {
+    pub(super) async fn settled_node(&self, id: &str) -> Result<Option<String>, Status> {
         let key = id.to_string();
         if let Some(rec) = self.records(move |r| r.volume(&key)).await? {
             check_not_moving(&rec)?;
@@ -295,14 +295,14 @@ fn volume_message(rec: &VolumeRecord) -> Volume {
     }
 }
 
-fn snapshot_message(rec: &SnapshotRecord) -> Snapshot {
+pub(super) fn snapshot_message(rec: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: rec.size_bytes as i64,
         snapshot_id: rec.snapshot_id.clone(),
         source_volume_id: rec.source_volume_id.clone(),
         creation_time: Some(timestamp(rec.created_unix_ns)),
-        ready_to_use: true,
-        group_snapshot_id: String::new(),
+        ready_to_use: rec.state == RecordState::Ready,
+        group_snapshot_id: rec.group.as_ref().map(|g| g.id.clone()).unwrap_or_default(),
     }
 }
 
@@ -333,7 +333,7 @@ fn requirements(req: Option<&TopologyRequirement>) -> (Option<Vec<String>>, Vec<
     (allowed, preferred)
 }
 
-fn timestamp(ns: u64) -> prost_types::Timestamp {
+pub(super) fn timestamp(ns: u64) -> prost_types::Timestamp {
     let d = Duration::from_nanos(ns);
     prost_types::Timestamp {
         seconds: d.as_secs() as i64,
@@ -341,7 +341,7 @@ fn timestamp(ns: u64) -> prost_types::Timestamp {
     }
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -983,6 +983,7 @@ impl Controller for ControllerService {
                     node,
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
+                    group: None,
                 };
                 let put = rec.clone();
                 self.records(move |r| r.put_snapshot(&put)).await?;

@@ -72,6 +72,8 @@ impl Identity for IdentityService {
             // Served beside the Controller (`metadata.rs`); the
             // external-snapshot-metadata sidecar starts only if it is said.
             capabilities.push(service_cap(service::Type::SnapshotMetadataService));
+            // Group snapshots (`group.rs`).
+            capabilities.push(service_cap(service::Type::GroupControllerService));
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

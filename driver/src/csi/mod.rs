@@ -6,9 +6,11 @@
 //! a controller replica's Controller calls: served here when it leads,
 //! forwarded to the leader otherwise; `moves.rs` serves Strata's Cluster
 //! service (moves between nodes) beside them, routed the same way;
-//! `metadata.rs` the SnapshotMetadata service (changed blocks).
+//! `metadata.rs` the SnapshotMetadata service (changed blocks), and
+//! `group.rs` the GroupController service (group snapshots).
 
 pub mod controller;
+pub mod group;
 mod guard;
 pub mod identity;
 pub mod metadata;

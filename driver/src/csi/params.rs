@@ -254,6 +254,21 @@ pub(crate) fn snapshot_params(params: &HashMap<String, String>) -> Result<Snapsh
     Ok(out)
 }
 
+/// Checks a group snapshot's parameters: only the sidecar's own. A group
+/// is crash-consistent; filesystems are not frozen for it.
+pub(crate) fn group_snapshot_params(params: &HashMap<String, String>) -> Result<(), Status> {
+    match params.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
+        None => Ok(()),
+        Some(k) if k == "freezeFilesystem" => Err(Status::invalid_argument(
+            "freezeFilesystem is not supported for group snapshots: a group is cut \
+             crash-consistent across its volumes, with no filesystem frozen",
+        )),
+        Some(k) => Err(Status::invalid_argument(format!(
+            "unknown group snapshot parameter {k:?}; Strata accepts none"
+        ))),
+    }
+}
+
 /// The filesystem a volume will carry: the StorageClass's `fsType`, else
 /// the first mount capability's fs_type, else ext4 if it is to be mounted
 /// at all; `None` for a volume used only as a raw block device.

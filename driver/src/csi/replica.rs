@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use csi_proto::csi::v1::controller_client::ControllerClient;
 use csi_proto::csi::v1::controller_server::Controller;
+use csi_proto::csi::v1::group_controller_client::GroupControllerClient;
+use csi_proto::csi::v1::group_controller_server::GroupController;
 use csi_proto::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
 use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadata;
 use csi_proto::csi::v1::*;
@@ -196,6 +198,60 @@ routed! {
     controller_get_volume(ControllerGetVolumeRequest) -> ControllerGetVolumeResponse;
     controller_modify_volume(ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse;
     get_snapshot(GetSnapshotRequest) -> GetSnapshotResponse;
+}
+
+/// GroupController, routed like the Controller (the leader's records
+/// hold the groups).
+#[tonic::async_trait]
+impl GroupController for Replica {
+    async fn group_controller_get_capabilities(
+        &self,
+        req: Request<GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<GroupControllerGetCapabilitiesResponse>, Status> {
+        self.local.group_controller_get_capabilities(req).await
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        match self.route(req.metadata())? {
+            Route::Here => self.local.create_volume_group_snapshot(req).await,
+            Route::Leader(channel) => {
+                GroupControllerClient::new(channel)
+                    .create_volume_group_snapshot(onward(req))
+                    .await
+            }
+        }
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        match self.route(req.metadata())? {
+            Route::Here => self.local.get_volume_group_snapshot(req).await,
+            Route::Leader(channel) => {
+                GroupControllerClient::new(channel)
+                    .get_volume_group_snapshot(onward(req))
+                    .await
+            }
+        }
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        match self.route(req.metadata())? {
+            Route::Here => self.local.delete_volume_group_snapshot(req).await,
+            Route::Leader(channel) => {
+                GroupControllerClient::new(channel)
+                    .delete_volume_group_snapshot(onward(req))
+                    .await
+            }
+        }
+    }
 }
 
 /// SnapshotMetadata, routed like the Controller: the leader's records

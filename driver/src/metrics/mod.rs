@@ -105,6 +105,7 @@ pub struct Metrics {
     moves: Family<MoveOutcome, Counter>,
     move_bytes: Counter,
     move_hold: Histogram,
+    group_hold: Histogram,
 }
 
 /// Per-operation handles for one volume, resolved once per connection so
@@ -262,6 +263,14 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             move_hold.clone(),
         );
+        let group_hold = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register_with_unit(
+            "group_snapshot_hold",
+            "How long a group snapshot's cut held the writes of this node's members \
+             (from the moment the writes in flight had finished to the end of the cut)",
+            prometheus_client::registry::Unit::Seconds,
+            group_hold.clone(),
+        );
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector {
             pool: Arc::clone(&pool),
@@ -296,12 +305,18 @@ impl Metrics {
             moves,
             move_bytes,
             move_hold,
+            group_hold,
         })
     }
 
     /// Records how long a live move held a volume's writes.
     pub fn move_hold(&self, held: Duration) {
         self.move_hold.observe(held.as_secs_f64());
+    }
+
+    /// Records how long a group snapshot's cut held its members' writes.
+    pub fn group_hold(&self, held: Duration) {
+        self.group_hold.observe(held.as_secs_f64());
     }
 
     /// Counts a move between nodes that ended, by kind (`copy_first`,

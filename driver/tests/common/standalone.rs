@@ -229,6 +229,13 @@ impl Standalone {
         self.proc.kill9();
     }
 
+    /// The failpoint (`STRATA_FAILPOINT`) of the next start, or none.
+    pub fn set_failpoint(&mut self, name: Option<&str>) {
+        self.proc.env = name
+            .map(|n| vec![("STRATA_FAILPOINT".to_string(), n.to_string())])
+            .unwrap_or_default();
+    }
+
     /// SIGTERM; returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         self.proc.terminate()

@@ -126,6 +126,7 @@ pub struct RecordStatus {
     printcolumn(name = "Volume", type_ = "string", json_path = ".spec.sourceVolume"),
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Group", type_ = "string", json_path = ".spec.groupName"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -139,6 +140,11 @@ pub struct StrataSnapshotSpec {
     pub size_bytes: u64,
     pub node: String,
     pub created_unix_ns: u64,
+    /// The group snapshot it was cut with: its ID and CSI name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_name: Option<String>,
 }
 
 /// A node running `strata node`: where its agent listens. It creates this

@@ -172,6 +172,8 @@ fn snapshot_object(r: &SnapshotRecord) -> StrataSnapshot {
             size_bytes: r.size_bytes,
             node: r.node.clone(),
             created_unix_ns: r.created_unix_ns,
+            group_id: r.group.as_ref().map(|g| g.id.clone()),
+            group_name: r.group.as_ref().map(|g| g.name.clone()),
         },
     );
     o.labels_mut()
@@ -192,6 +194,10 @@ fn snapshot_record(o: &StrataSnapshot) -> SnapshotRecord {
         node: s.node.clone(),
         state: record_state(o.status.as_ref()),
         created_unix_ns: s.created_unix_ns,
+        group: s.group_id.clone().map(|id| GroupRef {
+            id,
+            name: s.group_name.clone().unwrap_or_default(),
+        }),
     }
 }
 

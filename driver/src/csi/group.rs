@@ -1,0 +1,402 @@
+//! The CSI GroupController service: group snapshots, a snapshot of each of
+//! several volumes cut at one instant (CreateVolumeGroupSnapshot,
+//! GetVolumeGroupSnapshot, DeleteVolumeGroupSnapshot), for the
+//! external-snapshotter's VolumeGroupSnapshots.
+//!
+//! The cut is crash-consistent across the members, also when they live on
+//! different nodes: every node holding members first holds their writes
+//! (agent HoldGroup, all nodes at once, each with a deadline), and only
+//! when every node answered are they cut (CutGroup, which ends each hold).
+//! A write acknowledged after any member's cut was made after every hold
+//! was in place, so it is in no member's snapshot; anything a member's
+//! snapshot holds was acknowledged before every cut. Members are usable on
+//! their own: they are ordinary snapshots (restore, clone, delete, changed
+//! blocks) that name their group. Filesystems are not frozen for a group:
+//! `freezeFilesystem` is refused.
+//!
+//! A group has no record of its own: its members' snapshot records name
+//! it (ID and CSI name). They are written, as Creating, before any node is
+//! held; a create that fails deletes what it made, and one interrupted by a
+//! crash is found by the next call of the same name, which deletes the
+//! half-made group and cuts it again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use csi_proto::agent::v1 as agent;
+use csi_proto::csi::v1::group_controller_server::GroupController;
+use csi_proto::csi::v1::group_controller_service_capability::{self as gcap, rpc};
+use csi_proto::csi::v1::*;
+use tonic::{Request, Response, Status};
+
+use super::controller::{ControllerService, now_ns, snapshot_message, timestamp};
+use super::params;
+use crate::agent::volume_id as parse_volume_id;
+use crate::cluster::records::{GroupRef, RecordState, SnapshotRecord};
+use crate::engine::SnapshotId;
+use csi_proto::agent::v1::agent_server::Agent;
+
+/// How long a node holds its members' writes at most: the longest a
+/// controller that dies between the hold and the cut stalls them. Every
+/// node must be held, and cut, within it.
+const HOLD_DEADLINE: Duration = Duration::from_secs(3);
+
+#[tonic::async_trait]
+impl GroupController for ControllerService {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<GroupControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(GroupControllerGetCapabilitiesResponse {
+            capabilities: vec![GroupControllerServiceCapability {
+                r#type: Some(gcap::Type::Rpc(gcap::Rpc {
+                    r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        if req.source_volume_ids.is_empty() {
+            return Err(Status::invalid_argument("source_volume_ids is required"));
+        }
+        params::group_snapshot_params(&req.parameters)?;
+        let mut wanted = req.source_volume_ids.clone();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.len() != req.source_volume_ids.len() {
+            return Err(Status::invalid_argument(
+                "source_volume_ids names a volume more than once",
+            ));
+        }
+        for v in &wanted {
+            parse_volume_id(v)?;
+        }
+        let _guard = self
+            .inflight
+            .claim(&format!("group snapshot name {}", req.name))?;
+        let name = req.name.clone();
+        let existing = self.group_members(move |g| g.name == name).await?;
+        if !existing.is_empty() {
+            let mut had: Vec<&str> = existing
+                .iter()
+                .map(|m| m.source_volume_id.as_str())
+                .collect();
+            had.sort_unstable();
+            if had != wanted {
+                return Err(Status::already_exists(format!(
+                    "group snapshot {:?} exists for other volumes ({})",
+                    req.name,
+                    had.join(", ")
+                )));
+            }
+            if existing.iter().all(|m| m.state == RecordState::Ready) {
+                return Ok(Response::new(CreateVolumeGroupSnapshotResponse {
+                    group_snapshot: Some(group_message(&existing)),
+                }));
+            }
+            // An earlier call stopped half way: its cut may not be whole.
+            tracing::info!(group = %req.name, "a group snapshot left half made is cut again");
+            self.drop_members(&existing).await?;
+        }
+
+        let mut by_node: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let group = GroupRef {
+            id: SnapshotId::new_random().to_string(),
+            name: req.name.clone(),
+        };
+        let mut members = Vec::with_capacity(req.source_volume_ids.len());
+        for (i, v) in req.source_volume_ids.iter().enumerate() {
+            let node = self
+                .settled_node(v)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("volume {v:?} does not exist")))?;
+            by_node.entry(node.clone()).or_default().push(i);
+            members.push(SnapshotRecord {
+                name: format!("{}/{v}", req.name),
+                snapshot_id: SnapshotId::new_random().to_string(),
+                source_volume_id: v.clone(),
+                size_bytes: 0,
+                node,
+                state: RecordState::Creating,
+                created_unix_ns: now_ns(),
+                group: Some(group.clone()),
+            });
+        }
+        let put = members.clone();
+        self.records(move |r| put.iter().try_for_each(|m| r.put_snapshot(m)))
+            .await?;
+        let hold = (SnapshotId::new_random().0 as u64) | 1;
+        let cut = match self.cut(hold, &by_node, &members).await {
+            Ok(cut) => cut,
+            Err(e) => {
+                if let Err(undo) = self.drop_members(&members).await {
+                    tracing::warn!(group = %req.name, error = %undo.message(), "undoing a group snapshot that failed; the next call of its name does");
+                }
+                return Err(e);
+            }
+        };
+        crate::engine::jobs::failpoint::hit("csi::group::cut");
+        for (m, reply) in members.iter_mut().zip(cut) {
+            m.size_bytes = reply.size_bytes;
+            m.created_unix_ns = reply.created_unix_ns;
+            m.state = RecordState::Ready;
+        }
+        let put = members.clone();
+        self.records(move |r| put.iter().try_for_each(|m| r.put_snapshot(m)))
+            .await?;
+        Ok(Response::new(CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_message(&members)),
+        }))
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        let members = self
+            .group(&req.group_snapshot_id, &req.snapshot_ids)
+            .await?;
+        if members.is_empty() {
+            return Err(Status::not_found(format!(
+                "group snapshot {:?} does not exist",
+                req.group_snapshot_id
+            )));
+        }
+        Ok(Response::new(GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_message(&members)),
+        }))
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        let _guard = self
+            .inflight
+            .claim(&format!("group snapshot {}", req.group_snapshot_id))?;
+        let members = self
+            .group(&req.group_snapshot_id, &req.snapshot_ids)
+            .await?;
+        self.drop_members(&members).await?;
+        Ok(Response::new(DeleteVolumeGroupSnapshotResponse {}))
+    }
+}
+
+impl ControllerService {
+    /// The snapshot records of the groups `which` picks.
+    async fn group_members(
+        &self,
+        which: impl Fn(&GroupRef) -> bool + Send + 'static,
+    ) -> Result<Vec<SnapshotRecord>, Status> {
+        let all = self.records(|r| r.snapshots()).await?;
+        Ok(all
+            .into_iter()
+            .filter(|s| s.group.as_ref().is_some_and(&which))
+            .collect())
+    }
+
+    /// The members of group `id` (none if it does not exist), checking
+    /// that `listed` (the caller's list of its snapshots) names no
+    /// snapshot outside it (INVALID_ARGUMENT). A listed member that no
+    /// longer exists (deleted on its own) is not an error.
+    async fn group(&self, id: &str, listed: &[String]) -> Result<Vec<SnapshotRecord>, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("group_snapshot_id is required"));
+        }
+        let key = id.to_string();
+        let members = self.group_members(move |g| g.id == key).await?;
+        for s in listed {
+            if members.iter().any(|m| &m.snapshot_id == s) {
+                continue;
+            }
+            let key = s.clone();
+            if let Some(other) = self.records(move |r| r.snapshot(&key)).await? {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {s} is not a member of group snapshot {id} ({})",
+                    other
+                        .group
+                        .map_or("it belongs to no group".into(), |g| format!(
+                            "its group is {}",
+                            g.id
+                        ))
+                )));
+            }
+        }
+        Ok(members)
+    }
+
+    /// Deletes member snapshots on their nodes, then their records.
+    async fn drop_members(&self, members: &[SnapshotRecord]) -> Result<(), Status> {
+        for m in members {
+            self.agent(&m.node)?
+                .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                    snapshot_id: m.snapshot_id.clone(),
+                }))
+                .await?;
+            let id = m.snapshot_id.clone();
+            self.records(move |r| r.delete_snapshot(&id)).await?;
+        }
+        Ok(())
+    }
+
+    /// Holds the writes of every member on every node, then cuts them:
+    /// each member's snapshot, in the order of `members`. On an error,
+    /// every hold is released (the caller deletes what was cut).
+    async fn cut(
+        &self,
+        hold: u64,
+        by_node: &BTreeMap<String, Vec<usize>>,
+        members: &[SnapshotRecord],
+    ) -> Result<Vec<agent::SnapshotReply>, Status> {
+        let agents = by_node
+            .keys()
+            .map(|n| Ok((n.clone(), self.agent(n)?)))
+            .collect::<Result<Vec<(String, Arc<dyn Agent>)>, Status>>()?;
+        let started = std::time::Instant::now();
+        let holds = on_every_node(&agents, |node, a| {
+            let volume_ids = by_node[node]
+                .iter()
+                .map(|&i| members[i].source_volume_id.clone())
+                .collect();
+            async move {
+                a.hold_group(Request::new(agent::HoldGroupRequest {
+                    hold_id: hold,
+                    volume_ids,
+                    deadline_ms: HOLD_DEADLINE.as_millis() as u32,
+                }))
+                .await
+                .map(|_| ())
+            }
+        })
+        .await;
+        let cut = match holds {
+            Ok(_) => {
+                on_every_node(&agents, |node, a| {
+                    let group = by_node[node]
+                        .iter()
+                        .map(|&i| agent::GroupMember {
+                            volume_id: members[i].source_volume_id.clone(),
+                            snapshot_id: members[i].snapshot_id.clone(),
+                        })
+                        .collect();
+                    async move {
+                        a.cut_group(Request::new(agent::CutGroupRequest {
+                            hold_id: hold,
+                            members: group,
+                        }))
+                        .await
+                        .map(|r| r.into_inner())
+                    }
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let cut = match cut {
+            Ok(cut) => cut,
+            Err(e) => {
+                // Holds that are in place end now rather than at their
+                // deadline (a cut ended its own already).
+                let _ = on_every_node(&agents, |_, a| async move {
+                    a.release_group(Request::new(agent::ReleaseGroupRequest { hold_id: hold }))
+                        .await
+                        .map(|_| ())
+                })
+                .await;
+                return Err(e);
+            }
+        };
+        let held = cut.values().map(|c| c.held_micros).max().unwrap_or(0);
+        tracing::info!(
+            members = members.len(),
+            nodes = agents.len(),
+            held_ms = held as f64 / 1000.0,
+            took_ms = started.elapsed().as_millis() as u64,
+            "a group snapshot was cut"
+        );
+        let mut replies: BTreeMap<String, agent::SnapshotReply> = cut
+            .into_values()
+            .flat_map(|c| c.snapshots)
+            .map(|s| (s.snapshot_id.clone(), s))
+            .collect();
+        members
+            .iter()
+            .map(|m| {
+                replies.remove(&m.snapshot_id).ok_or_else(|| {
+                    Status::internal(format!(
+                        "node {} did not answer snapshot {}",
+                        m.node, m.snapshot_id
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs `call` against every node's agent at once; every node's answer,
+/// or the first error (naming its node).
+async fn on_every_node<T, F, Fut>(
+    agents: &[(String, Arc<dyn Agent>)],
+    call: F,
+) -> Result<BTreeMap<String, T>, Status>
+where
+    T: Send + 'static,
+    F: Fn(&str, Arc<dyn Agent>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
+    let mut calls = tokio::task::JoinSet::new();
+    for (node, a) in agents {
+        let (node, ask) = (node.clone(), call(node, Arc::clone(a)));
+        calls.spawn(async move { (node, ask.await) });
+    }
+    let mut out = BTreeMap::new();
+    let mut failed = None;
+    while let Some(joined) = calls.join_next().await {
+        match joined {
+            Ok((node, Ok(t))) => {
+                out.insert(node, t);
+            }
+            Ok((node, Err(e))) => {
+                failed.get_or_insert(Status::new(
+                    e.code(),
+                    format!("node {node}: {}", e.message()),
+                ));
+            }
+            Err(e) => {
+                failed.get_or_insert(crate::rpc::status::join(e));
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// A group as CSI shows it: its members, when it was cut (the earliest
+/// member's time), and whether every member is ready.
+fn group_message(members: &[SnapshotRecord]) -> VolumeGroupSnapshot {
+    VolumeGroupSnapshot {
+        group_snapshot_id: members
+            .first()
+            .and_then(|m| m.group.as_ref())
+            .map(|g| g.id.clone())
+            .unwrap_or_default(),
+        snapshots: members.iter().map(snapshot_message).collect(),
+        creation_time: Some(timestamp(
+            members.iter().map(|m| m.created_unix_ns).min().unwrap_or(0),
+        )),
+        ready_to_use: members.iter().all(|m| m.state == RecordState::Ready),
+    }
+}
