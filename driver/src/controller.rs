@@ -135,7 +135,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             .add_service(ControllerServer::new(replica.clone()))
             .add_service(SnapshotMetadataServer::new(replica.clone()))
             .add_service(GroupControllerServer::new(replica.clone()))
-            .add_service(GroupControllerServer::new(replica.clone()))
             .add_service(ClusterServer::new(moves.clone()))
             .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped()),
     );

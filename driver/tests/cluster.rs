@@ -3473,3 +3473,210 @@ async fn a_fetch_follows_its_source_to_a_new_address() {
     n1.proc.kill9();
     contents_are(&mut cc, &n2, &mut csi2, &rid, &model).await;
 }
+
+/// The 8-byte counter at the start of snapshot `snap`, read through a
+/// volume restored from it on its own node (then deleted).
+async fn counter_in(
+    cc: &mut ControllerClient<tonic::transport::Channel>,
+    node: &NodeProc,
+    csi: &mut Csi,
+    snap: &str,
+) -> u64 {
+    let mut req = pinned(c::create(&format!("read-{snap}"), 16 << 20, c::block_cap()));
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snap.into(),
+        })),
+    });
+    let v = created(cc, req).await;
+    assert_eq!(
+        node_of(&v),
+        node.id,
+        "a restore stays on its snapshot's node"
+    );
+    let dev = attach(node, csi, &v.volume_id).await;
+    let n = u64::from_le_bytes(read_at(&dev, 0, 4096)[..8].try_into().unwrap());
+    detach(node, csi, &v.volume_id).await;
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: v.volume_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    n
+}
+
+/// Group snapshots of volumes on two nodes: a writer writes volume A
+/// through its device on n1 and then volume B through its device on n2
+/// (each write flushed before the next); every group the controller cuts
+/// holds a B no newer than its A and at most one write behind, and the
+/// writer's longest write shows how long the cut held it. A node that
+/// dies holding its members' writes fails the group, the other node's
+/// hold is released at once, and after the restart the same call cuts the
+/// group whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshots_cut_volumes_on_two_nodes_at_one_instant() {
+    use csi_proto::csi::v1::group_controller_client::GroupControllerClient;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+    let on = |name: &str, node: &str| {
+        with_requirements(
+            pinned(c::create(name, 16 << 20, c::block_cap())),
+            &[node],
+            &[],
+        )
+    };
+    let a = created(&mut cc, on("pvc-ga", "n1")).await.volume_id;
+    let b = created(&mut cc, on("pvc-gb", "n2")).await.volume_id;
+    let dev_a = attach(&n1, &mut csi1, &a).await;
+    let dev_b = attach(&n2, &mut csi2, &b).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut n, mut longest) = (0u64, Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let mut block = vec![0u8; 4096];
+                block[..8].copy_from_slice(&n.to_le_bytes());
+                for dev in [&dev_a, &dev_b] {
+                    let t = Instant::now();
+                    write_at(dev, 0, &block).unwrap();
+                    longest = longest.max(t.elapsed());
+                }
+            }
+            (n, longest)
+        })
+    };
+    let mut g = GroupControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let group_req = |name: &str| CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: vec![a.clone(), b.clone()],
+        ..Default::default()
+    };
+    let mut groups = Vec::new();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let group = g
+            .create_volume_group_snapshot(group_req(&format!("vgs-{round}")))
+            .await
+            .unwrap_or_else(|e| panic!("group {round}: {e:?}"))
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert!(group.ready_to_use);
+        groups.push(group);
+    }
+    let (written, longest) = tokio::task::spawn_blocking(move || {
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap()
+    })
+    .await
+    .unwrap();
+    eprintln!("{written} writes to each volume; the longest took {longest:?}");
+    assert!(
+        longest < Duration::from_secs(2),
+        "a write waited {longest:?}"
+    );
+    for (round, group) in groups.iter().enumerate() {
+        let member = |v: &str| {
+            let m = group
+                .snapshots
+                .iter()
+                .find(|m| m.source_volume_id == v)
+                .unwrap();
+            assert_eq!(m.group_snapshot_id, group.group_snapshot_id);
+            m.snapshot_id.clone()
+        };
+        let na = counter_in(&mut cc, &n1, &mut csi1, &member(&a)).await;
+        let nb = counter_in(&mut cc, &n2, &mut csi2, &member(&b)).await;
+        assert!(
+            na >= 1 && (nb == na || nb + 1 == na),
+            "group {round}: A (n1) holds write {na}, B (n2) holds write {nb}"
+        );
+    }
+    detach(&n1, &mut csi1, &a).await;
+    detach(&n2, &mut csi2, &b).await;
+
+    // n2 dies holding B's writes: the group fails, A's hold on n1 is
+    // released (A takes writes at once), and after n2's restart the same
+    // call cuts the group whole.
+    n2.proc.kill9();
+    n2.proc.env = vec![("STRATA_FAILPOINT".into(), "agent::hold_group::held".into())];
+    n2.proc.spawn();
+    registered(&mut cc, &["n1", "n2"]).await;
+    let e = g
+        .create_volume_group_snapshot(group_req("vgs-crash"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+        ),
+        "{e:?}"
+    );
+    let dev_a = attach(&n1, &mut csi1, &a).await;
+    let t = Instant::now();
+    write_at(&dev_a, 0, &[7u8; 4096]).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "A waited {:?}",
+        t.elapsed()
+    );
+    detach(&n1, &mut csi1, &a).await;
+    n2.proc.kill9();
+    n2.proc.env.clear();
+    n2.proc.spawn();
+    registered(&mut cc, &["n1", "n2"]).await;
+    let group = g
+        .create_volume_group_snapshot(group_req("vgs-crash"))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(group.ready_to_use && group.snapshots.len() == 2);
+    let na = counter_in(
+        &mut cc,
+        &n1,
+        &mut csi1,
+        &group
+            .snapshots
+            .iter()
+            .find(|m| m.source_volume_id == a)
+            .unwrap()
+            .snapshot_id,
+    )
+    .await;
+    assert_eq!(na, u64::from_le_bytes([7u8; 8]));
+    groups.push(group);
+    for group in &groups {
+        g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let left = cc
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -91,14 +91,22 @@ impl GroupController for ControllerService {
                 .map(|m| m.source_volume_id.as_str())
                 .collect();
             had.sort_unstable();
-            if had != wanted {
+            // A group left half made may have lost some members' records
+            // already (its undo stopped half way too).
+            let whole = existing.iter().all(|m| m.state == RecordState::Ready);
+            let same = if whole {
+                had == wanted
+            } else {
+                had.iter().all(|v| wanted.contains(&v.to_string()))
+            };
+            if !same {
                 return Err(Status::already_exists(format!(
                     "group snapshot {:?} exists for other volumes ({})",
                     req.name,
                     had.join(", ")
                 )));
             }
-            if existing.iter().all(|m| m.state == RecordState::Ready) {
+            if whole {
                 return Ok(Response::new(CreateVolumeGroupSnapshotResponse {
                     group_snapshot: Some(group_message(&existing)),
                 }));
@@ -236,18 +244,30 @@ impl ControllerService {
         Ok(members)
     }
 
-    /// Deletes member snapshots on their nodes, then their records.
+    /// Deletes member snapshots on their nodes, and the record of each
+    /// that is gone; the first error, after trying every member.
     async fn drop_members(&self, members: &[SnapshotRecord]) -> Result<(), Status> {
+        let mut failed = None;
         for m in members {
-            self.agent(&m.node)?
-                .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
-                    snapshot_id: m.snapshot_id.clone(),
-                }))
-                .await?;
+            let deleted = match self.agent(&m.node) {
+                Ok(a) => a
+                    .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                        snapshot_id: m.snapshot_id.clone(),
+                    }))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
             let id = m.snapshot_id.clone();
-            self.records(move |r| r.delete_snapshot(&id)).await?;
+            let dropped = match deleted {
+                Ok(()) => self.records(move |r| r.delete_snapshot(&id)).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = dropped {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Holds the writes of every member on every node, then cuts them:
