@@ -454,21 +454,38 @@ fn everything_passes_kubectl_create_dry_run() {
     kinds.extend(discovery::from_crds(&yaml_docs(&crds, Path::new("crds"))));
     // From external-snapshotter's and prometheus-operator's CRDs, which the
     // cluster brings; they are not in k8s-openapi.
-    for (group, kind, plural, namespaced) in [
+    for (group, version, kind, plural, namespaced) in [
         (
             "snapshot.storage.k8s.io",
+            "v1",
             "VolumeSnapshotClass",
             "volumesnapshotclasses",
             false,
         ),
         (
             "snapshot.storage.k8s.io",
+            "v1",
             "VolumeSnapshot",
             "volumesnapshots",
             true,
         ),
         (
+            "groupsnapshot.storage.k8s.io",
+            "v1beta1",
+            "VolumeGroupSnapshotClass",
+            "volumegroupsnapshotclasses",
+            false,
+        ),
+        (
+            "groupsnapshot.storage.k8s.io",
+            "v1beta1",
+            "VolumeGroupSnapshot",
+            "volumegroupsnapshots",
+            true,
+        ),
+        (
             "monitoring.coreos.com",
+            "v1",
             "ServiceMonitor",
             "servicemonitors",
             true,
@@ -477,6 +494,7 @@ fn everything_passes_kubectl_create_dry_run() {
         // for 1.33 here.
         (
             "storage.k8s.io",
+            "v1",
             "VolumeAttributesClass",
             "volumeattributesclasses",
             false,
@@ -484,7 +502,7 @@ fn everything_passes_kubectl_create_dry_run() {
     ] {
         kinds.push(discovery::Kind {
             group: group.into(),
-            version: "v1".into(),
+            version: version.into(),
             kind: kind.into(),
             plural: plural.into(),
             namespaced,
@@ -787,6 +805,25 @@ fn sidecars_get_the_env_and_rbac_their_upstream_files_name() {
     // Without its values, the optional sidecar and its objects are gone.
     let plain = helm_template(&[]);
     assert!(!plain.contains("csi-snapshot-metadata") && !plain.contains("SnapshotMetadataService"));
+    // Group snapshots: the snapshotter's gate (`gates` in the facts) and
+    // a class, only when asked for.
+    let snapshotter = facts
+        .iter()
+        .find(|f| f["container"] == "csi-snapshotter")
+        .unwrap();
+    for gate in snapshotter["gates"].as_array().unwrap() {
+        let flag = gate["flag"].as_str().unwrap();
+        for (with, on) in [(strings(&gate["chart"]), true), (vec![], false)] {
+            let docs = yaml_docs(&helm_template(&with), Path::new("helm template"));
+            let ctl = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+            let args = strings(&container(ctl, "csi-snapshotter")["args"]);
+            assert_eq!(args.contains(&flag), on, "{with:?}: {args:?}");
+            let class = docs.iter().any(|d| {
+                d["kind"] == "VolumeGroupSnapshotClass" && d["driver"] == "csi.strata.dev"
+            });
+            assert_eq!(class, on, "{with:?}");
+        }
+    }
 
     let docs = yaml_docs(&helm_template(&[]), Path::new("helm template"));
     // The provisioner's capacity objects are owned two levels up from its
