@@ -839,6 +839,12 @@ async fn group_snapshots_cut_every_member_at_one_instant() {
         "a write waited {longest:?}"
     );
 
+    let metrics = s.metrics();
+    assert!(
+        metrics.contains("strata_group_snapshot_hold_seconds_count 8"),
+        "{metrics}"
+    );
+
     // Idempotent by name; another set of volumes under that name is not.
     let first = &groups[0];
     let again = g
