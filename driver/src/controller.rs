@@ -236,6 +236,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mover = Moves::new(open, Arc::clone(&metrics), config.move_rate);
     let _ = moves_ready.set(Arc::clone(&mover));
     replica.lead();
+    tokio::spawn(crate::csi::group::sweep_forever(replica.local().clone()));
     // Moves a previous leader left half done, and rollbacks that wait for
     // a node that was away: now, then every half minute.
     let follower = Arc::clone(&mover);

@@ -186,7 +186,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             node_id.clone(),
             config.node.max_volumes,
             matches!(config.role, Role::Node { .. }),
-            inflight,
+            inflight.clone(),
         )))
         .serve_with_incoming_shutdown(crate::rpc::unix::incoming(csi_listener), stopped());
     let csi = tokio::spawn(csi);
@@ -321,6 +321,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 nodes,
                 events: None,
             }));
+            tokio::spawn(crate::csi::group::sweep_forever(ControllerService::new(
+                cluster.clone(),
+                inflight.clone(),
+            )));
         }
         Role::Node {
             agent_listen,

@@ -1061,3 +1061,73 @@ async fn group_snapshots_cut_every_member_at_one_instant() {
         .collect();
     assert_eq!(kept, [lone_snap]);
 }
+
+/// A group left half made that no call comes back for (its create died,
+/// and the VolumeGroupSnapshot was deleted meanwhile) is deleted once it
+/// is old: its member already cut on the node, and its records. A young
+/// one is left to the create that may still be running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_left_half_made_are_swept() {
+    use strata::cluster::records::{
+        EmbeddedRecords, GroupRef, RecordState, Records, SnapshotRecord,
+    };
+    let mut s = Standalone::start();
+    let v = s.create_volume("swept", "4MiB");
+    assert!(s.terminate().success());
+    // As a create leaves it when it dies after the cut: a member cut on
+    // the node, recorded as Creating. One old, one young.
+    let pool = strata::engine::Pool::open(&s.pool(), Default::default()).unwrap();
+    let old_snap = pool
+        .create_snapshot(v.parse().unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    let young_snap = pool
+        .create_snapshot(v.parse().unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    drop(pool);
+    let records = EmbeddedRecords::open(&s.pool().join(strata::standalone::RECORDS_FILE)).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for (name, id, age) in [("old", &old_snap, 3600), ("young", &young_snap, 5)] {
+        records
+            .put_snapshot(&SnapshotRecord {
+                name: format!("{name}/{v}"),
+                snapshot_id: id.clone(),
+                source_volume_id: v.clone(),
+                size_bytes: 0,
+                node: "test-node".into(),
+                state: RecordState::Creating,
+                created_unix_ns: now - age * 1_000_000_000,
+                group: Some(GroupRef {
+                    id: format!("group-{name}"),
+                    name: name.into(),
+                }),
+            })
+            .unwrap();
+    }
+    drop(records);
+    s.spawn();
+    let gone = |id: &str| {
+        std::os::unix::net::UnixStream::connect(s.nbd_socket())
+            .map(|c| strata::frontend::nbd::client::Client::connect(c, id).is_err())
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gone(&old_snap) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old half-made group is still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!gone(&young_snap));
+    assert!(s.terminate().success());
+    let records = EmbeddedRecords::open(&s.pool().join(strata::standalone::RECORDS_FILE)).unwrap();
+    assert!(records.snapshot(&old_snap).unwrap().is_none());
+    assert!(records.snapshot(&young_snap).unwrap().is_some());
+}

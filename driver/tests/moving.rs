@@ -247,6 +247,38 @@ fn a_group_cut_is_consistent_across_volumes() {
         p.open_snapshot(late),
         Err(Error::SnapshotNotFound(_))
     ));
+    // A hold that ended is not started again by a late or repeated call;
+    // nor is one released before it began.
+    assert!(matches!(
+        p.hold_group(100, &[a], Duration::from_secs(1)),
+        Err(Error::NotHeld(100))
+    ));
+    assert!(!p.release_group(104));
+    assert!(matches!(
+        p.hold_group(104, &[a], Duration::from_secs(1)),
+        Err(Error::NotHeld(104))
+    ));
+    // A retried call for a hold in place names the same volumes.
+    assert!(p.hold_group(105, &[a, b], Duration::from_secs(30)).unwrap());
+    assert!(p.hold_group(105, &[b, a], Duration::from_secs(30)).unwrap());
+    assert!(matches!(
+        p.hold_group(105, &[a], Duration::from_secs(30)),
+        Err(Error::InvalidGroup(_))
+    ));
+    // A cut names every held volume once.
+    assert!(matches!(
+        p.cut_group(105, &[(a, late), (a, SnapshotId::new_random())]),
+        Err(Error::InvalidGroup(_))
+    ));
+    // A live move's hold of a member: the group's gives way at once.
+    let va = p.volume(a).unwrap();
+    assert!(va.hold_writes(Duration::from_secs(30)));
+    let t = Instant::now();
+    assert!(!p.hold_group(106, &[a, b], Duration::from_secs(5)).unwrap());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    va.release_writes();
+    p.volume(b).unwrap().write(0, &[8u8; 8], false).unwrap();
+    drop(va);
     // No top file is left behind by the refused cuts.
     drop(p);
     let report = strata::engine::check::check_pool(dir.path(), false).unwrap();

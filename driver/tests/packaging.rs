@@ -471,14 +471,14 @@ fn everything_passes_kubectl_create_dry_run() {
         ),
         (
             "groupsnapshot.storage.k8s.io",
-            "v1beta1",
+            "v1",
             "VolumeGroupSnapshotClass",
             "volumegroupsnapshotclasses",
             false,
         ),
         (
             "groupsnapshot.storage.k8s.io",
-            "v1beta1",
+            "v1",
             "VolumeGroupSnapshot",
             "volumegroupsnapshots",
             true,

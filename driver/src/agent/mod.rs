@@ -618,6 +618,19 @@ impl Agent for AgentService {
                 )));
             }
         }
+        if req.flush_only {
+            self.blocking(move |core| {
+                for &vid in &vids {
+                    core.pool
+                        .volume(vid)
+                        .and_then(|v| v.flush())
+                        .map_err(status::engine)?;
+                }
+                Ok(())
+            })
+            .await?;
+            return Ok(Response::new(HoldGroupReply {}));
+        }
         let deadline = std::time::Duration::from_millis(u64::from(req.deadline_ms));
         let asked = std::time::Instant::now();
         let held = self
@@ -654,10 +667,7 @@ impl Agent for AgentService {
             .collect::<Result<Vec<_>, Status>>()?;
         let hold = req.hold_id;
         let (infos, held) = self
-            .blocking(move |core| match core.pool.cut_group(hold, &members) {
-                Err(e @ Error::NotHeld(_)) => Err(Status::aborted(e.to_string())),
-                other => other.map_err(status::engine),
-            })
+            .blocking(move |core| core.pool.cut_group(hold, &members).map_err(status::engine))
             .await?;
         self.metrics.group_hold(held);
         Ok(Response::new(CutGroupReply {

@@ -73,6 +73,9 @@ pub struct ControllerService {
     cluster: ClusterReady,
     pub(super) inflight: InFlight,
     moves: MovesReady,
+    /// One group snapshot is cut at a time (`group.rs`): two at once could
+    /// each hold one node's pool and wait for the other's.
+    pub(super) cutting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ControllerService {
@@ -84,6 +87,7 @@ impl ControllerService {
             cluster,
             inflight,
             moves: MovesReady::default(),
+            cutting: Arc::default(),
         }
     }
 

@@ -18,7 +18,11 @@
 //! it (ID and CSI name). They are written, as Creating, before any node is
 //! held; a create that fails deletes what it made, and one interrupted by a
 //! crash is found by the next call of the same name, which deletes the
-//! half-made group and cuts it again.
+//! half-made group and cuts it again; groups left half made that no call
+//! comes back for (the VolumeGroupSnapshot was deleted meanwhile) are
+//! deleted once they are ten minutes old ([`sweep_forever`]). One group is
+//! held and cut at a time: two at once could each take one node's hold
+//! and wait for the other's until both deadlines passed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,6 +45,25 @@ use csi_proto::agent::v1::agent_server::Agent;
 /// controller that dies between the hold and the cut stalls them. Every
 /// node must be held, and cut, within it.
 const HOLD_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How old a half-made group must be before it is swept: far older than
+/// any create that is still running (the sidecar's timeout is a minute).
+const HALF_MADE_AGE: Duration = Duration::from_secs(600);
+
+/// Sweeps groups left half made ([`ControllerService::sweep_half_made_groups`])
+/// at once, then every minute, for as long as the process serves.
+pub async fn sweep_forever(service: ControllerService) {
+    loop {
+        match service.sweep_half_made_groups(HALF_MADE_AGE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(snapshots = n, "swept group snapshots left half made"),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "sweeping group snapshots left half made")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
 
 #[tonic::async_trait]
 impl GroupController for ControllerService {
@@ -270,9 +293,11 @@ impl ControllerService {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Holds the writes of every member on every node, then cuts them:
-    /// each member's snapshot, in the order of `members`. On an error,
-    /// every hold is released (the caller deletes what was cut).
+    /// Cuts the group: flushes every member on every node, holds the
+    /// writes of every member on every node, then cuts them (each
+    /// member's snapshot, in the order of `members`). One group at a time
+    /// (see `cutting`). On an error, every hold is released at once (the
+    /// caller deletes what was cut).
     async fn cut(
         &self,
         hold: u64,
@@ -283,24 +308,29 @@ impl ControllerService {
             .keys()
             .map(|n| Ok((n.clone(), self.agent(n)?)))
             .collect::<Result<Vec<(String, Arc<dyn Agent>)>, Status>>()?;
-        let started = std::time::Instant::now();
-        let holds = on_every_node(&agents, |node, a| {
-            let volume_ids = by_node[node]
+        let hold_req = |node: &str, flush_only: bool| agent::HoldGroupRequest {
+            hold_id: hold,
+            volume_ids: by_node[node]
                 .iter()
                 .map(|&i| members[i].source_volume_id.clone())
-                .collect();
-            async move {
-                a.hold_group(Request::new(agent::HoldGroupRequest {
-                    hold_id: hold,
-                    volume_ids,
-                    deadline_ms: HOLD_DEADLINE.as_millis() as u32,
-                }))
-                .await
-                .map(|_| ())
-            }
+                .collect(),
+            deadline_ms: HOLD_DEADLINE.as_millis() as u32,
+            flush_only,
+        };
+        // Flushed first, so that no node holds while another flushes.
+        on_every_node(&agents, |node, a| {
+            let req = hold_req(node, true);
+            async move { a.hold_group(Request::new(req)).await.map(|_| ()) }
+        })
+        .await?;
+        let _one = self.cutting.lock().await;
+        let started = std::time::Instant::now();
+        let held = on_every_node(&agents, |node, a| {
+            let req = hold_req(node, false);
+            async move { a.hold_group(Request::new(req)).await.map(|_| ()) }
         })
         .await;
-        let cut = match holds {
+        let cut = match held {
             Ok(_) => {
                 on_every_node(&agents, |node, a| {
                     let group = by_node[node]
@@ -326,14 +356,18 @@ impl ControllerService {
         let cut = match cut {
             Ok(cut) => cut,
             Err(e) => {
-                // Holds that are in place end now rather than at their
-                // deadline (a cut ended its own already).
-                let _ = on_every_node(&agents, |_, a| async move {
+                // Holds in place end now rather than at their deadline,
+                // and one whose request is still on its way never begins
+                // (a cut ended its own already).
+                let released = on_every_node(&agents, |_, a| async move {
                     a.release_group(Request::new(agent::ReleaseGroupRequest { hold_id: hold }))
                         .await
                         .map(|_| ())
                 })
                 .await;
+                if let Err(r) = released {
+                    tracing::warn!(error = %r.message(), "releasing a group snapshot's holds (they end at their deadline)");
+                }
                 return Err(e);
             }
         };
@@ -362,10 +396,39 @@ impl ControllerService {
             })
             .collect()
     }
+
+    /// Deletes the members of groups left half made (Creating) by a
+    /// create that failed to undo itself or died, once they are older
+    /// than `age`: their group's ID was never answered, so nobody else
+    /// will. A group whose create is running now is left alone.
+    pub async fn sweep_half_made_groups(&self, age: Duration) -> Result<usize, Status> {
+        let oldest = now_ns().saturating_sub(age.as_nanos() as u64);
+        let all = self.records(|r| r.snapshots()).await?;
+        let mut groups: BTreeMap<String, Vec<SnapshotRecord>> = BTreeMap::new();
+        for s in all {
+            if let Some(g) = &s.group
+                && s.state == RecordState::Creating
+                && s.created_unix_ns < oldest
+            {
+                groups.entry(g.name.clone()).or_default().push(s);
+            }
+        }
+        let mut swept = 0;
+        for (name, members) in groups {
+            let Ok(_guard) = self.inflight.claim(&format!("group snapshot name {name}")) else {
+                continue;
+            };
+            self.drop_members(&members).await?;
+            tracing::info!(group = %name, members = members.len(), "deleted a group snapshot left half made");
+            swept += members.len();
+        }
+        Ok(swept)
+    }
 }
 
 /// Runs `call` against every node's agent at once; every node's answer,
-/// or the first error (naming its node).
+/// or the first error (naming its node) as soon as it comes (the other
+/// calls are dropped).
 async fn on_every_node<T, F, Fut>(
     agents: &[(String, Arc<dyn Agent>)],
     call: F,
@@ -381,27 +444,21 @@ where
         calls.spawn(async move { (node, ask.await) });
     }
     let mut out = BTreeMap::new();
-    let mut failed = None;
     while let Some(joined) = calls.join_next().await {
         match joined {
             Ok((node, Ok(t))) => {
                 out.insert(node, t);
             }
             Ok((node, Err(e))) => {
-                failed.get_or_insert(Status::new(
+                return Err(Status::new(
                     e.code(),
                     format!("node {node}: {}", e.message()),
                 ));
             }
-            Err(e) => {
-                failed.get_or_insert(crate::rpc::status::join(e));
-            }
+            Err(e) => return Err(crate::rpc::status::join(e)),
         }
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    Ok(out)
 }
 
 /// A group as CSI shows it: its members, when it was cut (the earliest

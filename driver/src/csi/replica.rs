@@ -75,6 +75,11 @@ impl Replica {
         *self.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Leading;
     }
 
+    /// The service that answers here when this replica leads.
+    pub fn local(&self) -> &ControllerService {
+        &self.local
+    }
+
     pub fn is_leading(&self) -> bool {
         matches!(
             *self.role.read().unwrap_or_else(|e| e.into_inner()),
