@@ -266,9 +266,14 @@ fn a_group_cut_is_consistent_across_volumes() {
         Err(Error::InvalidGroup(_))
     ));
     // A cut names every held volume once.
+    let other = SnapshotId::new_random();
     assert!(matches!(
-        p.cut_group(105, &[(a, late), (a, SnapshotId::new_random())]),
+        p.cut_group(105, &[(a, late), (b, other), (a, SnapshotId::new_random())]),
         Err(Error::InvalidGroup(_))
+    ));
+    assert!(matches!(
+        p.open_snapshot(other),
+        Err(Error::SnapshotNotFound(_))
     ));
     // A live move's hold of a member: the group's gives way at once.
     let va = p.volume(a).unwrap();

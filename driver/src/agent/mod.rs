@@ -642,7 +642,8 @@ impl Agent for AgentService {
             .await?;
         if !held {
             return Err(Status::deadline_exceeded(format!(
-                "the writes in flight did not finish within the hold's deadline ({} ms)",
+                "the writes in flight did not finish within the hold's deadline ({} ms), \
+                 or a live move holds a member's writes",
                 deadline.as_millis()
             )));
         }

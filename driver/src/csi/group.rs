@@ -317,22 +317,30 @@ impl ControllerService {
             deadline_ms: HOLD_DEADLINE.as_millis() as u32,
             flush_only,
         };
+        let _one = self.cutting.lock().await;
         // Flushed first, so that no node holds while another flushes.
-        on_every_node(&agents, |node, a| {
+        on_every_node(&agents, Some(FLUSH_TIMEOUT), |node, a| {
             let req = hold_req(node, true);
             async move { a.hold_group(Request::new(req)).await.map(|_| ()) }
         })
         .await?;
-        let _one = self.cutting.lock().await;
         let started = std::time::Instant::now();
-        let held = on_every_node(&agents, |node, a| {
+        // From here on, every hold is released unless the cut ends them,
+        // also when this call is dropped (its caller gave up).
+        let release = Release {
+            agents: agents.clone(),
+            hold,
+            armed: true,
+        };
+        // An answer after the deadline is of no use: the hold has ended.
+        let held = on_every_node(&agents, Some(HOLD_DEADLINE), |node, a| {
             let req = hold_req(node, false);
             async move { a.hold_group(Request::new(req)).await.map(|_| ()) }
         })
         .await;
         let cut = match held {
             Ok(_) => {
-                on_every_node(&agents, |node, a| {
+                on_every_node(&agents, Some(CUT_TIMEOUT), |node, a| {
                     let group = by_node[node]
                         .iter()
                         .map(|&i| agent::GroupMember {
@@ -354,20 +362,15 @@ impl ControllerService {
             Err(e) => Err(e),
         };
         let cut = match cut {
-            Ok(cut) => cut,
+            Ok(cut) => {
+                release.disarm();
+                cut
+            }
             Err(e) => {
                 // Holds in place end now rather than at their deadline,
                 // and one whose request is still on its way never begins
                 // (a cut ended its own already).
-                let released = on_every_node(&agents, |_, a| async move {
-                    a.release_group(Request::new(agent::ReleaseGroupRequest { hold_id: hold }))
-                        .await
-                        .map(|_| ())
-                })
-                .await;
-                if let Err(r) = released {
-                    tracing::warn!(error = %r.message(), "releasing a group snapshot's holds (they end at their deadline)");
-                }
+                release.now().await;
                 return Err(e);
             }
         };
@@ -397,40 +400,115 @@ impl ControllerService {
             .collect()
     }
 
-    /// Deletes the members of groups left half made (Creating) by a
-    /// create that failed to undo itself or died, once they are older
-    /// than `age`: their group's ID was never answered, so nobody else
-    /// will. A group whose create is running now is left alone.
+    /// Deletes groups left half made (a member still Creating) by a
+    /// create that failed to undo itself or died, once such a member is
+    /// older than `age`: their group's ID was never answered, so nobody
+    /// else will. A group whose create is running now is left alone; one
+    /// that cannot be deleted now (a node away) is tried again next time.
+    /// How many snapshots were deleted.
     pub async fn sweep_half_made_groups(&self, age: Duration) -> Result<usize, Status> {
         let oldest = now_ns().saturating_sub(age.as_nanos() as u64);
         let all = self.records(|r| r.snapshots()).await?;
-        let mut groups: BTreeMap<String, Vec<SnapshotRecord>> = BTreeMap::new();
-        for s in all {
-            if let Some(g) = &s.group
-                && s.state == RecordState::Creating
-                && s.created_unix_ns < oldest
-            {
-                groups.entry(g.name.clone()).or_default().push(s);
-            }
-        }
+        let mut names: Vec<String> = all
+            .iter()
+            .filter(|s| s.state == RecordState::Creating && s.created_unix_ns < oldest)
+            .filter_map(|s| s.group.as_ref().map(|g| g.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
         let mut swept = 0;
-        for (name, members) in groups {
+        for name in names {
             let Ok(_guard) = self.inflight.claim(&format!("group snapshot name {name}")) else {
                 continue;
             };
-            self.drop_members(&members).await?;
-            tracing::info!(group = %name, members = members.len(), "deleted a group snapshot left half made");
-            swept += members.len();
+            // Read again under the claim: a create may have finished it.
+            let key = name.clone();
+            let members = self.group_members(move |g| g.name == key).await?;
+            let half_made = members
+                .iter()
+                .any(|m| m.state == RecordState::Creating && m.created_unix_ns < oldest);
+            if !half_made {
+                continue;
+            }
+            match self.drop_members(&members).await {
+                Ok(()) => {
+                    tracing::info!(group = %name, members = members.len(), "deleted a group snapshot left half made");
+                    swept += members.len();
+                }
+                Err(e) => {
+                    tracing::warn!(group = %name, error = %e.message(), "deleting a group snapshot left half made (tried again later)");
+                }
+            }
         }
         Ok(swept)
     }
 }
 
-/// Runs `call` against every node's agent at once; every node's answer,
-/// or the first error (naming its node) as soon as it comes (the other
-/// calls are dropped).
+/// How long the flush before the hold may take on every node.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the cut may take on every node (it takes milliseconds; a
+/// node that does not answer fails the group).
+const CUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The release of a group's holds on every node (agent ReleaseGroup): at
+/// once after a failure, or, when the call that held them is dropped
+/// before it cut or released, in a task of its own.
+struct Release {
+    agents: Vec<(String, Arc<dyn Agent>)>,
+    hold: u64,
+    armed: bool,
+}
+
+impl Release {
+    /// Asks every node, each on its own (a node that fails or is slow
+    /// does not keep the others from being asked), waiting at most
+    /// [`HOLD_DEADLINE`]: holds end by then anyway.
+    fn send(agents: Vec<(String, Arc<dyn Agent>)>, hold: u64) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for (node, a) in agents {
+                calls.spawn(async move {
+                    let ask = a.release_group(Request::new(agent::ReleaseGroupRequest {
+                        hold_id: hold,
+                    }));
+                    match tokio::time::timeout(HOLD_DEADLINE, ask).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(node, error = %e.message(), "releasing a group snapshot's hold (it ends at its deadline)"),
+                        Err(_) => tracing::warn!(node, "releasing a group snapshot's hold: no answer (it ends at its deadline)"),
+                    }
+                });
+            }
+            while calls.join_next().await.is_some() {}
+        })
+    }
+
+    /// Releases every hold now, and waits for the answers.
+    async fn now(mut self) {
+        self.armed = false;
+        let _ = Release::send(std::mem::take(&mut self.agents), self.hold).await;
+    }
+
+    /// The cut ended every hold: nothing to release.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.armed {
+            Release::send(std::mem::take(&mut self.agents), self.hold);
+        }
+    }
+}
+
+/// Runs `call` against every node's agent at once, each for at most
+/// `limit`; every node's answer, or the first error (naming its node) as
+/// soon as it comes (the other calls are dropped).
 async fn on_every_node<T, F, Fut>(
     agents: &[(String, Arc<dyn Agent>)],
+    limit: Option<Duration>,
     call: F,
 ) -> Result<BTreeMap<String, T>, Status>
 where
@@ -441,7 +519,17 @@ where
     let mut calls = tokio::task::JoinSet::new();
     for (node, a) in agents {
         let (node, ask) = (node.clone(), call(node, Arc::clone(a)));
-        calls.spawn(async move { (node, ask.await) });
+        calls.spawn(async move {
+            let answer = match limit {
+                Some(limit) => tokio::time::timeout(limit, ask).await.unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(format!(
+                        "no answer within {limit:?}"
+                    )))
+                }),
+                None => ask.await,
+            };
+            (node, answer)
+        });
     }
     let mut out = BTreeMap::new();
     while let Some(joined) = calls.join_next().await {

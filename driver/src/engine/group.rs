@@ -158,7 +158,11 @@ impl Pool {
             changed: Condvar::new(),
         });
         let mut holds = self.inner().groups.0.lock().expect("holds");
-        if holds.ended.contains(&id) || holds.live.contains_key(&id) {
+        if holds.ended.contains(&id) {
+            // Released while this call flushed.
+            return Err(Error::NotHeld(id));
+        }
+        if holds.live.contains_key(&id) {
             return Err(Error::InvalidGroup(format!(
                 "group hold {id:#x} was asked for twice at once"
             )));
@@ -200,7 +204,7 @@ impl Pool {
                 if hold.phase.lock().expect("hold").ended {
                     break 'hold;
                 }
-                if v.writes_held() {
+                if v.writes_hold_asked() {
                     tracing::warn!(
                         hold = format!("{id:#x}"),
                         volume = %v.id(),
@@ -263,7 +267,7 @@ impl Pool {
             .live
             .get(&id)
             .cloned();
-        let Some(hold) = hold else {
+        let Some(hold) = hold.filter(|h| !h.phase.lock().expect("hold").ended) else {
             return Err(Error::NotHeld(id));
         };
         let mut named: Vec<VolumeId> = members.iter().map(|m| m.0).collect();

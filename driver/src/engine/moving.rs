@@ -266,6 +266,12 @@ impl Volume {
         self.moving.released.notify_all();
     }
 
+    /// Whether a hold of writes was asked for and has not ended (it may
+    /// still wait for the writes in flight).
+    pub fn writes_hold_asked(&self) -> bool {
+        self.moving.hold.lock().expect("hold").since.is_some()
+    }
+
     /// Whether writes are held now.
     pub fn writes_held(&self) -> bool {
         self.moving.hold.lock().expect("hold").held
