@@ -3643,6 +3643,7 @@ async fn group_snapshots_cut_volumes_on_two_nodes_at_one_instant() {
     n2.proc.kill9();
     n2.proc.env = vec![("STRATA_FAILPOINT".into(), "agent::hold_group::held".into())];
     n2.proc.spawn();
+    n2.wait_for_agent();
     registered(&mut cc, &["n1", "n2"]).await;
     let dev_a = attach(&n1, &mut csi1, &a).await;
     let e = g
@@ -3668,6 +3669,7 @@ async fn group_snapshots_cut_volumes_on_two_nodes_at_one_instant() {
     n2.proc.kill9();
     n2.proc.env.clear();
     n2.proc.spawn();
+    n2.wait_for_agent();
     registered(&mut cc, &["n1", "n2"]).await;
     let group = g
         .create_volume_group_snapshot(group_req("vgs-crash"))
