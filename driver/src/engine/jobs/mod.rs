@@ -439,9 +439,13 @@ fn run(weak: Weak<PoolInner>, job: JobRecord, family: FamilyId, progress: Arc<Pr
             Step::IntoFrozen { layer, child } => fold::into_frozen(&ctx, layer, child),
         };
         // A step that failed because what it worked on was deleted meanwhile
-        // (a volume, a snapshot's layers) did not fail: plan again.
+        // (a volume, a snapshot's layers) did not fail: plan again. A
+        // volume being deleted is gone for its calls before the catalog
+        // says so: planned still, but replanned too.
         let r = match r {
-            Err(e) if !still_planned(&pool, &job, step) => {
+            Err(e)
+                if matches!(e, Error::VolumeNotFound(_)) || !still_planned(&pool, &job, step) =>
+            {
                 tracing::debug!(job = %job.id, error = %e, "step ended by a change of the chain");
                 Ok(Outcome::Replan)
             }
