@@ -1107,6 +1107,7 @@ async fn groups_left_half_made_are_swept() {
                     id: format!("group-{name}"),
                     name: name.into(),
                 }),
+                moving: None,
             })
             .unwrap();
     }

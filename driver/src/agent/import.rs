@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::jobs::throttle::Bucket;
 use crate::engine::qos::exempt;
-use crate::engine::{Backing, Error, Pool, VolumeId, VolumePolicy, ZeroFlags};
+use crate::engine::{Backing, Error, Pool, SnapshotId, VolumeId, VolumePolicy, ZeroFlags};
 use crate::peer::{MAX_IO, MAX_MAP, Peers, RemoteVolume, Target};
 use crate::rpc::{Core, Started, status};
 
@@ -381,6 +381,28 @@ fn check_request(
         ));
     }
     Ok(create)
+}
+
+/// The snapshot of this node a copy starts from (`base_snapshot_id`),
+/// if any; `ranges` are what it copies then, and only then.
+fn base_of(req: &ImportRequest) -> Result<Option<SnapshotId>, Status> {
+    if req.base_snapshot_id.is_empty() {
+        if !req.ranges.is_empty() {
+            return Err(Status::invalid_argument(
+                "ranges are copied only onto a base snapshot",
+            ));
+        }
+        return Ok(None);
+    }
+    if req.lazy || req.live {
+        return Err(Status::invalid_argument(
+            "a copy onto a base snapshot is a copy first, not live or switch first",
+        ));
+    }
+    req.base_snapshot_id
+        .parse()
+        .map(Some)
+        .map_err(|_| Status::invalid_argument("base_snapshot_id is not a snapshot ID"))
 }
 
 /// The source of an import, asked for its size (which checks the grant).
@@ -745,6 +767,7 @@ fn copy(
     copied: &AtomicU64,
 ) -> Result<u64, Status> {
     let create = check_request(req)?;
+    let base = base_of(req)?;
     check_unused(core, vid)?;
     let source = open_source(core, vid, req)?;
     let size = Backing::size(source.as_ref());
@@ -755,13 +778,27 @@ fn copy(
             req.owner, create.size_bytes
         )));
     }
+    if let Some(r) = req
+        .ranges
+        .iter()
+        .find(|r| r.offset.checked_add(r.length).is_none_or(|end| end > size))
+    {
+        return Err(Status::invalid_argument(format!(
+            "range {}+{} is past the end of volume {vid} ({size} bytes)",
+            r.offset, r.length
+        )));
+    }
     let pool = &core.pool;
     // Whatever an earlier attempt left is not trusted.
     match pool.delete_volume(vid) {
         Ok(()) | Err(Error::VolumeNotFound(_)) => {}
         Err(e) => return Err(status::engine(e)),
     }
-    pool.create_volume_as(vid, size).map_err(status::engine)?;
+    match base {
+        Some(b) => pool.clone_snapshot_as(b, vid, Some(size)),
+        None => pool.create_volume_as(vid, size),
+    }
+    .map_err(status::engine)?;
     if create.max_chain_depth != 0 {
         let policy = VolumePolicy {
             max_chain_depth: create.max_chain_depth,
@@ -774,15 +811,29 @@ fn copy(
     }
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
-    each_data_chunk(&source, size, |at, n, buf| {
-        throttle(pool, bucket.as_ref(), n);
-        buf.resize(n, 0);
-        Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
-        exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
-        copied.fetch_add(n as u64, Ordering::Relaxed);
+    if base.is_some() {
+        let ranges = req.ranges.iter().map(|r| (r.offset, r.length)).collect();
+        let n = copy_ranges(
+            pool,
+            &source,
+            &volume,
+            ranges,
+            GAP_MAX,
+            Some(bucket.as_ref()),
+        )?;
+        copied.fetch_add(n, Ordering::Relaxed);
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
-        Ok(())
-    })?;
+    } else {
+        each_data_chunk(&source, size, |at, n, buf| {
+            throttle(pool, bucket.as_ref(), n);
+            buf.resize(n, 0);
+            Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
+            exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
+            copied.fetch_add(n as u64, Ordering::Relaxed);
+            crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+            Ok(())
+        })?;
+    }
     volume.flush().map_err(status::engine)?;
     Ok(copied.load(Ordering::Relaxed))
 }
@@ -807,31 +858,10 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
             .changes(confirmed, ROUND_RANGES)
             .map_err(status::engine)?;
         let empty = ranges.is_empty();
-        let ranges = coalesce(data_of(&source, &volume, ranges)?, gap);
-        let bytes = ranges.iter().map(|(_, length)| length).sum::<u64>();
         // The last delta (a final round asked for) is not throttled.
         let throttled = want <= l.synced.load(Ordering::Acquire);
-        in_parallel(
-            |piece| {
-                ranges
-                    .into_iter()
-                    .try_for_each(|(offset, length)| split(offset, length, piece))
-            },
-            |at, n, buf| {
-                if throttled {
-                    throttle(&core.pool, bucket.as_ref(), n);
-                }
-                buf.resize(n, 0);
-                Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
-                if buf.iter().all(|&b| b == 0) {
-                    exempt(|| volume.write_zeroes(at, n as u64, ZeroFlags::default()))
-                        .map_err(status::engine)?;
-                } else {
-                    exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
-                }
-                Ok(())
-            },
-        )?;
+        let budget = throttled.then_some(bucket.as_ref());
+        let bytes = copy_ranges(&core.pool, &source, &volume, ranges, gap, budget)?;
         // Confirmed (with the next take) only once durable here: the
         // source seals only when it handed out every change and heard
         // each was confirmed.
@@ -860,6 +890,44 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         }
     }
     Ok(())
+}
+
+/// Copies `ranges` (in order) of the source into `volume`: read where
+/// the source holds data (ranges closer than `gap` read as one), zeroed
+/// here elsewhere, zeros as zeros. Throttled by `budget` (the move's
+/// bucket, and this node's) unless it is `None`; the bytes read.
+fn copy_ranges(
+    pool: &Pool,
+    source: &RemoteVolume,
+    volume: &crate::engine::Volume,
+    ranges: Vec<(u64, u64)>,
+    gap: u64,
+    budget: Option<Option<&Bucket>>,
+) -> Result<u64, Status> {
+    let ranges = coalesce(data_of(source, volume, ranges)?, gap);
+    let bytes = ranges.iter().map(|(_, length)| length).sum::<u64>();
+    in_parallel(
+        |piece| {
+            ranges
+                .into_iter()
+                .try_for_each(|(offset, length)| split(offset, length, piece))
+        },
+        |at, n, buf| {
+            if let Some(bucket) = budget {
+                throttle(pool, bucket, n);
+            }
+            buf.resize(n, 0);
+            Backing::read(source, at, buf).map_err(status::engine)?;
+            if buf.iter().all(|&b| b == 0) {
+                exempt(|| volume.write_zeroes(at, n as u64, ZeroFlags::default()))
+                    .map_err(status::engine)?;
+            } else {
+                exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(bytes)
 }
 
 /// Changed ranges of at least this many bytes are mapped first: their

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use csi_proto::cluster::v1::cluster_client::ClusterClient;
-use csi_proto::cluster::v1::{DrainNodeRequest, MoveVolumeReply, MoveVolumeRequest};
+use csi_proto::cluster::v1::{DrainNodeRequest, MoveVolumeReply, MoveVolumeRequest, MovedSnapshot};
 use serde::Serialize;
 use tonic::Code;
 
@@ -43,6 +43,29 @@ fn moved_row(m: &MovedOut) -> Vec<String> {
 }
 
 const MOVED_HEADERS: [&str; 5] = ["VOLUME", "FROM", "TO", "COPIED", "SECONDS"];
+
+#[derive(Debug, Serialize)]
+struct SnapshotOut {
+    snapshot: String,
+    from: String,
+    to: String,
+    copied_bytes: u64,
+    /// The snapshot there it was made from (only what changed since it was
+    /// copied); empty: all of it was copied.
+    base: String,
+}
+
+fn snapshot_out(r: MovedSnapshot) -> SnapshotOut {
+    SnapshotOut {
+        snapshot: r.snapshot_id,
+        from: r.from_node,
+        to: r.to_node,
+        copied_bytes: r.copied_bytes,
+        base: r.base_snapshot_id,
+    }
+}
+
+const SNAPSHOT_HEADERS: [&str; 5] = ["SNAPSHOT", "FROM", "TO", "COPIED", "CHANGES SINCE"];
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("strata: {msg}");
@@ -108,6 +131,11 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
         Err(s) => return fail(status_message(&s)),
     };
     let moved: Vec<MovedOut> = reply.moved.into_iter().map(moved_out).collect();
+    let snapshots_moved: Vec<SnapshotOut> = reply
+        .moved_snapshots
+        .into_iter()
+        .map(snapshot_out)
+        .collect();
     let (snapshots, volumes): (Vec<_>, Vec<_>) = reply
         .stayed
         .into_iter()
@@ -120,6 +148,7 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
     match format {
         Format::Json => output::json(&serde_json::json!({
             "moved": moved,
+            "snapshots_moved": snapshots_moved,
             "stayed": stayed,
             "snapshots_stayed": snapshots,
         })),
@@ -128,6 +157,22 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
                 &MOVED_HEADERS,
                 &moved.iter().map(moved_row).collect::<Vec<_>>(),
             );
+            if !snapshots_moved.is_empty() {
+                let rows: Vec<Vec<String>> = snapshots_moved
+                    .iter()
+                    .map(|m| {
+                        let base = if m.base.is_empty() { "-" } else { &m.base };
+                        vec![
+                            m.snapshot.clone(),
+                            m.from.clone(),
+                            m.to.clone(),
+                            size::format(m.copied_bytes),
+                            base.to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(&SNAPSHOT_HEADERS, &rows);
+            }
             for (volume, why) in &stayed {
                 eprintln!("volume {volume} stays on node {node}: {why}");
             }

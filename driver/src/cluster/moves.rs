@@ -24,7 +24,8 @@
 //! again (its move attachment and seal undone: the target served nothing
 //! yet), then the target's copy is deleted, when the target answers. Any
 //! other failure (a node away) leaves the record where it is, to resume.
-//! Snapshots stay on the source node (their layers are the source's).
+//! Snapshots stay on the source node (their layers are the source's);
+//! a drain moves them afterwards (see `snapshots`).
 //!
 //! **Live** ([`Move::live`], a volume some node has published, found out
 //! at step 2 by the source's Track, which also starts its change record):
@@ -63,6 +64,9 @@ use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord
 use super::{Cluster, EventKind};
 use crate::metrics::Metrics;
 use crate::peer::{GrantKey, grant};
+
+mod snapshots;
+pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotsDrained, carrier};
 
 /// A move of a volume under way, as its record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +197,8 @@ pub struct Moves {
     running: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
     /// Running moves asked to stop copying (a move back to the source).
     cancelled: Mutex<HashSet<String>>,
+    /// Held while snapshots move (one volume's at a time; see `snapshots`).
+    snapshot_moves: tokio::sync::Mutex<()>,
 }
 
 type Outcome = Result<MoveVolumeReply, (Code, String)>;
@@ -203,7 +209,7 @@ type Outcome = Result<MoveVolumeReply, (Code, String)>;
 pub struct Drained {
     pub moved: Vec<MoveVolumeReply>,
     pub stayed: Vec<(String, String)>,
-    pub snapshots: Vec<(String, String)>,
+    pub snapshots: SnapshotsDrained,
 }
 
 fn records_err(e: RecordsError) -> Status {
@@ -239,6 +245,7 @@ impl Moves {
             rate,
             running: Mutex::default(),
             cancelled: Mutex::default(),
+            snapshot_moves: tokio::sync::Mutex::default(),
         })
     }
 
@@ -407,6 +414,8 @@ impl Moves {
     /// Starts finishing every move the records name that is not running
     /// (a new leader's first work, then a retry every 30 s).
     pub async fn resume(self: &Arc<Self>) {
+        let moves = Arc::clone(self);
+        tokio::spawn(async move { moves.resume_snapshots().await });
         let volumes = match self.store(|r| r.volumes()).await {
             Ok(v) => v,
             Err(e) => {
@@ -440,8 +449,8 @@ impl Moves {
 
     /// Drains `node`: no new volume is placed on it from now on, and
     /// every volume of it that can move goes, one at a time, each to the
-    /// ready node with the most room; the moves, the volumes that stay with
-    /// why, and the snapshots that stay (they do not move).
+    /// ready node with the most room, then its snapshots (see
+    /// `snapshots`); the moves, and what stays with why.
     pub async fn drain(self: &Arc<Self>, node: &str) -> Result<Drained, Status> {
         self.cluster.nodes.set_draining(node, true).await?;
         let key = node.to_string();
@@ -461,22 +470,7 @@ impl Moves {
                 Err(e) => stayed.push((rec.volume_id, e.message().to_string())),
             }
         }
-        let key = node.to_string();
-        let snapshots = self
-            .store(move |r| {
-                Ok(r.snapshots()?
-                    .into_iter()
-                    .filter(|s| s.node == key)
-                    .map(|s| {
-                        let why = format!(
-                            "snapshots do not move yet: its layers stay on node {key} (restore \
-                             it on another node, or delete it, before this node goes)"
-                        );
-                        (s.snapshot_id, why)
-                    })
-                    .collect::<Vec<_>>())
-            })
-            .await?;
+        let snapshots = self.drain_snapshots(node).await;
         Ok(Drained {
             moved,
             stayed,
@@ -868,7 +862,10 @@ impl Moves {
         loop {
             // Where the source is now, so the target follows it (its
             // node's address may have changed); empty while it is away.
-            let (address, grant) = self.source_grant(rec, m).await.unwrap_or_default();
+            let (address, grant) = self
+                .source_grant(&rec.volume_id, m)
+                .await
+                .unwrap_or_default();
             let request = agent::ImportRequest {
                 volume: Some(agent::CreateVolumeRequest {
                     volume_id: rec.volume_id.clone(),
@@ -904,12 +901,12 @@ impl Moves {
     /// Step 2: the source's attachment for the move (made, or the one it
     /// has: a sealed copy answers its epoch too); the source's data path
     /// address and the move's read-only grant.
-    async fn source_grant(&self, rec: &VolumeRecord, m: &Move) -> Result<(String, String), Status> {
+    async fn source_grant(&self, id: &str, m: &Move) -> Result<(String, String), Status> {
         let nodes = &self.cluster.nodes;
         let epoch = nodes
             .agent(&m.from)?
             .attach(Request::new(agent::AttachRequest {
-                volume_id: rec.volume_id.clone(),
+                volume_id: id.to_string(),
                 node_id: m.to.clone(),
                 read_only: true,
                 for_move: true,
@@ -920,7 +917,7 @@ impl Moves {
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
             Status::failed_precondition("a standalone Strata has one node: nothing to move to")
         })?;
-        let grant = GrantKey::from_tls(tls).make(&rec.volume_id, &m.to, epoch, true);
+        let grant = GrantKey::from_tls(tls).make(id, &m.to, epoch, true);
         Ok((address, grant::encode(&grant)))
     }
 
@@ -933,7 +930,7 @@ impl Moves {
         if !m.lazy && (m.live || self.in_use(rec, m).await?) {
             return self.copy_live(rec).await;
         }
-        let (address, grant) = self.source_grant(rec, m).await?;
+        let (address, grant) = self.source_grant(&rec.volume_id, m).await?;
         let epoch = grant::decode(&id, &grant).map_or(0, |g| g.epoch);
         failpoint(FAILPOINTS[1]);
         // Checked when the volume was created.

@@ -83,6 +83,11 @@ pub struct SnapshotRecord {
     /// The group snapshot it was cut with, if any (see `csi::group`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupRef>,
+    /// A move to another node under way (a drain's; see
+    /// `cluster::snapshots`): only `from`, `to`, `phase`, `message` and
+    /// `started_unix_ns` mean anything for a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<super::moves::Move>,
 }
 
 /// A group snapshot a member snapshot belongs to: its ID and CSI name.
@@ -539,6 +544,7 @@ mod tests {
             state: RecordState::Ready,
             created_unix_ns: 2,
             group: None,
+            moving: None,
         }
     }
 

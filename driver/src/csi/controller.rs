@@ -988,6 +988,7 @@ impl Controller for ControllerService {
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
                     group: None,
+                    moving: None,
                 };
                 let put = rec.clone();
                 self.records(move |r| r.put_snapshot(&put)).await?;
@@ -1039,6 +1040,18 @@ impl Controller for ControllerService {
         let _guard = self.inflight.claim(&format!("snapshot {id}"))?;
         if id.parse::<SnapshotId>().is_err() {
             return Ok(Response::new(DeleteSnapshotResponse {}));
+        }
+        let key = id.clone();
+        if let Some(m) = self
+            .records(move |r| r.snapshot(&key))
+            .await?
+            .and_then(|r| r.moving)
+        {
+            return Err(Status::unavailable(format!(
+                "snapshot {id} is moving from node {} to node {}; retry when the move is done \
+                 ({})",
+                m.from, m.to, m.message
+            )));
         }
         if let Some(node) = self.snapshot_node(&id).await? {
             self.agent(&node)?

@@ -160,6 +160,7 @@ impl GroupController for ControllerService {
                 state: RecordState::Creating,
                 created_unix_ns: now_ns(),
                 group: Some(group.clone()),
+                moving: None,
             });
         }
         let put = members.clone();

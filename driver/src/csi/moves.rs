@@ -74,14 +74,19 @@ impl Cluster for ClusterService {
             why,
             ..Default::default()
         });
-        let snapshots = d.snapshots.into_iter().map(|(snapshot_id, why)| Stayed {
-            snapshot_id,
-            why,
-            ..Default::default()
-        });
+        let snapshots = d
+            .snapshots
+            .stayed
+            .into_iter()
+            .map(|(snapshot_id, why)| Stayed {
+                snapshot_id,
+                why,
+                ..Default::default()
+            });
         Ok(Response::new(DrainNodeReply {
             moved: d.moved,
             stayed: volumes.chain(snapshots).collect(),
+            moved_snapshots: d.snapshots.moved,
         }))
     }
 }

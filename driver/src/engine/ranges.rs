@@ -23,7 +23,7 @@ use std::sync::Arc;
 use super::catalog::LayerRecord;
 use super::error::{Error, Result};
 use super::geometry::BLOCK_SIZE;
-use super::ids::{LayerId, SnapshotId, VolumeId};
+use super::ids::{LayerId, SnapshotId};
 use super::pool::{Pool, Shared};
 use super::view::{self, View};
 use crate::engine::catalog::SnapshotState;
@@ -54,12 +54,13 @@ pub(crate) struct Since {
 }
 
 impl Shared {
-    /// [`Since`] `base` for the chain under `top`, a chain of `volume`
-    /// (`of` names it for errors). The caller holds the shape lock.
+    /// [`Since`] `base` for the chain under `top` (`of` names it for
+    /// errors): `base` must be in that chain's history, a snapshot of the
+    /// same volume or of one it was cloned from (a snapshot moved to
+    /// another node is a clone's there). The caller holds the shape lock.
     pub(crate) fn since(
         &self,
         top: LayerId,
-        volume: VolumeId,
         base: SnapshotId,
         of: &dyn Fn() -> String,
     ) -> Result<Since> {
@@ -73,9 +74,6 @@ impl Shared {
             of: of(),
             why,
         };
-        if b.volume != volume {
-            return Err(refuse("it is a snapshot of another volume"));
-        }
         let mut chain = txn.chain(top)?;
         chain.reverse();
         match chain.iter().position(|l| l.id == b.layer) {
@@ -85,7 +83,9 @@ impl Shared {
                 views: HashMap::new(),
             }),
             None if txn.chain(b.layer)?.iter().any(|l| l.id == top) => Err(refuse("it is newer")),
-            None => Err(refuse("its layer is not in the chain")),
+            None => Err(refuse(
+                "it is not in its history (a snapshot of another volume)",
+            )),
         }
     }
 
@@ -121,13 +121,14 @@ impl Shared {
 
 impl Pool {
     /// The ranges of snapshot `target` that hold data (`base` None: zeros
-    /// never written, or discarded, do not), or that changed since the
-    /// older snapshot `base` of the same volume; from byte `from` (rounded
-    /// down to a block), at most `max` of them (at least 1).
+    /// never written, or discarded, do not), or that changed since `base`,
+    /// an older snapshot in its history (of the same volume, or of one
+    /// that volume was cloned from); from byte `from` (rounded down to a
+    /// block), at most `max` of them (at least 1).
     ///
     /// Errors: a snapshot that does not exist is not found; `from` at or
-    /// past the end is out of range; a `base` of another volume, newer
-    /// than `target` or not in its history is [`Error::NotComparable`].
+    /// past the end is out of range; a `base` newer than `target` or not in
+    /// its history is [`Error::NotComparable`].
     pub fn snapshot_ranges(
         &self,
         target: SnapshotId,
@@ -143,7 +144,7 @@ impl Pool {
             _ => return Err(Error::SnapshotNotFound(target)),
         };
         let mut since = base
-            .map(|b| sh.since(t.layer, t.volume, b, &|| format!("snapshot {target}")))
+            .map(|b| sh.since(t.layer, b, &|| format!("snapshot {target}")))
             .transpose()?;
         if from >= t.size {
             return Err(Error::OutOfRange {
@@ -296,6 +297,17 @@ mod tests {
             .changed_since(s1, 0, B)
             .unwrap_err();
         assert!(e.to_string().contains("another volume"), "{e}");
+        // A clone's snapshot compares with the snapshot it was cloned
+        // from (a snapshot moved to another node is such a clone there).
+        let clone = pool.clone_snapshot(s1, None).unwrap().id;
+        write(&pool, clone, 7, 9);
+        let s4 = pool.create_snapshot(clone).unwrap().id;
+        assert_eq!(
+            pool.snapshot_ranges(s4, Some(s1), 0, 10).unwrap().ranges,
+            [(7 * B, B)]
+        );
+        let e = pool.snapshot_ranges(s1, Some(s4), 0, 10).unwrap_err();
+        assert_eq!(kind(e), ErrorKind::InvalidArgument);
         let gone = SnapshotId::new_random();
         assert_eq!(
             kind(pool.snapshot_ranges(gone, None, 0, 10).unwrap_err()),

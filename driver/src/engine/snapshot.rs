@@ -99,13 +99,10 @@ impl SnapshotReader {
             .upgrade()
             .ok_or(Error::SnapshotNotFound(self.id))?;
         let _shape = shared.shape.lock().expect("shape lock");
-        let volume = match shared.catalog.read()?.snapshot(self.id)? {
-            Some(r) => r.volume,
-            None => return Err(Error::SnapshotNotFound(self.id)),
-        };
-        let mut since = shared.since(self.layer, volume, base, &|| {
-            format!("snapshot {}", self.id)
-        })?;
+        if shared.catalog.read()?.snapshot(self.id)?.is_none() {
+            return Err(Error::SnapshotNotFound(self.id));
+        }
+        let mut since = shared.since(self.layer, base, &|| format!("snapshot {}", self.id))?;
         // The view as the catalog has it now: a fold since this reader
         // opened may have renamed the slots its own view names.
         let view = shared.view_of(self.layer)?;

@@ -1058,7 +1058,7 @@ impl Volume {
         };
         let mut since = self
             .shared
-            .since(top, self.id, base, &|| format!("volume {}", self.id))?;
+            .since(top, base, &|| format!("volume {}", self.id))?;
         let mut out = Vec::new();
         self.shared
             .changed_runs(&view, &mut since, offset, len, &mut out)?;

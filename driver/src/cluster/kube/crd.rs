@@ -127,6 +127,7 @@ pub struct RecordStatus {
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Group", type_ = "string", json_path = ".spec.groupName"),
+    printcolumn(name = "Moving To", type_ = "string", json_path = ".spec.moving.to"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -145,6 +146,9 @@ pub struct StrataSnapshotSpec {
     pub group_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_name: Option<String>,
+    /// A move to another node under way (a drain's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<MoveSpec>,
 }
 
 /// A node running `strata node`: where its agent listens. It creates this

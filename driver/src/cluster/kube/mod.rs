@@ -100,17 +100,7 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
             node: r.node.clone(),
             anywhere: r.anywhere,
             created_unix_ns: r.created_unix_ns,
-            moving: r.moving.as_ref().map(|m| MoveSpec {
-                from: m.from.clone(),
-                to: m.to.clone(),
-                lazy: m.lazy,
-                live: m.live,
-                published_to: m.published_to.clone(),
-                read_only: m.read_only,
-                phase: m.phase.label().into(),
-                message: m.message.clone(),
-                started_unix_ns: m.started_unix_ns,
-            }),
+            moving: r.moving.as_ref().map(move_spec),
             claim: r.claim.as_ref().map(|c| ClaimSpec {
                 namespace: c.namespace.clone(),
                 name: c.name.clone(),
@@ -144,22 +134,40 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
         anywhere: s.anywhere,
         state: record_state(o.status.as_ref()),
         created_unix_ns: s.created_unix_ns,
-        moving: s.moving.as_ref().map(|m| Move {
-            from: m.from.clone(),
-            to: m.to.clone(),
-            lazy: m.lazy,
-            live: m.live,
-            published_to: m.published_to.clone(),
-            read_only: m.read_only,
-            // A newer controller's phase is left alone.
-            phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Unknown),
-            message: m.message.clone(),
-            started_unix_ns: m.started_unix_ns,
-        }),
+        moving: s.moving.as_ref().map(move_of),
         claim: s.claim.as_ref().map(|c| ClaimRef {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
         }),
+    }
+}
+
+fn move_spec(m: &Move) -> MoveSpec {
+    MoveSpec {
+        from: m.from.clone(),
+        to: m.to.clone(),
+        lazy: m.lazy,
+        live: m.live,
+        published_to: m.published_to.clone(),
+        read_only: m.read_only,
+        phase: m.phase.label().into(),
+        message: m.message.clone(),
+        started_unix_ns: m.started_unix_ns,
+    }
+}
+
+fn move_of(m: &MoveSpec) -> Move {
+    Move {
+        from: m.from.clone(),
+        to: m.to.clone(),
+        lazy: m.lazy,
+        live: m.live,
+        published_to: m.published_to.clone(),
+        read_only: m.read_only,
+        // A newer controller's phase is left alone.
+        phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Unknown),
+        message: m.message.clone(),
+        started_unix_ns: m.started_unix_ns,
     }
 }
 
@@ -174,6 +182,7 @@ fn snapshot_object(r: &SnapshotRecord) -> StrataSnapshot {
             created_unix_ns: r.created_unix_ns,
             group_id: r.group.as_ref().map(|g| g.id.clone()),
             group_name: r.group.as_ref().map(|g| g.name.clone()),
+            moving: r.moving.as_ref().map(move_spec),
         },
     );
     o.labels_mut()
@@ -198,6 +207,7 @@ fn snapshot_record(o: &StrataSnapshot) -> SnapshotRecord {
             id,
             name: s.group_name.clone().unwrap_or_default(),
         }),
+        moving: s.moving.as_ref().map(move_of),
     }
 }
 

@@ -1,0 +1,610 @@
+//! Moving snapshots to another node (a drain's second half). A snapshot is
+//! immutable, so its move needs no hold and no seal; the steps, recorded in
+//! its [`SnapshotRecord`] (`moving`, phases `copying`, `removing`,
+//! `aborting`), are:
+//!
+//! 1. **Record** `moving` (phase `copying`). From here until the move ends,
+//!    DeleteSnapshot is UNAVAILABLE (the snapshotter retries).
+//! 2. **Carrier**: the source makes a volume of the snapshot (an index copy,
+//!    no data; its ID is derived from the snapshot's, see [`carrier`]).
+//! 3. **Copy**: the target copies the carrier over the data path (the
+//!    agent's Import, as a copy-first volume move does, with a read-only
+//!    grant). If an older snapshot of the same volume moved to the target
+//!    before and the source still has it (its move is in phase `removing`),
+//!    the target's copy starts as a clone of that one there and only the
+//!    ranges changed between the two (the source's presence maps, as
+//!    GetMetadataDelta reads them) are copied: the layers the two share
+//!    here are shared there too. Otherwise every data extent is copied.
+//! 4. **Snapshot**: the target takes a snapshot of its copy with the
+//!    snapshot's ID, then deletes the copy (the snapshot keeps its layers).
+//! 5. **Switch**: the record names the target (phase `removing`); restores
+//!    go there from now on.
+//! 6. **Remove** the source's snapshot and carrier; `moving` ends. A drain
+//!    removes a snapshot's source copy only once the next snapshot of its
+//!    volume moved (step 3 reads the changed ranges against it).
+//!
+//! Each step can run again, so a crash of any party is finished by the
+//! next drain or by the leading controller's resume. A refusal before the
+//! switch (a target without room, a snapshot the source does not have)
+//! rolls back (phase `aborting`): the target's copy and snapshot and the
+//! source's carrier are deleted, and the snapshot stays where it was.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use csi_proto::agent::v1 as agent;
+use csi_proto::cluster::v1::MovedSnapshot;
+use tonic::{Code, Request, Status};
+
+use super::{Move, MovePhase, Moves, POLL, failpoint, refused, waiting};
+use crate::cluster::nodes::now_ns;
+use crate::cluster::records::{RecordState, SnapshotRecord};
+use crate::engine::{SnapshotId, VolumeId};
+
+/// The failpoints of a snapshot's move, in order.
+pub const SNAPSHOT_FAILPOINTS: [&str; 4] = [
+    "cluster::snapshot_move::recorded",
+    "cluster::snapshot_move::copied",
+    "cluster::snapshot_move::made",
+    "cluster::snapshot_move::switched",
+];
+
+/// At most this many changed ranges go in one copy request; more are
+/// merged across their smallest gaps (the blocks between are copied as
+/// they are, which is right too).
+const MAX_DELTA_RANGES: usize = 1 << 16;
+
+/// The volume a snapshot's move copies from (on the source) and into (on
+/// the target): its ID is the snapshot's with a fixed pattern mixed in, so
+/// every retry names the same one and nothing else does.
+pub fn carrier(snapshot: SnapshotId) -> VolumeId {
+    VolumeId::from_u128(snapshot.as_u128() ^ 0x5354_5241_5441_2d53_4e41_502d_4d4f_5645)
+}
+
+/// What a drain did with a node's snapshots.
+#[derive(Debug, Default)]
+pub struct SnapshotsDrained {
+    pub moved: Vec<MovedSnapshot>,
+    pub stayed: Vec<(String, String)>,
+}
+
+impl Moves {
+    /// Moves every snapshot of `node` (and finishes every snapshot move
+    /// from it), oldest first per volume, each volume's to one node: the
+    /// node its volume is on now if it can take them, else the ready node
+    /// with the most room.
+    pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str) -> SnapshotsDrained {
+        let mut out = SnapshotsDrained::default();
+        let key = node.to_string();
+        let found = self
+            .store(move |r| {
+                let volumes = r.volumes()?;
+                let snaps = r
+                    .snapshots()?
+                    .into_iter()
+                    .filter(|s| s.node == key || s.moving.as_ref().is_some_and(|m| m.from == key))
+                    .collect::<Vec<_>>();
+                Ok((volumes, snaps))
+            })
+            .await;
+        let (volumes, snaps) = match found {
+            Ok(f) => f,
+            Err(e) => {
+                out.stayed.push((
+                    String::new(),
+                    format!("reading the records: {}", e.message()),
+                ));
+                return out;
+            }
+        };
+        let mut by_volume: BTreeMap<String, Vec<SnapshotRecord>> = BTreeMap::new();
+        for s in snaps {
+            by_volume
+                .entry(s.source_volume_id.clone())
+                .or_default()
+                .push(s);
+        }
+        for (volume, mut chain) in by_volume {
+            chain.sort_by_key(|s| (s.created_unix_ns, s.snapshot_id.clone()));
+            let home = volumes
+                .iter()
+                .find(|v| v.volume_id == volume && v.node != node)
+                .map(|v| v.node.clone());
+            let size = chain.iter().map(|s| s.size_bytes).max().unwrap_or(0);
+            let to = match chain.iter().find_map(|s| s.moving.as_ref()) {
+                Some(m) => Ok(m.to.clone()),
+                None => {
+                    let preferred: Vec<String> = home.into_iter().collect();
+                    self.cluster.nodes.place(size, |n| n != node, &preferred)
+                }
+            };
+            let to = match to {
+                Ok(t) => t,
+                Err(e) => {
+                    for s in chain {
+                        out.stayed.push((s.snapshot_id, e.message().to_string()));
+                    }
+                    continue;
+                }
+            };
+            // One volume's snapshots at a time, and the leader's resume
+            // leaves them alone meanwhile.
+            let _one = self.snapshot_moves.lock().await;
+            let mut last: Option<String> = None;
+            for s in chain {
+                let id = s.snapshot_id.clone();
+                if s.state != RecordState::Ready {
+                    out.stayed
+                        .push((id, "it is still being created".to_string()));
+                    continue;
+                }
+                match self.move_snapshot(&id, &to).await {
+                    Ok(moved) => {
+                        out.moved.push(moved);
+                        if let Some(prev) = last.replace(id) {
+                            self.finish_snapshot(&prev).await.ok();
+                        }
+                    }
+                    Err(e) => out.stayed.push((id, e.message().to_string())),
+                }
+            }
+            if let Some(prev) = last {
+                self.finish_snapshot(&prev).await.ok();
+            }
+        }
+        out
+    }
+
+    /// Finishes every snapshot move the records name (the leader's resume),
+    /// unless a drain runs one.
+    pub(super) async fn resume_snapshots(self: &Arc<Self>) {
+        let Ok(_one) = self.snapshot_moves.try_lock() else {
+            return;
+        };
+        let moving = match self
+            .store(|r| {
+                Ok(r.snapshots()?
+                    .into_iter()
+                    .filter(|s| s.moving.is_some())
+                    .collect::<Vec<_>>())
+            })
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "reading snapshot records to resume moves");
+                return;
+            }
+        };
+        for s in moving {
+            let to = s.moving.as_ref().map(|m| m.to.clone()).unwrap_or_default();
+            let done = match self.move_snapshot(&s.snapshot_id, &to).await {
+                Ok(_) => self.finish_snapshot(&s.snapshot_id).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => {
+                    tracing::info!(snapshot = %s.snapshot_id, to, "snapshot move finished after a restart")
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %s.snapshot_id, error = %e.message(), "snapshot move not finished")
+                }
+            }
+        }
+    }
+
+    async fn snapshot_record(&self, id: &str) -> Result<SnapshotRecord, Status> {
+        let key = id.to_string();
+        self.store(move |r| r.snapshot(&key))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("snapshot {id:?} does not exist")))
+    }
+
+    /// Writes the record's node and move back, unless the snapshot was
+    /// deleted meanwhile (NOT_FOUND then: the move stops).
+    async fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), Status> {
+        let (id, node, moving) = (
+            rec.snapshot_id.clone(),
+            rec.node.clone(),
+            rec.moving.clone(),
+        );
+        let written = self
+            .store(move |r| match r.snapshot(&id)? {
+                Some(mut current) => {
+                    (current.node, current.moving) = (node, moving);
+                    r.put_snapshot(&current)?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            })
+            .await?;
+        if written {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!(
+                "snapshot {} was deleted during its move",
+                rec.snapshot_id
+            )))
+        }
+    }
+
+    async fn snapshot_phase(
+        &self,
+        rec: &mut SnapshotRecord,
+        phase: MovePhase,
+        message: &str,
+    ) -> Result<(), Status> {
+        if let Some(m) = rec.moving.as_mut() {
+            m.phase = phase;
+            m.message = message.to_string();
+        }
+        self.put_snapshot(rec).await
+    }
+
+    /// Steps 1 to 5 of moving snapshot `id` to node `to` (or of its move
+    /// under way); its source copy is removed by [`Moves::finish_snapshot`].
+    async fn move_snapshot(&self, id: &str, to: &str) -> Result<MovedSnapshot, Status> {
+        let mut rec = self.snapshot_record(id).await?;
+        let moved = |rec: &SnapshotRecord, copied_bytes, base: String| MovedSnapshot {
+            snapshot_id: rec.snapshot_id.clone(),
+            from_node: rec
+                .moving
+                .as_ref()
+                .map_or(rec.node.clone(), |m| m.from.clone()),
+            to_node: to.to_string(),
+            copied_bytes,
+            base_snapshot_id: base,
+        };
+        match &rec.moving {
+            None if rec.node == to => return Ok(moved(&rec, 0, String::new())),
+            None => {
+                rec.moving = Some(Move {
+                    from: rec.node.clone(),
+                    to: to.to_string(),
+                    lazy: false,
+                    live: false,
+                    published_to: String::new(),
+                    read_only: true,
+                    phase: MovePhase::Copying,
+                    message: "copying".into(),
+                    started_unix_ns: now_ns(),
+                });
+                self.put_snapshot(&rec).await?;
+                failpoint(SNAPSHOT_FAILPOINTS[0]);
+            }
+            Some(m) if m.to != to => {
+                return Err(Status::aborted(format!(
+                    "snapshot {id} is moving from node {} to node {} ({})",
+                    m.from, m.to, m.message
+                )));
+            }
+            Some(_) => {}
+        }
+        let m = rec.moving.clone().expect("moving");
+        match m.phase {
+            MovePhase::Copying => {}
+            MovePhase::Removing => return Ok(moved(&rec, 0, String::new())),
+            MovePhase::Aborting => {
+                self.abort_snapshot(&mut rec).await?;
+                return Err(Status::failed_precondition(format!(
+                    "the move of snapshot {id} to node {} was rolled back",
+                    m.to
+                )));
+            }
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "snapshot {id} is in a move phase this controller does not know: {}",
+                    m.message
+                )));
+            }
+        }
+        let (copied, base) = match self.copy_snapshot(&rec, &m).await {
+            Ok(c) => c,
+            Err(e) if refused(&e) => {
+                tracing::warn!(snapshot = id, to = %m.to, error = %e.message(), "a snapshot's move is rolled back");
+                self.snapshot_phase(&mut rec, MovePhase::Aborting, e.message())
+                    .await?;
+                self.abort_snapshot(&mut rec).await?;
+                return Err(Status::failed_precondition(format!(
+                    "the move of snapshot {id} to node {} was rolled back: {}",
+                    m.to,
+                    e.message()
+                )));
+            }
+            Err(e) if e.code() == Code::NotFound && self.snapshot_record(id).await.is_err() => {
+                // Deleted meanwhile (a delete that read the record before
+                // the move was recorded): what the move made goes too.
+                self.clean_after_delete(id, &m).await;
+                return Err(e);
+            }
+            Err(e) => {
+                let e = waiting(e);
+                if e.code() != Code::NotFound {
+                    let why = format!("waiting: {}", e.message());
+                    if let Some(m) = rec.moving.as_mut() {
+                        m.message = why;
+                    }
+                    self.put_snapshot(&rec).await.ok();
+                }
+                return Err(e);
+            }
+        };
+        failpoint(SNAPSHOT_FAILPOINTS[2]);
+        rec.node = m.to.clone();
+        self.snapshot_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
+            .await?;
+        failpoint(SNAPSHOT_FAILPOINTS[3]);
+        tracing::info!(snapshot = id, from = %m.from, to = %m.to, copied, base, "snapshot moved");
+        self.metrics.volume_moved("snapshot", true, copied);
+        Ok(moved(&rec, copied, base))
+    }
+
+    /// Steps 2 to 4: the bytes copied, and the target's snapshot the copy
+    /// started from (empty: none).
+    async fn copy_snapshot(&self, rec: &SnapshotRecord, m: &Move) -> Result<(u64, String), Status> {
+        let id = &rec.snapshot_id;
+        let sid: SnapshotId = id
+            .parse()
+            .map_err(|_| Status::failed_precondition(format!("{id:?} is not a snapshot ID")))?;
+        let c = carrier(sid).to_string();
+        let nodes = &self.cluster.nodes;
+        let (source, target) = (nodes.agent(&m.from)?, nodes.agent(&m.to)?);
+        // Made there already (a crash after step 4): only its carrier goes.
+        let made = target
+            .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                snapshot_id: id.clone(),
+            }))
+            .await;
+        match made {
+            Ok(_) => {
+                delete_volume(target.as_ref(), &c).await?;
+                return Ok((0, String::new()));
+            }
+            Err(e) if e.code() == Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        source
+            .create_volume(Request::new(agent::CreateVolumeRequest {
+                volume_id: c.clone(),
+                size_bytes: rec.size_bytes,
+                source: Some(agent::create_volume_request::Source::SnapshotId(id.clone())),
+                ..Default::default()
+            }))
+            .await
+            // The snapshot is not there: nothing to move.
+            .map_err(|e| match e.code() {
+                Code::NotFound => Status::failed_precondition(e.message()),
+                _ => e,
+            })?;
+        let (base, ranges) = self.delta_base(rec, m, source.as_ref()).await?;
+        let (address, grant) = self.source_grant(&c, m).await?;
+        let import = agent::ImportRequest {
+            volume: Some(agent::CreateVolumeRequest {
+                volume_id: c.clone(),
+                size_bytes: rec.size_bytes,
+                ..Default::default()
+            }),
+            owner: m.from.clone(),
+            address,
+            grant,
+            rate_bytes_per_second: self.rate,
+            base_snapshot_id: base.clone(),
+            ranges,
+            ..Default::default()
+        };
+        let copied = loop {
+            let r = target
+                .import(Request::new(import.clone()))
+                .await?
+                .into_inner();
+            if r.done {
+                break r.copied_bytes;
+            }
+            // Deleted meanwhile: the caller cleans up.
+            self.snapshot_record(id).await?;
+            tokio::time::sleep(POLL).await;
+        };
+        failpoint(SNAPSHOT_FAILPOINTS[1]);
+        target
+            .create_snapshot(Request::new(agent::CreateSnapshotRequest {
+                volume_id: c.clone(),
+                snapshot_id: id.clone(),
+                freeze_filesystem: false,
+            }))
+            .await?;
+        delete_volume(target.as_ref(), &c).await?;
+        Ok((copied, base))
+    }
+
+    /// The older snapshot of the same volume that the target has and the
+    /// source still has (moved there before this one, its source copy not
+    /// removed yet), and the ranges changed since it; none and no ranges
+    /// if there is none, or the source cannot compare the two.
+    async fn delta_base(
+        &self,
+        rec: &SnapshotRecord,
+        m: &Move,
+        source: &dyn agent::agent_server::Agent,
+    ) -> Result<(String, Vec<agent::ByteRange>), Status> {
+        let (volume, created, from, to) = (
+            rec.source_volume_id.clone(),
+            rec.created_unix_ns,
+            m.from.clone(),
+            m.to.clone(),
+        );
+        let base = self
+            .store(move |r| {
+                Ok(r.snapshots()?
+                    .into_iter()
+                    .filter(|s| s.source_volume_id == volume && s.created_unix_ns < created)
+                    .filter(|s| s.node == to)
+                    .filter(|s| {
+                        s.moving
+                            .as_ref()
+                            .is_some_and(|m| m.from == from && m.phase == MovePhase::Removing)
+                    })
+                    .max_by_key(|s| s.created_unix_ns)
+                    .map(|s| s.snapshot_id))
+            })
+            .await?;
+        let Some(base) = base else {
+            return Ok((String::new(), Vec::new()));
+        };
+        let mut ranges = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = source
+                .snapshot_ranges(Request::new(agent::SnapshotRangesRequest {
+                    snapshot_id: rec.snapshot_id.clone(),
+                    base_snapshot_id: base.clone(),
+                    starting_offset: from,
+                    max_results: u32::MAX,
+                }))
+                .await;
+            let page = match page {
+                Ok(p) => p.into_inner(),
+                // Not comparable after all (a merge, a removed base): all
+                // of it is copied.
+                Err(e) if matches!(e.code(), Code::InvalidArgument | Code::NotFound) => {
+                    tracing::info!(snapshot = %rec.snapshot_id, base, error = %e.message(), "copying all of a snapshot");
+                    return Ok((String::new(), Vec::new()));
+                }
+                Err(e) => return Err(e),
+            };
+            ranges.extend(page.ranges);
+            if page.next_offset >= page.size_bytes || page.next_offset <= from {
+                break;
+            }
+            from = page.next_offset;
+        }
+        Ok((base, bounded(ranges, MAX_DELTA_RANGES)))
+    }
+
+    /// Step 6: the source's copy of a moved snapshot is removed, and its
+    /// move ends.
+    pub(super) async fn finish_snapshot(&self, id: &str) -> Result<(), Status> {
+        let mut rec = self.snapshot_record(id).await?;
+        let Some(m) = rec.moving.clone() else {
+            return Ok(());
+        };
+        if m.phase != MovePhase::Removing {
+            return Ok(());
+        }
+        let sid: SnapshotId = id
+            .parse()
+            .map_err(|_| Status::failed_precondition(format!("{id:?} is not a snapshot ID")))?;
+        let source = self.cluster.nodes.agent(&m.from)?;
+        source
+            .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                snapshot_id: id.to_string(),
+            }))
+            .await?;
+        delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
+        rec.moving = None;
+        self.put_snapshot(&rec).await
+    }
+
+    /// Best effort, after the snapshot's record was deleted during its
+    /// move: the carriers and the target's snapshot go.
+    async fn clean_after_delete(&self, id: &str, m: &Move) {
+        let Ok(sid) = id.parse::<SnapshotId>() else {
+            return;
+        };
+        let c = carrier(sid).to_string();
+        let nodes = &self.cluster.nodes;
+        if let Ok(target) = nodes.agent(&m.to) {
+            delete_volume(target.as_ref(), &c).await.ok();
+            let gone = agent::DeleteSnapshotRequest {
+                snapshot_id: id.to_string(),
+            };
+            target.delete_snapshot(Request::new(gone)).await.ok();
+        }
+        if let Ok(source) = nodes.agent(&m.from) {
+            delete_volume(source.as_ref(), &c).await.ok();
+        }
+    }
+
+    /// Rolls a snapshot's move back (before its switch): the target's copy
+    /// and snapshot and the source's carrier are deleted.
+    async fn abort_snapshot(&self, rec: &mut SnapshotRecord) -> Result<(), Status> {
+        let Some(m) = rec.moving.clone() else {
+            return Ok(());
+        };
+        let id = rec.snapshot_id.clone();
+        let c = id
+            .parse::<SnapshotId>()
+            .map(|s| carrier(s).to_string())
+            .unwrap_or_default();
+        let nodes = &self.cluster.nodes;
+        let target = nodes.agent(&m.to)?;
+        delete_volume(target.as_ref(), &c).await?;
+        target
+            .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+            }))
+            .await?;
+        delete_volume(nodes.agent(&m.from)?.as_ref(), &c).await?;
+        rec.moving = None;
+        self.put_snapshot(rec).await?;
+        self.metrics.volume_moved("snapshot", false, 0);
+        Ok(())
+    }
+}
+
+async fn delete_volume(agent: &dyn agent::agent_server::Agent, id: &str) -> Result<(), Status> {
+    agent
+        .delete_volume(Request::new(agent::DeleteVolumeRequest {
+            volume_id: id.to_string(),
+        }))
+        .await
+        .map(drop)
+}
+
+/// `ranges` (in order) merged across their smallest gaps until at most
+/// `max` are left.
+fn bounded(ranges: Vec<agent::ByteRange>, max: usize) -> Vec<agent::ByteRange> {
+    let mut ranges = ranges;
+    let mut gap = 4096;
+    while ranges.len() > max {
+        let mut out: Vec<agent::ByteRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match out.last_mut() {
+                Some(p) if r.offset <= p.offset + p.length + gap => {
+                    p.length = (r.offset + r.length).max(p.offset + p.length) - p.offset;
+                }
+                _ => out.push(r),
+            }
+        }
+        ranges = out;
+        gap *= 2;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bounded, carrier};
+    use crate::engine::SnapshotId;
+    use csi_proto::agent::v1::ByteRange;
+
+    #[test]
+    fn a_carrier_is_the_same_for_a_snapshot_and_another_for_any_other() {
+        let s = SnapshotId::new_random();
+        assert_eq!(carrier(s), carrier(s));
+        assert_ne!(carrier(s), carrier(SnapshotId::new_random()));
+        assert_ne!(carrier(s).as_u128(), s.as_u128());
+    }
+
+    #[test]
+    fn too_many_ranges_are_merged_across_their_smallest_gaps() {
+        let r = |offset, length| ByteRange { offset, length };
+        let ranges = vec![r(0, 4096), r(8192, 4096), r(65536, 4096), r(1 << 20, 4096)];
+        assert_eq!(bounded(ranges.clone(), 4), ranges);
+        assert_eq!(
+            bounded(ranges.clone(), 3),
+            vec![r(0, 12288), r(65536, 4096), r(1 << 20, 4096)]
+        );
+        let one = bounded(ranges, 1);
+        assert_eq!(one, vec![r(0, (1 << 20) + 4096)]);
+    }
+}
