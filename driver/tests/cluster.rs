@@ -2931,15 +2931,16 @@ async fn has_snapshot(agent: &str, tls: &Path, id: &str) -> bool {
 }
 
 /// A volume on n2 with three snapshots, each a few changes after the
-/// last (new data, and zeros over data). Drains move the volume and its
-/// snapshots back and forth between n1 and n2: the first snapshot sends
-/// its data, each later one only what changed since the one before, and
-/// the moved snapshots keep their history (a delta between two of them
-/// is what it was). Then the controller is killed at every step of a
-/// snapshot's move in turn; its successor (and the next drain) finishes
-/// the moves. After every drain each snapshot is on the target alone,
-/// restores there to its model, and no carrier volume is left on either
-/// node.
+/// last (new data, and zeros over data), and changes after the last.
+/// Drains move the volume and its snapshots back and forth between n1 and
+/// n2: the first snapshot sends its data, each later one only what
+/// changed since the one before, the volume only what changed since the
+/// last one, and all keep their history there (a delta between two of
+/// them is what it was), also when a pod uses the volume (a live move).
+/// Then the controller is killed at every step of a snapshot's move in
+/// turn; its successor (and the next drain) finishes the moves. After
+/// every drain each snapshot is on the target alone, restores there to
+/// its model, and no carrier volume is left on either node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_step() {
     use csi_proto::agent::v1::{ByteRange, SnapshotRangesRequest};
@@ -3005,6 +3006,10 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
         snaps.push(s);
         models.push(model.clone());
     }
+    // And the volume changes after the last one.
+    let after = (5usize << 20, 64usize << 10);
+    rng.fill(&mut model[after.0..after.0 + after.1]);
+    write_at(&dev, after.0 as u64, &model[after.0..after.0 + after.1]).unwrap();
     detach_and_unpublish(&mut cc, &n2, &mut csi2, &vol).await;
     let changed = |i: usize| rounds[i].iter().map(|&(_, len, _)| len as u64).sum::<u64>();
 
@@ -3074,8 +3079,20 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
         let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
         drain(&mut mc, to, true).await;
         registered(&mut cc, &[to]).await;
+        // In the second round a pod on n1 uses the volume: it moves live.
+        let dev = if round == 1 {
+            Some(publish_and_attach(&mut cc, &n1, &mut csi1, &vol).await)
+        } else {
+            None
+        };
         let d = drain(&mut mc, from, false).await;
         assert!(d.stayed.is_empty(), "round {round}: {d:?}");
+        if let Some(dev) = dev {
+            assert_eq!(read_at(&dev, 0, size), model, "round {round}");
+            rng.fill(&mut model[after.0..after.0 + 4096]);
+            write_at(&dev, after.0 as u64, &model[after.0..after.0 + 4096]).unwrap();
+            detach_and_unpublish(&mut cc, &n1, &mut csi1, &vol).await;
+        }
         if fp.is_none() {
             // The first sends all of its data, each later one only what
             // changed since the one before, also when they move again.
@@ -3109,8 +3126,8 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
                 .snapshot_ranges(SnapshotRangesRequest {
                     snapshot_id: snaps[2].clone(),
                     base_snapshot_id: snaps[1].clone(),
-                    starting_offset: 0,
                     max_results: 100,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -3122,6 +3139,30 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
                     length: length as u64,
                 })
                 .collect();
+            assert_eq!(page.ranges, want, "round {round}");
+            // The volume went after them, sending only what changed since
+            // the last one, and keeps that history too.
+            let got: Vec<_> = d
+                .moved
+                .iter()
+                .map(|m| (m.volume_id.as_str(), m.to_node.as_str(), m.copied_bytes))
+                .collect();
+            assert_eq!(got, [(vol.as_str(), to, after.1 as u64)], "round {round}");
+            let page = agent_client(&target.agent, &tls)
+                .await
+                .snapshot_ranges(SnapshotRangesRequest {
+                    volume_id: vol.clone(),
+                    base_snapshot_id: snaps[2].clone(),
+                    max_results: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let want = [ByteRange {
+                offset: after.0 as u64,
+                length: after.1 as u64,
+            }];
             assert_eq!(page.ranges, want, "round {round}");
         }
         for (i, s) in snaps.iter().enumerate() {

@@ -394,9 +394,9 @@ fn base_of(req: &ImportRequest) -> Result<Option<SnapshotId>, Status> {
         }
         return Ok(None);
     }
-    if req.lazy || req.live {
+    if req.lazy {
         return Err(Status::invalid_argument(
-            "a copy onto a base snapshot is a copy first, not live or switch first",
+            "a switch-first copy has no base snapshot",
         ));
     }
     req.base_snapshot_id

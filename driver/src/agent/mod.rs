@@ -467,19 +467,32 @@ impl Agent for AgentService {
         req: Request<SnapshotRangesRequest>,
     ) -> Result<Response<SnapshotRangesReply>, Status> {
         let req = req.into_inner();
-        let sid = snapshot_id(&req.snapshot_id)?;
         let base = match req.base_snapshot_id.as_str() {
             "" => None,
             b => Some(snapshot_id(b)?),
         };
         let max = (req.max_results as usize).clamp(1, MAX_RANGES_PER_PAGE);
-        let page = self
-            .blocking(move |core| {
+        let from = req.starting_offset;
+        let page = if req.volume_id.is_empty() {
+            let sid = snapshot_id(&req.snapshot_id)?;
+            self.blocking(move |core| {
                 core.pool
-                    .snapshot_ranges(sid, base, req.starting_offset, max)
+                    .snapshot_ranges(sid, base, from, max)
                     .map_err(status::engine)
             })
-            .await?;
+            .await?
+        } else {
+            let vid = volume_id(&req.volume_id)?;
+            let base = base.ok_or_else(|| {
+                Status::invalid_argument("a volume's changes need base_snapshot_id")
+            })?;
+            self.blocking(move |core| {
+                core.pool
+                    .volume_changes(vid, base, from, max)
+                    .map_err(status::engine)
+            })
+            .await?
+        };
         Ok(Response::new(SnapshotRangesReply {
             size_bytes: page.size,
             ranges: page

@@ -66,6 +66,7 @@ use crate::metrics::Metrics;
 use crate::peer::{GrantKey, grant};
 
 mod snapshots;
+use snapshots::Delta;
 pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotsDrained, carrier};
 
 /// A move of a volume under way, as its record keeps it.
@@ -463,14 +464,34 @@ impl Moves {
             })
             .await?;
         let (mut moved, mut stayed) = (Vec::new(), Vec::new());
+        let mut snapshots = SnapshotsDrained::default();
         for rec in volumes {
-            let to = rec.moving.as_ref().map(|m| m.to.clone());
-            match self.move_volume(&rec.volume_id, to.as_deref()).await {
+            let id = rec.volume_id.clone();
+            let to = match &rec.moving {
+                Some(m) => Some(m.to.clone()),
+                None => self.target_for(&rec, None).ok().inspect(|t| {
+                    // Counted again when the move checks it.
+                    self.cluster.nodes.unplace(t, rec.capacity_bytes);
+                }),
+            };
+            // Its snapshots go first, to the same node, so that the
+            // volume's copy there starts from the newest of them.
+            let one = self.snapshot_moves.lock().await;
+            let last = match &to {
+                Some(t) => self.move_snapshots_of(&id, node, t, &mut snapshots).await,
+                None => None,
+            };
+            match self.move_volume(&id, to.as_deref()).await {
                 Ok(r) => moved.push(r),
-                Err(e) => stayed.push((rec.volume_id, e.message().to_string())),
+                Err(e) => stayed.push((id, e.message().to_string())),
             }
+            if let Some(last) = last {
+                self.finish_snapshot(&last).await.ok();
+            }
+            drop(one);
         }
-        let snapshots = self.drain_snapshots(node).await;
+        // Those of volumes that stay, or are gone.
+        self.drain_snapshots(node, &mut snapshots).await;
         Ok(Drained {
             moved,
             stayed,
@@ -933,6 +954,15 @@ impl Moves {
         let (address, grant) = self.source_grant(&rec.volume_id, m).await?;
         let epoch = grant::decode(&id, &grant).map_or(0, |g| g.epoch);
         failpoint(FAILPOINTS[1]);
+        // A drain moved its snapshots there first: only what changed since
+        // the newest of them is copied (the source's copy does not change
+        // from here on).
+        let (base, ranges) = if m.lazy {
+            Default::default()
+        } else {
+            self.delta(&id, None, m, source.as_ref(), Delta::Volume(&id))
+                .await?
+        };
         // Checked when the volume was created.
         let max_chain_depth = rec
             .parameters
@@ -953,6 +983,8 @@ impl Moves {
             grant,
             rate_bytes_per_second: self.rate,
             lazy: m.lazy,
+            base_snapshot_id: base,
+            ranges,
             ..Default::default()
         };
         let copied = if m.lazy {
@@ -1085,6 +1117,10 @@ impl Moves {
         })?;
         let grant = grant::encode(&GrantKey::from_tls(tls).make(&id, &m.to, t.epoch, true));
         failpoint(FAILPOINTS[1]);
+        // As a copy first does; what changes from here on is tracked.
+        let (base, ranges) = self
+            .delta(&id, None, &m, source.as_ref(), Delta::Volume(&id))
+            .await?;
         let import = agent::ImportRequest {
             volume: Some(agent::CreateVolumeRequest {
                 volume_id: id.clone(),
@@ -1102,6 +1138,8 @@ impl Moves {
             grant,
             rate_bytes_per_second: self.rate,
             live: true,
+            base_snapshot_id: base,
+            ranges,
             ..Default::default()
         };
         for _ in 0..HOLD_TRIES {
@@ -1133,8 +1171,12 @@ impl Moves {
                 }
                 Err(e) => return Err(e),
             }
+            // Polled often: without the ranges (a copy that starts over
+            // from this request copies everything).
             let last = agent::ImportRequest {
                 final_hold: hold,
+                base_snapshot_id: String::new(),
+                ranges: Vec::new(),
                 ..import.clone()
             };
             let copied = tokio::time::timeout(

@@ -284,6 +284,16 @@ impl Nodes {
             .min((n.available_bytes as f64 * self.overcommit) as u64)
     }
 
+    /// Gives back what [`Nodes::place`] counted on node `id` for a volume
+    /// of `size` bytes that is not made there after all (the counts are
+    /// the node's own again at its next heartbeat anyway).
+    pub fn unplace(&self, id: &str, size: u64) {
+        if let Some(n) = self.cache.lock().expect("nodes").get_mut(id) {
+            n.provisioned_bytes = n.provisioned_bytes.saturating_sub(size);
+            n.volumes = n.volumes.saturating_sub(1);
+        }
+    }
+
     /// Picks the node for a new empty volume of `size` bytes: among the
     /// ready nodes `allowed` accepts, the first of `preferred` with room,
     /// else the one with the most room. The choice is counted against the

@@ -126,6 +126,7 @@ impl ControllerService {
             base_snapshot_id: base.clone().unwrap_or_default(),
             starting_offset: from,
             max_results: MAX_RANGES_PER_PAGE as u32,
+            ..Default::default()
         };
         // The first page before the stream: its errors are the call's.
         let mut page = agent

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use super::catalog::LayerRecord;
 use super::error::{Error, Result};
 use super::geometry::BLOCK_SIZE;
-use super::ids::{LayerId, SnapshotId};
+use super::ids::{LayerId, SnapshotId, VolumeId};
 use super::pool::{Pool, Shared};
 use super::view::{self, View};
 use crate::engine::catalog::SnapshotState;
@@ -192,6 +192,53 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The ranges of volume `vid` changed since `base`, a snapshot in its
+    /// history, writes not flushed yet included; paged as
+    /// [`Pool::snapshot_ranges`] pages.
+    pub fn volume_changes(
+        &self,
+        vid: VolumeId,
+        base: SnapshotId,
+        from: u64,
+        max: usize,
+    ) -> Result<RangePage> {
+        let vol = self.volume(vid)?;
+        let size = vol.size();
+        if from >= size {
+            return Err(Error::OutOfRange {
+                offset: from,
+                len: 0,
+                size,
+            });
+        }
+        let max = max.max(1);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut at = from - from % BLOCK_SIZE;
+        while at < size {
+            let len = WINDOW.min(size - at);
+            for (o, l) in vol.changed_since(base, at, len)? {
+                push(&mut ranges, o, l);
+            }
+            at += len;
+            if ranges.len() > max {
+                ranges.truncate(max);
+                let (o, l) = ranges[max - 1];
+                return Ok(RangePage {
+                    size,
+                    ranges,
+                    next: o + l,
+                });
+            }
+        }
+        Ok(RangePage {
+            size,
+            ranges,
+            next: size,
+        })
+    }
+}
+
 /// Appends `at..at+len` to `ranges`, joined to the last one if adjacent.
 fn push(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
     match ranges.last_mut() {
@@ -307,6 +354,15 @@ mod tests {
             [(7 * B, B)]
         );
         let e = pool.snapshot_ranges(s1, Some(s4), 0, 10).unwrap_err();
+        assert_eq!(kind(e), ErrorKind::InvalidArgument);
+        // The clone itself, written since, unflushed, paged.
+        write(&pool, clone, 9, 1);
+        write(&pool, clone, 20, 1);
+        let page = pool.volume_changes(clone, s1, 0, 2).unwrap();
+        assert_eq!(page.ranges, [(7 * B, B), (9 * B, B)]);
+        let page = pool.volume_changes(clone, s1, page.next, 2).unwrap();
+        assert_eq!((page.ranges, page.next), (vec![(20 * B, B)], 1024 * B));
+        let e = pool.volume_changes(other, s1, 0, 2).unwrap_err();
         assert_eq!(kind(e), ErrorKind::InvalidArgument);
         let gone = SnapshotId::new_random();
         assert_eq!(

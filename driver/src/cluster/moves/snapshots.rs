@@ -49,16 +49,24 @@ pub const SNAPSHOT_FAILPOINTS: [&str; 4] = [
     "cluster::snapshot_move::switched",
 ];
 
-/// At most this many changed ranges go in one copy request; more are
-/// merged across their smallest gaps (the blocks between are copied as
-/// they are, which is right too).
-const MAX_DELTA_RANGES: usize = 1 << 16;
+/// At most this many changed ranges go in one copy request (about 200
+/// KB; the request is sent again at every poll); more are merged across
+/// their smallest gaps (the blocks between are copied as they are, which
+/// is right too).
+const MAX_DELTA_RANGES: usize = 1 << 14;
 
 /// The volume a snapshot's move copies from (on the source) and into (on
 /// the target): its ID is the snapshot's with a fixed pattern mixed in, so
 /// every retry names the same one and nothing else does.
 pub fn carrier(snapshot: SnapshotId) -> VolumeId {
     VolumeId::from_u128(snapshot.as_u128() ^ 0x5354_5241_5441_2d53_4e41_502d_4d4f_5645)
+}
+
+/// What [`Moves::delta`] asks the changes of.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Delta<'a> {
+    Snapshot(&'a str),
+    Volume(&'a str),
 }
 
 /// What a drain did with a node's snapshots.
@@ -69,32 +77,45 @@ pub struct SnapshotsDrained {
 }
 
 impl Moves {
-    /// Moves every snapshot of `node` (and finishes every snapshot move
-    /// from it), oldest first per volume, each volume's to one node: the
-    /// node its volume is on now if it can take them, else the ready node
-    /// with the most room.
-    pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str) -> SnapshotsDrained {
-        let mut out = SnapshotsDrained::default();
-        let key = node.to_string();
-        let found = self
-            .store(move |r| {
-                let volumes = r.volumes()?;
-                let snaps = r
-                    .snapshots()?
-                    .into_iter()
-                    .filter(|s| s.node == key || s.moving.as_ref().is_some_and(|m| m.from == key))
-                    .collect::<Vec<_>>();
-                Ok((volumes, snaps))
-            })
-            .await;
-        let (volumes, snaps) = match found {
-            Ok(f) => f,
+    /// Moves the snapshots of volume `volume` on `node` (and finishes
+    /// every snapshot move of them from it) to `to`, oldest first; the
+    /// last one moved keeps its source copy (so the volume's own move can
+    /// copy only what changed since it): the caller removes it with
+    /// [`Moves::finish_snapshot`]. The caller holds `snapshot_moves`.
+    pub(super) async fn move_snapshots_of(
+        &self,
+        volume: &str,
+        node: &str,
+        to: &str,
+        out: &mut SnapshotsDrained,
+    ) -> Option<String> {
+        let chain = match self.snapshots_on(node, Some(volume)).await {
+            Ok(c) => c,
             Err(e) => {
+                out.stayed.push((String::new(), e.message().to_string()));
+                return None;
+            }
+        };
+        self.move_chain(chain, to, out).await
+    }
+
+    /// Moves every snapshot of `node` that is still there (and finishes
+    /// every snapshot move from it), oldest first per volume, each
+    /// volume's to one node: the node its volume is on now if it can take
+    /// them, else the ready node with the most room.
+    pub(super) async fn drain_snapshots(&self, node: &str, out: &mut SnapshotsDrained) {
+        let _one = self.snapshot_moves.lock().await;
+        let (volumes, snaps) = match (
+            self.store(|r| r.volumes()).await,
+            self.snapshots_on(node, None).await,
+        ) {
+            (Ok(v), Ok(s)) => (v, s),
+            (Err(e), _) | (_, Err(e)) => {
                 out.stayed.push((
                     String::new(),
                     format!("reading the records: {}", e.message()),
                 ));
-                return out;
+                return;
             }
         };
         let mut by_volume: BTreeMap<String, Vec<SnapshotRecord>> = BTreeMap::new();
@@ -104,8 +125,7 @@ impl Moves {
                 .or_default()
                 .push(s);
         }
-        for (volume, mut chain) in by_volume {
-            chain.sort_by_key(|s| (s.created_unix_ns, s.snapshot_id.clone()));
+        for (volume, chain) in by_volume {
             let home = volumes
                 .iter()
                 .find(|v| v.volume_id == volume && v.node != node)
@@ -127,32 +147,61 @@ impl Moves {
                     continue;
                 }
             };
-            // One volume's snapshots at a time, and the leader's resume
-            // leaves them alone meanwhile.
-            let _one = self.snapshot_moves.lock().await;
-            let mut last: Option<String> = None;
-            for s in chain {
-                let id = s.snapshot_id.clone();
-                if s.state != RecordState::Ready {
-                    out.stayed
-                        .push((id, "it is still being created".to_string()));
-                    continue;
-                }
-                match self.move_snapshot(&id, &to).await {
-                    Ok(moved) => {
-                        out.moved.push(moved);
-                        if let Some(prev) = last.replace(id) {
-                            self.finish_snapshot(&prev).await.ok();
-                        }
-                    }
-                    Err(e) => out.stayed.push((id, e.message().to_string())),
-                }
-            }
-            if let Some(prev) = last {
-                self.finish_snapshot(&prev).await.ok();
+            if let Some(last) = self.move_chain(chain, &to, out).await {
+                self.finish_snapshot(&last).await.ok();
             }
         }
-        out
+    }
+
+    /// The snapshots on `node` or moving from it (of `volume` only, if
+    /// given), oldest first.
+    async fn snapshots_on(
+        &self,
+        node: &str,
+        volume: Option<&str>,
+    ) -> Result<Vec<SnapshotRecord>, Status> {
+        let (node, volume) = (node.to_string(), volume.map(str::to_string));
+        let mut snaps = self
+            .store(move |r| {
+                Ok(r.snapshots()?
+                    .into_iter()
+                    .filter(|s| volume.as_ref().is_none_or(|v| &s.source_volume_id == v))
+                    .filter(|s| s.node == node || s.moving.as_ref().is_some_and(|m| m.from == node))
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        snaps.sort_by_key(|s| (s.created_unix_ns, s.snapshot_id.clone()));
+        Ok(snaps)
+    }
+
+    /// Moves `chain` (one volume's snapshots, oldest first) to `to`, each
+    /// source copy removed once the next one moved; the last one moved,
+    /// whose source copy is left for the caller to remove.
+    async fn move_chain(
+        &self,
+        chain: Vec<SnapshotRecord>,
+        to: &str,
+        out: &mut SnapshotsDrained,
+    ) -> Option<String> {
+        let mut last: Option<String> = None;
+        for s in chain {
+            let id = s.snapshot_id.clone();
+            if s.state != RecordState::Ready {
+                out.stayed
+                    .push((id, "it is still being created".to_string()));
+                continue;
+            }
+            match self.move_snapshot(&id, to).await {
+                Ok(moved) => {
+                    out.moved.push(moved);
+                    if let Some(prev) = last.replace(id) {
+                        self.finish_snapshot(&prev).await.ok();
+                    }
+                }
+                Err(e) => out.stayed.push((id, e.message().to_string())),
+            }
+        }
+        last
     }
 
     /// Finishes every snapshot move the records name (the leader's resume),
@@ -376,7 +425,15 @@ impl Moves {
                 Code::NotFound => Status::failed_precondition(e.message()),
                 _ => e,
             })?;
-        let (base, ranges) = self.delta_base(rec, m, source.as_ref()).await?;
+        let (base, ranges) = self
+            .delta(
+                &rec.source_volume_id,
+                Some(rec.created_unix_ns),
+                m,
+                source.as_ref(),
+                Delta::Snapshot(id),
+            )
+            .await?;
         let (address, grant) = self.source_grant(&c, m).await?;
         let import = agent::ImportRequest {
             volume: Some(agent::CreateVolumeRequest {
@@ -416,28 +473,26 @@ impl Moves {
         Ok((copied, base))
     }
 
-    /// The older snapshot of the same volume that the target has and the
-    /// source still has (moved there before this one, its source copy not
-    /// removed yet), and the ranges changed since it; none and no ranges
-    /// if there is none, or the source cannot compare the two.
-    async fn delta_base(
+    /// The newest snapshot of volume `volume` (older than `before`, if
+    /// given) that both the target and the source have (moved there by
+    /// this drain, its source copy not removed yet), and the ranges of
+    /// `of` changed since it; none and no ranges if there is none, or the
+    /// source cannot compare the two (a merge, an older agent).
+    pub(super) async fn delta(
         &self,
-        rec: &SnapshotRecord,
+        volume: &str,
+        before: Option<u64>,
         m: &Move,
         source: &dyn agent::agent_server::Agent,
+        of: Delta<'_>,
     ) -> Result<(String, Vec<agent::ByteRange>), Status> {
-        let (volume, created, from, to) = (
-            rec.source_volume_id.clone(),
-            rec.created_unix_ns,
-            m.from.clone(),
-            m.to.clone(),
-        );
+        let (volume, from, to) = (volume.to_string(), m.from.clone(), m.to.clone());
         let base = self
             .store(move |r| {
                 Ok(r.snapshots()?
                     .into_iter()
-                    .filter(|s| s.source_volume_id == volume && s.created_unix_ns < created)
-                    .filter(|s| s.node == to)
+                    .filter(|s| s.source_volume_id == volume && s.node == to)
+                    .filter(|s| before.is_none_or(|b| s.created_unix_ns < b))
                     .filter(|s| {
                         s.moving
                             .as_ref()
@@ -450,32 +505,41 @@ impl Moves {
         let Some(base) = base else {
             return Ok((String::new(), Vec::new()));
         };
+        let (snapshot_id, volume_id) = match of {
+            Delta::Snapshot(s) => (s.to_string(), String::new()),
+            Delta::Volume(v) => (String::new(), v.to_string()),
+        };
         let mut ranges = Vec::new();
-        let mut from = 0;
+        let mut at = 0;
         loop {
             let page = source
                 .snapshot_ranges(Request::new(agent::SnapshotRangesRequest {
-                    snapshot_id: rec.snapshot_id.clone(),
+                    snapshot_id: snapshot_id.clone(),
+                    volume_id: volume_id.clone(),
                     base_snapshot_id: base.clone(),
-                    starting_offset: from,
+                    starting_offset: at,
                     max_results: u32::MAX,
                 }))
                 .await;
             let page = match page {
                 Ok(p) => p.into_inner(),
-                // Not comparable after all (a merge, a removed base): all
-                // of it is copied.
-                Err(e) if matches!(e.code(), Code::InvalidArgument | Code::NotFound) => {
-                    tracing::info!(snapshot = %rec.snapshot_id, base, error = %e.message(), "copying all of a snapshot");
+                // Not comparable after all: all of it is copied.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Code::InvalidArgument | Code::NotFound | Code::Unimplemented
+                    ) =>
+                {
+                    tracing::info!(of = ?of, base, error = %e.message(), "copying all of it, not changes");
                     return Ok((String::new(), Vec::new()));
                 }
                 Err(e) => return Err(e),
             };
             ranges.extend(page.ranges);
-            if page.next_offset >= page.size_bytes || page.next_offset <= from {
+            if page.next_offset >= page.size_bytes || page.next_offset <= at {
                 break;
             }
-            from = page.next_offset;
+            at = page.next_offset;
         }
         Ok((base, bounded(ranges, MAX_DELTA_RANGES)))
     }
