@@ -3075,6 +3075,30 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
             // `from` is draining already.
             cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
             registered(&mut cc, &[to]).await;
+            if fp == strata::cluster::moves::SNAPSHOT_FAILPOINTS[1] {
+                // A drain of the target of the move cut short (or finished
+                // meanwhile by the new leader): with both nodes draining,
+                // no snapshot is said to have moved (to the node being
+                // drained), each is on one node, and those on the target
+                // stay, with why.
+                let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+                let d = drain(&mut mc, to, false).await;
+                assert!(d.moved_snapshots.is_empty(), "{d:?}");
+                let target = if to == "n1" { &n1 } else { &n2 };
+                for s in &snaps {
+                    let on = [
+                        has_snapshot(&n1.agent, &tls, s).await,
+                        has_snapshot(&n2.agent, &tls, s).await,
+                    ];
+                    assert!(on[0] != on[1], "snapshot {s} on n1, n2: {on:?}");
+                    let stays = d.stayed.iter().any(|t| &t.snapshot_id == s);
+                    assert_eq!(
+                        has_snapshot(&target.agent, &tls, s).await,
+                        stays,
+                        "{s}: {d:?}"
+                    );
+                }
+            }
         }
         let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
         drain(&mut mc, to, true).await;
@@ -3206,6 +3230,20 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
             .await
             .unwrap();
         }
+        // As the records have them, wherever they are now.
+        for s in &snaps {
+            let got = cc
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id: s.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap();
+            assert_eq!(got.source_volume_id, vol, "round {round}");
+        }
         let (node, csi) = if to == "n1" {
             (&n1, &mut csi1)
         } else {
@@ -3214,6 +3252,18 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
         assert!(holds(&node.agent, &tls, &vol).await, "round {round}");
         contents_are(&mut cc, node, csi, &vol, &model).await;
         from = to;
+    }
+    // Deleted, they are gone from both nodes.
+    for s in &snaps {
+        cc.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for n in nodes {
+            assert!(!has_snapshot(&n.agent, &tls, s).await, "{s} on {}", n.id);
+        }
     }
     let m = ctl.metrics();
     assert!(

@@ -67,7 +67,7 @@ use crate::peer::{GrantKey, grant};
 
 mod snapshots;
 use snapshots::Delta;
-pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotsDrained, carrier};
+pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotClaim, SnapshotsDrained, carrier};
 
 /// A move of a volume under way, as its record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +200,8 @@ pub struct Moves {
     cancelled: Mutex<HashSet<String>>,
     /// Held while snapshots move (one volume's at a time; see `snapshots`).
     snapshot_moves: tokio::sync::Mutex<()>,
+    /// Snapshots a move step or a delete works on now.
+    snapshot_claims: Mutex<HashSet<String>>,
 }
 
 type Outcome = Result<MoveVolumeReply, (Code, String)>;
@@ -247,6 +249,7 @@ impl Moves {
             running: Mutex::default(),
             cancelled: Mutex::default(),
             snapshot_moves: tokio::sync::Mutex::default(),
+            snapshot_claims: Mutex::default(),
         })
     }
 
@@ -486,7 +489,7 @@ impl Moves {
                 Err(e) => stayed.push((id, e.message().to_string())),
             }
             if let Some(last) = last {
-                self.finish_snapshot(&last).await.ok();
+                self.finish_logged(&last).await;
             }
             drop(one);
         }

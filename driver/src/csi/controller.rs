@@ -29,7 +29,7 @@ use super::node::context as node_context;
 use super::params;
 use super::{InFlight, status};
 use crate::agent::{snapshot_id as parse_snapshot_id, volume_id as parse_volume_id};
-use crate::cluster::moves::{Moves, check_not_moving};
+use crate::cluster::moves::{MovePhase, Moves, SnapshotClaim, check_not_moving};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
 use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
@@ -163,6 +163,36 @@ impl ControllerService {
             check_not_moving(&rec)?;
         }
         self.volume_node(id).await
+    }
+
+    /// Before snapshot `id` is deleted: claims it against moves (see
+    /// [`Moves::claim_snapshot`]); a move that switched already has its
+    /// source copy removed first; one that did not is UNAVAILABLE (the
+    /// leader finishes or rolls it back).
+    pub(super) async fn settle_snapshot_move(
+        &self,
+        id: &str,
+    ) -> Result<Option<SnapshotClaim>, Status> {
+        let Some(moves) = self.moves.get() else {
+            return Ok(None);
+        };
+        let key = id.to_string();
+        let moving = self
+            .records(move |r| r.snapshot(&key))
+            .await?
+            .and_then(|r| r.moving);
+        match moving {
+            Some(m) if m.phase == MovePhase::Removing => moves.finish_snapshot(id).await?,
+            Some(m) => {
+                return Err(Status::unavailable(format!(
+                    "snapshot {id} is moving from node {} to node {}; retry when the move is \
+                     done ({})",
+                    m.from, m.to, m.message
+                )));
+            }
+            None => {}
+        }
+        moves.claim_snapshot(id).map(Some)
     }
 
     pub(super) async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
@@ -1041,18 +1071,7 @@ impl Controller for ControllerService {
         if id.parse::<SnapshotId>().is_err() {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
-        let key = id.clone();
-        if let Some(m) = self
-            .records(move |r| r.snapshot(&key))
-            .await?
-            .and_then(|r| r.moving)
-        {
-            return Err(Status::unavailable(format!(
-                "snapshot {id} is moving from node {} to node {}; retry when the move is done \
-                 ({})",
-                m.from, m.to, m.message
-            )));
-        }
+        let _claim = self.settle_snapshot_move(&id).await?;
         if let Some(node) = self.snapshot_node(&id).await? {
             self.agent(&node)?
                 .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
@@ -1252,15 +1271,22 @@ impl Controller for ControllerService {
             }))
             .await?
             .into_inner();
-        Ok(Response::new(GetSnapshotResponse {
-            snapshot: Some(Snapshot {
+        // The record, where there is one: on a node it moved to, the
+        // engine knows it as a snapshot of the copy it was made from.
+        let key = id.clone();
+        let snapshot = match self.records(move |r| r.snapshot(&key)).await? {
+            Some(rec) => snapshot_message(&rec),
+            None => Snapshot {
                 size_bytes: info.size_bytes as i64,
                 snapshot_id: info.snapshot_id,
                 source_volume_id: info.volume_id,
                 creation_time: Some(timestamp(info.created_unix_ns)),
                 ready_to_use: true,
                 group_snapshot_id: String::new(),
-            }),
+            },
+        };
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(snapshot),
         }))
     }
 }

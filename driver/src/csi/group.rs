@@ -273,7 +273,19 @@ impl ControllerService {
     async fn drop_members(&self, members: &[SnapshotRecord]) -> Result<(), Status> {
         let mut failed = None;
         for m in members {
-            let deleted = match self.agent(&m.node) {
+            // Not beside a move of it (a drain's).
+            let _claim = match self.settle_snapshot_move(&m.snapshot_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            let node = match self.snapshot_node(&m.snapshot_id).await {
+                Ok(Some(n)) => n,
+                _ => m.node.clone(),
+            };
+            let deleted = match self.agent(&node) {
                 Ok(a) => a
                     .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
                         snapshot_id: m.snapshot_id.clone(),

@@ -16,7 +16,7 @@ use csi_proto::agent::v1 as agent;
 use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadata;
 use csi_proto::csi::v1::*;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::controller::ControllerService;
 use crate::agent::MAX_RANGES_PER_PAGE;
@@ -94,6 +94,10 @@ impl ControllerService {
             .snapshot_node(&target)
             .await?
             .ok_or_else(|| not_found(&target))?;
+        // Snapshots of one volume, the base the older, that the node
+        // cannot compare (their history there was not kept, as after a
+        // volume moved without them): a reason for a full backup.
+        let mut unrelated_is_full = false;
         if let Some(b) = &base {
             let base_node = self.snapshot_node(b).await?.ok_or_else(|| not_found(b))?;
             // Snapshots of two volumes are a wrong request wherever they
@@ -102,14 +106,15 @@ impl ControllerService {
             let volumes = self
                 .records(move |r| Ok((r.snapshot(&bk)?, r.snapshot(&tk)?)))
                 .await?;
-            if let (Some(bv), Some(tv)) = volumes
-                && bv.source_volume_id != tv.source_volume_id
-            {
-                return Err(Status::invalid_argument(format!(
-                    "snapshot {b} is of volume {} and {target} of volume {}: a delta is \
-                     between snapshots of one volume",
-                    bv.source_volume_id, tv.source_volume_id
-                )));
+            if let (Some(bv), Some(tv)) = volumes {
+                if bv.source_volume_id != tv.source_volume_id {
+                    return Err(Status::invalid_argument(format!(
+                        "snapshot {b} is of volume {} and {target} of volume {}: a delta is \
+                         between snapshots of one volume",
+                        bv.source_volume_id, tv.source_volume_id
+                    )));
+                }
+                unrelated_is_full = bv.created_unix_ns <= tv.created_unix_ns;
             }
             if base_node != node {
                 return Err(Status::failed_precondition(format!(
@@ -131,7 +136,15 @@ impl ControllerService {
         // The first page before the stream: its errors are the call's.
         let mut page = agent
             .snapshot_ranges(Request::new(ask(from)))
-            .await?
+            .await
+            .map_err(|e| match e.code() {
+                Code::InvalidArgument if unrelated_is_full => Status::failed_precondition(format!(
+                    "node {node} cannot tell the changes between these snapshots (their \
+                     volume moved between nodes without them); make a full backup: {}",
+                    e.message()
+                )),
+                _ => e,
+            })?
             .into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
         tokio::spawn(async move {

@@ -76,41 +76,70 @@ pub struct SnapshotsDrained {
     pub stayed: Vec<(String, String)>,
 }
 
+/// A snapshot a move or a delete works on (see [`Moves::claim_snapshot`]);
+/// let go when dropped.
+#[derive(Debug)]
+pub struct SnapshotClaim {
+    moves: Arc<Moves>,
+    id: String,
+}
+
+impl Drop for SnapshotClaim {
+    fn drop(&mut self) {
+        self.moves
+            .snapshot_claims
+            .lock()
+            .expect("snapshot claims")
+            .remove(&self.id);
+    }
+}
+
 impl Moves {
+    /// Claims snapshot `id` for a move step or a delete: UNAVAILABLE while
+    /// the other holds it, so a delete never runs beside a move of the
+    /// same snapshot (a delete that read the record before a move was
+    /// recorded would leave the target's copy behind).
+    pub fn claim_snapshot(self: &Arc<Self>, id: &str) -> Result<SnapshotClaim, Status> {
+        if !self
+            .snapshot_claims
+            .lock()
+            .expect("snapshot claims")
+            .insert(id.to_string())
+        {
+            return Err(Status::unavailable(format!(
+                "snapshot {id} is being moved or deleted; retry"
+            )));
+        }
+        Ok(SnapshotClaim {
+            moves: Arc::clone(self),
+            id: id.to_string(),
+        })
+    }
+
     /// Moves the snapshots of volume `volume` on `node` (and finishes
-    /// every snapshot move of them from it) to `to`, oldest first; the
-    /// last one moved keeps its source copy (so the volume's own move can
-    /// copy only what changed since it): the caller removes it with
-    /// [`Moves::finish_snapshot`]. The caller holds `snapshot_moves`.
+    /// every snapshot move of them from it or into it) to `to`, oldest
+    /// first; the last one moved keeps its source copy (so the volume's own
+    /// move can copy only what changed since it): the caller removes it
+    /// with [`Moves::finish_snapshot`]. The caller holds `snapshot_moves`.
     pub(super) async fn move_snapshots_of(
-        &self,
+        self: &Arc<Self>,
         volume: &str,
         node: &str,
         to: &str,
         out: &mut SnapshotsDrained,
     ) -> Option<String> {
-        let chain = match self.snapshots_on(node, Some(volume)).await {
-            Ok(c) => c,
-            Err(e) => {
-                out.stayed.push((String::new(), e.message().to_string()));
-                return None;
-            }
-        };
-        self.move_chain(chain, to, out).await
+        self.move_chain(node, volume, Some(to), out, false).await
     }
 
     /// Moves every snapshot of `node` that is still there (and finishes
-    /// every snapshot move from it), oldest first per volume, each
-    /// volume's to one node: the node its volume is on now if it can take
-    /// them, else the ready node with the most room.
-    pub(super) async fn drain_snapshots(&self, node: &str, out: &mut SnapshotsDrained) {
+    /// every snapshot move from it or into it), oldest first per volume,
+    /// each volume's to one node: the node its volume is on now if it can
+    /// take them, else the ready node with the most room.
+    pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str, out: &mut SnapshotsDrained) {
         let _one = self.snapshot_moves.lock().await;
-        let (volumes, snaps) = match (
-            self.store(|r| r.volumes()).await,
-            self.snapshots_on(node, None).await,
-        ) {
-            (Ok(v), Ok(s)) => (v, s),
-            (Err(e), _) | (_, Err(e)) => {
+        let snaps = match self.snapshots_on(node, None).await {
+            Ok(s) => s,
+            Err(e) => {
                 out.stayed.push((
                     String::new(),
                     format!("reading the records: {}", e.message()),
@@ -118,43 +147,16 @@ impl Moves {
                 return;
             }
         };
-        let mut by_volume: BTreeMap<String, Vec<SnapshotRecord>> = BTreeMap::new();
-        for s in snaps {
-            by_volume
-                .entry(s.source_volume_id.clone())
-                .or_default()
-                .push(s);
-        }
-        for (volume, chain) in by_volume {
-            let home = volumes
-                .iter()
-                .find(|v| v.volume_id == volume && v.node != node)
-                .map(|v| v.node.clone());
-            let size = chain.iter().map(|s| s.size_bytes).max().unwrap_or(0);
-            let to = match chain.iter().find_map(|s| s.moving.as_ref()) {
-                Some(m) => Ok(m.to.clone()),
-                None => {
-                    let preferred: Vec<String> = home.into_iter().collect();
-                    self.cluster.nodes.place(size, |n| n != node, &preferred)
-                }
-            };
-            let to = match to {
-                Ok(t) => t,
-                Err(e) => {
-                    for s in chain {
-                        out.stayed.push((s.snapshot_id, e.message().to_string()));
-                    }
-                    continue;
-                }
-            };
-            if let Some(last) = self.move_chain(chain, &to, out).await {
-                self.finish_snapshot(&last).await.ok();
-            }
+        let mut volumes: Vec<String> = snaps.into_iter().map(|s| s.source_volume_id).collect();
+        volumes.sort_unstable();
+        volumes.dedup();
+        for volume in volumes {
+            self.move_chain(node, &volume, None, out, true).await;
         }
     }
 
-    /// The snapshots on `node` or moving from it (of `volume` only, if
-    /// given), oldest first.
+    /// The snapshots on `node` or moving from or into it (of `volume` only,
+    /// if given), oldest first.
     async fn snapshots_on(
         &self,
         node: &str,
@@ -166,7 +168,12 @@ impl Moves {
                 Ok(r.snapshots()?
                     .into_iter()
                     .filter(|s| volume.as_ref().is_none_or(|v| &s.source_volume_id == v))
-                    .filter(|s| s.node == node || s.moving.as_ref().is_some_and(|m| m.from == node))
+                    .filter(|s| {
+                        s.node == node
+                            || s.moving
+                                .as_ref()
+                                .is_some_and(|m| m.from == node || m.to == node)
+                    })
                     .collect::<Vec<_>>())
             })
             .await?;
@@ -174,15 +181,115 @@ impl Moves {
         Ok(snaps)
     }
 
-    /// Moves `chain` (one volume's snapshots, oldest first) to `to`, each
-    /// source copy removed once the next one moved; the last one moved,
-    /// whose source copy is left for the caller to remove.
+    /// Why node `to` cannot take the snapshots of drained `node`, if so.
+    fn unfit(&self, to: &str, node: &str) -> Option<String> {
+        if to == node {
+            return Some(format!("node {node} is the one being drained"));
+        }
+        match self.cluster.nodes.list() {
+            Ok(nodes) => match nodes.iter().find(|n| n.node_id == to) {
+                Some(n) if n.draining => Some(format!("node {to} is draining too")),
+                Some(_) => None,
+                None => Some(format!("node {to} is not known")),
+            },
+            Err(e) => Some(e.message().to_string()),
+        }
+    }
+
+    /// Ends the moves of snapshot record `s` that a drain of `node` cannot
+    /// go on with: a switched one's source copy is removed (the snapshot
+    /// is then where its record says), and one copying into `node` or into
+    /// a node that drains too is rolled back.
+    async fn settle(self: &Arc<Self>, s: &SnapshotRecord, node: &str) -> Result<(), Status> {
+        let Some(m) = &s.moving else { return Ok(()) };
+        match m.phase {
+            MovePhase::Removing => self.finish_snapshot(&s.snapshot_id).await,
+            MovePhase::Copying | MovePhase::Aborting if self.unfit(&m.to, node).is_some() => {
+                let _claim = self.claim_snapshot(&s.snapshot_id)?;
+                let mut rec = self.snapshot_record(&s.snapshot_id).await?;
+                self.snapshot_phase(&mut rec, MovePhase::Aborting, "its target drains")
+                    .await?;
+                self.abort_snapshot(&mut rec).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves volume `volume`'s snapshots on drained `node` (and those
+    /// moving from or into it) to `to` (else: where one of them is moving
+    /// already, else the node the volume is on now if it can take them,
+    /// else the ready node with the most room), oldest first, each source
+    /// copy removed once the next one moved; the last one moved, whose
+    /// source copy is left for the caller to remove unless `finish`.
     async fn move_chain(
-        &self,
-        chain: Vec<SnapshotRecord>,
-        to: &str,
+        self: &Arc<Self>,
+        node: &str,
+        volume: &str,
+        to: Option<&str>,
         out: &mut SnapshotsDrained,
+        finish: bool,
     ) -> Option<String> {
+        let fail = |out: &mut SnapshotsDrained, chain: Vec<SnapshotRecord>, why: &str| {
+            for s in chain {
+                out.stayed.push((s.snapshot_id, why.to_string()));
+            }
+        };
+        let mut chain = match self.snapshots_on(node, Some(volume)).await {
+            Ok(c) => c,
+            Err(e) => {
+                out.stayed.push((String::new(), e.message().to_string()));
+                return None;
+            }
+        };
+        if to.is_none_or(|t| self.unfit(t, node).is_none()) {
+            for s in &chain {
+                if let Err(e) = self.settle(s, node).await {
+                    tracing::warn!(snapshot = %s.snapshot_id, error = %e.message(), "ending an earlier move of a snapshot");
+                }
+            }
+            chain = match self.snapshots_on(node, Some(volume)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    fail(out, chain, e.message());
+                    return None;
+                }
+            };
+        }
+        let home = self
+            .store({
+                let v = volume.to_string();
+                move |r| r.volume(&v)
+            })
+            .await
+            .ok()
+            .flatten()
+            .map(|v| v.node)
+            .filter(|n| n != node);
+        let moving_to = chain
+            .iter()
+            .find_map(|s| s.moving.as_ref().map(|m| m.to.clone()));
+        let to = match (moving_to, to) {
+            (Some(t), _) => t,
+            (None, Some(t)) => t.to_string(),
+            (None, None) => {
+                let size = chain.iter().map(|s| s.size_bytes).max().unwrap_or(0);
+                let preferred: Vec<String> = home.into_iter().collect();
+                match self.cluster.nodes.place(size, |n| n != node, &preferred) {
+                    Ok(t) => {
+                        self.cluster.nodes.unplace(&t, size);
+                        t
+                    }
+                    Err(e) => {
+                        fail(out, chain, e.message());
+                        return None;
+                    }
+                }
+            }
+        };
+        if let Some(why) = self.unfit(&to, node) {
+            fail(out, chain, &why);
+            return None;
+        }
         let mut last: Option<String> = None;
         for s in chain {
             let id = s.snapshot_id.clone();
@@ -191,21 +298,34 @@ impl Moves {
                     .push((id, "it is still being created".to_string()));
                 continue;
             }
-            match self.move_snapshot(&id, to).await {
+            match self.move_snapshot(&id, &to).await {
                 Ok(moved) => {
                     out.moved.push(moved);
                     if let Some(prev) = last.replace(id) {
-                        self.finish_snapshot(&prev).await.ok();
+                        self.finish_logged(&prev).await;
                     }
                 }
                 Err(e) => out.stayed.push((id, e.message().to_string())),
             }
         }
+        if finish && let Some(prev) = last.take() {
+            self.finish_logged(&prev).await;
+        }
         last
     }
 
+    /// [`Moves::finish_snapshot`], its failure logged: the snapshot is on
+    /// its target already; its source copy goes at the next try (the
+    /// leader's resume, a drain, or a delete).
+    pub(super) async fn finish_logged(self: &Arc<Self>, id: &str) {
+        if let Err(e) = self.finish_snapshot(id).await {
+            tracing::warn!(snapshot = id, error = %e.message(), "removing a moved snapshot's source copy");
+        }
+    }
+
     /// Finishes every snapshot move the records name (the leader's resume),
-    /// unless a drain runs one.
+    /// unless a drain runs one: per volume and target, oldest first, each
+    /// source copy removed once the next one moved (as a drain does).
     pub(super) async fn resume_snapshots(self: &Arc<Self>) {
         let Ok(_one) = self.snapshot_moves.try_lock() else {
             return;
@@ -225,19 +345,31 @@ impl Moves {
                 return;
             }
         };
+        let mut chains: BTreeMap<(String, String), Vec<SnapshotRecord>> = BTreeMap::new();
         for s in moving {
             let to = s.moving.as_ref().map(|m| m.to.clone()).unwrap_or_default();
-            let done = match self.move_snapshot(&s.snapshot_id, &to).await {
-                Ok(_) => self.finish_snapshot(&s.snapshot_id).await,
-                Err(e) => Err(e),
-            };
-            match done {
-                Ok(()) => {
-                    tracing::info!(snapshot = %s.snapshot_id, to, "snapshot move finished after a restart")
+            chains
+                .entry((s.source_volume_id.clone(), to))
+                .or_default()
+                .push(s);
+        }
+        for ((_, to), mut chain) in chains {
+            chain.sort_by_key(|s| (s.created_unix_ns, s.snapshot_id.clone()));
+            let mut last: Option<String> = None;
+            for s in chain {
+                match self.move_snapshot(&s.snapshot_id, &to).await {
+                    Ok(_) => {
+                        if let Some(prev) = last.replace(s.snapshot_id) {
+                            self.finish_logged(&prev).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(snapshot = %s.snapshot_id, error = %e.message(), "snapshot move not finished")
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(snapshot = %s.snapshot_id, error = %e.message(), "snapshot move not finished")
-                }
+            }
+            if let Some(prev) = last {
+                self.finish_logged(&prev).await;
             }
         }
     }
@@ -292,7 +424,8 @@ impl Moves {
 
     /// Steps 1 to 5 of moving snapshot `id` to node `to` (or of its move
     /// under way); its source copy is removed by [`Moves::finish_snapshot`].
-    async fn move_snapshot(&self, id: &str, to: &str) -> Result<MovedSnapshot, Status> {
+    async fn move_snapshot(self: &Arc<Self>, id: &str, to: &str) -> Result<MovedSnapshot, Status> {
+        let _claim = self.claim_snapshot(id)?;
         let mut rec = self.snapshot_record(id).await?;
         let moved = |rec: &SnapshotRecord, copied_bytes, base: String| MovedSnapshot {
             snapshot_id: rec.snapshot_id.clone(),
@@ -546,7 +679,8 @@ impl Moves {
 
     /// Step 6: the source's copy of a moved snapshot is removed, and its
     /// move ends.
-    pub(super) async fn finish_snapshot(&self, id: &str) -> Result<(), Status> {
+    pub async fn finish_snapshot(self: &Arc<Self>, id: &str) -> Result<(), Status> {
+        let _claim = self.claim_snapshot(id)?;
         let mut rec = self.snapshot_record(id).await?;
         let Some(m) = rec.moving.clone() else {
             return Ok(());
