@@ -13,6 +13,8 @@
 //!   and against the bytes its layers hold.
 //! - A restore of a snapshot for a pod on the other node (switch first):
 //!   how long CreateVolume takes, and how long the fetch behind it.
+//! - A drain of a node with a volume and two snapshots of it: bytes sent
+//!   against the bytes their layers hold, and against copying each whole.
 //! - Live moves back and forth under a 20 MB/s random writer: how long,
 //!   the holds, what the writer got.
 //! - A live move over a 100 Mbit/s link (nodes in network namespaces,
@@ -22,7 +24,7 @@
 //! Needs root (loop devices, FUSE) and fio. Sizes: `STRATA_BENCH_MIB`
 //! (data written, default 512). `STRATA_BENCH_ONLY=reads` stops after the
 //! reads (for work on the data path), `STRATA_BENCH_ONLY=copies` runs only
-//! the copy-first move and the restore (for work on copies).
+//! the copy-first move, the restore and the drain (for work on copies).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -407,6 +409,7 @@ async fn run(data_mib: u64) {
         answered,
         mb(data_mib * MIB) / fetched
     );
+    drain_with_snapshots(data_mib / 2, root.path(), &tls).await;
     if only == "copies" {
         return;
     }
@@ -479,6 +482,84 @@ fn print_reads(
 /// Bytes as MB.
 fn mb(b: u64) -> f64 {
     b as f64 / 1e6
+}
+
+/// A drain of a node with a volume and two snapshots of it: `data_mib`
+/// written, snapshot, an eighth overwritten, snapshot, another eighth
+/// overwritten. Its layers hold the data and both eighths; a copy of each
+/// whole would send the data three times.
+async fn drain_with_snapshots(data_mib: u64, root: &Path, tls: &Path) {
+    let root = root.join("drain");
+    let (n1, n2) = (
+        NodeProc::start(&root, "n1", tls),
+        NodeProc::start(&root, "n2", tls),
+    );
+    let mut ctl = ControllerProc::start(&root, &[&n1.agent, &n2.agent], tls);
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "0"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    wait_registered(&mut cc, &["n1", "n2"]).await;
+    let size = 2 * data_mib * MIB;
+    let vol = cc
+        .create_volume(on(
+            c::create("bench-drain", size as i64, c::block_cap()),
+            "n1",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut rng = common::Rng::new(3);
+    let mut chunk = vec![0u8; (4 * MIB) as usize];
+    let eighth = data_mib / 8;
+    for (i, (from, len)) in [(0, data_mib), (0, eighth), (data_mib / 2, eighth)]
+        .into_iter()
+        .enumerate()
+    {
+        let dev = attach(&mut cc, &n1, &mut csi1, &vol).await;
+        for at in (from..from + len).step_by(4) {
+            rng.fill(&mut chunk);
+            common::write_at(&dev, at * MIB, &chunk).unwrap();
+        }
+        detach(&mut cc, &n1, &mut csi1, &vol).await;
+        if i < 2 {
+            cc.create_snapshot(c::snapshot(&format!("bench-drain-{i}"), &vol, false))
+                .await
+                .unwrap();
+        }
+    }
+    let layers = (data_mib + 2 * eighth) * MIB;
+    let started = Instant::now();
+    let drained = mc
+        .drain_node(csi_proto::cluster::v1::DrainNodeRequest {
+            node_id: "n1".into(),
+            undo: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(drained.stayed.is_empty(), "{drained:?}");
+    let sent: u64 = drained.moved.iter().map(|m| m.copied_bytes).sum::<u64>()
+        + drained
+            .moved_snapshots
+            .iter()
+            .map(|m| m.copied_bytes)
+            .sum::<u64>();
+    println!(
+        "drain of a node with a volume and 2 snapshots of it ({} moves): {secs:.2} s; sent {:.1} MB = {:.3}x the bytes their layers hold ({:.1} MB); each copied whole would be {:.1} MB ({:.2}x)",
+        drained.moved.len() + drained.moved_snapshots.len(),
+        mb(sent),
+        sent as f64 / layers as f64,
+        mb(layers),
+        mb(3 * data_mib * MIB),
+        (3 * data_mib * MIB) as f64 / layers as f64,
+    );
 }
 
 /// A live move over a 100 Mbit/s link: two nodes and the controller in

@@ -14,6 +14,9 @@
 //! 3. **Copy**: the target creates the volume and copies every data
 //!    extent from the source over the data path, with a grant for that
 //!    attachment, then flushes (the agent's Import; polled, resumable).
+//!    In a drain, whose snapshots of the volume went to the target first
+//!    (see `snapshots`), the target's copy starts as a clone of the
+//!    newest of them, and only the ranges changed since it are copied.
 //! 4. **Seal**: the source marks its copy moved if the move's attachment
 //!    is still current; it never attaches that copy again.
 //! 5. **Switch**: the record names the target (phase `removing`).

@@ -38,7 +38,7 @@ use tonic::{Code, Request, Status};
 
 use super::{Move, MovePhase, Moves, POLL, failpoint, refused, waiting};
 use crate::cluster::nodes::now_ns;
-use crate::cluster::records::{RecordState, SnapshotRecord};
+use crate::cluster::records::{NodeState, RecordState, SnapshotRecord};
 use crate::engine::{SnapshotId, VolumeId};
 
 /// The failpoints of a snapshot's move, in order.
@@ -691,15 +691,40 @@ impl Moves {
         let sid: SnapshotId = id
             .parse()
             .map_err(|_| Status::failed_precondition(format!("{id:?} is not a snapshot ID")))?;
-        let source = self.cluster.nodes.agent(&m.from)?;
-        source
-            .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
-                snapshot_id: id.to_string(),
-            }))
-            .await?;
-        delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
+        let removed = match self.cluster.nodes.agent(&m.from) {
+            Ok(source) => {
+                let gone = agent::DeleteSnapshotRequest {
+                    snapshot_id: id.to_string(),
+                };
+                match source.delete_snapshot(Request::new(gone)).await {
+                    Ok(_) => delete_volume(source.as_ref(), &carrier(sid).to_string()).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            // A drained node that went away for good must not keep the
+            // move (and deletes of the snapshot) waiting forever: its
+            // copy is garbage if it ever comes back.
+            if !self.drained_away(&m.from) {
+                return Err(e);
+            }
+            tracing::warn!(snapshot = id, node = %m.from, error = %e.message(), "a moved snapshot's source copy is left on a drained node that does not answer");
+        }
         rec.moving = None;
         self.put_snapshot(&rec).await
+    }
+
+    /// Whether `node` is draining and not ready (stale, or not known).
+    fn drained_away(&self, node: &str) -> bool {
+        match self.cluster.nodes.list() {
+            Ok(nodes) => nodes
+                .iter()
+                .find(|n| n.node_id == node)
+                .is_none_or(|n| n.draining && n.state != NodeState::Ready),
+            Err(_) => false,
+        }
     }
 
     /// Best effort, after the snapshot's record was deleted during its
