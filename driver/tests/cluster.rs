@@ -3253,6 +3253,38 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
         contents_are(&mut cc, node, csi, &vol, &model).await;
         from = to;
     }
+    // Moved alone (there and back), the volume is a whole copy without
+    // that history: a delta between a moved snapshot and a snapshot taken
+    // now is a reason for a full backup, not a wrong request.
+    let other = if from == "n1" { "n2" } else { "n1" };
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    for to in [other, from] {
+        mc.move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: to.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let fresh = cc
+        .create_snapshot(c::snapshot("snap-after", &vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let mut meta = SnapshotMetadataClient::new(c::channel(ctl.csi_socket()).await);
+    let e = meta
+        .get_metadata_delta(GetMetadataDeltaRequest {
+            base_snapshot_id: snaps[2].clone(),
+            target_snapshot_id: fresh.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    snaps.push(fresh);
     // Deleted, they are gone from both nodes.
     for s in &snaps {
         cc.delete_snapshot(DeleteSnapshotRequest {
