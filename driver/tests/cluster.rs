@@ -3258,6 +3258,8 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
     // now is a reason for a full backup, not a wrong request.
     let other = if from == "n1" { "n2" } else { "n1" };
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    drain(&mut mc, other, true).await;
+    registered(&mut cc, &[other]).await;
     for to in [other, from] {
         mc.move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
             volume_id: vol.clone(),

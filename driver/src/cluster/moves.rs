@@ -471,8 +471,17 @@ impl Moves {
             .await?;
         let (mut moved, mut stayed) = (Vec::new(), Vec::new());
         let mut snapshots = SnapshotsDrained::default();
+        let mut handled = HashSet::new();
         for rec in volumes {
             let id = rec.volume_id.clone();
+            // Its snapshots go first, to the same node, so that the
+            // volume's copy there starts from the newest of them; the
+            // target is chosen under the lock (another drain may have
+            // made a node draining meanwhile).
+            let one = self.snapshot_moves.lock().await;
+            let Ok(rec) = self.record(&id).await else {
+                continue;
+            };
             let to = match &rec.moving {
                 Some(m) => Some(m.to.clone()),
                 None => self.target_for(&rec, None).ok().inspect(|t| {
@@ -480,24 +489,28 @@ impl Moves {
                     self.cluster.nodes.unplace(t, rec.capacity_bytes);
                 }),
             };
-            // Its snapshots go first, to the same node, so that the
-            // volume's copy there starts from the newest of them.
-            let one = self.snapshot_moves.lock().await;
             let last = match &to {
-                Some(t) => self.move_snapshots_of(&id, node, t, &mut snapshots).await,
+                Some(t) => {
+                    handled.insert(id.clone());
+                    self.move_snapshots_of(&id, node, t, &mut snapshots).await
+                }
                 None => None,
             };
+            // That base stays on both nodes while the volume moves: a
+            // delete, or the leader's resume, waits for it.
+            let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
+            drop(one);
             match self.move_volume(&id, to.as_deref()).await {
                 Ok(r) => moved.push(r),
                 Err(e) => stayed.push((id, e.message().to_string())),
             }
+            drop(base);
             if let Some(last) = last {
                 self.finish_logged(&last).await;
             }
-            drop(one);
         }
         // Those of volumes that stay, or are gone.
-        self.drain_snapshots(node, &mut snapshots).await;
+        self.drain_snapshots(node, &handled, &mut snapshots).await;
         Ok(Drained {
             moved,
             stayed,
@@ -831,6 +844,8 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("node {t:?} is not known")))?;
         let why = if n.state != NodeState::Ready {
             format!("is not ready ({})", n.message)
+        } else if n.draining {
+            "is draining".to_string()
         } else if n.max_volumes != 0 && n.volumes >= n.max_volumes {
             format!("has {} volumes, its maximum", n.volumes)
         } else if nodes.room(&n) < rec.capacity_bytes {
@@ -848,19 +863,25 @@ impl Moves {
     }
 
     /// Polls the target's copy until it is done; the bytes copied.
+    ///
+    /// A base and its ranges go with the first call only: a later one
+    /// that starts the copy anew (the first one failed, and its answer
+    /// was lost) must copy everything, since the ranges were computed
+    /// before writes that a live move's failed copy already took from the
+    /// source's change record.
     async fn until_copied(
         &self,
         rec: &mut VolumeRecord,
         target: &dyn Agent,
-        import: agent::ImportRequest,
+        import: &mut agent::ImportRequest,
         poll: Duration,
     ) -> Result<u64, Status> {
         let mut told = Instant::now();
         loop {
-            let r = target
-                .import(Request::new(import.clone()))
-                .await?
-                .into_inner();
+            let ask = import.clone();
+            import.base_snapshot_id.clear();
+            import.ranges.clear();
+            let r = target.import(Request::new(ask)).await?.into_inner();
             if r.done {
                 return Ok(r.copied_bytes);
             }
@@ -893,7 +914,7 @@ impl Moves {
                 .source_grant(&rec.volume_id, m)
                 .await
                 .unwrap_or_default();
-            let request = agent::ImportRequest {
+            let mut request = agent::ImportRequest {
                 volume: Some(agent::CreateVolumeRequest {
                     volume_id: rec.volume_id.clone(),
                     size_bytes: rec.capacity_bytes,
@@ -908,7 +929,7 @@ impl Moves {
                 ..Default::default()
             };
             let polled = match self.cluster.nodes.agent(&m.to) {
-                Ok(target) => self.until_copied(rec, &*target, request, POLL).await,
+                Ok(target) => self.until_copied(rec, &*target, &mut request, POLL).await,
                 Err(e) => Err(e),
             };
             match polled {
@@ -1008,7 +1029,8 @@ impl Moves {
             }
             0
         } else {
-            self.until_copied(rec, &*target, import, POLL).await?
+            let mut import = import;
+            self.until_copied(rec, &*target, &mut import, POLL).await?
         };
         failpoint(FAILPOINTS[2]);
         source
@@ -1127,7 +1149,7 @@ impl Moves {
         let (base, ranges) = self
             .delta(&id, None, &m, source.as_ref(), Delta::Volume(&id))
             .await?;
-        let import = agent::ImportRequest {
+        let mut import = agent::ImportRequest {
             volume: Some(agent::CreateVolumeRequest {
                 volume_id: id.clone(),
                 size_bytes: rec.capacity_bytes,
@@ -1151,7 +1173,7 @@ impl Moves {
         for _ in 0..HOLD_TRIES {
             // Rounds that never get small (writes outrunning the copy):
             // the holds decide.
-            let rounds = self.until_copied(rec, &*target, import.clone(), POLL);
+            let rounds = self.until_copied(rec, &*target, &mut import, POLL);
             if let Ok(r) = tokio::time::timeout(CONVERGE_WAIT, rounds).await {
                 r?;
             }
@@ -1177,17 +1199,13 @@ impl Moves {
                 }
                 Err(e) => return Err(e),
             }
-            // Polled often: without the ranges (a copy that starts over
-            // from this request copies everything).
-            let last = agent::ImportRequest {
+            let mut last = agent::ImportRequest {
                 final_hold: hold,
-                base_snapshot_id: String::new(),
-                ranges: Vec::new(),
                 ..import.clone()
             };
             let copied = tokio::time::timeout(
                 HOLD_DEADLINE,
-                self.until_copied(rec, &*target, last, HOLD_POLL),
+                self.until_copied(rec, &*target, &mut last, HOLD_POLL),
             )
             .await;
             let copied = match copied {

@@ -181,18 +181,29 @@ impl ControllerService {
             .records(move |r| r.snapshot(&key))
             .await?
             .and_then(|r| r.moving);
+        let busy = |m: crate::cluster::moves::Move| {
+            Status::unavailable(format!(
+                "snapshot {id} is moving from node {} to node {}; retry when the move is done \
+                 ({})",
+                m.from, m.to, m.message
+            ))
+        };
         match moving {
             Some(m) if m.phase == MovePhase::Removing => moves.finish_snapshot(id).await?,
-            Some(m) => {
-                return Err(Status::unavailable(format!(
-                    "snapshot {id} is moving from node {} to node {}; retry when the move is \
-                     done ({})",
-                    m.from, m.to, m.message
-                )));
-            }
+            Some(m) => return Err(busy(m)),
             None => {}
         }
-        moves.claim_snapshot(id).map(Some)
+        let claim = moves.claim_snapshot(id)?;
+        // A move that began meanwhile.
+        let key = id.to_string();
+        if let Some(m) = self
+            .records(move |r| r.snapshot(&key))
+            .await?
+            .and_then(|r| r.moving)
+        {
+            return Err(busy(m));
+        }
+        Ok(Some(claim))
     }
 
     pub(super) async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {

@@ -29,7 +29,7 @@
 //! rolls back (phase `aborting`): the target's copy and snapshot and the
 //! source's carrier are deleted, and the snapshot stays where it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use csi_proto::agent::v1 as agent;
@@ -131,23 +131,30 @@ impl Moves {
         self.move_chain(node, volume, Some(to), out, false).await
     }
 
-    /// Moves every snapshot of `node` that is still there (and finishes
-    /// every snapshot move from it or into it), oldest first per volume,
-    /// each volume's to one node: the node its volume is on now if it can
-    /// take them, else the ready node with the most room.
-    pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str, out: &mut SnapshotsDrained) {
+    /// Moves every snapshot of `node` (and finishes every snapshot move
+    /// from it or into it) whose volume is not in `handled` (whose
+    /// snapshots went with it), oldest first per volume, each volume's to
+    /// one node: the node its volume is on now if it can take them, else
+    /// the ready node with the most room.
+    pub(super) async fn drain_snapshots(
+        self: &Arc<Self>,
+        node: &str,
+        handled: &HashSet<String>,
+        out: &mut SnapshotsDrained,
+    ) {
         let _one = self.snapshot_moves.lock().await;
         let snaps = match self.snapshots_on(node, None).await {
             Ok(s) => s,
             Err(e) => {
-                out.stayed.push((
-                    String::new(),
-                    format!("reading the records: {}", e.message()),
-                ));
+                tracing::warn!(node, error = %e.message(), "reading snapshot records for a drain");
                 return;
             }
         };
-        let mut volumes: Vec<String> = snaps.into_iter().map(|s| s.source_volume_id).collect();
+        let mut volumes: Vec<String> = snaps
+            .into_iter()
+            .map(|s| s.source_volume_id)
+            .filter(|v| !handled.contains(v))
+            .collect();
         volumes.sort_unstable();
         volumes.dedup();
         for volume in volumes {
@@ -197,13 +204,16 @@ impl Moves {
     }
 
     /// Ends the moves of snapshot record `s` that a drain of `node` cannot
-    /// go on with: a switched one's source copy is removed (the snapshot
-    /// is then where its record says), and one copying into `node` or into
-    /// a node that drains too is rolled back.
+    /// go on with, those into `node` or into a node that drains too: a
+    /// switched one's source copy is removed (the snapshot is then where
+    /// its record says, and moves on), one still copying is rolled back.
     async fn settle(self: &Arc<Self>, s: &SnapshotRecord, node: &str) -> Result<(), Status> {
         let Some(m) = &s.moving else { return Ok(()) };
         match m.phase {
-            MovePhase::Removing => self.finish_snapshot(&s.snapshot_id).await,
+            // One switched to a fit node stays a base for the next one.
+            MovePhase::Removing if self.unfit(&m.to, node).is_some() => {
+                self.finish_snapshot(&s.snapshot_id).await
+            }
             MovePhase::Copying | MovePhase::Aborting if self.unfit(&m.to, node).is_some() => {
                 let _claim = self.claim_snapshot(&s.snapshot_id)?;
                 let mut rec = self.snapshot_record(&s.snapshot_id).await?;
@@ -237,7 +247,7 @@ impl Moves {
         let mut chain = match self.snapshots_on(node, Some(volume)).await {
             Ok(c) => c,
             Err(e) => {
-                out.stayed.push((String::new(), e.message().to_string()));
+                tracing::warn!(node, volume, error = %e.message(), "reading snapshot records for a drain");
                 return None;
             }
         };
