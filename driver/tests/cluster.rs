@@ -3311,6 +3311,96 @@ async fn a_drain_moves_snapshots_sharing_their_layers_across_crashes_at_every_st
     );
 }
 
+/// A snapshot's move cut short by a crash of the controller after the
+/// copy, with its target down: deleting the snapshot waits for the target
+/// (UNAVAILABLE), then rolls the move back and leaves nothing on either
+/// node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deleted_while_its_move_waits_for_the_target_leaves_nothing() {
+    use csi_proto::cluster::v1::DrainNodeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let vol = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-gone", 16 << 20, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await
+    .volume_id;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-gone", &vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    // After the target made its snapshot, before the switch.
+    let fp = strata::cluster::moves::SNAPSHOT_FAILPOINTS[2];
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+    ctl.proc.spawn();
+    registered(&mut cc, &["n1", "n2"]).await;
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    mc.drain_node(DrainNodeRequest {
+        node_id: "n2".into(),
+        undo: false,
+    })
+    .await
+    .unwrap_err();
+    assert!(ctl.proc.log().contains(&format!("failpoint {fp}")));
+    // The target (n1) made the snapshot; it goes down before anyone
+    // finishes the move.
+    assert!(has_snapshot(&n1.agent, &tls, &snap).await);
+    n1.proc.kill9();
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let delete = DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    };
+    let e = loop {
+        match cc.delete_snapshot(delete.clone()).await {
+            // The controller is starting.
+            Err(e) if e.message().contains("starting") => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            r => break r.unwrap_err(),
+        }
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        has_snapshot(&n2.agent, &tls, &snap).await,
+        "the source keeps it"
+    );
+    n1.proc.spawn();
+    n1.wait_for_agent();
+    eventually(60, "the delete goes through", async || {
+        cc.delete_snapshot(delete.clone()).await.is_ok()
+    })
+    .await;
+    let carrier = strata::cluster::moves::carrier(snap.parse().unwrap()).to_string();
+    for n in [&n1, &n2] {
+        assert!(!has_snapshot(&n.agent, &tls, &snap).await, "{}", n.id);
+        assert!(!holds(&n.agent, &tls, &carrier).await, "{}", n.id);
+    }
+}
+
 /// A move whose copy finished but whose controller died before the Seal;
 /// a publish that passed the "not moving" check before the move was
 /// recorded lands on the source after the copy (replacing the move's

@@ -167,20 +167,25 @@ impl ControllerService {
 
     /// Before snapshot `id` is deleted: claims it against moves (see
     /// [`Moves::claim_snapshot`]); a move that switched already has its
-    /// source copy removed first; one that did not is UNAVAILABLE (the
-    /// leader finishes or rolls it back).
+    /// source copy removed first; one that did not is rolled back.
     pub(super) async fn settle_snapshot_move(
         &self,
         id: &str,
     ) -> Result<Option<SnapshotClaim>, Status> {
-        let Some(moves) = self.moves.get() else {
-            return Ok(None);
-        };
         let key = id.to_string();
         let moving = self
             .records(move |r| r.snapshot(&key))
             .await?
             .and_then(|r| r.moving);
+        let Some(moves) = self.moves.get() else {
+            // Standalone, or a controller that does not lead yet.
+            return match moving {
+                Some(_) => Err(Status::unavailable(format!(
+                    "snapshot {id} is moving between nodes and the controller is starting; retry"
+                ))),
+                None => Ok(None),
+            };
+        };
         let busy = |m: crate::cluster::moves::Move| {
             Status::unavailable(format!(
                 "snapshot {id} is moving from node {} to node {}; retry when the move is done \
@@ -190,6 +195,11 @@ impl ControllerService {
         };
         match moving {
             Some(m) if m.phase == MovePhase::Removing => moves.finish_snapshot(id).await?,
+            // Not moved yet: rolled back (UNAVAILABLE while a drain moves
+            // it, or while its target does not answer).
+            Some(m) if matches!(m.phase, MovePhase::Copying | MovePhase::Aborting) => {
+                moves.roll_back_snapshot(id).await?
+            }
             Some(m) => return Err(busy(m)),
             None => {}
         }

@@ -3,8 +3,9 @@
 //! its [`SnapshotRecord`] (`moving`, phases `copying`, `removing`,
 //! `aborting`), are:
 //!
-//! 1. **Record** `moving` (phase `copying`). From here until the move ends,
-//!    DeleteSnapshot is UNAVAILABLE (the snapshotter retries).
+//! 1. **Record** `moving` (phase `copying`). Each step claims the snapshot
+//!    ([`Moves::claim_snapshot`]), and so does a delete, which first rolls
+//!    back a move that did not switch and finishes one that did.
 //! 2. **Carrier**: the source makes a volume of the snapshot (an index copy,
 //!    no data; its ID is derived from the snapshot's, see [`carrier`]).
 //! 3. **Copy**: the target copies the carrier over the data path (the
@@ -50,9 +51,8 @@ pub const SNAPSHOT_FAILPOINTS: [&str; 4] = [
 ];
 
 /// At most this many changed ranges go in one copy request (about 200
-/// KB; the request is sent again at every poll); more are merged across
-/// their smallest gaps (the blocks between are copied as they are, which
-/// is right too).
+/// KB); more are merged across their smallest gaps (the blocks between
+/// are copied as they are, which is right too).
 const MAX_DELTA_RANGES: usize = 1 << 14;
 
 /// The volume a snapshot's move copies from (on the source) and into (on
@@ -737,6 +737,21 @@ impl Moves {
         }
     }
 
+    /// Rolls back the move of snapshot `id` if it did not switch yet (a
+    /// delete's first step; the snapshot is then where it was).
+    pub async fn roll_back_snapshot(self: &Arc<Self>, id: &str) -> Result<(), Status> {
+        let _claim = self.claim_snapshot(id)?;
+        let mut rec = self.snapshot_record(id).await?;
+        match rec.moving.as_ref().map(|m| m.phase) {
+            Some(MovePhase::Copying | MovePhase::Aborting) => {
+                self.snapshot_phase(&mut rec, MovePhase::Aborting, "rolled back for a delete")
+                    .await?;
+                self.abort_snapshot(&mut rec).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Best effort, after the snapshot's record was deleted during its
     /// move: the carriers and the target's snapshot go.
     async fn clean_after_delete(&self, id: &str, m: &Move) {
@@ -769,14 +784,25 @@ impl Moves {
             .map(|s| carrier(s).to_string())
             .unwrap_or_default();
         let nodes = &self.cluster.nodes;
-        let target = nodes.agent(&m.to)?;
-        delete_volume(target.as_ref(), &c).await?;
-        target
-            .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+        let on_target = async {
+            let target = nodes.agent(&m.to)?;
+            delete_volume(target.as_ref(), &c).await?;
+            let gone = agent::DeleteSnapshotRequest {
                 snapshot_id: id.clone(),
-            }))
-            .await?;
-        delete_volume(nodes.agent(&m.from)?.as_ref(), &c).await?;
+            };
+            target.delete_snapshot(Request::new(gone)).await.map(drop)
+        };
+        let on_source = async { delete_volume(nodes.agent(&m.from)?.as_ref(), &c).await };
+        for (node, cleaned) in [(&m.to, on_target.await), (&m.from, on_source.await)] {
+            if let Err(e) = cleaned {
+                // As `finish_snapshot`: a drained node gone for good keeps
+                // its garbage, not the move.
+                if !self.drained_away(node) {
+                    return Err(e);
+                }
+                tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a drained node that does not answer");
+            }
+        }
         rec.moving = None;
         self.put_snapshot(rec).await?;
         self.metrics.volume_moved("snapshot", false, 0);
