@@ -39,7 +39,7 @@ use tonic::{Code, Request, Status};
 
 use super::{Move, MovePhase, Moves, POLL, failpoint, refused, waiting};
 use crate::cluster::nodes::now_ns;
-use crate::cluster::records::{NodeState, RecordState, SnapshotRecord};
+use crate::cluster::records::{RecordState, SnapshotRecord};
 use crate::engine::{SnapshotId, VolumeId};
 
 /// The failpoints of a snapshot's move, in order.
@@ -60,6 +60,14 @@ const MAX_DELTA_RANGES: usize = 1 << 14;
 /// every retry names the same one and nothing else does.
 pub fn carrier(snapshot: SnapshotId) -> VolumeId {
     VolumeId::from_u128(snapshot.as_u128() ^ 0x5354_5241_5441_2d53_4e41_502d_4d4f_5645)
+}
+
+/// Whether [`Moves::move_snapshot`] may start a move, or only go on with
+/// one the record names (the leader's resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    New,
+    FinishOnly,
 }
 
 /// What [`Moves::delta`] asks the changes of.
@@ -308,7 +316,7 @@ impl Moves {
                     .push((id, "it is still being created".to_string()));
                 continue;
             }
-            match self.move_snapshot(&id, &to).await {
+            match self.move_snapshot(&id, &to, Start::New).await {
                 Ok(moved) => {
                     out.moved.push(moved);
                     if let Some(prev) = last.replace(id) {
@@ -367,7 +375,10 @@ impl Moves {
             chain.sort_by_key(|s| (s.created_unix_ns, s.snapshot_id.clone()));
             let mut last: Option<String> = None;
             for s in chain {
-                match self.move_snapshot(&s.snapshot_id, &to).await {
+                match self
+                    .move_snapshot(&s.snapshot_id, &to, Start::FinishOnly)
+                    .await
+                {
                     Ok(_) => {
                         if let Some(prev) = last.replace(s.snapshot_id) {
                             self.finish_logged(&prev).await;
@@ -434,7 +445,12 @@ impl Moves {
 
     /// Steps 1 to 5 of moving snapshot `id` to node `to` (or of its move
     /// under way); its source copy is removed by [`Moves::finish_snapshot`].
-    async fn move_snapshot(self: &Arc<Self>, id: &str, to: &str) -> Result<MovedSnapshot, Status> {
+    async fn move_snapshot(
+        self: &Arc<Self>,
+        id: &str,
+        to: &str,
+        start: Start,
+    ) -> Result<MovedSnapshot, Status> {
         let _claim = self.claim_snapshot(id)?;
         let mut rec = self.snapshot_record(id).await?;
         let moved = |rec: &SnapshotRecord, copied_bytes, base: String| MovedSnapshot {
@@ -449,6 +465,12 @@ impl Moves {
         };
         match &rec.moving {
             None if rec.node == to => return Ok(moved(&rec, 0, String::new())),
+            // Ended meanwhile (a delete rolled it back): not started again.
+            None if start == Start::FinishOnly => {
+                return Err(Status::failed_precondition(format!(
+                    "snapshot {id} is not moving any more"
+                )));
+            }
             None => {
                 rec.moving = Some(Move {
                     from: rec.node.clone(),
@@ -714,27 +736,25 @@ impl Moves {
             Err(e) => Err(e),
         };
         if let Err(e) = removed {
-            // A drained node that went away for good must not keep the
-            // move (and deletes of the snapshot) waiting forever: its
-            // copy is garbage if it ever comes back.
-            if !self.drained_away(&m.from) {
+            // A node the controller no longer knows must not keep the
+            // move (and deletes of the snapshot) waiting forever.
+            if !self.gone(&m.from) {
                 return Err(e);
             }
-            tracing::warn!(snapshot = id, node = %m.from, error = %e.message(), "a moved snapshot's source copy is left on a drained node that does not answer");
+            tracing::warn!(snapshot = id, node = %m.from, error = %e.message(), "a moved snapshot's source copy is left on a node the controller no longer knows");
         }
         rec.moving = None;
         self.put_snapshot(&rec).await
     }
 
-    /// Whether `node` is draining and not ready (stale, or not known).
-    fn drained_away(&self, node: &str) -> bool {
-        match self.cluster.nodes.list() {
-            Ok(nodes) => nodes
-                .iter()
-                .find(|n| n.node_id == node)
-                .is_none_or(|n| n.draining && n.state != NodeState::Ready),
-            Err(_) => false,
-        }
+    /// Whether the controller does not know `node` at all (its record is
+    /// gone). A node that is only away (stale, restarting) is waited for:
+    /// skipping its cleanup would leave garbage on it for good.
+    fn gone(&self, node: &str) -> bool {
+        self.cluster
+            .nodes
+            .list()
+            .is_ok_and(|nodes| nodes.iter().all(|n| n.node_id != node))
     }
 
     /// Rolls back the move of snapshot `id` if it did not switch yet (a
@@ -793,14 +813,15 @@ impl Moves {
             target.delete_snapshot(Request::new(gone)).await.map(drop)
         };
         let on_source = async { delete_volume(nodes.agent(&m.from)?.as_ref(), &c).await };
-        for (node, cleaned) in [(&m.to, on_target.await), (&m.from, on_source.await)] {
+        // The source first: while it does not answer, the target's copy
+        // (maybe complete) stays.
+        for (node, cleaned) in [(&m.from, on_source.await), (&m.to, on_target.await)] {
             if let Err(e) = cleaned {
-                // As `finish_snapshot`: a drained node gone for good keeps
-                // its garbage, not the move.
-                if !self.drained_away(node) {
+                // As `finish_snapshot`.
+                if !self.gone(node) {
                     return Err(e);
                 }
-                tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a drained node that does not answer");
+                tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a node the controller no longer knows");
             }
         }
         rec.moving = None;
