@@ -386,8 +386,9 @@ enum VolumeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Move a volume that no pod uses to another node (cluster mode,
-    /// through the controller's endpoint); waits until it is there.
+    /// Move a volume to another node, its snapshots on its node first
+    /// (cluster mode, through the controller's endpoint; live if a pod
+    /// uses it); waits until it is there.
     Move {
         id: String,
         /// The node to move it to (default: the one with the most room).

@@ -22,11 +22,11 @@ struct MovedOut {
     seconds: f64,
 }
 
-fn moved_out(r: MoveVolumeReply) -> MovedOut {
+fn moved_out(r: &MoveVolumeReply) -> MovedOut {
     MovedOut {
-        volume: r.volume_id,
-        from: r.from_node,
-        to: r.to_node,
+        volume: r.volume_id.clone(),
+        from: r.from_node.clone(),
+        to: r.to_node.clone(),
         copied_bytes: r.copied_bytes,
         seconds: r.seconds,
     }
@@ -103,12 +103,58 @@ pub async fn move_to(
             Err(s) => return fail(status_message(&s)),
         }
     };
-    let m = moved_out(reply);
+    let m = moved_out(&reply);
+    let snapshots_moved: Vec<SnapshotOut> = reply
+        .moved_snapshots
+        .into_iter()
+        .map(snapshot_out)
+        .collect();
+    let snapshots_stayed: Vec<(String, String)> = reply
+        .stayed_snapshots
+        .into_iter()
+        .map(|s| (s.snapshot_id, s.why))
+        .collect();
     match format {
-        Format::Json => output::json(&m),
-        Format::Table => output::table(&MOVED_HEADERS, &[moved_row(&m)]),
+        Format::Json => output::json(&serde_json::json!({
+            "volume": m.volume,
+            "from": m.from,
+            "to": m.to,
+            "copied_bytes": m.copied_bytes,
+            "seconds": m.seconds,
+            "snapshots_moved": snapshots_moved,
+            "snapshots_stayed": snapshots_stayed,
+        })),
+        Format::Table => {
+            output::table(&MOVED_HEADERS, &[moved_row(&m)]);
+            snapshots_table(&snapshots_moved);
+            for (snapshot, why) in &snapshots_stayed {
+                eprintln!("snapshot {snapshot} stays on node {}: {why}", m.from);
+            }
+        }
     }
+    // The volume moved; a snapshot that stays is said above.
     ExitCode::SUCCESS
+}
+
+/// The snapshots moved, if any.
+fn snapshots_table(moved: &[SnapshotOut]) {
+    if moved.is_empty() {
+        return;
+    }
+    let rows: Vec<Vec<String>> = moved
+        .iter()
+        .map(|m| {
+            let base = if m.base.is_empty() { "-" } else { &m.base };
+            vec![
+                m.snapshot.clone(),
+                m.from.clone(),
+                m.to.clone(),
+                size::format(m.copied_bytes),
+                base.to_string(),
+            ]
+        })
+        .collect();
+    output::table(&SNAPSHOT_HEADERS, &rows);
 }
 
 /// `strata node drain NODE`: exits 1 if a volume stays.
@@ -130,7 +176,7 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
         }
         Err(s) => return fail(status_message(&s)),
     };
-    let moved: Vec<MovedOut> = reply.moved.into_iter().map(moved_out).collect();
+    let moved: Vec<MovedOut> = reply.moved.iter().map(moved_out).collect();
     let snapshots_moved: Vec<SnapshotOut> = reply
         .moved_snapshots
         .into_iter()
@@ -157,22 +203,7 @@ pub async fn drain(endpoint: &Endpoint, format: Format, node: String) -> ExitCod
                 &MOVED_HEADERS,
                 &moved.iter().map(moved_row).collect::<Vec<_>>(),
             );
-            if !snapshots_moved.is_empty() {
-                let rows: Vec<Vec<String>> = snapshots_moved
-                    .iter()
-                    .map(|m| {
-                        let base = if m.base.is_empty() { "-" } else { &m.base };
-                        vec![
-                            m.snapshot.clone(),
-                            m.from.clone(),
-                            m.to.clone(),
-                            size::format(m.copied_bytes),
-                            base.to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(&SNAPSHOT_HEADERS, &rows);
-            }
+            snapshots_table(&snapshots_moved);
             for (volume, why) in &stayed {
                 eprintln!("volume {volume} stays on node {node}: {why}");
             }

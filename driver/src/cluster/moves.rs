@@ -70,7 +70,7 @@ use crate::peer::{GrantKey, grant};
 
 mod snapshots;
 use snapshots::Delta;
-pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotClaim, SnapshotsDrained, carrier};
+pub use snapshots::{SNAPSHOT_FAILPOINTS, SnapshotClaim, SnapshotsMoved, carrier};
 
 /// A move of a volume under way, as its record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +215,7 @@ type Outcome = Result<MoveVolumeReply, (Code, String)>;
 pub struct Drained {
     pub moved: Vec<MoveVolumeReply>,
     pub stayed: Vec<(String, String)>,
-    pub snapshots: SnapshotsDrained,
+    pub snapshots: SnapshotsMoved,
 }
 
 fn records_err(e: RecordsError) -> Status {
@@ -454,6 +454,77 @@ impl Moves {
         }
     }
 
+    /// Moves volume `id` to `to` (`None`: where its recorded move goes,
+    /// else the node with the most room that can take it), its snapshots
+    /// on its node first, oldest first, to the same node, so that the
+    /// layers they share stay shared there: each sends only what changed
+    /// since the one before it, and the volume's copy starts from the
+    /// newest of them (see `snapshots`). A call that joins or cancels a
+    /// move that runs, or names another node than the one a recorded move
+    /// goes to, is [`Moves::move_volume`] alone. `snapshots` gets what
+    /// moved and what stayed, and the volume's ID once its snapshots went.
+    /// With `from`: NOT_FOUND if the volume left that node meanwhile.
+    pub async fn carry(
+        self: &Arc<Self>,
+        id: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        snapshots: &mut SnapshotsMoved,
+    ) -> Result<MoveVolumeReply, Status> {
+        // The target is chosen under the lock: another drain may have
+        // made a node draining meanwhile.
+        let one = self.snapshot_moves.lock().await;
+        let rec = self.record(id).await?;
+        let running = self.running.lock().expect("moves").contains_key(id);
+        if let Some(f) = from
+            && rec.node != f
+            && rec.moving.is_none()
+        {
+            return Err(Status::not_found(format!(
+                "volume {id} is not on node {f} any more"
+            )));
+        }
+        let target = match &rec.moving {
+            _ if running => None,
+            // Not switched yet, so its snapshots are where it is.
+            Some(m)
+                if m.phase == MovePhase::Copying
+                    && m.from == rec.node
+                    && to.is_none_or(|t| t == m.to) =>
+            {
+                Some(m.to.clone())
+            }
+            Some(_) => None,
+            None if to == Some(rec.node.as_str()) => None,
+            None => match self.target_for(&rec, to) {
+                Ok(t) => {
+                    // Counted again when the move checks it.
+                    self.cluster.nodes.unplace(&t, rec.capacity_bytes);
+                    Some(t)
+                }
+                // Said by the move below.
+                Err(_) => None,
+            },
+        };
+        let last = match &target {
+            Some(t) => {
+                snapshots.carried.insert(id.to_string());
+                self.move_snapshots_of(id, &rec.node, t, snapshots).await
+            }
+            None => None,
+        };
+        // That base stays on both nodes while the volume moves: a delete,
+        // or the leader's resume, waits for it.
+        let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
+        drop(one);
+        let moved = self.move_volume(id, target.as_deref().or(to)).await;
+        drop(base);
+        if let Some(last) = last {
+            self.finish_logged(&last).await;
+        }
+        moved
+    }
+
     /// Drains `node`: no new volume is placed on it from now on, and
     /// every volume of it that can move goes, one at a time, each to the
     /// ready node with the most room, then its snapshots (see
@@ -470,47 +541,17 @@ impl Moves {
             })
             .await?;
         let (mut moved, mut stayed) = (Vec::new(), Vec::new());
-        let mut snapshots = SnapshotsDrained::default();
-        let mut handled = HashSet::new();
+        let mut snapshots = SnapshotsMoved::default();
         for rec in volumes {
-            let id = rec.volume_id.clone();
-            // Its snapshots go first, to the same node, so that the
-            // volume's copy there starts from the newest of them; the
-            // target is chosen under the lock (another drain may have
-            // made a node draining meanwhile).
-            let one = self.snapshot_moves.lock().await;
-            let Ok(rec) = self.record(&id).await else {
-                continue;
-            };
-            let to = match &rec.moving {
-                Some(m) => Some(m.to.clone()),
-                None => self.target_for(&rec, None).ok().inspect(|t| {
-                    // Counted again when the move checks it.
-                    self.cluster.nodes.unplace(t, rec.capacity_bytes);
-                }),
-            };
-            let last = match &to {
-                Some(t) => {
-                    handled.insert(id.clone());
-                    self.move_snapshots_of(&id, node, t, &mut snapshots).await
-                }
-                None => None,
-            };
-            // That base stays on both nodes while the volume moves: a
-            // delete, or the leader's resume, waits for it.
-            let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
-            drop(one);
-            match self.move_volume(&id, to.as_deref()).await {
+            let id = rec.volume_id;
+            match self.carry(&id, Some(node), None, &mut snapshots).await {
                 Ok(r) => moved.push(r),
+                Err(e) if e.code() == Code::NotFound => {}
                 Err(e) => stayed.push((id, e.message().to_string())),
-            }
-            drop(base);
-            if let Some(last) = last {
-                self.finish_logged(&last).await;
             }
         }
         // Those of volumes that stay, or are gone.
-        self.drain_snapshots(node, &handled, &mut snapshots).await;
+        self.drain_snapshots(node, &mut snapshots).await;
         Ok(Drained {
             moved,
             stayed,
@@ -589,7 +630,26 @@ impl Moves {
                 continue;
             }
             tracing::info!(volume = %rec.volume_id, from = %rec.node, to = %user, "dataLocality: the volume moves to the node that uses it");
-            drop(self.launch(&rec.volume_id, Some(user), false));
+            let (moves, id, from, to) = (
+                Arc::clone(self),
+                rec.volume_id.clone(),
+                rec.node.clone(),
+                user.clone(),
+            );
+            // Its snapshots go with it; a call while they move waits for
+            // them, then joins the volume's move.
+            tokio::spawn(async move {
+                let mut snapshots = SnapshotsMoved::default();
+                if let Err(e) = moves
+                    .carry(&id, Some(&from), Some(&to), &mut snapshots)
+                    .await
+                {
+                    tracing::warn!(volume = %id, %to, error = %e.message(), "dataLocality: the volume stays");
+                }
+                for (snapshot, why) in snapshots.stayed {
+                    tracing::warn!(volume = %id, %snapshot, %why, "dataLocality: a snapshot of the volume stays");
+                }
+            });
             still.remove(&rec.volume_id);
         }
         *seen = still;
@@ -608,8 +668,7 @@ impl Moves {
             volume_id: id.to_string(),
             from_node: node.to_string(),
             to_node: node.to_string(),
-            copied_bytes: 0,
-            seconds: 0.0,
+            ..Default::default()
         };
         match (&rec.moving, to) {
             (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
@@ -813,6 +872,7 @@ impl Moves {
             to_node: m.to,
             copied_bytes: copied,
             seconds: start.elapsed().as_secs_f64(),
+            ..Default::default()
         })
     }
 

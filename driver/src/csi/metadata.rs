@@ -8,9 +8,10 @@
 //! Ranges are VARIABLE_LENGTH: the engine keeps runs of blocks, so a
 //! written megabyte is one tuple rather than 256, and every offset and
 //! length is a multiple of 4096 bytes. `starting_offset` is rounded down
-//! to a block. A base snapshot held by another node than the target (the
-//! volume moved, and snapshots stay where they were taken) is
-//! FAILED_PRECONDITION: the caller makes a full backup instead.
+//! to a block. A base snapshot held by another node than the target (one
+//! that could not move with its volume), or one whose history the node
+//! lacks (a volume copied whole), is FAILED_PRECONDITION: the caller makes
+//! a full backup instead.
 
 use csi_proto::agent::v1 as agent;
 use csi_proto::csi::v1::snapshot_metadata_server::SnapshotMetadata;

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::controller::MovesReady;
 use super::replica::{Replica, Route, onward};
-use crate::cluster::moves::Moves;
+use crate::cluster::moves::{Moves, SnapshotsMoved};
 
 /// The Cluster service of one replica.
 #[derive(Debug, Clone)]
@@ -46,9 +46,16 @@ impl Cluster for ClusterService {
         let req = req.into_inner();
         crate::agent::volume_id(&req.volume_id)?;
         let to = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
-        Ok(Response::new(
-            self.moves()?.move_volume(&req.volume_id, to).await?,
-        ))
+        let mut snapshots = SnapshotsMoved::default();
+        let reply = self
+            .moves()?
+            .carry(&req.volume_id, None, to, &mut snapshots)
+            .await?;
+        Ok(Response::new(MoveVolumeReply {
+            moved_snapshots: snapshots.moved,
+            stayed_snapshots: stayed(snapshots.stayed).collect(),
+            ..reply
+        }))
     }
 
     async fn drain_node(
@@ -74,19 +81,19 @@ impl Cluster for ClusterService {
             why,
             ..Default::default()
         });
-        let snapshots = d
-            .snapshots
-            .stayed
-            .into_iter()
-            .map(|(snapshot_id, why)| Stayed {
-                snapshot_id,
-                why,
-                ..Default::default()
-            });
         Ok(Response::new(DrainNodeReply {
             moved: d.moved,
-            stayed: volumes.chain(snapshots).collect(),
+            stayed: volumes.chain(stayed(d.snapshots.stayed)).collect(),
             moved_snapshots: d.snapshots.moved,
         }))
     }
+}
+
+/// Snapshots that stay, with why.
+fn stayed(snapshots: Vec<(String, String)>) -> impl Iterator<Item = Stayed> {
+    snapshots.into_iter().map(|(snapshot_id, why)| Stayed {
+        snapshot_id,
+        why,
+        ..Default::default()
+    })
 }

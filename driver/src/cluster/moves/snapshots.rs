@@ -77,11 +77,14 @@ pub(super) enum Delta<'a> {
     Volume(&'a str),
 }
 
-/// What a drain did with a node's snapshots.
+/// What a drain, or a volume's move, did with snapshots.
 #[derive(Debug, Default)]
-pub struct SnapshotsDrained {
+pub struct SnapshotsMoved {
     pub moved: Vec<MovedSnapshot>,
+    /// Snapshot IDs, and why each stayed.
     pub stayed: Vec<(String, String)>,
+    /// The volumes whose snapshots went with them.
+    pub carried: HashSet<String>,
 }
 
 /// A snapshot a move or a delete works on (see [`Moves::claim_snapshot`]);
@@ -134,22 +137,17 @@ impl Moves {
         volume: &str,
         node: &str,
         to: &str,
-        out: &mut SnapshotsDrained,
+        out: &mut SnapshotsMoved,
     ) -> Option<String> {
         self.move_chain(node, volume, Some(to), out, false).await
     }
 
     /// Moves every snapshot of `node` (and finishes every snapshot move
-    /// from it or into it) whose volume is not in `handled` (whose
-    /// snapshots went with it), oldest first per volume, each volume's to
+    /// from it or into it) whose volume's snapshots did not go with it
+    /// (`out.carried`), oldest first per volume, each volume's to
     /// one node: the node its volume is on now if it can take them, else
     /// the ready node with the most room.
-    pub(super) async fn drain_snapshots(
-        self: &Arc<Self>,
-        node: &str,
-        handled: &HashSet<String>,
-        out: &mut SnapshotsDrained,
-    ) {
+    pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str, out: &mut SnapshotsMoved) {
         let _one = self.snapshot_moves.lock().await;
         let snaps = match self.snapshots_on(node, None).await {
             Ok(s) => s,
@@ -161,7 +159,7 @@ impl Moves {
         let mut volumes: Vec<String> = snaps
             .into_iter()
             .map(|s| s.source_volume_id)
-            .filter(|v| !handled.contains(v))
+            .filter(|v| !out.carried.contains(v))
             .collect();
         volumes.sort_unstable();
         volumes.dedup();
@@ -244,10 +242,10 @@ impl Moves {
         node: &str,
         volume: &str,
         to: Option<&str>,
-        out: &mut SnapshotsDrained,
+        out: &mut SnapshotsMoved,
         finish: bool,
     ) -> Option<String> {
-        let fail = |out: &mut SnapshotsDrained, chain: Vec<SnapshotRecord>, why: &str| {
+        let fail = |out: &mut SnapshotsMoved, chain: Vec<SnapshotRecord>, why: &str| {
             for s in chain {
                 out.stayed.push((s.snapshot_id, why.to_string()));
             }
