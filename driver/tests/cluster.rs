@@ -3724,6 +3724,209 @@ async fn a_move_draws_on_the_target_nodes_copy_budget() {
     );
 }
 
+/// `strata node forget NODE`: refused while a volume or a snapshot is
+/// there (named) and while the node answers; a drained node that died
+/// after a snapshot's move switched away from it, before its copy there
+/// was removed, blocks the snapshot's delete (UNAVAILABLE) until it is
+/// forgotten; then the move finishes without it and the delete goes
+/// through. A forgotten node that comes back registers as a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    use csi_proto::cluster::v1::{DrainNodeRequest, ForgetNodeRequest};
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+    let forget = |node: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["node", "forget", node, "--endpoint"])
+            .arg(format!("unix://{}", ctl.csi_socket().display()))
+            .output()
+            .unwrap()
+    };
+
+    // A snapshot of a volume that is deleted after it, and a volume.
+    let size = 4usize << 20;
+    let vol = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-f", size as i64, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await
+    .volume_id;
+    let mut model = vec![0u8; size];
+    common::Rng::new(5).fill(&mut model[..1 << 20]);
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &vol).await;
+    write_at(&dev, 0, &model[..1 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &vol).await;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-f", &vol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: vol.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let other = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-g", 1 << 20, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await
+    .volume_id;
+    // Refused while n2 answers; once it does not, refused naming what is
+    // there.
+    let out = forget("n2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("answers"), "{err}");
+    n2.proc.kill9();
+    eventually(
+        30,
+        "n2 is stale, and forget names what it holds",
+        async || {
+            let out = forget("n2");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            err.contains(&other) && err.contains(&snap)
+        },
+    )
+    .await;
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    registered(&mut cc, &["n2"]).await;
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: other,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // A drain of n2 switches the snapshot to n1; the controller dies
+    // before the copy on n2 is removed, and n2 dies for good.
+    let fp = strata::cluster::moves::SNAPSHOT_FAILPOINTS[3];
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+    ctl.proc.spawn();
+    registered(&mut cc, &["n1", "n2"]).await;
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    mc.drain_node(DrainNodeRequest {
+        node_id: "n2".into(),
+        undo: false,
+    })
+    .await
+    .unwrap_err();
+    assert!(ctl.proc.log().contains(&format!("failpoint {fp}")));
+    n2.proc.kill9();
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let delete = DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    };
+    let e = loop {
+        match cc.delete_snapshot(delete.clone()).await {
+            Err(e) if e.message().contains("starting") => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            r => break r.unwrap_err(),
+        }
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    // Forgotten once it is stale (3 s without an answer here).
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let req = |node: &str| ForgetNodeRequest {
+        node_id: node.into(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match mc.forget_node(req("n2")).await {
+            Ok(_) => break,
+            Err(e)
+                if (e.code() == Code::FailedPrecondition && e.message().contains("answers"))
+                    || e.message().contains("starting") =>
+            {
+                assert!(std::time::Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => panic!("forget n2: {e:?}"),
+        }
+    }
+    let e = mc.forget_node(req("n2")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = mc.forget_node(req("n1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("answers"), "{e:?}");
+    // The move finished without n2: the snapshot restores on n1.
+    let restored = created(
+        &mut cc,
+        pinned(c::create_from(
+            "restore-f",
+            size as i64,
+            c::block_cap(),
+            Type::Snapshot(SnapshotSource {
+                snapshot_id: snap.clone(),
+            }),
+        )),
+    )
+    .await;
+    assert_eq!(node_of(&restored), "n1");
+    contents_are(&mut cc, &n1, &mut csi1, &restored.volume_id, &model).await;
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: restored.volume_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually(30, "the delete goes through", async || {
+        cc.delete_snapshot(delete.clone()).await.is_ok()
+    })
+    .await;
+    let carrier = strata::cluster::moves::carrier(snap.parse().unwrap()).to_string();
+    assert!(!has_snapshot(&n1.agent, &tls, &snap).await);
+    assert!(!holds(&n1.agent, &tls, &carrier).await);
+
+    // Back after all: a new node, not draining, with its leftover copy.
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    registered(&mut cc, &["n2"]).await;
+    let placed = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-h", 1 << 20, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await;
+    assert_eq!(node_of(&placed), "n2");
+    assert!(has_snapshot(&n2.agent, &tls, &snap).await, "the garbage");
+}
+
 /// A move to a node that is down: a move back to the volume's own node
 /// cancels it, and the pod can use the volume where all its data is, while
 /// the rollback waits for the dead node to delete its copy.

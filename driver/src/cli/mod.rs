@@ -283,6 +283,14 @@ enum NodeCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Forget NODE, gone for good (its node plugin stopped, no volume or
+    /// snapshot left on it): moves that still wait to clean up there
+    /// finish without it.
+    Forget {
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -608,6 +616,10 @@ impl Cli {
                 action: Some(NodeCommand::Undrain { node, client }),
                 ..
             }) => runtime().block_on(moves::undrain(&client.endpoint, node)),
+            Command::Node(NodeArgs {
+                action: Some(NodeCommand::Forget { node, client }),
+                ..
+            }) => runtime().block_on(moves::forget(&client.endpoint, node)),
             Command::Node(a) => {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,

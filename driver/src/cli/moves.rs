@@ -1,10 +1,12 @@
-//! `strata volume move` and `strata node drain`: moves between nodes,
-//! through the controller's Cluster service.
+//! `strata volume move`, `strata node drain` and `strata node forget`:
+//! moves between nodes, through the controller's Cluster service.
 
 use std::process::ExitCode;
 
 use csi_proto::cluster::v1::cluster_client::ClusterClient;
-use csi_proto::cluster::v1::{DrainNodeRequest, MoveVolumeReply, MoveVolumeRequest, MovedSnapshot};
+use csi_proto::cluster::v1::{
+    DrainNodeRequest, ForgetNodeRequest, MoveVolumeReply, MoveVolumeRequest, MovedSnapshot,
+};
 use serde::Serialize;
 use tonic::Code;
 
@@ -232,6 +234,24 @@ pub async fn undrain(endpoint: &Endpoint, node: String) -> ExitCode {
     match c.drain_node(req).await {
         Ok(_) => {
             println!("node {node} takes new volumes again");
+            ExitCode::SUCCESS
+        }
+        Err(s) => fail(status_message(&s)),
+    }
+}
+
+/// `strata node forget NODE`.
+pub async fn forget(endpoint: &Endpoint, node: String) -> ExitCode {
+    let mut c = match client(endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let req = ForgetNodeRequest {
+        node_id: node.clone(),
+    };
+    match c.forget_node(req).await {
+        Ok(_) => {
+            println!("node {node} is forgotten; if it comes back, it registers as a new node");
             ExitCode::SUCCESS
         }
         Err(s) => fail(status_message(&s)),

@@ -655,6 +655,63 @@ impl Moves {
         *seen = still;
     }
 
+    /// `strata node forget`: forgets `node`, a node that is gone for good
+    /// (not ready), once no volume or snapshot is there (each stays its
+    /// node's until it moved or was deleted; FAILED_PRECONDITION names
+    /// them). The moves that still had a copy to remove there, or waited
+    /// for it to roll back, then finish without it (the leader's resume
+    /// goes on at once); what stays on the node is garbage to it.
+    pub async fn forget(self: &Arc<Self>, node: &str) -> Result<(), Status> {
+        self.cluster.nodes.forgettable(node)?;
+        let key = node.to_string();
+        let (volumes, snapshots) = self
+            .store(move |r| {
+                let volumes: Vec<String> = r
+                    .volumes()?
+                    .into_iter()
+                    // A switch-first move still fetches from its source.
+                    .filter(|v| {
+                        v.node == key
+                            || v.moving
+                                .as_ref()
+                                .is_some_and(|m| m.from == key && m.phase == MovePhase::Fetching)
+                    })
+                    .map(|v| v.volume_id)
+                    .collect();
+                let snapshots: Vec<String> = r
+                    .snapshots()?
+                    .into_iter()
+                    .filter(|s| s.node == key)
+                    .map(|s| s.snapshot_id)
+                    .collect();
+                Ok((volumes, snapshots))
+            })
+            .await?;
+        if !volumes.is_empty() || !snapshots.is_empty() {
+            let list = |what: &str, ids: &[String]| {
+                let more = ids.len().saturating_sub(5);
+                let shown = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+                match more {
+                    0 => format!("{} {what} ({shown})", ids.len()),
+                    _ => format!("{} {what} ({shown} and {more} more)", ids.len()),
+                }
+            };
+            return Err(Status::failed_precondition(format!(
+                "node {node} still holds {} and {}: move them (strata node drain {node}) or \
+                 delete them first",
+                list("volumes", &volumes),
+                list("snapshots", &snapshots)
+            )));
+        }
+        self.cluster.nodes.forget(node).await?;
+        tracing::warn!(
+            node,
+            "node forgotten: what is left on it is garbage to the controller"
+        );
+        self.resume().await;
+        Ok(())
+    }
+
     /// Ends the drain of `node`: new volumes may be placed on it again.
     pub async fn undrain(&self, node: &str) -> Result<(), Status> {
         self.cluster.nodes.set_draining(node, false).await
@@ -821,16 +878,21 @@ impl Moves {
         }
         match rec.moving.as_ref().map(|m| m.phase) {
             Some(MovePhase::Removing) => {
-                self.cluster
-                    .nodes
-                    .agent(&m.from)?
-                    .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                        volume_id: id.to_string(),
-                    }))
-                    .await
-                    .inspect_err(|e| {
-                        tracing::warn!(volume = id, node = %m.from, error = %e.message(), "removing a moved volume's old copy")
-                    })?;
+                let nodes = &self.cluster.nodes;
+                let removed = match nodes.agent(&m.from) {
+                    Ok(source) => source
+                        .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                            volume_id: id.to_string(),
+                        }))
+                        .await
+                        .map(drop),
+                    // Forgotten: its old copy stays there as garbage.
+                    Err(_) if nodes.forgotten(&m.from) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                removed.inspect_err(|e| {
+                    tracing::warn!(volume = id, node = %m.from, error = %e.message(), "removing a moved volume's old copy")
+                })?;
                 rec.moving = None;
                 self.put(&rec).await?;
             }
@@ -1396,6 +1458,8 @@ impl Moves {
                 .delete_volume(Request::new(agent::DeleteVolumeRequest { volume_id: id }))
                 .await
                 .map(drop),
+            // `strata node forget`: its copy is garbage there, for good.
+            Err(_) if nodes.forgotten(&m.to) => Ok(()),
             Err(e) => Err(e),
         };
         if let Err(e) = deleted {

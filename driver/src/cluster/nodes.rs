@@ -52,6 +52,9 @@ pub struct Nodes {
     /// The node records as of the last heartbeat (or load): placement and
     /// routing read these, never the store, so they never block.
     cache: Mutex<HashMap<String, NodeRecord>>,
+    /// Whether the cache was read from the store once: before, a node
+    /// missing from it may only not be loaded yet.
+    loaded: std::sync::atomic::AtomicBool,
     /// Thin provisioning: a node takes volumes until their sizes add up
     /// to its capacity times this ratio.
     overcommit: f64,
@@ -113,6 +116,7 @@ impl Nodes {
             remotes: Mutex::default(),
             asking: Mutex::default(),
             cache: Mutex::default(),
+            loaded: std::sync::atomic::AtomicBool::new(false),
             overcommit,
             heartbeat,
         }
@@ -204,11 +208,15 @@ impl Nodes {
     }
 
     /// Reads the node records from the store (at start, and each round,
-    /// for nodes that registered themselves).
+    /// for nodes that registered themselves); a node whose record is gone
+    /// (forgotten, maybe by another replica) goes from the cache too.
     async fn load(&self) {
         match self.store(|r| r.nodes()).await {
             Ok(nodes) => {
                 let mut cache = self.cache.lock().expect("nodes");
+                cache.retain(|id, _| nodes.iter().any(|n| &n.node_id == id));
+                self.loaded
+                    .store(true, std::sync::atomic::Ordering::Release);
                 for n in nodes {
                     // The store may be older than what this process saw
                     // (it skips writes that change only the time), or
@@ -227,6 +235,8 @@ impl Nodes {
 
     /// Updates the cache, and the store when more than the time of the
     /// last answer changed (so a steady cluster does not write each round).
+    /// A node that did not answer is only written if its record is still
+    /// there (one forgotten meanwhile stays forgotten).
     async fn save(&self, mut rec: NodeRecord) {
         let before = {
             let mut cache = self.cache.lock().expect("nodes");
@@ -241,9 +251,66 @@ impl Nodes {
         if same {
             return;
         }
-        if let Err(e) = self.store(move |r| r.put_node(&rec)).await {
+        let answered = rec.state == NodeState::Ready;
+        let put = move |r: &dyn Records| {
+            if answered || r.node(&rec.node_id)?.is_some() {
+                r.put_node(&rec)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = self.store(put).await {
             tracing::warn!(error = %e.message(), "recording a node");
         }
+    }
+
+    /// Whether node `id` is not known at all: the store was read, and has
+    /// no record of it (never registered, or forgotten). A node that is
+    /// only away (stale, restarting) is known.
+    pub fn forgotten(&self, id: &str) -> bool {
+        if self.local.as_ref().is_some_and(|(l, _)| l == id) {
+            return false;
+        }
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+            && !self.cache.lock().expect("nodes").contains_key(id)
+    }
+
+    /// Forgets node `id`, which must not be ready (its agent answered the
+    /// heartbeat within `stale_after`): its record goes, and what the
+    /// controller would still clean up there is skipped from now on. The
+    /// caller checks that no volume or snapshot is there. If the node
+    /// answers again later, it registers anew, as a new node.
+    pub async fn forget(&self, id: &str) -> Result<(), Status> {
+        let rec = self.forgettable(id)?;
+        let key = id.to_string();
+        self.store(move |r| r.delete_node(&key)).await?;
+        self.cache.lock().expect("nodes").remove(id);
+        self.remotes
+            .lock()
+            .expect("remotes")
+            .remove(&rec.agent_address);
+        Ok(())
+    }
+
+    /// Node `id`'s record, if it could be forgotten: known, not this
+    /// process's own, and not ready.
+    pub fn forgettable(&self, id: &str) -> Result<NodeRecord, Status> {
+        let rec = self.cache.lock().expect("nodes").get(id).cloned();
+        let Some(rec) = rec else {
+            return Err(Status::not_found(format!("node {id:?} is not known")));
+        };
+        if self.local.as_ref().is_some_and(|(l, _)| l == id) {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is this controller's own node"
+            )));
+        }
+        if rec.state == NodeState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "node {id} answers the controller (it is ready): drain it, stop its node plugin, \
+                 and forget it once it is stale ({} s without an answer)",
+                self.heartbeat.stale_after.as_secs()
+            )));
+        }
+        Ok(rec)
     }
 
     /// Starts or ends the drain of `node_id`: while it drains, no new

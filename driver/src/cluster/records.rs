@@ -153,6 +153,9 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     /// Every node, sorted by ID.
     fn nodes(&self) -> Result<Vec<NodeRecord>>;
     fn put_node(&self, rec: &NodeRecord) -> Result<()>;
+    /// Forgets a node (`strata node forget`); forgetting one that is not
+    /// there is a success.
+    fn delete_node(&self, id: &str) -> Result<()>;
 }
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -385,6 +388,14 @@ impl Records for EmbeddedRecords {
         txn.open_table(NODES)
             .map_err(store)?
             .insert(rec.node_id.as_str(), json(rec).as_slice())
+            .map_err(store)?;
+        txn.commit().map_err(store)
+    }
+    fn delete_node(&self, id: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store)?;
+        txn.open_table(NODES)
+            .map_err(store)?
+            .remove(id)
             .map_err(store)?;
         txn.commit().map_err(store)
     }

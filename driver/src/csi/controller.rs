@@ -722,11 +722,14 @@ impl Controller for ControllerService {
             && let Some(m) = &rec.moving
         {
             let other = if m.from == rec.node { &m.to } else { &m.from };
-            self.agent(other)?
-                .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                    volume_id: id.clone(),
-                }))
-                .await?;
+            // Unless that node was forgotten (`strata node forget`).
+            if !self.cluster.get()?.nodes.forgotten(other) {
+                self.agent(other)?
+                    .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                        volume_id: id.clone(),
+                    }))
+                    .await?;
+            }
         }
         self.records(move |r| r.delete_volume(&id)).await?;
         Ok(Response::new(DeleteVolumeResponse {}))

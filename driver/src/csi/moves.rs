@@ -87,6 +87,21 @@ impl Cluster for ClusterService {
             moved_snapshots: d.snapshots.moved,
         }))
     }
+
+    async fn forget_node(
+        &self,
+        req: Request<ForgetNodeRequest>,
+    ) -> Result<Response<ForgetNodeReply>, Status> {
+        if let Route::Leader(channel) = self.replica.route(req.metadata())? {
+            return ClusterClient::new(channel).forget_node(onward(req)).await;
+        }
+        let node = req.into_inner().node_id;
+        if node.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        self.moves()?.forget(&node).await?;
+        Ok(Response::new(ForgetNodeReply {}))
+    }
 }
 
 /// Snapshots that stay, with why.

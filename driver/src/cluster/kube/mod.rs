@@ -428,6 +428,9 @@ impl Records for KubeRecords {
     fn put_node(&self, rec: &NodeRecord) -> Result<(), RecordsError> {
         self.block(put(&self.api(), &node_object(rec)))
     }
+    fn delete_node(&self, id: &str) -> Result<(), RecordsError> {
+        self.block(delete(&self.api::<StrataNode>(), id))
+    }
 }
 
 #[cfg(test)]

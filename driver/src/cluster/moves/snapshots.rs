@@ -736,23 +736,13 @@ impl Moves {
         if let Err(e) = removed {
             // A node the controller no longer knows must not keep the
             // move (and deletes of the snapshot) waiting forever.
-            if !self.gone(&m.from) {
+            if !self.cluster.nodes.forgotten(&m.from) {
                 return Err(e);
             }
             tracing::warn!(snapshot = id, node = %m.from, error = %e.message(), "a moved snapshot's source copy is left on a node the controller no longer knows");
         }
         rec.moving = None;
         self.put_snapshot(&rec).await
-    }
-
-    /// Whether the controller does not know `node` at all (its record is
-    /// gone). A node that is only away (stale, restarting) is waited for:
-    /// skipping its cleanup would leave garbage on it for good.
-    fn gone(&self, node: &str) -> bool {
-        self.cluster
-            .nodes
-            .list()
-            .is_ok_and(|nodes| nodes.iter().all(|n| n.node_id != node))
     }
 
     /// Rolls back the move of snapshot `id` if it did not switch yet (a
@@ -816,7 +806,7 @@ impl Moves {
         for (node, cleaned) in [(&m.from, on_source.await), (&m.to, on_target.await)] {
             if let Err(e) = cleaned {
                 // As `finish_snapshot`.
-                if !self.gone(node) {
+                if !self.cluster.nodes.forgotten(node) {
                     return Err(e);
                 }
                 tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a node the controller no longer knows");
