@@ -3856,6 +3856,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         }
     };
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("n2"), "{e:?}");
 
     // Forgotten once it is stale (3 s without an answer here).
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
@@ -3881,7 +3882,14 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     let e = mc.forget_node(req("n1")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("answers"), "{e:?}");
-    // The move finished without n2: the snapshot restores on n1.
+    // The leader finished the move without n2 (not the delete below); the
+    // snapshot restores on n1.
+    eventually(30, "the move finished", async || {
+        ctl.proc.log().contains(
+            "a moved snapshot's source copy is left on a node the controller no longer knows",
+        )
+    })
+    .await;
     let restored = created(
         &mut cc,
         pinned(c::create_from(
@@ -4012,7 +4020,7 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     // n2 back: the rollback ends, and n2 keeps no copy.
     n2.proc.spawn();
     n2.wait_for_agent();
-    let r = mc.move_volume(cancel).await.unwrap().into_inner();
+    let r = mc.move_volume(cancel.clone()).await.unwrap().into_inner();
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
     assert!(!holds(&n2.agent, &tls, &id).await);
     assert!(holds(&n1.agent, &tls, &id).await);
@@ -4023,6 +4031,43 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
         .filter(|l| l.contains("claim=apps/data") && l.contains("reason=\"MoveCancelled\""))
         .count();
     assert_eq!(cancelled, 1, "{log}");
+
+    // A move into n2, which then dies for good: once n2 is forgotten,
+    // the move rolls back without it (the volume is n1's alone).
+    n2.proc.kill9();
+    let e = mc
+        .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    eventually(30, "n2 is forgotten once stale", async || {
+        mc.forget_node(csi_proto::cluster::v1::ForgetNodeRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .is_ok()
+    })
+    .await;
+    // By the leader (forget resumes the moves): publishing waits for a
+    // move still copying, so it works once the move is rolled back.
+    eventually(30, "the move is rolled back", async || {
+        cc.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    })
+    .await;
+    unpublish(&mut cc, &id, "n1").await;
+    let r = mc.move_volume(cancel).await.unwrap().into_inner();
+    assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
+    assert!(holds(&n1.agent, &tls, &id).await);
 }
 
 /// A restore and a clone for a pod on another node than their source's

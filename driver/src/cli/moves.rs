@@ -254,6 +254,9 @@ pub async fn forget(endpoint: &Endpoint, node: String) -> ExitCode {
             println!("node {node} is forgotten; if it comes back, it registers as a new node");
             ExitCode::SUCCESS
         }
+        Err(s) if s.code() == Code::Unimplemented => {
+            fail("this endpoint is not a Strata controller (nodes are forgotten by a cluster's)")
+        }
         Err(s) => fail(status_message(&s)),
     }
 }

@@ -205,6 +205,24 @@ pub struct Moves {
     snapshot_moves: tokio::sync::Mutex<()>,
     /// Snapshots a move step or a delete works on now.
     snapshot_claims: Mutex<HashSet<String>>,
+    /// Volumes dataLocality is moving (with their snapshots) now.
+    following: Mutex<HashSet<String>>,
+}
+
+/// A volume dataLocality moves; let go when dropped.
+struct Following {
+    moves: Arc<Moves>,
+    id: String,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.moves
+            .following
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 type Outcome = Result<MoveVolumeReply, (Code, String)>;
@@ -253,6 +271,7 @@ impl Moves {
             cancelled: Mutex::default(),
             snapshot_moves: tokio::sync::Mutex::default(),
             snapshot_claims: Mutex::default(),
+            following: Mutex::default(),
         })
     }
 
@@ -461,9 +480,10 @@ impl Moves {
     /// since the one before it, and the volume's copy starts from the
     /// newest of them (see `snapshots`). A call that joins or cancels a
     /// move that runs, or names another node than the one a recorded move
-    /// goes to, is [`Moves::move_volume`] alone. `snapshots` gets what
-    /// moved and what stayed, and the volume's ID once its snapshots went.
-    /// With `from`: NOT_FOUND if the volume left that node meanwhile.
+    /// goes to, and one for a volume without snapshots there, is
+    /// [`Moves::move_volume`] alone. `snapshots` gets what moved and what
+    /// stayed (also when the volume's move then fails). With `from`:
+    /// NOT_FOUND if the volume left that node meanwhile.
     pub async fn carry(
         self: &Arc<Self>,
         id: &str,
@@ -471,11 +491,9 @@ impl Moves {
         to: Option<&str>,
         snapshots: &mut SnapshotsMoved,
     ) -> Result<MoveVolumeReply, Status> {
-        // The target is chosen under the lock: another drain may have
-        // made a node draining meanwhile.
-        let one = self.snapshot_moves.lock().await;
+        // Decided without the lock first: only a move with snapshots to
+        // take along waits for another one's.
         let rec = self.record(id).await?;
-        let running = self.running.lock().expect("moves").contains_key(id);
         if let Some(f) = from
             && rec.node != f
             && rec.moving.is_none()
@@ -484,8 +502,49 @@ impl Moves {
                 "volume {id} is not on node {f} any more"
             )));
         }
-        let target = match &rec.moving {
-            _ if running => None,
+        let Some(target) = self.carry_target(&rec, to) else {
+            return self.move_volume(id, to).await;
+        };
+        if self.snapshots_on(&rec.node, Some(id)).await?.is_empty() {
+            return self.move_volume(id, Some(&target)).await;
+        }
+        // Again under the lock: another drain may have made a node
+        // draining meanwhile.
+        let one = self.snapshot_moves.lock().await;
+        let rec = self.record(id).await?;
+        let Some(target) = self.carry_target(&rec, to) else {
+            drop(one);
+            return self.move_volume(id, to).await;
+        };
+        let last = self
+            .move_snapshots_of(id, &rec.node, &target, snapshots)
+            .await;
+        // That base stays on both nodes while the volume moves: a delete,
+        // or the leader's resume, waits for it.
+        let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
+        drop(one);
+        let moved = self.move_volume(id, Some(&target)).await;
+        drop(base);
+        if let Some(last) = last {
+            self.finish_logged(&last).await;
+        }
+        moved
+    }
+
+    /// Where [`Moves::carry`] takes volume `rec` and its snapshots, if it
+    /// takes its snapshots along: not for a move that runs (joined or
+    /// cancelled), one past its copy, one that goes elsewhere than `to`,
+    /// nor when `rec` cannot move there (the move says why).
+    fn carry_target(&self, rec: &VolumeRecord, to: Option<&str>) -> Option<String> {
+        if self
+            .running
+            .lock()
+            .expect("moves")
+            .contains_key(&rec.volume_id)
+        {
+            return None;
+        }
+        match &rec.moving {
             // Not switched yet, so its snapshots are where it is.
             Some(m)
                 if m.phase == MovePhase::Copying
@@ -496,33 +555,15 @@ impl Moves {
             }
             Some(_) => None,
             None if to == Some(rec.node.as_str()) => None,
-            None => match self.target_for(&rec, to) {
-                Ok(t) => {
-                    // Counted again when the move checks it.
+            None => {
+                let t = self.target_for(rec, to).ok()?;
+                if to.is_none() {
+                    // `place` counted it; the move counts it again.
                     self.cluster.nodes.unplace(&t, rec.capacity_bytes);
-                    Some(t)
                 }
-                // Said by the move below.
-                Err(_) => None,
-            },
-        };
-        let last = match &target {
-            Some(t) => {
-                snapshots.carried.insert(id.to_string());
-                self.move_snapshots_of(id, &rec.node, t, snapshots).await
+                Some(t)
             }
-            None => None,
-        };
-        // That base stays on both nodes while the volume moves: a delete,
-        // or the leader's resume, waits for it.
-        let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
-        drop(one);
-        let moved = self.move_volume(id, target.as_deref().or(to)).await;
-        drop(base);
-        if let Some(last) = last {
-            self.finish_logged(&last).await;
         }
-        moved
     }
 
     /// Drains `node`: no new volume is placed on it from now on, and
@@ -544,11 +585,22 @@ impl Moves {
         let mut snapshots = SnapshotsMoved::default();
         for rec in volumes {
             let id = rec.volume_id;
-            match self.carry(&id, Some(node), None, &mut snapshots).await {
-                Ok(r) => moved.push(r),
-                Err(e) if e.code() == Code::NotFound => {}
-                Err(e) => stayed.push((id, e.message().to_string())),
+            let e = match self.carry(&id, Some(node), None, &mut snapshots).await {
+                Ok(r) => {
+                    moved.push(r);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            // Deleted, or gone from the node meanwhile: not the drain's.
+            if e.code() == Code::NotFound {
+                match self.record(&id).await {
+                    Err(gone) if gone.code() == Code::NotFound => continue,
+                    Ok(r) if r.node != node && r.moving.is_none() => continue,
+                    _ => {}
+                }
             }
+            stayed.push((id, e.message().to_string()));
         }
         // Those of volumes that stay, or are gone.
         self.drain_snapshots(node, &mut snapshots).await;
@@ -629,16 +681,24 @@ impl Moves {
             if draining {
                 continue;
             }
-            tracing::info!(volume = %rec.volume_id, from = %rec.node, to = %user, "dataLocality: the volume moves to the node that uses it");
             let (moves, id, from, to) = (
                 Arc::clone(self),
                 rec.volume_id.clone(),
                 rec.node.clone(),
                 user.clone(),
             );
-            // Its snapshots go with it; a call while they move waits for
-            // them, then joins the volume's move.
+            // Its snapshots go with it; marked until it is done, since
+            // its record shows no move while they go.
+            if !self.following.lock().expect("following").insert(id.clone()) {
+                continue;
+            }
+            tracing::info!(volume = %rec.volume_id, from = %rec.node, to = %user, "dataLocality: the volume moves to the node that uses it");
+            let mark = Following {
+                moves: Arc::clone(self),
+                id: id.clone(),
+            };
             tokio::spawn(async move {
+                let _mark = mark;
                 let mut snapshots = SnapshotsMoved::default();
                 if let Err(e) = moves
                     .carry(&id, Some(&from), Some(&to), &mut snapshots)
@@ -687,20 +747,24 @@ impl Moves {
                 Ok((volumes, snapshots))
             })
             .await?;
-        if !volumes.is_empty() || !snapshots.is_empty() {
-            let list = |what: &str, ids: &[String]| {
-                let more = ids.len().saturating_sub(5);
-                let shown = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-                match more {
-                    0 => format!("{} {what} ({shown})", ids.len()),
-                    _ => format!("{} {what} ({shown} and {more} more)", ids.len()),
-                }
-            };
+        let list = |what: &str, ids: &[String]| {
+            let more = ids.len().saturating_sub(5);
+            let shown = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            match more {
+                0 => format!("{} {what} ({shown})", ids.len()),
+                _ => format!("{} {what} ({shown} and {more} more)", ids.len()),
+            }
+        };
+        let held: Vec<String> = [("volumes", &volumes), ("snapshots", &snapshots)]
+            .into_iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(what, ids)| list(what, ids))
+            .collect();
+        if !held.is_empty() {
             return Err(Status::failed_precondition(format!(
-                "node {node} still holds {} and {}: move them (strata node drain {node}) or \
-                 delete them first",
-                list("volumes", &volumes),
-                list("snapshots", &snapshots)
+                "node {node} still holds {}: move them (strata node drain {node}) or delete \
+                 them first",
+                held.join(" and ")
             )));
         }
         self.cluster.nodes.forget(node).await?;
@@ -813,9 +877,10 @@ impl Moves {
                     // The copy found out whether the volume is in use.
                     m = rec.moving.clone().expect("moving");
                 }
-                // Refused before the switch: nothing was written to the
-                // target's copy, so the source's is the volume again.
-                Err(e) if refused(&e) => {
+                // Refused before the switch (or its target forgotten):
+                // nothing was written to the target's copy, so the
+                // source's is the volume again.
+                Err(e) if refused(&e) || self.cluster.nodes.forgotten(&m.to) => {
                     self.set_phase(&mut rec, MovePhase::Aborting, e.message())
                         .await?;
                     self.tell(

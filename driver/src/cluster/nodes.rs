@@ -237,9 +237,12 @@ impl Nodes {
     /// last answer changed (so a steady cluster does not write each round).
     /// A node that did not answer is only written if its record is still
     /// there (one forgotten meanwhile stays forgotten).
-    async fn save(&self, mut rec: NodeRecord) {
+    async fn save(&self, mut rec: NodeRecord, answered: bool) {
         let before = {
             let mut cache = self.cache.lock().expect("nodes");
+            if !answered && !cache.contains_key(&rec.node_id) {
+                return;
+            }
             // Only `set_draining` changes it.
             rec.draining = cache.get(&rec.node_id).is_some_and(|n| n.draining);
             cache.insert(rec.node_id.clone(), rec.clone())
@@ -251,7 +254,6 @@ impl Nodes {
         if same {
             return;
         }
-        let answered = rec.state == NodeState::Ready;
         let put = move |r: &dyn Records| {
             if answered || r.node(&rec.node_id)?.is_some() {
                 r.put_node(&rec)?;
@@ -281,6 +283,16 @@ impl Nodes {
     /// answers again later, it registers anew, as a new node.
     pub async fn forget(&self, id: &str) -> Result<(), Status> {
         let rec = self.forgettable(id)?;
+        // Asked once more: it may have come back since the last heartbeat.
+        let agent = self.agent_at(&rec.agent_address)?;
+        let asked = agent.node_info(Request::new(NodeInfoRequest {}));
+        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), asked).await
+            && info.get_ref().node_id == id
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {id} answers the controller again: it is not gone"
+            )));
+        }
         let key = id.to_string();
         self.store(move |r| r.delete_node(&key)).await?;
         self.cache.lock().expect("nodes").remove(id);
@@ -486,7 +498,7 @@ impl Nodes {
                 if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
                     tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
                 }
-                self.save(rec).await;
+                self.save(rec, true).await;
             }
             Err(e) if !known_as.is_empty() => {
                 let Some(mut rec) = self.cache.lock().expect("nodes").get(&known_as).cloned()
@@ -499,7 +511,7 @@ impl Nodes {
                     rec.state = NodeState::Stale;
                 }
                 rec.message = e.message().to_string();
-                self.save(rec).await;
+                self.save(rec, false).await;
             }
             Err(e) => {
                 tracing::debug!(%address, error = %e.message(), "agent not reachable yet");

@@ -47,10 +47,30 @@ impl Cluster for ClusterService {
         crate::agent::volume_id(&req.volume_id)?;
         let to = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
         let mut snapshots = SnapshotsMoved::default();
-        let reply = self
+        let reply = match self
             .moves()?
             .carry(&req.volume_id, None, to, &mut snapshots)
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            // Its snapshots that went first stay where they went.
+            Err(e) if !snapshots.moved.is_empty() => {
+                let moved: Vec<String> = snapshots
+                    .moved
+                    .iter()
+                    .map(|m| format!("{} to node {}", m.snapshot_id, m.to_node))
+                    .collect();
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "{}; its snapshots moved already: {}",
+                        e.message(),
+                        moved.join(", ")
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Response::new(MoveVolumeReply {
             moved_snapshots: snapshots.moved,
             stayed_snapshots: stayed(snapshots.stayed).collect(),

@@ -83,8 +83,8 @@ pub struct SnapshotsMoved {
     pub moved: Vec<MovedSnapshot>,
     /// Snapshot IDs, and why each stayed.
     pub stayed: Vec<(String, String)>,
-    /// The volumes whose snapshots went with them.
-    pub carried: HashSet<String>,
+    /// The snapshots either list has: each is tried once.
+    handled: HashSet<String>,
 }
 
 /// A snapshot a move or a delete works on (see [`Moves::claim_snapshot`]);
@@ -143,8 +143,8 @@ impl Moves {
     }
 
     /// Moves every snapshot of `node` (and finishes every snapshot move
-    /// from it or into it) whose volume's snapshots did not go with it
-    /// (`out.carried`), oldest first per volume, each volume's to
+    /// from it or into it) that did not go with its volume, oldest first
+    /// per volume, each volume's to
     /// one node: the node its volume is on now if it can take them, else
     /// the ready node with the most room.
     pub(super) async fn drain_snapshots(self: &Arc<Self>, node: &str, out: &mut SnapshotsMoved) {
@@ -158,8 +158,8 @@ impl Moves {
         };
         let mut volumes: Vec<String> = snaps
             .into_iter()
+            .filter(|s| !out.handled.contains(&s.snapshot_id))
             .map(|s| s.source_volume_id)
-            .filter(|v| !out.carried.contains(v))
             .collect();
         volumes.sort_unstable();
         volumes.dedup();
@@ -170,7 +170,7 @@ impl Moves {
 
     /// The snapshots on `node` or moving from or into it (of `volume` only,
     /// if given), oldest first.
-    async fn snapshots_on(
+    pub(super) async fn snapshots_on(
         &self,
         node: &str,
         volume: Option<&str>,
@@ -209,21 +209,32 @@ impl Moves {
         }
     }
 
-    /// Ends the moves of snapshot record `s` that a drain of `node` cannot
-    /// go on with, those into `node` or into a node that drains too: a
-    /// switched one's source copy is removed (the snapshot is then where
-    /// its record says, and moves on), one still copying is rolled back.
-    async fn settle(self: &Arc<Self>, s: &SnapshotRecord, node: &str) -> Result<(), Status> {
+    /// Ends the moves of snapshot record `s` that a move off `node` cannot
+    /// go on with: those into `node`, into a node that drains, or into
+    /// another node than `to`, where its volume goes. A switched one's
+    /// source copy is removed (the snapshot is then where its record says,
+    /// and moves on from there), one still copying is rolled back.
+    async fn settle(
+        self: &Arc<Self>,
+        s: &SnapshotRecord,
+        node: &str,
+        to: Option<&str>,
+    ) -> Result<(), Status> {
         let Some(m) = &s.moving else { return Ok(()) };
-        match m.phase {
-            // One switched to a fit node stays a base for the next one.
-            MovePhase::Removing if self.unfit(&m.to, node).is_some() => {
-                self.finish_snapshot(&s.snapshot_id).await
+        let why = match self.unfit(&m.to, node) {
+            Some(why) => why,
+            None if to.is_some_and(|t| t != m.to) => {
+                format!("its volume goes to node {}", to.unwrap_or_default())
             }
-            MovePhase::Copying | MovePhase::Aborting if self.unfit(&m.to, node).is_some() => {
+            // One switched to a fit node stays a base for the next one.
+            None => return Ok(()),
+        };
+        match m.phase {
+            MovePhase::Removing => self.finish_snapshot(&s.snapshot_id).await,
+            MovePhase::Copying | MovePhase::Aborting => {
                 let _claim = self.claim_snapshot(&s.snapshot_id)?;
                 let mut rec = self.snapshot_record(&s.snapshot_id).await?;
-                self.snapshot_phase(&mut rec, MovePhase::Aborting, "its target drains")
+                self.snapshot_phase(&mut rec, MovePhase::Aborting, &why)
                     .await?;
                 self.abort_snapshot(&mut rec).await
             }
@@ -259,7 +270,7 @@ impl Moves {
         };
         if to.is_none_or(|t| self.unfit(t, node).is_none()) {
             for s in &chain {
-                if let Err(e) = self.settle(s, node).await {
+                if let Err(e) = self.settle(s, node, to).await {
                     tracing::warn!(snapshot = %s.snapshot_id, error = %e.message(), "ending an earlier move of a snapshot");
                 }
             }
@@ -271,6 +282,9 @@ impl Moves {
                 }
             };
         }
+        chain.retain(|s| !out.handled.contains(&s.snapshot_id));
+        out.handled
+            .extend(chain.iter().map(|s| s.snapshot_id.clone()));
         let home = self
             .store({
                 let v = volume.to_string();
@@ -285,8 +299,8 @@ impl Moves {
             .iter()
             .find_map(|s| s.moving.as_ref().map(|m| m.to.clone()));
         let to = match (moving_to, to) {
-            (Some(t), _) => t,
-            (None, Some(t)) => t.to_string(),
+            (_, Some(t)) => t.to_string(),
+            (Some(t), None) => t,
             (None, None) => {
                 let size = chain.iter().map(|s| s.size_bytes).max().unwrap_or(0);
                 let preferred: Vec<String> = home.into_iter().collect();
@@ -512,7 +526,7 @@ impl Moves {
         }
         let (copied, base) = match self.copy_snapshot(&rec, &m).await {
             Ok(c) => c,
-            Err(e) if refused(&e) => {
+            Err(e) if refused(&e) || self.cluster.nodes.forgotten(&m.to) => {
                 tracing::warn!(snapshot = id, to = %m.to, error = %e.message(), "a snapshot's move is rolled back");
                 self.snapshot_phase(&mut rec, MovePhase::Aborting, e.message())
                     .await?;
@@ -737,7 +751,15 @@ impl Moves {
             // A node the controller no longer knows must not keep the
             // move (and deletes of the snapshot) waiting forever.
             if !self.cluster.nodes.forgotten(&m.from) {
-                return Err(e);
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "snapshot {id} moved to node {}; removing its old copy on node {}: {}",
+                        m.to,
+                        m.from,
+                        e.message()
+                    ),
+                ));
             }
             tracing::warn!(snapshot = id, node = %m.from, error = %e.message(), "a moved snapshot's source copy is left on a node the controller no longer knows");
         }
