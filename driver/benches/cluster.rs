@@ -8,11 +8,11 @@
 //!   the same volume attached on its own node: fio 4 KiB random reads at
 //!   queue depth 32 and 1 MiB sequential reads at depth 8, on the block
 //!   device each node stages (FUSE + loop on this host).
-//! - A move of the volume to the other node (`strata volume move`, copy
-//!   first, no rate limit): time, and bytes sent against the volume's data
-//!   and against the bytes its layers hold.
-//! - A restore of a snapshot for a pod on the other node (switch first):
-//!   how long CreateVolume takes, and how long the fetch behind it.
+//! - A move of the volume, with its snapshot, to the other node (`strata
+//!   volume move`, copy first, no rate limit): time, and bytes sent against
+//!   the bytes their layers hold and against copying each whole.
+//! - A restore of that snapshot for a pod on the first node (switch
+//!   first): how long CreateVolume takes, and how long the fetch behind it.
 //! - A drain of a node with a volume and two snapshots of it: bytes sent
 //!   against the bytes their layers hold, and against copying each whole.
 //! - Live moves back and forth under a 20 MB/s random writer: how long,
@@ -364,7 +364,8 @@ async fn run(data_mib: u64) {
         .into_inner();
     let move_secs = started.elapsed().as_secs_f64();
 
-    // A restore of the snapshot (on n1) for a pod on n2.
+    // A restore of the snapshot (on n2 now, moved with the volume) for a
+    // pod on n1.
     let started = Instant::now();
     let restored = cc
         .create_volume(on(
@@ -374,7 +375,7 @@ async fn run(data_mib: u64) {
                 c::block_cap(),
                 Type::Snapshot(SnapshotSource { snapshot_id: snap }),
             ),
-            "n2",
+            "n1",
         ))
         .await
         .unwrap()
@@ -383,8 +384,8 @@ async fn run(data_mib: u64) {
         .unwrap()
         .volume_id;
     let answered = started.elapsed().as_secs_f64();
-    let mut a1 = agent(&n1.agent, &tls);
-    while a1
+    let mut a2 = agent(&n2.agent, &tls);
+    while a2
         .get_volume(csi_proto::agent::v1::GetVolumeRequest {
             volume_id: restored.clone(),
         })
@@ -395,17 +396,27 @@ async fn run(data_mib: u64) {
     }
     let fetched = started.elapsed().as_secs_f64();
     println!();
+    // The snapshot holds the data written first; the volume, all of it.
+    let sent = moved.copied_bytes
+        + moved
+            .moved_snapshots
+            .iter()
+            .map(|s| s.copied_bytes)
+            .sum::<u64>();
+    let whole = 2 * data_mib * MIB;
     println!(
-        "move n1 -> n2 (copy first): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB = {:.3}x the volume's data ({:.1} MB), {:.3}x the bytes its layers hold ({:.1} MB)",
-        mb(moved.copied_bytes) / move_secs,
+        "move n1 -> n2 with its snapshot (copy first, {} snapshot(s) moved): {move_secs:.2} s, {:.0} MB/s; sent {:.1} MB ({:.1} MB the volume's changes since the snapshot) = {:.3}x the bytes their layers hold ({:.1} MB); each copied whole would be {:.1} MB ({:.2}x)",
+        moved.moved_snapshots.len(),
+        mb(sent) / move_secs,
+        mb(sent),
         mb(moved.copied_bytes),
-        moved.copied_bytes as f64 / (data_mib * MIB) as f64,
-        mb(data_mib * MIB),
-        moved.copied_bytes as f64 / layers_bytes as f64,
-        mb(layers_bytes)
+        sent as f64 / layers_bytes as f64,
+        mb(layers_bytes),
+        mb(whole),
+        whole as f64 / layers_bytes as f64
     );
     println!(
-        "restore for a pod on the other node (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
+        "restore on n2 for a pod on n1 (switch first): CreateVolume answered in {:.3} s; fetched behind in {fetched:.2} s ({:.0} MB/s)",
         answered,
         mb(data_mib * MIB) / fetched
     );
