@@ -3831,13 +3831,15 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     ctl.proc.spawn();
     registered(&mut cc, &["n1", "n2"]).await;
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
-    mc.drain_node(DrainNodeRequest {
+    let drain = DrainNodeRequest {
         node_id: "n2".into(),
         undo: false,
+    };
+    eventually(30, "the drain reaches the failpoint", async || {
+        mc.drain_node(drain.clone()).await.is_err()
+            && ctl.proc.log().contains(&format!("failpoint {fp}"))
     })
-    .await
-    .unwrap_err();
-    assert!(ctl.proc.log().contains(&format!("failpoint {fp}")));
+    .await;
     n2.proc.kill9();
     ctl.proc.kill9();
     ctl.proc.env.clear();
@@ -3849,7 +3851,11 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     };
     let e = loop {
         match cc.delete_snapshot(delete.clone()).await {
-            Err(e) if e.message().contains("starting") => {
+            // The controller is starting, or its resume holds the snapshot.
+            Err(e)
+                if e.message().contains("starting")
+                    || e.message().contains("being moved or deleted") =>
+            {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             r => break r.unwrap_err(),
@@ -3948,7 +3954,7 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     gen_certs(&tls);
     let n1 = NodeProc::start(root.path(), "n1", &tls);
     let mut n2 = NodeProc::start(root.path(), "n2", &tls);
-    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
@@ -4032,17 +4038,34 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
         .count();
     assert_eq!(cancelled, 1, "{log}");
 
-    // A move into n2, which then dies for good: once n2 is forgotten,
-    // the move rolls back without it (the volume is n1's alone).
+    // A move into n2 (the controller dies once it is recorded), then n2
+    // dies for good: once n2 is forgotten, the leader rolls the move back
+    // without it (the volume is n1's alone).
+    let fp = strata::cluster::moves::FAILPOINTS[0];
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+    ctl.proc.spawn();
+    registered(&mut cc, &["n1", "n2"]).await;
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let to_n2 = csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n2".into(),
+    };
+    eventually(30, "the move is recorded", async || {
+        mc.move_volume(to_n2.clone()).await.is_err()
+            && ctl.proc.log().contains(&format!("failpoint {fp}"))
+    })
+    .await;
     n2.proc.kill9();
-    let e = mc
-        .move_volume(csi_proto::cluster::v1::MoveVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "n2".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = csi_proto::cluster::v1::cluster_client::ClusterClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
     eventually(30, "n2 is forgotten once stale", async || {
         mc.forget_node(csi_proto::cluster::v1::ForgetNodeRequest {
             node_id: "n2".into(),
@@ -4051,9 +4074,9 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
         .is_ok()
     })
     .await;
-    // By the leader (forget resumes the moves): publishing waits for a
-    // move still copying, so it works once the move is rolled back.
-    eventually(30, "the move is rolled back", async || {
+    // By the leader (forget resumes the moves; its own round comes 30 s
+    // after it started): publishing waits for a move still copying.
+    eventually(10, "the move is rolled back", async || {
         cc.controller_publish_volume(ControllerPublishVolumeRequest {
             volume_id: id.clone(),
             node_id: "n1".into(),
@@ -4065,6 +4088,14 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     })
     .await;
     unpublish(&mut cc, &id, "n1").await;
+    assert!(
+        ctl.proc
+            .log()
+            .lines()
+            .any(|l| l.contains("claim=apps/data") && l.contains("reason=\"MoveRolledBack\"")),
+        "{}",
+        ctl.proc.log()
+    );
     let r = mc.move_volume(cancel).await.unwrap().into_inner();
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n1", "n1"));
     assert!(holds(&n1.agent, &tls, &id).await);

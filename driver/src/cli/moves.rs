@@ -130,7 +130,7 @@ pub async fn move_to(
             output::table(&MOVED_HEADERS, &[moved_row(&m)]);
             snapshots_table(&snapshots_moved);
             for (snapshot, why) in &snapshots_stayed {
-                eprintln!("snapshot {snapshot} stays on node {}: {why}", m.from);
+                eprintln!("snapshot {snapshot} stays where it is: {why}");
             }
         }
     }

@@ -207,12 +207,45 @@ pub struct Moves {
     snapshot_claims: Mutex<HashSet<String>>,
     /// Volumes dataLocality is moving (with their snapshots) now.
     following: Mutex<HashSet<String>>,
+    /// Volumes whose snapshots move ahead of them, and where.
+    carrying: Mutex<HashMap<String, String>>,
 }
 
 /// A volume dataLocality moves; let go when dropped.
 struct Following {
     moves: Arc<Moves>,
     id: String,
+}
+
+/// A volume whose snapshots [`Moves::carry`] moves ahead of it, and
+/// where; let go when dropped.
+struct Carrying {
+    moves: Arc<Moves>,
+    id: String,
+}
+
+impl Carrying {
+    fn new(moves: &Arc<Moves>, id: &str, to: &str) -> Self {
+        moves
+            .carrying
+            .lock()
+            .expect("carrying")
+            .insert(id.to_string(), to.to_string());
+        Carrying {
+            moves: Arc::clone(moves),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for Carrying {
+    fn drop(&mut self) {
+        self.moves
+            .carrying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl Drop for Following {
@@ -238,6 +271,30 @@ pub struct Drained {
 
 fn records_err(e: RecordsError) -> Status {
     Status::internal(e.to_string())
+}
+
+/// The reply of a move asked to go to `to`: ABORTED if it went elsewhere
+/// (it was moving there already).
+fn arrived(reply: MoveVolumeReply, to: &str) -> Result<MoveVolumeReply, Status> {
+    if reply.to_node != to {
+        return Err(Status::aborted(format!(
+            "volume {} was moving to node {} already; it is there now",
+            reply.volume_id, reply.to_node
+        )));
+    }
+    Ok(reply)
+}
+
+/// NOT_FOUND if volume `rec` is not on node `from` (when given) any more,
+/// nor moving.
+fn left(rec: &VolumeRecord, from: Option<&str>) -> Result<(), Status> {
+    match from {
+        Some(f) if rec.node != f && rec.moving.is_none() => Err(Status::not_found(format!(
+            "volume {} is not on node {f} any more",
+            rec.volume_id
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a volume's calls must wait for its move: publishing,
@@ -272,6 +329,7 @@ impl Moves {
             snapshot_moves: tokio::sync::Mutex::default(),
             snapshot_claims: Mutex::default(),
             following: Mutex::default(),
+            carrying: Mutex::default(),
         })
     }
 
@@ -355,11 +413,8 @@ impl Moves {
             Err(e) => return Err(e),
         };
         match to {
-            Some(to) if reply.to_node != to => Err(Status::aborted(format!(
-                "volume {id} was moving to node {} already; it is there now",
-                reply.to_node
-            ))),
-            _ => Ok(reply),
+            Some(to) => arrived(reply, to),
+            None => Ok(reply),
         }
     }
 
@@ -399,7 +454,15 @@ impl Moves {
         to: Option<&str>,
         lazy: bool,
     ) -> Result<MoveVolumeReply, Status> {
-        let mut rx = self.launch(id, to, lazy);
+        let rx = self.launch(id, to, lazy);
+        self.outcome(rx).await
+    }
+
+    /// Waits for the outcome of a move [`Moves::launch`] started.
+    async fn outcome(
+        &self,
+        mut rx: watch::Receiver<Option<Outcome>>,
+    ) -> Result<MoveVolumeReply, Status> {
         let outcome = rx
             .wait_for(Option::is_some)
             .await
@@ -491,31 +554,35 @@ impl Moves {
         to: Option<&str>,
         snapshots: &mut SnapshotsMoved,
     ) -> Result<MoveVolumeReply, Status> {
+        if let Some(t) = self.carrying.lock().expect("carrying").get(id) {
+            return Err(Status::unavailable(format!(
+                "volume {id}: its snapshots are moving to node {t} ahead of it; retry to join \
+                 or cancel its move once it copies"
+            )));
+        }
         // Decided without the lock first: only a move with snapshots to
         // take along waits for another one's.
         let rec = self.record(id).await?;
-        if let Some(f) = from
-            && rec.node != f
-            && rec.moving.is_none()
-        {
-            return Err(Status::not_found(format!(
-                "volume {id} is not on node {f} any more"
-            )));
-        }
-        let Some(target) = self.carry_target(&rec, to) else {
+        left(&rec, from)?;
+        let Some((target, counted)) = self.carry_target(&rec, to) else {
             return self.move_volume(id, to).await;
         };
         if self.snapshots_on(&rec.node, Some(id)).await?.is_empty() {
             return self.move_volume(id, Some(&target)).await;
         }
+        if counted {
+            self.cluster.nodes.unplace(&target, rec.capacity_bytes);
+        }
         // Again under the lock: another drain may have made a node
-        // draining meanwhile.
+        // draining meanwhile, or another move moved the volume.
         let one = self.snapshot_moves.lock().await;
         let rec = self.record(id).await?;
-        let Some(target) = self.carry_target(&rec, to) else {
+        left(&rec, from)?;
+        let Some((target, _)) = self.carry_target(&rec, to) else {
             drop(one);
             return self.move_volume(id, to).await;
         };
+        let mark = Carrying::new(self, id, &target);
         let last = self
             .move_snapshots_of(id, &rec.node, &target, snapshots)
             .await;
@@ -523,7 +590,10 @@ impl Moves {
         // or the leader's resume, waits for it.
         let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
         drop(one);
-        let moved = self.move_volume(id, Some(&target)).await;
+        // Marked until the move is running: a call meanwhile is told to
+        // retry, then joins or cancels it.
+        let moving = self.start_marked(id, &target, mark);
+        let moved = moving.await;
         drop(base);
         if let Some(last) = last {
             self.finish_logged(&last).await;
@@ -531,11 +601,25 @@ impl Moves {
         moved
     }
 
+    /// [`Moves::move_volume`] of `id` to `to`, its [`Carrying`] mark let go
+    /// once the move runs (no await between).
+    async fn start_marked(
+        self: &Arc<Self>,
+        id: &str,
+        to: &str,
+        mark: Carrying,
+    ) -> Result<MoveVolumeReply, Status> {
+        let rx = self.launch(id, Some(to), false);
+        drop(mark);
+        arrived(self.outcome(rx).await?, to)
+    }
+
     /// Where [`Moves::carry`] takes volume `rec` and its snapshots, if it
-    /// takes its snapshots along: not for a move that runs (joined or
+    /// takes its snapshots along (and whether that node was counted for
+    /// it, as [`Nodes::place`] does): not for a move that runs (joined or
     /// cancelled), one past its copy, one that goes elsewhere than `to`,
     /// nor when `rec` cannot move there (the move says why).
-    fn carry_target(&self, rec: &VolumeRecord, to: Option<&str>) -> Option<String> {
+    fn carry_target(&self, rec: &VolumeRecord, to: Option<&str>) -> Option<(String, bool)> {
         if self
             .running
             .lock()
@@ -551,18 +635,11 @@ impl Moves {
                     && m.from == rec.node
                     && to.is_none_or(|t| t == m.to) =>
             {
-                Some(m.to.clone())
+                Some((m.to.clone(), false))
             }
             Some(_) => None,
             None if to == Some(rec.node.as_str()) => None,
-            None => {
-                let t = self.target_for(rec, to).ok()?;
-                if to.is_none() {
-                    // `place` counted it; the move counts it again.
-                    self.cluster.nodes.unplace(&t, rec.capacity_bytes);
-                }
-                Some(t)
-            }
+            None => Some((self.target_for(rec, to).ok()?, to.is_none())),
         }
     }
 
@@ -586,6 +663,10 @@ impl Moves {
         for rec in volumes {
             let id = rec.volume_id;
             let e = match self.carry(&id, Some(node), None, &mut snapshots).await {
+                // An earlier move into the node, finished now.
+                Ok(r) if r.to_node == node => Status::unavailable(format!(
+                    "an earlier move brought it to node {node}; drain again"
+                )),
                 Ok(r) => {
                     moved.push(r);
                     continue;
@@ -716,8 +797,8 @@ impl Moves {
     }
 
     /// `strata node forget`: forgets `node`, a node that is gone for good
-    /// (not ready), once no volume or snapshot is there (each stays its
-    /// node's until it moved or was deleted; FAILED_PRECONDITION names
+    /// (not ready), once no volume or snapshot is there, none fetches from
+    /// it and no live move copies into it (FAILED_PRECONDITION names
     /// them). The moves that still had a copy to remove there, or waited
     /// for it to roll back, then finish without it (the leader's resume
     /// goes on at once); what stays on the node is garbage to it.
@@ -729,12 +810,15 @@ impl Moves {
                 let volumes: Vec<String> = r
                     .volumes()?
                     .into_iter()
-                    // A switch-first move still fetches from its source.
+                    // A switch-first move still fetches from its source;
+                    // a live move's source may be sealed for it, and only
+                    // its switch (or the node back) lets the volume go on.
                     .filter(|v| {
                         v.node == key
-                            || v.moving
-                                .as_ref()
-                                .is_some_and(|m| m.from == key && m.phase == MovePhase::Fetching)
+                            || v.moving.as_ref().is_some_and(|m| {
+                                (m.from == key && m.phase == MovePhase::Fetching)
+                                    || (m.to == key && m.live && m.phase == MovePhase::Copying)
+                            })
                     })
                     .map(|v| v.volume_id)
                     .collect();
@@ -909,6 +993,16 @@ impl Moves {
                 }
             }
             failpoint(FAILPOINTS[3]);
+            if self.cluster.nodes.forgotten(&m.to) {
+                // Forgotten while it copied: never switched to.
+                self.set_phase(&mut rec, MovePhase::Aborting, "its target was forgotten")
+                    .await?;
+                self.abort(&mut rec).await?;
+                return Err(Status::failed_precondition(format!(
+                    "the move of volume {id} to node {} was rolled back: that node was forgotten",
+                    m.to
+                )));
+            }
             // The switch: from here the target owns the volume.
             rec.node = m.to.clone();
             if m.lazy {

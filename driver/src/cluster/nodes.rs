@@ -55,6 +55,9 @@ pub struct Nodes {
     /// Whether the cache was read from the store once: before, a node
     /// missing from it may only not be loaded yet.
     loaded: std::sync::atomic::AtomicBool,
+    /// Held by a forget across its delete, and by writes that must not
+    /// bring a forgotten node's record back (they check it exists first).
+    membership: tokio::sync::Mutex<()>,
     /// Thin provisioning: a node takes volumes until their sizes add up
     /// to its capacity times this ratio.
     overcommit: f64,
@@ -117,6 +120,7 @@ impl Nodes {
             asking: Mutex::default(),
             cache: Mutex::default(),
             loaded: std::sync::atomic::AtomicBool::new(false),
+            membership: tokio::sync::Mutex::default(),
             overcommit,
             heartbeat,
         }
@@ -260,6 +264,10 @@ impl Nodes {
             }
             Ok(())
         };
+        let _one = match answered {
+            true => None,
+            false => Some(self.membership.lock().await),
+        };
         if let Err(e) = self.store(put).await {
             tracing::warn!(error = %e.message(), "recording a node");
         }
@@ -286,14 +294,20 @@ impl Nodes {
         // Asked once more: it may have come back since the last heartbeat.
         let agent = self.agent_at(&rec.agent_address)?;
         let asked = agent.node_info(Request::new(NodeInfoRequest {}));
-        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), asked).await
-            && info.get_ref().node_id == id
-        {
+        let answers = match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(info)) => info.get_ref().node_id == id,
+            // Only no connection (or no answer) is gone: an agent that
+            // answers with an error is there.
+            Ok(Err(e)) => e.code() != tonic::Code::Unavailable,
+            Err(_) => false,
+        };
+        if answers {
             return Err(Status::failed_precondition(format!(
                 "node {id} answers the controller again: it is not gone"
             )));
         }
         let key = id.to_string();
+        let _one = self.membership.lock().await;
         self.store(move |r| r.delete_node(&key)).await?;
         self.cache.lock().expect("nodes").remove(id);
         self.remotes
@@ -341,6 +355,7 @@ impl Nodes {
             return Err(Status::not_found(format!("node {node_id:?} is not known")));
         };
         let id = node_id.to_string();
+        let _one = self.membership.lock().await;
         let stored = self
             .store(move |r| {
                 if let Some(mut rec) = r.node(&id)? {

@@ -556,6 +556,16 @@ impl Moves {
             }
         };
         failpoint(SNAPSHOT_FAILPOINTS[2]);
+        if self.cluster.nodes.forgotten(&m.to) {
+            // Forgotten while it copied: never switched to.
+            self.snapshot_phase(&mut rec, MovePhase::Aborting, "its target was forgotten")
+                .await?;
+            self.abort_snapshot(&mut rec).await?;
+            return Err(Status::failed_precondition(format!(
+                "the move of snapshot {id} to node {} was rolled back: that node was forgotten",
+                m.to
+            )));
+        }
         rec.node = m.to.clone();
         self.snapshot_phase(&mut rec, MovePhase::Removing, "removing the source's copy")
             .await?;
@@ -823,17 +833,19 @@ impl Moves {
             target.delete_snapshot(Request::new(gone)).await.map(drop)
         };
         let on_source = async { delete_volume(nodes.agent(&m.from)?.as_ref(), &c).await };
+        // As `finish_snapshot`: a forgotten node keeps its part.
+        let done = |node: &str, cleaned: Result<(), Status>| match cleaned {
+            Err(e) if !nodes.forgotten(node) => Err(e),
+            Err(e) => {
+                tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a node the controller no longer knows");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        };
         // The source first: while it does not answer, the target's copy
         // (maybe complete) stays.
-        for (node, cleaned) in [(&m.from, on_source.await), (&m.to, on_target.await)] {
-            if let Err(e) = cleaned {
-                // As `finish_snapshot`.
-                if !self.cluster.nodes.forgotten(node) {
-                    return Err(e);
-                }
-                tracing::warn!(snapshot = %id, node = %node, error = %e.message(), "a rolled back snapshot move leaves its copy on a node the controller no longer knows");
-            }
-        }
+        done(&m.from, on_source.await)?;
+        done(&m.to, on_target.await)?;
         rec.moving = None;
         self.put_snapshot(rec).await?;
         self.metrics.volume_moved("snapshot", false, 0);
