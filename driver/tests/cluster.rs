@@ -3849,6 +3849,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         snapshot_id: snap.clone(),
         ..Default::default()
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let e = loop {
         match cc.delete_snapshot(delete.clone()).await {
             // The controller is starting, or its resume holds the snapshot.
@@ -3856,6 +3857,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
                 if e.message().contains("starting")
                     || e.message().contains("being moved or deleted") =>
             {
+                assert!(std::time::Instant::now() < deadline, "{e:?}");
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             r => break r.unwrap_err(),

@@ -382,11 +382,14 @@ impl Moves {
         // A move back to the source of a running copy stops the copy; the
         // move then rolls back and this call finishes the rollback.
         let cancel = match to {
-            Some(t) if self.running.lock().expect("moves").contains_key(id) => self
-                .record(id)
-                .await?
-                .moving
-                .is_some_and(|m| m.phase == MovePhase::Copying && m.from == t),
+            Some(t) if self.running.lock().expect("moves").contains_key(id) => {
+                let rec = self.record(id).await?;
+                match rec.moving {
+                    Some(m) => m.phase == MovePhase::Copying && m.from == t,
+                    // Launched, not recorded yet: it comes from where it is.
+                    None => rec.node == t,
+                }
+            }
             _ => false,
         };
         if cancel {
@@ -513,11 +516,17 @@ impl Moves {
             }
         };
         for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
+            // Running, or its snapshots go ahead of it (it follows them).
             if self
                 .running
                 .lock()
                 .expect("moves")
                 .contains_key(&rec.volume_id)
+                || self
+                    .carrying
+                    .lock()
+                    .expect("carrying")
+                    .contains_key(&rec.volume_id)
             {
                 continue;
             }
@@ -567,25 +576,31 @@ impl Moves {
         let Some((target, counted)) = self.carry_target(&rec, to) else {
             return self.move_volume(id, to).await;
         };
-        if self.snapshots_on(&rec.node, Some(id)).await?.is_empty() {
-            return self.move_volume(id, Some(&target)).await;
-        }
+        // `place` counted it against the target, and the move checks the
+        // target's room again: counted once.
         if counted {
             self.cluster.nodes.unplace(&target, rec.capacity_bytes);
+        }
+        if self.snapshots_on(&rec.node, Some(id)).await?.is_empty() {
+            return self.move_volume(id, Some(&target)).await;
         }
         // Again under the lock: another drain may have made a node
         // draining meanwhile, or another move moved the volume.
         let one = self.snapshot_moves.lock().await;
         let rec = self.record(id).await?;
         left(&rec, from)?;
-        let Some((target, _)) = self.carry_target(&rec, to) else {
+        let Some((target, counted)) = self.carry_target(&rec, to) else {
             drop(one);
             return self.move_volume(id, to).await;
         };
         let mark = Carrying::new(self, id, &target);
+        // Room kept for the volume while its snapshots go.
         let last = self
             .move_snapshots_of(id, &rec.node, &target, snapshots)
             .await;
+        if counted {
+            self.cluster.nodes.unplace(&target, rec.capacity_bytes);
+        }
         // That base stays on both nodes while the volume moves: a delete,
         // or the leader's resume, waits for it.
         let base = last.as_ref().and_then(|l| self.claim_snapshot(l).ok());
@@ -805,30 +820,30 @@ impl Moves {
     pub async fn forget(self: &Arc<Self>, node: &str) -> Result<(), Status> {
         self.cluster.nodes.forgettable(node)?;
         let key = node.to_string();
-        let (volumes, snapshots) = self
+        let (volumes, moves, snapshots) = self
             .store(move |r| {
-                let volumes: Vec<String> = r
-                    .volumes()?
-                    .into_iter()
+                let (mut volumes, mut moves) = (Vec::new(), Vec::new());
+                for v in r.volumes()? {
                     // A switch-first move still fetches from its source;
                     // a live move's source may be sealed for it, and only
                     // its switch (or the node back) lets the volume go on.
-                    .filter(|v| {
-                        v.node == key
-                            || v.moving.as_ref().is_some_and(|m| {
-                                (m.from == key && m.phase == MovePhase::Fetching)
-                                    || (m.to == key && m.live && m.phase == MovePhase::Copying)
-                            })
-                    })
-                    .map(|v| v.volume_id)
-                    .collect();
+                    let needs = v.moving.as_ref().is_some_and(|m| {
+                        (m.from == key && m.phase == MovePhase::Fetching)
+                            || (m.to == key && m.live && m.phase == MovePhase::Copying)
+                    });
+                    if v.node == key {
+                        volumes.push(v.volume_id);
+                    } else if needs {
+                        moves.push(v.volume_id);
+                    }
+                }
                 let snapshots: Vec<String> = r
                     .snapshots()?
                     .into_iter()
                     .filter(|s| s.node == key)
                     .map(|s| s.snapshot_id)
                     .collect();
-                Ok((volumes, snapshots))
+                Ok((volumes, moves, snapshots))
             })
             .await?;
         let list = |what: &str, ids: &[String]| {
@@ -839,16 +854,29 @@ impl Moves {
                 _ => format!("{} {what} ({shown} and {more} more)", ids.len()),
             }
         };
+        let mut why = Vec::new();
         let held: Vec<String> = [("volumes", &volumes), ("snapshots", &snapshots)]
             .into_iter()
             .filter(|(_, ids)| !ids.is_empty())
             .map(|(what, ids)| list(what, ids))
             .collect();
         if !held.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "node {node} still holds {}: move them (strata node drain {node}) or delete \
-                 them first",
+            why.push(format!(
+                "it still holds {}: move them (strata node drain {node}) or delete them first",
                 held.join(" and ")
+            ));
+        }
+        if !moves.is_empty() {
+            why.push(format!(
+                "{} need it: cancel a live move still copying into it with `strata volume move \
+                 VOLUME --to SOURCE`; a volume still fetching from it needs the node back",
+                list("moving volumes", &moves)
+            ));
+        }
+        if !why.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "node {node} cannot be forgotten: {}",
+                why.join("; ")
             )));
         }
         self.cluster.nodes.forget(node).await?;
@@ -997,6 +1025,16 @@ impl Moves {
                 // Forgotten while it copied: never switched to.
                 self.set_phase(&mut rec, MovePhase::Aborting, "its target was forgotten")
                     .await?;
+                self.tell(
+                    &rec,
+                    EventKind::Warning,
+                    "MoveRolledBack",
+                    format!(
+                        "the move of volume {id} to node {} was rolled back (that node was \
+                         forgotten); it stays on node {}",
+                        m.to, m.from
+                    ),
+                );
                 self.abort(&mut rec).await?;
                 return Err(Status::failed_precondition(format!(
                     "the move of volume {id} to node {} was rolled back: that node was forgotten",

@@ -215,6 +215,9 @@ impl Nodes {
     /// for nodes that registered themselves); a node whose record is gone
     /// (forgotten, maybe by another replica) goes from the cache too.
     async fn load(&self) {
+        // Not across a forget: a read from before its delete would bring
+        // the node back.
+        let _one = self.membership.lock().await;
         match self.store(|r| r.nodes()).await {
             Ok(nodes) => {
                 let mut cache = self.cache.lock().expect("nodes");
@@ -294,16 +297,23 @@ impl Nodes {
         // Asked once more: it may have come back since the last heartbeat.
         let agent = self.agent_at(&rec.agent_address)?;
         let asked = agent.node_info(Request::new(NodeInfoRequest {}));
-        let answers = match tokio::time::timeout(Duration::from_secs(2), asked).await {
-            Ok(Ok(info)) => info.get_ref().node_id == id,
-            // Only no connection (or no answer) is gone: an agent that
-            // answers with an error is there.
-            Ok(Err(e)) => e.code() != tonic::Code::Unavailable,
-            Err(_) => false,
+        let answer = match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(info)) if info.get_ref().node_id == id => Some("ready".to_string()),
+            Ok(Ok(_)) => None,
+            // No connection, or it broke: gone. An agent that answers
+            // with an error is there.
+            Ok(Err(e)) => match e.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded => None,
+                _ => Some(e.message().to_string()),
+            },
+            Err(_) => None,
         };
-        if answers {
+        if let Some(answer) = answer {
             return Err(Status::failed_precondition(format!(
-                "node {id} answers the controller again: it is not gone"
+                "node {id} answers the controller again ({answer}): it is not gone"
             )));
         }
         let key = id.to_string();
