@@ -3505,8 +3505,8 @@ async fn a_snapshot_deleted_while_its_move_waits_for_the_target_leaves_nothing()
     };
     let e = loop {
         match cc.delete_snapshot(delete.clone()).await {
-            // The controller is starting.
-            Err(e) if e.message().contains("starting") => {
+            // The controller is starting, or not leading yet.
+            Err(e) if e.message().contains("starting") || e.message().contains("leads yet") => {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             r => break r.unwrap_err(),
@@ -3852,9 +3852,11 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let e = loop {
         match cc.delete_snapshot(delete.clone()).await {
-            // The controller is starting, or its resume holds the snapshot.
+            // The controller is starting (or not leading yet), or its
+            // resume holds the snapshot.
             Err(e)
                 if e.message().contains("starting")
+                    || e.message().contains("leads yet")
                     || e.message().contains("being moved or deleted") =>
             {
                 assert!(std::time::Instant::now() < deadline, "{e:?}");
@@ -3877,7 +3879,8 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
             Ok(_) => break,
             Err(e)
                 if (e.code() == Code::FailedPrecondition && e.message().contains("answers"))
-                    || e.message().contains("starting") =>
+                    || e.message().contains("starting")
+                    || e.message().contains("leads yet") =>
             {
                 assert!(std::time::Instant::now() < deadline, "{e:?}");
                 tokio::time::sleep(Duration::from_millis(300)).await

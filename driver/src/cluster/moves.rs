@@ -607,8 +607,7 @@ impl Moves {
         drop(one);
         // Marked until the move is running: a call meanwhile is told to
         // retry, then joins or cancels it.
-        let moving = self.start_marked(id, &target, mark);
-        let moved = moving.await;
+        let moved = self.start_marked(id, &target, mark).await;
         drop(base);
         if let Some(last) = last {
             self.finish_logged(&last).await;
