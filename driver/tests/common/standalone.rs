@@ -23,7 +23,10 @@ pub struct Standalone {
 /// never puts the local end of an outgoing connection: a port from
 /// `bind(:0)` can be taken by some client's connection before the server
 /// binds it. Test processes run in parallel, so the search starts at a
-/// point drawn from the process ID, the time and a counter.
+/// point drawn from the process ID, the time and a counter, and each port
+/// handed out is reserved for an hour with a file in the temp directory:
+/// a server a test kills and restarts on its port must find it free, not
+/// taken by another test process meanwhile.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -35,11 +38,30 @@ pub fn free_port() -> u16 {
     let start = std::process::id().wrapping_mul(7919) ^ nanos;
     for _ in 0..SPAN {
         let port = LOW + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed) * 613)) % SPAN;
-        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() && reserve(port) {
             return port as u16;
         }
     }
     panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
+}
+
+/// Reserves `port` across test processes (see [`free_port`]); false if
+/// another process holds it.
+fn reserve(port: u32) -> bool {
+    let dir = std::env::temp_dir().join("strata-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(port.to_string());
+    let stale = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().unwrap_or_default() > std::time::Duration::from_secs(3600));
+    if stale {
+        let _ = std::fs::remove_file(&file);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .is_ok()
 }
 
 impl Standalone {
