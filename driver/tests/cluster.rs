@@ -3747,13 +3747,16 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     let mut csi2 = Csi::connect(&n2.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
-    let forget = |node: &str| {
+    let endpoint = format!("unix://{}", ctl.csi_socket().display());
+    let forget_with = |node: &str, flags: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["node", "forget", node, "--endpoint"])
-            .arg(format!("unix://{}", ctl.csi_socket().display()))
+            .args(["node", "forget", node])
+            .args(flags)
+            .args(["--endpoint", &endpoint])
             .output()
             .unwrap()
     };
+    let forget = |node: &str| forget_with(node, &[]);
 
     // A snapshot of a volume that is deleted after it, and a volume.
     let size = 4usize << 20;
@@ -3872,6 +3875,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
     let req = |node: &str| ForgetNodeRequest {
         node_id: node.into(),
+        abandon_data: false,
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -3936,7 +3940,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     let placed = created(
         &mut cc,
         pinned(with_requirements(
-            c::create("pvc-h", 1 << 20, c::block_cap()),
+            c::create("pvc-h", 4 << 20, c::block_cap()),
             &["n2"],
             &[],
         )),
@@ -3944,6 +3948,184 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     .await;
     assert_eq!(node_of(&placed), "n2");
     assert!(has_snapshot(&n2.agent, &tls, &snap).await, "the garbage");
+
+    // Dead for good with data on it: a volume, its snapshot, a restore of
+    // that snapshot for a pod on n1 that still fetches from n2 (3 MiB at
+    // 32 KiB/s), and a volume whose move to n1 was recorded (the
+    // controller died there). Forget refuses, naming them all, until the
+    // data is given up (`--abandon-data`); then every call on them but a
+    // delete is FAILED_PRECONDITION, the move rolls back, and the deletes
+    // go through.
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "32KiB"]);
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let placed = placed.volume_id;
+    let mut data = vec![0u8; 3 << 20];
+    common::Rng::new(6).fill(&mut data);
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &placed).await;
+    write_at(&dev, 0, &data).unwrap();
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &placed).await;
+    let snap2 = cc
+        .create_snapshot(c::snapshot("snap-h", &placed, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let from_snap2 = |name: &str| {
+        with_requirements(
+            c::create_from(
+                name,
+                4 << 20,
+                c::block_cap(),
+                Type::Snapshot(SnapshotSource {
+                    snapshot_id: snap2.clone(),
+                }),
+            ),
+            &["n1"],
+            &["n1"],
+        )
+    };
+    let holed = created(&mut cc, from_snap2("restore-h")).await.volume_id;
+    assert!(holds(&n1.agent, &tls, &holed).await);
+    let mut req = with_requirements(c::create("pvc-j", 1 << 20, c::block_cap()), &["n2"], &[]);
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/namespace".into(), "apps".into());
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "mover".into());
+    let mover = created(&mut cc, req).await.volume_id;
+    let fp = strata::cluster::moves::FAILPOINTS[0];
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+    ctl.proc.spawn();
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let to_n1 = csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: mover.clone(),
+        node_id: "n1".into(),
+    };
+    eventually(30, "the move is recorded", async || {
+        mc.move_volume(to_n1.clone()).await.is_err()
+            && ctl.proc.log().contains(&format!("failpoint {fp}"))
+    })
+    .await;
+    n2.proc.kill9();
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    eventually(30, "forget names what n2 holds", async || {
+        let out = forget("n2");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        [
+            &placed,
+            &snap2,
+            &holed,
+            &mover,
+            &"--abandon-data".to_string(),
+        ]
+        .iter()
+        .all(|s| err.contains(s.as_str()))
+    })
+    .await;
+    let out = forget_with("n2", &["--abandon-data"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("lost volume {placed}")), "{said}");
+    assert!(said.contains(&format!("lost volume {mover}")), "{said}");
+    assert!(said.contains(&format!("lost snapshot {snap2}")), "{said}");
+    assert!(
+        said.contains(&format!("volume {holed} lost the blocks")),
+        "{said}"
+    );
+    let lost = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("n2 was forgotten"), "{e:?}");
+    };
+    lost(
+        cc.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: placed.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    lost(cc.create_volume(from_snap2("restore-i")).await.unwrap_err());
+    let list = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let condition = list
+        .entries
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == placed)
+        .and_then(|e| e.status.clone()?.volume_condition)
+        .unwrap();
+    assert!(
+        condition.abnormal && condition.message.contains("n2 was forgotten"),
+        "{condition:?}"
+    );
+    cc.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in [&placed, &holed] {
+        cc.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // The move out of the forgotten node rolls back; a new one is refused.
+    eventually(30, "the move out of n2 rolls back", async || {
+        match mc.move_volume(to_n1.clone()).await {
+            Err(e) => e.message().contains("n2 was forgotten"),
+            Ok(r) => panic!("{r:?}"),
+        }
+    })
+    .await;
+    let log = ctl.proc.log();
+    assert!(
+        ["VolumeLost", "MoveRolledBack"].iter().all(|reason| {
+            log.lines().any(|l| {
+                l.contains("claim=apps/mover") && l.contains(&format!("reason=\"{reason}\""))
+            })
+        }),
+        "{log}"
+    );
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: mover.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in [&holed, &mover] {
+        assert!(!holds(&n1.agent, &tls, id).await, "{id}");
+    }
+    let list = cc
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        list.entries
+            .iter()
+            .all(|e| ![&placed, &holed, &mover].contains(&&e.volume.as_ref().unwrap().volume_id)),
+        "{list:?}"
+    );
 }
 
 /// A move to a node that is down: a move back to the volume's own node
@@ -4074,6 +4256,7 @@ async fn a_move_to_a_dead_node_does_not_block_the_volume_for_good() {
     eventually(30, "n2 is forgotten once stale", async || {
         mc.forget_node(csi_proto::cluster::v1::ForgetNodeRequest {
             node_id: "n2".into(),
+            abandon_data: false,
         })
         .await
         .is_ok()

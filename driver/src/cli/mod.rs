@@ -288,6 +288,10 @@ enum NodeCommand {
     /// finish without it.
     Forget {
         node: String,
+        /// Also when volumes or snapshots are still there, or volumes
+        /// still fetch from it: their data is given up (lost; delete them).
+        #[arg(long)]
+        abandon_data: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -617,9 +621,14 @@ impl Cli {
                 ..
             }) => runtime().block_on(moves::undrain(&client.endpoint, node)),
             Command::Node(NodeArgs {
-                action: Some(NodeCommand::Forget { node, client }),
+                action:
+                    Some(NodeCommand::Forget {
+                        node,
+                        abandon_data,
+                        client,
+                    }),
                 ..
-            }) => runtime().block_on(moves::forget(&client.endpoint, node)),
+            }) => runtime().block_on(moves::forget(&client.endpoint, node, abandon_data)),
             Command::Node(a) => {
                 let tls = match TlsFiles::load(&a.agent_tls) {
                     Ok(t) => t,

@@ -240,18 +240,28 @@ pub async fn undrain(endpoint: &Endpoint, node: String) -> ExitCode {
     }
 }
 
-/// `strata node forget NODE`.
-pub async fn forget(endpoint: &Endpoint, node: String) -> ExitCode {
+/// `strata node forget NODE [--abandon-data]`.
+pub async fn forget(endpoint: &Endpoint, node: String, abandon_data: bool) -> ExitCode {
     let mut c = match client(endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
     let req = ForgetNodeRequest {
         node_id: node.clone(),
+        abandon_data,
     };
     match c.forget_node(req).await {
-        Ok(_) => {
+        Ok(r) => {
+            let r = r.into_inner();
             println!("node {node} is forgotten; if it comes back, it registers as a new node");
+            for (what, ids) in [("volume", &r.lost_volumes), ("snapshot", &r.lost_snapshots)] {
+                for id in ids {
+                    println!("lost {what} {id}: its data was on node {node}; delete it");
+                }
+            }
+            for id in &r.holed_volumes {
+                println!("volume {id} lost the blocks it had not fetched from node {node} yet");
+            }
             ExitCode::SUCCESS
         }
         Err(s) if s.code() == Code::Unimplemented => {

@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use csi_proto::agent::v1 as agent;
 use csi_proto::agent::v1::agent_server::Agent;
-use csi_proto::cluster::v1::MoveVolumeReply;
+use csi_proto::cluster::v1::{ForgetNodeReply, MoveVolumeReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::{Code, Request, Status};
@@ -813,27 +813,40 @@ impl Moves {
     /// `strata node forget`: forgets `node`, a node that is gone for good
     /// (not ready), once no volume or snapshot is there, none fetches from
     /// it and no live move copies into it (FAILED_PRECONDITION names
-    /// them). The moves that still had a copy to remove there, or waited
-    /// for it to roll back, then finish without it (the leader's resume
-    /// goes on at once); what stays on the node is garbage to it.
-    pub async fn forget(self: &Arc<Self>, node: &str) -> Result<(), Status> {
+    /// them). With `abandon`, only a live move copying into it holds it
+    /// back: the volumes and snapshots there are lost (their records stay
+    /// until they are deleted, see the CSI controller), and so are the
+    /// blocks a volume had not fetched from it yet (each such volume's
+    /// claim gets a `VolumeLost` Event). The moves that still had a copy
+    /// to remove there, or waited for it to roll back, then finish
+    /// without it, and one still copying out of it rolls back (the
+    /// leader's resume goes on at once); what stays on the node is
+    /// garbage to it.
+    pub async fn forget(
+        self: &Arc<Self>,
+        node: &str,
+        abandon: bool,
+    ) -> Result<ForgetNodeReply, Status> {
         self.cluster.nodes.forgettable(node)?;
         let key = node.to_string();
-        let (volumes, moves, snapshots) = self
+        let (volumes, fetching, copying, snapshots) = self
             .store(move |r| {
-                let (mut volumes, mut moves) = (Vec::new(), Vec::new());
+                let (mut volumes, mut fetching, mut copying) = (Vec::new(), Vec::new(), Vec::new());
                 for v in r.volumes()? {
                     // A switch-first move still fetches from its source;
                     // a live move's source may be sealed for it, and only
                     // its switch (or the node back) lets the volume go on.
-                    let needs = v.moving.as_ref().is_some_and(|m| {
-                        (m.from == key && m.phase == MovePhase::Fetching)
-                            || (m.to == key && m.live && m.phase == MovePhase::Copying)
-                    });
+                    let moving = v.moving.as_ref();
                     if v.node == key {
-                        volumes.push(v.volume_id);
-                    } else if needs {
-                        moves.push(v.volume_id);
+                        volumes.push(v);
+                    } else if moving
+                        .is_some_and(|m| m.from == key && m.phase == MovePhase::Fetching)
+                    {
+                        fetching.push(v);
+                    } else if moving
+                        .is_some_and(|m| m.to == key && m.live && m.phase == MovePhase::Copying)
+                    {
+                        copying.push(v.volume_id);
                     }
                 }
                 let snapshots: Vec<String> = r
@@ -842,7 +855,7 @@ impl Moves {
                     .filter(|s| s.node == key)
                     .map(|s| s.snapshot_id)
                     .collect();
-                Ok((volumes, moves, snapshots))
+                Ok((volumes, fetching, copying, snapshots))
             })
             .await?;
         let list = |what: &str, ids: &[String]| {
@@ -853,23 +866,34 @@ impl Moves {
                 _ => format!("{} {what} ({shown} and {more} more)", ids.len()),
             }
         };
+        let ids =
+            |recs: &[VolumeRecord]| recs.iter().map(|v| v.volume_id.clone()).collect::<Vec<_>>();
+        let (lost, holed) = (ids(&volumes), ids(&fetching));
         let mut why = Vec::new();
-        let held: Vec<String> = [("volumes", &volumes), ("snapshots", &snapshots)]
+        let held: Vec<String> = [("volumes", &lost), ("snapshots", &snapshots)]
             .into_iter()
             .filter(|(_, ids)| !ids.is_empty())
             .map(|(what, ids)| list(what, ids))
             .collect();
-        if !held.is_empty() {
+        if !abandon && !held.is_empty() {
             why.push(format!(
-                "it still holds {}: move them (strata node drain {node}) or delete them first",
+                "it still holds {}: move them (strata node drain {node}) or delete them first, \
+                 or give their data up (--abandon-data)",
                 held.join(" and ")
             ));
         }
-        if !moves.is_empty() {
+        if !abandon && !holed.is_empty() {
+            why.push(format!(
+                "{} still fetch from it: they need the node back, or their blocks not fetched \
+                 yet given up (--abandon-data)",
+                list("volumes", &holed)
+            ));
+        }
+        if !copying.is_empty() {
             why.push(format!(
                 "{} need it: cancel a live move still copying into it with `strata volume move \
-                 VOLUME --to SOURCE`; a volume still fetching from it needs the node back",
-                list("moving volumes", &moves)
+                 VOLUME --to SOURCE`",
+                list("moving volumes", &copying)
             ));
         }
         if !why.is_empty() {
@@ -881,10 +905,40 @@ impl Moves {
         self.cluster.nodes.forget(node).await?;
         tracing::warn!(
             node,
+            lost_volumes = ?lost,
+            lost_snapshots = ?snapshots,
+            holed_volumes = ?holed,
             "node forgotten: what is left on it is garbage to the controller"
         );
+        for v in &volumes {
+            self.tell(
+                v,
+                EventKind::Warning,
+                "VolumeLost",
+                format!(
+                    "node {node} was forgotten with the data of volume {}: it is lost; delete it",
+                    v.volume_id
+                ),
+            );
+        }
+        for v in &fetching {
+            self.tell(
+                v,
+                EventKind::Warning,
+                "VolumeLost",
+                format!(
+                    "node {node} was forgotten while volume {} still fetched from it: the blocks \
+                     it had not fetched yet are lost",
+                    v.volume_id
+                ),
+            );
+        }
         self.resume().await;
-        Ok(())
+        Ok(ForgetNodeReply {
+            lost_volumes: lost,
+            lost_snapshots: snapshots,
+            holed_volumes: holed,
+        })
     }
 
     /// Ends the drain of `node`: new volumes may be placed on it again.
@@ -905,6 +959,9 @@ impl Moves {
         match (&rec.moving, to) {
             (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
             (None, _) => {
+                if self.cluster.nodes.forgotten(&rec.node) {
+                    return Err(super::nodes::lost(&rec.node));
+                }
                 let to = self.target_for(&rec, to)?;
                 rec.moving = Some(Move {
                     from: rec.node.clone(),
@@ -990,8 +1047,13 @@ impl Moves {
                 }
                 // Refused before the switch (or its target forgotten):
                 // nothing was written to the target's copy, so the
-                // source's is the volume again.
-                Err(e) if refused(&e) || self.cluster.nodes.forgotten(&m.to) => {
+                // source's is the volume again. Its source forgotten
+                // (with its data): the target's partial copy goes.
+                Err(e)
+                    if refused(&e)
+                        || self.cluster.nodes.forgotten(&m.to)
+                        || self.cluster.nodes.forgotten(&m.from) =>
+                {
                     self.set_phase(&mut rec, MovePhase::Aborting, e.message())
                         .await?;
                     self.tell(
@@ -1619,15 +1681,20 @@ impl Moves {
         let m = rec.moving.clone().expect("moving");
         let id = rec.volume_id.clone();
         let nodes = &self.cluster.nodes;
-        let detached = nodes
-            .agent(&m.from)?
-            .detach(Request::new(agent::AttachRequest {
-                volume_id: id.clone(),
-                node_id: m.to.clone(),
-                for_move: true,
-                ..Default::default()
-            }))
-            .await;
+        let detached = match nodes.agent(&m.from) {
+            Ok(source) => source
+                .detach(Request::new(agent::AttachRequest {
+                    volume_id: id.clone(),
+                    node_id: m.to.clone(),
+                    for_move: true,
+                    ..Default::default()
+                }))
+                .await
+                .map(drop),
+            // Forgotten with its data (`--abandon-data`): nothing to detach.
+            Err(_) if nodes.forgotten(&m.from) => Ok(()),
+            Err(e) => Err(e),
+        };
         if let Err(e) = detached {
             // Sealed by a live move meanwhile: it goes on, not back.
             if m.live && e.code() == Code::FailedPrecondition && self.sealed_live(rec, &m).await? {

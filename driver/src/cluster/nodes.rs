@@ -85,6 +85,15 @@ fn records_err(e: super::records::RecordsError) -> Status {
     Status::internal(e.to_string())
 }
 
+/// What every call but a delete gets for a volume or a snapshot on a node
+/// forgotten with what it held (`strata node forget --abandon-data`).
+pub fn lost(node: &str) -> Status {
+    Status::failed_precondition(format!(
+        "node {node} was forgotten (strata node forget --abandon-data): what it held is lost; \
+         delete it"
+    ))
+}
+
 impl Nodes {
     /// Standalone: the one node is this process.
     pub fn local(records: Arc<dyn Records>, node_id: String, agent: Arc<dyn Agent>) -> Self {

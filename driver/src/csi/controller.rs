@@ -140,8 +140,24 @@ impl ControllerService {
             .map_err(status::join)?
     }
 
+    /// The agent of `node`; FAILED_PRECONDITION for a node forgotten
+    /// with what it held (`strata node forget --abandon-data`).
     pub(super) fn agent(&self, node: &str) -> Result<Arc<dyn Agent>, Status> {
-        self.cluster.get()?.nodes.agent(node)
+        let nodes = &self.cluster.get()?.nodes;
+        if nodes.forgotten(node) {
+            return Err(crate::cluster::nodes::lost(node));
+        }
+        nodes.agent(node)
+    }
+
+    /// [`Self::agent`] for a delete: `None` when `node` was forgotten,
+    /// so there is nothing left to delete but the record.
+    pub(super) fn agent_to_delete(&self, node: &str) -> Result<Option<Arc<dyn Agent>>, Status> {
+        let nodes = &self.cluster.get()?.nodes;
+        match nodes.forgotten(node) {
+            true => Ok(None),
+            false => nodes.agent(node).map(Some),
+        }
     }
 
     /// The node that holds a volume: its record's, or (standalone) this
@@ -271,7 +287,10 @@ impl ControllerService {
                 Err(e) => out.extend(recs.iter().filter(|r| r.node == node).map(|r| {
                     let condition = VolumeCondition {
                         abnormal: true,
-                        message: format!("node {node} did not answer: {}", e.message()),
+                        message: match e.code() {
+                            tonic::Code::FailedPrecondition => e.message().to_string(),
+                            _ => format!("node {node} did not answer: {}", e.message()),
+                        },
                     };
                     (r.volume_id.clone(), condition)
                 })),
@@ -707,8 +726,10 @@ impl Controller for ControllerService {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
         }
-        if let Some(node) = self.settled_node(&id).await? {
-            self.agent(&node)?
+        if let Some(node) = self.settled_node(&id).await?
+            && let Some(agent) = self.agent_to_delete(&node)?
+        {
+            agent
                 .delete_volume(Request::new(agent::DeleteVolumeRequest {
                     volume_id: id.clone(),
                 }))
@@ -716,20 +737,19 @@ impl Controller for ControllerService {
         }
         // A volume in a move has a second copy on the other node (the
         // source's, while the target fetches or after the switch; the
-        // target's, while a rollback waits): it goes too.
+        // target's, while a rollback waits): it goes too, unless that
+        // node was forgotten (`strata node forget`).
         let key = id.clone();
         if let Some(rec) = self.records(move |r| r.volume(&key)).await?
             && let Some(m) = &rec.moving
+            && let Some(agent) =
+                self.agent_to_delete(if m.from == rec.node { &m.to } else { &m.from })?
         {
-            let other = if m.from == rec.node { &m.to } else { &m.from };
-            // Unless that node was forgotten (`strata node forget`).
-            if !self.cluster.get()?.nodes.forgotten(other) {
-                self.agent(other)?
-                    .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                        volume_id: id.clone(),
-                    }))
-                    .await?;
-            }
+            agent
+                .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                }))
+                .await?;
         }
         self.records(move |r| r.delete_volume(&id)).await?;
         Ok(Response::new(DeleteVolumeResponse {}))
@@ -759,6 +779,9 @@ impl Controller for ControllerService {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let cluster = self.cluster.get()?;
+        if cluster.nodes.forgotten(&owner) {
+            return Err(crate::cluster::nodes::lost(&owner));
+        }
         let known = cluster.nodes.local_id().as_deref() == Some(req.node_id.as_str())
             || cluster
                 .nodes
@@ -1096,8 +1119,10 @@ impl Controller for ControllerService {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
         let _claim = self.settle_snapshot_move(&id).await?;
-        if let Some(node) = self.snapshot_node(&id).await? {
-            self.agent(&node)?
+        if let Some(node) = self.snapshot_node(&id).await?
+            && let Some(agent) = self.agent_to_delete(&node)?
+        {
+            agent
                 .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
                     snapshot_id: id.clone(),
                 }))

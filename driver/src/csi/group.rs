@@ -285,13 +285,14 @@ impl ControllerService {
                 Ok(Some(n)) => n,
                 _ => m.node.clone(),
             };
-            let deleted = match self.agent(&node) {
-                Ok(a) => a
+            let deleted = match self.agent_to_delete(&node) {
+                Ok(Some(a)) => a
                     .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
                         snapshot_id: m.snapshot_id.clone(),
                     }))
                     .await
                     .map(|_| ()),
+                Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
             let id = m.snapshot_id.clone();

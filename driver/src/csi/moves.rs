@@ -115,12 +115,12 @@ impl Cluster for ClusterService {
         if let Route::Leader(channel) = self.replica.route(req.metadata())? {
             return ClusterClient::new(channel).forget_node(onward(req)).await;
         }
-        let node = req.into_inner().node_id;
-        if node.is_empty() {
+        let req = req.into_inner();
+        if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
-        self.moves()?.forget(&node).await?;
-        Ok(Response::new(ForgetNodeReply {}))
+        let reply = self.moves()?.forget(&req.node_id, req.abandon_data).await?;
+        Ok(Response::new(reply))
     }
 }
 

@@ -526,7 +526,11 @@ impl Moves {
         }
         let (copied, base) = match self.copy_snapshot(&rec, &m).await {
             Ok(c) => c,
-            Err(e) if refused(&e) || self.cluster.nodes.forgotten(&m.to) => {
+            Err(e)
+                if refused(&e)
+                    || self.cluster.nodes.forgotten(&m.to)
+                    || self.cluster.nodes.forgotten(&m.from) =>
+            {
                 tracing::warn!(snapshot = id, to = %m.to, error = %e.message(), "a snapshot's move is rolled back");
                 self.snapshot_phase(&mut rec, MovePhase::Aborting, e.message())
                     .await?;
