@@ -284,8 +284,8 @@ enum NodeCommand {
         client: ClientArgs,
     },
     /// Forget NODE, gone for good (its node plugin stopped, no volume or
-    /// snapshot left on it): moves that still wait to clean up there
-    /// finish without it.
+    /// snapshot left on it, or their data given up with --abandon-data):
+    /// moves that still wait to clean up there finish without it.
     Forget {
         node: String,
         /// Also when volumes or snapshots are still there, or volumes
