@@ -3722,6 +3722,50 @@ async fn a_move_draws_on_the_target_nodes_copy_budget() {
         got == model,
         "the moved volume differs from what was written"
     );
+
+    // A client that stops waiting (a 300 ms deadline here) does not stop
+    // the move: its snapshot (8 MiB, 2 s at this budget) goes, then the
+    // volume.
+    let id = cc
+        .create_volume(with_requirements(
+            c::create("pvc-node-budget-2", size as i64, c::block_cap()),
+            &["n1"],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &id).await;
+    write_at(&dev, 0, &model[..8 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-node-budget", &id, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let mut req = tonic::Request::new(csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n2".into(),
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let e = mc.move_volume(req).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    eventually(30, "the volume and its snapshot reach n2", async || {
+        has_snapshot(&n2.agent, &tls, &snap).await
+            && !has_snapshot(&n1.agent, &tls, &snap).await
+            && holds(&n2.agent, &tls, &id).await
+            && !holds(&n1.agent, &tls, &id).await
+    })
+    .await;
 }
 
 /// `strata node forget NODE`: refused while a volume or a snapshot is

@@ -45,13 +45,20 @@ impl Cluster for ClusterService {
         }
         let req = req.into_inner();
         crate::agent::volume_id(&req.volume_id)?;
-        let to = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
-        let mut snapshots = SnapshotsMoved::default();
-        let reply = match self
-            .moves()?
-            .carry(&req.volume_id, None, to, &mut snapshots)
-            .await
-        {
+        let to = (!req.node_id.is_empty()).then_some(req.node_id);
+        let moves = Arc::clone(self.moves()?);
+        // A task of its own: a client that goes away (or its deadline)
+        // does not stop the move between its snapshots and the volume.
+        let (carried, snapshots) = tokio::spawn(async move {
+            let mut snapshots = SnapshotsMoved::default();
+            let carried = moves
+                .carry(&req.volume_id, None, to.as_deref(), &mut snapshots)
+                .await;
+            (carried, snapshots)
+        })
+        .await
+        .map_err(super::status::join)?;
+        let reply = match carried {
             Ok(r) => r,
             // Its snapshots that went first stay where they went.
             Err(e) if !snapshots.moved.is_empty() => {
@@ -95,7 +102,11 @@ impl Cluster for ClusterService {
             moves.undrain(&node).await?;
             return Ok(Response::new(DrainNodeReply::default()));
         }
-        let d = moves.drain(&node).await?;
+        // A task of its own, as a move's.
+        let moves = Arc::clone(moves);
+        let d = tokio::spawn(async move { moves.drain(&node).await })
+            .await
+            .map_err(super::status::join)??;
         let volumes = d.stayed.into_iter().map(|(volume_id, why)| Stayed {
             volume_id,
             why,
