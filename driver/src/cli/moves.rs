@@ -260,7 +260,13 @@ pub async fn forget(endpoint: &Endpoint, node: String, abandon_data: bool) -> Ex
                 }
             }
             for id in &r.holed_volumes {
-                println!("volume {id} lost the blocks it had not fetched from node {node} yet");
+                println!("lost volume {id}: it was still fetching from node {node}; delete it");
+            }
+            for id in &r.kept_snapshots {
+                println!(
+                    "snapshot {id} had moved to node {node}: it stays where it came from, if \
+                     that node still holds it"
+                );
             }
             ExitCode::SUCCESS
         }

@@ -62,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::{Code, Request, Status};
 
-use super::nodes::now_ns;
+use super::nodes::{Nodes, now_ns};
 use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord};
 use super::{Cluster, EventKind};
 use crate::metrics::Metrics;
@@ -318,6 +318,35 @@ pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
     }
 }
 
+/// Why volume `rec` is lost with a forgotten node (`strata node forget
+/// --abandon-data`), if it is: it is on one (a move out of it that had not
+/// switched yet is rolled back; the copy a move that had switched into it
+/// left on its source stays until the volume is deleted), or it still
+/// fetched from one (its blocks not fetched yet are gone, and what it
+/// fetched cannot be told apart from them).
+pub fn lost_volume(nodes: &Nodes, rec: &VolumeRecord) -> Option<Status> {
+    if nodes.forgotten(&rec.node) {
+        return Some(super::nodes::lost(&rec.node));
+    }
+    let m = rec.moving.as_ref()?;
+    (m.phase == MovePhase::Fetching && nodes.forgotten(&m.from)).then(|| {
+        Status::failed_precondition(format!(
+            "volume {} was still fetching from node {}, which was forgotten (strata node forget \
+             --abandon-data): its data is lost; delete it",
+            rec.volume_id, m.from
+        ))
+    })
+}
+
+/// Whether the leader still has work on volume `rec`, lost with a
+/// forgotten node: rolling back a move out of that node that had not
+/// switched yet. Otherwise its record waits for DeleteVolume as it is.
+fn rolls_back(rec: &VolumeRecord) -> bool {
+    rec.moving.as_ref().is_some_and(|m| {
+        m.from == rec.node && matches!(m.phase, MovePhase::Copying | MovePhase::Aborting)
+    })
+}
+
 impl Moves {
     pub fn new(cluster: Arc<Cluster>, metrics: Arc<Metrics>, rate: u64) -> Arc<Self> {
         Arc::new(Moves {
@@ -515,7 +544,12 @@ impl Moves {
                 return;
             }
         };
-        for rec in volumes.into_iter().filter(|r| r.moving.is_some()) {
+        let nodes = &self.cluster.nodes;
+        for rec in volumes
+            .into_iter()
+            .filter(|r| r.moving.is_some())
+            .filter(|r| lost_volume(nodes, r).is_none() || rolls_back(r))
+        {
             // Running, or its snapshots go ahead of it (it follows them).
             if self
                 .running
@@ -573,6 +607,10 @@ impl Moves {
         // take along waits for another one's.
         let rec = self.record(id).await?;
         left(&rec, from)?;
+        if lost_volume(&self.cluster.nodes, &rec).is_some() {
+            // Refused, or its rollback finished.
+            return self.move_volume(id, to).await;
+        }
         let Some((target, counted)) = self.carry_target(&rec, to) else {
             return self.move_volume(id, to).await;
         };
@@ -814,10 +852,12 @@ impl Moves {
     /// (not ready), once no volume or snapshot is there, none fetches from
     /// it and no live move copies into it (FAILED_PRECONDITION names
     /// them). With `abandon`, only a live move copying into it holds it
-    /// back: the volumes and snapshots there are lost (their records stay
-    /// until they are deleted, see the CSI controller), and so are the
-    /// blocks a volume had not fetched from it yet (each such volume's
-    /// claim gets a `VolumeLost` Event). The moves that still had a copy
+    /// back: the volumes and snapshots there, and the volumes still
+    /// fetching from it, are lost (their records stay until they are
+    /// deleted, see [`lost_volume`] and the CSI controller; each lost
+    /// volume's claim gets a `VolumeLost` Event), but a snapshot whose
+    /// move there switched stays where it came from if it is still there
+    /// (`finish_snapshot`). The moves that still had a copy
     /// to remove there, or waited for it to roll back, then finish
     /// without it, and one still copying out of it rolls back (the
     /// leader's resume goes on at once); what stays on the node is
@@ -829,7 +869,7 @@ impl Moves {
     ) -> Result<ForgetNodeReply, Status> {
         self.cluster.nodes.forgettable(node)?;
         let key = node.to_string();
-        let (volumes, fetching, copying, snapshots) = self
+        let (volumes, fetching, copying, snapshots, kept) = self
             .store(move |r| {
                 let (mut volumes, mut fetching, mut copying) = (Vec::new(), Vec::new(), Vec::new());
                 for v in r.volumes()? {
@@ -849,13 +889,21 @@ impl Moves {
                         copying.push(v.volume_id);
                     }
                 }
-                let snapshots: Vec<String> = r
+                // A snapshot whose move into it switched already is still
+                // held by its source, unless its removal there began.
+                let (kept, snapshots): (Vec<_>, Vec<_>) = r
                     .snapshots()?
                     .into_iter()
                     .filter(|s| s.node == key)
-                    .map(|s| s.snapshot_id)
-                    .collect();
-                Ok((volumes, fetching, copying, snapshots))
+                    .partition(|s| {
+                        s.moving
+                            .as_ref()
+                            .is_some_and(|m| m.phase == MovePhase::Removing && m.from != key)
+                    });
+                let ids = |s: Vec<super::records::SnapshotRecord>| {
+                    s.into_iter().map(|s| s.snapshot_id).collect::<Vec<_>>()
+                };
+                Ok((volumes, fetching, copying, ids(snapshots), ids(kept)))
             })
             .await?;
         let list = |what: &str, ids: &[String]| {
@@ -870,7 +918,8 @@ impl Moves {
             |recs: &[VolumeRecord]| recs.iter().map(|v| v.volume_id.clone()).collect::<Vec<_>>();
         let (lost, holed) = (ids(&volumes), ids(&fetching));
         let mut why = Vec::new();
-        let held: Vec<String> = [("volumes", &lost), ("snapshots", &snapshots)]
+        let all_snapshots: Vec<String> = snapshots.iter().chain(&kept).cloned().collect();
+        let held: Vec<String> = [("volumes", &lost), ("snapshots", &all_snapshots)]
             .into_iter()
             .filter(|(_, ids)| !ids.is_empty())
             .map(|(what, ids)| list(what, ids))
@@ -908,6 +957,7 @@ impl Moves {
             lost_volumes = ?lost,
             lost_snapshots = ?snapshots,
             holed_volumes = ?holed,
+            kept_snapshots = ?kept,
             "node forgotten: what is left on it is garbage to the controller"
         );
         for v in &volumes {
@@ -927,8 +977,8 @@ impl Moves {
                 EventKind::Warning,
                 "VolumeLost",
                 format!(
-                    "node {node} was forgotten while volume {} still fetched from it: the blocks \
-                     it had not fetched yet are lost",
+                    "node {node} was forgotten while volume {} still fetched from it: it is \
+                     lost; delete it",
                     v.volume_id
                 ),
             );
@@ -938,6 +988,7 @@ impl Moves {
             lost_volumes: lost,
             lost_snapshots: snapshots,
             holed_volumes: holed,
+            kept_snapshots: kept,
         })
     }
 
@@ -949,6 +1000,11 @@ impl Moves {
     async fn run(&self, id: &str, to: Option<&str>, lazy: bool) -> Result<MoveVolumeReply, Status> {
         let start = Instant::now();
         let mut rec = self.record(id).await?;
+        if let Some(e) = lost_volume(&self.cluster.nodes, &rec)
+            && !rolls_back(&rec)
+        {
+            return Err(e);
+        }
         let mut copied = 0;
         let stay = |node: &str| MoveVolumeReply {
             volume_id: id.to_string(),
@@ -959,9 +1015,6 @@ impl Moves {
         match (&rec.moving, to) {
             (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
             (None, _) => {
-                if self.cluster.nodes.forgotten(&rec.node) {
-                    return Err(super::nodes::lost(&rec.node));
-                }
                 let to = self.target_for(&rec, to)?;
                 rec.moving = Some(Move {
                     from: rec.node.clone(),

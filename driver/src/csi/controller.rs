@@ -160,14 +160,37 @@ impl ControllerService {
         }
     }
 
-    /// The node that holds a volume: its record's, or (standalone) this
-    /// process's node for a volume without a record. `None`: unknown.
-    async fn volume_node(&self, id: &str) -> Result<Option<String>, Status> {
+    /// A volume's record, and the node that holds it: the record's, or
+    /// (standalone) this process's node for a volume without a record.
+    /// `None`: unknown.
+    async fn holder(&self, id: &str) -> Result<(Option<VolumeRecord>, Option<String>), Status> {
         let key = id.to_string();
         let rec = self.records(move |r| r.volume(&key)).await?;
-        Ok(rec
-            .map(|r| r.node)
-            .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
+        let node = match &rec {
+            Some(r) => Some(r.node.clone()),
+            None => self.cluster.get().ok().and_then(|c| c.nodes.local_id()),
+        };
+        Ok((rec, node))
+    }
+
+    /// Why volume `rec` is lost with a forgotten node, if it is.
+    fn lost_volume(&self, rec: &VolumeRecord) -> Result<Option<Status>, Status> {
+        Ok(crate::cluster::moves::lost_volume(
+            &self.cluster.get()?.nodes,
+            rec,
+        ))
+    }
+
+    /// The node that holds a volume ([`Self::holder`]); FAILED_PRECONDITION
+    /// for one lost with a forgotten node.
+    async fn volume_node(&self, id: &str) -> Result<Option<String>, Status> {
+        let (rec, node) = self.holder(id).await?;
+        if let Some(rec) = &rec
+            && let Some(e) = self.lost_volume(rec)?
+        {
+            return Err(e);
+        }
+        Ok(node)
     }
 
     /// [`Self::volume_node`] for calls that change the volume or who
@@ -176,6 +199,9 @@ impl ControllerService {
     pub(super) async fn settled_node(&self, id: &str) -> Result<Option<String>, Status> {
         let key = id.to_string();
         if let Some(rec) = self.records(move |r| r.volume(&key)).await? {
+            if let Some(e) = self.lost_volume(&rec)? {
+                return Err(e);
+            }
             check_not_moving(&rec)?;
         }
         self.volume_node(id).await
@@ -287,13 +313,20 @@ impl ControllerService {
                 Err(e) => out.extend(recs.iter().filter(|r| r.node == node).map(|r| {
                     let condition = VolumeCondition {
                         abnormal: true,
-                        message: match e.code() {
-                            tonic::Code::FailedPrecondition => e.message().to_string(),
-                            _ => format!("node {node} did not answer: {}", e.message()),
-                        },
+                        message: format!("node {node} did not answer: {}", e.message()),
                     };
                     (r.volume_id.clone(), condition)
                 })),
+            }
+        }
+        // Lost with a forgotten node: what its node says no longer counts.
+        for rec in recs {
+            if let Ok(Some(e)) = self.lost_volume(rec) {
+                let condition = VolumeCondition {
+                    abnormal: true,
+                    message: e.message().to_string(),
+                };
+                out.insert(rec.volume_id.clone(), condition);
             }
         }
         out
@@ -726,7 +759,16 @@ impl Controller for ControllerService {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
         }
-        if let Some(node) = self.settled_node(&id).await?
+        // A volume lost with a forgotten node goes at once (what is left
+        // of it on the nodes there are goes too); the others wait for
+        // their move.
+        let (rec, node) = self.holder(&id).await?;
+        if let Some(rec) = &rec
+            && self.lost_volume(rec)?.is_none()
+        {
+            check_not_moving(rec)?;
+        }
+        if let Some(node) = node
             && let Some(agent) = self.agent_to_delete(&node)?
         {
             agent
@@ -868,15 +910,21 @@ impl Controller for ControllerService {
                 .unwrap_or(false),
             None => false,
         };
-        let owner = if following {
-            self.volume_node(&req.volume_id).await?
-        } else {
-            self.settled_node(&req.volume_id).await?
-        };
+        let (rec, owner) = self.holder(&req.volume_id).await?;
+        if let Some(rec) = &rec
+            && !following
+            && self.lost_volume(rec)?.is_none()
+        {
+            check_not_moving(rec)?;
+        }
+        // Nothing to detach on a node forgotten with what it held.
         let Some(owner) = owner else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
-        self.agent(&owner)?
+        let Some(agent) = self.agent_to_delete(&owner)? else {
+            return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
+        };
+        agent
             .detach(Request::new(agent::AttachRequest {
                 volume_id: req.volume_id.clone(),
                 node_id: req.node_id.clone(),
@@ -1226,12 +1274,23 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         parse_volume_id(&id)?;
-        let key = id.clone();
-        let rec = self.records(move |r| r.volume(&key)).await?;
-        let node = self
-            .volume_node(&id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))?;
+        let (rec, node) = self.holder(&id).await?;
+        if let Some(rec) = &rec
+            && let Some(e) = self.lost_volume(rec)?
+        {
+            return Ok(Response::new(ControllerGetVolumeResponse {
+                volume: Some(volume_message(rec)),
+                status: Some(controller_get_volume_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message: e.message().to_string(),
+                    }),
+                }),
+            }));
+        }
+        let node =
+            node.ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))?;
         let info = self
             .agent(&node)?
             .get_volume(Request::new(agent::GetVolumeRequest {

@@ -588,8 +588,9 @@ impl Moves {
             .map_err(|_| Status::failed_precondition(format!("{id:?} is not a snapshot ID")))?;
         let c = carrier(sid).to_string();
         let nodes = &self.cluster.nodes;
-        let (source, target) = (nodes.agent(&m.from)?, nodes.agent(&m.to)?);
-        // Made there already (a crash after step 4): only its carrier goes.
+        let target = nodes.agent(&m.to)?;
+        // Made there already (a crash after step 4): only its carrier goes
+        // (also when the source was forgotten since: then it is saved).
         let made = target
             .get_snapshot(Request::new(agent::GetSnapshotRequest {
                 snapshot_id: id.clone(),
@@ -603,6 +604,7 @@ impl Moves {
             Err(e) if e.code() == Code::NotFound => {}
             Err(e) => return Err(e),
         }
+        let source = nodes.agent(&m.from)?;
         source
             .create_volume(Request::new(agent::CreateVolumeRequest {
                 volume_id: c.clone(),
@@ -749,6 +751,9 @@ impl Moves {
         let sid: SnapshotId = id
             .parse()
             .map_err(|_| Status::failed_precondition(format!("{id:?} is not a snapshot ID")))?;
+        if self.cluster.nodes.forgotten(&rec.node) {
+            return self.kept_at_source(&mut rec, &m, sid).await;
+        }
         let removed = match self.cluster.nodes.agent(&m.from) {
             Ok(source) => {
                 let gone = agent::DeleteSnapshotRequest {
@@ -779,6 +784,38 @@ impl Moves {
         }
         rec.moving = None;
         self.put_snapshot(&rec).await
+    }
+
+    /// Snapshot `rec` switched to a node forgotten since (`strata node
+    /// forget --abandon-data`): its source still holds it unless its
+    /// removal there began, and then it stays there (only its carrier
+    /// goes). Else it is lost with that node.
+    async fn kept_at_source(
+        &self,
+        rec: &mut SnapshotRecord,
+        m: &Move,
+        sid: SnapshotId,
+    ) -> Result<(), Status> {
+        let id = rec.snapshot_id.clone();
+        let source = self.cluster.nodes.agent(&m.from)?;
+        let held = source
+            .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                snapshot_id: id.clone(),
+            }))
+            .await;
+        match held {
+            Ok(_) => {
+                delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
+                rec.node = m.from.clone();
+                tracing::warn!(snapshot = %id, node = %m.from, forgotten = %m.to, "a snapshot moved to a node that was forgotten stays where it came from");
+            }
+            Err(e) if e.code() == Code::NotFound => {
+                tracing::warn!(snapshot = %id, node = %m.to, "a snapshot is lost with a forgotten node (its source copy was removed already)");
+            }
+            Err(e) => return Err(e),
+        }
+        rec.moving = None;
+        self.put_snapshot(rec).await
     }
 
     /// Rolls back the move of snapshot `id` if it did not switch yet (a
