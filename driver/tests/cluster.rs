@@ -4140,20 +4140,6 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         condition.abnormal && condition.message.contains("n2 was forgotten"),
         "{condition:?}"
     );
-    cc.delete_snapshot(DeleteSnapshotRequest {
-        snapshot_id: snap2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for id in [&placed, &holed] {
-        cc.delete_volume(DeleteVolumeRequest {
-            volume_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
     // The move out of the forgotten node rolls back; a new one is refused.
     eventually(30, "the move out of n2 rolls back", async || {
         match mc.move_volume(to_n1.clone()).await {
@@ -4171,12 +4157,42 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         }),
         "{log}"
     );
-    cc.delete_volume(DeleteVolumeRequest {
-        volume_id: mover.clone(),
+
+    // Lost for good: a node of that name back (here the same one, with
+    // the data) does not bring them back; their deletes reach it.
+    n2.proc.spawn();
+    n2.wait_for_agent();
+    registered(&mut cc, &["n2"]).await;
+    lost(
+        cc.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: placed.clone(),
+            node_id: "n2".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    lost(cc.create_volume(from_snap2("restore-j")).await.unwrap_err());
+    let e = mc.move_volume(to_n1.clone()).await.unwrap_err();
+    assert!(e.message().contains("n2 was forgotten"), "{e:?}");
+    assert!(holds(&n2.agent, &tls, &placed).await);
+    cc.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap2.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
+    for id in [&placed, &holed, &mover] {
+        cc.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!holds(&n2.agent, &tls, &placed).await);
+    assert!(!has_snapshot(&n2.agent, &tls, &snap2).await);
     for id in [&holed, &mover] {
         assert!(!holds(&n1.agent, &tls, id).await, "{id}");
     }

@@ -1108,6 +1108,7 @@ async fn groups_left_half_made_are_swept() {
                     name: name.into(),
                 }),
                 moving: None,
+                lost_with: None,
             })
             .unwrap();
     }

@@ -325,16 +325,21 @@ pub fn check_not_moving(rec: &VolumeRecord) -> Result<(), Status> {
 /// fetched from one (its blocks not fetched yet are gone, and what it
 /// fetched cannot be told apart from them).
 pub fn lost_volume(nodes: &Nodes, rec: &VolumeRecord) -> Option<Status> {
-    if nodes.forgotten(&rec.node) {
-        return Some(super::nodes::lost(&rec.node));
-    }
-    let m = rec.moving.as_ref()?;
-    (m.phase == MovePhase::Fetching && nodes.forgotten(&m.from)).then(|| {
-        Status::failed_precondition(format!(
-            "volume {} was still fetching from node {}, which was forgotten (strata node forget \
-             --abandon-data): its data is lost; delete it",
-            rec.volume_id, m.from
-        ))
+    let with = match &rec.lost_with {
+        Some(node) => node,
+        None if nodes.forgotten(&rec.node) => &rec.node,
+        None => match &rec.moving {
+            Some(m) if m.phase == MovePhase::Fetching && nodes.forgotten(&m.from) => &m.from,
+            _ => return None,
+        },
+    };
+    Some(match with == &rec.node {
+        true => super::nodes::lost(with),
+        false => Status::failed_precondition(format!(
+            "volume {} was still fetching from node {with}, which was forgotten (strata node \
+             forget --abandon-data): its data is lost; delete it",
+            rec.volume_id
+        )),
     })
 }
 
@@ -379,15 +384,18 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))
     }
 
-    /// Writes the record's node and move back, unless the volume was
-    /// deleted meanwhile (NOT_FOUND then: the move stops).
+    /// Writes the record's node and move back, and its loss (never taken
+    /// back), unless the volume was deleted meanwhile (NOT_FOUND then: the
+    /// move stops).
     async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
         let (id, node, moving) = (rec.volume_id.clone(), rec.node.clone(), rec.moving.clone());
+        let lost_with = rec.lost_with.clone();
         // Only what a move changes: a concurrent expansion keeps its size.
         let written = self
             .store(move |r| match r.volume(&id)? {
                 Some(mut current) => {
                     (current.node, current.moving) = (node, moving);
+                    current.lost_with = current.lost_with.or(lost_with);
                     r.put_volume(&current)?;
                     Ok(true)
                 }
@@ -951,7 +959,25 @@ impl Moves {
                 why.join("; ")
             )));
         }
+        // Lost for good, also if a node of that name registers again.
+        for id in lost.iter().chain(&holed) {
+            let (id, with) = (id.clone(), node.to_string());
+            self.store(move |r| {
+                if let Some(mut v) = r.volume(&id)? {
+                    v.lost_with = Some(with);
+                    r.put_volume(&v)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        self.mark_lost(&snapshots, node).await?;
         self.cluster.nodes.forget(node).await?;
+        for id in &kept {
+            if let Err(e) = self.finish_snapshot(id).await {
+                tracing::warn!(snapshot = %id, error = %e.message(), "a snapshot moved to a forgotten node; the leader tries again");
+            }
+        }
         tracing::warn!(
             node,
             lost_volumes = ?lost,
@@ -1326,6 +1352,15 @@ impl Moves {
             {
                 return Err(Status::failed_precondition("the move was cancelled"));
             }
+            // A party forgotten meanwhile (`strata node forget`) never
+            // finishes it.
+            if let Some(m) = &rec.moving
+                && let Some(gone) = [&m.from, &m.to]
+                    .into_iter()
+                    .find(|n| self.cluster.nodes.forgotten(n))
+            {
+                return Err(super::nodes::lost(gone));
+            }
             if told.elapsed() >= PROGRESS_EVERY {
                 told = Instant::now();
                 self.note(rec, &format!("copied {} MiB", r.copied_bytes >> 20))
@@ -1368,8 +1403,13 @@ impl Moves {
             match polled {
                 Ok(n) => return Ok(n),
                 Err(e) => {
-                    // Deleted meanwhile: nothing left to wait for.
-                    self.record(&rec.volume_id).await?;
+                    // Deleted meanwhile, or lost with a forgotten node:
+                    // nothing left to wait for.
+                    if let Some(lost) =
+                        lost_volume(&self.cluster.nodes, &self.record(&rec.volume_id).await?)
+                    {
+                        return Err(lost);
+                    }
                     self.note(rec, &format!("fetching, waiting: {}", e.message()))
                         .await;
                     tokio::time::sleep(pause).await;
@@ -1791,6 +1831,9 @@ impl Moves {
             ));
         }
         rec.moving = None;
+        if nodes.forgotten(&rec.node) {
+            rec.lost_with = Some(rec.node.clone());
+        }
         self.put(rec).await?;
         self.metrics.volume_moved(kind(&m), false, 0);
         Ok(())

@@ -67,6 +67,11 @@ pub struct VolumeRecord {
     /// provisioner's `--extra-create-metadata`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<super::ClaimRef>,
+    /// The node its data was lost with (`strata node forget
+    /// --abandon-data`); for good, also if a node of that name registers
+    /// again (see `cluster::moves::lost_volume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_with: Option<String>,
 }
 
 /// A snapshot as the control plane knows it.
@@ -88,6 +93,9 @@ pub struct SnapshotRecord {
     /// `started_unix_ns` mean anything for a snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<super::moves::Move>,
+    /// The node it was lost with, as [`VolumeRecord::lost_with`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_with: Option<String>,
 }
 
 /// A group snapshot a member snapshot belongs to: its ID and CSI name.
@@ -505,6 +513,7 @@ mod tests {
             state: RecordState::Creating,
             created_unix_ns: 1,
             moving: None,
+            lost_with: None,
             claim: None,
         }
     }
@@ -556,6 +565,7 @@ mod tests {
             created_unix_ns: 2,
             group: None,
             moving: None,
+            lost_with: None,
         }
     }
 

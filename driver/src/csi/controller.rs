@@ -258,9 +258,22 @@ impl ControllerService {
         Ok(Some(claim))
     }
 
+    /// The node that holds snapshot `id` (as [`Self::holder`] for a
+    /// volume); FAILED_PRECONDITION for one lost with a forgotten node.
     pub(super) async fn snapshot_node(&self, id: &str) -> Result<Option<String>, Status> {
+        self.snapshot_holder(id, false).await
+    }
+
+    /// [`Self::snapshot_node`], also for a snapshot lost with a forgotten
+    /// node (`deleting`; else FAILED_PRECONDITION).
+    async fn snapshot_holder(&self, id: &str, deleting: bool) -> Result<Option<String>, Status> {
         let key = id.to_string();
         let rec = self.records(move |r| r.snapshot(&key)).await?;
+        if let Some(with) = rec.as_ref().and_then(|r| r.lost_with.as_ref())
+            && !deleting
+        {
+            return Err(crate::cluster::nodes::lost(with));
+        }
         Ok(rec
             .map(|r| r.node)
             .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
@@ -671,6 +684,7 @@ impl Controller for ControllerService {
                     state: RecordState::Creating,
                     created_unix_ns: now_ns(),
                     moving: None,
+                    lost_with: None,
                     claim: claim.clone(),
                 };
                 let put = rec.clone();
@@ -1114,6 +1128,7 @@ impl Controller for ControllerService {
                     created_unix_ns: now_ns(),
                     group: None,
                     moving: None,
+                    lost_with: None,
                 };
                 let put = rec.clone();
                 self.records(move |r| r.put_snapshot(&put)).await?;
@@ -1167,7 +1182,7 @@ impl Controller for ControllerService {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
         let _claim = self.settle_snapshot_move(&id).await?;
-        if let Some(node) = self.snapshot_node(&id).await?
+        if let Some(node) = self.snapshot_holder(&id, true).await?
             && let Some(agent) = self.agent_to_delete(&node)?
         {
             agent
@@ -1309,6 +1324,7 @@ impl Controller for ControllerService {
             state: RecordState::Ready,
             created_unix_ns: info.created_unix_ns,
             moving: None,
+            lost_with: None,
             claim: None,
         });
         let mut volume = volume_message(&rec);

@@ -161,6 +161,7 @@ impl GroupController for ControllerService {
                 created_unix_ns: now_ns(),
                 group: Some(group.clone()),
                 moving: None,
+                lost_with: None,
             });
         }
         let put = members.clone();

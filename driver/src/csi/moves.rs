@@ -102,11 +102,7 @@ impl Cluster for ClusterService {
             moves.undrain(&node).await?;
             return Ok(Response::new(DrainNodeReply::default()));
         }
-        // A task of its own, as a move's.
-        let moves = Arc::clone(moves);
-        let d = tokio::spawn(async move { moves.drain(&node).await })
-            .await
-            .map_err(super::status::join)??;
+        let d = moves.drain(&node).await?;
         let volumes = d.stayed.into_iter().map(|(volume_id, why)| Stayed {
             volume_id,
             why,

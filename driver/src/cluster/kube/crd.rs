@@ -41,6 +41,7 @@ pub struct SourceSpec {
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Moving To", type_ = "string", json_path = ".spec.moving.to"),
     printcolumn(name = "Move", type_ = "string", json_path = ".spec.moving.message"),
+    printcolumn(name = "Lost With", type_ = "string", json_path = ".spec.lostWith"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -67,6 +68,10 @@ pub struct StrataVolumeSpec {
     /// The PersistentVolumeClaim it was made for (Events go there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<ClaimSpec>,
+    /// The node its data was lost with (`strata node forget
+    /// --abandon-data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_with: Option<String>,
 }
 
 /// A PersistentVolumeClaim.
@@ -128,6 +133,7 @@ pub struct RecordStatus {
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Group", type_ = "string", json_path = ".spec.groupName"),
     printcolumn(name = "Moving To", type_ = "string", json_path = ".spec.moving.to"),
+    printcolumn(name = "Lost With", type_ = "string", json_path = ".spec.lostWith"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -149,6 +155,10 @@ pub struct StrataSnapshotSpec {
     /// A move to another node under way (a drain's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving: Option<MoveSpec>,
+    /// The node its data was lost with (`strata node forget
+    /// --abandon-data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_with: Option<String>,
 }
 
 /// A node running `strata node`: where its agent listens. It creates this

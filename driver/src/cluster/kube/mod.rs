@@ -105,6 +105,7 @@ fn volume_object(r: &VolumeRecord) -> StrataVolume {
                 namespace: c.namespace.clone(),
                 name: c.name.clone(),
             }),
+            lost_with: r.lost_with.clone(),
         },
     );
     o.labels_mut()
@@ -139,6 +140,7 @@ fn volume_record(o: &StrataVolume) -> VolumeRecord {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
         }),
+        lost_with: s.lost_with.clone(),
     }
 }
 
@@ -183,6 +185,7 @@ fn snapshot_object(r: &SnapshotRecord) -> StrataSnapshot {
             group_id: r.group.as_ref().map(|g| g.id.clone()),
             group_name: r.group.as_ref().map(|g| g.name.clone()),
             moving: r.moving.as_ref().map(move_spec),
+            lost_with: r.lost_with.clone(),
         },
     );
     o.labels_mut()
@@ -208,6 +211,7 @@ fn snapshot_record(o: &StrataSnapshot) -> SnapshotRecord {
             name: s.group_name.clone().unwrap_or_default(),
         }),
         moving: s.moving.as_ref().map(move_of),
+        lost_with: s.lost_with.clone(),
     }
 }
 

@@ -79,6 +79,7 @@ fn record(state: RecordState) -> VolumeRecord {
         state,
         created_unix_ns: 7,
         moving: None,
+        lost_with: None,
         claim: Some(crate::cluster::ClaimRef {
             namespace: "apps".into(),
             name: "data".into(),

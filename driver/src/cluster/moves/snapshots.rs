@@ -414,18 +414,21 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("snapshot {id:?} does not exist")))
     }
 
-    /// Writes the record's node and move back, unless the snapshot was
-    /// deleted meanwhile (NOT_FOUND then: the move stops).
+    /// Writes the record's node and move back, and its loss (never taken
+    /// back), unless the snapshot was deleted meanwhile (NOT_FOUND then:
+    /// the move stops).
     async fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), Status> {
         let (id, node, moving) = (
             rec.snapshot_id.clone(),
             rec.node.clone(),
             rec.moving.clone(),
         );
+        let lost_with = rec.lost_with.clone();
         let written = self
             .store(move |r| match r.snapshot(&id)? {
                 Some(mut current) => {
                     (current.node, current.moving) = (node, moving);
+                    current.lost_with = current.lost_with.or(lost_with);
                     r.put_snapshot(&current)?;
                     Ok(true)
                 }
@@ -526,11 +529,7 @@ impl Moves {
         }
         let (copied, base) = match self.copy_snapshot(&rec, &m).await {
             Ok(c) => c,
-            Err(e)
-                if refused(&e)
-                    || self.cluster.nodes.forgotten(&m.to)
-                    || self.cluster.nodes.forgotten(&m.from) =>
-            {
+            Err(e) if refused(&e) || self.cluster.nodes.forgotten(&m.to) => {
                 tracing::warn!(snapshot = id, to = %m.to, error = %e.message(), "a snapshot's move is rolled back");
                 self.snapshot_phase(&mut rec, MovePhase::Aborting, e.message())
                     .await?;
@@ -603,6 +602,10 @@ impl Moves {
             }
             Err(e) if e.code() == Code::NotFound => {}
             Err(e) => return Err(e),
+        }
+        // Not there, and its source forgotten: lost (rolled back).
+        if nodes.forgotten(&m.from) {
+            return Err(crate::cluster::nodes::lost(&m.from));
         }
         let source = nodes.agent(&m.from)?;
         source
@@ -797,25 +800,65 @@ impl Moves {
         sid: SnapshotId,
     ) -> Result<(), Status> {
         let id = rec.snapshot_id.clone();
-        let source = self.cluster.nodes.agent(&m.from)?;
-        let held = source
-            .get_snapshot(Request::new(agent::GetSnapshotRequest {
-                snapshot_id: id.clone(),
-            }))
-            .await;
-        match held {
-            Ok(_) => {
-                delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
-                rec.node = m.from.clone();
-                tracing::warn!(snapshot = %id, node = %m.from, forgotten = %m.to, "a snapshot moved to a node that was forgotten stays where it came from");
+        let nodes = &self.cluster.nodes;
+        let held = match nodes.agent(&m.from) {
+            Ok(source) => {
+                let asked = source
+                    .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                        snapshot_id: id.clone(),
+                    }))
+                    .await;
+                match asked {
+                    Ok(_) => {
+                        delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
+                        true
+                    }
+                    Err(e) if e.code() == Code::NotFound => false,
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) if e.code() == Code::NotFound => {
-                tracing::warn!(snapshot = %id, node = %m.to, "a snapshot is lost with a forgotten node (its source copy was removed already)");
-            }
+            // Its source is gone for good too.
+            Err(_) if nodes.forgotten(&m.from) => false,
             Err(e) => return Err(e),
+        };
+        if held {
+            rec.node = m.from.clone();
+            tracing::warn!(snapshot = %id, node = %m.from, forgotten = %m.to, "a snapshot moved to a node that was forgotten stays where it came from");
+        } else {
+            rec.lost_with = Some(rec.node.clone());
+            tracing::warn!(snapshot = %id, node = %m.to, "a snapshot is lost with a forgotten node (its source copy is gone)");
         }
         rec.moving = None;
         self.put_snapshot(rec).await
+    }
+
+    /// Marks snapshots `ids` of `node`, about to be forgotten with what it
+    /// holds, lost for good (but not one in a move out of it: its move
+    /// ends it, kept where it went or rolled back and lost, nor one a move
+    /// or a delete holds: it is lost while `node` is unknown).
+    pub(in crate::cluster) async fn mark_lost(
+        self: &Arc<Self>,
+        ids: &[String],
+        node: &str,
+    ) -> Result<(), Status> {
+        for id in ids {
+            let Ok(_claim) = self.claim_snapshot(id) else {
+                continue;
+            };
+            let (id, with) = (id.clone(), node.to_string());
+            self.store(move |r| {
+                if let Some(mut s) = r.snapshot(&id)?
+                    && s.moving.is_none()
+                    && s.node == with
+                {
+                    s.lost_with = Some(with);
+                    r.put_snapshot(&s)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Rolls back the move of snapshot `id` if it did not switch yet (a
@@ -888,6 +931,9 @@ impl Moves {
         done(&m.from, on_source.await)?;
         done(&m.to, on_target.await)?;
         rec.moving = None;
+        if nodes.forgotten(&rec.node) {
+            rec.lost_with = Some(rec.node.clone());
+        }
         self.put_snapshot(rec).await?;
         self.metrics.volume_moved("snapshot", false, 0);
         Ok(())
