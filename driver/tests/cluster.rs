@@ -4035,23 +4035,54 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     };
     let holed = created(&mut cc, from_snap2("restore-h")).await.volume_id;
     assert!(holds(&n1.agent, &tls, &holed).await);
-    let mut req = with_requirements(c::create("pvc-j", 1 << 20, c::block_cap()), &["n2"], &[]);
+    let mut req = with_requirements(c::create("pvc-j", 4 << 20, c::block_cap()), &["n2"], &[]);
     req.parameters
         .insert("csi.storage.k8s.io/pvc/namespace".into(), "apps".into());
     req.parameters
         .insert("csi.storage.k8s.io/pvc/name".into(), "mover".into());
     let mover = created(&mut cc, req).await.volume_id;
-    let fp = strata::cluster::moves::FAILPOINTS[0];
-    ctl.proc.kill9();
-    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
-    ctl.proc.spawn();
+    let dev = publish_and_attach(&mut cc, &n2, &mut csi2, &mover).await;
+    write_at(&dev, 0, &data).unwrap();
+    detach_and_unpublish(&mut cc, &n2, &mut csi2, &mover).await;
+    // Its copy to n1 takes 96 s (a client deadline does not stop it).
     let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
     let to_n1 = csi_proto::cluster::v1::MoveVolumeRequest {
         volume_id: mover.clone(),
         node_id: "n1".into(),
     };
-    eventually(30, "the move is recorded", async || {
-        mc.move_volume(to_n1.clone()).await.is_err()
+    let mut req = tonic::Request::new(to_n1.clone());
+    req.set_timeout(Duration::from_millis(300));
+    mc.move_volume(req).await.unwrap_err();
+    // A snapshot on n1 (64 KiB) whose move to n2 switched, the controller
+    // killed before the old copy on n1 went.
+    let kvol = created(
+        &mut cc,
+        with_requirements(c::create("pvc-k", 1 << 20, c::block_cap()), &["n1"], &[]),
+    )
+    .await
+    .volume_id;
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &kvol).await;
+    write_at(&dev, 0, &data[..64 << 10]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &kvol).await;
+    let ksnap = cc
+        .create_snapshot(c::snapshot("snap-k", &kvol, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let fp = strata::cluster::moves::SNAPSHOT_FAILPOINTS[3];
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+    ctl.proc.spawn();
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let k_to_n2 = csi_proto::cluster::v1::MoveVolumeRequest {
+        volume_id: kvol.clone(),
+        node_id: "n2".into(),
+    };
+    eventually(30, "the snapshot's move switches", async || {
+        mc.move_volume(k_to_n2.clone()).await.is_err()
             && ctl.proc.log().contains(&format!("failpoint {fp}"))
     })
     .await;
@@ -4060,6 +4091,14 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     ctl.proc.env.clear();
     ctl.proc.spawn();
     cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    // The mover's copy stopped half-way; the snapshot's old copy stays
+    // while n2 is not seen holding it.
+    eventually(30, "the mover's copy is half-way on n1", async || {
+        holds(&n1.agent, &tls, &mover).await
+    })
+    .await;
+    assert!(has_snapshot(&n1.agent, &tls, &ksnap).await);
     eventually(30, "forget names what n2 holds", async || {
         let out = forget("n2");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -4069,6 +4108,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
             &snap2,
             &holed,
             &mover,
+            &ksnap,
             &"--abandon-data".to_string(),
         ]
         .iter()
@@ -4084,6 +4124,28 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     );
     assert!(said.contains(&format!("lost volume {placed}")), "{said}");
     assert!(said.contains(&format!("lost volume {mover}")), "{said}");
+    assert!(
+        said.contains(&format!("snapshot {ksnap} had moved to node n2")),
+        "{said}"
+    );
+    assert!(!said.contains(&format!("lost snapshot {ksnap}")), "{said}");
+    // It is n1's again, with its data.
+    let kept = created(
+        &mut cc,
+        pinned(c::create_from(
+            "restore-k",
+            1 << 20,
+            c::block_cap(),
+            Type::Snapshot(SnapshotSource {
+                snapshot_id: ksnap.clone(),
+            }),
+        )),
+    )
+    .await;
+    assert_eq!(node_of(&kept), "n1");
+    let mut want = vec![0u8; 1 << 20];
+    want[..64 << 10].copy_from_slice(&data[..64 << 10]);
+    contents_are(&mut cc, &n1, &mut csi1, &kept.volume_id, &want).await;
     assert!(said.contains(&format!("lost snapshot {snap2}")), "{said}");
     assert!(said.contains(&format!("lost volume {holed}")), "{said}");
     let lost = |e: tonic::Status| {
@@ -4140,23 +4202,14 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         condition.abnormal && condition.message.contains("n2 was forgotten"),
         "{condition:?}"
     );
-    // The move out of the forgotten node rolls back; a new one is refused.
-    eventually(30, "the move out of n2 rolls back", async || {
-        match mc.move_volume(to_n1.clone()).await {
-            Err(e) => e.message().contains("n2 was forgotten"),
-            Ok(r) => panic!("{r:?}"),
-        }
+    // A delete needs nothing from the forgotten node.
+    cc.delete_volume(DeleteVolumeRequest {
+        volume_id: holed.clone(),
+        ..Default::default()
     })
-    .await;
-    let log = ctl.proc.log();
-    assert!(
-        ["VolumeLost", "MoveRolledBack"].iter().all(|reason| {
-            log.lines().any(|l| {
-                l.contains("claim=apps/mover") && l.contains(&format!("reason=\"{reason}\""))
-            })
-        }),
-        "{log}"
-    );
+    .await
+    .unwrap();
+    assert!(!holds(&n1.agent, &tls, &holed).await);
 
     // Lost for good: a node of that name back (here the same one, with
     // the data) does not bring them back; their deletes reach it.
@@ -4174,8 +4227,26 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         .unwrap_err(),
     );
     lost(cc.create_volume(from_snap2("restore-j")).await.unwrap_err());
-    let e = mc.move_volume(to_n1.clone()).await.unwrap_err();
-    assert!(e.message().contains("n2 was forgotten"), "{e:?}");
+    // The move out of the forgotten node rolls back, once n1's copy
+    // ends (the copy gives up on a source that does not answer within
+    // 120 s; here n2 is back first); a new one is refused.
+    eventually(150, "the move out of n2 rolls back", async || {
+        match mc.move_volume(to_n1.clone()).await {
+            Err(e) => e.message().contains("n2 was forgotten"),
+            Ok(r) => panic!("{r:?}"),
+        }
+    })
+    .await;
+    let log = ctl.proc.log();
+    assert!(
+        ["VolumeLost", "MoveRolledBack"].iter().all(|reason| {
+            log.lines().any(|l| {
+                l.contains("claim=apps/mover") && l.contains(&format!("reason=\"{reason}\""))
+            })
+        }),
+        "{log}"
+    );
+
     assert!(holds(&n2.agent, &tls, &placed).await);
     cc.delete_snapshot(DeleteSnapshotRequest {
         snapshot_id: snap2.clone(),
@@ -4183,7 +4254,7 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     })
     .await
     .unwrap();
-    for id in [&placed, &holed, &mover] {
+    for id in [&placed, &mover] {
         cc.delete_volume(DeleteVolumeRequest {
             volume_id: id.clone(),
             ..Default::default()

@@ -776,6 +776,7 @@ impl Moves {
                 r.anywhere
                     && r.state == RecordState::Ready
                     && r.moving.is_none()
+                    && r.lost_with.is_none()
                     && r.parameters.get("dataLocality").map(String::as_str) == Some("best-effort")
             })
             .collect();
@@ -959,12 +960,13 @@ impl Moves {
                 why.join("; ")
             )));
         }
+        let gone = self.cluster.nodes.confirm_gone(node).await?;
         // Lost for good, also if a node of that name registers again.
         for id in lost.iter().chain(&holed) {
             let (id, with) = (id.clone(), node.to_string());
             self.store(move |r| {
                 if let Some(mut v) = r.volume(&id)? {
-                    v.lost_with = Some(with);
+                    v.lost_with.get_or_insert(with);
                     r.put_volume(&v)?;
                 }
                 Ok(())
@@ -972,18 +974,35 @@ impl Moves {
             .await?;
         }
         self.mark_lost(&snapshots, node).await?;
-        self.cluster.nodes.forget(node).await?;
+        self.cluster.nodes.forget(&gone).await?;
+        // Snapshots in a move with it: settled now (a move into it that
+        // switched stays where it came from, one out of it whose copy is
+        // complete where it went), so the reply says what became of them.
         for id in &kept {
             if let Err(e) = self.finish_snapshot(id).await {
                 tracing::warn!(snapshot = %id, error = %e.message(), "a snapshot moved to a forgotten node; the leader tries again");
             }
         }
+        for id in &snapshots {
+            if let Err(e) = self.roll_back_snapshot(id).await {
+                tracing::warn!(snapshot = %id, error = %e.message(), "a snapshot moving out of a forgotten node; the leader tries again");
+            }
+        }
+        let (mut lost_snapshots, mut kept_snapshots) = (Vec::new(), Vec::new());
+        for id in snapshots.into_iter().chain(kept) {
+            let key = id.clone();
+            match self.store(move |r| r.snapshot(&key)).await? {
+                Some(s) if s.lost_with.is_none() && s.node != node => kept_snapshots.push(id),
+                Some(_) => lost_snapshots.push(id),
+                None => {}
+            }
+        }
         tracing::warn!(
             node,
             lost_volumes = ?lost,
-            lost_snapshots = ?snapshots,
+            lost_snapshots = ?lost_snapshots,
             holed_volumes = ?holed,
-            kept_snapshots = ?kept,
+            kept_snapshots = ?kept_snapshots,
             "node forgotten: what is left on it is garbage to the controller"
         );
         for v in &volumes {
@@ -1012,9 +1031,9 @@ impl Moves {
         self.resume().await;
         Ok(ForgetNodeReply {
             lost_volumes: lost,
-            lost_snapshots: snapshots,
+            lost_snapshots,
             holed_volumes: holed,
-            kept_snapshots: kept,
+            kept_snapshots,
         })
     }
 
@@ -1115,6 +1134,29 @@ impl Moves {
                 )));
             }
             (Some(_), _) => {}
+        }
+        // Out of a node lost for good: rolled back, never finished (also
+        // if a node of that name answers again).
+        if let Some(m) = rec.moving.clone()
+            && rec.lost_with.is_some()
+            && m.phase == MovePhase::Copying
+        {
+            self.set_phase(
+                &mut rec,
+                MovePhase::Aborting,
+                "its source was forgotten with its data",
+            )
+            .await?;
+            self.tell(
+                &rec,
+                EventKind::Warning,
+                "MoveRolledBack",
+                format!(
+                    "the move of volume {id} to node {} is rolled back: node {} was forgotten \
+                     with its data",
+                    m.to, m.from
+                ),
+            );
         }
         let mut m = rec.moving.clone().expect("moving");
         if m.phase == MovePhase::Copying {

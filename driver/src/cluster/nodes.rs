@@ -296,14 +296,11 @@ impl Nodes {
             && !self.cache.lock().expect("nodes").contains_key(id)
     }
 
-    /// Forgets node `id`, which must not be ready (its agent answered the
-    /// heartbeat within `stale_after`): its record goes, and what the
-    /// controller would still clean up there is skipped from now on. The
-    /// caller checks that no volume or snapshot is there. If the node
-    /// answers again later, it registers anew, as a new node.
-    pub async fn forget(&self, id: &str) -> Result<(), Status> {
+    /// Node `id`'s record, once it is sure to be gone: forgettable
+    /// ([`Self::forgettable`]), and asked once more (it may have come back
+    /// since the last heartbeat); FAILED_PRECONDITION if it answers.
+    pub async fn confirm_gone(&self, id: &str) -> Result<NodeRecord, Status> {
         let rec = self.forgettable(id)?;
-        // Asked once more: it may have come back since the last heartbeat.
         let agent = self.agent_at(&rec.agent_address)?;
         let asked = agent.node_info(Request::new(NodeInfoRequest {}));
         let answer = match tokio::time::timeout(Duration::from_secs(2), asked).await {
@@ -320,15 +317,23 @@ impl Nodes {
             },
             Err(_) => None,
         };
-        if let Some(answer) = answer {
-            return Err(Status::failed_precondition(format!(
+        match answer {
+            Some(answer) => Err(Status::failed_precondition(format!(
                 "node {id} answers the controller again ({answer}): it is not gone"
-            )));
+            ))),
+            None => Ok(rec),
         }
-        let key = id.to_string();
+    }
+
+    /// Forgets node `rec` ([`Self::confirm_gone`]): its record goes, and
+    /// what the controller would still clean up there is skipped from now
+    /// on. The caller settles what is there first. If the node answers
+    /// again later, it registers anew, as a new node.
+    pub async fn forget(&self, rec: &NodeRecord) -> Result<(), Status> {
+        let key = rec.node_id.clone();
         let _one = self.membership.lock().await;
         self.store(move |r| r.delete_node(&key)).await?;
-        self.cache.lock().expect("nodes").remove(id);
+        self.cache.lock().expect("nodes").remove(&rec.node_id);
         self.remotes
             .lock()
             .expect("remotes")

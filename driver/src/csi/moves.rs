@@ -126,7 +126,12 @@ impl Cluster for ClusterService {
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
-        let reply = self.moves()?.forget(&req.node_id, req.abandon_data).await?;
+        // A task of its own: once it began, a client that goes away does
+        // not stop it half-way.
+        let moves = Arc::clone(self.moves()?);
+        let reply = tokio::spawn(async move { moves.forget(&req.node_id, req.abandon_data).await })
+            .await
+            .map_err(super::status::join)??;
         Ok(Response::new(reply))
     }
 }

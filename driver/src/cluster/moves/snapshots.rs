@@ -757,6 +757,28 @@ impl Moves {
         if self.cluster.nodes.forgotten(&rec.node) {
             return self.kept_at_source(&mut rec, &m, sid).await;
         }
+        // The old copy goes once the node it went to is seen holding it:
+        // while that node is away it may be gone for good, and this copy
+        // then is the snapshot.
+        let asked = agent::GetSnapshotRequest {
+            snapshot_id: id.to_string(),
+        };
+        let held = match self.cluster.nodes.agent(&rec.node) {
+            Ok(target) => target.get_snapshot(Request::new(asked)).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = held {
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "snapshot {id} moved to node {}; its old copy on node {} stays until that \
+                     node is seen holding it: {}",
+                    rec.node,
+                    m.from,
+                    e.message()
+                ),
+            ));
+        }
         let removed = match self.cluster.nodes.agent(&m.from) {
             Ok(source) => {
                 let gone = agent::DeleteSnapshotRequest {
@@ -834,17 +856,14 @@ impl Moves {
 
     /// Marks snapshots `ids` of `node`, about to be forgotten with what it
     /// holds, lost for good (but not one in a move out of it: its move
-    /// ends it, kept where it went or rolled back and lost, nor one a move
-    /// or a delete holds: it is lost while `node` is unknown).
+    /// ends it, kept where it went or rolled back and lost). A record
+    /// never loses the mark again, so no claim is needed.
     pub(in crate::cluster) async fn mark_lost(
         self: &Arc<Self>,
         ids: &[String],
         node: &str,
     ) -> Result<(), Status> {
         for id in ids {
-            let Ok(_claim) = self.claim_snapshot(id) else {
-                continue;
-            };
             let (id, with) = (id.clone(), node.to_string());
             self.store(move |r| {
                 if let Some(mut s) = r.snapshot(&id)?
@@ -908,6 +927,27 @@ impl Moves {
             .map(|s| carrier(s).to_string())
             .unwrap_or_default();
         let nodes = &self.cluster.nodes;
+        // Its source gone for good: a copy complete on the target (made
+        // there at the copy's end) is the snapshot now.
+        if nodes.forgotten(&m.from) {
+            let target = nodes.agent(&m.to)?;
+            let made = target
+                .get_snapshot(Request::new(agent::GetSnapshotRequest {
+                    snapshot_id: id.clone(),
+                }))
+                .await;
+            match made {
+                Ok(_) => {
+                    delete_volume(target.as_ref(), &c).await?;
+                    rec.node = m.to.clone();
+                    rec.moving = None;
+                    tracing::warn!(snapshot = %id, node = %m.to, forgotten = %m.from, "a snapshot copied out of a forgotten node is kept where it went");
+                    return self.put_snapshot(rec).await;
+                }
+                Err(e) if e.code() == Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         let on_target = async {
             let target = nodes.agent(&m.to)?;
             delete_volume(target.as_ref(), &c).await?;
