@@ -4251,13 +4251,35 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
     );
 
     assert!(holds(&n2.agent, &tls, &placed).await);
+    // Asked for again by its name (a sidecar that never got the answer):
+    // a lost snapshot goes, but is not taken again from a lost volume; a
+    // lost volume goes and a new one is made.
+    lost(
+        cc.create_snapshot(c::snapshot("snap-h", &placed, false))
+            .await
+            .unwrap_err(),
+    );
+    assert!(!has_snapshot(&n2.agent, &tls, &snap2).await);
+    let again = created(
+        &mut cc,
+        pinned(with_requirements(
+            c::create("pvc-h", 4 << 20, c::block_cap()),
+            &["n2"],
+            &[],
+        )),
+    )
+    .await
+    .volume_id;
+    assert_ne!(again, placed);
+    assert!(!holds(&n2.agent, &tls, &placed).await);
+    assert!(holds(&n2.agent, &tls, &again).await);
     cc.delete_snapshot(DeleteSnapshotRequest {
         snapshot_id: snap2.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
-    for id in [&placed, &mover] {
+    for id in [&placed, &mover, &again] {
         cc.delete_volume(DeleteVolumeRequest {
             volume_id: id.clone(),
             ..Default::default()

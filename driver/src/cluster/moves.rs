@@ -1141,22 +1141,8 @@ impl Moves {
             && rec.lost_with.is_some()
             && m.phase == MovePhase::Copying
         {
-            self.set_phase(
-                &mut rec,
-                MovePhase::Aborting,
-                "its source was forgotten with its data",
-            )
-            .await?;
-            self.tell(
-                &rec,
-                EventKind::Warning,
-                "MoveRolledBack",
-                format!(
-                    "the move of volume {id} to node {} is rolled back: node {} was forgotten \
-                     with its data",
-                    m.to, m.from
-                ),
-            );
+            let why = format!("node {} was forgotten with its data", m.from);
+            self.rolling_back(&mut rec, &m, &why).await?;
         }
         let mut m = rec.moving.clone().expect("moving");
         if m.phase == MovePhase::Copying {
@@ -1175,20 +1161,7 @@ impl Moves {
                         || self.cluster.nodes.forgotten(&m.to)
                         || self.cluster.nodes.forgotten(&m.from) =>
                 {
-                    self.set_phase(&mut rec, MovePhase::Aborting, e.message())
-                        .await?;
-                    self.tell(
-                        &rec,
-                        EventKind::Warning,
-                        "MoveRolledBack",
-                        format!(
-                            "the move of volume {id} to node {} was rolled back ({}); it stays \
-                             on node {}",
-                            m.to,
-                            e.message(),
-                            m.from
-                        ),
-                    );
+                    self.rolling_back(&mut rec, &m, e.message()).await?;
                     self.abort(&mut rec).await?;
                     return Err(Status::failed_precondition(format!(
                         "the move of volume {id} to node {} was rolled back: {}",
@@ -1205,18 +1178,8 @@ impl Moves {
             failpoint(FAILPOINTS[3]);
             if self.cluster.nodes.forgotten(&m.to) {
                 // Forgotten while it copied: never switched to.
-                self.set_phase(&mut rec, MovePhase::Aborting, "its target was forgotten")
+                self.rolling_back(&mut rec, &m, "its target was forgotten")
                     .await?;
-                self.tell(
-                    &rec,
-                    EventKind::Warning,
-                    "MoveRolledBack",
-                    format!(
-                        "the move of volume {id} to node {} was rolled back (that node was \
-                         forgotten); it stays on node {}",
-                        m.to, m.from
-                    ),
-                );
                 self.abort(&mut rec).await?;
                 return Err(Status::failed_precondition(format!(
                     "the move of volume {id} to node {} was rolled back: that node was forgotten",
@@ -1886,6 +1849,27 @@ impl Moves {
         if let (Some(events), Some(claim)) = (&self.cluster.events, &rec.claim) {
             events.emit(claim, kind, reason, &message);
         }
+    }
+
+    /// Records that the move `m` of `rec` rolls back (phase Aborting),
+    /// and why, and tells its claim.
+    async fn rolling_back(
+        &self,
+        rec: &mut VolumeRecord,
+        m: &Move,
+        why: &str,
+    ) -> Result<(), Status> {
+        self.set_phase(rec, MovePhase::Aborting, why).await?;
+        let stays = match &rec.lost_with {
+            Some(node) => format!("its data was lost with node {node}"),
+            None => format!("it stays on node {}", m.from),
+        };
+        let message = format!(
+            "the move of volume {} to node {} is rolled back ({why}); {stays}",
+            rec.volume_id, m.to
+        );
+        self.tell(rec, EventKind::Warning, "MoveRolledBack", message);
+        Ok(())
     }
 
     async fn set_phase(

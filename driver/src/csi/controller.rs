@@ -278,6 +278,62 @@ impl ControllerService {
             .map(|r| r.node)
             .or_else(|| self.cluster.get().ok()?.nodes.local_id()))
     }
+
+    /// DeleteVolume's work, the caller holding the volume's in-flight
+    /// claim.
+    async fn remove_volume(&self, id: String) -> Result<(), Status> {
+        // A volume lost with a forgotten node goes at once (what is left
+        // of it on the nodes there are goes too); the others wait for
+        // their move.
+        let (rec, node) = self.holder(&id).await?;
+        if let Some(rec) = &rec
+            && self.lost_volume(rec)?.is_none()
+        {
+            check_not_moving(rec)?;
+        }
+        if let Some(node) = node
+            && let Some(agent) = self.agent_to_delete(&node)?
+        {
+            agent
+                .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                }))
+                .await?;
+        }
+        // A volume in a move has a second copy on the other node (the
+        // source's, while the target fetches or after the switch; the
+        // target's, while a rollback waits): it goes too, unless that
+        // node was forgotten (`strata node forget`).
+        let key = id.clone();
+        if let Some(rec) = self.records(move |r| r.volume(&key)).await?
+            && let Some(m) = &rec.moving
+            && let Some(agent) =
+                self.agent_to_delete(if m.from == rec.node { &m.to } else { &m.from })?
+        {
+            agent
+                .delete_volume(Request::new(agent::DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                }))
+                .await?;
+        }
+        self.records(move |r| r.delete_volume(&id)).await
+    }
+
+    /// DeleteSnapshot's work, the caller holding the snapshot's in-flight
+    /// claim.
+    async fn remove_snapshot(&self, id: String) -> Result<(), Status> {
+        let _claim = self.settle_snapshot_move(&id).await?;
+        if let Some(node) = self.snapshot_holder(&id, true).await?
+            && let Some(agent) = self.agent_to_delete(&node)?
+        {
+            agent
+                .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                }))
+                .await?;
+        }
+        self.records(move |r| r.delete_snapshot(&id)).await
+    }
 }
 
 /// How long ListVolumes waits for a node's volume conditions.
@@ -635,7 +691,17 @@ impl Controller for ControllerService {
         }
 
         let name = req.name.clone();
-        let existing = self.records(move |r| r.volume_by_name(&name)).await?;
+        let mut existing = self.records(move |r| r.volume_by_name(&name)).await?;
+        if let Some(rec) = existing.take_if(|rec| matches!(self.lost_volume(rec), Ok(Some(_)))) {
+            // Lost with a forgotten node before the CO learnt of it: a CO
+            // asks again under a name only until it has the answer, so no
+            // PV names this volume and nobody wrote to it. It is made
+            // again (from its source, if that is still there).
+            let id = rec.volume_id;
+            tracing::warn!(volume = %id, name = %req.name, lost_with = ?rec.lost_with, "a volume lost with a forgotten node is asked for again by its name; making it anew");
+            let _claim = self.inflight.claim(&format!("volume {id}"))?;
+            self.remove_volume(id).await?;
+        }
         let mut rec = match existing {
             Some(rec) => {
                 if rec.capacity_bytes != size || rec.parameters != defining || rec.source != source
@@ -773,41 +839,7 @@ impl Controller for ControllerService {
             // Never a volume of ours: deleting it is a success.
             return Ok(Response::new(DeleteVolumeResponse {}));
         }
-        // A volume lost with a forgotten node goes at once (what is left
-        // of it on the nodes there are goes too); the others wait for
-        // their move.
-        let (rec, node) = self.holder(&id).await?;
-        if let Some(rec) = &rec
-            && self.lost_volume(rec)?.is_none()
-        {
-            check_not_moving(rec)?;
-        }
-        if let Some(node) = node
-            && let Some(agent) = self.agent_to_delete(&node)?
-        {
-            agent
-                .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                    volume_id: id.clone(),
-                }))
-                .await?;
-        }
-        // A volume in a move has a second copy on the other node (the
-        // source's, while the target fetches or after the switch; the
-        // target's, while a rollback waits): it goes too, unless that
-        // node was forgotten (`strata node forget`).
-        let key = id.clone();
-        if let Some(rec) = self.records(move |r| r.volume(&key)).await?
-            && let Some(m) = &rec.moving
-            && let Some(agent) =
-                self.agent_to_delete(if m.from == rec.node { &m.to } else { &m.from })?
-        {
-            agent
-                .delete_volume(Request::new(agent::DeleteVolumeRequest {
-                    volume_id: id.clone(),
-                }))
-                .await?;
-        }
-        self.records(move |r| r.delete_volume(&id)).await?;
+        self.remove_volume(id).await?;
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
@@ -1099,7 +1131,18 @@ impl Controller for ControllerService {
             .claim(&format!("snapshot name {}", req.name))?;
         parse_volume_id(&req.source_volume_id)?;
         let name = req.name.clone();
-        let existing = self.records(move |r| r.snapshot_by_name(&name)).await?;
+        let mut existing = self.records(move |r| r.snapshot_by_name(&name)).await?;
+        if let Some(rec) = existing
+            .take_if(|rec| rec.lost_with.is_some() && rec.source_volume_id == req.source_volume_id)
+        {
+            // As a lost volume asked for again (`create_volume`): the
+            // snapshotter asks again under a name only until it has the
+            // answer. It is taken anew, now, and says so in its time.
+            let id = rec.snapshot_id;
+            tracing::warn!(snapshot = %id, name = %req.name, lost_with = ?rec.lost_with, "a snapshot lost with a forgotten node is asked for again by its name; taking it anew");
+            let _claim = self.inflight.claim(&format!("snapshot {id}"))?;
+            self.remove_snapshot(id).await?;
+        }
         let mut rec = match existing {
             Some(rec) if rec.source_volume_id != req.source_volume_id => {
                 return Err(Status::already_exists(format!(
@@ -1181,17 +1224,7 @@ impl Controller for ControllerService {
         if id.parse::<SnapshotId>().is_err() {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
-        let _claim = self.settle_snapshot_move(&id).await?;
-        if let Some(node) = self.snapshot_holder(&id, true).await?
-            && let Some(agent) = self.agent_to_delete(&node)?
-        {
-            agent
-                .delete_snapshot(Request::new(agent::DeleteSnapshotRequest {
-                    snapshot_id: id.clone(),
-                }))
-                .await?;
-        }
-        self.records(move |r| r.delete_snapshot(&id)).await?;
+        self.remove_snapshot(id).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 

@@ -590,18 +590,9 @@ impl Moves {
         let target = nodes.agent(&m.to)?;
         // Made there already (a crash after step 4): only its carrier goes
         // (also when the source was forgotten since: then it is saved).
-        let made = target
-            .get_snapshot(Request::new(agent::GetSnapshotRequest {
-                snapshot_id: id.clone(),
-            }))
-            .await;
-        match made {
-            Ok(_) => {
-                delete_volume(target.as_ref(), &c).await?;
-                return Ok((0, String::new()));
-            }
-            Err(e) if e.code() == Code::NotFound => {}
-            Err(e) => return Err(e),
+        if holds_snapshot(target.as_ref(), id).await? {
+            delete_volume(target.as_ref(), &c).await?;
+            return Ok((0, String::new()));
         }
         // Not there, and its source forgotten: lost (rolled back).
         if nodes.forgotten(&m.from) {
@@ -760,11 +751,11 @@ impl Moves {
         // The old copy goes once the node it went to is seen holding it:
         // while that node is away it may be gone for good, and this copy
         // then is the snapshot.
-        let asked = agent::GetSnapshotRequest {
-            snapshot_id: id.to_string(),
-        };
         let held = match self.cluster.nodes.agent(&rec.node) {
-            Ok(target) => target.get_snapshot(Request::new(asked)).await.map(drop),
+            Ok(target) => holds_snapshot(target.as_ref(), id).await.and_then(|held| {
+                held.then_some(())
+                    .ok_or_else(|| Status::not_found("it does not hold it"))
+            }),
             Err(e) => Err(e),
         };
         if let Err(e) = held {
@@ -825,19 +816,11 @@ impl Moves {
         let nodes = &self.cluster.nodes;
         let held = match nodes.agent(&m.from) {
             Ok(source) => {
-                let asked = source
-                    .get_snapshot(Request::new(agent::GetSnapshotRequest {
-                        snapshot_id: id.clone(),
-                    }))
-                    .await;
-                match asked {
-                    Ok(_) => {
-                        delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
-                        true
-                    }
-                    Err(e) if e.code() == Code::NotFound => false,
-                    Err(e) => return Err(e),
+                let held = holds_snapshot(source.as_ref(), &id).await?;
+                if held {
+                    delete_volume(source.as_ref(), &carrier(sid).to_string()).await?;
                 }
+                held
             }
             // Its source is gone for good too.
             Err(_) if nodes.forgotten(&m.from) => false,
@@ -931,21 +914,12 @@ impl Moves {
         // there at the copy's end) is the snapshot now.
         if nodes.forgotten(&m.from) {
             let target = nodes.agent(&m.to)?;
-            let made = target
-                .get_snapshot(Request::new(agent::GetSnapshotRequest {
-                    snapshot_id: id.clone(),
-                }))
-                .await;
-            match made {
-                Ok(_) => {
-                    delete_volume(target.as_ref(), &c).await?;
-                    rec.node = m.to.clone();
-                    rec.moving = None;
-                    tracing::warn!(snapshot = %id, node = %m.to, forgotten = %m.from, "a snapshot copied out of a forgotten node is kept where it went");
-                    return self.put_snapshot(rec).await;
-                }
-                Err(e) if e.code() == Code::NotFound => {}
-                Err(e) => return Err(e),
+            if holds_snapshot(target.as_ref(), &id).await? {
+                delete_volume(target.as_ref(), &c).await?;
+                rec.node = m.to.clone();
+                rec.moving = None;
+                tracing::warn!(snapshot = %id, node = %m.to, forgotten = %m.from, "a snapshot copied out of a forgotten node is kept where it went");
+                return self.put_snapshot(rec).await;
             }
         }
         let on_target = async {
@@ -977,6 +951,19 @@ impl Moves {
         self.put_snapshot(rec).await?;
         self.metrics.volume_moved("snapshot", false, 0);
         Ok(())
+    }
+}
+
+/// Whether `agent`'s node holds snapshot `id` (made there whole: a copy
+/// makes the snapshot only at its end).
+async fn holds_snapshot(agent: &dyn agent::agent_server::Agent, id: &str) -> Result<bool, Status> {
+    let asked = agent::GetSnapshotRequest {
+        snapshot_id: id.to_string(),
+    };
+    match agent.get_snapshot(Request::new(asked)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Code::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
