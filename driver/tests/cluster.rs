@@ -4205,6 +4205,16 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         condition.abnormal && condition.message.contains("n2 was forgotten"),
         "{condition:?}"
     );
+    let listed = cc
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: snap2.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = listed.entries[0].snapshot.as_ref().unwrap();
+    assert!(!entry.ready_to_use, "{entry:?}");
     // A delete needs nothing from the forgotten node.
     cc.delete_volume(DeleteVolumeRequest {
         volume_id: holed.clone(),

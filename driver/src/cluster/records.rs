@@ -166,6 +166,36 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     fn delete_node(&self, id: &str) -> Result<()>;
 }
 
+/// A record that can be lost with a forgotten node.
+pub trait Losable: Clone + serde::de::DeserializeOwned {
+    fn lost_with_mut(&mut self) -> &mut Option<String>;
+}
+
+impl Losable for VolumeRecord {
+    fn lost_with_mut(&mut self) -> &mut Option<String> {
+        &mut self.lost_with
+    }
+}
+
+impl Losable for SnapshotRecord {
+    fn lost_with_mut(&mut self) -> &mut Option<String> {
+        &mut self.lost_with
+    }
+}
+
+/// `rec` as a put writes it over `old` (the record stored, serialized):
+/// a loss is never taken back, whoever writes (a writer that read the
+/// record before `strata node forget` marked it does not unmark it).
+fn keep_loss<R: Losable>(rec: &R, old: Option<&[u8]>) -> R {
+    let mut rec = rec.clone();
+    if rec.lost_with_mut().is_none() {
+        *rec.lost_with_mut() = old
+            .and_then(|v| serde_json::from_slice::<R>(v).ok())
+            .and_then(|mut o| o.lost_with_mut().take());
+    }
+    rec
+}
+
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const VOLUME_NAMES: TableDefinition<&str, &str> = TableDefinition::new("volume_names");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -293,13 +323,14 @@ impl EmbeddedRecords {
         names: TableDefinition<&str, &str>,
         id: &str,
         name: &str,
-        value: &[u8],
+        value: impl FnOnce(Option<&[u8]>) -> Vec<u8>,
     ) -> Result<()> {
         let txn = self.db.begin_write().map_err(store)?;
-        txn.open_table(table)
-            .map_err(store)?
-            .insert(id, value)
-            .map_err(store)?;
+        {
+            let mut t = txn.open_table(table).map_err(store)?;
+            let value = value(t.get(id).map_err(store)?.as_ref().map(|v| v.value()));
+            t.insert(id, value.as_slice()).map_err(store)?;
+        }
         txn.open_table(names)
             .map_err(store)?
             .insert(name, id)
@@ -345,7 +376,9 @@ impl Records for EmbeddedRecords {
         self.get(VOLUMES, id)
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
-        self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, &json(rec))
+        self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, |old| {
+            json(&keep_loss(rec, old))
+        })
     }
     fn delete_volume(&self, id: &str) -> Result<()> {
         self.delete(VOLUMES, VOLUME_NAMES, id, |v| {
@@ -369,7 +402,7 @@ impl Records for EmbeddedRecords {
             SNAPSHOT_NAMES,
             &rec.snapshot_id,
             &rec.name,
-            &json(rec),
+            |old| json(&keep_loss(rec, old)),
         )
     }
     fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -552,6 +585,33 @@ mod tests {
         r.delete_volume("id-1").unwrap();
         assert!(r.volume_by_name("pvc-1").unwrap().is_none());
         r.delete_volume("id-1").expect("deleting twice is fine");
+    }
+
+    /// A writer that read a record before `strata node forget` marked it
+    /// lost writes it back without the mark: the mark stays.
+    #[test]
+    fn a_put_never_takes_a_loss_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = EmbeddedRecords::open(&dir.path().join("records.redb")).unwrap();
+        let read_before = volume("pvc-1", "id-1");
+        let mut marked = read_before.clone();
+        marked.lost_with = Some("n".into());
+        r.put_volume(&marked).unwrap();
+        let mut moved = read_before;
+        moved.node = "m".into();
+        r.put_volume(&moved).unwrap();
+        let now = r.volume("id-1").unwrap().unwrap();
+        assert_eq!(
+            (now.node.as_str(), now.lost_with.as_deref()),
+            ("m", Some("n"))
+        );
+        let read_before = snapshot("snap-1", "s-1");
+        let mut marked = read_before.clone();
+        marked.lost_with = Some("n".into());
+        r.put_snapshot(&marked).unwrap();
+        r.put_snapshot(&read_before).unwrap();
+        let now = r.snapshot("s-1").unwrap().unwrap();
+        assert_eq!(now.lost_with.as_deref(), Some("n"));
     }
 
     fn snapshot(name: &str, id: &str) -> SnapshotRecord {

@@ -477,7 +477,8 @@ pub(super) fn snapshot_message(rec: &SnapshotRecord) -> Snapshot {
         snapshot_id: rec.snapshot_id.clone(),
         source_volume_id: rec.source_volume_id.clone(),
         creation_time: Some(timestamp(rec.created_unix_ns)),
-        ready_to_use: rec.state == RecordState::Ready,
+        // One lost with a forgotten node is not (`strata node forget`).
+        ready_to_use: rec.state == RecordState::Ready && rec.lost_with.is_none(),
         group_snapshot_id: rec.group.as_ref().map(|g| g.id.clone()).unwrap_or_default(),
     }
 }

@@ -577,6 +577,8 @@ fn group_message(members: &[SnapshotRecord]) -> VolumeGroupSnapshot {
         creation_time: Some(timestamp(
             members.iter().map(|m| m.created_unix_ns).min().unwrap_or(0),
         )),
-        ready_to_use: members.iter().all(|m| m.state == RecordState::Ready),
+        ready_to_use: members
+            .iter()
+            .all(|m| m.state == RecordState::Ready && m.lost_with.is_none()),
     }
 }

@@ -285,8 +285,14 @@ impl<K> Object for K where
 {
 }
 
-/// Writes `want` (spec, labels and status) with optimistic concurrency.
-async fn put<K: Object>(api: &Api<K>, want: &K) -> Result<(), RecordsError> {
+/// Writes `want` (spec, labels and status) with optimistic concurrency;
+/// `keep` takes what must survive from the object there into the spec to
+/// write.
+async fn put<K: Object>(
+    api: &Api<K>,
+    want: &K,
+    keep: impl Fn(&K, &mut K),
+) -> Result<(), RecordsError> {
     let name = want.name_any();
     let pp = PostParams::default();
     for _ in 0..CONFLICT_RETRIES {
@@ -296,14 +302,18 @@ async fn put<K: Object>(api: &Api<K>, want: &K) -> Result<(), RecordsError> {
                 Err(e) if code(&e) == Some(409) => continue,
                 Err(e) => return Err(api_err(e)),
             },
-            Some(cur) if cur.spec() == want.spec() && cur.labels() == want.labels() => cur,
             Some(cur) => {
                 let mut next = want.clone();
-                next.meta_mut().resource_version = cur.resource_version();
-                match api.replace(&name, &pp, &next).await {
-                    Ok(o) => o,
-                    Err(e) if code(&e) == Some(409) => continue,
-                    Err(e) => return Err(api_err(e)),
+                keep(&cur, &mut next);
+                if cur.spec() == next.spec() && cur.labels() == next.labels() {
+                    cur
+                } else {
+                    next.meta_mut().resource_version = cur.resource_version();
+                    match api.replace(&name, &pp, &next).await {
+                        Ok(o) => o,
+                        Err(e) if code(&e) == Some(409) => continue,
+                        Err(e) => return Err(api_err(e)),
+                    }
                 }
             }
         };
@@ -321,6 +331,15 @@ async fn put<K: Object>(api: &Api<K>, want: &K) -> Result<(), RecordsError> {
     Err(RecordsError::Store(format!(
         "{name}: still conflicting after {CONFLICT_RETRIES} attempts"
     )))
+}
+
+/// A loss is never taken back (as the embedded store's puts): a writer
+/// that read the record before `strata node forget` marked it does not
+/// unmark it; the replace conflicts if the mark lands after this read.
+fn keep_loss(cur: &Option<String>, next: &mut Option<String>) {
+    if next.is_none() {
+        next.clone_from(cur);
+    }
 }
 
 async fn delete<K: Object>(api: &Api<K>, name: &str) -> Result<(), RecordsError> {
@@ -387,7 +406,9 @@ impl Records for KubeRecords {
             .map(volume_record))
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &volume_object(rec)))
+        self.block(put(&self.api(), &volume_object(rec), |cur, next| {
+            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
+        }))
     }
     fn delete_volume(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataVolume>(), id))
@@ -406,7 +427,9 @@ impl Records for KubeRecords {
             .map(snapshot_record))
     }
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &snapshot_object(rec)))
+        self.block(put(&self.api(), &snapshot_object(rec), |cur, next| {
+            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
+        }))
     }
     fn delete_snapshot(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataSnapshot>(), id))
@@ -430,7 +453,7 @@ impl Records for KubeRecords {
         Ok(all.iter().map(node_record).collect())
     }
     fn put_node(&self, rec: &NodeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &node_object(rec)))
+        self.block(put(&self.api(), &node_object(rec), |_, _| {}))
     }
     fn delete_node(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataNode>(), id))

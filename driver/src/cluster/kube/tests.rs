@@ -190,6 +190,27 @@ async fn a_conflicting_update_is_read_again_and_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_never_takes_a_loss_back() {
+    let (client, mut api) = mock_client();
+    let r = records(client);
+    // A writer that read the record before `strata node forget` marked
+    // it: its move ended (node n2 now), and it knows nothing of the loss.
+    let mut want = record(RecordState::Ready);
+    want.node = "n2".into();
+    let put = tokio::task::spawn_blocking(move || r.put_volume(&want));
+    let path = format!("{VOLUMES}/v1");
+    let mut marked = stored(Some("Ready"), "5", 4096);
+    marked["spec"]["lostWith"] = json!("n1");
+    expect(&mut api, "GET", &path, 200, marked.clone()).await;
+    let written = expect(&mut api, "PUT", &path, 200, marked).await;
+    assert_eq!(written["metadata"]["resourceVersion"], "5");
+    assert_eq!(written["spec"]["node"], "n2");
+    assert_eq!(written["spec"]["lostWith"], "n1", "{written}");
+    put.await.unwrap().unwrap();
+    expect_quiet(&mut api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_status_update_is_retried_and_gives_up_after_a_few() {
     let (client, mut api) = mock_client();
     let r = records(client);
