@@ -4019,6 +4019,24 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
         .snapshot
         .unwrap()
         .snapshot_id;
+    let mut g = csi_proto::csi::v1::group_controller_client::GroupControllerClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    let group_h = || CreateVolumeGroupSnapshotRequest {
+        name: "vgs-h".into(),
+        source_volume_ids: vec![placed.clone()],
+        ..Default::default()
+    };
+    let member = g
+        .create_volume_group_snapshot(group_h())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap()
+        .snapshots[0]
+        .snapshot_id
+        .clone();
     let from_snap2 = |name: &str| {
         with_requirements(
             c::create_from(
@@ -4270,6 +4288,13 @@ async fn a_node_gone_for_good_is_forgotten_and_what_waited_for_it_finishes() {
             .unwrap_err(),
     );
     assert!(!has_snapshot(&n2.agent, &tls, &snap2).await);
+    // A group with a lost member is cut again: its members go.
+    let mut g = csi_proto::csi::v1::group_controller_client::GroupControllerClient::new(
+        c::channel(ctl.csi_socket()).await,
+    );
+    assert!(has_snapshot(&n2.agent, &tls, &member).await);
+    lost(g.create_volume_group_snapshot(group_h()).await.unwrap_err());
+    assert!(!has_snapshot(&n2.agent, &tls, &member).await);
     let again = created(
         &mut cc,
         pinned(with_requirements(

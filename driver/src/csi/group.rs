@@ -115,8 +115,12 @@ impl GroupController for ControllerService {
                 .collect();
             had.sort_unstable();
             // A group left half made may have lost some members' records
-            // already (its undo stopped half way too).
-            let whole = existing.iter().all(|m| m.state == RecordState::Ready);
+            // already (its undo stopped half way too). One with a member
+            // lost with a forgotten node is cut again, as a lost snapshot
+            // asked for again is taken again (`create_snapshot`).
+            let whole = existing
+                .iter()
+                .all(|m| m.state == RecordState::Ready && m.lost_with.is_none());
             let same = if whole {
                 had == wanted
             } else {
@@ -135,7 +139,7 @@ impl GroupController for ControllerService {
                 }));
             }
             // An earlier call stopped half way: its cut may not be whole.
-            tracing::info!(group = %req.name, "a group snapshot left half made is cut again");
+            tracing::info!(group = %req.name, "a group snapshot left half made (or with a member lost) is cut again");
             self.drop_members(&existing).await?;
         }
 
