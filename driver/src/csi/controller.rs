@@ -693,7 +693,7 @@ impl Controller for ControllerService {
 
         let name = req.name.clone();
         let mut existing = self.records(move |r| r.volume_by_name(&name)).await?;
-        if let Some(rec) = existing.take_if(|rec| matches!(self.lost_volume(rec), Ok(Some(_)))) {
+        if let Some(rec) = existing.take_if(|rec| rec.lost_with.is_some()) {
             // Lost with a forgotten node before the CO learnt of it: a CO
             // asks again under a name only until it has the answer, so no
             // PV names this volume and nobody wrote to it. It is made

@@ -140,7 +140,12 @@ impl GroupController for ControllerService {
             }
             // An earlier call stopped half way: its cut may not be whole.
             tracing::info!(group = %req.name, "a group snapshot left half made (or with a member lost) is cut again");
-            self.drop_members(&existing).await?;
+            // Its lost members last: should another fail to go, the next
+            // call still finds the group lost, not whole for fewer volumes.
+            let (lost, others): (Vec<_>, Vec<_>) =
+                existing.into_iter().partition(|m| m.lost_with.is_some());
+            self.drop_members(&others).await?;
+            self.drop_members(&lost).await?;
         }
 
         let mut by_node: BTreeMap<String, Vec<usize>> = BTreeMap::new();
