@@ -356,6 +356,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .initial_stream_window_size(crate::tls::SERVER_STREAM_WINDOW)
                 .initial_connection_window_size(crate::tls::SERVER_CONNECTION_WINDOW)
                 .max_frame_size(crate::tls::H2_MAX_FRAME)
+                .max_concurrent_streams(crate::tls::SERVER_MAX_STREAMS)
+                .http2_keepalive_interval(Some(crate::tls::SERVER_KEEPALIVE.0))
+                .http2_keepalive_timeout(Some(crate::tls::SERVER_KEEPALIVE.1))
                 .add_service(AgentServer::new(agent))
                 .add_service(
                     PeerServer::new(peer)

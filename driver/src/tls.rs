@@ -34,6 +34,14 @@ pub const SERVER_CONNECTION_WINDOW: u32 = 16 << 20;
 pub const CLIENT_CONNECTION_WINDOW: u32 = 32 << 20;
 /// The largest HTTP/2 frame: one request's data in one frame.
 pub const H2_MAX_FRAME: u32 = 1 << 20;
+/// Requests one connection to the agent port may have open at once (each
+/// may buffer up to a message, about a MiB; a data path's copy or remote
+/// I/O over the RPCs keeps at most a few dozen in flight).
+pub const SERVER_MAX_STREAMS: u32 = 128;
+/// How often the agent port pings a connection that sends nothing, and
+/// how long it waits for the answer before it closes the connection.
+pub const SERVER_KEEPALIVE: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(20));
 
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";

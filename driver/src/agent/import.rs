@@ -68,8 +68,24 @@ struct Live {
     asked: AtomicU64,
     synced: AtomicU64,
     failed: Mutex<Option<Status>>,
-    stop: AtomicBool,
+    stop: Stop,
     finished: AtomicBool,
+}
+
+/// Set to stop a copy: a DeleteVolume of its volume here, or a newer copy
+/// of it. The copy's source sees it too ([`crate::peer::Peers::open_until`]),
+/// so a copy waiting on a source that does not answer stops at once, not
+/// after [`crate::peer::RETRY_FOR`].
+type Stop = Arc<AtomicBool>;
+
+/// ABORTED once `stop` is set.
+fn stopped(stop: &AtomicBool) -> Result<(), Status> {
+    if stop.load(Ordering::Acquire) {
+        return Err(Status::aborted(
+            "the copy was stopped (its volume is being deleted here, or copied anew)",
+        ));
+    }
+    Ok(())
 }
 
 /// Changes below this are copied under the hold (at worst 128 separate
@@ -127,6 +143,8 @@ const ROUND_RANGES: u32 = 1 << 14;
 struct Copy {
     grant: String,
     state: CopyState,
+    /// Stops it while it runs (a copy first; a fill just stops).
+    stop: Stop,
 }
 
 #[derive(Debug)]
@@ -179,11 +197,13 @@ impl Imports {
             }
         }
         let progress = Arc::new(AtomicU64::new(0));
+        let stop = Stop::default();
         copies.insert(
             vid,
             Copy {
                 grant: req.grant.clone(),
                 state: CopyState::Running(Arc::clone(&progress), req.lazy),
+                stop: Arc::clone(&stop),
             },
         );
         drop(copies);
@@ -193,7 +213,7 @@ impl Imports {
             if req.lazy {
                 imports.fill(core, vid, progress)
             } else {
-                copy(core, vid, &req, progress)
+                copy(core, vid, &req, progress, &stop)
             }
         });
         Ok(reply(0, false))
@@ -218,11 +238,12 @@ impl Imports {
                     CopyState::Failed(s)
                 }
             };
+            let stop = Stop::default();
             imports
                 .copies
                 .lock()
                 .expect("imports")
-                .insert(vid, Copy { grant, state });
+                .insert(vid, Copy { grant, state, stop });
         });
     }
 
@@ -253,6 +274,7 @@ impl Imports {
                 Copy {
                     grant: grant.clone(),
                     state: CopyState::Running(Arc::clone(&progress), true),
+                    stop: Stop::default(),
                 },
             );
             drop(copies);
@@ -332,10 +354,14 @@ impl Imports {
             .is_some_and(|l| !l.finished.load(Ordering::Acquire))
     }
 
-    /// Stops a live copy into `vid` (at its next round).
-    pub fn stop_live(&self, vid: VolumeId) {
+    /// Stops the copies into `vid`: a live one, and a copy first (both
+    /// at their next step, or their source's next attempt).
+    pub fn stop_copies(&self, vid: VolumeId) {
         if let Some(l) = self.live.lock().expect("live copies").get(&vid) {
             l.stop.store(true, Ordering::Release);
+        }
+        if let Some(c) = self.copies.lock().expect("imports").get(&vid) {
+            c.stop.store(true, Ordering::Release);
         }
     }
 
@@ -410,6 +436,7 @@ fn open_source(
     core: &Core,
     vid: VolumeId,
     req: &ImportRequest,
+    stop: Option<&Stop>,
 ) -> Result<Arc<RemoteVolume>, Status> {
     let node = core.node.as_ref().ok_or_else(|| {
         Status::failed_precondition("this process serves no node: it cannot copy volumes")
@@ -422,7 +449,7 @@ fn open_source(
     };
     node.peers()
         .map_err(status::node)?
-        .open(&target, None)
+        .open_until(&target, None, stop.cloned())
         .map_err(status::engine)
 }
 
@@ -470,7 +497,7 @@ impl Imports {
                     .is_ok_and(|f| f.source.grant == req.grant) =>
             {
                 if !vol.backing_connected() {
-                    self.connect(&vol, open_source(core, vid, req)?)?;
+                    self.connect(&vol, open_source(core, vid, req, None)?)?;
                 }
                 return Ok(());
             }
@@ -484,7 +511,7 @@ impl Imports {
             (_, Err(Error::VolumeNotFound(_))) => {}
             (_, Err(e)) => return Err(status::engine(e)),
         }
-        let source = open_source(core, vid, req)?;
+        let source = open_source(core, vid, req, None)?;
         let size = Backing::size(source.as_ref());
         if size != create.size_bytes {
             return Err(Status::failed_precondition(format!(
@@ -534,7 +561,7 @@ impl Imports {
             return Ok(());
         }
         // Opened first: it checks the new address and grant.
-        let fresh = open_source(core, vid, req)?;
+        let fresh = open_source(core, vid, req, None)?;
         record.source = fresh.target();
         let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
         pool.set_fetch_record(vid, &bytes).map_err(status::engine)?;
@@ -616,7 +643,7 @@ impl Imports {
         let bucket =
             (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
         each_data_chunk(&source, record.size_bytes, |at, n, _| {
-            throttle(pool, bucket.as_ref(), n);
+            throttle(pool, bucket.as_ref(), n, None)?;
             let filled = volume.fill(at, n as u64).map_err(status::engine)?;
             copied.fetch_add(filled, Ordering::Relaxed);
             crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
@@ -645,12 +672,25 @@ impl Imports {
 
 /// Waits for the byte budgets of a copy's `n` bytes: the move's own (the
 /// controller's `--move-rate`) and this node's, which merges share
-/// (`--node-job-rate`).
-fn throttle(pool: &Pool, bucket: Option<&Bucket>, n: usize) {
-    if let Some(b) = bucket {
-        b.take(n as u64);
+/// (`--node-job-rate`); ABORTED if `stop` is set meanwhile.
+fn throttle(
+    pool: &Pool,
+    bucket: Option<&Bucket>,
+    n: usize,
+    stop: Option<&AtomicBool>,
+) -> Result<(), Status> {
+    let own = bucket.map_or(std::time::Duration::ZERO, |b| b.charge(n as u64));
+    let until = std::time::Instant::now() + own.max(pool.charge_node_budget(n as u64));
+    loop {
+        if let Some(stop) = stop {
+            stopped(stop)?;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
     }
-    pool.take_node_budget(n as u64);
 }
 
 /// Pieces of a copy in flight at once: each a request to the source
@@ -765,11 +805,12 @@ fn copy(
     vid: VolumeId,
     req: &ImportRequest,
     copied: &AtomicU64,
+    stop: &Stop,
 ) -> Result<u64, Status> {
     let create = check_request(req)?;
     let base = base_of(req)?;
     check_unused(core, vid)?;
-    let source = open_source(core, vid, req)?;
+    let source = open_source(core, vid, req, Some(stop))?;
     let size = Backing::size(source.as_ref());
     if size != create.size_bytes {
         return Err(Status::failed_precondition(format!(
@@ -820,12 +861,13 @@ fn copy(
             ranges,
             GAP_MAX,
             Some(bucket.as_ref()),
+            stop,
         )?;
         copied.fetch_add(n, Ordering::Relaxed);
         crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
     } else {
         each_data_chunk(&source, size, |at, n, buf| {
-            throttle(pool, bucket.as_ref(), n);
+            throttle(pool, bucket.as_ref(), n, Some(stop))?;
             buf.resize(n, 0);
             Backing::read(source.as_ref(), at, buf).map_err(status::engine)?;
             exempt(|| volume.write(at, buf, false)).map_err(status::engine)?;
@@ -843,10 +885,10 @@ fn copy(
 /// zeros) until stopped or the source ends the move's grant.
 fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Result<(), Status> {
     let started = std::time::Instant::now();
-    let bytes = copy(core, vid, req, &l.copied)?;
+    let bytes = copy(core, vid, req, &l.copied, &l.stop)?;
     let gap = coalesce_gap(bytes, started.elapsed());
     tracing::info!(volume = %vid, bytes, gap, "a live move copied the volume: now its changes");
-    let source = open_source(core, vid, req)?;
+    let source = open_source(core, vid, req, Some(&l.stop))?;
     let volume = core.pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
     // The last batch copied and flushed here.
@@ -861,7 +903,7 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
         // The last delta (a final round asked for) is not throttled.
         let throttled = want <= l.synced.load(Ordering::Acquire);
         let budget = throttled.then_some(bucket.as_ref());
-        let bytes = copy_ranges(&core.pool, &source, &volume, ranges, gap, budget)?;
+        let bytes = copy_ranges(&core.pool, &source, &volume, ranges, gap, budget, &l.stop)?;
         // Confirmed (with the next take) only once durable here: the
         // source seals only when it handed out every change and heard
         // each was confirmed.
@@ -895,7 +937,8 @@ fn copy_live(core: &Core, vid: VolumeId, req: &ImportRequest, l: &Live) -> Resul
 /// Copies `ranges` (in order) of the source into `volume`: read where
 /// the source holds data (ranges closer than `gap` read as one), zeroed
 /// here elsewhere, zeros as zeros. Throttled by `budget` (the move's
-/// bucket, and this node's) unless it is `None`; the bytes read.
+/// bucket, and this node's) unless it is `None`; ABORTED once `stop` is
+/// set. The bytes read.
 fn copy_ranges(
     pool: &Pool,
     source: &RemoteVolume,
@@ -903,6 +946,7 @@ fn copy_ranges(
     ranges: Vec<(u64, u64)>,
     gap: u64,
     budget: Option<Option<&Bucket>>,
+    stop: &AtomicBool,
 ) -> Result<u64, Status> {
     let ranges = coalesce(data_of(source, volume, ranges)?, gap);
     let bytes = ranges.iter().map(|(_, length)| length).sum::<u64>();
@@ -913,8 +957,9 @@ fn copy_ranges(
                 .try_for_each(|(offset, length)| split(offset, length, piece))
         },
         |at, n, buf| {
-            if let Some(bucket) = budget {
-                throttle(pool, bucket, n);
+            match budget {
+                Some(bucket) => throttle(pool, bucket, n, Some(stop))?,
+                None => stopped(stop)?,
             }
             buf.resize(n, 0);
             Backing::read(source, at, buf).map_err(status::engine)?;

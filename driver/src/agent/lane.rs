@@ -64,6 +64,42 @@ pub const HANDSHAKE: Duration = Duration::from_secs(10);
 /// TLS handshakes under way at once on the agent port; connections
 /// beyond are closed at once.
 pub const MAX_HANDSHAKES: usize = 128;
+/// ... and from one address: one client without a certificate cannot take
+/// them all.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
+
+/// A handshake's place among those under way from its address.
+struct Handshaking {
+    from: IpAddr,
+    of: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Handshaking {
+    fn begin(of: &Arc<Mutex<HashMap<IpAddr, usize>>>, from: IpAddr) -> Option<Self> {
+        let mut by_peer = of.lock().expect("handshakes");
+        let n = by_peer.entry(from).or_default();
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Handshaking {
+            from,
+            of: Arc::clone(of),
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut by_peer = self.of.lock().expect("handshakes");
+        if let Some(n) = by_peer.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.from);
+            }
+        }
+    }
+}
 
 /// The agent port's connections: each TLS handshake runs in a task of its
 /// own; gRPC ones (ALPN `h2`, or none) come out of the stream for tonic,
@@ -76,6 +112,7 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let by_peer = Arc::default();
     tokio::spawn(async move {
         loop {
             // Until tonic stops taking connections (the server stopped).
@@ -94,6 +131,10 @@ pub fn incoming(
             };
             // Before a certificate is seen, a connection costs a task and
             // a descriptor for up to HANDSHAKE: a bounded number of them.
+            let Some(mine) = Handshaking::begin(&by_peer, from.ip()) else {
+                tracing::warn!(%from, "agent port: {MAX_HANDSHAKES_PER_PEER} TLS handshakes under way from this address; connection dropped");
+                continue;
+            };
             let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
                 tracing::warn!(%from, "agent port: {MAX_HANDSHAKES} TLS handshakes under way; connection dropped");
                 continue;
@@ -104,7 +145,7 @@ pub fn incoming(
                     tracing::debug!(%from, error = %e, "agent port: nodelay");
                 }
                 let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
-                drop(permit);
+                drop((permit, mine));
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -396,6 +437,21 @@ mod tests {
         };
         assert_eq!(reply.code, tonic::Code::Internal as i32, "{reply:?}");
         assert!(matches!(answer(|| Ok(Answer::Read(7))), Answer::Read(7)));
+    }
+
+    #[test]
+    fn one_address_takes_a_bounded_share_of_the_handshakes() {
+        let of = Arc::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut from_a: Vec<_> = (0..MAX_HANDSHAKES_PER_PEER)
+            .map(|_| Handshaking::begin(&of, a).expect("under the cap"))
+            .collect();
+        assert!(Handshaking::begin(&of, a).is_none());
+        let from_b = Handshaking::begin(&of, b).expect("another address");
+        from_a.pop();
+        assert!(Handshaking::begin(&of, a).is_some());
+        drop((from_a, from_b));
+        assert!(of.lock().unwrap().is_empty());
     }
 
     #[test]

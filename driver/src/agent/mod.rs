@@ -293,10 +293,11 @@ impl Agent for AgentService {
             return Ok(Response::new(DeleteReply {}));
         };
         let node_id = self.node_id.clone();
-        // A live move's copy stops at its next round.
-        self.imports.stop_live(vid);
+        // A move's copy into it stops at its next step (also one waiting
+        // on a source that does not answer).
+        self.imports.stop_copies(vid);
         for _ in 0..500 {
-            if !self.imports.live_running(vid) {
+            if !self.imports.copying(vid) && !self.imports.live_running(vid) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -319,7 +320,7 @@ impl Agent for AgentService {
         })
         .await?;
         self.imports.forget(vid);
-        self.attachments.forget(vid);
+        self.attachments.forget(vid).await;
         self.metrics.forget_export(&vid.to_string());
         Ok(Response::new(DeleteReply {}))
     }
@@ -750,7 +751,7 @@ impl Agent for AgentService {
         }
         if req.live {
             if !self.imports.live_running(vid) {
-                self.attachments.forget(vid);
+                self.attachments.forget(vid).await;
             }
             return Ok(Response::new(self.imports.poll_live(
                 &self.started,
@@ -777,7 +778,7 @@ impl Agent for AgentService {
         } else if !self.imports.copying(vid) {
             // The volume is made afresh: no fence of an earlier copy of it
             // on this node (moved away before) may outlive that copy.
-            self.attachments.forget(vid);
+            self.attachments.forget(vid).await;
         }
         Ok(Response::new(self.imports.poll(&self.started, vid, req)?))
     }

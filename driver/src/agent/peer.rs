@@ -154,8 +154,10 @@ impl Attachments {
 
     /// Forgets what this process knew of a volume's attachment (the volume
     /// was deleted; a volume of the same ID made later, by a move back to
-    /// this node, starts afresh).
-    pub fn forget(&self, vid: VolumeId) {
+    /// this node, starts afresh). Not while an Attach, Detach or Seal
+    /// runs: those count on the fence they loaded.
+    pub async fn forget(&self, vid: VolumeId) {
+        let _one = self.changes.lock().await;
         let mut fences = self.fences.lock().expect("fences");
         if fences.get(&vid).is_some_and(|f| f.current + f.older == 0) {
             fences.remove(&vid);
@@ -624,11 +626,15 @@ impl PeerService {
                 g.session
             )));
         }
-        self.attachments.load(&self.started, vid).await?;
         loop {
+            self.attachments.load(&self.started, vid).await?;
             {
                 let mut fences = self.attachments.fences.lock().expect("fences");
-                let f = fences.get_mut(&vid).expect("loaded");
+                // Forgotten meanwhile (a delete, or a move's new copy of
+                // the volume): loaded again, or NOT_FOUND.
+                let Some(f) = fences.get_mut(&vid) else {
+                    continue;
+                };
                 if f.mover.as_ref() == Some(&(g.node_id.clone(), g.epoch)) && g.read_only {
                     if writes {
                         return Err(Status::failed_precondition(format!(
@@ -1167,7 +1173,7 @@ mod tests {
         b.attach(&st, vid, "n1", false).await.unwrap();
         // Deleted and made again here (moved back): a fresh start.
         st.get().unwrap().pool.delete_volume(vid).unwrap();
-        b.forget(vid);
+        b.forget(vid).await;
         st.get()
             .unwrap()
             .pool

@@ -837,11 +837,11 @@ impl Pool {
         txn.commit()
     }
 
-    /// Waits until this node's byte budget for background copies
-    /// (`JobConfig::node_bytes_per_sec`, which merges draw on too) has
-    /// `bytes` for a copy between nodes; how long it waited.
-    pub fn take_node_budget(&self, bytes: u64) -> Duration {
-        self.inner.jobs.node_bucket.take(bytes)
+    /// Takes `bytes` for a copy between nodes from this node's byte budget
+    /// for background copies (`JobConfig::node_bytes_per_sec`, which merges
+    /// draw on too): how long the caller must wait before it uses them.
+    pub fn charge_node_budget(&self, bytes: u64) -> Duration {
+        self.inner.jobs.node_bucket.charge(bytes)
     }
 
     /// Fetching volumes and their records.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,20 @@ impl Peers {
     /// serving an attachment again while the owner may be away); without,
     /// the owner is asked, which also checks the grant.
     pub fn open(&self, target: &Target, size: Option<u64>) -> Result<Arc<RemoteVolume>> {
+        self.open_until(target, size, None)
+    }
+
+    /// [`Self::open`], for a caller that may give up: once `stop` is set,
+    /// every call of the volume (its opening too) fails at its next
+    /// attempt instead of retrying while the owner is away.
+    pub fn open_until(
+        &self,
+        target: &Target,
+        size: Option<u64>,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Result<Arc<RemoteVolume>> {
         let v = Arc::new(RemoteVolume {
+            stop,
             link: Mutex::new(self.link(target)?),
             peers: self.clone(),
             size: AtomicU64::new(size.unwrap_or(0)),
@@ -156,9 +169,39 @@ struct Link {
 struct Durability {
     /// The owner boot under which writes not yet flushed were answered.
     unflushed_on: Option<String>,
+    /// Writes answered so far: a flush covers those answered before it was
+    /// sent, not one answered while it was on its way.
+    writes: u64,
     /// The owner rebooted while it held writes it had answered and not
     /// flushed: they may be gone, and every flush fails from then on.
     lost: bool,
+}
+
+impl Durability {
+    /// Notes a request's answer under the owner's `boot`; false for a
+    /// flush after a loss (it must fail).
+    fn answered(&mut self, effect: Effect, boot: Option<&str>, writes_sent: u64) -> bool {
+        if let (Some(boot), Some(before)) = (boot, &self.unflushed_on)
+            && boot != before
+        {
+            self.lost = true;
+        }
+        match effect {
+            Effect::None => {}
+            Effect::Unflushed => {
+                self.writes += 1;
+                if self.unflushed_on.is_none() {
+                    self.unflushed_on = boot.map(str::to_string);
+                }
+            }
+            Effect::Flush if self.lost => return false,
+            // Writes answered after it was sent stay unflushed (under the
+            // boot recorded: a reboot since is caught above).
+            Effect::Flush if self.writes == writes_sent => self.unflushed_on = None,
+            Effect::Flush => {}
+        }
+        true
+    }
 }
 
 /// What a request does to the durability of earlier writes.
@@ -188,6 +231,8 @@ pub struct RemoteVolume {
     /// a request whose outcome is unknown is sent again.
     session: AtomicU64,
     durability: Mutex<Durability>,
+    /// Set: the caller gave up (see [`Peers::open_until`]).
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// Whether a failed call may succeed later: the owner is away (restart,
@@ -261,8 +306,17 @@ impl RemoteVolume {
         let metrics = &self.peers.metrics;
         loop {
             let link = self.link();
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Acquire))
+            {
+                let why = Status::aborted("its reader stopped (the copy it served ends)");
+                return Err(remote_error(&link.target, op, why));
+            }
             let owner = &link.target.owner;
             let session = self.session.load(Ordering::Acquire);
+            let writes = self.durability.lock().expect("durability").writes;
             let grant = pb::Grant {
                 session,
                 ..link.grant.clone()
@@ -275,7 +329,7 @@ impl RemoteVolume {
                         Payload::Sent(n) => metrics.peer_bytes(owner, true, n),
                         Payload::Received(n) => metrics.peer_bytes(owner, false, n),
                     }
-                    self.answered(&link.target, op, effect, boot.as_deref())?;
+                    self.answered(&link.target, op, effect, boot.as_deref(), writes)?;
                     return Ok(r);
                 }
                 // Refused unexecuted: a newer session of this attachment
@@ -380,40 +434,31 @@ impl RemoteVolume {
     }
 
     /// Keeps track of the owner's boots for the flushes (see
-    /// [`Durability`]); a flush after a loss fails.
+    /// [`Durability`]); a flush after a loss fails. `writes_sent`: the
+    /// writes answered when the request was sent.
     fn answered(
         &self,
         t: &Target,
         op: &'static str,
         effect: Effect,
         boot: Option<&str>,
+        writes_sent: u64,
     ) -> Result<()> {
         let mut d = self.durability.lock().expect("durability");
-        if let (Some(boot), Some(before)) = (boot, &d.unflushed_on)
-            && boot != before
-            && !d.lost
-        {
+        let was_lost = d.lost;
+        let flushed = d.answered(effect, boot, writes_sent);
+        if d.lost && !was_lost {
             tracing::error!(volume = %t.volume_id, owner = %t.owner, "the owner rebooted while it held writes it had not flushed: they may be lost; every flush fails from now on");
-            d.lost = true;
         }
-        match effect {
-            Effect::None => {}
-            Effect::Unflushed => {
-                if d.unflushed_on.is_none() {
-                    d.unflushed_on = boot.map(str::to_string);
-                }
-            }
-            Effect::Flush if d.lost => {
-                return Err(remote_error(
-                    t,
-                    op,
-                    Status::data_loss(
-                        "the owner rebooted while it held acknowledged writes it had not \
-                         flushed; they may be lost",
-                    ),
-                ));
-            }
-            Effect::Flush => d.unflushed_on = None,
+        if !flushed {
+            return Err(remote_error(
+                t,
+                op,
+                Status::data_loss(
+                    "the owner rebooted while it held acknowledged writes it had not \
+                     flushed; they may be lost",
+                ),
+            ));
         }
         Ok(())
     }
@@ -662,5 +707,33 @@ impl RemoteDevice for RemoteVolume {
             }
             other => other.map(drop),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Durability, Effect};
+
+    /// A flush covers the writes answered before it was sent: one answered
+    /// while it was on its way stays unflushed, and the owner's reboot
+    /// before the next flush fails that flush.
+    #[test]
+    fn a_flush_does_not_cover_a_write_answered_while_it_was_on_its_way() {
+        let mut d = Durability::default();
+        assert!(d.answered(Effect::Unflushed, Some("b1"), 0));
+        let sent = d.writes;
+        assert!(d.answered(Effect::Unflushed, Some("b1"), sent));
+        assert!(d.answered(Effect::Flush, Some("b1"), sent));
+        assert_eq!(d.unflushed_on.as_deref(), Some("b1"));
+        // The owner rebooted: the second write may be gone.
+        assert!(d.answered(Effect::None, Some("b2"), d.writes));
+        assert!(!d.answered(Effect::Flush, Some("b2"), d.writes));
+        // Sent after the write was answered, a flush covers it.
+        let mut d = Durability::default();
+        assert!(d.answered(Effect::Unflushed, Some("b1"), 0));
+        assert!(d.answered(Effect::Flush, Some("b1"), d.writes));
+        assert_eq!(d.unflushed_on, None);
+        assert!(d.answered(Effect::Flush, Some("b2"), d.writes));
+        assert!(!d.lost);
     }
 }

@@ -38,23 +38,27 @@ impl Bucket {
     /// Takes `cost` bytes, sleeping until the bucket has them; returns how
     /// long it waited.
     pub(crate) fn take(&self, cost: u64) -> Duration {
-        let wait = {
-            let mut s = self.state.lock().expect("bucket");
-            let now = Instant::now();
-            let refill = now.duration_since(s.1).as_secs_f64() * self.rate as f64;
-            s.0 = (s.0 + refill).min(self.rate as f64);
-            s.1 = now;
-            s.0 -= cost as f64;
-            if s.0 >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-s.0 / self.rate as f64)
-            }
-        };
+        let wait = self.charge(cost);
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
         wait
+    }
+
+    /// Takes `cost` bytes without waiting: how long the caller must wait
+    /// before it uses them.
+    pub(crate) fn charge(&self, cost: u64) -> Duration {
+        let mut s = self.state.lock().expect("bucket");
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate as f64;
+        s.0 = (s.0 + refill).min(self.rate as f64);
+        s.1 = now;
+        s.0 -= cost as f64;
+        if s.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-s.0 / self.rate as f64)
+        }
     }
 }
 
