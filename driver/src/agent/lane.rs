@@ -24,7 +24,8 @@
 //! RPCs), a frame of at most
 //! [`crate::peer::MAX_FRAME`] bytes (its buffer grows as its data
 //! arrives), [`IDLE`] without a request ends a lane, and a TLS handshake
-//! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once. A frame too
+//! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once and
+//! [`MAX_HANDSHAKES_PER_PEER`] from one address. A frame too
 //! large or that does not decode ends that connection with a log line,
 //! nothing else.
 
