@@ -74,8 +74,9 @@ struct Live {
 
 /// Set to stop a copy: a DeleteVolume of its volume here, or a newer copy
 /// of it. The copy's source sees it too ([`crate::peer::Peers::open_until`]),
-/// so a copy waiting on a source that does not answer stops at once, not
-/// after [`crate::peer::RETRY_FOR`].
+/// so a copy retrying a source that is away stops at its next attempt, not
+/// after [`crate::peer::RETRY_FOR`] (a request already sent still waits
+/// for its answer or its timeout).
 type Stop = Arc<AtomicBool>;
 
 /// ABORTED once `stop` is set.
@@ -334,8 +335,9 @@ impl Imports {
                 .get()
                 .and_then(|core| copy_live(core, vid, &req, &live));
             if let Err(s) = outcome {
-                // Once the move sealed the source, its grant ends: expected.
-                if live.synced.load(Ordering::Acquire) == 0 {
+                // Once the move sealed the source, its grant ends; a stop
+                // (a delete, a newer copy) ends it too: both expected.
+                if live.synced.load(Ordering::Acquire) == 0 && !live.stop.load(Ordering::Acquire) {
                     tracing::warn!(volume = %vid, error = %s.message(), "a live move's copy failed");
                 }
                 *live.failed.lock().expect("failure") = Some(s);

@@ -66,8 +66,9 @@ pub const HANDSHAKE: Duration = Duration::from_secs(10);
 /// beyond are closed at once.
 pub const MAX_HANDSHAKES: usize = 128;
 /// ... and from one address: one client without a certificate cannot take
-/// them all.
-pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
+/// them all, and a node that dials all its lanes at once (its owner back
+/// after a restart) still gets them.
+pub const MAX_HANDSHAKES_PER_PEER: usize = MAX_LANES_PER_PEER;
 
 /// A handshake's place among those under way from its address.
 struct Handshaking {

@@ -293,8 +293,8 @@ impl Agent for AgentService {
             return Ok(Response::new(DeleteReply {}));
         };
         let node_id = self.node_id.clone();
-        // A move's copy into it stops at its next step (also one waiting
-        // on a source that does not answer).
+        // A move's copy into it stops at its next step (also between its
+        // source's retries).
         self.imports.stop_copies(vid);
         for _ in 0..500 {
             if !self.imports.copying(vid) && !self.imports.live_running(vid) {
