@@ -396,8 +396,7 @@ impl Moves {
                 Some(mut current) => {
                     (current.node, current.moving) = (node, moving);
                     current.lost_with = current.lost_with.or(lost_with);
-                    r.put_volume(&current)?;
-                    Ok(true)
+                    r.update_volume(&current)
                 }
                 None => Ok(false),
             })
@@ -967,7 +966,7 @@ impl Moves {
             self.store(move |r| {
                 if let Some(mut v) = r.volume(&id)? {
                     v.lost_with.get_or_insert(with);
-                    r.put_volume(&v)?;
+                    r.update_volume(&v)?;
                 }
                 Ok(())
             })

@@ -148,10 +148,15 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>>;
     fn volume(&self, id: &str) -> Result<Option<VolumeRecord>>;
     fn put_volume(&self, rec: &VolumeRecord) -> Result<()>;
+    /// [`Self::put_volume`] only over a record that is there (a writer that
+    /// read it must not bring back one deleted since); whether it wrote.
+    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool>;
     fn delete_volume(&self, id: &str) -> Result<()>;
     fn snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>>;
     fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>>;
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()>;
+    /// As [`Self::update_volume`].
+    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool>;
     fn delete_snapshot(&self, id: &str) -> Result<()>;
     /// Every volume, sorted by ID.
     fn volumes(&self) -> Result<Vec<VolumeRecord>>;
@@ -317,25 +322,31 @@ impl EmbeddedRecords {
         Ok(t.get(name).map_err(store)?.map(|v| v.value().to_string()))
     }
 
+    /// Writes what `value` makes of the record stored (`None`: write
+    /// nothing); whether it wrote.
     fn put(
         &self,
         table: TableDefinition<&str, &[u8]>,
         names: TableDefinition<&str, &str>,
         id: &str,
         name: &str,
-        value: impl FnOnce(Option<&[u8]>) -> Vec<u8>,
-    ) -> Result<()> {
+        value: impl FnOnce(Option<&[u8]>) -> Option<Vec<u8>>,
+    ) -> Result<bool> {
         let txn = self.db.begin_write().map_err(store)?;
         {
             let mut t = txn.open_table(table).map_err(store)?;
             let value = value(t.get(id).map_err(store)?.as_ref().map(|v| v.value()));
+            let Some(value) = value else {
+                return Ok(false);
+            };
             t.insert(id, value.as_slice()).map_err(store)?;
         }
         txn.open_table(names)
             .map_err(store)?
             .insert(name, id)
             .map_err(store)?;
-        txn.commit().map_err(store)
+        txn.commit().map_err(store)?;
+        Ok(true)
     }
 
     fn delete(
@@ -377,7 +388,13 @@ impl Records for EmbeddedRecords {
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
         self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, |old| {
-            json(&keep_loss(rec, old))
+            Some(json(&keep_loss(rec, old)))
+        })
+        .map(drop)
+    }
+    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool> {
+        self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, |old| {
+            old.map(|old| json(&keep_loss(rec, Some(old))))
         })
     }
     fn delete_volume(&self, id: &str) -> Result<()> {
@@ -402,7 +419,17 @@ impl Records for EmbeddedRecords {
             SNAPSHOT_NAMES,
             &rec.snapshot_id,
             &rec.name,
-            |old| json(&keep_loss(rec, old)),
+            |old| Some(json(&keep_loss(rec, old))),
+        )
+        .map(drop)
+    }
+    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool> {
+        self.put(
+            SNAPSHOTS,
+            SNAPSHOT_NAMES,
+            &rec.snapshot_id,
+            &rec.name,
+            |old| old.map(|old| json(&keep_loss(rec, Some(old)))),
         )
     }
     fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -612,6 +639,23 @@ mod tests {
         r.put_snapshot(&read_before).unwrap();
         let now = r.snapshot("s-1").unwrap().unwrap();
         assert_eq!(now.lost_with.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn an_update_never_brings_back_a_deleted_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = EmbeddedRecords::open(&dir.path().join("records.redb")).unwrap();
+        let mut v = volume("pvc-1", "id-1");
+        assert!(!r.update_volume(&v).unwrap());
+        assert!(r.volume("id-1").unwrap().is_none());
+        assert!(r.volume_by_name("pvc-1").unwrap().is_none());
+        r.put_volume(&v).unwrap();
+        v.node = "m".into();
+        assert!(r.update_volume(&v).unwrap());
+        assert_eq!(r.volume("id-1").unwrap().unwrap().node, "m");
+        let s = snapshot("snap-1", "s-1");
+        assert!(!r.update_snapshot(&s).unwrap());
+        assert!(r.snapshot("s-1").unwrap().is_none());
     }
 
     fn snapshot(name: &str, id: &str) -> SnapshotRecord {

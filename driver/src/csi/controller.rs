@@ -1300,7 +1300,7 @@ impl Controller for ControllerService {
                 && rec.capacity_bytes != size
             {
                 rec.capacity_bytes = size;
-                r.put_volume(&rec)?;
+                r.update_volume(&rec)?;
             }
             Ok(())
         })

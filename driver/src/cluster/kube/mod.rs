@@ -285,18 +285,28 @@ impl<K> Object for K where
 {
 }
 
+/// Whether a put may create the object (an update only writes over one
+/// that is there).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Put {
+    Create,
+    Update,
+}
+
 /// Writes `want` (spec, labels and status) with optimistic concurrency;
 /// `keep` takes what must survive from the object there into the spec to
-/// write.
+/// write. Whether it wrote (an update finds no object: false).
 async fn put<K: Object>(
     api: &Api<K>,
     want: &K,
+    how: Put,
     keep: impl Fn(&K, &mut K),
-) -> Result<(), RecordsError> {
+) -> Result<bool, RecordsError> {
     let name = want.name_any();
     let pp = PostParams::default();
     for _ in 0..CONFLICT_RETRIES {
         let written = match api.get_opt(&name).await.map_err(api_err)? {
+            None if how == Put::Update => return Ok(false),
             None => match api.create(&pp, want).await {
                 Ok(o) => o,
                 Err(e) if code(&e) == Some(409) => continue,
@@ -311,20 +321,21 @@ async fn put<K: Object>(
                     next.meta_mut().resource_version = cur.resource_version();
                     match api.replace(&name, &pp, &next).await {
                         Ok(o) => o,
-                        Err(e) if code(&e) == Some(409) => continue,
+                        // Changed or deleted since it was read.
+                        Err(e) if matches!(code(&e), Some(409 | 404)) => continue,
                         Err(e) => return Err(api_err(e)),
                     }
                 }
             }
         };
         if written.status() == want.status() {
-            return Ok(());
+            return Ok(true);
         }
         let mut next = written.clone();
         *next.status_mut() = want.status().cloned();
         match api.replace_status(&name, &pp, &next).await {
-            Ok(_) => return Ok(()),
-            Err(e) if code(&e) == Some(409) => continue,
+            Ok(_) => return Ok(true),
+            Err(e) if matches!(code(&e), Some(409 | 404)) => continue,
             Err(e) => return Err(api_err(e)),
         }
     }
@@ -406,9 +417,21 @@ impl Records for KubeRecords {
             .map(volume_record))
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &volume_object(rec), |cur, next| {
-            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
-        }))
+        self.block(put(
+            &self.api(),
+            &volume_object(rec),
+            Put::Create,
+            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+        ))
+        .map(drop)
+    }
+    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool, RecordsError> {
+        self.block(put(
+            &self.api(),
+            &volume_object(rec),
+            Put::Update,
+            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+        ))
     }
     fn delete_volume(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataVolume>(), id))
@@ -427,9 +450,21 @@ impl Records for KubeRecords {
             .map(snapshot_record))
     }
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &snapshot_object(rec), |cur, next| {
-            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
-        }))
+        self.block(put(
+            &self.api(),
+            &snapshot_object(rec),
+            Put::Create,
+            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+        ))
+        .map(drop)
+    }
+    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool, RecordsError> {
+        self.block(put(
+            &self.api(),
+            &snapshot_object(rec),
+            Put::Update,
+            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+        ))
     }
     fn delete_snapshot(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataSnapshot>(), id))
@@ -453,7 +488,8 @@ impl Records for KubeRecords {
         Ok(all.iter().map(node_record).collect())
     }
     fn put_node(&self, rec: &NodeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &node_object(rec), |_, _| {}))
+        self.block(put(&self.api(), &node_object(rec), Put::Create, |_, _| {}))
+            .map(drop)
     }
     fn delete_node(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataNode>(), id))

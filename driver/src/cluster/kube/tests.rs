@@ -211,6 +211,35 @@ async fn a_put_never_takes_a_loss_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_never_brings_back_a_deleted_record() {
+    let (client, mut api) = mock_client();
+    let r = records(client);
+    let path = format!("{VOLUMES}/v1");
+    // Gone before it was read: nothing is written.
+    let rr = r.clone();
+    let put = tokio::task::spawn_blocking(move || rr.update_volume(&record(RecordState::Ready)));
+    expect(&mut api, "GET", &path, 404, status(404, "NotFound")).await;
+    assert!(!put.await.unwrap().unwrap());
+    expect_quiet(&mut api).await;
+    // Deleted between the read and the replace: read again, gone.
+    let mut want = record(RecordState::Ready);
+    want.node = "n2".into();
+    let put = tokio::task::spawn_blocking(move || r.update_volume(&want));
+    expect(
+        &mut api,
+        "GET",
+        &path,
+        200,
+        stored(Some("Ready"), "5", 4096),
+    )
+    .await;
+    expect(&mut api, "PUT", &path, 404, status(404, "NotFound")).await;
+    expect(&mut api, "GET", &path, 404, status(404, "NotFound")).await;
+    assert!(!put.await.unwrap().unwrap());
+    expect_quiet(&mut api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_status_update_is_retried_and_gives_up_after_a_few() {
     let (client, mut api) = mock_client();
     let r = records(client);

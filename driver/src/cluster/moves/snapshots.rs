@@ -429,8 +429,7 @@ impl Moves {
                 Some(mut current) => {
                     (current.node, current.moving) = (node, moving);
                     current.lost_with = current.lost_with.or(lost_with);
-                    r.put_snapshot(&current)?;
-                    Ok(true)
+                    r.update_snapshot(&current)
                 }
                 None => Ok(false),
             })
@@ -854,7 +853,7 @@ impl Moves {
                     && s.node == with
                 {
                     s.lost_with = Some(with);
-                    r.put_snapshot(&s)?;
+                    r.update_snapshot(&s)?;
                 }
                 Ok(())
             })
