@@ -364,7 +364,11 @@ impl RemoteVolume {
                     metrics.remote_retry(owner, op);
                     self.session
                         .fetch_max(session.saturating_add(1), Ordering::AcqRel);
-                    std::thread::sleep(pause);
+                    // Up to half as long again, at random: the clients
+                    // of an owner that restarted do not all come back at
+                    // the same instant.
+                    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+                    std::thread::sleep(pause + pause * jitter / 2000);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(s) => {
