@@ -23,7 +23,8 @@
 //! the others (a client over either is told so in the hello and uses the
 //! RPCs), a frame of at most
 //! [`crate::peer::MAX_FRAME`] bytes (its buffer grows as its data
-//! arrives), [`IDLE`] without a request ends a lane, and a TLS handshake
+//! arrives, and must arrive within a minute once it began), [`IDLE`]
+//! without a request ends a lane, and a TLS handshake
 //! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once and
 //! [`MAX_HANDSHAKES_PER_PEER`] from one address. A frame too
 //! large or that does not decode ends that connection with a log line,
@@ -60,6 +61,53 @@ pub const MAX_LANES_PER_PEER: usize = 64;
 pub const IDLE: Duration = Duration::from_secs(300);
 /// How long a client may take to read an answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request's frame may take to arrive once its first bytes
+/// came (give or take [`READ_SLICE`]).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest one read of a lane's socket waits.
+const READ_SLICE: Duration = Duration::from_secs(20);
+
+/// Reads one request's frame: waiting for it to begin may take [`IDLE`];
+/// once its first bytes came, the rest must come within [`FRAME_TIMEOUT`],
+/// so a client that trickles a frame cannot keep the lane (each read of
+/// the socket waits [`READ_SLICE`] at most).
+struct FrameReader<'a, S> {
+    stream: &'a mut S,
+    since: std::time::Instant,
+    began: Option<std::time::Instant>,
+}
+
+impl<'a, S: Read> FrameReader<'a, S> {
+    fn new(stream: &'a mut S) -> Self {
+        FrameReader {
+            stream,
+            since: std::time::Instant::now(),
+            began: None,
+        }
+    }
+}
+
+impl<S: Read> Read for FrameReader<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    let began = *self.began.get_or_insert_with(std::time::Instant::now);
+                    if began.elapsed() > FRAME_TIMEOUT {
+                        return Err(std::io::Error::new(TimedOut, "a frame took too long"));
+                    }
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(e.kind(), WouldBlock | TimedOut)
+                        && self.began.is_none()
+                        && self.since.elapsed() < IDLE => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 /// How long a TLS handshake may take.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);
 /// TLS handshakes under way at once on the agent port; connections
@@ -246,7 +294,7 @@ impl Lanes {
         let (tcp, conn) = tls.into_inner();
         let tcp = match tcp.into_std().and_then(|t| {
             t.set_nonblocking(false)?;
-            t.set_read_timeout(Some(IDLE))?;
+            t.set_read_timeout(Some(READ_SLICE))?;
             t.set_write_timeout(Some(WRITE_TIMEOUT))?;
             Ok(t)
         }) {
@@ -322,7 +370,7 @@ impl Lanes {
             return;
         }
         loop {
-            match read_frame(stream, &mut buf) {
+            match read_frame(&mut FrameReader::new(stream), &mut buf) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
@@ -439,6 +487,54 @@ mod tests {
         };
         assert_eq!(reply.code, tonic::Code::Internal as i32, "{reply:?}");
         assert!(matches!(answer(|| Ok(Answer::Read(7))), Answer::Read(7)));
+    }
+
+    /// A socket read that times out (as a lane's does every READ_SLICE).
+    struct Trickle(Vec<std::io::Result<Vec<u8>>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Ok(0);
+            }
+            let mut chunk = self.0.remove(0)?;
+            let n = chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.0.insert(0, Ok(chunk.split_off(n)));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_lane_waits_idle_for_a_frame_but_not_in_the_middle_of_one() {
+        let timeout = || Err(std::io::ErrorKind::WouldBlock.into());
+        let frame = |body: &[u8]| {
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            f
+        };
+        // Quiet before the frame: waited for.
+        let mut s = Trickle(vec![timeout(), timeout(), Ok(frame(b"hi"))]);
+        let mut buf = Vec::new();
+        assert!(read_frame(&mut FrameReader::new(&mut s), &mut buf).unwrap());
+        assert_eq!(buf, b"hi");
+        // Quiet in the middle of one: the lane ends.
+        let whole = frame(b"hello");
+        let mut s = Trickle(vec![
+            Ok(whole[..3].to_vec()),
+            timeout(),
+            Ok(whole[3..].to_vec()),
+        ]);
+        let e = read_frame(&mut FrameReader::new(&mut s), &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // Trickled past the frame's time: the lane ends.
+        let mut s = Trickle(vec![Ok(whole[..3].to_vec()), Ok(whole[3..].to_vec())]);
+        let mut r = FrameReader::new(&mut s);
+        r.began = Some(std::time::Instant::now() - FRAME_TIMEOUT - Duration::from_secs(1));
+        let e = read_frame(&mut r, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 
     #[test]
