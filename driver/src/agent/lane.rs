@@ -67,45 +67,84 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest one read of a lane's socket waits.
 const READ_SLICE: Duration = Duration::from_secs(20);
 
-/// Reads one request's frame: waiting for it to begin may take [`IDLE`];
-/// once its first bytes came, the rest must come within [`FRAME_TIMEOUT`],
-/// so a client that trickles a frame cannot keep the lane (each read of
-/// the socket waits [`READ_SLICE`] at most).
-struct FrameReader<'a, S> {
-    stream: &'a mut S,
-    since: std::time::Instant,
-    began: Option<std::time::Instant>,
+/// A lane's socket, under its TLS: a read gives up at the lane's
+/// deadline, and a read that times out before it (after [`READ_SLICE`]) is
+/// tried again. So the lane's time limits hold however the bytes trickle
+/// in, also within one TLS record, which rustls reads whole before it
+/// hands anything up.
+struct LaneSocket<T> {
+    tcp: T,
+    deadline: std::time::Instant,
 }
 
-impl<'a, S: Read> FrameReader<'a, S> {
-    fn new(stream: &'a mut S) -> Self {
-        FrameReader {
-            stream,
-            since: std::time::Instant::now(),
-            began: None,
+impl<T: Read> Read for LaneSocket<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        loop {
+            if std::time::Instant::now() >= self.deadline {
+                return Err(std::io::Error::new(TimedOut, "the lane's time is up"));
+            }
+            match self.tcp.read(buf) {
+                Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => {}
+                r => return r,
+            }
         }
     }
 }
 
-impl<S: Read> Read for FrameReader<'_, S> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::io::ErrorKind::{TimedOut, WouldBlock};
-        loop {
-            match self.stream.read(buf) {
-                Ok(n) => {
-                    let began = *self.began.get_or_insert_with(std::time::Instant::now);
-                    if began.elapsed() > FRAME_TIMEOUT {
-                        return Err(std::io::Error::new(TimedOut, "a frame took too long"));
-                    }
-                    return Ok(n);
-                }
-                Err(e)
-                    if matches!(e.kind(), WouldBlock | TimedOut)
-                        && self.began.is_none()
-                        && self.since.elapsed() < IDLE => {}
-                Err(e) => return Err(e),
-            }
+impl<T: Write> Write for LaneSocket<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// A stream whose reads end at a deadline.
+trait Timed: Read {
+    fn read_until(&mut self, deadline: std::time::Instant);
+}
+
+impl<T: Read> Timed for LaneSocket<T> {
+    fn read_until(&mut self, deadline: std::time::Instant) {
+        self.deadline = deadline;
+    }
+}
+
+impl<T: Read + Write> Timed for rustls::StreamOwned<rustls::ServerConnection, LaneSocket<T>> {
+    fn read_until(&mut self, deadline: std::time::Instant) {
+        self.sock.deadline = deadline;
+    }
+}
+
+/// Reads one request's frame: waiting for it to begin may take [`IDLE`];
+/// once its first bytes came, the rest must come within [`FRAME_TIMEOUT`],
+/// so a client that trickles a frame cannot keep the lane.
+struct FrameReader<'a, S: Timed> {
+    stream: &'a mut S,
+    began: bool,
+}
+
+impl<'a, S: Timed> FrameReader<'a, S> {
+    fn new(stream: &'a mut S) -> Self {
+        stream.read_until(std::time::Instant::now() + IDLE);
+        FrameReader {
+            stream,
+            began: false,
         }
+    }
+}
+
+impl<S: Timed> Read for FrameReader<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 && !self.began {
+            self.began = true;
+            self.stream
+                .read_until(std::time::Instant::now() + FRAME_TIMEOUT);
+        }
+        Ok(n)
     }
 }
 /// How long a TLS handshake may take.
@@ -335,6 +374,10 @@ impl Lanes {
         } else {
             None
         };
+        let tcp = LaneSocket {
+            tcp,
+            deadline: std::time::Instant::now() + IDLE,
+        };
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         let spawned = std::thread::Builder::new()
             .name("lane".into())
@@ -358,7 +401,7 @@ impl Lanes {
     }
 
     /// The hello, then requests until the client leaves or errs.
-    fn run<S: Read + Write>(&self, stream: &mut S, from: &str) {
+    fn run<S: Timed + Write>(&self, stream: &mut S, from: &str) {
         let hello = LaneReply {
             boot: self.boot.clone(),
             ..Default::default()
@@ -508,32 +551,43 @@ mod tests {
     }
 
     #[test]
-    fn a_lane_waits_idle_for_a_frame_but_not_in_the_middle_of_one() {
+    fn a_lane_waits_idle_for_a_frame_but_not_for_a_frame_trickled_in() {
         let timeout = || Err(std::io::ErrorKind::WouldBlock.into());
         let frame = |body: &[u8]| {
             let mut f = (body.len() as u32).to_be_bytes().to_vec();
             f.extend_from_slice(body);
             f
         };
-        // Quiet before the frame: waited for.
-        let mut s = Trickle(vec![timeout(), timeout(), Ok(frame(b"hi"))]);
-        let mut buf = Vec::new();
-        assert!(read_frame(&mut FrameReader::new(&mut s), &mut buf).unwrap());
-        assert_eq!(buf, b"hi");
-        // Quiet in the middle of one: the lane ends.
+        let socket = |reads| LaneSocket {
+            tcp: Trickle(reads),
+            deadline: std::time::Instant::now(),
+        };
+        // Quiet before the frame and in its middle, within the deadlines:
+        // waited for.
         let whole = frame(b"hello");
-        let mut s = Trickle(vec![
+        let mut s = socket(vec![
+            timeout(),
             Ok(whole[..3].to_vec()),
             timeout(),
             Ok(whole[3..].to_vec()),
         ]);
-        let e = read_frame(&mut FrameReader::new(&mut s), &mut buf).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
-        // Trickled past the frame's time: the lane ends.
-        let mut s = Trickle(vec![Ok(whole[..3].to_vec()), Ok(whole[3..].to_vec())]);
+        let mut buf = Vec::new();
+        assert!(read_frame(&mut FrameReader::new(&mut s), &mut buf).unwrap());
+        assert_eq!(buf, b"hello");
+        // Its first bytes came: the rest has FRAME_TIMEOUT, not IDLE.
+        let mut s = socket(vec![Ok(whole[..3].to_vec())]);
         let mut r = FrameReader::new(&mut s);
-        r.began = Some(std::time::Instant::now() - FRAME_TIMEOUT - Duration::from_secs(1));
-        let e = read_frame(&mut r, &mut buf).unwrap_err();
+        let mut head = [0u8; 3];
+        r.read_exact(&mut head).unwrap();
+        let left = r.stream.deadline - std::time::Instant::now();
+        assert!(
+            left <= FRAME_TIMEOUT && left > FRAME_TIMEOUT / 2,
+            "{left:?}"
+        );
+        // Past the deadline, even bytes that are there are not read.
+        r.stream.deadline = std::time::Instant::now();
+        r.stream.tcp.0.push(Ok(whole[3..].to_vec()));
+        let e = r.read(&mut [0u8; 8]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 

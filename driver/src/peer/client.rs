@@ -359,7 +359,7 @@ impl RemoteVolume {
                             .to_string(),
                     });
                 }
-                Err(s) if transient(&s) && Instant::now() + pause < deadline => {
+                Err(s) if transient(&s) && Instant::now() + pause * 3 / 2 < deadline => {
                     tracing::debug!(volume = %link.target.volume_id, %owner, status = %s, "remote I/O retried");
                     metrics.remote_retry(owner, op);
                     self.session

@@ -321,8 +321,8 @@ async fn put<K: Object>(
                     next.meta_mut().resource_version = cur.resource_version();
                     match api.replace(&name, &pp, &next).await {
                         Ok(o) => o,
-                        // Changed or deleted since it was read.
-                        Err(e) if matches!(code(&e), Some(409 | 404)) => continue,
+                        // Changed since it was read (an update: or deleted).
+                        Err(e) if gone_or_changed(&e, how) => continue,
                         Err(e) => return Err(api_err(e)),
                     }
                 }
@@ -335,7 +335,7 @@ async fn put<K: Object>(
         *next.status_mut() = want.status().cloned();
         match api.replace_status(&name, &pp, &next).await {
             Ok(_) => return Ok(true),
-            Err(e) if matches!(code(&e), Some(409 | 404)) => continue,
+            Err(e) if gone_or_changed(&e, how) => continue,
             Err(e) => return Err(api_err(e)),
         }
     }
@@ -350,6 +350,17 @@ async fn put<K: Object>(
 fn keep_loss(cur: &Option<String>, next: &mut Option<String>) {
     if next.is_none() {
         next.clone_from(cur);
+    }
+}
+
+/// A conflict: read again and write again. A 404 too for an update (which
+/// then finds nothing to write over); a create does not make a record
+/// deleted under it again.
+fn gone_or_changed(e: &kube::Error, how: Put) -> bool {
+    match code(e) {
+        Some(409) => true,
+        Some(404) => how == Put::Update,
+        _ => false,
     }
 }
 
