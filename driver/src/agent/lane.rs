@@ -61,6 +61,49 @@ pub const MAX_LANES_PER_PEER: usize = 64;
 pub const IDLE: Duration = Duration::from_secs(300);
 /// How long a client may take to read an answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
+/// TLS handshakes under way at once on the agent port; connections
+/// beyond are closed at once.
+pub const MAX_HANDSHAKES: usize = 128;
+/// ... and from one address: one client without a certificate cannot take
+/// them all, and a node that dials all its lanes at once (its owner back
+/// after a restart) still gets them.
+pub const MAX_HANDSHAKES_PER_PEER: usize = MAX_LANES_PER_PEER;
+
+/// A handshake's place among those under way from its address.
+struct Handshaking {
+    from: IpAddr,
+    of: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Handshaking {
+    fn begin(of: &Arc<Mutex<HashMap<IpAddr, usize>>>, from: IpAddr) -> Option<Self> {
+        let mut by_peer = of.lock().expect("handshakes");
+        let n = by_peer.entry(from).or_default();
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Handshaking {
+            from,
+            of: Arc::clone(of),
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut by_peer = self.of.lock().expect("handshakes");
+        if let Some(n) = by_peer.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.from);
+            }
+        }
+    }
+}
+
 /// How long a request's frame may take to arrive once its first bytes
 /// came (give or take [`READ_SLICE`]).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -145,48 +188,6 @@ impl<S: Timed> Read for FrameReader<'_, S> {
                 .read_until(std::time::Instant::now() + FRAME_TIMEOUT);
         }
         Ok(n)
-    }
-}
-/// How long a TLS handshake may take.
-pub const HANDSHAKE: Duration = Duration::from_secs(10);
-/// TLS handshakes under way at once on the agent port; connections
-/// beyond are closed at once.
-pub const MAX_HANDSHAKES: usize = 128;
-/// ... and from one address: one client without a certificate cannot take
-/// them all, and a node that dials all its lanes at once (its owner back
-/// after a restart) still gets them.
-pub const MAX_HANDSHAKES_PER_PEER: usize = MAX_LANES_PER_PEER;
-
-/// A handshake's place among those under way from its address.
-struct Handshaking {
-    from: IpAddr,
-    of: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Handshaking {
-    fn begin(of: &Arc<Mutex<HashMap<IpAddr, usize>>>, from: IpAddr) -> Option<Self> {
-        let mut by_peer = of.lock().expect("handshakes");
-        let n = by_peer.entry(from).or_default();
-        if *n >= MAX_HANDSHAKES_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(Handshaking {
-            from,
-            of: Arc::clone(of),
-        })
-    }
-}
-
-impl Drop for Handshaking {
-    fn drop(&mut self) {
-        let mut by_peer = self.of.lock().expect("handshakes");
-        if let Some(n) = by_peer.get_mut(&self.from) {
-            *n -= 1;
-            if *n == 0 {
-                by_peer.remove(&self.from);
-            }
-        }
     }
 }
 

@@ -392,13 +392,14 @@ impl Moves {
         let lost_with = rec.lost_with.clone();
         // Only what a move changes: a concurrent expansion keeps its size.
         let written = self
-            .store(move |r| match r.volume(&id)? {
-                Some(mut current) => {
-                    (current.node, current.moving) = (node, moving);
-                    current.lost_with = current.lost_with.or(lost_with);
-                    r.update_volume(&current)
-                }
-                None => Ok(false),
+            .store(move |r| {
+                r.update_volume(&id, &mut |current| {
+                    (current.node, current.moving) = (node.clone(), moving.clone());
+                    if current.lost_with.is_none() {
+                        current.lost_with.clone_from(&lost_with);
+                    }
+                    true
+                })
             })
             .await?;
         if !written {
@@ -964,11 +965,11 @@ impl Moves {
         for id in lost.iter().chain(&holed) {
             let (id, with) = (id.clone(), node.to_string());
             self.store(move |r| {
-                if let Some(mut v) = r.volume(&id)? {
-                    v.lost_with.get_or_insert(with);
-                    r.update_volume(&v)?;
-                }
-                Ok(())
+                r.update_volume(&id, &mut |v| {
+                    v.lost_with.get_or_insert_with(|| with.clone());
+                    true
+                })
+                .map(drop)
             })
             .await?;
         }

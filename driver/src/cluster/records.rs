@@ -148,15 +148,26 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>>;
     fn volume(&self, id: &str) -> Result<Option<VolumeRecord>>;
     fn put_volume(&self, rec: &VolumeRecord) -> Result<()>;
-    /// [`Self::put_volume`] only over a record that is there (a writer that
-    /// read it must not bring back one deleted since); whether it wrote.
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool>;
+    /// Changes the record of volume `id` as it is stored now (no other
+    /// write in between; `change` may run again after a conflict) and
+    /// writes it, unless `change` answers false or there is no record
+    /// (one deleted since a writer read it is not brought back); whether
+    /// it wrote.
+    fn update_volume(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut VolumeRecord) -> bool,
+    ) -> Result<bool>;
     fn delete_volume(&self, id: &str) -> Result<()>;
     fn snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>>;
     fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>>;
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()>;
     /// As [`Self::update_volume`].
-    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool>;
+    fn update_snapshot(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut SnapshotRecord) -> bool,
+    ) -> Result<bool>;
     fn delete_snapshot(&self, id: &str) -> Result<()>;
     /// Every volume, sorted by ID.
     fn volumes(&self) -> Result<Vec<VolumeRecord>>;
@@ -172,7 +183,7 @@ pub trait Records: Send + Sync + std::fmt::Debug {
 }
 
 /// A record that can be lost with a forgotten node.
-pub trait Losable: Clone + serde::de::DeserializeOwned {
+trait Losable: Clone + Serialize + serde::de::DeserializeOwned {
     fn lost_with_mut(&mut self) -> &mut Option<String>;
 }
 
@@ -199,6 +210,16 @@ fn keep_loss<R: Losable>(rec: &R, old: Option<&[u8]>) -> R {
             .and_then(|mut o| o.lost_with_mut().take());
     }
     rec
+}
+
+/// `change` applied to the record `old` (serialized), serialized again;
+/// `None` if there is none or `change` answers false.
+fn changed<R: Losable>(
+    old: Option<&[u8]>,
+    change: &mut dyn FnMut(&mut R) -> bool,
+) -> Option<Vec<u8>> {
+    let mut rec: R = serde_json::from_slice(old?).ok()?;
+    change(&mut rec).then(|| json(&rec))
 }
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -322,14 +343,34 @@ impl EmbeddedRecords {
         Ok(t.get(name).map_err(store)?.map(|v| v.value().to_string()))
     }
 
-    /// Writes what `value` makes of the record stored (`None`: write
-    /// nothing); whether it wrote.
+    /// Writes what `value` makes of the record stored.
     fn put(
         &self,
         table: TableDefinition<&str, &[u8]>,
         names: TableDefinition<&str, &str>,
         id: &str,
         name: &str,
+        value: impl FnOnce(Option<&[u8]>) -> Vec<u8>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store)?;
+        {
+            let mut t = txn.open_table(table).map_err(store)?;
+            let value = value(t.get(id).map_err(store)?.as_ref().map(|v| v.value()));
+            t.insert(id, value.as_slice()).map_err(store)?;
+        }
+        txn.open_table(names)
+            .map_err(store)?
+            .insert(name, id)
+            .map_err(store)?;
+        txn.commit().map_err(store)
+    }
+
+    /// Writes what `value` makes of the record stored, in the same
+    /// transaction (`None`: nothing); whether it wrote. The name stays.
+    fn update(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
         value: impl FnOnce(Option<&[u8]>) -> Option<Vec<u8>>,
     ) -> Result<bool> {
         let txn = self.db.begin_write().map_err(store)?;
@@ -341,10 +382,6 @@ impl EmbeddedRecords {
             };
             t.insert(id, value.as_slice()).map_err(store)?;
         }
-        txn.open_table(names)
-            .map_err(store)?
-            .insert(name, id)
-            .map_err(store)?;
         txn.commit().map_err(store)?;
         Ok(true)
     }
@@ -388,14 +425,15 @@ impl Records for EmbeddedRecords {
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
         self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, |old| {
-            Some(json(&keep_loss(rec, old)))
+            json(&keep_loss(rec, old))
         })
-        .map(drop)
     }
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool> {
-        self.put(VOLUMES, VOLUME_NAMES, &rec.volume_id, &rec.name, |old| {
-            old.map(|old| json(&keep_loss(rec, Some(old))))
-        })
+    fn update_volume(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut VolumeRecord) -> bool,
+    ) -> Result<bool> {
+        self.update(VOLUMES, id, |old| changed(old, change))
     }
     fn delete_volume(&self, id: &str) -> Result<()> {
         self.delete(VOLUMES, VOLUME_NAMES, id, |v| {
@@ -419,18 +457,15 @@ impl Records for EmbeddedRecords {
             SNAPSHOT_NAMES,
             &rec.snapshot_id,
             &rec.name,
-            |old| Some(json(&keep_loss(rec, old))),
+            |old| json(&keep_loss(rec, old)),
         )
-        .map(drop)
     }
-    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool> {
-        self.put(
-            SNAPSHOTS,
-            SNAPSHOT_NAMES,
-            &rec.snapshot_id,
-            &rec.name,
-            |old| old.map(|old| json(&keep_loss(rec, Some(old)))),
-        )
+    fn update_snapshot(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut SnapshotRecord) -> bool,
+    ) -> Result<bool> {
+        self.update(SNAPSHOTS, id, |old| changed(old, change))
     }
     fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.delete(SNAPSHOTS, SNAPSHOT_NAMES, id, |v| {
@@ -645,16 +680,23 @@ mod tests {
     fn an_update_never_brings_back_a_deleted_record() {
         let dir = tempfile::tempdir().unwrap();
         let r = EmbeddedRecords::open(&dir.path().join("records.redb")).unwrap();
-        let mut v = volume("pvc-1", "id-1");
-        assert!(!r.update_volume(&v).unwrap());
+        let to_m = &mut |v: &mut VolumeRecord| {
+            v.node = "m".into();
+            true
+        };
+        assert!(!r.update_volume("id-1", to_m).unwrap());
         assert!(r.volume("id-1").unwrap().is_none());
         assert!(r.volume_by_name("pvc-1").unwrap().is_none());
+        // Applied to the record stored, not to what the writer read: a
+        // size written meanwhile stays.
+        let mut v = volume("pvc-1", "id-1");
+        v.capacity_bytes = 8192;
         r.put_volume(&v).unwrap();
-        v.node = "m".into();
-        assert!(r.update_volume(&v).unwrap());
-        assert_eq!(r.volume("id-1").unwrap().unwrap().node, "m");
-        let s = snapshot("snap-1", "s-1");
-        assert!(!r.update_snapshot(&s).unwrap());
+        assert!(r.update_volume("id-1", to_m).unwrap());
+        let now = r.volume("id-1").unwrap().unwrap();
+        assert_eq!((now.node.as_str(), now.capacity_bytes), ("m", 8192));
+        assert!(!r.update_volume("id-1", &mut |_| false).unwrap());
+        assert!(!r.update_snapshot("s-1", &mut |_| true).unwrap());
         assert!(r.snapshot("s-1").unwrap().is_none());
     }
 

@@ -1296,13 +1296,12 @@ impl Controller for ControllerService {
             .size_bytes;
         let id = req.volume_id.clone();
         self.records(move |r| {
-            if let Some(mut rec) = r.volume(&id)?
-                && rec.capacity_bytes != size
-            {
+            r.update_volume(&id, &mut |rec| {
+                let grown = rec.capacity_bytes != size;
                 rec.capacity_bytes = size;
-                r.update_volume(&rec)?;
-            }
-            Ok(())
+                grown
+            })
+            .map(drop)
         })
         .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {

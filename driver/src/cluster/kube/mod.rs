@@ -285,63 +285,119 @@ impl<K> Object for K where
 {
 }
 
-/// Whether a put may create the object (an update only writes over one
-/// that is there).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Put {
-    Create,
-    Update,
-}
-
 /// Writes `want` (spec, labels and status) with optimistic concurrency;
 /// `keep` takes what must survive from the object there into the spec to
-/// write. Whether it wrote (an update finds no object: false).
+/// write.
 async fn put<K: Object>(
     api: &Api<K>,
     want: &K,
-    how: Put,
     keep: impl Fn(&K, &mut K),
-) -> Result<bool, RecordsError> {
+) -> Result<(), RecordsError> {
     let name = want.name_any();
-    let pp = PostParams::default();
     for _ in 0..CONFLICT_RETRIES {
-        let written = match api.get_opt(&name).await.map_err(api_err)? {
-            None if how == Put::Update => return Ok(false),
-            None => match api.create(&pp, want).await {
-                Ok(o) => o,
-                Err(e) if code(&e) == Some(409) => continue,
-                Err(e) => return Err(api_err(e)),
-            },
-            Some(cur) => {
-                let mut next = want.clone();
-                keep(&cur, &mut next);
-                if cur.spec() == next.spec() && cur.labels() == next.labels() {
-                    cur
-                } else {
-                    next.meta_mut().resource_version = cur.resource_version();
-                    match api.replace(&name, &pp, &next).await {
-                        Ok(o) => o,
-                        // Changed since it was read (an update: or deleted).
-                        Err(e) if gone_or_changed(&e, how) => continue,
-                        Err(e) => return Err(api_err(e)),
-                    }
-                }
+        let cur = api.get_opt(&name).await.map_err(api_err)?;
+        match write(api, want, cur, &keep).await? {
+            Attempt::Written => return Ok(()),
+            Attempt::Conflict => {}
+            Attempt::Gone => {
+                return Err(RecordsError::Store(format!(
+                    "{name}: deleted while it was written"
+                )));
             }
-        };
-        if written.status() == want.status() {
-            return Ok(true);
-        }
-        let mut next = written.clone();
-        *next.status_mut() = want.status().cloned();
-        match api.replace_status(&name, &pp, &next).await {
-            Ok(_) => return Ok(true),
-            Err(e) if gone_or_changed(&e, how) => continue,
-            Err(e) => return Err(api_err(e)),
         }
     }
     Err(RecordsError::Store(format!(
         "{name}: still conflicting after {CONFLICT_RETRIES} attempts"
     )))
+}
+
+/// Changes the object `name` as it is now (`change` gets its record, and
+/// runs again after a conflict) and writes it with optimistic concurrency,
+/// unless there is none or `change` answers false; whether it wrote.
+async fn update<K: Object, R>(
+    api: &Api<K>,
+    name: &str,
+    record: fn(&K) -> R,
+    object: fn(&R) -> K,
+    change: &mut dyn FnMut(&mut R) -> bool,
+) -> Result<bool, RecordsError> {
+    for _ in 0..CONFLICT_RETRIES {
+        let Some(cur) = api.get_opt(name).await.map_err(api_err)? else {
+            return Ok(false);
+        };
+        let mut rec = record(&cur);
+        if !change(&mut rec) {
+            return Ok(false);
+        }
+        match write(api, &object(&rec), Some(cur), &|_, _| {}).await? {
+            Attempt::Written => return Ok(true),
+            Attempt::Conflict => {}
+            Attempt::Gone => return Ok(false),
+        }
+    }
+    Err(RecordsError::Store(format!(
+        "{name}: still conflicting after {CONFLICT_RETRIES} attempts"
+    )))
+}
+
+/// What one attempt at a write came to.
+enum Attempt {
+    Written,
+    /// Someone wrote in between: read again.
+    Conflict,
+    /// Deleted since it was read.
+    Gone,
+}
+
+/// One attempt at writing `want` over `cur`, the object read (`None`:
+/// there was none, and it is created): its spec and labels at the
+/// resourceVersion read, then its status at the version that write made.
+async fn write<K: Object>(
+    api: &Api<K>,
+    want: &K,
+    cur: Option<K>,
+    keep: &dyn Fn(&K, &mut K),
+) -> Result<Attempt, RecordsError> {
+    let name = want.name_any();
+    let pp = PostParams::default();
+    let written = match cur {
+        None => match api.create(&pp, want).await {
+            Ok(o) => o,
+            Err(e) => return refused(e),
+        },
+        Some(cur) => {
+            let mut next = want.clone();
+            keep(&cur, &mut next);
+            if cur.spec() == next.spec() && cur.labels() == next.labels() {
+                cur
+            } else {
+                next.meta_mut().resource_version = cur.resource_version();
+                match api.replace(&name, &pp, &next).await {
+                    Ok(o) => o,
+                    Err(e) => return refused(e),
+                }
+            }
+        }
+    };
+    if written.status() == want.status() {
+        return Ok(Attempt::Written);
+    }
+    let mut next = written.clone();
+    *next.status_mut() = want.status().cloned();
+    match api.replace_status(&name, &pp, &next).await {
+        Ok(_) => Ok(Attempt::Written),
+        Err(e) => refused(e),
+    }
+}
+
+/// A write the API server refused: a conflict (409, also a create that
+/// found the object made meanwhile), gone (404), or an error.
+fn refused(e: kube::Error) -> Result<Attempt, RecordsError> {
+    match code(&e) {
+        Some(409) => Ok(Attempt::Conflict),
+        Some(404) => Ok(Attempt::Gone),
+        _ => Err(api_err(e)),
+    }
 }
 
 /// A loss is never taken back (as the embedded store's puts): a writer
@@ -350,17 +406,6 @@ async fn put<K: Object>(
 fn keep_loss(cur: &Option<String>, next: &mut Option<String>) {
     if next.is_none() {
         next.clone_from(cur);
-    }
-}
-
-/// A conflict: read again and write again. A 404 too for an update (which
-/// then finds nothing to write over); a create does not make a record
-/// deleted under it again.
-fn gone_or_changed(e: &kube::Error, how: Put) -> bool {
-    match code(e) {
-        Some(409) => true,
-        Some(404) => how == Put::Update,
-        _ => false,
     }
 }
 
@@ -428,20 +473,21 @@ impl Records for KubeRecords {
             .map(volume_record))
     }
     fn put_volume(&self, rec: &VolumeRecord) -> Result<(), RecordsError> {
-        self.block(put(
-            &self.api(),
-            &volume_object(rec),
-            Put::Create,
-            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
-        ))
-        .map(drop)
+        self.block(put(&self.api(), &volume_object(rec), |cur, next| {
+            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
+        }))
     }
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<bool, RecordsError> {
-        self.block(put(
+    fn update_volume(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut VolumeRecord) -> bool,
+    ) -> Result<bool, RecordsError> {
+        self.block(update(
             &self.api(),
-            &volume_object(rec),
-            Put::Update,
-            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+            id,
+            volume_record,
+            volume_object,
+            change,
         ))
     }
     fn delete_volume(&self, id: &str) -> Result<(), RecordsError> {
@@ -461,20 +507,21 @@ impl Records for KubeRecords {
             .map(snapshot_record))
     }
     fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), RecordsError> {
-        self.block(put(
-            &self.api(),
-            &snapshot_object(rec),
-            Put::Create,
-            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
-        ))
-        .map(drop)
+        self.block(put(&self.api(), &snapshot_object(rec), |cur, next| {
+            keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with)
+        }))
     }
-    fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<bool, RecordsError> {
-        self.block(put(
+    fn update_snapshot(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut SnapshotRecord) -> bool,
+    ) -> Result<bool, RecordsError> {
+        self.block(update(
             &self.api(),
-            &snapshot_object(rec),
-            Put::Update,
-            |cur, next| keep_loss(&cur.spec.lost_with, &mut next.spec.lost_with),
+            id,
+            snapshot_record,
+            snapshot_object,
+            change,
         ))
     }
     fn delete_snapshot(&self, id: &str) -> Result<(), RecordsError> {
@@ -499,8 +546,7 @@ impl Records for KubeRecords {
         Ok(all.iter().map(node_record).collect())
     }
     fn put_node(&self, rec: &NodeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &node_object(rec), Put::Create, |_, _| {}))
-            .map(drop)
+        self.block(put(&self.api(), &node_object(rec), |_, _| {}))
     }
     fn delete_node(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataNode>(), id))

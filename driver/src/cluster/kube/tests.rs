@@ -211,20 +211,24 @@ async fn a_put_never_takes_a_loss_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_never_brings_back_a_deleted_record() {
+async fn an_update_changes_the_record_stored_and_never_brings_back_a_deleted_one() {
     let (client, mut api) = mock_client();
     let r = records(client);
     let path = format!("{VOLUMES}/v1");
+    let to_n2 = |v: &mut VolumeRecord| {
+        v.node = "n2".into();
+        true
+    };
     // Gone before it was read: nothing is written.
     let rr = r.clone();
-    let put = tokio::task::spawn_blocking(move || rr.update_volume(&record(RecordState::Ready)));
+    let put = tokio::task::spawn_blocking(move || rr.update_volume("v1", &mut { to_n2 }));
     expect(&mut api, "GET", &path, 404, status(404, "NotFound")).await;
     assert!(!put.await.unwrap().unwrap());
     expect_quiet(&mut api).await;
-    // Deleted between the read and the replace: read again, gone.
-    let mut want = record(RecordState::Ready);
-    want.node = "n2".into();
-    let put = tokio::task::spawn_blocking(move || r.update_volume(&want));
+    // Changed on what is stored (a size written by someone else stays);
+    // a conflict reads again and changes again.
+    let rr = r.clone();
+    let put = tokio::task::spawn_blocking(move || rr.update_volume("v1", &mut { to_n2 }));
     expect(
         &mut api,
         "GET",
@@ -233,8 +237,39 @@ async fn an_update_never_brings_back_a_deleted_record() {
         stored(Some("Ready"), "5", 4096),
     )
     .await;
+    expect(&mut api, "PUT", &path, 409, status(409, "Conflict")).await;
+    expect(
+        &mut api,
+        "GET",
+        &path,
+        200,
+        stored(Some("Ready"), "6", 8192),
+    )
+    .await;
+    let written = expect(
+        &mut api,
+        "PUT",
+        &path,
+        200,
+        stored(Some("Ready"), "7", 8192),
+    )
+    .await;
+    assert_eq!(written["metadata"]["resourceVersion"], "6");
+    assert_eq!(written["spec"]["node"], "n2");
+    assert_eq!(written["spec"]["capacityBytes"], 8192);
+    assert!(put.await.unwrap().unwrap());
+    expect_quiet(&mut api).await;
+    // Deleted between the read and the replace: not written again.
+    let put = tokio::task::spawn_blocking(move || r.update_volume("v1", &mut { to_n2 }));
+    expect(
+        &mut api,
+        "GET",
+        &path,
+        200,
+        stored(Some("Ready"), "8", 4096),
+    )
+    .await;
     expect(&mut api, "PUT", &path, 404, status(404, "NotFound")).await;
-    expect(&mut api, "GET", &path, 404, status(404, "NotFound")).await;
     assert!(!put.await.unwrap().unwrap());
     expect_quiet(&mut api).await;
 }

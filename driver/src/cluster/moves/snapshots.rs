@@ -425,13 +425,14 @@ impl Moves {
         );
         let lost_with = rec.lost_with.clone();
         let written = self
-            .store(move |r| match r.snapshot(&id)? {
-                Some(mut current) => {
-                    (current.node, current.moving) = (node, moving);
-                    current.lost_with = current.lost_with.or(lost_with);
-                    r.update_snapshot(&current)
-                }
-                None => Ok(false),
+            .store(move |r| {
+                r.update_snapshot(&id, &mut |current| {
+                    (current.node, current.moving) = (node.clone(), moving.clone());
+                    if current.lost_with.is_none() {
+                        current.lost_with.clone_from(&lost_with);
+                    }
+                    true
+                })
             })
             .await?;
         if written {
@@ -848,14 +849,14 @@ impl Moves {
         for id in ids {
             let (id, with) = (id.clone(), node.to_string());
             self.store(move |r| {
-                if let Some(mut s) = r.snapshot(&id)?
-                    && s.moving.is_none()
-                    && s.node == with
-                {
-                    s.lost_with = Some(with);
-                    r.update_snapshot(&s)?;
-                }
-                Ok(())
+                r.update_snapshot(&id, &mut |s| {
+                    let lost = s.moving.is_none() && s.node == with;
+                    if lost {
+                        s.lost_with = Some(with.clone());
+                    }
+                    lost
+                })
+                .map(drop)
             })
             .await?;
         }
