@@ -23,7 +23,8 @@
 //! the others (a client over either is told so in the hello and uses the
 //! RPCs), a frame of at most
 //! [`crate::peer::MAX_FRAME`] bytes (its buffer grows as its data
-//! arrives, and must arrive within a minute once it began), [`IDLE`]
+//! arrives, and must arrive within a minute once it began; an answer
+//! must be taken within a minute too), [`IDLE`]
 //! without a request ends a lane, and a TLS handshake
 //! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once and
 //! [`MAX_HANDSHAKES_PER_PEER`] from one address. A frame too
@@ -49,7 +50,8 @@ use tonic::Status;
 use super::peer::{PeerService, io_len, write_op};
 use crate::metrics::Metrics;
 use crate::peer::{
-    LANE_ALPN, MOVED_HEADER, SESSION_HEADER, read_frame, write_data_frame, write_frame,
+    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, read_frame, write_data_frame,
+    write_frame,
 };
 
 /// Lanes served at once (each a thread and up to two frames of memory).
@@ -59,8 +61,6 @@ pub const MAX_LANES_PER_PEER: usize = 64;
 /// A lane without a request for this long is closed (its client dials
 /// again when it needs one).
 pub const IDLE: Duration = Duration::from_secs(300);
-/// How long a client may take to read an answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);
 /// TLS handshakes under way at once on the agent port; connections
@@ -105,59 +105,23 @@ impl Drop for Handshaking {
 }
 
 /// How long a request's frame may take to arrive once its first bytes
-/// came (give or take [`READ_SLICE`]).
+/// came, and an answer to be taken (give or take [`LANE_SLICE`]).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
-/// The longest one read of a lane's socket waits.
-const READ_SLICE: Duration = Duration::from_secs(20);
 
-/// A lane's socket, under its TLS: a read gives up at the lane's
-/// deadline, and a read that times out before it (after [`READ_SLICE`]) is
-/// tried again. So the lane's time limits hold however the bytes trickle
-/// in, also within one TLS record, which rustls reads whole before it
-/// hands anything up.
-struct LaneSocket<T> {
-    tcp: T,
-    deadline: std::time::Instant,
+/// A stream whose reads and writes end at a deadline.
+trait Timed: Read + Write {
+    fn until(&mut self, deadline: std::time::Instant);
 }
 
-impl<T: Read> Read for LaneSocket<T> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::io::ErrorKind::{TimedOut, WouldBlock};
-        loop {
-            if std::time::Instant::now() >= self.deadline {
-                return Err(std::io::Error::new(TimedOut, "the lane's time is up"));
-            }
-            match self.tcp.read(buf) {
-                Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => {}
-                r => return r,
-            }
-        }
-    }
-}
-
-impl<T: Write> Write for LaneSocket<T> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.tcp.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.tcp.flush()
-    }
-}
-
-/// A stream whose reads end at a deadline.
-trait Timed: Read {
-    fn read_until(&mut self, deadline: std::time::Instant);
-}
-
-impl<T: Read> Timed for LaneSocket<T> {
-    fn read_until(&mut self, deadline: std::time::Instant) {
-        self.deadline = deadline;
+impl<T: Read + Write> Timed for LaneSocket<T> {
+    fn until(&mut self, deadline: std::time::Instant) {
+        LaneSocket::until(self, deadline);
     }
 }
 
 impl<T: Read + Write> Timed for rustls::StreamOwned<rustls::ServerConnection, LaneSocket<T>> {
-    fn read_until(&mut self, deadline: std::time::Instant) {
-        self.sock.deadline = deadline;
+    fn until(&mut self, deadline: std::time::Instant) {
+        self.sock.until(deadline);
     }
 }
 
@@ -171,7 +135,7 @@ struct FrameReader<'a, S: Timed> {
 
 impl<'a, S: Timed> FrameReader<'a, S> {
     fn new(stream: &'a mut S) -> Self {
-        stream.read_until(std::time::Instant::now() + IDLE);
+        stream.until(std::time::Instant::now() + IDLE);
         FrameReader {
             stream,
             began: false,
@@ -184,8 +148,7 @@ impl<S: Timed> Read for FrameReader<'_, S> {
         let n = self.stream.read(buf)?;
         if n > 0 && !self.began {
             self.began = true;
-            self.stream
-                .read_until(std::time::Instant::now() + FRAME_TIMEOUT);
+            self.stream.until(std::time::Instant::now() + FRAME_TIMEOUT);
         }
         Ok(n)
     }
@@ -334,8 +297,8 @@ impl Lanes {
         let (tcp, conn) = tls.into_inner();
         let tcp = match tcp.into_std().and_then(|t| {
             t.set_nonblocking(false)?;
-            t.set_read_timeout(Some(READ_SLICE))?;
-            t.set_write_timeout(Some(WRITE_TIMEOUT))?;
+            t.set_read_timeout(Some(LANE_SLICE))?;
+            t.set_write_timeout(Some(LANE_SLICE))?;
             Ok(t)
         }) {
             Ok(t) => t,
@@ -375,10 +338,8 @@ impl Lanes {
         } else {
             None
         };
-        let tcp = LaneSocket {
-            tcp,
-            deadline: std::time::Instant::now() + IDLE,
-        };
+        // The hello (or the refusal) is taken within FRAME_TIMEOUT.
+        let tcp = LaneSocket::new(tcp, std::time::Instant::now() + FRAME_TIMEOUT);
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         let spawned = std::thread::Builder::new()
             .name("lane".into())
@@ -402,7 +363,7 @@ impl Lanes {
     }
 
     /// The hello, then requests until the client leaves or errs.
-    fn run<S: Timed + Write>(&self, stream: &mut S, from: &str) {
+    fn run<S: Timed>(&self, stream: &mut S, from: &str) {
         let hello = LaneReply {
             boot: self.boot.clone(),
             ..Default::default()
@@ -438,6 +399,7 @@ impl Lanes {
             } else {
                 answer(|| self.execute(req, &mut data))
             };
+            stream.until(std::time::Instant::now() + FRAME_TIMEOUT);
             let sent = match answer {
                 Answer::Reply(reply) => write_frame(stream, &reply, &mut buf),
                 Answer::Read(n) => {
@@ -533,7 +495,7 @@ mod tests {
         assert!(matches!(answer(|| Ok(Answer::Read(7))), Answer::Read(7)));
     }
 
-    /// A socket read that times out (as a lane's does every READ_SLICE).
+    /// A socket read that times out (as a lane's does every LANE_SLICE).
     struct Trickle(Vec<std::io::Result<Vec<u8>>>);
 
     impl Read for Trickle {
@@ -551,6 +513,15 @@ mod tests {
         }
     }
 
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_lane_waits_idle_for_a_frame_but_not_for_a_frame_trickled_in() {
         let timeout = || Err(std::io::ErrorKind::WouldBlock.into());
@@ -559,10 +530,7 @@ mod tests {
             f.extend_from_slice(body);
             f
         };
-        let socket = |reads| LaneSocket {
-            tcp: Trickle(reads),
-            deadline: std::time::Instant::now(),
-        };
+        let socket = |reads| LaneSocket::new(Trickle(reads), std::time::Instant::now());
         // Quiet before the frame and in its middle, within the deadlines:
         // waited for.
         let whole = frame(b"hello");
@@ -580,13 +548,13 @@ mod tests {
         let mut r = FrameReader::new(&mut s);
         let mut head = [0u8; 3];
         r.read_exact(&mut head).unwrap();
-        let left = r.stream.deadline - std::time::Instant::now();
+        let left = r.stream.deadline() - std::time::Instant::now();
         assert!(
             left <= FRAME_TIMEOUT && left > FRAME_TIMEOUT / 2,
             "{left:?}"
         );
         // Past the deadline, even bytes that are there are not read.
-        r.stream.deadline = std::time::Instant::now();
+        r.stream.until(std::time::Instant::now());
         r.stream.tcp.0.push(Ok(whole[3..].to_vec()));
         let e = r.read(&mut [0u8; 8]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);

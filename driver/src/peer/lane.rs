@@ -2,7 +2,9 @@
 //! owner's side, and why lanes exist, in `agent::lane`): blocking TLS
 //! connections to one owner, each carrying one request at a time, kept
 //! for the next request once answered. The calling thread (a frontend's
-//! worker) writes the request and reads the answer itself.
+//! worker) writes the request and reads the answer itself, within the
+//! call's timeout however slowly the owner takes or sends the bytes
+//! ([`super::LaneSocket`]).
 //!
 //! An owner without lanes (an older Strata answers ALPN `h2`), or with
 //! all its lanes taken, is asked through the RPCs instead, and not dialled
@@ -19,7 +21,8 @@ use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use tonic::{Code, Status};
 
 use super::{
-    LANE_ALPN, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame, short_read, write_frame,
+    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame,
+    short_read, write_frame,
 };
 use crate::tls::TlsFiles;
 use tokio_rustls::rustls;
@@ -39,7 +42,7 @@ const OFF_FOR: Duration = Duration::from_secs(30);
 /// One lane: the connection, the boot ID its owner said in its hello,
 /// and the buffer of its frames (both ways).
 struct Lane {
-    stream: StreamOwned<ClientConnection, TcpStream>,
+    stream: StreamOwned<ClientConnection, LaneSocket<TcpStream>>,
     boot: String,
     used: Instant,
     buf: Vec<u8>,
@@ -108,6 +111,9 @@ impl Lanes {
             },
         };
         let Lane { stream, buf, .. } = &mut lane;
+        // However slowly the owner takes the request or sends the answer,
+        // the call ends at its timeout.
+        stream.sock.until(Instant::now() + self.call_timeout);
         let exchanged = write_frame(stream, req, buf)
             .and_then(|()| read_frame(stream, buf))
             .and_then(|got| {
@@ -184,16 +190,19 @@ impl Lanes {
             .map_err(|e| self.failed(e))?
             .next()
             .ok_or_else(|| Status::unavailable(format!("{} resolves to nothing", self.address)))?;
+        let slice = self.connect_timeout.min(LANE_SLICE);
         let tcp = TcpStream::connect_timeout(&addr, self.connect_timeout)
             .and_then(|t| {
                 t.set_nodelay(true)?;
-                t.set_read_timeout(Some(self.connect_timeout))?;
-                t.set_write_timeout(Some(self.connect_timeout))?;
+                t.set_read_timeout(Some(slice))?;
+                t.set_write_timeout(Some(slice))?;
                 Ok(t)
             })
             .map_err(|e| self.failed(e))?;
         let conn = ClientConnection::new(Arc::clone(config), TlsFiles::server_name())
             .map_err(|e| Status::internal(format!("data lane TLS: {e}")))?;
+        // The handshake and the hello, within the connect timeout.
+        let tcp = LaneSocket::new(tcp, Instant::now() + self.connect_timeout);
         let mut stream = StreamOwned::new(conn, tcp);
         while stream.conn.is_handshaking() {
             stream
@@ -223,9 +232,10 @@ impl Lanes {
             self.off();
             return Ok(None);
         }
-        let tcp = &stream.sock;
-        tcp.set_read_timeout(Some(self.call_timeout))
-            .and_then(|()| tcp.set_write_timeout(Some(self.call_timeout)))
+        let tcp = &stream.sock.tcp;
+        let slice = Some(self.call_timeout.min(LANE_SLICE));
+        tcp.set_read_timeout(slice)
+            .and_then(|()| tcp.set_write_timeout(slice))
             .map_err(|e| self.failed(e))?;
         Ok(Some(Lane {
             stream,
@@ -254,4 +264,78 @@ fn status(reply: LaneReply) -> Status {
         s.metadata_mut().insert(MOVED_HEADER, v);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    use super::*;
+    use tokio_rustls::rustls::ServerConnection;
+
+    /// An owner that answers the hello, reads a request, then sends its
+    /// answer a byte of TLS record at a time, each before the socket's
+    /// timeout: the call still ends at its timeout, not when the answer
+    /// is in.
+    #[test]
+    fn a_call_ends_at_its_timeout_however_slowly_the_owner_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");
+        let out = std::process::Command::new(script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tls = TlsFiles::load(dir.path()).unwrap();
+        let server = tls.rustls_server(&[LANE_ALPN]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut conn = ServerConnection::new(server).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).unwrap();
+            }
+            let mut stream = StreamOwned::new(conn, tcp);
+            let hello = LaneReply {
+                boot: "b1".into(),
+                ..Default::default()
+            };
+            write_frame(&mut stream, &hello, &mut Vec::new()).unwrap();
+            let mut buf = Vec::new();
+            assert!(read_frame(&mut stream, &mut buf).unwrap());
+            let answer = LaneReply {
+                message: "x".repeat(200),
+                ..Default::default()
+            };
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&(answer.encoded_len() as u32).to_be_bytes());
+            answer.encode(&mut frame).unwrap();
+            stream.conn.writer().write_all(&frame).unwrap();
+            let mut record = Vec::new();
+            while stream.conn.wants_write() {
+                stream.conn.write_tls(&mut record).unwrap();
+            }
+            for b in record {
+                if stream.sock.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let client = tls.rustls_client(&[LANE_ALPN]).unwrap();
+        let timeout = Duration::from_secs(1);
+        let lanes = Lanes::new(Some(client), &address, Duration::from_secs(5), timeout);
+        let began = Instant::now();
+        let r = lanes.call(&LaneRequest::default(), None).expect("a lane");
+        let took = began.elapsed();
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        assert!(took < timeout * 2, "the call took {took:?}");
+    }
 }

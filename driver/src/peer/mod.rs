@@ -38,6 +38,68 @@ pub const LANE_ALPN: &[u8] = b"strata-data/1";
 /// the rest.
 pub const MAX_FRAME: usize = MAX_IO + (64 << 10);
 
+/// The longest one read or write of a lane's socket waits before its
+/// deadline is checked again (the socket's own timeout).
+pub const LANE_SLICE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A data lane's socket, under its TLS, on either side: a read or a write
+/// gives up at the lane's deadline, and one that times out before it
+/// (after the socket's own timeout, at most [`LANE_SLICE`]) is tried
+/// again. So a lane's time limits hold however slowly the other side
+/// sends or takes the bytes, also within one TLS record, which rustls
+/// reads whole before it hands anything up.
+#[derive(Debug)]
+pub struct LaneSocket<T> {
+    pub tcp: T,
+    deadline: std::time::Instant,
+}
+
+impl<T> LaneSocket<T> {
+    pub fn new(tcp: T, deadline: std::time::Instant) -> Self {
+        LaneSocket { tcp, deadline }
+    }
+
+    /// Reads and writes from now on give up at `deadline`.
+    pub fn until(&mut self, deadline: std::time::Instant) {
+        self.deadline = deadline;
+    }
+
+    pub fn deadline(&self) -> std::time::Instant {
+        self.deadline
+    }
+
+    fn retried<R>(
+        &mut self,
+        mut io: impl FnMut(&mut T) -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        loop {
+            if std::time::Instant::now() >= self.deadline {
+                return Err(std::io::Error::new(TimedOut, "the lane's time is up"));
+            }
+            match io(&mut self.tcp) {
+                Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<T: std::io::Read> std::io::Read for LaneSocket<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retried(|t| t.read(buf))
+    }
+}
+
+impl<T: std::io::Write> std::io::Write for LaneSocket<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.retried(|t| t.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.retried(|t| t.flush())
+    }
+}
+
 /// Reads one frame of the data lane into `buf`: false at the end of the
 /// stream before a frame; InvalidData for a frame above [`MAX_FRAME`].
 pub fn read_frame(from: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Result<bool> {
@@ -242,5 +304,28 @@ mod tests {
         short.truncate(100);
         assert!(decode_data_frame(&short).is_err());
         assert!(decode_data_frame(&[0xff; 9]).is_err());
+    }
+
+    /// A peer that never takes a byte (each socket write times out).
+    struct Stuck;
+
+    impl std::io::Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_lane_socket_write_gives_up_at_its_deadline() {
+        use std::io::Write as _;
+        let began = std::time::Instant::now();
+        let mut s = LaneSocket::new(Stuck, began + std::time::Duration::from_millis(50));
+        let e = s.write_all(b"answer").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(began.elapsed() < std::time::Duration::from_secs(1));
     }
 }
