@@ -3768,6 +3768,170 @@ async fn a_move_draws_on_the_target_nodes_copy_budget() {
     .await;
 }
 
+/// A live move whose source sealed its copy, and whose target then died
+/// for good before the switch: the move waits for the target (the
+/// controller that sealed it died at that step, and its successor finds
+/// the target stale), and the volume's writes wait with it. `strata node
+/// forget` of the target rolls the move back: the target never took a
+/// write, so the source undoes its seal and the node that uses the volume
+/// is pointed at it again. Once for a volume used from another node (n1)
+/// and once for one used on its own node (n2); the writers through both
+/// devices never see an error, both equal their models, and a stage with
+/// the publish context from before the move reaches the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_live_move_into_a_node_gone_for_good_rolls_back_when_it_is_forgotten() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut nodes: Vec<NodeProc> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|n| NodeProc::start(root.path(), n, &tls))
+        .collect();
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let mut ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    let mut csi2 = Csi::connect(&nodes[1].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3", "n4"]).await;
+    let endpoint = format!("unix://{}", ctl.csi_socket().display());
+
+    // Volume a on n2 used from n1, volume b on n2 used on n2.
+    let size = 8usize << 20;
+    let mut vols = Vec::new();
+    for (name, user) in [("pvc-sealed-a", 0), ("pvc-sealed-b", 1)] {
+        let id = created(
+            &mut cc,
+            with_requirements(c::create(name, size as i64, c::block_cap()), &["n2"], &[]),
+        )
+        .await
+        .volume_id;
+        let ctx = cc
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: nodes[user].id.clone(),
+                volume_capability: Some(c::block_cap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        let csi = if user == 0 { &mut csi1 } else { &mut csi2 };
+        let dev = attach_with(&nodes[user], csi, &id, ctx.clone()).await;
+        let model = Arc::new(Mutex::new(vec![0u8; size]));
+        {
+            let mut m = model.lock().unwrap();
+            common::Rng::new(70 + user as u64).fill(&mut m[..1 << 20]);
+            write_at(&dev, 0, &m[..1 << 20]).unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = writer(
+            dev.clone(),
+            Arc::clone(&model),
+            Arc::clone(&stop),
+            80 + user as u64,
+        );
+        vols.push((id, user, ctx, dev, model, stop, w));
+    }
+
+    // Each moves live to its target (a to n3, b to n4); the controller
+    // dies once the source sealed; the target dies, and is stale by the
+    // time a controller comes back.
+    for (i, target) in [(0, 2), (1, 3)] {
+        let id = vols[i].0.clone();
+        ctl.proc.kill9();
+        ctl.proc.env = vec![("STRATA_FAILPOINT".into(), "cluster::move::sealed".into())];
+        ctl.proc.spawn();
+        registered(
+            &mut ControllerClient::new(c::channel(ctl.csi_socket()).await),
+            &["n2"],
+        )
+        .await;
+        let e = ClusterClient::new(c::channel(ctl.csi_socket()).await)
+            .move_volume(MoveVolumeRequest {
+                volume_id: id.clone(),
+                node_id: nodes[target].id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            ctl.proc.log().contains("failpoint cluster::move::sealed"),
+            "{id}: {e:?}\n{}",
+            ctl.proc.log()
+        );
+        nodes[target].proc.kill9();
+        // The controller's stale timeout is 3 s.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    // Sealed, the moves wait for their targets: the volumes stay on n2,
+    // and a cancel is refused.
+    for (i, from) in [(0, "n2"), (1, "n2")] {
+        let e = mc
+            .move_volume(MoveVolumeRequest {
+                volume_id: vols[i].0.clone(),
+                node_id: from.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    }
+    for target in ["n3", "n4"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["node", "forget", target, "--endpoint", &endpoint])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "forget {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (id, ..) in &vols {
+        eventually(30, "the moves are rolled back onto n2", async || {
+            let v = mc
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: "n2".into(),
+                })
+                .await;
+            v.is_ok_and(|r| r.get_ref().to_node == "n2")
+        })
+        .await;
+        assert!(holds(&nodes[1].agent, &tls, id).await, "{id} left n2");
+    }
+    // The writers went on (a failed write panics): more writes land now.
+    for (id, user, ctx, dev, model, stop, w) in vols {
+        let before = model.lock().unwrap().clone();
+        eventually(30, "the writer writes again", async || {
+            *model.lock().unwrap() != before
+        })
+        .await;
+        stopped(w, &stop).await;
+        matches_model(&id, &dev, &model);
+        // A stage with the context from before the move, again while
+        // staged (the attachment served stays) and anew, reaches the
+        // volume where it is now.
+        let csi = if user == 0 { &mut csi1 } else { &mut csi2 };
+        let dev = attach_with(&nodes[user], csi, &id, ctx.clone()).await;
+        write_at(&dev, 4096, &[9u8; 4096]).unwrap();
+        model.lock().unwrap()[4096..8192].fill(9);
+        detach(&nodes[user], csi, &id).await;
+        let dev = attach_with(&nodes[user], csi, &id, ctx).await;
+        matches_model(&id, &dev, &model);
+        write_at(&dev, 0, &[7u8; 4096]).unwrap();
+        detach_and_unpublish(&mut cc, &nodes[user], csi, &id).await;
+    }
+}
+
 /// `strata node forget NODE`: refused while a volume or a snapshot is
 /// there (named) and while the node answers; a drained node that died
 /// after a snapshot's move switched away from it, before its copy there

@@ -788,11 +788,21 @@ impl Agent for AgentService {
         let Ok(vid) = volume_id(&req.volume_id) else {
             return Ok(Response::new(AttachReply { epoch: 0 }));
         };
-        match self
-            .attachments
-            .detach(&self.started, vid, &req.node_id, req.for_move)
-            .await
-        {
+        if req.unseal && (!req.for_move || req.node_id.is_empty()) {
+            return Err(Status::invalid_argument(
+                "unseal undoes a live move's seal: it needs for_move and the move's node",
+            ));
+        }
+        let ended = if req.unseal {
+            self.attachments
+                .unseal(&self.started, vid, &req.node_id)
+                .await
+        } else {
+            self.attachments
+                .detach(&self.started, vid, &req.node_id, req.for_move)
+                .await
+        };
+        match ended {
             Ok(epoch) => Ok(Response::new(AttachReply { epoch })),
             // Nothing to end.
             Err(s) if s.code() == tonic::Code::NotFound => {

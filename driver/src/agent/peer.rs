@@ -76,6 +76,11 @@ enum Change<'a> {
         node: &'a str,
         for_move: bool,
     },
+    /// The rollback of a live move sealed for `node`, a target the
+    /// controller forgot (see `agent.proto`, AttachRequest.unseal).
+    Unseal {
+        node: &'a str,
+    },
     /// The end of a move's copy (see `agent.proto`, Seal).
     Seal {
         node: &'a str,
@@ -393,6 +398,19 @@ impl Attachments {
             .await
     }
 
+    /// Undoes the seal of a live move to `node` (its target, forgotten
+    /// by the controller before the move switched): the volume is this
+    /// node's again, attached to no node. Nothing to do if it is not
+    /// sealed for `node`.
+    pub async fn unseal(
+        self: &Arc<Self>,
+        started: &Started,
+        vid: VolumeId,
+        node: &str,
+    ) -> Result<u64, Status> {
+        self.change(started, vid, Change::Unseal { node }).await
+    }
+
     async fn change(
         self: &Arc<Self>,
         started: &Started,
@@ -445,6 +463,15 @@ impl Attachments {
             Change::Seal { node, epoch } if now.moved && now.node == node && now.epoch == epoch => {
                 None
             }
+            Change::Unseal { node } if now.moved && now.live && now.node == node => {
+                tracing::warn!(volume = %vid, to = node, "a live move's seal is undone: its target was forgotten before the switch; this copy is the volume again");
+                Some(Attachment {
+                    node: String::new(),
+                    epoch: now.epoch + 1,
+                    ..Attachment::default()
+                })
+            }
+            Change::Unseal { .. } => None,
             // Rolling back a move before its switch: the target's copy never
             // served a write, so this copy is the volume again.
             // A live move's seal is final: the target may hold writes.

@@ -40,7 +40,11 @@
 //! is refused, and the rounds go on). After the switch (phase `following`)
 //! the volume is published on the target to the node that uses it, and
 //! that node follows it there (`agent.proto`, Follow). A live move is
-//! never rolled back once sealed: a cancel then is refused.
+//! never rolled back once sealed (a cancel then is refused), unless its
+//! target is forgotten (`strata node forget`) before the switch: never
+//! switched to, that target took none of its writes, so the source
+//! undoes its seal and the node that uses the volume is pointed at it
+//! again (`Moves::abort`).
 //!
 //! **Switch first** ([`Move::lazy`], restores and clones for a pod on
 //! another node) runs the same steps in another order: at step 3 the target
@@ -858,19 +862,19 @@ impl Moves {
     }
 
     /// `strata node forget`: forgets `node`, a node that is gone for good
-    /// (not ready), once no volume or snapshot is there, none fetches from
-    /// it and no live move copies into it (FAILED_PRECONDITION names
-    /// them). With `abandon`, only a live move copying into it holds it
-    /// back: the volumes and snapshots there, and the volumes still
-    /// fetching from it, are lost (their records stay until they are
+    /// (not ready), once no volume or snapshot is there and none fetches
+    /// from it (FAILED_PRECONDITION names them). With `abandon`, the
+    /// volumes and snapshots there, and the volumes still fetching from
+    /// it, are lost (their records stay until they are
     /// deleted, see [`lost_volume`] and the CSI controller; each lost
     /// volume's claim gets a `VolumeLost` Event), but a snapshot whose
     /// move there switched stays where it came from if it is still there
     /// (`finish_snapshot`). The moves that still had a copy
     /// to remove there, or waited for it to roll back, then finish
-    /// without it, and one still copying out of it rolls back (the
-    /// leader's resume goes on at once); what stays on the node is
-    /// garbage to it.
+    /// without it, and one still copying out of it or into it rolls back
+    /// (the leader's resume goes on at once; a live move into it whose
+    /// source sealed its copy too, since it never switched: see `abort`);
+    /// what stays on the node is garbage to it.
     pub async fn forget(
         self: &Arc<Self>,
         node: &str,
@@ -878,24 +882,19 @@ impl Moves {
     ) -> Result<ForgetNodeReply, Status> {
         self.cluster.nodes.forgettable(node)?;
         let key = node.to_string();
-        let (volumes, fetching, copying, snapshots, kept) = self
+        let (volumes, fetching, snapshots, kept) = self
             .store(move |r| {
-                let (mut volumes, mut fetching, mut copying) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut volumes, mut fetching) = (Vec::new(), Vec::new());
                 for v in r.volumes()? {
-                    // A switch-first move still fetches from its source;
-                    // a live move's source may be sealed for it, and only
-                    // its switch (or the node back) lets the volume go on.
-                    let moving = v.moving.as_ref();
+                    // A switch-first move still fetches from its source.
                     if v.node == key {
                         volumes.push(v);
-                    } else if moving
+                    } else if v
+                        .moving
+                        .as_ref()
                         .is_some_and(|m| m.from == key && m.phase == MovePhase::Fetching)
                     {
                         fetching.push(v);
-                    } else if moving
-                        .is_some_and(|m| m.to == key && m.live && m.phase == MovePhase::Copying)
-                    {
-                        copying.push(v.volume_id);
                     }
                 }
                 // A snapshot whose move into it switched already is still
@@ -912,7 +911,7 @@ impl Moves {
                 let ids = |s: Vec<super::records::SnapshotRecord>| {
                     s.into_iter().map(|s| s.snapshot_id).collect::<Vec<_>>()
                 };
-                Ok((volumes, fetching, copying, ids(snapshots), ids(kept)))
+                Ok((volumes, fetching, ids(snapshots), ids(kept)))
             })
             .await?;
         let list = |what: &str, ids: &[String]| {
@@ -945,13 +944,6 @@ impl Moves {
                 "{} still fetch from it: they need the node back, or their blocks not fetched \
                  yet given up (--abandon-data)",
                 list("volumes", &holed)
-            ));
-        }
-        if !copying.is_empty() {
-            why.push(format!(
-                "{} need it: cancel a live move still copying into it with `strata volume move \
-                 VOLUME --to SOURCE`",
-                list("moving volumes", &copying)
             ));
         }
         if !why.is_empty() {
@@ -1436,6 +1428,7 @@ impl Moves {
                 node_id: m.to.clone(),
                 read_only: true,
                 for_move: true,
+                ..Default::default()
             }))
             .await?
             .into_inner()
@@ -1726,7 +1719,6 @@ impl Moves {
         if m.published_to.is_empty() {
             return Ok(());
         }
-        let nodes = &self.cluster.nodes;
         let id = &rec.volume_id;
         // An unpublish meanwhile (a node gone, its volumes force-detached)
         // ends what there is to follow.
@@ -1735,39 +1727,81 @@ impl Moves {
             Some(x) if !x.is_empty() => x,
             _ => return Ok(()),
         };
+        self.point(id, x, &m.to, &m.from, m.read_only).await
+    }
+
+    /// Attaches volume `id` on `owner` to node `x`, which uses it, and
+    /// tells `x` to reach it there (away from `previous`).
+    async fn point(
+        &self,
+        id: &str,
+        x: &str,
+        owner: &str,
+        previous: &str,
+        read_only: bool,
+    ) -> Result<(), Status> {
+        let nodes = &self.cluster.nodes;
         let epoch = nodes
-            .agent(&m.to)?
+            .agent(owner)?
             .attach(Request::new(agent::AttachRequest {
-                volume_id: id.clone(),
-                node_id: x.clone(),
-                read_only: m.read_only,
-                for_move: false,
+                volume_id: id.to_string(),
+                node_id: x.to_string(),
+                read_only,
+                ..Default::default()
             }))
             .await?
             .into_inner()
             .epoch;
-        let (address, grant) = if *x == m.to {
+        let (address, grant) = if x == owner {
             Default::default()
         } else {
             let (address, tls) = nodes
-                .peer(&m.to)?
+                .peer(owner)?
                 .ok_or_else(|| Status::failed_precondition("a standalone Strata has one node"))?;
-            let g = GrantKey::from_tls(tls).make(id, x, epoch, m.read_only);
+            let g = GrantKey::from_tls(tls).make(id, x, epoch, read_only);
             (address, grant::encode(&g))
         };
         let r = nodes
             .agent(x)?
             .follow(Request::new(agent::FollowRequest {
-                volume_id: id.clone(),
-                owner: m.to.clone(),
+                volume_id: id.to_string(),
+                owner: owner.to_string(),
                 address,
                 grant,
-                previous_owner: m.from.clone(),
+                previous_owner: previous.to_string(),
             }))
             .await?
             .into_inner();
-        tracing::info!(volume = %id, node = %x, staged = r.staged, owner = %m.to, "the volume's attachment follows it");
+        tracing::info!(volume = %id, node = %x, staged = r.staged, owner, "the volume's attachment follows it");
         Ok(())
+    }
+
+    /// After a live move's seal was undone (its target forgotten before
+    /// the switch), the source's copy is attached to no node: the node the
+    /// volume is published to is pointed at it again, under a new epoch.
+    /// Nothing to do while the source's attachment is a node's.
+    async fn point_back(&self, rec: &VolumeRecord, m: &Move) -> Result<(), Status> {
+        let x = &m.published_to;
+        let forgotten = |n: &str| self.cluster.nodes.forgotten(n);
+        if x.is_empty() || forgotten(x) || forgotten(&m.from) {
+            return Ok(());
+        }
+        let t = self
+            .cluster
+            .nodes
+            .agent(&m.from)?
+            .track(Request::new(agent::TrackRequest {
+                volume_id: rec.volume_id.clone(),
+                node_id: m.to.clone(),
+                peek: true,
+            }))
+            .await?
+            .into_inner();
+        if t.sealed || !t.published_to.is_empty() {
+            return Ok(());
+        }
+        self.point(&rec.volume_id, x, &m.from, &m.to, m.read_only)
+            .await
     }
 
     /// Rolls a move back (before its switch): the source's copy is made
@@ -1793,6 +1827,30 @@ impl Moves {
             Err(_) if nodes.forgotten(&m.from) => Ok(()),
             Err(e) => Err(e),
         };
+        let detached = match detached {
+            // Sealed by a live move whose target was forgotten since: it
+            // was never switched to, so it served no write, and the
+            // source's copy is the volume again.
+            Err(e)
+                if m.live
+                    && e.code() == Code::FailedPrecondition
+                    && nodes.forgotten(&m.to)
+                    && self.sealed_live(rec, &m).await? =>
+            {
+                nodes
+                    .agent(&m.from)?
+                    .detach(Request::new(agent::AttachRequest {
+                        volume_id: id.clone(),
+                        node_id: m.to.clone(),
+                        for_move: true,
+                        unseal: true,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(drop)
+            }
+            r => r,
+        };
         if let Err(e) = detached {
             // Sealed by a live move meanwhile: it goes on, not back.
             if m.live && e.code() == Code::FailedPrecondition && self.sealed_live(rec, &m).await? {
@@ -1813,6 +1871,9 @@ impl Moves {
                 )));
             }
             return Err(e);
+        }
+        if m.live {
+            self.point_back(rec, &m).await?;
         }
         let deleted = match nodes.agent(&m.to) {
             Ok(target) => target

@@ -918,6 +918,7 @@ impl Controller for ControllerService {
                 node_id: req.node_id.clone(),
                 read_only: req.readonly,
                 for_move: false,
+                ..Default::default()
             }))
             .await?
             .into_inner()

@@ -500,7 +500,12 @@ impl Node {
             let _ = std::fs::remove_file(self.followed_path(vid));
             return None;
         }
-        if f.from.iter().any(|n| n == asked_owner) {
+        // Followed away from the owner asked for, or to it again under a
+        // later attachment (a live move rolled back, its seal undone).
+        let later_there = asked
+            .zip(f.to.as_ref())
+            .is_some_and(|(a, to)| to.owner == a.owner && older_grant(a, to));
+        if later_there || f.from.iter().any(|n| n == asked_owner) {
             tracing::info!(volume = %vid, published = asked_owner, owner = %f.to.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a stage names the owner the volume moved away from: staged from its new owner");
             return Some(f.to);
         }
@@ -649,7 +654,9 @@ impl Node {
         match (entry.remote(), &req.remote) {
             (None, None) => Ok(true),
             (Some(v), Some(t)) if v.target().owner == t.owner => {
-                if v.target() != *t {
+                if older_grant(t, &v.target()) {
+                    tracing::info!(volume = %req.volume, owner = %t.owner, "a stage names an older attachment than the one served (a rolled-back move attached it again): the served one stays");
+                } else if v.target() != *t {
                     v.retarget(t)?;
                     if let Some(r) = entry.rec.remote.as_mut() {
                         r.target = t.clone();
@@ -718,6 +725,17 @@ impl Node {
         // served both say so; the client, with what it knows of the
         // owner's durability, stays.
         if recorded == owner && served.as_ref().is_none_or(|s| *s == owner) {
+            // Its calls that met a seal undone since (a rolled-back move)
+            // try again now.
+            if let Some(s) = self
+                .staged
+                .lock()
+                .expect("staged")
+                .get(&vid)
+                .and_then(|e| e.served.as_ref())
+            {
+                s.wake();
+            }
             return Ok(true);
         }
         // Opened outside the lock (it asks the owner for the size).
@@ -1218,6 +1236,13 @@ fn device_numbers(device: &Path) -> Option<(u32, u32)> {
     m.file_type()
         .is_block_device()
         .then(|| (libc::major(m.rdev()), libc::minor(m.rdev())))
+}
+
+/// Whether `a` names an earlier attachment on the same owner than `b`
+/// (a lower epoch in its grant): an older publish context.
+fn older_grant(a: &Target, b: &Target) -> bool {
+    let epoch = |t: &Target| crate::peer::grant::decode(&t.volume_id, &t.grant).map(|g| g.epoch);
+    a.owner == b.owner && matches!((epoch(a), epoch(b)), (Some(x), Some(y)) if x < y)
 }
 
 #[cfg(test)]

@@ -71,6 +71,12 @@ impl Served {
         }
         *now = source;
         drop(now);
+        self.wake();
+    }
+
+    /// Calls waiting for a switch try their source again (also when it
+    /// stays: a seal undone, see `agent.proto`, AttachRequest.unseal).
+    pub fn wake(&self) {
         let _w = self.waiting.lock().expect("waiting");
         self.switches.fetch_add(1, Ordering::AcqRel);
         self.switched.notify_all();
