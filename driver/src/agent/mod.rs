@@ -587,6 +587,7 @@ impl Agent for AgentService {
                 now.node
             },
             read_only: now.read_only,
+            repointed: now.repointed,
         }))
     }
 
@@ -795,7 +796,13 @@ impl Agent for AgentService {
         }
         let ended = if req.unseal {
             self.attachments
-                .unseal(&self.started, vid, &req.node_id)
+                .unseal(
+                    &self.started,
+                    vid,
+                    &req.node_id,
+                    &req.reattach,
+                    req.read_only,
+                )
                 .await
         } else {
             self.attachments

@@ -77,9 +77,12 @@ enum Change<'a> {
         for_move: bool,
     },
     /// The rollback of a live move sealed for `node`, a target the
-    /// controller forgot (see `agent.proto`, AttachRequest.unseal).
+    /// controller forgot, the volume attached again to `reattach` (see
+    /// `agent.proto`, AttachRequest.unseal).
     Unseal {
         node: &'a str,
+        reattach: &'a str,
+        read_only: bool,
     },
     /// The end of a move's copy (see `agent.proto`, Seal).
     Seal {
@@ -359,6 +362,7 @@ impl Attachments {
             for_move: true,
             moved: true,
             live: true,
+            repointed: false,
         };
         let (durable, to) = (sealed.clone(), node.to_string());
         let held = blocking(started, move |core| {
@@ -400,15 +404,22 @@ impl Attachments {
 
     /// Undoes the seal of a live move to `node` (its target, forgotten
     /// by the controller before the move switched): the volume is this
-    /// node's again, attached to no node. Nothing to do if it is not
-    /// sealed for `node`.
+    /// node's again, attached to `reattach` ("": none). Nothing to do if
+    /// it is not sealed for `node`.
     pub async fn unseal(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
         node: &str,
+        reattach: &str,
+        read_only: bool,
     ) -> Result<u64, Status> {
-        self.change(started, vid, Change::Unseal { node }).await
+        let change = Change::Unseal {
+            node,
+            reattach,
+            read_only,
+        };
+        self.change(started, vid, change).await
     }
 
     async fn change(
@@ -463,11 +474,17 @@ impl Attachments {
             Change::Seal { node, epoch } if now.moved && now.node == node && now.epoch == epoch => {
                 None
             }
-            Change::Unseal { node } if now.moved && now.live && now.node == node => {
-                tracing::warn!(volume = %vid, to = node, "a live move's seal is undone: its target was forgotten before the switch; this copy is the volume again");
+            Change::Unseal {
+                node,
+                reattach,
+                read_only,
+            } if now.moved && now.live && now.node == node => {
+                tracing::warn!(volume = %vid, to = node, attached = reattach, "a live move's seal is undone: its target was forgotten before the switch; this copy is the volume again");
                 Some(Attachment {
-                    node: String::new(),
+                    node: reattach.to_string(),
                     epoch: now.epoch + 1,
+                    read_only: read_only && !reattach.is_empty(),
+                    repointed: !reattach.is_empty(),
                     ..Attachment::default()
                 })
             }
@@ -538,6 +555,7 @@ impl Attachments {
             {
                 Some(Attachment {
                     moved: true,
+                    repointed: false,
                     ..now.clone()
                 })
             }
@@ -678,6 +696,20 @@ impl PeerService {
                 if a.moved && a.live {
                     return Err(moved(vid, &a.node));
                 }
+                // Attached again by an undone seal: this node's older
+                // grants wait (as moved) for it to follow with the new one.
+                if a.repointed && a.node == g.node_id && g.epoch < a.epoch {
+                    let mut s = Status::unavailable(format!(
+                        "volume {vid}: a move was rolled back and node {} attached again under \
+                         epoch {}; not executed (the attachment follows it)",
+                        a.node, a.epoch
+                    ));
+                    s.metadata_mut().insert(
+                        MOVED_HEADER,
+                        tonic::metadata::MetadataValue::from_static("here"),
+                    );
+                    return Err(s);
+                }
                 if a.node != g.node_id || a.epoch != g.epoch {
                     return Err(Status::permission_denied(format!(
                         "volume {vid} is not published to node {} under epoch {} (its \
@@ -707,6 +739,10 @@ impl PeerService {
                         g.node_id
                     )));
                 }
+                // The node attached again by an undone seal uses its new
+                // grant: it followed (in memory only: after a restart, its
+                // next request clears it again).
+                f.attachment.repointed = false;
                 if g.session < f.session {
                     let mut s = Status::aborted(format!(
                         "session {} of this attachment was replaced by session {}; not executed",
@@ -1091,6 +1127,87 @@ mod tests {
             ),
             tonic::Code::InvalidArgument
         );
+    }
+
+    /// A live move's seal undone (its target forgotten before the
+    /// switch): only a seal for that target is; the volume is attached to
+    /// the node that used it again under a new epoch, whose older grants
+    /// are answered as moved (they wait) until its new grant is used, and
+    /// the volume serves again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undone_seal_attaches_the_user_again_and_its_older_grants_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, vid) = started(dir.path());
+        let s = service(&st);
+        let e1 = s.attachments.attach(&st, vid, "n1", false).await.unwrap();
+        // Sealed for n3 by a live move (as a restarted process finds it).
+        let pool = &st.get().unwrap().pool;
+        let sealed = Attachment {
+            node: "n3".into(),
+            epoch: e1 + 1,
+            read_only: true,
+            for_move: true,
+            moved: true,
+            live: true,
+            repointed: false,
+        };
+        let v = pool.volume(vid).unwrap();
+        pool.set_attachment(vid, &sealed).unwrap();
+        assert!(matches!(
+            v.write(0, &[5u8; 4096], false),
+            Err(crate::engine::Error::Moved { .. })
+        ));
+        let s = service(&st);
+        let moved = |r: Result<Admitted, Status>| {
+            let e = r.map(drop).unwrap_err();
+            (e.code(), e.metadata().get(MOVED_HEADER).is_some())
+        };
+        let waits = (tonic::Code::Unavailable, true);
+        assert_eq!(
+            moved(s.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
+            waits
+        );
+        // For another target: nothing changes.
+        s.attachments
+            .unseal(&st, vid, "n4", "n1", false)
+            .await
+            .unwrap();
+        assert_eq!(pool.attachment(vid).unwrap(), sealed);
+        let e2 = s
+            .attachments
+            .unseal(&st, vid, "n3", "n1", false)
+            .await
+            .unwrap();
+        assert!(e2 > e1 + 1);
+        let now = pool.attachment(vid).unwrap();
+        assert!(now.node == "n1" && now.repointed && !now.moved, "{now:?}");
+        // Again: the same.
+        assert_eq!(
+            s.attachments
+                .unseal(&st, vid, "n3", "n1", false)
+                .await
+                .unwrap(),
+            e2
+        );
+        // n1's old grant waits, another node's is fenced off, the new one
+        // gets in, and then n1 counts as followed.
+        assert_eq!(
+            moved(s.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
+            waits
+        );
+        assert_eq!(
+            moved(s.admit(Some(&grant(vid, "n2", e1, 0)), false).await),
+            (tonic::Code::PermissionDenied, false)
+        );
+        let (_, before) = s.attachments.track(&st, vid, "n3", true).await.unwrap();
+        assert!(before.repointed);
+        s.admit(Some(&grant(vid, "n1", e2, 1)), true)
+            .await
+            .map(drop)
+            .unwrap();
+        let (_, after) = s.attachments.track(&st, vid, "n3", true).await.unwrap();
+        assert!(!after.repointed && after.node == "n1", "{after:?}");
+        v.write(0, &[5u8; 4096], false).unwrap();
     }
 
     /// A move's attachment: only while no node has the volume, read-only,

@@ -392,12 +392,32 @@ impl Moves {
     /// back), unless the volume was deleted meanwhile (NOT_FOUND then: the
     /// move stops).
     async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        self.put_if(rec, None).await
+    }
+
+    /// [`Self::put`], with `was`: only if the stored record's move is
+    /// still the one from `was.0` to `was.1` in phase `was.2` (ABORTED if
+    /// another controller, or a forget, took it on meanwhile).
+    async fn put_if(
+        &self,
+        rec: &VolumeRecord,
+        was: Option<(String, String, MovePhase)>,
+    ) -> Result<(), Status> {
         let (id, node, moving) = (rec.volume_id.clone(), rec.node.clone(), rec.moving.clone());
         let lost_with = rec.lost_with.clone();
+        let expected = was.clone();
         // Only what a move changes: a concurrent expansion keeps its size.
         let written = self
             .store(move |r| {
                 r.update_volume(&id, &mut |current| {
+                    if let Some((from, to, phase)) = &expected
+                        && !current
+                            .moving
+                            .as_ref()
+                            .is_some_and(|m| m.from == *from && m.to == *to && m.phase == *phase)
+                    {
+                        return false;
+                    }
                     (current.node, current.moving) = (node.clone(), moving.clone());
                     if current.lost_with.is_none() {
                         current.lost_with.clone_from(&lost_with);
@@ -406,10 +426,19 @@ impl Moves {
                 })
             })
             .await?;
-        if !written {
-            return Err(Status::not_found("the volume was deleted during its move"));
+        if written {
+            return Ok(());
         }
-        Ok(())
+        match (was, self.record(&rec.volume_id).await) {
+            (Some((from, to, phase)), Ok(now)) => Err(Status::aborted(format!(
+                "the move of volume {} from node {from} to node {to} changed meanwhile (it was \
+                 {}, now {}): not taken further here",
+                rec.volume_id,
+                phase.label(),
+                now.moving.map_or("done", |m| m.phase.label())
+            ))),
+            _ => Err(Status::not_found("the volume was deleted during its move")),
+        }
     }
 
     /// Moves volume `id` to node `to` (`None`: the node with the most room
@@ -882,19 +911,20 @@ impl Moves {
     ) -> Result<ForgetNodeReply, Status> {
         self.cluster.nodes.forgettable(node)?;
         let key = node.to_string();
-        let (volumes, fetching, snapshots, kept) = self
+        let (volumes, fetching, into, snapshots, kept) = self
             .store(move |r| {
-                let (mut volumes, mut fetching) = (Vec::new(), Vec::new());
+                let (mut volumes, mut fetching, mut into) = (Vec::new(), Vec::new(), Vec::new());
                 for v in r.volumes()? {
                     // A switch-first move still fetches from its source.
+                    let moving = v.moving.as_ref();
                     if v.node == key {
                         volumes.push(v);
-                    } else if v
-                        .moving
-                        .as_ref()
+                    } else if moving
                         .is_some_and(|m| m.from == key && m.phase == MovePhase::Fetching)
                     {
                         fetching.push(v);
+                    } else if moving.is_some_and(|m| m.to == key && m.phase == MovePhase::Copying) {
+                        into.push(v);
                     }
                 }
                 // A snapshot whose move into it switched already is still
@@ -911,7 +941,7 @@ impl Moves {
                 let ids = |s: Vec<super::records::SnapshotRecord>| {
                     s.into_iter().map(|s| s.snapshot_id).collect::<Vec<_>>()
                 };
-                Ok((volumes, fetching, ids(snapshots), ids(kept)))
+                Ok((volumes, fetching, into, ids(snapshots), ids(kept)))
             })
             .await?;
         let list = |what: &str, ids: &[String]| {
@@ -953,6 +983,20 @@ impl Moves {
             )));
         }
         let gone = self.cluster.nodes.confirm_gone(node).await?;
+        // Moves into it that did not switch roll back, recorded before it
+        // is forgotten, so none of them switches to it from here on (a
+        // live one's source may have sealed its copy: `abort` undoes that).
+        for mut rec in into {
+            let m = rec.moving.clone().expect("moving");
+            let why = format!("its target node {node} is forgotten");
+            if let Err(e) = self.rolling_back(&mut rec, &m, &why).await {
+                return Err(Status::unavailable(format!(
+                    "node {node} was not forgotten: the move of volume {} into it: {}; try again",
+                    rec.volume_id,
+                    e.message()
+                )));
+            }
+        }
         // Lost for good, also if a node of that name registers again.
         for id in lost.iter().chain(&holed) {
             let (id, with) = (id.clone(), node.to_string());
@@ -1777,9 +1821,11 @@ impl Moves {
     }
 
     /// After a live move's seal was undone (its target forgotten before
-    /// the switch), the source's copy is attached to no node: the node the
-    /// volume is published to is pointed at it again, under a new epoch.
-    /// Nothing to do while the source's attachment is a node's.
+    /// the switch), the source attached the volume again to the node it is
+    /// published to, under a new epoch: that node is told to follow it
+    /// there (again: each try of a rollback does, until the record goes).
+    /// Nothing to do if the source's attachment is not such a one of that
+    /// node (the seal was never undone, or a publish replaced it since).
     async fn point_back(&self, rec: &VolumeRecord, m: &Move) -> Result<(), Status> {
         let x = &m.published_to;
         let forgotten = |n: &str| self.cluster.nodes.forgotten(n);
@@ -1797,7 +1843,7 @@ impl Moves {
             }))
             .await?
             .into_inner();
-        if t.sealed || !t.published_to.is_empty() {
+        if !t.repointed || t.published_to != *x {
             return Ok(());
         }
         self.point(&rec.volume_id, x, &m.from, &m.to, m.read_only)
@@ -1837,6 +1883,9 @@ impl Moves {
                     && nodes.forgotten(&m.to)
                     && self.sealed_live(rec, &m).await? =>
             {
+                // Attached again to the node it is published to, if any.
+                let x = self.record(&id).await?.moving.map(|n| n.published_to);
+                let reattach = x.filter(|x| *x != m.to && !nodes.forgotten(x));
                 nodes
                     .agent(&m.from)?
                     .detach(Request::new(agent::AttachRequest {
@@ -1844,7 +1893,8 @@ impl Moves {
                         node_id: m.to.clone(),
                         for_move: true,
                         unseal: true,
-                        ..Default::default()
+                        reattach: reattach.unwrap_or_default(),
+                        read_only: m.read_only,
                     }))
                     .await
                     .map(drop)
@@ -1933,17 +1983,23 @@ impl Moves {
         Ok(())
     }
 
+    /// Moves the move on to `phase`, only from the phase the stored record
+    /// still has (as `rec` says): so a switch and a rollback, decided by
+    /// two controllers (or a forget) on records read before, never both
+    /// land.
     async fn set_phase(
         &self,
         rec: &mut VolumeRecord,
         phase: MovePhase,
         message: &str,
     ) -> Result<(), Status> {
-        if let Some(m) = rec.moving.as_mut() {
-            m.phase = phase;
-            m.message = message.to_string();
-        }
-        self.put(rec).await
+        let Some(m) = rec.moving.as_mut() else {
+            return self.put(rec).await;
+        };
+        let was = (m.from.clone(), m.to.clone(), m.phase);
+        m.phase = phase;
+        m.message = message.to_string();
+        self.put_if(rec, Some(was)).await
     }
 
     /// Says in the record what the move waits for (best effort).

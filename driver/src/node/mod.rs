@@ -738,10 +738,24 @@ impl Node {
             }
             return Ok(true);
         }
-        // Opened outside the lock (it asks the owner for the size).
-        let source = match &owner {
-            Some(t) => Source::Remote(self.peers()?.open(t, None)?),
-            None => Source::Local(self.pool.volume(vid)?),
+        // Opened outside the lock (it asks the owner for the size). The
+        // same owner under a new grant (a move rolled back) keeps the
+        // client, and with it what it knows of the owner's boots: writes
+        // answered before an owner reboot still fail the next flush.
+        let same_owner = self
+            .staged
+            .lock()
+            .expect("staged")
+            .get(&vid)
+            .and_then(|e| e.served.as_ref()?.remote())
+            .filter(|r| owner.as_ref().is_some_and(|t| r.target().owner == t.owner));
+        let source = match (&owner, same_owner) {
+            (Some(t), Some(r)) => {
+                r.retarget(t)?;
+                Source::Remote(r)
+            }
+            (Some(t), None) => Source::Remote(self.peers()?.open(t, None)?),
+            (None, _) => Source::Local(self.pool.volume(vid)?),
         };
         let mut staged = self.staged.lock().expect("staged");
         let Some(entry) = staged.get_mut(&vid) else {

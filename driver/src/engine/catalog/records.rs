@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn attachments_round_trip_and_old_records_are_read_write() {
-        for flags in 0..16 {
+        for flags in 0..32 {
             let a = Attachment {
                 node: "node-b".into(),
                 epoch: 7,
@@ -277,6 +277,7 @@ mod tests {
                 moved: flags & 2 != 0,
                 for_move: flags & 4 != 0,
                 live: flags & 8 != 0,
+                repointed: flags & 16 != 0,
             };
             assert_eq!(Attachment::decode(&a.encode()).unwrap(), a);
         }
@@ -520,6 +521,10 @@ pub struct Attachment {
     /// With `moved`: a live move sealed it (the volume was in use), and
     /// this copy serves nothing (see `engine::moving`).
     pub live: bool,
+    /// Attached to `node` again after a live move's seal was undone (its
+    /// target forgotten before the switch): older grants of `node` are
+    /// answered as moved, so their I/O waits for the node to follow.
+    pub repointed: bool,
 }
 
 /// [`Attachment`] flags (an optional trailing byte: records written
@@ -528,8 +533,12 @@ const ATTACHMENT_READ_ONLY: u8 = 1;
 const ATTACHMENT_MOVED: u8 = 2;
 const ATTACHMENT_FOR_MOVE: u8 = 4;
 const ATTACHMENT_LIVE: u8 = 8;
-const ATTACHMENT_FLAGS: u8 =
-    ATTACHMENT_READ_ONLY | ATTACHMENT_MOVED | ATTACHMENT_FOR_MOVE | ATTACHMENT_LIVE;
+const ATTACHMENT_REPOINTED: u8 = 16;
+const ATTACHMENT_FLAGS: u8 = ATTACHMENT_READ_ONLY
+    | ATTACHMENT_MOVED
+    | ATTACHMENT_FOR_MOVE
+    | ATTACHMENT_LIVE
+    | ATTACHMENT_REPOINTED;
 
 impl Attachment {
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -540,6 +549,7 @@ impl Attachment {
             (self.moved, ATTACHMENT_MOVED),
             (self.for_move, ATTACHMENT_FOR_MOVE),
             (self.live, ATTACHMENT_LIVE),
+            (self.repointed, ATTACHMENT_REPOINTED),
         ]
         .iter()
         .fold(0, |f, &(set, bit)| if set { f | bit } else { f });
@@ -566,6 +576,7 @@ impl Attachment {
             moved: flags & ATTACHMENT_MOVED != 0,
             for_move: flags & ATTACHMENT_FOR_MOVE != 0,
             live: flags & ATTACHMENT_LIVE != 0,
+            repointed: flags & ATTACHMENT_REPOINTED != 0,
         })
     }
 }
