@@ -388,56 +388,66 @@ impl Moves {
             .ok_or_else(|| Status::not_found(format!("volume {id:?} does not exist")))
     }
 
-    /// Writes the record's node and move back, and its loss (never taken
-    /// back), unless the volume was deleted meanwhile (NOT_FOUND then: the
-    /// move stops).
-    async fn put(&self, rec: &VolumeRecord) -> Result<(), Status> {
-        self.put_if(rec, None).await
-    }
-
-    /// [`Self::put`], with `was`: only if the stored record's move is
-    /// still the one from `was.0` to `was.1` in phase `was.2` (ABORTED if
-    /// another controller, or a forget, took it on meanwhile).
-    async fn put_if(
+    /// Writes `change` to the stored record of `rec`'s volume, only if its
+    /// move is still the one `rec` has (the same source, target and start,
+    /// and in `phase` if given; `rec` without a move: none is stored), so a
+    /// step decided on a record read earlier never lands over another
+    /// controller's or a forget's (a switch and a rollback never both land,
+    /// and what another step wrote meanwhile stays): ABORTED then, and
+    /// NOT_FOUND if the volume was deleted. `rec` becomes the stored record.
+    /// Only what `change` touches is written: a concurrent expansion keeps
+    /// its size, and a loss is never taken back. `change` may refuse too
+    /// (false).
+    async fn update_move(
         &self,
-        rec: &VolumeRecord,
-        was: Option<(String, String, MovePhase)>,
+        rec: &mut VolumeRecord,
+        phase: Option<MovePhase>,
+        mut change: impl FnMut(&mut VolumeRecord) -> bool + Send + 'static,
     ) -> Result<(), Status> {
-        let (id, node, moving) = (rec.volume_id.clone(), rec.node.clone(), rec.moving.clone());
-        let lost_with = rec.lost_with.clone();
-        let expected = was.clone();
-        // Only what a move changes: a concurrent expansion keeps its size.
-        let written = self
+        let id = rec.volume_id.clone();
+        let expected = rec
+            .moving
+            .as_ref()
+            .map(|m| (m.from.clone(), m.to.clone(), m.started_unix_ns));
+        let is_expected = move |current: &VolumeRecord| match (&expected, &current.moving) {
+            (None, None) => true,
+            (Some((from, to, started)), Some(m)) => {
+                m.from == *from
+                    && m.to == *to
+                    && m.started_unix_ns == *started
+                    && phase.is_none_or(|p| p == m.phase)
+            }
+            _ => false,
+        };
+        let key = id.clone();
+        let (written, after) = self
             .store(move |r| {
-                r.update_volume(&id, &mut |current| {
-                    if let Some((from, to, phase)) = &expected
-                        && !current
-                            .moving
-                            .as_ref()
-                            .is_some_and(|m| m.from == *from && m.to == *to && m.phase == *phase)
-                    {
-                        return false;
-                    }
-                    (current.node, current.moving) = (node.clone(), moving.clone());
-                    if current.lost_with.is_none() {
-                        current.lost_with.clone_from(&lost_with);
-                    }
-                    true
-                })
+                let mut after = None;
+                let written = r.update_volume(&key, &mut |current| {
+                    let changed = is_expected(current) && change(current);
+                    after = Some(current.clone());
+                    changed
+                })?;
+                Ok((written, after))
             })
             .await?;
-        if written {
-            return Ok(());
-        }
-        match (was, self.record(&rec.volume_id).await) {
-            (Some((from, to, phase)), Ok(now)) => Err(Status::aborted(format!(
-                "the move of volume {} from node {from} to node {to} changed meanwhile (it was \
-                 {}, now {}): not taken further here",
-                rec.volume_id,
-                phase.label(),
-                now.moving.map_or("done", |m| m.phase.label())
+        match (written, after) {
+            (true, Some(after)) => {
+                *rec = after;
+                Ok(())
+            }
+            (false, Some(now)) => Err(Status::aborted(format!(
+                "the move of volume {id} changed meanwhile (now: {}): not taken further here",
+                now.moving.as_ref().map_or("none".to_string(), |m| format!(
+                    "{} from node {} to node {}",
+                    m.phase.label(),
+                    m.from,
+                    m.to
+                ))
             ))),
-            _ => Err(Status::not_found("the volume was deleted during its move")),
+            _ => Err(Status::not_found(format!(
+                "volume {id} was deleted during its move"
+            ))),
         }
     }
 
@@ -1097,7 +1107,7 @@ impl Moves {
             (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
             (None, _) => {
                 let to = self.target_for(&rec, to)?;
-                rec.moving = Some(Move {
+                let m = Move {
                     from: rec.node.clone(),
                     to,
                     lazy,
@@ -1107,8 +1117,14 @@ impl Moves {
                     phase: MovePhase::Copying,
                     message: "attaching the source for the copy".into(),
                     started_unix_ns: now_ns(),
-                });
-                self.put(&rec).await?;
+                };
+                let from = rec.node.clone();
+                self.update_move(&mut rec, None, move |current| {
+                    // Not if the volume moved meanwhile.
+                    current.moving = Some(m.clone());
+                    current.node == from
+                })
+                .await?;
                 let m = rec.moving.as_ref().expect("moving");
                 self.tell(
                     &rec,
@@ -1271,8 +1287,11 @@ impl Moves {
                 removed.inspect_err(|e| {
                     tracing::warn!(volume = id, node = %m.from, error = %e.message(), "removing a moved volume's old copy")
                 })?;
-                rec.moving = None;
-                self.put(&rec).await?;
+                self.update_move(&mut rec, Some(MovePhase::Removing), |current| {
+                    current.moving = None;
+                    true
+                })
+                .await?;
             }
             Some(MovePhase::Aborting) => {
                 self.abort(&mut rec).await?;
@@ -1590,13 +1609,17 @@ impl Moves {
                 .await?;
             return Ok(false);
         }
-        if let Some(m) = rec.moving.as_mut() {
-            m.live = true;
-            m.published_to = t.published_to;
-            m.read_only = t.read_only;
-            m.message = "copying while in use".into();
-        }
-        self.put(rec).await?;
+        let (published_to, read_only) = (t.published_to, t.read_only);
+        self.update_move(rec, Some(MovePhase::Copying), move |current| {
+            if let Some(m) = current.moving.as_mut() {
+                m.live = true;
+                m.published_to.clone_from(&published_to);
+                m.read_only = read_only;
+                m.message = "copying while in use".into();
+            }
+            true
+        })
+        .await?;
         Ok(true)
     }
 
@@ -1605,10 +1628,20 @@ impl Moves {
     /// says so; the move reads it before following). Whether it was so.
     pub async fn unpublished(&self, id: &str, node: &str) -> Result<bool, Status> {
         let mut rec = self.record(id).await?;
-        match rec.moving.as_mut() {
-            Some(m) if m.phase == MovePhase::Following && m.published_to == node => {
-                m.published_to.clear();
-                self.put(&rec).await?;
+        match rec.moving.as_ref() {
+            Some(m)
+                if matches!(m.phase, MovePhase::Following | MovePhase::Aborting)
+                    && m.live
+                    && m.published_to == node =>
+            {
+                let phase = m.phase;
+                self.update_move(&mut rec, Some(phase), |current| {
+                    if let Some(m) = current.moving.as_mut() {
+                        m.published_to.clear();
+                    }
+                    true
+                })
+                .await?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -1827,27 +1860,44 @@ impl Moves {
     /// Nothing to do if the source's attachment is not such a one of that
     /// node (the seal was never undone, or a publish replaced it since).
     async fn point_back(&self, rec: &VolumeRecord, m: &Move) -> Result<(), Status> {
-        let x = &m.published_to;
-        let forgotten = |n: &str| self.cluster.nodes.forgotten(n);
-        if x.is_empty() || forgotten(x) || forgotten(&m.from) {
+        let nodes = &self.cluster.nodes;
+        if nodes.forgotten(&m.from) {
             return Ok(());
         }
-        let t = self
-            .cluster
-            .nodes
-            .agent(&m.from)?
+        let id = &rec.volume_id;
+        let source = nodes.agent(&m.from)?;
+        let t = source
             .track(Request::new(agent::TrackRequest {
-                volume_id: rec.volume_id.clone(),
+                volume_id: id.clone(),
                 node_id: m.to.clone(),
                 peek: true,
             }))
             .await?
             .into_inner();
-        if !t.repointed || t.published_to != *x {
+        if !t.repointed {
             return Ok(());
         }
-        self.point(&rec.volume_id, x, &m.from, &m.to, m.read_only)
-            .await
+        // Unpublished meanwhile (the record says so now): detached again.
+        let x = self
+            .record(id)
+            .await?
+            .moving
+            .map(|n| n.published_to)
+            .unwrap_or_default();
+        if t.published_to != x || nodes.forgotten(&x) {
+            if t.published_to.is_empty() {
+                return Ok(());
+            }
+            source
+                .detach(Request::new(agent::AttachRequest {
+                    volume_id: id.clone(),
+                    node_id: t.published_to,
+                    ..Default::default()
+                }))
+                .await?;
+            return Ok(());
+        }
+        self.point(id, &x, &m.from, &m.to, m.read_only).await
     }
 
     /// Rolls a move back (before its switch): the source's copy is made
@@ -1883,9 +1933,26 @@ impl Moves {
                     && nodes.forgotten(&m.to)
                     && self.sealed_live(rec, &m).await? =>
             {
-                // Attached again to the node it is published to, if any.
-                let x = self.record(&id).await?.moving.map(|n| n.published_to);
-                let reattach = x.filter(|x| *x != m.to && !nodes.forgotten(x));
+                // Only for a rollback still recorded (no switch can land
+                // any more); attached again to the node it is published
+                // to, if any.
+                let now = self.record(&id).await?;
+                let x = match now.moving {
+                    Some(n)
+                        if n.phase == MovePhase::Aborting
+                            && (&n.from, &n.to, n.started_unix_ns)
+                                == (&m.from, &m.to, m.started_unix_ns) =>
+                    {
+                        n.published_to
+                    }
+                    _ => {
+                        return Err(Status::aborted(format!(
+                            "the rollback of the move of volume {id} is no longer recorded: not \
+                             taken further here"
+                        )));
+                    }
+                };
+                let reattach = Some(x).filter(|x| *x != m.to && !nodes.forgotten(x));
                 nodes
                     .agent(&m.from)?
                     .detach(Request::new(agent::AttachRequest {
@@ -1946,11 +2013,15 @@ impl Moves {
                 ),
             ));
         }
-        rec.moving = None;
-        if nodes.forgotten(&rec.node) {
-            rec.lost_with = Some(rec.node.clone());
-        }
-        self.put(rec).await?;
+        let lost_with = nodes.forgotten(&rec.node).then(|| rec.node.clone());
+        self.update_move(rec, Some(MovePhase::Aborting), move |current| {
+            current.moving = None;
+            if current.lost_with.is_none() {
+                current.lost_with.clone_from(&lost_with);
+            }
+            true
+        })
+        .await?;
         self.metrics.volume_moved(kind(&m), false, 0);
         Ok(())
     }
@@ -1983,31 +2054,40 @@ impl Moves {
         Ok(())
     }
 
-    /// Moves the move on to `phase`, only from the phase the stored record
-    /// still has (as `rec` says): so a switch and a rollback, decided by
-    /// two controllers (or a forget) on records read before, never both
-    /// land.
+    /// Moves the move on to `phase` (and the volume to `rec.node`: the
+    /// switch), only from the phase the stored record still has (as `rec`
+    /// says): see [`Self::update_move`].
     async fn set_phase(
         &self,
         rec: &mut VolumeRecord,
         phase: MovePhase,
         message: &str,
     ) -> Result<(), Status> {
-        let Some(m) = rec.moving.as_mut() else {
-            return self.put(rec).await;
-        };
-        let was = (m.from.clone(), m.to.clone(), m.phase);
-        m.phase = phase;
-        m.message = message.to_string();
-        self.put_if(rec, Some(was)).await
+        let was = rec.moving.as_ref().map(|m| m.phase);
+        let (node, message) = (rec.node.clone(), message.to_string());
+        self.update_move(rec, was, move |current| {
+            current.node.clone_from(&node);
+            if let Some(m) = current.moving.as_mut() {
+                m.phase = phase;
+                m.message.clone_from(&message);
+            }
+            true
+        })
+        .await
     }
 
     /// Says in the record what the move waits for (best effort).
     async fn note(&self, rec: &mut VolumeRecord, message: &str) {
-        if let Some(m) = rec.moving.as_mut() {
-            m.message = message.to_string();
-        }
-        if let Err(e) = self.put(rec).await {
+        let message = message.to_string();
+        let written = self
+            .update_move(rec, None, move |current| {
+                if let Some(m) = current.moving.as_mut() {
+                    m.message.clone_from(&message);
+                }
+                true
+            })
+            .await;
+        if let Err(e) = written {
             tracing::warn!(volume = %rec.volume_id, error = %e.message(), "recording a move's progress");
         }
     }

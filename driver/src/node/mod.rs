@@ -749,11 +749,9 @@ impl Node {
             .get(&vid)
             .and_then(|e| e.served.as_ref()?.remote())
             .filter(|r| owner.as_ref().is_some_and(|t| r.target().owner == t.owner));
+        // (Retargeted once the record says so.)
         let source = match (&owner, same_owner) {
-            (Some(t), Some(r)) => {
-                r.retarget(t)?;
-                Source::Remote(r)
-            }
+            (Some(_), Some(r)) => Source::Remote(r),
             (Some(t), None) => Source::Remote(self.peers()?.open(t, None)?),
             (None, _) => Source::Local(self.pool.volume(vid)?),
         };
@@ -762,15 +760,20 @@ impl Node {
             return Ok(false);
         };
         let mut rec = entry.rec.clone();
-        rec.remote = match &source {
-            Source::Remote(v) => Some(state::RemoteRecord {
-                target: v.target(),
+        rec.remote = match (&source, &owner) {
+            (Source::Remote(v), Some(t)) => Some(state::RemoteRecord {
+                target: t.clone(),
                 size_bytes: v.size(),
             }),
-            Source::Local(_) => None,
+            _ => None,
         };
         self.state.save(&rec)?;
         entry.rec = rec;
+        if let (Source::Remote(v), Some(t)) = (&source, &owner)
+            && v.target() != *t
+        {
+            v.retarget(t)?;
+        }
         match &entry.served {
             Some(served) => served.follow(source),
             None => {
