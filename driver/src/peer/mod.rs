@@ -95,6 +95,11 @@ impl<T: std::io::Write> std::io::Write for LaneSocket<T> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.retried(|t| t.write(buf))
     }
+    // rustls hands its records over as several slices: one system call
+    // for all of them, as the socket itself would take them.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.retried(|t| t.write_vectored(bufs))
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         self.retried(|t| t.flush())
     }
