@@ -996,16 +996,24 @@ impl Moves {
         // Moves into it that did not switch roll back, recorded before it
         // is forgotten, so none of them switches to it from here on (a
         // live one's source may have sealed its copy: `abort` undoes that).
+        let mut recorded = Vec::new();
         for mut rec in into {
             let m = rec.moving.clone().expect("moving");
             let why = format!("its target node {node} is forgotten");
             if let Err(e) = self.rolling_back(&mut rec, &m, &why).await {
                 return Err(Status::unavailable(format!(
-                    "node {node} was not forgotten: the move of volume {} into it: {}; try again",
+                    "node {node} was not forgotten: the move of volume {} into it: {}; try \
+                     again (the moves into it of {} roll back already)",
                     rec.volume_id,
-                    e.message()
+                    e.message(),
+                    if recorded.is_empty() {
+                        "no volume".to_string()
+                    } else {
+                        list("volumes", &recorded)
+                    }
                 )));
             }
+            recorded.push(rec.volume_id);
         }
         // Lost for good, also if a node of that name registers again.
         for id in lost.iter().chain(&holed) {
