@@ -1659,19 +1659,23 @@ impl Moves {
     /// Whether the source sealed its copy for a live move (the switch
     /// must go on).
     async fn sealed_live(&self, rec: &VolumeRecord, m: &Move) -> Result<bool, Status> {
-        let t = self
+        Ok(self.peek(&rec.volume_id, m).await.map_err(waiting)?.sealed)
+    }
+
+    /// What the source of move `m` of volume `id` says of it (Track, with
+    /// `peek`).
+    async fn peek(&self, id: &str, m: &Move) -> Result<agent::TrackReply, Status> {
+        let reply = self
             .cluster
             .nodes
             .agent(&m.from)?
             .track(Request::new(agent::TrackRequest {
-                volume_id: rec.volume_id.clone(),
+                volume_id: id.to_string(),
                 node_id: m.to.clone(),
                 peek: true,
             }))
-            .await
-            .map_err(waiting)?
-            .into_inner();
-        Ok(t.sealed)
+            .await?;
+        Ok(reply.into_inner())
     }
 
     /// Live, steps 2 to 4: the target copies the volume and then its
@@ -1873,15 +1877,7 @@ impl Moves {
             return Ok(());
         }
         let id = &rec.volume_id;
-        let source = nodes.agent(&m.from)?;
-        let t = source
-            .track(Request::new(agent::TrackRequest {
-                volume_id: id.clone(),
-                node_id: m.to.clone(),
-                peek: true,
-            }))
-            .await?
-            .into_inner();
+        let t = self.peek(id, m).await?;
         if !t.repointed {
             return Ok(());
         }
@@ -1896,7 +1892,8 @@ impl Moves {
             if t.published_to.is_empty() {
                 return Ok(());
             }
-            source
+            nodes
+                .agent(&m.from)?
                 .detach(Request::new(agent::AttachRequest {
                     volume_id: id.clone(),
                     node_id: t.published_to,
