@@ -588,6 +588,7 @@ impl Agent for AgentService {
             },
             read_only: now.read_only,
             repointed: now.repointed,
+            attachment_epoch: now.epoch,
         }))
     }
 

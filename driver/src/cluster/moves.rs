@@ -419,7 +419,7 @@ impl Moves {
             }
             _ => false,
         };
-        let key = id.clone();
+        let (key, key2) = (id.clone(), id.clone());
         let (written, after) = self
             .store(move |r| {
                 let mut after = None;
@@ -431,12 +431,14 @@ impl Moves {
                 Ok((written, after))
             })
             .await?;
-        match (written, after) {
-            (true, Some(after)) => {
-                *rec = after;
-                Ok(())
-            }
-            (false, Some(now)) => Err(Status::aborted(format!(
+        if let (true, Some(after)) = (written, after) {
+            *rec = after;
+            return Ok(());
+        }
+        // Refused: what is stored now (a store may find the record gone
+        // only at its write).
+        match self.store(move |r| r.volume(&key2)).await? {
+            Some(now) => Err(Status::aborted(format!(
                 "the move of volume {id} changed meanwhile (now: {}): not taken further here",
                 now.moving.as_ref().map_or("none".to_string(), |m| format!(
                     "{} from node {} to node {}",
@@ -445,7 +447,7 @@ impl Moves {
                     m.to
                 ))
             ))),
-            _ => Err(Status::not_found(format!(
+            None => Err(Status::not_found(format!(
                 "volume {id} was deleted during its move"
             ))),
         }
@@ -1129,8 +1131,11 @@ impl Moves {
                 let from = rec.node.clone();
                 self.update_move(&mut rec, None, move |current| {
                     // Not if the volume moved meanwhile.
-                    current.moving = Some(m.clone());
-                    current.node == from
+                    let here = current.node == from;
+                    if here {
+                        current.moving = Some(m.clone());
+                    }
+                    here
                 })
                 .await?;
                 let m = rec.moving.as_ref().expect("moving");
@@ -1246,7 +1251,14 @@ impl Moves {
                     m.to
                 )));
             }
-            // The switch: from here the target owns the volume.
+            // The switch: from here the target owns the volume. Only from
+            // `copying` (a rollback recorded meanwhile wins).
+            if rec.moving.as_ref().map(|m| m.phase) != Some(MovePhase::Copying) {
+                return Err(Status::aborted(format!(
+                    "the move of volume {id} to node {} is rolled back meanwhile",
+                    m.to
+                )));
+            }
             rec.node = m.to.clone();
             if m.lazy {
                 self.set_phase(&mut rec, MovePhase::Fetching, "fetching")
@@ -1816,31 +1828,34 @@ impl Moves {
             Some(x) if !x.is_empty() => x,
             _ => return Ok(()),
         };
-        self.point(id, x, &m.to, &m.from, m.read_only).await
-    }
-
-    /// Attaches volume `id` on `owner` to node `x`, which uses it, and
-    /// tells `x` to reach it there (away from `previous`).
-    async fn point(
-        &self,
-        id: &str,
-        x: &str,
-        owner: &str,
-        previous: &str,
-        read_only: bool,
-    ) -> Result<(), Status> {
-        let nodes = &self.cluster.nodes;
-        let epoch = nodes
-            .agent(owner)?
+        let epoch = self
+            .cluster
+            .nodes
+            .agent(&m.to)?
             .attach(Request::new(agent::AttachRequest {
-                volume_id: id.to_string(),
-                node_id: x.to_string(),
-                read_only,
+                volume_id: id.clone(),
+                node_id: x.clone(),
+                read_only: m.read_only,
                 ..Default::default()
             }))
             .await?
             .into_inner()
             .epoch;
+        self.point(id, x, (&m.to, epoch), &m.from, m.read_only)
+            .await
+    }
+
+    /// Tells node `x`, which uses volume `id`, to reach it on `owner`,
+    /// attached to `x` there under `epoch` (away from `previous`).
+    async fn point(
+        &self,
+        id: &str,
+        x: &str,
+        (owner, epoch): (&str, u64),
+        previous: &str,
+        read_only: bool,
+    ) -> Result<(), Status> {
+        let nodes = &self.cluster.nodes;
         let (address, grant) = if x == owner {
             Default::default()
         } else {
@@ -1882,12 +1897,16 @@ impl Moves {
             return Ok(());
         }
         // Unpublished meanwhile (the record says so now): detached again.
-        let x = self
-            .record(id)
-            .await?
-            .moving
-            .map(|n| n.published_to)
-            .unwrap_or_default();
+        // Nothing if the rollback is no longer recorded (finished by
+        // another controller).
+        let x = match self.record(id).await?.moving {
+            Some(n)
+                if (&n.from, &n.to, n.started_unix_ns) == (&m.from, &m.to, m.started_unix_ns) =>
+            {
+                n.published_to
+            }
+            _ => return Ok(()),
+        };
         if t.published_to != x || nodes.forgotten(&x) {
             if t.published_to.is_empty() {
                 return Ok(());
@@ -1902,7 +1921,10 @@ impl Moves {
                 .await?;
             return Ok(());
         }
-        self.point(id, &x, &m.from, &m.to, m.read_only).await
+        // With the epoch the source attached it under: an unpublish
+        // meanwhile leaves that grant fenced off, never an attachment.
+        self.point(id, &x, (&m.from, t.attachment_epoch), &m.to, m.read_only)
+            .await
     }
 
     /// Rolls a move back (before its switch): the source's copy is made
@@ -2082,10 +2104,13 @@ impl Moves {
     }
 
     /// Says in the record what the move waits for (best effort).
+    /// Only in the phase `rec` has: a note never carries a step's record
+    /// past another controller's or a forget's.
     async fn note(&self, rec: &mut VolumeRecord, message: &str) {
         let message = message.to_string();
+        let phase = rec.moving.as_ref().map(|m| m.phase);
         let written = self
-            .update_move(rec, None, move |current| {
+            .update_move(rec, phase, move |current| {
                 if let Some(m) = current.moving.as_mut() {
                     m.message.clone_from(&message);
                 }
