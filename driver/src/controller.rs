@@ -91,6 +91,10 @@ pub struct Config {
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // A controller that cannot make grants would fail every publish to a
+    // node that does not hold the volume: say so at start.
+    crate::peer::grant::issue(&config.tls, "probe", "probe", 0, false)
+        .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -146,9 +150,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             endpoint: config.peer_listen.to_string(),
             source,
         })?;
+    // Only another controller (a replica) forwards calls here.
+    let callers = config.tls.callers();
     let peer = tonic::transport::Server::builder()
         .tls_config(config.tls.server())
         .map_err(|e| StartError::Internal(format!("controller peer TLS: {e}")))?
+        .layer(tonic::service::InterceptorLayer::new(
+            move |req: tonic::Request<()>| {
+                callers.controller(&crate::tls::Caller::of(&req))?;
+                Ok(req)
+            },
+        ))
         .add_service(ControllerServer::new(replica.clone()))
         .add_service(SnapshotMetadataServer::new(replica.clone()))
         .add_service(GroupControllerServer::new(replica.clone()))

@@ -337,9 +337,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let listener = tokio::net::TcpListener::bind(agent_listen)
                 .await
                 .map_err(listen_err(agent_listen))?;
+            let grants = GrantKey::from_tls(tls)
+                .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
+            let callers = tls.callers();
             let peer = PeerService::new(
                 started.clone(),
-                GrantKey::from_tls(tls),
+                grants,
+                callers,
                 Arc::clone(&metrics),
                 Arc::clone(&attachments),
             );
@@ -359,7 +363,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .max_concurrent_streams(crate::tls::SERVER_MAX_STREAMS)
                 .http2_keepalive_interval(Some(crate::tls::SERVER_KEEPALIVE.0))
                 .http2_keepalive_timeout(Some(crate::tls::SERVER_KEEPALIVE.1))
-                .add_service(AgentServer::new(agent))
+                // Only the controller changes this node's volumes.
+                .add_service(AgentServer::with_interceptor(agent, move |req| {
+                    callers.controller(&crate::tls::Caller::of(&req))?;
+                    Ok(req)
+                }))
                 .add_service(
                     PeerServer::new(peer)
                         .max_decoding_message_size(crate::peer::MAX_FRAME)

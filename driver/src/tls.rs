@@ -6,6 +6,17 @@
 //! certificate signed by that CA; the client checks the server's
 //! certificate against the same CA and the name [`SERVER_NAME`], so a node
 //! certificate need not name the node's changing pod IP.
+//!
+//! Two ways to hand out certificates:
+//! - **Shared**: one certificate for the controller and every node (what
+//!   the chart makes). Whoever holds it may do anything on the agent port.
+//! - **Per process**: the directory also holds `controller.crt`, the
+//!   controller's certificate. Each process has its own `tls.crt`, which
+//!   names, beside [`SERVER_NAME`], the controller ([`CONTROLLER_NAME`]) or
+//!   one node ([`node_name`]). Then only the controller's certificate may
+//!   change a node's volumes ([`Callers`]), a node's may use only grants
+//!   made out to it, and grants are signed with the controller's key,
+//!   which no node holds (`peer::grant`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +57,16 @@ pub const SERVER_KEEPALIVE: (Duration, Duration) =
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";
 
+/// The name the controller's certificate carries when every process has
+/// its own.
+pub const CONTROLLER_NAME: &str = "controller.strata-agent";
+
+/// The name node `node`'s certificate carries when every process has its
+/// own.
+pub fn node_name(node: &str) -> String {
+    format!("{node}.node.strata-agent")
+}
+
 /// Why the TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -73,12 +94,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
-/// The CA, certificate and key of one process.
+/// The CA, certificate and key of one process, and the controller's
+/// certificate when every process has its own.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     ca: Vec<u8>,
     cert: Vec<u8>,
     key: Vec<u8>,
+    controller: Option<CertificateDer<'static>>,
 }
 
 fn read(dir: &Path, name: &str, what: &'static str) -> Result<Vec<u8>, TlsError> {
@@ -96,19 +119,56 @@ fn read(dir: &Path, name: &str, what: &'static str) -> Result<Vec<u8>, TlsError>
 }
 
 impl TlsFiles {
-    /// Loads `ca.crt`, `tls.crt` and `tls.key` from `dir`.
+    /// Loads `ca.crt`, `tls.crt` and `tls.key` from `dir`, and
+    /// `controller.crt` if it is there.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let controller = match dir.join("controller.crt").try_exists() {
+            Ok(false) => None,
+            _ => {
+                let pem = read(dir, "controller.crt", "certificate")?;
+                let der = CertificateDer::from_pem_slice(&pem)
+                    .map_err(|e| TlsError::Config(format!("controller.crt: {e}")))?;
+                webpki::EndEntityCert::try_from(&der)
+                    .map_err(|e| TlsError::Config(format!("controller.crt: {e}")))?;
+                Some(der)
+            }
+        };
         Ok(TlsFiles {
             ca: read(dir, "ca.crt", "certificate")?,
             cert: read(dir, "tls.crt", "certificate")?,
             key: read(dir, "tls.key", "private key")?,
+            controller,
         })
     }
 
-    /// The private key's PEM, the secret every holder of the cluster's
-    /// certificate shares (peer grants are keyed from it).
+    /// The private key's PEM: with a shared certificate, the secret every
+    /// holder shares (peer grants are keyed from it).
     pub(crate) fn key_pem(&self) -> &[u8] {
         &self.key
+    }
+
+    /// The private key.
+    pub(crate) fn key_der(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        self.chain().map(|(_, key)| key)
+    }
+
+    /// The controller's certificate, when every process has its own.
+    pub(crate) fn controller(&self) -> Option<&CertificateDer<'static>> {
+        self.controller.as_ref()
+    }
+
+    /// Whether this process's certificate is the controller's (when
+    /// every process has its own).
+    pub(crate) fn is_controller(&self) -> bool {
+        let mine = CertificateDer::pem_slice_iter(&self.cert).next();
+        matches!((mine, &self.controller), (Some(Ok(c)), Some(ctl)) if &c == ctl)
+    }
+
+    /// What callers of this process's agent port may do.
+    pub fn callers(&self) -> Callers {
+        Callers {
+            per_process: self.controller.is_some(),
+        }
     }
 
     fn identity(&self) -> Identity {
@@ -217,8 +277,65 @@ impl TlsFiles {
     }
 }
 
+/// The certificate a caller of the agent port presented (the handshake
+/// checked it against the CA).
+#[derive(Debug, Clone, Default)]
+pub struct Caller(Option<CertificateDer<'static>>);
+
+impl Caller {
+    /// The caller of a gRPC request.
+    pub fn of<T>(req: &tonic::Request<T>) -> Caller {
+        Caller(req.peer_certs().and_then(|c| c.first().cloned()))
+    }
+
+    /// The caller whose certificate chain this is (the end entity first).
+    pub fn from_chain(chain: Option<&[CertificateDer<'static>]>) -> Caller {
+        Caller(chain.and_then(|c| c.first().cloned()))
+    }
+
+    /// Whether the certificate carries the DNS name `name`.
+    fn is(&self, name: &str) -> bool {
+        let (Some(cert), Ok(name)) = (&self.0, ServerName::try_from(name)) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(cert)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    }
+}
+
+/// What callers of one agent port may do (see the module's doc): with a
+/// shared certificate anything; with one per process, what their
+/// certificate names them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Callers {
+    per_process: bool,
+}
+
+impl Callers {
+    /// Refuses a caller other than the controller.
+    pub fn controller(&self, caller: &Caller) -> Result<(), Status> {
+        if !self.per_process || caller.is(CONTROLLER_NAME) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "only the controller's certificate ({CONTROLLER_NAME}) may make this call"
+        )))
+    }
+
+    /// Refuses a caller other than node `node` (or the controller).
+    pub fn node(&self, caller: &Caller, node: &str) -> Result<(), Status> {
+        if !self.per_process || caller.is(&node_name(node)) || caller.is(CONTROLLER_NAME) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "the grant is for node {node:?}, and the caller's certificate does not name it ({})",
+            node_name(node)
+        )))
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -230,5 +347,63 @@ mod tests {
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
         );
         assert_eq!(ours.cipher_suites.len(), ring.cipher_suites.len());
+    }
+
+    /// Certificates per process for `nodes`, made by the project's script:
+    /// the directory of the CA, with `controller/` and `nodes/NAME/`.
+    pub(crate) fn per_process(nodes: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");
+        let mut cmd = std::process::Command::new(script);
+        for n in nodes {
+            cmd.args(["--node", n]);
+        }
+        let out = cmd.arg(dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    }
+
+    fn caller(dir: &Path) -> Caller {
+        let pem = std::fs::read(dir.join("tls.crt")).unwrap();
+        Caller(Some(CertificateDer::from_pem_slice(&pem).unwrap()))
+    }
+
+    #[test]
+    fn with_a_certificate_per_process_callers_may_do_what_theirs_names() {
+        let dir = per_process(&["n1", "n2"]);
+        let (ctl, n1) = (dir.path().join("controller"), dir.path().join("nodes/n1"));
+        let files = TlsFiles::load(&n1).unwrap();
+        assert!(!files.is_controller());
+        assert!(TlsFiles::load(&ctl).unwrap().is_controller());
+        let callers = files.callers();
+        let (c, one) = (caller(&ctl), caller(&n1));
+        callers.controller(&c).unwrap();
+        callers.node(&c, "n1").unwrap();
+        callers.node(&one, "n1").unwrap();
+        for refused in [
+            callers.controller(&one),
+            callers.node(&one, "n2"),
+            callers.node(&one, "n1.node.strata-agent"),
+            callers.node(&one, ""),
+            callers.controller(&Caller::default()),
+            callers.node(&Caller::default(), "n1"),
+        ] {
+            assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
+        }
+        // A shared certificate: every caller may do anything.
+        let shared = Callers::default();
+        shared.controller(&one).unwrap();
+        shared.node(&one, "n2").unwrap();
+        // A controller.crt that is not a certificate stops the start.
+        std::fs::write(
+            n1.join("controller.crt"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(TlsFiles::load(&n1).is_err());
     }
 }

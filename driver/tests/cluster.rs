@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{ControllerProc, NodeProc, gen_certs};
+use common::cluster::{ControllerProc, NodeProc, gen_certs, gen_certs_per_process};
 use common::csi::{self as c, Csi};
 use common::{read_at, write_at};
 use csi_proto::agent::v1::NodeInfoRequest;
@@ -1123,11 +1123,17 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         return;
     }
     let root = tempfile::tempdir().unwrap();
-    let tls = root.path().join("tls");
-    gen_certs(&tls);
-    let n1 = NodeProc::start(root.path(), "n1", &tls);
-    let mut n2 = NodeProc::start(root.path(), "n2", &tls);
-    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    // A certificate per process (the other tests share one): a node's
+    // reaches only what was published to it (checked below).
+    let certs = root.path().join("tls");
+    gen_certs_per_process(&certs, &["n1", "n2", "n3"]);
+    let tls = |who: &str| match who {
+        "controller" => certs.join("controller"),
+        node => certs.join("nodes").join(node),
+    };
+    let n1 = NodeProc::start(root.path(), "n1", &tls("n1"));
+    let mut n2 = NodeProc::start(root.path(), "n2", &tls("n2"));
+    let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls("controller"));
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
@@ -1248,7 +1254,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     );
 
     // The data path checks every request.
-    let mut peer = peer_client(&n2.agent, &tls).await;
+    let mut peer = peer_client(&n2.agent, &tls("n1")).await;
     let mut grant = strata::peer::grant::decode(&id, &ctx["strata.dev/grant"]).unwrap();
     // A session of this attachment newer than n1's (whose next requests
     // are refused unexecuted, and go on in a newer one).
@@ -1298,6 +1304,81 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         let e = peer.read(req).await.unwrap_err();
         assert_eq!(e.code(), want, "{e:?}");
     }
+    // Another node's certificate: n1's grant is not its to use, on the
+    // RPCs or a lane; it cannot make grants (as if it held the shared
+    // key); and only the controller's certificate changes a node's
+    // volumes or reaches the controller's peer port.
+    let mut rogue = peer_client(&n2.agent, &tls("n3")).await;
+    let n3_key =
+        strata::peer::GrantKey::from_secret(&std::fs::read(tls("n3").join("tls.key")).unwrap());
+    for g in [
+        grant.clone(),
+        n3_key.make(&id, "n3", grant.epoch, false).unwrap(),
+        n3_key.make(&id, "n1", grant.epoch, false).unwrap(),
+    ] {
+        let e = rogue.read(read(Some(g), 0, 4096)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    let lane_read = csi_proto::peer::v1::LaneRequest {
+        op: Some(csi_proto::peer::v1::lane_request::Op::Read(read(
+            Some(grant.clone()),
+            0,
+            4096,
+        ))),
+    };
+    let (address, n1_tls, n3_tls) = (n2.agent.clone(), tls("n1"), tls("n3"));
+    let codes = tokio::task::spawn_blocking(move || {
+        [n1_tls, n3_tls].map(|t| {
+            let (mut s, _) = lane(&address, &t).unwrap();
+            ask(&mut s, &lane_read).unwrap().code
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(codes, [0, Code::PermissionDenied as i32]);
+    let detach_req = || csi_proto::agent::v1::AttachRequest {
+        volume_id: id.clone(),
+        node_id: "n1".into(),
+        ..Default::default()
+    };
+    for node in ["n1", "n2", "n3"] {
+        let e = agent_client(&n2.agent, &tls(node))
+            .await
+            .detach(detach_req())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{node}: {e:?}");
+    }
+    let peer_port = ctl.proc.args()[ctl
+        .proc
+        .args()
+        .iter()
+        .position(|a| a == "--peer-listen")
+        .unwrap()
+        + 1]
+    .clone();
+    let capabilities = async |who: &str| {
+        let channel = strata::tls::TlsFiles::load(&tls(who))
+            .unwrap()
+            .channel(
+                "controller",
+                &peer_port,
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        ControllerClient::new(channel)
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .map(drop)
+    };
+    assert_eq!(
+        capabilities("n1").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    capabilities("controller").await.unwrap();
+    // The grant still works where it should.
+    peer.read(read(Some(grant.clone()), 0, 4096)).await.unwrap();
 
     // Unpublished and unstaged on n1 (not unstaged while published): staged
     // on n2, the data is there.
@@ -1346,7 +1427,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     n2.proc.kill9();
     n2.proc.spawn();
     n2.wait_for_agent();
-    let mut peer = peer_client(&n2.agent, &tls).await;
+    let mut peer = peer_client(&n2.agent, &tls("n1")).await;
     let e = peer.read(read(Some(grant), 0, 4096)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let newer_grant = strata::peer::grant::decode(&id, &newer["strata.dev/grant"]).unwrap();
@@ -1547,14 +1628,16 @@ async fn nodes_on_their_own_networks_attach_each_others_volumes() {
     }
     let net = common::netns::Net::new(&["n1", "n2", "n3", "ctl"]);
     let root = tempfile::tempdir().unwrap();
-    let tls = root.path().join("tls");
-    gen_certs(&tls);
+    // A certificate per process, as in a_node_attaches_a_volume_another_node_holds.
+    let certs = root.path().join("tls");
+    gen_certs_per_process(&certs, &["n1", "n2", "n3"]);
     let nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
         .iter()
-        .map(|n| NodeProc::start_on(root.path(), n, &tls, &net))
+        .map(|n| NodeProc::start_on(root.path(), n, &certs.join("nodes").join(n), &net))
         .collect();
     let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
-    let ctl = ControllerProc::start_on(root.path(), &agents, &tls, &net, "ctl");
+    let ctl =
+        ControllerProc::start_on(root.path(), &agents, &certs.join("controller"), &net, "ctl");
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi = Vec::new();
     for n in &nodes {
@@ -2484,10 +2567,13 @@ async fn volumes_with_data_locality_move_to_the_node_that_uses_them() {
         return;
     }
     let root = tempfile::tempdir().unwrap();
-    let tls = root.path().join("tls");
-    gen_certs(&tls);
-    let n1 = NodeProc::start(root.path(), "n1", &tls);
-    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    // A certificate per process: the moves and the follow work with
+    // them (`tls` is the controller's, for looking at what nodes hold).
+    let certs = root.path().join("tls");
+    gen_certs_per_process(&certs, &["n1", "n2"]);
+    let tls = certs.join("controller");
+    let n1 = NodeProc::start(root.path(), "n1", &certs.join("nodes/n1"));
+    let n2 = NodeProc::start(root.path(), "n2", &certs.join("nodes/n2"));
     let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
     ctl.proc.kill9();
     ctl.proc.add_args(&["--locality-delay-seconds", "1"]);

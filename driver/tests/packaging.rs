@@ -337,6 +337,47 @@ fn chart_lints_and_renders_with_other_values() {
     );
     let controller = container_args(&other, "Deployment", "strata");
     assert!(controller.contains(&"--overcommit=2.5"), "{controller:?}");
+    // A certificate per node: from the node's own disk, the controller's
+    // from the Secret it names (without one the chart refuses to render).
+    let per_node = yaml_docs(
+        &helm_template(&[
+            "agentTls.existingSecret=controller-certs",
+            "agentTls.nodeHostPath=/etc/strata/agent",
+        ]),
+        Path::new("helm template --set agentTls.nodeHostPath"),
+    );
+    let tls_volume = |name: &str| {
+        let w = workloads(&per_node)
+            .find(|w| w["metadata"]["name"] == name)
+            .unwrap();
+        w["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "agent-tls")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        tls_volume("strata-node")["hostPath"]["path"],
+        "/etc/strata/agent"
+    );
+    assert_eq!(
+        tls_volume("strata-controller")["secret"]["secretName"],
+        "controller-certs"
+    );
+    let refused = Command::new("helm")
+        .args(["template", "strata"])
+        .arg(root().join("charts/strata"))
+        .args(["--set", "agentTls.nodeHostPath=/etc/strata/agent"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs agentTls.existingSecret"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     // iSCSI: the node's own target on the host's loopback.
     let node_ds = |docs: &[Value]| -> Value {
         docs.iter()

@@ -53,6 +53,7 @@ use crate::peer::{
     LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, read_frame, write_data_frame,
     write_frame,
 };
+use crate::tls::Caller;
 
 /// Lanes served at once (each a thread and up to two frames of memory).
 pub const MAX_LANES: usize = 256;
@@ -295,6 +296,7 @@ impl Lanes {
     /// Serves a lane on a thread of its own.
     fn serve(&self, tls: TlsStream<TcpStream>) {
         let (tcp, conn) = tls.into_inner();
+        let caller = Caller::from_chain(conn.peer_certificates());
         let tcp = match tcp.into_std().and_then(|t| {
             t.set_nonblocking(false)?;
             t.set_read_timeout(Some(LANE_SLICE))?;
@@ -353,7 +355,7 @@ impl Lanes {
                     };
                     let _ = write_frame(&mut stream, &full, &mut Vec::new());
                 } else {
-                    slot.lanes.run(&mut stream, &from.to_string());
+                    slot.lanes.run(&mut stream, &from.to_string(), &caller);
                 }
                 drop(slot);
             });
@@ -363,7 +365,7 @@ impl Lanes {
     }
 
     /// The hello, then requests until the client leaves or errs.
-    fn run<S: Timed>(&self, stream: &mut S, from: &str) {
+    fn run<S: Timed>(&self, stream: &mut S, from: &str, caller: &Caller) {
         let hello = LaneReply {
             boot: self.boot.clone(),
             ..Default::default()
@@ -397,7 +399,7 @@ impl Lanes {
                     "this node is stopping; not executed",
                 )))
             } else {
-                answer(|| self.execute(req, &mut data))
+                answer(|| self.execute(req, caller, &mut data))
             };
             stream.until(std::time::Instant::now() + FRAME_TIMEOUT);
             let sent = match answer {
@@ -414,7 +416,12 @@ impl Lanes {
 
     /// Runs `req`; a read's data lands in `data` (grown to the largest
     /// read of the lane, so zeroed once).
-    fn execute(&self, req: LaneRequest, data: &mut Vec<u8>) -> Result<Answer, Status> {
+    fn execute(
+        &self,
+        req: LaneRequest,
+        caller: &Caller,
+        data: &mut Vec<u8>,
+    ) -> Result<Answer, Status> {
         let s = &self.service;
         match req.op {
             Some(Op::Read(r)) => {
@@ -423,7 +430,7 @@ impl Lanes {
                     data.resize(n, 0);
                 }
                 let into = &mut data[..n];
-                s.on_volume_here(&self.runtime, r.grant.as_ref(), false, |v| {
+                s.on_volume_here(&self.runtime, caller, r.grant.as_ref(), false, |v| {
                     v.read(r.offset, into)
                 })?;
                 s.count(r.grant.as_ref(), true, n);
@@ -432,7 +439,7 @@ impl Lanes {
             Some(Op::Write(w)) => {
                 let len = w.data.len();
                 let write = write_op(w.offset, w.data, w.fua)?;
-                s.on_volume_here(&self.runtime, w.grant.as_ref(), true, write)?;
+                s.on_volume_here(&self.runtime, caller, w.grant.as_ref(), true, write)?;
                 s.count(w.grant.as_ref(), false, len);
                 Ok(Answer::Reply(LaneReply::default()))
             }

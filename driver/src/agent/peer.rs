@@ -33,6 +33,7 @@ use crate::engine::{Attachment, VolumeId, ZeroFlags};
 use crate::metrics::Metrics;
 use crate::peer::{BOOT_HEADER, GrantKey, MAX_IO, MAX_MAP, MOVED_HEADER, SESSION_HEADER};
 use crate::rpc::{Core, Started, status};
+use crate::tls::{Caller, Callers};
 
 /// The attachments of this node's volumes, and their requests in the
 /// engine; shared by the Peer service and the agent.
@@ -622,6 +623,7 @@ impl Attachments {
 pub struct PeerService {
     started: Started,
     key: GrantKey,
+    callers: Callers,
     metrics: Arc<Metrics>,
     attachments: Arc<Attachments>,
     boot: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
@@ -631,6 +633,7 @@ impl PeerService {
     pub fn new(
         started: Started,
         key: GrantKey,
+        callers: Callers,
         metrics: Arc<Metrics>,
         attachments: Arc<Attachments>,
     ) -> Self {
@@ -640,6 +643,7 @@ impl PeerService {
         PeerService {
             started,
             key,
+            callers,
             metrics,
             attachments,
             boot,
@@ -653,14 +657,20 @@ impl PeerService {
         r
     }
 
-    /// Checks the grant against the volume's attachment (and that a
-    /// request that `writes` has a read-write one), and waits until the
-    /// request may run.
-    async fn admit(&self, grant: Option<&Grant>, writes: bool) -> Result<Admitted, Status> {
+    /// Checks the grant (and that `caller` is the node it names) against
+    /// the volume's attachment (and that a request that `writes` has a
+    /// read-write one), and waits until the request may run.
+    async fn admit(
+        &self,
+        caller: &Caller,
+        grant: Option<&Grant>,
+        writes: bool,
+    ) -> Result<Admitted, Status> {
         let g = grant.ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
         self.key
             .check(Some(g), &g.volume_id)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+            .map_err(status::grant)?;
+        self.callers.node(caller, &g.node_id)?;
         let vid: VolumeId = g
             .volume_id
             .parse()
@@ -775,11 +785,12 @@ impl PeerService {
     /// `writes` needs a read-write grant).
     async fn on_volume<T: Send + 'static>(
         &self,
+        caller: &Caller,
         grant: Option<&Grant>,
         writes: bool,
         f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let admitted = self.admit(grant, writes).await?;
+        let admitted = self.admit(caller, grant, writes).await?;
         let started = self.started.clone();
         tokio::task::spawn_blocking(move || execute(&started, admitted, f))
             .await
@@ -791,11 +802,12 @@ impl PeerService {
     pub(crate) fn on_volume_here<T>(
         &self,
         runtime: &tokio::runtime::Handle,
+        caller: &Caller,
         grant: Option<&Grant>,
         writes: bool,
         f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T>,
     ) -> Result<T, Status> {
-        let admitted = runtime.block_on(self.admit(grant, writes))?;
+        let admitted = runtime.block_on(self.admit(caller, grant, writes))?;
         execute(&self.started, admitted, f)
     }
 
@@ -878,40 +890,48 @@ pub(crate) fn io_len(len: u64) -> Result<usize, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let size = self
-            .on_volume(req.grant.as_ref(), false, |v| Ok(v.size()))
+            .on_volume(&caller, req.grant.as_ref(), false, |v| Ok(v.size()))
             .await?;
         Ok(self.reply(OpenReply { size_bytes: size }))
     }
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let read = read_op(req.offset, req.length)?;
-        let data = self.on_volume(req.grant.as_ref(), false, read).await?;
+        let data = self
+            .on_volume(&caller, req.grant.as_ref(), false, read)
+            .await?;
         self.count(req.grant.as_ref(), true, data.len());
         Ok(self.reply(ReadReply { data }))
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<Done>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let len = req.data.len();
         let write = write_op(req.offset, req.data, req.fua)?;
-        self.on_volume(req.grant.as_ref(), true, write).await?;
+        self.on_volume(&caller, req.grant.as_ref(), true, write)
+            .await?;
         self.count(req.grant.as_ref(), false, len);
         Ok(self.reply(Done {}))
     }
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<Done>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
-        self.on_volume(req.grant.as_ref(), false, |v| v.flush())
+        self.on_volume(&caller, req.grant.as_ref(), false, |v| v.flush())
             .await?;
         Ok(self.reply(Done {}))
     }
 
     async fn trim(&self, req: Request<RangeRequest>) -> Result<Response<Done>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
-        self.on_volume(req.grant.as_ref(), true, move |v| {
+        self.on_volume(&caller, req.grant.as_ref(), true, move |v| {
             v.trim(req.offset, req.length)
         })
         .await?;
@@ -919,12 +939,13 @@ impl Peer for PeerService {
     }
 
     async fn zero(&self, req: Request<ZeroRequest>) -> Result<Response<Done>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let flags = ZeroFlags {
             no_hole: !req.may_trim,
             fast: req.fast,
         };
-        self.on_volume(req.grant.as_ref(), true, move |v| {
+        self.on_volume(&caller, req.grant.as_ref(), true, move |v| {
             v.write_zeroes(req.offset, req.length, flags)
         })
         .await?;
@@ -932,6 +953,7 @@ impl Peer for PeerService {
     }
 
     async fn map(&self, req: Request<RangeRequest>) -> Result<Response<MapReply>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         if req.length > MAX_MAP {
             return Err(Status::invalid_argument(format!(
@@ -940,7 +962,7 @@ impl Peer for PeerService {
             )));
         }
         let data = self
-            .on_volume(req.grant.as_ref(), false, move |v| {
+            .on_volume(&caller, req.grant.as_ref(), false, move |v| {
                 let mut at = req.offset;
                 let mut data = Vec::new();
                 for e in v.block_status(req.offset, req.length)? {
@@ -962,6 +984,7 @@ impl Peer for PeerService {
         &self,
         req: Request<ChangesRequest>,
     ) -> Result<Response<ChangesReply>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let grant = req
             .grant
@@ -979,7 +1002,7 @@ impl Peer for PeerService {
         }
         let (max, confirmed) = ((req.max as usize).clamp(1, MAX_CHANGES), req.confirmed);
         let taken = self
-            .on_volume(Some(&grant), false, move |v| {
+            .on_volume(&caller, Some(&grant), false, move |v| {
                 Ok(v.take_changes(confirmed, max))
             })
             .await?;
@@ -1017,13 +1040,16 @@ mod tests {
         PeerService::new(
             started.clone(),
             GrantKey::from_secret(b"test"),
+            Callers::default(),
             crate::metrics::Metrics::new(),
             Arc::new(Attachments::default()),
         )
     }
 
     fn grant(vid: VolumeId, node: &str, epoch: u64, session: u64) -> Grant {
-        let mut g = GrantKey::from_secret(b"test").make(&vid.to_string(), node, epoch, false);
+        let mut g = GrantKey::from_secret(b"test")
+            .make(&vid.to_string(), node, epoch, false)
+            .unwrap();
         g.session = session;
         g
     }
@@ -1040,7 +1066,10 @@ mod tests {
         let denied = |r: Result<Admitted, Status>| r.map(drop).unwrap_err().code();
         // Published nowhere yet.
         assert_eq!(
-            denied(s.admit(Some(&grant(vid, "n1", 0, 0)), false).await),
+            denied(
+                s.admit(&Caller::default(), Some(&grant(vid, "n1", 0, 0)), false)
+                    .await
+            ),
             tonic::Code::PermissionDenied
         );
         let e1 = s.attachments.attach(&st, vid, "n1", false).await.unwrap();
@@ -1048,14 +1077,17 @@ mod tests {
             s.attachments.attach(&st, vid, "n1", false).await.unwrap(),
             e1
         );
-        s.admit(Some(&grant(vid, "n1", e1, 0)), false)
+        s.admit(&Caller::default(), Some(&grant(vid, "n1", e1, 0)), false)
             .await
             .map(drop)
             .unwrap();
         // Another node's grant, or a forged epoch, never.
         for (node, epoch) in [("n2", e1), ("n1", e1 + 1)] {
             assert_eq!(
-                denied(s.admit(Some(&grant(vid, node, epoch, 0)), false).await),
+                denied(
+                    s.admit(&Caller::default(), Some(&grant(vid, node, epoch, 0)), false)
+                        .await
+                ),
                 tonic::Code::PermissionDenied
             );
         }
@@ -1064,11 +1096,15 @@ mod tests {
         assert!(e2 > e1);
         let again = service(&st);
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
+            denied(
+                again
+                    .admit(&Caller::default(), Some(&grant(vid, "n1", e1, 0)), false)
+                    .await
+            ),
             tonic::Code::PermissionDenied
         );
         again
-            .admit(Some(&grant(vid, "n2", e2, 0)), false)
+            .admit(&Caller::default(), Some(&grant(vid, "n2", e2, 0)), false)
             .await
             .map(drop)
             .unwrap();
@@ -1080,7 +1116,7 @@ mod tests {
             .await
             .unwrap();
         again
-            .admit(Some(&grant(vid, "n2", e2, 0)), false)
+            .admit(&Caller::default(), Some(&grant(vid, "n2", e2, 0)), false)
             .await
             .map(drop)
             .unwrap();
@@ -1090,7 +1126,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n2", e2, 0)), false).await),
+            denied(
+                again
+                    .admit(&Caller::default(), Some(&grant(vid, "n2", e2, 0)), false)
+                    .await
+            ),
             tonic::Code::PermissionDenied
         );
         let e3 = again
@@ -1104,7 +1144,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            denied(again.admit(Some(&grant(vid, "n2", e3, 0)), false).await),
+            denied(
+                again
+                    .admit(&Caller::default(), Some(&grant(vid, "n2", e3, 0)), false)
+                    .await
+            ),
             tonic::Code::PermissionDenied
         );
         // A bad MAC never gets in; nor a session past the limit.
@@ -1116,13 +1160,17 @@ mod tests {
         let mut forged = grant(vid, "n3", e4, 0);
         forged.mac[0] ^= 1;
         assert_eq!(
-            denied(again.admit(Some(&forged), false).await),
+            denied(again.admit(&Caller::default(), Some(&forged), false).await),
             tonic::Code::PermissionDenied
         );
         assert_eq!(
             denied(
                 again
-                    .admit(Some(&grant(vid, "n3", e4, u64::MAX)), false)
+                    .admit(
+                        &Caller::default(),
+                        Some(&grant(vid, "n3", e4, u64::MAX)),
+                        false
+                    )
                     .await
             ),
             tonic::Code::InvalidArgument
@@ -1164,7 +1212,10 @@ mod tests {
         };
         let waits = (tonic::Code::Unavailable, true);
         assert_eq!(
-            moved(s.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
+            moved(
+                s.admit(&Caller::default(), Some(&grant(vid, "n1", e1, 0)), false)
+                    .await
+            ),
             waits
         );
         // For another target: nothing changes.
@@ -1192,16 +1243,22 @@ mod tests {
         // n1's old grant waits, another node's is fenced off, the new one
         // gets in, and then n1 counts as followed.
         assert_eq!(
-            moved(s.admit(Some(&grant(vid, "n1", e1, 0)), false).await),
+            moved(
+                s.admit(&Caller::default(), Some(&grant(vid, "n1", e1, 0)), false)
+                    .await
+            ),
             waits
         );
         assert_eq!(
-            moved(s.admit(Some(&grant(vid, "n2", e1, 0)), false).await),
+            moved(
+                s.admit(&Caller::default(), Some(&grant(vid, "n2", e1, 0)), false)
+                    .await
+            ),
             (tonic::Code::PermissionDenied, false)
         );
         let (_, before) = s.attachments.track(&st, vid, "n3", true).await.unwrap();
         assert!(before.repointed);
-        s.admit(Some(&grant(vid, "n1", e2, 1)), true)
+        s.admit(&Caller::default(), Some(&grant(vid, "n1", e2, 1)), true)
             .await
             .map(drop)
             .unwrap();
@@ -1241,13 +1298,18 @@ mod tests {
         assert!(m > e1);
         assert_eq!(a.attach_for_move(&st, vid, "n2").await.unwrap(), m);
         let ro = |node: &str, epoch| {
-            let mut g = GrantKey::from_secret(b"test").make(&vid.to_string(), node, epoch, true);
+            let mut g = GrantKey::from_secret(b"test")
+                .make(&vid.to_string(), node, epoch, true)
+                .unwrap();
             g.session = 1;
             g
         };
-        s.admit(Some(&ro("n2", m)), false).await.map(drop).unwrap();
+        s.admit(&Caller::default(), Some(&ro("n2", m)), false)
+            .await
+            .map(drop)
+            .unwrap();
         assert_eq!(
-            s.admit(Some(&grant(vid, "n2", m, 1)), true)
+            s.admit(&Caller::default(), Some(&grant(vid, "n2", m, 1)), true)
                 .await
                 .map(drop)
                 .unwrap_err()
@@ -1287,7 +1349,7 @@ mod tests {
         // restart; unpublishing changes nothing.
         let again = service(&st);
         again
-            .admit(Some(&ro("n2", m2)), false)
+            .admit(&Caller::default(), Some(&ro("n2", m2)), false)
             .await
             .map(drop)
             .unwrap();
@@ -1335,16 +1397,24 @@ mod tests {
         let (st, vid) = started(dir.path());
         let s = service(&st);
         let e = s.attachments.attach(&st, vid, "n1", false).await.unwrap();
-        let first = s.admit(Some(&grant(vid, "n1", e, 1)), false).await.unwrap();
-        let also_first = s.admit(Some(&grant(vid, "n1", e, 1)), false).await.unwrap();
+        let first = s
+            .admit(&Caller::default(), Some(&grant(vid, "n1", e, 1)), false)
+            .await
+            .unwrap();
+        let also_first = s
+            .admit(&Caller::default(), Some(&grant(vid, "n1", e, 1)), false)
+            .await
+            .unwrap();
         let retry = {
             let (s, g) = (s.clone(), grant(vid, "n1", e, 2));
-            tokio::spawn(async move { s.admit(Some(&g), false).await.map(drop) })
+            tokio::spawn(
+                async move { s.admit(&Caller::default(), Some(&g), false).await.map(drop) },
+            )
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!retry.is_finished(), "ran beside the older session");
         let late = s
-            .admit(Some(&grant(vid, "n1", e, 1)), false)
+            .admit(&Caller::default(), Some(&grant(vid, "n1", e, 1)), false)
             .await
             .map(drop)
             .unwrap_err();
@@ -1357,7 +1427,10 @@ mod tests {
         retry.await.unwrap().unwrap();
 
         // Publishing to n2 answers once n1's request in the engine is done.
-        let running = s.admit(Some(&grant(vid, "n1", e, 2)), false).await.unwrap();
+        let running = s
+            .admit(&Caller::default(), Some(&grant(vid, "n1", e, 2)), false)
+            .await
+            .unwrap();
         let publish = {
             let (s, st) = (s.clone(), st.clone());
             tokio::spawn(async move { s.attachments.attach(&st, vid, "n2", false).await })
@@ -1402,7 +1475,9 @@ mod tests {
                 .unwrap(),
             e
         );
-        let ro = GrantKey::from_secret(b"test").make(&vid.to_string(), "n1", e, true);
+        let ro = GrantKey::from_secret(b"test")
+            .make(&vid.to_string(), "n1", e, true)
+            .unwrap();
         let rw = grant(vid, "n1", e, 0);
         let read = again
             .read(Request::new(ReadRequest {

@@ -70,7 +70,7 @@ use super::nodes::{Nodes, now_ns};
 use super::records::{NodeState, RecordState, Records, RecordsError, VolumeRecord};
 use super::{Cluster, EventKind};
 use crate::metrics::Metrics;
-use crate::peer::{GrantKey, grant};
+use crate::peer::grant;
 
 mod snapshots;
 use snapshots::Delta;
@@ -1519,8 +1519,8 @@ impl Moves {
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
             Status::failed_precondition("a standalone Strata has one node: nothing to move to")
         })?;
-        let grant = GrantKey::from_tls(tls).make(id, &m.to, epoch, true);
-        Ok((address, grant::encode(&grant)))
+        let grant = grant::issue(tls, id, &m.to, epoch, true).map_err(crate::rpc::status::grant)?;
+        Ok((address, grant))
     }
 
     /// Steps 2 to 4; the bytes copied.
@@ -1715,7 +1715,8 @@ impl Moves {
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {
             Status::failed_precondition("a standalone Strata has one node: nothing to move to")
         })?;
-        let grant = grant::encode(&GrantKey::from_tls(tls).make(&id, &m.to, t.epoch, true));
+        let grant =
+            grant::issue(tls, &id, &m.to, t.epoch, true).map_err(crate::rpc::status::grant)?;
         failpoint(FAILPOINTS[1]);
         // As a copy first does; what changes from here on is tracked.
         let (base, ranges) = self
@@ -1862,8 +1863,9 @@ impl Moves {
             let (address, tls) = nodes
                 .peer(owner)?
                 .ok_or_else(|| Status::failed_precondition("a standalone Strata has one node"))?;
-            let g = GrantKey::from_tls(tls).make(id, x, epoch, read_only);
-            (address, grant::encode(&g))
+            let g =
+                grant::issue(tls, id, x, epoch, read_only).map_err(crate::rpc::status::grant)?;
+            (address, g)
         };
         let r = nodes
             .agent(x)?

@@ -33,7 +33,7 @@ use crate::cluster::moves::{MovePhase, Moves, SnapshotClaim, check_not_moving};
 use crate::cluster::records::{ContentSource, RecordState, Records, SnapshotRecord, VolumeRecord};
 use crate::cluster::{ClaimRef, Cluster, EventKind};
 use crate::engine::{SnapshotId, VolumeId};
-use crate::peer::{GrantKey, grant};
+use crate::peer::grant;
 
 /// Topology key naming the node that owns a volume.
 pub const TOPOLOGY_KEY: &str = "topology.strata.dev/node";
@@ -924,10 +924,10 @@ impl Controller for ControllerService {
             .into_inner()
             .epoch;
         if remote {
-            let grant =
-                GrantKey::from_tls(tls).make(&req.volume_id, &req.node_id, epoch, req.readonly);
+            let grant = grant::issue(tls, &req.volume_id, &req.node_id, epoch, req.readonly)
+                .map_err(crate::rpc::status::grant)?;
             context.insert(node_context::ADDRESS.to_string(), address);
-            context.insert(node_context::GRANT.to_string(), grant::encode(&grant));
+            context.insert(node_context::GRANT.to_string(), grant);
         }
         Ok(Response::new(ControllerPublishVolumeResponse {
             publish_context: context,

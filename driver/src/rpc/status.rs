@@ -1,10 +1,11 @@
-//! The one place engine and node errors become gRPC status codes (the
+//! The one place engine, node and grant errors become gRPC status codes (the
 //! controller's records errors: `csi/status.rs`).
 
 use tonic::{Code, Status};
 
 use crate::engine::{Error, ErrorKind};
 use crate::node::Error as NodeError;
+use crate::peer::grant::GrantError;
 
 /// The gRPC code for an engine error. Exhaustive: a new error kind must be
 /// given its code here.
@@ -40,6 +41,16 @@ pub(crate) fn node(e: NodeError) -> Status {
         NodeError::Io { .. } | NodeError::Tool { .. } | NodeError::State { .. } => Code::Internal,
     };
     Status::new(code, crate::engine::error::chain(&e))
+}
+
+/// A grant refused (or not made) as a gRPC status.
+pub(crate) fn grant(e: GrantError) -> Status {
+    let code = match &e {
+        GrantError::Missing => Code::Unauthenticated,
+        GrantError::OtherVolume { .. } | GrantError::BadMac => Code::PermissionDenied,
+        GrantError::CannotSign | GrantError::Key(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
 }
 
 /// A blocking task that panicked or was cancelled.

@@ -22,6 +22,23 @@ pub fn gen_certs(dir: &Path) {
     );
 }
 
+/// Makes a certificate per process with the project's script: `dir`
+/// holds the CA, `dir/controller` and `dir/nodes/NAME` are the
+/// controller's and each node's `--agent-tls` directories.
+pub fn gen_certs_per_process(dir: &Path, nodes: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");
+    let mut cmd = Command::new(script);
+    for n in nodes {
+        cmd.args(["--node", n]);
+    }
+    let out = cmd.arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "gen-agent-certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One `strata` server process, restartable with the same arguments; on
 /// drop it is killed and what it left mounted under `dir` is released.
 pub struct Proc {
