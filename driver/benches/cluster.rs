@@ -653,6 +653,7 @@ fn agent(address: &str, tls: &Path) -> csi_proto::agent::v1::agent_client::Agent
         .channel(
             "agent",
             address,
+            strata::tls::Server::Any,
             Duration::from_secs(5),
             Duration::from_secs(10),
         )

@@ -93,6 +93,10 @@ pub struct Config {
 pub async fn run(config: Config) -> Result<(), StartError> {
     // A controller that cannot make grants would fail every publish to a
     // node that does not hold the volume: say so at start.
+    config
+        .tls
+        .check_role(None)
+        .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
     crate::peer::grant::issue(&config.tls, "probe", "probe", 0, false)
         .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -134,6 +134,10 @@ async fn blocking<T: Send + 'static>(
 /// finds the socket at once and never sees a staged volume unserved while
 /// Strata says it is ready.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    if let Role::Node { tls, .. } = &config.role {
+        tls.check_role(Some(&config.node.node_id))
+            .map_err(|e| StartError::Internal(format!("agent TLS: {e}")))?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -343,7 +347,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let peer = PeerService::new(
                 started.clone(),
                 grants,
-                callers,
+                callers.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&attachments),
             );

@@ -160,14 +160,64 @@ impl TlsFiles {
     /// Whether this process's certificate is the controller's (when
     /// every process has its own).
     pub(crate) fn is_controller(&self) -> bool {
-        let mine = CertificateDer::pem_slice_iter(&self.cert).next();
-        matches!((mine, &self.controller), (Some(Ok(c)), Some(ctl)) if &c == ctl)
+        self.callers().is_controller(&self.own())
     }
 
     /// What callers of this process's agent port may do.
     pub fn callers(&self) -> Callers {
         Callers {
-            per_process: self.controller.is_some(),
+            controller: self.controller.clone(),
+        }
+    }
+
+    /// This process's own certificate, as a caller's.
+    fn own(&self) -> Caller {
+        Caller(
+            CertificateDer::pem_slice_iter(&self.cert)
+                .next()
+                .and_then(Result::ok),
+        )
+    }
+
+    /// Refuses files that do not fit the process: `node` (`None`: the
+    /// controller). With a certificate per process, a node's must name it
+    /// and not be the controller's, and the controller's must be
+    /// `controller.crt`; a certificate made for one process without
+    /// `controller.crt` beside it would turn every check off.
+    pub fn check_role(&self, node: Option<&str>) -> Result<(), TlsError> {
+        let own = self.own();
+        let name = node.map_or_else(|| CONTROLLER_NAME.to_string(), node_name);
+        let fail = |why: String| Err(TlsError::Config(why));
+        match (self.controller.is_some(), node) {
+            (false, _) if own.is(&name) => fail(format!(
+                "tls.crt is the certificate of one process ({name}), but controller.crt is \
+                 missing: without it no caller would be checked"
+            )),
+            (false, _) => Ok(()),
+            (true, Some(_)) if self.is_controller() => fail(
+                "tls.crt is the controller's certificate (controller.crt): a node must not hold \
+                 it"
+                .into(),
+            ),
+            (true, Some(n)) if !own.is(&name) => fail(format!(
+                "with a certificate per process (controller.crt), node {n:?}'s tls.crt must name \
+                 {name}"
+            )),
+            (true, None) if !self.is_controller() => fail(
+                "with a certificate per process (controller.crt), the controller's tls.crt must \
+                 be controller.crt"
+                    .into(),
+            ),
+            (true, _) => Ok(()),
+        }
+    }
+
+    /// The name a client checks in the certificate of `server`.
+    pub fn server_name_of(&self, server: Server) -> String {
+        match (self.controller.is_some(), server) {
+            (true, Server::Controller) => CONTROLLER_NAME.to_string(),
+            (true, Server::Node(n)) => node_name(n),
+            _ => SERVER_NAME.to_string(),
         }
     }
 
@@ -245,27 +295,28 @@ impl TlsFiles {
         ServerName::try_from(SERVER_NAME).expect("a DNS name")
     }
 
-    /// The controller's side.
-    pub fn client(&self) -> ClientTlsConfig {
+    /// A client's side, for reaching `server`.
+    pub fn client(&self, server: Server) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(self.identity())
-            .domain_name(SERVER_NAME)
+            .domain_name(self.server_name_of(server))
     }
 
-    /// A channel to `address` (`host:port`) with these certificates. No
-    /// connection is made until the first call; tonic re-makes it after a
-    /// failure. `what` names the peer in errors.
+    /// A channel to `server` at `address` (`host:port`) with these
+    /// certificates. No connection is made until the first call; tonic
+    /// re-makes it after a failure. `what` names the peer in errors.
     pub fn channel(
         &self,
         what: &str,
         address: &str,
+        server: Server,
         connect_timeout: Duration,
         call_timeout: Duration,
     ) -> Result<Channel, Status> {
         let endpoint = Endpoint::from_shared(format!("https://{address}"))
             .map_err(|e| Status::internal(format!("{what} address {address:?}: {e}")))?
-            .tls_config(self.client())
+            .tls_config(self.client(server))
             .map_err(|e| Status::internal(format!("{what} TLS configuration: {e}")))?
             .connect_timeout(connect_timeout)
             .timeout(call_timeout)
@@ -293,38 +344,53 @@ impl Caller {
         Caller(chain.and_then(|c| c.first().cloned()))
     }
 
-    /// Whether the certificate carries the DNS name `name`.
+    /// Whether the certificate carries the DNS name `name` as such, not
+    /// through a wildcard: one that also covers another name in `name`'s
+    /// place does not count.
     fn is(&self, name: &str) -> bool {
-        let (Some(cert), Ok(name)) = (&self.0, ServerName::try_from(name)) else {
+        let Some(cert) = &self.0 else {
             return false;
         };
-        webpki::EndEntityCert::try_from(cert)
-            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+        let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+            return false;
+        };
+        let valid_for = |n: &str| {
+            ServerName::try_from(n).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+        };
+        let Some((_, parent)) = name.split_once('.') else {
+            return false;
+        };
+        valid_for(name) && !valid_for(&format!("strata-wildcard-probe.{parent}"))
     }
 }
 
 /// What callers of one agent port may do (see the module's doc): with a
 /// shared certificate anything; with one per process, what their
-/// certificate names them.
-#[derive(Debug, Clone, Copy, Default)]
+/// certificate is.
+#[derive(Debug, Clone, Default)]
 pub struct Callers {
-    per_process: bool,
+    /// `controller.crt`, with a certificate per process.
+    controller: Option<CertificateDer<'static>>,
 }
 
 impl Callers {
+    fn is_controller(&self, caller: &Caller) -> bool {
+        self.controller.is_some() && caller.0 == self.controller
+    }
+
     /// Refuses a caller other than the controller.
     pub fn controller(&self, caller: &Caller) -> Result<(), Status> {
-        if !self.per_process || caller.is(CONTROLLER_NAME) {
+        if self.controller.is_none() || self.is_controller(caller) {
             return Ok(());
         }
-        Err(Status::permission_denied(format!(
-            "only the controller's certificate ({CONTROLLER_NAME}) may make this call"
-        )))
+        Err(Status::permission_denied(
+            "only the controller's certificate (controller.crt) may make this call",
+        ))
     }
 
     /// Refuses a caller other than node `node` (or the controller).
     pub fn node(&self, caller: &Caller, node: &str) -> Result<(), Status> {
-        if !self.per_process || caller.is(&node_name(node)) || caller.is(CONTROLLER_NAME) {
+        if self.controller.is_none() || self.is_controller(caller) || caller.is(&node_name(node)) {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
@@ -332,6 +398,17 @@ impl Callers {
             node_name(node)
         )))
     }
+}
+
+/// Whom a client means to reach: with a certificate per process, the
+/// name it checks in the server's certificate (a shared one names only
+/// [`SERVER_NAME`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Server<'a> {
+    /// Any Strata process (an agent address whose node is not known yet).
+    Any,
+    Controller,
+    Node(&'a str),
 }
 
 #[cfg(test)]
@@ -367,9 +444,62 @@ pub(crate) mod tests {
         dir
     }
 
-    fn caller(dir: &Path) -> Caller {
-        let pem = std::fs::read(dir.join("tls.crt")).unwrap();
+    fn caller(path: &Path) -> Caller {
+        let path = if path.is_dir() {
+            path.join("tls.crt")
+        } else {
+            path.to_path_buf()
+        };
+        let pem = std::fs::read(path).unwrap();
         Caller(Some(CertificateDer::from_pem_slice(&pem).unwrap()))
+    }
+
+    /// A certificate for `sans` from the CA in `ca_dir`, as a caller's.
+    fn signed_by_ca(ca_dir: &Path, sans: &str) -> Caller {
+        let out = ca_dir.join("extra");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("ext.cnf"), format!("subjectAltName={sans}\n")).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&out)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "x.key",
+            "-out",
+            "x.csr",
+            "-subj",
+            "/CN=x",
+        ]);
+        let (ca, key) = (ca_dir.join("ca.crt"), ca_dir.join("ca.key"));
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "x.csr",
+            "-CA",
+            ca.to_str().unwrap(),
+            "-CAkey",
+            key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "x.crt",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        caller(&out.join("x.crt"))
     }
 
     #[test]
@@ -394,10 +524,64 @@ pub(crate) mod tests {
         ] {
             assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
         }
+        // From the same CA: a wildcard does not name a node, nor another
+        // certificate for the controller's name the controller.
+        let wildcard = signed_by_ca(dir.path(), "DNS:strata-agent,DNS:*.node.strata-agent");
+        let other_controller =
+            signed_by_ca(dir.path(), "DNS:strata-agent,DNS:controller.strata-agent");
+        let named = signed_by_ca(dir.path(), "DNS:strata-agent,DNS:n1.node.strata-agent");
+        callers.node(&named, "n1").unwrap();
+        for refused in [
+            callers.node(&wildcard, "n1"),
+            callers.node(&wildcard, "x.n1"),
+            callers.controller(&other_controller),
+            callers.node(&other_controller, "n1"),
+        ] {
+            assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
+        }
         // A shared certificate: every caller may do anything.
         let shared = Callers::default();
         shared.controller(&one).unwrap();
         shared.node(&one, "n2").unwrap();
+        // Each process checks its files fit it.
+        let ctl_files = TlsFiles::load(&ctl).unwrap();
+        files.check_role(Some("n1")).unwrap();
+        ctl_files.check_role(None).unwrap();
+        for wrong in [
+            files.check_role(Some("n2")),
+            files.check_role(None),
+            ctl_files.check_role(Some("n1")),
+        ] {
+            assert!(wrong.is_err());
+        }
+        assert_eq!(
+            files.server_name_of(Server::Node("n2")),
+            "n2.node.strata-agent"
+        );
+        assert_eq!(files.server_name_of(Server::Controller), CONTROLLER_NAME);
+        assert_eq!(files.server_name_of(Server::Any), SERVER_NAME);
+        // Without controller.crt, a node's own certificate does not start
+        // (every check would be off); a shared one does.
+        let bare = dir.path().join("bare");
+        std::fs::create_dir(&bare).unwrap();
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::copy(n1.join(f), bare.join(f)).unwrap();
+        }
+        let bare = TlsFiles::load(&bare).unwrap();
+        assert!(bare.check_role(Some("n1")).is_err());
+        assert_eq!(bare.server_name_of(Server::Node("n1")), SERVER_NAME);
+        let shared = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");
+        assert!(
+            std::process::Command::new(script)
+                .arg(shared.path())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let shared = TlsFiles::load(shared.path()).unwrap();
+        shared.check_role(Some("n1")).unwrap();
+        shared.check_role(None).unwrap();
         // A controller.crt that is not a certificate stops the start.
         std::fs::write(
             n1.join("controller.crt"),

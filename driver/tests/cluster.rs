@@ -1046,6 +1046,7 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
                     .unwrap(),
             ),
             &address,
+            strata::tls::SERVER_NAME,
             Duration::from_secs(5),
             Duration::from_secs(5),
         );
@@ -1061,6 +1062,7 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
                     .unwrap(),
             ),
             &agent,
+            strata::tls::SERVER_NAME,
             Duration::from_secs(5),
             Duration::from_secs(5),
         );
@@ -1109,6 +1111,7 @@ async fn peer_client(
         .channel(
             "peer",
             address,
+            strata::tls::Server::Any,
             Duration::from_secs(5),
             Duration::from_secs(10),
         )
@@ -1363,6 +1366,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
             .channel(
                 "controller",
                 &peer_port,
+                strata::tls::Server::Controller,
                 Duration::from_secs(5),
                 Duration::from_secs(10),
             )
@@ -1377,8 +1381,25 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         Code::PermissionDenied
     );
     capabilities("controller").await.unwrap();
-    // The grant still works where it should.
+    // The grant still works where it should. A client checks the
+    // server's certificate names the process it means to reach.
     peer.read(read(Some(grant.clone()), 0, 4096)).await.unwrap();
+    let files = strata::tls::TlsFiles::load(&tls("n1")).unwrap();
+    for (expect, works) in [("n2", true), ("n1", false), ("n3", false)] {
+        let channel = files
+            .channel(
+                "peer",
+                &n2.agent,
+                strata::tls::Server::Node(expect),
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        let got = csi_proto::peer::v1::peer_client::PeerClient::new(channel)
+            .read(read(Some(grant.clone()), 0, 4096))
+            .await;
+        assert_eq!(got.is_ok(), works, "n2's agent as {expect}: {got:?}");
+    }
 
     // Unpublished and unstaged on n1 (not unstaged while published): staged
     // on n2, the data is there.
@@ -1793,6 +1814,7 @@ async fn agent_client(address: &str, tls: &Path) -> AgentClient<tonic::transport
         .channel(
             "agent",
             address,
+            strata::tls::Server::Any,
             Duration::from_secs(5),
             Duration::from_secs(10),
         )

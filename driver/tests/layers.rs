@@ -21,7 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "node",
         &["engine", "frontend", "metrics", "endpoint", "peer"],
     ),
-    ("rpc", &["engine", "node"]),
+    ("rpc", &["engine", "node", "peer"]),
     (
         "agent",
         &["engine", "node", "metrics", "rpc", "peer", "tls"],
@@ -49,6 +49,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "cluster",
             "csi",
             "standalone",
+            "peer",
             "tls",
         ],
     ),

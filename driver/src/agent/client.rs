@@ -11,7 +11,7 @@ use csi_proto::agent::v1::*;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::tls::TlsFiles;
+use crate::tls::{Server, TlsFiles};
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,10 +26,10 @@ pub struct RemoteAgent {
 }
 
 impl RemoteAgent {
-    /// A client for the agent at `address` (`host:port`). No connection is
-    /// made until the first call.
-    pub fn new(address: &str, tls: &TlsFiles) -> Result<Self, Status> {
-        let channel = tls.channel("agent", address, CONNECT_TIMEOUT, CALL_TIMEOUT)?;
+    /// A client for the agent of `server` at `address` (`host:port`). No
+    /// connection is made until the first call.
+    pub fn new(address: &str, server: Server, tls: &TlsFiles) -> Result<Self, Status> {
+        let channel = tls.channel("agent", address, server, CONNECT_TIMEOUT, CALL_TIMEOUT)?;
         Ok(RemoteAgent {
             client: AgentClient::new(channel),
         })

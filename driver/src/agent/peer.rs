@@ -989,6 +989,12 @@ impl Peer for PeerService {
         let grant = req
             .grant
             .ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
+        // Whether the volume moves, and where, only to the node the
+        // grant (checked again when admitted) names.
+        self.key
+            .check(Some(&grant), &grant.volume_id)
+            .map_err(status::grant)?;
+        self.callers.node(&caller, &grant.node_id)?;
         let vid: VolumeId = grant
             .volume_id
             .parse()

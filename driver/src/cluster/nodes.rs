@@ -20,6 +20,7 @@ use tonic::{Request, Status};
 
 use super::records::{NodeRecord, NodeState, Records};
 use crate::agent::client::RemoteAgent;
+use crate::tls::Server;
 use crate::tls::TlsFiles;
 
 /// How often and how patiently the controller checks on nodes.
@@ -46,7 +47,8 @@ pub struct Nodes {
     tls: Option<TlsFiles>,
     /// Addresses to ask even before any record names them.
     seeds: Vec<String>,
-    remotes: Mutex<HashMap<String, Arc<dyn Agent>>>,
+    /// Agents by address and the name their certificate must carry.
+    remotes: Mutex<HashMap<(String, String), Arc<dyn Agent>>>,
     /// Agent addresses a heartbeat question is still out for.
     asking: Mutex<std::collections::HashSet<String>>,
     /// The node records as of the last heartbeat (or load): placement and
@@ -135,18 +137,26 @@ impl Nodes {
         }
     }
 
-    fn agent_at(&self, address: &str) -> Result<Arc<dyn Agent>, Status> {
+    /// The agent at `address`, of node `node` (empty: not known yet),
+    /// whose certificate must name it (with a certificate per process).
+    fn agent_at(&self, address: &str, node: &str) -> Result<Arc<dyn Agent>, Status> {
         let Some(tls) = &self.tls else {
             return Err(Status::internal(format!(
                 "no TLS configuration to reach the agent at {address}"
             )));
         };
+        let server = if node.is_empty() {
+            Server::Any
+        } else {
+            Server::Node(node)
+        };
+        let key = (address.to_string(), tls.server_name_of(server));
         let mut remotes = self.remotes.lock().expect("remotes");
-        if let Some(a) = remotes.get(address) {
+        if let Some(a) = remotes.get(&key) {
             return Ok(Arc::clone(a));
         }
-        let agent: Arc<dyn Agent> = Arc::new(RemoteAgent::new(address, tls)?);
-        remotes.insert(address.to_string(), Arc::clone(&agent));
+        let agent: Arc<dyn Agent> = Arc::new(RemoteAgent::new(address, server, tls)?);
+        remotes.insert(key, Arc::clone(&agent));
         Ok(agent)
     }
 
@@ -167,7 +177,7 @@ impl Nodes {
                 now_ns().saturating_sub(r.last_seen_unix_ns) / 1_000_000_000,
                 r.message
             ))),
-            Some(r) => self.agent_at(&r.agent_address),
+            Some(r) => self.agent_at(&r.agent_address, node_id),
         }
     }
 
@@ -301,7 +311,7 @@ impl Nodes {
     /// since the last heartbeat); FAILED_PRECONDITION if it answers.
     pub async fn confirm_gone(&self, id: &str) -> Result<NodeRecord, Status> {
         let rec = self.forgettable(id)?;
-        let agent = self.agent_at(&rec.agent_address)?;
+        let agent = self.agent_at(&rec.agent_address, id)?;
         let asked = agent.node_info(Request::new(NodeInfoRequest {}));
         let answer = match tokio::time::timeout(Duration::from_secs(2), asked).await {
             Ok(Ok(info)) if info.get_ref().node_id == id => Some("ready".to_string()),
@@ -337,7 +347,7 @@ impl Nodes {
         self.remotes
             .lock()
             .expect("remotes")
-            .remove(&rec.agent_address);
+            .retain(|(address, _), _| address != &rec.agent_address);
         Ok(())
     }
 
@@ -493,7 +503,7 @@ impl Nodes {
         }
         let mut round = tokio::task::JoinSet::new();
         for (address, node) in targets {
-            let agent = match self.agent_at(&address) {
+            let agent = match self.agent_at(&address, &node) {
                 Ok(agent) => agent,
                 Err(e) => {
                     tracing::warn!(%address, error = %e.message(), "agent address unusable");
@@ -532,7 +542,11 @@ impl Nodes {
             });
         match answer {
             Ok(reply) => {
-                let rec = ready_record(reply.into_inner(), address, now);
+                let info = reply.into_inner();
+                if !self.confirmed(&address, &known_as, &info.node_id).await {
+                    return;
+                }
+                let rec = ready_record(info, address, now);
                 let was = self.cache.lock().expect("nodes").get(&rec.node_id).cloned();
                 if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
                     tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
@@ -554,6 +568,33 @@ impl Nodes {
             }
             Err(e) => {
                 tracing::debug!(%address, error = %e.message(), "agent not reachable yet");
+            }
+        }
+    }
+
+    /// Whether the agent at `address`, which said it is node `said` on a
+    /// connection that expected `known_as`, has a certificate that names
+    /// `said`: with a certificate per process it is asked again on a
+    /// connection that checks that (a node cannot pass for another).
+    async fn confirmed(&self, address: &str, known_as: &str, said: &str) -> bool {
+        let Some(tls) = &self.tls else {
+            return true;
+        };
+        if said == known_as
+            || tls.server_name_of(Server::Node(said)) == tls.server_name_of(Server::Any)
+        {
+            return true;
+        }
+        let asked = async {
+            let agent = self.agent_at(address, said)?;
+            agent.node_info(Request::new(NodeInfoRequest {})).await
+        };
+        match tokio::time::timeout(self.heartbeat.stale_after, asked).await {
+            Ok(Ok(r)) if r.get_ref().node_id == said => true,
+            Ok(Ok(_)) | Err(_) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(%address, node = %said, error = %e.message(), "the agent says it is this node, and its certificate does not name it: not recorded");
+                false
             }
         }
     }

@@ -100,10 +100,13 @@ impl Replica {
         {
             return;
         }
-        *role = match self
-            .tls
-            .channel("controller", address, CONNECT_TIMEOUT, CALL_TIMEOUT)
-        {
+        *role = match self.tls.channel(
+            "controller",
+            address,
+            crate::tls::Server::Controller,
+            CONNECT_TIMEOUT,
+            CALL_TIMEOUT,
+        ) {
             Ok(channel) => Role::Following {
                 leader: address.to_string(),
                 channel,

@@ -19,12 +19,15 @@ use super::{BOOT_HEADER, LANE_ALPN, MAX_IO, MOVED_HEADER, RETRY_FOR, SESSION_HEA
 use crate::engine::{Error, Result, ZeroFlags};
 use crate::frontend::RemoteDevice;
 use crate::metrics::Metrics;
-use crate::tls::TlsFiles;
+use crate::tls::{Server, TlsFiles};
 use csi_proto::peer::v1::lane_request::Op;
 
 /// How long one attempt may take (a flush on a busy disk included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An owner's address and node ID.
+type OwnerKey = (String, String);
 
 /// Where a remote volume is and the grant to use it: what the controller's
 /// ControllerPublishVolume answered, kept in the staging record so a
@@ -55,9 +58,9 @@ pub struct Peers {
     tls: TlsFiles,
     /// For data lanes (`None` if the files do not make one).
     lanes: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
-    /// The lanes to each owner (by address), shared by the volumes this
-    /// node uses there: the owner counts lanes per node.
-    owners: Arc<Mutex<HashMap<String, Weak<Lanes>>>>,
+    /// The lanes to each owner (by address and node), shared by the
+    /// volumes this node uses there: the owner counts lanes per node.
+    owners: Arc<Mutex<HashMap<OwnerKey, Weak<Lanes>>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -124,7 +127,13 @@ impl Peers {
         })?;
         let channel = self
             .tls
-            .channel("peer", &target.address, CONNECT_TIMEOUT, CALL_TIMEOUT)
+            .channel(
+                "peer",
+                &target.address,
+                Server::Node(&target.owner),
+                CONNECT_TIMEOUT,
+                CALL_TIMEOUT,
+            )
             .map_err(|s| remote_error(target, "connect", s))?;
         let client = PeerClient::new(channel)
             .max_decoding_message_size(super::MAX_FRAME)
@@ -133,24 +142,26 @@ impl Peers {
             target: target.clone(),
             grant,
             client,
-            lanes: self.lanes_to(&target.address),
+            lanes: self.lanes_to(&target.address, &target.owner),
         })
     }
 
-    /// The lanes to the owner at `address`.
-    fn lanes_to(&self, address: &str) -> Arc<Lanes> {
+    /// The lanes to node `owner` at `address`.
+    fn lanes_to(&self, address: &str, owner: &str) -> Arc<Lanes> {
+        let key = (address.to_string(), owner.to_string());
         let mut owners = self.owners.lock().expect("owners");
-        if let Some(lanes) = owners.get(address).and_then(Weak::upgrade) {
+        if let Some(lanes) = owners.get(&key).and_then(Weak::upgrade) {
             return lanes;
         }
         owners.retain(|_, l| l.strong_count() > 0);
         let lanes = Arc::new(Lanes::new(
             self.lanes.clone(),
             address,
+            &self.tls.server_name_of(Server::Node(owner)),
             CONNECT_TIMEOUT,
             CALL_TIMEOUT,
         ));
-        owners.insert(address.to_string(), Arc::downgrade(&lanes));
+        owners.insert(key, Arc::downgrade(&lanes));
         lanes
     }
 }

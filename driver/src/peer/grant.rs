@@ -73,6 +73,11 @@ enum Signer {
     Ed25519(signature::Ed25519KeyPair),
 }
 
+/// What a signature covers before the grant: the controller's key also
+/// signs its TLS handshakes, which must not pass for a grant, nor a grant
+/// for them.
+const SIGNED_CONTEXT: &[u8] = b"strata peer grant, signed, v1\0";
+
 /// What a per-process certificate's signature may be.
 static SIGNATURES: [&dyn tokio_rustls::rustls::pki_types::SignatureVerificationAlgorithm; 3] = [
     webpki::ring::ECDSA_P256_SHA256,
@@ -108,6 +113,7 @@ impl Signer {
     }
 
     fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
+        let message = &[SIGNED_CONTEXT, message].concat();
         match self {
             Signer::Ecdsa(k) => k
                 .sign(&rand::SystemRandom::new(), message)
@@ -131,9 +137,10 @@ impl Signed {
         let Ok(cert) = webpki::EndEntityCert::try_from(&self.controller) else {
             return false;
         };
+        let signed = [SIGNED_CONTEXT, message].concat();
         let good = SIGNATURES
             .iter()
-            .any(|alg| cert.verify_signature(*alg, message, tag).is_ok());
+            .any(|alg| cert.verify_signature(*alg, &signed, tag).is_ok());
         if good {
             let mut checked = self.checked.lock().expect("grants");
             if checked.len() >= CHECKED {

@@ -24,7 +24,6 @@ use super::{
     LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame,
     short_read, write_frame,
 };
-use crate::tls::TlsFiles;
 use tokio_rustls::rustls;
 
 /// Idle lanes kept per owner, for all the volumes this node uses there
@@ -53,6 +52,8 @@ pub struct Lanes {
     /// `None`: this node has no client configuration for lanes.
     config: Option<Arc<rustls::ClientConfig>>,
     address: String,
+    /// The name the owner's certificate must carry.
+    server: String,
     connect_timeout: Duration,
     call_timeout: Duration,
     idle: Mutex<Vec<Lane>>,
@@ -70,15 +71,19 @@ impl std::fmt::Debug for Lanes {
 }
 
 impl Lanes {
+    /// Lanes to the owner at `address` whose certificate names `server`
+    /// (`crate::tls::TlsFiles::server_name_of`).
     pub fn new(
         config: Option<Arc<rustls::ClientConfig>>,
         address: &str,
+        server: &str,
         connect_timeout: Duration,
         call_timeout: Duration,
     ) -> Self {
         Lanes {
             config,
             address: address.to_string(),
+            server: server.to_string(),
             connect_timeout,
             call_timeout,
             idle: Mutex::default(),
@@ -199,7 +204,10 @@ impl Lanes {
                 Ok(t)
             })
             .map_err(|e| self.failed(e))?;
-        let conn = ClientConnection::new(Arc::clone(config), TlsFiles::server_name())
+        let server = rustls::pki_types::ServerName::try_from(self.server.clone()).map_err(|e| {
+            Status::invalid_argument(format!("data lane: the owner's name {}: {e}", self.server))
+        })?;
+        let conn = ClientConnection::new(Arc::clone(config), server)
             .map_err(|e| Status::internal(format!("data lane TLS: {e}")))?;
         // The handshake and the hello, within the connect timeout.
         let tcp = LaneSocket::new(tcp, Instant::now() + self.connect_timeout);
@@ -292,7 +300,7 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let tls = TlsFiles::load(dir.path()).unwrap();
+        let tls = crate::tls::TlsFiles::load(dir.path()).unwrap();
         let server = tls.rustls_server(&[LANE_ALPN]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
@@ -331,7 +339,13 @@ mod tests {
         });
         let client = tls.rustls_client(&[LANE_ALPN]).unwrap();
         let timeout = Duration::from_secs(1);
-        let lanes = Lanes::new(Some(client), &address, Duration::from_secs(5), timeout);
+        let lanes = Lanes::new(
+            Some(client),
+            &address,
+            crate::tls::SERVER_NAME,
+            Duration::from_secs(5),
+            timeout,
+        );
         let began = Instant::now();
         let r = lanes.call(&LaneRequest::default(), None).expect("a lane");
         let took = began.elapsed();
