@@ -25,6 +25,8 @@
 //! (data written, default 512). `STRATA_BENCH_ONLY=reads` stops after the
 //! reads (for work on the data path), `STRATA_BENCH_ONLY=copies` runs only
 //! the copy-first move, the restore and the drain (for work on copies).
+//! `STRATA_BENCH_CERTS=per-process` gives every process a certificate of
+//! its own (what those checks cost), instead of one shared.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -34,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{ControllerProc, NodeProc, gen_certs};
+use common::cluster::{ControllerProc, NodeProc, gen_certs, gen_certs_per_process};
 use common::csi::{self as c, Csi};
 use csi_proto::cluster::v1::MoveVolumeRequest;
 use csi_proto::cluster::v1::cluster_client::ClusterClient;
@@ -267,12 +269,11 @@ async fn run(data_mib: u64) {
         .prefix("strata-bench-cluster")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let tls = root.path().join("tls");
-    gen_certs(&tls);
+    let tls = Certs::new(&root.path().join("tls"));
     // What the data path does, not the nodes' copy budgets (as the
     // controller's --move-rate 0 below).
     let unlimited = |id| {
-        let mut n = NodeProc::start(root.path(), id, &tls);
+        let mut n = NodeProc::start(root.path(), id, &tls.of(id));
         n.proc.kill9();
         n.proc.add_args(&["--node-job-rate", "1TiB"]);
         n.proc.spawn();
@@ -280,7 +281,8 @@ async fn run(data_mib: u64) {
         n
     };
     let (n1, n2) = (unlimited("n1"), unlimited("n2"));
-    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut ctl =
+        ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls.of("controller"));
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "0"]);
     ctl.proc.spawn();
@@ -384,7 +386,7 @@ async fn run(data_mib: u64) {
         .unwrap()
         .volume_id;
     let answered = started.elapsed().as_secs_f64();
-    let mut a2 = agent(&n2.agent, &tls);
+    let mut a2 = agent(&n2.agent, &tls.of("controller"));
     while a2
         .get_volume(csi_proto::agent::v1::GetVolumeRequest {
             volume_id: restored.clone(),
@@ -499,13 +501,13 @@ fn mb(b: u64) -> f64 {
 /// written, snapshot, an eighth overwritten, snapshot, another eighth
 /// overwritten. Its layers hold the data and both eighths; a copy of each
 /// whole would send the data three times.
-async fn drain_with_snapshots(data_mib: u64, root: &Path, tls: &Path) {
+async fn drain_with_snapshots(data_mib: u64, root: &Path, tls: &Certs) {
     let root = root.join("drain");
     let (n1, n2) = (
-        NodeProc::start(&root, "n1", tls),
-        NodeProc::start(&root, "n2", tls),
+        NodeProc::start(&root, "n1", &tls.of("n1")),
+        NodeProc::start(&root, "n2", &tls.of("n2")),
     );
-    let mut ctl = ControllerProc::start(&root, &[&n1.agent, &n2.agent], tls);
+    let mut ctl = ControllerProc::start(&root, &[&n1.agent, &n2.agent], &tls.of("controller"));
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "0"]);
     ctl.proc.spawn();
@@ -579,16 +581,17 @@ async fn drain_with_snapshots(data_mib: u64, root: &Path, tls: &Path) {
 /// link carries: the write allowance makes the copy converge) through the
 /// volume's device on its own node while it moves away. Skipped where
 /// network namespaces are not available.
-async fn slow_link(data_mib: u64, root: &Path, tls: &Path) {
+async fn slow_link(data_mib: u64, root: &Path, tls: &Certs) {
     if let Err(why) = common::netns::available() {
         println!("live move over a 100 Mbit/s link: skipped ({why})");
         return;
     }
     let net = common::netns::Net::new(&["n1", "n2", "ctl"]);
     let root = root.join("slow-link");
-    let n1 = NodeProc::start_on(&root, "n1", tls, &net);
-    let n2 = NodeProc::start_on(&root, "n2", tls, &net);
-    let mut ctl = ControllerProc::start_on(&root, &[&n1.agent, &n2.agent], tls, &net, "ctl");
+    let n1 = NodeProc::start_on(&root, "n1", &tls.of("n1"), &net);
+    let n2 = NodeProc::start_on(&root, "n2", &tls.of("n2"), &net);
+    let ctl_tls = tls.of("controller");
+    let mut ctl = ControllerProc::start_on(&root, &[&n1.agent, &n2.agent], &ctl_tls, &net, "ctl");
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "0"]);
     ctl.proc.spawn();
@@ -645,6 +648,49 @@ async fn slow_link(data_mib: u64, root: &Path, tls: &Path) {
         moved.copied_bytes as f64 / (data_mib * MIB) as f64,
         pct(&holds, 1.0),
     );
+}
+
+/// The agent certificates: one shared, or one per process
+/// (`STRATA_BENCH_CERTS=per-process`).
+struct Certs {
+    dir: PathBuf,
+    per_process: bool,
+}
+
+impl Certs {
+    fn new(dir: &Path) -> Certs {
+        let per_process = match std::env::var("STRATA_BENCH_CERTS").as_deref() {
+            Ok("per-process") => true,
+            Ok("shared") | Err(_) => false,
+            Ok(other) => panic!("STRATA_BENCH_CERTS={other}: shared or per-process"),
+        };
+        if per_process {
+            gen_certs_per_process(dir, &["n1", "n2"]);
+        } else {
+            gen_certs(dir);
+        }
+        println!(
+            "agent certificates: {}",
+            if per_process {
+                "one per process"
+            } else {
+                "one shared"
+            }
+        );
+        Certs {
+            dir: dir.to_path_buf(),
+            per_process,
+        }
+    }
+
+    /// The `--agent-tls` directory of `who` ("controller" or a node).
+    fn of(&self, who: &str) -> PathBuf {
+        match (self.per_process, who) {
+            (false, _) => self.dir.clone(),
+            (true, "controller") => self.dir.join("controller"),
+            (true, node) => self.dir.join("nodes").join(node),
+        }
+    }
 }
 
 fn agent(address: &str, tls: &Path) -> csi_proto::agent::v1::agent_client::AgentClient<Channel> {

@@ -19,7 +19,7 @@
 //!   which no node holds (`peer::grant`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_rustls::rustls;
@@ -172,7 +172,7 @@ impl TlsFiles {
 
     /// This process's own certificate, as a caller's.
     fn own(&self) -> Caller {
-        Caller(
+        Caller::new(
             CertificateDer::pem_slice_iter(&self.cert)
                 .next()
                 .and_then(Result::ok),
@@ -189,9 +189,14 @@ impl TlsFiles {
         let name = node.map_or_else(|| CONTROLLER_NAME.to_string(), node_name);
         let fail = |why: String| Err(TlsError::Config(why));
         match (self.controller.is_some(), node) {
-            (false, _) if own.is(&name) => fail(format!(
-                "tls.crt is the certificate of one process ({name}), but controller.crt is \
-                 missing: without it no caller would be checked"
+            (false, _) if own.is(&name) || own.is(CONTROLLER_NAME) => fail(format!(
+                "tls.crt is the certificate of one process ({}), but controller.crt is \
+                 missing: without it no caller would be checked",
+                if own.is(&name) {
+                    &name
+                } else {
+                    CONTROLLER_NAME
+                }
             )),
             (false, _) => Ok(()),
             (true, Some(_)) if self.is_controller() => fail(
@@ -331,24 +336,48 @@ impl TlsFiles {
 /// The certificate a caller of the agent port presented (the handshake
 /// checked it against the CA).
 #[derive(Debug, Clone, Default)]
-pub struct Caller(Option<CertificateDer<'static>>);
+pub struct Caller {
+    cert: Option<CertificateDer<'static>>,
+    /// The node the certificate was found to name: a data lane's caller
+    /// is checked once, not at every request.
+    node: OnceLock<String>,
+}
 
 impl Caller {
+    fn new(cert: Option<CertificateDer<'static>>) -> Caller {
+        Caller {
+            cert,
+            node: OnceLock::new(),
+        }
+    }
+
     /// The caller of a gRPC request.
     pub fn of<T>(req: &tonic::Request<T>) -> Caller {
-        Caller(req.peer_certs().and_then(|c| c.first().cloned()))
+        Caller::new(req.peer_certs().and_then(|c| c.first().cloned()))
     }
 
     /// The caller whose certificate chain this is (the end entity first).
     pub fn from_chain(chain: Option<&[CertificateDer<'static>]>) -> Caller {
-        Caller(chain.and_then(|c| c.first().cloned()))
+        Caller::new(chain.and_then(|c| c.first().cloned()))
+    }
+
+    /// Whether the certificate names node `node` ([`Self::is`]).
+    fn is_node(&self, node: &str) -> bool {
+        if self.node.get().is_some_and(|n| n == node) {
+            return true;
+        }
+        let named = self.is(&node_name(node));
+        if named {
+            let _ = self.node.set(node.to_string());
+        }
+        named
     }
 
     /// Whether the certificate carries the DNS name `name` as such, not
     /// through a wildcard: one that also covers another name in `name`'s
     /// place does not count.
     fn is(&self, name: &str) -> bool {
-        let Some(cert) = &self.0 else {
+        let Some(cert) = &self.cert else {
             return false;
         };
         let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
@@ -375,7 +404,7 @@ pub struct Callers {
 
 impl Callers {
     fn is_controller(&self, caller: &Caller) -> bool {
-        self.controller.is_some() && caller.0 == self.controller
+        self.controller.is_some() && caller.cert == self.controller
     }
 
     /// Refuses a caller other than the controller.
@@ -390,7 +419,7 @@ impl Callers {
 
     /// Refuses a caller other than node `node` (or the controller).
     pub fn node(&self, caller: &Caller, node: &str) -> Result<(), Status> {
-        if self.controller.is_none() || self.is_controller(caller) || caller.is(&node_name(node)) {
+        if self.controller.is_none() || self.is_controller(caller) || caller.is_node(node) {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
@@ -451,7 +480,7 @@ pub(crate) mod tests {
             path.to_path_buf()
         };
         let pem = std::fs::read(path).unwrap();
-        Caller(Some(CertificateDer::from_pem_slice(&pem).unwrap()))
+        Caller::new(Some(CertificateDer::from_pem_slice(&pem).unwrap()))
     }
 
     /// A certificate for `sans` from the CA in `ca_dir`, as a caller's.
@@ -569,6 +598,14 @@ pub(crate) mod tests {
         }
         let bare = TlsFiles::load(&bare).unwrap();
         assert!(bare.check_role(Some("n1")).is_err());
+        let bare_ctl = dir.path().join("bare-controller");
+        std::fs::create_dir(&bare_ctl).unwrap();
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::copy(ctl.join(f), bare_ctl.join(f)).unwrap();
+        }
+        let bare_ctl = TlsFiles::load(&bare_ctl).unwrap();
+        assert!(bare_ctl.check_role(None).is_err());
+        assert!(bare_ctl.check_role(Some("n2")).is_err());
         assert_eq!(bare.server_name_of(Server::Node("n1")), SERVER_NAME);
         let shared = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-agent-certs");

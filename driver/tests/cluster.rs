@@ -1134,7 +1134,7 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         "controller" => certs.join("controller"),
         node => certs.join("nodes").join(node),
     };
-    let n1 = NodeProc::start(root.path(), "n1", &tls("n1"));
+    let mut n1 = NodeProc::start(root.path(), "n1", &tls("n1"));
     let mut n2 = NodeProc::start(root.path(), "n2", &tls("n2"));
     let ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls("controller"));
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
@@ -1635,6 +1635,26 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         "a flush after the owner lost writes succeeded once the volume moved"
     );
     detach(&n1, &mut csi1, &rid).await;
+
+    // The nodes come back at each other's agent address (both are the
+    // controller's --node-agent seeds): each is recorded at its new one
+    // once a connection that checks its certificate confirms who it is.
+    let (a1, a2) = (n1.agent.clone(), n2.agent.clone());
+    n1.proc.kill9();
+    n2.proc.kill9();
+    n1.proc.set_arg("--agent-listen", &a2);
+    n2.proc.set_arg("--agent-listen", &a1);
+    (n1.agent, n2.agent) = (a2, a1.clone());
+    n1.proc.spawn();
+    n2.proc.spawn();
+    n1.wait_for_agent();
+    n2.wait_for_agent();
+    eventually(30, "n2 is reached at n1's old address", async || {
+        cc.controller_publish_volume(publish("n1"))
+            .await
+            .is_ok_and(|r| r.into_inner().publish_context["strata.dev/address"] == a1)
+    })
+    .await;
 }
 
 /// Three nodes and a controller, each in its own network namespace on one

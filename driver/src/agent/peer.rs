@@ -667,10 +667,11 @@ impl PeerService {
         writes: bool,
     ) -> Result<Admitted, Status> {
         let g = grant.ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
+        // The caller first: a name check costs less than a signature's.
+        self.callers.node(caller, &g.node_id)?;
         self.key
             .check(Some(g), &g.volume_id)
             .map_err(status::grant)?;
-        self.callers.node(caller, &g.node_id)?;
         let vid: VolumeId = g
             .volume_id
             .parse()
@@ -991,10 +992,10 @@ impl Peer for PeerService {
             .ok_or_else(|| Status::unauthenticated("the request carries no grant"))?;
         // Whether the volume moves, and where, only to the node the
         // grant (checked again when admitted) names.
+        self.callers.node(&caller, &grant.node_id)?;
         self.key
             .check(Some(&grant), &grant.volume_id)
             .map_err(status::grant)?;
-        self.callers.node(&caller, &grant.node_id)?;
         let vid: VolumeId = grant
             .volume_id
             .parse()

@@ -344,10 +344,18 @@ impl Nodes {
         let _one = self.membership.lock().await;
         self.store(move |r| r.delete_node(&key)).await?;
         self.cache.lock().expect("nodes").remove(&rec.node_id);
+        // (With a shared certificate every agent's name is the same.)
+        let name = self
+            .tls
+            .as_ref()
+            .map(|t| t.server_name_of(Server::Node(&rec.node_id)))
+            .filter(|n| n != crate::tls::SERVER_NAME);
         self.remotes
             .lock()
             .expect("remotes")
-            .retain(|(address, _), _| address != &rec.agent_address);
+            .retain(|(address, n), _| {
+                address != &rec.agent_address && name.as_ref().is_none_or(|name| n != name)
+            });
         Ok(())
     }
 
@@ -490,20 +498,26 @@ impl Nodes {
     pub async fn beat(self: &Arc<Self>) {
         self.load().await;
         if let Some((id, agent)) = &self.local {
-            self.refresh(id.clone(), String::new(), Arc::clone(agent))
+            self.refresh(id.clone(), String::new(), Arc::clone(agent), true)
                 .await;
             return;
         }
-        let mut targets: HashMap<String, String> = HashMap::new(); // address → node
+        // Address → the node recorded there, and whether the agent is
+        // asked on a connection that checks its certificate names that
+        // node. A seed address is asked without: whichever node answers
+        // there (another one than recorded, after a swap or a reinstall)
+        // is recorded once it passes `confirmed`.
+        let mut targets: HashMap<String, (String, bool)> = HashMap::new();
         for a in &self.seeds {
-            targets.insert(a.clone(), String::new());
+            targets.insert(a.clone(), (String::new(), false));
         }
         for n in self.list().unwrap_or_default() {
-            targets.insert(n.agent_address.clone(), n.node_id.clone());
+            let pinned = !self.seeds.contains(&n.agent_address);
+            targets.insert(n.agent_address.clone(), (n.node_id.clone(), pinned));
         }
         let mut round = tokio::task::JoinSet::new();
-        for (address, node) in targets {
-            let agent = match self.agent_at(&address, &node) {
+        for (address, (node, pinned)) in targets {
+            let agent = match self.agent_at(&address, if pinned { &node } else { "" }) {
                 Ok(agent) => agent,
                 Err(e) => {
                     tracing::warn!(%address, error = %e.message(), "agent address unusable");
@@ -519,7 +533,7 @@ impl Nodes {
                     nodes: &nodes,
                     address: address.clone(),
                 };
-                asked.nodes.refresh(node, address, agent).await;
+                asked.nodes.refresh(node, address, agent, pinned).await;
             });
         }
         let all = async { while round.join_next().await.is_some() {} };
@@ -527,7 +541,16 @@ impl Nodes {
         round.detach_all();
     }
 
-    async fn refresh(&self, known_as: String, address: String, agent: Arc<dyn Agent>) {
+    /// Asks `agent` (at `address`, recorded as node `known_as`, on a
+    /// connection that checks that name if `pinned`) and records the
+    /// answer.
+    async fn refresh(
+        &self,
+        known_as: String,
+        address: String,
+        agent: Arc<dyn Agent>,
+        pinned: bool,
+    ) {
         let now = now_ns();
         // A node that accepts the connection but never answers (hung) is
         // as stale as one that refuses it, and no later than that.
@@ -543,7 +566,8 @@ impl Nodes {
         match answer {
             Ok(reply) => {
                 let info = reply.into_inner();
-                if !self.confirmed(&address, &known_as, &info.node_id).await {
+                let checked = pinned && info.node_id == known_as;
+                if !checked && !self.confirmed(&address, &info.node_id).await {
                     return;
                 }
                 let rec = ready_record(info, address, now);
@@ -573,24 +597,33 @@ impl Nodes {
     }
 
     /// Whether the agent at `address`, which said it is node `said` on a
-    /// connection that expected `known_as`, has a certificate that names
+    /// connection that did not check that, has a certificate that names
     /// `said`: with a certificate per process it is asked again on a
-    /// connection that checks that (a node cannot pass for another).
-    async fn confirmed(&self, address: &str, known_as: &str, said: &str) -> bool {
+    /// connection that checks it (a node cannot pass for another), which
+    /// is kept only if it does.
+    async fn confirmed(&self, address: &str, said: &str) -> bool {
         let Some(tls) = &self.tls else {
             return true;
         };
-        if said == known_as
-            || tls.server_name_of(Server::Node(said)) == tls.server_name_of(Server::Any)
-        {
+        let server = Server::Node(said);
+        if tls.server_name_of(server) == tls.server_name_of(Server::Any) {
             return true;
         }
-        let asked = async {
-            let agent = self.agent_at(address, said)?;
-            agent.node_info(Request::new(NodeInfoRequest {})).await
+        let key = (address.to_string(), tls.server_name_of(server));
+        let kept = self.remotes.lock().expect("remotes").get(&key).cloned();
+        let agent: Arc<dyn Agent> = match kept {
+            Some(a) => a,
+            None => match RemoteAgent::new(address, server, tls) {
+                Ok(a) => Arc::new(a),
+                Err(_) => return false,
+            },
         };
+        let asked = agent.node_info(Request::new(NodeInfoRequest {}));
         match tokio::time::timeout(self.heartbeat.stale_after, asked).await {
-            Ok(Ok(r)) if r.get_ref().node_id == said => true,
+            Ok(Ok(r)) if r.get_ref().node_id == said => {
+                self.remotes.lock().expect("remotes").insert(key, agent);
+                true
+            }
             Ok(Ok(_)) | Err(_) => false,
             Ok(Err(e)) => {
                 tracing::warn!(%address, node = %said, error = %e.message(), "the agent says it is this node, and its certificate does not name it: not recorded");
