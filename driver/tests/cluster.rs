@@ -1655,6 +1655,20 @@ async fn a_node_attaches_a_volume_another_node_holds() {
             .is_ok_and(|r| r.into_inner().publish_context["strata.dev/address"] == a1)
     })
     .await;
+    // n1's host is reinstalled as n3 at the same address: n3 is recorded
+    // there, and n1, which no longer answers anywhere, goes stale.
+    let a2 = n1.agent.clone();
+    n1.proc.kill9();
+    let mut n3 = NodeProc::start(root.path(), "n3", &tls("n3"));
+    n3.proc.kill9();
+    n3.proc.set_arg("--agent-listen", &a2);
+    n3.agent = a2;
+    n3.proc.spawn();
+    n3.wait_for_agent();
+    eventually(30, "n3 is recorded and n1 is stale", async || {
+        capacity(&mut cc, "n3").await > 0 && capacity(&mut cc, "n1").await == 0
+    })
+    .await;
 }
 
 /// Three nodes and a controller, each in its own network namespace on one

@@ -49,8 +49,9 @@ pub struct Nodes {
     seeds: Vec<String>,
     /// Agents by address and the name their certificate must carry.
     remotes: Mutex<HashMap<(String, String), Arc<dyn Agent>>>,
-    /// Agent addresses a heartbeat question is still out for.
-    asking: Mutex<std::collections::HashSet<String>>,
+    /// Agent addresses (and the node name checked there) a heartbeat
+    /// question is still out for.
+    asking: Mutex<std::collections::HashSet<(String, String)>>,
     /// The node records as of the last heartbeat (or load): placement and
     /// routing read these, never the store, so they never block.
     cache: Mutex<HashMap<String, NodeRecord>>,
@@ -498,42 +499,50 @@ impl Nodes {
     pub async fn beat(self: &Arc<Self>) {
         self.load().await;
         if let Some((id, agent)) = &self.local {
-            self.refresh(id.clone(), String::new(), Arc::clone(agent), true)
+            self.refresh(vec![id.clone()], String::new(), Arc::clone(agent), true)
                 .await;
             return;
         }
-        // Address → the node recorded there, and whether the agent is
-        // asked on a connection that checks its certificate names that
-        // node. A seed address is asked without: whichever node answers
-        // there (another one than recorded, after a swap or a reinstall)
-        // is recorded once it passes `confirmed`.
-        let mut targets: HashMap<String, (String, bool)> = HashMap::new();
+        // One question per address and name checked, for the nodes
+        // recorded there. A seed address is asked without a name:
+        // whichever node answers there (another one than recorded, after
+        // a swap or a reinstall) is recorded once it passes `confirmed`.
+        // Any other address is asked on a connection that checks the
+        // certificate names the node recorded there.
+        let mut targets: HashMap<(String, String), Vec<String>> = HashMap::new();
         for a in &self.seeds {
-            targets.insert(a.clone(), (String::new(), false));
+            targets.entry((a.clone(), String::new())).or_default();
         }
         for n in self.list().unwrap_or_default() {
-            let pinned = !self.seeds.contains(&n.agent_address);
-            targets.insert(n.agent_address.clone(), (n.node_id.clone(), pinned));
+            let pin = if self.seeds.contains(&n.agent_address) {
+                String::new()
+            } else {
+                n.node_id.clone()
+            };
+            targets
+                .entry((n.agent_address.clone(), pin))
+                .or_default()
+                .push(n.node_id);
         }
         let mut round = tokio::task::JoinSet::new();
-        for (address, (node, pinned)) in targets {
-            let agent = match self.agent_at(&address, if pinned { &node } else { "" }) {
+        for (key, known) in targets {
+            let (address, pin) = &key;
+            let agent = match self.agent_at(address, pin) {
                 Ok(agent) => agent,
                 Err(e) => {
                     tracing::warn!(%address, error = %e.message(), "agent address unusable");
                     continue;
                 }
             };
-            if !self.asking.lock().expect("asking").insert(address.clone()) {
+            if !self.asking.lock().expect("asking").insert(key.clone()) {
                 continue;
             }
             let nodes = Arc::clone(self);
             round.spawn(async move {
-                let asked = Asking {
-                    nodes: &nodes,
-                    address: address.clone(),
-                };
-                asked.nodes.refresh(node, address, agent, pinned).await;
+                let pinned = !key.1.is_empty();
+                let address = key.0.clone();
+                let asked = Asking { nodes: &nodes, key };
+                asked.nodes.refresh(known, address, agent, pinned).await;
             });
         }
         let all = async { while round.join_next().await.is_some() {} };
@@ -541,12 +550,13 @@ impl Nodes {
         round.detach_all();
     }
 
-    /// Asks `agent` (at `address`, recorded as node `known_as`, on a
-    /// connection that checks that name if `pinned`) and records the
-    /// answer.
+    /// Asks `agent` (at `address`, where nodes `known` are recorded; on a
+    /// connection that checks the certificate names `known`'s one node if
+    /// `pinned`) and records the answer. A node of `known` that did not
+    /// answer is marked as not heard from.
     async fn refresh(
         &self,
-        known_as: String,
+        known: Vec<String>,
         address: String,
         agent: Arc<dyn Agent>,
         pinned: bool,
@@ -563,37 +573,54 @@ impl Nodes {
                     limit.as_secs()
                 )))
             });
-        match answer {
+        let (heard, why) = match answer {
             Ok(reply) => {
                 let info = reply.into_inner();
-                let checked = pinned && info.node_id == known_as;
-                if !checked && !self.confirmed(&address, &info.node_id).await {
-                    return;
+                let id = info.node_id.clone();
+                let checked = pinned && known.contains(&id);
+                if checked || self.confirmed(&address, &id).await {
+                    let rec = ready_record(info, address.clone(), now);
+                    let was = self.cache.lock().expect("nodes").get(&id).cloned();
+                    if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
+                        tracing::info!(node = %id, %address, "node is ready");
+                    }
+                    self.save(rec, true).await;
+                    let why = format!("node {id} answers at {address}");
+                    (Some(id), why)
+                } else {
+                    let why = format!("the agent at {address} is not shown to be node {id}");
+                    (None, why)
                 }
-                let rec = ready_record(info, address, now);
-                let was = self.cache.lock().expect("nodes").get(&rec.node_id).cloned();
-                if was.as_ref().is_none_or(|w| w.state != NodeState::Ready) {
-                    tracing::info!(node = %rec.node_id, address = %rec.agent_address, "node is ready");
-                }
-                self.save(rec, true).await;
-            }
-            Err(e) if !known_as.is_empty() => {
-                let Some(mut rec) = self.cache.lock().expect("nodes").get(&known_as).cloned()
-                else {
-                    return;
-                };
-                let silent = Duration::from_nanos(now.saturating_sub(rec.last_seen_unix_ns));
-                if rec.state == NodeState::Ready && silent >= self.heartbeat.stale_after {
-                    tracing::warn!(node = %known_as, error = %e.message(), "node is stale");
-                    rec.state = NodeState::Stale;
-                }
-                rec.message = e.message().to_string();
-                self.save(rec, false).await;
             }
             Err(e) => {
-                tracing::debug!(%address, error = %e.message(), "agent not reachable yet");
+                if known.is_empty() {
+                    tracing::debug!(%address, error = %e.message(), "agent not reachable yet");
+                }
+                (None, e.message().to_string())
             }
+        };
+        for node in known.iter().filter(|n| heard.as_ref() != Some(n)) {
+            self.not_heard(node, &address, now, &why).await;
         }
+    }
+
+    /// Node `node`, recorded at `address`, did not answer there (`why`):
+    /// stale once it has been silent for `stale_after`. Nothing changes if
+    /// it is recorded at another address by now (it answered there).
+    async fn not_heard(&self, node: &str, address: &str, now: u64, why: &str) {
+        let Some(mut rec) = self.cache.lock().expect("nodes").get(node).cloned() else {
+            return;
+        };
+        if rec.agent_address != address {
+            return;
+        }
+        let silent = Duration::from_nanos(now.saturating_sub(rec.last_seen_unix_ns));
+        if rec.state == NodeState::Ready && silent >= self.heartbeat.stale_after {
+            tracing::warn!(%node, error = %why, "node is stale");
+            rec.state = NodeState::Stale;
+        }
+        rec.message = why.to_string();
+        self.save(rec, false).await;
     }
 
     /// Whether the agent at `address`, which said it is node `said` on a
@@ -647,7 +674,7 @@ impl Nodes {
 /// ends.
 struct Asking<'a> {
     nodes: &'a Nodes,
-    address: String,
+    key: (String, String),
 }
 
 impl Drop for Asking<'_> {
@@ -656,7 +683,7 @@ impl Drop for Asking<'_> {
             .asking
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.address);
+            .remove(&self.key);
     }
 }
 
