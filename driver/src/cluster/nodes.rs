@@ -281,15 +281,22 @@ impl Nodes {
         if same {
             return;
         }
+        // Under the lock `set_draining` writes its flag under, with the
+        // flag as the cache has it now: one set after `rec` was made above
+        // was written by `set_draining` already, and must not be undone by
+        // this older copy (a drain undone, then back after a restart).
+        let _one = self.membership.lock().await;
+        rec.draining = self
+            .cache
+            .lock()
+            .expect("nodes")
+            .get(&rec.node_id)
+            .is_some_and(|n| n.draining);
         let put = move |r: &dyn Records| {
             if answered || r.node(&rec.node_id)?.is_some() {
                 r.put_node(&rec)?;
             }
             Ok(())
-        };
-        let _one = match answered {
-            true => None,
-            false => Some(self.membership.lock().await),
         };
         if let Err(e) = self.store(put).await {
             tracing::warn!(error = %e.message(), "recording a node");
