@@ -55,6 +55,9 @@ pub struct Nodes {
     /// The node records as of the last heartbeat (or load): placement and
     /// routing read these, never the store, so they never block.
     cache: Mutex<HashMap<String, NodeRecord>>,
+    /// Nodes whose last write to the store failed: written again at the
+    /// next round even if nothing changed.
+    unsaved: Mutex<std::collections::HashSet<String>>,
     /// Whether the cache was read from the store once: before, a node
     /// missing from it may only not be loaded yet.
     loaded: std::sync::atomic::AtomicBool,
@@ -131,6 +134,7 @@ impl Nodes {
             remotes: Mutex::default(),
             asking: Mutex::default(),
             cache: Mutex::default(),
+            unsaved: Mutex::default(),
             loaded: std::sync::atomic::AtomicBool::new(false),
             membership: tokio::sync::Mutex::default(),
             overcommit,
@@ -245,14 +249,25 @@ impl Nodes {
                 self.loaded
                     .store(true, std::sync::atomic::Ordering::Release);
                 for n in nodes {
+                    let Some(c) = cache.get_mut(&n.node_id) else {
+                        cache.insert(n.node_id.clone(), n);
+                        continue;
+                    };
+                    // Written under this lock (`set_draining`), or by hand.
+                    c.draining = n.draining;
                     // The store may be older than what this process saw
                     // (it skips writes that change only the time), or
-                    // newer (a node that reports itself).
-                    let newer = cache
-                        .get(&n.node_id)
-                        .is_none_or(|c| n.last_seen_unix_ns > c.last_seen_unix_ns);
-                    if newer {
-                        cache.insert(n.node_id.clone(), n);
+                    // newer (a node that reports itself): then its address
+                    // and figures are taken, not that it is ready, nor
+                    // its clock: whether a node answers is what this
+                    // process's heartbeat found, by this process's clock.
+                    if n.last_seen_unix_ns > c.last_seen_unix_ns {
+                        *c = NodeRecord {
+                            state: c.state,
+                            message: std::mem::take(&mut c.message),
+                            last_seen_unix_ns: c.last_seen_unix_ns,
+                            ..n
+                        };
                     }
                 }
             }
@@ -274,33 +289,37 @@ impl Nodes {
             rec.draining = cache.get(&rec.node_id).is_some_and(|n| n.draining);
             cache.insert(rec.node_id.clone(), rec.clone())
         };
+        // (One whose last write failed is written again.)
+        let unsaved = self.unsaved.lock().expect("unsaved").contains(&rec.node_id);
         let same = before.is_some_and(|mut b| {
             b.last_seen_unix_ns = rec.last_seen_unix_ns;
             b == rec
         });
-        if same {
+        if same && !unsaved {
             return;
         }
-        // Under the lock `set_draining` writes its flag under, with the
-        // flag as the cache has it now: one set after `rec` was made above
-        // was written by `set_draining` already, and must not be undone by
-        // this older copy (a drain undone, then back after a restart).
-        let _one = self.membership.lock().await;
-        rec.draining = self
-            .cache
-            .lock()
-            .expect("nodes")
-            .get(&rec.node_id)
-            .is_some_and(|n| n.draining);
+        // (The store keeps the `draining` it has: an older copy of the
+        // flag here does not undo a drain or its end.)
+        let _one = match answered {
+            true => None,
+            false => Some(self.membership.lock().await),
+        };
+        let id = rec.node_id.clone();
         let put = move |r: &dyn Records| {
             if answered || r.node(&rec.node_id)?.is_some() {
                 r.put_node(&rec)?;
             }
             Ok(())
         };
-        if let Err(e) = self.store(put).await {
-            tracing::warn!(error = %e.message(), "recording a node");
-        }
+        let stored = self.store(put).await;
+        let mut unsaved = self.unsaved.lock().expect("unsaved");
+        match stored {
+            Ok(()) => unsaved.remove(&id),
+            Err(e) => {
+                tracing::warn!(node = %id, error = %e.message(), "recording a node (written again next round)");
+                unsaved.insert(id)
+            }
+        };
     }
 
     /// Whether node `id` is not known at all: the store was read, and has
@@ -389,6 +408,12 @@ impl Nodes {
         Ok(rec)
     }
 
+    /// Whether node `id` is draining (`set_draining`).
+    pub fn draining(&self, id: &str) -> bool {
+        let cache = self.cache.lock().expect("nodes");
+        cache.get(id).is_some_and(|n| n.draining)
+    }
+
     /// Starts or ends the drain of `node_id`: while it drains, no new
     /// volume is placed on it (in the records, so it outlives restarts
     /// and the node's own reports).
@@ -399,26 +424,27 @@ impl Nodes {
                 .get_mut(node_id)
                 .map(|n| std::mem::replace(&mut n.draining, to))
         };
-        // The cache first, so a heartbeat writing the record meanwhile
-        // writes the new flag.
+        // Under the lock `load` reads the store under: a read from before
+        // this write cannot put the old flag back into the cache.
+        let _one = self.membership.lock().await;
         let Some(was) = set(draining) else {
             return Err(Status::not_found(format!("node {node_id:?} is not known")));
         };
         let id = node_id.to_string();
-        let _one = self.membership.lock().await;
         let stored = self
-            .store(move |r| {
-                if let Some(mut rec) = r.node(&id)? {
-                    rec.draining = draining;
-                    r.put_node(&rec)?;
-                }
-                Ok(())
-            })
+            .store(move |r| r.set_node_draining(&id, draining))
             .await;
-        if stored.is_err() {
-            set(was);
+        match stored {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                set(was);
+                Err(Status::not_found(format!("node {node_id:?} has no record")))
+            }
+            Err(e) => {
+                set(was);
+                Err(e)
+            }
         }
-        stored
     }
 
     /// The room a node has for new volumes, in bytes.
@@ -531,6 +557,7 @@ impl Nodes {
                 .or_default()
                 .push(n.node_id);
         }
+        self.drop_unused_remotes();
         let mut round = tokio::task::JoinSet::new();
         for (key, known) in targets {
             let (address, pin) = &key;
@@ -555,6 +582,28 @@ impl Nodes {
         let all = async { while round.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(self.heartbeat.interval, all).await;
         round.detach_all();
+    }
+
+    /// Drops the connections to addresses and names no node is recorded
+    /// at any more, nor a seed (a node whose address changed, a node
+    /// reinstalled under another name): they would pile up otherwise.
+    fn drop_unused_remotes(&self) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        let mut used: std::collections::HashSet<(String, String)> = self
+            .seeds
+            .iter()
+            .map(|a| (a.clone(), tls.server_name_of(Server::Any)))
+            .collect();
+        for n in self.cache.lock().expect("nodes").values() {
+            let name = tls.server_name_of(Server::Node(&n.node_id));
+            used.insert((n.agent_address.clone(), name));
+        }
+        self.remotes
+            .lock()
+            .expect("remotes")
+            .retain(|key, _| used.contains(key));
     }
 
     /// Asks `agent` (at `address`, where nodes `known` are recorded; on a
@@ -729,13 +778,10 @@ pub async fn register(records: Arc<dyn Records>, agent: Arc<dyn Agent>, address:
                 continue;
             }
         };
-        let mut rec = ready_record(info, address.clone(), now_ns());
+        let rec = ready_record(info, address.clone(), now_ns());
         let records = Arc::clone(&records);
-        // A drain set by the controller stays set.
-        let put = move || {
-            rec.draining = records.node(&rec.node_id)?.is_some_and(|n| n.draining);
-            records.put_node(&rec)
-        };
+        // (A drain set by the controller stays set: `put_node` keeps it.)
+        let put = move || records.put_node(&rec);
         match tokio::task::spawn_blocking(put).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "registering the node"),
@@ -795,5 +841,71 @@ mod tests {
         let e = n.place(MIB, |id| id == "n2", &[]).unwrap_err();
         assert!(e.message().contains("n2 (at its volume limit"), "{e:?}");
         assert!(e.message().contains("n1 (excluded by topology"), "{e:?}");
+    }
+
+    /// A drain and its end are what the store keeps, whatever copies of
+    /// the record made before them are written after them (a node's own
+    /// report, a heartbeat's); and a node's own report gives its address,
+    /// never that it answers, nor its clock.
+    #[tokio::test]
+    async fn a_drain_outlives_older_copies_and_a_node_does_not_vouch_for_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = nodes(dir.path(), &[("n1", 100 * MIB)]);
+        let records = Arc::clone(&n.records);
+        let rec = n.cache.lock().unwrap()["n1"].clone();
+        records.put_node(&rec).unwrap();
+        let stored = |r: &Arc<dyn Records>| r.node("n1").unwrap().unwrap();
+
+        n.set_draining("n1", true).await.unwrap();
+        records.put_node(&rec).unwrap();
+        assert!(stored(&records).draining);
+        n.load().await;
+        assert!(n.draining("n1"));
+        n.save(
+            NodeRecord {
+                volumes: 1,
+                ..rec.clone()
+            },
+            true,
+        )
+        .await;
+        assert!(stored(&records).draining && stored(&records).volumes == 1);
+
+        n.set_draining("n1", false).await.unwrap();
+        records
+            .put_node(&NodeRecord {
+                draining: true,
+                ..rec.clone()
+            })
+            .unwrap();
+        assert!(!stored(&records).draining);
+        n.load().await;
+        assert!(!n.draining("n1"));
+        assert_eq!(
+            n.set_draining("n9", true).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+
+        // Stale to this process; the node says it is ready, with a clock
+        // an hour ahead, at a new address.
+        {
+            let mut cache = n.cache.lock().unwrap();
+            let c = cache.get_mut("n1").unwrap();
+            c.state = NodeState::Stale;
+            c.last_seen_unix_ns = 1;
+        }
+        records
+            .put_node(&NodeRecord {
+                agent_address: "n1-again:9809".into(),
+                last_seen_unix_ns: now_ns() + 3_600_000_000_000,
+                ..rec.clone()
+            })
+            .unwrap();
+        n.load().await;
+        let c = n.cache.lock().unwrap()["n1"].clone();
+        assert_eq!(c.agent_address, "n1-again:9809");
+        assert_eq!((c.state, c.last_seen_unix_ns), (NodeState::Stale, 1));
+        let e = n.agent("n1").err().expect("a stale node's agent");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
     }
 }

@@ -176,7 +176,13 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     fn node(&self, id: &str) -> Result<Option<NodeRecord>>;
     /// Every node, sorted by ID.
     fn nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Writes a node's record; an existing record keeps its `draining`
+    /// flag, which only [`Records::set_node_draining`] changes (a report
+    /// made before a drain began must not end it).
     fn put_node(&self, rec: &NodeRecord) -> Result<()>;
+    /// Sets node `id`'s `draining` flag in its record as it is now;
+    /// false if there is no record.
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool>;
     /// Forgets a node (`strata node forget`); forgetting one that is not
     /// there is a success.
     fn delete_node(&self, id: &str) -> Result<()>;
@@ -386,6 +392,20 @@ impl EmbeddedRecords {
         Ok(true)
     }
 
+    /// Writes what `change` makes of node `id`'s record as stored (`None`
+    /// when there is none or it does not decode), in one transaction
+    /// (`None`: nothing); whether it wrote.
+    fn change_node(
+        &self,
+        id: &str,
+        change: impl FnOnce(Option<&NodeRecord>) -> Option<NodeRecord>,
+    ) -> Result<bool> {
+        self.update(NODES, id, |cur| {
+            let cur: Option<NodeRecord> = cur.and_then(|v| serde_json::from_slice(v).ok());
+            change(cur.as_ref()).map(|n| json(&n))
+        })
+    }
+
     fn delete(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -487,12 +507,22 @@ impl Records for EmbeddedRecords {
         self.all(NODES)
     }
     fn put_node(&self, rec: &NodeRecord) -> Result<()> {
-        let txn = self.db.begin_write().map_err(store)?;
-        txn.open_table(NODES)
-            .map_err(store)?
-            .insert(rec.node_id.as_str(), json(rec).as_slice())
-            .map_err(store)?;
-        txn.commit().map_err(store)
+        self.change_node(&rec.node_id, |cur| {
+            let draining = cur.is_some_and(|c| c.draining);
+            Some(NodeRecord {
+                draining,
+                ..rec.clone()
+            })
+        })
+        .map(|_| ())
+    }
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool> {
+        self.change_node(id, |cur| {
+            cur.map(|c| NodeRecord {
+                draining,
+                ..c.clone()
+            })
+        })
     }
     fn delete_node(&self, id: &str) -> Result<()> {
         let txn = self.db.begin_write().map_err(store)?;

@@ -546,7 +546,22 @@ impl Records for KubeRecords {
         Ok(all.iter().map(node_record).collect())
     }
     fn put_node(&self, rec: &NodeRecord) -> Result<(), RecordsError> {
-        self.block(put(&self.api(), &node_object(rec), |_, _| {}))
+        let keep = |cur: &StrataNode, next: &mut StrataNode| {
+            next.spec.draining = cur.spec.draining;
+        };
+        self.block(put(&self.api(), &node_object(rec), keep))
+    }
+    fn set_node_draining(&self, id: &str, draining: bool) -> Result<bool, RecordsError> {
+        self.block(update(
+            &self.api(),
+            id,
+            node_record,
+            node_object,
+            &mut |n: &mut NodeRecord| {
+                n.draining = draining;
+                true
+            },
+        ))
     }
     fn delete_node(&self, id: &str) -> Result<(), RecordsError> {
         self.block(delete(&self.api::<StrataNode>(), id))

@@ -429,6 +429,50 @@ async fn node_records_keep_their_report_in_the_status() {
     assert_eq!(got.await.unwrap().unwrap(), Some(rec));
 }
 
+/// A node's report keeps the drain the controller set (the report was
+/// read before it), and only `set_node_draining` changes it, over the
+/// object as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_report_keeps_the_drain_and_only_the_drain_call_changes_it() {
+    let (client, mut api) = mock_client();
+    let r = records(client);
+    let rec = NodeRecord {
+        node_id: "n1".into(),
+        agent_address: "10.0.0.1:9809".into(),
+        version: "0.1.0".into(),
+        capacity_bytes: 100,
+        available_bytes: 50,
+        provisioned_bytes: 0,
+        max_volumes: 0,
+        volumes: 0,
+        state: NodeState::Ready,
+        message: String::new(),
+        last_seen_unix_ns: 9,
+        draining: false,
+    };
+    let path = "/apis/strata.dev/v1alpha1/stratanodes/n1";
+    let draining = json!({"apiVersion": "strata.dev/v1alpha1", "kind": "StrataNode",
+                          "metadata": {"name": "n1", "resourceVersion": "3"},
+                          "spec": {"agentAddress": "10.0.0.1:9809", "draining": true}});
+    let rr = r.clone();
+    let want = rec.clone();
+    let put = tokio::task::spawn_blocking(move || rr.put_node(&want));
+    expect(&mut api, "GET", path, 200, draining.clone()).await;
+    // The spec is as it was: only the status is written.
+    let st = expect(&mut api, "PUT", &format!("{path}/status"), 200, draining).await;
+    assert_eq!(st["spec"]["draining"], true);
+    put.await.unwrap().unwrap();
+
+    let undrain = tokio::task::spawn_blocking(move || r.set_node_draining("n1", false));
+    let mut now = st.clone();
+    now["metadata"]["resourceVersion"] = json!("4");
+    expect(&mut api, "GET", path, 200, now).await;
+    let spec = expect(&mut api, "PUT", path, 200, st.clone()).await;
+    assert_eq!(spec["spec"]["draining"], false);
+    assert_eq!(spec["metadata"]["resourceVersion"], "4");
+    assert!(undrain.await.unwrap().unwrap());
+}
+
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/strata/leases/strata-controller";
 
 fn lease(client: Client, me: &str) -> LeaderLease {
