@@ -473,6 +473,26 @@ fn check_unused(core: &Core, vid: VolumeId) -> Result<(), Status> {
     }
 }
 
+/// Gives a fetching volume the policy and limits its request names
+/// (again: both are idempotent).
+fn settle(
+    pool: &Pool,
+    vid: VolumeId,
+    create: &csi_proto::agent::v1::CreateVolumeRequest,
+) -> Result<(), Status> {
+    if create.max_chain_depth != 0 {
+        let policy = VolumePolicy {
+            max_chain_depth: create.max_chain_depth,
+            ..pool.policy(vid).map_err(status::engine)?
+        };
+        pool.set_policy(vid, policy).map_err(status::engine)?;
+    }
+    if let Some(l) = create.limits {
+        super::set_limits(pool, vid, super::limits_of(l))?;
+    }
+    Ok(())
+}
+
 impl Imports {
     /// Switch first, before the switch: makes the fetching volume and connects
     /// its source, unless an earlier call of the same move (the same grant)
@@ -498,19 +518,27 @@ impl Imports {
                 if serde_json::from_slice::<Fetching>(&b)
                     .is_ok_and(|f| f.source.grant == req.grant) =>
             {
+                // (Also what a crash between its making and its settings
+                // left unset.)
+                settle(pool, vid, create)?;
                 if !vol.backing_connected() {
                     self.connect(&vol, open_source(core, vid, req, None)?)?;
                 }
                 return Ok(());
             }
+            // Fetched whole by an earlier call of this move (the
+            // controller restarted before the switch): the poll says done.
+            (None, Ok(_)) if self.finished(vid, &req.grant) => return Ok(()),
             // Made under an older attachment of the source, fenced off since,
-            // or finished: this is called only before the switch, so nothing
-            // was written to it; it is made again.
+            // or finished under another grant: this is called only before
+            // the switch, so nothing was written to it; it is made again,
+            // and what was known of the old one's fill goes with it.
             (_, Ok(_)) => {
                 check_unused(core, vid)?;
                 pool.delete_volume(vid).map_err(status::engine)?;
+                self.forget_finished(vid);
             }
-            (_, Err(Error::VolumeNotFound(_))) => {}
+            (_, Err(Error::VolumeNotFound(_))) => self.forget_finished(vid),
             (_, Err(e)) => return Err(status::engine(e)),
         }
         let source = open_source(core, vid, req, None)?;
@@ -529,18 +557,29 @@ impl Imports {
         let bytes = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
         pool.create_fetching_volume(vid, size, &bytes)
             .map_err(status::engine)?;
-        if create.max_chain_depth != 0 {
-            let policy = VolumePolicy {
-                max_chain_depth: create.max_chain_depth,
-                ..pool.policy(vid).map_err(status::engine)?
-            };
-            pool.set_policy(vid, policy).map_err(status::engine)?;
-        }
-        if let Some(l) = create.limits {
-            super::set_limits(pool, vid, super::limits_of(l))?;
-        }
+        settle(pool, vid, create)?;
         let vol = pool.volume(vid).map_err(status::engine)?;
         self.connect(&vol, source)
+    }
+
+    /// Whether a copy of `vid` under `grant` finished here.
+    fn finished(&self, vid: VolumeId, grant: &str) -> bool {
+        let copies = self.copies.lock().expect("imports");
+        copies
+            .get(&vid)
+            .is_some_and(|c| c.grant == grant && matches!(c.state, CopyState::Done(_)))
+    }
+
+    /// Forgets the outcome of an ended copy of `vid` (its volume is made
+    /// again: a poll must not answer for the old one).
+    fn forget_finished(&self, vid: VolumeId) {
+        let mut copies = self.copies.lock().expect("imports");
+        if copies
+            .get(&vid)
+            .is_some_and(|c| !matches!(c.state, CopyState::Running(..)))
+        {
+            copies.remove(&vid);
+        }
     }
 
     /// After the switch (the controller's `resume` polls): if the source is

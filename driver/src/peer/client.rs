@@ -314,6 +314,7 @@ impl RemoteVolume {
         let start = Instant::now();
         let deadline = start + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
+        let mut aborted = 0u32;
         let metrics = &self.peers.metrics;
         loop {
             let link = self.link();
@@ -354,6 +355,13 @@ impl RemoteVolume {
                         .unwrap_or(session);
                     self.session
                         .fetch_max(newest.max(session).saturating_add(1), Ordering::AcqRel);
+                    // Once is a newer session; again at once is an owner
+                    // that refuses every session: not asked in a loop.
+                    aborted += 1;
+                    if aborted > 1 {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
                 }
                 // Moved away live: the caller waits for its attachment to
                 // follow (`node::served`), not for this owner.
