@@ -5000,6 +5000,158 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
     .await;
 }
 
+/// A drain of n2 that begins while a move into n2 copies (a drain lists
+/// the node's volumes when it begins, and that one is still n1's): the
+/// move is rolled back before its switch, so the drain leaves nothing on
+/// n2, and the volume is whole on n1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_rolls_back_a_move_into_the_node_that_copies_when_it_begins() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    // 8 MiB at 1 MiB/s: the copy lasts while the drain begins.
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "1MiB"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+    let size = 8 << 20;
+    let id = created(
+        &mut cc,
+        with_requirements(c::create("pvc-in", size, c::block_cap()), &["n1"], &[]),
+    )
+    .await
+    .volume_id;
+    let mut model = vec![0u8; size as usize];
+    common::Rng::new(41).fill(&mut model);
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &id).await;
+    write_at(&dev, 0, &model).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &id).await;
+
+    use csi_proto::cluster::v1::{MoveVolumeRequest, cluster_client::ClusterClient};
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let request = MoveVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "n2".into(),
+    };
+    let mover = tokio::spawn(async move { mc.move_volume(request).await });
+    eventually(30, "the copy into n2 began", async || {
+        holds(&n2.agent, &tls, &id).await
+    })
+    .await;
+    let drained = {
+        let ctl = &ctl;
+        tokio::task::block_in_place(|| drain_cli(ctl, "n2"))
+    };
+    assert!(drained.moved.is_empty(), "{drained:?}");
+    let e = mover.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("is draining"), "{e:?}");
+    assert!(!holds(&n2.agent, &tls, &id).await, "n2 kept a copy");
+    assert!(holds(&n1.agent, &tls, &id).await);
+    contents_are(&mut cc, &n1, &mut csi1, &id, &model).await;
+}
+
+/// The controller dies after a restore for a pod on n2 made its fetching
+/// volume there and before the seal, and the fetch ends before its
+/// successor takes the move up again: the successor must not make the
+/// volume anew (empty, with nothing left to fetch, then the source's copy
+/// removed), so the restore keeps the snapshot's contents once n1's copy
+/// is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_fetch_ended_before_the_controller_came_back_keeps_its_data() {
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let n1 = NodeProc::start(root.path(), "n1", &tls);
+    let n2 = NodeProc::start(root.path(), "n2", &tls);
+    let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&n1.csi_socket()).await;
+    let mut csi2 = Csi::connect(&n2.csi_socket()).await;
+    registered(&mut cc, &["n1", "n2"]).await;
+
+    let size = 4 << 20;
+    let src = created(
+        &mut cc,
+        with_requirements(c::create("pvc-src", size, c::block_cap()), &["n1"], &[]),
+    )
+    .await
+    .volume_id;
+    let mut model = vec![0u8; size as usize];
+    common::Rng::new(31).fill(&mut model[1 << 20..3 << 20]);
+    let dev = publish_and_attach(&mut cc, &n1, &mut csi1, &src).await;
+    write_at(&dev, 1 << 20, &model[1 << 20..3 << 20]).unwrap();
+    detach_and_unpublish(&mut cc, &n1, &mut csi1, &src).await;
+    let snap = cc
+        .create_snapshot(c::snapshot("snap-src", &src, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+
+    ctl.proc.kill9();
+    ctl.proc.env = vec![("STRATA_FAILPOINT".into(), "cluster::move::copied".into())];
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let restore = with_requirements(
+        c::create_from(
+            "pvc-restore-n2",
+            size,
+            c::block_cap(),
+            Type::Snapshot(SnapshotSource {
+                snapshot_id: snap.clone(),
+            }),
+        ),
+        &["n2"],
+        &["n2"],
+    );
+    let e = cc.create_volume(restore.clone()).await.unwrap_err();
+    assert!(
+        ctl.proc.log().contains("failpoint cluster::move::copied"),
+        "{e:?}\n{}",
+        ctl.proc.log()
+    );
+    // 2 MiB at the default rate: fetched long before the successor asks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctl.proc.kill9();
+    ctl.proc.env.clear();
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    registered(&mut cc, &["n1", "n2"]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rid = loop {
+        match cc.create_volume(restore.clone()).await {
+            Ok(r) => break r.into_inner().volume.unwrap().volume_id,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("CreateVolume again: {e:?}\n{}", ctl.proc.log()),
+        }
+    };
+    eventually_or(
+        60,
+        "the restore on n2 alone",
+        async || holds(&n2.agent, &tls, &rid).await && !holds(&n1.agent, &tls, &rid).await,
+        || ctl.proc.log(),
+    )
+    .await;
+    contents_are(&mut cc, &n2, &mut csi2, &rid, &model).await;
+}
+
 /// A fetch follows its source to a new address: while a restore for a pod
 /// on n2 fetches from n1, n1 comes back on another port (a node whose pod
 /// was made again) and the controller restarts knowing only the new one.

@@ -503,6 +503,13 @@ impl Moves {
         }
     }
 
+    /// Finishes the move volume `id`'s record names (or joins the one
+    /// running); begins none: one that ended meanwhile leaves the volume
+    /// where it is.
+    pub async fn finish(self: &Arc<Self>, id: &str) -> Result<MoveVolumeReply, Status> {
+        self.outcome(self.launch(id, None, false, true)).await
+    }
+
     /// Switch first (see [`Move::lazy`]): moves the volume `id`, which no
     /// node has published yet, to `to`, answering once `to` serves it;
     /// the copy goes on in the background.
@@ -510,7 +517,7 @@ impl Moves {
         if self.running.lock().expect("moves").contains_key(id) {
             return Err(Status::aborted(format!("volume {id} is moving already")));
         }
-        let rx = self.launch(id, Some(to), true);
+        let rx = self.launch(id, Some(to), true, false);
         // Answer at the switch, or at the move's end if it ends first.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -539,7 +546,7 @@ impl Moves {
         to: Option<&str>,
         lazy: bool,
     ) -> Result<MoveVolumeReply, Status> {
-        let rx = self.launch(id, to, lazy);
+        let rx = self.launch(id, to, lazy, false);
         self.outcome(rx).await
     }
 
@@ -558,12 +565,14 @@ impl Moves {
     }
 
     /// Starts the move of `id` in the background unless one runs; where
-    /// its outcome will be.
+    /// its outcome will be. With `finish_only`, only the move its record
+    /// names is finished: none is begun.
     fn launch(
         self: &Arc<Self>,
         id: &str,
         to: Option<&str>,
         lazy: bool,
+        finish_only: bool,
     ) -> watch::Receiver<Option<Outcome>> {
         let mut running = self.running.lock().expect("moves");
         if let Some(rx) = running.get(id) {
@@ -575,7 +584,7 @@ impl Moves {
         // The move goes on when the caller gives up waiting.
         tokio::spawn(async move {
             let outcome = moves
-                .run(&id, to.as_deref(), lazy)
+                .run(&id, to.as_deref(), lazy, finish_only)
                 .await
                 .map_err(|s| (s.code(), s.message().to_string()));
             moves.running.lock().expect("moves").remove(&id);
@@ -620,7 +629,7 @@ impl Moves {
             let moves = Arc::clone(self);
             // Not waited for: a fetch may take hours.
             tokio::spawn(async move {
-                match moves.move_volume(&rec.volume_id, None).await {
+                match moves.finish(&rec.volume_id).await {
                     Ok(r) => {
                         tracing::info!(volume = %r.volume_id, from = %r.from_node, to = %r.to_node, "move finished after a restart")
                     }
@@ -714,7 +723,7 @@ impl Moves {
         to: &str,
         mark: Carrying,
     ) -> Result<MoveVolumeReply, Status> {
-        let rx = self.launch(id, Some(to), false);
+        let rx = self.launch(id, Some(to), false, false);
         drop(mark);
         arrived(self.outcome(rx).await?, to)
     }
@@ -754,6 +763,29 @@ impl Moves {
     /// `snapshots`); the moves, and what stays with why.
     pub async fn drain(self: &Arc<Self>, node: &str) -> Result<Drained, Status> {
         self.cluster.nodes.set_draining(node, true).await?;
+        // Moves into the node that began before it drained: each ends
+        // first (rolled back before its switch, now that the node drains,
+        // unless a sealed live move), so that one which lands here is
+        // listed below and moved away again.
+        let key = node.to_string();
+        let incoming = self
+            .store(move |r| {
+                Ok(r.volumes()?
+                    .into_iter()
+                    .filter(|v| {
+                        v.moving
+                            .as_ref()
+                            .is_some_and(|m| m.to == key && m.phase == MovePhase::Copying)
+                    })
+                    .map(|v| v.volume_id)
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        for id in incoming {
+            if let Err(e) = self.finish(&id).await {
+                tracing::info!(volume = %id, error = %e.message(), "a move into a draining node ended");
+            }
+        }
         let key = node.to_string();
         let volumes = self
             .store(move |r| {
@@ -1098,7 +1130,13 @@ impl Moves {
         self.cluster.nodes.set_draining(node, false).await
     }
 
-    async fn run(&self, id: &str, to: Option<&str>, lazy: bool) -> Result<MoveVolumeReply, Status> {
+    async fn run(
+        &self,
+        id: &str,
+        to: Option<&str>,
+        lazy: bool,
+        finish_only: bool,
+    ) -> Result<MoveVolumeReply, Status> {
         let start = Instant::now();
         let mut rec = self.record(id).await?;
         if let Some(e) = lost_volume(&self.cluster.nodes, &rec)
@@ -1115,6 +1153,8 @@ impl Moves {
         };
         match (&rec.moving, to) {
             (None, Some(t)) if t == rec.node => return Ok(stay(&rec.node)),
+            // Its move ended meanwhile (finished, cancelled, rolled back).
+            (None, _) if finish_only => return Ok(stay(&rec.node)),
             (None, _) => {
                 let to = self.target_for(&rec, to)?;
                 let m = Move {
@@ -1241,13 +1281,23 @@ impl Moves {
                 }
             }
             failpoint(FAILPOINTS[3]);
-            if self.cluster.nodes.forgotten(&m.to) {
-                // Forgotten while it copied: never switched to.
-                self.rolling_back(&mut rec, &m, "its target was forgotten")
-                    .await?;
+            // Forgotten while it copied, or draining since (a drain that
+            // began after this move was checked against it lists only the
+            // node's volumes): never switched to. A sealed live move
+            // switches; the drain waits for it, then moves it away.
+            let gone = if self.cluster.nodes.forgotten(&m.to) {
+                Some("was forgotten")
+            } else if !m.live && self.cluster.nodes.draining(&m.to) {
+                Some("is draining")
+            } else {
+                None
+            };
+            if let Some(gone) = gone {
+                let why = format!("its target {gone}");
+                self.rolling_back(&mut rec, &m, &why).await?;
                 self.abort(&mut rec).await?;
                 return Err(Status::failed_precondition(format!(
-                    "the move of volume {id} to node {} was rolled back: that node was forgotten",
+                    "the move of volume {id} to node {} was rolled back: that node {gone}",
                     m.to
                 )));
             }
@@ -1842,6 +1892,22 @@ impl Moves {
             .await?
             .into_inner()
             .epoch;
+        // Unpublished between the read above and that attach: the
+        // unpublish's Detach found nothing there yet, so it is detached
+        // here (an unpublish from now on finds the attachment).
+        let now = self.record(id).await?.moving.map(|n| n.published_to);
+        if now.is_some_and(|now| now != *x) {
+            self.cluster
+                .nodes
+                .agent(&m.to)?
+                .detach(Request::new(agent::AttachRequest {
+                    volume_id: id.clone(),
+                    node_id: x.clone(),
+                    ..Default::default()
+                }))
+                .await?;
+            return Ok(());
+        }
         self.point(id, x, (&m.to, epoch), &m.from, m.read_only)
             .await
     }
