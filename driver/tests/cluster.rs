@@ -5015,14 +5015,14 @@ async fn a_drain_rolls_back_a_move_into_the_node_that_copies_when_it_begins() {
     let n1 = NodeProc::start(root.path(), "n1", &tls);
     let n2 = NodeProc::start(root.path(), "n2", &tls);
     let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
-    // 8 MiB at 1 MiB/s: the copy lasts while the drain begins.
+    // 16 MiB at 1 MiB/s: the copy lasts while the drain begins.
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "1MiB"]);
     ctl.proc.spawn();
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&n1.csi_socket()).await;
     registered(&mut cc, &["n1", "n2"]).await;
-    let size = 8 << 20;
+    let size = 16 << 20;
     let id = created(
         &mut cc,
         with_requirements(c::create("pvc-in", size, c::block_cap()), &["n1"], &[]),
@@ -5051,6 +5051,8 @@ async fn a_drain_rolls_back_a_move_into_the_node_that_copies_when_it_begins() {
         tokio::task::block_in_place(|| drain_cli(ctl, "n2"))
     };
     assert!(drained.moved.is_empty(), "{drained:?}");
+    // Rolled back by the time the drain answers.
+    assert!(!holds(&n2.agent, &tls, &id).await, "n2 kept a copy");
     let e = mover.await.unwrap().unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("is draining"), "{e:?}");
@@ -5125,8 +5127,14 @@ async fn a_restore_whose_fetch_ended_before_the_controller_came_back_keeps_its_d
         "{e:?}\n{}",
         ctl.proc.log()
     );
-    // 2 MiB at the default rate: fetched long before the successor asks.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2 MiB at the default rate: fetched before the successor asks.
+    eventually_or(
+        30,
+        "n2's fetch ended",
+        async || n2.proc.log().contains("the fetch of a volume ended"),
+        || n2.proc.log(),
+    )
+    .await;
     ctl.proc.kill9();
     ctl.proc.env.clear();
     ctl.proc.spawn();

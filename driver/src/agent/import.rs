@@ -528,7 +528,9 @@ impl Imports {
             }
             // Fetched whole by an earlier call of this move (the
             // controller restarted before the switch): the poll says done.
-            (None, Ok(_)) if self.finished(vid, &req.grant) => return Ok(()),
+            (None, Ok(_)) if self.fetched(vid, &req.grant) => {
+                return settle(pool, vid, create);
+            }
             // Made under an older attachment of the source, fenced off since,
             // or finished under another grant: this is called only before
             // the switch, so nothing was written to it; it is made again,
@@ -562,12 +564,13 @@ impl Imports {
         self.connect(&vol, source)
     }
 
-    /// Whether a copy of `vid` under `grant` finished here.
-    fn finished(&self, vid: VolumeId, grant: &str) -> bool {
+    /// Whether the fill of `vid` under `grant` ended here, or is ending
+    /// (asked when the volume no longer fetches: its record went last).
+    fn fetched(&self, vid: VolumeId, grant: &str) -> bool {
         let copies = self.copies.lock().expect("imports");
-        copies
-            .get(&vid)
-            .is_some_and(|c| c.grant == grant && matches!(c.state, CopyState::Done(_)))
+        copies.get(&vid).is_some_and(|c| {
+            c.grant == grant && matches!(c.state, CopyState::Done(_) | CopyState::Running(_, true))
+        })
     }
 
     /// Forgets the outcome of an ended copy of `vid` (its volume is made
@@ -692,7 +695,9 @@ impl Imports {
         })?;
         pool.finish_fetch(&volume).map_err(status::engine)?;
         self.sources.lock().expect("sources").remove(&vid);
-        Ok(copied.load(Ordering::Relaxed))
+        let bytes = copied.load(Ordering::Relaxed);
+        tracing::info!(volume = %vid, bytes, "the fetch of a volume ended: it is whole here");
+        Ok(bytes)
     }
 
     /// Reads the fetching volume's blocks not yet here from `source`.

@@ -763,27 +763,41 @@ impl Moves {
     /// `snapshots`); the moves, and what stays with why.
     pub async fn drain(self: &Arc<Self>, node: &str) -> Result<Drained, Status> {
         self.cluster.nodes.set_draining(node, true).await?;
-        // Moves into the node that began before it drained: each ends
-        // first (rolled back before its switch, now that the node drains,
-        // unless a sealed live move), so that one which lands here is
-        // listed below and moved away again.
+        // Moves into the node that began before it drained: each is
+        // cancelled (rolled back before its switch), or, a sealed live move,
+        // switches; one that lands here is listed below and moved away again.
         let key = node.to_string();
         let incoming = self
             .store(move |r| {
                 Ok(r.volumes()?
                     .into_iter()
-                    .filter(|v| {
-                        v.moving
-                            .as_ref()
-                            .is_some_and(|m| m.to == key && m.phase == MovePhase::Copying)
+                    .filter_map(|v| {
+                        let m = v.moving.as_ref()?;
+                        (m.to == key && m.phase == MovePhase::Copying)
+                            .then(|| (v.volume_id.clone(), m.from.clone()))
                     })
-                    .map(|v| v.volume_id)
                     .collect::<Vec<_>>())
             })
             .await?;
-        for id in incoming {
-            if let Err(e) = self.finish(&id).await {
-                tracing::info!(volume = %id, error = %e.message(), "a move into a draining node ended");
+        let mut stayed = Vec::new();
+        for (id, from) in incoming {
+            if let Some(t) = self.carrying.lock().expect("carrying").get(&id) {
+                let why = format!(
+                    "moving to node {node}: its snapshots go to node {t} ahead of it; drain again"
+                );
+                stayed.push((id, why));
+                continue;
+            }
+            let ended = match self.move_volume(&id, Some(&from)).await {
+                Ok(_) => Ok(()),
+                Err(_) => self.finish(&id).await.map(drop),
+            };
+            // Still recorded as moving here: it stays (the drain says so).
+            if let Err(e) = ended
+                && let Ok(r) = self.record(&id).await
+                && r.moving.as_ref().is_some_and(|m| m.to == node)
+            {
+                stayed.push((id, format!("moving to node {node}: {}", e.message())));
             }
         }
         let key = node.to_string();
@@ -795,7 +809,7 @@ impl Moves {
                     .collect::<Vec<_>>())
             })
             .await?;
-        let (mut moved, mut stayed) = (Vec::new(), Vec::new());
+        let mut moved = Vec::new();
         let mut snapshots = SnapshotsMoved::default();
         for rec in volumes {
             let id = rec.volume_id;
@@ -1473,6 +1487,17 @@ impl Moves {
             let r = target.import(Request::new(ask)).await?.into_inner();
             if r.done {
                 return Ok(r.copied_bytes);
+            }
+            // Its target began draining: rolled back, as at the switch (a
+            // drain's cancel ends here too, and says why).
+            if let Some(m) = &rec.moving
+                && !m.live
+                && self.cluster.nodes.draining(&m.to)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is draining",
+                    m.to
+                )));
             }
             if self
                 .cancelled

@@ -250,6 +250,13 @@ impl Nodes {
                     .store(true, std::sync::atomic::Ordering::Release);
                 for n in nodes {
                     let Some(c) = cache.get_mut(&n.node_id) else {
+                        // Never later than now: a node's clock ahead does
+                        // not keep it ready once it stops answering.
+                        let last_seen_unix_ns = n.last_seen_unix_ns.min(now_ns());
+                        let n = NodeRecord {
+                            last_seen_unix_ns,
+                            ..n
+                        };
                         cache.insert(n.node_id.clone(), n);
                         continue;
                     };
@@ -371,6 +378,7 @@ impl Nodes {
         let _one = self.membership.lock().await;
         self.store(move |r| r.delete_node(&key)).await?;
         self.cache.lock().expect("nodes").remove(&rec.node_id);
+        self.unsaved.lock().expect("unsaved").remove(&rec.node_id);
         // (With a shared certificate every agent's name is the same.)
         let name = self
             .tls
@@ -907,5 +915,18 @@ mod tests {
         assert_eq!((c.state, c.last_seen_unix_ns), (NodeState::Stale, 1));
         let e = n.agent("n1").err().expect("a stale node's agent");
         assert_eq!(e.code(), tonic::Code::Unavailable);
+
+        // A node new to this process is taken as it says, but not with a
+        // time later than now.
+        records
+            .put_node(&NodeRecord {
+                node_id: "n2".into(),
+                last_seen_unix_ns: now_ns() + 3_600_000_000_000,
+                ..rec.clone()
+            })
+            .unwrap();
+        n.load().await;
+        let c = n.cache.lock().unwrap()["n2"].clone();
+        assert!(c.last_seen_unix_ns <= now_ns(), "{c:?}");
     }
 }
