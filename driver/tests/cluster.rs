@@ -1578,8 +1578,9 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
     // The owner's machine "reboots" (another boot ID) while it holds a
-    // write of n1's that it answered and had not flushed: n1's next flush
-    // fails, since the write may be gone; so does every later one.
+    // write of n1's that it answered and had not flushed, and n1's Strata
+    // restarts too (a rolling upgrade): n1's next flush fails, since the
+    // write may be gone; so does every later one.
     let ctx = cc
         .controller_publish_volume(ControllerPublishVolumeRequest {
             volume_id: rid.clone(),
@@ -1599,6 +1600,10 @@ async fn a_node_attaches_a_volume_another_node_holds() {
         .push(("STRATA_TEST_BOOT_ID".into(), "another-boot".into()));
     n2.proc.spawn();
     n2.wait_for_agent();
+    n1.proc.kill9();
+    n1.proc.spawn();
+    n1.wait_for_agent();
+    csi1 = Csi::connect(&n1.csi_socket()).await;
     let fsync = move || {
         std::fs::OpenOptions::new()
             .write(true)

@@ -386,7 +386,11 @@ impl Node {
             // its I/O waits for the owner.
             Some(r) => Source::Remote(
                 self.peers()
-                    .and_then(|p| Ok(p.open(&r.target, Some(r.size_bytes))?))
+                    .and_then(|p| {
+                        let v = p.open(&r.target, Some(r.size_bytes))?;
+                        v.keep_in(self.durability_path(vid), true, false)?;
+                        Ok(v)
+                    })
                     .map_err(|e| crate::engine::error::chain(&e))?,
             ),
             None => Source::Local(
@@ -463,6 +467,12 @@ impl Node {
         })
     }
 
+    /// Where the client of a volume another node holds keeps what it
+    /// knows of that owner's boots (`RemoteVolume::keep_in`).
+    fn durability_path(&self, vid: VolumeId) -> PathBuf {
+        self.config.state_dir.join(format!("durability-{vid}"))
+    }
+
     fn followed_path(&self, vid: VolumeId) -> PathBuf {
         self.config.state_dir.join(format!("followed-{vid}.json"))
     }
@@ -532,7 +542,11 @@ impl Node {
         };
         // Not staged (or broken): the owner is asked outside the lock.
         let source = match &req.remote {
-            Some(t) => Source::Remote(self.peers()?.open(t, None)?),
+            Some(t) => {
+                let v = self.peers()?.open(t, None)?;
+                v.keep_in(self.durability_path(vid), false, false)?;
+                Source::Remote(v)
+            }
             None => Source::Local(self.pool.volume(vid)?),
         };
         let kind = req.frontend.unwrap_or_else(|| self.backend());
@@ -752,7 +766,19 @@ impl Node {
         // (Retargeted once the record says so.)
         let source = match (&owner, same_owner) {
             (Some(_), Some(r)) => Source::Remote(r),
-            (Some(t), None) => Source::Remote(self.peers()?.open(t, None)?),
+            (Some(t), None) => {
+                // The new owner's client records there from now on,
+                // lost from the start if the old one lost writes.
+                let v = self.peers()?.open(t, None)?;
+                let old = (self.staged.lock().expect("staged").get(&vid))
+                    .and_then(|e| e.served.as_ref()?.remote());
+                if let Some(old) = &old {
+                    old.forget_file();
+                }
+                let lost = old.is_some_and(|o| o.lost_writes());
+                v.keep_in(self.durability_path(vid), false, lost)?;
+                Source::Remote(v)
+            }
             (None, _) => Source::Local(self.pool.volume(vid)?),
         };
         let mut staged = self.staged.lock().expect("staged");
@@ -874,7 +900,16 @@ impl Node {
             )));
         }
         let entry = staged.remove(&vid).expect("present");
-        self.teardown(vid, &entry.rec).inspect_err(|_| {
+        self.teardown(vid, &entry.rec)
+            .inspect(|()| {
+                let path = self.durability_path(vid);
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "removing an unstaged volume's durability record");
+                }
+            })
+            .inspect_err(|_| {
             // Keep knowing about it, so a retry finds it.
             staged.insert(
                 vid,

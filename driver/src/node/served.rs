@@ -152,19 +152,24 @@ impl RemoteDevice for Served {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.lost.load(Ordering::Acquire) {
-            return Err(Error::Io {
-                op: "flush",
-                path: format!("volume {}", self.vid).into(),
-                source: std::io::Error::other(
-                    "an earlier owner rebooted while it held acknowledged writes it had not \
-                     flushed; they may be lost",
-                ),
-            });
-        }
-        self.run(|s| match s {
-            Source::Local(v) => v.flush(),
-            Source::Remote(r) => r.flush(),
+        // Asked at every attempt: a flush that waited for a switch, or
+        // failed on the old owner, must not succeed on the new one over
+        // writes the old one lost (`follow` finds them).
+        self.run(|s| {
+            if self.lost.load(Ordering::Acquire) {
+                return Err(Error::Io {
+                    op: "flush",
+                    path: format!("volume {}", self.vid).into(),
+                    source: std::io::Error::other(
+                        "an earlier owner rebooted while it held acknowledged writes it had not \
+                         flushed; they may be lost",
+                    ),
+                });
+            }
+            match s {
+                Source::Local(v) => v.flush(),
+                Source::Remote(r) => r.flush(),
+            }
         })
     }
 

@@ -186,9 +186,58 @@ struct Durability {
     /// The owner rebooted while it held writes it had answered and not
     /// flushed: they may be gone, and every flush fails from then on.
     lost: bool,
+    /// Where the two above outlive this process ([`RemoteVolume::keep_in`]),
+    /// and whether the last write there failed (it is tried again).
+    file: Option<(std::fs::File, PathBuf)>,
+    unsaved: bool,
 }
 
+/// The size of a durability file: one record, written in place whole.
+const DURABILITY_RECORD: usize = 128;
+
 impl Durability {
+    /// `lost` and `unflushed_on` as one fixed-size record: `lost BOOT`,
+    /// `kept BOOT` or `kept -`, padded with spaces (a boot ID is the
+    /// owner kernel's, 36 characters; a longer one is cut, so a restart
+    /// may take it for another, and fail a flush, never pass one).
+    fn record(&self) -> Vec<u8> {
+        let boot: String = (self.unflushed_on.as_deref().unwrap_or("-").chars())
+            .filter(|c| c.is_ascii_graphic())
+            .take(DURABILITY_RECORD - 8)
+            .collect();
+        let state = if self.lost { "lost" } else { "kept" };
+        let mut rec = format!("{state} {boot}").into_bytes();
+        rec.resize(DURABILITY_RECORD, b' ');
+        rec
+    }
+
+    /// What a record says: (lost, unflushed_on); `None` if it is not one.
+    fn parse(rec: &[u8]) -> Option<(bool, Option<String>)> {
+        let text = std::str::from_utf8(rec).ok()?;
+        let mut words = text.split_whitespace();
+        let lost = match words.next()? {
+            "lost" => true,
+            "kept" => false,
+            _ => return None,
+        };
+        let boot = match words.next()? {
+            "-" => None,
+            b => Some(b.to_string()),
+        };
+        Some((lost, boot))
+    }
+
+    /// Writes the record, if there is a file.
+    fn save(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some((file, _)) = &self.file else {
+            return Ok(());
+        };
+        let written = file.write_all_at(&self.record(), 0);
+        self.unsaved = written.is_err();
+        written
+    }
+
     /// Notes a request's answer under the owner's `boot`; false for a
     /// flush after a loss (it must fail).
     fn answered(&mut self, effect: Effect, boot: Option<&str>, writes_sent: u64) -> bool {
@@ -256,6 +305,19 @@ fn transient(s: &Status) -> bool {
     )
 }
 
+/// Whether the owner refused the request before running any of it.
+fn unexecuted(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::NotFound
+            | Code::FailedPrecondition
+    )
+}
+
 /// A refusal or failure of the owner as an engine error, with the engine
 /// kind the frontends map (NBD errors, FUSE errnos).
 fn remote_error(t: &Target, op: &'static str, s: Status) -> Error {
@@ -293,6 +355,55 @@ impl RemoteVolume {
     /// flushed (every flush fails from then on).
     pub fn lost_writes(&self) -> bool {
         self.durability.lock().expect("durability").lost
+    }
+
+    /// Keeps what this client knows of the owner's boots for the flushes
+    /// in `path` (on the node's state directory), so that a restart of
+    /// this process between an owner's reboot and the next flush does not
+    /// let that flush pass over the writes the reboot lost. `resume`: the
+    /// file of an earlier process is read first (a missing one says
+    /// nothing was unflushed); else it starts anew, lost if `lost`.
+    pub fn keep_in(&self, path: PathBuf, resume: bool, lost: bool) -> Result<()> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |op: &'static str| {
+            let path = path.clone();
+            move |source| Error::Io { op, path, source }
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("open"))?;
+        let mut d = self.durability.lock().expect("durability");
+        if resume {
+            let mut rec = Vec::new();
+            file.read_to_end(&mut rec).map_err(io("read"))?;
+            match Durability::parse(&rec) {
+                Some((was_lost, unflushed_on)) => {
+                    d.lost |= was_lost;
+                    d.unflushed_on = d.unflushed_on.take().or(unflushed_on);
+                }
+                None if rec.is_empty() => {}
+                None => {
+                    tracing::warn!(path = %path.display(), "a durability record that does not parse: taken as nothing unflushed")
+                }
+            }
+        } else {
+            d.lost = lost;
+        }
+        file.set_len(DURABILITY_RECORD as u64).map_err(io("size"))?;
+        d.file = Some((file, path.clone()));
+        d.save().map_err(io("write"))
+    }
+
+    /// Stops recording to the file (the volume follows another owner,
+    /// whose client records there from now on).
+    pub fn forget_file(&self) {
+        self.durability.lock().expect("durability").file = None;
     }
 
     fn link(&self) -> Link {
@@ -391,9 +502,11 @@ impl RemoteVolume {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(s) => {
-                    if transient(&s) {
-                        // The attempt may still run on the owner: what
-                        // comes next must not be ordered with it.
+                    // Unless the owner said it ran nothing, the attempt
+                    // may still run there (a connection that broke is
+                    // not always UNAVAILABLE): what comes next must not
+                    // be ordered with it.
+                    if !unexecuted(&s) {
                         self.session
                             .fetch_max(session.saturating_add(1), Ordering::AcqRel);
                     }
@@ -468,10 +581,25 @@ impl RemoteVolume {
         writes_sent: u64,
     ) -> Result<()> {
         let mut d = self.durability.lock().expect("durability");
-        let was_lost = d.lost;
+        let was = (d.lost, d.unflushed_on.clone());
         let flushed = d.answered(effect, boot, writes_sent);
-        if d.lost && !was_lost {
+        if d.lost && !was.0 {
             tracing::error!(volume = %t.volume_id, owner = %t.owner, "the owner rebooted while it held writes it had not flushed: they may be lost; every flush fails from now on");
+        }
+        // Recorded before the write or flush is answered: a restart of
+        // this process must still fail the next flush after a loss.
+        if (d.unsaved || (d.lost, &d.unflushed_on) != (was.0, &was.1))
+            && let Err(e) = d.save()
+        {
+            let path = d.file.as_ref().map(|(_, p)| p.display().to_string());
+            let why = format!(
+                "recording what the owner holds unflushed in {}: {e}",
+                path.unwrap_or_default()
+            );
+            tracing::warn!(volume = %t.volume_id, error = %why, "the volume's durability could not be recorded; its writes and flushes fail until it is");
+            if effect != Effect::None {
+                return Err(remote_error(t, op, Status::internal(why)));
+            }
         }
         if !flushed {
             return Err(remote_error(
@@ -735,7 +863,7 @@ impl RemoteDevice for RemoteVolume {
 
 #[cfg(test)]
 mod tests {
-    use super::{Durability, Effect};
+    use super::{DURABILITY_RECORD, Durability, Effect};
 
     /// A flush covers the writes answered before it was sent: one answered
     /// while it was on its way stays unflushed, and the owner's reboot
@@ -758,5 +886,44 @@ mod tests {
         assert_eq!(d.unflushed_on, None);
         assert!(d.answered(Effect::Flush, Some("b2"), d.writes));
         assert!(!d.lost);
+    }
+
+    /// What a restarted node reads back is what was written (a boot ID
+    /// too long for the record is cut, and then differs: a flush fails,
+    /// never passes); a record that cannot be written (the state
+    /// directory full) is marked to be written again.
+    #[test]
+    fn a_durability_record_reads_back_and_a_failed_write_is_retried() {
+        let d = Durability {
+            unflushed_on: Some("b1".into()),
+            lost: true,
+            ..Default::default()
+        };
+        assert_eq!(d.record().len(), DURABILITY_RECORD);
+        assert_eq!(
+            Durability::parse(&d.record()),
+            Some((true, Some("b1".into())))
+        );
+        let d = Durability::default();
+        assert_eq!(Durability::parse(&d.record()), Some((false, None)));
+        let long = Durability {
+            unflushed_on: Some("x".repeat(500)),
+            ..Default::default()
+        };
+        let (_, boot) = Durability::parse(&long.record()).unwrap();
+        assert_eq!(boot.map(|b| b.len()), Some(DURABILITY_RECORD - 8));
+        assert_eq!(Durability::parse(b"garbage"), None);
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut d = Durability {
+            file: Some((full, "/dev/full".into())),
+            ..Default::default()
+        };
+        let e = d.save().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert!(d.unsaved);
     }
 }
