@@ -247,7 +247,7 @@ async fn snapshots_clones_expansion_and_deletes_follow_the_spec() {
         })),
     });
     let restored = c
-        .create_volume(restore)
+        .create_volume(restore.clone())
         .await
         .unwrap()
         .into_inner()
@@ -263,7 +263,7 @@ async fn snapshots_clones_expansion_and_deletes_follow_the_spec() {
         })),
     });
     let cloned = c
-        .create_volume(clone)
+        .create_volume(clone.clone())
         .await
         .unwrap()
         .into_inner()
@@ -322,6 +322,12 @@ async fn snapshots_clones_expansion_and_deletes_follow_the_spec() {
         })
         .await;
     assert!(got.is_ok(), "the restore outlives its source");
+    // A retry of a create whose answer was lost gets that answer, its
+    // source gone (and the clone's grown before) or not.
+    for (req, made) in [(restore, &restored), (clone, &cloned)] {
+        let again = c.create_volume(req).await.unwrap().into_inner().volume;
+        assert_eq!(again.as_ref(), Some(made));
+    }
     assert_eq!(
         c.delete_volume(DeleteVolumeRequest::default())
             .await

@@ -473,9 +473,9 @@ fn check_unused(core: &Core, vid: VolumeId) -> Result<(), Status> {
     }
 }
 
-/// Gives a fetching volume the policy and limits its request names
-/// (again: both are idempotent).
-fn settle(
+/// Gives a volume the policy and limits its request names (again: both
+/// are idempotent).
+pub(super) fn settle(
     pool: &Pool,
     vid: VolumeId,
     create: &csi_proto::agent::v1::CreateVolumeRequest,

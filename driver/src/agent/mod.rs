@@ -257,23 +257,25 @@ impl Agent for AgentService {
                         pool.clone_volume_as(volume_id(v)?, vid, size)
                     }
                 };
-                match created {
-                    Ok(_) | Err(Error::AlreadyExists(_)) => {}
+                let made = match created {
+                    Ok(_) => true,
+                    Err(Error::AlreadyExists(_)) => false,
                     Err(e) => return Err(status::engine(e)),
-                }
-                if req.max_chain_depth != 0 {
-                    let policy = VolumePolicy {
-                        max_chain_depth: req.max_chain_depth,
-                        ..pool.policy(vid).map_err(status::engine)?
-                    };
-                    pool.set_policy(vid, policy).map_err(status::engine)?;
-                }
-                if let Some(l) = req.limits {
-                    set_limits(pool, vid, limits_of(l))?;
-                }
-                if req.flatten && req.source.is_some() {
-                    pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
-                        .map_err(status::engine)?;
+                };
+                let settled = import::settle(pool, vid, &req).and_then(|()| {
+                    if req.flatten && req.source.is_some() {
+                        pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
+                            .map_err(status::engine)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = settled {
+                    // Not left half made: on a refusal the controller
+                    // forgets the name, and nothing would delete it.
+                    if made && let Err(d) = pool.delete_volume(vid) {
+                        tracing::warn!(volume = %vid, error = %d, "a volume whose settings failed could not be deleted again");
+                    }
+                    return Err(e);
                 }
                 pool.volume_info(vid).map_err(status::engine)
             })

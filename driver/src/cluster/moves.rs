@@ -170,6 +170,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// How often a live move's last delta is asked about.
 const HOLD_POLL: Duration = Duration::from_millis(2);
 
+/// How long a switch-first move is waited for before its caller rolls it
+/// back.
+const SWITCH_FIRST_WAIT: Duration = Duration::from_secs(30);
+
 /// How long a live move may hold the volume's writes.
 const HOLD_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -518,8 +522,10 @@ impl Moves {
             return Err(Status::aborted(format!("volume {id} is moving already")));
         }
         let rx = self.launch(id, Some(to), true, false);
-        // Answer at the switch, or at the move's end if it ends first.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Answer at the switch, or at the move's end if it ends first;
+        // given up well within the CO's own timeout (the provisioner's is
+        // 60 s in the chart), so that the caller's rollback runs.
+        let deadline = Instant::now() + SWITCH_FIRST_WAIT;
         loop {
             if let Some(outcome) = rx.borrow().clone() {
                 return outcome
@@ -531,7 +537,8 @@ impl Moves {
             }
             if Instant::now() > deadline {
                 return Err(Status::deadline_exceeded(format!(
-                    "volume {id} is not on node {to} after 60 s; it may still get there"
+                    "volume {id} is not on node {to} after {} s; it may still get there",
+                    SWITCH_FIRST_WAIT.as_secs()
                 )));
             }
             tokio::time::sleep(POLL).await;

@@ -608,6 +608,24 @@ fn page<T>(
     Ok((rest, next))
 }
 
+/// Whether an agent's error says it made nothing (a refusal), not that
+/// what it did is unknown (no answer, a connection that broke, an
+/// internal error).
+fn made_nothing(e: &Status) -> bool {
+    use tonic::Code::*;
+    matches!(
+        e.code(),
+        InvalidArgument
+            | NotFound
+            | AlreadyExists
+            | PermissionDenied
+            | FailedPrecondition
+            | ResourceExhausted
+            | OutOfRange
+            | Unimplemented
+    )
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -636,6 +654,23 @@ impl Controller for ControllerService {
         let (allowed, preferred) = requirements(req.accessibility_requirements.as_ref());
         let claim = ClaimRef::from_parameters(&req.parameters);
         let _guard = self.inflight.claim(&format!("volume name {}", req.name))?;
+
+        // A retry of a create that was answered (the answer lost): the
+        // same answer, whatever became of its source since (deleted,
+        // grown, or on a node that is away).
+        let name = req.name.clone();
+        if let Some(rec) = self.records(move |r| r.volume_by_name(&name)).await?
+            && rec.state == RecordState::Ready
+            && rec.lost_with.is_none()
+            && rec.source == source
+            && rec.parameters == defining
+            && params::size_for(range.required_bytes, range.limit_bytes, rec.capacity_bytes)
+                .is_ok_and(|size| size == rec.capacity_bytes)
+        {
+            return Ok(Response::new(CreateVolumeResponse {
+                volume: Some(volume_message(&rec)),
+            }));
+        }
 
         // A source lives on one node; its size is the default (and the
         // minimum) of the new volume.
@@ -785,12 +820,9 @@ impl Controller for ControllerService {
             if let Err(e) = created {
                 // Nothing was created on a refusal: forget the name so a
                 // retry with other arguments is not refused. A node that
-                // did not answer may have created it: keep the record, so
-                // the retry finishes it there.
-                if !matches!(
-                    e.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                ) {
+                // did not answer, or whose answer broke, may have created
+                // it: keep the record, so the retry finishes it there.
+                if made_nothing(&e) {
                     let id = rec.volume_id.clone();
                     let _ = self.records(move |r| r.delete_volume(&id)).await;
                 }
@@ -1193,10 +1225,7 @@ impl Controller for ControllerService {
             let info = match created {
                 Ok(info) => info.into_inner(),
                 Err(e) => {
-                    if !matches!(
-                        e.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                    ) {
+                    if made_nothing(&e) {
                         let id = rec.snapshot_id.clone();
                         let _ = self.records(move |r| r.delete_snapshot(&id)).await;
                     }
