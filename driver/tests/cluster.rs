@@ -1603,7 +1603,6 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     n1.proc.kill9();
     n1.proc.spawn();
     n1.wait_for_agent();
-    csi1 = Csi::connect(&n1.csi_socket()).await;
     let fsync = move || {
         std::fs::OpenOptions::new()
             .write(true)
@@ -1638,6 +1637,16 @@ async fn a_node_attaches_a_volume_another_node_holds() {
     assert!(
         flushed.is_err(),
         "a flush after the owner lost writes succeeded once the volume moved"
+    );
+    // ... also once n1's Strata restarted again, serving it from its pool.
+    n1.proc.kill9();
+    n1.proc.spawn();
+    n1.wait_for_agent();
+    csi1 = Csi::connect(&n1.csi_socket()).await;
+    let flushed = tokio::task::spawn_blocking(fsync.clone()).await.unwrap();
+    assert!(
+        flushed.is_err(),
+        "a flush after the owner lost writes succeeded once the volume moved and n1 restarted"
     );
     detach(&n1, &mut csi1, &rid).await;
 

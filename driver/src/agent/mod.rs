@@ -257,11 +257,10 @@ impl Agent for AgentService {
                         pool.clone_volume_as(volume_id(v)?, vid, size)
                     }
                 };
-                let made = match created {
-                    Ok(_) => true,
-                    Err(Error::AlreadyExists(_)) => false,
+                match created {
+                    Ok(_) | Err(Error::AlreadyExists(_)) => {}
                     Err(e) => return Err(status::engine(e)),
-                };
+                }
                 let settled = import::settle(pool, vid, &req).and_then(|()| {
                     if req.flatten && req.source.is_some() {
                         pool.enqueue(JobKind::Flatten, vid.as_u128(), 0, JobReason::ClonePolicy)
@@ -270,10 +269,17 @@ impl Agent for AgentService {
                     Ok(())
                 });
                 if let Err(e) = settled {
-                    // Not left half made: on a refusal the controller
-                    // forgets the name, and nothing would delete it.
-                    if made && let Err(d) = pool.delete_volume(vid) {
-                        tracing::warn!(volume = %vid, error = %d, "a volume whose settings failed could not be deleted again");
+                    // Not left half made (also by an earlier attempt,
+                    // whose answer was lost: the controller asks only
+                    // while its record is not ready, so no CO holds it):
+                    // on a refusal the controller forgets the name, and
+                    // nothing would delete it. Kept, the retry finishes it.
+                    if let Err(d) = pool.delete_volume(vid) {
+                        return Err(Status::internal(format!(
+                            "volume {vid}: its settings failed ({}), and deleting it again \
+                             failed: {d}",
+                            e.message()
+                        )));
                     }
                     return Err(e);
                 }

@@ -399,7 +399,11 @@ impl Node {
                     .map_err(|e| format!("volume {vid} cannot be opened: {e}"))?,
             ),
         };
+        let local = matches!(source, Source::Local(_));
         let served = Served::new(vid, source);
+        if local && RemoteVolume::recorded_lost(&self.durability_path(vid)) {
+            served.lose();
+        }
         let attached = self
             .backend_of(rec.backend)
             .and_then(|b| b.resume(vid, Export::Remote(served.clone()), rec))
@@ -542,11 +546,7 @@ impl Node {
         };
         // Not staged (or broken): the owner is asked outside the lock.
         let source = match &req.remote {
-            Some(t) => {
-                let v = self.peers()?.open(t, None)?;
-                v.keep_in(self.durability_path(vid), false, false)?;
-                Source::Remote(v)
-            }
+            Some(t) => Source::Remote(self.peers()?.open(t, None)?),
             None => Source::Local(self.pool.volume(vid)?),
         };
         let kind = req.frontend.unwrap_or_else(|| self.backend());
@@ -627,6 +627,11 @@ impl Node {
             }),
             chap: req.chap.clone(),
         };
+        // Anew, once nothing else is staged as this volume (whose client
+        // may be recording there).
+        if let Some(v) = &remote {
+            v.keep_in(self.durability_path(vid), false, false)?;
+        }
         self.state.save(&rec)?;
         let attached = match self.stage_attached(vid, Export::Remote(served.clone()), &mut rec) {
             Ok(a) => a,
@@ -766,19 +771,7 @@ impl Node {
         // (Retargeted once the record says so.)
         let source = match (&owner, same_owner) {
             (Some(_), Some(r)) => Source::Remote(r),
-            (Some(t), None) => {
-                // The new owner's client records there from now on,
-                // lost from the start if the old one lost writes.
-                let v = self.peers()?.open(t, None)?;
-                let old = (self.staged.lock().expect("staged").get(&vid))
-                    .and_then(|e| e.served.as_ref()?.remote());
-                if let Some(old) = &old {
-                    old.forget_file();
-                }
-                let lost = old.is_some_and(|o| o.lost_writes());
-                v.keep_in(self.durability_path(vid), false, lost)?;
-                Source::Remote(v)
-            }
+            (Some(t), None) => Source::Remote(self.peers()?.open(t, None)?),
             (None, _) => Source::Local(self.pool.volume(vid)?),
         };
         let mut staged = self.staged.lock().expect("staged");
@@ -799,6 +792,20 @@ impl Node {
             && v.target() != *t
         {
             v.retarget(t)?;
+        }
+        // Another owner's client records there from now on (writes lost
+        // before stay lost); the old one's stops. Followed to this node,
+        // the old one's record stays, for `resume`.
+        if let Source::Remote(v) = &source {
+            let served = entry.served.as_ref();
+            let old = served.and_then(|s| s.remote());
+            if old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, v)) {
+                let lost = served.is_some_and(|s| s.lost());
+                v.keep_in(self.durability_path(vid), false, lost)?;
+                if let Some(old) = old {
+                    old.forget_file();
+                }
+            }
         }
         match &entry.served {
             Some(served) => served.follow(source),

@@ -66,12 +66,31 @@ impl Served {
     /// Writes the old owner may have lost stay lost.
     pub fn follow(&self, source: Source) {
         let mut now = self.source.write().expect("source");
-        if matches!(&*now, Source::Remote(r) if r.lost_writes()) {
-            self.lost.store(true, Ordering::Release);
-        }
+        let lost = matches!(&*now, Source::Remote(r) if r.lost_writes());
         *now = source;
         drop(now);
+        if lost {
+            self.lose();
+        }
         self.wake();
+    }
+
+    /// Whether writes an earlier owner held may be lost.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Writes an earlier owner held may be lost: every flush fails from
+    /// now on, recorded by the current owner's client (a restart of this
+    /// process keeps failing them; on this node's own pool, the old
+    /// client's record says so, and `resume` reads it).
+    pub fn lose(&self) {
+        self.lost.store(true, Ordering::Release);
+        if let Source::Remote(r) = self.source()
+            && let Err(e) = r.set_lost()
+        {
+            tracing::error!(volume = %self.vid, error = %e, "recording that writes may be lost");
+        }
     }
 
     /// Calls waiting for a switch try their source again (also when it
@@ -88,10 +107,15 @@ impl Served {
         let deadline = Instant::now() + RETRY_FOR;
         loop {
             let seen = self.switches.load(Ordering::Acquire);
-            match op(&self.source()) {
+            let source = self.source();
+            match op(&source) {
                 // Failed on a source that was switched away from meanwhile
-                // (its copy deleted since, say): the new one answers.
+                // (its copy deleted since, say): the new one answers; but
+                // writes the old one found lost stay lost.
                 Err(e) if self.switches.load(Ordering::Acquire) != seen => {
+                    if matches!(&source, Source::Remote(r) if r.lost_writes()) {
+                        self.lose();
+                    }
                     tracing::debug!(volume = %self.vid, error = %e, "a call that failed on the old owner goes to the new one");
                 }
                 Err(Error::Moved { node, .. }) if Instant::now() < deadline => {

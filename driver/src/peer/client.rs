@@ -201,10 +201,15 @@ impl Durability {
     /// owner kernel's, 36 characters; a longer one is cut, so a restart
     /// may take it for another, and fail a flush, never pass one).
     fn record(&self) -> Vec<u8> {
-        let boot: String = (self.unflushed_on.as_deref().unwrap_or("-").chars())
-            .filter(|c| c.is_ascii_graphic())
-            .take(DURABILITY_RECORD - 8)
-            .collect();
+        let boot: String = match self.unflushed_on.as_deref() {
+            None => "-".into(),
+            // (An owner that could not read its boot ID answers "".)
+            Some("") => "~".into(),
+            Some(b) => (b.chars())
+                .filter(|c| c.is_ascii_graphic())
+                .take(DURABILITY_RECORD - 8)
+                .collect(),
+        };
         let state = if self.lost { "lost" } else { "kept" };
         let mut rec = format!("{state} {boot}").into_bytes();
         rec.resize(DURABILITY_RECORD, b' ');
@@ -222,6 +227,7 @@ impl Durability {
         };
         let boot = match words.next()? {
             "-" => None,
+            "~" => Some(String::new()),
             b => Some(b.to_string()),
         };
         Some((lost, boot))
@@ -388,8 +394,11 @@ impl RemoteVolume {
                     d.unflushed_on = d.unflushed_on.take().or(unflushed_on);
                 }
                 None if rec.is_empty() => {}
+                // Unflushed under a boot no owner has: the next flush
+                // fails rather than passes.
                 None => {
-                    tracing::warn!(path = %path.display(), "a durability record that does not parse: taken as nothing unflushed")
+                    tracing::warn!(path = %path.display(), "a durability record that does not parse: writes taken as lost at the owner's next answer");
+                    d.unflushed_on = Some("unreadable-record".into());
                 }
             }
         } else {
@@ -404,6 +413,24 @@ impl RemoteVolume {
     /// whose client records there from now on).
     pub fn forget_file(&self) {
         self.durability.lock().expect("durability").file = None;
+    }
+
+    /// Writes that may be lost (an earlier owner's): every flush fails
+    /// from now on, also after a restart of this process.
+    pub fn set_lost(&self) -> Result<()> {
+        let mut d = self.durability.lock().expect("durability");
+        d.lost = true;
+        d.save().map_err(|source| Error::Io {
+            op: "record lost writes",
+            path: d.file.as_ref().map(|(_, p)| p.clone()).unwrap_or_default(),
+            source,
+        })
+    }
+
+    /// Whether the durability record at `path` says writes were lost
+    /// (a volume served from this node's own pool since reads it).
+    pub fn recorded_lost(path: &std::path::Path) -> bool {
+        std::fs::read(path).is_ok_and(|r| Durability::parse(&r).is_some_and(|(lost, _)| lost))
     }
 
     fn link(&self) -> Link {
@@ -913,6 +940,14 @@ mod tests {
         let (_, boot) = Durability::parse(&long.record()).unwrap();
         assert_eq!(boot.map(|b| b.len()), Some(DURABILITY_RECORD - 8));
         assert_eq!(Durability::parse(b"garbage"), None);
+        let empty = Durability {
+            unflushed_on: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Durability::parse(&empty.record()),
+            Some((false, Some(String::new())))
+        );
 
         let full = std::fs::OpenOptions::new()
             .write(true)
