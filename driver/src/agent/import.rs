@@ -886,16 +886,7 @@ fn copy(
         None => pool.create_volume_as(vid, size),
     }
     .map_err(status::engine)?;
-    if create.max_chain_depth != 0 {
-        let policy = VolumePolicy {
-            max_chain_depth: create.max_chain_depth,
-            ..pool.policy(vid).map_err(status::engine)?
-        };
-        pool.set_policy(vid, policy).map_err(status::engine)?;
-    }
-    if let Some(l) = create.limits {
-        super::set_limits(pool, vid, super::limits_of(l))?;
-    }
+    settle(pool, vid, create)?;
     let volume = pool.volume(vid).map_err(status::engine)?;
     let bucket = (req.rate_bytes_per_second > 0).then(|| Bucket::new(req.rate_bytes_per_second));
     if base.is_some() {

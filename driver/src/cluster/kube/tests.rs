@@ -391,11 +391,9 @@ async fn reads_are_plain_gets_and_paged_lists() {
     del.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_records_keep_their_report_in_the_status() {
-    let (client, mut api) = mock_client();
-    let r = records(client);
-    let rec = NodeRecord {
+/// Node n1's record as its controller saw it last: not answering.
+fn stale_n1() -> NodeRecord {
+    NodeRecord {
         node_id: "n1".into(),
         agent_address: "10.0.0.1:9809".into(),
         version: "0.1.0".into(),
@@ -408,7 +406,14 @@ async fn node_records_keep_their_report_in_the_status() {
         message: "connection refused".into(),
         last_seen_unix_ns: 9,
         draining: false,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_records_keep_their_report_in_the_status() {
+    let (client, mut api) = mock_client();
+    let r = records(client);
+    let rec = stale_n1();
     let want = rec.clone();
     let rr = r.clone();
     let put = tokio::task::spawn_blocking(move || rr.put_node(&want));
@@ -437,18 +442,12 @@ async fn a_node_report_keeps_the_drain_and_only_the_drain_call_changes_it() {
     let (client, mut api) = mock_client();
     let r = records(client);
     let rec = NodeRecord {
-        node_id: "n1".into(),
-        agent_address: "10.0.0.1:9809".into(),
-        version: "0.1.0".into(),
-        capacity_bytes: 100,
-        available_bytes: 50,
         provisioned_bytes: 0,
         max_volumes: 0,
         volumes: 0,
         state: NodeState::Ready,
         message: String::new(),
-        last_seen_unix_ns: 9,
-        draining: false,
+        ..stale_n1()
     };
     let path = "/apis/strata.dev/v1alpha1/stratanodes/n1";
     let draining = json!({"apiVersion": "strata.dev/v1alpha1", "kind": "StrataNode",
