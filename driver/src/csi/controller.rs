@@ -659,7 +659,8 @@ impl Controller for ControllerService {
         // same answer, whatever became of its source since (deleted,
         // grown, or on a node that is away).
         let name = req.name.clone();
-        if let Some(rec) = self.records(move |r| r.volume_by_name(&name)).await?
+        let mut existing = self.records(move |r| r.volume_by_name(&name)).await?;
+        if let Some(rec) = &existing
             && rec.state == RecordState::Ready
             && rec.lost_with.is_none()
             && rec.source == source
@@ -668,7 +669,7 @@ impl Controller for ControllerService {
                 .is_ok_and(|size| size == rec.capacity_bytes)
         {
             return Ok(Response::new(CreateVolumeResponse {
-                volume: Some(volume_message(&rec)),
+                volume: Some(volume_message(rec)),
             }));
         }
 
@@ -726,8 +727,7 @@ impl Controller for ControllerService {
             )));
         }
 
-        let name = req.name.clone();
-        let mut existing = self.records(move |r| r.volume_by_name(&name)).await?;
+        // (`existing` was read under the name's claim, held since.)
         if let Some(rec) = existing.take_if(|rec| rec.lost_with.is_some()) {
             // Lost with a forgotten node before the CO learnt of it: a CO
             // asks again under a name only until it has the answer, so no
