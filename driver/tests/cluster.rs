@@ -2202,6 +2202,89 @@ async fn live_moves(crash_loop: bool) {
     contents_are(&mut cc, &nodes[1], &mut csi2, &id, &want).await;
 }
 
+/// A live move of a volume whose owner's machine "rebooted" (another boot
+/// ID) while it held a write of the node using the volume, answered and
+/// not flushed, and that node stayed idle (it never met the rebooted
+/// owner before the switch): its next flush fails, since the write may be
+/// gone, and so does every later one. The same move without a reboot
+/// flushes as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let mut nodes = [
+        NodeProc::start(root.path(), "n1", &tls),
+        NodeProc::start(root.path(), "n2", &tls),
+        NodeProc::start(root.path(), "n3", &tls),
+    ];
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+    let vol = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-reboot", 16 << 20, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await;
+    let id = vol.volume_id.clone();
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let fsync = {
+        let dev = dev.clone();
+        move || {
+            let dev = dev.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&dev)
+                    .and_then(|f| f.sync_all())
+            })
+        }
+    };
+    let mut moved = async |to: &str| {
+        mc.move_volume(MoveVolumeRequest {
+            volume_id: id.clone(),
+            node_id: to.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("move to {to}: {e:?}"))
+        .into_inner()
+        .from_node
+    };
+
+    common::write_direct(&dev, 0, &[1u8; 4096]);
+    assert_eq!(moved("n3").await, "n2");
+    fsync().await.unwrap().expect("a flush after a move");
+
+    common::write_direct(&dev, 4096, &[2u8; 4096]);
+    let n3 = &mut nodes[2];
+    n3.proc.kill9();
+    n3.proc
+        .env
+        .push(("STRATA_TEST_BOOT_ID".into(), "another-boot".into()));
+    n3.proc.spawn();
+    n3.wait_for_agent();
+    assert_eq!(moved("n2").await, "n3");
+    for _ in 0..2 {
+        assert!(
+            fsync().await.unwrap().is_err(),
+            "a flush after the owner lost writes before the move succeeded"
+        );
+    }
+    assert!(read_at(&dev, 0, 4096) == [1u8; 4096]);
+}
+
 /// A live move whose source or target node is killed at each of its steps
 /// in turn (the volume moving between n2 and n3, used through a device on
 /// n1 under a writer): the killed node restarts, the next move call

@@ -536,7 +536,10 @@ impl Agent for AgentService {
             crate::engine::jobs::failpoint::hit("agent::attach::recorded");
             epoch
         };
-        Ok(Response::new(AttachReply { epoch }))
+        Ok(Response::new(AttachReply {
+            epoch,
+            ..Default::default()
+        }))
     }
 
     async fn seal(&self, req: Request<SealRequest>) -> Result<Response<AttachReply>, Status> {
@@ -555,17 +558,25 @@ impl Agent for AgentService {
                 .attachments
                 .seal_live(&self.started, vid, &req.node_id, req.epoch)
                 .await?;
-            if !held.is_zero() {
+            let mut boot = String::new();
+            if let Some(held) = held {
                 self.metrics.move_hold(held);
+                boot = crate::peer::boot_id();
                 crate::engine::jobs::failpoint::hit("agent::seal::sealed");
             }
-            return Ok(Response::new(AttachReply { epoch: req.epoch }));
+            return Ok(Response::new(AttachReply {
+                epoch: req.epoch,
+                boot,
+            }));
         }
         let epoch = self
             .attachments
             .seal(&self.started, vid, &req.node_id, req.epoch)
             .await?;
-        Ok(Response::new(AttachReply { epoch }))
+        Ok(Response::new(AttachReply {
+            epoch,
+            ..Default::default()
+        }))
     }
 
     async fn track(&self, req: Request<TrackRequest>) -> Result<Response<TrackReply>, Status> {
@@ -734,7 +745,7 @@ impl Agent for AgentService {
                     .node
                     .as_ref()
                     .ok_or_else(|| Status::failed_precondition("this process serves no node"))?;
-                node.follow(vid, target, &req.previous_owner)
+                node.follow(vid, target, &req.previous_owner, &req.sealed_boot)
                     .map_err(status::node)
             })
             .await?;
@@ -796,7 +807,7 @@ impl Agent for AgentService {
     async fn detach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
         let req = req.into_inner();
         let Ok(vid) = volume_id(&req.volume_id) else {
-            return Ok(Response::new(AttachReply { epoch: 0 }));
+            return Ok(Response::new(AttachReply::default()));
         };
         if req.unseal && (!req.for_move || req.node_id.is_empty()) {
             return Err(Status::invalid_argument(
@@ -819,10 +830,13 @@ impl Agent for AgentService {
                 .await
         };
         match ended {
-            Ok(epoch) => Ok(Response::new(AttachReply { epoch })),
+            Ok(epoch) => Ok(Response::new(AttachReply {
+                epoch,
+                ..Default::default()
+            })),
             // Nothing to end.
             Err(s) if s.code() == tonic::Code::NotFound => {
-                Ok(Response::new(AttachReply { epoch: 0 }))
+                Ok(Response::new(AttachReply::default()))
             }
             Err(s) => Err(s),
         }

@@ -337,19 +337,20 @@ impl Attachments {
     }
 
     /// The seal of the live move (`node`, `epoch`) while its hold lasts
-    /// (see `agent.proto`, Seal); how long the hold lasted.
+    /// (see `agent.proto`, Seal); how long the hold lasted (`None`: it was
+    /// sealed before).
     pub async fn seal_live(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
         node: &str,
         epoch: u64,
-    ) -> Result<Duration, Status> {
+    ) -> Result<Option<Duration>, Status> {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
         if now.moved && now.live && now.node == node {
-            return Ok(Duration::ZERO);
+            return Ok(None);
         }
         if self.mover(vid) != Some((node.to_string(), epoch)) {
             return Err(Status::failed_precondition(format!(
@@ -387,7 +388,7 @@ impl Attachments {
         f.attachment = sealed;
         f.mover = None;
         tracing::info!(volume = %vid, to = node, hold_ms = held.as_millis() as u64, "a live move sealed this copy: the volume is the target's");
-        Ok(held)
+        Ok(Some(held))
     }
 
     /// Ends the attachment of `node`, if it has it ("": whichever node);
@@ -869,12 +870,17 @@ pub(crate) fn write_op(
 
 /// The refusal of a request for a volume that moved away live, naming
 /// its new owner (`peer.proto`).
+/// With this machine's boot ID: a client whose writes this node answered
+/// under an earlier boot, and did not flush, learns they may be lost.
 fn moved(vid: VolumeId, node: &str) -> Status {
     let mut s = Status::unavailable(format!(
         "volume {vid} moved to node {node}; not executed (the attachment follows it)"
     ));
     if let Ok(v) = node.parse() {
         s.metadata_mut().insert(MOVED_HEADER, v);
+    }
+    if let Ok(v) = crate::peer::boot_id().parse() {
+        s.metadata_mut().insert(BOOT_HEADER, v);
     }
     s
 }

@@ -97,6 +97,10 @@ pub struct Move {
     pub published_to: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Live: the boot ID the source sealed the volume under, for the node
+    /// it is published to ("": not known; see `agent.proto`, Follow).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed_boot: String,
     pub phase: MovePhase,
     /// What the move waits for, or how far the copy is.
     #[serde(default)]
@@ -1185,6 +1189,7 @@ impl Moves {
                     live: false,
                     published_to: String::new(),
                     read_only: false,
+                    sealed_boot: String::new(),
                     phase: MovePhase::Copying,
                     message: "attaching the source for the copy".into(),
                     started_unix_ns: now_ns(),
@@ -1880,7 +1885,12 @@ impl Moves {
                 }))
                 .await;
             match sealed {
-                Ok(_) => return Ok(copied),
+                Ok(r) => {
+                    if let Some(m) = rec.moving.as_mut() {
+                        m.sealed_boot = r.into_inner().boot;
+                    }
+                    return Ok(copied);
+                }
                 Err(e) if e.code() == Code::FailedPrecondition => {
                     self.note(rec, &format!("copying on: {}", e.message()))
                         .await;
@@ -1940,18 +1950,25 @@ impl Moves {
                 .await?;
             return Ok(());
         }
-        self.point(id, x, (&m.to, epoch), &m.from, m.read_only)
-            .await
+        self.point(
+            id,
+            x,
+            (&m.to, epoch),
+            (&m.from, &m.sealed_boot),
+            m.read_only,
+        )
+        .await
     }
 
     /// Tells node `x`, which uses volume `id`, to reach it on `owner`,
-    /// attached to `x` there under `epoch` (away from `previous`).
+    /// attached to `x` there under `epoch` (away from `previous`, sealed
+    /// under `sealed_boot`).
     async fn point(
         &self,
         id: &str,
         x: &str,
         (owner, epoch): (&str, u64),
-        previous: &str,
+        (previous, sealed_boot): (&str, &str),
         read_only: bool,
     ) -> Result<(), Status> {
         let nodes = &self.cluster.nodes;
@@ -1973,6 +1990,7 @@ impl Moves {
                 address,
                 grant,
                 previous_owner: previous.to_string(),
+                sealed_boot: sealed_boot.to_string(),
             }))
             .await?
             .into_inner();
@@ -2023,8 +2041,14 @@ impl Moves {
         }
         // With the epoch the source attached it under: an unpublish
         // meanwhile leaves that grant fenced off, never an attachment.
-        self.point(id, &x, (&m.from, t.attachment_epoch), &m.to, m.read_only)
-            .await
+        self.point(
+            id,
+            &x,
+            (&m.from, t.attachment_epoch),
+            (&m.to, ""),
+            m.read_only,
+        )
+        .await
     }
 
     /// Rolls a move back (before its switch): the source's copy is made
@@ -2192,11 +2216,17 @@ impl Moves {
     ) -> Result<(), Status> {
         let was = rec.moving.as_ref().map(|m| m.phase);
         let (node, message) = (rec.node.clone(), message.to_string());
+        // The seal's boot, learnt by this controller (the switch records it).
+        let sealed = rec.moving.as_ref().map(|m| m.sealed_boot.clone());
+        let sealed = sealed.filter(|b| !b.is_empty());
         self.update_move(rec, was, move |current| {
             current.node.clone_from(&node);
             if let Some(m) = current.moving.as_mut() {
                 m.phase = phase;
                 m.message.clone_from(&message);
+                if let Some(b) = &sealed {
+                    m.sealed_boot.clone_from(b);
+                }
             }
             true
         })

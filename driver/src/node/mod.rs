@@ -703,8 +703,15 @@ impl Node {
     /// A live move changed the owner of `vid` (see `agent.proto`,
     /// Follow): if it is staged here, its frontend is served from the new
     /// owner (`None`: this node) from now on, also after a restart.
-    /// Whether it is staged here.
-    pub fn follow(&self, vid: VolumeId, owner: Option<Target>, previous: &str) -> Result<bool> {
+    /// `sealed_boot`: the boot `previous` sealed the move under ("": not
+    /// known). Whether it is staged here.
+    pub fn follow(
+        &self,
+        vid: VolumeId,
+        owner: Option<Target>,
+        previous: &str,
+        sealed_boot: &str,
+    ) -> Result<bool> {
         let owner_id =
             |t: Option<&Target>| t.map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone());
         let staged_from = {
@@ -757,17 +764,28 @@ impl Node {
             }
             return Ok(true);
         }
-        // Opened outside the lock (it asks the owner for the size). The
-        // same owner under a new grant (a move rolled back) keeps the
-        // client, and with it what it knows of the owner's boots: writes
-        // answered before an owner reboot still fail the next flush.
-        let same_owner = self
+        // The client it is served through now.
+        let old = self
             .staged
             .lock()
             .expect("staged")
             .get(&vid)
-            .and_then(|e| e.served.as_ref()?.remote())
-            .filter(|r| owner.as_ref().is_some_and(|t| r.target().owner == t.owner));
+            .and_then(|e| e.served.as_ref()?.remote());
+        // Writes the previous owner answered and then lost to a reboot
+        // before its seal are lost: that client records it, and
+        // `Served::follow` passes it on.
+        if let Some(old) = &old
+            && !sealed_boot.is_empty()
+            && old.target().owner == previous
+        {
+            old.sealed_under(sealed_boot)?;
+        }
+        // Opened outside the lock (it asks the owner for the size). The
+        // same owner under a new grant (a move rolled back) keeps the
+        // client, and with it what it knows of the owner's boots: writes
+        // answered before an owner reboot still fail the next flush.
+        let same_owner =
+            old.filter(|r| owner.as_ref().is_some_and(|t| r.target().owner == t.owner));
         // (Retargeted once the record says so.)
         let source = match (&owner, same_owner) {
             (Some(_), Some(r)) => Source::Remote(r),

@@ -502,8 +502,13 @@ impl RemoteVolume {
                     }
                 }
                 // Moved away live: the caller waits for its attachment to
-                // follow (`node::served`), not for this owner.
+                // follow (`node::served`), not for this owner. The refusal
+                // carries the owner's boot: one since the writes not yet
+                // flushed means they may be lost.
                 Err(s) if s.metadata().get(MOVED_HEADER).is_some() => {
+                    let boot = s.metadata().get(BOOT_HEADER);
+                    let boot = boot.and_then(|v| v.to_str().ok());
+                    self.answered(&link.target, op, Effect::None, boot, writes)?;
                     return Err(Error::Moved {
                         volume: link.target.volume_id.parse().map_err(|_| {
                             remote_error(&link.target, op, Status::internal("volume ID"))
@@ -639,6 +644,15 @@ impl RemoteVolume {
             ));
         }
         Ok(())
+    }
+
+    /// The owner sealed the volume for a live move under `boot` (every
+    /// write it answered before is durable on the target, unless it
+    /// rebooted after answering one and before the seal): writes answered
+    /// under another boot and not flushed may be lost.
+    pub fn sealed_under(&self, boot: &str) -> Result<()> {
+        let writes = self.durability.lock().expect("durability").writes;
+        self.answered(&self.target(), "follow", Effect::None, Some(boot), writes)
     }
 
     /// Asks the owner for the volume's size (after an expansion).

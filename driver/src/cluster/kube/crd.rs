@@ -101,6 +101,9 @@ pub struct MoveSpec {
     pub published_to: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Live: the boot ID the source sealed the volume under.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed_boot: String,
     pub phase: String,
     #[serde(default)]
     pub message: String,

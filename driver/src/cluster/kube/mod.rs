@@ -152,6 +152,7 @@ fn move_spec(m: &Move) -> MoveSpec {
         live: m.live,
         published_to: m.published_to.clone(),
         read_only: m.read_only,
+        sealed_boot: m.sealed_boot.clone(),
         phase: m.phase.label().into(),
         message: m.message.clone(),
         started_unix_ns: m.started_unix_ns,
@@ -166,6 +167,7 @@ fn move_of(m: &MoveSpec) -> Move {
         live: m.live,
         published_to: m.published_to.clone(),
         read_only: m.read_only,
+        sealed_boot: m.sealed_boot.clone(),
         // A newer controller's phase is left alone.
         phase: MovePhase::from_label(&m.phase).unwrap_or(MovePhase::Unknown),
         message: m.message.clone(),

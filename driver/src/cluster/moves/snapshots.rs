@@ -494,6 +494,7 @@ impl Moves {
                     live: false,
                     published_to: String::new(),
                     read_only: true,
+                    sealed_boot: String::new(),
                     phase: MovePhase::Copying,
                     message: "copying".into(),
                     started_unix_ns: now_ns(),
