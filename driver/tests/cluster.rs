@@ -2206,8 +2206,11 @@ async fn live_moves(crash_loop: bool) {
 /// ID) while it held a write of the node using the volume, answered and
 /// not flushed, and that node stayed idle (it never met the rebooted
 /// owner before the switch): its next flush fails, since the write may be
-/// gone, and so does every later one. The same move without a reboot
-/// flushes as before.
+/// gone, and so does every later one, also when the controller died
+/// after the seal (the next one asks the source for the seal's boot). The
+/// same move without a reboot flushes as before, and so does one whose
+/// source reboots after its seal, with the controller dead after the
+/// switch (the seal's boot comes from the record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
     use csi_proto::cluster::v1::MoveVolumeRequest;
@@ -2224,9 +2227,8 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         NodeProc::start(root.path(), "n3", &tls),
     ];
     let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
-    let ctl = ControllerProc::start(root.path(), &agents, &tls);
+    let mut ctl = ControllerProc::start(root.path(), &agents, &tls);
     let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
-    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
     let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
     registered(&mut cc, &["n1", "n2", "n3"]).await;
     let vol = created(
@@ -2239,50 +2241,202 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
     )
     .await;
     let id = vol.volume_id.clone();
-    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
-    let fsync = {
-        let dev = dev.clone();
-        move || {
-            let dev = dev.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&dev)
-                    .and_then(|f| f.sync_all())
-            })
+    let fsync = |dev: &Path| {
+        let dev = dev.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&dev)
+                .and_then(|f| f.sync_all())
+        })
+    };
+    // Moves the volume to `to`, the controller killed at failpoint `fp`
+    // ("": none) and started again before `meanwhile`'s end; where from.
+    async fn moved(
+        ctl: &mut ControllerProc,
+        id: &str,
+        to: &str,
+        fp: &str,
+        meanwhile: impl Future<Output = ()>,
+    ) -> String {
+        let socket = ctl.csi_socket();
+        let ask = async || {
+            ClusterClient::new(c::channel(socket.clone()).await)
+                .move_volume(MoveVolumeRequest {
+                    volume_id: id.into(),
+                    node_id: to.into(),
+                })
+                .await
+        };
+        if fp.is_empty() {
+            meanwhile.await;
+            return ask().await.unwrap().into_inner().from_node;
+        }
+        ctl.proc.kill9();
+        ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
+        ctl.proc.spawn();
+        let e = ask().await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{fp}: {e:?}"
+        );
+        meanwhile.await;
+        ctl.proc.kill9();
+        ctl.proc.env.clear();
+        ctl.proc.spawn();
+        for _ in 0..300 {
+            match ask().await {
+                Ok(r) => return r.into_inner().from_node,
+                Err(e) if e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{fp}: {e:?}"),
+            }
+        }
+        panic!("{fp}: the move did not end");
+    }
+    let reboot = |n: &mut NodeProc, boot: &str| {
+        n.proc.kill9();
+        n.proc.env = vec![("STRATA_TEST_BOOT_ID".into(), boot.into())];
+        n.proc.spawn();
+        n.wait_for_agent();
+    };
+    let lost_writes = async |dev: &Path| {
+        for _ in 0..2 {
+            assert!(
+                fsync(dev).await.unwrap().is_err(),
+                "a flush after the owner lost writes before the move succeeded"
+            );
         }
     };
-    let mut moved = async |to: &str| {
-        mc.move_volume(MoveVolumeRequest {
-            volume_id: id.clone(),
-            node_id: to.into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("move to {to}: {e:?}"))
-        .into_inner()
-        .from_node
-    };
 
+    // No reboot.
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
     common::write_direct(&dev, 0, &[1u8; 4096]);
-    assert_eq!(moved("n3").await, "n2");
-    fsync().await.unwrap().expect("a flush after a move");
+    assert_eq!(moved(&mut ctl, &id, "n3", "", async {}).await, "n2");
+    fsync(&dev).await.unwrap().expect("a flush after a move");
 
+    // n3 reboots before the move.
     common::write_direct(&dev, 4096, &[2u8; 4096]);
-    let n3 = &mut nodes[2];
-    n3.proc.kill9();
-    n3.proc
-        .env
-        .push(("STRATA_TEST_BOOT_ID".into(), "another-boot".into()));
-    n3.proc.spawn();
-    n3.wait_for_agent();
-    assert_eq!(moved("n2").await, "n3");
-    for _ in 0..2 {
-        assert!(
-            fsync().await.unwrap().is_err(),
-            "a flush after the owner lost writes before the move succeeded"
-        );
-    }
+    reboot(&mut nodes[2], "boot-2");
+    assert_eq!(moved(&mut ctl, &id, "n2", "", async {}).await, "n3");
+    lost_writes(&dev).await;
     assert!(read_at(&dev, 0, 4096) == [1u8; 4096]);
+
+    // Staged anew (nothing lost so far): n2 reboots before the move, and
+    // the controller dies after the seal.
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    common::write_direct(&dev, 8192, &[3u8; 4096]);
+    reboot(&mut nodes[1], "boot-3");
+    let from = moved(&mut ctl, &id, "n3", "cluster::move::sealed", async {}).await;
+    assert_eq!(from, "n2");
+    lost_writes(&dev).await;
+
+    // Staged anew: the controller dies after the switch, n3 reboots after
+    // its seal, and a read of n1's meets its "moved" refusal; the next
+    // controller tells n1 to follow.
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    common::write_direct(&dev, 12288, &[4u8; 4096]);
+    let read = {
+        let dev = dev.clone();
+        move || tokio::task::spawn_blocking(move || read_at(&dev, 12288, 4096))
+    };
+    let mut reading = None;
+    let rebooted = async {
+        reboot(&mut nodes[2], "boot-4");
+        reading = Some(read());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let from = moved(&mut ctl, &id, "n2", "cluster::move::switched", rebooted).await;
+    assert_eq!(from, "n3");
+    assert!(reading.unwrap().await.unwrap() == [4u8; 4096]);
+    fsync(&dev)
+        .await
+        .unwrap()
+        .expect("a flush after a move whose source rebooted after its seal");
+}
+
+/// A volume unpublished from the node that uses it while a live move
+/// copies it (its pod deleted): ControllerUnpublishVolume answers at once
+/// rather than after the copy, the move goes on to its end, the node is
+/// told to follow nothing, and the volume equals what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_unpublished_during_its_live_move_moves_on() {
+    use csi_proto::cluster::v1::MoveVolumeRequest;
+    use csi_proto::cluster::v1::cluster_client::ClusterClient;
+    if !runnable() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let tls = root.path().join("tls");
+    gen_certs(&tls);
+    let nodes = [
+        NodeProc::start(root.path(), "n1", &tls),
+        NodeProc::start(root.path(), "n2", &tls),
+        NodeProc::start(root.path(), "n3", &tls),
+    ];
+    let agents: Vec<&str> = nodes.iter().map(|n| n.agent.as_str()).collect();
+    let mut ctl = ControllerProc::start(root.path(), &agents, &tls);
+    ctl.proc.kill9();
+    ctl.proc.add_args(&["--move-rate", "1MiB"]);
+    ctl.proc.spawn();
+    let mut cc = ControllerClient::new(c::channel(ctl.csi_socket()).await);
+    let mut mc = ClusterClient::new(c::channel(ctl.csi_socket()).await);
+    let mut csi1 = Csi::connect(&nodes[0].csi_socket()).await;
+    registered(&mut cc, &["n1", "n2", "n3"]).await;
+    let size = 16usize << 20;
+    let vol = created(
+        &mut cc,
+        with_requirements(
+            c::create("pvc-unpublished", size as i64, c::block_cap()),
+            &["n2"],
+            &[],
+        ),
+    )
+    .await;
+    let id = vol.volume_id.clone();
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let mut model = vec![0u8; size];
+    common::Rng::new(9).fill(&mut model);
+    write_at(&dev, 0, &model).unwrap();
+
+    // 16 MiB at 1 MiB/s: the copy takes seconds.
+    let moving = tokio::spawn({
+        let id = id.clone();
+        async move {
+            mc.move_volume(MoveVolumeRequest {
+                volume_id: id,
+                node_id: "n3".into(),
+            })
+            .await
+        }
+    });
+    // The target makes the volume once the move is recorded live.
+    eventually(30, "the live move copies", async || {
+        holds(&nodes[2].agent, &tls, &id).await
+    })
+    .await;
+    detach(&nodes[0], &mut csi1, &id).await;
+    let asked = std::time::Instant::now();
+    unpublish(&mut cc, &id, "n1").await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the unpublish waited {:?} for the move",
+        asked.elapsed()
+    );
+    assert!(
+        !moving.is_finished(),
+        "the move was over before the unpublish"
+    );
+    let r = moving.await.unwrap().expect("the move").into_inner();
+    assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n2", "n3"));
+    assert!(!holds(&nodes[1].agent, &tls, &id).await, "n2 kept its copy");
+    contents_are(&mut cc, &nodes[0], &mut csi1, &id, &model).await;
 }
 
 /// A live move whose source or target node is killed at each of its steps

@@ -132,7 +132,7 @@ fn a_seal_under_the_hold_retires_the_copy_also_after_a_restart() {
                         for_move: true,
                         moved: true,
                         live: true,
-                        repointed: false,
+                        ..Attachment::default()
                     },
                 )
             })

@@ -554,14 +554,12 @@ impl Agent for AgentService {
                 .await
                 .is_ok_and(|a| a.moved && a.live);
         if live {
-            let held = self
+            let (held, boot) = self
                 .attachments
                 .seal_live(&self.started, vid, &req.node_id, req.epoch)
                 .await?;
-            let mut boot = String::new();
             if let Some(held) = held {
                 self.metrics.move_hold(held);
-                boot = crate::peer::boot_id();
                 crate::engine::jobs::failpoint::hit("agent::seal::sealed");
             }
             return Ok(Response::new(AttachReply {
@@ -608,6 +606,11 @@ impl Agent for AgentService {
             read_only: now.read_only,
             repointed: now.repointed,
             attachment_epoch: now.epoch,
+            sealed_boot: if sealed {
+                now.sealed_boot
+            } else {
+                String::new()
+            },
         }))
     }
 

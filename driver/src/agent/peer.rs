@@ -337,20 +337,20 @@ impl Attachments {
     }
 
     /// The seal of the live move (`node`, `epoch`) while its hold lasts
-    /// (see `agent.proto`, Seal); how long the hold lasted (`None`: it was
-    /// sealed before).
+    /// (see `agent.proto`, Seal): how long the hold lasted (`None`: it was
+    /// sealed before), and the boot ID kept with the seal.
     pub async fn seal_live(
         self: &Arc<Self>,
         started: &Started,
         vid: VolumeId,
         node: &str,
         epoch: u64,
-    ) -> Result<Option<Duration>, Status> {
+    ) -> Result<(Option<Duration>, String), Status> {
         let _one = self.changes.lock().await;
         self.load(started, vid).await?;
         let now = self.fences.lock().expect("fences")[&vid].attachment.clone();
         if now.moved && now.live && now.node == node {
-            return Ok(None);
+            return Ok((None, now.sealed_boot));
         }
         if self.mover(vid) != Some((node.to_string(), epoch)) {
             return Err(Status::failed_precondition(format!(
@@ -365,6 +365,7 @@ impl Attachments {
             moved: true,
             live: true,
             repointed: false,
+            sealed_boot: crate::peer::boot_id(),
         };
         let (durable, to) = (sealed.clone(), node.to_string());
         let held = blocking(started, move |core| {
@@ -385,10 +386,11 @@ impl Attachments {
         let f = fences.get_mut(&vid).expect("loaded");
         f.session = 0;
         f.older += std::mem::take(&mut f.current);
+        let boot = sealed.sealed_boot.clone();
         f.attachment = sealed;
         f.mover = None;
         tracing::info!(volume = %vid, to = node, hold_ms = held.as_millis() as u64, "a live move sealed this copy: the volume is the target's");
-        Ok(Some(held))
+        Ok((Some(held), boot))
     }
 
     /// Ends the attachment of `node`, if it has it ("": whichever node);
@@ -870,17 +872,12 @@ pub(crate) fn write_op(
 
 /// The refusal of a request for a volume that moved away live, naming
 /// its new owner (`peer.proto`).
-/// With this machine's boot ID: a client whose writes this node answered
-/// under an earlier boot, and did not flush, learns they may be lost.
 fn moved(vid: VolumeId, node: &str) -> Status {
     let mut s = Status::unavailable(format!(
         "volume {vid} moved to node {node}; not executed (the attachment follows it)"
     ));
     if let Ok(v) = node.parse() {
         s.metadata_mut().insert(MOVED_HEADER, v);
-    }
-    if let Ok(v) = crate::peer::boot_id().parse() {
-        s.metadata_mut().insert(BOOT_HEADER, v);
     }
     s
 }
@@ -1210,7 +1207,7 @@ mod tests {
             for_move: true,
             moved: true,
             live: true,
-            repointed: false,
+            ..Attachment::default()
         };
         let v = pool.volume(vid).unwrap();
         pool.set_attachment(vid, &sealed).unwrap();

@@ -1730,15 +1730,28 @@ impl Moves {
         Ok(true)
     }
 
-    /// ControllerUnpublishVolume of `node` while a live move re-points its
-    /// attachment: there is nothing to follow for it any more (the record
-    /// says so; the move reads it before following). Whether it was so.
+    /// ControllerUnpublishVolume of `node` while a live move copies the
+    /// volume or re-points its attachment: there is nothing to follow for
+    /// it any more (the record says so; the move reads it before
+    /// following), and the move goes on as one of an unused volume (the
+    /// source's seal does not need the attachment). Whether it was so.
     pub async fn unpublished(&self, id: &str, node: &str) -> Result<bool, Status> {
         let mut rec = self.record(id).await?;
         match rec.moving.as_ref() {
+            // Cleared by an earlier try (whose detach failed): nothing
+            // can have published it since (that waits for the move).
             Some(m)
-                if matches!(m.phase, MovePhase::Following | MovePhase::Aborting)
+                if matches!(m.phase, MovePhase::Copying | MovePhase::Following)
                     && m.live
+                    && m.published_to.is_empty() =>
+            {
+                Ok(true)
+            }
+            Some(m)
+                if matches!(
+                    m.phase,
+                    MovePhase::Copying | MovePhase::Following | MovePhase::Aborting
+                ) && m.live
                     && m.published_to == node =>
             {
                 let phase = m.phase;
@@ -1797,6 +1810,9 @@ impl Moves {
             .await?
             .into_inner();
         if t.sealed {
+            if let Some(m) = rec.moving.as_mut() {
+                m.sealed_boot = t.sealed_boot;
+            }
             return Ok(0);
         }
         let (address, tls) = nodes.peer(&m.from)?.ok_or_else(|| {

@@ -981,8 +981,9 @@ impl Controller for ControllerService {
         if parse_volume_id(&req.volume_id).is_err() || !cluster.nodes.attaches_remote() {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         }
-        // Not while a move copies the volume; while a live move re-points
-        // the attachment of this node, it no longer does.
+        // Not while a move of the unused volume copies it; a live move
+        // (copying or re-pointing the attachment of this node) no longer
+        // re-points it.
         let following = match self.moves.get() {
             Some(m) => m
                 .unpublished(&req.volume_id, &req.node_id)

@@ -796,6 +796,28 @@ impl Node {
         let Some(entry) = staged.get_mut(&vid) else {
             return Ok(false);
         };
+        // Another owner's client records there from now on (writes lost
+        // before stay lost), before the staging record names that owner: a
+        // restart in between must not give the new owner's client the old
+        // one's unflushed boot. The old one's stops (it only meets "moved"
+        // since the seal). Followed to this node, the old one's record
+        // stays, for `resume`.
+        if let Source::Remote(v) = &source {
+            let served = entry.served.as_ref();
+            let old = served.and_then(|s| s.remote());
+            if old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, v)) {
+                // (Not served again since a restart: the record says.)
+                let path = self.durability_path(vid);
+                let lost = match served {
+                    Some(s) => s.lost() || old.as_ref().is_some_and(|o| o.lost_writes()),
+                    None => RemoteVolume::recorded_lost(&path),
+                };
+                v.keep_in(path, false, lost)?;
+                if let Some(old) = old {
+                    old.forget_file();
+                }
+            }
+        }
         let mut rec = entry.rec.clone();
         rec.remote = match (&source, &owner) {
             (Source::Remote(v), Some(t)) => Some(state::RemoteRecord {
@@ -810,20 +832,6 @@ impl Node {
             && v.target() != *t
         {
             v.retarget(t)?;
-        }
-        // Another owner's client records there from now on (writes lost
-        // before stay lost); the old one's stops. Followed to this node,
-        // the old one's record stays, for `resume`.
-        if let Source::Remote(v) = &source {
-            let served = entry.served.as_ref();
-            let old = served.and_then(|s| s.remote());
-            if old.as_ref().is_none_or(|o| !Arc::ptr_eq(o, v)) {
-                let lost = served.is_some_and(|s| s.lost());
-                v.keep_in(self.durability_path(vid), false, lost)?;
-                if let Some(old) = old {
-                    old.forget_file();
-                }
-            }
         }
         match &entry.served {
             Some(served) => served.follow(source),

@@ -502,13 +502,11 @@ impl RemoteVolume {
                     }
                 }
                 // Moved away live: the caller waits for its attachment to
-                // follow (`node::served`), not for this owner. The refusal
-                // carries the owner's boot: one since the writes not yet
-                // flushed means they may be lost.
+                // follow (`node::served`), not for this owner. (Its boot
+                // now says nothing of the writes: its seal made them
+                // durable, and a reboot since loses none; the seal's boot
+                // comes with the follow, `Self::sealed_under`.)
                 Err(s) if s.metadata().get(MOVED_HEADER).is_some() => {
-                    let boot = s.metadata().get(BOOT_HEADER);
-                    let boot = boot.and_then(|v| v.to_str().ok());
-                    self.answered(&link.target, op, Effect::None, boot, writes)?;
                     return Err(Error::Moved {
                         volume: link.target.volume_id.parse().map_err(|_| {
                             remote_error(&link.target, op, Status::internal("volume ID"))

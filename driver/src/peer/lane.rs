@@ -21,8 +21,8 @@ use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use tonic::{Code, Status};
 
 use super::{
-    BOOT_HEADER, LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER,
-    decode_data_frame, read_frame, short_read, write_frame,
+    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame,
+    short_read, write_frame,
 };
 use tokio_rustls::rustls;
 
@@ -167,7 +167,7 @@ impl Lanes {
             }
         }
         if reply.code != Code::Ok as i32 {
-            return Some(Err(status(reply, &boot)));
+            return Some(Err(status(reply)));
         }
         Some(Ok((reply, boot)))
     }
@@ -258,13 +258,9 @@ impl Lanes {
     }
 }
 
-/// A lane's refusal as the RPC's status, with its headers (the owner's
-/// `boot` too, as the RPC's refusal of a moved volume carries it).
-fn status(reply: LaneReply, boot: &str) -> Status {
+/// A lane's refusal as the RPC's status, with its headers.
+fn status(reply: LaneReply) -> Status {
     let mut s = Status::new(Code::from(reply.code), reply.message);
-    if let Ok(v) = boot.parse() {
-        s.metadata_mut().insert(BOOT_HEADER, v);
-    }
     if reply.session > 0
         && let Ok(v) = reply.session.to_string().parse()
     {

@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn attachments_round_trip_and_old_records_are_read_write() {
-        for flags in 0..32 {
+        for flags in 0..64 {
             let a = Attachment {
                 node: "node-b".into(),
                 epoch: 7,
@@ -278,6 +278,11 @@ mod tests {
                 for_move: flags & 4 != 0,
                 live: flags & 8 != 0,
                 repointed: flags & 16 != 0,
+                sealed_boot: if flags & 32 != 0 {
+                    "boot-1".into()
+                } else {
+                    String::new()
+                },
             };
             assert_eq!(Attachment::decode(&a.encode()).unwrap(), a);
         }
@@ -286,7 +291,7 @@ mod tests {
         w.u8(ATTACHMENT_V).u64(3).str("n");
         let old = Attachment::decode(&w.0).unwrap();
         assert_eq!((old.epoch, old.read_only), (3, false));
-        for extra in [[0x80].as_slice(), &[1, 0]] {
+        for extra in [[0x80].as_slice(), &[1, 0], &[32, 9, 0, b'x']] {
             let mut bad = w.0.clone();
             bad.extend_from_slice(extra);
             assert!(matches!(Attachment::decode(&bad), Err(Error::Corrupt(_))));
@@ -525,6 +530,10 @@ pub struct Attachment {
     /// target forgotten before the switch): older grants of `node` are
     /// answered as moved, so their I/O waits for the node to follow.
     pub repointed: bool,
+    /// With `moved` and `live`: the machine's boot ID when it was sealed
+    /// ("": not known), which the node that used the volume compares with
+    /// the boot its writes not yet flushed were answered under.
+    pub sealed_boot: String,
 }
 
 /// [`Attachment`] flags (an optional trailing byte: records written
@@ -534,7 +543,10 @@ const ATTACHMENT_MOVED: u8 = 2;
 const ATTACHMENT_FOR_MOVE: u8 = 4;
 const ATTACHMENT_LIVE: u8 = 8;
 const ATTACHMENT_REPOINTED: u8 = 16;
+/// A string follows the flags: the seal's boot ID.
+const ATTACHMENT_SEALED_BOOT: u8 = 32;
 const ATTACHMENT_FLAGS: u8 = ATTACHMENT_READ_ONLY
+    | ATTACHMENT_SEALED_BOOT
     | ATTACHMENT_MOVED
     | ATTACHMENT_FOR_MOVE
     | ATTACHMENT_LIVE
@@ -550,11 +562,15 @@ impl Attachment {
             (self.for_move, ATTACHMENT_FOR_MOVE),
             (self.live, ATTACHMENT_LIVE),
             (self.repointed, ATTACHMENT_REPOINTED),
+            (!self.sealed_boot.is_empty(), ATTACHMENT_SEALED_BOOT),
         ]
         .iter()
         .fold(0, |f, &(set, bit)| if set { f | bit } else { f });
         if flags != 0 {
             w.u8(flags);
+        }
+        if !self.sealed_boot.is_empty() {
+            w.str(&self.sealed_boot);
         }
         w.0
     }
@@ -564,6 +580,11 @@ impl Attachment {
         r.version(ATTACHMENT_V)?;
         let (epoch, node) = (r.u64()?, r.str()?);
         let flags = if r.is_empty() { 0 } else { r.u8()? };
+        let sealed_boot = if flags & ATTACHMENT_SEALED_BOOT != 0 {
+            r.str()?
+        } else {
+            String::new()
+        };
         if flags & !ATTACHMENT_FLAGS != 0 || !r.is_empty() {
             return Err(Error::Corrupt(format!(
                 "attachment record has unknown flags {flags:#x} or trailing bytes"
@@ -577,6 +598,7 @@ impl Attachment {
             for_move: flags & ATTACHMENT_FOR_MOVE != 0,
             live: flags & ATTACHMENT_LIVE != 0,
             repointed: flags & ATTACHMENT_REPOINTED != 0,
+            sealed_boot,
         })
     }
 }
