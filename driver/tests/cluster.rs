@@ -2272,9 +2272,14 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
             meanwhile.await;
             return ask().await.unwrap().into_inner().from_node;
         }
+        let leads = async || {
+            let mut cc = ControllerClient::new(c::channel(socket.clone()).await);
+            registered(&mut cc, &["n1", "n2", "n3"]).await;
+        };
         ctl.proc.kill9();
         ctl.proc.env = vec![("STRATA_FAILPOINT".into(), fp.into())];
         ctl.proc.spawn();
+        leads().await;
         let e = ask().await.unwrap_err();
         assert!(
             matches!(
@@ -2283,10 +2288,12 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
             ),
             "{fp}: {e:?}"
         );
+        assert!(ctl.proc.log().contains(&format!("failpoint {fp}")), "{fp}");
         meanwhile.await;
         ctl.proc.kill9();
         ctl.proc.env.clear();
         ctl.proc.spawn();
+        leads().await;
         for _ in 0..300 {
             match ask().await {
                 Ok(r) => return r.into_inner().from_node,
@@ -2304,13 +2311,15 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         n.proc.spawn();
         n.wait_for_agent();
     };
-    let lost_writes = async |dev: &Path| {
+    // The flushes fail for that reason: n1 said so for the `times`th time.
+    let lost_writes = async |dev: &Path, n1: &NodeProc, times: usize| {
         for _ in 0..2 {
             assert!(
                 fsync(dev).await.unwrap().is_err(),
                 "a flush after the owner lost writes before the move succeeded"
             );
         }
+        assert_eq!(said_lost(n1), times);
     };
 
     // No reboot.
@@ -2323,7 +2332,7 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
     common::write_direct(&dev, 4096, &[2u8; 4096]);
     reboot(&mut nodes[2], "boot-2");
     assert_eq!(moved(&mut ctl, &id, "n2", "", async {}).await, "n3");
-    lost_writes(&dev).await;
+    lost_writes(&dev, &nodes[0], 1).await;
     assert!(read_at(&dev, 0, 4096) == [1u8; 4096]);
 
     // Staged anew (nothing lost so far): n2 reboots before the move, and
@@ -2334,7 +2343,7 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
     reboot(&mut nodes[1], "boot-3");
     let from = moved(&mut ctl, &id, "n3", "cluster::move::sealed", async {}).await;
     assert_eq!(from, "n2");
-    lost_writes(&dev).await;
+    lost_writes(&dev, &nodes[0], 2).await;
 
     // Staged anew: the controller dies after the switch, n3 reboots after
     // its seal, and a read of n1's meets its "moved" refusal; the next
@@ -2359,6 +2368,15 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         .await
         .unwrap()
         .expect("a flush after a move whose source rebooted after its seal");
+    assert_eq!(said_lost(&nodes[0]), 2);
+}
+
+/// How often node `n` said an owner rebooted with writes it had answered
+/// and not flushed.
+fn said_lost(n: &NodeProc) -> usize {
+    let log = n.proc.log();
+    log.matches("the owner rebooted while it held writes it had not flushed")
+        .count()
 }
 
 /// A volume unpublished from the node that uses it while a live move

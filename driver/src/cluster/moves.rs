@@ -1966,14 +1966,16 @@ impl Moves {
                 .await?;
             return Ok(());
         }
-        self.point(
-            id,
-            x,
-            (&m.to, epoch),
-            (&m.from, &m.sealed_boot),
-            m.read_only,
-        )
-        .await
+        // Not recorded (the switch was an older controller's): the source
+        // keeps it with its seal until its copy is removed.
+        let mut sealed_boot = m.sealed_boot.clone();
+        if sealed_boot.is_empty()
+            && let Ok(t) = self.peek(id, m).await
+        {
+            sealed_boot = t.sealed_boot;
+        }
+        self.point(id, x, (&m.to, epoch), (&m.from, &sealed_boot), m.read_only)
+            .await
     }
 
     /// Tells node `x`, which uses volume `id`, to reach it on `owner`,

@@ -229,17 +229,23 @@ pub const MOVED_HEADER: &str = "strata-moved";
 /// Metadata of every answer: the owner machine's boot ID.
 pub const BOOT_HEADER: &str = "strata-boot";
 
-/// This machine's boot ID (with the `failpoints` feature, the
-/// `STRATA_TEST_BOOT_ID` environment variable stands in for it, so a test
-/// can make a restarted process look like a rebooted machine).
+/// This machine's boot ID, read once, so every answer and seal of this
+/// process says the same ("" if it cannot be read). With the `failpoints`
+/// feature, the `STRATA_TEST_BOOT_ID` environment variable stands in for
+/// it, so a test can make a restarted process look like a rebooted
+/// machine.
 pub fn boot_id() -> String {
-    #[cfg(feature = "failpoints")]
-    if let Ok(id) = std::env::var("STRATA_TEST_BOOT_ID") {
-        return id;
-    }
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        #[cfg(feature = "failpoints")]
+        if let Ok(id) = std::env::var("STRATA_TEST_BOOT_ID") {
+            return id;
+        }
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 #[cfg(test)]
