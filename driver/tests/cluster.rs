@@ -2251,7 +2251,9 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         })
     };
     // Moves the volume to `to`, the controller killed at failpoint `fp`
-    // ("": none) and started again before `meanwhile`'s end; where from.
+    // ("": none) and started again before `meanwhile`'s end; where from
+    // (the volume's node when the controller that finished it was asked:
+    // `to` if it finished the move at its start).
     async fn moved(
         ctl: &mut ControllerProc,
         id: &str,
@@ -2296,7 +2298,10 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         leads().await;
         for _ in 0..300 {
             match ask().await {
-                Ok(r) => return r.into_inner().from_node,
+                Ok(r) => {
+                    assert_eq!(r.get_ref().to_node, to, "{fp}");
+                    return r.into_inner().from_node;
+                }
                 Err(e) if e.code() == Code::Unavailable => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
@@ -2342,7 +2347,7 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
     common::write_direct(&dev, 8192, &[3u8; 4096]);
     reboot(&mut nodes[1], "boot-3");
     let from = moved(&mut ctl, &id, "n3", "cluster::move::sealed", async {}).await;
-    assert_eq!(from, "n2");
+    assert!(from == "n2" || from == "n3", "{from}");
     lost_writes(&dev, &nodes[0], 2).await;
 
     // Staged anew: the controller dies after the switch, n3 reboots after
@@ -2362,7 +2367,7 @@ async fn a_reboot_of_the_owner_before_a_live_move_fails_the_next_flush() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let from = moved(&mut ctl, &id, "n2", "cluster::move::switched", rebooted).await;
-    assert_eq!(from, "n3");
+    assert!(from == "n3" || from == "n2", "{from}");
     assert!(reading.unwrap().await.unwrap() == [4u8; 4096]);
     fsync(&dev)
         .await
@@ -2380,9 +2385,10 @@ fn said_lost(n: &NodeProc) -> usize {
 }
 
 /// A volume unpublished from the node that uses it while a live move
-/// copies it (its pod deleted): ControllerUnpublishVolume answers at once
-/// rather than after the copy, the move goes on to its end, the node is
-/// told to follow nothing, and the volume equals what was written.
+/// copies it (its pod deleted), then published there again (the pod back):
+/// both answer at once rather than after the copy, the move goes on to
+/// its end, the attachment made during the copy follows the volume to
+/// the target, and the volume equals what was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_unpublished_during_its_live_move_moves_on() {
     use csi_proto::cluster::v1::MoveVolumeRequest;
@@ -2447,12 +2453,26 @@ async fn a_volume_unpublished_during_its_live_move_moves_on() {
         "the unpublish waited {:?} for the move",
         asked.elapsed()
     );
+    let asked = std::time::Instant::now();
+    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the publish waited {:?} for the move",
+        asked.elapsed()
+    );
+    model[..4096].fill(7);
+    write_at(&dev, 0, &model[..4096]).unwrap();
     assert!(
         !moving.is_finished(),
-        "the move was over before the unpublish"
+        "the move was over before the publish"
     );
     let r = moving.await.unwrap().expect("the move").into_inner();
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n2", "n3"));
+    // The device reaches n3 now.
+    model[4096..8192].fill(8);
+    write_at(&dev, 4096, &model[4096..8192]).unwrap();
+    assert!(read_at(&dev, 0, size) == model, "the device after the move");
+    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
     assert!(!holds(&nodes[1].agent, &tls, &id).await, "n2 kept its copy");
     contents_are(&mut cc, &nodes[0], &mut csi1, &id, &model).await;
 }

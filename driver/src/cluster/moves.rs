@@ -39,7 +39,10 @@
 //! while the hold lasts (a hold past its deadline ends by itself, the seal
 //! is refused, and the rounds go on). After the switch (phase `following`)
 //! the volume is published on the target to the node that uses it, and
-//! that node follows it there (`agent.proto`, Follow). A live move is
+//! that node follows it there (`agent.proto`, Follow). Which node that is
+//! the record says (`published_to`): an unpublish during the copy clears
+//! it, and a publish while it is clear sets it (the publish goes to the
+//! source; [`Moves::unpublished`], [`Moves::publishing`]). A live move is
 //! never rolled back once sealed (a cancel then is refused), unless its
 //! target is forgotten (`strata node forget`) before the switch: never
 //! switched to, that target took none of its writes, so the source
@@ -1730,6 +1733,43 @@ impl Moves {
         Ok(true)
     }
 
+    /// ControllerPublishVolume to `node` while a live move copies the
+    /// volume and no node uses it (its user was unpublished, or this is a
+    /// retry): the move records that `node` uses it (its attachment
+    /// follows the volume after the switch, as the first user's would),
+    /// and the publish goes to the source. Whether it was so; `false`: the
+    /// publish waits for the move, as before.
+    pub async fn publishing(&self, id: &str, node: &str, read_only: bool) -> Result<bool, Status> {
+        let mut rec = self.record(id).await?;
+        let node = node.to_string();
+        let open = move |m: &Move, node: &str| {
+            m.phase == MovePhase::Copying
+                && m.live
+                && (m.published_to.is_empty()
+                    || (m.published_to == node && m.read_only == read_only))
+        };
+        if !rec.moving.as_ref().is_some_and(|m| open(m, &node)) {
+            return Ok(false);
+        }
+        let written = self
+            .update_move(
+                &mut rec,
+                Some(MovePhase::Copying),
+                move |current| match current.moving.as_mut() {
+                    Some(m) if open(m, &node) => {
+                        m.published_to.clone_from(&node);
+                        m.read_only = read_only;
+                        true
+                    }
+                    _ => false,
+                },
+            )
+            .await;
+        // Changed meanwhile (switched, or another node published): the
+        // publish waits.
+        Ok(written.is_ok())
+    }
+
     /// ControllerUnpublishVolume of `node` while a live move copies the
     /// volume or re-points its attachment: there is nothing to follow for
     /// it any more (the record says so; the move reads it before
@@ -1738,12 +1778,13 @@ impl Moves {
     pub async fn unpublished(&self, id: &str, node: &str) -> Result<bool, Status> {
         let mut rec = self.record(id).await?;
         match rec.moving.as_ref() {
-            // Cleared by an earlier try (whose detach failed): nothing
-            // can have published it since (that waits for the move).
+            // Not (or no longer) the node that uses it: nothing to follow
+            // for it (an earlier try cleared it, and its detach failed; or
+            // another node was published since).
             Some(m)
                 if matches!(m.phase, MovePhase::Copying | MovePhase::Following)
                     && m.live
-                    && m.published_to.is_empty() =>
+                    && m.published_to != node =>
             {
                 Ok(true)
             }
@@ -1926,15 +1967,13 @@ impl Moves {
     /// it on the target from now on (an attachment made there, and the
     /// node told to follow).
     async fn follow(&self, rec: &VolumeRecord, m: &Move) -> Result<(), Status> {
-        if m.published_to.is_empty() {
-            return Ok(());
-        }
         let id = &rec.volume_id;
-        // An unpublish meanwhile (a node gone, its volumes force-detached)
-        // ends what there is to follow.
+        // Who uses it now: an unpublish meanwhile (a node gone, its
+        // volumes force-detached) ends what there is to follow, a publish
+        // during the copy begins it.
         let now = self.record(id).await?;
-        let x = match now.moving.as_ref().map(|n| &n.published_to) {
-            Some(x) if !x.is_empty() => x,
+        let (x, read_only) = match now.moving.as_ref() {
+            Some(n) if !n.published_to.is_empty() => (&n.published_to, n.read_only),
             _ => return Ok(()),
         };
         let epoch = self
@@ -1944,7 +1983,7 @@ impl Moves {
             .attach(Request::new(agent::AttachRequest {
                 volume_id: id.clone(),
                 node_id: x.clone(),
-                read_only: m.read_only,
+                read_only,
                 ..Default::default()
             }))
             .await?
@@ -1974,7 +2013,7 @@ impl Moves {
         {
             sealed_boot = t.sealed_boot;
         }
-        self.point(id, x, (&m.to, epoch), (&m.from, &sealed_boot), m.read_only)
+        self.point(id, x, (&m.to, epoch), (&m.from, &sealed_boot), read_only)
             .await
     }
 

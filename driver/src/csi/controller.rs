@@ -896,7 +896,22 @@ impl Controller for ControllerService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(&cap))?;
         parse_volume_id(&req.volume_id)?;
-        let owner = self.settled_node(&req.volume_id).await?.ok_or_else(|| {
+        // A live move copying the volume while no node uses it takes this
+        // node along: the publish goes to the source, and the attachment
+        // follows the volume after the switch. Otherwise a move waits.
+        let along = match self.moves.get() {
+            Some(m) => m
+                .publishing(&req.volume_id, &req.node_id, req.readonly)
+                .await
+                .unwrap_or(false),
+            None => false,
+        };
+        let owner = if along {
+            self.volume_node(&req.volume_id).await?
+        } else {
+            self.settled_node(&req.volume_id).await?
+        };
+        let owner = owner.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let cluster = self.cluster.get()?;
