@@ -2385,10 +2385,11 @@ fn said_lost(n: &NodeProc) -> usize {
 }
 
 /// A volume unpublished from the node that uses it while a live move
-/// copies it (its pod deleted), then published there again (the pod back):
-/// both answer at once rather than after the copy, the move goes on to
-/// its end, the attachment made during the copy follows the volume to
-/// the target, and the volume equals what was written.
+/// copies it (its pod deleted), then published to the move's target (the
+/// pod rescheduled there): both answer at once rather than after the
+/// copy, the move goes on to its end, the attachment made during the copy
+/// follows the volume (to the target's own pool), and the volume equals
+/// what was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_unpublished_during_its_live_move_moves_on() {
     use csi_proto::cluster::v1::MoveVolumeRequest;
@@ -2454,12 +2455,25 @@ async fn a_volume_unpublished_during_its_live_move_moves_on() {
         asked.elapsed()
     );
     let asked = std::time::Instant::now();
-    let dev = publish_and_attach(&mut cc, &nodes[0], &mut csi1, &id).await;
+    let ctx = cc
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n3".into(),
+            volume_capability: Some(c::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("a publish during the copy")
+        .into_inner()
+        .publish_context;
     assert!(
         asked.elapsed() < Duration::from_secs(5),
         "the publish waited {:?} for the move",
         asked.elapsed()
     );
+    assert_eq!(ctx["strata.dev/owner"], "n2");
+    let mut csi3 = Csi::connect(&nodes[2].csi_socket()).await;
+    let dev = attach_with(&nodes[2], &mut csi3, &id, ctx).await;
     model[..4096].fill(7);
     write_at(&dev, 0, &model[..4096]).unwrap();
     assert!(
@@ -2468,11 +2482,11 @@ async fn a_volume_unpublished_during_its_live_move_moves_on() {
     );
     let r = moving.await.unwrap().expect("the move").into_inner();
     assert_eq!((r.from_node.as_str(), r.to_node.as_str()), ("n2", "n3"));
-    // The device reaches n3 now.
+    // The device reads n3's own pool now.
     model[4096..8192].fill(8);
     write_at(&dev, 4096, &model[4096..8192]).unwrap();
     assert!(read_at(&dev, 0, size) == model, "the device after the move");
-    detach_and_unpublish(&mut cc, &nodes[0], &mut csi1, &id).await;
+    detach_and_unpublish(&mut cc, &nodes[2], &mut csi3, &id).await;
     assert!(!holds(&nodes[1].agent, &tls, &id).await, "n2 kept its copy");
     contents_are(&mut cc, &nodes[0], &mut csi1, &id, &model).await;
 }

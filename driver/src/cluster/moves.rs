@@ -1784,16 +1784,18 @@ impl Moves {
             Some(m)
                 if matches!(m.phase, MovePhase::Copying | MovePhase::Following)
                     && m.live
-                    && m.published_to != node =>
+                    && m.published_to != node
+                    && !node.is_empty() =>
             {
                 Ok(true)
             }
+            // ("": from every node.)
             Some(m)
                 if matches!(
                     m.phase,
                     MovePhase::Copying | MovePhase::Following | MovePhase::Aborting
                 ) && m.live
-                    && m.published_to == node =>
+                    && (m.published_to == node || node.is_empty()) =>
             {
                 let phase = m.phase;
                 self.update_move(&mut rec, Some(phase), |current| {

@@ -896,22 +896,7 @@ impl Controller for ControllerService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(&cap))?;
         parse_volume_id(&req.volume_id)?;
-        // A live move copying the volume while no node uses it takes this
-        // node along: the publish goes to the source, and the attachment
-        // follows the volume after the switch. Otherwise a move waits.
-        let along = match self.moves.get() {
-            Some(m) => m
-                .publishing(&req.volume_id, &req.node_id, req.readonly)
-                .await
-                .unwrap_or(false),
-            None => false,
-        };
-        let owner = if along {
-            self.volume_node(&req.volume_id).await?
-        } else {
-            self.settled_node(&req.volume_id).await?
-        };
-        let owner = owner.ok_or_else(|| {
+        let owner = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let cluster = self.cluster.get()?;
@@ -932,15 +917,32 @@ impl Controller for ControllerService {
         }
         let mut context = HashMap::from([(node_context::OWNER.to_string(), owner.clone())]);
         let remote = owner != req.node_id;
-        if remote {
-            let key = req.volume_id.clone();
-            let rec = self.records(move |r| r.volume(&key)).await?;
-            if !rec.is_some_and(|r| r.anywhere) {
-                return Err(Status::failed_precondition(format!(
-                    "volume {} is attached on its own node {owner} only (StorageClass \
-                     locality: node, or made before volumes could be attached remotely)",
-                    req.volume_id
-                )));
+        let key = req.volume_id.clone();
+        let rec = self.records(move |r| r.volume(&key)).await?;
+        if remote && !rec.as_ref().is_some_and(|r| r.anywhere) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is attached on its own node {owner} only (StorageClass \
+                 locality: node, or made before volumes could be attached remotely)",
+                req.volume_id
+            )));
+        }
+        // UNAVAILABLE while it moves, unless a live move copies it and no
+        // node uses it: then the move takes this node along (the publish
+        // goes to the source, and the attachment follows the volume after
+        // the switch). Recorded once the publish is otherwise valid.
+        let mut along = false;
+        if let Some(rec) = &rec
+            && check_not_moving(rec).is_err()
+        {
+            along = match self.moves.get() {
+                Some(m) => m
+                    .publishing(&req.volume_id, &req.node_id, req.readonly)
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            };
+            if !along {
+                check_not_moving(rec)?;
             }
         }
         // The owner records the attachment durably (also one on the owner
@@ -958,7 +960,7 @@ impl Controller for ControllerService {
                 publish_context: context,
             }));
         };
-        let epoch = self
+        let attached = self
             .agent(&owner)?
             .attach(Request::new(agent::AttachRequest {
                 volume_id: req.volume_id.clone(),
@@ -967,9 +969,26 @@ impl Controller for ControllerService {
                 for_move: false,
                 ..Default::default()
             }))
-            .await?
-            .into_inner()
-            .epoch;
+            .await;
+        let epoch = match attached {
+            Ok(r) => r.into_inner().epoch,
+            // Sealed (or its copy removed) since: the move switches, and
+            // the attachment follows it; a retry goes to the target.
+            Err(e)
+                if along
+                    && matches!(
+                        e.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                    ) =>
+            {
+                return Err(Status::unavailable(format!(
+                    "volume {} switches to its move's target: retry ({})",
+                    req.volume_id,
+                    e.message()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         if remote {
             let grant = grant::issue(tls, &req.volume_id, &req.node_id, epoch, req.readonly)
                 .map_err(crate::rpc::status::grant)?;

@@ -555,6 +555,19 @@ impl Node {
         let remote = served.remote();
         backend.prepare()?;
         let mut staged = self.staged.lock().expect("staged");
+        // Followed away from the owner opened above meanwhile (a live move
+        // switched, and its follow found nothing staged here; it records
+        // the follow before it looks): the retry stages from the new owner.
+        if let Some(t) = &req.remote
+            && self
+                .load_followed(vid)
+                .is_some_and(|f| f.from.contains(&t.owner))
+        {
+            return Err(Error::Unavailable(format!(
+                "volume {vid} moved away from node {} while it was staged here: retry",
+                t.owner
+            )));
+        }
         if remote.is_none() {
             // A move copies or copied the volume away (see `unstaged`).
             let a = self.pool.attachment(vid)?;
@@ -714,7 +727,7 @@ impl Node {
     ) -> Result<bool> {
         let owner_id =
             |t: Option<&Target>| t.map_or_else(|| self.config.node_id.clone(), |t| t.owner.clone());
-        let staged_from = {
+        let read_staged = || {
             let staged = self.staged.lock().expect("staged");
             staged.get(&vid).map(|e| {
                 (
@@ -723,6 +736,7 @@ impl Node {
                 )
             })
         };
+        let staged_from = read_staged();
         // Every owner it was followed away from (a context may be older
         // than several moves), for a later stage.
         let mut earlier = self.load_followed(vid).map(|f| f.from).unwrap_or_default();
@@ -744,7 +758,9 @@ impl Node {
                 to: owner.clone(),
             },
         )?;
-        let Some((recorded, served)) = staged_from else {
+        // Staged meanwhile (from `previous`, before the record above was
+        // there for the stage to see): followed here too.
+        let Some((recorded, served)) = staged_from.or_else(read_staged) else {
             return Ok(false);
         };
         // Followed already (a repeated call): the record and the source
