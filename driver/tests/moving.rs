@@ -217,9 +217,11 @@ fn a_group_cut_is_consistent_across_volumes() {
     );
 
     let late = SnapshotId::new_random();
-    // Reached its deadline: the cut takes nothing, and writes go on.
-    assert!(p.hold_group(100, &[a], Duration::from_millis(50)).unwrap());
-    std::thread::sleep(Duration::from_millis(200));
+    // Reached its deadline: the cut takes nothing, and writes go on. (A
+    // deadline long enough for the hold's thread to take it on a loaded
+    // machine: 50 ms was not.)
+    assert!(p.hold_group(100, &[a], Duration::from_millis(500)).unwrap());
+    std::thread::sleep(Duration::from_millis(800));
     p.volume(a).unwrap().write(0, &[7u8; 8], false).unwrap();
     assert!(matches!(
         p.cut_group(100, &[(a, late)]),

@@ -1737,9 +1737,15 @@ impl Moves {
     /// volume and no node uses it (its user was unpublished, or this is a
     /// retry): the move records that `node` uses it (its attachment
     /// follows the volume after the switch, as the first user's would),
-    /// and the publish goes to the source. Whether it was so; `false`: the
-    /// publish waits for the move, as before.
-    pub async fn publishing(&self, id: &str, node: &str, read_only: bool) -> Result<bool, Status> {
+    /// and the publish goes to the source. Whether it was so (`None`: the
+    /// publish waits for the move, as before), and whether this call
+    /// recorded it (`false`: a retry found it recorded).
+    pub async fn publishing(
+        &self,
+        id: &str,
+        node: &str,
+        read_only: bool,
+    ) -> Result<Option<bool>, Status> {
         let mut rec = self.record(id).await?;
         let node = node.to_string();
         let open = move |m: &Move, node: &str| {
@@ -1748,8 +1754,10 @@ impl Moves {
                 && (m.published_to.is_empty()
                     || (m.published_to == node && m.read_only == read_only))
         };
-        if !rec.moving.as_ref().is_some_and(|m| open(m, &node)) {
-            return Ok(false);
+        match rec.moving.as_ref() {
+            Some(m) if open(m, &node) && m.published_to == node => return Ok(Some(false)),
+            Some(m) if open(m, &node) => {}
+            _ => return Ok(None),
         }
         let written = self
             .update_move(
@@ -1767,7 +1775,7 @@ impl Moves {
             .await;
         // Changed meanwhile (switched, or another node published): the
         // publish waits.
-        Ok(written.is_ok())
+        Ok(written.is_ok().then_some(true))
     }
 
     /// ControllerUnpublishVolume of `node` while a live move copies the

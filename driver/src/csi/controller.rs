@@ -896,7 +896,14 @@ impl Controller for ControllerService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(&cap))?;
         parse_volume_id(&req.volume_id)?;
-        let owner = self.volume_node(&req.volume_id).await?.ok_or_else(|| {
+        // One read for where it is and whether it moves.
+        let (rec, owner) = self.holder(&req.volume_id).await?;
+        if let Some(rec) = &rec
+            && let Some(e) = self.lost_volume(rec)?
+        {
+            return Err(e);
+        }
+        let owner = owner.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;
         let cluster = self.cluster.get()?;
@@ -917,8 +924,6 @@ impl Controller for ControllerService {
         }
         let mut context = HashMap::from([(node_context::OWNER.to_string(), owner.clone())]);
         let remote = owner != req.node_id;
-        let key = req.volume_id.clone();
-        let rec = self.records(move |r| r.volume(&key)).await?;
         if remote && !rec.as_ref().is_some_and(|r| r.anywhere) {
             return Err(Status::failed_precondition(format!(
                 "volume {} is attached on its own node {owner} only (StorageClass \
@@ -930,18 +935,18 @@ impl Controller for ControllerService {
         // node uses it: then the move takes this node along (the publish
         // goes to the source, and the attachment follows the volume after
         // the switch). Recorded once the publish is otherwise valid.
-        let mut along = false;
+        // (`Some(true)`: recorded by this call.)
+        let mut along = None;
         if let Some(rec) = &rec
             && check_not_moving(rec).is_err()
         {
-            along = match self.moves.get() {
-                Some(m) => m
+            if let Some(m) = self.moves.get() {
+                along = m
                     .publishing(&req.volume_id, &req.node_id, req.readonly)
                     .await
-                    .unwrap_or(false),
-                None => false,
-            };
-            if !along {
+                    .unwrap_or(None);
+            }
+            if along.is_none() {
                 check_not_moving(rec)?;
             }
         }
@@ -972,20 +977,28 @@ impl Controller for ControllerService {
             .await;
         let epoch = match attached {
             Ok(r) => r.into_inner().epoch,
-            // Sealed (or its copy removed) since: the move switches, and
-            // the attachment follows it; a retry goes to the target.
-            Err(e)
-                if along
-                    && matches!(
-                        e.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
-                    ) =>
-            {
-                return Err(Status::unavailable(format!(
-                    "volume {} switches to its move's target: retry ({})",
-                    req.volume_id,
-                    e.message()
-                )));
+            Err(e) if along.is_some() => {
+                // Recorded by this call: not the move's user after all (a
+                // retry records it again).
+                if along == Some(true)
+                    && let Some(m) = self.moves.get()
+                    && let Err(why) = m.unpublished(&req.volume_id, &req.node_id).await
+                {
+                    tracing::warn!(volume = %req.volume_id, node = %req.node_id, error = %why.message(), "a failed publish stays recorded as the moving volume's user");
+                }
+                // Sealed (or its copy removed) since: the move switches;
+                // a retry goes to the target.
+                if matches!(
+                    e.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) {
+                    return Err(Status::unavailable(format!(
+                        "volume {} switches to its move's target: retry ({})",
+                        req.volume_id,
+                        e.message()
+                    )));
+                }
+                return Err(e);
             }
             Err(e) => return Err(e),
         };

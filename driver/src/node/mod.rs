@@ -171,12 +171,15 @@ pub struct Node {
     backends: Vec<Box<dyn Attach>>,
     state: StateDir,
     staged: Mutex<HashMap<VolumeId, Entry>>,
+    /// Held while a followed record is changed: a stage's removal of one
+    /// it read never takes away one a follow wrote meanwhile.
+    followed_files: Mutex<()>,
 }
 
 /// A live move re-pointed a staged volume from the owners `from` (the
 /// last one most recently) to `to` (`None`: this node); kept after unstage, so a later stage with the
 /// publish context from before the move reaches the volume where it is.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Followed {
     from: Vec<String>,
     to: Option<Target>,
@@ -288,6 +291,7 @@ impl Node {
             config,
             backends,
             staged: Mutex::new(HashMap::new()),
+            followed_files: Mutex::new(()),
         };
         node.recover()?;
         for b in &node.backends {
@@ -511,7 +515,7 @@ impl Node {
             Some(t) => self.peers().is_ok_and(|p| p.open(t, None).is_ok()),
         };
         if serves {
-            let _ = std::fs::remove_file(self.followed_path(vid));
+            self.forget_followed(vid, &f);
             return None;
         }
         // Followed away from the owner asked for, or to it again under a
@@ -523,8 +527,17 @@ impl Node {
             tracing::info!(volume = %vid, published = asked_owner, owner = %f.to.as_ref().map_or(self.config.node_id.as_str(), |t| t.owner.as_str()), "a stage names the owner the volume moved away from: staged from its new owner");
             return Some(f.to);
         }
-        let _ = std::fs::remove_file(self.followed_path(vid));
+        self.forget_followed(vid, &f);
         None
+    }
+
+    /// Removes the followed record `f` of `vid`, unless a follow changed it
+    /// since it was read.
+    fn forget_followed(&self, vid: VolumeId, f: &Followed) {
+        let _files = self.followed_files.lock().expect("followed files");
+        if self.load_followed(vid).as_ref() == Some(f) {
+            let _ = std::fs::remove_file(self.followed_path(vid));
+        }
     }
 
     /// Stages a volume; staging it again the same way is a success.
@@ -739,6 +752,7 @@ impl Node {
         let staged_from = read_staged();
         // Every owner it was followed away from (a context may be older
         // than several moves), for a later stage.
+        let files = self.followed_files.lock().expect("followed files");
         let mut earlier = self.load_followed(vid).map(|f| f.from).unwrap_or_default();
         let new_owner = owner_id(owner.as_ref());
         let mut away = vec![previous.to_string()];
@@ -758,6 +772,7 @@ impl Node {
                 to: owner.clone(),
             },
         )?;
+        drop(files);
         // Staged meanwhile (from `previous`, before the record above was
         // there for the stage to see): followed here too.
         let Some((recorded, served)) = staged_from.or_else(read_staged) else {
