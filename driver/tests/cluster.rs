@@ -924,9 +924,12 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
         assert_eq!(code(&hello), Code::Ok, "{hello:?}");
         assert!(!hello.boot.is_empty());
 
-        // Refusals answer, and the lane stays open.
+        // A refusal of the caller or the grant answers and ends the lane
+        // (a node without a grant keeps none); other refusals answer, and
+        // the lane stays open.
         let r = ask(&mut s, &read(None, 4096)).unwrap();
         assert_eq!(code(&r), Code::Unauthenticated, "{r:?}");
+        assert!(closed(&mut s), "a lane kept without a grant");
         let forged = pb::Grant {
             volume_id: "vol-1".into(),
             node_id: "n2".into(),
@@ -934,8 +937,11 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
             mac: vec![7; 32],
             ..Default::default()
         };
+        let (mut s, _) = lane(&agent, &tls).unwrap();
         let r = ask(&mut s, &read(Some(forged.clone()), 4096)).unwrap();
         assert_eq!(code(&r), Code::PermissionDenied, "{r:?}");
+        assert!(closed(&mut s), "a lane kept with a forged grant");
+        let (mut s, _) = lane(&agent, &tls).unwrap();
         let r = ask(&mut s, &read(Some(forged), 2 << 20)).unwrap();
         assert_eq!(code(&r), Code::InvalidArgument, "{r:?}");
         let r = ask(&mut s, &pb::LaneRequest { op: None }).unwrap();

@@ -26,12 +26,13 @@
 //! arrives, and must arrive within a minute once it began; an answer
 //! must be taken within a minute too), [`IDLE`]
 //! without a request ends a lane, and a TLS handshake
-//! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once and
+//! has [`HANDSHAKE`] to finish, [`MAX_HANDSHAKES`] at once (shared evenly
+//! among the addresses that want them) and
 //! [`MAX_HANDSHAKES_PER_PEER`] from one address. A frame too
 //! large or that does not decode ends that connection with a log line,
 //! nothing else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,8 +51,8 @@ use tonic::Status;
 use super::peer::{PeerService, io_len, write_op};
 use crate::metrics::Metrics;
 use crate::peer::{
-    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, read_frame, write_data_frame,
-    write_frame,
+    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, ends_lane, read_frame,
+    write_data_frame, write_frame,
 };
 use crate::tls::Caller;
 
@@ -64,30 +65,75 @@ pub const MAX_LANES_PER_PEER: usize = 64;
 pub const IDLE: Duration = Duration::from_secs(300);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);
-/// TLS handshakes under way at once on the agent port; connections
-/// beyond are closed at once.
+/// TLS handshakes under way at once on the agent port; beyond, a
+/// connection takes the place of one from an address with more under way,
+/// or is closed at once.
 pub const MAX_HANDSHAKES: usize = 128;
 /// ... and from one address: one client without a certificate cannot take
 /// them all, and a node that dials all its lanes at once (its owner back
 /// after a restart) still gets them.
 pub const MAX_HANDSHAKES_PER_PEER: usize = MAX_LANES_PER_PEER;
 
-/// A handshake's place among those under way from its address.
+/// The TLS handshakes under way, by address (oldest first), each with
+/// what ends it early.
+#[derive(Default)]
+struct Handshakes {
+    by_peer: HashMap<IpAddr, VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    total: usize,
+    next: u64,
+}
+
+/// A handshake's place among those under way, given back when it ends.
 struct Handshaking {
     from: IpAddr,
-    of: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    id: u64,
+    /// Notified when a newcomer from an address with fewer handshakes
+    /// under way took this one's place.
+    evicted: Arc<tokio::sync::Notify>,
+    of: Arc<Mutex<Handshakes>>,
 }
 
 impl Handshaking {
-    fn begin(of: &Arc<Mutex<HashMap<IpAddr, usize>>>, from: IpAddr) -> Option<Self> {
-        let mut by_peer = of.lock().expect("handshakes");
-        let n = by_peer.entry(from).or_default();
-        if *n >= MAX_HANDSHAKES_PER_PEER {
+    /// A place for a handshake from `from`: none if that address has
+    /// [`MAX_HANDSHAKES_PER_PEER`] under way. With [`MAX_HANDSHAKES`] under
+    /// way, the oldest of the address with the most gives its place up if
+    /// that address has at least two more than `from`, so a few addresses
+    /// that connect and send nothing cannot keep the others out (they end
+    /// up sharing the places evenly).
+    fn begin(of: &Arc<Mutex<Handshakes>>, from: IpAddr) -> Option<Self> {
+        let mut h = of.lock().expect("handshakes");
+        let mine = h.by_peer.get(&from).map_or(0, VecDeque::len);
+        if mine >= MAX_HANDSHAKES_PER_PEER {
             return None;
         }
-        *n += 1;
+        if h.total >= MAX_HANDSHAKES {
+            let (most, n) = h
+                .by_peer
+                .iter()
+                .map(|(a, q)| (*a, q.len()))
+                .max_by_key(|(_, n)| *n)?;
+            if n < mine + 2 {
+                return None;
+            }
+            let queue = h.by_peer.get_mut(&most).expect("listed");
+            let (_, oldest) = queue.pop_front().expect("not empty");
+            if queue.is_empty() {
+                h.by_peer.remove(&most);
+            }
+            h.total -= 1;
+            oldest.notify_one();
+        }
+        let (id, evicted) = (h.next, Arc::new(tokio::sync::Notify::new()));
+        h.next += 1;
+        h.total += 1;
+        h.by_peer
+            .entry(from)
+            .or_default()
+            .push_back((id, Arc::clone(&evicted)));
         Some(Handshaking {
             from,
+            id,
+            evicted,
             of: Arc::clone(of),
         })
     }
@@ -95,12 +141,17 @@ impl Handshaking {
 
 impl Drop for Handshaking {
     fn drop(&mut self) {
-        let mut by_peer = self.of.lock().expect("handshakes");
-        if let Some(n) = by_peer.get_mut(&self.from) {
-            *n -= 1;
-            if *n == 0 {
-                by_peer.remove(&self.from);
+        let mut h = self.of.lock().expect("handshakes");
+        let Some(queue) = h.by_peer.get_mut(&self.from) else {
+            return;
+        };
+        // Not there if it was evicted.
+        if let Some(at) = queue.iter().position(|(id, _)| *id == self.id) {
+            queue.remove(at);
+            if queue.is_empty() {
+                h.by_peer.remove(&self.from);
             }
+            h.total -= 1;
         }
     }
 }
@@ -165,8 +216,7 @@ pub fn incoming(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let by_peer = Arc::default();
+    let handshakes = Arc::default();
     tokio::spawn(async move {
         loop {
             // Until tonic stops taking connections (the server stopped).
@@ -185,12 +235,8 @@ pub fn incoming(
             };
             // Before a certificate is seen, a connection costs a task and
             // a descriptor for up to HANDSHAKE: a bounded number of them.
-            let Some(mine) = Handshaking::begin(&by_peer, from.ip()) else {
-                tracing::warn!(%from, "agent port: {MAX_HANDSHAKES_PER_PEER} TLS handshakes under way from this address; connection dropped");
-                continue;
-            };
-            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-                tracing::warn!(%from, "agent port: {MAX_HANDSHAKES} TLS handshakes under way; connection dropped");
+            let Some(mine) = Handshaking::begin(&handshakes, from.ip()) else {
+                tracing::warn!(%from, "agent port: too many TLS handshakes under way (at most {MAX_HANDSHAKES_PER_PEER} from one address, {MAX_HANDSHAKES} in all); connection dropped");
                 continue;
             };
             let (acceptor, tx, lanes) = (acceptor.clone(), tx.clone(), lanes.clone());
@@ -198,8 +244,14 @@ pub fn incoming(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(%from, error = %e, "agent port: nodelay");
                 }
-                let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
-                drop((permit, mine));
+                let handshake = tokio::select! {
+                    h = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)) => h,
+                    () = mine.evicted.notified() => {
+                        tracing::info!(%from, "agent port: TLS handshake ended for one from an address with fewer under way");
+                        return;
+                    }
+                };
+                drop(mine);
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -401,6 +453,9 @@ impl Lanes {
             } else {
                 answer(|| self.execute(req, caller, &mut data))
             };
+            // A caller or grant this node does not accept keeps no lane
+            // (it could hold one with a request every IDLE otherwise).
+            let unwelcome = matches!(&answer, Answer::Reply(r) if ends_lane(r.code));
             stream.until(std::time::Instant::now() + FRAME_TIMEOUT);
             let sent = match answer {
                 Answer::Reply(reply) => write_frame(stream, &reply, &mut buf),
@@ -408,6 +463,10 @@ impl Lanes {
                     write_data_frame(stream, &LaneReply::default(), &data[..n], &mut buf)
                 }
             };
+            if unwelcome {
+                tracing::warn!(%from, "data lane closed: its caller or grant was refused");
+                return;
+            }
             if sent.is_err() {
                 return;
             }
@@ -569,8 +628,8 @@ mod tests {
 
     #[test]
     fn one_address_takes_a_bounded_share_of_the_handshakes() {
-        let of = Arc::default();
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let of: Arc<Mutex<Handshakes>> = Arc::default();
+        let [a, b]: [IpAddr; 2] = ["10.0.0.1", "10.0.0.2"].map(|a| a.parse().unwrap());
         let mut from_a: Vec<_> = (0..MAX_HANDSHAKES_PER_PEER)
             .map(|_| Handshaking::begin(&of, a).expect("under the cap"))
             .collect();
@@ -579,7 +638,58 @@ mod tests {
         from_a.pop();
         assert!(Handshaking::begin(&of, a).is_some());
         drop((from_a, from_b));
-        assert!(of.lock().unwrap().is_empty());
+        let h = of.lock().unwrap();
+        assert!(h.by_peer.is_empty() && h.total == 0);
+    }
+
+    /// Two addresses that hold every place (connections that send
+    /// nothing) do not keep a third out: its newcomers take the places of
+    /// their oldest, until the three share them evenly.
+    #[tokio::test]
+    async fn addresses_that_hold_every_handshake_give_places_up_to_others() {
+        let of: Arc<Mutex<Handshakes>> = Arc::default();
+        let [a, b, c]: [IpAddr; 3] =
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|a| a.parse().unwrap());
+        const { assert!(MAX_HANDSHAKES <= 2 * MAX_HANDSHAKES_PER_PEER) };
+        let mut held: Vec<_> = (0..MAX_HANDSHAKES)
+            .map(|i| Handshaking::begin(&of, if i % 2 == 0 { a } else { b }).unwrap())
+            .collect();
+        // Each of a and b is at its share; a newcomer of theirs is closed.
+        assert!(Handshaking::begin(&of, a).is_none());
+        let mut from_c = Vec::new();
+        while let Some(h) = Handshaking::begin(&of, c) {
+            from_c.push(h);
+        }
+        let evicted = held
+            .iter()
+            .filter(|h| {
+                let n = h.evicted.notified();
+                futures_ready(n)
+            })
+            .count();
+        assert_eq!(evicted, from_c.len());
+        let counts = {
+            let h = of.lock().unwrap();
+            assert_eq!(h.total, MAX_HANDSHAKES);
+            [a, b, c].map(|x| h.by_peer.get(&x).map_or(0, VecDeque::len))
+        };
+        let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+        assert!(max - min <= 1, "{counts:?}");
+        // The evicted ones' ends give back nothing twice.
+        held.clear();
+        assert_eq!(of.lock().unwrap().total, from_c.len());
+        from_c.clear();
+        let h = of.lock().unwrap();
+        assert!(h.by_peer.is_empty() && h.total == 0);
+    }
+
+    /// Whether `f` is ready at its first poll.
+    fn futures_ready(f: impl std::future::Future) -> bool {
+        let mut f = std::pin::pin!(f);
+        let waker = std::task::Waker::noop();
+        f.as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
     }
 
     #[test]

@@ -802,7 +802,11 @@ impl PeerService {
     }
 
     /// [`Self::on_volume`] on the calling thread, which may block (a data
-    /// lane's, `super::lane`): the request is admitted on `runtime`.
+    /// lane's, `super::lane`): the request is admitted on `runtime`. Unlike
+    /// an RPC's, a lane's wait is not cancelled when its client leaves, so
+    /// a request of a newer session waits for the older ones for at most
+    /// [`DRAIN_LIMIT`], then is answered UNAVAILABLE, unexecuted (its client
+    /// retries), and the lane is free again.
     pub(crate) fn on_volume_here<T>(
         &self,
         runtime: &tokio::runtime::Handle,
@@ -811,7 +815,14 @@ impl PeerService {
         writes: bool,
         f: impl FnOnce(&crate::engine::Volume) -> crate::engine::Result<T>,
     ) -> Result<T, Status> {
-        let admitted = runtime.block_on(self.admit(caller, grant, writes))?;
+        let admit =
+            async { tokio::time::timeout(DRAIN_LIMIT, self.admit(caller, grant, writes)).await };
+        let admitted = runtime.block_on(admit).map_err(|_| {
+            Status::unavailable(format!(
+                "the volume's earlier requests did not end within {} s; not executed",
+                DRAIN_LIMIT.as_secs()
+            ))
+        })??;
         execute(&self.started, admitted, f)
     }
 

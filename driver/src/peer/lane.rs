@@ -21,8 +21,8 @@ use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use tonic::{Code, Status};
 
 use super::{
-    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, decode_data_frame, read_frame,
-    short_read, write_frame,
+    LANE_ALPN, LANE_SLICE, LaneSocket, MOVED_HEADER, SESSION_HEADER, decode_data_frame, ends_lane,
+    read_frame, short_read, write_frame,
 };
 use tokio_rustls::rustls;
 
@@ -160,7 +160,7 @@ impl Lanes {
         };
         let boot = lane.boot.clone();
         lane.used = Instant::now();
-        {
+        if !ends_lane(reply.code) {
             let mut idle = self.idle.lock().expect("lanes");
             if idle.len() < KEEP {
                 idle.push(lane);

@@ -42,6 +42,15 @@ pub const MAX_FRAME: usize = MAX_IO + (64 << 10);
 /// deadline is checked again (the socket's own timeout).
 pub const LANE_SLICE: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Whether a lane's answer with status `code` refused its caller or its
+/// grant: the owner then closes the lane (a node it does not accept keeps
+/// none), and the client does not keep it.
+pub fn ends_lane(code: i32) -> bool {
+    [tonic::Code::PermissionDenied, tonic::Code::Unauthenticated]
+        .iter()
+        .any(|c| *c as i32 == code)
+}
+
 /// A data lane's socket, under its TLS, on either side: a read or a write
 /// gives up at the lane's deadline, and one that times out before it
 /// (after the socket's own timeout, at most [`LANE_SLICE`]) is tried
