@@ -105,7 +105,28 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
     v.connect_backing(backing.clone()).unwrap();
     let mut model = backing.data.clone();
     model.resize(2 * MIB as usize, 0);
-    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    // Read from the backing once, then kept: the next read stays here.
+    // Past the backing, zeros (nothing to keep).
+    let head = 16 * BLOCK;
+    let read_at = |at: usize, len: usize| {
+        let mut buf = vec![0u8; len];
+        v.read(at as u64, &mut buf).unwrap();
+        buf
+    };
+    assert!(read_at(0, head) == model[..head]);
+    let reads = backing.reads.load(Ordering::Relaxed);
+    assert!(reads > 0);
+    assert!(read_at(0, head) == model[..head]);
+    assert!(read_at(MIB as usize, MIB as usize) == model[MIB as usize..]);
+    assert_eq!(
+        backing.reads.load(Ordering::Relaxed),
+        reads,
+        "read the backing again"
+    );
+    // A read with partial blocks at its ends keeps the whole ones only.
+    assert!(read_at(head + 100, 2 * BLOCK) == model[head + 100..head + 100 + 2 * BLOCK]);
+    assert!(read_at(head + BLOCK, BLOCK) == model[head + BLOCK..head + 2 * BLOCK]);
+    assert_eq!(backing.reads.load(Ordering::Relaxed), reads + 1);
 
     // A partial write keeps the backing's bytes around it; a discard
     // reads as zeros, not as the backing; zeroes likewise.
@@ -120,7 +141,7 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
     v.write_zeroes(9 * BLOCK as u64 + 10, BLOCK as u64, flags)
         .unwrap();
     model[9 * BLOCK + 10..10 * BLOCK + 10].fill(0);
-    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    assert!(read_at(0, head) == model[..head]);
     // Block status: what may hold data is data, the discard is zero.
     let status = v.block_status(0, 2 * MIB).unwrap();
     let zero: Vec<(u64, bool)> = status.iter().map(|e| (e.len, e.zero)).collect();
@@ -142,9 +163,8 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
 
     // The fill copies only what no layer defines, in the backing's range.
     let copied = v.fill(0, 2 * MIB).unwrap();
-    // Blocks 0, 5, 6, 9 and 10 (the zeroes cover parts of two blocks).
-    let written = 5 * BLOCK as u64;
-    assert_eq!(copied, MIB - written);
+    // Not the 17 blocks read before (nor the writes among them).
+    assert_eq!(copied, MIB - (head + BLOCK) as u64);
     assert_eq!(
         v.fill(0, 2 * MIB).unwrap(),
         0,
@@ -194,10 +214,13 @@ fn a_restart_keeps_the_volume_fetching_and_every_flushed_write() {
     v.read(0, &mut first).unwrap();
     assert!(first == model[..MIB as usize]);
     v.connect_backing(backing.clone()).unwrap();
-    assert!(read_all(&p, vid, model.len()).unwrap() == model);
+    let mut second = vec![0u8; MIB as usize];
+    v.read(MIB, &mut second).unwrap();
+    assert!(second == model[MIB as usize..2 * MIB as usize]);
     let before = backing.reads.load(Ordering::Relaxed);
     let copied = v.fill(0, 4 * MIB).unwrap();
-    assert!(copied < 3 * MIB, "filled again what was filled: {copied}");
+    // Neither the first MiB (filled) nor the second (read, so kept).
+    assert!(copied < 2 * MIB, "filled again what was here: {copied}");
     assert!(backing.reads.load(Ordering::Relaxed) > before);
     p.finish_fetch(&v).unwrap();
     backing.broken.store(true, Ordering::Relaxed);
@@ -209,8 +232,10 @@ fn a_restart_keeps_the_volume_fetching_and_every_flushed_write() {
     assert!(p.fetching_volumes().unwrap().is_empty());
 }
 
+/// Fills and reads (which keep what they read from the backing) race
+/// writes: the writes win.
 #[test]
-fn a_write_racing_a_fill_always_wins() {
+fn a_write_racing_a_fill_or_a_kept_read_always_wins() {
     let dir = tempfile::tempdir().unwrap();
     let p = pool(dir.path());
     let vid = VolumeId::new_random();
@@ -239,12 +264,24 @@ fn a_write_racing_a_fill_always_wins() {
             mine
         })
     };
+    let reader = {
+        let v = Arc::clone(&v);
+        std::thread::spawn(move || {
+            let mut rng = common::Rng::new(2);
+            let mut buf = vec![0u8; 64 * 1024];
+            for _ in 0..1000 {
+                let at = rng.below(size as u64 - buf.len() as u64);
+                v.read(at, &mut buf).unwrap();
+            }
+        })
+    };
     let mut at = 0;
     while at < size as u64 {
         v.fill(at, 64 * 1024).unwrap();
         at += 64 * 1024;
     }
     let mine = writer.join().unwrap();
+    reader.join().unwrap();
     let mut model = backing.data.clone();
     // The writes, in their order, over the backing.
     for (at, len, byte) in mine {

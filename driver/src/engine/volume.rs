@@ -459,21 +459,15 @@ impl Volume {
         if first >= end {
             return Ok(0);
         }
-        let absent = |segments: &[Segment]| -> Vec<(u64, u64)> {
-            segments
-                .iter()
-                .filter(|s| matches!(s.source, Source::Absent))
-                .map(|s| (s.start.max(first), (s.start + s.blocks).min(end)))
-                .filter(|(s, e)| s < e)
-                .collect()
-        };
-        let wanted = absent(
+        let wanted = absent_within(
             &self
                 .state
                 .read()
                 .expect("volume state")
                 .view
                 .segments(first, end)?,
+            first,
+            end,
         );
         if wanted.is_empty() {
             return Ok(0);
@@ -484,6 +478,14 @@ impl Volume {
             let have = (backing.size() - s * BLOCK_SIZE).min((e - s) * BLOCK_SIZE) as usize;
             backing.read(s * BLOCK_SIZE, &mut data[at..at + have])?;
         }
+        self.keep(first, end, &wanted, &data)
+    }
+
+    /// Writes into the top the blocks of `wanted` (inside `first..end`,
+    /// whose bytes `data` holds from block `first` on) that are still
+    /// absent, under the range lock, so a write that came meanwhile wins;
+    /// the bytes written.
+    fn keep(&self, first: u64, end: u64, wanted: &[(u64, u64)], data: &[u8]) -> Result<u64> {
         self.check_fault(false)?;
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
@@ -493,9 +495,9 @@ impl Volume {
             (Arc::clone(&st.top), st.view.segments(first, end)?)
         };
         let mut copied = 0;
-        for (s, e) in absent(&segments) {
-            // Only what was read above.
-            for &(ws, we) in &wanted {
+        for (s, e) in absent_within(&segments, first, end) {
+            // Only what was read.
+            for &(ws, we) in wanted {
                 let (s, e) = (s.max(ws), e.min(we));
                 if s >= e {
                     continue;
@@ -592,7 +594,7 @@ impl Volume {
             self.check_live()?;
         }
         let (first, end) = touched_blocks(offset, buf.len() as u64);
-        self.read_blocks(first, end, offset, buf)
+        self.read_blocks(first, end, offset, buf, true)
     }
 
     /// Writes `data` at `offset`; with `fua`, the data (and everything
@@ -618,7 +620,7 @@ impl Volume {
         self.write_checked(offset, data, fua, |first| {
             let mut have = vec![0u8; data.len()];
             let end = touched_blocks(offset, data.len() as u64).1;
-            self.read_blocks(first, end, offset, &mut have)?;
+            self.read_blocks(first, end, offset, &mut have, false)?;
             differs = have.iter().zip(expect).position(|(a, b)| a != b);
             Ok(differs.is_none())
         })?;
@@ -818,14 +820,21 @@ impl Volume {
     }
 
     fn read_locked(&self, block: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_blocks(block, block + 1, block * BLOCK_SIZE, buf)
+        self.read_blocks(block, block + 1, block * BLOCK_SIZE, buf, false)
     }
 
     /// Reads `buf.len()` bytes at `offset`, inside blocks `first..end`:
     /// those no layer defines from the source while the volume fetches.
-    fn read_blocks(&self, first: u64, end: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let fetch = self.fetch_state();
-        let fetching = fetch.is_some();
+    /// With `keep`, whole blocks read from the source are kept here (as
+    /// a fill keeps them), so the next read of them stays on this node.
+    fn read_blocks(
+        &self,
+        first: u64,
+        end: u64,
+        offset: u64,
+        buf: &mut [u8],
+        keep: bool,
+    ) -> Result<()> {
         let segments = || {
             self.state
                 .read()
@@ -833,7 +842,15 @@ impl Volume {
                 .view
                 .segments(first, end)
         };
-        match self.read_resolved(fetch, &segments()?, offset, buf) {
+        // The fetch state and the blocks at one moment: a block absent
+        // after the fetch ended (a discard then records blocks absent) is
+        // never read from the source.
+        let (fetch, resolved) = {
+            let fetch = self.fetch.read().expect("fetch");
+            (fetch.clone(), segments()?)
+        };
+        let fetching = fetch.is_some();
+        match self.read_resolved(fetch.clone(), &resolved, offset, buf) {
             // The fetch ended while this read waited on its source, which
             // may be gone by now (deleted once the fetch was done): every
             // block it lacked is here now.
@@ -841,7 +858,31 @@ impl Volume {
                 tracing::debug!(volume = %self.id, error = %e, "a read of the source failed after the fetch ended: read here");
                 self.read_resolved(None, &segments()?, offset, buf)
             }
+            Ok(()) if keep && matches!(fetch, Some(Fetch::From(_))) => {
+                self.keep_read(&resolved, offset, buf, fetch.as_ref());
+                Ok(())
+            }
             r => r,
+        }
+    }
+
+    /// Keeps the whole blocks of a read's `buf` (at `offset`) that were
+    /// absent in `resolved` and so came from the source of `fetch`. Best
+    /// effort: the read has its data either way (a full pool or a fault
+    /// leaves them to the fill).
+    fn keep_read(&self, resolved: &[Segment], offset: u64, buf: &[u8], fetch: Option<&Fetch>) {
+        let Some(Fetch::From(backing)) = fetch else {
+            return;
+        };
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = ((offset + buf.len() as u64) / BLOCK_SIZE).min(backing.size() / BLOCK_SIZE);
+        let wanted = absent_within(resolved, first, end);
+        if wanted.is_empty() {
+            return;
+        }
+        let data = &buf[(first * BLOCK_SIZE - offset) as usize..];
+        if let Err(e) = self.keep(first, end, &wanted, data) {
+            tracing::debug!(volume = %self.id, error = %e, "blocks read from the source not kept");
         }
     }
 
@@ -1016,11 +1057,13 @@ impl Volume {
         if !self.admit(offset, len)? {
             return Ok(Vec::new());
         }
+        // The fetch lock before the state's, as reads take them.
+        let fetching = self.fetching();
         Ok(view::block_status(
             &self.state.read().expect("volume state").view,
             offset,
             len,
-            self.fetching(),
+            fetching,
         ))
     }
 
@@ -1423,4 +1466,15 @@ impl Volume {
         }
         self.checkpoint_locked(&mut journal, false)
     }
+}
+
+/// The runs of `segments` that no layer defines, clipped to blocks
+/// `first..end`.
+fn absent_within(segments: &[Segment], first: u64, end: u64) -> Vec<(u64, u64)> {
+    segments
+        .iter()
+        .filter(|s| matches!(s.source, Source::Absent))
+        .map(|s| (s.start.max(first), (s.start + s.blocks).min(end)))
+        .filter(|(s, e)| s < e)
+        .collect()
 }
