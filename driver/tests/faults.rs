@@ -1027,6 +1027,66 @@ fn a_failed_write_back_stops_the_volume_until_acknowledged() {
     checked(&disk).unwrap();
 }
 
+/// The source of a fetching volume: blocks tagged 1, 2, ...
+#[derive(Debug)]
+struct Tagged(u64);
+
+impl strata::engine::Backing for Tagged {
+    fn size(&self) -> u64 {
+        self.0 * BLOCK
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> strata::engine::Result<()> {
+        for (i, b) in buf.chunks_mut(BLOCK as usize).enumerate() {
+            let tag = (offset / BLOCK + i as u64 + 1) as u32;
+            b.copy_from_slice(&pattern(tag)[..b.len()]);
+        }
+        Ok(())
+    }
+}
+
+/// fsyncgate on a fetching volume: the blocks a failed write-back lost
+/// are fetched again from the source once the loss is acknowledged (the
+/// source's copy is whole), not kept as what the failed write-back left
+/// on disk, which a power cut then shows.
+#[test]
+fn a_fetching_volume_fetches_again_what_a_failed_write_back_lost() {
+    let disk = new_disk();
+    let opts = |disk: &FaultFs| PoolOptions {
+        sync_log_bytes: 0,
+        ..opts(disk)
+    };
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_fetching_volume(vid(1), 8 * BLOCK, b"r")
+            .unwrap();
+        let vol = pool.volume(vid(1)).unwrap();
+        vol.connect_backing(Arc::new(Tagged(8))).unwrap();
+        assert_eq!(vol.fill(0, 4 * BLOCK).unwrap(), 4 * BLOCK);
+        vol.flush().unwrap();
+        assert_eq!(vol.fill(4 * BLOCK, 4 * BLOCK).unwrap(), 4 * BLOCK);
+        disk.fail(Some(Fail {
+            at: 1,
+            op: Some(Op::Sync),
+            errno: libc::EIO,
+            sticky: false,
+        }));
+        let e = vol.flush().unwrap_err();
+        assert!(matches!(e, strata::engine::Error::DataLost { .. }), "{e}");
+        pool.acknowledge_loss(vid(1)).unwrap();
+        // The flushed half stays; the lost half is fetched again.
+        assert_eq!(vol.absent_bytes(0, 4 * BLOCK).unwrap(), 0);
+        assert_eq!(vol.fill(0, 8 * BLOCK).unwrap(), 4 * BLOCK);
+        vol.flush().unwrap();
+        pool.finish_fetch(&vol).unwrap();
+        disk.power_cut();
+    }
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    assert!(!pool.volume(vid(1)).unwrap().fetching());
+    reads(&pool, 1, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    drop(pool);
+    checked(&disk).unwrap();
+}
+
 /// A fold of a deleted snapshot's layer L into its only child C (a frozen
 /// layer of an empty snapshot) whose volume and snapshot are deleted while
 /// the job builds C's new file: the new file is never installed as the

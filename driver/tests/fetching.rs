@@ -161,8 +161,11 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
         assert!(matches!(e, Error::Fetching { .. }), "{e:?}");
     }
 
-    // The fill copies only what no layer defines, in the backing's range.
+    // The fill copies only what no layer defines, in the backing's range
+    // (what a fill charges its budget for up front).
+    let absent = v.absent_bytes(0, MIB).unwrap();
     let copied = v.fill(0, 2 * MIB).unwrap();
+    assert_eq!(copied, absent);
     // Not the 17 blocks read before (nor the writes among them).
     assert_eq!(copied, MIB - (head + BLOCK) as u64);
     assert_eq!(

@@ -687,7 +687,10 @@ impl Imports {
         let bucket =
             (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
         each_data_chunk(&source, record.size_bytes, |at, n, _| {
-            throttle(pool, bucket.as_ref(), n, None)?;
+            // Charged for what it reads: a fill taken up again after a
+            // restart walks what is here already at full speed.
+            let absent = volume.absent_bytes(at, n as u64).map_err(status::engine)?;
+            throttle(pool, bucket.as_ref(), absent as usize, None)?;
             let filled = volume.fill(at, n as u64).map_err(status::engine)?;
             copied.fetch_add(filled, Ordering::Relaxed);
             crate::engine::jobs::failpoint::hit("agent::import::after_chunk");

@@ -1136,6 +1136,7 @@ impl Pool {
     /// failed write-back lost stays lost.
     pub fn acknowledge_loss(&self, id: VolumeId) -> Result<()> {
         let vol = self.volume(id)?;
+        vol.refetch_lost();
         self.shared().put_fault(id, None)?;
         vol.clear_fault();
         tracing::warn!(volume = %id, "data loss acknowledged; the volume takes writes again");

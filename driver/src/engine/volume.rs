@@ -440,6 +440,26 @@ impl Volume {
         }
     }
 
+    /// The bytes of the blocks inside `offset..offset+len` that no layer
+    /// defines (what a fill of that range would read, less what is
+    /// written meanwhile).
+    pub fn absent_bytes(&self, offset: u64, len: u64) -> Result<u64> {
+        if !self.admit(offset, len)? {
+            return Ok(0);
+        }
+        let (first, end) = touched_blocks(offset, len);
+        let segments = self
+            .state
+            .read()
+            .expect("volume state")
+            .view
+            .segments(first, end)?;
+        Ok(absent_within(&segments, first, end)
+            .iter()
+            .map(|(s, e)| (e - s) * BLOCK_SIZE)
+            .sum())
+    }
+
     /// Copies the backing's bytes of the blocks inside `offset..offset+len`
     /// that no layer defines into the top; the bytes copied. The backing is
     /// read with no lock held (it may be slow, or away for a while); then,
@@ -1177,6 +1197,31 @@ impl Volume {
         Error::DataLost {
             volume: self.id,
             why,
+        }
+    }
+
+    /// An acknowledged loss on a fetching volume, before its fault is
+    /// cleared (so nothing writes meanwhile): the blocks the lost batch
+    /// made data become absent again, and the fill fetches them anew from
+    /// the source, whose copy is whole, rather than serving what the failed
+    /// write-back left on disk. (A write among them, lost either way, then
+    /// reads as the source's.)
+    pub(crate) fn refetch_lost(&self) {
+        if !self.fetching() {
+            return;
+        }
+        let top = Arc::clone(&self.state.read().expect("volume state").top);
+        let lost: Vec<(u64, u64)> = self
+            .pending
+            .lock()
+            .expect("pending")
+            .records
+            .iter()
+            .filter(|r| r.layer == top.id && r.state == BlockState::Data)
+            .map(|r| (r.start, r.start + u64::from(r.blocks)))
+            .collect();
+        for (s, e) in lost {
+            self.commit(&top, s, e, BlockState::Absent, None);
         }
     }
 
