@@ -367,6 +367,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .max_concurrent_streams(crate::tls::SERVER_MAX_STREAMS)
                 .http2_keepalive_interval(Some(crate::tls::SERVER_KEEPALIVE.0))
                 .http2_keepalive_timeout(Some(crate::tls::SERVER_KEEPALIVE.1))
+                .timeout(crate::tls::SERVER_RPC_TIMEOUT)
                 // Only the controller changes this node's volumes.
                 .add_service(AgentServer::with_interceptor(agent, move |req| {
                     callers.controller(&crate::tls::Caller::of(&req))?;

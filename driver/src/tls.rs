@@ -54,6 +54,13 @@ pub const SERVER_MAX_STREAMS: u32 = 128;
 pub const SERVER_KEEPALIVE: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(20));
 
+/// The longest one request to the agent port may take, its request's
+/// arrival included (a client that sends a message's header and then
+/// trickles the rest keeps its buffer no longer). Well above the longest
+/// legitimate wait: a read of a volume still fetching waits up to 120 s
+/// for its source, an attach 30 s for the previous attachment's requests.
+pub const SERVER_RPC_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The DNS name every agent's server certificate carries.
 pub const SERVER_NAME: &str = "strata-agent";
 

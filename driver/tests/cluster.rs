@@ -842,11 +842,28 @@ fn lane_from(
     std::io::Error,
 > {
     use prost::Message;
+    let mut s = connect_from(address, tls, from, strata::peer::LANE_ALPN)?;
+    let mut buf = Vec::new();
+    if !strata::peer::read_frame(&mut s, &mut buf)? {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let hello =
+        csi_proto::peer::v1::LaneReply::decode(buf.as_slice()).map_err(std::io::Error::other)?;
+    Ok((s, hello))
+}
+
+/// A TLS connection to the agent port at `address` with the cluster's
+/// certificate, from loopback address `from`, for protocol `alpn`.
+fn connect_from(
+    address: &str,
+    tls: &Path,
+    from: Option<std::net::Ipv4Addr>,
+    alpn: &[u8],
+) -> std::io::Result<
+    tokio_rustls::rustls::StreamOwned<tokio_rustls::rustls::ClientConnection, std::net::TcpStream>,
+> {
     use strata::tls::TlsFiles;
-    let config = TlsFiles::load(tls)
-        .unwrap()
-        .rustls_client(&[strata::peer::LANE_ALPN])
-        .unwrap();
+    let config = TlsFiles::load(tls).unwrap().rustls_client(&[alpn]).unwrap();
     let tcp = match from {
         None => std::net::TcpStream::connect(address)?,
         Some(ip) => {
@@ -864,14 +881,7 @@ fn lane_from(
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let conn =
         tokio_rustls::rustls::ClientConnection::new(config, TlsFiles::server_name()).unwrap();
-    let mut s = tokio_rustls::rustls::StreamOwned::new(conn, tcp);
-    let mut buf = Vec::new();
-    if !strata::peer::read_frame(&mut s, &mut buf)? {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let hello =
-        csi_proto::peer::v1::LaneReply::decode(buf.as_slice()).map_err(std::io::Error::other)?;
-    Ok((s, hello))
+    Ok(tokio_rustls::rustls::StreamOwned::new(conn, tcp))
 }
 
 /// `req` on a lane: the answer, or `None` if the node closed it.
@@ -1029,6 +1039,38 @@ async fn the_data_lane_refuses_bad_frames_and_bounds_its_lanes() {
             std::thread::sleep(Duration::from_millis(50));
         }
         others.clear();
+
+        // At most 32 gRPC connections from one address: the next is
+        // closed after its handshake, and a place is free again once one
+        // closes.
+        use strata::agent::lane::MAX_RPC_CONNECTIONS_PER_PEER;
+        let h2 = || {
+            let mut s = connect_from(&agent, &tls, peer(9), b"h2").unwrap();
+            s.sock
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            // The handshake, then whatever the server says first.
+            let _ = s.flush();
+            s
+        };
+        let mut open: Vec<_> = (0..MAX_RPC_CONNECTIONS_PER_PEER)
+            .map(|i| {
+                let mut s = h2();
+                assert!(!closed(&mut s), "gRPC connection {i} closed");
+                s
+            })
+            .collect();
+        assert!(closed(&mut h2()), "a gRPC connection above the cap");
+        open.pop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while closed(&mut h2()) {
+            assert!(
+                Instant::now() < deadline,
+                "a closed gRPC connection's place was never freed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(open);
 
         // A client of an owner without lanes (an older Strata answers
         // ALPN h2) goes to the RPCs.

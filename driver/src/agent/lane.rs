@@ -156,6 +156,110 @@ impl Drop for Handshaking {
     }
 }
 
+/// gRPC connections (ALPN `h2`) open at once on the agent port from one
+/// address (a node's controller channel and data path use one each;
+/// short-lived clients such as the CLI come and go); beyond, a new one is
+/// closed after its handshake. Each may have up to
+/// `tls::SERVER_CONNECTION_WINDOW` of requests unread. No cap in all: a
+/// few addresses holding every place would keep the controller out.
+pub const MAX_RPC_CONNECTIONS_PER_PEER: usize = 32;
+
+/// Places counted per address, each given back when dropped.
+#[derive(Debug, Clone, Default)]
+struct Places(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl Places {
+    /// A place for `from`, if it has fewer than `max`.
+    fn take(&self, from: IpAddr, max: usize) -> Option<Place> {
+        let mut by_peer = self.0.lock().expect("places");
+        let mine = by_peer.entry(from).or_default();
+        if *mine >= max {
+            return None;
+        }
+        *mine += 1;
+        Some(Place {
+            of: self.clone(),
+            from,
+        })
+    }
+}
+
+/// One place of [`Places`].
+#[derive(Debug)]
+struct Place {
+    of: Places,
+    from: IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut by_peer = self.of.0.lock().expect("places");
+        if let Some(n) = by_peer.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.from);
+            }
+        }
+    }
+}
+
+/// A gRPC connection of the agent port, which holds its place among the
+/// open ones until it closes.
+#[derive(Debug)]
+pub struct RpcConnection {
+    tls: TlsStream<TcpStream>,
+    _place: Place,
+}
+
+impl tokio::io::AsyncRead for RpcConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for RpcConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for RpcConnection {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
 /// How long a request's frame may take to arrive once its first bytes
 /// came, and an answer to be taken (give or take [`LANE_SLICE`]).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -207,16 +311,18 @@ impl<S: Timed> Read for FrameReader<'_, S> {
 }
 
 /// The agent port's connections: each TLS handshake runs in a task of its
-/// own; gRPC ones (ALPN `h2`, or none) come out of the stream for tonic,
-/// lanes go to `lanes`.
+/// own; gRPC ones (ALPN `h2`, or none) come out of the stream for tonic
+/// while their address has fewer than [`MAX_RPC_CONNECTIONS_PER_PEER`]
+/// open, lanes go to `lanes`.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     lanes: Lanes,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<RpcConnection>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshakes = Arc::default();
+    let rpcs = Places::default();
     tokio::spawn(async move {
         loop {
             // Until tonic stops taking connections (the server stopped).
@@ -239,7 +345,8 @@ pub fn incoming(
                 tracing::warn!(%from, "agent port: too many TLS handshakes under way (at most {MAX_HANDSHAKES_PER_PEER} from one address, {MAX_HANDSHAKES} in all); connection dropped");
                 continue;
             };
-            let (acceptor, tx, lanes) = (acceptor.clone(), tx.clone(), lanes.clone());
+            let (acceptor, tx, lanes, rpcs) =
+                (acceptor.clone(), tx.clone(), lanes.clone(), rpcs.clone());
             tokio::spawn(async move {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(%from, error = %e, "agent port: nodelay");
@@ -265,8 +372,15 @@ pub fn incoming(
                 };
                 if tls.get_ref().1.alpn_protocol() == Some(LANE_ALPN) {
                     lanes.serve(tls);
-                } else {
-                    let _ = tx.send(Ok(tls)).await;
+                    return;
+                }
+                match rpcs.take(from.ip(), MAX_RPC_CONNECTIONS_PER_PEER) {
+                    Some(place) => {
+                        let _ = tx.send(Ok(RpcConnection { tls, _place: place })).await;
+                    }
+                    None => {
+                        tracing::warn!(%from, "agent port: gRPC connection closed: {MAX_RPC_CONNECTIONS_PER_PEER} are open from this address");
+                    }
                 }
             });
         }
