@@ -58,9 +58,10 @@ pub struct Peers {
     tls: TlsFiles,
     /// For data lanes (`None` if the files do not make one).
     lanes: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
-    /// The lanes to each owner (by address and node), shared by the
-    /// volumes this node uses there: the owner counts lanes per node.
-    owners: Arc<Mutex<HashMap<OwnerKey, Weak<Lanes>>>>,
+    /// The way to each owner (by address and node), shared by the
+    /// volumes this node uses there: the owner counts lanes and gRPC
+    /// connections per node.
+    owners: Arc<Mutex<HashMap<OwnerKey, Weak<Owner>>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -125,45 +126,54 @@ impl Peers {
                 Status::invalid_argument("the publish context's grant is malformed"),
             )
         })?;
-        let channel = self
-            .tls
-            .channel(
-                "peer",
-                &target.address,
-                Server::Node(&target.owner),
-                CONNECT_TIMEOUT,
-                CALL_TIMEOUT,
-            )
-            .map_err(|s| remote_error(target, "connect", s))?;
-        let client = PeerClient::new(channel)
-            .max_decoding_message_size(super::MAX_FRAME)
-            .max_encoding_message_size(super::MAX_FRAME);
         Ok(Link {
             target: target.clone(),
             grant,
-            client,
-            lanes: self.lanes_to(&target.address, &target.owner),
+            owner: self
+                .owner(&target.address, &target.owner)
+                .map_err(|s| remote_error(target, "connect", s))?,
         })
     }
 
-    /// The lanes to node `owner` at `address`.
-    fn lanes_to(&self, address: &str, owner: &str) -> Arc<Lanes> {
+    /// The way to node `owner` at `address`: one gRPC channel (one HTTP/2
+    /// connection, however many of its volumes this node uses) and its
+    /// lanes.
+    fn owner(&self, address: &str, owner: &str) -> std::result::Result<Arc<Owner>, Status> {
         let key = (address.to_string(), owner.to_string());
         let mut owners = self.owners.lock().expect("owners");
-        if let Some(lanes) = owners.get(&key).and_then(Weak::upgrade) {
-            return lanes;
+        if let Some(o) = owners.get(&key).and_then(Weak::upgrade) {
+            return Ok(o);
         }
-        owners.retain(|_, l| l.strong_count() > 0);
-        let lanes = Arc::new(Lanes::new(
-            self.lanes.clone(),
+        owners.retain(|_, o| o.strong_count() > 0);
+        let channel = self.tls.channel(
+            "peer",
             address,
-            &self.tls.server_name_of(Server::Node(owner)),
+            Server::Node(owner),
             CONNECT_TIMEOUT,
             CALL_TIMEOUT,
-        ));
-        owners.insert(key, Arc::downgrade(&lanes));
-        lanes
+        )?;
+        let o = Arc::new(Owner {
+            client: PeerClient::new(channel)
+                .max_decoding_message_size(super::MAX_FRAME)
+                .max_encoding_message_size(super::MAX_FRAME),
+            lanes: Lanes::new(
+                self.lanes.clone(),
+                address,
+                &self.tls.server_name_of(Server::Node(owner)),
+                CONNECT_TIMEOUT,
+                CALL_TIMEOUT,
+            ),
+        });
+        owners.insert(key, Arc::downgrade(&o));
+        Ok(o)
     }
+}
+
+/// The way to one owner: its Peer RPCs and its data lanes.
+#[derive(Debug)]
+struct Owner {
+    client: PeerClient<Channel>,
+    lanes: Lanes,
 }
 
 /// Where a remote volume's requests go, and with which grant.
@@ -171,8 +181,7 @@ impl Peers {
 struct Link {
     target: Target,
     grant: pb::Grant,
-    client: PeerClient<Channel>,
-    lanes: Arc<Lanes>,
+    owner: Arc<Owner>,
 }
 
 /// What a flush must know about the owner's restarts.
@@ -562,7 +571,7 @@ impl RemoteVolume {
             let r = self
                 .peers
                 .runtime
-                .block_on(call(link.client.clone(), grant))?;
+                .block_on(call(link.owner.client.clone(), grant))?;
             Ok(answer(r))
         })
     }
@@ -581,13 +590,13 @@ impl RemoteVolume {
             Op::Write(w) => w.offset,
         };
         let req = pb::LaneRequest { op: Some(op) };
-        if let Some(r) = link.lanes.call(&req, into.as_deref_mut()) {
+        if let Some(r) = link.owner.lanes.call(&req, into.as_deref_mut()) {
             return r.map(|(reply, boot)| (reply, Some(boot)));
         }
         let r = self
             .peers
             .runtime
-            .block_on(by_rpc(link.client.clone(), req))?;
+            .block_on(by_rpc(link.owner.client.clone(), req))?;
         let (mut reply, boot) = answer(r);
         if let Some(into) = into {
             let data = std::mem::take(&mut reply.data);
