@@ -1072,12 +1072,16 @@ fn a_fetching_volume_fetches_again_what_a_failed_write_back_lost() {
         }));
         let e = vol.flush().unwrap_err();
         assert!(matches!(e, strata::engine::Error::DataLost { .. }), "{e}");
+        let walked = vol.refetches();
         pool.acknowledge_loss(vid(1)).unwrap();
+        // A fill that began before cannot end the fetch: it walks again.
+        let e = pool.finish_fetch(&vol, walked).unwrap_err();
+        assert!(matches!(e, strata::engine::Error::Fetching { .. }), "{e}");
         // The flushed half stays; the lost half is fetched again.
         assert_eq!(vol.absent_bytes(0, 4 * BLOCK).unwrap(), 0);
         assert_eq!(vol.fill(0, 8 * BLOCK).unwrap(), 4 * BLOCK);
         vol.flush().unwrap();
-        pool.finish_fetch(&vol).unwrap();
+        pool.finish_fetch(&vol, vol.refetches()).unwrap();
         disk.power_cut();
     }
     let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();

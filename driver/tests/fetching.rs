@@ -173,7 +173,7 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
         0,
         "a second fill copies nothing"
     );
-    p.finish_fetch(&v).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
     assert!(!v.fetching());
     assert!(p.fetching_volumes().unwrap().is_empty());
     backing.broken.store(true, Ordering::Relaxed);
@@ -225,7 +225,7 @@ fn a_restart_keeps_the_volume_fetching_and_every_flushed_write() {
     // Neither the first MiB (filled) nor the second (read, so kept).
     assert!(copied < 2 * MIB, "filled again what was here: {copied}");
     assert!(backing.reads.load(Ordering::Relaxed) > before);
-    p.finish_fetch(&v).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
     backing.broken.store(true, Ordering::Relaxed);
     assert!(read_all(&p, vid, model.len()).unwrap() == model);
     // Deleting a fetching volume forgets its record.
@@ -290,7 +290,7 @@ fn a_write_racing_a_fill_or_a_kept_read_always_wins() {
     for (at, len, byte) in mine {
         model[at as usize..at as usize + len].fill(byte);
     }
-    p.finish_fetch(&v).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
     backing.broken.store(true, Ordering::Relaxed);
     let got = read_all(&p, vid, size).unwrap();
     let first = got.iter().zip(&model).position(|(a, b)| a != b);
@@ -310,12 +310,15 @@ fn fill_without_a_connected_backing_must_not_succeed() {
     p.create_fetching_volume(vid, MIB, b"r").unwrap();
     let v = p.volume(vid).unwrap();
     // Nothing is filled, and the fetch does not end, until it is connected.
-    for e in [v.fill(0, MIB).unwrap_err(), p.finish_fetch(&v).unwrap_err()] {
+    for e in [
+        v.fill(0, MIB).unwrap_err(),
+        p.finish_fetch(&v, v.refetches()).unwrap_err(),
+    ] {
         assert!(matches!(e, Error::Fetching { .. }), "{e:?}");
     }
     v.connect_backing(backing.clone()).unwrap();
     assert_eq!(v.fill(0, MIB).unwrap(), MIB);
-    p.finish_fetch(&v).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
     let mut got = vec![0u8; MIB as usize];
     v.read(0, &mut got).unwrap();
     assert!(got == backing.data);
@@ -356,7 +359,7 @@ fn a_read_racing_the_end_of_the_fetch_never_returns_zeros() {
         };
         std::thread::sleep(std::time::Duration::from_millis(3 + round % 7));
         v.fill(last as u64, BLOCK as u64).unwrap();
-        p.finish_fetch(&v).unwrap();
+        p.finish_fetch(&v, v.refetches()).unwrap();
         stop.store(true, Ordering::Relaxed);
         if let Some(n) = reader.join().unwrap() {
             panic!("round {round}, read {n}: the last block read as zeros, not the backing's data");
@@ -391,10 +394,86 @@ fn a_read_whose_source_went_away_after_the_fetch_ended_reads_what_was_filled() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     v.fill(0, size as u64).unwrap();
-    p.finish_fetch(&v).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
     backing.gone.store(true, Ordering::Release);
     *backing.gate.lock().unwrap() = true;
     backing.opened.notify_all();
     let got = reader.join().unwrap().expect("the read");
     assert!(got == backing.data, "the read differs from the source");
+}
+
+/// A read that got blocks from the source while the fetch ended, and a
+/// discard of them came after the end: the read does not keep them (the
+/// discard's zeros stay).
+#[test]
+fn a_read_that_outlives_the_fetch_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let size = 4 * MIB as usize;
+    let backing = Mem::new(13, size);
+    let vid = VolumeId::new_random();
+    p.create_fetching_volume(vid, size as u64, b"r").unwrap();
+    let v = p.volume(vid).unwrap();
+    v.connect_backing(backing.clone()).unwrap();
+    backing.hold_next.store(true, Ordering::Release);
+    let reader = {
+        let v = Arc::clone(&v);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK];
+            v.read(0, &mut buf).map(|()| buf)
+        })
+    };
+    while !backing.held.load(Ordering::Acquire) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    v.fill(0, size as u64).unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
+    // After the fetch, a discard records the block absent (zeros).
+    v.trim(0, BLOCK as u64).unwrap();
+    *backing.gate.lock().unwrap() = true;
+    backing.opened.notify_all();
+    reader.join().unwrap().expect("the read");
+    assert!(
+        read_all(&p, vid, BLOCK).unwrap() == vec![0u8; BLOCK],
+        "the discard was undone"
+    );
+}
+
+/// Reads of the source's holes keep them as zeros, allocating nothing;
+/// an acknowledgement of a loss that did not happen changes nothing.
+#[test]
+fn kept_holes_allocate_nothing_and_a_needless_acknowledgement_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path());
+    let size = MIB as usize;
+    let mut backing = Mem::new(17, size);
+    Arc::get_mut(&mut backing).unwrap().data[4 * BLOCK..12 * BLOCK].fill(0);
+    let vid = VolumeId::new_random();
+    p.create_fetching_volume(vid, size as u64, b"r").unwrap();
+    let v = p.volume(vid).unwrap();
+    v.connect_backing(backing.clone()).unwrap();
+    assert!(read_all(&p, vid, size).unwrap() == backing.data);
+    assert_eq!(v.absent_bytes(0, size as u64).unwrap(), 0, "not kept");
+    let status: Vec<(u64, bool)> = v
+        .block_status(0, size as u64)
+        .unwrap()
+        .iter()
+        .map(|e| (e.len, e.zero))
+        .collect();
+    let b = BLOCK as u64;
+    assert_eq!(
+        status,
+        [(4 * b, false), (8 * b, true), (size as u64 - 12 * b, false)]
+    );
+    // Unflushed, and no loss recorded: the acknowledgement keeps them.
+    p.acknowledge_loss(vid).unwrap();
+    assert_eq!(
+        v.absent_bytes(0, size as u64).unwrap(),
+        0,
+        "made absent again"
+    );
+    v.flush().unwrap();
+    p.finish_fetch(&v, v.refetches()).unwrap();
+    backing.broken.store(true, Ordering::Relaxed);
+    assert!(read_all(&p, vid, size).unwrap() == backing.data);
 }

@@ -686,17 +686,27 @@ impl Imports {
         };
         let bucket =
             (record.rate_bytes_per_second > 0).then(|| Bucket::new(record.rate_bytes_per_second));
-        each_data_chunk(&source, record.size_bytes, |at, n, _| {
-            // Charged for what it reads: a fill taken up again after a
-            // restart walks what is here already at full speed.
-            let absent = volume.absent_bytes(at, n as u64).map_err(status::engine)?;
-            throttle(pool, bucket.as_ref(), absent as usize, None)?;
-            let filled = volume.fill(at, n as u64).map_err(status::engine)?;
-            copied.fetch_add(filled, Ordering::Relaxed);
-            crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
-            Ok(())
-        })?;
-        pool.finish_fetch(&volume).map_err(status::engine)?;
+        // Again if an acknowledged loss made blocks behind the walk absent.
+        let mut refetches = volume.refetches();
+        loop {
+            each_data_chunk(&source, record.size_bytes, |at, n, _| {
+                // Charged for what it reads: a fill taken up again after a
+                // restart walks what is here already at full speed.
+                let absent = volume.absent_bytes(at, n as u64).map_err(status::engine)?;
+                throttle(pool, bucket.as_ref(), absent as usize, None)?;
+                let filled = volume.fill(at, n as u64).map_err(status::engine)?;
+                copied.fetch_add(filled, Ordering::Relaxed);
+                crate::engine::jobs::failpoint::hit("agent::import::after_chunk");
+                Ok(())
+            })?;
+            let now = volume.refetches();
+            if now == refetches {
+                break;
+            }
+            refetches = now;
+        }
+        pool.finish_fetch(&volume, refetches)
+            .map_err(status::engine)?;
         self.sources.lock().expect("sources").remove(&vid);
         let bytes = copied.load(Ordering::Relaxed);
         tracing::info!(volume = %vid, bytes, "the fetch of a volume ended: it is whole here");

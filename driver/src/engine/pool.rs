@@ -852,10 +852,13 @@ impl Pool {
     /// Ends the fetching of `vol` once every block its backing holds data
     /// for was copied in ([`Volume::fill`], which the caller ran over the
     /// backing's data): the copy is made durable, then the record goes,
-    /// and absent blocks read as zeros again. Refused while no backing is
-    /// connected (nothing can have been filled), and for a volume that is
-    /// no longer the pool's (deleted, or made again under its ID).
-    pub fn finish_fetch(&self, vol: &Arc<Volume>) -> Result<()> {
+    /// and absent blocks read as zeros again. `walked`: the volume's
+    /// [`Volume::refetches`] when the caller's fill began; refused if it
+    /// changed since (blocks were made absent again: the fill walks
+    /// again). Refused while no backing is connected (nothing can have
+    /// been filled), and for a volume that is no longer the pool's
+    /// (deleted, or made again under its ID).
+    pub fn finish_fetch(&self, vol: &Arc<Volume>, walked: u64) -> Result<()> {
         let vid = vol.id();
         if !Arc::ptr_eq(&self.volume(vid)?, vol) {
             return Err(Error::VolumeNotFound(vid));
@@ -870,11 +873,13 @@ impl Pool {
             });
         }
         vol.flush()?;
-        let mut txn = self.shared().catalog.write()?;
-        txn.remove_backing(vid)?;
-        txn.commit()?;
-        vol.set_fetch(None);
-        Ok(())
+        // Under the fetch lock, which `Volume::refetch_lost` holds while
+        // it makes blocks absent again.
+        vol.end_fetch(walked, || {
+            let mut txn = self.shared().catalog.write()?;
+            txn.remove_backing(vid)?;
+            txn.commit()
+        })
     }
 
     /// Claims the creation of `vid` (waiting while another create of it

@@ -151,6 +151,9 @@ struct Pending {
     /// `sync_log_bytes` or a change came without its data (that flush
     /// syncs the layer files instead).
     data: Option<DataLog>,
+    /// The blocks a fetching volume's fill or kept reads copied from its
+    /// source since the last flush (see [`Volume::refetch_lost`]).
+    fetched: Vec<(u64, u64)>,
 }
 
 /// Blocks written since the last flush, with their latest data.
@@ -320,6 +323,8 @@ pub struct Volume {
     flushes: [AtomicU64; 2],
     /// `Some` while the volume is fetching.
     fetch: RwLock<Option<Fetch>>,
+    /// See [`Volume::refetches`].
+    refetches: AtomicU64,
     /// A live move's change record, hold and retirement.
     pub(crate) moving: super::moving::MoveState,
     /// Its I/O limits (see `qos.rs`).
@@ -350,6 +355,7 @@ impl Volume {
                 log,
                 base: 0,
                 data: keep_data.then(DataLog::default),
+                fetched: Vec::new(),
             }),
             fault: Mutex::new(fault.map(|f| (f, false))),
             activity: AtomicU64::new(0),
@@ -364,6 +370,7 @@ impl Volume {
             deleted: AtomicBool::new(false),
             flushes: Default::default(),
             fetch: RwLock::new(None),
+            refetches: AtomicU64::new(0),
             moving: Default::default(),
             throttle: Throttle::default(),
         }
@@ -372,6 +379,22 @@ impl Volume {
     /// Sets or clears the fetch state (the pool, from its record).
     pub(crate) fn set_fetch(&self, fetch: Option<Fetch>) {
         *self.fetch.write().expect("fetch") = fetch;
+    }
+
+    /// Ends the fetch once `record` (which removes the pool's record of
+    /// it) succeeds, unless blocks were made absent again since
+    /// [`Volume::refetches`] was `walked` (then `Fetching`: fill again).
+    pub(crate) fn end_fetch(&self, walked: u64, record: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut fetch = self.fetch.write().expect("fetch");
+        if self.refetches() != walked {
+            return Err(Error::Fetching {
+                volume: self.id,
+                why: "blocks it had copied were lost and are fetched again".into(),
+            });
+        }
+        record()?;
+        *fetch = None;
+        Ok(())
     }
 
     /// Whether the volume is still fetching its contents.
@@ -498,36 +521,70 @@ impl Volume {
             let have = (backing.size() - s * BLOCK_SIZE).min((e - s) * BLOCK_SIZE) as usize;
             backing.read(s * BLOCK_SIZE, &mut data[at..at + have])?;
         }
-        self.keep(first, end, &wanted, &data)
+        self.keep(&backing, first, end, &wanted, &data)
     }
 
     /// Writes into the top the blocks of `wanted` (inside `first..end`,
-    /// whose bytes `data` holds from block `first` on) that are still
-    /// absent, under the range lock, so a write that came meanwhile wins;
-    /// the bytes written.
-    fn keep(&self, first: u64, end: u64, wanted: &[(u64, u64)], data: &[u8]) -> Result<u64> {
+    /// whose bytes `data` holds from block `first` on, as read from
+    /// `backing`) that are still absent, under the range lock, so a write
+    /// that came meanwhile wins; nothing once the volume stopped fetching
+    /// from `backing` (a discard after the fetch ended records blocks
+    /// absent, which must stay zeros). Blocks of zeros are recorded as
+    /// such, allocating nothing (a read of the source's holes). The bytes
+    /// kept.
+    fn keep(
+        &self,
+        backing: &Arc<dyn Backing>,
+        first: u64,
+        end: u64,
+        wanted: &[(u64, u64)],
+        data: &[u8],
+    ) -> Result<u64> {
         self.check_fault(false)?;
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
         let _range = self.ranges.lock(first, end);
+        let from_backing = matches!(
+            &*self.fetch.read().expect("fetch"),
+            Some(Fetch::From(b)) if Arc::ptr_eq(b, backing)
+        );
+        if !from_backing {
+            return Ok(0);
+        }
         let (top, segments) = {
             let st = self.state.read().expect("volume state");
             (Arc::clone(&st.top), st.view.segments(first, end)?)
         };
+        let block = |b: u64| {
+            let at = ((b - first) * BLOCK_SIZE) as usize;
+            &data[at..at + BLOCK_SIZE as usize]
+        };
+        let zero = |b: u64| block(b).iter().all(|&x| x == 0);
         let mut copied = 0;
         for (s, e) in absent_within(&segments, first, end) {
             // Only what was read.
             for &(ws, we) in wanted {
-                let (s, e) = (s.max(ws), e.min(we));
-                if s >= e {
-                    continue;
+                let (mut s, e) = (s.max(ws), e.min(we));
+                // In runs of zero blocks and of data.
+                while s < e {
+                    let zeros = zero(s);
+                    let run = (s + 1..e).find(|&b| zero(b) != zeros).unwrap_or(e);
+                    let len = (run - s) * BLOCK_SIZE;
+                    if zeros {
+                        self.commit(&top, s, run, BlockState::Zero, None);
+                    } else {
+                        let at = ((s - first) * BLOCK_SIZE) as usize;
+                        let buf = &data[at..at + len as usize];
+                        self.shared.space.admit(len)?;
+                        top.write_at(buf, s * BLOCK_SIZE)?;
+                        self.commit(&top, s, run, BlockState::Data, Some(buf));
+                        // After its record: a flush that takes the record
+                        // but not this leaves it harmless (fetched again).
+                        self.pending.lock().expect("pending").fetched.push((s, run));
+                    }
+                    copied += len;
+                    s = run;
                 }
-                let at = ((s - first) * BLOCK_SIZE) as usize;
-                let buf = &data[at..at + ((e - s) * BLOCK_SIZE) as usize];
-                self.shared.space.admit(buf.len() as u64)?;
-                top.write_at(buf, s * BLOCK_SIZE)?;
-                self.commit(&top, s, e, BlockState::Data, Some(buf));
-                copied += buf.len() as u64;
             }
         }
         Ok(copied)
@@ -901,7 +958,7 @@ impl Volume {
             return;
         }
         let data = &buf[(first * BLOCK_SIZE - offset) as usize..];
-        if let Err(e) = self.keep(first, end, &wanted, data) {
+        if let Err(e) = self.keep(backing, first, end, &wanted, data) {
             tracing::debug!(volume = %self.id, error = %e, "blocks read from the source not kept");
         }
     }
@@ -1206,23 +1263,35 @@ impl Volume {
     /// the source, whose copy is whole, rather than serving what the failed
     /// write-back left on disk. (A write among them, lost either way, then
     /// reads as the source's.)
+    ///
+    /// Only for a lost write-back (`DataLost`, which refuses writes
+    /// meanwhile), and only the blocks a fill or a kept read copied since
+    /// the last flush that ended: absent is what is durable for them (a
+    /// fetching volume's blocks become absent no other way). The fill,
+    /// told by [`Volume::refetches`], walks the source again.
     pub(crate) fn refetch_lost(&self) {
-        if !self.fetching() {
+        let lost = matches!(
+            &*self.fault.lock().expect("fault"),
+            Some((f, _)) if f.kind == FaultKind::DataLost
+        );
+        // Held throughout: the fetch does not end meanwhile.
+        let fetch = self.fetch.read().expect("fetch");
+        if !lost || fetch.is_none() {
             return;
         }
         let top = Arc::clone(&self.state.read().expect("volume state").top);
-        let lost: Vec<(u64, u64)> = self
-            .pending
-            .lock()
-            .expect("pending")
-            .records
-            .iter()
-            .filter(|r| r.layer == top.id && r.state == BlockState::Data)
-            .map(|r| (r.start, r.start + u64::from(r.blocks)))
-            .collect();
-        for (s, e) in lost {
+        let fetched = std::mem::take(&mut self.pending.lock().expect("pending").fetched);
+        for (s, e) in fetched {
             self.commit(&top, s, e, BlockState::Absent, None);
         }
+        self.refetches.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How often blocks a fetch had copied became absent again (see
+    /// [`Volume::refetch_lost`]): a fill that saw this change while it
+    /// walked the source walks it again.
+    pub fn refetches(&self) -> u64 {
+        self.refetches.load(Ordering::Acquire)
     }
 
     /// The fault an operator acknowledged is gone: writes and flushes work
@@ -1247,10 +1316,12 @@ impl Volume {
         self.check_fault(false)?;
         let sync = self.shared.opts.sync;
         let can_log = sync && journal.file.can_log() && self.shared.opts.sync_log_bytes > 0;
+        let fetched;
         let (records, data, layers, generation, end) = {
             let mut p = self.pending.lock().expect("pending");
             let (records, data, end) = p.take(can_log);
             let layers = std::mem::take(&mut p.layers);
+            fetched = std::mem::take(&mut p.fetched);
             (records, data, layers, p.generation, end)
         };
         if records.is_empty() && layers.is_empty() {
@@ -1278,6 +1349,7 @@ impl Volume {
             // (a failed journal append is cut back and written again).
             let mut p = self.pending.lock().expect("pending");
             p.put_back(records);
+            p.fetched.splice(0..0, fetched);
             let newer_layers = std::mem::replace(&mut p.layers, layers);
             for l in newer_layers {
                 if !p.layers.iter().any(|x| Arc::ptr_eq(x, &l)) {
