@@ -227,6 +227,15 @@ impl Pending {
         (records, data, self.base)
     }
 
+    /// Blocks `s..e` were copied from a fetching volume's source (merged
+    /// with the run before when they touch: a sequential read adds one).
+    fn fetched_run(&mut self, s: u64, e: u64) {
+        match self.fetched.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => self.fetched.push((s, e)),
+        }
+    }
+
     /// A flush failed: its changes go back in front of the newer ones
     /// (which follow them in the ring too). Their data is not kept: the
     /// next flush syncs the layer files.
@@ -521,34 +530,26 @@ impl Volume {
             let have = (backing.size() - s * BLOCK_SIZE).min((e - s) * BLOCK_SIZE) as usize;
             backing.read(s * BLOCK_SIZE, &mut data[at..at + have])?;
         }
-        self.keep(&backing, first, end, &wanted, &data)
+        self.keep(first, end, &wanted, &data)
     }
 
     /// Writes into the top the blocks of `wanted` (inside `first..end`,
-    /// whose bytes `data` holds from block `first` on, as read from
-    /// `backing`) that are still absent, under the range lock, so a write
-    /// that came meanwhile wins; nothing once the volume stopped fetching
-    /// from `backing` (a discard after the fetch ended records blocks
-    /// absent, which must stay zeros). Blocks of zeros are recorded as
-    /// such, allocating nothing (a read of the source's holes). The bytes
-    /// kept.
-    fn keep(
-        &self,
-        backing: &Arc<dyn Backing>,
-        first: u64,
-        end: u64,
-        wanted: &[(u64, u64)],
-        data: &[u8],
-    ) -> Result<u64> {
+    /// whose bytes `data` holds from block `first` on, as read from the
+    /// source) that are still absent, under the range lock, so a write
+    /// that came meanwhile wins; nothing once the fetch ended (a discard
+    /// after the end records blocks absent, which must stay zeros). Blocks
+    /// of zeros are recorded as such, allocating nothing (a read of the
+    /// source's holes). Their data is never logged in the journal: the
+    /// flush that makes them durable syncs the layer file, so until it
+    /// succeeds they are in `Pending::fetched` (see
+    /// [`Volume::refetch_lost`]). The bytes kept.
+    fn keep(&self, first: u64, end: u64, wanted: &[(u64, u64)], data: &[u8]) -> Result<u64> {
         self.check_fault(false)?;
         let _gate = self.gate.read().expect("volume gate");
         self.check_live()?;
         let _range = self.ranges.lock(first, end);
-        let from_backing = matches!(
-            &*self.fetch.read().expect("fetch"),
-            Some(Fetch::From(b)) if Arc::ptr_eq(b, backing)
-        );
-        if !from_backing {
+        // (Another backing connected meanwhile is the same source, moved.)
+        if self.fetch.read().expect("fetch").is_none() {
             return Ok(0);
         }
         let (top, segments) = {
@@ -577,10 +578,10 @@ impl Volume {
                         let buf = &data[at..at + len as usize];
                         self.shared.space.admit(len)?;
                         top.write_at(buf, s * BLOCK_SIZE)?;
-                        self.commit(&top, s, run, BlockState::Data, Some(buf));
+                        self.commit(&top, s, run, BlockState::Data, None);
                         // After its record: a flush that takes the record
                         // but not this leaves it harmless (fetched again).
-                        self.pending.lock().expect("pending").fetched.push((s, run));
+                        self.pending.lock().expect("pending").fetched_run(s, run);
                     }
                     copied += len;
                     s = run;
@@ -958,7 +959,7 @@ impl Volume {
             return;
         }
         let data = &buf[(first * BLOCK_SIZE - offset) as usize..];
-        if let Err(e) = self.keep(backing, first, end, &wanted, data) {
+        if let Err(e) = self.keep(first, end, &wanted, data) {
             tracing::debug!(volume = %self.id, error = %e, "blocks read from the source not kept");
         }
     }
@@ -1279,6 +1280,9 @@ impl Volume {
         if !lost || fetch.is_none() {
             return;
         }
+        // A failing flush puts its blocks back before it lets the journal
+        // go (the fault is set a little earlier).
+        drop(self.journal.lock().expect("journal"));
         let top = Arc::clone(&self.state.read().expect("volume state").top);
         let fetched = std::mem::take(&mut self.pending.lock().expect("pending").fetched);
         for (s, e) in fetched {

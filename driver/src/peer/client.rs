@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -126,18 +126,23 @@ impl Peers {
                 Status::invalid_argument("the publish context's grant is malformed"),
             )
         })?;
+        let owner = self
+            .owner(&target.address, &target.owner)
+            .map_err(|s| remote_error(target, "connect", s))?;
+        // The volumes take the owner's channels in turn.
+        let client =
+            owner.clients[owner.next.fetch_add(1, Ordering::Relaxed) % RPC_CHANNELS].clone();
         Ok(Link {
             target: target.clone(),
             grant,
-            owner: self
-                .owner(&target.address, &target.owner)
-                .map_err(|s| remote_error(target, "connect", s))?,
+            owner,
+            client,
         })
     }
 
-    /// The way to node `owner` at `address`: one gRPC channel (one HTTP/2
-    /// connection, however many of its volumes this node uses) and its
-    /// lanes.
+    /// The way to node `owner` at `address`: [`RPC_CHANNELS`] gRPC
+    /// channels (HTTP/2 connections, however many of its volumes this node
+    /// uses there) and its lanes.
     fn owner(&self, address: &str, owner: &str) -> std::result::Result<Arc<Owner>, Status> {
         let key = (address.to_string(), owner.to_string());
         let mut owners = self.owners.lock().expect("owners");
@@ -145,17 +150,23 @@ impl Peers {
             return Ok(o);
         }
         owners.retain(|_, o| o.strong_count() > 0);
-        let channel = self.tls.channel(
-            "peer",
-            address,
-            Server::Node(owner),
-            CONNECT_TIMEOUT,
-            CALL_TIMEOUT,
-        )?;
+        let clients = (0..RPC_CHANNELS)
+            .map(|_| {
+                let channel = self.tls.channel(
+                    "peer",
+                    address,
+                    Server::Node(owner),
+                    CONNECT_TIMEOUT,
+                    CALL_TIMEOUT,
+                )?;
+                Ok(PeerClient::new(channel)
+                    .max_decoding_message_size(super::MAX_FRAME)
+                    .max_encoding_message_size(super::MAX_FRAME))
+            })
+            .collect::<std::result::Result<_, Status>>()?;
         let o = Arc::new(Owner {
-            client: PeerClient::new(channel)
-                .max_decoding_message_size(super::MAX_FRAME)
-                .max_encoding_message_size(super::MAX_FRAME),
+            clients,
+            next: AtomicUsize::new(0),
             lanes: Lanes::new(
                 self.lanes.clone(),
                 address,
@@ -169,10 +180,18 @@ impl Peers {
     }
 }
 
+/// gRPC channels to one owner, shared by the volumes this node uses
+/// there: a few, so one volume's requests (up to 128 open on a
+/// connection) cannot hold up every other's, and well below the owner's
+/// cap per address (`agent::lane::MAX_RPC_CONNECTIONS_PER_PEER`).
+const RPC_CHANNELS: usize = 4;
+
 /// The way to one owner: its Peer RPCs and its data lanes.
 #[derive(Debug)]
 struct Owner {
-    client: PeerClient<Channel>,
+    clients: Vec<PeerClient<Channel>>,
+    /// The channel the next volume opened there takes.
+    next: AtomicUsize,
     lanes: Lanes,
 }
 
@@ -182,6 +201,7 @@ struct Link {
     target: Target,
     grant: pb::Grant,
     owner: Arc<Owner>,
+    client: PeerClient<Channel>,
 }
 
 /// What a flush must know about the owner's restarts.
@@ -571,7 +591,7 @@ impl RemoteVolume {
             let r = self
                 .peers
                 .runtime
-                .block_on(call(link.owner.client.clone(), grant))?;
+                .block_on(call(link.client.clone(), grant))?;
             Ok(answer(r))
         })
     }
@@ -596,7 +616,7 @@ impl RemoteVolume {
         let r = self
             .peers
             .runtime
-            .block_on(by_rpc(link.owner.client.clone(), req))?;
+            .block_on(by_rpc(link.client.clone(), req))?;
         let (mut reply, boot) = answer(r);
         if let Some(into) = into {
             let data = std::mem::take(&mut reply.data);
