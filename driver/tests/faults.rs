@@ -1094,6 +1094,53 @@ fn a_fetching_volume_fetches_again_what_a_failed_write_back_lost() {
     checked(&disk).unwrap();
 }
 
+/// The same with a restart between the failed write-back and the
+/// acknowledgement: the restarted process recovers the writes the killed
+/// one acknowledged but never flushed, but not the blocks the lost flush
+/// had fetched: they stay absent and are fetched again.
+#[test]
+fn a_fetching_volume_fetches_again_what_a_failed_write_back_lost_before_a_restart() {
+    let disk = new_disk();
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        pool.create_fetching_volume(vid(1), 8 * BLOCK, b"r")
+            .unwrap();
+        let vol = pool.volume(vid(1)).unwrap();
+        vol.connect_backing(Arc::new(Tagged(8))).unwrap();
+        assert_eq!(vol.fill(0, 4 * BLOCK).unwrap(), 4 * BLOCK);
+        vol.flush().unwrap();
+        assert_eq!(vol.fill(4 * BLOCK, 4 * BLOCK).unwrap(), 4 * BLOCK);
+        disk.fail(Some(Fail {
+            at: 1,
+            op: Some(Op::Sync),
+            errno: libc::EIO,
+            sticky: false,
+        }));
+        let e = vol.flush().unwrap_err();
+        assert!(matches!(e, strata::engine::Error::DataLost { .. }), "{e}");
+        disk.kill_process();
+        drop(vol);
+        drop(pool);
+    }
+    {
+        let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+        let vol = pool.volume(vid(1)).unwrap();
+        assert!(vol.fetching());
+        vol.connect_backing(Arc::new(Tagged(8))).unwrap();
+        pool.acknowledge_loss(vid(1)).unwrap();
+        assert_eq!(vol.absent_bytes(0, 4 * BLOCK).unwrap(), 0);
+        assert_eq!(vol.absent_bytes(4 * BLOCK, 4 * BLOCK).unwrap(), 4 * BLOCK);
+        assert_eq!(vol.fill(0, 8 * BLOCK).unwrap(), 4 * BLOCK);
+        vol.flush().unwrap();
+        pool.finish_fetch(&vol, vol.refetches()).unwrap();
+        disk.power_cut();
+    }
+    let pool = Pool::open(Path::new(POOL), opts(&disk)).unwrap();
+    reads(&pool, 1, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    drop(pool);
+    checked(&disk).unwrap();
+}
+
 /// A fold of a deleted snapshot's layer L into its only child C (a frozen
 /// layer of an empty snapshot) whose volume and snapshot are deleted while
 /// the job builds C's new file: the new file is never installed as the

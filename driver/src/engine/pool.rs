@@ -32,6 +32,7 @@ use super::journal::{JOURNAL_DIR, JournalFile, JournalOpts, Record, journal_path
 use super::layer::sync_dir;
 use super::layer::{FdCache, LAYERS_DIR, Layer, create_layer_file, layer_path, remove_quietly};
 use super::pinned::{BlockRange, Pinned};
+use super::presence::BlockState;
 use super::snapshot::SnapshotReader;
 use super::space::SpaceGuard;
 use super::sys;
@@ -327,13 +328,24 @@ impl Shared {
                 Vec::new(),
             )
         };
+        // A fetching volume whose write-back failed: the blocks its lost
+        // flush made data stay absent, and are fetched again from the
+        // source (whose copy is whole) rather than kept as what the failed
+        // write-back left on disk (see `Volume::refetch_lost`; a write
+        // among them is lost either way).
+        let refetch = {
+            let txn = self.catalog.read()?;
+            txn.fault(rec.id)?
+                .is_some_and(|f| f.kind == FaultKind::DataLost)
+                && txn.backing(rec.id)?.is_some()
+        };
         let (mut saved, mut dropped) = (Vec::new(), 0usize);
         for r in leftover.records {
             // Only the top can have had unflushed changes.
-            if r.layer == rec.top {
-                saved.push(r);
-            } else {
+            if r.layer != rec.top {
                 dropped += 1;
+            } else if !(refetch && r.state == BlockState::Data) {
+                saved.push(r);
             }
         }
         if dropped > 0 {

@@ -476,9 +476,9 @@ impl Volume {
     /// defines (what a fill of that range would read, less what is
     /// written meanwhile).
     pub fn absent_bytes(&self, offset: u64, len: u64) -> Result<u64> {
-        if !self.admit(offset, len)? {
-            return Ok(0);
-        }
+        // Not the volume's use (see `activity`): no `admit`.
+        self.check_live()?;
+        check_range(offset, len, self.size())?;
         let (first, end) = touched_blocks(offset, len);
         let segments = self
             .state
@@ -1271,6 +1271,9 @@ impl Volume {
     /// fetching volume's blocks become absent no other way). The fill,
     /// told by [`Volume::refetches`], walks the source again.
     pub(crate) fn refetch_lost(&self) {
+        // A failing flush sets the fault and puts its blocks back before
+        // it lets the journal go.
+        drop(self.journal.lock().expect("journal"));
         let lost = matches!(
             &*self.fault.lock().expect("fault"),
             Some((f, _)) if f.kind == FaultKind::DataLost
@@ -1280,9 +1283,6 @@ impl Volume {
         if !lost || fetch.is_none() {
             return;
         }
-        // A failing flush puts its blocks back before it lets the journal
-        // go (the fault is set a little earlier).
-        drop(self.journal.lock().expect("journal"));
         let top = Arc::clone(&self.state.read().expect("volume state").top);
         let fetched = std::mem::take(&mut self.pending.lock().expect("pending").fetched);
         for (s, e) in fetched {

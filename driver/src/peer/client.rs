@@ -181,9 +181,10 @@ impl Peers {
 }
 
 /// gRPC channels to one owner, shared by the volumes this node uses
-/// there: a few, so one volume's requests (up to 128 open on a
-/// connection) cannot hold up every other's, and well below the owner's
-/// cap per address (`agent::lane::MAX_RPC_CONNECTIONS_PER_PEER`).
+/// there (each volume takes one): a few, so one volume's requests (up to
+/// 128 open on a connection) hold up only the volumes that share its
+/// channel, and well below the owner's cap per address
+/// (`agent::lane::MAX_RPC_CONNECTIONS_PER_PEER`).
 const RPC_CHANNELS: usize = 4;
 
 /// The way to one owner: its Peer RPCs and its data lanes.
