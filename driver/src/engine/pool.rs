@@ -328,25 +328,31 @@ impl Shared {
                 Vec::new(),
             )
         };
-        // A fetching volume whose write-back failed: the blocks its lost
-        // flush made data stay absent, and are fetched again from the
-        // source (whose copy is whole) rather than kept as what the failed
-        // write-back left on disk (see `Volume::refetch_lost`; a write
-        // among them is lost either way).
+        // A fetching volume whose write-back failed: the blocks its
+        // unflushed changes made data (copies, kept reads, and writes to
+        // blocks it had not fetched) stay absent, and are fetched again
+        // from the source (whose copy is whole) rather than kept as what
+        // the failed write-back left on disk (see `Volume::refetch_lost`;
+        // such a write is lost either way, and reads as the source's).
         let refetch = {
             let txn = self.catalog.read()?;
             txn.fault(rec.id)?
                 .is_some_and(|f| f.kind == FaultKind::DataLost)
                 && txn.backing(rec.id)?.is_some()
         };
-        let (mut saved, mut dropped) = (Vec::new(), 0usize);
+        let (mut saved, mut dropped, mut refetched) = (Vec::new(), 0usize, 0usize);
         for r in leftover.records {
             // Only the top can have had unflushed changes.
             if r.layer != rec.top {
                 dropped += 1;
-            } else if !(refetch && r.state == BlockState::Data) {
+            } else if refetch && r.state == BlockState::Data {
+                refetched += 1;
+            } else {
                 saved.push(r);
             }
+        }
+        if refetched > 0 {
+            tracing::warn!(volume = %rec.id, changes = refetched, "a fetching volume lost a write-back: the blocks its unflushed changes made data stay absent and are fetched again (writes among them are lost)");
         }
         if dropped > 0 {
             tracing::warn!(volume = %rec.id, dropped, "unflushed changes of a layer that is not the top were dropped");

@@ -392,13 +392,23 @@ impl Volume {
 
     /// Ends the fetch once `record` (which removes the pool's record of
     /// it) succeeds, unless blocks were made absent again since
-    /// [`Volume::refetches`] was `walked` (then `Fetching`: fill again).
+    /// [`Volume::refetches`] was `walked` (then `Fetching`: fill again) or
+    /// blocks copied since the last flush are not durable yet (`Fetching`:
+    /// flush and try again).
     pub(crate) fn end_fetch(&self, walked: u64, record: impl FnOnce() -> Result<()>) -> Result<()> {
         let mut fetch = self.fetch.write().expect("fetch");
         if self.refetches() != walked {
             return Err(Error::Fetching {
                 volume: self.id,
                 why: "blocks it had copied were lost and are fetched again".into(),
+            });
+        }
+        // Kept by a read after the caller's flush: not durable yet, and
+        // a lost write-back could not fetch them again once it ended.
+        if !self.pending.lock().expect("pending").fetched.is_empty() {
+            return Err(Error::Fetching {
+                volume: self.id,
+                why: "blocks it copied are not flushed yet".into(),
             });
         }
         record()?;
@@ -476,9 +486,9 @@ impl Volume {
     /// defines (what a fill of that range would read, less what is
     /// written meanwhile).
     pub fn absent_bytes(&self, offset: u64, len: u64) -> Result<u64> {
-        // Not the volume's use (see `activity`): no `admit`.
-        self.check_live()?;
-        check_range(offset, len, self.size())?;
+        if !self.admit(offset, len)? {
+            return Ok(0);
+        }
         let (first, end) = touched_blocks(offset, len);
         let segments = self
             .state
