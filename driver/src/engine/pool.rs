@@ -1159,9 +1159,7 @@ impl Pool {
     /// failed write-back lost stays lost.
     pub fn acknowledge_loss(&self, id: VolumeId) -> Result<()> {
         let vol = self.volume(id)?;
-        vol.refetch_lost();
-        self.shared().put_fault(id, None)?;
-        vol.clear_fault();
+        vol.acknowledge(|| self.shared().put_fault(id, None))?;
         tracing::warn!(volume = %id, "data loss acknowledged; the volume takes writes again");
         Ok(())
     }

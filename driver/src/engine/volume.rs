@@ -1279,11 +1279,9 @@ impl Volume {
     /// meanwhile), and only the blocks a fill or a kept read copied since
     /// the last flush that ended: absent is what is durable for them (a
     /// fetching volume's blocks become absent no other way). The fill,
-    /// told by [`Volume::refetches`], walks the source again.
-    pub(crate) fn refetch_lost(&self) {
-        // A failing flush sets the fault and puts its blocks back before
-        // it lets the journal go.
-        drop(self.journal.lock().expect("journal"));
+    /// told by [`Volume::refetches`], walks the source again. Its caller,
+    /// [`Volume::acknowledge`], holds the journal lock.
+    fn refetch_lost(&self) {
         let lost = matches!(
             &*self.fault.lock().expect("fault"),
             Some((f, _)) if f.kind == FaultKind::DataLost
@@ -1308,10 +1306,20 @@ impl Volume {
         self.refetches.load(Ordering::Acquire)
     }
 
-    /// The fault an operator acknowledged is gone: writes and flushes work
-    /// again.
-    pub(crate) fn clear_fault(&self) {
+    /// An operator acknowledged the volume's fault: the blocks a lost
+    /// write-back had fetched are fetched again ([`Volume::refetch_lost`]),
+    /// `forget` removes the fault's record, and writes and flushes work
+    /// again. All under the journal lock, which every flush holds: a
+    /// failing flush sets its fault and puts its blocks back before it
+    /// lets the journal go, and none fails between the look at the fault
+    /// and its removal (a loss that came meanwhile would be cleared
+    /// unseen, its fetched blocks never fetched again).
+    pub(crate) fn acknowledge(&self, forget: impl FnOnce() -> Result<()>) -> Result<()> {
+        let _journal = self.journal.lock().expect("journal");
+        self.refetch_lost();
+        forget()?;
         *self.fault.lock().expect("fault") = None;
+        Ok(())
     }
 
     /// The volume's fault, for its condition.
