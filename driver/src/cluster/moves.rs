@@ -474,20 +474,26 @@ impl Moves {
     ) -> Result<MoveVolumeReply, Status> {
         // A move back to the source of a running copy stops the copy; the
         // move then rolls back and this call finishes the rollback.
-        let cancel = match to {
-            Some(t) if self.running.lock().expect("moves").contains_key(id) => {
+        let run = self.running.lock().expect("moves").get(id).cloned();
+        let cancel = match (to, run) {
+            (Some(t), Some(run)) => {
                 let rec = self.record(id).await?;
-                match rec.moving {
+                let back = match rec.moving {
                     Some(m) => m.phase == MovePhase::Copying && m.from == t,
                     // Launched, not recorded yet: it comes from where it is.
                     None => rec.node == t,
+                };
+                // Only the run looked at: one that ended meanwhile may
+                // have a successor, which this call joins instead.
+                let running = self.running.lock().expect("moves");
+                let same = running.get(id).is_some_and(|r| r.same_channel(&run));
+                if back && same {
+                    self.cancelled.lock().expect("moves").insert(id.to_string());
                 }
+                back && same
             }
             _ => false,
         };
-        if cancel {
-            self.cancelled.lock().expect("moves").insert(id.to_string());
-        }
         let reply = match self.start(id, to, false).await {
             Ok(r) => r,
             // The rollback asked for.
@@ -601,8 +607,11 @@ impl Moves {
                 .run(&id, to.as_deref(), lazy, finish_only)
                 .await
                 .map_err(|s| (s.code(), s.message().to_string()));
-            moves.running.lock().expect("moves").remove(&id);
+            // Both at once: a cancel of the next run is not cleared here.
+            let mut running = moves.running.lock().expect("moves");
+            running.remove(&id);
             moves.cancelled.lock().expect("moves").remove(&id);
+            drop(running);
             let _ = tx.send(Some(outcome));
         });
         rx
