@@ -5280,8 +5280,21 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
         .publish_context;
     assert_eq!(ctx["strata.dev/owner"], "n2", "{ctx:?}");
     let dev = attach_with(&n2, &mut csi2, &rid, ctx).await;
-    // Read at once, while it fetches; written over, partly.
-    assert!(read_at(&dev, 0, size as usize) == model);
+    // Read at once, while it fetches; written over, partly. (Reads keep
+    // what they fetch: the last 4 MiB stay unread until the restart, so
+    // the fetch lasts until then.)
+    let early = 12 << 20;
+    assert!(read_at(&dev, 0, early) == model[..early]);
+    // What n2 lacked was read from n1 and kept.
+    let m = n2.metrics();
+    for kind in ["read", "kept"] {
+        let series =
+            format!("strata_volume_fetched_bytes_total{{volume=\"{rid}\",kind=\"{kind}\"}}");
+        assert!(
+            common::standalone::metric_value(&m, &series).unwrap_or(0.0) > 0.0,
+            "{series}\n{m}"
+        );
+    }
     rng.fill(&mut model[(6 << 20) + 512..(7 << 20) + 100]);
     write_at(
         &dev,
@@ -5291,7 +5304,7 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
     .unwrap();
     rng.fill(&mut model[15 << 20..16 << 20]);
     write_at(&dev, 15 << 20, &model[15 << 20..16 << 20]).unwrap();
-    assert!(read_at(&dev, 0, size as usize) == model);
+    assert!(read_at(&dev, 0, early) == model[..early]);
     eprintln!("restore answered in {answered:?}; read and written while fetching");
     // No snapshot of it until it is all here.
     let e = cc

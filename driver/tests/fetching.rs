@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use strata::engine::{Backing, Error, Pool, PoolOptions, VolumeId, ZeroFlags};
+use strata::engine::{Backing, Error, Fetched, Pool, PoolOptions, VolumeId, ZeroFlags};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 4096;
@@ -127,6 +127,16 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
     assert!(read_at(head + 100, 2 * BLOCK) == model[head + 100..head + 100 + 2 * BLOCK]);
     assert!(read_at(head + BLOCK, BLOCK) == model[head + BLOCK..head + 2 * BLOCK]);
     assert_eq!(backing.reads.load(Ordering::Relaxed), reads + 1);
+    // As the metrics show them (`strata_volume_fetched_bytes_total`).
+    let fetched = |read: usize, kept: usize, copied: u64| Fetched {
+        read: read as u64,
+        kept: kept as u64,
+        copied,
+    };
+    assert_eq!(
+        v.stats().fetched,
+        fetched(head + 2 * BLOCK, head + BLOCK, 0)
+    );
 
     // A partial write keeps the backing's bytes around it; a discard
     // reads as zeros, not as the backing; zeroes likewise.
@@ -168,6 +178,10 @@ fn reads_writes_and_discards_see_the_backing_until_it_is_filled_in() {
     assert_eq!(copied, absent);
     // Not the 17 blocks read before (nor the writes among them).
     assert_eq!(copied, MIB - (head + BLOCK) as u64);
+    assert_eq!(
+        v.stats().fetched,
+        fetched(head + 2 * BLOCK, head + BLOCK, copied)
+    );
     assert_eq!(
         v.fill(0, 2 * MIB).unwrap(),
         0,

@@ -54,4 +54,4 @@ pub use qos::Limits;
 pub use ranges::RangePage;
 pub use snapshot::SnapshotReader;
 pub use view::{DepthExtent, Extent};
-pub use volume::{Backing, Volume, VolumeStats, ZeroFlags};
+pub use volume::{Backing, Fetched, Volume, VolumeStats, ZeroFlags};

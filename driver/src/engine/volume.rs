@@ -294,6 +294,18 @@ pub struct VolumeStats {
     pub limits: Limits,
     /// Time reads and writes waited for the limits since it was loaded.
     pub throttled: [std::time::Duration; 2],
+    /// Bytes a fetching volume got from its source since it was loaded:
+    /// read by reads of blocks it lacked, kept of those (whole blocks
+    /// still absent), and copied by its fill.
+    pub fetched: Fetched,
+}
+
+/// See [`VolumeStats::fetched`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub read: u64,
+    pub kept: u64,
+    pub copied: u64,
 }
 
 /// Options of a write-zeroes request.
@@ -334,6 +346,8 @@ pub struct Volume {
     fetch: RwLock<Option<Fetch>>,
     /// See [`Volume::refetches`].
     refetches: AtomicU64,
+    /// See [`VolumeStats::fetched`]: read, kept, copied.
+    fetched: [AtomicU64; 3],
     /// A live move's change record, hold and retirement.
     pub(crate) moving: super::moving::MoveState,
     /// Its I/O limits (see `qos.rs`).
@@ -380,6 +394,7 @@ impl Volume {
             flushes: Default::default(),
             fetch: RwLock::new(None),
             refetches: AtomicU64::new(0),
+            fetched: Default::default(),
             moving: Default::default(),
             throttle: Throttle::default(),
         }
@@ -466,6 +481,7 @@ impl Volume {
             let e = e.min(backing.size());
             if s < e {
                 backing.read(s, &mut buf[(s - offset) as usize..(e - offset) as usize])?;
+                self.fetched[0].fetch_add(e - s, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -540,7 +556,9 @@ impl Volume {
             let have = (backing.size() - s * BLOCK_SIZE).min((e - s) * BLOCK_SIZE) as usize;
             backing.read(s * BLOCK_SIZE, &mut data[at..at + have])?;
         }
-        self.keep(first, end, &wanted, &data)
+        let copied = self.keep(first, end, &wanted, &data)?;
+        self.fetched[2].fetch_add(copied, Ordering::Relaxed);
+        Ok(copied)
     }
 
     /// Writes into the top the blocks of `wanted` (inside `first..end`,
@@ -641,6 +659,11 @@ impl Volume {
             flushes_synced: self.flushes[1].load(Ordering::Relaxed),
             limits: self.throttle.limits(),
             throttled: self.throttle.waited(),
+            fetched: Fetched {
+                read: self.fetched[0].load(Ordering::Relaxed),
+                kept: self.fetched[1].load(Ordering::Relaxed),
+                copied: self.fetched[2].load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -969,8 +992,11 @@ impl Volume {
             return;
         }
         let data = &buf[(first * BLOCK_SIZE - offset) as usize..];
-        if let Err(e) = self.keep(first, end, &wanted, data) {
-            tracing::debug!(volume = %self.id, error = %e, "blocks read from the source not kept");
+        match self.keep(first, end, &wanted, data) {
+            Ok(kept) => _ = self.fetched[1].fetch_add(kept, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(volume = %self.id, error = %e, "blocks read from the source not kept");
+            }
         }
     }
 

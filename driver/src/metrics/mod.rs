@@ -725,6 +725,28 @@ impl Collector for PoolCollector {
             }
         }
         let mut metric = encoder.encode_descriptor(
+            "volume_fetched",
+            "Bytes a volume fetching its contents from another node (a restore or clone \
+             for a pod there) got from it since it was loaded, by kind: read (by reads of \
+             blocks it lacked), kept (of those, whole blocks it still lacked, now stored \
+             here) and copied (by the background copy); only volumes that fetched",
+            Some(&Unit::Bytes),
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for s in &stats {
+            let f = s.fetched;
+            if f == Default::default() {
+                continue;
+            }
+            for (kind, n) in [("read", f.read), ("kept", f.kept), ("copied", f.copied)] {
+                let labels = VolumeKind {
+                    volume: s.id.to_string(),
+                    kind,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
             "volume_throttled",
             "Time reads and writes waited for the volume's I/O limits since it was loaded",
             Some(&Unit::Seconds),
