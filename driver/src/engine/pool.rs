@@ -506,6 +506,18 @@ impl Shared {
         txn.commit()
     }
 
+    /// Removes `volume`'s fault record if it is of `kind` (a flush that
+    /// ends a reported unflushed loss leaves a data loss recorded meanwhile
+    /// by a failing flush in place).
+    pub(crate) fn remove_fault_of(&self, volume: VolumeId, kind: FaultKind) -> Result<()> {
+        let mut txn = self.catalog.write()?;
+        if txn.fault(volume)?.is_some_and(|f| f.kind == kind) {
+            txn.remove_fault(volume)?;
+            txn.commit()?;
+        }
+        Ok(())
+    }
+
     /// Records a fault of `volume` in the catalog (replacing a milder one).
     pub(crate) fn record_fault(&self, volume: VolumeId, kind: FaultKind, why: &str) -> Result<()> {
         let mut txn = self.catalog.write()?;

@@ -1265,7 +1265,10 @@ impl Volume {
                 Err(Error::UnflushedLost(self.id))
             }
             FaultKind::UnflushedLost => {
-                self.shared.put_fault(self.id, None)?;
+                // (Not under the journal lock: a failing flush may have
+                // recorded a data loss meanwhile, which stays.)
+                self.shared
+                    .remove_fault_of(self.id, FaultKind::UnflushedLost)?;
                 *fault = None;
                 Ok(())
             }
@@ -1342,6 +1345,9 @@ impl Volume {
     /// unseen, its fetched blocks never fetched again).
     pub(crate) fn acknowledge(&self, forget: impl FnOnce() -> Result<()>) -> Result<()> {
         let _journal = self.journal.lock().expect("journal");
+        // (A flush `commit` starts when the pending records are many
+        // returns at its fault check, before it would take the journal:
+        // the fault is still set here.)
         self.refetch_lost();
         forget()?;
         *self.fault.lock().expect("fault") = None;
