@@ -474,25 +474,9 @@ impl Moves {
     ) -> Result<MoveVolumeReply, Status> {
         // A move back to the source of a running copy stops the copy; the
         // move then rolls back and this call finishes the rollback.
-        let run = self.running.lock().expect("moves").get(id).cloned();
-        let cancel = match (to, run) {
-            (Some(t), Some(run)) => {
-                let rec = self.record(id).await?;
-                let back = match rec.moving {
-                    Some(m) => m.phase == MovePhase::Copying && m.from == t,
-                    // Launched, not recorded yet: it comes from where it is.
-                    None => rec.node == t,
-                };
-                // Only the run looked at: one that ended meanwhile may
-                // have a successor, which this call joins instead.
-                let running = self.running.lock().expect("moves");
-                let same = running.get(id).is_some_and(|r| r.same_channel(&run));
-                if back && same {
-                    self.cancelled.lock().expect("moves").insert(id.to_string());
-                }
-                back && same
-            }
-            _ => false,
+        let cancel = match to {
+            Some(t) => self.cancel_back(id, t).await?,
+            None => false,
         };
         let reply = match self.start(id, to, false).await {
             Ok(r) => r,
@@ -517,6 +501,31 @@ impl Moves {
         match to {
             Some(to) => arrived(reply, to),
             None => Ok(reply),
+        }
+    }
+
+    /// Whether a move of `id` to `t` stops the copy running: one from `t`
+    /// (a move back to its source). The run stopped is the one whose
+    /// record this looked at; if that run ended meanwhile, its successor
+    /// (a resumed move) is looked at in turn.
+    async fn cancel_back(&self, id: &str, t: &str) -> Result<bool, Status> {
+        loop {
+            let Some(run) = self.running.lock().expect("moves").get(id).cloned() else {
+                return Ok(false);
+            };
+            let rec = self.record(id).await?;
+            let back = match rec.moving {
+                Some(m) => m.phase == MovePhase::Copying && m.from == t,
+                // Launched, not recorded yet: it comes from where it is.
+                None => rec.node == t,
+            };
+            let running = self.running.lock().expect("moves");
+            if running.get(id).is_some_and(|r| r.same_channel(&run)) {
+                if back {
+                    self.cancelled.lock().expect("moves").insert(id.to_string());
+                }
+                return Ok(back);
+            }
         }
     }
 
