@@ -5209,9 +5209,11 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
     let mut n1 = NodeProc::start(root.path(), "n1", &tls);
     let mut n2 = NodeProc::start(root.path(), "n2", &tls);
     let mut ctl = ControllerProc::start(root.path(), &[&n1.agent, &n2.agent], &tls);
-    // 9 MiB of data at 256 KiB/s (36 s): the fetch lasts through the
-    // checks below, which take about 9 s under the VM stage's emulation
-    // (at 1 MiB/s the fetch once ended before its last check there).
+    // 9 MiB of data at 256 KiB/s: the fetch lasts through the checks
+    // below, which take about 9 s under the VM stage's emulation (at
+    // 1 MiB/s the fetch once ended before its last check there). Reads
+    // keep what they fetch, so the checks leave the 3 MiB at 12 MiB
+    // unread until the restart (12 s of the fetch's budget).
     ctl.proc.kill9();
     ctl.proc.add_args(&["--move-rate", "256KiB"]);
     ctl.proc.spawn();
@@ -5280,9 +5282,7 @@ async fn restores_for_a_pod_on_another_node_move_there_and_fetch_behind() {
         .publish_context;
     assert_eq!(ctx["strata.dev/owner"], "n2", "{ctx:?}");
     let dev = attach_with(&n2, &mut csi2, &rid, ctx).await;
-    // Read at once, while it fetches; written over, partly. (Reads keep
-    // what they fetch: the last 4 MiB stay unread until the restart, so
-    // the fetch lasts until then.)
+    // Read at once, while it fetches; written over, partly.
     let early = 12 << 20;
     assert!(read_at(&dev, 0, early) == model[..early]);
     // What n2 lacked was read from n1 and kept.

@@ -727,9 +727,10 @@ impl Collector for PoolCollector {
         let mut metric = encoder.encode_descriptor(
             "volume_fetched",
             "Bytes a volume fetching its contents from another node (a restore or clone \
-             for a pod there) got from it since it was loaded, by kind: read (by reads of \
-             blocks it lacked), kept (of those, whole blocks it still lacked, now stored \
-             here) and copied (by the background copy); only volumes that fetched",
+             for a pod there) got from it since it was loaded, by kind: read (by reads, and \
+             partial writes, of blocks it lacked), kept (of what reads got, the whole blocks \
+             it still lacked, now here; holes as zeros) and copied (by the background copy); \
+             only volumes that fetched",
             Some(&Unit::Bytes),
             ConstCounter::new(0u64).metric_type(),
         )?;
